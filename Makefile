@@ -1,0 +1,89 @@
+# radalign: two commands set everything up on a fresh machine: `make demo` and `make test`.
+# Every target creates .venv and installs (with constraints.txt pinning torch/torchvision) when needed.
+
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+STAMP   := $(VENV)/.installed
+DEMO    := runs/demo
+# Demo knobs (override on the command line: make demo DEMO_PATIENTS=500)
+DEMO_PATIENTS ?= 1500
+DEMO_WORKERS  ?= 2
+
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: install demo test test-slow lint bench clean help
+
+help:
+	@echo "make demo       set up .venv and run the whole pipeline on synthetic MIMIC into $(DEMO)/"
+	@echo "make test       set up .venv, lint (ruff) and run the default test suite"
+	@echo "make test-slow  the slow tests (multi-process, larger runs)"
+	@echo "make bench      benchmarks in bench/ (never part of CI)"
+	@echo "make lint       ruff"
+
+$(STAMP): setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	# deepspeed is an sdist whose build imports torch: install it after torch, without build isolation.
+	$(PIP) install -q -c constraints.txt --no-build-isolation "deepspeed>=0.14"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/data.py
+	$(BIN)/python bench/pretrain.py
+	$(BIN)/python bench/retrieval.py
+
+# The demo: each step is a file target, so re-running skips what is complete (prepare and pretrain resume
+# themselves when interrupted).
+demo: $(STAMP) $(DEMO)/retrieval/example.html
+	@echo; echo "== demo complete: $(DEMO)/"
+	$(BIN)/radalign data info $(DEMO)/shards
+	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); print('zero-shot macro AUROC (visible findings):', m.get('macro_visible', m.get('macro')))"
+	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
+
+$(DEMO)/synthetic/.done: | $(STAMP)
+	$(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) --workers $(DEMO_WORKERS)
+	touch $@
+
+$(DEMO)/shards/manifest.json: $(DEMO)/synthetic/.done
+	$(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
+		--reports $(DEMO)/synthetic/mimic-cxr-reports --out $(DEMO)/shards --image-size 128 \
+		--shard-size 256 --workers $(DEMO_WORKERS)
+
+$(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
+	$(BIN)/radalign pretrain --config pretrain/demo
+
+$(DEMO)/zeroshot/metrics.json: $(DEMO)/pretrain/export/config.json
+	$(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \
+		--prompts chexpert14 --out $(DEMO)/zeroshot
+
+$(DEMO)/retrieval/index/manifest.json: $(DEMO)/zeroshot/metrics.json
+	$(BIN)/radalign retrieval build --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split train \
+		--out $(DEMO)/retrieval/index
+
+$(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
+	$(BIN)/radalign retrieval eval --index $(DEMO)/retrieval/index --queries $(DEMO)/shards --split test \
+		--out $(DEMO)/retrieval
+	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
+		--k 5 --format html --out $(DEMO)/retrieval/example.html
+	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
+		--k 5 --format markdown --out $(DEMO)/retrieval/example.md
+
+clean:
+	rm -rf $(DEMO) .pytest_cache .ruff_cache

@@ -1,0 +1,196 @@
+"""`radalign data VERB`: synth, prepare (MIMIC-CXR), prepare-csv (any CSV), info (manifest summary).
+
+Flags of prepare / prepare-csv map one-to-one onto `data.prepare.PrepareConfig` fields (their help is the
+field's docstring); unset flags keep the dataclass defaults, so the defaults live in one place. Extra
+`key=value` arguments set any other field (e.g. `jpeg_quality=85`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub) -> None:
+    from radalign.cli import Parser
+
+    class VerbParser(Parser):
+        """Reports an unknown option itself, so `Parser.error` can suggest the closest of *this verb's* options
+        (left to argparse, the error is raised by the top-level parser, which knows none of them)."""
+
+        def parse_known_args(self, args=None, namespace=None):
+            namespace, extras = super().parse_known_args(args, namespace)
+            unknown = [a for a in extras if a.startswith("-")]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+            return namespace, extras
+
+    p = sub.add_parser("data", help="synthetic data, MIMIC-CXR / CSV -> webdataset shards, manifest summary",
+                       description="Prepare training data: write webdataset shards from MIMIC-CXR-JPG or a CSV.\n"
+                                   "See docs/data.md for the MIMIC files and the exact commands.",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=VerbParser)
+    verbs.required = True
+    _add_synth(verbs)
+    _add_prepare(verbs)
+    _add_prepare_csv(verbs)
+    info = verbs.add_parser("info", help="summarise a prepared folder's manifest.json",
+                            description="Print samples and shards per split, skipped items by reason, options.")
+    info.add_argument("dir", metavar="DIR", help="the --out folder of `data prepare` / `data prepare-csv`")
+    info.add_argument("--json", action="store_true", help="print the manifest itself")
+    info.set_defaults(func=_info)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsers.
+
+
+def _add_synth(verbs) -> None:
+    p = verbs.add_parser("synth", help="write a synthetic MIMIC-CXR / MIMIC-IV stand-in",
+                         description="Deterministic synthetic chest radiographs, reports, labels and labs in the "
+                                     "MIMIC-CXR-JPG / mimic-cxr-reports / MIMIC-IV layout.\n"
+                                     "Example: radalign data synth --out runs/synth --patients 2000")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    p.add_argument("--patients", type=int, default=2000, help="number of patients (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    p.add_argument("--image-size", type=int, default=256, metavar="PX",
+                   help="image short side in pixels (default: %(default)s)")
+    p.add_argument("--difficulty", type=float, default=0.3,
+                   help="0 = obvious visual correlates of each finding, 1 = subtle (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_synth)
+
+
+def _field_help(name: str, docs: dict, defaults: dict) -> str:
+    return f"{docs.get(name, '')} (default: {defaults[name]})".replace("%", "%%")
+
+
+def _common(p, docs: dict, defaults: dict) -> None:
+    """Options shared by prepare and prepare-csv."""
+    p.add_argument("--out", metavar="DIR", required=True, help=docs["out"])
+    p.add_argument("--text", metavar="MODE", help=_field_help("text", docs, defaults))
+    p.add_argument("--image-size", type=int, metavar="PX", help=_field_help("image_size", docs, defaults))
+    p.add_argument("--shard-size", type=int, metavar="N", help=_field_help("shard_size", docs, defaults))
+    p.add_argument("--workers", type=int, metavar="N", help=_field_help("workers", docs, defaults))
+    p.add_argument("--seed", type=int, help=_field_help("seed", docs, defaults))
+    p.add_argument("--overwrite", action="store_true",
+                   help="rewrite every shard, even when OUT holds complete shards made with other options")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any other PrepareConfig field, e.g. jpeg_quality=85")
+
+
+def _defaults() -> tuple[dict, dict]:
+    from data.prepare import PrepareConfig
+    from radalign.config import describe, field_docs
+
+    return field_docs(PrepareConfig), {k: d for k, d, _ in describe(PrepareConfig)}
+
+
+def _add_prepare(verbs) -> None:
+    docs, defaults = _defaults()
+    p = verbs.add_parser(
+        "prepare", help="MIMIC-CXR-JPG + reports -> webdataset shards and manifest.json",
+        description="Join MIMIC-CXR-JPG metadata, split and labels with the reports; write one sample per image.\n"
+                    "Resumable: re-running finishes missing shards and leaves complete ones alone.\n"
+                    "Example: radalign data prepare --mimic-cxr /data/mimic-cxr-jpg/2.1.0 "
+                    "--reports /data/mimic-cxr-reports --out /data/shards --workers 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mimic-cxr", metavar="DIR", help=docs["mimic_cxr"])
+    p.add_argument("--reports", metavar="DIR", help=docs["reports"])
+    p.add_argument("--views", metavar="V1,V2", help=_field_help("views", docs, defaults))
+    p.add_argument("--labels", metavar="SOURCE", help=_field_help("labels", docs, defaults))
+    _common(p, docs, defaults)
+    p.set_defaults(func=_prepare, kind="mimic")
+
+
+def _add_prepare_csv(verbs) -> None:
+    docs, defaults = _defaults()
+    p = verbs.add_parser(
+        "prepare-csv", help="any CSV of image paths + report text -> the same shards and manifest",
+        description="Shards from a CSV with one row per image (CheXpert, Open-i, in-house).\n"
+                    "Example: radalign data prepare-csv --csv openi.csv --image-col path --text-col findings "
+                    "impression --patient-col uid --out /data/openi-shards",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--csv", metavar="FILE", help=docs["csv"])
+    p.add_argument("--image-col", metavar="C", help=docs["image_col"])
+    p.add_argument("--text-col", metavar="C", nargs="+", help=docs["text_col"])
+    p.add_argument("--label-cols", metavar="C", nargs="+", help=docs["label_cols"] + " Comma lists work too.")
+    p.add_argument("--split-col", metavar="C", help=docs["split_col"])
+    p.add_argument("--patient-col", metavar="C", help=docs["patient_col"])
+    p.add_argument("--study-col", metavar="C", help=docs["study_col"])
+    p.add_argument("--image-root", metavar="DIR", help=docs["image_root"])
+    _common(p, docs, defaults)
+    p.set_defaults(func=_prepare, kind="csv")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Handlers.
+
+
+def _config_from_args(args):
+    """Set flags -> PrepareConfig (validated: one RadalignError listing every problem)."""
+    from data.prepare import PrepareConfig
+    from radalign.config import load_config
+
+    flags = {"out": args.out, "text": args.text, "image_size": args.image_size, "shard_size": args.shard_size,
+             "workers": args.workers, "seed": args.seed}
+    if args.kind == "mimic":
+        flags.update(mimic_cxr=args.mimic_cxr, reports=args.reports, labels=args.labels,
+                     views=[v.strip() for v in args.views.split(",")] if args.views is not None else None)
+    else:
+        labels = None
+        if args.label_cols is not None:
+            labels = [c.strip() for arg in args.label_cols for c in arg.split(",") if c.strip()]
+        flags.update(csv=args.csv, image_col=args.image_col, text_col=args.text_col, label_cols=labels,
+                     split_col=args.split_col, patient_col=args.patient_col, study_col=args.study_col,
+                     image_root=args.image_root)
+    given = {k: v for k, v in flags.items() if v is not None}
+    return load_config(PrepareConfig, given, args.overrides)
+
+
+def _prepare(args) -> int:
+    from data.prepare import prepare
+    from radalign.log import rprint
+
+    cfg = _config_from_args(args)
+    manifest = prepare(cfg, overwrite=args.overwrite, progress=not args.no_progress)
+    rprint(summary(manifest, cfg.out))
+    return 0
+
+
+def _synth(args) -> int:
+    from data.synth import synthesize
+    from radalign.log import rprint
+
+    result = synthesize(args.out, patients=args.patients, seed=args.seed, image_size=args.image_size,
+                        difficulty=args.difficulty, workers=args.workers, progress=not args.no_progress)
+    rprint(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _info(args) -> int:
+    from data.loader import read_manifest
+    from radalign.log import rprint
+
+    manifest = read_manifest(args.dir)
+    rprint(json.dumps(manifest, indent=2) if args.json else summary(manifest, args.dir))
+    return 0
+
+
+def summary(manifest: dict, root) -> str:
+    """A few lines: samples and shards per split, skipped by reason, notes, options."""
+    lines = [f"{root}: {manifest.get('source', '?')} shards, created {manifest.get('created', '?')}"]
+    for split, entry in manifest.get("splits", {}).items():
+        lines.append(f"  {split:<9} {entry.get('samples', 0):>9,} samples in {len(entry.get('shards', [])):>5} shards")
+    skipped = manifest.get("skipped", {})
+    lines.append(f"  skipped   {sum(skipped.values()):>9,}: "
+                 + ", ".join(f"{k} {v:,}" for k, v in skipped.items()))
+    notes = manifest.get("notes", {})
+    if notes:
+        lines.append("  notes     " + ", ".join(f"{k} {v:,}" for k, v in notes.items()))
+    opts = manifest.get("options", {})
+    keys = ("views", "text", "image_size", "shard_size")
+    lines.append("  options   " + ", ".join(f"{k}={opts[k]}" for k in keys if k in opts))
+    return "\n".join(lines)

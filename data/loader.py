@@ -1,0 +1,554 @@
+"""Training and evaluation loaders over the webdataset shards of `data prepare` (docs/architecture.md §1-2).
+
+Both loaders are webdataset pipelines run inside torch DataLoader workers (`wds.WebLoader`); decoding,
+transforms, tokenization and batching all happen in the workers, so the main process only receives
+ready batches.
+
+Training (`make_train_loader`):
+    shard source (resampled with replacement, or this reader's fixed share of the shards in a fresh order
+    each epoch) -> tar -> samples -> shuffle buffer -> decode + transform -> batch (+ tokenize)
+Evaluation (`make_eval_loader`):
+    this reader's fixed share of the shards (or of the samples of a shard) -> decode -> batch, in order.
+
+A "reader" is one (process, worker) pair: `world_size * max(1, num_workers)` readers in all.
+
+Corrupt samples (undecodable JPEG, bad JSON or text, a missing member, an unreadable shard) are skipped
+and counted by reason. Workers are separate processes, so each batch carries `"skipped": {reason: n}`
+for the samples its worker skipped since its previous batch; the `Loader` in the main process sums them
+into `loader.skipped` and logs each skipped key once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing as mp
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from itertools import islice
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+
+from data.text import text_id
+from radalign import RadalignError
+from radalign.log import get_logger
+
+log = get_logger("data.loader")
+
+MANIFEST_FORMAT = "radalign-shards/1"
+REQUIRED_MEMBERS = ("jpg", "txt", "json")
+# Every reason a sample can be skipped for; `loader.skipped` counts these.
+SKIP_REASONS = ("missing_member", "bad_image", "bad_json", "bad_text", "empty_text", "bad_shard",
+                "incomplete_batch", "rank_balance")
+
+_decode_gray = wds.imagehandler("pill")  # webdataset's own JPEG decoder -> PIL "L" (the shards are gray)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The manifest.
+
+
+def read_manifest(root: str | Path) -> dict:
+    """`ROOT/manifest.json` as a dict; RadalignError naming the file and the fix when missing or foreign."""
+    path = Path(root) / "manifest.json"
+    if not path.is_file():
+        raise RadalignError(f"{path}: no manifest. Point at the --out folder of `radalign data prepare` "
+                            f"(it holds manifest.json and train/, validate/, test/), or run prepare first.")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RadalignError(f"{path}: not readable JSON ({e}); re-run `radalign data prepare`") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise RadalignError(f"{path}: format is {found!r}, expected {MANIFEST_FORMAT!r}; "
+                            f"re-run `radalign data prepare` with this version")
+    return manifest
+
+
+def _split_entry(root: str | Path, split: str) -> dict:
+    manifest = read_manifest(root)
+    splits = manifest.get("splits", {})
+    if split not in splits:
+        raise RadalignError(f"{Path(root) / 'manifest.json'}: no split {split!r}; "
+                            f"available: {', '.join(splits) or '(none)'}")
+    return splits[split]
+
+
+def shard_paths(root: str | Path, split: str) -> list[str]:
+    """Absolute paths of the shards of `split` listed in `ROOT/manifest.json`, in manifest order."""
+    entry = _split_entry(root, split)
+    paths = [str((Path(root) / s["path"]).resolve()) for s in entry.get("shards", [])]
+    if not paths:
+        raise RadalignError(f"{Path(root) / 'manifest.json'}: split {split!r} has no shards "
+                            f"({entry.get('samples', 0)} samples); choose another split or prepare more data")
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        raise RadalignError(f"{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, "
+                            f"e.g. {missing[0]}; re-run `radalign data prepare` or restore the files")
+    return paths
+
+
+def split_samples(root: str | Path, split: str) -> int:
+    """Number of samples of `split` according to the manifest."""
+    return int(_split_entry(root, split).get("samples", 0))
+
+
+def manifest_counts(shards: Sequence[str]) -> dict[str, int] | None:
+    """Samples per shard from the manifest two folders up (`OUT/<split>/shard-*.tar`); None if unknown."""
+    counts: dict[str, int] = {}
+    seen: set[Path] = set()
+    for shard in shards:
+        root = Path(shard).resolve().parent.parent
+        if root in seen:
+            continue
+        seen.add(root)
+        try:
+            manifest = read_manifest(root)
+        except RadalignError:
+            return None
+        for entry in manifest.get("splits", {}).values():
+            for s in entry.get("shards", []):
+                counts[str((root / s["path"]).resolve())] = int(s["samples"])
+    resolved = [str(Path(s).resolve()) for s in shards]
+    if any(r not in counts for r in resolved):
+        return None
+    return {s: counts[r] for s, r in zip(shards, resolved)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def study_int64(value: Any) -> int:
+    """A study id as int64: ints (and decimal strings) as they are, other strings as a stable 63-bit hash.
+
+    MIMIC study ids are ints; CSV input may use strings. The hash is blake2b (not `hash()`, which is salted
+    per process), so every worker and every rank maps a string to the same id.
+    """
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"study_id {value!r} is not an id")
+    if isinstance(value, int):
+        return value
+    text = str(value).strip()
+    if text.isdigit() and int(text) < (1 << 63):
+        return int(text)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def dist_info(rank: int | None = None, world_size: int | None = None) -> tuple[int, int]:
+    """(rank, world_size): the given values, else from RANK/WORLD_SIZE or torch.distributed (as webdataset)."""
+    env_rank, env_world, _, _ = wds.utils.pytorch_worker_info()
+    rank = env_rank if rank is None else rank
+    world_size = env_world if world_size is None else world_size
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise RadalignError(f"rank={rank}, world_size={world_size}: need 0 <= rank < world_size")
+    return rank, world_size
+
+
+def _worker() -> tuple[int, int]:
+    """(worker id, number of workers) of the DataLoader worker running this code; (0, 1) in the main process."""
+    info = torch.utils.data.get_worker_info()
+    return (0, 1) if info is None else (info.id, info.num_workers)
+
+
+class SharedEpoch:
+    """The epoch number, shared with DataLoader workers (a process-shared int), so `set_epoch` reaches them."""
+
+    def __init__(self, epoch: int = 0):
+        self.value = mp.Value("i", epoch)
+
+    def set(self, epoch: int) -> None:
+        self.value.value = epoch
+
+    def get(self) -> int:
+        return self.value.value
+
+
+class _SkipLog:
+    """Per-worker record of skipped samples; drained into the next batch (each worker has its own copy)."""
+
+    # Resampling never runs out of shards, so shards with nothing readable would otherwise spin forever.
+    MAX_STREAK = 1000
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+        self.keys: list[tuple[str, str]] = []
+        self.streak = 0  # skips since the last good sample
+
+    def record(self, reason: str, key: str) -> None:
+        self.counts[reason] += 1
+        self.keys.append((reason, key))
+        self.streak += 1
+        if self.streak >= self.MAX_STREAK:
+            raise RadalignError(f"{self.streak} samples in a row could not be read (last: {key}, {reason}); "
+                                f"the shards look corrupt: re-run `radalign data prepare`")
+
+    def handler(self, exn: Exception) -> bool:
+        """webdataset exception handler for tar-level failures: count them and go on with the next shard."""
+        where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?")
+        self.record("bad_shard", f"{where}: {type(exn).__name__}")
+        return True
+
+    def drain(self) -> dict:
+        out = {"skipped": dict(self.counts), "skipped_keys": list(self.keys)}
+        self.counts.clear()
+        self.keys.clear()
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pipeline stages. Each is a small picklable object: DataLoader workers get a copy of the whole pipeline.
+
+
+class _TrainShards(wds.PipelineStage):
+    """Shard urls for this reader: resampled with replacement, or its fixed share in a new order per epoch.
+
+    Exact epochs keep the shard -> reader assignment fixed (so per-rank sample counts are known from the
+    manifest) and reshuffle only the order in which a reader visits its shards.
+    """
+
+    def __init__(self, urls: list[str], *, resampled: bool, seed: int, epoch: SharedEpoch, rank: int,
+                 world_size: int):
+        self.urls, self.resampled, self.seed, self.epoch = urls, resampled, seed, epoch
+        self.rank, self.world_size = rank, world_size
+
+    def run(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        rng = random.Random(wds.utils.make_seed(self.seed, self.epoch.get(), self.rank, worker, 1))
+        if self.resampled:
+            while True:  # endless; `with_epoch` cuts it into epochs
+                yield {"url": rng.choice(self.urls)}
+        # Same split as wds.split_by_node + wds.split_by_worker, with the rank resolved once in the main
+        # process (so the shards-vs-readers check and the split agree).
+        mine = list(islice(islice(self.urls, self.rank, None, self.world_size), worker, None, num_workers))
+        rng.shuffle(mine)
+        for url in mine:
+            yield {"url": url}
+
+
+class _Shuffle(wds.PipelineStage):
+    """wds.detshuffle seeded per (seed, epoch, rank, worker), so the same seed gives the same order."""
+
+    def __init__(self, bufsize: int, seed: int, epoch: SharedEpoch, rank: int):
+        self.bufsize, self.seed, self.epoch, self.rank = bufsize, seed, epoch, rank
+
+    def run(self, src):
+        worker, _ = _worker()
+        seed = wds.utils.make_seed(self.seed, self.epoch.get(), self.rank, worker, 2)
+        return wds.detshuffle(self.bufsize, initial=min(self.bufsize, 100), seed=seed).run(src)
+
+
+def eval_assignment(num_shards: int, num_readers: int) -> list[list[tuple[int, int, int]]]:
+    """For each reader, its work as (shard index, stride, offset): read samples i with i % stride == offset.
+
+    With at least as many shards as readers, reader r reads whole shards r, r + R, ...; with fewer, the
+    readers of one shard split it by sample index. Either way every sample is read exactly once.
+    """
+    plan: list[list[tuple[int, int, int]]] = [[] for _ in range(num_readers)]
+    if num_shards >= num_readers:
+        for j in range(num_shards):
+            plan[j % num_readers].append((j, 1, 0))
+        return plan
+    for j in range(num_shards):
+        readers = list(range(j, num_readers, num_shards))  # readers j, j + S, ... share shard j
+        for offset, r in enumerate(readers):
+            plan[r].append((j, len(readers), offset))
+    return plan
+
+
+class _EvalSamples(wds.PipelineStage):
+    """Raw samples of this reader's share, in shard order (no shuffle, no resampling)."""
+
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, skiplog: _SkipLog):
+        self.urls, self.rank, self.world_size, self.skiplog = urls, rank, world_size, skiplog
+
+    def run(self) -> Iterator[dict]:
+        worker, num_workers = _worker()
+        plan = eval_assignment(len(self.urls), self.world_size * num_workers)
+        for j, stride, offset in plan[self.rank * num_workers + worker]:
+            # Grouping tar members into samples is cheap; only the kept samples get decoded downstream.
+            samples = wds.tarfile_samples([{"url": self.urls[j]}], handler=self.skiplog.handler)
+            yield from islice(samples, offset, None, stride)
+
+
+class _Decode:
+    """Raw sample -> decoded dict, or None (skipped and recorded) when a member is missing or corrupt."""
+
+    def __init__(self, transform: Callable, skiplog: _SkipLog, train: bool):
+        self.transform, self.skiplog, self.train = transform, skiplog, train
+
+    def __call__(self, sample: dict) -> dict | None:
+        key = sample.get("__key__", "?")
+        if any(m not in sample for m in REQUIRED_MEMBERS):
+            return self._skip("missing_member", key)
+        # Member bytes are untrusted input: any decoder exception means "corrupt", hence the broad excepts.
+        try:
+            meta = json.loads(sample["json"])
+            study = study_int64(meta["study_id"])
+        except Exception:
+            return self._skip("bad_json", key)
+        try:
+            text = sample["txt"].decode("utf-8")
+        except Exception:
+            return self._skip("bad_text", key)
+        if self.train and not text.strip():
+            return self._skip("empty_text", key)
+        try:
+            image = _decode_gray("jpg", sample["jpg"])  # PIL "L"
+        except Exception:
+            return self._skip("bad_image", key)
+        self.skiplog.streak = 0
+        out = {"image": self.transform(image), "text": text, "key": key}  # image: [C, H, W]
+        if self.train:
+            out.update(study_id=study, text_id=text_id(text))
+        else:
+            out["meta"] = meta
+        return out
+
+    def _skip(self, reason: str, key: str) -> None:
+        self.skiplog.record(reason, key)
+        return None
+
+
+class _Collate:
+    """A list of decoded samples -> one batch dict, tokenized if asked, with the worker's skip counts."""
+
+    def __init__(self, skiplog: _SkipLog, tokenize: Callable | None, train: bool):
+        self.skiplog, self.tokenize, self.train = skiplog, tokenize, train
+
+    def __call__(self, samples: list[dict]) -> dict:
+        texts = [s["text"] for s in samples]
+        batch: dict[str, Any] = {
+            "image": torch.stack([s["image"] for s in samples]),  # [B, C, H, W]
+            "text": texts if self.tokenize is None else self.tokenize(texts),  # [B, L] or list[str]
+            "key": [s["key"] for s in samples],
+            "n": len(samples),
+        }
+        if self.train:
+            batch["study_id"] = torch.tensor([s["study_id"] for s in samples], dtype=torch.int64)  # [B]
+            batch["text_id"] = torch.tensor([s["text_id"] for s in samples], dtype=torch.int64)  # [B]
+        else:
+            batch["meta"] = [s["meta"] for s in samples]
+        batch.update(self.skiplog.drain())
+        return batch
+
+
+class _Finish:
+    """Last stage: turn a short final batch into an empty one (training) and flush leftover skip counts.
+
+    Empty batches (`n == 0`) only carry skip counts to the main process; `Loader` never yields them.
+    """
+
+    def __init__(self, skiplog: _SkipLog, batch_size: int, drop_last: bool):
+        self.skiplog, self.batch_size, self.drop_last = skiplog, batch_size, drop_last
+
+    def __call__(self, src):
+        for batch in src:
+            if self.drop_last and batch["n"] < self.batch_size:
+                # Same-size batches keep the all-gather of the contrastive loss simple; count what is left out.
+                skipped = Counter(batch["skipped"])
+                skipped["incomplete_batch"] += batch["n"]
+                batch = {"n": 0, "skipped": dict(skipped), "skipped_keys": batch["skipped_keys"]}
+            yield batch
+        left = self.skiplog.drain()
+        if left["skipped"]:
+            yield {"n": 0, **left}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loader the stages use.
+
+
+class Loader:
+    """Iterable of batches over a `wds.WebLoader`, summing skip counts and capping batches per epoch.
+
+    `len(loader)` / `loader.num_batches`: batches one epoch yields on this rank (None when unknown).
+    `loader.skipped`: Counter of skipped samples by reason, summed over everything this process has seen.
+    `loader.set_epoch(e)`: reshuffle for epoch `e` (reaches the workers; call it before iterating, e.g.
+    when resuming); without it every new pass uses the next epoch number.
+    """
+
+    def __init__(self, webloader: wds.WebLoader, *, epoch: SharedEpoch, num_batches: int | None,
+                 batch_size: int, readers: int, cap: bool):
+        self._loader, self._epoch, self._cap = webloader, epoch, cap
+        self.num_batches, self.batch_size, self.readers = num_batches, batch_size, readers
+        self.skipped: Counter = Counter()
+        self._logged: set[tuple[str, str]] = set()
+        self._started = self._epoch_set = False
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use `epoch` for the next pass (shard order, shuffle seeds). Without it, each pass advances by one."""
+        self._epoch.set(epoch)
+        self._epoch_set = True
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.get()
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("number of batches unknown (no manifest counts for these shards)")
+        return self.num_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        if self._started and not self._epoch_set:
+            self._epoch.set(self._epoch.get() + 1)  # a new pass must not repeat the previous order
+        self._started, self._epoch_set = True, False
+        done = 0
+        for batch in self._loader:
+            self.skipped.update(batch["skipped"])
+            for reason, key in batch.pop("skipped_keys"):
+                if (reason, key) not in self._logged:  # a resampled corrupt sample comes back; log it once
+                    self._logged.add((reason, key))
+                    log.warning("skipped %s (%s)", key, reason)
+            n = batch.pop("n")
+            if n == 0:
+                continue
+            if self._cap and self.num_batches is not None and done >= self.num_batches:
+                # Past this rank's share (exact epochs, uneven ranks): read on so that the workers' final
+                # skip counts arrive, but yield nothing, so every rank steps the same number of times.
+                self.skipped["rank_balance"] += n
+                continue
+            yield batch
+            done += 1
+
+
+def _check_shards(shards: Sequence[str]) -> list[str]:
+    urls = [str(s) for s in shards]
+    if not urls:
+        raise RadalignError("no shards given; use data.loader.shard_paths(OUT, split) on a prepared folder")
+    missing = [u for u in urls if "://" not in u and not Path(u).is_file()]
+    if missing:
+        raise RadalignError(f"{len(missing)} of {len(urls)} shard(s) do not exist, e.g. {missing[0]}; "
+                            f"check the path or re-run `radalign data prepare`")
+    return urls
+
+
+def _check_batch_and_workers(batch_size: int, num_workers: int) -> None:
+    if batch_size < 1:
+        raise RadalignError(f"batch_size={batch_size}: must be >= 1")
+    if num_workers < 0:
+        raise RadalignError(f"num_workers={num_workers}: must be >= 0 (0 loads in the main process)")
+
+
+def _webloader(pipeline: wds.DataPipeline, num_workers: int, pin_memory: bool) -> wds.WebLoader:
+    # batch_size=None: the pipeline batches inside the workers; the DataLoader only moves whole batches.
+    return wds.WebLoader(pipeline, batch_size=None, shuffle=False, num_workers=num_workers,
+                         pin_memory=pin_memory, persistent_workers=False)
+
+
+def _exact_num_batches(urls: list[str], counts: dict[str, int], batch_size: int, world_size: int,
+                       workers: int) -> int:
+    """Full batches per epoch on the slowest rank (ranks stop there, so they all step the same number)."""
+    per_rank = []
+    for r in range(world_size):
+        mine = urls[r::world_size]
+        per_rank.append(sum(sum(counts[u] for u in mine[w::workers]) // batch_size for w in range(workers)))
+    return min(per_rank)
+
+
+def _eval_num_batches(urls: list[str], counts: dict[str, int], batch_size: int, rank: int, world_size: int,
+                      workers: int) -> int:
+    """Batches `make_eval_loader` yields on `rank` when no sample is corrupt (each worker's last one short)."""
+    plan = eval_assignment(len(urls), world_size * workers)
+    total = 0
+    for w in range(workers):
+        n = sum(len(range(offset, counts[urls[j]], stride)) for j, stride, offset in plan[rank * workers + w])
+        total += math.ceil(n / batch_size)
+    return total
+
+
+def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Callable,
+                      tokenize: Callable[[list[str]], torch.Tensor] | None = None, num_workers: int = 2,
+                      seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000,
+                      samples_per_epoch: int | None = None, rank: int | None = None,
+                      world_size: int | None = None, pin_memory: bool = False) -> Loader:
+    """Batches `{"image": [B,C,H,W], "text": [B,L] or list[str], "study_id": [B], "text_id": [B], "key",
+    "skipped"}` for training; every batch has exactly `batch_size` samples.
+
+    resampled=True (default): each reader draws shards with replacement, endlessly; an epoch is
+        `samples_per_epoch` samples (default: the manifest count of `shards`) cut into equal per-worker
+        batch counts, so every rank yields `len(loader)` batches.
+    resampled=False: exact epochs. Shards are split over ranks then workers (fixed assignment, new visiting
+        order each epoch), so each sample is seen once per epoch, but ranks may hold different sample
+        counts; the loader stops every rank at the smallest rank's count of full batches (`len(loader)`,
+        from the manifest; None without one). Needs at least num_workers x world_size shards.
+    Same `seed` (and epoch, see `set_epoch`) -> same order. `tokenize` runs in the workers and must be
+    picklable. Short last batches per worker are left out and counted as `skipped["incomplete_batch"]`.
+    """
+    urls = _check_shards(shards)
+    _check_batch_and_workers(batch_size, num_workers)
+    rank, world_size = dist_info(rank, world_size)
+    workers = max(1, num_workers)
+    readers = workers * world_size
+    if not resampled and len(urls) < readers:
+        raise RadalignError(
+            f"{len(urls)} shard(s) for {num_workers} worker(s) x {world_size} process(es) = {readers} readers: "
+            f"with resampled=False every reader needs at least one whole shard. Fix: num_workers <= "
+            f"{max(len(urls) // world_size, 0)}, smaller shards (`radalign data prepare --shard-size`), "
+            f"or resampled=True.")
+
+    epoch = SharedEpoch(0)
+    skiplog = _SkipLog()
+    pipeline = wds.DataPipeline(
+        _TrainShards(urls, resampled=resampled, seed=seed, epoch=epoch, rank=rank, world_size=world_size),
+        wds.tarfile_to_samples(handler=skiplog.handler),
+        _Shuffle(shuffle_buffer, seed, epoch, rank) if shuffle_buffer > 1 else None,
+        wds.map(_Decode(transform, skiplog, train=True)),
+        wds.batched(batch_size, collation_fn=_Collate(skiplog, tokenize, train=True), partial=True),
+        _Finish(skiplog, batch_size, drop_last=True),
+    )
+    counts = manifest_counts(urls)
+    if resampled:
+        total = samples_per_epoch if samples_per_epoch is not None else sum((counts or {}).values())
+        if total < 1:
+            raise RadalignError("resampled=True needs samples_per_epoch (no manifest next to the shards to "
+                                "count them); pass samples_per_epoch=N")
+        per_worker = math.ceil(total / (batch_size * readers))
+        pipeline = pipeline.with_epoch(nbatches=per_worker)  # batches per worker per epoch
+        num_batches: int | None = per_worker * workers
+    else:
+        num_batches = _exact_num_batches(urls, counts, batch_size, world_size, workers) if counts else None
+        if num_batches == 0:
+            raise RadalignError(f"batch_size={batch_size}: larger than what some worker's shards hold, so rank "
+                                f"{rank} gets no full batch; use a smaller batch_size or fewer workers")
+    return Loader(_webloader(pipeline, num_workers, pin_memory), epoch=epoch, num_batches=num_batches,
+                  batch_size=batch_size, readers=readers, cap=True)
+
+
+def make_eval_loader(shards: Sequence[str], *, batch_size: int, transform: Callable, num_workers: int = 0,
+                     rank: int | None = None, world_size: int | None = None,
+                     pin_memory: bool = False) -> Loader:
+    """Batches `{"image": [B,C,H,W], "text": list[str], "key": list[str], "meta": list[dict], "skipped"}`.
+
+    Every sample exactly once across all ranks and workers, in the same order on every run: no shuffle, no
+    resampling, no padding, the last batch of each worker may be short. Ranks may get different numbers of
+    samples (gather with `all_gather_object`, not a fixed-size all_gather). rank/world_size default to
+    RANK/WORLD_SIZE or torch.distributed.
+    """
+    urls = _check_shards(shards)
+    _check_batch_and_workers(batch_size, num_workers)
+    rank, world_size = dist_info(rank, world_size)
+    skiplog = _SkipLog()
+    pipeline = wds.DataPipeline(
+        _EvalSamples(urls, rank=rank, world_size=world_size, skiplog=skiplog),
+        wds.map(_Decode(transform, skiplog, train=False)),
+        wds.batched(batch_size, collation_fn=_Collate(skiplog, None, train=False), partial=True),
+        _Finish(skiplog, batch_size, drop_last=False),
+    )
+    workers = max(1, num_workers)
+    counts = manifest_counts(urls)
+    num_batches = _eval_num_batches(urls, counts, batch_size, rank, world_size, workers) if counts else None
+    # Not capped: an eval epoch is whatever the shards hold (the count is for progress bars).
+    return Loader(_webloader(pipeline, num_workers, pin_memory), epoch=SharedEpoch(0), num_batches=num_batches,
+                  batch_size=batch_size, readers=world_size * workers, cap=False)
+
+
+__all__ = ["shard_paths", "split_samples", "read_manifest", "manifest_counts", "make_train_loader",
+           "make_eval_loader", "eval_assignment", "study_int64", "Loader", "SharedEpoch", "SKIP_REASONS"]

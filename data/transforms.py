@@ -1,0 +1,128 @@
+"""Chest X-ray image transforms: PIL image (any mode) -> normalised float tensor `[C, H, W]`.
+
+Built from torchvision transforms v2. Choices specific to radiographs:
+- No horizontal flip by default: left/right carries meaning (the heart sits on the patient's left;
+  "left pleural effusion" must stay on the left). `hflip=True` exists only for ablations.
+- Mild geometry: a RandomResizedCrop that keeps 80-100 % of the area with a near-square aspect, and a
+  small rotation (±7°), i.e. the positioning jitter a real acquisition has; no shear or large zoom that
+  would move findings out of the field.
+- Brightness/contrast jitter only (exposure varies between machines); no saturation/hue: the images are
+  grayscale.
+- Augmentations run on the single-channel image, and only then is it repeated to 3 channels when the
+  tower wants 3 (three times cheaper than augmenting RGB; the channels are identical either way).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torchvision.transforms import v2
+
+from radalign import RadalignError
+
+# The same values as open_clip.constants.OPENAI_DATASET_MEAN / _STD (tests check they agree). Copied rather
+# than imported because importing open_clip costs ~2 s, in every loader worker of every data command.
+OPENAI_DATASET_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_DATASET_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+
+def _stats(values: Sequence[float] | None, default: tuple[float, ...], channels: int, name: str) -> list[float]:
+    """Per-channel mean or std for `channels`; a 1-channel tower gets the average of the RGB defaults."""
+    if channels not in (1, 3):
+        raise RadalignError(f"channels={channels}: image towers take 1 or 3 channels; set channels to 1 or 3")
+    if values is None:
+        values = default if channels == 3 else (sum(default) / len(default),)
+    values = [float(v) for v in values]
+    if len(values) == 1 and channels == 3:
+        values = values * 3
+    if len(values) != channels:
+        raise RadalignError(f"{name}={values}: {len(values)} values for a {channels}-channel image; "
+                            f"give {channels} value(s) (one per channel) or a single value")
+    if name == "std" and min(values) <= 0:
+        raise RadalignError(f"std={values}: every std must be > 0")
+    return values
+
+
+class ToChannels(torch.nn.Module):
+    """`[1, H, W]` -> `[C, H, W]` by repeating the gray channel (a view-free copy; C is 1 or 3)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [1, H, W] -> [C, H, W]
+        return x if self.channels == 1 else x.expand(self.channels, -1, -1).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"
+
+
+class ToGray(torch.nn.Module):
+    """Any PIL mode (RGB, I;16, LA, ...) -> 8-bit grayscale "L", the form the shards store."""
+
+    def forward(self, img):
+        if img.mode == "L":
+            return img
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit DICOM-style PNGs: PIL's convert("L") clips instead of scaling; rescale to 0..255 first.
+            import numpy as np
+            from PIL import Image
+
+            arr = np.asarray(img, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+            return Image.fromarray(arr.round().astype(np.uint8), mode="L")
+        return img.convert("L")
+
+
+def _tail(channels: int, mean: list[float], std: list[float]) -> list:
+    """PIL "L" -> `[C, H, W]` float, normalised."""
+    return [
+        v2.PILToTensor(),                         # [1, H, W] uint8
+        v2.ToDtype(torch.float32, scale=True),    # [1, H, W] in [0, 1]
+        ToChannels(channels),                     # [C, H, W]
+        v2.Normalize(mean=mean, std=std),
+    ]
+
+
+def train_transform(image_size: int, channels: int = 3, mean: Sequence[float] | None = None,
+                    std: Sequence[float] | None = None, *, scale: tuple[float, float] = (0.8, 1.0),
+                    ratio: tuple[float, float] = (0.9, 1.1), rotation: float = 7.0, brightness: float = 0.2,
+                    contrast: float = 0.2, hflip: bool = False) -> v2.Compose:
+    """Training augmentation for chest radiographs; PIL image (any mode) -> `[channels, S, S]` float.
+
+    `mean`/`std` default to open_clip's OPENAI_DATASET_MEAN/STD (their average for a 1-channel tower).
+    `scale`/`ratio` go to RandomResizedCrop, `rotation` is the max angle in degrees, `brightness`/`contrast`
+    go to ColorJitter. `hflip=True` adds a horizontal flip (off by default: left/right carries meaning).
+    """
+    if image_size < 1:
+        raise RadalignError(f"image_size={image_size}: must be a positive number of pixels")
+    m, s = _stats(mean, OPENAI_DATASET_MEAN, channels, "mean"), _stats(std, OPENAI_DATASET_STD, channels, "std")
+    steps: list = [
+        ToGray(),
+        v2.RandomResizedCrop(image_size, scale=scale, ratio=ratio, antialias=True),
+        v2.RandomRotation(rotation, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+        v2.ColorJitter(brightness=brightness, contrast=contrast),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose(steps + _tail(channels, m, s))
+
+
+def eval_transform(image_size: int, channels: int = 3, mean: Sequence[float] | None = None,
+                   std: Sequence[float] | None = None) -> v2.Compose:
+    """Deterministic: resize the short side to `image_size`, center crop; -> `[channels, S, S]` float."""
+    if image_size < 1:
+        raise RadalignError(f"image_size={image_size}: must be a positive number of pixels")
+    m, s = _stats(mean, OPENAI_DATASET_MEAN, channels, "mean"), _stats(std, OPENAI_DATASET_STD, channels, "std")
+    steps: list = [
+        ToGray(),
+        v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.CenterCrop(image_size),
+    ]
+    return v2.Compose(steps + _tail(channels, m, s))
+
+
+__all__ = ["train_transform", "eval_transform", "ToChannels", "ToGray", "OPENAI_DATASET_MEAN",
+           "OPENAI_DATASET_STD"]

@@ -1,0 +1,1 @@
+"""radalign finetune stage."""

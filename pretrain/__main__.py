@@ -1,0 +1,8 @@
+"""`python -m pretrain` (and `accelerate launch -m pretrain`) is `radalign pretrain`."""
+
+import sys
+
+from radalign.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("pretrain"))

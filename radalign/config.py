@@ -1,0 +1,266 @@
+"""Typed configs: dataclasses with a docstring per field, loaded from YAML, overridden by `key=value`.
+
+Built on OmegaConf structured configs (type-checked merges, dotlist overrides, YAML round trip), with
+one addition OmegaConf lacks: every problem is collected first and raised once, as one `ConfigError`
+that names each key, what is wrong and the fix.
+
+A stage config is a dataclass that may define `validate(self) -> list[str]` for cross-field rules
+(impossible combinations); each string is one problem, phrased "key: what is wrong; fix".
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import os
+import textwrap
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from radalign import RadalignError
+
+T = TypeVar("T")
+
+
+class ConfigError(RadalignError):
+    """All problems found in a config, one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{len(problems)} problem(s) in {source}:\n{lines}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding configs by path or by name (`pretrain/tiny`), from a checkout or an installed wheel.
+
+
+def configs_root() -> Path:
+    """The `configs/` folder shipped with the package (works from a wheel, not only a checkout)."""
+    return Path(str(resources.files("configs")))
+
+
+def available_configs(subdir: str = "") -> list[str]:
+    root = configs_root()
+    base = root / subdir if subdir else root
+    names = []
+    for p in sorted(base.rglob("*")):
+        if p.suffix in (".yaml", ".yml", ".json") and p.is_file():
+            names.append(str(p.relative_to(root).with_suffix("")))
+    return names
+
+
+def resolve_config_path(name_or_path: str | os.PathLike, stage: str | None = None) -> Path:
+    """A YAML path as given, or a name under `configs/` (`pretrain/tiny`, or `tiny` for the stage)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    root = configs_root()
+    candidates = [root / p] + [root / f"{p}{ext}" for ext in (".yaml", ".yml", ".json")]
+    if stage:
+        candidates += [root / stage / p] + [root / stage / f"{p}{ext}" for ext in (".yaml", ".yml", ".json")]
+    for c in candidates:
+        if c.is_file():
+            return c
+    known = available_configs(stage or "")
+    close = difflib.get_close_matches(str(name_or_path), known, n=3, cutoff=0.4)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise ConfigError(
+        [f"--config {name_or_path!s}: no such file and no such config name.{hint} "
+         f"Available: {', '.join(known) or '(none)'}"], source="--config")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Field documentation: the string literal right after each field (litgpt style).
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map field name -> docstring written under it in the dataclass body."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, doc) for every leaf field, nested dataclasses flattened with dots."""
+    rows = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        ftype = hints.get(f.name)
+        if dataclasses.is_dataclass(ftype):
+            rows += describe(ftype, prefix=key + ".")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = f.default_factory()  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((key, repr(default), docs.get(f.name, "")))
+    return rows
+
+
+def format_help(cls: type) -> str:
+    lines = ["config keys (set in YAML or as key=value):"]
+    for key, default, doc in describe(cls):
+        lines.append(f"  {key} = {default}")
+        if doc:
+            lines += [f"      {line}" for line in textwrap.wrap(doc, 92)]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loading and validation.
+
+
+def _check_keys(cls: type, data: Any, prefix: str, problems: list[str]) -> None:
+    """Unknown keys (with the closest valid name) at every nesting level."""
+    if not isinstance(data, (dict, DictConfig)):
+        return
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        full = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(names)}"
+            problems.append(f"{full}: unknown key; {fix}")
+            continue
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub):
+            _check_keys(sub, data[key], full + ".", problems)
+
+
+def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    if isinstance(data, (dict, DictConfig)):
+        out = []
+        for k, v in data.items():
+            if isinstance(v, (dict, DictConfig)) and v:
+                out += _flatten(v, f"{prefix}{k}.")
+            else:
+                out.append((f"{prefix}{k}", v))
+        return out
+    return [(prefix.rstrip("."), data)]
+
+
+def _type_name(cls: type, dotted: str) -> str:
+    obj: Any = cls
+    for part in dotted.split("."):
+        hints = typing.get_type_hints(obj) if dataclasses.is_dataclass(obj) else {}
+        obj = hints.get(part, Any)
+    return getattr(obj, "__name__", str(obj).replace("typing.", ""))
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    problems = [f"{o}: override must look like key=value" for o in overrides if "=" not in o]
+    if problems:
+        raise ConfigError(problems, source="command line")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError([f"{overrides}: {e}"], source="command line") from None
+
+
+def load_config(cls: type[T], source: str | os.PathLike | dict | None = None,
+                overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> T:
+    """Build `cls` from a YAML file/name (or dict), then `key=value` overrides; validate everything.
+
+    Raises one ConfigError listing every problem (unknown keys, wrong types, failed `validate()`).
+    """
+    label = "config"
+    layers: list[Any] = []
+    if isinstance(source, dict):
+        layers.append(OmegaConf.create(source))
+    elif source is not None:
+        path = resolve_config_path(source, stage)
+        label = str(path)
+        try:
+            layers.append(OmegaConf.load(path) or OmegaConf.create({}))
+        except Exception as e:  # YAML syntax errors carry line numbers; pass them on
+            raise ConfigError([f"{path}: cannot parse YAML: {e}"], source=label) from None
+    if overrides:
+        layers.append(parse_overrides(list(overrides)))
+
+    problems: list[str] = []
+    for layer in layers:
+        _check_keys(cls, layer, "", problems)
+    if problems:
+        raise ConfigError(problems, source=label)
+
+    merged = OmegaConf.structured(cls)
+    for layer in layers:
+        for key, value in _flatten(layer):
+            try:
+                OmegaConf.update(merged, key, value, merge=True)
+            except OmegaConfBaseException as e:
+                msg = str(e).splitlines()[0]
+                problems.append(f"{key}: {value!r} is not a valid {_type_name(cls, key)} ({msg})")
+    if problems:
+        raise ConfigError(problems, source=label)
+
+    missing = sorted(OmegaConf.missing_keys(merged))
+    problems += [f"{k}: required; set it in the YAML or as {k}=..." for k in missing]
+    if problems:
+        raise ConfigError(problems, source=label)
+
+    cfg = OmegaConf.to_object(merged)
+    problems += _validate_tree(cfg)
+    if problems:
+        raise ConfigError(problems, source=label)
+    return cfg  # type: ignore[return-value]
+
+
+def _validate_tree(cfg: Any, prefix: str = "") -> list[str]:
+    """Run `validate()` on the config and every nested dataclass, prefixing keys."""
+    problems = []
+    for f in dataclasses.fields(cfg):
+        sub = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(sub):
+            problems += _validate_tree(sub, f"{prefix}{f.name}.")
+    if hasattr(cfg, "validate"):
+        problems += [f"{prefix}{p}" for p in cfg.validate()]
+    return problems
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def to_dict(cfg: Any) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)  # type: ignore[return-value]
+
+
+def save_resolved(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config into the run folder (atomically)."""
+    from radalign.io import atomic_write_text
+
+    path = Path(run_dir) / name
+    atomic_write_text(path, to_yaml(cfg))
+    return path
+
+
+__all__ = [
+    "ConfigError", "load_config", "save_resolved", "to_yaml", "to_dict", "field_docs", "describe",
+    "format_help", "resolve_config_path", "available_configs", "configs_root", "ListConfig",
+]

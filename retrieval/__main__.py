@@ -1,0 +1,8 @@
+"""`python -m retrieval` (and `accelerate launch -m retrieval`) is `radalign retrieval`."""
+
+import sys
+
+from radalign.cli import stage_main
+
+if __name__ == "__main__":
+    sys.exit(stage_main("retrieval"))

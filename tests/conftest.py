@@ -1,0 +1,61 @@
+"""Shared fixtures: a small synthetic MIMIC set, its shards, and a random-init exported model.
+
+Built once per test session (they cost seconds); tests that change them must copy first.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ASSETS = Path(__file__).parent / "assets"
+NANO = ASSETS / "nano.json"  # a 2-layer ViT + text transformer at 64 px: the fastest model that still learns
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """~40 synthetic patients laid out like MIMIC-CXR-JPG + reports + MIMIC-IV."""
+    from data.synth import synthesize
+
+    out = tmp_path_factory.mktemp("synth")
+    synthesize(out, patients=40, seed=0, image_size=64, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_shards(synth_root, tmp_path_factory) -> Path:
+    """`radalign data prepare` output for `synth_root` (64 px images, small shards so there are several)."""
+    from radalign.cli import main
+
+    out = tmp_path_factory.mktemp("shards")
+    rc = main(["data", "prepare", "--mimic-cxr", str(synth_root / "mimic-cxr-jpg"),
+               "--reports", str(synth_root / "mimic-cxr-reports"), "--out", str(out),
+               "--image-size", "64", "--shard-size", "16", "--workers", "1"])
+    assert rc == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def nano_model_cfg() -> dict:
+    from pretrain.models import get_model_config
+
+    return get_model_config(str(NANO))
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, nano_model_cfg) -> Path:
+    """A random-init nano model exported like `radalign pretrain` does (for zeroshot/retrieval tests)."""
+    import torch
+
+    from pretrain.export import export_encoders
+    from pretrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(nano_model_cfg)
+    return export_encoders(model, nano_model_cfg, tmp_path_factory.mktemp("run") / "export")

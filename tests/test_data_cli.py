@@ -1,0 +1,114 @@
+"""`radalign data`: every verb wired to its function, flags mapped onto PrepareConfig, helpful errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+from PIL import Image
+
+import data.cli
+from radalign.cli import Parser, new_parser, run_entry
+
+
+def run(argv: list[str]) -> int:
+    """`radalign data ...` through the same parser and error handling as `radalign.cli.main`.
+
+    Only the data stage is registered, so these tests do not depend on the other stages' CLIs.
+    """
+    parser = new_parser("radalign", "test")
+    data.cli.register(parser.add_subparsers(dest="stage", parser_class=Parser))
+    args = parser.parse_args(argv)
+    return run_entry(args.func, args)
+
+
+def test_synth_then_prepare_then_info(tmp_path, capsys):
+    root, out = tmp_path / "synth", tmp_path / "shards"
+    assert run(["data", "synth", "--out", str(root), "--patients", "6", "--seed", "1", "--image-size", "32",
+                "--difficulty", "0.1", "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["patients"] == 6
+    assert (root / "mimic-cxr-jpg" / "mimic-cxr-2.0.0-metadata.csv.gz").is_file()
+
+    assert run(["data", "prepare", "--mimic-cxr", str(root / "mimic-cxr-jpg"), "--reports",
+                str(root / "mimic-cxr-reports"), "--out", str(out), "--views", "PA, AP,LATERAL",
+                "--image-size", "16", "--shard-size", "4", "--text", "impression", "--no-progress",
+                "jpeg_quality=80"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    opts = manifest["options"]
+    assert (opts["views"], opts["image_size"], opts["shard_size"], opts["text"], opts["jpeg_quality"]) == \
+        (["PA", "AP", "LATERAL"], 16, 4, "impression", 80)
+    printed = capsys.readouterr().out
+    total = sum(e["samples"] for e in manifest["splits"].values())
+    assert total > 0 and "samples in" in printed
+
+    assert run(["data", "info", str(out)]) == 0
+    info = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in info.splitlines()[1:]}
+    for split, entry in manifest["splits"].items():
+        assert f"{entry['samples']:,} samples in {len(entry['shards']):>5} shards" in lines[split]
+    assert f"filtered_view {manifest['skipped']['filtered_view']:,}" in info
+    assert run(["data", "info", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == manifest
+
+
+def test_prepare_csv_flags(tmp_path):
+    Image.new("RGB", (40, 30), (90, 90, 90)).save(tmp_path / "a.png")
+    with open(tmp_path / "t.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "findings", "impression", "Cardiomegaly", "Edema", "who"])
+        w.writerow(["a.png", "Big heart.", "Cardiomegaly.", "1.0", "", "p1"])
+        w.writerow(["a.png", "", "Normal.", "0.0", "-1.0", "p2"])
+    out = tmp_path / "out"
+    assert run(["data", "prepare-csv", "--csv", str(tmp_path / "t.csv"), "--image-col", "file",
+                "--text-col", "findings", "impression", "--label-cols", "cardiomegaly,Edema",
+                "--patient-col", "who", "--out", str(out), "--image-size", "20", "--no-progress",
+                "val_fraction=0", "test_fraction=0"]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 2 and manifest["source"] == "csv"
+    import tarfile
+
+    with tarfile.open(out / manifest["splits"]["train"]["shards"][0]["path"]) as tar:
+        texts = {tar.extractfile(m).read().decode() for m in tar.getmembers() if m.name.endswith(".txt")}
+        metas = [json.loads(tar.extractfile(m).read()) for m in tar.getmembers() if m.name.endswith(".json")]
+    assert texts == {"Big heart. Cardiomegaly.", "Normal."}
+    by_subject = {m["subject_id"]: m for m in metas}
+    assert by_subject["p1"]["labels"]["Cardiomegaly"] == 1 and by_subject["p2"]["labels"]["Edema"] == -1
+    assert by_subject["p1"]["sections"]["findings"] == "Big heart."
+    assert by_subject["p2"]["sections"]["impression"] == "Normal."
+
+
+def test_misspelt_option_suggests_the_right_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["data", "prepare", "--out", "x", "--image-szie", "64"])
+    assert e.value.code == 2
+    assert "--image-size" in capsys.readouterr().err
+
+
+def test_bad_values_are_one_error_listing_every_problem(tmp_path, capsys):
+    rc = run(["data", "prepare", "--out", str(tmp_path), "--mimic-cxr", str(tmp_path), "--text", "impresion",
+              "--shard-size", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert "3 problem" in err
+    assert "reports: required" in err and "did you mean 'impression'" in err and "shard_size" in err
+
+
+def test_missing_inputs_are_named(tmp_path, capsys):
+    missing = tmp_path / "nowhere"
+    rc = run(["data", "prepare", "--mimic-cxr", str(missing), "--reports", str(tmp_path), "--out",
+              str(tmp_path / "o")])
+    assert rc == 2 and f"--mimic-cxr {missing}: not a folder" in capsys.readouterr().err
+    rc = run(["data", "prepare-csv", "--csv", str(tmp_path / "none.csv"), "--image-col", "p", "--text-col", "t",
+              "--out", str(tmp_path / "o")])
+    assert rc == 2 and "none.csv: not found" in capsys.readouterr().err
+    assert run(["data", "info", str(tmp_path)]) == 2
+    assert "no manifest" in capsys.readouterr().err
+
+
+def test_unknown_verb_suggests(capsys):
+    with pytest.raises(SystemExit) as e:
+        run(["data", "prepar"])
+    assert e.value.code == 2
+    assert "prepare" in capsys.readouterr().err

@@ -1,0 +1,297 @@
+"""The synthetic MIMIC stand-in: formats as in the real releases, determinism, and learnable content."""
+
+from __future__ import annotations
+
+import gzip
+import re
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from data.labels import CHEXPERT_LABELS, MIMIC_LABEL_ORDER
+from data.synth import (
+    CHEXPERT_FORMAT_COLUMNS,
+    GROUND_TRUTH_COLUMNS,
+    LABEL_COLUMNS,
+    METADATA_COLUMNS,
+    SPLIT_COLUMNS,
+    _patient,
+    synth_complete,
+    synthesize,
+)
+from data.synth_ehr import ADMISSION_COLUMNS, D_LABITEMS_COLUMNS, LAB_COLUMNS, PATIENT_COLUMNS
+from data.synth_images import ImageSpec, render
+from data.synth_reports import write_report
+from radalign import RadalignError
+
+PATIENTS, SEED, SIZE = 30, 7, 64
+DICOM_RE = re.compile(r"^[0-9a-f]{8}(-[0-9a-f]{8}){4}$")
+REAL_ITEMIDS = {50912, 51301, 51222, 51265, 50983, 50971, 51006, 50882, 50931, 50813, 50963, 51003, 50889}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_a")
+    summary = synthesize(out, patients=PATIENTS, seed=SEED, image_size=SIZE, workers=1, progress=False)
+    return out, summary
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"StudyTime": str, "hadm_id": "Int64"}, keep_default_na=True)
+
+
+def _raw_header(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as f:
+        return f.readline().rstrip("\n").split(",")
+
+
+def test_every_table_has_the_exact_columns(run):
+    out, _ = run
+    expected = {
+        "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz": METADATA_COLUMNS,
+        "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz": SPLIT_COLUMNS,
+        "mimic-cxr-jpg/mimic-cxr-2.0.0-chexpert.csv.gz": LABEL_COLUMNS,
+        "mimic-cxr-jpg/mimic-cxr-2.0.0-negbio.csv.gz": LABEL_COLUMNS,
+        "mimic-iv/hosp/patients.csv.gz": PATIENT_COLUMNS,
+        "mimic-iv/hosp/admissions.csv.gz": ADMISSION_COLUMNS,
+        "mimic-iv/hosp/labevents.csv.gz": LAB_COLUMNS,
+        "mimic-iv/hosp/d_labitems.csv.gz": D_LABITEMS_COLUMNS,
+        "chexpert-format.csv": CHEXPERT_FORMAT_COLUMNS,
+        "ground_truth.csv.gz": GROUND_TRUTH_COLUMNS,
+    }
+    for rel, cols in expected.items():
+        assert _raw_header(out / rel) == list(cols), rel
+    # The literal lists from the real releases (guards against a typo in both code and test).
+    assert METADATA_COLUMNS[:5] == ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription",
+                                    "ViewPosition"]
+    assert LABEL_COLUMNS[2:] == sorted(CHEXPERT_LABELS) and CHEXPERT_FORMAT_COLUMNS[5:] == list(CHEXPERT_LABELS)
+
+
+def test_value_formats_match_the_real_release(run):
+    out, summary = run
+    meta = _csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz")
+    assert len(meta) == summary["images"] and meta["dicom_id"].is_unique
+    assert meta["dicom_id"].map(lambda d: bool(DICOM_RE.match(d))).all()
+    assert meta["subject_id"].astype(str).str.fullmatch(r"1\d{7}").all()
+    assert meta["study_id"].astype(str).str.fullmatch(r"5\d{7}").all()
+    assert meta["StudyDate"].astype(str).str.fullmatch(r"21\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])").all()
+    assert meta["StudyTime"].str.fullmatch(r"\d{1,6}(\.\d+)?").all()
+    hhmmss = meta["StudyTime"].astype(float).astype(int)
+    assert ((hhmmss // 10000 < 24) & (hhmmss // 100 % 100 < 60) & (hhmmss % 100 < 60)).all()
+    assert set(meta["ViewPosition"].fillna("")) <= {"PA", "AP", "LATERAL", "LL", ""}
+    assert {"PA", "AP", "LATERAL"} <= set(meta["ViewPosition"].dropna())
+    assert set(meta["ViewCodeSequence_CodeMeaning"].dropna()) <= {"postero-anterior", "antero-posterior",
+                                                                  "lateral", "left lateral"}
+    assert (meta["Rows"] > 2000).all() and (meta["Columns"] > 2000).all()      # DICOM sizes, not the JPEG's
+    # Study ids are random, not in the order of the studies' dates.
+    ordered = meta.drop_duplicates("study_id").sort_values(["StudyDate", "StudyTime"])["study_id"]
+    assert not ordered.is_monotonic_increasing
+    for name in ("chexpert", "negbio"):
+        labels = _csv(out / f"mimic-cxr-jpg/mimic-cxr-2.0.0-{name}.csv.gz")
+        values = set(np.unique(labels[list(MIMIC_LABEL_ORDER)].to_numpy().ravel().astype(str)))
+        assert values <= {"1.0", "0.0", "-1.0", "nan"}, values
+        assert {"1.0", "0.0", "-1.0"} <= values
+        assert labels["study_id"].is_unique
+        assert 0 < summary["studies"] - len(labels) <= max(2, summary["studies"] // 20)   # a few absent
+        assert set(labels["No Finding"].dropna()) <= {1.0}
+
+
+def test_paths_and_split_by_patient(run):
+    out, summary = run
+    meta = _csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz")
+    for row in meta.itertuples():
+        s = str(row.subject_id)
+        jpg = out / "mimic-cxr-jpg/files" / f"p{s[:2]}" / f"p{s}" / f"s{row.study_id}" / f"{row.dicom_id}.jpg"
+        assert jpg.is_file()
+        assert (out / "mimic-cxr-reports/files" / f"p{s[:2]}" / f"p{s}" / f"s{row.study_id}.txt").is_file()
+    assert len(list((out / "mimic-cxr-jpg/files").rglob("*.jpg"))) == summary["images"]
+    split = _csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-split.csv.gz")
+    assert set(split["dicom_id"]) == set(meta["dicom_id"])
+    assert set(split["split"]) <= {"train", "validate", "test"}
+    assert (split.groupby("subject_id")["split"].nunique() == 1).all()
+    cx = pd.read_csv(out / "chexpert-format.csv")
+    assert len(cx) == summary["images"] and all((out / p).is_file() for p in cx["Path"])
+    assert set(cx["Frontal/Lateral"]) <= {"Frontal", "Lateral"} and set(cx["Sex"]) <= {"Male", "Female"}
+
+
+def test_images_are_8bit_grayscale_jpeg(run):
+    out, _ = run
+    for jpg in sorted((out / "mimic-cxr-jpg/files").rglob("*.jpg"))[:10]:
+        with Image.open(jpg) as im:
+            assert im.format == "JPEG" and im.mode == "L" and im.size == (SIZE, SIZE)
+            assert np.asarray(im).std() > 10                                    # not blank
+
+
+def test_reports_follow_the_template(run):
+    out, summary = run
+    reports = sorted((out / "mimic-cxr-reports/files").rglob("*.txt"))
+    assert len(reports) == summary["studies"]
+    not_utf8 = 0
+    for path in reports:
+        raw = path.read_bytes()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            not_utf8 += 1
+        lines = raw.decode("latin-1").split("\n")
+        assert any(re.fullmatch(r" {20,}FINAL REPORT", ln) for ln in lines), path
+        assert max(len(ln) for ln in lines) < 80, path
+        headers = [ln.split(":")[0] for ln in lines if re.match(r"^ ?[A-Z][A-Z ()]+:", ln)]
+        assert all(h.startswith(" ") and not h.startswith("  ") for h in headers), (path, headers)
+    assert not_utf8 >= 1
+
+
+def test_report_sections_at_the_specified_rates():
+    """On ~1,000 studies: ~1/3 without FINDINGS, ~1/5 without IMPRESSION, a few with neither."""
+    texts = []
+    for i in range(450):
+        for s in _patient(3, i, 0.3).studies:
+            rep = write_report(findings=s.findings, sides=s.sides, severity=s.severity, devices=s.devices,
+                               exam=s.exam, portable=s.portable, age=s.age, sex=s.sex, latin1=False,
+                               rng=np.random.default_rng([3, i, len(texts)]))
+            texts.append(rep.text)
+    n = len(texts)
+    no_findings = sum(" FINDINGS:" not in t for t in texts) / n
+    no_impression = sum(" IMPRESSION:" not in t for t in texts) / n
+    neither = sum(" FINDINGS:" not in t and " IMPRESSION:" not in t for t in texts) / n
+    assert n > 800
+    assert 0.27 < no_findings < 0.42 and 0.14 < no_impression < 0.28 and 0.01 < neither < 0.08
+    assert sum(" CONCLUSION:" in t for t in texts) > 0 and sum("ADDENDUM" in t or "(PFI)" in t for t in texts) > 0
+    assert sum("No pleural effusion" in t for t in texts) > 0 and sum("cannot exclude" in t.lower() for t in texts) > 0
+
+
+def test_labels_follow_report_mentions_not_truth():
+    """A hedged mention gives -1, a negation 0; an unmentioned finding stays blank."""
+    rng = np.random.default_rng(0)
+    findings = dict.fromkeys(CHEXPERT_LABELS, 0)
+    findings.update({"Pleural Effusion": 1})
+    seen = set()
+    for _ in range(300):
+        rep = write_report(findings=findings, sides={"Pleural Effusion": "left"}, severity={}, devices=(),
+                           exam="CHEST (PA AND LAT)", portable=False, age=70, sex="F", latin1=False, rng=rng)
+        value = rep.mentions.get("Pleural Effusion")
+        seen.add(value)
+        if value == 1.0:
+            assert "effusion" in rep.text.lower() and "left" in rep.text.lower()
+        assert rep.mentions.get("Pneumothorax") in (None, 0.0, -1.0)
+    assert {1.0, -1.0, None} <= seen
+
+
+def test_mimic_iv_tables_and_dates_are_consistent(run):
+    out, summary = run
+    hosp = out / "mimic-iv/hosp"
+    items = _csv(hosp / "d_labitems.csv.gz")
+    assert set(items["itemid"]) == REAL_ITEMIDS
+    assert dict(zip(items["itemid"], items["label"]))[50912] == "Creatinine"
+    labs = _csv(hosp / "labevents.csv.gz")
+    assert set(labs["itemid"]) <= REAL_ITEMIDS and labs["labevent_id"].is_unique
+    assert labs["hadm_id"].isna().any() and labs["hadm_id"].notna().any()     # labs with and without hadm_id
+    assert labs["charttime"].str.fullmatch(r"21\d\d-\d\d-\d\d \d\d:\d\d:\d\d").all()
+    assert (labs["value"] == "___").sum() >= 0 and labs.loc[labs["value"] == "___", "valuenum"].isna().all()
+    adm = _csv(hosp / "admissions.csv.gz")
+    assert adm["hadm_id"].astype(str).str.fullmatch(r"2\d{7}").all() and adm["hadm_id"].is_unique
+    assert summary["studies_without_admission"] > 0
+    pats = _csv(hosp / "patients.csv.gz")
+    assert pats["anchor_year_group"].str.fullmatch(r"20\d\d - 20\d\d").all()
+    meta = _csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz")
+    study_times = {}
+    for row in meta.drop_duplicates("study_id").itertuples():
+        hhmmss = int(float(row.StudyTime))
+        t = datetime.strptime(str(row.StudyDate), "%Y%m%d") + timedelta(
+            hours=hhmmss // 10000, minutes=hhmmss // 100 % 100, seconds=hhmmss % 100)
+        study_times.setdefault(row.subject_id, []).append(t)
+    # One shift per subject: every lab lies within weeks of one of that subject's studies.
+    for row in labs.itertuples():
+        t = datetime.strptime(row.charttime, "%Y-%m-%d %H:%M:%S")
+        assert min(abs(t - s) for s in study_times[row.subject_id]) < timedelta(days=60), row
+    # Labs with an hadm_id lie inside that admission; years agree with anchor_year.
+    spans = {r.hadm_id: (r.admittime, r.dischtime) for r in adm.itertuples()}
+    for row in labs.dropna(subset=["hadm_id"]).itertuples():
+        lo, hi = spans[row.hadm_id]
+        assert lo <= row.charttime <= hi, (lo, row.charttime, hi)
+    anchor = dict(zip(pats["subject_id"], pats["anchor_year"]))
+    assert all(0 <= t.year - anchor[s] <= 12 for s, ts in study_times.items() for t in ts)
+
+
+def test_ground_truth_matches_images_and_labels(run):
+    out, summary = run
+    gt = _csv(out / "ground_truth.csv.gz")
+    assert len(gt) == summary["images"]
+    truth = gt[list(CHEXPERT_LABELS)].to_numpy()
+    assert set(np.unique(truth)) <= {0, 1}
+    others = gt[[n for n in CHEXPERT_LABELS if n not in ("No Finding", "Support Devices")]].sum(axis=1)
+    assert ((gt["No Finding"] == 1) == (others == 0)).all()
+    sided = gt[gt["Pleural Effusion"] == 1]["Pleural Effusion side"]
+    assert set(sided) <= {"left", "right", "bilateral"}
+
+
+def test_deterministic_by_seed_and_independent_of_workers(run, tmp_path):
+    out_a, _ = run
+    out_b, out_c = tmp_path / "b", tmp_path / "c"
+    synthesize(out_b, patients=PATIENTS, seed=SEED, image_size=SIZE, workers=2, progress=False)
+    files_a = sorted(p.relative_to(out_a) for p in out_a.rglob("*") if p.is_file() and p.name != "synth.json")
+    files_b = sorted(p.relative_to(out_b) for p in out_b.rglob("*") if p.is_file() and p.name != "synth.json")
+    assert files_a == files_b
+    for rel in files_a:
+        assert (out_a / rel).read_bytes() == (out_b / rel).read_bytes(), rel
+    synthesize(out_c, patients=PATIENTS, seed=SEED + 1, image_size=SIZE, workers=1, progress=False)
+    meta = "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz"
+    assert (out_a / meta).read_bytes() != (out_c / meta).read_bytes()
+
+
+def test_rerun_regenerates_and_foreign_dirs_are_refused(tmp_path):
+    out = tmp_path / "s"
+    first = synthesize(out, patients=4, seed=1, image_size=32, progress=False)
+    assert synth_complete(out, patients=4, seed=1, image_size=32, difficulty=0.3)
+    assert not synth_complete(out, patients=5, seed=1, image_size=32, difficulty=0.3)
+    second = synthesize(out, patients=4, seed=2, image_size=32, progress=False)
+    # No stale images from the first seed remain.
+    assert len(list((out / "mimic-cxr-jpg/files").rglob("*.jpg"))) == second["images"]
+    assert first["paths"]["metadata"] == second["paths"]["metadata"]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(RadalignError, match="not empty"):
+        synthesize(foreign, patients=2, progress=False)
+    assert (foreign / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kwargs, word", [({"patients": 0}, "--patients"), ({"difficulty": 1.5}, "--difficulty"),
+                                          ({"image_size": 8}, "--image-size"), ({"workers": 0}, "--workers")])
+def test_bad_arguments_name_the_value(tmp_path, kwargs, word):
+    with pytest.raises(RadalignError, match=re.escape(word)):
+        synthesize(tmp_path / "x", progress=False, **kwargs)
+    assert not (tmp_path / "x").exists()
+
+
+def _renders(findings: dict, sides: dict, view: str = "PA", n: int = 24, size: int = 64, difficulty: float = 0.3):
+    base = dict.fromkeys(CHEXPERT_LABELS, 0)
+    base.update(findings)
+    spec = ImageSpec(view=view, findings=base, sides=sides)
+    return np.stack([render(spec, size, difficulty, np.random.default_rng([99, i])) for i in range(n)]).astype(float)
+
+
+def test_effusion_brightens_the_correct_base():
+    """Patient's left is image right: a left effusion brightens the lower right of the image, not the left."""
+    none = _renders({}, {})
+    left = _renders({"Pleural Effusion": 1}, {"Pleural Effusion": "left"})
+    rows, right_cols, left_cols = slice(38, 50), slice(46, 58), slice(6, 18)   # lateral lung bases at 64 px
+    gain_right = (left[:, rows, right_cols].mean((1, 2)) - none[:, rows, right_cols].mean((1, 2))).mean()
+    gain_left = (left[:, rows, left_cols].mean((1, 2)) - none[:, rows, left_cols].mean((1, 2))).mean()
+    assert gain_right > 15 and abs(gain_left) < 3, (gain_right, gain_left)
+
+
+def test_cardiomegaly_widens_the_heart_and_difficulty_makes_it_subtler():
+    def heart_gain(difficulty):
+        none = _renders({}, {}, difficulty=difficulty)
+        big = _renders({"Cardiomegaly": 1}, {}, difficulty=difficulty)
+        band = (slice(38, 46), np.r_[12:20, 46:52])                 # just outside a normal heart's borders
+        return (big[:, band[0]][:, :, band[1]].mean() - none[:, band[0]][:, :, band[1]].mean())
+
+    easy, hard = heart_gain(0.0), heart_gain(1.0)
+    assert easy > hard > 3, (easy, hard)

@@ -1,0 +1,456 @@
+"""Zero-shot stage: prompt ensembling, scoring modes, bootstrap statistics, label policy, outputs, bad input.
+
+Most tests use `FakeEncoders`, a tiny object with the `pretrain.export.Encoders` protocol whose text
+vectors can be pinned per prompt, so expected scores can be computed by hand. End-to-end tests with the
+real export and shards are in tests/test_zeroshot_e2e.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from radalign import RadalignError
+from radalign.config import ConfigError
+from zeroshot import classifier, metrics
+from zeroshot.config import ZeroshotConfig
+from zeroshot.evaluate import Checkpoint, evaluate, run_zeroshot
+from zeroshot.inputs import Embedded, encode_labels, label_counts
+from zeroshot.prompts import load_prompt_set, parse_prompt_set
+
+torch.set_num_threads(1)
+
+
+class FakeEncoders:
+    """The Encoders protocol: 8x8 gray images projected to D dims; text vectors hash-seeded or pinned."""
+
+    def __init__(self, dim: int = 8, seed: int = 0, vocab: int = 1000, ctx: int = 12, scale: float = 10.0):
+        self.embed_dim, self.logit_scale, self.vocab, self.ctx = dim, scale, vocab, ctx
+        self.checksum = hashlib.sha256(f"fake{seed}".encode()).hexdigest()
+        self.config = {"logit_scale": scale, "model_cfg": {"text_cfg": {"vocab_size": vocab, "context_length": ctx}}}
+        self.proj = torch.randn(3 * 64, dim, generator=torch.Generator().manual_seed(seed))
+        self.bias = torch.zeros(dim)
+        self.pinned: dict[str, torch.Tensor] = {}
+        self.seed = seed
+
+    def image_transform(self):
+        def tf(im):  # PIL -> [3, 8, 8]
+            x = torch.from_numpy(np.asarray(im.convert("L").resize((8, 8)), dtype=np.float32) / 255.0)
+            return x.expand(3, 8, 8).contiguous()
+        return tf
+
+    def encode_images(self, images):  # [B, 3, 8, 8] -> [B, D]
+        return F.normalize(images.flatten(1) @ self.proj + self.bias, dim=-1)
+
+    def tokenize(self, texts):  # [N, ctx]
+        out = torch.zeros(len(texts), self.ctx, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [int(hashlib.md5(w.encode()).hexdigest(), 16) % self.vocab for w in t.split()][: self.ctx]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def _vec(self, text: str) -> torch.Tensor:
+        if text in self.pinned:
+            return self.pinned[text]
+        g = torch.Generator().manual_seed(int(hashlib.md5(f"{self.seed}{text}".encode()).hexdigest(), 16) % 2**31)
+        return torch.randn(self.embed_dim, generator=g)
+
+    def encode_texts(self, texts, batch_size: int = 256):
+        return F.normalize(torch.stack([self._vec(t) for t in texts]), dim=-1)
+
+
+def _unit(i: int, d: int = 8) -> torch.Tensor:
+    return F.one_hot(torch.tensor(i), d).float()
+
+
+def _set(classes: dict, mode: str = "binary", **kw):
+    return parse_prompt_set({"name": "t", "mode": mode, "classes": classes, **kw})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt ensembling and scoring modes.
+
+
+def test_text_ensemble_equals_open_clip_build_zero_shot_classifier():
+    import open_clip
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    torch.manual_seed(0)
+    model = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8,
+                                                        image_size=16),
+                 text_cfg=CLIPTextCfg(context_length=16, width=32, heads=2, layers=1)).eval()
+    tok = open_clip.tokenizer.SimpleTokenizer(context_length=16)
+
+    class Wrapped:  # the export's protocol around an open_clip model
+        config = {"model_cfg": {"text_cfg": {"vocab_size": 49408, "context_length": 16}}}
+
+        def tokenize(self, texts):
+            return tok(texts)
+
+        @torch.no_grad()
+        def encode_texts(self, texts, batch_size=256):
+            return F.normalize(model.encode_text(tok(texts)), dim=-1)
+
+    names = ["pleural effusion", "cardiomegaly", "pneumothorax"]
+    templates = ["{}.", "small {}.", "there is {}.", "findings of {} on this radiograph."]
+    ps = _set({n: {"positive": [t.format(n) for t in templates]} for n in names}, mode="multiclass")
+    ours = classifier.text_weights(Wrapped(), ps).positive  # [C, D]
+    ref = build_zero_shot_classifier(model, tok, names, templates, num_classes_per_batch=2).T  # [C, D]
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_binary_mode_matches_hand_computation():
+    enc = FakeEncoders(dim=4, scale=7.0)
+    pos = [torch.tensor([1.0, 0, 0, 0]), torch.tensor([1.0, 1.0, 0, 0])]
+    neg = [torch.tensor([0, 0, 1.0, 0])]
+    for t, v in zip(["p1", "p2", "n1"], pos + neg):
+        enc.pinned[t] = v
+    ps = _set({"A": {"positive": ["p1", "p2"], "negative": ["n1"]}})
+    w = classifier.text_weights(enc, ps)
+    images = F.normalize(torch.tensor([[1.0, 0.2, 0.1, 0.0], [0.1, 0.0, 1.0, 0.3], [0.5, 0.5, 0.5, 0.5]]), dim=-1)
+    probs = classifier.class_probs(images, w, "binary", 7.0)[:, 0].numpy()
+    # By hand: ensembled positive = normalise(mean(normalise(p1), normalise(p2))), negative = e3.
+    p = np.array([1.0, 0, 0, 0]) + np.array([1.0, 1.0, 0, 0]) / np.sqrt(2)
+    p /= np.linalg.norm(p)
+    n = np.array([0, 0, 1.0, 0])
+    for x, got in zip(images.numpy(), probs):
+        lp, ln = 7.0 * x @ p, 7.0 * x @ n
+        assert got == pytest.approx(np.exp(lp) / (np.exp(lp) + np.exp(ln)), rel=1e-5)
+
+
+def test_multiclass_mode_is_softmax_over_classes():
+    enc = FakeEncoders(dim=4, scale=5.0)
+    for i, t in enumerate(["a", "b", "c"]):
+        enc.pinned[t] = _unit(i, 4)
+    ps = _set({"A": {"positive": ["a"]}, "B": {"positive": ["b"]}, "C": {"positive": ["c"]}}, mode="multiclass")
+    images = F.normalize(torch.tensor([[0.9, 0.1, 0.0, 0.4]]), dim=-1)
+    probs = classifier.class_probs(images, classifier.text_weights(enc, ps), "multiclass", 5.0)
+    logits = 5.0 * images[0, :3]
+    torch.testing.assert_close(probs[0], logits.softmax(-1))
+
+
+def _embedded(n: int, rng, dim: int = 8):
+    """Images near e0 (normal) or e1 (cardiomegaly) with labels; NaN label for a few uncertain ones."""
+    normal = rng.random(n) < 0.5
+    x = np.where(normal[:, None], np.eye(dim)[0], np.eye(dim)[1]) + 0.6 * rng.standard_normal((n, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    labels = pd.DataFrame({"No Finding": normal.astype(float), "Cardiomegaly": (~normal).astype(float)},
+                          index=pd.Index([f"k{i}" for i in range(n)], name="key"))
+    labels.iloc[:3, 1] = -1.0  # uncertain: excluded under the default policy
+    return Embedded(list(labels.index), x.astype(np.float32), labels, {}, "synthetic")
+
+
+def test_no_finding_is_scored_with_the_right_sign(tmp_path):
+    ps = load_prompt_set("chexpert14").subset(["No Finding", "Cardiomegaly"])
+    enc = FakeEncoders(dim=8)
+    for c in ps.classes:  # normal phrasings point at e0, finding phrasings at e1, "no X"/"normal" at e0
+        for t in c.positive:
+            enc.pinned[t] = _unit(0) if c.name == "No Finding" else _unit(1)
+        for t in c.negative:
+            enc.pinned[t] = _unit(1) if c.name == "No Finding" else _unit(0)
+    emb = _embedded(300, np.random.default_rng(0))
+    cfg = ZeroshotConfig(checkpoints=["fake"], data="x", bootstrap=50)
+    res = evaluate([Checkpoint("fake", enc)], [emb], ps, cfg)
+    assert res.metrics["classes"]["No Finding"]["auroc"] > 0.9  # normal studies score HIGH for No Finding
+    assert res.metrics["classes"]["Cardiomegaly"]["auroc"] > 0.9
+    assert res.metrics["classes"]["Cardiomegaly"]["n_excluded"] == 3
+
+
+def test_no_finding_negatives_are_finding_prompts_not_negations():
+    ps = load_prompt_set("chexpert14")
+    nf = next(c for c in ps.classes if c.name == "No Finding")
+    finding_positives = {p for c in ps.classes if c.name != "No Finding" for p in c.positive}
+    assert nf.negative and set(nf.negative) <= finding_positives
+    with pytest.raises(ConfigError, match="No Finding"):
+        _set({"No Finding": {"positive": ["Normal chest radiograph."], "negative": ["No finding."]}})
+
+
+def test_checkpoint_ensemble_averages_probabilities():
+    ps = _set({"A": {"positive": ["a1", "a2"], "negative": ["n"]}, "B": {"positive": ["b"], "negative": ["m"]}})
+    encs = [FakeEncoders(seed=1), FakeEncoders(seed=2)]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20, 8)).astype(np.float32)
+    labels = pd.DataFrame({"A": rng.integers(0, 2, 20), "B": rng.integers(0, 2, 20)},
+                          index=[f"k{i}" for i in range(20)])
+    embs = [Embedded(list(labels.index), x / np.linalg.norm(x, axis=1, keepdims=True), labels)] * 2
+    from zeroshot.evaluate import score
+
+    both, _ = score([Checkpoint(str(i), e) for i, e in enumerate(encs)], embs, ps)
+    singles = [score([Checkpoint("c", e)], embs[:1], ps)[0] for e in encs]
+    np.testing.assert_allclose(both, (singles[0] + singles[1]) / 2, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Statistics.
+
+
+def test_weighted_auroc_equals_sklearn_on_resampled_rows():
+    rng = np.random.default_rng(0)
+    scores = np.round(rng.random(60), 1)  # many ties
+    y = (rng.random(60) < 0.4).astype(int)
+    counts = next(metrics.resample_counts(60, 25, seed=3))  # [25, 60]
+    got = metrics.weighted_auroc(scores, y, counts)
+    for b in range(25):
+        rows = np.repeat(np.arange(60), counts[b].astype(int))
+        want = roc_auc_score(y[rows], scores[rows]) if 0 < y[rows].sum() < rows.size else np.nan
+        assert got[b] == pytest.approx(want, abs=1e-12, nan_ok=True)
+
+
+def _noisy(n: int, seed: int, sep: float = 1.0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, 3)) < 0.3).astype(float)
+    return y * sep + rng.standard_normal((n, 3)), y
+
+
+def test_bootstrap_ci_contains_point_is_seeded_and_narrows_with_n():
+    names = ["a", "b", "c"]
+    s, y = _noisy(300, 0)
+    t1 = metrics.auroc_table(s, y, names, n_boot=300, seed=7)
+    t2 = metrics.auroc_table(s, y, names, n_boot=300, seed=7)
+    t3 = metrics.auroc_table(s, y, names, n_boot=300, seed=8)
+    assert t1 == t2
+    assert t1["classes"]["a"]["ci_low"] != t3["classes"]["a"]["ci_low"]
+    for part in [*t1["classes"].values(), t1["macro"]]:
+        assert part["ci_low"] < part["auroc"] < part["ci_high"]
+    assert t1["macro"]["auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(3)]))
+    s_big, y_big = _noisy(3000, 1)
+    big = metrics.auroc_table(s_big, y_big, names, n_boot=300, seed=7)
+    width = lambda t: t["macro"]["ci_high"] - t["macro"]["ci_low"]  # noqa: E731
+    assert width(big) < 0.6 * width(t1)  # ~1/sqrt(10) in theory
+
+
+def test_bootstrap_counts_single_class_resamples_and_excluded_rows():
+    s = np.arange(12, dtype=float)[:, None]
+    y = np.zeros((12, 1))
+    y[11] = 1
+    y[0] = np.nan  # excluded
+    t = metrics.auroc_table(s, y, ["a"], n_boot=200, seed=0)
+    c = t["classes"]["a"]
+    assert (c["n_pos"], c["n_neg"], c["n_excluded"]) == (1, 10, 1)
+    # P(row 11 never drawn in 12 draws) = (11/12)^12 ~ 0.35: those resamples have no positive and are skipped.
+    assert 30 < c["skipped_resamples"] < 110
+    one_class = metrics.auroc_table(s, np.zeros((12, 1)), ["a"], n_boot=20, seed=0)
+    assert one_class["classes"]["a"]["auroc"] is None and one_class["macro"]["auroc"] is None
+
+
+def test_multiclass_metrics_against_sklearn():
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 400)
+    probs = rng.dirichlet(np.ones(4), 400) + 0.5 * np.eye(4)[y]
+    probs /= probs.sum(1, keepdims=True)
+    t = metrics.multiclass_table(probs, y, list("abcd"), n_boot=200, seed=0)
+    pred = probs.argmax(1)
+    assert t["accuracy"]["value"] == pytest.approx((pred == y).mean())
+    assert t["balanced_accuracy"]["value"] == pytest.approx(balanced_accuracy_score(y, pred))
+    for k in ("accuracy", "balanced_accuracy"):
+        assert t[k]["ci_low"] < t[k]["value"] < t[k]["ci_high"]
+    assert sum(t["confusion"]["a"].values()) == int((y == 0).sum())
+
+
+def test_thresholds_come_from_validation_only():
+    rng = np.random.default_rng(0)
+    s_val, y_val = _noisy(400, 2, sep=2.0)
+    thr = metrics.choose_thresholds(s_val, y_val, ["a", "b", "c"])
+    # The chosen threshold maximises Youden's J on validation: no other cut point does better there.
+    for j, n in enumerate("abc"):
+        def j_at(t, j=j):
+            p = s_val[:, j] >= t
+            return p[y_val[:, j] == 1].mean() - p[y_val[:, j] == 0].mean()
+        assert all(j_at(thr[n]) >= j_at(t) - 1e-12 for t in rng.choice(s_val[:, j], 50))
+    s_test, y_test = _noisy(200, 3, sep=2.0)
+    tm = metrics.threshold_metrics(s_test, y_test, ["a", "b", "c"], thr)
+    p = s_test[:, 0] >= thr["a"]
+    assert tm["a"]["sensitivity"] == pytest.approx(p[y_test[:, 0] == 1].mean())
+    assert tm["a"]["threshold"] == thr["a"]
+
+
+def test_shuffled_label_control_is_near_chance():
+    s, y = _noisy(2000, 4, sep=3.0)
+    assert metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=0) == pytest.approx(0.5, abs=0.05)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Label policy.
+
+
+def test_label_policy_and_counts():
+    raw = pd.DataFrame({"A": [1, 0, -1, None], "B": [-1, None, 1, 0]})
+    np.testing.assert_array_equal(encode_labels(raw), [[1, np.nan], [0, np.nan], [np.nan, 1], [np.nan, 0]])
+    np.testing.assert_array_equal(encode_labels(raw, "positive", "negative"), [[1, 1], [0, 0], [1, 1], [0, 0]])
+    np.testing.assert_array_equal(encode_labels(raw, "negative", "exclude")[:, 0], [1, 0, 0, np.nan])
+    assert label_counts(raw)["A"] == {"positive": 1, "negative": 1, "uncertain": 1, "blank": 1}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompt files and bad input.
+
+
+@pytest.mark.parametrize("name", ["chexpert14", "competition5", "5x200"])
+def test_builtin_prompt_sets_load(name):
+    from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
+
+    ps = load_prompt_set(name)
+    want = CHEXPERT_LABELS if name == "chexpert14" else COMPETITION_LABELS
+    assert sorted(ps.class_names) == sorted(want)
+    assert all(len(c.positive) >= 3 for c in ps.classes)  # several phrasings per class
+
+
+def test_bad_prompt_files_name_the_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"classes.Edema.positive: empty class"):
+        _set({"Edema": {"positive": [], "negative": ["No edema."]}})
+    with pytest.raises(ConfigError, match=r"classes.Edema.negative"):
+        _set({"Edema": {"positive": ["Edema."]}})
+    with pytest.raises(ConfigError, match=r"macro_classes: 'Foo'"):
+        _set({"Edema": {"positive": ["Edema."], "negative": ["No edema."]}}, macro_classes=["Foo"])
+    with pytest.raises(ConfigError, match="chexpert14"):
+        load_prompt_set("chexpert41")
+    bad = tmp_path / "p.yaml"
+    bad.write_text(yaml.safe_dump({"mode": "binary", "clases": {}}))
+    with pytest.raises(ConfigError, match="did you mean 'classes'"):
+        load_prompt_set(bad)
+
+
+def test_prompt_class_missing_from_data_is_an_error():
+    ps = _set({"Edema": {"positive": ["e"], "negative": ["n"]}, "Fracture": {"positive": ["f"], "negative": ["m"]}})
+    emb = Embedded(["a", "b"], np.eye(8, dtype=np.float32)[:2], pd.DataFrame({"Edema": [1, 0]}, index=["a", "b"]))
+    with pytest.raises(RadalignError, match=r"\['Fracture'\] that the data lacks"):
+        evaluate([Checkpoint("c", FakeEncoders())], [emb], ps, ZeroshotConfig(bootstrap=5))
+
+
+def test_data_class_missing_from_multiclass_prompts_is_an_error():
+    ps = _set({"A": {"positive": ["a"]}, "B": {"positive": ["b"]}}, mode="multiclass")
+    emb = Embedded(["x", "y"], np.eye(8, dtype=np.float32)[:2],
+                   pd.DataFrame({"class": ["A", "Edema"]}, index=["x", "y"]))
+    with pytest.raises(RadalignError, match=r"\['Edema'\] that prompt set 't'"):
+        evaluate([Checkpoint("c", FakeEncoders())], [emb], ps, ZeroshotConfig(bootstrap=5))
+
+
+def test_tokenizer_mismatch_names_the_checkpoint():
+    ps = _set({"A": {"positive": ["a"], "negative": ["b"]}})
+    enc = FakeEncoders(vocab=1000)
+    enc.config["model_cfg"]["text_cfg"]["vocab_size"] = 10  # the tower embeds 10 ids; the tokenizer emits 1000
+    with pytest.raises(RadalignError, match=r"--checkpoint runs/x.*tokenizer does not match"):
+        classifier.text_weights(enc, ps, "--checkpoint runs/x")
+    enc = FakeEncoders(ctx=12)
+    enc.config["model_cfg"]["text_cfg"]["context_length"] = 77
+    with pytest.raises(RadalignError, match="pads to 12 tokens"):
+        classifier.text_weights(enc, ps, "ck")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CSV input end to end (fake encoders): outputs, skipped images, 5x200 multi-class.
+
+
+def _write_csv_set(root, n: int = 40, seed: int = 0):
+    """Bright images are 'Cardiomegaly' positives; plus one missing and one corrupt image."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        pos = i % 2
+        arr = (rng.random((8, 8)) * 60 + (150 if pos else 40)).astype(np.uint8)
+        Image.fromarray(arr, "L").save(root / f"img{i}.png")
+        rows.append({"Path": f"img{i}.png", "Cardiomegaly": pos, "Edema": [1, 0, -1, None][i % 4],
+                     "Sex": "F", "class": "Cardiomegaly" if pos else "Edema"})
+    (root / "broken.png").write_bytes(b"not a png")
+    rows += [{"Path": "broken.png", "Cardiomegaly": 1, "Edema": 0, "Sex": "M", "class": "Edema"},
+             {"Path": "gone.png", "Cardiomegaly": 0, "Edema": 1, "Sex": "M", "class": "Edema"}]
+    pd.DataFrame(rows).to_csv(root / "labels.csv", index=False)
+    return root / "labels.csv"
+
+
+def _bright_encoder():
+    """Image embedding direction tracks brightness; 'enlarged heart' prompts point the same way."""
+    enc = FakeEncoders(dim=8)
+    enc.proj = torch.zeros(3 * 64, 8)
+    enc.proj[:, 0] = 1.0 / 192  # mean brightness -> e0
+    enc.bias[1] = 0.5  # constant offset along e1, so brightness changes the angle
+    return enc
+
+
+def test_csv_end_to_end_outputs_and_skips(tmp_path):
+    csv = _write_csv_set(tmp_path)
+    enc = _bright_encoder()
+    ps_file = tmp_path / "p.yaml"
+    ps_file.write_text(yaml.safe_dump({"name": "card", "mode": "binary", "classes": {
+        "Cardiomegaly": {"positive": ["big heart", "enlarged heart"], "negative": ["normal heart"]},
+        "Edema": {"positive": ["edema"], "negative": ["no edema"]}}}))
+    for t in ("big heart", "enlarged heart"):
+        enc.pinned[t] = torch.tensor([1.0, 0.1, 0, 0, 0, 0, 0, 0])
+    enc.pinned["normal heart"] = torch.tensor([0.0, 1.0, 0, 0, 0, 0, 0, 0])
+    cfg = ZeroshotConfig(checkpoints=["fake"], data=str(csv), prompts=[str(ps_file)], out=str(tmp_path / "out"),
+                         bootstrap=100)
+    res = run_zeroshot(cfg, checkpoints=[Checkpoint("fake", enc)])["card"]
+    out = tmp_path / "out"
+    m = json.loads((out / "metrics.json").read_text())
+    assert m == json.loads(json.dumps(res, default=str))
+    assert m["data"]["skipped"] == {"missing_image": 1, "unreadable_image": 1}
+    assert m["data"]["n_images"] == 40
+    card = m["classes"]["Cardiomegaly"]
+    assert card["auroc"] == pytest.approx(1.0) and (card["n_pos"], card["n_neg"]) == (20, 20)
+    assert m["classes"]["Edema"]["n_excluded"] == 20  # -1 and blank rows, excluded and counted
+    assert m["label_counts"]["Edema"] == {"positive": 10, "negative": 10, "uncertain": 10, "blank": 10}
+    assert m["labels_without_prompts"] == []
+    assert m["threshold_metrics"]["available"] is False
+    preds = pd.read_csv(out / "predictions.csv")
+    assert len(preds) == 40 and {"key", "score:Cardiomegaly", "label:Edema"} <= set(preds.columns)
+    assert preds["label:Edema"].isna().sum() == 20
+    assert roc_auc_score(preds["label:Cardiomegaly"], preds["score:Cardiomegaly"]) == pytest.approx(card["auroc"])
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "metrics.md").read_text()
+    assert "| Cardiomegaly | 1.000 |" in md and "Prompt sensitivity" in md
+    sens = {r["class"]: r for r in m["prompt_sensitivity"]}
+    assert [t["prompt"] for t in sens["Cardiomegaly"]["templates"]] == ["big heart", "enlarged heart"]
+    assert list((out / "cache").glob("emb-*.npz"))  # embeddings cached; a rerun reads them
+    again = run_zeroshot(cfg, checkpoints=[Checkpoint("fake", enc)])["card"]
+    assert again["classes"] == res["classes"]
+
+
+def test_csv_multiclass_from_class_column(tmp_path):
+    csv = _write_csv_set(tmp_path)
+    enc = _bright_encoder()
+    enc.pinned["bright"] = torch.tensor([1.0, 0.1, 0, 0, 0, 0, 0, 0])
+    enc.pinned["dark"] = torch.tensor([0.0, 1.0, 0, 0, 0, 0, 0, 0])
+    ps_file = tmp_path / "mc.yaml"
+    ps_file.write_text(yaml.safe_dump({"name": "mc", "mode": "multiclass", "classes": {
+        "Cardiomegaly": {"positive": ["bright"]}, "Edema": {"positive": ["dark"]}}}))
+    cfg = ZeroshotConfig(checkpoints=["f"], data=str(csv), prompts=[str(ps_file)], out=str(tmp_path / "o"),
+                         bootstrap=50, cache=False)
+    m = run_zeroshot(cfg, checkpoints=[Checkpoint("f", enc)])["mc"]
+    assert m["multiclass"]["accuracy"]["value"] == pytest.approx(1.0)
+    assert m["multiclass"]["n_per_class"] == {"Cardiomegaly": 20, "Edema": 20}
+    preds = pd.read_csv(tmp_path / "o" / "predictions.csv")
+    assert (preds["true_class"] == preds["pred_class"]).all()
+
+
+def test_config_rejects_thresholds_on_the_test_split():
+    problems = ZeroshotConfig(checkpoints=["a"], data="d", val_split="test").validate()
+    assert any("never from the test split" in p for p in problems)
+    with pytest.raises(ConfigError, match="uncertain"):
+        run_zeroshot(ZeroshotConfig(checkpoints=["a"], data="d", uncertain="maybe"))
+
+
+def test_evaluating_1000_images_takes_seconds():
+    import time
+
+    ps = load_prompt_set("chexpert14")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 8)).astype(np.float32)
+    labels = pd.DataFrame(rng.choice([1.0, 0.0, -1.0, np.nan], (1000, 14)), columns=ps.class_names,
+                          index=[f"k{i}" for i in range(1000)])
+    emb = Embedded(list(labels.index), x / np.linalg.norm(x, axis=1, keepdims=True), labels)
+    t0 = time.perf_counter()
+    res = evaluate([Checkpoint("f", FakeEncoders())], [emb], ps, ZeroshotConfig(bootstrap=1000))
+    assert time.perf_counter() - t0 < 10.0
+    assert res.metrics["macro_all"]["auroc"] == pytest.approx(0.5, abs=0.06)  # random embeddings: chance

@@ -1,0 +1,104 @@
+"""Writing a zero-shot result: metrics.json, predictions.csv, roc.png and metrics.md (all atomic)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from radalign.io import atomic_path, atomic_write_json, atomic_write_text
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "—" if x is None else f"{x:.{nd}f}"
+
+
+def roc_plot(path: str | os.PathLike, scores: np.ndarray, labels: np.ndarray, names: list[str],
+             aurocs: dict, title: str) -> None:
+    """One panel, one ROC curve per class (AUROC in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for j, name in enumerate(names):
+        if aurocs.get(name) is None:
+            continue
+        m = ~np.isnan(labels[:, j])
+        fpr, tpr, _ = roc_curve(labels[m, j].astype(int), scores[m, j])
+        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({aurocs[name]:.3f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def markdown(metrics: dict) -> str:
+    lines = [f"# Zero-shot: {metrics['prompt_set']} ({metrics['mode']})", "",
+             f"Data: `{metrics['data']['source']}`, {metrics['data']['n_images']} images; "
+             f"skipped: {metrics['data']['skipped'] or 'none'}.",
+             f"Checkpoints: {', '.join(c['checksum'][:12] for c in metrics['checkpoints'])}. "
+             f"Label policy: uncertain={metrics['label_policy']['uncertain']}, "
+             f"blank={metrics['label_policy']['blank']}. "
+             f"CI: {int(metrics['macro']['level'] * 100)}% percentile bootstrap, "
+             f"{metrics['macro']['n_boot']} resamples, seed {metrics['macro']['seed']}.", "",
+             "| class | AUROC | CI low | CI high | n_pos | n_neg | n_excluded |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in metrics["classes"].items():
+        lines.append(f"| {name} | {_fmt(c['auroc'])} | {_fmt(c['ci_low'])} | {_fmt(c['ci_high'])} | "
+                     f"{c['n_pos']} | {c['n_neg']} | {c['n_excluded']} |")
+    for key, label in (("macro", "macro (" + ", ".join(metrics["macro"]["classes"]) + ")"),
+                       ("macro_all", "macro (all classes with both labels)")):
+        m = metrics[key]
+        lines.append(f"| **{label}** | **{_fmt(m['auroc'])}** | {_fmt(m['ci_low'])} | {_fmt(m['ci_high'])} | | | |")
+    if metrics.get("multiclass"):
+        mc = metrics["multiclass"]
+        lines += ["", f"Accuracy {_fmt(mc['accuracy']['value'])} "
+                      f"[{_fmt(mc['accuracy']['ci_low'])}, {_fmt(mc['accuracy']['ci_high'])}], balanced accuracy "
+                      f"{_fmt(mc['balanced_accuracy']['value'])} [{_fmt(mc['balanced_accuracy']['ci_low'])}, "
+                      f"{_fmt(mc['balanced_accuracy']['ci_high'])}] over {mc['n']} images."]
+    ctrl = metrics.get("controls", {}).get("shuffled_labels_macro_auroc")
+    if ctrl is not None:
+        lines += ["", f"Shuffled-label control (macro AUROC, should be ~0.5): {_fmt(ctrl)}."]
+    thr = metrics.get("threshold_metrics", {})
+    if not thr.get("available"):
+        lines += ["", f"Threshold metrics: not reported ({thr.get('reason')})."]
+    lines += ["", "## Prompt sensitivity (AUROC of each single positive template)", "",
+              "| class | ensemble | min | max | std | templates |", "|---|---:|---:|---:|---:|---:|"]
+    for r in metrics["prompt_sensitivity"]:
+        lines.append(f"| {r['class']} | {_fmt(r['ensemble_auroc'])} | {_fmt(r['min'])} | {_fmt(r['max'])} | "
+                     f"{_fmt(r['std'])} | {len(r['templates'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def predictions_frame(keys: list[str], scores: np.ndarray, labels: np.ndarray, names: list[str],
+                      true_class: list[str] | None = None) -> pd.DataFrame:
+    """key, score:<class>..., label:<class>... (blank = excluded), and true/predicted class if multi-class."""
+    df = pd.DataFrame({"key": keys})
+    for j, n in enumerate(names):
+        df[f"score:{n}"] = scores[:, j]
+    for j, n in enumerate(names):
+        df[f"label:{n}"] = pd.array(np.where(np.isnan(labels[:, j]), pd.NA, labels[:, j]), dtype="Int64")
+    if true_class is not None:
+        df["true_class"] = true_class
+        df["pred_class"] = [names[i] for i in scores.argmax(axis=1)]
+    return df
+
+
+def write_outputs(out: str | os.PathLike, metrics: dict, predictions: pd.DataFrame, scores: np.ndarray,
+                  labels: np.ndarray, names: list[str]) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "metrics.json", metrics)
+    atomic_write_text(out / "predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
+    roc_plot(out / "roc.png", scores, labels, names, {n: c["auroc"] for n, c in metrics["classes"].items()},
+             f"zero-shot ROC: {metrics['prompt_set']}")
+    atomic_write_text(out / "metrics.md", markdown(metrics))
+    return out

@@ -34,13 +34,13 @@ from typing import Any
 import torch
 import webdataset as wds
 
+from data.prepare import MANIFEST_FORMAT
 from data.text import text_id
 from radalign import RadalignError
 from radalign.log import get_logger
 
 log = get_logger("data.loader")
 
-MANIFEST_FORMAT = "radalign-shards/1"
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 # Every reason a sample can be skipped for; `loader.skipped` counts these.
 SKIP_REASONS = ("missing_member", "bad_image", "bad_json", "bad_text", "empty_text", "bad_shard",

@@ -48,7 +48,7 @@ from radalign.log import get_logger
 # torch.distributed for the rank, and worker processes should not import torch).
 log = logging.getLogger("data.prepare")
 
-MANIFEST_FORMAT = "radalign-shards/1"  # also data.loader.MANIFEST_FORMAT (kept literal: loader imports torch)
+MANIFEST_FORMAT = "radalign-shards/1"  # the shard folder format; data.loader imports it from here
 STATE_FORMAT = "radalign-prepare-state/1"
 # `manifest["skipped"]` has exactly these keys (docs/architecture.md §1).
 SKIP_REASONS = ("missing_image", "unreadable_image", "missing_report", "empty_text", "filtered_view")

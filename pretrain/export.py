@@ -71,16 +71,14 @@ def _save_hf_tokenizer(model_cfg: dict, model: nn.Module, folder: Path) -> dict:
     text_cfg = model_cfg.get("text_cfg", {})
     if not text_cfg.get("hf_model_name"):
         return model_cfg
-    from transformers import AutoTokenizer
+    from pretrain.models import build_tokenizer
 
-    from pretrain.models import resolve_hf_name
-
-    src = resolve_hf_name(text_cfg.get("hf_tokenizer_name") or text_cfg["hf_model_name"])
-    AutoTokenizer.from_pretrained(src).save_pretrained(folder / TOKENIZER_DIR)
+    build_tokenizer(model_cfg).save_pretrained(str(folder / TOKENIZER_DIR))
     model.text.transformer.config.save_pretrained(folder / TOKENIZER_DIR)
     cfg = copy.deepcopy(model_cfg)
     cfg["text_cfg"]["hf_model_name"] = LOCAL_TOKENIZER
     cfg["text_cfg"]["hf_tokenizer_name"] = LOCAL_TOKENIZER
+    cfg["text_cfg"]["hf_model_pretrained"] = False  # the weights are in text_encoder.safetensors
     return cfg
 
 

@@ -466,6 +466,6 @@ def model_summary(model: nn.Module) -> dict:
         "params": total,
         "params_visual": visual,
         "params_text": total - visual - sum(p.numel() for n, p in model.named_parameters() if n.startswith("logit_")),
-        "embed_dim": int(model.visual.output_dim),
+        "embed_dim": getattr(model.visual, "output_dim", None),  # every open_clip image tower sets it
         "image_size": size,
     }

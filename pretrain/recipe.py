@@ -140,6 +140,9 @@ def setup(cfg: PretrainConfig) -> Run:
         save_resolved(cfg, run_dir)
 
     model_cfg = get_model_config(cfg.model.name)
+    if cfg.loss.kind == "siglip" and "init_logit_bias" not in model_cfg:
+        # SigLIP needs a learnable bias; open_clip's SigLIP recipe starts it at -10 and the scale at 10.
+        model_cfg = {**model_cfg, "init_logit_bias": -10.0, "init_logit_scale": float(torch.log(torch.tensor(10.0)))}
     model = build_model(model_cfg, cfg.model.pretrained, grad_checkpointing=cfg.model.grad_checkpointing)
     tokenizer = build_tokenizer(model_cfg)
     summary = model_summary(model)
@@ -229,7 +232,7 @@ def _to_device(batch: dict, device) -> dict:
 
 def _features(model, batch):
     out = model(batch["image"], batch["text"])
-    return out["image_features"], out["text_features"], out["logit_scale"]
+    return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
 
 
 def backward_accumulated(acc, model, loss_fn, micro: list[dict]) -> torch.Tensor:
@@ -242,8 +245,8 @@ def backward_accumulated(acc, model, loss_fn, micro: list[dict]) -> torch.Tensor
     """
     ids = {k: torch.cat([b[k] for b in micro]) for k in ("study_id", "text_id")}  # [B_acc]
     if len(micro) == 1:
-        img, txt, scale = _features(model, micro[0])
-        loss = loss_fn(img, txt, scale, **ids)
+        img, txt, scale, bias = _features(model, micro[0])
+        loss = loss_fn(img, txt, scale, logit_bias=bias, **ids)
         acc.backward(loss)
         return loss.detach()
     with torch.no_grad():
@@ -251,10 +254,12 @@ def backward_accumulated(acc, model, loss_fn, micro: list[dict]) -> torch.Tensor
     for j, b in enumerate(micro):
         last = j == len(micro) - 1
         with contextlib.nullcontext() if last else acc.no_sync(model):
-            img_j, txt_j, scale = _features(model, b)
+            img_j, txt_j, scale, bias = _features(model, b)
             img = torch.cat([c[0] for c in cache[:j]] + [img_j] + [c[0] for c in cache[j + 1:]])  # [B_acc, D]
             txt = torch.cat([c[1] for c in cache[:j]] + [txt_j] + [c[1] for c in cache[j + 1:]])  # [B_acc, D]
-            loss = loss_fn(img, txt, scale if last else scale.detach(), **ids)
+            if not last:  # scale and bias take their gradient once per step
+                scale, bias = scale.detach(), (bias.detach() if bias is not None else None)
+            loss = loss_fn(img, txt, scale, logit_bias=bias, **ids)
             acc.backward(loss)
     return loss.detach()  # every micro-step computes the same full-batch loss value
 

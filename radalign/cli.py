@@ -21,7 +21,7 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse API
         if "unrecognized arguments" in message:
-            known = [s for a in self._actions for s in a.option_strings]
+            known = _all_options(self)
             bad = message.split(":", 1)[1].split()
             hints = []
             for b in bad:
@@ -32,6 +32,17 @@ class Parser(argparse.ArgumentParser):
             if hints:
                 message += " (" + "; ".join(hints) + ")"
         self.exit(2, f"{self.prog}: error: {message}\nRun `{self.prog} --help` for the options.\n")
+
+
+def _all_options(parser: argparse.ArgumentParser) -> list[str]:
+    """Option strings of a parser and all its subparsers (the top parser reports unknown sub-options)."""
+    out = []
+    for a in parser._actions:
+        out += list(a.option_strings)
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out += _all_options(sub)
+    return sorted(set(out))
 
 
 def new_parser(prog: str, description: str) -> Parser:

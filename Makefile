@@ -57,11 +57,11 @@ demo: $(STAMP) $(DEMO)/retrieval/example.html
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); print('zero-shot macro AUROC (visible findings):', m.get('macro_visible', m.get('macro')))"
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
 
-$(DEMO)/synthetic/.done: | $(STAMP)
-	$(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) --workers $(DEMO_WORKERS)
-	touch $@
+$(DEMO)/synthetic/synth.json: | $(STAMP)
+	$(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) --workers $(DEMO_WORKERS) \
+		--image-size 160
 
-$(DEMO)/shards/manifest.json: $(DEMO)/synthetic/.done
+$(DEMO)/shards/manifest.json: $(DEMO)/synthetic/synth.json
 	$(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
 		--reports $(DEMO)/synthetic/mimic-cxr-reports --out $(DEMO)/shards --image-size 128 \
 		--shard-size 256 --workers $(DEMO_WORKERS)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def register(sub) -> None:
@@ -59,6 +60,8 @@ def _add_synth(verbs) -> None:
                    help="0 = obvious visual correlates of each finding, 1 = subtle (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--force", action="store_true",
+                   help="regenerate even when OUT already holds a finished set made with the same arguments")
     p.set_defaults(func=_synth)
 
 
@@ -161,12 +164,18 @@ def _prepare(args) -> int:
 
 
 def _synth(args) -> int:
-    from data.synth import synthesize
+    from data.synth import synth_complete, synthesize
     from radalign.log import rprint
 
-    result = synthesize(args.out, patients=args.patients, seed=args.seed, image_size=args.image_size,
-                        difficulty=args.difficulty, workers=args.workers, progress=not args.no_progress)
-    rprint(json.dumps(result, indent=2, default=str))
+    same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty)
+    if not args.force and synth_complete(args.out, **same):
+        rprint(f"{args.out}: a finished synthetic set with these arguments is already there; skipping "
+               "(--force regenerates)")
+        return 0
+    result = synthesize(args.out, workers=args.workers, progress=not args.no_progress, **same)
+    counts = {k: v for k, v in result.items() if isinstance(v, int)}
+    rprint(f"synthetic MIMIC stand-in in {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    rprint(f"summary with every path written: {Path(args.out) / 'synth.json'}")
     return 0
 
 

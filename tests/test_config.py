@@ -9,7 +9,14 @@ import pytest
 import yaml
 
 from pretrain.config import PretrainConfig
-from radalign.config import ConfigError, available_configs, configs_root, load_config, resolve_config_path, to_yaml
+from radalign.config import (
+    ConfigError,
+    available_configs,
+    configs_root,
+    load_config,
+    resolve_config_path,
+    to_yaml,
+)
 
 ROOT = configs_root()
 
@@ -115,3 +122,18 @@ def test_every_field_is_documented():
 
     undocumented = [key for key, _, doc in describe(PretrainConfig) if not doc]
     assert not undocumented
+
+
+@pytest.mark.parametrize("path", _files("zeroshot", "yaml"), ids=lambda p: p.stem)
+def test_every_prompt_set_validates(path):
+    from zeroshot.prompts import load_prompt_set
+
+    ps = load_prompt_set(str(path))
+    assert ps.class_names
+
+
+@pytest.mark.parametrize("path", _files("models", "json"), ids=lambda p: p.stem)
+def test_every_model_config_validates(path):
+    from pretrain.models import get_model_config, validate_model_config
+
+    assert validate_model_config(get_model_config(str(path))) == []

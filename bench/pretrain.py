@@ -28,6 +28,9 @@ import re
 import shutil
 import statistics
 import sys
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,10 +51,16 @@ OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32", "fp16": "amp"}
 
 # The open_clip child: register our model config under its own name, then run open_clip's own entry point.
 # It runs outside the repository (cwd = its work folder) so that nothing of ours is importable there.
+# One compatibility shim, cost-neutral: webdataset >= 0.2.96 ends every shard with an EOF marker `{}` that
+# open_clip_train's own `group_by_keys_nothrow` cannot read (KeyError: 'fname'; webdataset/webdataset#384,
+# mlfoundations/open_clip#935). The fix given there, `eof_value=None`, restores the stream open_clip expects.
 OPEN_CLIP_CHILD = """
-import sys
+import functools, sys
 import open_clip
+import open_clip_train.data
 from open_clip_train.main import main
+open_clip_train.data.tar_file_expander = functools.partial(open_clip_train.data.tar_file_expander,
+                                                           eof_value=None)
 open_clip.add_model_config(sys.argv[1])
 sys.exit(main(sys.argv[2:]) or 0)
 """
@@ -115,6 +124,66 @@ def median_or_nan(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+class TreeSampler:
+    """Samples, every `interval` s while a trainer runs: (time, CPU seconds of its whole process tree, number of
+    log windows written so far).
+
+    CPU time is what makes the comparison hold on a shared machine: wall-clock throughput drops when other jobs
+    take the cores, CPU seconds per sample much less. The tree's CPU = the trainer's own + that of its reaped
+    children (DataLoader workers that already exited: ours restarts its workers every epoch) + the live
+    descendants'. The trainer is read before its children, so a worker reaped in between is missed (a dip), never
+    counted twice; `cpu_at` uses the running maximum, which removes the dips.
+    """
+
+    def __init__(self, count_windows: Callable[[], int], interval: float = 0.1):
+        self.count_windows, self.interval = count_windows, interval
+        self.samples: list[tuple[float, float, int]] = []  # (perf_counter, tree CPU s, windows)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> TreeSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def _tree_cpu() -> float:
+        import psutil
+
+        total = 0.0
+        for trainer in psutil.Process().children():  # run_measured's child: the trainer
+            try:
+                t = trainer.cpu_times()
+                total += t.user + t.system + t.children_user + t.children_system
+                for proc in trainer.children(recursive=True):
+                    t = proc.cpu_times()
+                    total += t.user + t.system
+            except psutil.Error:  # exited between listing and reading: a dip, see the class docstring
+                pass
+        return total
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                windows = self.count_windows()
+            except (OSError, ValueError):  # log not there yet, or a line half-written
+                windows = self.samples[-1][2] if self.samples else 0
+            self.samples.append((time.perf_counter(), self._tree_cpu(), windows))
+            self._stop.wait(self.interval)
+
+
+def at_window(samples: list[tuple[float, float, int]], n: int) -> tuple[float, float] | None:
+    """(time, tree CPU s) when the n-th log window (1-based) first appeared in `TreeSampler.samples`; None if
+    it never did. CPU is the running maximum (see TreeSampler)."""
+    peak = 0.0
+    for t, cpu, windows in samples:
+        peak = max(peak, cpu)
+        if windows >= n:
+            return t, peak
+    return None
 @dataclass
 class Side:
     """One trainer's measurement."""
@@ -123,6 +192,9 @@ class Side:
     run: ChildRun
     windows: list[Window] = field(default_factory=list)
     skip: int = 0
+    batch: int = 0
+    samples: list[tuple[float, float, int]] = field(default_factory=list, repr=False)
+    load: float = 0.0  # 1-minute load average of the machine when the run started
 
     @property
     def ok(self) -> bool:
@@ -136,16 +208,40 @@ class Side:
     def data_wait(self) -> float:
         return median_or_nan([w.data_wait for w in steady(self.windows, self.skip) if w.data_wait is not None])
 
+    def span(self) -> tuple[int, float, float] | None:
+        """(steps, wall s, tree CPU s) from the end of the first window ending at or after `skip` to the end of
+        the last window; None without a steady-state window or sampler data."""
+        first = next((i for i, w in enumerate(self.windows) if w.last >= self.skip), None)
+        if first is None or first == len(self.windows) - 1:
+            return None
+        a, b = at_window(self.samples, first + 1), at_window(self.samples, len(self.windows))
+        if a is None or b is None or b[0] <= a[0]:
+            return None
+        return self.windows[-1].last - self.windows[first].last, b[0] - a[0], b[1] - a[1]
+
+    @property
+    def samples_per_cpu_s(self) -> float:
+        sp = self.span()
+        return sp[0] * self.batch / sp[2] if sp and sp[2] > 0 else float("nan")
+
+    @property
+    def cores_used(self) -> float:
+        """Average cores the trainer's tree got during the steady span (< cores: others took the rest)."""
+        sp = self.span()
+        return sp[2] / sp[1] if sp else float("nan")
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Inputs: shards and the model config for open_clip
 
 
-def child_env() -> dict:
-    """The same environment for both children (thread counts are inherited unchanged: fair either way)."""
+def child_env(threads: int | None = None) -> dict:
+    """The same environment for both children; OMP_NUM_THREADS inherited unless `threads` sets it for both."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return env
 
 
@@ -221,14 +317,11 @@ def run_ours(args, shards: Path, work: Path) -> Side:
         "tensorboard=false", f"run_dir={run_dir}", f"seed={args.seed}",
     ]
     cmd = [sys.executable, "-m", "pretrain", "--config", "pretrain/tiny", *overrides]
-    print(f"[ours] {args.steps} steps x {args.batch} ...", flush=True)
-    run = run_measured(cmd, cwd=REPO, env=child_env())
     metrics = run_dir / "metrics.jsonl"
-    windows = parse_ours(metrics) if metrics.is_file() else []
-    return Side("ours (radalign pretrain)", run, windows, args.skip)
+    return measure("ours", cmd, REPO, lambda: parse_ours(metrics), args)
 
 
-def run_open_clip(args, shards: Path, work: Path, train_samples: int) -> Side:
+def run_open_clip(args, shards: Path, work: Path) -> Side:
     from data.loader import shard_paths
 
     root = work / "open_clip"
@@ -245,12 +338,21 @@ def run_open_clip(args, shards: Path, work: Path, train_samples: int) -> Side:
         "--logs", str(root / "logs"), "--name", "bench", "--save-frequency", "0", "--report-to", "",
     ]
     cmd = [sys.executable, "-c", OPEN_CLIP_CHILD, str(model_json), *flags]
-    print(f"[open_clip] {args.steps} steps x {args.batch} (manifest: {train_samples} train samples) ...",
-          flush=True)
-    run = run_measured(cmd, cwd=root, env=child_env())
     log = root / "logs" / "bench" / "out.log"
-    windows = parse_open_clip(log.read_text() if log.is_file() else run.output, args.batch)
-    return Side("open_clip_train.main", run, windows, args.skip)
+    return measure("open_clip", cmd, root, lambda: parse_open_clip(log.read_text(), args.batch), args)
+
+
+def measure(name: str, cmd: list[str], cwd: Path, windows: Callable[[], list[Window]], args) -> Side:
+    """Run one trainer with `run_measured` (peak RSS) while a TreeSampler records CPU time and log windows."""
+    load = os.getloadavg()[0]
+    print(f"[{name}] {args.steps} steps x {args.batch} (load average {load:.1f}) ...", flush=True)
+    with TreeSampler(lambda: len(windows())) as sampler:
+        run = run_measured(cmd, cwd=cwd, env=child_env(args.threads))
+    try:
+        found = windows()
+    except (OSError, ValueError):
+        found = []
+    return Side(name, run, found, args.skip, args.batch, sampler.samples, load)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -261,24 +363,51 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x != x else format(x, spec)  # x != x: NaN
 
 
+def _ratio(a: float, b: float) -> str:
+    return "n/a" if a != a or b != b else ratio(a, b)  # a failed side has NaN samples/s
+
+
 def report_rows(sides: list[Side]) -> list[list[object]]:
     rows = []
     for s in sides:
-        rows.append([s.name, "ok" if s.ok else f"FAILED (exit {s.run.returncode})", len(steady(s.windows, s.skip)),
-                     _fmt(s.samples_per_s, ".1f"), _fmt(s.data_wait, ".0%"), f"{s.run.peak_rss_mb:,.0f}",
+        rows.append([s.name, "ok" if s.ok else f"FAILED (exit {s.run.returncode})", f"{s.load:.1f}",
+                     len(steady(s.windows, s.skip)), _fmt(s.samples_per_s, ".1f"), _fmt(s.samples_per_cpu_s, ".1f"),
+                     _fmt(s.cores_used, ".2f"), _fmt(s.data_wait, ".0%"), f"{s.run.peak_rss_mb:,.0f}",
                      f"{s.run.peak_tree_rss_mb:,.0f}", f"{s.run.seconds:.0f}"])
     return rows
 
 
-HEADERS = ["trainer", "status", "windows", "samples/s (median)", "data wait", "peak RSS trainer MiB",
-           "peak RSS tree MiB", "wall s"]
+HEADERS = ["trainer", "status", "load", "windows", "samples/s", "samples/CPU-s", "cores", "data wait",
+           "peak RSS trainer MiB", "peak RSS tree MiB", "wall s"]
+LEGEND = """\
+load: 1-min load average when the run started (2 = both cores busy before it began)
+windows: steady-state log windows (starting after the warm-up steps)
+samples/s: median over those windows of wall-clock throughput
+samples/CPU-s: samples per CPU second of the whole process tree (trainer + DataLoader workers) over the same
+  steps: the figure that holds when other jobs share the machine
+cores: CPU seconds / wall seconds of the tree over those steps (the share of the machine the run got)
+data wait: median fraction of the window the training loop waited for a batch
+peak RSS trainer: exact kernel peak of the training process; tree: trainer + workers summed, sampled every
+  50 ms (shared pages counted once per process)"""
 
 
-def summarize(pairs: list[tuple[Side, Side]]) -> tuple[float, float]:
-    """(ours, open_clip) samples/s over all repeats: median of every steady window of each side."""
+def summarize(pairs: list[tuple[Side, Side]]) -> dict[str, tuple[float, float]]:
+    """{metric: (ours, open_clip)} over all repeats: samples/s pooled over every steady window of each side,
+    samples/CPU-s as the median of the runs."""
     ours = [w.samples_per_s for o, _ in pairs for w in steady(o.windows, o.skip)]
     theirs = [w.samples_per_s for _, t in pairs for w in steady(t.windows, t.skip)]
-    return median_or_nan(ours), median_or_nan(theirs)
+    cpu = [[x for x in (side.samples_per_cpu_s for side in sides) if x == x] for sides in zip(*pairs)]
+    return {"samples/s": (median_or_nan(ours), median_or_nan(theirs)),
+            "samples/CPU-s": (median_or_nan(cpu[0]), median_or_nan(cpu[1]))}
+
+
+def verdict_lines(summary: dict[str, tuple[float, float]]) -> list[str]:
+    out = []
+    for metric, (ours, theirs) in summary.items():
+        faster = "n/a" if ours != ours or theirs != theirs else ("yes" if ours >= theirs else "NO")
+        out.append(f"ours / open_clip {metric}: {_ratio(ours, theirs)} ({_fmt(ours, '.1f')} vs "
+                   f"{_fmt(theirs, '.1f')}); ours at least as fast: {faster}")
+    return out
 
 
 def device_line() -> str:
@@ -305,20 +434,18 @@ def write_results(text: str) -> None:
     print(f"wrote section {SECTION!r} of {RESULTS}")
 
 
-def results_section(args, shards: Path, table_text: str, ours: float, theirs: float, params: tuple[int, int],
-                    notes: list[str]) -> str:
+def results_section(args, shards: Path, report: str, params: tuple[int, int], notes: list[str]) -> str:
     today = datetime.date.today().isoformat()
     cmd = (f".venv/bin/python bench/pretrain.py --model {args.model} --batch {args.batch} --steps {args.steps} "
            f"--workers {args.workers} --precision {args.precision} --repeats {args.repeats}")
     out = [SECTION, "",
-           f"{today}, {device_line()}; machine shared with other engineers running tests (numbers are noisy).",
+           f"{today}, {device_line()}. The machine was shared with other engineers running tests at the same "
+           "time: wall-clock numbers are noisy, samples per CPU-second much less so.",
            f"Command: `{cmd}`; shards: {shards.name} ({args.train_samples} train samples), model "
            f"`{args.model}` ({params[0]:,} parameters ours, {params[1]:,} open_clip).", "",
-           "```", table_text, "```", "",
-           f"**ours / open_clip samples/s: {ratio(ours, theirs)}** ({ours:.1f} vs {theirs:.1f}; median of "
-           f"steady-state windows, first {args.skip} steps skipped).", ""]
+           "```", report, "```", ""]
     out += [f"- {n}" for n in notes]
-    return "\n".join(out) + "\n"
+    return "\n".join(out).rstrip("\n") + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -338,9 +465,11 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=10, help="LR warm-up steps, both trainers (default 10)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="OMP_NUM_THREADS for both trainers (default: inherited)")
     p.add_argument("--repeats", type=int, default=1,
                    help="rounds; the order alternates (ours first, then open_clip first, ...) (default 1)")
     p.add_argument("--write-results", action="store_true", help=f"update the {SECTION!r} section of {RESULTS}")
+    p.add_argument("--note", action="append", default=[], help="a line added to the results section (repeatable)")
     args = p.parse_args(argv)
     problems = []
     if args.steps <= args.skip + args.log_every:
@@ -385,9 +514,9 @@ def _main(args) -> int:
         # Alternate the order: on a shared machine the load drifts, and alternating spreads it over both.
         if r % 2 == 0:
             ours = run_ours(args, shards, work)
-            theirs = run_open_clip(args, shards, work, args.train_samples)
+            theirs = run_open_clip(args, shards, work)
         else:
-            theirs = run_open_clip(args, shards, work, args.train_samples)
+            theirs = run_open_clip(args, shards, work)
             ours = run_ours(args, shards, work)
         pairs.append((ours, theirs))
         for side in (ours, theirs):
@@ -395,18 +524,15 @@ def _main(args) -> int:
                 print(f"\n{side.name} failed or logged no steady-state window (exit {side.run.returncode}); "
                       f"last output:\n{side.run.output[-3000:]}", flush=True)
 
-    rows = [row for o, t in pairs for row in report_rows([o, t])]
-    text = table(HEADERS, rows)
-    ours_sps, theirs_sps = summarize(pairs)
-    print(f"\nPretrain throughput: model {args.model}, batch {args.batch}, {args.steps} steps, {args.workers} "
-          f"workers, {args.precision}; median over log windows of {args.log_every} steps after step {args.skip}")
-    print(text)
-    print(f"ours / open_clip samples/s: {ratio(ours_sps, theirs_sps)} ({_fmt(ours_sps, '.1f')} vs "
-          f"{_fmt(theirs_sps, '.1f')})")
-    print("(peak RSS trainer: exact kernel peak of the training process; tree: trainer + DataLoader workers,\n"
-          " summed and sampled every 50 ms, shared pages counted once per process)")
+    summary = summarize(pairs)
+    report = "\n".join([
+        f"model {args.model}, batch {args.batch}, {args.steps} steps, {args.workers} workers, {args.precision}; "
+        f"log windows of {args.log_every} steps, first {args.skip} steps left out",
+        table(HEADERS, [row for o, t in pairs for row in report_rows([o, t])]),
+        *verdict_lines(summary), "", LEGEND])
+    print("\n" + report)
     if args.write_results:
-        write_results(results_section(args, shards, text, ours_sps, theirs_sps, params, notes))
+        write_results(results_section(args, shards, report, params, notes + args.note))
     all_ok = all(o.ok and t.ok for o, t in pairs)
     return 0 if all_ok else 1
 

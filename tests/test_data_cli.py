@@ -27,8 +27,14 @@ def test_synth_then_prepare_then_info(tmp_path, capsys):
     root, out = tmp_path / "synth", tmp_path / "shards"
     assert run(["data", "synth", "--out", str(root), "--patients", "6", "--seed", "1", "--image-size", "32",
                 "--difficulty", "0.1", "--no-progress"]) == 0
-    summary = json.loads(capsys.readouterr().out)
-    assert summary["patients"] == 6
+    assert "patients 6" in capsys.readouterr().out
+    assert json.loads((root / "synth.json").read_text())["patients"] == 6
+    # a second run with the same arguments finds the finished set and skips it
+    mtime = (root / "synth.json").stat().st_mtime_ns
+    assert run(["data", "synth", "--out", str(root), "--patients", "6", "--seed", "1", "--image-size", "32",
+                "--difficulty", "0.1", "--no-progress"]) == 0
+    assert "skipping" in capsys.readouterr().out
+    assert (root / "synth.json").stat().st_mtime_ns == mtime
     assert (root / "mimic-cxr-jpg" / "mimic-cxr-2.0.0-metadata.csv.gz").is_file()
 
     assert run(["data", "prepare", "--mimic-cxr", str(root / "mimic-cxr-jpg"), "--reports",

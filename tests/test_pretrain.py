@@ -171,7 +171,6 @@ def _torchrun(run_dir: Path, shards: Path, *extra: str) -> subprocess.CompletedP
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-@pytest.mark.slow
 def test_deepspeed_zero2_matches_ddp_on_two_cpu_processes(synth_shards, tmp_path):
     pytest.importorskip("deepspeed")
     ddp = _torchrun(tmp_path / "ddp", synth_shards)

@@ -1,0 +1,208 @@
+"""`radalign retrieval build`: stream a shard split through the encoders and write an index folder.
+
+    shards (data.loader.make_eval_loader) -> image embeddings [N, D] (+ report embeddings with modality "both")
+      -> L2-normalise -> plan (index.plan_index) -> build + tune -> store.write_index_dir
+
+Samples the loader cannot read are skipped there and counted by reason; the counts go into the manifest and
+the printout.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data.labels import CHEXPERT_LABELS
+from data.sections import SECTION_KEYS
+from radalign import RadalignError
+from radalign.log import get_logger
+from retrieval import index as ix
+from retrieval.store import metadata_table, now_iso, write_index_dir
+
+log = get_logger("retrieval.build")
+MODALITY_CHOICES = ("image", "both")
+
+
+@dataclass
+class EmbeddedCases:
+    """What one pass over a shard split gives: embeddings, metadata columns, skip counts."""
+
+    image: np.ndarray  # [N, D] float32, L2-normalised
+    texts: list[str]
+    metas: list[dict]
+    keys: list[str]
+    thumbnails: list[bytes] | None = None
+    text: np.ndarray | None = None  # [N, D] report embeddings (modality "both")
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def load_checked_encoders(checkpoint: str | os.PathLike, device: str = "cpu"):
+    """Encoders through the export contract (docs/architecture.md §4); never the training recipe."""
+    from pretrain.export import load_encoders
+
+    return load_encoders(checkpoint, device=device)
+
+
+def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
+    """A model-input tensor [C, H, W] back to a small grayscale JPEG (what the model saw: resized, cropped)."""
+    from PIL import Image
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
+    pixels = (image.float().cpu() * std_t + mean_t)[0].clamp(0, 1)  # [H, W], first channel (gray repeated)
+    pil = Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L")
+    pil.thumbnail((size, size))
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=80)
+    return buf.getvalue()
+
+
+def data_uri(jpeg: bytes | None) -> str | None:
+    return None if not jpeg else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
+
+
+def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
+                 thumbnail_size: int = 96, with_text: bool = False, progress: bool = True,
+                 desc: str = "embed") -> EmbeddedCases:
+    """One pass over `data/<split>` shards: image embeddings, raw texts, metadata (and thumbnails, reports)."""
+    from data.loader import make_eval_loader, shard_paths
+
+    loader = make_eval_loader(shard_paths(data, split), batch_size=batch_size, transform=encoders.image_transform(),
+                              num_workers=num_workers)
+    mean, std = encoders.config.get("mean", [0.0] * 3), encoders.config.get("std", [1.0] * 3)
+    chunks, texts, metas, keys, thumbs = [], [], [], [], []
+    total = loader.num_batches if loader.num_batches is not None else None
+    for batch in tqdm(loader, total=total, desc=f"{desc} {split}", unit="batch", disable=not progress):
+        chunks.append(encoders.encode_images(batch["image"]).cpu().numpy())  # [B, D]
+        texts += batch["text"]
+        metas += batch["meta"]
+        keys += batch["key"]
+        if thumbnail_size > 0:
+            thumbs += [thumbnail_jpeg(im, mean, std, thumbnail_size) for im in batch["image"]]
+    if not chunks:
+        raise RadalignError(f"{data} split {split!r}: no readable samples (skipped: {dict(loader.skipped)}); "
+                            f"check the shards with `radalign data info`")
+    image = ix.normalize(np.concatenate(chunks))
+    cases = EmbeddedCases(image, texts, metas, keys, thumbs if thumbnail_size > 0 else None,
+                          skipped=dict(loader.skipped))
+    if with_text:
+        cases.text = embed_texts(encoders, texts, progress=progress)
+    return cases
+
+
+def embed_texts(encoders, texts: list[str], *, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """Report embeddings [N, D]; each distinct text is encoded once (studies repeat one report per image)."""
+    unique = list(dict.fromkeys(texts))
+    where = {t: i for i, t in enumerate(unique)}
+    out = []
+    for i in tqdm(range(0, len(unique), batch_size), desc="embed reports", unit="batch", disable=not progress):
+        out.append(encoders.encode_texts(unique[i:i + batch_size], batch_size=batch_size).cpu().numpy())
+    emb = ix.normalize(np.concatenate(out))  # [U, D]
+    return emb[[where[t] for t in texts]]  # [N, D]
+
+
+def _str(v) -> str | None:
+    return None if v is None else str(v)
+
+
+def metadata_columns(cases: EmbeddedCases) -> dict[str, list]:
+    """Metadata columns from the shards' JSON members (docs/architecture.md §1)."""
+    cols: dict[str, list] = {c: [] for c in ("key", "dicom_id", "study_id", "subject_id", "split", "view",
+                                             "study_datetime", "text", "outcomes")}
+    for s in SECTION_KEYS:
+        cols[f"section_{s}"] = []
+    for name in CHEXPERT_LABELS:
+        cols[f"label:{name}"] = []
+    for key, text, meta in zip(cases.keys, cases.texts, cases.metas):
+        cols["key"].append(key)
+        for c in ("dicom_id", "study_id", "subject_id", "split", "view", "study_datetime"):
+            cols[c].append(_str(meta.get(c)))
+        cols["text"].append(text)
+        sections = meta.get("sections") or {}
+        for s in SECTION_KEYS:
+            cols[f"section_{s}"].append(_str(sections.get(s)))
+        labels = meta.get("labels") or {}
+        for name in CHEXPERT_LABELS:
+            v = labels.get(name)
+            cols[f"label:{name}"].append(float("nan") if v is None else float(v))
+        # Outcomes are optional in the shard contract: kept when the data carries them, else null.
+        outcomes = meta.get("outcomes", meta.get("outcome"))
+        cols["outcomes"].append(None if outcomes is None else json.dumps(outcomes, default=str))
+    if cases.thumbnails is not None:
+        cols["thumbnail"] = cases.thumbnails
+    return cols
+
+
+def encoder_info(encoders, checkpoint: str | os.PathLike | None) -> dict:
+    folder = getattr(encoders, "folder", None)
+    return {"checksum": encoders.checksum, "embed_dim": int(encoders.embed_dim),
+            "checkpoint": str(Path(folder or checkpoint).resolve()) if (folder or checkpoint) else None,
+            "config": {k: v for k, v in dict(encoders.config).items() if k != "checksum"}}
+
+
+def build_index_dir(out: str | os.PathLike, *, encoders, data: str | os.PathLike, split: str = "train",
+                    checkpoint: str | os.PathLike | None = None, modality: str = "image", index: str = "auto",
+                    memory_budget: str | int | None = None, flat_max: int = ix.DEFAULT_FLAT_MAX,
+                    recall_target: float = 0.95, batch_size: int = 64, num_workers: int = 0,
+                    thumbnail_size: int = 96, seed: int = 0, progress: bool = True) -> dict:
+    """Embed `data/<split>`, build + tune FAISS indexes, write `out` atomically; returns the manifest."""
+    if modality not in MODALITY_CHOICES:
+        raise RadalignError(f"--modality {modality!r}: choose one of {', '.join(MODALITY_CHOICES)}")
+    if not 0 < recall_target <= 1:
+        raise RadalignError(f"--recall-target {recall_target}: must be in (0, 1]")
+    t0 = time.perf_counter()
+    budget = ix.parse_memory(memory_budget)
+    cases = embed_shards(encoders, data, split, batch_size=batch_size, num_workers=num_workers,
+                         thumbnail_size=thumbnail_size, with_text=modality == "both", progress=progress)
+    vectors = {"image": cases.image}
+    if cases.text is not None:
+        vectors["text"] = cases.text
+    indexes, info = {}, {}
+    for name, x in vectors.items():
+        indexes[name], info[name] = build_tuned(x, kind=index, memory_budget=budget, flat_max=flat_max,
+                                                recall_target=recall_target, seed=seed)
+    manifest = {
+        "created": now_iso(),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "encoder": encoder_info(encoders, checkpoint),
+        "dim": int(cases.image.shape[1]),
+        "normalisation": "l2",
+        "metric": "inner_product",
+        "modalities": list(vectors),
+        "indexes": info,
+        "data": {"root": str(Path(data).resolve()), "split": split, "skipped": cases.skipped,
+                 "studies": len({m.get("study_id") for m in cases.metas}),
+                 "subjects": len({m.get("subject_id") for m in cases.metas})},
+        "thumbnail_size": thumbnail_size if cases.thumbnails is not None else 0,
+        "faiss_version": ix.faiss_module().__version__,
+    }
+    write_index_dir(out, indexes=indexes, vectors=vectors, metadata=metadata_table(metadata_columns(cases)),
+                    manifest=manifest)
+    return {**manifest, "count": len(cases.keys)}
+
+
+def build_tuned(x: np.ndarray, *, kind: str = "auto", memory_budget: int | None = None,
+                flat_max: int = ix.DEFAULT_FLAT_MAX, recall_target: float = 0.95, seed: int = 0):
+    """(FAISS index, manifest entry) for L2-normalised `x` [N, D]: plan, build, tune."""
+    t0 = time.perf_counter()
+    plan = ix.plan_index(len(x), x.shape[1], kind, memory_budget, flat_max)
+    log.info("building %s for %d vectors (%s)", plan.factory, len(x), plan.reason)
+    index = ix.build_index(x, plan, seed=seed)
+    built = time.perf_counter() - t0
+    tuned = ix.tune(index, x, plan, target=recall_target, seed=seed)
+    return index, {"kind": plan.kind, "index_string": plan.factory, "reason": plan.reason,
+                   "params": tuned.params, "estimated_ram_bytes": plan.ram_bytes, "train_size": plan.train_size,
+                   "build_seconds": round(built, 2), "tuning": tuned.to_dict()}
+
+
+__all__ = ["EmbeddedCases", "embed_shards", "embed_texts", "build_index_dir", "build_tuned", "metadata_columns",
+           "encoder_info", "thumbnail_jpeg", "data_uri", "load_checked_encoders", "MODALITY_CHOICES"]

@@ -1,0 +1,162 @@
+"""`radalign retrieval`: build a FAISS case base, search it with explanations, evaluate it.
+
+    radalign retrieval build --checkpoint RUN_OR_EXPORT --data SHARDS --split train --out INDEX_DIR
+    radalign retrieval search --index INDEX_DIR (--image PATH | --text "..." | --study-id ID) [--k 5]
+    radalign retrieval eval --index INDEX_DIR --queries SHARDS --split test --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """examples:
+  radalign retrieval build --checkpoint runs/demo/pretrain --data runs/demo/shards --split train \\
+      --out runs/demo/retrieval/index
+  radalign retrieval build ... --modality both --index auto --memory-budget 8G --recall-target 0.95
+  radalign retrieval search --index runs/demo/retrieval/index --image chest.jpg --k 5
+  radalign retrieval search --index IDX --text "large left pleural effusion" --format markdown
+  radalign retrieval search --index IDX --study-id 50000123 --format html --out case.html
+  radalign retrieval search --index IDX --example-from runs/demo/shards --split test --format html --out ex.html
+  radalign retrieval eval --index IDX --queries runs/demo/shards --split test --out runs/demo/retrieval
+"""
+
+
+def register(sub) -> None:
+    from radalign.cli import add_verbs
+
+    p = sub.add_parser("retrieval", help="similar-case search with FAISS (build, search, eval)",
+                       description="Build a FAISS index of a case base with exported encoders, search it for "
+                                   "similar cases with a label explanation, and evaluate retrieval.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = add_verbs(p)
+    b = verbs.add_parser("build", help="embed a shard split and write an index folder",
+                         description="Embed a shard split with the exported encoders, L2-normalise, build and "
+                                     "tune a FAISS inner-product index; writes INDEX_DIR atomically.")
+    b.add_argument("--checkpoint", required=True, metavar="RUN_OR_EXPORT", help="run folder or export folder")
+    b.add_argument("--data", required=True, metavar="SHARDS", help="shards folder of `radalign data prepare`")
+    b.add_argument("--split", default="train", help="split that forms the case base (default: %(default)s)")
+    b.add_argument("--out", required=True, metavar="INDEX_DIR", help="index folder to write")
+    b.add_argument("--modality", default="image", choices=("image", "both"),
+                   help="index image embeddings, or images and reports (default: %(default)s)")
+    b.add_argument("--index", default="auto", choices=("auto", "flat", "hnsw", "ivf-flat", "ivf-pq"),
+                   help="FAISS index type; auto chooses by size and memory budget (default: %(default)s)")
+    b.add_argument("--memory-budget", metavar="SIZE", help="RAM the index may use, e.g. 4G (default: no limit)")
+    b.add_argument("--flat-max", type=int, default=1_000_000,
+                   help="auto: exact search up to this many vectors (default: %(default)s)")
+    b.add_argument("--recall-target", type=float, default=0.95,
+                   help="approximate indexes: tune nprobe/efSearch to this recall@10 (default: %(default)s)")
+    b.add_argument("--thumbnail-size", type=int, default=96,
+                   help="pixels of the thumbnails stored for HTML results; 0 stores none (default: %(default)s)")
+    _common(b)
+    b.set_defaults(func=_build)
+
+    s = verbs.add_parser("search", help="the k most similar cases, with a label explanation",
+                         description="Search an index with an image, a text or a study; JSON, Markdown or a "
+                                     "self-contained HTML page.")
+    s.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder of `retrieval build`")
+    q = s.add_mutually_exclusive_group()
+    q.add_argument("--image", metavar="PATH", help="query image (JPEG/PNG)")
+    q.add_argument("--text", help="query text (searches images, or reports with --target report)")
+    s.add_argument("--study-id", help="query study: from the index, or from --example-from shards")
+    s.add_argument("--example-from", metavar="SHARDS",
+                   help="take the query study from these shards (--split); without --study-id, the first "
+                        "frontal study with a finding")
+    s.add_argument("--split", default="test", help="split of --example-from (default: %(default)s)")
+    s.add_argument("--k", type=int, default=5, help="number of cases (default: %(default)s)")
+    s.add_argument("--target", default="image", choices=("image", "report"),
+                   help="search image or report embeddings (report needs --modality both) (default: image)")
+    s.add_argument("--exclude-patient", action=argparse.BooleanOptionalAction, default=None,
+                   help="leave out the query's own patient (default: on for study queries)")
+    s.add_argument("--no-dedup", action="store_true", help="list several images of one study")
+    s.add_argument("--format", default="json", choices=("json", "markdown", "html"),
+                   help="output format (default: %(default)s)")
+    s.add_argument("--out", help="write the output to this file (default: print it)")
+    s.add_argument("--checkpoint", metavar="RUN_OR_EXPORT",
+                   help="encoders (default: the export recorded in the index; must be the same weights)")
+    s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    s.set_defaults(func=_search)
+
+    e = verbs.add_parser("eval", help="Recall@1/5/10 and label precision@k with chance levels",
+                         description="Image->report and report->image Recall@K within the query split, and "
+                                     "image->image label precision@K against the index; writes metrics.json.")
+    e.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder of `retrieval build`")
+    e.add_argument("--queries", required=True, metavar="SHARDS", help="shards folder with the query split")
+    e.add_argument("--split", default="test", help="query split (default: %(default)s)")
+    e.add_argument("--out", help="folder for metrics.json (default: print only)")
+    e.add_argument("--checkpoint", metavar="RUN_OR_EXPORT", help="encoders (default: recorded in the index)")
+    _common(e)
+    e.set_defaults(func=_eval)
+
+
+def _common(p) -> None:
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=0, help="image loading workers (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+
+
+def _build(args) -> int:
+    from radalign.log import rprint
+    from retrieval.build import build_index_dir, load_checked_encoders
+
+    enc = load_checked_encoders(args.checkpoint, args.device)
+    m = build_index_dir(args.out, encoders=enc, data=args.data, split=args.split, checkpoint=args.checkpoint,
+                        modality=args.modality, index=args.index, memory_budget=args.memory_budget,
+                        flat_max=args.flat_max, recall_target=args.recall_target, batch_size=args.batch_size,
+                        num_workers=args.num_workers, thumbnail_size=args.thumbnail_size)
+    for name, entry in m["indexes"].items():
+        t = entry["tuning"]
+        tuned = f", recall@10 {t['recall']:.3f} with {entry['params']}" if entry["params"] else ""
+        rprint(f"{name}: {entry['index_string']} ({entry['reason']}){tuned}")
+    skipped = {k: v for k, v in m["data"]["skipped"].items() if v}
+    rprint(f"indexed {m['count']} images of {m['data']['studies']} studies in {m['build_seconds']:.1f}s"
+           + (f"; skipped {skipped}" if skipped else "") + f" -> {args.out}")
+    return 0
+
+
+def _search(args) -> int:
+    from radalign import RadalignError
+    from radalign.log import rprint
+    from retrieval.render import write
+    from retrieval.search import Retriever, query_from_shards
+
+    if args.image is None and args.text is None and args.study_id is None and args.example_from is None:
+        raise RadalignError("give a query: --image PATH, --text \"...\", --study-id ID or --example-from SHARDS")
+    if args.example_from and (args.image or args.text is not None):
+        raise RadalignError("--example-from picks a study query; do not combine it with --image or --text")
+    r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
+    target = "text" if args.target == "report" else "image"
+    common = dict(k=args.k, target=target, exclude_patient=args.exclude_patient, dedup_study=not args.no_dedup)
+    if args.example_from:
+        r._check_k(args.k)  # before the (slow) pass over the shards
+        vec, info = query_from_shards(r, args.example_from, args.split, args.study_id)
+        res = r.search(vector=vec, query_info=info, **common)
+    elif args.study_id is not None:
+        res = r.search(study_id=args.study_id, **common)
+    else:
+        res = r.search(image=args.image, text=args.text, **common)
+    text = write(res, args.format, args.out)
+    if args.out:
+        rprint(f"wrote {args.out} ({len(res.neighbours)} cases)")
+    else:
+        print(text)
+    return 0
+
+
+def _eval(args) -> int:
+    from radalign.log import rprint
+    from retrieval.evaluate import evaluate, format_metrics
+    from retrieval.search import Retriever
+
+    r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
+    m = evaluate(r, args.queries, args.split, out=args.out, batch_size=args.batch_size,
+                 num_workers=args.num_workers)
+    rprint(format_metrics(m))
+    if args.out:
+        rprint(f"wrote {args.out}/metrics.json")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from radalign.cli import stage_main
+
+    return stage_main("retrieval", argv)

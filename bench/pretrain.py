@@ -1,10 +1,11 @@
 """Pretrain benchmark (never part of CI): our recipe vs open_clip's own trainer, side by side.
 
     .venv/bin/python bench/pretrain.py [--shards DIR] [--model tiny] [--batch 64] [--steps 60] [--workers 2]
-                                       [--precision bf16] [--repeats 1] [--write-results]
+                                       [--precision bf16] [--repeats 1] [--threads N] [--write-results]
 
-Both trainers run the same model config, shards, batch size, precision and worker count, each in its own
-child process with the same environment, one after the other:
+Both trainers run the same model config, shards, batch size, precision, worker count, LR schedule and seed,
+each in its own child process with the same environment, one after the other (with --repeats, in alternating
+order):
 
 - ours:      `python -m pretrain --config pretrain/tiny model.name=M data.shards=S batch_size=B steps=N ...`
              (throughput from RUN/metrics.jsonl: samples_per_s and data_wait per log window);
@@ -12,9 +13,11 @@ child process with the same environment, one after the other:
              keys>)` (throughput from its "Train Epoch" log lines: Batch (t) and Data (t) window averages).
 
 Reported per side: samples/s (median over steady-state log windows: windows that start after `--skip` steps),
-data-wait fraction, peak RSS of the trainer process (exact) and of its whole process tree (DataLoader workers
-included; sampled), and the ratio ours / open_clip. Without `--shards`, a small synthetic MIMIC-like shard set
-is built once (`radalign data synth` + `data prepare`) and cached in bench/out/pretrain/.
+samples per CPU-second of the trainer's process tree over the same steps (robust on a shared machine), the
+share of the cores it got, data-wait fraction, peak RSS of the trainer process (exact) and of its process tree
+(DataLoader workers included; sampled), and the ratios ours / open_clip. Without `--shards`, a small synthetic
+MIMIC-like shard set is built once (`radalign data synth` + `data prepare`) and cached in bench/out/pretrain/.
+`--write-results` replaces the "## pretrain" section of bench/RESULTS.md with the report.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
 sys.path.insert(0, str(HERE.parent))
 
-from bench.common import REPO, ChildRun, ratio, run_measured, table  # noqa: E402
+from bench.common import REPO, ChildRun, run_measured, table  # noqa: E402
 from radalign import RadalignError  # noqa: E402
 
 CACHE = REPO / "bench" / "out" / "pretrain"
@@ -363,10 +366,6 @@ def _fmt(x: float, spec: str) -> str:
     return "n/a" if x != x else format(x, spec)  # x != x: NaN
 
 
-def _ratio(a: float, b: float) -> str:
-    return "n/a" if a != a or b != b else ratio(a, b)  # a failed side has NaN samples/s
-
-
 def report_rows(sides: list[Side]) -> list[list[object]]:
     rows = []
     for s in sides:
@@ -391,22 +390,33 @@ peak RSS trainer: exact kernel peak of the training process; tree: trainer + wor
   50 ms (shared pages counted once per process)"""
 
 
-def summarize(pairs: list[tuple[Side, Side]]) -> dict[str, tuple[float, float]]:
-    """{metric: (ours, open_clip)} over all repeats: samples/s pooled over every steady window of each side,
-    samples/CPU-s as the median of the runs."""
-    ours = [w.samples_per_s for o, _ in pairs for w in steady(o.windows, o.skip)]
-    theirs = [w.samples_per_s for _, t in pairs for w in steady(t.windows, t.skip)]
-    cpu = [[x for x in (side.samples_per_cpu_s for side in sides) if x == x] for sides in zip(*pairs)]
-    return {"samples/s": (median_or_nan(ours), median_or_nan(theirs)),
-            "samples/CPU-s": (median_or_nan(cpu[0]), median_or_nan(cpu[1]))}
+def summarize(pairs: list[tuple[Side, Side]]) -> dict[str, list[float]]:
+    """{metric: ours / open_clip of each round}. Rounds run back to back, so each ratio compares two runs under
+    similar load; pooling all windows instead would compare whichever side happened to get a quiet machine."""
+    out: dict[str, list[float]] = {"samples/s": [], "samples/CPU-s": []}
+    for ours, theirs in pairs:
+        out["samples/s"].append(ours.samples_per_s / theirs.samples_per_s if theirs.samples_per_s else float("nan"))
+        out["samples/CPU-s"].append(ours.samples_per_cpu_s / theirs.samples_per_cpu_s
+                                    if theirs.samples_per_cpu_s else float("nan"))
+    return out
 
 
-def verdict_lines(summary: dict[str, tuple[float, float]]) -> list[str]:
+def geomean(values: list[float]) -> float:
+    """Geometric mean of positive ratios (NaN ones, from failed runs, left out); NaN when none is left."""
+    import math
+
+    good = [v for v in values if v == v and v > 0]
+    return math.exp(sum(math.log(v) for v in good) / len(good)) if good else float("nan")
+
+
+def verdict_lines(summary: dict[str, list[float]]) -> list[str]:
     out = []
-    for metric, (ours, theirs) in summary.items():
-        faster = "n/a" if ours != ours or theirs != theirs else ("yes" if ours >= theirs else "NO")
-        out.append(f"ours / open_clip {metric}: {_ratio(ours, theirs)} ({_fmt(ours, '.1f')} vs "
-                   f"{_fmt(theirs, '.1f')}); ours at least as fast: {faster}")
+    for metric, ratios in summary.items():
+        g = geomean(ratios)
+        faster = "n/a" if g != g else ("yes" if g >= 1 else "NO")
+        rounds = ", ".join(_fmt(r, ".2f") for r in ratios)
+        out.append(f"ours / open_clip {metric}: {_fmt(g, '.2f')}x (geometric mean of rounds: {rounds}); "
+                   f"ours at least as fast: {faster}")
     return out
 
 

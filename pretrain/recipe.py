@@ -151,8 +151,9 @@ def setup(cfg: PretrainConfig) -> Run:
         model = torch.compile(model)
 
     o = cfg.optim
+    # fused AdamW: one kernel over all parameters (4-5x faster optimizer step on CPU, bench/pretrain.py)
     optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps)
+                                  eps=o.eps, fused=True)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call.
     scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps, cfg.steps)
     model, optimizer = acc.prepare(model, optimizer)

@@ -54,7 +54,7 @@ bench: $(STAMP)
 demo: $(STAMP) $(DEMO)/retrieval/example.html
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
-	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); print('zero-shot macro AUROC (visible findings):', m.get('macro_visible', m.get('macro')))"
+	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); a=m['macro']; print('zero-shot macro AUROC %.3f [%.3f, %.3f] over %s; shuffled-label control %.3f' % (a['auroc'], a['ci_low'], a['ci_high'], ', '.join(a['classes']), m['controls']['shuffled_labels_macro_auroc']))"
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
 
 $(DEMO)/synthetic/synth.json: | $(STAMP)
@@ -71,7 +71,7 @@ $(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
 
 $(DEMO)/zeroshot/metrics.json: $(DEMO)/pretrain/export/config.json
 	$(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \
-		--prompts chexpert14 --out $(DEMO)/zeroshot
+		--prompts chexpert14 --val-split validate --blank negative --out $(DEMO)/zeroshot
 
 $(DEMO)/retrieval/index/manifest.json: $(DEMO)/zeroshot/metrics.json
 	$(BIN)/radalign retrieval build --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split train \

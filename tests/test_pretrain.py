@@ -184,22 +184,36 @@ def test_deepspeed_zero2_matches_ddp_on_two_cpu_processes(synth_shards, tmp_path
     assert (tmp_path / "zero2" / "export" / "config.json").is_file()
 
 
+@pytest.fixture(scope="module")
+def learnable_shards(tmp_path_factory):
+    """A synthetic set big enough to learn from (the session fixture's 40 patients are not)."""
+    from radalign.cli import main
+
+    root = tmp_path_factory.mktemp("learn")
+    assert main(["data", "synth", "--out", str(root / "synth"), "--patients", "400", "--image-size", "128",
+                 "--workers", "2", "--no-progress"]) == 0
+    assert main(["data", "prepare", "--mimic-cxr", str(root / "synth" / "mimic-cxr-jpg"), "--reports",
+                 str(root / "synth" / "mimic-cxr-reports"), "--out", str(root / "shards"), "--image-size", "112",
+                 "--shard-size", "128", "--workers", "2", "--no-progress"]) == 0
+    return root / "shards"
+
+
 @pytest.mark.slow
-def test_tiny_model_learns_and_shuffled_control_does_not(synth_shards, tmp_path):
-    """Alignment is learnable from the synthetic data; with pairs shuffled it is not."""
+def test_tiny_model_learns_and_shuffled_control_does_not(learnable_shards, tmp_path):
+    """Alignment is learnable from the synthetic data with the tiny config; with pairs shuffled it is not."""
     from pretrain.recipe import run_pretrain
 
-    common = ["steps=150", "batch_size=32", "optim.warmup_steps=10", "optim.lr=1e-3", "ckpt_every=0",
-              "data.val_split=validate", "log_every=50", "precision=bf16"]
-    real = run_pretrain(_cfg(tmp_path / "real", synth_shards, *common))
-    ctrl = run_pretrain(_cfg(tmp_path / "ctrl", synth_shards, *common, "data.shuffle_pairs=true"))
+    common = ["model.name=tiny", "steps=200", "batch_size=48", "optim.warmup_steps=20", "optim.lr=3e-4",
+              "ckpt_every=0", "data.val_split=validate", "log_every=50", "precision=bf16", "data.num_workers=2"]
+    real = run_pretrain(_cfg(tmp_path / "real", learnable_shards, *common))
+    ctrl = run_pretrain(_cfg(tmp_path / "ctrl", learnable_shards, *common, "data.shuffle_pairs=true"))
 
     def final(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "val/zeroshot_macro_auroc" in r][-1]
+        return [r for r in rows if "val/zeroshot_macro_auroc" in r][-1]["val/zeroshot_macro_auroc"]
 
-    assert final(real)["val/zeroshot_macro_auroc"] > 0.65
-    assert abs(final(ctrl)["val/zeroshot_macro_auroc"] - 0.5) < 0.12
+    assert final(real) > 0.65, final(real)
+    assert abs(final(ctrl) - 0.5) < 0.1, final(ctrl)
 
 
 def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):

@@ -67,7 +67,7 @@ $(DEMO)/shards/manifest.json: $(DEMO)/synthetic/synth.json
 		--shard-size 256 --workers $(DEMO_WORKERS)
 
 $(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
-	$(BIN)/radalign pretrain --config pretrain/demo
+	$(BIN)/radalign pretrain --config pretrain/demo run_dir=$(DEMO)/pretrain data.shards=$(DEMO)/shards
 
 $(DEMO)/zeroshot/metrics.json: $(DEMO)/pretrain/export/config.json
 	$(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \

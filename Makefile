@@ -8,7 +8,7 @@ PIP     := $(BIN)/python -m pip
 STAMP   := $(VENV)/.installed
 DEMO    := runs/demo
 # Demo knobs (override on the command line: make demo DEMO_PATIENTS=500)
-DEMO_PATIENTS ?= 1500
+DEMO_PATIENTS ?= 4000
 DEMO_WORKERS  ?= 2
 
 export HF_HUB_OFFLINE := 1

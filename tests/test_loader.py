@@ -499,6 +499,44 @@ def test_train_transform_augments_mildly_and_reproducibly():
     assert torch.allclose(pixels[0], pixels[1], atol=1e-5) and torch.allclose(pixels[1], pixels[2], atol=1e-5)
 
 
+def test_fused_augmentation_equals_torchvision_crop_then_rotate():
+    """RandomCropRotateJitter's geometry is torchvision's RandomResizedCrop + rotate, pixel for pixel."""
+    from torchvision.transforms import RandomResizedCrop
+    from torchvision.transforms.v2 import functional as F
+
+    from data.transforms import RandomCropRotateJitter
+
+    img = _gray(64, 80, seed=3)
+    aug = RandomCropRotateJitter(32, (0.5, 1.0), (0.8, 1.25), rotation=10.0, brightness=0.0, contrast=0.0,
+                                 hflip=False)
+    for seed in range(5):
+        torch.manual_seed(seed)
+        ours = aug(img)  # [1, 32, 32]
+        torch.manual_seed(seed)  # replay the same draws through torchvision
+        top, left, h, w = RandomResizedCrop.get_params(img, [0.5, 1.0], [0.8, 1.25])
+        angle = float(torch.empty(1).uniform_(-10.0, 10.0))
+        ref = F.rotate(F.resized_crop(img, top, left, h, w, [32, 32], antialias=True), angle,
+                       interpolation=F.InterpolationMode.BILINEAR, fill=0)
+        assert ours.shape == (1, 32, 32)
+        assert torch.equal(ours, F.pil_to_tensor(ref).float() / 255.0)
+
+
+def test_fused_augmentation_jitters_brightness_and_contrast_within_range():
+    from data.transforms import RandomCropRotateJitter
+
+    img = Image.fromarray(np.full((32, 32), 100, dtype=np.uint8), mode="L")
+    img.paste(200, (0, 0, 16, 32))  # two flat halves: mean 150/255, half-range 50/255
+    aug = RandomCropRotateJitter(32, (1.0, 1.0), (1.0, 1.0), rotation=0.0, brightness=0.2, contrast=0.3,
+                                 hflip=False)
+    torch.manual_seed(0)
+    outs = torch.stack([aug(img) for _ in range(200)])  # [200, 1, 32, 32]
+    means, spans = outs.mean(dim=(1, 2, 3)), outs.amax(dim=(1, 2, 3)) - outs.amin(dim=(1, 2, 3))
+    base_mean, base_span = 150 / 255, 100 / 255
+    assert (means / base_mean).min() > 0.79 and (means / base_mean).max() < 1.21  # brightness +-20 %
+    assert (spans / base_span).min() > 0.8 * 0.69 and (spans / base_span).max() < 1.2 * 1.31  # x brightness x contrast
+    assert means.std() > 0.02 and spans.std() > 0.02  # it does jitter
+
+
 def test_sixteen_bit_images_are_rescaled_not_clipped():
     arr = (np.linspace(0, 4095, 32 * 32).reshape(32, 32)).astype(np.uint16)  # 12-bit values
     out = eval_transform(32, channels=1, mean=[0.0], std=[1.0])(Image.fromarray(arr))

@@ -243,6 +243,19 @@ def test_bootstrap_counts_single_class_resamples_and_excluded_rows():
     assert one_class["classes"]["a"]["auroc"] is None and one_class["macro"]["auroc"] is None
 
 
+def test_min_per_label_keeps_thin_classes_out_of_the_macro_but_reports_them():
+    s, y = _noisy(200, 3)
+    y[:, 2] = 1.0
+    y[:4, 2] = 0.0  # class "c": 196 positives, 4 negatives
+    names = ["a", "b", "c"]
+    t = metrics.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=10)
+    assert t["classes"]["c"]["auroc"] is not None  # its own AUROC is still reported
+    assert t["macro"]["classes"] == ["a", "b"] and t["macro"]["classes_too_few"] == ["c"]
+    assert t["macro"]["auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2)]))
+    every = metrics.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=1)
+    assert every["macro"]["classes"] == names and every["macro"]["classes_too_few"] == []
+
+
 def test_multiclass_metrics_against_sklearn():
     from sklearn.metrics import balanced_accuracy_score
 

@@ -68,6 +68,9 @@ def _eval_flags(p) -> None:
     p.add_argument("--blank", default="exclude", choices=("exclude", "negative"),
                    help="blank label (default: %(default)s from that class's metric, counted)")
     p.add_argument("--classes", nargs="+", metavar="CLASS", help="classes of the headline macro AUROC")
+    p.add_argument("--min-per-label", type=int, default=10,
+                   help="a class enters the macro only with at least this many positives and negatives "
+                        "(default: %(default)s; its own AUROC is reported either way)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap / control seed (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
@@ -104,7 +107,7 @@ def _evaluate(args) -> int:
         "val_data": args.val_data, "subset": args.subset, "image_root": args.image_root,
         "image_column": args.image_column, "class_column": args.class_column, "label_columns": args.label_columns,
         "uncertain": args.uncertain, "blank": args.blank, "macro_classes": args.classes,
-        "bootstrap": args.bootstrap, "seed": args.seed, "batch_size": args.batch_size,
+        "min_per_label": args.min_per_label, "bootstrap": args.bootstrap, "seed": args.seed, "batch_size": args.batch_size,
         "num_workers": args.num_workers, "device": args.device, "cache": not args.no_cache,
         "shuffled_control": not args.no_control,
     })
@@ -118,6 +121,11 @@ def _evaluate(args) -> int:
         auc = f"{mac['auroc']:.3f}" if mac["auroc"] is not None else "n/a"
         rprint(f"{name}: macro AUROC {auc} {ci} over {len(mac['classes'])} classes, "
                f"{m['data']['n_scored']} images")
+        left_out = {"no AUROC (one label value)": mac.get("classes_without_auroc"),
+                    f"fewer than {cfg.min_per_label} positives or negatives": mac.get("classes_too_few")}
+        for why, names in left_out.items():
+            if names:
+                rprint(f"  left out of the macro, {why}: {', '.join(names)}")
     rprint(f"wrote {cfg.out}")
     return 0
 

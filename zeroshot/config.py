@@ -46,6 +46,9 @@ class ZeroshotConfig:
     """Blank/null label (not mentioned): 'exclude' from that class's metric (counted) or 'negative'."""
     macro_classes: Optional[list[str]] = None
     """Classes of the headline macro AUROC (default: the prompt set's `macro_classes`, else all)."""
+    min_per_label: int = 10
+    """A class enters the macro AUROC only with at least this many positives and as many negatives (its own
+    AUROC is reported either way). 1 keeps every class with both labels."""
     bootstrap: int = 1000
     """Bootstrap resamples for the 95% confidence intervals."""
     ci_level: float = 0.95
@@ -75,6 +78,8 @@ class ZeroshotConfig:
             p.append(f"uncertain: {self.uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
         if self.blank not in BLANK_POLICIES:
             p.append(f"blank: {self.blank!r} is not one of {', '.join(BLANK_POLICIES)}")
+        if self.min_per_label < 1:
+            p.append(f"min_per_label: must be >= 1 (got {self.min_per_label}); 1 keeps every class with both labels")
         if self.bootstrap < 1:
             p.append(f"bootstrap: must be >= 1 (got {self.bootstrap})")
         if not 0 < self.ci_level < 1:

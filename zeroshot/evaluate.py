@@ -232,7 +232,7 @@ def evaluate(checkpoints: list[Checkpoint], embedded: list[Embedded], ps: Prompt
         true_class = [names[i] for i in y]
     scores, per_template = score(checkpoints, embedded, ps, rows)
     table = metrics.auroc_table(scores, labels, names, n_boot=cfg.bootstrap, seed=cfg.seed, level=cfg.ci_level,
-                                macro_classes=list(ps.macro_classes))
+                                macro_classes=list(ps.macro_classes), min_per_label=cfg.min_per_label)
     out = {
         "prompt_set": ps.name, "prompt_file": ps.source, "mode": ps.mode,
         "checkpoints": [{"path": c.path, "checksum": c.encoders.checksum} for c in checkpoints],

@@ -68,14 +68,18 @@ def _auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
 
 
 def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_boot: int = 1000,
-                seed: int = 0, level: float = 0.95, macro_classes: list[str] | None = None) -> dict:
+                seed: int = 0, level: float = 0.95, macro_classes: list[str] | None = None,
+                min_per_label: int = 1) -> dict:
     """Per-class AUROC with bootstrap CIs and the macro mean (with its joint CI).
 
     scores [N, C]; labels [N, C] with 1/0 and NaN for excluded. Returns
     {"classes": {name: {auroc, ci_low, ci_high, n_pos, n_neg, n_excluded, skipped_resamples}},
      "macro": {auroc, ci_low, ci_high, classes, skipped_resamples, n_boot, seed, level},
      "macro_all": the same over every class}.
-    A class with only one label value gets auroc None (and is left out of the macro, which says so).
+    A class with only one label value gets auroc None (and is left out of the macro, which says so). A class
+    with fewer than `min_per_label` positives or negatives keeps its own AUROC and CI but is left out of the
+    macro means (listed under `classes_too_few`): an AUROC from 86 positives and 1 negative is one number,
+    not an estimate worth averaging.
     """
     n, c = scores.shape
     included = ~np.isnan(labels)  # [N, C]
@@ -99,23 +103,27 @@ def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_b
         per_class[name].update(ci_low=lo, ci_high=hi, skipped_resamples=skipped)
     out = {"classes": per_class}
     for key, wanted in (("macro", macro_classes or names), ("macro_all", names)):
-        out[key] = _macro(per_class, boot, names, list(wanted), level)
-        out[key].update(n_boot=n_boot, seed=seed, level=level)
+        out[key] = _macro(per_class, boot, names, list(wanted), level, min_per_label)
+        out[key].update(n_boot=n_boot, seed=seed, level=level, min_per_label=min_per_label)
     return out
 
 
-def _macro(per_class: dict, boot: np.ndarray, names: list[str], wanted: list[str], level: float) -> dict:
-    usable = [w for w in wanted if per_class[w]["auroc"] is not None]
+def _macro(per_class: dict, boot: np.ndarray, names: list[str], wanted: list[str], level: float,
+           min_per_label: int = 1) -> dict:
     missing = [w for w in wanted if per_class[w]["auroc"] is None]
+    too_few = [w for w in wanted if per_class[w]["auroc"] is not None
+               and min(per_class[w]["n_pos"], per_class[w]["n_neg"]) < min_per_label]
+    usable = [w for w in wanted if w not in missing and w not in too_few]
     if not usable:
         return {"auroc": None, "ci_low": None, "ci_high": None, "classes": [], "classes_without_auroc": missing,
-                "skipped_resamples": int(boot.shape[0])}
+                "classes_too_few": too_few, "skipped_resamples": int(boot.shape[0])}
     cols = [names.index(w) for w in usable]
     sub = boot[:, cols]  # [B, K]
     ok = ~np.isnan(sub).any(axis=1)  # a resample counts only if every class in the macro has both labels
     lo, hi = _percentile_ci(sub[ok].mean(axis=1), level) if ok.any() else (None, None)
     return {"auroc": float(np.mean([per_class[w]["auroc"] for w in usable])), "ci_low": lo, "ci_high": hi,
-            "classes": usable, "classes_without_auroc": missing, "skipped_resamples": int((~ok).sum())}
+            "classes": usable, "classes_without_auroc": missing, "classes_too_few": too_few,
+            "skipped_resamples": int((~ok).sum())}
 
 
 def multiclass_table(probs: np.ndarray, y: np.ndarray, names: list[str], *, n_boot: int = 1000,

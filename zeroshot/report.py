@@ -64,6 +64,12 @@ def markdown(metrics: dict) -> str:
                       f"[{_fmt(mc['accuracy']['ci_low'])}, {_fmt(mc['accuracy']['ci_high'])}], balanced accuracy "
                       f"{_fmt(mc['balanced_accuracy']['value'])} [{_fmt(mc['balanced_accuracy']['ci_low'])}, "
                       f"{_fmt(mc['balanced_accuracy']['ci_high'])}] over {mc['n']} images."]
+    mac = metrics["macro"]
+    if mac.get("classes_without_auroc"):
+        lines += ["", f"Left out of the macro, one label value only: {', '.join(mac['classes_without_auroc'])}."]
+    if mac.get("classes_too_few"):
+        lines += ["", f"Left out of the macro, fewer than {mac.get('min_per_label')} positives or negatives: "
+                      f"{', '.join(mac['classes_too_few'])} (their own AUROC is in the table)."]
     ctrl = metrics.get("controls", {}).get("shuffled_labels_macro_auroc")
     if ctrl is not None:
         lines += ["", f"Shuffled-label control (macro AUROC, should be ~0.5): {_fmt(ctrl)}."]

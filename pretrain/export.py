@@ -16,7 +16,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -106,8 +105,6 @@ def export_encoders(model: nn.Module, model_cfg: dict, out_dir: str | os.PathLik
             **(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if out_dir.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
-            shutil.rmtree(out_dir)
     return out_dir
 
 

@@ -214,11 +214,12 @@ def test_tiny_model_learns_and_shuffled_control_does_not(learnable_shards, tmp_p
 
     r, c = final(real), final(ctrl)
     assert r["val/zeroshot_macro_auroc"] > 0.65, r
-    # The control learns no alignment: its recall stays far below the real run's. Its zero-shot AUROC is not
-    # centred on 0.5 per class (random prompt directions still project on strong image features; 0.63 was seen
-    # on this small validation split), so the control is judged against the real run, not against 0.5.
+    # The control learns no alignment: its recall stays far below the real run's. Its zero-shot AUROC is 0.5
+    # only on average over seeds: in one run the unaligned prompt directions still project on strong image
+    # features, with one sign for all classes (0.63 and 0.35 seen on this 71-image validation split). So the
+    # control is judged against the real run: it must sit closer to 0.5 than the real run sits above it.
     assert r["val/i2t_R@10"] > 1.5 * c["val/i2t_R@10"], (r, c)
-    assert r["val/zeroshot_macro_auroc"] > c["val/zeroshot_macro_auroc"], (r, c)
+    assert abs(c["val/zeroshot_macro_auroc"] - 0.5) < r["val/zeroshot_macro_auroc"] - 0.5, (r, c)
 
 
 def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):

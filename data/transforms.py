@@ -113,12 +113,13 @@ class RandomCropRotateJitter(torch.nn.Module):
         from torchvision.transforms import RandomResizedCrop
 
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
-        out = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), Image.BILINEAR)  # antialiased
+        bilinear = Image.Resampling.BILINEAR
+        out = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), bilinear)  # antialiased
         angle = self._uniform(-self.rotation, self.rotation)
         if angle:
-            out = out.rotate(angle, resample=Image.BILINEAR, fillcolor=0)  # counter-clockwise, like torchvision
+            out = out.rotate(angle, resample=bilinear, fillcolor=0)  # counter-clockwise, like torchvision
         if self.hflip and torch.rand(1).item() < 0.5:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
+            out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         x = torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(1, self.size, self.size)
         x = x.to(torch.float32).div_(255.0)  # [1, S, S]
         b = self._uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)

@@ -1,11 +1,14 @@
 """Data benchmarks (never part of CI): loader throughput and `data prepare` throughput + memory.
 
-    .venv/bin/python bench/data.py [--shards DIR] [--n N] [--workers W] [--patients 40,160]
+    .venv/bin/python bench/data.py [--shards DIR] [--n N] [--workers W] [--patients 40,160] [--image-size 224]
 
 1. Training loader from shards vs the same images as loose JPEG files read by a plain torch Dataset, with
    the same transform, batch size and worker count: images/s side by side and their ratio.
    `--shards DIR` uses a prepared folder (split train); otherwise N synthetic images are written as shards.
-2. `data prepare` on synthetic MIMIC (`data.synth.synthesize`) at two sizes, each in its own child process:
+2. Training transform alone, per decoded image in one thread: ours (`train_transform`, the fused
+   `RandomCropRotateJitter`) vs the same augmentation as a torchvision v2 chain vs open_clip's training
+   transform (crop-only, RGB), interleaved, best of several passes, with ratios.
+3. `data prepare` on synthetic MIMIC (`data.synth.synthesize`) at two sizes, each in its own child process:
    images/s and peak RSS, to show memory stays flat as the dataset grows.
 """
 
@@ -172,6 +175,48 @@ def bench_loader(args, work: Path) -> None:
     print(f"shards / loose files: {ratio(wds_rate, loose_rate)}\n", flush=True)
 
 
+def v2_chain(image_size: int):
+    """The same augmentation as `train_transform`, as separate torchvision v2 transforms (what it replaced)."""
+    from torchvision.transforms import v2
+
+    from data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ToGray
+
+    return v2.Compose([
+        ToGray(), v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
+        v2.RandomRotation(7.0, interpolation=v2.InterpolationMode.BILINEAR, fill=0),
+        v2.ColorJitter(brightness=0.2, contrast=0.2), v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+        v2.Lambda(lambda x: x.expand(3, -1, -1)), v2.Normalize(OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)])
+
+
+def bench_transform(args) -> None:
+    import time
+
+    import open_clip
+
+    from data.transforms import train_transform
+
+    rng = np.random.default_rng(0)
+    gray = [Image.open(io.BytesIO(_cxr_like(rng, args.source_size))).convert("L") for _ in range(args.transform_n)]
+    rgb = [im.convert("RGB") for im in gray]  # open_clip's loader decodes to RGB; not timed here
+    size = args.image_size
+    sides = {"ours: train_transform (fused)": (train_transform(size), gray),
+             "same augmentation as a v2 chain": (v2_chain(size), gray),
+             "open_clip image_transform (train)": (open_clip.image_transform(size, is_train=True), rgb)}
+    torch.set_num_threads(1)
+    best = dict.fromkeys(sides, float("inf"))
+    for _ in range(args.passes + 2):  # interleaved passes; the best of each side is kept
+        for name, (tf, imgs) in sides.items():
+            t0 = time.perf_counter()
+            for im in imgs:
+                tf(im)
+            best[name] = min(best[name], (time.perf_counter() - t0) / len(imgs) * 1e3)
+    ours = best["ours: train_transform (fused)"]
+    print(f"\nTraining transform per decoded image ({args.transform_n} images {args.source_size}px -> {size}px, "
+          "1 thread)")
+    print(table(["transform", "ms/image", "ours is faster by"],
+                [[name, f"{ms:.3f}", f"{ms / ours:.2f}x"] for name, ms in best.items()]), flush=True)
+
+
 # The child measured for `data prepare`: only the import and the prepare call, so its peak RSS is prepare's.
 PREPARE_CHILD = """
 import json, resource, sys
@@ -236,7 +281,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="timed passes per source, alternating, best kept (default 2)")
     p.add_argument("--patients", type=lambda s: [int(v) for v in s.split(",")], default=[40, 160],
                    help="synthetic dataset sizes (patients) for the prepare benchmark (default 40,160)")
+    p.add_argument("--transform-n", type=int, default=300, help="images for the transform timing (default 300)")
     p.add_argument("--skip-loader", action="store_true")
+    p.add_argument("--skip-transform", action="store_true")
     p.add_argument("--skip-prepare", action="store_true")
     p.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
     args = p.parse_args(argv)
@@ -245,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.skip_loader:
             bench_loader(args, work)
+        if not args.skip_transform:
+            bench_transform(args)
         if not args.skip_prepare:
             bench_prepare(args, work)
     finally:

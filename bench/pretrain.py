@@ -133,7 +133,7 @@ class TreeSampler:
 
     CPU time is what makes the comparison hold on a shared machine: wall-clock throughput drops when other jobs
     take the cores, CPU seconds per sample much less. The tree's CPU = the trainer's own + that of its reaped
-    children (DataLoader workers that already exited: ours restarts its workers every epoch) + the live
+    children (DataLoader workers that already exited, e.g. when a loader is re-created at a checkpoint) + the live
     descendants'. The trainer is read before its children, so a worker reaped in between is missed (a dip), never
     counted twice; `cpu_at` uses the running maximum, which removes the dips.
     """

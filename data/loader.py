@@ -37,6 +37,7 @@ import webdataset as wds
 from data.prepare import MANIFEST_FORMAT
 from data.text import text_id
 from radalign import RadalignError
+from radalign.io import read_format_json
 from radalign.log import get_logger
 
 log = get_logger("data.loader")
@@ -55,19 +56,10 @@ _decode_gray = wds.imagehandler("pill")  # webdataset's own JPEG decoder -> PIL 
 
 def read_manifest(root: str | Path) -> dict:
     """`ROOT/manifest.json` as a dict; RadalignError naming the file and the fix when missing or foreign."""
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise RadalignError(f"{path}: no manifest. Point at the --out folder of `radalign data prepare` "
-                            f"(it holds manifest.json and train/, validate/, test/), or run prepare first.")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RadalignError(f"{path}: not readable JSON ({e}); re-run `radalign data prepare`") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise RadalignError(f"{path}: format is {found!r}, expected {MANIFEST_FORMAT!r}; "
-                            f"re-run `radalign data prepare` with this version")
-    return manifest
+    return read_format_json(Path(root) / "manifest.json", MANIFEST_FORMAT,
+                            what="the --out folder of `radalign data prepare` (it holds manifest.json and train/, "
+                                 "validate/, test/), or run prepare first",
+                            fix="re-run `radalign data prepare`")
 
 
 def _split_entry(root: str | Path, split: str) -> dict:

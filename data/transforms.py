@@ -17,8 +17,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from torchvision.transforms import v2
+from PIL import Image
+from torchvision.transforms import RandomResizedCrop, v2
 
 from radalign import RadalignError
 
@@ -45,20 +47,6 @@ def _stats(values: Sequence[float] | None, default: tuple[float, ...], channels:
     return values
 
 
-class ToChannels(torch.nn.Module):
-    """`[1, H, W]` -> `[C, H, W]` by repeating the gray channel (a view-free copy; C is 1 or 3)."""
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.channels = channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [1, H, W] -> [C, H, W]
-        return x if self.channels == 1 else x.expand(self.channels, -1, -1).contiguous()
-
-    def extra_repr(self) -> str:
-        return f"channels={self.channels}"
-
-
 class ToGray(torch.nn.Module):
     """Any PIL mode (RGB, I;16, LA, ...) -> 8-bit grayscale "L", the form the shards store."""
 
@@ -67,24 +55,11 @@ class ToGray(torch.nn.Module):
             return img
         if img.mode in ("I;16", "I;16B", "I;16L", "I"):
             # 16-bit DICOM-style PNGs: PIL's convert("L") clips instead of scaling; rescale to 0..255 first.
-            import numpy as np
-            from PIL import Image
-
             arr = np.asarray(img, dtype=np.float32)
             lo, hi = float(arr.min()), float(arr.max())
             arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
             return Image.fromarray(arr.round().astype(np.uint8), mode="L")
         return img.convert("L")
-
-
-def _tail(channels: int, mean: list[float], std: list[float]) -> list:
-    """PIL "L" -> `[C, H, W]` float, normalised."""
-    return [
-        v2.PILToTensor(),                         # [1, H, W] uint8
-        v2.ToDtype(torch.float32, scale=True),    # [1, H, W] in [0, 1]
-        ToChannels(channels),                     # [C, H, W]
-        v2.Normalize(mean=mean, std=std),
-    ]
 
 
 class RandomCropRotateJitter(torch.nn.Module):
@@ -93,9 +68,10 @@ class RandomCropRotateJitter(torch.nn.Module):
     The same augmentation as `v2.RandomResizedCrop -> v2.RandomRotation -> v2.ColorJitter(brightness, contrast)`
     (crop parameters come from torchvision's own `RandomResizedCrop.get_params`), done as two PIL calls on the
     8-bit image plus a few in-place tensor ops. Why fused: at 112-224 px, torchvision v2's per-transform dispatch
-    costs more than the pixels; the four-transform chain took 0.78 ms per image vs 0.66 ms for open_clip's
-    plainer crop-only pipeline, and this one a fraction of that (`bench/pretrain.py`, worker CPU). Brightness is
-    applied before contrast (ColorJitter draws the order at random; with these ranges only the clipping differs).
+    costs more than the pixels. `bench/data.py` times it: 0.35 ms per 112 px image vs 0.52 ms for the v2 chain
+    and 0.45 ms for open_clip's plainer crop-only transform; the chain made our pretrain loop slower than
+    open_clip's (`bench/RESULTS.md`). Brightness is applied before contrast (ColorJitter draws the order at
+    random; with these ranges only the clipping differs).
     """
 
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], rotation: float,
@@ -109,9 +85,6 @@ class RandomCropRotateJitter(torch.nn.Module):
         return float(torch.empty(1).uniform_(lo, hi)) if hi > lo else lo
 
     def forward(self, img):
-        from PIL import Image
-        from torchvision.transforms import RandomResizedCrop
-
         top, left, h, w = RandomResizedCrop.get_params(img, list(self.scale), list(self.ratio))
         bilinear = Image.Resampling.BILINEAR
         out = img.crop((left, top, left + w, top + h)).resize((self.size, self.size), bilinear)  # antialiased
@@ -120,8 +93,7 @@ class RandomCropRotateJitter(torch.nn.Module):
             out = out.rotate(angle, resample=bilinear, fillcolor=0)  # counter-clockwise, like torchvision
         if self.hflip and torch.rand(1).item() < 0.5:
             out = out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        x = torch.frombuffer(bytearray(out.tobytes()), dtype=torch.uint8).view(1, self.size, self.size)
-        x = x.to(torch.float32).div_(255.0)  # [1, S, S]
+        x = torch.from_numpy(np.asarray(out, dtype=np.float32)[None]).div_(255.0)  # [1, S, S]
         b = self._uniform(max(0.0, 1 - self.brightness), 1 + self.brightness)
         c = self._uniform(max(0.0, 1 - self.contrast), 1 + self.contrast)
         if b != 1.0:
@@ -180,8 +152,12 @@ def eval_transform(image_size: int, channels: int = 3, mean: Sequence[float] | N
         v2.Resize(image_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
         v2.CenterCrop(image_size),
     ]
-    return v2.Compose(steps + _tail(channels, m, s))
+    return v2.Compose(steps + [
+        v2.PILToTensor(),                         # [1, S, S] uint8
+        v2.ToDtype(torch.float32, scale=True),    # [1, S, S] in [0, 1]
+        NormalizeChannels(m, s),                  # [C, S, S]
+    ])
 
 
-__all__ = ["train_transform", "eval_transform", "ToChannels", "ToGray", "RandomCropRotateJitter",
+__all__ = ["train_transform", "eval_transform", "ToGray", "RandomCropRotateJitter",
            "NormalizeChannels", "OPENAI_DATASET_MEAN", "OPENAI_DATASET_STD"]

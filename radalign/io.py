@@ -9,8 +9,11 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from radalign import RadalignError
 
 
 @contextlib.contextmanager
@@ -26,8 +29,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and path.is_dir():
-            import shutil
-
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
             os.replace(tmp, path)
@@ -37,8 +38,6 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             if tmp.is_dir():
-                import shutil
-
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink()
@@ -66,3 +65,21 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_format_json(file: str | os.PathLike, expected: str, *, what: str, fix: str) -> dict:
+    """A JSON object whose "format" is `expected` (a folder's manifest); otherwise one RadalignError that names
+    the file, what it should have been (`what`, e.g. "the --out folder of `radalign data prepare`") and the
+    fix (`fix`, e.g. "re-run `radalign data prepare`")."""
+    file = Path(file)
+    if not file.is_file():
+        hint = " (the folder does not exist)" if not file.parent.exists() else ""
+        raise RadalignError(f"{file}: no {file.name}{hint}; point at {what}")
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RadalignError(f"{file}: not readable JSON ({e}); {fix}") from None
+    if not isinstance(data, dict) or data.get("format") != expected:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise RadalignError(f"{file}: format {found!r}, expected {expected!r}; {fix} with this version")
+    return data

@@ -14,7 +14,6 @@ so opening a 10^6-row case base costs no RAM until columns are touched; Parquet 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -29,7 +28,7 @@ import pyarrow.compute as pc
 from data.labels import CHEXPERT_LABELS
 from data.sections import SECTION_KEYS
 from radalign import RadalignError
-from radalign.io import atomic_path, atomic_write_json
+from radalign.io import atomic_path, atomic_write_json, read_format_json
 from retrieval.index import faiss_module
 
 FORMAT = "radalign-retrieval/1"
@@ -181,19 +180,8 @@ class IndexStore:
 
 
 def read_manifest(path: Path) -> dict:
-    f = path / MANIFEST
-    if not f.is_file():
-        hint = " (the folder does not exist)" if not path.exists() else ""
-        raise RadalignError(f"--index {path}: no {MANIFEST}{hint}; point at the --out folder of "
-                            f"`radalign retrieval build`")
-    try:
-        manifest = json.loads(f.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RadalignError(f"{f}: not readable JSON ({e}); rebuild the index") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise RadalignError(f"{f}: format {found!r}, expected {FORMAT!r}; rebuild the index with this version")
-    return manifest
+    return read_format_json(path / MANIFEST, FORMAT, what="the --out folder of `radalign retrieval build`",
+                            fix="rebuild the index")
 
 
 def _check_files(path: Path, manifest: dict) -> None:

@@ -38,3 +38,21 @@ def test_failed_folder_write_keeps_the_old_folder(tmp_path):
             raise RuntimeError("disk full")
     assert (target / "weights").read_text() == "good"
     assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_read_format_json_names_the_file_and_the_fix(tmp_path):
+    from radalign import RadalignError
+    from radalign.io import read_format_json
+
+    f = tmp_path / "manifest.json"
+    kw = dict(what="the --out folder of `x build`", fix="re-run `x build`")
+    with pytest.raises(RadalignError, match=r"no manifest.json; point at the --out folder of `x build`"):
+        read_format_json(f, "x/1", **kw)
+    f.write_text("{not json")
+    with pytest.raises(RadalignError, match=r"manifest.json: not readable JSON .*re-run `x build`"):
+        read_format_json(f, "x/1", **kw)
+    atomic_write_text(f, '{"format": "x/0"}')
+    with pytest.raises(RadalignError, match=r"format 'x/0', expected 'x/1'; re-run `x build` with this version"):
+        read_format_json(f, "x/1", **kw)
+    atomic_write_text(f, '{"format": "x/1", "n": 3}')
+    assert read_format_json(f, "x/1", **kw) == {"format": "x/1", "n": 3}

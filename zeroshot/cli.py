@@ -107,7 +107,8 @@ def _evaluate(args) -> int:
         "val_data": args.val_data, "subset": args.subset, "image_root": args.image_root,
         "image_column": args.image_column, "class_column": args.class_column, "label_columns": args.label_columns,
         "uncertain": args.uncertain, "blank": args.blank, "macro_classes": args.classes,
-        "min_per_label": args.min_per_label, "bootstrap": args.bootstrap, "seed": args.seed, "batch_size": args.batch_size,
+        "min_per_label": args.min_per_label, "bootstrap": args.bootstrap, "seed": args.seed,
+        "batch_size": args.batch_size,
         "num_workers": args.num_workers, "device": args.device, "cache": not args.no_cache,
         "shuffled_control": not args.no_control,
     })

@@ -79,7 +79,8 @@ class ZeroshotConfig:
         if self.blank not in BLANK_POLICIES:
             p.append(f"blank: {self.blank!r} is not one of {', '.join(BLANK_POLICIES)}")
         if self.min_per_label < 1:
-            p.append(f"min_per_label: must be >= 1 (got {self.min_per_label}); 1 keeps every class with both labels")
+            p.append(f"min_per_label: must be >= 1 (got {self.min_per_label}); "
+                     "1 keeps every class with both labels")
         if self.bootstrap < 1:
             p.append(f"bootstrap: must be >= 1 (got {self.bootstrap})")
         if not 0 < self.ci_level < 1:

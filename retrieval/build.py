@@ -9,7 +9,6 @@ the printout.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import os
@@ -26,7 +25,7 @@ from data.sections import SECTION_KEYS
 from radalign import RadalignError
 from radalign.log import get_logger
 from retrieval import index as ix
-from retrieval.store import metadata_table, now_iso, write_index_dir
+from retrieval.store import check_out_dir, metadata_table, now_iso, write_index_dir
 
 log = get_logger("retrieval.build")
 MODALITY_CHOICES = ("image", "both")
@@ -45,13 +44,6 @@ class EmbeddedCases:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-def load_checked_encoders(checkpoint: str | os.PathLike, device: str = "cpu"):
-    """Encoders through the export contract (docs/architecture.md §4); never the training recipe."""
-    from pretrain.export import load_encoders
-
-    return load_encoders(checkpoint, device=device)
-
-
 def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
     """A model-input tensor [C, H, W] back to a small grayscale JPEG (what the model saw: resized, cropped)."""
     from PIL import Image
@@ -66,10 +58,6 @@ def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
     return buf.getvalue()
 
 
-def data_uri(jpeg: bytes | None) -> str | None:
-    return None if not jpeg else "data:image/jpeg;base64," + base64.b64encode(jpeg).decode("ascii")
-
-
 def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
                  thumbnail_size: int = 96, with_text: bool = False, progress: bool = True,
                  desc: str = "embed") -> EmbeddedCases:
@@ -78,7 +66,7 @@ def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: i
 
     loader = make_eval_loader(shard_paths(data, split), batch_size=batch_size, transform=encoders.image_transform(),
                               num_workers=num_workers)
-    mean, std = encoders.config.get("mean", [0.0] * 3), encoders.config.get("std", [1.0] * 3)
+    mean, std = encoders.config["mean"], encoders.config["std"]
     chunks, texts, metas, keys, thumbs = [], [], [], [], []
     total = loader.num_batches if loader.num_batches is not None else None
     for batch in tqdm(loader, total=total, desc=f"{desc} {split}", unit="batch", disable=not progress):
@@ -159,6 +147,7 @@ def build_index_dir(out: str | os.PathLike, *, encoders, data: str | os.PathLike
         raise RadalignError(f"--modality {modality!r}: choose one of {', '.join(MODALITY_CHOICES)}")
     if not 0 < recall_target <= 1:
         raise RadalignError(f"--recall-target {recall_target}: must be in (0, 1]")
+    check_out_dir(out)  # before the (long) embedding pass
     t0 = time.perf_counter()
     budget = ix.parse_memory(memory_budget)
     cases = embed_shards(encoders, data, split, batch_size=batch_size, num_workers=num_workers,
@@ -205,4 +194,4 @@ def build_tuned(x: np.ndarray, *, kind: str = "auto", memory_budget: int | None 
 
 
 __all__ = ["EmbeddedCases", "embed_shards", "embed_texts", "build_index_dir", "build_tuned", "metadata_columns",
-           "encoder_info", "thumbnail_jpeg", "data_uri", "load_checked_encoders", "MODALITY_CHOICES"]
+           "encoder_info", "thumbnail_jpeg", "MODALITY_CHOICES"]

@@ -95,10 +95,11 @@ def _common(p) -> None:
 
 
 def _build(args) -> int:
+    from pretrain.export import load_encoders
     from radalign.log import rprint
-    from retrieval.build import build_index_dir, load_checked_encoders
+    from retrieval.build import build_index_dir
 
-    enc = load_checked_encoders(args.checkpoint, args.device)
+    enc = load_encoders(args.checkpoint, device=args.device)
     m = build_index_dir(args.out, encoders=enc, data=args.data, split=args.split, checkpoint=args.checkpoint,
                         modality=args.modality, index=args.index, memory_budget=args.memory_budget,
                         flat_max=args.flat_max, recall_target=args.recall_target, batch_size=args.batch_size,
@@ -130,10 +131,8 @@ def _search(args) -> int:
         r._check_k(args.k)  # before the (slow) pass over the shards
         vec, info = query_from_shards(r, args.example_from, args.split, args.study_id)
         res = r.search(vector=vec, query_info=info, **common)
-    elif args.study_id is not None:
-        res = r.search(study_id=args.study_id, **common)
-    else:
-        res = r.search(image=args.image, text=args.text, **common)
+    else:  # Retriever.search refuses anything but exactly one of image, text, study id
+        res = r.search(image=args.image, text=args.text, study_id=args.study_id, **common)
     text = write(res, args.format, args.out)
     if args.out:
         rprint(f"wrote {args.out} ({len(res.neighbours)} cases)")

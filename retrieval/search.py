@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from radalign import RadalignError
 from radalign.log import get_logger
 from retrieval import index as ix
-from retrieval.store import IndexStore
+from retrieval.store import IndexStore, data_uri
 
 log = get_logger("retrieval.search")
 EXCERPT_CHARS = 240
@@ -84,9 +85,9 @@ class Retriever:
             if not ckpt or not Path(ckpt).exists():
                 raise RadalignError(f"{self.store.path}: the encoder export it was built with ({ckpt}) is not "
                                     f"there; pass --checkpoint RUN_OR_EXPORT (the same weights)")
-            from retrieval.build import load_checked_encoders
+            from pretrain.export import load_encoders
 
-            self.encoders = load_checked_encoders(ckpt, self._device)
+            self.encoders = load_encoders(ckpt, device=self._device)
         return self._encoders
 
     @encoders.setter
@@ -96,12 +97,9 @@ class Retriever:
 
     def embed_image(self, image) -> np.ndarray:
         """A PIL image or an image file path -> [D] L2-normalised."""
-        import torch
-
         pil = load_query_image(image)
         x = self.encoders.image_transform()(pil).unsqueeze(0)  # [1, C, H, W]
-        with torch.no_grad():
-            return ix.normalize(self.encoders.encode_images(x).cpu().numpy())[0]
+        return ix.normalize(self.encoders.encode_images(x).cpu().numpy())[0]  # encode_images runs under no_grad
 
     def embed_text(self, text: str) -> np.ndarray:
         if not isinstance(text, str) or not text.strip():
@@ -214,7 +212,7 @@ class Retriever:
             raise RadalignError(f"--study-id {study_id}: not in this index ({self.store.count} images of split "
                                 f"{self.store.manifest['data'].get('split')!r}); use --example-from SHARDS "
                                 f"--split test --study-id {study_id} for a study outside it")
-        views = self.store.column("view")[rows]
+        views = self.store.metadata.column("view").take(pa.array(rows)).to_pylist()  # only the study's rows
         frontal = [r for r, v in zip(rows, views) if v in ("PA", "AP")]
         row = int((frontal or list(rows))[0])  # a frontal image speaks for the study when there is one
         q = np.asarray(self.store.vectors["image"][row], dtype=np.float32)
@@ -224,8 +222,6 @@ class Retriever:
 
     def describe_row(self, row: int, score: float | None, rank: int) -> dict:
         """A metadata row as a result entry: ids, similarity, excerpt, positive labels, outcome, thumbnail."""
-        from retrieval.build import data_uri
-
         r = self.store.row(row)
         labels = {name: r[f"label:{name}"] for name in self.store.labels}
         impression = r.get("section_impression") or ""
@@ -252,6 +248,8 @@ def _filter(ids, scores, k, studies, subjects, exclude_subject, exclude_study, d
     hits = Hits([], [])
     seen: set = set()
     for i, s in zip(ids.tolist(), scores.tolist()):
+        if len(hits.rows) == k:
+            break  # what lies beyond rank k is neither shown nor counted as filtered
         if i < 0:
             continue  # FAISS pads with -1 when it found fewer than asked
         if exclude_subject is not None and subjects[i] == exclude_subject:
@@ -265,9 +263,8 @@ def _filter(ids, scores, k, studies, subjects, exclude_subject, exclude_study, d
                 hits.filtered["same_study"] += 1
                 continue
             seen.add(studies[i])
-        if len(hits.rows) < k:
-            hits.rows.append(i)
-            hits.scores.append(s)
+        hits.rows.append(i)
+        hits.scores.append(s)
     return hits
 
 
@@ -281,8 +278,7 @@ def explain(neighbours: list[dict], labels: list[str], query_labels: list[str] |
     Weighted share = sum(sim_i * y_i) / sum(sim_i) over the neighbours, with similarities clipped at 0 (a
     negative cosine is no evidence for or against). Sorted by count, then weighted share.
     """
-    sims = np.array([max(n["similarity"] or 0.0, 0.0) for n in neighbours], dtype=np.float64)  # [k]
-    total = sims.sum()
+    total = sum(max(n["similarity"] or 0.0, 0.0) for n in neighbours)
     out = []
     for name in labels:
         carry = [n for n in neighbours if name in n["labels"]]
@@ -336,7 +332,7 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
     encoders (checked against the index) as the case base.
     """
     from data.loader import make_eval_loader, shard_paths
-    from retrieval.build import data_uri, thumbnail_jpeg
+    from retrieval.build import thumbnail_jpeg
 
     enc = retriever.encoders
     loader = make_eval_loader(shard_paths(data, split), batch_size=16, transform=enc.image_transform())
@@ -353,8 +349,7 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
             info = {"kind": "study", "source": f"{data} ({split})", "dicom_id": meta.get("dicom_id", key),
                     "study_id": str(meta.get("study_id")), "subject_id": str(meta.get("subject_id")),
                     "view": meta.get("view"), "labels": labels, "excerpt": excerpt,
-                    "thumbnail": data_uri(thumbnail_jpeg(image, enc.config.get("mean", [0] * 3),
-                                                         enc.config.get("std", [1] * 3), 128))}
+                    "thumbnail": data_uri(thumbnail_jpeg(image, enc.config["mean"], enc.config["std"], 128))}
             return q, info
     what = f"study {study_id}" if study_id is not None else "a frontal study with a finding"
     raise RadalignError(f"--example-from {data} --split {split}: found no {what}")

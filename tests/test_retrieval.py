@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from retrieval import index as ix
 from retrieval.build import build_tuned
 from retrieval.evaluate import chance_recall, cross_modal, recall_at_ks
 from retrieval.search import Retriever, explain
-from retrieval.store import IndexStore, metadata_table, write_index_dir
+from retrieval.store import IndexStore, check_out_dir, metadata_table, write_index_dir
 
 D = 32
 
@@ -205,6 +206,29 @@ def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
     with pytest.raises(RadalignError, match="not a retrieval index"):
         _write(tmp_path, x)
     assert (tmp_path / "idx" / "precious.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RadalignError, match="--out .*file: exists and is not a retrieval index folder"):
+        check_out_dir(tmp_path / "file")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc")
+@pytest.mark.parametrize("kind", ["flat", "ivf-pq"])
+def test_mmap_load_keeps_vectors_out_of_process_memory(tmp_path, kind):
+    """The memory budget holds when serving: a memory-mapped index does not copy its vectors into RAM."""
+    def anon_mib():
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("RssAnon"))
+        return int(line.split()[1]) / 1024
+
+    x = ix.clustered_vectors(40_000, 256, clusters=64, seed=0)  # 39 MiB of float32
+    out, _ = _write(tmp_path, x, kind=kind)
+    del x
+    grown = {}
+    for mmap in (True, False):
+        before = anon_mib()
+        store = IndexStore.load(out, mmap=mmap)
+        grown[mmap] = anon_mib() - before
+        del store
+    assert grown[True] < 8 and grown[False] > 30, grown
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -230,7 +254,8 @@ def test_study_dedup_and_patient_exclusion(tmp_path):
     r = Retriever.load(out, encoders=FakeEncoders())
     res = r.search(vector=q, k=3)
     assert [n["study_id"] for n in res.neighbours][:3] == ["10", "11", "12"]  # one image per study, best kept
-    assert res.neighbours[0]["row"] == 0 and res.filtered["same_study"] >= 2
+    assert res.neighbours[0]["row"] == 0 and res.filtered["same_study"] == 3
+    assert r.search(vector=q, k=1).filtered["same_study"] == 0  # nothing beyond rank k is counted
     res = r.search(vector=q, k=3, dedup_study=False)
     assert [n["row"] for n in res.neighbours] == [0, 1, 2]
     res = r.search(vector=q, k=3, subject_id="1", exclude_patient=True)

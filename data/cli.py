@@ -35,6 +35,9 @@ def register(sub) -> None:
     _add_synth(verbs)
     _add_prepare(verbs)
     _add_prepare_csv(verbs)
+    from data import ehr_cli
+
+    ehr_cli.register(verbs)  # link-ehr (data/ehr_cli.py)
     info = verbs.add_parser("info", help="summarise a prepared folder's manifest.json",
                             description="Print samples and shards per split, skipped items by reason, options.")
     info.add_argument("dir", metavar="DIR", help="the --out folder of `data prepare` / `data prepare-csv`")

@@ -79,6 +79,7 @@ def _common(p, docs: dict, defaults: dict) -> None:
     p.add_argument("--image-size", type=int, metavar="PX", help=_field_help("image_size", docs, defaults))
     p.add_argument("--shard-size", type=int, metavar="N", help=_field_help("shard_size", docs, defaults))
     p.add_argument("--workers", type=int, metavar="N", help=_field_help("workers", docs, defaults))
+    p.add_argument("--max-pixels", type=int, metavar="N", help=_field_help("max_pixels", docs, defaults))
     p.add_argument("--seed", type=int, help=_field_help("seed", docs, defaults))
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite every shard, even when OUT holds complete shards made with other options")
@@ -127,6 +128,8 @@ def _add_prepare_csv(verbs) -> None:
     p.add_argument("--patient-col", metavar="C", help=docs["patient_col"])
     p.add_argument("--study-col", metavar="C", help=docs["study_col"])
     p.add_argument("--image-root", metavar="DIR", help=docs["image_root"])
+    p.add_argument("--allow-outside-root", action="store_true", default=None, help=docs["allow_outside_root"])
+    p.add_argument("--encoding", metavar="NAME", help=docs["encoding"])
     _common(p, docs, defaults)
     p.set_defaults(func=_prepare, kind="csv")
 
@@ -141,7 +144,7 @@ def _config_from_args(args):
     from radalign.config import load_config
 
     flags = {"out": args.out, "text": args.text, "image_size": args.image_size, "shard_size": args.shard_size,
-             "workers": args.workers, "seed": args.seed}
+             "workers": args.workers, "seed": args.seed, "max_pixels": args.max_pixels}
     if args.kind == "mimic":
         flags.update(mimic_cxr=args.mimic_cxr, reports=args.reports, labels=args.labels,
                      views=[v.strip() for v in args.views.split(",")] if args.views is not None else None)
@@ -151,7 +154,8 @@ def _config_from_args(args):
             labels = [c.strip() for arg in args.label_cols for c in arg.split(",") if c.strip()]
         flags.update(csv=args.csv, image_col=args.image_col, text_col=args.text_col, label_cols=labels,
                      split_col=args.split_col, patient_col=args.patient_col, study_col=args.study_col,
-                     image_root=args.image_root)
+                     image_root=args.image_root, allow_outside_root=args.allow_outside_root,
+                     encoding=args.encoding)
     given = {k: v for k, v in flags.items() if v is not None}
     return load_config(PrepareConfig, given, args.overrides)
 

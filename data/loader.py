@@ -12,10 +12,14 @@ Evaluation (`make_eval_loader`):
 
 A "reader" is one (process, worker) pair: `world_size * max(1, num_workers)` readers in all.
 
-Corrupt samples (undecodable JPEG, bad JSON or text, a missing member, an unreadable shard) are skipped
-and counted by reason. Workers are separate processes, so each batch carries `"skipped": {reason: n}`
-for the samples its worker skipped since its previous batch; the `Loader` in the main process sums them
-into `loader.skipped` and logs each skipped key once.
+Corrupt samples (undecodable JPEG, bad JSON or text, a missing member) are skipped and counted by reason.
+Every shard read is checked against the manifest's per-shard sample count: the samples a truncated or
+unreadable tar did not yield are counted too, by number (`truncated_shard`, `unreadable_shard`), and with
+`verify=True` a shard whose sha256 differs from the manifest is not read (`checksum_mismatch`, all its
+samples). Workers are separate processes, so each batch carries `"skipped": {reason: n}` for the samples
+its worker skipped since its previous batch; the `Loader` in the main process sums them into
+`loader.skipped` (everything this process saw) and `loader.lost` (this pass: complete when a pass ends),
+and logs each skipped key once.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import json
 import math
 import multiprocessing as mp
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from itertools import islice
@@ -43,9 +48,16 @@ from radalign.log import get_logger
 log = get_logger("data.loader")
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
-# Every reason a sample can be skipped for; `loader.skipped` counts these.
-SKIP_REASONS = ("missing_member", "bad_image", "bad_json", "bad_text", "empty_text", "bad_shard",
-                "incomplete_batch", "rank_balance")
+# Samples of a shard that never came out of its tar, checked against the manifest count of that shard.
+SHARD_REASONS = ("truncated_shard", "unreadable_shard", "checksum_mismatch")
+# Left out on purpose by the training loader (read fine, but not in a batch); not in `loader.lost`.
+BOOKKEEPING_REASONS = ("incomplete_batch", "rank_balance")
+# Every reason a sample can be skipped for; `loader.skipped` counts these. `bad_shard` (a failing shard,
+# counted once, not per sample) appears only for shards without a manifest; `unaccounted` only if the
+# per-pass check against the manifest finds samples no other reason explains (it should never).
+SKIP_REASONS = ("missing_member", "bad_image", "bad_json", "bad_text", "empty_text", *SHARD_REASONS,
+                "bad_shard", "unaccounted", *BOOKKEEPING_REASONS)
+LOST_REASONS = tuple(r for r in SKIP_REASONS if r not in BOOKKEEPING_REASONS)
 
 _decode_gray = wds.imagehandler("pill")  # webdataset's own JPEG decoder -> PIL "L" (the shards are gray)
 
@@ -55,16 +67,56 @@ _decode_gray = wds.imagehandler("pill")  # webdataset's own JPEG decoder -> PIL 
 
 
 def read_manifest(root: str | Path) -> dict:
-    """`ROOT/manifest.json` as a dict; RadalignError naming the file and the fix when missing or foreign."""
-    return read_format_json(Path(root) / "manifest.json", MANIFEST_FORMAT,
-                            what="the --out folder of `radalign data prepare` (it holds manifest.json and train/, "
-                                 "validate/, test/), or run prepare first",
-                            fix="re-run `radalign data prepare`")
+    """`ROOT/manifest.json` as a dict; RadalignError naming the file and the fix when missing, foreign or
+    malformed (the error names the key: `splits.train.shards[3].samples: ...`)."""
+    file = Path(root) / "manifest.json"
+    manifest = read_format_json(file, MANIFEST_FORMAT,
+                                what="the --out folder of `radalign data prepare` (it holds manifest.json and "
+                                     "train/, validate/, test/), or run prepare first",
+                                fix="re-run `radalign data prepare`")
+    problems = manifest_problems(manifest)
+    if problems:
+        raise RadalignError(f"{file}: malformed: {'; '.join(problems[:5])}"
+                            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}; "
+                            f"re-run `radalign data prepare` (or restore the file)")
+    return manifest
+
+
+def manifest_problems(manifest: dict) -> list[str]:
+    """What is wrong with the `splits` part of a manifest (the part loaders read), as `key: problem`."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        return [f"splits: expected an object {{split: {{samples, shards}}}}, found {type(splits).__name__}"]
+    problems = []
+    for split, entry in splits.items():
+        where = f"splits.{split}"
+        if not isinstance(entry, dict):
+            problems.append(f"{where}: expected an object with samples and shards, found {type(entry).__name__}")
+            continue
+        if not _count(entry.get("samples")):
+            problems.append(f"{where}.samples: expected a count >= 0, found {entry.get('samples')!r}")
+        shards = entry.get("shards")
+        if not isinstance(shards, list):
+            problems.append(f"{where}.shards: expected a list, found {type(shards).__name__}")
+            continue
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                problems.append(f"{where}.shards[{i}]: expected an object, found {type(shard).__name__}")
+                continue
+            if not isinstance(shard.get("path"), str) or not shard["path"]:
+                problems.append(f"{where}.shards[{i}].path: expected a relative path, found {shard.get('path')!r}")
+            if not _count(shard.get("samples")):
+                problems.append(f"{where}.shards[{i}].samples: expected a count >= 0, found {shard.get('samples')!r}")
+    return problems
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _split_entry(root: str | Path, split: str) -> dict:
     manifest = read_manifest(root)
-    splits = manifest.get("splits", {})
+    splits = manifest["splits"]
     if split not in splits:
         raise RadalignError(f"{Path(root) / 'manifest.json'}: no split {split!r}; "
                             f"available: {', '.join(splits) or '(none)'}")
@@ -74,7 +126,7 @@ def _split_entry(root: str | Path, split: str) -> dict:
 def shard_paths(root: str | Path, split: str) -> list[str]:
     """Absolute paths of the shards of `split` listed in `ROOT/manifest.json`, in manifest order."""
     entry = _split_entry(root, split)
-    paths = [str((Path(root) / s["path"]).resolve()) for s in entry.get("shards", [])]
+    paths = [str((Path(root) / s["path"]).resolve()) for s in entry["shards"]]
     if not paths:
         raise RadalignError(f"{Path(root) / 'manifest.json'}: split {split!r} has no shards "
                             f"({entry.get('samples', 0)} samples); choose another split or prepare more data")
@@ -90,26 +142,46 @@ def split_samples(root: str | Path, split: str) -> int:
     return int(_split_entry(root, split).get("samples", 0))
 
 
-def manifest_counts(shards: Sequence[str]) -> dict[str, int] | None:
-    """Samples per shard from the manifest two folders up (`OUT/<split>/shard-*.tar`); None if unknown."""
-    counts: dict[str, int] = {}
+def manifest_shards(shards: Sequence[str]) -> dict[str, dict] | None:
+    """{shard: {"samples": n, "sha256": hex or None}} from the manifest two folders up
+    (`OUT/<split>/shard-*.tar`); None when some shard has no manifest or is not listed in it. A manifest that
+    is there but malformed is an error (RadalignError naming the file and key), not "unknown"."""
+    info: dict[str, dict] = {}
     seen: set[Path] = set()
     for shard in shards:
         root = Path(shard).resolve().parent.parent
         if root in seen:
             continue
         seen.add(root)
+        if not (root / "manifest.json").is_file():
+            return None
         try:
             manifest = read_manifest(root)
         except RadalignError:
-            return None
-        for entry in manifest.get("splits", {}).values():
-            for s in entry.get("shards", []):
-                counts[str((root / s["path"]).resolve())] = int(s["samples"])
+            if _is_our_format(root / "manifest.json"):
+                raise
+            return None  # some other tool's manifest.json: the shards are not ours to count
+        for entry in manifest["splits"].values():
+            for s in entry["shards"]:
+                info[str((root / s["path"]).resolve())] = {"samples": s["samples"], "sha256": s.get("sha256")}
     resolved = [str(Path(s).resolve()) for s in shards]
-    if any(r not in counts for r in resolved):
+    if any(r not in info for r in resolved):
         return None
-    return {s: counts[r] for s, r in zip(shards, resolved)}
+    return {s: info[r] for s, r in zip(shards, resolved)}
+
+
+def _is_our_format(file: Path) -> bool:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
+
+
+def manifest_counts(shards: Sequence[str]) -> dict[str, int] | None:
+    """Samples per shard from the manifest two folders up (`OUT/<split>/shard-*.tar`); None if unknown."""
+    info = manifest_shards(shards)
+    return None if info is None else {s: e["samples"] for s, e in info.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -168,24 +240,20 @@ class _SkipLog:
     # Resampling never runs out of shards, so shards with nothing readable would otherwise spin forever.
     MAX_STREAK = 1000
 
-    def __init__(self):
+    def __init__(self, endless: bool = False):
         self.counts: Counter = Counter()
         self.keys: list[tuple[str, str]] = []
-        self.streak = 0  # skips since the last good sample
+        self.endless = endless  # resampled training: stop after MAX_STREAK failed reads in a row
+        self.streak = 0  # failed reads (a sample, or a whole shard) since the last good sample
 
-    def record(self, reason: str, key: str) -> None:
-        self.counts[reason] += 1
+    def record(self, reason: str, key: str, n: int = 1) -> None:
+        """`n` samples lost for `reason`; `key` names them in the log (a sample key, or a shard and a count)."""
+        self.counts[reason] += n
         self.keys.append((reason, key))
         self.streak += 1
-        if self.streak >= self.MAX_STREAK:
+        if self.endless and self.streak >= self.MAX_STREAK:
             raise RadalignError(f"{self.streak} samples in a row could not be read (last: {key}, {reason}); "
                                 f"the shards look corrupt: re-run `radalign data prepare`")
-
-    def handler(self, exn: Exception) -> bool:
-        """webdataset exception handler for tar-level failures: count them and go on with the next shard."""
-        where = next((a for a in reversed(exn.args) if isinstance(a, str) and a.endswith(".tar")), "?")
-        self.record("bad_shard", f"{where}: {type(exn).__name__}")
-        return True
 
     def drain(self) -> dict:
         out = {"skipped": dict(self.counts), "skipped_keys": list(self.keys)}
@@ -196,6 +264,69 @@ class _SkipLog:
 
 # ----------------------------------------------------------------------------------------------------------
 # Pipeline stages. Each is a small picklable object: DataLoader workers get a copy of the whole pipeline.
+
+
+class _ShardReader:
+    """Raw samples of one shard (or every `stride`-th from `offset`), checked against the manifest.
+
+    The samples the manifest lists but the tar did not yield are recorded by number: `unreadable_shard` when
+    the tar yielded nothing (random bytes, not a tar, empty), `truncated_shard` when it stopped early. With
+    `verify`, a shard whose sha256 is not the manifest's is not read at all (`checksum_mismatch`, every
+    sample); each worker hashes a shard once. Without manifest counts (`info` None) a failing shard is
+    counted once as `bad_shard`.
+    """
+
+    def __init__(self, info: dict[str, dict] | None, skiplog: _SkipLog, verify: bool):
+        self.info, self.skiplog, self.verify = info, skiplog, verify
+        self._verified: dict[str, bool] = {}
+
+    def __call__(self, url: str, offset: int = 0, stride: int = 1) -> Iterator[dict]:
+        entry = self.info.get(url) if self.info is not None else None
+        expected = len(range(offset, entry["samples"], stride)) if entry is not None else None
+        name = Path(url).name if "://" not in url else url
+        if self.verify and entry is not None and not self._matches(url, entry["sha256"]):
+            if expected:
+                self.skiplog.record("checksum_mismatch", f"{url}: sha256 differs from the manifest, "
+                                                         f"{expected} samples not read", n=expected)
+            return
+        errors: list[Exception] = []
+        got = 0
+        samples = wds.tarfile_samples([{"url": url}], handler=lambda exn: errors.append(exn) or True)
+        for sample in islice(samples, offset, None, stride):
+            got += 1
+            yield sample
+        why = f", {type(errors[0]).__name__}" if errors else ""
+        if expected is None:
+            if errors:
+                self.skiplog.record("bad_shard", f"{url}{why}")
+        elif got < expected:
+            reason = "unreadable_shard" if got == 0 else "truncated_shard"
+            self.skiplog.record(reason, f"{name}: {expected - got} of {expected} samples missing{why}",
+                                n=expected - got)
+        elif got > expected:
+            log.warning("%s: %d samples, the manifest says %d; is the manifest from another prepare run?",
+                        url, got, expected)
+
+    def _matches(self, url: str, sha256: str | None) -> bool:
+        from radalign.io import sha256_file
+
+        if url not in self._verified:
+            try:
+                self._verified[url] = sha256_file(url) == sha256
+            except OSError:
+                self._verified[url] = False
+        return self._verified[url]
+
+
+class _ReadShards(wds.PipelineStage):
+    """{"url"} items -> raw samples of each shard, through a `_ShardReader`."""
+
+    def __init__(self, reader: _ShardReader):
+        self.reader = reader
+
+    def run(self, src) -> Iterator[dict]:
+        for item in src:
+            yield from self.reader(item["url"])
 
 
 class _TrainShards(wds.PipelineStage):
@@ -257,16 +388,15 @@ def eval_assignment(num_shards: int, num_readers: int) -> list[list[tuple[int, i
 class _EvalSamples(wds.PipelineStage):
     """Raw samples of this reader's share, in shard order (no shuffle, no resampling)."""
 
-    def __init__(self, urls: list[str], *, rank: int, world_size: int, skiplog: _SkipLog):
-        self.urls, self.rank, self.world_size, self.skiplog = urls, rank, world_size, skiplog
+    def __init__(self, urls: list[str], *, rank: int, world_size: int, reader: _ShardReader):
+        self.urls, self.rank, self.world_size, self.reader = urls, rank, world_size, reader
 
     def run(self) -> Iterator[dict]:
         worker, num_workers = _worker()
         plan = eval_assignment(len(self.urls), self.world_size * num_workers)
         for j, stride, offset in plan[self.rank * num_workers + worker]:
             # Grouping tar members into samples is cheap; only the kept samples get decoded downstream.
-            samples = wds.tarfile_samples([{"url": self.urls[j]}], handler=self.skiplog.handler)
-            yield from islice(samples, offset, None, stride)
+            yield from self.reader(self.urls[j], offset, stride)
 
 
 class _Decode:
@@ -362,15 +492,23 @@ class Loader:
 
     `len(loader)` / `loader.num_batches`: batches one epoch yields on this rank (None when unknown).
     `loader.skipped`: Counter of skipped samples by reason, summed over everything this process has seen.
+    `loader.lost`: Counter, samples of the manifest that did not reach a batch in the current (or last)
+    pass, by reason (`LOST_REASONS`: corrupt members, truncated / unreadable / checksum-failed shards);
+    reset when a pass starts, complete when it ends. For the eval loader it is checked at the end of a pass:
+    `delivered + sum(lost) == expected` (this rank's manifest samples; `loader.expected`,
+    `loader.delivered`), any remainder counted as `unaccounted`. An early `break` leaves it partial.
     `loader.set_epoch(e)`: reshuffle for epoch `e` (reaches the workers; call it before iterating, e.g.
     when resuming); without it every new pass uses the next epoch number.
     """
 
     def __init__(self, webloader: wds.WebLoader, *, epoch: SharedEpoch, num_batches: int | None,
-                 batch_size: int, readers: int, cap: bool):
+                 batch_size: int, readers: int, cap: bool, expected: int | None = None):
         self._loader, self._epoch, self._cap = webloader, epoch, cap
         self.num_batches, self.batch_size, self.readers = num_batches, batch_size, readers
+        self.expected = expected  # eval: samples this rank should read per pass (manifest); None: unknown
+        self.delivered = 0        # samples yielded in the current (or last) pass
         self.skipped: Counter = Counter()
+        self.lost: Counter = Counter()
         self._logged: set[tuple[str, str]] = set()
         self._started = self._epoch_set = False
 
@@ -392,9 +530,11 @@ class Loader:
         if self._started and not self._epoch_set:
             self._epoch.set(self._epoch.get() + 1)  # a new pass must not repeat the previous order
         self._started, self._epoch_set = True, False
+        self.lost, self.delivered = Counter(), 0
         done = 0
         for batch in self._loader:
             self.skipped.update(batch["skipped"])
+            self.lost.update({r: n for r, n in batch["skipped"].items() if r not in BOOKKEEPING_REASONS})
             for reason, key in batch.pop("skipped_keys"):
                 if (reason, key) not in self._logged:  # a resampled corrupt sample comes back; log it once
                     self._logged.add((reason, key))
@@ -407,8 +547,21 @@ class Loader:
                 # skip counts arrive, but yield nothing, so every rank steps the same number of times.
                 self.skipped["rank_balance"] += n
                 continue
+            self.delivered += n
             yield batch
             done += 1
+        self._check_against_manifest()
+
+    def _check_against_manifest(self) -> None:
+        """End of a full eval pass: every manifest sample was delivered or counted lost; else `unaccounted`."""
+        if self.expected is None:
+            return
+        missing = self.expected - self.delivered - sum(self.lost.values())
+        if missing > 0:
+            log.warning("%d of %d samples neither read nor counted as skipped; counted as unaccounted",
+                        missing, self.expected)
+            self.lost["unaccounted"] += missing
+            self.skipped["unaccounted"] += missing
 
 
 def _check_shards(shards: Sequence[str]) -> list[str]:
@@ -464,7 +617,7 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
                       tokenize: Callable[[list[str]], torch.Tensor] | None = None, num_workers: int = 2,
                       seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000,
                       samples_per_epoch: int | None = None, rank: int | None = None,
-                      world_size: int | None = None, pin_memory: bool = False) -> Loader:
+                      world_size: int | None = None, pin_memory: bool = False, verify: bool = False) -> Loader:
     """Batches `{"image": [B,C,H,W], "text": [B,L] or list[str], "study_id": [B], "text_id": [B], "key",
     "skipped"}` for training; every batch has exactly `batch_size` samples.
 
@@ -477,6 +630,8 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
         from the manifest; None without one). Needs at least num_workers x world_size shards.
     Same `seed` (and epoch, see `set_epoch`) -> same order. `tokenize` runs in the workers and must be
     picklable. Short last batches per worker are left out and counted as `skipped["incomplete_batch"]`.
+    Every shard visit is checked against the manifest count (`loader.lost`); `verify=True` also checks each
+    shard's sha256 against the manifest once per worker (a mismatching shard is not read).
     """
     urls = _check_shards(shards)
     _check_batch_and_workers(batch_size, num_workers)
@@ -491,16 +646,17 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
             f"or resampled=True.")
 
     epoch = SharedEpoch(0)
-    skiplog = _SkipLog()
+    skiplog = _SkipLog(endless=resampled)
+    info = _shard_info(urls, verify)
     pipeline = wds.DataPipeline(
         _TrainShards(urls, resampled=resampled, seed=seed, epoch=epoch, rank=rank, world_size=world_size),
-        wds.tarfile_to_samples(handler=skiplog.handler),
+        _ReadShards(_ShardReader(info, skiplog, verify)),
         _Shuffle(shuffle_buffer, seed, epoch, rank) if shuffle_buffer > 1 else None,
         wds.map(_Decode(transform, skiplog, train=True)),
         wds.batched(batch_size, collation_fn=_Collate(skiplog, tokenize, train=True), partial=True),
         _Finish(skiplog, batch_size, drop_last=True),
     )
-    counts = manifest_counts(urls)
+    counts = None if info is None else {u: e["samples"] for u, e in info.items()}
     if resampled:
         total = samples_per_epoch if samples_per_epoch is not None else sum((counts or {}).values())
         if total < 1:
@@ -521,31 +677,63 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
 
 def make_eval_loader(shards: Sequence[str], *, batch_size: int, transform: Callable, num_workers: int = 0,
                      rank: int | None = None, world_size: int | None = None,
-                     pin_memory: bool = False) -> Loader:
+                     pin_memory: bool = False, verify: bool = False) -> Loader:
     """Batches `{"image": [B,C,H,W], "text": list[str], "key": list[str], "meta": list[dict], "skipped"}`.
 
     Every sample exactly once across all ranks and workers, in the same order on every run: no shuffle, no
     resampling, no padding, the last batch of each worker may be short. Ranks may get different numbers of
     samples (gather with `all_gather_object`, not a fixed-size all_gather). rank/world_size default to
     RANK/WORLD_SIZE or torch.distributed.
+
+    After a full pass, `loader.lost` holds every manifest sample of this rank that is not in a batch, by
+    reason (checked: `loader.delivered + sum(loader.lost.values()) == loader.expected`). `verify=True`
+    checks each shard's sha256 against the manifest before reading it.
     """
     urls = _check_shards(shards)
     _check_batch_and_workers(batch_size, num_workers)
     rank, world_size = dist_info(rank, world_size)
     skiplog = _SkipLog()
+    info = _shard_info(urls, verify)
     pipeline = wds.DataPipeline(
-        _EvalSamples(urls, rank=rank, world_size=world_size, skiplog=skiplog),
+        _EvalSamples(urls, rank=rank, world_size=world_size, reader=_ShardReader(info, skiplog, verify)),
         wds.map(_Decode(transform, skiplog, train=False)),
         wds.batched(batch_size, collation_fn=_Collate(skiplog, None, train=False), partial=True),
         _Finish(skiplog, batch_size, drop_last=False),
     )
     workers = max(1, num_workers)
-    counts = manifest_counts(urls)
+    counts = None if info is None else {u: e["samples"] for u, e in info.items()}
     num_batches = _eval_num_batches(urls, counts, batch_size, rank, world_size, workers) if counts else None
+    expected = _eval_expected(urls, counts, rank, world_size, workers) if counts else None
     # Not capped: an eval epoch is whatever the shards hold (the count is for progress bars).
     return Loader(_webloader(pipeline, num_workers, pin_memory), epoch=SharedEpoch(0), num_batches=num_batches,
-                  batch_size=batch_size, readers=world_size * workers, cap=False)
+                  batch_size=batch_size, readers=world_size * workers, cap=False, expected=expected)
 
 
-__all__ = ["shard_paths", "split_samples", "read_manifest", "manifest_counts", "make_train_loader",
-           "make_eval_loader", "eval_assignment", "study_int64", "Loader", "SharedEpoch", "SKIP_REASONS"]
+def _eval_expected(urls: list[str], counts: dict[str, int], rank: int, world_size: int, workers: int) -> int:
+    """Samples `rank` reads in one eval pass, from the manifest counts."""
+    plan = eval_assignment(len(urls), world_size * workers)
+    return sum(len(range(offset, counts[urls[j]], stride))
+               for w in range(workers) for j, stride, offset in plan[rank * workers + w])
+
+
+def _shard_info(urls: list[str], verify: bool) -> dict[str, dict] | None:
+    """Per-shard manifest entries, or None (with a warning) when the shards have no manifest; `verify` needs one."""
+    info = manifest_shards(urls)
+    if info is None:
+        if verify:
+            raise RadalignError("verify=True needs the manifest.json of `radalign data prepare` two folders above "
+                                f"the shards (e.g. {urls[0]}); none lists them")
+        log.warning("no manifest lists these shards (e.g. %s): samples lost to a damaged shard cannot be "
+                    "counted, only the shard (bad_shard)", urls[0])
+        return None
+    if verify:
+        bad = [u for u, e in info.items() if not re.fullmatch(r"[0-9a-f]{64}", str(e.get("sha256")))]
+        if bad:
+            raise RadalignError(f"verify=True: the manifest has no sha256 for {len(bad)} shard(s), e.g. {bad[0]}; "
+                                f"re-run `radalign data prepare`, or pass verify=False")
+    return info
+
+
+__all__ = ["shard_paths", "split_samples", "read_manifest", "manifest_counts", "manifest_shards",
+           "manifest_problems", "make_train_loader", "make_eval_loader", "eval_assignment", "study_int64", "Loader",
+           "SharedEpoch", "SKIP_REASONS", "LOST_REASONS", "SHARD_REASONS", "BOOKKEEPING_REASONS"]

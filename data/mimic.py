@@ -53,13 +53,18 @@ def find_csv(root: str | os.PathLike, stem: str, what: str) -> Path:
                         f"{what} file there; --mimic-cxr must be the folder holding the CSVs and files/.")
 
 
-def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str = "") -> pd.DataFrame:
-    """Read a CSV as text (blanks stay ''), checking that `columns` exist; one error naming all missing ones."""
+def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str = "",
+                     encoding: str | None = None) -> pd.DataFrame:
+    """Read a CSV as text (blanks stay ''), checking that `columns` exist; one error naming all missing ones.
+
+    `encoding` None reads UTF-8; a file that is not says where and which `--encoding` decodes it."""
     path = Path(path)
     if not path.is_file():
         raise RadalignError(f"{path}: not found{f' (expected the {what})' if what else ''}")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[])
+        df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding=encoding or "utf-8")
+    except UnicodeDecodeError as e:
+        raise RadalignError(_encoding_error(path, encoding or "utf-8", e)) from None
     except (OSError, ValueError, EOFError, pd.errors.ParserError) as e:
         raise RadalignError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in columns if c not in df.columns]
@@ -71,6 +76,36 @@ def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str 
                             f"{' (' + '; '.join(hints) + ')' if hints else ''}; expected "
                             f"{', '.join(columns)}; found {', '.join(found)}")
     return df
+
+
+def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> str:
+    """Where the bytes stop being `encoding`, and the first of cp1252 / latin-1 that reads the whole file."""
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode(encoding)
+        where = f"byte {e.object[e.start:e.start + 1]!r}"
+    except UnicodeDecodeError as exact:
+        line = raw[:exact.start].count(b"\n") + 1
+        where = f"byte {raw[exact.start:exact.start + 1]!r} on line {line}"
+    works = next((enc for enc in ("cp1252", "latin-1") if enc != encoding and _decodes(raw, enc)), None)
+    if works is None:
+        fix = "pass --encoding NAME with the encoding it was written in"
+    else:
+        excel = ", as Excel on Windows writes" if works == "cp1252" else ""
+        fix = f"pass --encoding {works} (the file decodes as {works}{excel})"
+    return f"{path}: not {encoding} text ({where}); {fix}"
+
+
+def _decodes(raw: bytes, encoding: str) -> bool:
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def files_root(folder: str | os.PathLike, what: str) -> Path:

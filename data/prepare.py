@@ -39,6 +39,7 @@ from typing import Any, Optional
 
 from omegaconf import MISSING
 
+from data.images import DEFAULT_MAX_PIXELS, target_size
 from data.labels import CHEXPERT_LABELS, SPLITS
 from data.sections import SECTION_KEYS, TEXT_MODES
 from radalign import RadalignError
@@ -51,9 +52,9 @@ log = logging.getLogger("data.prepare")
 MANIFEST_FORMAT = "radalign-shards/1"  # the shard folder format; data.loader imports it from here
 STATE_FORMAT = "radalign-prepare-state/1"
 # `manifest["skipped"]` has exactly these keys (docs/architecture.md §1).
-SKIP_REASONS = ("missing_image", "unreadable_image", "missing_report", "empty_text", "filtered_view")
+SKIP_REASONS = ("missing_image", "unreadable_image", "oversized_image", "missing_report", "empty_text",
+                "filtered_view", "outside_root")
 LABEL_SOURCES = ("chexpert", "negbio")
-HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 @dataclass
@@ -84,6 +85,10 @@ class PrepareConfig:
     """prepare-csv: study id column (images of one study are positives of each other); None: the row key."""
     image_root: Optional[str] = None
     """prepare-csv: folder that relative image paths resolve against; None: the CSV's folder."""
+    allow_outside_root: bool = False
+    """prepare-csv: keep image paths outside image_root (absolute, or with ..); by default they are skipped (outside_root)."""
+    encoding: Optional[str] = None
+    """prepare-csv: text encoding of the CSV (None: UTF-8; e.g. cp1252 for Excel exports, latin-1)."""
     val_fraction: float = 0.1
     """prepare-csv without a split column: share of patients put in validate."""
     test_fraction: float = 0.1
@@ -92,6 +97,8 @@ class PrepareConfig:
     """Training text: 'findings+impression' (falls back to the last paragraph), 'impression' or 'findings'."""
     image_size: int = 512
     """Short side of the stored JPEG in pixels (aspect kept; smaller images are stored as they are)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest image (width x height) decoded; JPEGs above it are decoded at 1/2-1/8 scale, others skipped (oversized_image)."""
     shard_size: int = 1000
     """Samples per shard (the last shard of a split, and shards with skipped items, hold fewer)."""
     workers: int = 1
@@ -126,6 +133,16 @@ class PrepareConfig:
             problems.append(f"labels: {self.labels!r}; valid: {', '.join(LABEL_SOURCES)}")
         if not self.views or any(not str(v).strip() for v in self.views):
             problems.append(f"views: {list(self.views)} has an empty entry; give view names like PA,AP or 'all'")
+        if self.max_pixels < 1:
+            problems.append(f"max_pixels: {self.max_pixels}; must be at least 1 (default {DEFAULT_MAX_PIXELS})")
+        if self.encoding is not None:
+            import codecs
+
+            try:
+                codecs.lookup(self.encoding)
+            except LookupError:
+                problems.append(f"encoding: {self.encoding!r} is not a known text encoding; e.g. utf-8, cp1252, "
+                                f"latin-1")
         if self.image_size < 16:
             problems.append(f"image_size: {self.image_size} is too small; use at least 16 (default 512)")
         if self.shard_size < 1:
@@ -151,48 +168,15 @@ class PrepareConfig:
 # Images.
 
 
-def to_gray8(img):
-    """Any PIL image -> 8-bit grayscale ("L").
-
-    16-bit and float images are rescaled from their own min..max to 0..255 (clipping would turn a 12-bit
-    radiograph white); transparent pixels are composited onto black (the background of a radiograph).
-    """
-    import numpy as np
+def load_image(path: str | os.PathLike, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+    """Open (`data.images.open_image`: pixel limit, EXIF orientation, reduced JPEG decode), convert to 8-bit
+    grey and shrink the short side to `image_size`. Raises `data.images.OversizedImageError` above `max_pixels`."""
     from PIL import Image
 
-    if img.mode in HIGH_BIT_MODES:
-        arr = np.asarray(img, dtype=np.float64)  # [H, W]
-        lo, hi = float(arr.min()), float(arr.max())
-        scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.rint(scaled).astype(np.uint8))
-    if "A" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba)
-    return img if img.mode == "L" else img.convert("L")
+    from data.images import open_image, to_gray8
 
-
-def _target_size(width: int, height: int, short: int) -> tuple[int, int]:
-    """(w, h) with the short side `short` and the aspect kept; unchanged when already that small (no upscaling:
-    it adds no information and the loader's transform resizes to the model's input anyway)."""
-    if min(width, height) <= short:
-        return width, height
-    if width <= height:
-        return short, max(1, round(height * short / width))
-    return max(1, round(width * short / height)), short
-
-
-def load_image(path: str | os.PathLike, image_size: int):
-    """Open, apply EXIF orientation, convert to 8-bit grey and shrink the short side to `image_size`."""
-    from PIL import Image, ImageOps
-
-    with Image.open(path) as im:
-        size = _target_size(*im.size, image_size)
-        if im.format == "JPEG" and size != im.size:
-            # Decode at a reduced DCT scale (>= the target size): MIMIC JPEGs are ~2500x3000, this is ~4x faster.
-            im.draft("L", size)
-        im = ImageOps.exif_transpose(im)  # a loaded copy
-    im = to_gray8(im)
-    size = _target_size(*im.size, image_size)
+    im = to_gray8(open_image(path, max_pixels=max_pixels, short_side=image_size))
+    size = target_size(*im.size, image_size)
     if size != im.size:
         im = im.resize(size, Image.Resampling.LANCZOS)
     return im
@@ -244,7 +228,7 @@ def write_shard(task: dict) -> dict:
     plus sha256 and size of the tar. Never raises for bad items: they are skipped and reported. A shard whose
     items were all skipped leaves no tar behind.
     """
-    from radalign.io import atomic_path, sha256_file
+    from radalign.io import atomic_path, atomic_write_json, sha256_file
 
     final = Path(task["out"]) / task["path"]
     skipped: list[list[str]] = []
@@ -266,11 +250,14 @@ def write_shard(task: dict) -> dict:
         f.flush()
         os.fsync(f.fileno())
     result = {"path": task["path"], "samples": samples, "keys_sha256": task["keys_sha256"],
-              "skipped": skipped, "latin1": sorted(latin1)}
+              "options_sha256": task.get("options_sha256"), "skipped": skipped, "latin1": sorted(latin1)}
     if samples == 0:
         final.unlink()  # nothing to read; the state records the shard as done with no samples
     else:
         result.update(sha256=sha256_file(final), size=final.stat().st_size)
+    # The record survives even when the main process is interrupted before it saves prepare-state.json
+    # (Ctrl-C with several workers): the next run merges it (`_merge_records`).
+    atomic_write_json(_record_path(Path(task["out"]), task["path"]), result)
     return result
 
 
@@ -292,8 +279,13 @@ def _build_sample(rec: dict, task: dict, cache: dict) -> tuple[dict | None, str 
         return None, "missing_report", False
     if not text.strip():
         return None, "empty_text", used_latin1
+    from data.images import OversizedImageError
+
     try:
-        jpg = encode_jpeg(load_image(rec["image"], task["image_size"]), task["jpeg_quality"])
+        jpg = encode_jpeg(load_image(rec["image"], task["image_size"], task["max_pixels"]), task["jpeg_quality"])
+    except OversizedImageError as e:
+        log.debug("%s: %s", rec["key"], e)
+        return None, "oversized_image", used_latin1
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, struct.error, ...
         # for corrupt files; any of them means "this image is unreadable", never a reason to stop the run.
         log.debug("%s: unreadable image (%s: %s)", rec["key"], type(e).__name__, e)
@@ -367,6 +359,35 @@ def _state_path(out: Path) -> Path:
     return out / "prepare-state.json"
 
 
+def _record_path(out: Path, shard: str) -> Path:
+    """Where a worker records a finished shard (`train/shard-000003.tar` -> `train/.shard-000003.tar.done.json`)
+    until the main process has merged it into prepare-state.json."""
+    split, name = shard.split("/")
+    return out / split / f".{name}.done.json"
+
+
+def _merge_records(out: Path, state: dict, keep: bool = True) -> int:
+    """Fold the workers' shard records left by an interrupted run (same options only) into `state`; saves it,
+    then removes the records. Returns how many were merged. keep=False (--overwrite) only removes them."""
+    from radalign.io import atomic_write_json
+
+    files = [p for split in SPLITS if (out / split).is_dir() for p in (out / split).glob(".shard-*.tar.done.json")]
+    merged = 0
+    for file in files if keep else []:
+        try:
+            entry = json.loads(file.read_text(encoding="utf-8"))
+            if entry.get("options_sha256") == state["options_sha256"]:
+                state["shards"][str(entry["path"])] = entry
+                merged += 1
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            log.warning("%s: unreadable shard record; that shard is rewritten", file)
+    if merged:
+        atomic_write_json(_state_path(out), state)
+    for file in files:
+        file.unlink(missing_ok=True)
+    return merged
+
+
 def _load_state(out: Path, options: dict, overwrite: bool) -> dict:
     path = _state_path(out)
     fresh = {"format": STATE_FORMAT, "options": options, "shards": {}}
@@ -377,23 +398,49 @@ def _load_state(out: Path, options: dict, overwrite: bool) -> dict:
     except (OSError, json.JSONDecodeError) as e:
         log.warning("%s: unreadable (%s); rewriting every shard", path, e)
         return fresh
-    if state.get("format") != STATE_FORMAT:
+    if state.get("format") != STATE_FORMAT or not isinstance(state.get("shards"), dict):
         return fresh
-    if state.get("options") != options:
-        old = state.get("options", {})
+    # Options added in later versions are absent from older states: read them as their defaults.
+    old = dict(state.get("options") or {})
+    defaults = _default_options()
+    old.update({k: defaults[k] for k in options if k not in old and k in defaults})
+    if old != options:
         diff = [f"{k}: {old.get(k)!r} -> {options.get(k)!r}" for k in options if old.get(k) != options.get(k)]
         raise RadalignError(f"{out} holds shards prepared with other options ({'; '.join(diff)}). "
                             f"Use another --out, or pass --overwrite to rewrite them.")
+    state["options"] = options
     return state
 
 
+def _default_options() -> dict:
+    from dataclasses import MISSING as NO_DEFAULT
+    from dataclasses import fields
+
+    out = {}
+    for f in fields(PrepareConfig):
+        if f.default is not NO_DEFAULT:
+            out[f.name] = f.default
+        elif f.default_factory is not NO_DEFAULT:
+            out[f.name] = f.default_factory()
+    return out
+
+
 def _is_done(out: Path, entry: dict | None, keys_sha: str) -> bool:
+    """A recorded shard is reused only when the plan gives it the same keys and its tar has the recorded size
+    and sha256 (a damaged or replaced tar of the same size is rewritten)."""
+    from radalign.io import sha256_file
+
     if not entry or entry.get("keys_sha256") != keys_sha:
         return False
     if entry["samples"] == 0:
         return True
     tar = out / entry["path"]
-    return tar.is_file() and tar.stat().st_size == entry.get("size")
+    if not (tar.is_file() and tar.stat().st_size == entry.get("size")):
+        return False
+    if sha256_file(tar) != entry.get("sha256"):
+        log.warning("%s: content differs from its record (sha256); rewriting it", tar)
+        return False
+    return True
 
 
 def _remove_strays(out: Path, planned: set[str]) -> None:
@@ -413,42 +460,69 @@ def _remove_strays(out: Path, planned: set[str]) -> None:
 
 
 def prepare(cfg: PrepareConfig, *, overwrite: bool = False, progress: bool = True) -> dict:
-    """Write (or finish writing) the shards of `cfg` and return the manifest (also saved as OUT/manifest.json)."""
+    """Write (or finish writing) the shards of `cfg` and return the manifest (also saved as OUT/manifest.json).
+
+    Holds `radalign.lock.output_lock(OUT)` throughout: a second prepare into the same folder is refused."""
+    from radalign.lock import output_lock
+
+    get_logger("data.prepare")  # stderr handler on rank 0
+    out = Path(cfg.out)
+    with output_lock(out, what="--out"):
+        _check_writable(out)
+        return _prepare_locked(cfg, out, overwrite, progress)
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RadalignError(f"--out {out}: cannot write there ({e.strerror or e}); choose a writable folder") from None
+
+
+def _prepare_locked(cfg: PrepareConfig, out: Path, overwrite: bool, progress: bool) -> dict:
     from tqdm.auto import tqdm
 
     from radalign.io import atomic_write_json
 
-    get_logger("data.prepare")  # stderr handler on rank 0
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     options = options_of(cfg)
     state = _load_state(out, options, overwrite)
+    state["options_sha256"] = _options_sha(options)
+    merged = _merge_records(out, state, keep=not overwrite)
     frame, set_aside, notes = plan(cfg)
     slices = shard_slices(frame, cfg.shard_size)
     done = {path for path, _, _, keys_sha in slices if _is_done(out, state["shards"].get(path), keys_sha)}
     state["shards"] = {p: e for p, e in state["shards"].items() if p in done}
+    atomic_write_json(_state_path(out), state)  # the options are on record before any shard is written
     _remove_strays(out, done)
     todo = [s for s in slices if s[0] not in done]
     sizes = {path: end - start for path, start, end, _ in slices}
 
     _log_set_aside(set_aside, cfg)
-    log.info("%d images in %d shards (%d complete, %d to write) -> %s", len(frame), len(slices), len(done),
-             len(todo), out)
+    log.info("%d images in %d shards (%d complete%s, %d to write) -> %s", len(frame), len(slices), len(done),
+             f", {merged} recovered from worker records" if merged else "", len(todo), out)
     with tqdm(total=sum(sizes[t[0]] for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
-        for result in _run_tasks(_tasks(frame, todo, cfg), cfg.workers):
+        for result in _run_tasks(_tasks(frame, todo, cfg, state["options_sha256"]), cfg.workers):
             for reason, key in result["skipped"]:
                 log.warning("skipped %s: %s", reason, key)
             state["shards"][result["path"]] = result
             atomic_write_json(_state_path(out), state)  # this shard now survives an interruption
+            _record_path(out, result["path"]).unlink(missing_ok=True)  # now in the state
             bar.update(sizes[result["path"]])
     return _finish(out, cfg, state, slices, set_aside, notes)
 
 
-def _tasks(frame, todo, cfg: PrepareConfig):
+def _options_sha(options: dict) -> str:
+    return hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _tasks(frame, todo, cfg: PrepareConfig, options_sha: str):
     """One task per shard, built lazily (only the shards in flight hold their records)."""
     for path, start, end, keys_sha in todo:
-        yield {"out": str(Path(cfg.out)), "path": path, "keys_sha256": keys_sha, "text": cfg.text,
-               "image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality,
+        yield {"out": str(Path(cfg.out)), "path": path, "keys_sha256": keys_sha, "options_sha256": options_sha,
+               "text": cfg.text,
+               "image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality, "max_pixels": cfg.max_pixels,
                "records": frame.iloc[start:end].to_dict("records")}
 
 
@@ -502,7 +576,9 @@ def _finish(out: Path, cfg: PrepareConfig, state: dict, slices, set_aside, notes
             split = splits[path.split("/")[0]]
             split["samples"] += entry["samples"]
             split["shards"].append({"path": path, "samples": entry["samples"], "sha256": entry["sha256"]})
-    skipped["filtered_view"] += sum(reason == "filtered_view" for reason, _ in set_aside)
+    for reason, _ in set_aside:  # filtered_view, outside_root (no_split is a note, listed in skipped.csv)
+        if reason in skipped:
+            skipped[reason] += 1
     atomic_write_text(out / "skipped.csv", "reason,id\n" + "".join(r + "\n" for r in rows))
     manifest = {
         "format": MANIFEST_FORMAT,

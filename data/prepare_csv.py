@@ -7,6 +7,7 @@ readable, and free of the `.` and `/` that webdataset would read as an extension
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from collections import Counter
 from pathlib import Path
@@ -56,16 +57,25 @@ def _norm(name: str) -> str:
 
 
 def csv_records(cfg) -> tuple[pd.DataFrame, list[tuple[str, str]], Counter]:
-    """(frame, set_aside, notes) for a `PrepareConfig` with `csv` set; columns as `mimic.mimic_records`."""
+    """(frame, set_aside, notes) for a `PrepareConfig` with `csv` set; columns as `mimic.mimic_records`.
+
+    Rows whose image path lies outside the image root (absolute elsewhere, or climbing out with `..`) are set
+    aside as `outside_root` unless `cfg.allow_outside_root`."""
     path = Path(cfg.csv)
     wanted = [cfg.image_col, *cfg.text_col, *(c for c in (cfg.split_col, cfg.patient_col, cfg.study_col) if c)]
-    df = read_csv_checked(path, list(dict.fromkeys(wanted)), "CSV given to --csv")
+    df = read_csv_checked(path, list(dict.fromkeys(wanted)), "CSV given to --csv",
+                          encoding=getattr(cfg, "encoding", None))
+    if df.empty:
+        raise RadalignError(f"{path}: a header ({', '.join(map(str, df.columns))}) but no data rows; "
+                            f"point --csv at the table with one row per image")
     label_map = resolve_label_cols(cfg.label_cols, list(df.columns), path)
     root = Path(cfg.image_root) if cfg.image_root else path.resolve().parent
     notes: Counter = Counter()
 
     images = df[cfg.image_col].str.strip()
     keys = [row_key(i, im) for i, im in enumerate(images)]
+    outside = [bool(im) and not getattr(cfg, "allow_outside_root", False) and not inside_root(root, im)
+               for im in images]
     texts = [" ".join(t for t in (clean(row) for row in cells) if t)
              for cells in zip(*(df[c] for c in cfg.text_col))]
     patients = _ids(df, cfg.patient_col, keys, notes, "no_patient")
@@ -86,7 +96,24 @@ def csv_records(cfg) -> tuple[pd.DataFrame, list[tuple[str, str]], Counter]:
             notes["bad_label_values"] += bad
         else:
             frame[name] = float("nan")
-    return frame, [], notes
+    set_aside = [("outside_root", k) for k, out in zip(keys, outside) if out]
+    if set_aside and len(set_aside) == len(frame):
+        first = images[outside.index(True)]
+        raise RadalignError(f"{path}: every image path ({len(frame)}) lies outside the image root {root} "
+                            f"(e.g. {first!r}); pass --image-root DIR (the folder they live in), or "
+                            f"--allow-outside-root to read them where they are")
+    return frame[[not o for o in outside]].reset_index(drop=True), set_aside, notes
+
+
+def inside_root(root: Path, image: str) -> bool:
+    """Whether `image` (relative to `root`, or absolute) names a file under `root`, by path alone: `..` is
+    resolved lexically, symlinks inside the root are trusted (the root's owner put them there)."""
+    base = os.path.abspath(root)
+    target = os.path.abspath(os.path.join(base, image))
+    try:
+        return os.path.commonpath([base, target]) == base
+    except ValueError:  # different drives (Windows)
+        return False
 
 
 def _ids(df: pd.DataFrame, col: str | None, keys: list[str], notes: Counter, note: str) -> list[str]:

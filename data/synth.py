@@ -23,7 +23,7 @@ import math
 import multiprocessing as mp
 import shutil
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -50,12 +50,16 @@ LABEL_COLUMNS = ["subject_id", "study_id", *MIMIC_LABEL_ORDER]
 CHEXPERT_FORMAT_COLUMNS = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
 SIDED = ("Pleural Effusion", "Pneumothorax", "Consolidation", "Pneumonia", "Atelectasis", "Pleural Other",
          "Fracture", "Lung Lesion")
+SEVERITY_SHOWN = ("Cardiomegaly", "Enlarged Cardiomediastinum", "Pleural Effusion", "Pneumothorax", "Lung Lesion",
+                  "Fracture")                     # findings whose drawn extent follows their severity
 GROUND_TRUTH_COLUMNS = ["dicom_id", "study_id", "subject_id", "view", *CHEXPERT_LABELS,
-                        *[f"{n} side" for n in SIDED], "devices"]
+                        *[f"{n} side" for n in SIDED], "devices", *[f"{n} severity" for n in SEVERITY_SHOWN]]
+LINKAGE_CASE_COLUMNS = ["case", "subject_id", "study_id", "hadm_id", "labevent_id", "itemid", "eligible"]
 PATHOLOGIES = tuple(n for n in CHEXPERT_LABELS if n not in ("No Finding", "Support Devices"))
 VIEW_CODE = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 MARKER = "synth.json"
+GENERATOR_VERSION = 2                                 # bump when the same arguments give different data
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Study:
     exam: str
     views: list[tuple[str, str]]                      # (ViewPosition as written, view actually drawn)
     study_id: int = 0
+    case: str = ""                                    # a linkage case this study plants (linkage_cases.csv.gz)
+    hadm: int | None = None                           # the admission it was taken in (local index, then id)
 
 
 @dataclass
@@ -79,8 +85,9 @@ class PatientRecord:
     row: dict                                         # patients.csv.gz row (subject_id filled in later)
     studies: list[Study]
     admissions: list[dict]                            # hadm_id holds a local index until ids are assigned
-    labs: list[dict]
+    labs: list[dict]                                  # planted cases carry "_case", "_study" (a local index)
     fewer_labs: bool
+    stays: list[dict] = field(default_factory=list)   # icustays rows (+ "_vitals" arrays), local hadm index
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -121,14 +128,15 @@ def _sample_findings(rng, *, z: float, age: int, chronic: dict, portable: bool, 
              "Lung Lesion": chronic["lesion_side"]}
     sides["Consolidation"] = sides["Pneumonia"] = _side(rng)
     severity = {n: int(rng.choice([1, 1, 2, 2, 3])) for n in CHEXPERT_LABELS}
+    severity["Lung Lesion"] = chronic["lesion_burden"]           # nodules drawn: 1, 2, or 3 (3 = with a mass)
     sides = {k: v for k, v in sides.items() if f[k]}
     severity = {k: v for k, v in severity.items() if f[k]}
     return f, sides, severity
 
 
-def _devices(rng, *, z: float, inpatient: bool, chronic: dict) -> tuple[str, ...]:
+def _devices(rng, *, z: float, resp: float, inpatient: bool, chronic: dict) -> tuple[str, ...]:
     out = []
-    if inpatient and rng.random() < _sigmoid(-3.2 + 1.5 * z):
+    if inpatient and rng.random() < _sigmoid(-3.6 + 0.9 * z + 1.6 * resp):     # intubated for respiratory failure
         out.append("ett")
         if rng.random() < 0.7:
             out.append("ng")
@@ -174,90 +182,185 @@ def _patient(seed: int, index: int, difficulty: float) -> PatientRecord:
             "marital_status": str(rng.choice(ehr.MARITAL)), "race": str(rng.choice(ehr.RACE))}
     chronic = {"card": int(rng.random() < _sigmoid(-1.6 + 0.04 * (anchor_age - 65) + 0.5 * frailty)),
                "lesion": int(rng.random() < 0.035), "lesion_side": _side(rng),
+               "lesion_burden": 1 + int(rng.random() < 0.35) + int(rng.random() < 0.25),
                "fracture": int(rng.random() < 0.025), "fracture_side": _side(rng),
                "pleural_other": int(rng.random() < 0.015), "pleural_side": _side(rng),
                "pacemaker": int(rng.random() < 0.02 + 0.04 * (anchor_age > 70)),
                "sternal": int(rng.random() < 0.04)}
-    t = datetime(anchor_year, 1, 1) + timedelta(days=float(rng.uniform(0, 730)))
-    studies: list[Study] = []
-    admissions: list[dict] = []
-    labs: list[dict] = []
+    end = datetime(anchor_year, 1, 1) + timedelta(days=float(rng.uniform(0, 730)))
+    rec = PatientRecord({}, [], [], [], fewer_labs)
+    dod = ""
     for _ in range(1 + int(rng.poisson(0.55 + 0.35 * max(frailty, 0)))):
-        t += timedelta(days=float(rng.exponential(150)), hours=float(rng.uniform(0, 24)))
-        t = t.replace(microsecond=0)
+        t = end + timedelta(days=float(rng.exponential(150)), hours=float(rng.uniform(0, 24)))
+        t = t.replace(microsecond=0)                  # encounters never overlap: each starts after the last ends
         z = 0.8 * frailty + float(rng.normal(0, 0.9))
         inpatient = rng.random() < _sigmoid(-0.2 + 1.3 * z)
         kind = "inpatient" if inpatient else ("ed" if rng.random() < 0.5 else "outpatient")
-        _encounter(rng, kind, t, z, anchor_age + (t.year - anchor_year), sex, chronic, demo, fewer_labs,
-                   studies, admissions, labs)
-    if admissions and admissions[-1]["hospital_expire_flag"]:
-        dod = admissions[-1]["dischtime"][:10]
-    elif rng.random() < _sigmoid(-3.5 + 0.06 * (anchor_age - 65) + 0.8 * frailty):
-        dod = (t + timedelta(days=float(rng.uniform(30, 700)))).strftime("%Y-%m-%d")
-    else:
-        dod = ""
-    row = {"gender": sex, "anchor_age": anchor_age, "anchor_year": anchor_year,
-           "anchor_year_group": str(rng.choice(ehr.YEAR_GROUPS)), "dod": dod}
-    return PatientRecord(row, studies, admissions, labs, fewer_labs)
+        enc = _Encounter(rng, rec, t, z, anchor_age + (t.year - anchor_year), sex)
+        dod, end = _encounter(enc, kind, chronic, demo)
+        if dod:
+            break                                     # nothing happens after death
+    if not dod and rng.random() < _sigmoid(-3.5 + 0.06 * (anchor_age - 65) + 0.8 * frailty):
+        dod = (end + timedelta(days=float(rng.uniform(32, 700)))).strftime("%Y-%m-%d")
+    rec.row = {"gender": sex, "anchor_age": anchor_age, "anchor_year": anchor_year,
+               "anchor_year_group": str(rng.choice(ehr.YEAR_GROUPS)), "dod": dod}
+    return rec
 
 
-def _encounter(rng, kind, t, z, age, sex, chronic, demo, fewer, studies, admissions, labs) -> None:
-    """One outpatient visit, ED visit or admission with its studies, labs and (for admissions) outcome."""
-    devices = _devices(rng, z=z, inpatient=kind == "inpatient", chronic=chronic)
-    portable_p = {"inpatient": _sigmoid(-1.2 + 1.4 * z + 2.0 * ("ett" in devices)), "ed": 0.2, "outpatient": 0.03}
+@dataclass
+class _Encounter:
+    """What one encounter's helpers share (filled in by `_encounter`)."""
+
+    rng: np.random.Generator
+    rec: PatientRecord
+    t: datetime                                       # the first film's time (whole seconds)
+    z: float
+    age: int
+    sex: str
+    findings: dict = field(default_factory=dict)
+    sides: dict = field(default_factory=dict)
+    severity: dict = field(default_factory=dict)
+    devices: tuple[str, ...] = ()
+    phys: ehr.Physiology | None = None
+
+    @property
+    def first(self) -> int:
+        """Local index of the encounter's first study."""
+        return len(self.rec.studies)
+
+
+def _encounter(e: _Encounter, kind: str, chronic: dict, demo: dict) -> tuple[str, datetime]:
+    """One outpatient visit, ED visit or admission with its studies and labs; returns (dod or "", its end)."""
+    rng = e.rng
+    latent = ehr.Latent.sample(rng)
+    e.devices = _devices(rng, z=e.z, resp=latent.resp, inpatient=kind == "inpatient", chronic=chronic)
+    portable_p = {"inpatient": _sigmoid(-1.2 + 1.4 * e.z + 2.0 * ("ett" in e.devices)), "ed": 0.2,
+                  "outpatient": 0.03}
     portable = bool(rng.random() < portable_p[kind])
-    findings, sides, severity = _sample_findings(rng, z=z, age=age, chronic=chronic, portable=portable,
-                                                 devices=devices)
-    phys = ehr.Physiology.sample(rng, z=z, age=age, female=sex == "F", truth=findings)
-    hadm: int | None = None
-    study_times = [t]
-    priority = "ROUTINE" if kind == "outpatient" else "STAT"
+    e.findings, e.sides, e.severity = _sample_findings(rng, z=e.z, age=e.age, chronic=chronic, portable=portable,
+                                                       devices=e.devices)
+    e.phys = ehr.Physiology.sample(rng, z=e.z, age=e.age, female=e.sex == "F", truth=e.findings, latent=latent)
     if kind == "inpatient":
-        los, died = ehr.outcome(rng, z=z, age=age, truth=findings, phys=phys)
-        edreg = (t - timedelta(hours=float(rng.uniform(0.5, 3)))).replace(second=0)
-        admit = (t + timedelta(hours=float(rng.uniform(1, 8)))).replace(second=0)
-        disch = (admit + timedelta(days=los)).replace(second=0)
-        hadm = len(admissions)
-        via_ed = rng.random() < 0.85
-        admissions.append({
-            "hadm_id": hadm, "admittime": ehr.fmt_time(admit), "dischtime": ehr.fmt_time(disch),
-            "deathtime": ehr.fmt_time(disch) if died else "",
-            "admission_type": str(rng.choice(ehr.ADMISSION_TYPES)), "admit_provider_id": ehr.provider_id(rng),
-            "admission_location": "EMERGENCY ROOM" if via_ed else str(rng.choice(
-                ["TRANSFER FROM HOSPITAL", "PHYSICIAN REFERRAL", "CLINIC REFERRAL"])),
-            "discharge_location": "DIED" if died else str(rng.choice(ehr.DISCHARGE)), **demo,
-            "edregtime": ehr.fmt_time(edreg) if via_ed else "", "edouttime": ehr.fmt_time(admit) if via_ed else "",
-            "hospital_expire_flag": int(died)})
-        n_more = min(int(rng.poisson(0.35 + 0.5 * max(z, 0))), int(los))
-        study_times += sorted(admit + timedelta(days=float(rng.uniform(0.3, los))) for _ in range(n_more))
-        # Labs: ED draw before admission (no hadm_id yet), then daily in hospital, some follow-up after.
-        if rng.random() < (0.6 if fewer else 0.9):
-            labs += _draws(rng, t - timedelta(hours=float(rng.uniform(0, 2))), None, phys, priority, findings, z, fewer)
-        for d in range(min(int(los) + 1, 12)):
-            when = admit + timedelta(days=d, hours=float(rng.uniform(0.5, 10)))
-            if when < disch and rng.random() < (0.5 if fewer else 0.8):
-                labs += _draws(rng, when, hadm, phys, priority, findings, z, fewer, first=False)
-        if rng.random() < 0.2:
-            labs += _draws(rng, disch + timedelta(days=float(rng.uniform(7, 30))), None, phys, "ROUTINE",
-                           findings, z, fewer)
+        times, hadm, dod, end = _admission(e, demo)
     else:
-        p_labs = {"ed": 0.75, "outpatient": 0.25}[kind] * (0.6 if fewer else 1.0)
-        if rng.random() < p_labs:
-            when = t + timedelta(days=float(rng.uniform(-10, 10)) if kind == "outpatient" else 0,
-                                 hours=float(rng.uniform(-2, 2)))
-            labs += _draws(rng, when, None, phys, priority, findings, z, fewer)
-    for i, when in enumerate(study_times):
+        times, hadm, dod, end = [e.t], None, _visit(e, kind), e.t
+    findings, sides, severity = e.findings, e.sides, e.severity
+    for i, when in enumerate(times):
         if i:                                         # findings evolve between studies of one admission
-            findings, sides, severity = _evolve(rng, findings, sides, severity, z, age, chronic, portable, devices)
+            findings, sides, severity = _evolve(rng, findings, sides, severity, e.z, e.age, chronic, portable,
+                                                e.devices)
         exam, views = _views(rng, portable)
-        studies.append(Study(subject_id=0, when=when.replace(microsecond=int(rng.integers(0, 1000)) * 1000),
-                             age=age, sex=sex, findings=findings, sides=sides, severity=severity,
-                             devices=devices, portable=portable, exam=exam, views=views))
+        case = "ed_film_before_admittime" if i == 0 and hadm is not None and \
+            e.rec.admissions[hadm]["edregtime"] else ""
+        e.rec.studies.append(Study(subject_id=0, when=when.replace(microsecond=int(rng.integers(0, 1000)) * 1000),
+                                   age=e.age, sex=e.sex, findings=findings, sides=sides, severity=severity,
+                                   devices=e.devices, portable=portable, exam=exam, views=views, case=case,
+                                   hadm=hadm))
+    return dod, end
 
 
-def _draws(rng, when, hadm, phys, priority, findings, z, fewer, first=True) -> list[dict]:
-    return ehr.draw_labs(rng, subject_id=0, hadm=hadm, when=when.replace(second=0, microsecond=0), phys=phys,
-                         priority=priority, first=first, truth=findings, z=z, fewer=fewer)
+def _admission(e: _Encounter, demo: dict) -> tuple[list[datetime], int, str, datetime]:
+    """An admission (via the ED 85%: its first film is taken before admittime), its ICU stay, labs, outcome."""
+    rng, t, labs, fewer = e.rng, e.t, e.rec.labs, e.rec.fewer_labs
+    out = ehr.outcome(rng, z=e.z, age=e.age, truth=e.findings, severity=e.severity, sides=e.sides,
+                      devices=e.devices, phys=e.phys)
+    via_ed = rng.random() < 0.85
+    edreg = (t - timedelta(hours=float(rng.uniform(0.5, 3)))).replace(second=0)
+    if via_ed:                                        # edregtime < first film < admittime
+        admit = (t + timedelta(hours=float(rng.uniform(1, 8)))).replace(second=0)
+    else:                                             # direct admission: the first film after arrival
+        admit = (t - timedelta(hours=float(rng.uniform(0.5, 6)))).replace(second=0)
+    disch = (admit + timedelta(days=out.los_days)).replace(second=0)
+    hadm = len(e.rec.admissions)
+    e.rec.admissions.append({
+        "hadm_id": hadm, "admittime": ehr.fmt_time(admit), "dischtime": ehr.fmt_time(disch),
+        "deathtime": ehr.fmt_time(disch) if out.died else "",
+        "admission_type": str(rng.choice(ehr.ADMISSION_TYPES)), "admit_provider_id": ehr.provider_id(rng),
+        "admission_location": "EMERGENCY ROOM" if via_ed else str(rng.choice(
+            ["TRANSFER FROM HOSPITAL", "PHYSICIAN REFERRAL", "CLINIC REFERRAL"])),
+        "discharge_location": "DIED" if out.died else str(rng.choice(ehr.DISCHARGE)), **demo,
+        "edregtime": ehr.fmt_time(edreg) if via_ed else "", "edouttime": ehr.fmt_time(admit) if via_ed else "",
+        "hospital_expire_flag": int(out.died)})
+    stay = ehr.icu_stay(rng, hadm=hadm, admit=admit, disch=disch, z=e.z, phys=e.phys, devices=e.devices,
+                        died=out.died, truth=e.findings)
+    if stay is not None:
+        e.rec.stays.append(stay)
+    los = out.los_days
+    n_more = min(int(rng.poisson(0.35 + 0.5 * max(e.z, 0) + 0.8 * (stay is not None))), int(los))
+    times = [t] + sorted(admit + timedelta(days=float(rng.uniform(0.3, los))) for _ in range(n_more))
+    # Labs: ED draw before admission (no hadm_id yet) or admission bloods, then daily, some follow-up after.
+    if rng.random() < (0.6 if fewer else 0.9):
+        if via_ed:
+            draw = _draws(e, t - timedelta(hours=float(rng.uniform(0.05, 3))), None, "STAT")
+            _plant_result_time(rng, draw, t, e.first)
+        else:
+            draw = _draws(e, admit + timedelta(minutes=float(rng.uniform(5, 40))), hadm, "STAT")
+        labs += draw
+    for d in range(min(int(los) + 1, 12)):
+        when = admit + timedelta(days=d, hours=float(rng.uniform(0.5, 10)))
+        if when < disch and rng.random() < (0.5 if fewer else 0.8):
+            labs += _draws(e, when, hadm, "STAT", first=False)
+    if out.died:
+        return times, hadm, disch.strftime("%Y-%m-%d"), disch
+    if out.died_after:                                # died at home or in hospice within 30 days
+        return times, hadm, (disch + timedelta(days=float(rng.uniform(0.5, 25)))).strftime("%Y-%m-%d"), disch
+    if rng.random() < 0.2:
+        labs += _draws(e, disch + timedelta(days=float(rng.uniform(7, 30))), None, "ROUTINE")
+    return times, hadm, "", disch
+
+
+def _visit(e: _Encounter, kind: str) -> str:
+    """An ED or outpatient visit's labs (hadm_id blank) and whether the patient died within 30 days."""
+    rng, t, fewer = e.rng, e.t, e.rec.fewer_labs
+    p_labs = {"ed": 0.75, "outpatient": 0.35}[kind] * (0.6 if fewer else 1.0)
+    r = rng.random()
+    if kind == "outpatient" and r < 0.15:
+        # A clinic draw the day before the film, one minute inside or outside the 24 h window before it.
+        inside = rng.random() < 0.5
+        when = t - timedelta(hours=24) + timedelta(minutes=1 if inside else -1)
+        draw = _draws(e, when, None, "ROUTINE")
+        _mark(draw, "window_inside" if inside else "window_outside", e.first, inside)
+        e.rec.labs += draw
+    elif kind == "outpatient" and r < 0.15 + p_labs:
+        if rng.random() < 0.5:                        # drawn at the clinic the same day, before the film
+            draw = _draws(e, t - timedelta(hours=float(rng.uniform(0.5, 6))), None, "ROUTINE")
+            for row in draw:
+                _mark([row], "outpatient_draw", e.first, bool(row["storetime"] <= ehr.fmt_time(t)))
+        else:
+            draw = _draws(e, t + timedelta(days=float(rng.uniform(-10, 10)), hours=float(rng.uniform(-2, 2))),
+                          None, "ROUTINE")
+        e.rec.labs += draw
+    elif kind == "ed" and r < p_labs:
+        when = t + timedelta(hours=float(rng.uniform(-2, 2)))
+        draw = _draws(e, when, None, "STAT")
+        if when <= t - timedelta(minutes=3):
+            _plant_result_time(rng, draw, t, e.first)
+        e.rec.labs += draw
+    if ehr.visit_death(rng, z=e.z, age=e.age, truth=e.findings, severity=e.severity):
+        return (t + timedelta(days=float(rng.uniform(1, 30)))).strftime("%Y-%m-%d")
+    return ""
+
+
+def _plant_result_time(rng, draw: list[dict], t: datetime, study: int) -> None:
+    """On 20% of draws taken before a film: results stored one minute after it (unusable) or before it."""
+    r = rng.random()
+    if not draw or r >= 0.2:
+        return
+    after = r < 0.1
+    stored = ehr.fmt_time(t + timedelta(minutes=1 if after else -1))
+    for row in draw:
+        row["storetime"] = stored
+    _mark(draw, "resulted_after_film" if after else "resulted_before_film", study, not after)
+
+
+def _mark(draw: list[dict], case: str, study: int, eligible: bool) -> None:
+    for row in draw:
+        row.update(_case=case, _study=study, _eligible=int(eligible))
+
+
+def _draws(e: _Encounter, when: datetime, hadm: int | None, priority: str, first: bool = True) -> list[dict]:
+    return ehr.draw_labs(e.rng, subject_id=0, hadm=hadm, when=when.replace(second=0, microsecond=0), phys=e.phys,
+                         priority=priority, first=first, truth=e.findings, z=e.z, fewer=e.rec.fewer_labs)
 
 
 def _evolve(rng, findings, sides, severity, z, age, chronic, portable, devices):
@@ -397,8 +500,13 @@ def _prepare_out(out: Path) -> None:
 
 
 def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int = 256,
-               difficulty: float = 0.3, workers: int = 1, progress: bool = True) -> dict:
-    """Write the synthetic MIMIC stand-in under `out_dir`; returns counts and the paths written."""
+               difficulty: float = 0.3, workers: int = 1, progress: bool = True, images: bool = True,
+               icu: bool = True) -> dict:
+    """Write the synthetic MIMIC stand-in under `out_dir`; returns counts and the paths written.
+
+    `images=False` writes every table and report but no JPEG (the EHR cohort and the truth table need no
+    pixels; the tables are byte-identical to a run with images). `icu=False` leaves out `mimic-iv/icu`.
+    """
     problems = _check_args(patients, seed, image_size, difficulty, workers)
     if problems:
         raise RadalignError("data synth: " + "; ".join(problems))
@@ -416,6 +524,9 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
     hadm_ids = _unique_ids(ids_rng, n_adm, 20_000_000, 30_000_000)
     split_of = _split_patients(ids_rng, patients)
     _assign_hadm(records, hadm_ids)
+    extra_rng = np.random.default_rng([seed, 4])                              # ids added in generator v2
+    _assign_stays(records, _unique_ids(extra_rng, sum(len(r.stays) for r in records), 30_000_000, 40_000_000))
+    absent_patients = _absent_patients(extra_rng, patients)
     latin1 = set(ids_rng.choice(len(studies), size=max(1, round(0.01 * len(studies))), replace=False).tolist())
     absent = set(ids_rng.choice(len(studies), size=max(1, round(0.01 * len(studies))), replace=False).tolist()) \
         if len(studies) >= 3 else set()
@@ -457,28 +568,38 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
                 tasks.append((jpg_root / jpg_rel, spec, image_size, difficulty, seed, len(tasks)))
                 gt_rows.append({"dicom_id": dicom, "study_id": s.study_id, "subject_id": subject, "view": drawn,
                                 **s.findings, **{f"{n} side": s.sides.get(n, "") for n in SIDED},
-                                "devices": ";".join(s.devices)})
+                                "devices": ";".join(s.devices),
+                                **{f"{n} severity": s.severity.get(n, "") for n in SEVERITY_SHOWN}})
                 label_rows.append({"Path": f"mimic-cxr-jpg/{jpg_rel.as_posix()}",
                                    "Sex": "Male" if s.sex == "M" else "Female", "Age": s.age,
                                    "Frontal/Lateral": "Lateral" if drawn == "LATERAL" else "Frontal",
                                    "AP/PA": vp if vp in ("AP", "PA", "LL") else "",
                                    **(labels["chexpert"] if k - 1 not in absent else {})})
-        for row in (*rec.admissions, *rec.labs):
+        for row in (*rec.admissions, *rec.labs, *rec.stays):
             row["subject_id"] = subject
+        for lab in rec.labs:
+            if "_study" in lab:
+                lab["_study_id"] = rec.studies[lab["_study"]].study_id
+        if p in absent_patients:
+            _drop_from_hosp(rec)
 
-    bytes_written = _write_images(tasks, workers, progress)
-    paths = _write_tables(out, records, meta, split_rows, cx_rows, gt_rows, label_rows)
+    bytes_written = _write_images(tasks, workers, progress) if images else 0
+    paths, counts = _write_tables(out, records, meta, split_rows, cx_rows, gt_rows, label_rows, icu=icu)
     summary = {
-        "patients": patients, "studies": len(studies), "images": len(tasks), "reports": len(studies),
-        "lab_rows": sum(len(r.labs) for r in records), "admissions": n_adm,
+        "patients": patients, "studies": len(studies), "images": len(tasks) if images else 0,
+        "reports": len(studies), "lab_rows": sum(len(r.labs) for r in records), "admissions": n_adm,
         "studies_without_admission": sum(1 for r in records for s in r.studies if not _in_admission(s, r)),
         "studies_absent_from_label_files": len(absent), "latin1_reports": len(latin1),
+        "subjects_absent_from_patients": len(absent_patients), **counts,
         "report_styles": dict(sorted(styles.items())), "image_bytes": bytes_written,
-        "args": {"patients": patients, "seed": seed, "image_size": image_size, "difficulty": difficulty},
+        "generator_version": GENERATOR_VERSION,
+        "args": {"patients": patients, "seed": seed, "image_size": image_size, "difficulty": difficulty,
+                 "images": bool(images), "icu": bool(icu)},
         "paths": {**paths, "images": str(jpg_root / "files"), "reports": str(rep_root / "files")},
     }
     atomic_write_json(out / MARKER, summary)
-    log.info(f"wrote {summary['images']} images, {summary['studies']} reports, {summary['lab_rows']} lab rows "
+    log.info(f"wrote {summary['images']} images, {summary['studies']} reports, {summary['lab_rows']} lab rows, "
+             f"{counts.get('chartevents_rows', 0)} chartevents rows "
              f"for {patients} patients under {out}")
     return summary
 
@@ -494,9 +615,43 @@ def _assign_hadm(records: list[PatientRecord], hadm_ids: np.ndarray) -> None:
         for lab in r.labs:
             if lab["hadm_id"] is not None:
                 lab["hadm_id"] = local[lab["hadm_id"]]
+        for s in r.studies:
+            if s.hadm is not None:
+                s.hadm = local[s.hadm]
+        for stay in r.stays:
+            stay["hadm_id"] = local[stay["hadm_id"]]
+
+
+def _assign_stays(records: list[PatientRecord], stay_ids: np.ndarray) -> None:
+    """Globally unique ICU stay_ids (8 digits, leading 3), in patient order."""
+    k = 0
+    for r in records:
+        for stay in r.stays:
+            stay["stay_id"] = int(stay_ids[k])
+            k += 1
+
+
+def _absent_patients(rng, n: int) -> set[int]:
+    """~1% of patients (one from 20 patients on) are missing from patients.csv (their labs remain)."""
+    if n < 20:
+        return set()
+    return set(rng.choice(n, size=max(1, round(0.01 * n)), replace=False).tolist())
+
+
+def _drop_from_hosp(rec: PatientRecord) -> None:
+    """A subject with films and labs but no MIMIC-IV `patients`/`admissions`/ICU rows (outpatient labs only)."""
+    rec.row["_absent"] = True
+    rec.admissions.clear()
+    rec.stays.clear()
+    for lab in rec.labs:
+        lab["hadm_id"] = None
+    for s in rec.studies:
+        s.hadm, s.case = None, "subject_absent_from_patients"
 
 
 def _in_admission(s: Study, r: PatientRecord) -> bool:
+    """Whether a study's time lies in one of the subject's admission spans (edregtime, else admittime, to
+    dischtime) -- independent of `Study.hadm`, as a check of the generator."""
     t = s.when.strftime("%Y-%m-%d %H:%M:%S")
     return any((a["edregtime"] or a["admittime"]) <= t <= a["dischtime"] for a in r.admissions)
 
@@ -523,7 +678,8 @@ def _metadata_row(dicom: str, s: Study, vp: str, rows: int, cols: int, rng) -> d
             "PatientOrientationCodeSequence_CodeMeaning": orientation}
 
 
-def _write_tables(out: Path, records, meta, split_rows, cx_rows, gt_rows, label_rows) -> dict[str, str]:
+def _write_tables(out: Path, records, meta, split_rows, cx_rows, gt_rows, label_rows, *,
+                  icu: bool) -> tuple[dict[str, str], dict[str, int]]:
     jpg, hosp = out / "mimic-cxr-jpg", out / "mimic-iv" / "hosp"
     paths = {
         "metadata": jpg / "mimic-cxr-2.0.0-metadata.csv.gz", "split": jpg / "mimic-cxr-2.0.0-split.csv.gz",
@@ -531,6 +687,7 @@ def _write_tables(out: Path, records, meta, split_rows, cx_rows, gt_rows, label_
         "patients": hosp / "patients.csv.gz", "admissions": hosp / "admissions.csv.gz",
         "labevents": hosp / "labevents.csv.gz", "d_labitems": hosp / "d_labitems.csv.gz",
         "chexpert_format": out / "chexpert-format.csv", "ground_truth": out / "ground_truth.csv.gz",
+        "linkage_cases": out / "linkage_cases.csv.gz",
     }
     by_study = ["subject_id", "study_id", "dicom_id"]
     _gz_csv(paths["metadata"], pd.DataFrame(meta, columns=METADATA_COLUMNS).sort_values(by_study))
@@ -543,23 +700,80 @@ def _write_tables(out: Path, records, meta, split_rows, cx_rows, gt_rows, label_
     cx = pd.DataFrame(label_rows, columns=CHEXPERT_FORMAT_COLUMNS).astype({n: "float64" for n in CHEXPERT_LABELS})
     with atomic_path(paths["chexpert_format"]) as tmp:
         cx.to_csv(tmp, index=False, lineterminator="\n")
-    _gz_csv(paths["patients"], pd.DataFrame([r.row for r in records], columns=ehr.PATIENT_COLUMNS))
+    _gz_csv(paths["patients"], pd.DataFrame([r.row for r in records if not r.row.get("_absent")],
+                                            columns=ehr.PATIENT_COLUMNS))
     adm = pd.DataFrame([a for r in records for a in r.admissions], columns=ehr.ADMISSION_COLUMNS)
     _gz_csv(paths["admissions"], adm.sort_values(["subject_id", "admittime"]))
-    _gz_csv(paths["labevents"], _labevents(records))
+    labs = _labevents(records)
+    _gz_csv(paths["labevents"], labs[ehr.LAB_COLUMNS])
     _gz_csv(paths["d_labitems"], pd.DataFrame(ehr.d_labitems_rows(), columns=ehr.D_LABITEMS_COLUMNS))
-    return {k: str(v) for k, v in paths.items()}
+    cases = _linkage_cases(records, labs)
+    _gz_csv(paths["linkage_cases"], cases)
+    counts = {f"case_{k}": int(v) for k, v in sorted(cases["case"].value_counts().items())}
+    counts["non_numeric_lab_values"] = int(labs["valuenum"].isna().sum())
+    if icu:
+        paths.update(_write_icu(out / "mimic-iv" / "icu", records, counts))
+    return {k: str(v) for k, v in paths.items()}, counts
 
 
 def _labevents(records) -> pd.DataFrame:
-    labs = pd.DataFrame([lab for r in records for lab in r.labs], columns=ehr.LAB_COLUMNS)
+    """labevents rows sorted as the real file, with the planted-case columns (`_case`, ...) still attached."""
+    cols = [*ehr.LAB_COLUMNS, "_case", "_study_id", "_eligible"]
+    labs = pd.DataFrame([lab for r in records for lab in r.labs], columns=cols)
     labs = labs.sort_values(["subject_id", "charttime", "itemid"], kind="stable").reset_index(drop=True)
     labs["labevent_id"] = np.arange(1, len(labs) + 1)
     labs["hadm_id"] = labs["hadm_id"].astype("Int64")          # ints with blanks, as in the real file
     return labs
 
 
-def synth_complete(out_dir, *, patients: int, seed: int, image_size: int, difficulty: float) -> bool:
+def _linkage_cases(records, labs: pd.DataFrame) -> pd.DataFrame:
+    """Where each planted linkage case is (docs/synthetic-data.md, "Linkage cases"): one row per study or lab."""
+    planted = labs[labs["_case"].notna()]
+    lab_rows = pd.DataFrame({"case": planted["_case"], "subject_id": planted["subject_id"],
+                             "study_id": planted["_study_id"].astype("Int64"), "hadm_id": planted["hadm_id"],
+                             "labevent_id": planted["labevent_id"], "itemid": planted["itemid"],
+                             "eligible": planted["_eligible"].astype("Int64")})
+    study_rows = pd.DataFrame([{"case": s.case, "subject_id": s.subject_id, "study_id": s.study_id,
+                                "hadm_id": s.hadm} for r in records for s in r.studies if s.case],
+                              columns=["case", "subject_id", "study_id", "hadm_id"])
+    out = pd.concat([study_rows, lab_rows], ignore_index=True).reindex(columns=LINKAGE_CASE_COLUMNS)
+    for col in ("study_id", "hadm_id", "labevent_id", "itemid", "eligible"):
+        out[col] = out[col].astype("Int64")
+    return out.sort_values(["case", "subject_id", "study_id", "labevent_id"], kind="stable")
+
+
+def _write_icu(icu: Path, records, counts: dict) -> dict[str, Path]:
+    """mimic-iv/icu/{icustays,d_items,chartevents}.csv.gz in the real column order and formats."""
+    paths = {"icustays": icu / "icustays.csv.gz", "d_items": icu / "d_items.csv.gz",
+             "chartevents": icu / "chartevents.csv.gz"}
+    stays = [st for r in records for st in r.stays]
+    _gz_csv(paths["icustays"], pd.DataFrame(stays, columns=ehr.ICUSTAY_COLUMNS).sort_values(
+        ["subject_id", "intime"]))
+    _gz_csv(paths["d_items"], pd.DataFrame(ehr.d_items_rows(), columns=ehr.D_ITEMS_COLUMNS))
+    _gz_csv(paths["chartevents"], _chartevents(stays))
+    counts["icu_stays"] = len(stays)
+    counts["chartevents_rows"] = sum(len(st["_vitals"]["itemid"]) for st in stays)
+    return paths
+
+
+def _chartevents(stays: list[dict]) -> pd.DataFrame:
+    if not stays:
+        return pd.DataFrame(columns=ehr.CHARTEVENT_COLUMNS)
+    sizes = [len(st["_vitals"]["itemid"]) for st in stays]
+    ce = pd.DataFrame({k: np.concatenate([st["_vitals"][k] for st in stays]) for k in stays[0]["_vitals"]})
+    for key in ("subject_id", "hadm_id", "stay_id"):
+        ce[key] = np.repeat([st[key] for st in stays], sizes)
+    for key in ("charttime", "storetime"):
+        ce[key] = pd.to_datetime(ce[key], unit="s").dt.strftime("%Y-%m-%d %H:%M:%S")
+    decimals = ce["itemid"].map({k: v[4] for k, v in ehr.VITAL_ITEMS.items()})
+    ce["value"] = [f"{v:.{d}f}" for v, d in zip(ce["valuenum"], decimals)]
+    ce["valueuom"] = ce["itemid"].map({k: v[3] for k, v in ehr.VITAL_ITEMS.items()})
+    ce = ce.sort_values(["subject_id", "stay_id", "charttime", "itemid"], kind="stable")
+    return ce[ehr.CHARTEVENT_COLUMNS]
+
+
+def synth_complete(out_dir, *, patients: int, seed: int, image_size: int, difficulty: float,
+                   images: bool = True, icu: bool = True) -> bool:
     """True when `out_dir` holds a finished synth run with these arguments (callers may skip regenerating)."""
     import json
 
@@ -567,10 +781,13 @@ def synth_complete(out_dir, *, patients: int, seed: int, image_size: int, diffic
     if not marker.is_file():
         return False
     try:
-        args = json.loads(marker.read_text()).get("args", {})
+        summary = json.loads(marker.read_text())
     except (OSError, ValueError):
         return False
-    return args == {"patients": patients, "seed": seed, "image_size": image_size, "difficulty": float(difficulty)}
+    if not isinstance(summary, dict) or summary.get("generator_version") != GENERATOR_VERSION:
+        return False                                  # made by an older generator: regenerate
+    return summary.get("args") == {"patients": patients, "seed": seed, "image_size": image_size,
+                                   "difficulty": float(difficulty), "images": bool(images), "icu": bool(icu)}
 
 
 __all__ = ["synthesize", "synth_complete", "METADATA_COLUMNS", "SPLIT_COLUMNS", "LABEL_COLUMNS",

@@ -17,8 +17,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 # itemid: (label, fluid, category, uom, ref_lower, ref_upper, decimals) -- the real MIMIC-IV itemids.
 LAB_ITEMS: dict[int, tuple[str, str, str, str, float, float, int]] = {
@@ -54,6 +56,7 @@ MARITAL = ("MARRIED", "SINGLE", "WIDOWED", "DIVORCED", "")
 RACE = ("WHITE", "WHITE", "WHITE", "BLACK/AFRICAN AMERICAN", "HISPANIC/LATINO - PUERTO RICAN", "ASIAN",
         "OTHER", "UNKNOWN")
 ADMISSION_TYPES = ("EW EMER.", "EW EMER.", "URGENT", "DIRECT EMER.", "OBSERVATION ADMIT", "EU OBSERVATION")
+DEVICES = ("ett", "ng", "cvc", "picc", "pacemaker", "sternal")
 DISCHARGE = ("HOME", "HOME HEALTH CARE", "SKILLED NURSING FACILITY", "REHAB", "")
 
 
@@ -71,56 +74,114 @@ def sigmoid(v: float) -> float:
 
 
 @dataclass
+class Latent:
+    """An encounter's hidden states beyond its severity `z`, each seen by one modality only.
+
+    `shock`, `aki` and `mi` show in the labs (lactate and bicarbonate; creatinine, urea and potassium;
+    troponin) and in the decision to order them, never on the film; `resp` (respiratory failure) shows on
+    the film as an endotracheal tube and in ICU vitals (SpO2, respiratory rate), never in the labs.
+    """
+
+    shock: float
+    aki: float
+    mi: float
+    resp: float
+
+    @classmethod
+    def sample(cls, rng) -> Latent:
+        v = rng.standard_normal(4)
+        return cls(float(v[0]), float(v[1]), float(v[2]), float(v[3]))
+
+
+@dataclass
 class Physiology:
     """An encounter's latent lab levels (measured or not); outcomes depend on them too."""
 
     values: dict[int, float]
+    latent: Latent
 
     @classmethod
-    def sample(cls, rng, *, z: float, age: int, female: bool, truth: dict[str, int]) -> Physiology:
+    def sample(cls, rng, *, z: float, age: int, female: bool, truth: dict[str, int], latent: Latent) -> Physiology:
         pna = truth.get("Pneumonia", 0) or truth.get("Consolidation", 0)
         edema, card = truth.get("Edema", 0), truth.get("Cardiomegaly", 0)
-        zp = max(z, 0.0)
+        zp, lt = max(z, 0.0), latent
         n = rng.standard_normal(13)
-        creat = math.exp(math.log(0.95) + 0.15 * zp + 0.006 * (age - 60) + 0.3 * edema - 0.15 * female + 0.3 * n[0])
+        creat = math.exp(math.log(0.95) + 0.08 * zp + 0.006 * (age - 60) + 0.15 * edema - 0.15 * female
+                         + 0.42 * lt.aki + 0.2 * n[0])
         v = {
             50912: creat,
             51006: creat * 15.0 * math.exp(0.25 * n[1]),
-            51301: math.exp(math.log(7.5) + 0.55 * pna + 0.12 * zp + 0.25 * n[2]),
+            51301: math.exp(math.log(7.5) + 0.55 * pna + 0.12 * zp + 0.12 * lt.shock + 0.25 * n[2]),
             50889: min(300.0, math.exp(math.log(4.0) + 2.8 * pna + 0.4 * zp + 0.8 * n[3])),
-            51222: 14.2 - 0.8 * zp - 1.2 * female + 1.3 * n[4],
+            51222: 14.2 - 0.5 * zp - 1.2 * female + 1.3 * n[4],
             51265: math.exp(math.log(240.0) - 0.1 * zp + 0.3 * n[5]),
             50983: 139.0 - 1.5 * edema + 3.0 * n[6],
-            50971: 4.2 + 0.15 * (creat > 2) + 0.45 * n[7],
-            50882: 25.5 - 1.5 * zp + 3.0 * n[8],
+            50971: 4.2 + 0.12 * lt.aki + 0.15 * (creat > 2) + 0.45 * n[7],
+            50882: 25.5 - 0.6 * zp - 1.6 * lt.shock + 2.5 * n[8],
             50931: math.exp(math.log(110.0) + 0.1 * zp + 0.25 * n[9]),
-            50813: math.exp(math.log(1.3) + 0.35 * zp + 0.3 * pna + 0.35 * n[10]),
+            50813: math.exp(math.log(1.3) + 0.1 * zp + 0.1 * pna + 0.45 * lt.shock + 0.2 * n[10]),
             50963: min(70000.0, math.exp(math.log(150.0) + 2.6 * edema + 1.8 * card + 0.02 * (age - 60) + 0.8 * n[11])),
-            51003: math.exp(math.log(0.006) + 0.8 * zp + 1.0 * edema + 1.0 * n[12]),
+            51003: math.exp(math.log(0.006) + 0.25 * zp + 0.6 * edema + 1.4 * lt.mi + 0.6 * n[12]),
         }
-        return cls(v)
+        return cls(v, latent)
 
 
-def outcome(rng, *, z: float, age: int, truth: dict[str, int], phys: Physiology) -> tuple[float, bool]:
-    """Length of stay (days) and in-hospital death, from findings, labs and age together."""
+@dataclass
+class Outcome:
+    los_days: float
+    died: bool                                        # in hospital (hospital_expire_flag)
+    died_after: bool                                  # within 30 days of discharge
+
+
+def _film_risk(truth: dict[str, int], severity: dict[str, int], sides: dict[str, str],
+               devices: tuple[str, ...]) -> float:
+    """The part of the death risk that only the film shows: tubes and lines, pneumothorax, lesion burden."""
     f = truth
-    lact, creat = phys.values[50813], phys.values[50912]
-    risk = (-5.4 + 0.045 * (age - 65) + 0.6 * max(z, 0) + 0.9 * f.get("Edema", 0) + 0.7 * f.get("Pneumonia", 0)
-            + 0.4 * f.get("Pleural Effusion", 0) + 0.9 * math.log(lact / 1.3) + 0.5 * math.log(creat))
+    lines = "cvc" in devices or "picc" in devices
+    return (1.5 * ("ett" in devices) + 0.4 * lines
+            + f.get("Pneumothorax", 0) * (0.6 + 0.4 * severity.get("Pneumothorax", 2))
+            + f.get("Lung Lesion", 0) * (0.3 + 0.6 * severity.get("Lung Lesion", 1))
+            + 0.6 * f.get("Edema", 0) + 0.5 * (f.get("Pneumonia", 0) or f.get("Consolidation", 0))
+            + 0.3 * f.get("Pleural Effusion", 0) + 0.3 * (sides.get("Pleural Effusion") == "bilateral"))
+
+
+def _lab_risk(lt: Latent) -> float:
+    """The part of the death risk that only the labs show (and, through ordering, their missingness)."""
+    return 0.9 * lt.shock + 0.6 * lt.aki + 0.55 * lt.mi
+
+
+def outcome(rng, *, z: float, age: int, truth: dict[str, int], severity: dict[str, int], sides: dict[str, str],
+            devices: tuple[str, ...], phys: Physiology) -> Outcome:
+    """Length of stay, in-hospital death and death within 30 days of discharge.
+
+    The log-odds add a shared part (age, severity), a film-only part and a lab-only part, so each
+    modality carries information the other lacks (docs/synthetic-data.md, "Outcome model").
+    """
+    lt, zp = phys.latent, max(z, 0.0)
+    film, lab = _film_risk(truth, severity, sides, devices), _lab_risk(lt)
+    risk = -5.2 + 0.035 * (age - 65) + 0.25 * zp + 0.35 * lt.resp + film + lab
     died = bool(rng.random() < sigmoid(risk))
-    mu = (math.log(2.5) + 0.25 * max(z, 0) + 0.35 * f.get("Pneumonia", 0) + 0.3 * f.get("Edema", 0)
-          + 0.2 * math.log(max(creat, 0.3)) + 0.005 * (age - 65))
-    los = min(45.0, math.exp(mu + 0.5 * rng.standard_normal()))
-    return max(0.3, los), died
+    mu = (math.log(4.0) + 0.2 * zp + 0.3 * truth.get("Pneumonia", 0) + 0.25 * truth.get("Edema", 0)
+          + 0.4 * ("ett" in devices) + 0.15 * max(lt.shock, 0) + 0.15 * max(lt.aki, 0) + 0.005 * (age - 65))
+    los = max(0.3, min(45.0, math.exp(mu + 0.6 * rng.standard_normal())))
+    after = -5.0 + 0.04 * (age - 65) + 0.2 * zp + 0.6 * film + 0.6 * lab
+    died_after = (not died) and bool(rng.random() < sigmoid(after))
+    return Outcome(los, died, died_after)
+
+
+def visit_death(rng, *, z: float, age: int, truth: dict[str, int], severity: dict[str, int]) -> bool:
+    """Death within 30 days of an ED or outpatient visit (rare; lesion burden and age dominate)."""
+    lesion = truth.get("Lung Lesion", 0) * (0.5 + 0.6 * severity.get("Lung Lesion", 1))
+    return bool(rng.random() < sigmoid(-6.5 + 0.05 * (age - 65) + 0.5 * max(z, 0.0) + lesion))
 
 
 def _lab_row(rng, itemid: int, value: float, *, subject_id: int, hadm: int | None, when: datetime,
-             specimen: int, priority: str) -> dict:
+             specimen: int, priority: str, stored: datetime | None) -> dict:
     label, _, _, uom, lo, hi, dec = LAB_ITEMS[itemid]
     row = {"subject_id": subject_id, "hadm_id": hadm, "specimen_id": specimen, "itemid": itemid,
            "order_provider_id": provider_id(rng) if rng.random() < 0.5 else "",
            "charttime": fmt_time(when),
-           "storetime": fmt_time(when + timedelta(minutes=int(rng.integers(20, 240)))),
+           "storetime": fmt_time(stored) if stored is not None else "",
            "valueuom": uom, "ref_range_lower": lo, "ref_range_upper": hi, "priority": priority, "comments": ""}
     if rng.random() < 0.01:
         # Removed free text: the value is "___" and there is no number (real MIMIC-IV does this).
@@ -143,25 +204,254 @@ def draw_labs(rng, *, subject_id: int, hadm: int | None, when: datetime, phys: P
         items += BMP
     if rng.random() < (0.65 if fewer else 0.85):
         items += CBC
-    if rng.random() < sigmoid(-2.2 + 1.5 * z):
+    if rng.random() < sigmoid(-2.0 + 0.8 * z + 1.2 * phys.latent.shock):     # hypotension: lactate ordered
         items.append(50813)
     if first:
         suspect_hf = truth.get("Edema", 0) or truth.get("Cardiomegaly", 0)
         if rng.random() < (0.6 if suspect_hf else 0.06):
             items.append(50963)
-        if rng.random() < 0.35:
+        if rng.random() < sigmoid(-0.9 + 0.9 * phys.latent.mi):               # chest pain: troponin ordered
             items.append(51003)
         if rng.random() < 0.12 + 0.5 * (truth.get("Pneumonia", 0) or truth.get("Consolidation", 0)):
             items.append(50889)
     rows = []
     specimen = {"chem": int(rng.integers(10_000_000, 99_999_999)), "heme": int(rng.integers(10_000_000, 99_999_999))}
+    stored = {kind: _result_time(rng, when, priority, kind) for kind in ("chem", "heme")}
     for itemid in items:
         drift = math.exp(0.08 * rng.standard_normal())                      # day-to-day variation
-        spec = specimen["heme" if itemid in CBC else "chem"]
+        kind = "heme" if itemid in CBC else "chem"
         rows.append(_lab_row(rng, itemid, phys.values[itemid] * drift, subject_id=subject_id, hadm=hadm,
-                             when=when, specimen=spec, priority=priority))
+                             when=when, specimen=specimen[kind], priority=priority, stored=stored[kind]))
     return rows
+
+
+def _result_time(rng, when: datetime, priority: str, kind: str) -> datetime | None:
+    """When a specimen's results were stored (one time per specimen); blank for ~1% (real MIMIC-IV has some)."""
+    if rng.random() < 0.01:
+        return None
+    lo, hi = {("STAT", "heme"): (10, 60), ("STAT", "chem"): (20, 120)}.get((priority, kind), (60, 360))
+    return when + timedelta(minutes=int(rng.integers(lo, hi)))
 
 
 def d_labitems_rows() -> list[dict]:
     return [{"itemid": k, "label": v[0], "fluid": v[1], "category": v[2]} for k, v in sorted(LAB_ITEMS.items())]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ICU module: icustays, d_items, chartevents (vital signs only)
+
+ICUSTAY_COLUMNS = ["subject_id", "hadm_id", "stay_id", "first_careunit", "last_careunit", "intime", "outtime", "los"]
+D_ITEMS_COLUMNS = ["itemid", "label", "abbreviation", "linksto", "category", "unitname", "param_type",
+                   "lownormalvalue", "highnormalvalue"]
+CHARTEVENT_COLUMNS = ["subject_id", "hadm_id", "stay_id", "caregiver_id", "charttime", "storetime", "itemid",
+                      "value", "valuenum", "valueuom", "warning"]
+# itemid: (label, abbreviation, category, unit, decimals, charted every N hours) -- the real MIMIC-IV itemids.
+VITAL_ITEMS: dict[int, tuple[str, str, str, str, int, int]] = {
+    220045: ("Heart Rate", "HR", "Routine Vital Signs", "bpm", 0, 1),
+    220179: ("Non Invasive Blood Pressure systolic", "NBPs", "Routine Vital Signs", "mmHg", 0, 1),
+    220180: ("Non Invasive Blood Pressure diastolic", "NBPd", "Routine Vital Signs", "mmHg", 0, 1),
+    220210: ("Respiratory Rate", "RR", "Respiratory", "insp/min", 0, 1),
+    220277: ("O2 saturation pulseoxymetry", "SpO2", "Respiratory", "%", 0, 1),
+    223761: ("Temperature Fahrenheit", "Temperature F", "Routine Vital Signs", "\u00b0F", 1, 4),
+}
+CAREUNITS = ("Medical Intensive Care Unit (MICU)", "Medical Intensive Care Unit (MICU)",
+             "Medical/Surgical Intensive Care Unit (MICU/SICU)", "Surgical Intensive Care Unit (SICU)",
+             "Cardiac Vascular Intensive Care Unit (CVICU)", "Coronary Care Unit (CCU)", "Trauma SICU (TSICU)")
+
+
+def d_items_rows() -> list[dict]:
+    return [{"itemid": k, "label": v[0], "abbreviation": v[1], "linksto": "chartevents", "category": v[2],
+             "unitname": v[3], "param_type": "Numeric", "lownormalvalue": None, "highnormalvalue": None}
+            for k, v in sorted(VITAL_ITEMS.items())]
+
+
+def icu_stay(rng, *, hadm: int, admit: datetime, disch: datetime, z: float, phys: Physiology,
+             devices: tuple[str, ...], died: bool, truth: dict[str, int]) -> dict | None:
+    """An ICU stay inside the admission (always when intubated) with hourly vitals, or None."""
+    lt = phys.latent
+    if "ett" not in devices and rng.random() >= sigmoid(-2.6 + 0.9 * z + 0.7 * lt.shock + 0.5 * lt.resp):
+        return None
+    span = (disch - admit).total_seconds()
+    intime = admit + timedelta(seconds=float(rng.uniform(0.02, 0.15)) * span)
+    left = (disch - intime).total_seconds()
+    stay = left if died else min(left - 3600.0, float(rng.lognormal(math.log(2.2 * 86400), 0.6)))
+    outtime = intime + timedelta(seconds=max(stay, 0.2 * left))
+    intime, outtime = intime.replace(microsecond=0), outtime.replace(microsecond=0)
+    unit = str(rng.choice(CAREUNITS))
+    last = unit if rng.random() < 0.9 else str(rng.choice(CAREUNITS))
+    return {"hadm_id": hadm, "first_careunit": unit, "last_careunit": last, "intime": fmt_time(intime),
+            "outtime": fmt_time(outtime), "los": (outtime - intime).total_seconds() / 86400,
+            "_vitals": _vitals(rng, intime, outtime, z, lt, truth)}
+
+
+def _vitals(rng, intime: datetime, outtime: datetime, z: float, lt: Latent, truth: dict[str, int]) -> dict:
+    """Hourly charted vital signs as arrays (charttime/storetime as epoch seconds); formatted when written."""
+    hours = max(1, int((outtime - intime).total_seconds() // 3600))
+    base = np.datetime64(intime.replace(minute=0, second=0), "s").astype(np.int64) + 3600   # [1]
+    zp, pna = max(z, 0.0), truth.get("Pneumonia", 0) or truth.get("Consolidation", 0)
+    mean = {220045: 82 + 6 * zp + 9 * lt.shock + 4 * lt.resp, 220179: 122 - 11 * lt.shock - 3 * zp,
+            220180: 70 - 7 * lt.shock, 220210: 18 + 3.5 * lt.resp + zp, 220277: 97 - 2.2 * max(lt.resp, 0) - 0.5 * zp,
+            223761: 98.4 + 1.3 * pna + 0.3 * lt.shock}
+    sd = {220045: 8, 220179: 12, 220180: 8, 220210: 3, 220277: 1.5, 223761: 0.6}
+    lo_hi = {220045: (30, 200), 220179: (60, 220), 220180: (30, 130), 220210: (6, 50), 220277: (70, 100),
+             223761: (93.0, 106.0)}
+    caregivers = rng.integers(10_000, 99_999, size=3)
+    end = np.datetime64(outtime, "s").astype(np.int64)
+    parts = []
+    for itemid, (_, _, _, _, dec, every) in VITAL_ITEMS.items():
+        slots = np.arange(0, hours, every)                                # [n]
+        keep = slots[rng.random(len(slots)) > 0.05]                       # a few readings not charted
+        chart = base + keep * 3600 + rng.integers(0, 15, len(keep)) * 60
+        keep, chart = keep[chart < end], chart[chart < end]                 # charted inside the stay only
+        value = np.clip(mean[itemid] + sd[itemid] * rng.standard_normal(len(keep)), *lo_hi[itemid])
+        parts.append({"itemid": np.full(len(keep), itemid), "charttime": chart,
+                      "storetime": chart + rng.integers(1, 90, len(keep)) * 60,
+                      "valuenum": np.round(value, dec), "caregiver_id": rng.choice(caregivers, len(keep)),
+                      "warning": (rng.random(len(keep)) < 0.005).astype(np.int64)})
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The truth-level table: how much each modality can tell about the outcomes (issue 11)
+
+TRUTH_WINDOW_HOURS = 24.0
+OUTCOMES = ("in_hospital_mortality", "mortality_30d")
+LAB_NAMES = {50912: "creatinine", 51301: "white_blood_cells", 51222: "hemoglobin", 51265: "platelets",
+             50983: "sodium", 50971: "potassium", 51006: "urea_nitrogen", 50882: "bicarbonate", 50931: "glucose",
+             50813: "lactate", 50963: "ntprobnp", 51003: "troponin_t", 50889: "crp"}
+
+
+def _study_times(root) -> pd.DataFrame:
+    """One row per study: subject_id, study_id, split, t0 (StudyDate + StudyTime, milliseconds kept)."""
+    jpg = Path(root) / "mimic-cxr-jpg"
+    meta = pd.read_csv(jpg / "mimic-cxr-2.0.0-metadata.csv.gz", dtype={"StudyTime": str})
+    split = pd.read_csv(jpg / "mimic-cxr-2.0.0-split.csv.gz")
+    meta = meta.merge(split[["dicom_id", "split"]], on="dicom_id").drop_duplicates("study_id")
+    hhmmss = meta["StudyTime"].astype(float)
+    secs = (hhmmss // 10000) * 3600 + (hhmmss // 100 % 100) * 60 + (hhmmss % 100)
+    t0 = pd.to_datetime(meta["StudyDate"].astype(str), format="%Y%m%d") + pd.to_timedelta(secs.round(3), unit="s")
+    out = meta[["subject_id", "study_id", "split"]].assign(t0=t0.to_numpy())
+    return out.sort_values(["subject_id", "t0"]).reset_index(drop=True)
+
+
+def linked_studies(root, window_hours: float = TRUTH_WINDOW_HOURS) -> pd.DataFrame:
+    """A plain-pandas reference of the linkage rule (issue 10) on a synthetic set, one row per study.
+
+    Admission: the latest-starting one whose span [edregtime (else admittime), dischtime] contains t0.
+    Lab `{name}`: valuenum of the latest event (outpatient ones included) with storetime <= t0 (charttime
+    when storetime is blank) and charttime in [t0 - window, t0); ties on charttime go to the later
+    storetime, then the larger labevent_id; non-numeric valuenum is skipped. `{name}_hours`: t0 - charttime.
+    Outcomes: in_hospital_mortality (null without an admission), los_days, mortality_30d (dod within 30
+    days of t0's date; 0 when blank; null for subjects absent from patients). Age from patients.
+    """
+    hosp = Path(root) / "mimic-iv" / "hosp"
+    st = _study_times(root)
+    adm = pd.read_csv(hosp / "admissions.csv.gz", usecols=["subject_id", "hadm_id", "admittime", "dischtime",
+                                                          "edregtime", "hospital_expire_flag"],
+                      parse_dates=["admittime", "dischtime", "edregtime"])
+    adm["start"] = adm["edregtime"].fillna(adm["admittime"])
+    pair = st[["study_id", "subject_id", "t0"]].merge(adm, on="subject_id")
+    pair = pair[(pair["start"] <= pair["t0"]) & (pair["t0"] <= pair["dischtime"])]
+    pair = pair.sort_values(["study_id", "start"]).drop_duplicates("study_id", keep="last")
+    pair["los_days"] = (pair["dischtime"] - pair["admittime"]).dt.total_seconds() / 86400
+    out = st.merge(pair[["study_id", "hadm_id", "hospital_expire_flag", "los_days"]], on="study_id", how="left")
+    out = out.rename(columns={"hospital_expire_flag": "in_hospital_mortality"})
+    pats = pd.read_csv(hosp / "patients.csv.gz", usecols=["subject_id", "anchor_age", "anchor_year", "dod"],
+                       parse_dates=["dod"])
+    out = out.merge(pats, on="subject_id", how="left")
+    out["age"] = out["anchor_age"] + out["t0"].dt.year - out["anchor_year"]
+    days = (out["dod"] - out["t0"].dt.normalize()).dt.days
+    known = out["anchor_age"].notna()
+    out["mortality_30d"] = np.where(known, (days.notna() & (days >= 0) & (days <= 30)).astype(float), np.nan)
+    out = out.drop(columns=["anchor_age", "anchor_year", "dod"])
+    return out.merge(_lab_features(hosp, st, window_hours), on="study_id", how="left")
+
+
+def _lab_features(hosp: Path, st: pd.DataFrame, window_hours: float) -> pd.DataFrame:
+    labs = pd.read_csv(hosp / "labevents.csv.gz", usecols=["labevent_id", "subject_id", "itemid", "charttime",
+                                                          "storetime", "valuenum"],
+                       parse_dates=["charttime", "storetime"])
+    labs["valuenum"] = pd.to_numeric(labs["valuenum"], errors="coerce")
+    labs = labs[labs["valuenum"].notna() & labs["itemid"].isin(list(LAB_NAMES))]
+    labs["storetime"] = labs["storetime"].fillna(labs["charttime"])
+    pair = st[["study_id", "subject_id", "t0"]].merge(labs, on="subject_id")
+    lo = pair["t0"] - pd.Timedelta(hours=window_hours)
+    pair = pair[(pair["storetime"] <= pair["t0"]) & (pair["charttime"] >= lo) & (pair["charttime"] < pair["t0"])]
+    pair = pair.sort_values(["study_id", "itemid", "charttime", "storetime", "labevent_id"])
+    last = pair.drop_duplicates(["study_id", "itemid"], keep="last").copy()
+    last["hours"] = (last["t0"] - last["charttime"]).dt.total_seconds() / 3600
+    last["name"] = last["itemid"].map(LAB_NAMES)
+    wide = last.pivot(index="study_id", columns="name", values=["valuenum", "hours"])
+    cols = {}
+    for name in LAB_NAMES.values():
+        cols[name] = wide["valuenum"][name] if name in wide["valuenum"] else np.nan
+        cols[f"{name}_hours"] = wide["hours"][name] if name in wide["hours"] else np.nan
+    return pd.DataFrame(cols, index=wide.index).reset_index()
+
+
+def _study_findings(root) -> pd.DataFrame:
+    """Per study, everything the film shows (ground truth): findings, sides, severities, devices."""
+    gt = pd.read_csv(Path(root) / "ground_truth.csv.gz", keep_default_na=False, na_values=[""])
+    gt = gt[gt["view"] != "LATERAL"].drop_duplicates("study_id")
+    out = gt[["study_id"]].copy()
+    for col in gt.columns:
+        if col in ("dicom_id", "study_id", "subject_id", "view", "devices"):
+            continue
+        if col.endswith(" side"):
+            out[col.replace(" side", " bilateral")] = (gt[col] == "bilateral").astype(float)
+        else:
+            out[col] = pd.to_numeric(gt[col], errors="coerce").fillna(0.0)
+    devices = gt["devices"].fillna("").astype(str)
+    for d in DEVICES:
+        out[f"device {d}"] = devices.str.split(";").map(lambda ds, d=d: d in ds).astype(float)
+    return out
+
+
+@dataclass
+class TruthTable:
+    """AUROC on the test split of a gradient-boosted model trained on the train split, per feature set."""
+
+    rows: list[dict]                                  # outcome, n_train, events_train, n_test, events_test, ...
+
+    def markdown(self) -> str:
+        head = ("| outcome | train studies (events) | test studies (events) | test patients | findings | "
+                "labs + age | both |\n|---|---|---|---|---|---|---|")
+        lines = [head]
+        for r in self.rows:
+            lines.append(f"| {r['outcome']} | {r['n_train']} ({r['events_train']}) | {r['n_test']} "
+                         f"({r['events_test']}) | {r['patients_test']} | {r['findings']:.3f} | "
+                         f"{r['labs']:.3f} | {r['both']:.3f} |")
+        return "\n".join(lines)
+
+
+def truth_table(root, *, window_hours: float = TRUTH_WINDOW_HOURS, seed: int = 0) -> TruthTable:
+    """Findings (image upper bound) vs labs + age vs both, on the generator's own truth (docs/synthetic-data.md)."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.metrics import roc_auc_score
+
+    table = linked_studies(root, window_hours).merge(_study_findings(root), on="study_id", how="left")
+    finding_cols = [c for c in _study_findings_columns(table)]
+    lab_cols = ["age", *LAB_NAMES.values(), *[f"{n}_hours" for n in LAB_NAMES.values()]]
+    sets = {"findings": finding_cols, "labs": lab_cols, "both": finding_cols + lab_cols}
+    rows = []
+    for outcome in OUTCOMES:
+        data = table[table[outcome].notna()]
+        train, test = data[data["split"] == "train"], data[data["split"] == "test"]
+        row = {"outcome": outcome, "n_train": len(train), "events_train": int(train[outcome].sum()),
+               "n_test": len(test), "events_test": int(test[outcome].sum()),
+               "patients_test": int(test["subject_id"].nunique())}
+        for name, cols in sets.items():
+            model = HistGradientBoostingClassifier(max_iter=150, learning_rate=0.05, max_leaf_nodes=15,
+                                                   min_samples_leaf=20, l2_regularization=1.0,
+                                                   early_stopping=False, random_state=seed)
+            model.fit(train[cols].to_numpy(float), train[outcome].to_numpy(int))
+            row[name] = float(roc_auc_score(test[outcome].to_numpy(int),
+                                            model.predict_proba(test[cols].to_numpy(float))[:, 1]))
+        rows.append(row)
+    return TruthTable(rows)
+
+
+def _study_findings_columns(table: pd.DataFrame) -> list[str]:
+    skip = {"subject_id", "study_id", "split", "t0", "hadm_id", "los_days", "age", *OUTCOMES}
+    labs = {*LAB_NAMES.values(), *[f"{n}_hours" for n in LAB_NAMES.values()]}
+    return [c for c in table.columns if c not in skip and c not in labs]

@@ -202,10 +202,12 @@ def _frontal_findings(img, spec, c, lung, right_half, dome, shape, k, rng):
             window = np.exp(-((x - s * u0) / 0.17) ** 4)
             img = img + (0.30 * (0.45 + 0.55 * k)) * band * window * lung
     if f.get("Lung Lesion"):
-        for _ in range(1 + int(rng.random() < 0.3) + int(rng.random() < 0.15)):
+        # Lesion burden: severity 1..3 nodules (the same count in every view of a study); 3 = one is a mass.
+        count = sev.get("Lung Lesion") or 1 + int(rng.random() < 0.3) + int(rng.random() < 0.15)
+        for i in range(count):
             s = -1 if rng.random() < 0.5 else 1
             cx, cy = s * rng.uniform(0.3, 0.62), rng.uniform(0.25, 0.62)
-            r = rng.uniform(0.03, 0.05) * (0.6 + 0.4 * k)
+            r = rng.uniform(0.03, 0.05) * (0.6 + 0.4 * k) * (1.8 if count == 3 and i == 0 else 1.0)
             d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
             img = img + (0.30 * (0.45 + 0.55 * k)) * _sig((r - d) / (0.2 * r)) * lung
     if f.get("Pleural Other"):
@@ -318,7 +320,7 @@ def _lateral(spec: ImageSpec, c: _Canvas, k: float, rng: np.random.Generator) ->
         img = img + (0.25 * (0.45 + 0.55 * k)) * band * lung
     if f.get("Lung Lesion"):
         cx, cy = rng.uniform(-0.1, 0.4), rng.uniform(0.25, 0.6)
-        r = rng.uniform(0.03, 0.05) * (0.6 + 0.4 * k)
+        r = rng.uniform(0.03, 0.05) * (0.6 + 0.4 * k) * (1.8 if sev.get("Lung Lesion") == 3 else 1.0)
         d = np.sqrt((x - cx) ** 2 + (y - cy) ** 2)
         img = img + (0.28 * (0.45 + 0.55 * k)) * _sig((r - d) / (0.2 * r)) * lung
     return img

@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import RandomResizedCrop, v2
 
+from data.images import to_gray8
 from radalign import RadalignError
 
 # The same values as open_clip.constants.OPENAI_DATASET_MEAN / _STD (tests check they agree). Copied rather
@@ -48,18 +49,14 @@ def _stats(values: Sequence[float] | None, default: tuple[float, ...], channels:
 
 
 class ToGray(torch.nn.Module):
-    """Any PIL mode (RGB, I;16, LA, ...) -> 8-bit grayscale "L", the form the shards store."""
+    """Any PIL mode (RGB, I;16, I, F, LA, ...) -> 8-bit grayscale "L", the form the shards store.
+
+    `data.images.to_gray8`, the one conversion every reader uses: 16-bit / float images are rescaled from
+    their own min..max (PIL's convert("L") clips them), transparent pixels go onto black.
+    """
 
     def forward(self, img):
-        if img.mode == "L":
-            return img
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            # 16-bit DICOM-style PNGs: PIL's convert("L") clips instead of scaling; rescale to 0..255 first.
-            arr = np.asarray(img, dtype=np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
-            return Image.fromarray(arr.round().astype(np.uint8), mode="L")
-        return img.convert("L")
+        return img if img.mode == "L" else to_gray8(img)
 
 
 class RandomCropRotateJitter(torch.nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LOSSES = ("infonce", "siglip")
 
 
@@ -85,8 +85,9 @@ class PretrainConfig:
     """Optional check: the contrastive batch you expect; must equal batch_size x accum_freq x processes."""
     accum_freq: int = 1
     """Micro-batches per optimizer step; features are cached so the loss still sees the whole batch."""
-    precision: str = "bf16"
-    """'bf16', 'fp16' (with loss scaling, CUDA only) or 'fp32'. bf16 works on CPU too."""
+    precision: str = "auto"
+    """'auto' (bf16 on CUDA with bf16 support; on CPU bf16 only where native and measured faster, else fp32; the
+    choice and why are logged), 'bf16', 'fp16' (loss scaling, CUDA only) or 'fp32'."""
     deepspeed: Optional[str] = None
     """DeepSpeed JSON config (name under configs/deepspeed/ or path). Needs CUDA or a 2-process CPU gloo launch."""
     log_every: int = 10
@@ -98,7 +99,8 @@ class PretrainConfig:
     keep_checkpoints: int = 2
     """How many step checkpoints to keep on disk."""
     resume: Optional[str] = None
-    """'latest' (this run_dir's last checkpoint), 'auto' (latest if any, else start fresh) or a step-* folder."""
+    """'latest' (newest verified checkpoint), 'auto' (the same, or a fresh start when run_dir has none) or a
+    step-* folder. Unset with checkpoints in run_dir is an error (never overwritten). See docs/pretrain.md."""
     stop_after: Optional[int] = None
     """Stop (with a checkpoint) after this step without changing the schedule: for time-sliced jobs and tests."""
     tensorboard: bool = True

@@ -11,10 +11,6 @@ Launch: `radalign pretrain --config pretrain/tiny` (one process), `accelerate la
 from __future__ import annotations
 
 import contextlib
-import json
-import os
-import resource
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +22,27 @@ from torch import nn
 from pretrain.config import PretrainConfig
 from radalign import RadalignError
 from radalign.config import save_resolved
-from radalign.io import atomic_write_json, atomic_write_text
+from radalign.io import atomic_write_json
 from radalign.log import rprint
+from radalign.training import (
+    CheckpointManager,
+    Meter,
+    MetricLogger,
+    adamw,
+    cosine_schedule,
+    deepspeed_file,
+    eval_module,
+    gather_to_main,
+    is_deepspeed,
+    load_deepspeed_config,
+    make_accelerator,
+    peak_memory_gb,
+    reset_accelerate_state,
+    run_lock,
+    set_rng_state,
+)
 
-CKPT_DIR = "checkpoints"
-LATEST = "latest"  # text file naming the newest complete checkpoint folder
+NAN_HINT = "Lower optim.lr, enable optim.grad_clip, or check the data."
 
 
 @dataclass
@@ -46,13 +58,19 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     run_dir: Path
+    ckpt: CheckpointManager
+    logger: MetricLogger
+    precision: str = "fp32"  # resolved from cfg.precision (radalign.precision)
     step: int = 0
-    segment: int = 0  # data segment: the loader is re-seeded at every checkpoint, so resume is exact
-    history: list[dict] = field(default_factory=list)
-    writer: Any = None
+    segment: int = 0  # data segment start: the loader is seeded at every ckpt_every boundary, see _train_batches
     deepspeed: bool = False  # DeepSpeed clips inside its engine step
     skipped: dict = field(default_factory=dict)  # corrupt/incomplete samples by reason, summed over segments
     loader: Any = None
+    resume_rng: dict | None = None  # RNG of the checkpoint, restored after the data fast-forward
+
+    @property
+    def history(self) -> list[dict]:
+        return self.logger.history
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -60,81 +78,26 @@ class Run:
 
 
 def _accelerator(cfg: PretrainConfig):
-    from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    if cfg.precision == "fp16" and not cuda:
-        raise RadalignError("precision=fp16 needs CUDA (loss scaling is a GPU feature); use precision=bf16 on CPU")
-    kwargs: dict[str, Any] = {}
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    if not cuda and world_env > 1:  # gloo is the CPU backend; without this DeepSpeed on CPU asks for ccl
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-    ds_file = _deepspeed_file(cfg)
-    if ds_file:
-        if not cuda and world_env < 2:
-            raise RadalignError("deepspeed needs CUDA or a multi-process CPU launch (torchrun/accelerate launch "
-                                "--multi_gpu --num_processes 2 with gloo); set deepspeed=null for one process")
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=_deepspeed_config(cfg, ds_file))
-    precision = {"fp32": "no"}.get(cfg.precision, cfg.precision)
-    # cpu=True on CPU machines: with torchrun's env a plain Accelerator() would start world-size-1 jobs.
-    acc = Accelerator(mixed_precision=precision, cpu=not cuda, **kwargs)
-    if world_env != acc.num_processes:
-        raise RadalignError(f"launcher started WORLD_SIZE={world_env} processes but Accelerate sees "
-                            f"{acc.num_processes}: the processes would train independently. Launch with "
-                            "torchrun or `accelerate launch --multi_gpu --num_processes N` (not --cpu).")
-    return acc
-
-
-def _deepspeed_file(cfg: PretrainConfig) -> str | None:
-    """`deepspeed=` in our config, or the file an accelerate DeepSpeed launch config names."""
-    env_file = None
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        env_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE") or None
-    ds_file = cfg.deepspeed or env_file
+    ds_file = deepspeed_file(cfg.deepspeed)
     if ds_file and cfg.accum_freq != 1:
         raise RadalignError("accum_freq must be 1 with DeepSpeed (the feature-cache accumulation needs DDP's "
                             "no_sync); raise batch_size instead, or launch without DeepSpeed")
-    return ds_file
-
-
-def _deepspeed_config(cfg: PretrainConfig, ds_file: str) -> dict:
-    """Load the DeepSpeed JSON and fill every batch/clip/precision field from our config (one source of truth)."""
-    from radalign.config import resolve_config_path
-
-    path = resolve_config_path(ds_file, stage="deepspeed")
-    ds = json.loads(Path(path).read_text())
-    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds.pop("train_batch_size", None)
-    # accelerate's plugin clips at 1.0 when the JSON says "auto"; say explicitly what we want (0 = off).
-    ds["gradient_clipping"] = float(cfg.optim.grad_clip or 0.0)
-    ds["bf16"] = {"enabled": cfg.precision == "bf16"}
-    ds["fp16"] = {"enabled": cfg.precision == "fp16"}
-    return ds
-
-
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on norms, biases and the logit scale (all params with ndim < 2), as in CLIP."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "bias" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    ds = load_deepspeed_config(ds_file, micro_batch=cfg.batch_size, grad_clip=cfg.optim.grad_clip) if ds_file else None
+    return make_accelerator(cfg.precision, deepspeed=ds)
 
 
 def setup(cfg: PretrainConfig) -> Run:
     from accelerate.utils import set_seed
-    from transformers import get_cosine_schedule_with_warmup
 
     from pretrain.loss import ContrastiveLoss
     from pretrain.models import build_model, build_tokenizer, get_model_config, model_summary
 
-    acc = _accelerator(cfg)
+    acc, precision, _ = _accelerator(cfg)
     _check_batch(cfg, acc.num_processes)
     set_seed(cfg.seed)
     run_dir = Path(cfg.run_dir)
+    ckpt = CheckpointManager(run_dir, keep=cfg.keep_checkpoints, accelerator=acc)
+    found = ckpt.resolve(cfg.resume)  # before anything is written: a refused resume leaves the folder as it was
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, run_dir)
@@ -145,31 +108,37 @@ def setup(cfg: PretrainConfig) -> Run:
         model_cfg = {**model_cfg, "init_logit_bias": -10.0, "init_logit_scale": float(torch.log(torch.tensor(10.0)))}
     model = build_model(model_cfg, cfg.model.pretrained, grad_checkpointing=cfg.model.grad_checkpointing)
     tokenizer = build_tokenizer(model_cfg)
-    summary = model_summary(model)
-    rprint(f"model {cfg.model.name}: {summary}")
+    rprint(f"model {cfg.model.name}: {model_summary(model)}")
     if cfg.model.compile:
         model = torch.compile(model)
 
     o = cfg.optim
-    # fused AdamW: one kernel over all parameters (4-5x faster optimizer step on CPU, bench/pretrain.py)
-    optimizer = torch.optim.AdamW(_param_groups(model, o.weight_decay), lr=o.lr, betas=(o.beta1, o.beta2),
-                                  eps=o.eps, fused=True)
+    optimizer = adamw(model, lr=o.lr, weight_decay=o.weight_decay, betas=(o.beta1, o.beta2), eps=o.eps)
     # Not passed to accelerator.prepare: a prepared scheduler steps once per process per call.
-    scheduler = get_cosine_schedule_with_warmup(optimizer, o.warmup_steps, cfg.steps)
+    scheduler = cosine_schedule(optimizer, o.warmup_steps, cfg.steps)
     model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)
     loss_fn = ContrastiveLoss(rank=acc.process_index, world_size=acc.num_processes,
                               false_negatives=cfg.loss.false_negatives, kind=cfg.loss.kind,
                               max_logit_scale=cfg.loss.max_logit_scale)
-    run = Run(cfg, acc, model, model_cfg, tokenizer, loss_fn, optimizer, scheduler, run_dir,
-              deepspeed=acc.state.deepspeed_plugin is not None)
-    if cfg.resume:
-        load_checkpoint(run, cfg.resume)
-    if cfg.tensorboard and acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-
-        run.writer = SummaryWriter(str(run_dir / "tensorboard"))
+    logger = MetricLogger(run_dir, main=acc.is_main_process, tensorboard=cfg.tensorboard)
+    run = Run(cfg, acc, model, model_cfg, tokenizer, loss_fn, optimizer, scheduler, run_dir, ckpt, logger,
+              precision=precision, deepspeed=is_deepspeed(acc))
+    if found is not None:
+        _resume(run, found)
+    logger.start(run.step)
     return run
+
+
+def _resume(run: Run, path: Path) -> None:
+    loaded = run.ckpt.load(path, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler)
+    state = loaded.state
+    for key in ("steps", "batch_size", "accum_freq", "seed"):
+        if key in state and state[key] != getattr(run.cfg, key):
+            rprint(f"warning: {key}={getattr(run.cfg, key)} but the checkpoint was trained with {state[key]}; "
+                   "the resumed run will not reproduce an uninterrupted one")
+    run.step, run.segment = loaded.step, int(state.get("segment", loaded.step))
+    run.skipped = dict(state.get("skipped", {}))
+    run.resume_rng = loaded.rng
 
 
 def _check_batch(cfg: PretrainConfig, world: int) -> None:
@@ -195,8 +164,18 @@ def _transforms(run: Run, train: bool):
     return eval_transform(size, channels=3, mean=OPENAI_MEAN, std=OPENAI_STD)
 
 
-def _train_batches(run: Run):
-    """Infinite stream of micro-batches; re-created (re-seeded) at every checkpoint so resume is exact."""
+def _segment_of(cfg: PretrainConfig, step: int) -> int:
+    """The data segment a run is in after `step`: streams are seeded only at ckpt_every boundaries, so a
+    checkpoint written elsewhere (stop_after, the last step) does not change the data of an uninterrupted run."""
+    return (step // cfg.ckpt_every) * cfg.ckpt_every if cfg.ckpt_every else 0
+
+
+def _train_batches(run: Run, skip: int = 0, rng: dict | None = None):
+    """Infinite stream of micro-batches of the segment starting at `run.segment`, seeded from it.
+
+    A resumed run inside a segment re-creates the segment's stream, fast-forwards `skip` micro-batches (read
+    and decoded, so augmentation RNG is consumed exactly as before) and then restores the checkpoint's RNG.
+    """
     from data.loader import make_train_loader, shard_paths
 
     d = run.cfg.data
@@ -210,6 +189,16 @@ def _train_batches(run: Run):
     if run.loader is not None:  # keep the counts of the previous segment's loader
         _merge_skipped(run)
     run.loader = loader
+    stream = _epochs(loader)
+    if skip:
+        for _ in range(skip):
+            next(stream)
+        loader.skipped.clear()  # counted before the checkpoint (in run.skipped)
+        set_rng_state(rng)
+    yield from stream
+
+
+def _epochs(loader):
     epoch = 0
     while True:  # epochs of the loader (both modes); the segment's seed makes their order reproducible
         loader.set_epoch(epoch)
@@ -265,52 +254,20 @@ def backward_accumulated(acc, model, loss_fn, micro: list[dict]) -> torch.Tensor
     return loss.detach()  # every micro-step computes the same full-batch loss value
 
 
-def train_step(run: Run, micro: list[dict]) -> float:
-    """One optimizer step: accumulated backward, optional clipping, AdamW, schedule."""
+def train_step(run: Run, micro: list[dict]) -> torch.Tensor:
+    """One optimizer step: accumulated backward, optional clipping, AdamW, schedule. Returns the loss on the
+    device (no host sync; the NaN check runs at log_every and before each checkpoint, see Meter.check)."""
     loss = backward_accumulated(run.accelerator, run.model, run.loss_fn, micro)
     if run.cfg.optim.grad_clip and not run.deepspeed:
         run.accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.optim.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    return _finite_or_stop(run, loss)
-
-
-def _finite_or_stop(run: Run, loss: torch.Tensor) -> float:
-    """All ranks agree on stopping (one rank raising alone would hang the others in the next collective)."""
-    bad = torch.tensor([0.0 if torch.isfinite(loss).all() else 1.0], device=run.accelerator.device)
-    if run.accelerator.num_processes > 1:
-        bad = run.accelerator.reduce(bad, reduction="sum")
-    if bad.item() > 0:
-        latest = _latest_checkpoint(run.run_dir)
-        raise RadalignError(f"loss became {loss.item()} at step {run.step + 1}; stopped. Last good checkpoint: "
-                            f"{latest or 'none yet'}. Lower optim.lr, enable optim.grad_clip, or check the data.")
-    return float(loss.item())
+    return loss
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Train loop
-
-
-class _Meter:
-    """Throughput and data-wait bookkeeping between two log lines."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.t0, self.wait, self.samples, self.losses = time.perf_counter(), 0.0, 0, []
-
-    def summary(self) -> dict:
-        elapsed = max(time.perf_counter() - self.t0, 1e-9)
-        return {"samples_per_s": self.samples / elapsed, "data_wait": self.wait / elapsed,
-                "loss": sum(self.losses) / max(len(self.losses), 1)}
-
-
-def peak_memory_gb() -> float:
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is KiB on Linux
 
 
 def train(run: Run) -> dict:
@@ -320,28 +277,30 @@ def train(run: Run) -> dict:
     end = cfg.stop_after or cfg.steps
     bar = tqdm(total=cfg.steps, initial=run.step, disable=not acc.is_main_process, desc="pretrain",
                dynamic_ncols=True)
-    meter, batches = _Meter(), _train_batches(run)
+    meter = Meter(acc)
+    batches = _train_batches(run, skip=(run.step - run.segment) * cfg.accum_freq, rng=run.resume_rng)
     run.model.train()
     while run.step < end:
         t = time.perf_counter()
         micro = [_to_device(_prepare_batch(run, next(batches)), acc.device) for _ in range(cfg.accum_freq)]
-        meter.wait += time.perf_counter() - t
+        wait = time.perf_counter() - t
         loss = train_step(run, micro)
         run.step += 1
-        meter.samples += sum(len(b["image"]) for b in micro) * acc.num_processes
-        meter.losses.append(loss)
+        meter.add(run.step, loss, samples=sum(len(b["image"]) for b in micro) * acc.num_processes, wait=wait)
         bar.update(1)
         if run.step % cfg.log_every == 0 or run.step == end:
             _log(run, meter, bar)
         if cfg.val_every and run.step % cfg.val_every == 0 and run.step < cfg.steps:
-            _log_metrics(run, validate(run))
+            run.logger.log(run.step, validate(run))
         if (cfg.ckpt_every and run.step % cfg.ckpt_every == 0) or run.step == end:
+            meter.check(last_good=run.ckpt.latest_pointer(), hint=NAN_HINT)  # never checkpoint a NaN model
             save_checkpoint(run)
-            run.segment = run.step
-            batches = _train_batches(run)  # re-seeded from the step, exactly as a resumed run would
+            if _segment_of(cfg, run.step) != run.segment:
+                run.segment = run.step
+                batches = _train_batches(run)  # seeded from the step, exactly as a resumed run would be
     bar.close()
     final = validate(run) if run.step == cfg.steps and cfg.data.val_split else {}
-    _log_metrics(run, final)
+    run.logger.log(run.step, final)
     return final
 
 
@@ -353,27 +312,13 @@ def _prepare_batch(run: Run, batch: dict) -> dict:
     return batch
 
 
-def _log(run: Run, meter: _Meter, bar) -> None:
-    row = {"step": run.step, **meter.summary(), "lr": run.optimizer.param_groups[0]["lr"],
+def _log(run: Run, meter: Meter, bar) -> None:
+    row = {"step": run.step, **meter.summary(last_good=run.ckpt.latest_pointer(), hint=NAN_HINT),
+           "lr": run.optimizer.param_groups[0]["lr"],
            "logit_scale": float(run.accelerator.unwrap_model(run.model).logit_scale.detach().exp().reshape(-1)[0]),
            "peak_mem_gb": peak_memory_gb()}
     bar.set_postfix(loss=f"{row['loss']:.3f}", sps=f"{row['samples_per_s']:.0f}", wait=f"{row['data_wait']:.0%}")
-    _log_metrics(run, row)
-    meter.reset()
-
-
-def _log_metrics(run: Run, row: dict) -> None:
-    if not row or not run.accelerator.is_main_process:
-        return
-    row = {"step": run.step, **row}
-    run.history.append(row)
-    with open(run.run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if run.writer is not None:
-        for k, v in row.items():
-            if k != "step" and isinstance(v, (int, float)):
-                run.writer.add_scalar(k, v, run.step)
-        run.writer.flush()
+    run.logger.log(run.step, row)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -382,77 +327,41 @@ def _log_metrics(run: Run, row: dict) -> None:
 
 @torch.no_grad()
 def validate(run: Run) -> dict:
-    from pretrain.validation import embed_split, retrieval_recall, zero_shot_auroc
+    from pretrain.validation import embed_part, merge_parts, retrieval_recall, zero_shot_auroc
 
-    d = run.cfg.data
+    d, acc = run.cfg.data, run.accelerator
     if not d.val_split:
         return {}
     run.model.eval()
-    emb = embed_split(run.accelerator, run.model, run.tokenizer, d.shards, d.val_split,
-                      _transforms(run, train=False), batch_size=run.cfg.batch_size, max_samples=d.val_max_samples)
+    part = embed_part(eval_module(acc, run.model), run.tokenizer, d.shards, d.val_split,
+                      _transforms(run, train=False), batch_size=run.cfg.batch_size, max_samples=d.val_max_samples,
+                      device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
+    parts = gather_to_main(acc, part)
+    emb = merge_parts(parts) if parts is not None else None
     metrics: dict = {}
-    if emb is not None and run.accelerator.is_main_process:
+    if emb is not None:
+        core = acc.unwrap_model(run.model)
+        scale = min(float(core.logit_scale.detach().exp().reshape(-1)[0]), run.cfg.loss.max_logit_scale)
         metrics.update(retrieval_recall(emb))
-        metrics.update(zero_shot_auroc(emb, run.accelerator.unwrap_model(run.model), run.tokenizer))
+        metrics.update(zero_shot_auroc(emb, core, run.tokenizer, logit_scale=scale))
         rprint("validation: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
     run.model.train()
     return {f"val/{k}": v for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic folders, a `latest` pointer, exact resume
-
-
-def _latest_checkpoint(run_dir: Path) -> Path | None:
-    pointer = run_dir / CKPT_DIR / LATEST
-    if pointer.is_file():
-        path = run_dir / CKPT_DIR / pointer.read_text().strip()
-        if path.is_dir():
-            return path
-    return None
+# Checkpoints: radalign.training.CheckpointManager (safetensors + JSON, sha256, verified fallback, no pickle)
 
 
 def save_checkpoint(run: Run) -> Path:
-    acc = run.accelerator
-    root = run.run_dir / CKPT_DIR
-    name = f"step-{run.step:07d}"
-    tmp = root / f".{name}.tmp"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    acc.save_state(str(tmp))  # model, optimizer, scheduler, scaler, RNG of every process
-    acc.wait_for_everyone()
-    if acc.is_main_process:
-        atomic_write_json(tmp / "trainer_state.json", {"step": run.step, "segment": run.step,
-                                                        "model_cfg": run.model_cfg})
-        final = root / name
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        atomic_write_text(root / LATEST, name + "\n")
-        _prune(root, run.cfg.keep_checkpoints)
-    acc.wait_for_everyone()
-    return root / name
-
-
-def _prune(root: Path, keep: int) -> None:
-    steps = sorted(p for p in root.glob("step-*") if p.is_dir())
-    for old in steps[:-max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(run: Run, which: str) -> None:
-    """`which`: 'latest', 'auto' (latest if there is one, else start fresh) or a step-* folder."""
-    if which == "auto" and _latest_checkpoint(run.run_dir) is None:
-        return
-    path = _latest_checkpoint(run.run_dir) if which in ("latest", "auto") else Path(which)
-    if path is None or not (path / "trainer_state.json").is_file():
-        raise RadalignError(f"resume={which}: no complete checkpoint found "
-                            f"(looked in {run.run_dir / CKPT_DIR}); start without resume or pass a step-* folder")
-    run.accelerator.load_state(str(path))
-    state = json.loads((path / "trainer_state.json").read_text())
-    run.step, run.segment = int(state["step"]), int(state["segment"])
-    rprint(f"resumed from {path} at step {run.step}")
+    if run.loader is not None:
+        _merge_skipped(run)
+    boundary = bool(run.cfg.ckpt_every) and run.step % run.cfg.ckpt_every == 0
+    state = {"segment": run.step if boundary else run.segment,  # where the stream after this step starts
+             "skipped": dict(run.skipped), "steps": run.cfg.steps, "batch_size": run.cfg.batch_size,
+             "accum_freq": run.cfg.accum_freq, "seed": run.cfg.seed, "precision": run.precision,
+             "model_cfg": run.model_cfg}
+    return run.ckpt.save(run.step, model=run.model, optimizer=run.optimizer, scheduler=run.scheduler, state=state)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -474,33 +383,30 @@ def export(run: Run) -> Path:
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path:
-    run = setup(cfg)
-    try:
-        if run.step >= (cfg.stop_after or cfg.steps):
-            rprint(f"nothing to do: checkpoint is at step {run.step}")
-        else:
-            train(run)
-        if run.step == cfg.steps:
-            export(run)
-        if run.loader is not None:
-            _merge_skipped(run)
-        if run.accelerator.is_main_process:
-            atomic_write_json(run.run_dir / "summary.json", {
-                "step": run.step, "history_tail": run.history[-5:], "peak_mem_gb": peak_memory_gb(),
-                "skipped_samples_rank0": run.skipped})
-            if run.skipped:
-                rprint(f"skipped samples on rank 0 (by reason): {run.skipped}")
-    finally:
-        if run.writer is not None:
-            run.writer.close()
-        run.accelerator.end_training()  # clean process-group teardown (DeepSpeed + gloo hangs without it)
-        _reset_accelerate_state()
+    with run_lock(cfg.run_dir):
+        run = setup(cfg)
+        try:
+            _run(run)
+        finally:
+            run.logger.close()
+            run.accelerator.end_training()  # clean process-group teardown (DeepSpeed + gloo hangs without it)
+            reset_accelerate_state()
     return run.run_dir
 
 
-def _reset_accelerate_state() -> None:
-    """Let a later run in the same process (tests, notebooks) choose other precision/plugins."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+def _run(run: Run) -> None:
+    cfg = run.cfg
+    if run.step >= (cfg.stop_after or cfg.steps):
+        rprint(f"nothing to do: checkpoint is at step {run.step}")
+    else:
+        train(run)
+    if run.step == cfg.steps:
+        export(run)
+    if run.loader is not None:
+        _merge_skipped(run)
+    if run.accelerator.is_main_process:
+        atomic_write_json(run.run_dir / "summary.json", {
+            "step": run.step, "history_tail": run.history[-5:], "peak_mem_gb": peak_memory_gb(),
+            "precision": run.precision, "skipped_samples_rank0": run.skipped})
+        if run.skipped:
+            rprint(f"skipped samples on rank 0 (by reason): {run.skipped}")

@@ -1,10 +1,12 @@
 """`radalign retrieval build`: stream a shard split through the encoders and write an index folder.
 
-    shards (data.loader.make_eval_loader) -> image embeddings [N, D] (+ report embeddings with modality "both")
+    shards (data.embed.embed_split: decode, transform and thumbnails in the loader workers)
+      -> image embeddings [N, D] (+ report embeddings with modality "both")
       -> L2-normalise -> plan (index.plan_index) -> build + tune -> store.write_index_dir
 
-Samples the loader cannot read are skipped there and counted by reason; the counts go into the manifest and
-the printout.
+Every sample the manifest lists is either indexed or counted lost, by reason (a bad shard counts its lost
+samples, not 1); the counts go into the manifest (`data.lost`, `data.expected`) and the printout. The output
+folder is locked for the whole build (`radalign.lock.output_lock`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.embed import context_report
 from data.labels import CHEXPERT_LABELS
 from data.sections import SECTION_KEYS
 from radalign import RadalignError
+from radalign.lock import output_lock
 from radalign.log import get_logger
 from retrieval import index as ix
 from retrieval.store import check_out_dir, metadata_table, now_iso, write_index_dir
@@ -41,7 +45,9 @@ class EmbeddedCases:
     keys: list[str]
     thumbnails: list[bytes] | None = None
     text: np.ndarray | None = None  # [N, D] report embeddings (modality "both")
-    skipped: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)  # samples lost, by reason (data.embed's `lost`)
+    expected: int | None = None  # samples the manifest lists for the split
+    texts_cut: dict | None = None  # reports longer than the text context (data.embed.context_report)
 
 
 def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
@@ -61,29 +67,17 @@ def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
 def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
                  thumbnail_size: int = 96, with_text: bool = False, progress: bool = True,
                  desc: str = "embed") -> EmbeddedCases:
-    """One pass over `data/<split>` shards: image embeddings, raw texts, metadata (and thumbnails, reports)."""
-    from data.loader import make_eval_loader, shard_paths
+    """One pass over `data/<split>` shards (`data.embed.embed_split`): image embeddings, raw texts, metadata,
+    thumbnails (made in the loader workers) and, with `with_text`, report embeddings."""
+    from data.embed import embed_split
 
-    loader = make_eval_loader(shard_paths(data, split), batch_size=batch_size, transform=encoders.image_transform(),
-                              num_workers=num_workers)
-    mean, std = encoders.config["mean"], encoders.config["std"]
-    chunks, texts, metas, keys, thumbs = [], [], [], [], []
-    total = loader.num_batches if loader.num_batches is not None else None
-    for batch in tqdm(loader, total=total, desc=f"{desc} {split}", unit="batch", disable=not progress):
-        chunks.append(encoders.encode_images(batch["image"]).cpu().numpy())  # [B, D]
-        texts += batch["text"]
-        metas += batch["meta"]
-        keys += batch["key"]
-        if thumbnail_size > 0:
-            thumbs += [thumbnail_jpeg(im, mean, std, thumbnail_size) for im in batch["image"]]
-    if not chunks:
-        raise RadalignError(f"{data} split {split!r}: no readable samples (skipped: {dict(loader.skipped)}); "
-                            f"check the shards with `radalign data info`")
-    image = ix.normalize(np.concatenate(chunks))
-    cases = EmbeddedCases(image, texts, metas, keys, thumbs if thumbnail_size > 0 else None,
-                          skipped=dict(loader.skipped))
+    emb = embed_split(encoders.encode_images, data, split, encoders.image_transform(), batch_size=batch_size,
+                      num_workers=num_workers, thumbnail_size=thumbnail_size or None, progress=progress)
+    cases = EmbeddedCases(emb.image, emb.texts, emb.meta, emb.keys, emb.thumbnails, skipped=dict(emb.lost),
+                          expected=emb.expected)
     if with_text:
-        cases.text = embed_texts(encoders, texts, progress=progress)
+        cases.text = embed_texts(encoders, emb.texts, progress=progress)
+        cases.texts_cut = context_report(encoders.tokenize, list(dict.fromkeys(emb.texts)), what="reports")
     return cases
 
 
@@ -148,6 +142,15 @@ def build_index_dir(out: str | os.PathLike, *, encoders, data: str | os.PathLike
     if not 0 < recall_target <= 1:
         raise RadalignError(f"--recall-target {recall_target}: must be in (0, 1]")
     check_out_dir(out)  # before the (long) embedding pass
+    with output_lock(out, what="--out"):
+        return _build_locked(out, encoders=encoders, data=data, split=split, checkpoint=checkpoint,
+                             modality=modality, index=index, memory_budget=memory_budget, flat_max=flat_max,
+                             recall_target=recall_target, batch_size=batch_size, num_workers=num_workers,
+                             thumbnail_size=thumbnail_size, seed=seed, progress=progress)
+
+
+def _build_locked(out, *, encoders, data, split, checkpoint, modality, index, memory_budget, flat_max,
+                  recall_target, batch_size, num_workers, thumbnail_size, seed, progress) -> dict:
     t0 = time.perf_counter()
     budget = ix.parse_memory(memory_budget)
     cases = embed_shards(encoders, data, split, batch_size=batch_size, num_workers=num_workers,
@@ -168,7 +171,9 @@ def build_index_dir(out: str | os.PathLike, *, encoders, data: str | os.PathLike
         "metric": "inner_product",
         "modalities": list(vectors),
         "indexes": info,
-        "data": {"root": str(Path(data).resolve()), "split": split, "skipped": cases.skipped,
+        "data": {"root": str(Path(data).resolve()), "split": split, "expected": cases.expected,
+                 "lost": cases.skipped, "skipped": cases.skipped,  # "skipped": the old name of "lost"
+                 "texts_cut": cases.texts_cut,
                  "studies": len({m.get("study_id") for m in cases.metas}),
                  "subjects": len({m.get("subject_id") for m in cases.metas})},
         "thumbnail_size": thumbnail_size if cases.thumbnails is not None else 0,

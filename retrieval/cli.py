@@ -84,6 +84,9 @@ def register(sub) -> None:
     e.add_argument("--split", default="test", help="query split (default: %(default)s)")
     e.add_argument("--out", help="folder for metrics.json (default: print only)")
     e.add_argument("--checkpoint", metavar="RUN_OR_EXPORT", help="encoders (default: recorded in the index)")
+    e.add_argument("--bootstrap", type=int, default=1000,
+                   help="patient-level bootstrap resamples for the 95%% intervals; 0: none (default: %(default)s)")
+    e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     _common(e)
     e.set_defaults(func=_eval)
 
@@ -108,9 +111,13 @@ def _build(args) -> int:
         t = entry["tuning"]
         tuned = f", recall@10 {t['recall']:.3f} with {entry['params']}" if entry["params"] else ""
         rprint(f"{name}: {entry['index_string']} ({entry['reason']}){tuned}")
-    skipped = {k: v for k, v in m["data"]["skipped"].items() if v}
-    rprint(f"indexed {m['count']} images of {m['data']['studies']} studies in {m['build_seconds']:.1f}s"
-           + (f"; skipped {skipped}" if skipped else "") + f" -> {args.out}")
+    lost = {k: v for k, v in (m["data"].get("lost") or {}).items() if v}
+    expected = m["data"].get("expected")
+    of = f" of {expected}" if expected is not None else ""
+    lost_text = (f"; lost {sum(lost.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(lost.items()))
+                 if lost else "; none lost")
+    rprint(f"indexed {m['count']}{of} images of {m['data']['studies']} studies in {m['build_seconds']:.1f}s"
+           + lost_text + f" -> {args.out}")
     return 0
 
 
@@ -148,7 +155,7 @@ def _eval(args) -> int:
 
     r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
     m = evaluate(r, args.queries, args.split, out=args.out, batch_size=args.batch_size,
-                 num_workers=args.num_workers)
+                 num_workers=args.num_workers, n_boot=args.bootstrap, seed=args.seed)
     rprint(format_metrics(m))
     if args.out:
         rprint(f"wrote {args.out}/metrics.json")

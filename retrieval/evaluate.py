@@ -9,6 +9,12 @@ Image-to-image (queries against the index's case base, through `Retriever.search
 excluded and studies de-duplicated): label precision@K = share of the K neighbours that carry at least one of
 the query's positive labels, over queries with a positive label.
 
+Recall@K is `radalign.metrics.recall_at_k` (the share of queries with at least one positive among their top K
+candidates; pretrain validation uses the same function on its own candidate set, so compare values only with
+the same candidates). Each metric comes with a patient-level bootstrap interval (`radalign.metrics.mean_ci`:
+patients resampled, all their queries together); a report->image query (a distinct report) belongs to the
+patient of its first image.
+
 Chance levels are exact expectations under a random ranking:
     R@K   = 1 - C(M - P, K) / C(M, K)   for a query with P positives among M candidates (hypergeometric)
     P@K   = share of case-base studies carrying one of the query's positive labels (sampling without
@@ -25,7 +31,9 @@ import numpy as np
 from scipy.special import gammaln
 
 from data.text import normalize_report
+from radalign import metrics as rm
 from radalign.io import atomic_write_json
+from radalign.lock import output_lock
 from radalign.log import get_logger
 from retrieval.search import Retriever
 
@@ -48,24 +56,51 @@ def _log_comb(n: np.ndarray, k: int) -> np.ndarray:
     return gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1)
 
 
-def recall_at_ks(sim: np.ndarray, pos: np.ndarray, ks=KS) -> dict:
-    """Recall@K (a positive in the top K) with chance, for similarities [Q, M] and a boolean positives mask."""
-    order = np.argsort(-sim, axis=1, kind="stable")  # [Q, M]
-    ranked_pos = np.take_along_axis(pos, order, axis=1)  # [Q, M]
-    first = np.where(ranked_pos.any(1), ranked_pos.argmax(1), sim.shape[1])  # rank of the first positive [Q]
+RECALL_DEFINITION = "share of queries with at least one positive among their top K candidates"
+PRECISION_DEFINITION = ("share of the K nearest cases (other patients, one image per study) carrying at least one "
+                        "of the query's positive labels, averaged over queries with a positive label")
+
+
+def _ci(values, patients, n_boot: int, seed: int, level: float) -> dict:
+    if patients is None or n_boot < 1:
+        return {}
+    r = rm.mean_ci(values, patients, n_boot=n_boot, seed=seed, level=level)
+    return {"ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+
+
+def _unit_info(patients, n_boot: int, seed: int, level: float) -> dict:
+    if patients is None or n_boot < 1:
+        return {"unit": None}
+    return {"unit": rm.UNIT, "n_patients": len(set(patients)), "n_boot": n_boot, "seed": seed, "level": level}
+
+
+def recall_at_ks(sim: np.ndarray, pos: np.ndarray, ks=KS, *, patients=None, n_boot: int = 1000, seed: int = 0,
+                 level: float = 0.95) -> dict:
+    """Recall@K (a positive in the top K) with chance, for similarities [Q, M] and a boolean positives mask.
+
+    patients [Q]: the query's patient; given, each R@K gets a patient bootstrap interval (R@K_ci_low/high).
+    """
+    recall = rm.recall_at_k(sim, pos, ks)
+    first = rm.first_positive_rank(sim, pos)  # [Q] per-query rank of the first positive
     num_pos = pos.sum(1)  # [Q]
-    out = {}
+    out: dict = {"definition": RECALL_DEFINITION}
     for k in ks:
-        out[f"R@{k}"] = float(np.mean(first < k))
+        out[f"R@{k}"] = recall[k]
         out[f"R@{k}_chance"] = float(np.mean(chance_recall(num_pos, sim.shape[1], k)))
+        for end, v in _ci((first < k).astype(float), patients, n_boot, seed, level).items():
+            out[f"R@{k}_{end}"] = v
     out["queries"], out["candidates"] = int(sim.shape[0]), int(sim.shape[1])
     out["mean_positives"] = float(num_pos.mean())
+    out.update(_unit_info(patients, n_boot, seed, level))
     return out
 
 
 def cross_modal(image_emb: np.ndarray, text_emb: np.ndarray, texts: list[str], studies: list,
-                ks=KS) -> dict:
-    """Image->report and report->image recall within one split. image_emb/text_emb: [N, D] per image row."""
+                ks=KS, *, subjects: list | None = None, n_boot: int = 1000, seed: int = 0,
+                level: float = 0.95) -> dict:
+    """Image->report and report->image recall within one split. image_emb/text_emb: [N, D] per image row.
+
+    subjects [N]: each image's patient, for the patient bootstrap (None: no intervals)."""
     norm = [normalize_report(t) for t in texts]
     unique = list(dict.fromkeys(norm))  # distinct normalised reports = report candidates / queries
     u_index = {t: i for i, t in enumerate(unique)}
@@ -81,12 +116,18 @@ def cross_modal(image_emb: np.ndarray, text_emb: np.ndarray, texts: list[str], s
     for i, (s, t) in enumerate(zip(studies, norm)):
         pos[i, list(study_reports[s] | {u_index[t]})] = True
     sim = image_emb @ reports.T  # [N, U]
-    return {"image_to_report": recall_at_ks(sim, pos, ks), "report_to_image": recall_at_ks(sim.T, pos.T, ks)}
+    report_patients = [subjects[first_row[t]] for t in unique] if subjects is not None else None
+    kw = dict(n_boot=n_boot, seed=seed, level=level)
+    return {"image_to_report": recall_at_ks(sim, pos, ks, patients=subjects, **kw),
+            "report_to_image": recall_at_ks(sim.T, pos.T, ks, patients=report_patients, **kw)}
 
 
 def label_precision(retriever: Retriever, queries: np.ndarray, query_labels: np.ndarray, subjects: list,
-                    ks=KS) -> dict:
-    """Image->image label precision@K against the index, with chance. query_labels: [Q, L] 1/0/-1/NaN."""
+                    ks=KS, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Image->image label precision@K against the index, with chance and a patient bootstrap interval.
+
+    query_labels: [Q, L] 1/0/-1/NaN; subjects [Q]: each query's patient (left out of its neighbours, and the
+    bootstrap unit). Exactly the K nearest remaining cases count, each study once."""
     base = retriever.store.label_matrix() == 1  # [N, L]
     qpos = query_labels == 1  # [Q, L]
     has = qpos.any(1)
@@ -99,7 +140,9 @@ def label_precision(retriever: Retriever, queries: np.ndarray, query_labels: np.
     _, first = np.unique(studies, return_index=True)
     base_studies = base[first]  # [S, L]
     shares = (qpos[has].astype(np.float32) @ base_studies.T.astype(np.float32) > 0).mean(1)  # [Q']
-    out: dict = {"queries": int(has.sum()), "skipped_no_positive_label": int((~has).sum())}
+    out: dict = {"definition": PRECISION_DEFINITION, "queries": int(has.sum()),
+                 "skipped_no_positive_label": int((~has).sum())}
+    patients = [str(s) for s in np.asarray(subjects)[has]]
     for k in ks:
         prec = []
         for h, q in zip(hits, qpos[has]):
@@ -107,12 +150,25 @@ def label_precision(retriever: Retriever, queries: np.ndarray, query_labels: np.
             prec.append(float((base[rows] & q).any(1).mean()) if rows else 0.0)
         out[f"P@{k}"] = float(np.mean(prec))
         out[f"P@{k}_chance"] = float(shares.mean())
+        for end, v in _ci(prec, patients, n_boot, seed, level).items():
+            out[f"P@{k}_{end}"] = v
+    out.update(_unit_info(patients, n_boot, seed, level))
     return out
 
 
 def evaluate(retriever: Retriever, data: str | os.PathLike, split: str = "test", *, out: str | os.PathLike | None,
-             batch_size: int = 64, num_workers: int = 0, progress: bool = True, ks=KS) -> dict:
-    """Embed the query split, score both tasks, write OUT/metrics.json; returns the metrics."""
+             batch_size: int = 64, num_workers: int = 0, progress: bool = True, ks=KS, n_boot: int = 1000,
+             seed: int = 0, level: float = 0.95) -> dict:
+    """Embed the query split, score both tasks, write OUT/metrics.json (OUT locked); returns the metrics."""
+    if out:
+        with output_lock(out, what="--out"):
+            return _evaluate(retriever, data, split, out=out, batch_size=batch_size, num_workers=num_workers,
+                             progress=progress, ks=ks, n_boot=n_boot, seed=seed, level=level)
+    return _evaluate(retriever, data, split, out=None, batch_size=batch_size, num_workers=num_workers,
+                     progress=progress, ks=ks, n_boot=n_boot, seed=seed, level=level)
+
+
+def _evaluate(retriever, data, split, *, out, batch_size, num_workers, progress, ks, n_boot, seed, level) -> dict:
     from retrieval.build import embed_shards
 
     enc = retriever.encoders
@@ -122,35 +178,57 @@ def evaluate(retriever: Retriever, data: str | os.PathLike, split: str = "test",
     subjects = [str(m.get("subject_id")) for m in cases.metas]
     labels = np.array([[np.nan if (m.get("labels") or {}).get(n) is None else float(m["labels"][n])
                         for n in retriever.store.labels] for m in cases.metas], dtype=np.float32)  # [Q, L]
+    kw = dict(n_boot=n_boot, seed=seed, level=level)
     metrics = {
-        "index": str(retriever.store.path), "queries": {"data": str(Path(data).resolve()), "split": split,
-                                                       "images": len(studies), "skipped": cases.skipped},
-        **cross_modal(cases.image, cases.text, cases.texts, studies, ks),
-        "image_to_image": label_precision(retriever, cases.image, labels, subjects, ks),
+        "index": str(retriever.store.path),
+        "queries": {"data": str(Path(data).resolve()), "split": split, "images": len(studies),
+                    "patients": len(set(subjects)), "expected": cases.expected, "lost": cases.skipped,
+                    "skipped": cases.skipped, "texts_cut": cases.texts_cut},
+        "bootstrap": {"unit": rm.UNIT, "n_patients": len(set(subjects)), "n_boot": n_boot, "seed": seed,
+                      "level": level, "method": "percentile"},
+        **cross_modal(cases.image, cases.text, cases.texts, studies, ks, subjects=subjects, **kw),
+        "image_to_image": label_precision(retriever, cases.image, labels, subjects, ks, **kw),
     }
+    i2r, r2i, i2i = metrics["image_to_report"], metrics["report_to_image"], metrics["image_to_image"]
     metrics["summary"] = {
-        "image_to_report_R@10": metrics["image_to_report"]["R@10"],
-        "image_to_report_R@10_chance": metrics["image_to_report"]["R@10_chance"],
-        "report_to_image_R@10": metrics["report_to_image"]["R@10"],
-        "label_P@5": metrics["image_to_image"].get("P@5"),
-        "label_P@5_chance": metrics["image_to_image"].get("P@5_chance"),
+        "image_to_report_R@10": i2r["R@10"],
+        "image_to_report_R@10_chance": i2r["R@10_chance"],
+        "image_to_report_R@10_ci": [i2r.get("R@10_ci_low"), i2r.get("R@10_ci_high")],
+        "report_to_image_R@10": r2i["R@10"],
+        "report_to_image_R@10_ci": [r2i.get("R@10_ci_low"), r2i.get("R@10_ci_high")],
+        "label_P@5": i2i.get("P@5"),
+        "label_P@5_chance": i2i.get("P@5_chance"),
+        "label_P@5_ci": [i2i.get("P@5_ci_low"), i2i.get("P@5_ci_high")],
+        "ci_unit": rm.UNIT, "ci_level": level,
     }
     if out:
         atomic_write_json(Path(out) / "metrics.json", metrics)
     return metrics
 
 
+def _cell(r: dict, name: str) -> str:
+    lo, hi = r.get(f"{name}_ci_low"), r.get(f"{name}_ci_high")
+    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
+    return f"{r[name]:.3f}{ci} (chance {r[f'{name}_chance']:.3f})"
+
+
 def format_metrics(m: dict, ks=KS) -> str:
-    """The printed table: each number with its chance level beside it."""
-    lines = [f"{'task':18s} " + "  ".join(f"{'@' + str(k):>17s}" for k in ks), ""]
+    """The printed table: each number with its patient-level interval and its chance level beside it."""
+    lines = [f"{'task':18s} " + "  ".join(f"{'@' + str(k):>32s}" for k in ks), ""]
     for task, key in (("image->report", "image_to_report"), ("report->image", "report_to_image")):
         r = m[key]
-        lines.append(f"{task + ' R':18s} " + "  ".join(f"{r[f'R@{k}']:.3f} (chance {r[f'R@{k}_chance']:.3f})"
-                                                         for k in ks) + f"   {r['queries']} queries")
+        lines.append(f"{task + ' R':18s} " + "  ".join(_cell(r, f"R@{k}") for k in ks) + f"   {r['queries']} queries")
     p = m["image_to_image"]
     if p.get("queries"):
-        lines.append(f"{'image->image P':18s} " + "  ".join(f"{p[f'P@{k}']:.3f} (chance {p[f'P@{k}_chance']:.3f})"
-                                                            for k in ks) + f"   {p['queries']} queries")
+        lines.append(f"{'image->image P':18s} " + "  ".join(_cell(p, f"P@{k}") for k in ks)
+                     + f"   {p['queries']} queries")
+    b = m.get("bootstrap") or {}
+    if b.get("unit"):
+        lines += ["", f"[lo, hi]: {round(100 * b['level'])}% percentile bootstrap over patients ({b['n_patients']} "
+                      f"patients resampled, all their queries together; {b['n_boot']} resamples, seed {b['seed']})"]
+    lost = (m.get("queries") or {}).get("lost")
+    if lost:
+        lines.append(f"queries lost on read: {sum(lost.values())} ({', '.join(f'{k} {v}' for k, v in sorted(lost.items()))})")
     return "\n".join(lines)
 
 

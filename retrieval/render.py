@@ -23,33 +23,42 @@ def _query_title(q: dict) -> str:
 
 
 def _md_cell(text) -> str:
-    return str(text if text is not None else "").replace("|", "\\|").replace("\n", " ")
+    """Any text (report excerpts are untrusted) for Markdown: HTML-escaped, so `<script>` or `<img onerror>`
+    render as text; brackets escaped (no links or images); pipes and line breaks cannot break the table."""
+    t = html.escape(str(text if text is not None else ""), quote=True)
+    t = t.replace("\\", "\\\\").replace("[", "\\[").replace("]", "\\]").replace("`", "\\`")
+    return t.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
 
 def to_markdown(res: SearchResult) -> str:
     q = res.query
-    lines = [f"# Similar cases for {_query_title(q)}", ""]
+    lines = [f"# Similar cases for {_md_cell(_query_title(q))}", ""]
+    if q.get("text_cut"):
+        c = q["text_cut"]
+        lines += [f"Note: the query text has {c['chars']} characters; the text tower reads {c['context_tokens']} "
+                  f"tokens, about the first {c['chars_used']} characters.", ""]
     if q.get("labels") is not None:
-        lines += [f"Query labels: {', '.join(q['labels']) or 'none positive'}", ""]
+        lines += [f"Query labels: {_md_cell(', '.join(q['labels']) or 'none positive')}", ""]
     if q.get("excerpt"):
-        lines += [f"Query report: {q['excerpt']}", ""]
+        lines += [f"Query report: {_md_cell(q['excerpt'])}", ""]
     lines += ["## Why these cases", ""]
     if res.explanation:
         for e in res.explanation:
             has = "" if e["query_has"] is None else (" (query: yes)" if e["query_has"] else " (query: no)")
-            lines.append(f"- **{e['text']}** (similarity-weighted {e['weighted']:.0%}){has}: studies "
-                         f"{', '.join(map(str, e['studies']))}")
+            lines.append(f"- **{_md_cell(e['text'])}** (similarity-weighted {e['weighted']:.0%}){has}: studies "
+                         f"{_md_cell(', '.join(map(str, e['studies'])))}")
     else:
         lines.append("- none of the neighbours carries a positive label")
     lines += ["", f"## {len(res.neighbours)} most similar cases (k={res.k})", "",
               "| # | similarity | study | patient | view | labels | outcome | report excerpt |",
               "|---|---|---|---|---|---|---|---|"]
     for n in res.neighbours:
-        lines.append(f"| {n['rank']} | {n['similarity']:.3f} | {n['study_id']} | {n['subject_id']} | "
+        lines.append(f"| {n['rank']} | {n['similarity']:.3f} | {_md_cell(n['study_id'])} | {_md_cell(n['subject_id'])} | "
                      f"{_md_cell(n['view'])} | {_md_cell(', '.join(n['labels']))} | {_md_cell(n['outcomes'])} | "
                      f"{_md_cell(n['excerpt'])} |")
-    lines += ["", _filter_note(res), "", f"Index: {res.index['index_string']} {res.index['params'] or ''}, "
-              f"{res.index['count']} images, encoder {res.index['encoder_checksum'][:12]}", ""]
+    lines += ["", _filter_note(res), "", f"Index: {_md_cell(res.index['index_string'])} "
+              f"{_md_cell(res.index['params'] or '')}, {res.index['count']} images, encoder "
+              f"{_md_cell(res.index['encoder_checksum'][:12])}", ""]
     return "\n".join(lines)
 
 
@@ -75,6 +84,10 @@ def to_html(res: SearchResult) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>Similar cases</title><style>{_CSS}"
              f"</style></head><body><h1>Similar cases for {e(_query_title(q))}</h1>",
              f"<div class='q'>{_img(q.get('thumbnail'))}"]
+    if q.get("text_cut"):
+        c = q["text_cut"]
+        parts.append(f"<p class='muted'>Note: the query text has {int(c['chars'])} characters; the text tower "
+                     f"reads {int(c['context_tokens'])} tokens, about the first {int(c['chars_used'])} characters.</p>")
     if q.get("labels") is not None:
         parts.append(f"<p>Query labels: {e(', '.join(q['labels']) or 'none positive')}</p>")
     if q.get("excerpt"):

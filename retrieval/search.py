@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from data.embed import check_query_text
 from radalign import RadalignError
 from radalign.log import get_logger
 from retrieval import index as ix
@@ -66,6 +67,7 @@ class Retriever:
         self._encoders = None
         self._checkpoint = checkpoint
         self._device = device
+        self.last_text_cut: dict | None = None  # lengths when the last text query was longer than the context
         if encoders is not None:
             self.encoders = encoders
 
@@ -105,6 +107,7 @@ class Retriever:
         if not isinstance(text, str) or not text.strip():
             raise RadalignError("--text: empty query text; give a report sentence, e.g. --text \"large left "
                                 "pleural effusion\"")
+        self.last_text_cut = check_query_text(self.encoders.tokenize, text)  # warns with the lengths
         return ix.normalize(self.encoders.encode_texts([text]).cpu().numpy())[0]
 
     # ------------------------------------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class Retriever:
         elif text is not None:
             q = self.embed_text(text)
             query.update(kind="text", text=text)
+            if self.last_text_cut:
+                query["text_cut"] = self.last_text_cut  # chars, chars_used, context_tokens
         elif study_id is not None:
             q, info = self._study_query(study_id, target)
             query.update(info)
@@ -308,20 +313,23 @@ def check_encoder(manifest: dict, enc, where) -> None:
                             f"{want.get('checkpoint')} or rebuild the index with this checkpoint")
 
 
-def load_query_image(image):
-    """A PIL image, or a path opened with PIL; a clear error for missing or unreadable files."""
-    from PIL import Image, UnidentifiedImageError
+def load_query_image(image, max_pixels: int | None = None):
+    """A PIL image, or a file read through `data.images` (pixel limit checked before decoding, the one
+    grayscale conversion); a clear error for missing, oversized or unreadable files."""
+    from PIL import Image
+
+    from data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image, to_gray8
 
     if isinstance(image, Image.Image):
-        return image
+        return to_gray8(image)
     path = Path(image)
     if not path.is_file():
         raise RadalignError(f"--image {path}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+        return to_gray8(open_image(path, max_pixels=DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels))
+    except OversizedImageError as e:
+        raise RadalignError(f"--image {e}") from None
+    except Exception as e:  # untrusted file bytes: any decoder error means "not an image we can read"
         raise RadalignError(f"--image {path}: not a readable image ({type(e).__name__}); give a JPEG or PNG") from None
 
 

@@ -118,3 +118,58 @@ def test_unknown_verb_suggests(capsys):
         run(["data", "prepar"])
     assert e.value.code == 2
     assert "prepare" in capsys.readouterr().err
+
+
+def _one_image_csv(tmp_path, body: bytes | None = None):
+    Image.new("L", (40, 30), 90).save(tmp_path / "a.png")
+    (tmp_path / "t.csv").write_bytes(body if body is not None else b"file,report\na.png,Clear.\n")
+    return ["data", "prepare-csv", "--csv", str(tmp_path / "t.csv"), "--image-col", "file", "--text-col", "report",
+            "--image-size", "20", "--no-progress", "val_fraction=0", "test_fraction=0"]
+
+
+@pytest.mark.parametrize("out", ["/proc/radalign-test/x", "FILE"])
+def test_unwritable_out_is_a_clear_error(tmp_path, capsys, out):
+    if out == "FILE":
+        out = str(tmp_path / "taken")
+        (tmp_path / "taken").write_text("a file, not a folder")
+    rc = run(_one_image_csv(tmp_path) + ["--out", out])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Traceback" not in err
+    assert f"--out {out}" in err and ("cannot create it" in err or "exists and is not a folder" in err)
+    assert "choose" in err
+
+
+def test_header_only_and_non_utf8_csv_are_clear_errors(tmp_path, capsys):
+    rc = run(_one_image_csv(tmp_path, b"file,report\n") + ["--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "but no data rows" in err and "Traceback" not in err
+    argv = _one_image_csv(tmp_path, "file,report\na.png,Épanchement pleural.\n".encode("cp1252"))
+    assert run(argv + ["--out", str(tmp_path / "o")]) == 2
+    assert "pass --encoding cp1252" in capsys.readouterr().err
+    assert run(argv + ["--out", str(tmp_path / "o"), "--encoding", "cp1252"]) == 0
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["options"]["encoding"] == "cp1252" and manifest["splits"]["train"]["samples"] == 1
+
+
+def test_outside_root_and_pixel_limit_flags(tmp_path, capsys):
+    (tmp_path / "root").mkdir()
+    Image.new("L", (40, 30), 90).save(tmp_path / "outside.png")
+    Image.new("L", (400, 300), 90).save(tmp_path / "root" / "big.png")
+    (tmp_path / "t.csv").write_text("file,report\n../outside.png,Out.\nbig.png,Big.\n")
+    base = ["data", "prepare-csv", "--csv", str(tmp_path / "t.csv"), "--image-col", "file", "--text-col", "report",
+            "--image-root", str(tmp_path / "root"), "--image-size", "20", "--no-progress", "val_fraction=0",
+            "test_fraction=0"]
+    assert run(base + ["--out", str(tmp_path / "a"), "--max-pixels", "100000"]) == 0
+    skipped = json.loads((tmp_path / "a" / "manifest.json").read_text())["skipped"]
+    assert (skipped["outside_root"], skipped["oversized_image"]) == (1, 1)
+    assert "outside_root 1" in capsys.readouterr().out
+    assert run(base + ["--out", str(tmp_path / "b"), "--allow-outside-root"]) == 0
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["samples"] == 2 and manifest["options"]["allow_outside_root"] is True
+
+
+def test_info_on_a_malformed_manifest(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "radalign-shards/1", "splits": ["train"]}))
+    assert run(["data", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json: malformed: splits: expected an object" in err and "Traceback" not in err

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
-from radalign.io import atomic_path, atomic_write_text
+from radalign.io import atomic_path, atomic_write_bytes, atomic_write_text
 
 
 def test_atomic_file_write_replaces_and_leaves_no_temporary(tmp_path):
@@ -56,3 +59,81 @@ def test_read_format_json_names_the_file_and_the_fix(tmp_path):
         read_format_json(f, "x/1", **kw)
     atomic_write_text(f, '{"format": "x/1", "n": 3}')
     assert read_format_json(f, "x/1", **kw) == {"format": "x/1", "n": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Planted faults for atomic_write_bytes: a write that fails midway (disk full / file-size limit) must leave the
+# previous content whole and no temporary behind. A direct `open(path, "wb").write(data)` fails these tests.
+
+_FILL_THEN_FAIL = """
+import resource, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)          # EFBIG as an OSError instead of a kill
+resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))  # no file of this process may grow past 4 KiB
+from radalign.io import atomic_write_bytes
+try:
+    atomic_write_bytes(sys.argv[1], b"n" * 65536)
+except OSError as e:
+    print("errno", e.errno)
+    sys.exit(3)
+"""
+
+
+def _package_root():
+    import radalign.io
+
+    return Path(radalign.io.__file__).resolve().parents[1]  # import the same copy (mutation runs use a copy)
+
+
+def test_write_failing_midway_keeps_the_old_content(tmp_path):
+    import errno
+    import subprocess
+    import sys
+
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b'{"old": true}\n')
+    proc = subprocess.run([sys.executable, "-c", _FILL_THEN_FAIL, str(target)], cwd=_package_root(),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr  # the planted fault did fire
+    assert f"errno {errno.EFBIG}" in proc.stdout
+    assert target.read_bytes() == b'{"old": true}\n'  # not truncated, not half-new
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]  # the partial temporary is gone
+
+
+def test_crash_before_the_rename_keeps_the_old_content(tmp_path, monkeypatch):
+    target = tmp_path / "latest"
+    target.write_text("step-100")
+
+    def crash(src, dst):
+        raise OSError(5, "planted crash before rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="planted crash"):
+        atomic_write_text(target, "step-200")
+    monkeypatch.undo()
+    assert target.read_text() == "step-100"
+    assert [p.name for p in tmp_path.iterdir()] == ["latest"]
+
+
+def test_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
+    """fsync of the complete temporary, then os.replace onto the target: never a rename of unsynced data."""
+    target = tmp_path / "prepare-state.json"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_size, os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino, Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(target, b"x" * 1000)
+    monkeypatch.undo()
+    assert [e[0] for e in events] == ["fsync", "replace"]
+    assert events[0][1] == 1000  # the whole payload was written before the sync
+    assert events[0][2] == events[1][1]  # the synced file is the one renamed
+    assert events[1][2] == target
+    assert target.read_bytes() == b"x" * 1000

@@ -22,6 +22,7 @@ from PIL import Image
 
 from data.labels import CHEXPERT_LABELS
 from data.loader import (
+    LOST_REASONS,
     SKIP_REASONS,
     eval_assignment,
     make_eval_loader,
@@ -564,3 +565,165 @@ def test_study_ids_map_to_stable_int64():
     assert study_int64("99999999999999999999999") < 2**63  # too big for int64: hashed
     with pytest.raises(ValueError):
         study_int64(None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Nothing lost uncounted: every shard read is checked against the manifest's per-shard counts.
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _damaged_split(root: Path, *, cut_mid_member: bool = False) -> dict:
+    """4 shards x 20 samples, manifest with the intact shards' sha256; then shard 1 is cut after 8 samples
+    (or in the middle of a member), shard 2 replaced by random bytes, and 3 JPEGs of shard 3 zeroed."""
+    import tarfile
+
+    rng = np.random.default_rng(5)
+    samples = []
+    for i in range(80):
+        jpg = _jpeg(rng)
+        if i in (61, 66, 77):
+            jpg = b"\x00" * len(jpg)
+        samples.append({"__key__": f"k{i:03d}", "jpg": jpg, "txt": TEXTS[i % 5].encode(),
+                        "json": json.dumps(_meta(i)).encode()})
+    manifest = _write(root, samples, 20)
+    for shard in manifest["splits"]["train"]["shards"]:
+        shard["sha256"] = _sha(root / shard["path"])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    cut = root / "train" / "shard-000001.tar"
+    with tarfile.open(cut) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    data = cut.read_bytes()
+    cut.write_bytes(data[: offsets[24] + (700 if cut_mid_member else 0)])  # 24 members = 8 whole samples
+    noise = root / "train" / "shard-000002.tar"
+    noise.write_bytes(np.random.default_rng(6).integers(0, 256, noise.stat().st_size, dtype=np.uint8).tobytes())
+    return manifest
+
+
+LOST = {"truncated_shard": 12, "unreadable_shard": 20, "bad_image": 3}  # of 80 manifest samples
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_eval_loader_counts_every_lost_sample_by_reason(tmp_path, workers, loader_log):
+    _damaged_split(tmp_path)
+    loader = make_eval_loader(shard_paths(tmp_path, "train"), batch_size=7, transform=eval_transform(SIZE),
+                              num_workers=workers)
+    keys = _keys_one(loader)
+    readable = {f"k{i:03d}" for i in [*range(20), *range(20, 28), *range(60, 80)] if i not in (61, 66, 77)}
+    assert sorted(keys) == sorted(readable)
+    assert loader.lost == LOST and loader.delivered == 45 and loader.expected == 80
+    assert loader.delivered + sum(loader.lost.values()) == 80  # complete once the pass has ended
+    assert set(loader.lost) <= set(LOST_REASONS)
+    logged = " ".join(r.getMessage() for r in loader_log)
+    assert "shard-000001.tar: 12 of 20 samples missing" in logged and "(truncated_shard)" in logged
+    assert "shard-000002.tar: 20 of 20 samples missing" in logged and "(unreadable_shard)" in logged
+    _keys_one(loader)  # a second pass starts from zero
+    assert loader.lost == LOST and loader.skipped == Counter({r: 2 * n for r, n in LOST.items()})
+
+
+def test_eval_loader_split_shards_count_their_share(tmp_path):
+    """Fewer shards than readers: readers split a shard by sample index; each counts only its own share."""
+    _damaged_split(tmp_path)
+    total = Counter()
+    delivered = 0
+    for rank in range(2):
+        loader = make_eval_loader(shard_paths(tmp_path, "train")[1:3], batch_size=4, rank=rank, world_size=3,
+                                  transform=eval_transform(SIZE))
+        _keys_one(loader)
+        total += loader.lost
+        delivered += loader.delivered
+    loader = make_eval_loader(shard_paths(tmp_path, "train")[1:3], batch_size=4, rank=2, world_size=3,
+                              transform=eval_transform(SIZE))
+    _keys_one(loader)
+    assert total + loader.lost == Counter({"truncated_shard": 12, "unreadable_shard": 20})
+    assert delivered + loader.delivered == 8
+
+
+def test_truncated_mid_member_still_adds_up(tmp_path):
+    _damaged_split(tmp_path, cut_mid_member=True)
+    loader = make_eval_loader(shard_paths(tmp_path, "train"), batch_size=16, transform=eval_transform(SIZE))
+    _keys_one(loader)
+    assert loader.delivered + sum(loader.lost.values()) == 80
+    assert loader.lost["unreadable_shard"] == 20 and loader.lost["truncated_shard"] >= 11
+    assert loader.lost["unaccounted"] == 0
+
+
+def test_training_loader_counts_lost_samples_too(tmp_path):
+    _damaged_split(tmp_path)
+    loader = make_train_loader(shard_paths(tmp_path, "train"), batch_size=5, transform=train_transform(SIZE),
+                               num_workers=0, resampled=False, shuffle_buffer=10)
+    keys = _keys_one(loader)
+    assert loader.lost == LOST  # bookkeeping (incomplete_batch) is in loader.skipped, not in lost
+    assert len(keys) + loader.skipped["incomplete_batch"] + sum(LOST.values()) == 80
+
+
+def test_verify_refuses_a_shard_whose_bytes_changed(tmp_path):
+    manifest = _write_with_sha(tmp_path)
+    first = tmp_path / manifest["splits"]["train"]["shards"][0]["path"]
+    data = bytearray(first.read_bytes())
+    data[1000] ^= 0x01  # one bit, same size: may still decode
+    first.write_bytes(bytes(data))
+    paths = shard_paths(tmp_path, "train")
+    loader = make_eval_loader(paths, batch_size=8, transform=eval_transform(SIZE), verify=True)
+    keys = _keys_one(loader)
+    assert loader.lost == {"checksum_mismatch": 20} and len(keys) == 20
+    loader = make_train_loader(paths, batch_size=4, transform=train_transform(SIZE), num_workers=0,
+                               resampled=False, verify=True)
+    _keys_one(loader)
+    assert loader.lost == {"checksum_mismatch": 20}
+
+
+def _write_with_sha(root: Path) -> dict:
+    rng = np.random.default_rng(9)
+    samples = [{"__key__": f"v{i:02d}", "jpg": _jpeg(rng), "txt": b"Clear.", "json": json.dumps(_meta(i)).encode()}
+               for i in range(40)]
+    manifest = _write(root, samples, 20)
+    for shard in manifest["splits"]["train"]["shards"]:
+        shard["sha256"] = _sha(root / shard["path"])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+def test_verify_needs_checksums_in_the_manifest(shards):
+    root, _ = shards
+    with pytest.raises(RadalignError, match=r"verify=True: the manifest has no sha256 for 6 shard\(s\)"):
+        make_eval_loader(shard_paths(root, "train"), batch_size=8, transform=eval_transform(SIZE), verify=True)
+
+
+@pytest.mark.parametrize(("splits", "message"), [
+    (["train"], r"splits: expected an object \{split: \{samples, shards\}\}, found list"),
+    ({"train": "shards"}, r"splits\.train: expected an object with samples and shards, found str"),
+    ({"train": {"samples": 1, "shards": {"path": "x"}}}, r"splits\.train\.shards: expected a list, found dict"),
+    ({"train": {"samples": 1, "shards": [{"path": "train/a.tar", "samples": "ten"}]}},
+     r"splits\.train\.shards\[0\]\.samples: expected a count >= 0, found 'ten'"),
+    ({"train": {"samples": 1, "shards": [{"samples": 1}]}}, r"splits\.train\.shards\[0\]\.path: expected"),
+])
+def test_malformed_manifest_names_the_file_and_key(tmp_path, splits, message):
+    manifest = {"format": "radalign-shards/1", "splits": splits}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RadalignError, match=rf"manifest.json: malformed: {message}"):
+        shard_paths(tmp_path, "train")
+    (tmp_path / "train").mkdir(exist_ok=True)
+    (tmp_path / "train" / "a.tar").write_bytes(b"")
+    with pytest.raises(RadalignError, match="malformed"):
+        manifest_counts([str(tmp_path / "train" / "a.tar")])
+
+
+def test_a_large_unreadable_shard_is_counted_not_fatal_and_resampling_still_stops(tmp_path):
+    rng = np.random.default_rng(3)
+    manifest = _write(tmp_path, [{"__key__": f"g{i}", "jpg": _jpeg(rng), "txt": b"Clear.",
+                                  "json": json.dumps(_meta(i)).encode()} for i in range(10)], 10)
+    (tmp_path / "train" / "shard-000001.tar").write_bytes(b"\x07" * 5000)
+    manifest["splits"]["train"]["shards"].append({"path": "train/shard-000001.tar", "samples": 1500})
+    manifest["splits"]["train"]["samples"] = 1510
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    loader = make_eval_loader(shard_paths(tmp_path, "train"), batch_size=4, transform=eval_transform(SIZE))
+    assert len(_keys_one(loader)) == 10 and loader.lost == {"unreadable_shard": 1500}
+    only_bad = [shard_paths(tmp_path, "train")[1]]
+    loader = make_train_loader(only_bad, batch_size=2, transform=eval_transform(SIZE), num_workers=0)
+    with pytest.raises(RadalignError, match=r"1000 samples in a row could not be read .*unreadable_shard"):
+        next(iter(loader))

@@ -7,6 +7,7 @@ import csv
 import gzip
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -15,10 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.images import target_size as _target_size
+from data.images import to_gray8
 from data.labels import CHEXPERT_LABELS
 from data.mimic import parse_label, parse_study_datetime, stable_unit
-from data.prepare import SKIP_REASONS, PrepareConfig, _target_size, prepare, to_gray8
-from data.sections import parse_report, training_text
+from data.prepare import SKIP_REASONS, PrepareConfig, prepare
 from radalign import RadalignError
 from radalign.config import ConfigError, load_config
 from radalign.io import sha256_file
@@ -130,11 +132,197 @@ def test_transparent_pixels_become_black():
     assert out.getpixel((0, 0)) == 0 and out.getpixel((1, 1)) == 200
 
 
+_RSS_SCRIPT = """
+import sys
+from data.images import OversizedImageError, open_image, to_gray8
+
+def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak over the exec)
+    return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
+
+import numpy, PIL.Image, PIL.PngImagePlugin  # noqa: E401 - imported before the baseline
+path, limit = sys.argv[1], None if sys.argv[2] == "none" else int(sys.argv[2])
+base = peak_kb()
+try:
+    result = to_gray8(open_image(path, max_pixels=limit)).mode
+except OversizedImageError:
+    result = "oversized"
+print(result, peak_kb() - base)
+"""
+
+
+def _peak_rss_kb(path: Path, limit: str) -> tuple[str, int]:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_SCRIPT, str(path), limit], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).parent.parent).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS read from /proc (Linux)")
+def test_oversized_16bit_png_is_refused_before_decoding_and_decoded_in_blocks(tmp_path):
+    png = tmp_path / "deep.png"
+    arr = (np.arange(3000 * 3000, dtype=np.uint32) % 4096).astype(np.uint16).reshape(3000, 3000)
+    Image.fromarray(arr).save(png)  # 9 Mpx, 18 MB of pixels, ~0.1 MB on disk
+    result, kb = _peak_rss_kb(png, "1000000")
+    assert result == "oversized" and kb < 12_000  # the header was read, the pixels never
+    result, kb = _peak_rss_kb(png, "none")
+    # decoded: 18 MB image + its array + 9 MB output + one block; a float64 copy of the image alone is 72 MB
+    assert result == "L" and 18_000 < kb < 100_000
+
+
+def _png_header_only(path: Path, w: int, h: int) -> Path:
+    """A valid 1-bit PNG of w x h black pixels, streamed (a few KB on disk, never held in memory)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    z, row, parts = zlib.compressobj(9), b"\x00" * (1 + (w + 7) // 8), []
+    for _ in range(h):
+        parts.append(z.compress(row))
+    parts.append(z.flush())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_an_oversized_error_naming_the_limit(tmp_path):
+    from data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image
+
+    bomb = _png_header_only(tmp_path / "bomb.png", 14000, 14000)  # above PIL's own 2 x 89 Mpx error limit
+    with pytest.raises(OversizedImageError, match=r"bomb.png: 14000 x 14000 = 196,000,000 pixels, above the "
+                                                  r"limit of 50,000,000; raise max_pixels"):
+        open_image(bomb)
+    assert isinstance(OversizedImageError("x"), RadalignError) and DEFAULT_MAX_PIXELS == 50_000_000
+    small = _png_header_only(tmp_path / "ok.png", 300, 200)
+    assert open_image(small, max_pixels=60_000).size == (300, 200)  # exactly at the limit: read
+
+
+def test_twelve_bit_png_read_like_the_zero_shot_reader_is_not_white(tmp_path):
+    """open_image + eval_transform (what zeroshot/retrieval do with a loose file) keep a 12-bit range."""
+    from data.images import open_image
+    from data.transforms import eval_transform
+
+    arr = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(arr).save(tmp_path / "x.png")
+    img = open_image(tmp_path / "x.png")
+    assert img.mode.startswith("I")
+    x = eval_transform(32, channels=1, mean=[0.0], std=[1.0])(img)  # [1, 32, 32]
+    assert 0.45 < float(x.mean()) < 0.55 and float(x.min()) < 0.02 and float(x.max()) > 0.98
+    assert float((np.asarray(img.convert("L")) == 255).mean()) > 0.9  # what convert("L") first would give
+
+
 # ----------------------------------------------------------------------------------------------------------
 # MIMIC round trip.
 
 
+# A hand-made MIMIC-CXR layout of 3 studies whose every stored value is written out below by hand.
+_REPORTS = {
+    "s50000001": (b"                                 FINAL REPORT\n"
+                  b" EXAMINATION:  CHEST (PA AND LAT)\n \n INDICATION:  ___F with cough\n \n"
+                  b" FINDINGS:\n \n The lungs are clear.  No pleural\n effusion.\n \n"
+                  b" IMPRESSION:\n \n No acute cardiopulmonary process.\n"),
+    "s50000002": (b"                                 FINAL REPORT\n"
+                  b" HISTORY:  Shortness of breath.\n \n CONCLUSION:  Small left pleural effusion.\n"),
+    "s50000003": (b"                                 FINAL REPORT\n"
+                  b" FINDINGS:  Heart size is normal.\n \n IMPRESSION:  Right lower lobe opacity (\xb5 nodule).\n"),
+}
+_MINI_META = [  # dicom_id, subject_id, study_id, ViewPosition, StudyDate, StudyTime, split
+    ("d1", "10000001", "50000001", "PA", "21800506", "80556.875", "train"),
+    ("d1lat", "10000001", "50000001", "LATERAL", "21800506", "80556.875", "train"),
+    ("d2", "10000002", "50000002", "AP", "21511231", "235959", "validate"),
+    ("d3", "13000003", "50000003", "PA", "21800102", "", "test"),
+]
+
+
+def _write_csv_gz(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with gzip.open(path, "wt", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+@pytest.fixture()
+def mini_mimic(tmp_path) -> Path:
+    jpg, rep = tmp_path / "mimic-cxr-jpg", tmp_path / "mimic-cxr-reports"
+    jpg.mkdir()
+    _write_csv_gz(jpg / "mimic-cxr-2.0.0-metadata.csv.gz",
+                  ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
+                   "Rows", "Columns", "StudyDate", "StudyTime"],
+                  [[d, su, st, "CHEST", v, "60", "80", date, time] for d, su, st, v, date, time, _ in _MINI_META])
+    _write_csv_gz(jpg / "mimic-cxr-2.0.0-split.csv.gz", ["dicom_id", "study_id", "subject_id", "split"],
+                  [[d, st, su, sp] for d, su, st, _, _, _, sp in _MINI_META])
+    labels = {name: "" for name in CHEXPERT_LABELS}
+    first = {**{n: "0.0" for n in CHEXPERT_LABELS}, "Cardiomegaly": "1.0", "Edema": "-1.0", "No Finding": ""}
+    third = {**labels, "Lung Opacity": "1.0"}
+    _write_csv_gz(jpg / "mimic-cxr-2.0.0-chexpert.csv.gz", ["subject_id", "study_id", *CHEXPERT_LABELS],
+                  [["10000001", "50000001", *first.values()], ["13000003", "50000003", *third.values()]])
+    rng = np.random.default_rng(7)
+    for d, su, st, *_ in _MINI_META:
+        folder = jpg / "files" / f"p{su[:2]}" / f"p{su}" / f"s{st}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (60, 80), dtype=np.uint8)).save(folder / f"{d}.jpg")
+        report = rep / "files" / f"p{su[:2]}" / f"p{su}" / f"s{st}.txt"
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_bytes(_REPORTS[f"s{st}"])
+    return tmp_path
+
+
+def _mini_cfg(out, root, **kw) -> PrepareConfig:
+    return _cfg(out, root, **kw)
+
+
+def test_mini_mimic_samples_hold_hand_written_values(mini_mimic, tmp_path):
+    m = prepare(_mini_cfg(tmp_path / "out", mini_mimic), progress=False)
+    samples = read_shards(tmp_path / "out", m)
+    assert sorted(samples) == ["d1", "d2", "d3"]  # the LATERAL image is filtered by the default PA,AP
+    assert m["skipped"]["filtered_view"] == 1 and m["notes"]["latin1_reports"] == 1
+    assert m["notes"]["no_labels"] == 1  # study 50000002 is absent from the label file
+    zero = dict.fromkeys(CHEXPERT_LABELS, 0)
+    expected = {
+        "d1": {"subject_id": 10000001, "study_id": 50000001, "dicom_id": "d1", "split": "train", "view": "PA",
+               "study_datetime": "2180-05-06T08:05:56.875",
+               "labels": {**zero, "Cardiomegaly": 1, "Edema": -1, "No Finding": None},
+               "sections": {"findings": "The lungs are clear. No pleural effusion.",
+                            "impression": "No acute cardiopulmonary process.", "last_paragraph": None,
+                            "indication": "___F with cough"}},
+        "d2": {"subject_id": 10000002, "study_id": 50000002, "dicom_id": "d2", "split": "validate", "view": "AP",
+               "study_datetime": "2151-12-31T23:59:59", "labels": dict.fromkeys(CHEXPERT_LABELS),
+               "sections": {"findings": None, "impression": "Small left pleural effusion.", "last_paragraph": None,
+                            "indication": "Shortness of breath."}},
+        "d3": {"subject_id": 13000003, "study_id": 50000003, "dicom_id": "d3", "split": "test", "view": "PA",
+               "study_datetime": "2180-01-02T00:00:00",
+               "labels": {**dict.fromkeys(CHEXPERT_LABELS), "Lung Opacity": 1},
+               "sections": {"findings": "Heart size is normal.", "impression": "Right lower lobe opacity (\u00b5 nodule).",
+                            "last_paragraph": None, "indication": None}},
+    }
+    texts = {"d1": "The lungs are clear. No pleural effusion. No acute cardiopulmonary process.",
+             "d2": "Small left pleural effusion.", "d3": "Heart size is normal. Right lower lobe opacity (\u00b5 nodule)."}
+    for key, want in expected.items():
+        assert samples[key]["json"] == want, key
+        assert samples[key]["txt"] == texts[key], key
+        assert samples[key]["jpg"].mode == "L" and samples[key]["jpg"].size == (64, 48)  # 80x60 -> short side 48
+
+
+def test_mini_mimic_views_all_and_impression_text(mini_mimic, tmp_path):
+    m = prepare(_mini_cfg(tmp_path / "out", mini_mimic, views=["all"], text="impression"), progress=False)
+    samples = read_shards(tmp_path / "out", m)
+    assert m["skipped"]["filtered_view"] == 0
+    assert {k: s["txt"] for k, s in samples.items()} == {
+        "d1": "No acute cardiopulmonary process.", "d1lat": "No acute cardiopulmonary process.",
+        "d2": "Small left pleural effusion.", "d3": "Right lower lobe opacity (\u00b5 nodule)."}
+    assert samples["d1lat"]["json"]["view"] == "LATERAL"
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"[A-Za-z]+", text)
+
+
 def test_shards_match_the_source_files(prepared, synth_root):
+    """The synthetic set against its own source files, with checks that do not reuse the pipeline's parsers
+    (exact section values are hand-checked on the mini set above)."""
     out, manifest = prepared
     samples = read_shards(out, manifest)
     jpg = synth_root / "mimic-cxr-jpg"
@@ -152,7 +340,8 @@ def test_shards_match_the_source_files(prepared, synth_root):
         assert row["dicom_id"] == key and row["view"] == m["ViewPosition"]
         assert (row["subject_id"], row["study_id"]) == (int(m["subject_id"]), int(m["study_id"]))
         assert row["split"] == split[key]
-        assert row["study_datetime"] == parse_study_datetime(m["StudyDate"], m["StudyTime"]) is not None
+        date, time = m["StudyDate"], m["StudyTime"].split(".")[0].zfill(6)
+        assert row["study_datetime"].startswith(f"{date[:4]}-{date[4:6]}-{date[6:]}T{time[:2]}:{time[2:4]}:{time[4:]}")
         source = labels.get(int(m["study_id"]))
         expected = {n: (None if source is None or source[n] == "" else int(float(source[n])))
                     for n in CHEXPERT_LABELS}
@@ -160,14 +349,18 @@ def test_shards_match_the_source_files(prepared, synth_root):
         uncertain += sum(v == -1 for v in expected.values())
         report = (synth_root / "mimic-cxr-reports" / "files" / f"p{m['subject_id'][:2]}" / f"p{m['subject_id']}"
                   / f"s{m['study_id']}.txt").read_bytes().decode("latin-1")
-        sections = parse_report(report)
-        assert row["sections"] == sections
-        assert s["txt"] == training_text(sections) != ""
+        flat = " ".join(report.split())
+        assert s["txt"] and all(part in flat for part in s["txt"].split(". ") if part)  # text from the report
+        assert not re.search(r"\b(FINDINGS|IMPRESSION|INDICATION|FINAL REPORT):?", s["txt"])  # no headers
+        for section in ("findings", "impression"):
+            if row["sections"][section]:
+                assert " ".join(_words(row["sections"][section])) in " ".join(_words(report))
         img = s["jpg"]
         assert img.mode == "L" and min(img.size) == SIZE
         with Image.open(jpg / "files" / f"p{m['subject_id'][:2]}" / f"p{m['subject_id']}" / f"s{m['study_id']}"
                         / f"{key}.jpg") as src:
-            assert _target_size(*src.size, SIZE) == img.size
+            w, h = src.size
+        assert img.size == ((SIZE, round(h * SIZE / w)) if w <= h else (round(w * SIZE / h), SIZE))
     assert uncertain > 0  # -1 survives as -1
     assert any(s["json"]["labels"]["No Finding"] is None for s in samples.values())  # blanks become null
 
@@ -199,8 +392,12 @@ def test_views_all_and_text_mode(synth_root, tmp_path):
     samples = read_shards(tmp_path, m)
     assert m["skipped"]["filtered_view"] == 0
     assert {s["json"]["view"] for s in samples.values()} >= {"PA", "AP", "LATERAL"}
-    for s in samples.values():
-        assert s["txt"] == training_text(s["json"]["sections"], "impression")
+    for s in samples.values():  # impression mode: the impression when there is one (hand-checked on mini_mimic)
+        sections = s["json"]["sections"]
+        if sections["impression"]:
+            assert s["txt"] == sections["impression"]
+        elif sections["findings"]:
+            assert s["txt"] == sections["findings"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -455,3 +652,168 @@ def test_bad_csv_values_are_named(tmp_path):
     with pytest.raises(RadalignError, match=r"t.csv: missing column\(s\) 'Report'"):
         prepare(load_config(PrepareConfig, {**base, "text_col": ["Report"]}), progress=False)
 
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume must verify what it reuses; interruption with workers; one writer per --out.
+
+
+def _counting(monkeypatch, calls: list[str]):
+    import data.prepare as prep
+
+    real = prep.write_shard
+    monkeypatch.setattr(prep, "write_shard", lambda task: calls.append(task["path"]) or real(task))
+
+
+def test_damaged_finished_shard_of_the_same_size_is_rewritten(mini_mimic, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    first = prepare(_mini_cfg(out, mini_mimic), progress=False)
+    shard = first["splits"]["train"]["shards"][0]
+    tar = out / shard["path"]
+    data = bytearray(tar.read_bytes())
+    data[700] ^= 0xFF  # inside the first member's bytes; same size, other content
+    tar.write_bytes(bytes(data))
+    assert tar.stat().st_size == len(data) and sha256_file(tar) != shard["sha256"]
+    calls: list[str] = []
+    _counting(monkeypatch, calls)
+    again = prepare(_mini_cfg(out, mini_mimic), progress=False)
+    assert calls == [shard["path"]]  # only the damaged one
+    assert sha256_file(tar) == shard["sha256"] and again["splits"] == first["splits"]
+
+
+def _interrupt_on_victim(task):
+    """Runs in a spawned prepare worker: Ctrl-C arrives while writing the shard named by the env var."""
+    import os as _os
+
+    import data.prepare as prep
+
+    if task["path"] == _os.environ["RADALIGN_TEST_VICTIM"]:
+        raise KeyboardInterrupt
+    return prep.write_shard(task)
+
+
+def test_ctrl_c_with_two_workers_keeps_every_finished_shard(mini_mimic, tmp_path, monkeypatch):
+    import data.prepare as prep
+
+    out = tmp_path / "out"
+    cfg = dict(views=["all"], shard_size=1)  # 4 shards: train/0, train/1, validate/0, test/0
+    monkeypatch.setenv("RADALIGN_TEST_VICTIM", "train/shard-000001.tar")
+    monkeypatch.setattr(prep, "write_shard", _interrupt_on_victim)  # pickled by name into the workers
+    with pytest.raises(KeyboardInterrupt):
+        prepare(_mini_cfg(out, mini_mimic, workers=2, **cfg), progress=False)
+    monkeypatch.undo()
+    finished = {str(p.relative_to(out)) for p in out.glob("*/shard-*.tar")}
+    assert finished and "train/shard-000001.tar" not in finished  # the pool finished the others
+    mtimes = {p: (out / p).stat().st_mtime_ns for p in finished}
+
+    calls: list[str] = []
+    _counting(monkeypatch, calls)
+    m = prepare(_mini_cfg(out, mini_mimic, **cfg), progress=False)
+    planned = {s["path"] for e in m["splits"].values() for s in e["shards"]}
+    assert sorted(calls) == sorted(planned - finished)  # every shard a worker finished is reused
+    assert {p: (out / p).stat().st_mtime_ns for p in finished} == mtimes
+    state = json.loads((out / "prepare-state.json").read_text())
+    assert set(state["shards"]) == planned and not list(out.rglob(".shard-*.done.json"))
+
+
+def test_second_prepare_into_the_same_out_is_refused(mini_mimic, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    (out / "train").mkdir(parents=True)
+    tmp_file = out / "train" / ".shard-000000.tar.tmp-999999"  # the first writer's half-written shard
+    tmp_file.write_bytes(b"in progress")
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from radalign.lock import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('held', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RadalignError, match=rf"{re.escape(str(out))} is in use by another process \(pid {holder.pid}"):
+            prepare(_mini_cfg(out, mini_mimic), progress=False)
+        assert tmp_file.read_bytes() == b"in progress"  # nothing of the first writer's was touched
+    finally:
+        holder.communicate("", timeout=30)
+    assert prepare(_mini_cfg(out, mini_mimic), progress=False)["splits"]["train"]["samples"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hostile CSV input: paths outside the root, huge images, header-only and non-UTF-8 tables.
+
+
+def _csv_cfg(tmp_path, table, **kw) -> PrepareConfig:
+    return load_config(PrepareConfig, {"out": str(tmp_path / "out"), "csv": str(table), "image_col": "img",
+                                       "text_col": ["text"], "image_size": 64, "val_fraction": 0.0,
+                                       "test_fraction": 0.0, **kw})
+
+
+def test_prepare_csv_counts_paths_outside_the_root(tmp_path):
+    root, secret = tmp_path / "root", tmp_path / "secret"
+    for folder in (root / "imgs", secret):
+        folder.mkdir(parents=True)
+        Image.new("L", (40, 30), 99).save(folder / "x.jpg")
+    rows = [{"img": "imgs/x.jpg", "text": "inside"}, {"img": "../secret/x.jpg", "text": "climbs out"},
+            {"img": str(secret / "x.jpg"), "text": "absolute elsewhere"},
+            {"img": str(root / "imgs" / "x.jpg"), "text": "absolute inside"},
+            {"img": "imgs/../imgs/x.jpg", "text": "dots that stay inside"}]
+    table = _csv(tmp_path / "t.csv", rows)
+    m = prepare(_csv_cfg(tmp_path, table, image_root=str(root)), progress=False)
+    samples = read_shards(tmp_path / "out", m)
+    assert sorted(s["txt"] for s in samples.values()) == ["absolute inside", "dots that stay inside", "inside"]
+    assert m["skipped"] == {**dict.fromkeys(SKIP_REASONS, 0), "outside_root": 2}
+    listed = (tmp_path / "out" / "skipped.csv").read_text().splitlines()
+    assert sorted(line.split(",")[0] for line in listed[1:]) == ["outside_root", "outside_root"]
+    assert any(line.startswith("outside_root,r0000001-") for line in listed)
+
+    m = prepare(_csv_cfg(tmp_path, table, image_root=str(root), allow_outside_root=True), overwrite=True,
+                progress=False)
+    assert m["splits"]["train"]["samples"] == 5 and m["skipped"]["outside_root"] == 0
+
+    only_outside = _csv(tmp_path / "o.csv", rows[1:3])
+    with pytest.raises(RadalignError, match=r"every image path \(2\) lies outside the image root .*"
+                                            r"--image-root DIR.*--allow-outside-root"):
+        prepare(_csv_cfg(tmp_path, only_outside, image_root=str(root)), overwrite=True, progress=False)
+
+
+def _sixteen_bit_png(path: Path, w: int, h: int) -> Path:
+    arr = (np.arange(w * h, dtype=np.uint32) % 4096).astype(np.uint16).reshape(h, w)  # 12-bit values
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_oversized_images_are_counted_and_large_jpegs_decoded_reduced(tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    _sixteen_bit_png(folder / "huge.png", 1200, 1000)  # 1.2 Mpx, no reduced decode for PNG
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (1000, 1200), dtype=np.uint8)).save(
+        folder / "huge.jpg", quality=90)  # 1.2 Mpx; at 1/2 scale 0.3 Mpx
+    Image.new("L", (80, 60), 50).save(folder / "small.png")
+    table = _csv(tmp_path / "t.csv", [{"img": "imgs/huge.png", "text": "png"}, {"img": "imgs/huge.jpg", "text": "jpg"},
+                                      {"img": "imgs/small.png", "text": "small"}])
+    m = prepare(_csv_cfg(tmp_path, table, max_pixels=400_000), progress=False)
+    assert m["skipped"] == {**dict.fromkeys(SKIP_REASONS, 0), "oversized_image": 1}
+    samples = {s["txt"]: s for s in read_shards(tmp_path / "out", m).values()}
+    assert sorted(samples) == ["jpg", "small"]
+    assert samples["jpg"]["jpg"].size == (77, 64)  # 600x500 after the 1/2 DCT decode -> short side 64
+    assert "oversized_image,r0000000-imgs_huge_png" in (tmp_path / "out" / "skipped.csv").read_text()
+
+
+def test_header_only_csv_is_an_error(tmp_path):
+    table = tmp_path / "t.csv"
+    table.write_text("img,text\n")
+    with pytest.raises(RadalignError, match=r"t.csv: a header \(img, text\) but no data rows"):
+        prepare(_csv_cfg(tmp_path, table), progress=False)
+
+
+def test_non_utf8_csv_names_the_encoding_to_pass(tmp_path):
+    Image.new("L", (40, 30), 99).save(tmp_path / "a.jpg")
+    table = tmp_path / "t.csv"
+    table.write_bytes("img,text\na.jpg,Cardiomégalie\n".encode("cp1252"))
+    with pytest.raises(RadalignError, match=r"t.csv: not utf-8 text \(byte b'\\xe9' on line 2\); "
+                                            r"pass --encoding cp1252"):
+        prepare(_csv_cfg(tmp_path, table), progress=False)
+    m = prepare(_csv_cfg(tmp_path, table, encoding="cp1252"), progress=False)
+    assert [s["txt"] for s in read_shards(tmp_path / "out", m).values()] == ["Cardiomégalie"]
+    with pytest.raises(ConfigError, match="encoding: 'klingon' is not a known text encoding"):
+        _csv_cfg(tmp_path, table, encoding="klingon")

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -66,22 +69,127 @@ def test_accumulation_equals_full_batch(nano_model_cfg):
     assert g_full["logit_scale"].abs().item() > 0  # the scale does learn, once per step
 
 
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
 def test_resume_reproduces_uninterrupted_run(synth_shards, tmp_path):
+    """stop_after=2 (not a ckpt_every boundary) then resume=latest: every loss equals the uninterrupted run's.
+    Both runs really train (issue 13: without scheduler.step() the lr stays 0 and nothing moves)."""
     from pretrain.recipe import run_pretrain
 
     straight = tmp_path / "straight"
     run_pretrain(_cfg(straight, synth_shards))
     sliced = tmp_path / "sliced"
-    run_pretrain(_cfg(sliced, synth_shards, "stop_after=3"))
+    run_pretrain(_cfg(sliced, synth_shards, "stop_after=2"))
     assert not (sliced / "export").exists()  # stopped early: no export yet
     run_pretrain(_cfg(sliced, synth_shards, "resume=latest"))
 
     a, b = _losses(straight), _losses(sliced)
-    assert sorted(a) == list(range(1, 7))
+    assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in range(1, 7):
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a, b)
     assert (sliced / "checkpoints" / "latest").read_text().strip() == "step-0000006"
     assert (sliced / "config.yaml").is_file()
+
+    # The schedule runs: linear warm-up over 1 step, then cosine to 0 over the remaining 5 (hand formula).
+    lr = {r["step"]: r["lr"] for r in _rows(straight) if "lr" in r}
+    peak = 3.0e-4  # configs/pretrain/tiny.yaml optim.lr
+    for step in range(1, 7):
+        expected = peak * 0.5 * (1 + math.cos(math.pi * (step - 1) / 5))
+        assert lr[step] == pytest.approx(expected, rel=1e-6, abs=1e-12), (step, lr)
+    assert lr[2] > 0.5 * peak
+    # ... and the weights move between checkpoints (lr 0 would leave them bit-identical)
+    w3, w6 = _weights(straight / "checkpoints" / "step-0000003"), _weights(straight / "checkpoints" / "step-0000006")
+    moved = max((w6[k] - w3[k]).abs().max().item() for k in w3)
+    assert moved > 1e-4, moved
+    assert len({round(v, 4) for v in a.values()}) > 3  # losses change from step to step
+
+
+def test_resume_auto_after_newest_checkpoint_deleted(synth_shards, tmp_path):
+    """Issue 9 repro: 12 steps, ckpt_every=4, newest checkpoint deleted, resume twice with stop_after. The run
+    continues from step 8 (never from step 1), step-0000008 is never rewritten, metrics.jsonl has no duplicate
+    steps, and the continued losses equal the original run's."""
+    from pretrain.recipe import run_pretrain
+
+    run = tmp_path / "run"
+    common = ["steps=12", "ckpt_every=4", "resume=auto", "keep_checkpoints=5"]
+    run_pretrain(_cfg(run, synth_shards, *common))
+    original = _losses(run)
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "step-0000012")
+    step8 = hashlib.sha256((ckpts / "step-0000008" / "model.safetensors").read_bytes()).hexdigest()
+
+    run_pretrain(_cfg(run, synth_shards, *common, "stop_after=10"))
+    run_pretrain(_cfg(run, synth_shards, *common, "stop_after=12"))
+
+    steps = [r["step"] for r in _rows(run) if "loss" in r]
+    assert steps == list(range(1, 13)), steps  # no duplicates, nothing restarted from step 1
+    resumed = _losses(run)
+    for step in range(9, 13):
+        assert resumed[step] == pytest.approx(original[step], abs=1e-6), (step, original, resumed)
+    assert hashlib.sha256((ckpts / "step-0000008" / "model.safetensors").read_bytes()).hexdigest() == step8
+    assert (ckpts / "latest").read_text().strip() == "step-0000012"
+    superseded = (run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in superseded] == [9, 10, 11, 12]  # the first history's tail, kept
+
+
+def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(synth_shards, tmp_path):
+    from pretrain.recipe import run_pretrain
+
+    run = tmp_path / "run"
+    run_pretrain(_cfg(run, synth_shards, "steps=2", "ckpt_every=1"))
+    before = hashlib.sha256((run / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(RadalignError, match="already holds checkpoints"):
+        run_pretrain(_cfg(run, synth_shards, "steps=2", "ckpt_every=1"))
+    after = hashlib.sha256((run / "checkpoints" / "step-0000002" / "model.safetensors").read_bytes()).hexdigest()
+    assert before == after
+
+
+def test_planted_pickle_in_checkpoint_never_runs_on_resume(synth_shards, tmp_path):
+    """Accelerate's load_state unpickles custom_checkpoint_*.pkl with weights_only=False; we load none."""
+    import pickle
+
+    from pretrain.recipe import run_pretrain
+
+    run = tmp_path / "run"
+    run_pretrain(_cfg(run, synth_shards, "steps=3", "ckpt_every=2", "stop_after=2"))
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = run / "checkpoints" / "step-0000002"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "scheduler.bin", "optimizer.bin"):
+        (folder / name).write_bytes(pickle.dumps(Evil()))
+    run_pretrain(_cfg(run, synth_shards, "steps=3", "ckpt_every=2", f"resume={folder}"))
+    assert not marker.exists()
+    assert _losses(run)[3] > 0 and (run / "checkpoints" / "latest").read_text().strip() == "step-0000003"
+
+
+def test_second_writer_of_a_run_dir_is_refused(synth_shards, tmp_path):
+    from pretrain.recipe import run_pretrain
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom radalign.lock import output_lock\n"
+         "with output_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(120)", str(run)],
+        cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RadalignError, match=f"in use by another process \\(pid {holder.pid}"):
+            run_pretrain(_cfg(run, synth_shards, "steps=2"))
+        assert not (run / "metrics.jsonl").exists()
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_export_round_trip(synth_shards, tmp_path):
@@ -144,6 +252,28 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(synth_shards, tmp_pa
         run_pretrain(_cfg(run_dir, synth_shards, "ckpt_every=2"))
     assert "step-0000002" in str(e.value)
     assert (run_dir / "checkpoints" / "step-0000002").is_dir()
+
+
+def test_nan_between_log_lines_is_caught_before_the_next_checkpoint(synth_shards, tmp_path, monkeypatch):
+    """The NaN check syncs at log_every only, but never lets a NaN model be checkpointed: with log_every=5 a NaN
+    at step 3 stops the run before step 4's checkpoint, naming step 3 and the last good checkpoint."""
+    from pretrain import loss as loss_mod
+    from pretrain.recipe import run_pretrain
+
+    calls = {"n": 0}
+    real = loss_mod.ContrastiveLoss.forward
+
+    def poisoned(self, *a, **k):
+        calls["n"] += 1
+        out = real(self, *a, **k)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(loss_mod.ContrastiveLoss, "forward", poisoned)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(RadalignError, match="at step 3") as e:
+        run_pretrain(_cfg(run_dir, synth_shards, "ckpt_every=2", "log_every=5"))
+    assert "step-0000002" in str(e.value)
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == ["step-0000002"]
 
 
 def test_resume_without_checkpoint_is_a_clear_error(synth_shards, tmp_path):
@@ -224,9 +354,17 @@ def test_tiny_model_learns_and_shuffled_control_does_not(learnable_shards, tmp_p
 
 
 def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):
-    """loss.kind=siglip adds the learnable bias SigLIP needs and trains with finite losses."""
+    """loss.kind=siglip: the recipe adds SigLIP's learnable bias (init -10, scale 10), the loss is the sigmoid
+    loss (at init ~10 per image: each positive pair costs -log sigmoid(10 cos - 10) ~ 10, far above InfoNCE's
+    ln 8 = 2.1), and it learns: the bias rises and the loss falls."""
     from pretrain.recipe import run_pretrain
 
-    run_dir = run_pretrain(_cfg(tmp_path / "sig", synth_shards, "steps=2", "ckpt_every=0", "loss.kind=siglip"))
+    run_dir = run_pretrain(_cfg(tmp_path / "sig", synth_shards, "steps=6", "ckpt_every=0", "loss.kind=siglip",
+                                "optim.lr=1e-2"))
     losses = _losses(run_dir)
-    assert sorted(losses) == [1, 2] and all(v == v and v < 1e3 for v in losses.values())
+    assert sorted(losses) == list(range(1, 7))
+    assert 7.0 < losses[1] < 40.0, losses
+    assert losses[6] < losses[1] - 0.5, losses
+    w = _weights(run_dir / "checkpoints" / "step-0000006")
+    assert w["logit_bias"].item() > -10.0 + 0.02, w["logit_bias"]
+    assert w["logit_scale"].exp().item() != pytest.approx(100.0, rel=0.5)  # SigLIP's scale, not CLIP's

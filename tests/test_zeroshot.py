@@ -194,16 +194,51 @@ def test_checkpoint_ensemble_averages_probabilities():
 # Statistics.
 
 
-def test_weighted_auroc_equals_sklearn_on_resampled_rows():
+def _brute_patient_ci(y, s, pids, n_boot, seed, level=0.95):
+    """Independent patient bootstrap: the documented draws (patients in sorted id order, one
+    default_rng(seed).integers(0, P, (n_boot, P)) call), rows rebuilt by repetition, NaN rows dropped, sklearn."""
+    patients = sorted({str(p) for p in pids})
+    rows_of = {p: [i for i, q in enumerate(pids) if str(q) == p] for p in patients}
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    vals = []
+    for d in draws:
+        rows = np.array([i for j in d for i in rows_of[patients[j]]])
+        rows = rows[~np.isnan(y[rows])]
+        yy = y[rows]
+        vals.append(roc_auc_score(yy, s[rows]) if 0 < yy.sum() < len(yy) else np.nan)
+    vals = np.array(vals)
+    return tuple(np.percentile(vals[~np.isnan(vals)], [100 * (1 - level) / 2, 100 * (1 + level) / 2]))
+
+
+def test_auroc_table_bootstrap_never_scores_excluded_rows():
+    """600 rows, 30% uncertain (NaN) labels: a bootstrap that scores them as negatives gave [0.581, 0.681]
+    around 0.768. The interval must equal an independent patient bootstrap over the included rows only."""
     rng = np.random.default_rng(0)
-    scores = np.round(rng.random(60), 1)  # many ties
-    y = (rng.random(60) < 0.4).astype(int)
-    counts = next(metrics.resample_counts(60, 25, seed=3))  # [25, 60]
-    got = metrics.weighted_auroc(scores, y, counts)
-    for b in range(25):
-        rows = np.repeat(np.arange(60), counts[b].astype(int))
-        want = roc_auc_score(y[rows], scores[rows]) if 0 < y[rows].sum() < rows.size else np.nan
-        assert got[b] == pytest.approx(want, abs=1e-12, nan_ok=True)
+    n = 600
+    y = (rng.random(n) < 0.4).astype(float)
+    s = y * 1.1 + rng.standard_normal(n)
+    y[rng.random(n) < 0.3] = np.nan
+    s[np.isnan(y)] += 1.5  # uncertain rows score high: as negatives they would drag the AUROC down
+    pids = [f"p{i // 3:03d}" for i in range(n)]  # 200 patients x 3 images
+    t = metrics.auroc_table(s[:, None], y[:, None], ["a"], n_boot=200, seed=4, patient_ids=pids)
+    c = t["classes"]["a"]
+    keep = ~np.isnan(y)
+    assert c["auroc"] == pytest.approx(roc_auc_score(y[keep], s[keep]))
+    assert (c["ci_low"], c["ci_high"]) == pytest.approx(_brute_patient_ci(y, s, pids, 200, 4), abs=1e-12)
+    assert c["ci_low"] < c["auroc"] < c["ci_high"]
+    assert t["macro"]["unit"] == "patient" and t["macro"]["n_units"] == 200
+
+
+def test_auroc_table_resamples_patients_duplicates_change_nothing():
+    s, y = _noisy(150, 5)
+    pids = [i // 5 for i in range(150)]
+    one = metrics.auroc_table(s, y, list("abc"), n_boot=200, seed=1, patient_ids=pids)
+    two = metrics.auroc_table(np.r_[s, s], np.r_[y, y], list("abc"), n_boot=200, seed=1, patient_ids=pids + pids)
+    for k in ("auroc", "ci_low", "ci_high"):
+        assert two["macro"][k] == pytest.approx(one["macro"][k], abs=1e-12)
+        assert two["classes"]["b"][k] == pytest.approx(one["classes"]["b"][k], abs=1e-12)
+    no_ids = metrics.auroc_table(s, y, list("abc"), n_boot=50, seed=1)
+    assert no_ids["macro"]["unit"] == "image" and no_ids["macro"]["n_units"] == 150
 
 
 def _noisy(n: int, seed: int, sep: float = 1.0):

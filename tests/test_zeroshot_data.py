@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from sklearn.metrics import roc_auc_score
 
 from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
 from radalign import RadalignError
@@ -112,6 +113,22 @@ def test_shards_input_thresholds_from_validation_and_skips(shards, tmp_path):
     assert m["controls"]["shuffled_labels_macro_auroc"] < 0.85
 
 
+def shard_metas(root, split: str) -> dict[str, dict]:
+    """key -> json metadata, read straight from the tar files (independent of data.loader)."""
+    out = {}
+    for tar_path in sorted((root / split).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    out[m.name[:-5]] = json.loads(tar.extractfile(m).read())
+    return out
+
+
+def _policy_exclude(v) -> float:
+    """Label value under the default policy: 1/0 kept, -1 and blank excluded (NaN)."""
+    return float(v) if v in (0, 1) else np.nan
+
+
 def test_checkpoint_ensemble_and_several_prompt_sets(shards, tmp_path):
     cfg = ZeroshotConfig(checkpoints=["a", "b"], data=str(shards), prompts=["chexpert14", "competition5"],
                          out=str(tmp_path / "out"), bootstrap=20)
@@ -123,6 +140,27 @@ def test_checkpoint_ensemble_and_several_prompt_sets(shards, tmp_path):
         assert [c["path"] for c in m["checkpoints"]] == ["a", "b"]
     # images were embedded once per checkpoint and reused by both prompt sets
     assert len(list((tmp_path / "out" / "cache").glob("emb-*.npz"))) == 2
+    # The ensemble's scores are the mean of the single checkpoints' scores, and its AUROC is sklearn's on
+    # those means against the labels read from the tar files.
+    singles = []
+    for i, c in enumerate(ckpts):
+        one = ZeroshotConfig(checkpoints=[c.path], data=str(shards), prompts=["competition5"],
+                             out=str(tmp_path / f"single{i}"), bootstrap=5, cache=False)
+        run_zeroshot(one, checkpoints=[c])
+        singles.append(pd.read_csv(tmp_path / f"single{i}" / "predictions.csv").set_index("key"))
+    ens = pd.read_csv(tmp_path / "out" / "competition5" / "predictions.csv").set_index("key")
+    metas = shard_metas(shards, "test")
+    m = res["competition5"]
+    checked = 0
+    for name in COMPETITION_LABELS:
+        mean = (singles[0][f"score:{name}"] + singles[1].loc[singles[0].index, f"score:{name}"]) / 2
+        np.testing.assert_allclose(ens.loc[mean.index, f"score:{name}"], mean, rtol=1e-5)
+        y = np.array([_policy_exclude(metas[k]["labels"].get(name)) for k in mean.index])
+        keep = ~np.isnan(y)
+        if 0 < y[keep].sum() < keep.sum():
+            assert m["classes"][name]["auroc"] == pytest.approx(roc_auc_score(y[keep], mean[keep]), abs=1e-5)
+            checked += 1
+    assert checked >= 3
 
 
 def test_assign_class_follows_the_gloria_rule():
@@ -209,21 +247,45 @@ def test_cli_build_and_errors(tmp_path, capsys):
 # The real export and the real synthetic shards (conftest fixtures).
 
 
-def test_real_export_on_synthetic_shards(request, tmp_path):
+def test_real_export_on_synthetic_shards(request, tmp_path, capsys):
     pytest.importorskip("pretrain.models")
     pytest.importorskip("data.synth")
+    from tests.test_zeroshot import _brute_patient_ci
+
     export, shards_root = request.getfixturevalue("tiny_export"), request.getfixturevalue("synth_shards")
     out = tmp_path / "zs"
     rc = zs(["--checkpoint", str(export), "--data", str(shards_root), "--split", "test",
-               "--prompts", "chexpert14", "--out", str(out), "--bootstrap", "50"])
+             "--prompts", "chexpert14", "--out", str(out), "--bootstrap", "50"])
     assert rc == 0
+    printed = capsys.readouterr().out
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["classes"]) == set(CHEXPERT_LABELS)
-    for c in m["classes"].values():
-        assert c["auroc"] is None or (c["ci_low"] <= c["ci_high"] and 0 <= c["auroc"] <= 1)
+    metas = shard_metas(shards_root, "test")
     preds = pd.read_csv(out / "predictions.csv")
-    assert len(preds) == m["data"]["n_scored"] > 0
-    assert (out / "roc.png").is_file() and (out / "metrics.md").is_file()
+    assert len(preds) == m["data"]["n_scored"] == len(metas)  # every test image of the tars, none lost
+    subjects = [str(metas[k]["subject_id"]) for k in preds["key"]]
+    assert m["macro"]["unit"] == "patient" and m["macro"]["n_units"] == len(set(subjects))
+    assert m["bootstrap"]["unit"] == "patient" and m["data"]["n_patients"] == len(set(subjects))
+    scored = 0
+    for name in CHEXPERT_LABELS:
+        y = np.array([_policy_exclude(metas[k]["labels"].get(name)) for k in preds["key"]])
+        s = preds[f"score:{name}"].to_numpy()
+        np.testing.assert_array_equal(np.isnan(y), preds[f"label:{name}"].isna().to_numpy())
+        keep = ~np.isnan(y)
+        c = m["classes"][name]
+        assert c["n_excluded"] == int((~keep).sum())
+        if not 0 < y[keep].sum() < keep.sum():
+            assert c["auroc"] is None
+            continue
+        assert c["auroc"] == pytest.approx(roc_auc_score(y[keep], s[keep]), abs=1e-6)
+        lo, hi = _brute_patient_ci(y, s, subjects, 50, 0)
+        assert (c["ci_low"], c["ci_high"]) == pytest.approx((lo, hi), abs=1e-6)
+        scored += 1
+    assert scored >= 3
+    assert (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+    md = (out / "metrics.md").read_text()
+    assert f"over patients ({len(set(subjects))} patients" in md
+    assert f"{len(set(subjects))} patients resampled" in printed
 
 
 def test_real_export_on_contract_shards(request, shards, tmp_path):

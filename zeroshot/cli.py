@@ -120,8 +120,9 @@ def _evaluate(args) -> int:
         mac = m["macro"]
         ci = f"[{mac['ci_low']:.3f}, {mac['ci_high']:.3f}]" if mac["ci_low"] is not None else "[no CI]"
         auc = f"{mac['auroc']:.3f}" if mac["auroc"] is not None else "n/a"
-        rprint(f"{name}: macro AUROC {auc} {ci} over {len(mac['classes'])} classes, "
-               f"{m['data']['n_scored']} images")
+        unit = f"{mac.get('n_units')} {mac.get('unit', 'image')}s resampled"
+        rprint(f"{name}: macro AUROC {auc} {ci} ({round(100 * mac['level'])}% CI, {unit}) over "
+               f"{len(mac['classes'])} classes, {m['data']['n_scored']} images")
         left_out = {"no AUROC (one label value)": mac.get("classes_without_auroc"),
                     f"fewer than {cfg.min_per_label} positives or negatives": mac.get("classes_too_few")}
         for why, names in left_out.items():

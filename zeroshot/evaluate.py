@@ -21,6 +21,7 @@ import pandas as pd
 import torch
 
 from radalign import RadalignError
+from radalign.lock import output_lock
 from radalign.log import get_logger
 from zeroshot import classifier, metrics
 from zeroshot.config import ZeroshotConfig
@@ -97,7 +98,8 @@ def align(embedded: list[Embedded]) -> list[Embedded]:
         skipped = dict(e.skipped)
         if len(keys) < len(e.keys):
             skipped["not_embedded_by_every_checkpoint"] = len(e.keys) - len(keys)
-        out.append(Embedded(keys, e.images[idx], e.labels.loc[keys], skipped, e.source))
+        patients = [e.patients[i] for i in idx] if e.patients is not None else None
+        out.append(Embedded(keys, e.images[idx], e.labels.loc[keys], skipped, e.source, patients, e.patient_source))
     return out
 
 
@@ -121,7 +123,10 @@ def apply_subset(emb: Embedded, subset_csv: str, class_column: str) -> Embedded:
     if class_column in sub.columns:
         labels[class_column] = sub.set_index(sub[col].astype(str)).loc[keys, class_column].to_numpy()
     skipped = {**emb.skipped, "subset_not_in_data": len(wanted) - len(keys)}
-    return Embedded(keys, emb.images[[have[k] for k in keys]], labels, skipped, f"{emb.source} [{subset_csv}]")
+    idx = [have[k] for k in keys]
+    patients = [emb.patients[i] for i in idx] if emb.patients is not None else None
+    return Embedded(keys, emb.images[idx], labels, skipped, f"{emb.source} [{subset_csv}]", patients,
+                    emb.patient_source)
 
 
 def embed_inputs(checkpoints: list[Checkpoint], cfg: ZeroshotConfig, data: str, split: str | None,
@@ -231,19 +236,25 @@ def evaluate(checkpoints: list[Checkpoint], embedded: list[Embedded], ps: Prompt
         labels = (y[:, None] == np.arange(len(names))[None, :]).astype(float)  # [N, C] one-hot
         true_class = [names[i] for i in y]
     scores, per_template = score(checkpoints, embedded, ps, rows)
+    patients = [emb.patients[i] for i in rows] if emb.patients is not None else None
     table = metrics.auroc_table(scores, labels, names, n_boot=cfg.bootstrap, seed=cfg.seed, level=cfg.ci_level,
-                                macro_classes=list(ps.macro_classes), min_per_label=cfg.min_per_label)
+                                macro_classes=list(ps.macro_classes), min_per_label=cfg.min_per_label,
+                                patient_ids=patients)
     out = {
         "prompt_set": ps.name, "prompt_file": ps.source, "mode": ps.mode,
         "checkpoints": [{"path": c.path, "checksum": c.encoders.checksum} for c in checkpoints],
         "data": {"source": emb.source, "n_images": len(emb.keys), "n_scored": int(len(rows)),
+                 "n_patients": len(set(patients)) if patients is not None else None,
+                 "patients_from": emb.patient_source or None,
                  "skipped": {k: v for k, v in emb.skipped.items() if v}},
+        "bootstrap": {"unit": table["macro"]["unit"], "n_units": table["macro"]["n_units"], "n_boot": cfg.bootstrap,
+                      "seed": cfg.seed, "level": cfg.ci_level, "method": "percentile"},
         "label_policy": {"uncertain": cfg.uncertain, "blank": cfg.blank},
         "classes": table["classes"], "macro": table["macro"], "macro_all": table["macro_all"], **info,
     }
     if ps.mode == "multiclass":
         out["multiclass"] = metrics.multiclass_table(scores, y, names, n_boot=cfg.bootstrap, seed=cfg.seed,
-                                                     level=cfg.ci_level)
+                                                     level=cfg.ci_level, patient_ids=patients)
     out["threshold_metrics"] = _thresholds(checkpoints, val_embedded, ps, cfg, scores, labels)
     out["prompt_sensitivity"] = metrics.prompt_sensitivity(
         per_template, labels, names, [list(c.positive) for c in ps.classes],
@@ -277,9 +288,9 @@ def _thresholds(checkpoints, val_embedded, ps: PromptSet, cfg, scores, labels) -
 
 
 def run_zeroshot(cfg: ZeroshotConfig, checkpoints: list[Checkpoint] | None = None) -> dict[str, dict]:
-    """Evaluate every prompt set; write OUT (or OUT/<set> for several sets). Returns metrics per set name."""
-    from zeroshot.report import write_outputs
+    """Evaluate every prompt set; write OUT (or OUT/<set> for several sets). Returns metrics per set name.
 
+    OUT is locked for the whole run (`radalign.lock.output_lock`): a second run on the same OUT is refused."""
     problems = cfg.validate()
     if problems:
         from radalign.config import ConfigError
@@ -293,6 +304,13 @@ def run_zeroshot(cfg: ZeroshotConfig, checkpoints: list[Checkpoint] | None = Non
         sets = [s.with_macro(list(cfg.macro_classes)) for s in sets]
     checkpoints = checkpoints or load_checkpoints(cfg.checkpoints, cfg.device)
     out = Path(cfg.out)
+    with output_lock(out, what="--out"):  # one writer per output folder
+        return _run_locked(cfg, checkpoints, sets, out)
+
+
+def _run_locked(cfg: ZeroshotConfig, checkpoints: list[Checkpoint], sets: list[PromptSet], out: Path) -> dict:
+    from zeroshot.report import write_outputs
+
     cache = out / "cache" if cfg.cache else None
     t0 = time.perf_counter()
     embedded = embed_inputs(checkpoints, cfg, cfg.data, cfg.split, cache)
@@ -308,7 +326,8 @@ def run_zeroshot(cfg: ZeroshotConfig, checkpoints: list[Checkpoint] | None = Non
         folder = out if len(sets) == 1 else out / ps.name
         write_outputs(folder, res.metrics, res.predictions, res.scores, res.labels, res.names)
         m = res.metrics["macro"]
-        log.info("%s: macro AUROC %.3f [%.3f, %.3f] over %s -> %s", ps.name, m["auroc"] or float("nan"),
-                 m["ci_low"] or float("nan"), m["ci_high"] or float("nan"), ", ".join(m["classes"]), folder)
+        log.info("%s: macro AUROC %.3f [%.3f, %.3f] (%d%% CI, resampling %ss: %d) over %s -> %s", ps.name,
+                 m["auroc"] or float("nan"), m["ci_low"] or float("nan"), m["ci_high"] or float("nan"),
+                 round(100 * m["level"]), m["unit"], m["n_units"], ", ".join(m["classes"]), folder)
         results[ps.name] = res.metrics
     return results

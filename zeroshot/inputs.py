@@ -1,7 +1,9 @@
 """Evaluation inputs: shards (through `data.loader`) or a CSV with an image column; image embeddings once.
 
 Every image is embedded once per checkpoint, in batches; the result (`Embedded`) carries the raw labels
-(1/0/-1/NaN) and is reused by every prompt set and mode. Images that fail to load are skipped and counted
+(1/0/-1/NaN) and each image's patient (the bootstrap unit), and is reused by every prompt set and mode.
+Shards go through the shared pass `data.embed.embed_split`; CSV images through `data.images` (one grayscale
+conversion: a 12-bit PNG is rescaled, not clipped white). Images that fail to load are skipped and counted
 by reason. Embeddings can be cached on disk, keyed by the checkpoint's checksum and a data fingerprint.
 """
 
@@ -11,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +28,9 @@ from radalign.log import get_logger
 
 log = get_logger("zeroshot")
 IMAGE_COLUMNS = ("Path", "path", "image", "image_path")
+PATIENT_COLUMNS = ("subject_id", "patient_id", "patient", "Patient")
 LABEL_VALUES = {1.0, 0.0, -1.0}
+_PATIENT_IN_PATH = re.compile(r"(patient\d+)", re.IGNORECASE)  # CheXpert: .../patient00001/study1/view1.jpg
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Embedded:
     labels: pd.DataFrame  # index: key; raw label columns (1/0/-1/NaN) and optional class column
     skipped: dict[str, int] = field(default_factory=dict)
     source: str = ""
+    patients: list[str] | None = None  # [N] patient of each image (the bootstrap unit); None: unknown
+    patient_source: str = ""  # where the patient ids came from (reported)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -67,8 +74,11 @@ def is_shards(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
 
 
+CACHE_VERSION = 2  # 2: patients stored beside the embeddings; lost samples counted against the manifest
+
+
 def _fingerprint(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
 def shard_fingerprint(root: str | os.PathLike, split: str) -> str:
@@ -76,59 +86,49 @@ def shard_fingerprint(root: str | os.PathLike, split: str) -> str:
     return _fingerprint("shards", manifest.get("splits", {}).get(split), split)
 
 
-def _embed_batches(encoders, batches, total: int | None, desc: str):
-    """Yield (keys, [B, D] embeddings, metas) for loader batches (dicts with image/key/meta)."""
-    for batch in tqdm(batches, total=total, desc=desc, unit="batch", leave=False):
-        if not batch["key"]:
-            continue
-        emb = encoders.encode_images(batch["image"]).float().cpu().numpy()  # [B, D]
-        yield list(batch["key"]), emb, batch.get("meta")
-
-
 def embed_shards(encoders, root: str | os.PathLike, split: str, *, batch_size: int = 64,
                  num_workers: int = 0) -> Embedded:
-    """Embed every image of a shard split; labels come from each sample's json metadata.
+    """Embed every image of a shard split (`data.embed.embed_split`); labels and the patient (`subject_id`)
+    come from each sample's json metadata. Lost samples are counted by reason and reported."""
+    from data.embed import embed_split
 
-    Corrupt samples are skipped by the loader and counted by reason (`loader.skipped`); they are reported.
-    """
-    from data.loader import make_eval_loader, shard_paths
-
-    paths = shard_paths(root, split)
-    loader = make_eval_loader(paths, batch_size=batch_size, transform=encoders.image_transform(),
-                              num_workers=num_workers)
-    keys, embs, rows = [], [], []
-    total = getattr(loader, "num_batches", None)
-    for k, e, metas in _embed_batches(encoders, loader, total, f"embed {split}"):
-        keys += k
-        embs.append(e)
-        rows += [dict((m or {}).get("labels") or {}) for m in metas]
-    skipped = {k: int(v) for k, v in dict(getattr(loader, "skipped", {})).items() if v}
-    if not keys:
-        raise RadalignError(f"--data {root} --split {split}: no image of the split could be read "
-                            f"(skipped: {skipped or 'none'}); choose another split (see `radalign data info`)")
-    labels = pd.DataFrame(rows, index=pd.Index(keys, name="key"))
-    return Embedded(keys, np.concatenate(embs), labels, skipped, source=f"{root}:{split}")
+    try:
+        emb = embed_split(encoders.encode_images, root, split, encoders.image_transform(), batch_size=batch_size,
+                          num_workers=num_workers, progress=True)
+    except RadalignError as e:
+        raise RadalignError(f"--data {root} --split {split}: {e}; choose another split "
+                            "(see `radalign data info`)") from None
+    rows = [dict((m or {}).get("labels") or {}) for m in emb.meta]
+    labels = pd.DataFrame(rows, index=pd.Index(emb.keys, name="key"))
+    subjects = [m.get("subject_id") for m in emb.meta]
+    patients = None if any(s is None for s in subjects) else [str(s) for s in subjects]
+    return Embedded(list(emb.keys), emb.image, labels, dict(emb.lost), source=f"{root}:{split}",
+                    patients=patients, patient_source="shard subject_id" if patients else "")
 
 
 class _CsvImages(torch.utils.data.Dataset):
     """Rows of a CSV -> (row index, image tensor or None, failure reason or None)."""
 
-    def __init__(self, paths: list[Path], transform):
+    def __init__(self, paths: list[Path], transform, max_pixels: int | None = None):
+        from data.images import DEFAULT_MAX_PIXELS
+
         self.paths, self.transform = paths, transform
+        self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
+        from data.images import OversizedImageError, open_image, to_gray8
 
         path = self.paths[i]
         if not path.is_file():
             return i, None, "missing_image"
-        try:
-            with Image.open(path) as im:
-                return i, self.transform(im.convert("L")), None
-        except (UnidentifiedImageError, OSError, ValueError):
+        try:  # the one grayscale conversion (16-bit rescaled, not clipped), then the model's transform
+            return i, self.transform(to_gray8(open_image(path, max_pixels=self.max_pixels))), None
+        except OversizedImageError:
+            return i, None, "oversized_image"
+        except Exception:  # untrusted file bytes: any decoder error means unreadable (counted, logged)
             return i, None, "unreadable_image"
 
 
@@ -179,7 +179,7 @@ def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None
     ds = _CsvImages([root / k for k in keys], encoders.image_transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate, shuffle=False)
-    kept, embs, skipped = [], [], {"missing_image": 0, "unreadable_image": 0}
+    kept, embs, skipped = [], [], {"missing_image": 0, "unreadable_image": 0, "oversized_image": 0}
     for batch in tqdm(loader, desc=f"embed {Path(csv).name}", unit="batch", leave=False):
         for i, reason in batch["failed"]:
             skipped[reason] += 1
@@ -191,7 +191,23 @@ def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None
         raise RadalignError(f"--data {csv}: none of its {len(keys)} images could be loaded "
                             f"({skipped}); check --image-root (now {root})")
     labels = df.drop(columns=[col]).iloc[kept].set_index(pd.Index([keys[i] for i in kept], name="key"))
-    return Embedded([keys[i] for i in kept], np.concatenate(embs), labels, skipped, source=str(csv))
+    patients, how = csv_patients(df.iloc[kept], col)
+    return Embedded([keys[i] for i in kept], np.concatenate(embs), labels, skipped, source=str(csv),
+                    patients=patients, patient_source=how)
+
+
+def csv_patients(df: pd.DataFrame, image_column: str) -> tuple[list[str] | None, str]:
+    """Each row's patient: a patient column (subject_id, patient_id, ...), else `patientNNN` in the image path
+    (CheXpert's layout), else None (each image is then its own bootstrap unit, and reports say so)."""
+    for c in PATIENT_COLUMNS:
+        if c in df.columns and df[c].notna().all():
+            return df[c].astype(str).tolist(), f"column {c!r}"
+    found = [_PATIENT_IN_PATH.search(str(p)) for p in df[image_column]]
+    if found and all(found):
+        return [m.group(1).lower() for m in found], "patientNNN in the image path"
+    log.warning("no patient column (%s) and no patientNNN in the image paths: intervals resample images, "
+                "which is too narrow when patients have several images", ", ".join(PATIENT_COLUMNS))
+    return None, ""
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -209,11 +225,13 @@ def cached_embed(encoders, fingerprint: str, cache_dir: str | os.PathLike | None
             labels = pd.read_json(io.StringIO(str(z["labels"])), orient="split", dtype=False,
                                   convert_dates=False)
             labels.index = pd.Index([str(k) for k in labels.index], name="key")
-            return Embedded([str(k) for k in z["keys"]], z["images"], labels, meta["skipped"], meta["source"])
+            return Embedded([str(k) for k in z["keys"]], z["images"], labels, meta["skipped"], meta["source"],
+                            meta.get("patients"), meta.get("patient_source", ""))
     emb = compute()
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.savez(f, keys=np.array(emb.keys), images=emb.images,
                      labels=np.array(emb.labels.to_json(orient="split")),
-                     meta=np.array(json.dumps({"skipped": emb.skipped, "source": emb.source})))
+                     meta=np.array(json.dumps({"skipped": emb.skipped, "source": emb.source,
+                                               "patients": emb.patients, "patient_source": emb.patient_source})))
     return emb

@@ -1,66 +1,28 @@
-"""Metrics with honest uncertainty: AUROC with seeded bootstrap CIs, macro means, multi-class accuracy.
+"""Zero-shot tables on top of the shared statistics (`radalign.metrics`): per-class AUROC with patient-level
+bootstrap CIs, macro means, multi-class accuracy, thresholds chosen on validation.
 
 Labels are float arrays with NaN for "excluded from this class's metric" (uncertain/blank under the default
-policy). One bootstrap draws row indices over the whole evaluation set; every class (and the macro mean)
-is scored on the same resamples, so the macro interval reflects the correlation between classes.
-
-Why a hand-written AUROC for the bootstrap: sklearn's `roc_auc_score` per resample and class costs
-B x C calls (14,000 for 1,000 resamples of CheXpert-14). A resample is the original data with integer
-weights (how often each row was drawn), and the Mann-Whitney form of AUROC with weights is a few vectorised
-sums over rows sorted once per class. Tests check it equals `roc_auc_score` on the resampled rows.
-Point estimates use `roc_auc_score` itself.
+policy): excluded rows are never scored, not even as negatives. One bootstrap draws PATIENTS (all images of a
+patient move together, `radalign.metrics.patient_weights`); every class (and the macro mean) is scored on the
+same resamples, so the macro interval reflects the correlation between classes. Without patient ids each image
+is its own unit, and the tables say so (`unit`).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score, roc_curve
+from sklearn.metrics import balanced_accuracy_score, roc_auc_score
 
-# Rows x resamples per chunk of the count matrix: bounds memory (~160 MB of float64) for large sets.
-_CHUNK_CELLS = 20_000_000
-
-
-def resample_counts(n: int, n_boot: int, seed: int):
-    """Yield [b, n] matrices: how often each row is drawn in each bootstrap resample (seeded, chunked).
-
-    The chunk size depends only on `n`, so the same (n, n_boot, seed) always gives the same resamples.
-    """
-    rng = np.random.default_rng(seed)
-    chunk = max(1, min(n_boot, _CHUNK_CELLS // max(n, 1)))
-    done = 0
-    while done < n_boot:
-        b = min(chunk, n_boot - done)
-        idx = rng.integers(0, n, size=(b, n))  # [b, n] drawn row indices
-        flat = (idx + np.arange(b)[:, None] * n).ravel()
-        yield np.bincount(flat, minlength=b * n).reshape(b, n).astype(np.float64)
-        done += b
+from radalign import metrics as rm
 
 
-def weighted_auroc(scores: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """AUROC of `scores` [n] for binary `y` [n] under row weights [B, n] -> [B] (NaN: one class only).
-
-    Mann-Whitney: P(score_pos > score_neg) + 0.5 P(tie), each pair weighted by w_pos * w_neg.
-    """
-    order = np.argsort(scores, kind="mergesort")
-    s = scores[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # first row of each tie group
-    w = weights[:, order]  # [B, n]
-    pos = y[order] == 1
-    gp = np.add.reduceat(w * pos, starts, axis=1)  # [B, G] positive weight per tie group
-    gn = np.add.reduceat(w * ~pos, starts, axis=1)  # [B, G] negative weight per tie group
-    below = np.cumsum(gn, axis=1) - gn  # [B, G] negative weight strictly below each group
-    num = (gp * (below + 0.5 * gn)).sum(axis=1)
-    den = gp.sum(axis=1) * gn.sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, num / den, np.nan)
-
-
-def _percentile_ci(values: np.ndarray, level: float) -> tuple[float | None, float | None]:
-    values = values[~np.isnan(values)]
-    if values.size == 0:
-        return None, None
-    lo, hi = np.percentile(values, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
-    return float(lo), float(hi)
+def _units(patient_ids, n: int) -> tuple[list, str]:
+    """The bootstrap units: the patients, or every image its own unit when ids are unknown."""
+    if patient_ids is None:
+        return list(range(n)), "image"
+    if len(patient_ids) != n:
+        raise ValueError(f"{len(patient_ids)} patient ids for {n} rows")
+    return list(patient_ids), rm.UNIT
 
 
 def _auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
@@ -69,10 +31,11 @@ def _auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
 
 def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_boot: int = 1000,
                 seed: int = 0, level: float = 0.95, macro_classes: list[str] | None = None,
-                min_per_label: int = 1) -> dict:
-    """Per-class AUROC with bootstrap CIs and the macro mean (with its joint CI).
+                min_per_label: int = 1, patient_ids=None) -> dict:
+    """Per-class AUROC with patient-level bootstrap CIs and the macro mean (with its joint CI).
 
-    scores [N, C]; labels [N, C] with 1/0 and NaN for excluded. Returns
+    scores [N, C]; labels [N, C] with 1/0 and NaN for excluded; patient_ids [N] (None: each image its own
+    bootstrap unit). Returns
     {"classes": {name: {auroc, ci_low, ci_high, n_pos, n_neg, n_excluded, skipped_resamples}},
      "macro": {auroc, ci_low, ci_high, classes, skipped_resamples, n_boot, seed, level},
      "macro_all": the same over every class}.
@@ -89,22 +52,24 @@ def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_b
         y = labels[m, j].astype(int)
         per_class[name] = {"auroc": _auroc_point(scores[m, j], y), "n_pos": int(y.sum()),
                            "n_neg": int((y == 0).sum()), "n_excluded": int((~m).sum())}
+    units, unit = _units(patient_ids, n)
     row = 0
-    for counts in resample_counts(n, n_boot, seed):  # [b, N]
+    for counts in rm.patient_weights(units, n_boot, seed):  # [b, N]
         for j, name in enumerate(names):
             if per_class[name]["auroc"] is None:
                 continue
-            m = included[:, j]
-            boot[row:row + len(counts), j] = weighted_auroc(scores[m, j], labels[m, j], counts[:, m])
+            # NaN (excluded) labels are dropped inside: never scored, whatever their patient's weight
+            boot[row:row + len(counts), j] = rm.weighted_auroc(labels[:, j], scores[:, j], counts)
         row += len(counts)
     for j, name in enumerate(names):
-        lo, hi = _percentile_ci(boot[:, j], level)
+        lo, hi = rm.percentile_ci(boot[:, j], level)
         skipped = int(np.isnan(boot[:, j]).sum()) if per_class[name]["auroc"] is not None else n_boot
         per_class[name].update(ci_low=lo, ci_high=hi, skipped_resamples=skipped)
     out = {"classes": per_class}
     for key, wanted in (("macro", macro_classes or names), ("macro_all", names)):
         out[key] = _macro(per_class, boot, names, list(wanted), level, min_per_label)
-        out[key].update(n_boot=n_boot, seed=seed, level=level, min_per_label=min_per_label)
+        out[key].update(n_boot=n_boot, seed=seed, level=level, min_per_label=min_per_label, unit=unit,
+                        n_units=len(set(units)))
     return out
 
 
@@ -120,36 +85,37 @@ def _macro(per_class: dict, boot: np.ndarray, names: list[str], wanted: list[str
     cols = [names.index(w) for w in usable]
     sub = boot[:, cols]  # [B, K]
     ok = ~np.isnan(sub).any(axis=1)  # a resample counts only if every class in the macro has both labels
-    lo, hi = _percentile_ci(sub[ok].mean(axis=1), level) if ok.any() else (None, None)
+    lo, hi = rm.percentile_ci(sub[ok].mean(axis=1), level) if ok.any() else (None, None)
     return {"auroc": float(np.mean([per_class[w]["auroc"] for w in usable])), "ci_low": lo, "ci_high": hi,
             "classes": usable, "classes_without_auroc": missing, "classes_too_few": too_few,
             "skipped_resamples": int((~ok).sum())}
 
 
 def multiclass_table(probs: np.ndarray, y: np.ndarray, names: list[str], *, n_boot: int = 1000,
-                     seed: int = 0, level: float = 0.95) -> dict:
-    """Accuracy and balanced accuracy (with bootstrap CIs) and one-vs-rest AUROC for a single-label set.
+                     seed: int = 0, level: float = 0.95, patient_ids=None) -> dict:
+    """Accuracy and balanced accuracy (with patient-level bootstrap CIs) for a single-label set.
 
-    probs [N, C] (rows sum to 1); y [N] class indices.
+    probs [N, C] (rows sum to 1); y [N] class indices; patient_ids [N] (None: each image its own unit).
     """
+    units, unit = _units(patient_ids, len(y))
     pred = probs.argmax(axis=1)
     correct = (pred == y).astype(float)
     onehot = (y[:, None] == np.arange(len(names))[None, :]).astype(float)  # [N, C]
     accs, baccs = [], []
-    for counts in resample_counts(len(y), n_boot, seed):  # [b, N]
+    for counts in rm.patient_weights(units, n_boot, seed):  # [b, N]
         accs.append((counts * correct).sum(1) / counts.sum(1))
         per_cls_w = counts @ onehot  # [b, C] weight of each true class
         hits = counts @ (onehot * correct[:, None])  # [b, C] correctly classified weight per class
         with np.errstate(invalid="ignore", divide="ignore"):
             recall = np.where(per_cls_w > 0, hits / per_cls_w, np.nan)
         baccs.append(np.nanmean(recall, axis=1))
-    acc_ci = _percentile_ci(np.concatenate(accs), level)
-    bacc_ci = _percentile_ci(np.concatenate(baccs), level)
+    acc_ci = rm.percentile_ci(np.concatenate(accs), level)
+    bacc_ci = rm.percentile_ci(np.concatenate(baccs), level)
     return {
         "accuracy": {"value": float(correct.mean()), "ci_low": acc_ci[0], "ci_high": acc_ci[1]},
         "balanced_accuracy": {"value": float(balanced_accuracy_score(y, pred)),
                               "ci_low": bacc_ci[0], "ci_high": bacc_ci[1]},
-        "n": int(len(y)),
+        "n": int(len(y)), "unit": unit, "n_units": len(set(units)), "n_boot": n_boot, "seed": seed, "level": level,
         "n_per_class": {n: int((y == i).sum()) for i, n in enumerate(names)},
         "confusion": _confusion(y, pred, names),
     }
@@ -159,41 +125,21 @@ def _confusion(y: np.ndarray, pred: np.ndarray, names: list[str]) -> dict:
     return {t: {p: int(((y == i) & (pred == j)).sum()) for j, p in enumerate(names)} for i, t in enumerate(names)}
 
 
-def choose_thresholds(scores: np.ndarray, labels: np.ndarray, names: list[str]) -> dict[str, float | None]:
-    """Per-class threshold maximising Youden's J (sensitivity + specificity - 1), on VALIDATION data only."""
-    out: dict[str, float | None] = {}
-    for j, name in enumerate(names):
-        m = ~np.isnan(labels[:, j])
-        y = labels[m, j].astype(int)
-        if not 0 < y.sum() < y.size:
-            out[name] = None
-            continue
-        fpr, tpr, thr = roc_curve(y, scores[m, j])
-        k = int(np.argmax(tpr - fpr))
-        # roc_curve's first threshold is +inf ("predict nothing"); keep JSON finite with the next float up
-        out[name] = float(thr[k]) if np.isfinite(thr[k]) else float(np.nextafter(scores[m, j].max(), np.inf))
-    return out
+def choose_thresholds(scores: np.ndarray, labels: np.ndarray, names: list[str], rule: str = "youden",
+                      target: float | None = None) -> dict[str, float | None]:
+    """Per-class threshold (`radalign.metrics.choose_threshold`, default max Youden J), on VALIDATION data only."""
+    return {name: rm.choose_threshold(labels[:, j], scores[:, j], rule, target) for j, name in enumerate(names)}
 
 
 def threshold_metrics(scores: np.ndarray, labels: np.ndarray, names: list[str],
                       thresholds: dict[str, float | None]) -> dict:
-    """Sensitivity, specificity, precision, F1 and accuracy at fixed (validation-chosen) thresholds."""
+    """Per class: sensitivity, specificity, precision, F1, accuracy and the confusion counts at fixed
+    (validation-chosen) thresholds (`radalign.metrics.threshold_metrics`); None for a class without one."""
     out = {}
     for j, name in enumerate(names):
         t = thresholds.get(name)
-        m = ~np.isnan(labels[:, j])
-        y = labels[m, j].astype(int)
-        if t is None or y.size == 0:
-            out[name] = None
-            continue
-        p = (scores[m, j] >= t).astype(int)
-        tp, fp = int(((p == 1) & (y == 1)).sum()), int(((p == 1) & (y == 0)).sum())
-        fn, tn = int(((p == 0) & (y == 1)).sum()), int(((p == 0) & (y == 0)).sum())
-        sens = tp / (tp + fn) if tp + fn else None
-        prec = tp / (tp + fp) if tp + fp else None
-        out[name] = {"threshold": t, "sensitivity": sens, "specificity": tn / (tn + fp) if tn + fp else None,
-                     "precision": prec, "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
-                     "accuracy": (tp + tn) / y.size}
+        scored = ~np.isnan(labels[:, j])
+        out[name] = None if t is None or not scored.any() else rm.threshold_metrics(labels[:, j], scores[:, j], t)
     return out
 
 

@@ -15,6 +15,24 @@ def _fmt(x, nd: int = 3) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def md(text) -> str:
+    """Text for a Markdown table cell or line: HTML-escaped (no raw tags), pipes and newlines neutralised."""
+    import html
+
+    return html.escape(str(text), quote=True).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
+
+
+def unit_sentence(metrics: dict) -> str:
+    """'95% percentile bootstrap over patients (375 patients, 955 images), 1000 resamples, seed 0'."""
+    mac = metrics["macro"]
+    unit, n_units = mac.get("unit", "image"), mac.get("n_units")
+    what = (f"over patients ({n_units} patients, {metrics['data']['n_scored']} images; all images of a "
+            "patient resampled together)" if unit == "patient"
+            else f"over images ({n_units} images; no patient ids, so the interval is too narrow when "
+                 "patients have several images)")
+    return f"{int(round(mac['level'] * 100))}% percentile bootstrap {what}, {mac['n_boot']} resamples, seed {mac['seed']}"
+
+
 def roc_plot(path: str | os.PathLike, scores: np.ndarray, labels: np.ndarray, names: list[str],
              aurocs: dict, title: str) -> None:
     """One panel, one ROC curve per class (AUROC in the legend)."""
@@ -41,20 +59,19 @@ def roc_plot(path: str | os.PathLike, scores: np.ndarray, labels: np.ndarray, na
 
 
 def markdown(metrics: dict) -> str:
-    lines = [f"# Zero-shot: {metrics['prompt_set']} ({metrics['mode']})", "",
-             f"Data: `{metrics['data']['source']}`, {metrics['data']['n_images']} images; "
-             f"skipped: {metrics['data']['skipped'] or 'none'}.",
-             f"Checkpoints: {', '.join(c['checksum'][:12] for c in metrics['checkpoints'])}. "
+    lines = [f"# Zero-shot: {md(metrics['prompt_set'])} ({metrics['mode']})", "",
+             f"Data: `{md(metrics['data']['source'])}`, {metrics['data']['n_images']} images; "
+             f"skipped: {md(metrics['data']['skipped'] or 'none')}.",
+             f"Checkpoints: {', '.join(md(c['checksum'][:12]) for c in metrics['checkpoints'])}. "
              f"Label policy: uncertain={metrics['label_policy']['uncertain']}, "
-             f"blank={metrics['label_policy']['blank']}. "
-             f"CI: {int(metrics['macro']['level'] * 100)}% percentile bootstrap, "
-             f"{metrics['macro']['n_boot']} resamples, seed {metrics['macro']['seed']}.", "",
+             f"blank={metrics['label_policy']['blank']}. ",
+             f"CI: {unit_sentence(metrics)}.", "",
              "| class | AUROC | CI low | CI high | n_pos | n_neg | n_excluded |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, c in metrics["classes"].items():
-        lines.append(f"| {name} | {_fmt(c['auroc'])} | {_fmt(c['ci_low'])} | {_fmt(c['ci_high'])} | "
+        lines.append(f"| {md(name)} | {_fmt(c['auroc'])} | {_fmt(c['ci_low'])} | {_fmt(c['ci_high'])} | "
                      f"{c['n_pos']} | {c['n_neg']} | {c['n_excluded']} |")
-    for key, label in (("macro", "macro (" + ", ".join(metrics["macro"]["classes"]) + ")"),
+    for key, label in (("macro", "macro (" + ", ".join(md(c) for c in metrics["macro"]["classes"]) + ")"),
                        ("macro_all", "macro (all classes with both labels)")):
         m = metrics[key]
         lines.append(f"| **{label}** | **{_fmt(m['auroc'])}** | {_fmt(m['ci_low'])} | {_fmt(m['ci_high'])} | | | |")
@@ -66,20 +83,21 @@ def markdown(metrics: dict) -> str:
                       f"{_fmt(mc['balanced_accuracy']['ci_high'])}] over {mc['n']} images."]
     mac = metrics["macro"]
     if mac.get("classes_without_auroc"):
-        lines += ["", f"Left out of the macro, one label value only: {', '.join(mac['classes_without_auroc'])}."]
+        lines += ["", "Left out of the macro, one label value only: "
+                      f"{', '.join(md(c) for c in mac['classes_without_auroc'])}."]
     if mac.get("classes_too_few"):
         lines += ["", f"Left out of the macro, fewer than {mac.get('min_per_label')} positives or negatives: "
-                      f"{', '.join(mac['classes_too_few'])} (their own AUROC is in the table)."]
+                      f"{', '.join(md(c) for c in mac['classes_too_few'])} (their own AUROC is in the table)."]
     ctrl = metrics.get("controls", {}).get("shuffled_labels_macro_auroc")
     if ctrl is not None:
         lines += ["", f"Shuffled-label control (macro AUROC, should be ~0.5): {_fmt(ctrl)}."]
     thr = metrics.get("threshold_metrics", {})
     if not thr.get("available"):
-        lines += ["", f"Threshold metrics: not reported ({thr.get('reason')})."]
+        lines += ["", f"Threshold metrics: not reported ({md(thr.get('reason'))})."]
     lines += ["", "## Prompt sensitivity (AUROC of each single positive template)", "",
               "| class | ensemble | min | max | std | templates |", "|---|---:|---:|---:|---:|---:|"]
     for r in metrics["prompt_sensitivity"]:
-        lines.append(f"| {r['class']} | {_fmt(r['ensemble_auroc'])} | {_fmt(r['min'])} | {_fmt(r['max'])} | "
+        lines.append(f"| {md(r['class'])} | {_fmt(r['ensemble_auroc'])} | {_fmt(r['min'])} | {_fmt(r['max'])} | "
                      f"{_fmt(r['std'])} | {len(r['templates'])} |")
     return "\n".join(lines) + "\n"
 

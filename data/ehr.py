@@ -1,0 +1,822 @@
+"""`radalign data link-ehr`: every radiograph study joined to the patient's MIMIC-IV record as it stood at the film.
+
+    manifest = link_ehr("/data/mimic-iv/2.2", "/data/shards", "/data/ehr", features="ehr/core")
+
+The rule (docs/ehr.md), with t0 = the study's `study_datetime` from the shards:
+* admission: the one whose span [edregtime (else admittime), dischtime] contains t0, the latest-starting if
+  several; demographics from it, else from the subject's latest admission that started before t0;
+* a feature (`configs/ehr/core.yaml`, `name: itemid`) is the `valuenum` of the latest event (by charttime) of
+  its itemid for the subject, with or without hadm_id, that was *available* at t0: storetime <= t0 (charttime
+  when storetime is blank) and charttime in [t0 - window, t0). Events without a numeric valuenum are skipped
+  and counted. Ties on charttime: the later available, then the larger value;
+* outcomes strictly after t0: in-hospital mortality and length of stay of the linked admission, death
+  (patients.dod) within N days of t0's date.
+
+Engine: DuckDB with `memory_limit` and `temp_directory` set, so nothing big is ever decompressed in memory.
+`labevents` (and the vitals of `icu/chartevents`) are converted once to a Parquet file in the cache folder,
+keyed by the CSV's size and mtime; the as-of selection is a range join plus a `row_number()` window in SQL.
+pandas only touches the small tables (studies, the final study-level frame).
+
+Outputs under OUT (held with `output_lock`, each file written atomically, manifest last):
+    ehr.parquet     one row per study of the shards (all splits), columns `ehr_columns(features)`
+    finetune/       datasets.DatasetDict train/validate/test: ehr.parquet + dicom_ids + 14 labels + indication
+    manifest.json   format radalign-ehr/1: options, inputs, rows scanned, seconds, counts, coverage
+    cache/          the Parquet conversions (or --cache DIR)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import difflib
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import pandas as pd
+from omegaconf import MISSING
+
+from data.labels import CHEXPERT_LABELS, SPLITS
+from radalign import RadalignError
+from radalign.log import get_logger
+
+log = get_logger("data.ehr")
+
+MANIFEST_FORMAT = "radalign-ehr/1"
+CACHE_VERSION = 1
+SHARDS_FORMAT = "radalign-shards/1"  # data.prepare.MANIFEST_FORMAT (not imported: it pulls in the prepare stack)
+FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
+OUTCOME_KINDS = ("in_hospital_mortality", "los_days", "mortality_within_days")
+BASE_COLUMNS = ("subject_id", "study_id", "split", "study_datetime", "hadm_id", "admittime", "dischtime",
+                "gender", "age", "race", "insurance", "marital_status", "language")
+FINETUNE_EXTRA = ("dicom_ids", *CHEXPERT_LABELS, "indication")
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# table -> (path under --mimic-iv without .csv[.gz], the columns link-ehr reads). Real MIMIC-IV (2.x/3.x) layout.
+TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "patients": ("hosp/patients", ("subject_id", "gender", "anchor_age", "anchor_year", "dod")),
+    "admissions": ("hosp/admissions", ("subject_id", "hadm_id", "admittime", "dischtime", "edregtime",
+                                       "hospital_expire_flag", "race", "insurance", "marital_status",
+                                       "language")),
+    "labevents": ("hosp/labevents", ("subject_id", "hadm_id", "itemid", "charttime", "storetime", "valuenum")),
+    "d_labitems": ("hosp/d_labitems", ("itemid", "label")),
+}
+OPTIONAL_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "chartevents": ("icu/chartevents", ("subject_id", "hadm_id", "stay_id", "charttime", "storetime", "itemid",
+                                        "valuenum")),
+    "d_items": ("icu/d_items", ("itemid", "label")),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The feature list (configs/ehr/*.yaml).
+
+
+@dataclass
+class OutcomeSpec:
+    """One outcome column, defined strictly after the film."""
+
+    kind: str = MISSING
+    """in_hospital_mortality (linked admission's hospital_expire_flag), los_days (dischtime - admittime of the
+    linked admission, days) or mortality_within_days (patients.dod within `days` of t0's date)."""
+    days: Optional[int] = None
+    """For mortality_within_days: the horizon in days (dod - date(t0) in [0, days] counts as 1)."""
+
+
+@dataclass
+class FeatureList:
+    """What `link-ehr` extracts: `name: itemid` maps and the outcomes."""
+
+    features: dict[str, int] = field(default_factory=dict)
+    """hosp/labevents itemids by column name; each gives `{name}` and `{name}_hours`."""
+    vitals: dict[str, int] = field(default_factory=dict)
+    """icu/chartevents itemids by column name; used only when icu/chartevents is present."""
+    outcomes: dict[str, Any] = field(default_factory=dict)
+    """Outcome columns by name, each `{kind: ..., days: ...}` (an OutcomeSpec; kinds: in_hospital_mortality,
+    los_days, mortality_within_days)."""
+
+    def outcome_specs(self) -> dict[str, OutcomeSpec]:
+        return {name: OutcomeSpec(**dict(spec)) for name, spec in self.outcomes.items()}
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.features:
+            problems.append("features: empty; list at least one `name: itemid` (see configs/ehr/core.yaml)")
+        seen: set[str] = set(BASE_COLUMNS) | set(FINETUNE_EXTRA)
+        for block in ("features", "vitals", "outcomes"):
+            for name, value in getattr(self, block).items():
+                if not _NAME.match(name) or name.endswith("_hours"):
+                    problems.append(f"{block}.{name}: not a column name; use lower_case_with_underscores "
+                                    "(not ending in _hours)")
+                if name in seen:
+                    problems.append(f"{block}.{name}: used twice (or a reserved column); rename it")
+                seen.add(name)
+                if block != "outcomes" and int(value) <= 0:
+                    problems.append(f"{block}.{name}: itemid {value} must be a positive integer")
+        for name, raw in self.outcomes.items():
+            if not isinstance(raw, dict) or set(raw) - {"kind", "days"} or "kind" not in raw:
+                problems.append(f"outcomes.{name}: {raw!r}; write {{kind: KIND}} or {{kind: mortality_within_days, "
+                                "days: N}}")
+                continue
+            spec = OutcomeSpec(**raw)
+            if spec.kind not in OUTCOME_KINDS:
+                close = difflib.get_close_matches(spec.kind, OUTCOME_KINDS, n=1)
+                fix = f"did you mean {close[0]!r}?" if close else f"choose one of {', '.join(OUTCOME_KINDS)}"
+                problems.append(f"outcomes.{name}.kind: {spec.kind!r} is not an outcome kind; {fix}")
+            elif spec.kind == "mortality_within_days" and (spec.days is None or spec.days <= 0):
+                problems.append(f"outcomes.{name}.days: {spec.days!r}; mortality_within_days needs days > 0")
+        return problems
+
+
+def load_feature_list(name_or_path: str | os.PathLike = "ehr/core") -> tuple[FeatureList, Path]:
+    """The feature list `name_or_path` (a YAML path or a name under configs/, stage "ehr") and its path."""
+    from radalign.config import load_config, resolve_config_path
+
+    path = resolve_config_path(name_or_path, stage="ehr")
+    return load_config(FeatureList, path), path
+
+
+def ehr_columns(flist: FeatureList, with_vitals: bool) -> list[str]:
+    """The columns of ehr.parquet, in order."""
+    cols = list(BASE_COLUMNS)
+    for name in list(flist.features) + (list(flist.vitals) if with_vitals else []):
+        cols += [name, f"{name}_hours"]
+    return cols + list(flist.outcomes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Finding and checking the MIMIC-IV tables.
+
+
+@dataclass
+class Table:
+    name: str
+    path: Path
+    columns: list[str]
+
+
+def _find(root: Path, rel: str) -> Path | None:
+    for ext in (".csv.gz", ".csv"):
+        if (root / f"{rel}{ext}").is_file():
+            return root / f"{rel}{ext}"
+    return None
+
+
+def _header(path: Path) -> list[str]:
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as f:
+            return next(csv.reader(f), [])
+    except (OSError, EOFError, UnicodeDecodeError) as e:
+        raise RadalignError(f"{path}: cannot read its header ({e}); restore the file from the MIMIC-IV "
+                            "release") from None
+
+
+def find_tables(mimic_iv: str | os.PathLike, *, vitals: bool) -> dict[str, Table]:
+    """The tables link-ehr reads under `mimic_iv` (the folder holding hosp/ and icu/), header-checked.
+
+    A missing table or column: one RadalignError listing each (file, column, what was expected).
+    chartevents/d_items are looked for only when `vitals`; absent, the vitals block is left out.
+    """
+    root = Path(mimic_iv)
+    if not root.is_dir():
+        raise RadalignError(f"--mimic-iv {root}: no such folder; point at the MIMIC-IV folder that holds hosp/")
+    if not (root / "hosp").is_dir() and (root / "labevents.csv.gz").is_file():
+        raise RadalignError(f"--mimic-iv {root}: this looks like hosp/ itself; point at its parent (the folder "
+                            "that holds hosp/ and icu/)")
+    wanted = dict(TABLES)
+    if vitals:
+        wanted.update({k: v for k, v in OPTIONAL_TABLES.items() if _find(root, v[0]) is not None})
+    problems, tables = [], {}
+    for name, (rel, columns) in wanted.items():
+        path = _find(root, rel)
+        if path is None:
+            problems.append(f"{root / rel}.csv.gz: missing; expected the MIMIC-IV {name} table with columns "
+                            f"{', '.join(columns)}")
+            continue
+        header = _header(path)
+        for col in columns:
+            if col not in header:
+                close = difflib.get_close_matches(col, header, n=1)
+                hint = f" (found {close[0]!r})" if close else ""
+                problems.append(f"{path}: no column {col!r}{hint}; expected the MIMIC-IV {name} columns "
+                                f"{', '.join(columns)}")
+        tables[name] = Table(name, path, header)
+    if problems:
+        raise RadalignError("MIMIC-IV input is incomplete:\n" + "\n".join(f"  - {p}" for p in problems))
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Studies from the shards' json members.
+
+
+def _shard_list(root: Path) -> list[tuple[str, Path, int]]:
+    from radalign.io import read_format_json
+
+    manifest = read_format_json(root / "manifest.json", SHARDS_FORMAT,
+                                what="the --out folder of `radalign data prepare` (manifest.json, train/, ...)",
+                                fix="re-run `radalign data prepare`")
+    shards = [(split, root / s["path"], int(s.get("samples", 0)))
+              for split, entry in manifest.get("splits", {}).items() for s in entry.get("shards", [])]
+    missing = [str(p) for _, p, _ in shards if not p.is_file()]
+    if missing:
+        raise RadalignError(f"{len(missing)} shard(s) listed in {root / 'manifest.json'} are missing, e.g. "
+                            f"{missing[0]}; re-run `radalign data prepare` or restore the files")
+    return shards
+
+
+def _json_members(path: Path) -> tuple[list[dict], int]:
+    """The json member of every sample of one shard (tar headers are read, images skipped); (records, bad)."""
+    records, bad = [], 0
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.name.endswith(".json"):
+                    continue
+                try:
+                    records.append(json.loads(tar.extractfile(member).read().decode("utf-8")))
+                except (ValueError, UnicodeDecodeError, AttributeError):
+                    bad += 1
+    except (tarfile.TarError, OSError) as e:
+        raise RadalignError(f"{path}: unreadable shard ({e}); re-run `radalign data prepare`") from None
+    return records, bad
+
+
+def _subject_int(value, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().isdigit():
+        return int(value)
+    raise RadalignError(f"{where}: subject/study id {value!r} is not a MIMIC integer id; link-ehr joins "
+                        "MIMIC-CXR shards (from `radalign data prepare`) to MIMIC-IV")
+
+
+def _parse_t0(value) -> datetime | None:
+    if value in (None, ""):
+        return None
+    try:
+        return datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+
+
+def read_studies(shards: str | os.PathLike, *, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+    """One row per study in the shards (all splits) and counts.
+
+    Columns: subject_id, study_id, split, study_datetime (NaT when absent), dicom_ids (frontal images), the 14
+    labels, indication. t0 is the earliest image time of the study (images of a study normally share it).
+    """
+    from tqdm import tqdm
+
+    root = Path(shards)
+    listed = _shard_list(root)
+    counts = Counter(images_in_manifest=sum(n for _, _, n in listed))
+    studies: dict[tuple[int, int], dict] = {}
+    for split, path, _ in tqdm(listed, desc="shards", unit="shard", disable=not progress):
+        records, bad = _json_members(path)
+        counts["bad_json"] += bad
+        for rec in records:
+            _add_image(studies, rec, split, str(path), counts)
+    rows = []
+    for st in studies.values():
+        times = sorted(t for t in st.pop("times") if t is not None)
+        if len(set(times)) > 1:
+            counts["studies_with_differing_image_times"] += 1
+        rows.append({**st, "study_datetime": times[0] if times else None})
+    frame = pd.DataFrame(rows, columns=["subject_id", "study_id", "split", "study_datetime", "dicom_ids",
+                                        *CHEXPERT_LABELS, "indication"])
+    frame["study_datetime"] = pd.to_datetime(frame["study_datetime"]).astype("datetime64[us]")
+    frame = frame.sort_values(["subject_id", "study_id"], kind="stable").reset_index(drop=True)
+    counts["studies"] = len(frame)
+    counts["studies_without_frontal_image"] = int((frame["dicom_ids"].map(len) == 0).sum())
+    return frame, dict(counts)
+
+
+def _add_image(studies: dict, rec: dict, split: str, where: str, counts: Counter) -> None:
+    counts["images"] += 1
+    key = (_subject_int(rec.get("subject_id"), where), _subject_int(rec.get("study_id"), where))
+    raw = rec.get("study_datetime")
+    t0 = _parse_t0(raw)
+    if raw not in (None, "") and t0 is None:
+        counts["images_with_unparseable_datetime"] += 1
+    st = studies.get(key)
+    if st is None:
+        labels = rec.get("labels") or {}
+        indication = (rec.get("sections") or {}).get("indication") or None
+        st = studies[key] = {"subject_id": key[0], "study_id": key[1], "split": rec.get("split") or split,
+                             "dicom_ids": [], "times": [], "indication": indication,
+                             **{n: (None if labels.get(n) is None else float(labels[n])) for n in CHEXPERT_LABELS}}
+    elif st["split"] != (rec.get("split") or split):
+        raise RadalignError(f"{where}: study {key[1]} appears in splits {st['split']!r} and {rec.get('split')!r}; "
+                            "the shards must split by patient (re-run `radalign data prepare`)")
+    st["times"].append(t0)
+    if str(rec.get("view") or "").upper() in FRONTAL_VIEWS:
+        st["dicom_ids"].append(str(rec.get("dicom_id")))
+    else:
+        counts["non_frontal_images"] += 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DuckDB: connection, CSV reading, the Parquet cache.
+
+
+def _q(text) -> str:
+    """A SQL string literal."""
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def _c(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+# TRY_CAST over a bare CSV column is pushed into the CSV scanner as a hard cast by DuckDB 2.0 (duckdb#23818,
+# open): a stray `___` would abort the read. trim() keeps the cast in the projection, where it yields NULL.
+def _int(col: str) -> str:
+    return f"TRY_CAST(trim({_c(col)}) AS BIGINT)"
+
+
+def _num(col: str) -> str:
+    return f"TRY_CAST(trim({_c(col)}) AS DOUBLE)"
+
+
+def _ts(col: str) -> str:
+    return f"TRY_CAST(trim({_c(col)}) AS TIMESTAMP)"
+
+
+def _do(con, sql: str) -> list:
+    """Run one statement to completion (DuckDB 2 refuses new work while a result is unfetched)."""
+    return con.execute(sql).fetchall()
+
+
+def csv_sql(table: Table) -> str:
+    """read_csv over `table` with every column VARCHAR (types are applied by TRY_CAST, never guessed)."""
+    cols = ", ".join(f"{_q(c)}: 'VARCHAR'" for c in table.columns)
+    return (f"read_csv({_q(table.path)}, header=true, auto_detect=false, delim=',', quote='\"', escape='\"', "
+            f"columns={{{cols}}})")
+
+
+def connect(memory_limit: str, temp_dir: Path, threads: int = 0, progress: bool = False):
+    import duckdb
+
+    temp_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(":memory:")
+    _do(con, f"SET memory_limit = {_q(memory_limit)}")
+    _do(con, f"SET temp_directory = {_q(temp_dir)}")
+    _do(con, "SET preserve_insertion_order = false")
+    if threads:
+        _do(con, f"SET threads = {int(threads)}")
+    _do(con, f"SET enable_progress_bar = {'true' if progress else 'false'}")
+    return con
+
+
+def _itemhash(itemids) -> str:
+    return hashlib.sha256(",".join(str(i) for i in sorted(itemids)).encode()).hexdigest()[:12]
+
+
+def events_parquet(con, table: Table, cache_dir: Path, itemids=None) -> tuple[Path, dict]:
+    """`table` (labevents / chartevents) as a typed Parquet file in `cache_dir`, converted once.
+
+    Keyed by the CSV's size and mtime (and, when `itemids` filters the rows, by those itemids): a changed
+    input is converted again, and older conversions of the same table are removed. Returns (path, info).
+    """
+    from radalign.io import atomic_path, atomic_write_json
+
+    st = table.path.stat()
+    where_from = hashlib.sha256(str(table.path.resolve()).encode()).hexdigest()[:8]  # two releases can share a cache
+    tag = f"{table.name}-{where_from}-{st.st_size}-{st.st_mtime_ns}-v{CACHE_VERSION}"
+    tag += f"-items{_itemhash(itemids)}" if itemids else ""
+    target, meta = cache_dir / f"{tag}.parquet", cache_dir / f"{tag}.json"
+    if target.is_file() and meta.is_file():
+        return target, {**json.loads(meta.read_text()), "cache": "hit", "path": str(target)}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    where = f"WHERE {_int('itemid')} IN ({', '.join(str(int(i)) for i in itemids)})" if itemids else ""
+    extra = f", {_int('stay_id')} AS stay_id" if "stay_id" in table.columns else ""
+    t = time.perf_counter()
+    with atomic_path(target) as tmp:
+        _do(con, f"""COPY (SELECT {_int('subject_id')} AS subject_id, {_int('hadm_id')} AS hadm_id{extra},
+                            {_int('itemid')} AS itemid, {_ts('charttime')} AS charttime,
+                            {_ts('storetime')} AS storetime, {_num('valuenum')} AS valuenum
+                     FROM {csv_sql(table)} {where}) TO {_q(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
+    rows = con.execute(f"SELECT count(*) FROM read_parquet({_q(target)})").fetchall()[0][0]
+    info = {"source": str(table.path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": int(rows),
+            "filtered_itemids": sorted(int(i) for i in itemids) if itemids else None,
+            "convert_seconds": round(time.perf_counter() - t, 3)}
+    atomic_write_json(meta, info)
+    for old in cache_dir.glob(f"{table.name}-{where_from}-*"):
+        if old.name not in (target.name, meta.name) and not old.name.startswith("."):
+            old.unlink(missing_ok=True)
+    return target, {**info, "cache": "miss", "path": str(target)}
+
+
+def check_itemids(con, items: dict[str, int], table: Table, block: str) -> int:
+    """Every itemid of `items` must be in `table` (d_labitems / d_items); else one error with the closest labels.
+    Returns the number of rows of the dictionary table."""
+    rows = con.execute(f"SELECT {_int('itemid')}, label FROM {csv_sql(table)}").fetchall()
+    labels = {int(i): str(lab) for i, lab in rows if i is not None}
+    problems = []
+    for name, itemid in items.items():
+        if int(itemid) in labels:
+            continue
+        words = name.replace("_", " ")
+        by_lower = {v.lower(): (k, v) for k, v in labels.items()}
+        close = difflib.get_close_matches(words.lower(), list(by_lower), n=5, cutoff=0.3)
+        hint = ", ".join(f"{by_lower[c][1]} ({by_lower[c][0]})" for c in close) or "(none close)"
+        problems.append(f"{block}.{name}: itemid {itemid} is not in {table.path}; closest labels: {hint}")
+    if problems:
+        raise RadalignError("feature list names unknown itemids:\n" + "\n".join(f"  - {p}" for p in problems))
+    return len(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The link itself.
+
+
+def _load_small_tables(con, tables: dict[str, Table]) -> dict[str, int]:
+    _do(con, f"""CREATE OR REPLACE TEMP TABLE pat AS
+        SELECT {_int('subject_id')} AS subject_id, gender, TRY_CAST(trim(anchor_age) AS INTEGER) AS anchor_age,
+               TRY_CAST(trim(anchor_year) AS INTEGER) AS anchor_year, CAST({_ts('dod')} AS DATE) AS dod
+        FROM {csv_sql(tables['patients'])}
+        QUALIFY row_number() OVER (PARTITION BY subject_id ORDER BY anchor_year) = 1""")
+    _do(con, f"""CREATE OR REPLACE TEMP TABLE adm AS
+        SELECT *, coalesce(edregtime, admittime) AS span_start,
+               (epoch_us(dischtime) - epoch_us(admittime)) / 86400e6 AS los
+        FROM (SELECT {_int('subject_id')} AS subject_id, {_int('hadm_id')} AS hadm_id,
+                     {_ts('admittime')} AS admittime, {_ts('dischtime')} AS dischtime,
+                     {_ts('edregtime')} AS edregtime,
+                     TRY_CAST(trim(hospital_expire_flag) AS INTEGER) AS hospital_expire_flag,
+                     race, insurance, marital_status, language
+              FROM {csv_sql(tables['admissions'])})""")
+    n = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("pat", "adm")}
+    bad = con.execute("SELECT count(*) FROM adm WHERE span_start IS NULL OR dischtime IS NULL").fetchall()[0][0]
+    return {"patients": int(n["pat"]), "admissions": int(n["adm"]), "admissions_without_times": int(bad)}
+
+
+def _register_studies(con, studies: pd.DataFrame, window_hours: float) -> None:
+    s = pd.DataFrame({"study_key": np.arange(len(studies), dtype=np.int64),
+                      "subject_id": studies["subject_id"].astype("int64"), "t0": studies["study_datetime"]})
+    con.register("studies_in", s)
+    window_us = int(round(window_hours * 3600e6))
+    _do(con, f"""CREATE OR REPLACE TEMP TABLE s AS
+        SELECT study_key, subject_id, CAST(t0 AS TIMESTAMP) AS t0,
+               CAST(t0 AS TIMESTAMP) - to_microseconds({window_us}) AS t_lo
+        FROM studies_in WHERE t0 IS NOT NULL""")
+    con.unregister("studies_in")
+
+
+def _admission_frame(con) -> pd.DataFrame:
+    """Per study with t0: linked admission, demographics admission, patient fields (NULLs when absent)."""
+    _do(con, """CREATE OR REPLACE TEMP TABLE link AS
+        SELECT s.study_key, a.hadm_id, a.admittime, a.dischtime, a.hospital_expire_flag, a.los
+        FROM s JOIN adm a ON a.subject_id = s.subject_id AND a.span_start <= s.t0 AND s.t0 <= a.dischtime
+        QUALIFY row_number() OVER (PARTITION BY s.study_key ORDER BY a.span_start DESC, a.hadm_id DESC) = 1""")
+    _do(con, """CREATE OR REPLACE TEMP TABLE demo AS
+        SELECT s.study_key, a.race, a.insurance, a.marital_status, a.language
+        FROM s JOIN adm a ON a.subject_id = s.subject_id
+             AND ((a.span_start <= s.t0 AND s.t0 <= a.dischtime) OR a.span_start < s.t0)
+        QUALIFY row_number() OVER (PARTITION BY s.study_key
+            ORDER BY (a.span_start <= s.t0 AND s.t0 <= a.dischtime) DESC, a.span_start DESC, a.hadm_id DESC) = 1""")
+    return con.execute("""
+        SELECT s.study_key, s.t0, l.hadm_id, l.admittime, l.dischtime, l.hospital_expire_flag, l.los,
+               p.subject_id IS NOT NULL AS in_patients, p.gender, p.anchor_age + year(s.t0) - p.anchor_year AS age,
+               p.dod, CAST(s.t0 AS DATE) AS t0_date, d.race, d.insurance, d.marital_status, d.language
+        FROM s LEFT JOIN link l USING (study_key) LEFT JOIN pat p ON p.subject_id = s.subject_id
+               LEFT JOIN demo d USING (study_key)""").df()
+
+
+def latest_values(con, parquet: Path, items: dict[str, int]) -> tuple[pd.DataFrame, dict]:
+    """Latest available numeric value per (study, item name): long frame [study_key, name, value, hours,
+    outpatient] and per-name counts of in-window events skipped (not yet resulted at t0; non-numeric)."""
+    values = ", ".join(f"({_q(n)}, {int(i)})" for n, i in items.items())
+    ids = ", ".join(str(int(i)) for i in items.values())
+    _do(con, f"CREATE OR REPLACE TEMP TABLE items AS SELECT * FROM (VALUES {values}) t(name, itemid)")
+    _do(con, f"""CREATE OR REPLACE TEMP TABLE cand AS
+        SELECT s.study_key, i.name, e.charttime, e.valuenum, e.hadm_id,
+               coalesce(e.storetime, e.charttime) AS avail, coalesce(e.storetime, e.charttime) <= s.t0 AS ready,
+               (epoch_us(s.t0) - epoch_us(e.charttime)) / 3600e6 AS hours
+        FROM (SELECT subject_id, hadm_id, itemid, charttime, storetime, valuenum FROM read_parquet({_q(parquet)})
+              WHERE itemid IN ({ids})) e
+        JOIN items i ON e.itemid = i.itemid
+        JOIN s ON e.subject_id = s.subject_id AND e.charttime >= s.t_lo AND e.charttime < s.t0""")
+    skipped = {n: {"not_yet_resulted": 0, "non_numeric": 0} for n in items}
+    for name, late, nonnum in con.execute("""SELECT name, count(*) FILTER (WHERE NOT ready),
+            count(*) FILTER (WHERE ready AND valuenum IS NULL) FROM cand GROUP BY name""").fetchall():
+        skipped[name] = {"not_yet_resulted": int(late), "non_numeric": int(nonnum)}
+    best = con.execute("""SELECT study_key, name, valuenum AS value, hours, hadm_id IS NULL AS outpatient
+        FROM cand WHERE ready AND valuenum IS NOT NULL
+        QUALIFY row_number() OVER (PARTITION BY study_key, name
+                                   ORDER BY charttime DESC, avail DESC, valuenum DESC) = 1""").df()
+    _do(con, "DROP TABLE cand")
+    return best, skipped
+
+
+def _table_counts(con, parquet: Path, items: dict[str, int]) -> dict:
+    """Table-wide: rows of unknown subjects, non-numeric rows per item."""
+    unknown = con.execute(f"""SELECT count(*) FROM read_parquet({_q(parquet)}) e
+        WHERE NOT EXISTS (SELECT 1 FROM pat p WHERE p.subject_id = e.subject_id)""").fetchall()[0][0]
+    ids = ", ".join(str(int(i)) for i in items.values())
+    nonnum = dict(con.execute(f"""SELECT itemid, count(*) FROM read_parquet({_q(parquet)})
+        WHERE itemid IN ({ids}) AND valuenum IS NULL GROUP BY itemid""").fetchall())
+    bad_time = con.execute(f"SELECT count(*) FROM read_parquet({_q(parquet)}) WHERE charttime IS NULL "
+                           "OR subject_id IS NULL OR itemid IS NULL").fetchall()[0][0]
+    return {"rows_of_subjects_absent_from_patients": int(unknown),
+            "rows_without_subject_itemid_or_charttime": int(bad_time),
+            "non_numeric_rows": {n: int(nonnum.get(i, 0)) for n, i in items.items()}}
+
+
+def _outcome(spec: OutcomeSpec, adm: pd.DataFrame) -> pd.Series:
+    if spec.kind == "in_hospital_mortality":
+        return adm["hospital_expire_flag"].astype("Int64")
+    if spec.kind == "los_days":
+        return adm["los"].astype("float64")
+    days = (pd.to_datetime(adm["dod"]) - pd.to_datetime(adm["t0_date"])).dt.days
+    in_patients = adm["in_patients"].fillna(False).astype(bool)   # False for studies without t0 too
+    out = pd.Series(pd.NA, index=adm.index, dtype="Int64")
+    out[in_patients & adm["dod"].isna()] = 0
+    known = in_patients & days.notna() & (days >= 0)
+    out[known] = (days[known] <= spec.days).astype("int64")
+    return out
+
+
+def link_studies(con, studies: pd.DataFrame, tables: dict[str, Table], flist: FeatureList, *,
+                 window_hours: float, labs: Path, vitals: Path | None) -> tuple[pd.DataFrame, dict]:
+    """The study-level frame (columns `ehr_columns`) and the counts for the manifest."""
+    counts: dict = {"rows_scanned": _load_small_tables(con, tables)}
+    _register_studies(con, studies, window_hours)
+    adm = _admission_frame(con).set_index("study_key")
+    frame = studies[["subject_id", "study_id", "split", "study_datetime"]].copy()
+    key = np.arange(len(frame))
+    adm = adm.reindex(key)
+    for col in ("hadm_id", "admittime", "dischtime", "gender", "age", "race", "insurance", "marital_status",
+                "language"):
+        frame[col] = adm[col].to_numpy()
+    blocks = [("features", flist.features, labs)] + ([("vitals", flist.vitals, vitals)] if vitals else [])
+    coverage, skipped, outpatient = {}, {}, {}
+    has_t0 = frame["study_datetime"].notna()
+    for _block, items, parquet in blocks:
+        best, skip = latest_values(con, parquet, items)
+        skipped.update(skip)
+        for name in items:
+            b = best[best["name"] == name].set_index("study_key")
+            frame[name] = b["value"].reindex(key).to_numpy(dtype="float64")
+            frame[f"{name}_hours"] = b["hours"].reindex(key).to_numpy(dtype="float64")
+            n = int(frame[name].notna().sum())
+            coverage[name] = {"studies": n, "fraction": round(n / max(int(has_t0.sum()), 1), 4)}
+            outpatient[name] = int(b["outpatient"].sum())
+    for name, spec in flist.outcome_specs().items():
+        frame[name] = _outcome(spec, adm).to_numpy()
+    in_pat = adm["in_patients"].astype("boolean")
+    absent = has_t0 & ~in_pat.fillna(True).to_numpy(dtype=bool)
+    absent_all = ~frame["subject_id"].isin(con.execute("SELECT subject_id FROM pat").df()["subject_id"])
+    counts.update(
+        studies=len(frame), studies_per_split={s: int((frame["split"] == s).sum()) for s in frame["split"].unique()},
+        studies_without_datetime=int((~has_t0).sum()),
+        studies_no_admission=int((has_t0 & frame["hadm_id"].isna()).sum()),
+        subjects_absent_from_patients=int(frame.loc[absent_all, "subject_id"].nunique()),
+        studies_of_subjects_absent_from_patients=int(absent.sum()),
+        studies_dod_before_film=int((has_t0 & adm["in_patients"].fillna(False).to_numpy(dtype=bool)
+                                     & (pd.to_datetime(adm["dod"]) < pd.to_datetime(adm["t0_date"]))
+                                     .fillna(False).to_numpy(dtype=bool)).sum()),
+        feature_coverage=coverage, skipped_events=skipped, values_from_draws_without_hadm_id=outpatient)
+    return _typed(frame, flist, vitals is not None), counts
+
+
+def _typed(frame: pd.DataFrame, flist: FeatureList, with_vitals: bool) -> pd.DataFrame:
+    ints = ["subject_id", "study_id", "hadm_id", "age"] + [n for n, s in flist.outcome_specs().items()
+                                                           if s.kind != "los_days"]
+    for col in ints:
+        frame[col] = pd.array(frame[col], dtype="Int64") if frame[col].dtype == object else frame[col].astype("Int64")
+    for col in ("study_datetime", "admittime", "dischtime"):
+        frame[col] = pd.to_datetime(frame[col]).astype("datetime64[us]")
+    for col in ("split", "gender", "race", "insurance", "marital_status", "language"):
+        frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
+    return frame[ehr_columns(flist, with_vitals)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Output: ehr.parquet, finetune/, manifest.json.
+
+
+def arrow_schema(columns: list[str], flist: FeatureList):
+    import pyarrow as pa
+
+    types = {"subject_id": pa.int64(), "study_id": pa.int64(), "split": pa.string(), "hadm_id": pa.int64(),
+             "study_datetime": pa.timestamp("us"), "admittime": pa.timestamp("us"), "dischtime": pa.timestamp("us"),
+             "age": pa.int64(), "dicom_ids": pa.list_(pa.string()), "indication": pa.string()}
+    for name, spec in flist.outcome_specs().items():
+        types[name] = pa.float64() if spec.kind == "los_days" else pa.int64()
+    fields = []
+    for c in columns:
+        t = types.get(c, pa.string() if c in BASE_COLUMNS else pa.float64())
+        fields.append(pa.field(c, t))
+    return pa.schema(fields)
+
+
+def write_parquet(frame: pd.DataFrame, path: Path, flist: FeatureList) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from radalign.io import atomic_path
+
+    table = pa.Table.from_pandas(frame, schema=arrow_schema(list(frame.columns), flist), preserve_index=False)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+
+
+def write_finetune(frame: pd.DataFrame, studies: pd.DataFrame, path: Path, flist: FeatureList) -> dict[str, int]:
+    """OUT/finetune: a DatasetDict (train/validate/test, the shards' patient split) saved to disk."""
+    import datasets
+    import pyarrow as pa
+    from datasets.table import InMemoryTable
+
+    from radalign.io import atomic_path
+
+    full = frame.copy()
+    for col in FINETUNE_EXTRA:
+        full[col] = studies[col].to_numpy() if col != "dicom_ids" else studies[col].map(list).to_numpy()
+    for col in CHEXPERT_LABELS:
+        full[col] = pd.to_numeric(full[col], errors="coerce").astype("float64")
+    schema = arrow_schema(list(full.columns), flist)
+    splits = {}
+    for split in SPLITS:
+        part = full[full["split"] == split]
+        table = pa.Table.from_pandas(part, schema=schema, preserve_index=False)
+        splits[split] = datasets.Dataset(InMemoryTable(table))
+    was_on = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # a bar per split of a few-second save is noise
+    try:
+        with atomic_path(path) as tmp:
+            datasets.DatasetDict(splits).save_to_disk(str(tmp))
+    finally:
+        if was_on:
+            datasets.enable_progress_bars()
+    return {k: len(v) for k, v in splits.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command.
+
+
+def _fingerprint(tables: dict[str, Table]) -> dict:
+    return {name: {"path": str(t.path), "bytes": t.path.stat().st_size, "mtime_ns": t.path.stat().st_mtime_ns}
+            for name, t in tables.items()}
+
+
+def _check_options(window_hours: float, memory_limit: str, shards: Path) -> None:
+    problems = []
+    if not (isinstance(window_hours, (int, float)) and 0 < window_hours <= 24 * 365):
+        problems.append(f"--window-hours {window_hours}: must be a number of hours > 0 (e.g. 24)")
+    if not _MEMORY.match(str(memory_limit)):
+        problems.append(f"--memory-limit {memory_limit!r}: give a size like 2GB or 512MB")
+    if not (shards / "manifest.json").is_file():
+        problems.append(f"--shards {shards}: no manifest.json; point at the --out folder of `radalign data prepare`")
+    if problems:
+        raise RadalignError("link-ehr options:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _previous(out: Path, options: dict, inputs: dict, overwrite: bool) -> dict | None:
+    """The existing manifest when OUT already holds this exact link (then nothing is redone); raises when OUT
+    holds a link made with other options and `overwrite` is off."""
+    file = out / "manifest.json"
+    if not file.is_file():
+        return None
+    try:
+        old = json.loads(file.read_text())
+    except (OSError, ValueError):
+        old = {}
+    if old.get("format") != MANIFEST_FORMAT:  # e.g. the shards folder itself: never overwritten, not even so
+        raise RadalignError(f"{out} holds a manifest.json that is not a link-ehr output "
+                            f"(format {old.get('format')!r}); choose another --out")
+    if overwrite:
+        return None
+    differ = [k for k in options if old.get("options", {}).get(k) != options[k]]
+    if differ:
+        desc = ", ".join(f"{k}: {old.get('options', {}).get(k)!r} -> {options[k]!r}" for k in differ)
+        raise RadalignError(f"{out} holds a link-ehr output made with other options ({desc}); pass --overwrite "
+                            "to replace it, or choose another --out")
+    if old.get("inputs") == inputs:
+        return old
+    return None
+
+
+def link_ehr(mimic_iv: str | os.PathLike, shards: str | os.PathLike, out: str | os.PathLike, *,
+             features: str | os.PathLike = "ehr/core", window_hours: float = 24.0, memory_limit: str = "2GB",
+             cache: str | os.PathLike | None = None, threads: int = 0, overwrite: bool = False,
+             progress: bool = False) -> dict:
+    """Write OUT/ehr.parquet, OUT/finetune/ and OUT/manifest.json; returns the manifest (module docstring)."""
+    from radalign.io import atomic_write_json
+    from radalign.lock import output_lock
+
+    t_start = time.perf_counter()
+    out, shards = Path(out), Path(shards)
+    _check_options(window_hours, memory_limit, shards)
+    flist, flist_path = load_feature_list(features)
+    tables = find_tables(mimic_iv, vitals=bool(flist.vitals))
+    options = {"mimic_iv": str(Path(mimic_iv).resolve()), "shards": str(shards.resolve()),
+               "window_hours": float(window_hours), "features": dataclasses.asdict(flist)}
+    inputs = {**_fingerprint(tables), "shards_manifest": _fingerprint(
+        {"m": Table("m", shards / "manifest.json", [])})["m"]}
+    with output_lock(out):
+        old = _previous(out, options, inputs, overwrite)
+        if old is not None:
+            log.info(f"{out}: already linked with these options and inputs; nothing to do (--overwrite redoes it)")
+            return old
+        (out / "manifest.json").unlink(missing_ok=True)  # from here on OUT is incomplete until the new manifest
+        cache_dir = Path(cache) if cache else out / "cache"
+        seconds: dict[str, float] = {}
+        t = time.perf_counter()
+        studies, study_counts = read_studies(shards, progress=progress)
+        seconds["read_shards"] = round(time.perf_counter() - t, 3)
+        with output_lock(cache_dir, what="cache folder"):
+            manifest = _link_and_write(out, cache_dir, studies, study_counts, tables, flist, window_hours,
+                                       memory_limit, threads, progress, seconds)
+        manifest.update(format=MANIFEST_FORMAT, created=time.strftime("%Y-%m-%dT%H:%M:%S"), options=options,
+                        feature_list=str(flist_path), memory_limit=memory_limit, inputs=inputs)
+        seconds["total"] = round(time.perf_counter() - t_start, 3)
+        manifest["seconds"] = seconds
+        atomic_write_json(out / "manifest.json", manifest)
+    return manifest
+
+
+def link_frame(studies: pd.DataFrame, tables: dict[str, Table], flist: FeatureList, *, window_hours: float,
+               cache_dir: Path, memory_limit: str = "2GB", threads: int = 0, progress: bool = False,
+               seconds: dict | None = None) -> tuple[pd.DataFrame, dict]:
+    """The study-level frame for `studies` (subject_id, study_id, split, study_datetime) and the counts.
+
+    The whole engine without the shards and the output folder: checks the itemids, converts (or reuses) the
+    Parquet cache, runs the link in DuckDB under `memory_limit` (spilling to `cache_dir`). bench/ehr.py calls it.
+    """
+    seconds = {} if seconds is None else seconds
+    tmpdir = cache_dir / f"duckdb-tmp-{os.getpid()}"
+    con = connect(memory_limit, tmpdir, threads, progress)
+    try:
+        t = time.perf_counter()
+        dict_rows = {"d_labitems": check_itemids(con, flist.features, tables["d_labitems"], "features")}
+        if "chartevents" in tables and "d_items" in tables:
+            dict_rows["d_items"] = check_itemids(con, flist.vitals, tables["d_items"], "vitals")
+        labs, labs_info = events_parquet(con, tables["labevents"], cache_dir)
+        vitals, vitals_info = None, None
+        if "chartevents" in tables:
+            vitals, vitals_info = events_parquet(con, tables["chartevents"], cache_dir, flist.vitals.values())
+        seconds["convert_or_cache"] = round(time.perf_counter() - t, 3)
+        t = time.perf_counter()
+        frame, counts = link_studies(con, studies, tables, flist, window_hours=window_hours, labs=labs,
+                                     vitals=vitals)
+        counts["labevents"] = _table_counts(con, labs, flist.features)
+        if vitals is not None:
+            counts["chartevents"] = _table_counts(con, vitals, flist.vitals)
+        seconds["link"] = round(time.perf_counter() - t, 3)
+    finally:
+        con.close()
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    counts["rows_scanned"].update(dict_rows, labevents=labs_info["rows"])
+    if vitals_info:
+        counts["rows_scanned"]["chartevents_vitals_rows"] = vitals_info["rows"]
+    counts["cache"] = {"labevents": labs_info, **({"chartevents": vitals_info} if vitals_info else {})}
+    counts["with_vitals"] = vitals is not None
+    return frame, counts
+
+
+def _link_and_write(out, cache_dir, studies, study_counts, tables, flist, window_hours, memory_limit, threads,
+                    progress, seconds) -> dict:
+    frame, counts = link_frame(studies, tables, flist, window_hours=window_hours, cache_dir=cache_dir,
+                               memory_limit=memory_limit, threads=threads, progress=progress, seconds=seconds)
+    with_vitals = counts.pop("with_vitals")
+    t = time.perf_counter()
+    write_parquet(frame, out / "ehr.parquet", flist)
+    per_split = write_finetune(frame, studies, out / "finetune", flist)
+    seconds["write"] = round(time.perf_counter() - t, 3)
+    counts["rows_scanned"]["shard_images"] = study_counts["images"]
+    return {"features": list(flist.features), "feature_itemids": dict(flist.features),
+            "vitals": list(flist.vitals) if with_vitals else [],
+            "vitals_itemids": dict(flist.vitals) if with_vitals else {},
+            "vitals_note": None if with_vitals else "no icu/chartevents under --mimic-iv: no vitals columns",
+            "outcomes": {k: dataclasses.asdict(v) for k, v in flist.outcome_specs().items()},
+            "columns": list(frame.columns), "rows_written": {"ehr.parquet": len(frame), "finetune": per_split},
+            "shards": study_counts, **counts}
+
+
+def read_ehr(out: str | os.PathLike) -> pd.DataFrame:
+    """OUT/ehr.parquet after checking OUT/manifest.json (a finished link-ehr output)."""
+    from radalign.io import read_format_json
+
+    read_format_json(Path(out) / "manifest.json", MANIFEST_FORMAT, what="the --out folder of `radalign data link-ehr`",
+                     fix="re-run `radalign data link-ehr`")
+    return pd.read_parquet(Path(out) / "ehr.parquet")
+
+
+__all__ = ["link_ehr", "link_frame", "link_studies", "read_studies", "find_tables", "load_feature_list", "FeatureList",
+           "OutcomeSpec", "ehr_columns", "events_parquet", "read_ehr", "MANIFEST_FORMAT", "TABLES"]
+

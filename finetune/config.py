@@ -1,0 +1,242 @@
+"""Typed config of `radalign finetune` (YAML in configs/finetune/, `key=value` overrides; radalign.config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+MODALITIES = ("image", "text", "ehr")
+TASK_KINDS = ("binary", "multilabel", "multiclass")
+IMAGE_TOWER = ("frozen", "last_blocks", "lora")
+BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
+FEWSHOT_METHODS = ("linear_probe", "prompt_init", "fusion")
+UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
+
+
+@dataclass
+class DataConfig:
+    table: str = "runs/demo/ehr/finetune"
+    """The finetune table: the `finetune/` DatasetDict folder written by `radalign data link-ehr`."""
+    shards: str = "runs/demo/shards"
+    """The shards folder the table's dicom_ids point into (images are embedded from it)."""
+    checkpoint: str = "runs/demo/pretrain"
+    """Pretrained run or export folder (pretrain.export) whose towers embed the images and indications."""
+    cache: str = ""
+    """Folder for cached image/text embeddings (keyed by the export checksum); empty: RUN/cache."""
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    """Modalities the fusion model uses: any of image, text (the order's indication), ehr (labs+demographics)."""
+    features: Optional[list[str]] = None
+    """Lab features; None: the table manifest's `features` (a checkpoint trained on another list is refused)."""
+    train_split: str = "train"
+    """Split the model and the EHR scaling statistics are fitted on."""
+    val_split: str = "validate"
+    """Split for model selection, thresholds, temperature and the late-fusion stacker (never test)."""
+    test_split: str = "test"
+    """Split the reported metrics come from."""
+    image_patch_tokens: bool = False
+    """Feed the image tower's patch tokens (not only the pooled embedding) to the fusion head."""
+    allow_overlap: bool = False
+    """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
+
+
+@dataclass
+class TaskConfig:
+    name: str = "in_hospital_mortality"
+    """Task name (the run's subfolder and the report title)."""
+    kind: str = "binary"
+    """binary (one label column), multilabel (several 0/1 columns) or multiclass (one class-index column)."""
+    labels: list[str] = field(default_factory=lambda: ["in_hospital_mortality"])
+    """Label column(s) of the table. With `threshold_column`, the one name given to the derived label."""
+    threshold_column: Optional[str] = None
+    """Derive the binary label as `threshold_column > threshold` (e.g. los_days > 7); null stays unlabelled."""
+    threshold: Optional[float] = None
+    """Cut-off for `threshold_column`."""
+    uncertain: str = "exclude"
+    """CheXpert label -1 (uncertain): exclude (unlabelled), positive or negative."""
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 128
+    """Width of the modality tokens and the fusion transformer."""
+    n_layers: int = 2
+    """Fusion transformer layers."""
+    n_heads: int = 4
+    """Fusion attention heads (d_model must be divisible by it)."""
+    dropout: float = 0.1
+    """Dropout inside the fusion and EHR transformers."""
+    ehr_d: int = 64
+    """Width of the EHR feature tokens (FT-Transformer d_block)."""
+    ehr_blocks: int = 2
+    """FT-Transformer blocks pooling the EHR tokens."""
+    ehr_heads: int = 4
+    """EHR attention heads (ehr_d must be divisible by it)."""
+    modality_dropout: dict[str, float] = field(default_factory=lambda: {"image": 0.1, "text": 0.25, "ehr": 0.3})
+    """Training-time drop rate per modality (each present modality dropped independently)."""
+    modality_dropout_from_data: bool = False
+    """Instead, set each rate to the modality's absence rate on the training split (clipped to [0.05, 0.5])."""
+    cls_sees_absent: bool = True
+    """The fusion [CLS] may attend to an absent modality's mask token (absence as information)."""
+    image_tower: str = "frozen"
+    """frozen (cached embeddings), last_blocks (train the last `unfreeze_blocks`) or lora (peft)."""
+    unfreeze_blocks: int = 0
+    """With image_tower=last_blocks: how many final blocks train."""
+    lora_rank: int = 8
+    """With image_tower=lora: the LoRA rank."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1.0e-3
+    """AdamW learning rate of the fusion head (and baselines)."""
+    weight_decay: float = 1.0e-2
+    """AdamW weight decay."""
+    epochs: int = 30
+    """Training epochs; the checkpoint with the best validation AUROC is kept."""
+    batch_size: int = 256
+    """Rows per batch (per process)."""
+    warmup_steps: int = 50
+    """Linear warm-up steps."""
+
+
+@dataclass
+class BaselinesConfig:
+    models: list[str] = field(default_factory=lambda: list(BASELINES))
+    """Baselines trained beside the fusion model (same data, same splits)."""
+    late_fusion: str = "stacked"
+    """Late fusion: average of the per-modality logits, or stacked (logistic regression on validation)."""
+    gbdt_max_iter: int = 200
+    """Boosting iterations of the gradient-boosted trees (no internal early stopping: it splits by row)."""
+    gbdt_learning_rate: float = 0.05
+    """Learning rate of the gradient-boosted trees."""
+
+
+@dataclass
+class FewshotConfig:
+    enabled: bool = False
+    """Run the few-shot sweep instead of full training."""
+    label: str = ""
+    """Binary label column of the few-shot task (e.g. a CheXpert label)."""
+    ks: list[str] = field(default_factory=lambda: ["1", "2", "4", "8", "16", "32"])
+    """Examples per class; integers or 'all'."""
+    seeds: int = 5
+    """Draws per k (seeds 0..seeds-1); at least 5."""
+    methods: list[str] = field(default_factory=lambda: ["prompt_init", "linear_probe"])
+    """linear_probe (frozen embeddings), prompt_init (head initialised from the zero-shot prompts), fusion."""
+    prompts: str = "chexpert14"
+    """Prompt set (configs/zeroshot/) that gives the prompt_init head and the k=0 point."""
+    l2: float = 1.0
+    """prompt_init: strength of the L2 pull toward the zero-shot head."""
+    probe_C: float = 1.0
+    """linear_probe: inverse L2 strength (sklearn C)."""
+    steps: int = 100
+    """fusion: fixed training steps (no early stopping, no validation set)."""
+
+
+@dataclass
+class FinetuneConfig:
+    run_dir: str = "runs/finetune"
+    """Output folder: resolved config, checkpoints, predictions.csv, metrics.json, report.md, plots."""
+    seed: int = 0
+    """Seed for initialisation, modality dropout and bootstrap."""
+    precision: str = "auto"
+    """Mixed precision (radalign.training): auto, bf16, fp16 or no."""
+    log_every: int = 20
+    """Steps between log lines (and NaN checks)."""
+    bootstrap: int = 1000
+    """Patient-level bootstrap resamples for the 95% intervals."""
+    device: str = "cpu"
+    """Device for embedding and single-process training."""
+    data: DataConfig = field(default_factory=DataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
+    fewshot: FewshotConfig = field(default_factory=FewshotConfig)
+
+    def validate(self) -> list[str]:
+        return (_data_problems(self.data) + _task_problems(self.task) + _model_problems(self.model, self.data)
+                + _other_problems(self))
+
+
+def _data_problems(d: DataConfig) -> list[str]:
+    p = []
+    bad = [m for m in d.modalities if m not in MODALITIES]
+    if bad or not d.modalities:
+        p.append(f"data.modalities: {list(d.modalities)}; use a non-empty subset of {', '.join(MODALITIES)}")
+    if len(set(d.modalities)) != len(d.modalities):
+        p.append(f"data.modalities: {list(d.modalities)} repeats a modality")
+    if d.val_split == d.test_split:
+        p.append(f"data.val_split: equals test_split {d.test_split!r}; select models on another split")
+    if d.train_split in (d.val_split, d.test_split):
+        p.append(f"data.train_split: {d.train_split!r} is also the validation or test split")
+    return p
+
+
+def _task_problems(t: TaskConfig) -> list[str]:
+    p = []
+    if t.kind not in TASK_KINDS:
+        p.append(f"task.kind: {t.kind!r} is not one of {', '.join(TASK_KINDS)}")
+    if not t.labels:
+        p.append("task.labels: empty; name the label column(s)")
+    if t.kind in ("binary", "multiclass") and len(t.labels) > 1:
+        p.append(f"task.labels: {t.kind} takes one label column, got {len(t.labels)}; use kind=multilabel")
+    if (t.threshold_column is None) != (t.threshold is None):
+        p.append("task.threshold: threshold_column and threshold go together; set both or neither")
+    if t.uncertain not in UNCERTAIN_POLICIES:
+        p.append(f"task.uncertain: {t.uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
+    return p
+
+
+def _model_problems(m: ModelConfig, d: DataConfig) -> list[str]:
+    p = []
+    if m.d_model < 1 or m.n_heads < 1 or m.d_model % m.n_heads:
+        p.append(f"model.d_model: {m.d_model} must be a positive multiple of model.n_heads ({m.n_heads})")
+    if m.ehr_d < 1 or m.ehr_heads < 1 or m.ehr_d % m.ehr_heads:
+        p.append(f"model.ehr_d: {m.ehr_d} must be a positive multiple of model.ehr_heads ({m.ehr_heads})")
+    if not 0 <= m.dropout < 1:
+        p.append(f"model.dropout: {m.dropout} must be in [0, 1)")
+    for k, r in m.modality_dropout.items():
+        if k not in MODALITIES:
+            p.append(f"model.modality_dropout.{k}: unknown modality; use {', '.join(MODALITIES)}")
+        elif not 0 <= r < 1:
+            p.append(f"model.modality_dropout.{k}: {r} must be in [0, 1)")
+    if m.image_tower not in IMAGE_TOWER:
+        p.append(f"model.image_tower: {m.image_tower!r} is not one of {', '.join(IMAGE_TOWER)}")
+    if m.image_tower == "last_blocks" and m.unfreeze_blocks < 1:
+        p.append("model.unfreeze_blocks: image_tower=last_blocks needs unfreeze_blocks >= 1")
+    if m.image_tower != "frozen" and "image" not in d.modalities:
+        p.append(f"model.image_tower: {m.image_tower} but data.modalities has no image")
+    if m.n_layers < 1 or m.ehr_blocks < 1:
+        p.append("model.n_layers / model.ehr_blocks: must be >= 1")
+    return p
+
+
+def _other_problems(c: FinetuneConfig) -> list[str]:
+    p = []
+    bad = [b for b in c.baselines.models if b not in BASELINES]
+    if bad:
+        p.append(f"baselines.models: unknown {bad}; use {', '.join(BASELINES)}")
+    if c.baselines.late_fusion not in ("average", "stacked"):
+        p.append(f"baselines.late_fusion: {c.baselines.late_fusion!r}; use average or stacked")
+    f = c.fewshot
+    for k in f.ks:
+        if k != "all" and not (k.isdigit() and int(k) >= 1):
+            p.append(f"fewshot.ks: {k!r} is neither a positive integer nor 'all'")
+    if f.seeds < 5:
+        p.append(f"fewshot.seeds: {f.seeds}; the protocol needs at least 5 draws per k")
+    bad = [x for x in f.methods if x not in FEWSHOT_METHODS]
+    if bad:
+        p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
+    if f.enabled and not f.label:
+        p.append("fewshot.label: the few-shot task needs a binary label column (e.g. Pleural Effusion)")
+    if c.optim.lr <= 0 or c.optim.batch_size < 1 or c.optim.epochs < 1:
+        p.append("optim: lr must be > 0, batch_size and epochs >= 1")
+    if c.bootstrap < 1:
+        p.append(f"bootstrap: must be >= 1 (got {c.bootstrap})")
+    return p
+
+
+def fewshot_ks(cfg: FewshotConfig) -> list:
+    """The configured ks as ints (and 'all')."""
+    return [k if k == "all" else int(k) for k in cfg.ks]

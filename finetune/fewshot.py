@@ -1,0 +1,313 @@
+"""Few-shot protocol: k labelled examples per class drawn by patient, seeded, several draws, every draw written.
+
+    draw = draw_k_per_class(y, patients, ids, k=4, seed=0, exclude_patients=val_and_test_patients)
+    write_draw(out / "draws" / "k4-seed0.json", draw)        # ids, seed, sha256 of the sorted ids
+    res = run_sweep(prompt_init_method(x, w0, b0), y, patients, ids, eval_y=y_test, eval_patients=p_test,
+                    ks=(1, 2, 4, 8, 16, 32), seeds=range(5), zero_shot_auroc=zs)
+    write_sweep(out, res)                                     # fewshot.json, draws/, learning_curve.png
+
+The protocol (docs/finetune.md):
+- a draw takes, for each class (rarest first), k distinct PATIENTS that have an example of it, then one of that
+  patient's examples of the class; a patient enters a draw once. Every film of the other patients stays out.
+  "all" takes every labelled row. Patients of validation or test (`exclude_patients`) are never drawn.
+- the seed fixes the draw: `numpy.random.default_rng(seed)` over rows sorted by id, so the same table and seed
+  give the same subset anywhere; the JSON carries the ids and the sha256 of their sorted, newline-joined list.
+- validation: none. Each method is a fixed recipe (fixed steps and regularisation, no early stopping), so no
+  k-sized validation set is needed and the validation split is never touched.
+- a class with fewer than k patients is an error naming the class and how many there are.
+- methods: `linear_probe_method` (L2 logistic regression on frozen embeddings), `prompt_init_method`
+  (a logistic head initialised from the zero-shot prompt embeddings, w0 = scale (t_pos - t_neg), b0 = 0, so k=0
+  IS the zero-shot classifier; trained with a strong L2 pull toward (w0, b0) so a few examples move it little),
+  `model_method` (any torch model on the cached inputs, e.g. the fusion head, fixed steps).
+- summary per k over draws: mean, sample standard deviation, min/max and a t-interval of the mean over draws
+  (the spread due to which examples were drawn; the unit is the draw).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from radalign import RadalignError
+from radalign.io import atomic_path, atomic_write_json
+
+FORMAT = "radalign-fewshot-draw/1"
+DEFAULT_KS = (1, 2, 4, 8, 16, 32)
+ALL = "all"
+
+
+@dataclass
+class FewshotDraw:
+    k: int | str
+    seed: int
+    ids: list[str]  # the drawn rows' ids (study ids), in draw order
+    patients: list[str]  # their patients, same order
+    classes: dict[str, int]  # class -> rows drawn
+    sha256: str = ""  # of "\n".join(sorted(ids))
+    rows: list[int] = field(default_factory=list, repr=False)  # indices into the pool (not written)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("rows")
+        return {"format": FORMAT, **d}
+
+
+def ids_sha256(ids: Iterable) -> str:
+    return hashlib.sha256("\n".join(sorted(str(i) for i in ids)).encode("utf-8")).hexdigest()
+
+
+def _class_name(c: float) -> str:
+    return str(int(c)) if float(c).is_integer() else str(c)
+
+
+def draw_k_per_class(y: Sequence[float], patients: Sequence, ids: Sequence, k: int | str, seed: int, *,
+                     exclude_patients: Iterable = ()) -> FewshotDraw:
+    """k examples per class, one per patient, seeded. `y` [N] class per row (NaN = unlabelled, never drawn)."""
+    y = np.asarray(y, np.float64)
+    pat = np.asarray([str(p) for p in patients])
+    sid = np.asarray([str(i) for i in ids])
+    if not (len(y) == len(pat) == len(sid)):
+        raise RadalignError(f"few-shot pool: {len(y)} labels, {len(pat)} patients, {len(sid)} ids; must match")
+    if len(set(sid)) != len(sid):
+        raise RadalignError("few-shot pool: row ids are not unique; use study ids (one row per study)")
+    excluded = {str(p) for p in exclude_patients}
+    order = np.argsort(sid, kind="stable")  # draw over rows sorted by id: independent of table order
+    ok = order[~np.isnan(y[order]) & ~np.isin(pat[order], list(excluded))]
+    if k == ALL:
+        rows = list(ok)
+        return _finish(k, seed, rows, y, pat, sid)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise RadalignError(f"few-shot k: {k!r}; use a positive integer or 'all'")
+    rng = np.random.default_rng(seed)
+    classes = sorted(np.unique(y[ok]))
+    per_class = {c: sorted(set(pat[ok][y[ok] == c])) for c in classes}
+    used: set[str] = set()
+    rows: list[int] = []
+    for c in sorted(classes, key=lambda c: (len(per_class[c]), c)):
+        avail = [p for p in per_class[c] if p not in used]
+        if len(avail) < k:
+            taken = len(per_class[c]) - len(avail)
+            note = f" ({taken} more already drawn for another class)" if taken else ""
+            raise RadalignError(f"few-shot k={k}: class {_class_name(c)} has {len(avail)} patient(s) with a "
+                                f"labelled example outside validation/test{note}; lower k or use k=all")
+        for p in rng.permutation(np.array(avail, dtype=object))[:k]:
+            cand = ok[(pat[ok] == p) & (y[ok] == c)]
+            rows.append(int(cand[rng.integers(len(cand))]))
+            used.add(str(p))
+    return _finish(int(k), seed, rows, y, pat, sid)
+
+
+def _finish(k, seed, rows, y, pat, sid) -> FewshotDraw:
+    classes: dict[str, int] = {}
+    for r in rows:
+        classes[_class_name(y[r])] = classes.get(_class_name(y[r]), 0) + 1
+    ids = [str(sid[r]) for r in rows]
+    return FewshotDraw(k=k, seed=int(seed), ids=ids, patients=[str(pat[r]) for r in rows],
+                       classes=dict(sorted(classes.items())), sha256=ids_sha256(ids), rows=[int(r) for r in rows])
+
+
+def check_disjoint(draw: FewshotDraw, **splits: Iterable) -> None:
+    """Refuse a draw that shares a patient with any named split (validate=..., test=...)."""
+    drawn = set(draw.patients)
+    for name, patients in splits.items():
+        both = drawn & {str(p) for p in patients}
+        if both:
+            raise RadalignError(f"few-shot draw k={draw.k} seed={draw.seed}: {len(both)} patient(s) also in "
+                                f"{name} (e.g. {sorted(both)[0]}); draw from the training split only")
+
+
+def write_draw(path: str | os.PathLike, draw: FewshotDraw) -> None:
+    atomic_write_json(path, draw.to_dict())
+
+
+def read_draw(path: str | os.PathLike) -> FewshotDraw:
+    d = json.loads(Path(path).read_text(encoding="utf-8"))
+    if d.get("format") != FORMAT:
+        raise RadalignError(f"{path}: not a few-shot draw (format {d.get('format')!r}, expected {FORMAT!r})")
+    if ids_sha256(d["ids"]) != d["sha256"]:
+        raise RadalignError(f"{path}: the ids do not match the recorded sha256; the file was edited or truncated")
+    d.pop("format")
+    return FewshotDraw(**d)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods: fit(rows of the pool drawn, seed) -> scores on the evaluation rows.
+
+Method = Callable[[np.ndarray, np.ndarray, int], np.ndarray]  # (train rows, their labels, seed) -> eval scores
+
+
+def linear_probe_method(x_pool: np.ndarray, x_eval: np.ndarray, C: float = 1.0) -> Method:
+    """L2 logistic regression on frozen embeddings (sklearn lbfgs, deterministic)."""
+    from sklearn.linear_model import LogisticRegression
+
+    def fit(rows, y, seed):
+        clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x_pool[rows], y.astype(int))
+        return clf.decision_function(x_eval)
+    return fit
+
+
+def prompt_init(t_pos: np.ndarray, t_neg: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """The zero-shot binary classifier as a logistic head on L2-normalised image embeddings:
+    softmax([s cos(x, t+), s cos(x, t-)])[0] = sigmoid(x . s (t+ - t-)), so w0 = s (t+ - t-), b0 = 0."""
+    t_pos = np.asarray(t_pos, np.float64)
+    t_neg = np.asarray(t_neg, np.float64)
+    t_pos, t_neg = t_pos / np.linalg.norm(t_pos), t_neg / np.linalg.norm(t_neg)
+    return float(scale) * (t_pos - t_neg), 0.0
+
+
+def fit_anchored_logistic(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: float, *, l2: float = 1.0,
+                          max_iter: int = 100) -> tuple[np.ndarray, float]:
+    """argmin mean BCE(x w + b, y) + l2 (|w - w0|^2 + (b - b0)^2) / 2, by L-BFGS (float64, deterministic).
+    Strong l2 keeps a head fitted on a handful of examples near the zero-shot one."""
+    xt = torch.as_tensor(np.asarray(x, np.float64))
+    yt = torch.as_tensor(np.asarray(y, np.float64))
+    w0t = torch.as_tensor(np.asarray(w0, np.float64))
+    w = w0t.clone().requires_grad_(True)
+    b = torch.tensor(float(b0), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
+        loss = loss + 0.5 * l2 * (((w - w0t) ** 2).sum() + (b - b0) ** 2)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach().numpy(), float(b.detach())
+
+
+def prompt_init_method(x_pool: np.ndarray, x_eval: np.ndarray, w0: np.ndarray, b0: float = 0.0, *,
+                       l2: float = 1.0) -> Method:
+    """Head initialised at the zero-shot classifier and pulled toward it (k=0: exactly zero-shot)."""
+    def fit(rows, y, seed):
+        w, b = fit_anchored_logistic(x_pool[rows], y, w0, b0, l2=l2) if len(rows) else (w0, b0)
+        return np.asarray(x_eval, np.float64) @ w + b
+    return fit
+
+
+def model_method(make_model: Callable[[int], torch.nn.Module], pool_batch, eval_batch, *, task: str = "binary",
+                 steps: int = 100, lr: float = 1e-3, weight_decay: float = 1e-2) -> Method:
+    """Any torch model on cached inputs (the fusion head, a baseline): fixed steps, no early stopping."""
+    from finetune.fit import fit_model, predict_logits, take_rows
+
+    def fit(rows, y, seed):
+        model = make_model(seed)
+        fit_model(model, take_rows(pool_batch, torch.as_tensor(rows)), torch.as_tensor(y, dtype=torch.float32)[:, None],
+                  task=task, steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
+        return predict_logits(model, eval_batch)[:, 0]
+    return fit
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sweep and summary.
+
+
+def _t975(df: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
+
+
+def summarise(values: Sequence[float]) -> dict:
+    """Mean, sample SD, min, max and the 95% t-interval of the mean over draws (NaN draws left out, counted)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
+    out = {"n_draws": int(v.size), "n_unscored": int(len(values) - v.size), "unit": "draw"}
+    if v.size == 0:
+        return {**out, "mean": None, "sd": None, "min": None, "max": None, "ci_low": None, "ci_high": None}
+    sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
+    half = _t975(v.size - 1) * sd / math.sqrt(v.size) if v.size > 1 else 0.0
+    return {**out, "mean": float(v.mean()), "sd": sd, "min": float(v.min()), "max": float(v.max()),
+            "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half)}
+
+
+@dataclass
+class SweepResult:
+    method: str
+    ks: list
+    seeds: list[int]
+    per_draw: list[dict]  # {k, seed, auroc, sha256, n}
+    summary: dict  # str(k) -> summarise()
+    zero_shot_auroc: float | None
+    draws: list[FewshotDraw] = field(repr=False, default_factory=list)
+
+
+def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Sequence, *, eval_y: np.ndarray,
+              ks: Sequence = DEFAULT_KS, seeds: Iterable[int] = range(5), exclude_patients: Iterable = (),
+              zero_shot_auroc: float | None = None, method_name: str = "method", progress: bool = False) -> SweepResult:
+    """Every (k, seed): draw from the pool, fit, score the evaluation rows, AUROC (radalign.metrics.auroc)."""
+    from tqdm import tqdm
+
+    from radalign.metrics import auroc
+
+    seeds = list(seeds)
+    if len(seeds) < 5:
+        raise RadalignError(f"few-shot: {len(seeds)} seed(s); the protocol needs at least 5 draws per k")
+    y = np.asarray(y, np.float64)
+    eval_y = np.asarray(eval_y, np.float64)
+    keep = ~np.isnan(eval_y)
+    per_draw, draws = [], []
+    for k, seed in tqdm([(k, s) for k in ks for s in seeds], desc=f"few-shot {method_name}", disable=not progress):
+        d = draw_k_per_class(y, patients, ids, k, seed, exclude_patients=exclude_patients)
+        rows = np.asarray(d.rows, int)
+        scores = np.asarray(method(rows, y[rows], seed), np.float64)
+        a = auroc(eval_y[keep].astype(int), scores[keep])
+        per_draw.append({"k": k, "seed": seed, "auroc": None if np.isnan(a) else a, "sha256": d.sha256,
+                         "n": len(rows)})
+        draws.append(d)
+    summary = {str(k): summarise([r["auroc"] for r in per_draw if r["k"] == k]) for k in ks}
+    return SweepResult(method_name, list(ks), seeds, per_draw, summary, zero_shot_auroc, draws)
+
+
+def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
+    """out/fewshot.json (summary, per draw, the eval unit), out/draws/k{k}-seed{s}.json, out/learning_curve.png."""
+    out = Path(out)
+    for d in res.draws:
+        write_draw(out / "draws" / f"{res.method}-k{d.k}-seed{d.seed}.json", d)
+    doc = {"method": res.method, "ks": res.ks, "seeds": res.seeds, "zero_shot_auroc": res.zero_shot_auroc,
+           "summary": res.summary, "per_draw": res.per_draw, "metric": "auroc on the evaluation split",
+           "validation": "none: fixed recipe, no early stopping"}
+    atomic_write_json(out / f"fewshot-{res.method}.json", doc)
+    plot_learning_curve([res], out / f"learning_curve-{res.method}.png")
+    return doc
+
+
+def plot_learning_curve(results: Sequence[SweepResult], path: str | os.PathLike) -> None:
+    """AUROC mean over draws (error bars: the t-interval) against k (log2 axis), zero-shot at k=0."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    numeric = [k for k in results[0].ks if k != ALL]
+    pos = {k: i + 1 for i, k in enumerate(numeric)}
+    if ALL in results[0].ks:
+        pos[ALL] = len(numeric) + 1
+    for res in results:
+        ks = [k for k in res.ks if res.summary[str(k)]["mean"] is not None]
+        xs = [pos[k] for k in ks]
+        m = np.array([res.summary[str(k)]["mean"] for k in ks])
+        lo = m - np.array([res.summary[str(k)]["ci_low"] for k in ks])
+        hi = np.array([res.summary[str(k)]["ci_high"] for k in ks]) - m
+        ax.errorbar(xs, m, yerr=[lo, hi], marker="o", capsize=3, label=res.method)
+    zs = next((r.zero_shot_auroc for r in results if r.zero_shot_auroc is not None), None)
+    if zs is not None:
+        ax.scatter([0], [zs], marker="*", s=120, color="k", zorder=5, label="zero-shot (k=0)")
+        ax.axhline(zs, color="k", lw=0.6, ls=":")
+    ax.set_xticks([0] + list(pos.values()), ["0"] + [str(k) for k in pos])
+    ax.set_xlabel("k labelled examples per class (drawn by patient)")
+    ax.set_ylabel("AUROC (mean over draws, 95% t-interval)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)

@@ -1,0 +1,478 @@
+"""Clinical evaluation: intervals over patients, operating points, calibration and temperature scaling,
+subgroups and missingness patterns, graceful degradation, and the Markdown report.
+
+Expectations are independent of the code under test: sklearn (roc_auc_score, average_precision_score,
+roc_curve, brier_score_loss), rows expanded with np.repeat instead of weights, a grid search for the
+temperature, counts made by a plain loop over rows, and hand-worked values.
+"""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import markdown
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+
+from finetune import clinical as C
+from radalign import RadalignError
+from radalign import metrics as M
+
+EVIL = "<script>alert('x')</script>"
+N_BOOT = 200
+
+
+def cohort(n_pat=120, seed=0, films=(1, 4)):
+    """Patients with 1-3 films each; score informative of y."""
+    rng = np.random.default_rng(seed)
+    per = rng.integers(films[0], films[1], n_pat)
+    pid = np.repeat(np.arange(n_pat), per)
+    risk = rng.normal(size=n_pat)[pid]
+    y = (rng.random(pid.size) < 1 / (1 + np.exp(-(risk * 1.5 - 1)))).astype(float)
+    score = risk + rng.normal(scale=1.0, size=pid.size)
+    return y, score, pid
+
+
+def sklearn_sens_at_spec(y, s, target=0.9):
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return tpr[(1 - fpr) >= target - 1e-12].max()
+
+
+def sklearn_spec_at_sens(y, s, target=0.9):
+    fpr, tpr, _ = roc_curve(y, s, drop_intermediate=False)
+    return (1 - fpr)[tpr >= target - 1e-12].max()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Operating-point metrics
+
+
+def test_sens_at_spec_and_spec_at_sens_match_sklearn_with_ties():
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 300).astype(float)
+    s = np.round(y + rng.normal(size=300), 1)  # many ties
+    ones = np.ones((1, 300))
+    assert C.sensitivity_at_specificity(y, s, ones)[0] == pytest.approx(sklearn_sens_at_spec(y, s))
+    assert C.specificity_at_sensitivity(y, s, ones)[0] == pytest.approx(sklearn_spec_at_sens(y, s))
+    w = rng.integers(0, 4, size=(3, 300)).astype(float)
+    for b in range(3):  # weights = rows repeated
+        yr, sr = np.repeat(y, w[b].astype(int)), np.repeat(s, w[b].astype(int))
+        assert C.sensitivity_at_specificity(y, s, w)[b] == pytest.approx(sklearn_sens_at_spec(yr, sr))
+        assert C.specificity_at_sensitivity(y, s, w)[b] == pytest.approx(sklearn_spec_at_sens(yr, sr))
+    assert np.isnan(C.sensitivity_at_specificity(np.zeros(5), np.arange(5.0), np.ones((1, 5)))[0])
+
+
+def test_sens_at_spec_hand_worked():
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1], float)
+    s = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11], float)
+    # 90% specificity allows 1 of 10 negatives above the threshold: threshold 9 catches both positives
+    assert C.sensitivity_at_specificity(y, s, np.ones((1, 12)))[0] == pytest.approx(1.0)
+    # 90% sensitivity needs both positives (threshold 9): 9 of 10 negatives below
+    assert C.specificity_at_sensitivity(y, s, np.ones((1, 12)))[0] == pytest.approx(0.9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# evaluate_binary
+
+
+def test_evaluate_binary_values_match_sklearn():
+    y, s, pid = cohort()
+    rng = np.random.default_rng(2)
+    base = s + rng.normal(scale=2.0, size=s.size)
+    res = C.evaluate_binary(y, s, pid, baselines={"image_only": base}, n_boot=N_BOOT, seed=3)
+    m = res["metrics"]
+    assert m["auroc"]["value"] == pytest.approx(roc_auc_score(y, s))
+    assert m["auprc"]["value"] == pytest.approx(average_precision_score(y, s))
+    assert m["sensitivity_at_90_specificity"]["value"] == pytest.approx(sklearn_sens_at_spec(y, s))
+    assert m["specificity_at_90_sensitivity"]["value"] == pytest.approx(sklearn_spec_at_sens(y, s))
+    for v in m.values():
+        assert v["unit"] == "patient" and v["n_patients"] == 120 and v["ci_low"] <= v["value"] <= v["ci_high"]
+    d = res["paired_differences"]["image_only"]["auroc"]
+    assert d["delta"] == pytest.approx(roc_auc_score(y, s) - roc_auc_score(y, base))
+    assert d["ci_low"] <= d["delta"] <= d["ci_high"]
+    assert res["n_patients"] == 120 and res["n_rows"] == y.size and res["unit"] == "patient"
+
+
+def test_every_film_duplicated_gives_the_same_intervals():
+    y, s, pid = cohort(seed=4)
+    base = s[::-1].copy()
+    kw = dict(n_boot=N_BOOT, seed=7)
+    one = C.evaluate_binary(y, s, pid, baselines={"b": base}, **kw)
+    two = C.evaluate_binary(np.repeat(y, 2), np.repeat(s, 2), np.repeat(pid, 2),
+                            baselines={"b": np.repeat(base, 2)}, **kw)
+    for k in one["metrics"]:
+        for key in ("value", "ci_low", "ci_high"):
+            assert two["metrics"][k][key] == pytest.approx(one["metrics"][k][key], abs=1e-12), (k, key)
+    for key in ("delta", "ci_low", "ci_high"):
+        ref = one["paired_differences"]["b"]["auroc"][key]
+        assert two["paired_differences"]["b"]["auroc"][key] == pytest.approx(ref, abs=1e-12)
+    # control: treating the duplicates as new patients (film-level resampling) narrows the interval
+    films = C.evaluate_binary(np.repeat(y, 2), np.repeat(s, 2), np.arange(2 * y.size), **kw)
+    width = lambda r: r["metrics"]["auroc"]["ci_high"] - r["metrics"]["auroc"]["ci_low"]  # noqa: E731
+    assert width(films) < 0.85 * width(one)
+
+
+def test_thresholds_never_see_test_labels(monkeypatch):
+    y, s, pid = cohort(seed=5)
+    yv, sv, _ = cohort(n_pat=80, seed=6)
+    seen = []
+    real = M.choose_threshold
+
+    def spy(y_arg, s_arg, *a, **k):
+        seen.append((np.asarray(y_arg).copy(), np.asarray(s_arg).copy()))
+        return real(y_arg, s_arg, *a, **k)
+
+    monkeypatch.setattr(C.M, "choose_threshold", spy)
+    a = C.evaluate_binary(y, s, pid, val=(yv, sv), n_boot=20)
+    flipped = 1 - y  # test labels that would move a test-chosen threshold far
+    b = C.evaluate_binary(flipped, s, pid, val=(yv, sv), n_boot=20)
+    assert a["operating_point"]["threshold"] == b["operating_point"]["threshold"]
+    assert real(y, s) != real(flipped, s)  # a chooser given test labels would have moved
+    assert len(seen) == 2
+    for ys, ss in seen:
+        assert np.array_equal(ys, yv) and np.array_equal(ss, sv)
+    op = a["operating_point"]
+    assert op["chosen_on"] == "validation" and op["rule"] == "youden" and op["n_validation"] == yv.size
+    t = op["threshold"]  # test counts by hand at the validation threshold
+    pred = s >= t
+    assert op["test"]["tp"] == int((pred & (y == 1)).sum())
+    assert op["test"]["tn"] == int((~pred & (y == 0)).sum())
+    assert op["test"]["sensitivity"] == pytest.approx((pred & (y == 1)).sum() / (y == 1).sum())
+    # a target-sensitivity rule: validation sensitivity at the threshold reaches the target
+    tgt = C.evaluate_binary(y, s, pid, val=(yv, sv), n_boot=20, threshold_rule="sensitivity",
+                            threshold_target=0.9)
+    thr = tgt["operating_point"]["threshold"]
+    assert (sv[yv == 1] >= thr).mean() >= 0.9
+
+
+def test_evaluate_binary_bad_input():
+    y, s, pid = cohort(n_pat=10)
+    with pytest.raises(RadalignError, match="other than 0/1"):
+        C.evaluate_binary(np.where(y == 1, 2.0, 0.0), s, pid, n_boot=5)
+    bad = s.copy()
+    bad[0] = np.nan
+    with pytest.raises(RadalignError, match="1 NaN or infinite"):
+        C.evaluate_binary(y, bad, pid, n_boot=5)
+    with pytest.raises(RadalignError, match="patient ids for"):
+        C.evaluate_binary(y, s, pid[:-1], n_boot=5)
+    yn = y.copy()
+    yn[:3] = np.nan  # unknown labels are left out and counted
+    res = C.evaluate_binary(yn, s, pid, n_boot=5)
+    assert res["n_rows_unlabelled"] == 3
+    assert res["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(y[3:], s[3:]))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration
+
+
+def test_ece_brier_hand_worked_and_sklearn():
+    y = np.array([0, 0, 1, 1], float)
+    p = np.array([0.1, 0.3, 0.6, 0.8])
+    # 2 equal-mass bins: {0.1, 0.3} mean 0.2 observed 0; {0.6, 0.8} mean 0.7 observed 1 -> 0.5*0.2 + 0.5*0.3
+    assert C.expected_calibration_error(y, p, n_bins=2) == pytest.approx(0.25)
+    assert [b["n"] for b in C.calibration_bins(y, p, n_bins=2)] == [2, 2]
+    assert C.brier_score(y, p) == pytest.approx(brier_score_loss(y, p))
+    rng = np.random.default_rng(0)
+    pp = rng.random(1003)
+    yy = (rng.random(1003) < pp).astype(float)
+    bins = C.calibration_bins(yy, pp, n_bins=10)
+    assert len(bins) == 10 and sum(b["n"] for b in bins) == 1003 and {b["n"] for b in bins} <= {100, 101}
+    assert C.calibration_bins(y, p, n_bins=10) and len(C.calibration_bins(y, p, n_bins=10)) == 4
+
+
+def overconfident(n, seed, factor=4.0):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(scale=1.5, size=n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(float)
+    return y, factor * z  # true logits z, reported logits 4 z: far too confident
+
+
+def test_temperature_scaling_fixes_an_overconfident_model():
+    yv, zv = overconfident(4000, seed=1)
+    t = C.fit_temperature(yv, zv)
+    grid = np.exp(np.linspace(np.log(0.5), np.log(10), 2001))  # independent: NLL on a grid
+    nll = [np.mean(np.logaddexp(0, zv / g) - yv * zv / g) for g in grid]
+    assert t == pytest.approx(grid[int(np.argmin(nll))], rel=2e-3)
+    assert 3.0 < t < 5.0
+    y, z = overconfident(3000, seed=2)
+    cal = C.calibration_report(y, z, yv, zv, n_bins=15)
+    assert {"ece_before", "ece_after", "brier_before", "brier_after", "temperature", "bins"} <= set(cal)
+    assert cal["bins"] == 15 and cal["binning"] == "equal-mass" and cal["fitted_on"] == "validation"
+    assert cal["validation_ece_after"] < 0.5 * cal["validation_ece_before"]
+    assert cal["ece_after"] < cal["ece_before"] and cal["brier_after"] < cal["brier_before"]
+    p = 1 / (1 + np.exp(-z))
+    assert cal["brier_before"] == pytest.approx(brier_score_loss(y, p))
+    assert cal["temperature"] == pytest.approx(t)
+    # the temperature is fitted on validation only: other test labels do not move it
+    assert C.calibration_report(1 - y, z, yv, zv)["temperature"] == pytest.approx(t)
+
+
+def test_temperature_needs_both_classes():
+    with pytest.raises(RadalignError, match="both classes"):
+        C.fit_temperature(np.zeros(10), np.arange(10.0))
+
+
+def test_reliability_diagram_png(tmp_path):
+    y, z = overconfident(500, seed=3)
+    out = tmp_path / "reliability.png"
+    C.reliability_diagram(out, {"before": C.calibration_bins(y, C.sigmoid(z)),
+                                "after": C.calibration_bins(y, C.sigmoid(z / 4))}, title=EVIL)
+    with Image.open(out) as im:
+        assert im.format == "PNG" and im.size[0] > 100
+
+
+def test_to_logit_round_trip():
+    p = np.array([0.0, 0.2, 0.5, 0.9, 1.0])
+    z = C.to_logit(p)
+    assert np.isfinite(z).all() and C.sigmoid(z)[1:4] == pytest.approx(p[1:4])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subgroups and missingness
+
+
+def ehr_frame(n_pat=200, seed=0):
+    rng = np.random.default_rng(seed)
+    y, s, pid = cohort(n_pat, seed=seed)
+    n = y.size
+    labs = {f: np.where(rng.random(n) < 0.6, rng.normal(size=n), np.nan) for f in ("lactate", "creatinine")}
+    frame = pd.DataFrame({"gender": rng.choice(["F", "M"], n), "age": rng.uniform(20, 95, n),
+                          "race": rng.choice(["WHITE", "BLACK", None], n, p=[0.6, 0.3, 0.1]),
+                          "insurance": rng.choice(["Medicare", "Other"], n), **labs})
+    present = {"image": np.ones(n, bool), "ehr": frame[list(labs)].notna().any(axis=1).to_numpy(),
+               "text": rng.random(n) < 0.7}
+    return frame, present, y, 1 / (1 + np.exp(-s)), pid  # probabilities
+
+
+def test_missingness_pattern_counts_match_the_data():
+    frame, present, y, s, pid = ehr_frame()
+    frame = C.add_group_columns(frame, present, ["lactate", "creatinine"])
+    counts: dict = {}
+    for i in range(len(frame)):  # by hand, row by row
+        key = "+".join(m for m in ("image", "ehr", "text") if present[m][i])
+        counts[key] = counts.get(key, 0) + 1
+    res = C.subgroup_table(frame, y, s, pid, ["modalities", "labs"], n_boot=20, min_count=5)
+    groups = res["columns"]["modalities"]["groups"]
+    assert {g: r["n"] for g, r in groups.items()} == counts
+    n_labs = sum(1 for i in range(len(frame))
+                 if not (np.isnan(frame["lactate"][i]) and np.isnan(frame["creatinine"][i])))
+    labs = res["columns"]["labs"]["groups"]
+    assert labs["labs present"]["n"] == n_labs and labs["labs absent"]["n"] == len(frame) - n_labs
+    for g, r in groups.items():
+        m = frame["modalities"].to_numpy() == g
+        assert r["n_positive"] == int(y[m].sum())
+    assert list(C.modality_pattern({"image": [False], "ehr": [False]})) == ["none"]
+    assert set(C.SUBGROUPS + C.MISSINGNESS) <= set(frame.columns) | {"age_band"}
+    with pytest.raises(RadalignError, match="3 rows for a table of"):
+        C.add_group_columns(frame, {"image": [True] * 3}, [])
+
+
+def test_subgroup_auroc_gap_and_not_scored_groups(tmp_path):
+    frame, _, y, s, pid = ehr_frame(seed=1)
+    frame["age_band"] = C.age_bands(frame["age"])
+    # a group with no positives, and one too small
+    frame["site"] = np.where(y == 0, "A", "B")
+    frame.loc[frame.index[(y == 0)][-8:], "site"] = "C"  # 8 negatives only: no positives
+    frame.loc[frame.index[:3], "site"] = "tiny"
+    res = C.subgroup_table(frame, y, s, pid, ["gender", "age_band", "race", "site"], n_boot=N_BOOT, seed=2,
+                           min_count=5)
+    g = res["columns"]["gender"]["groups"]
+    for sex in ("F", "M"):
+        m = frame["gender"].to_numpy() == sex
+        assert g[sex]["auroc"] == pytest.approx(roc_auc_score(y[m], s[m]))
+        assert g[sex]["prevalence"] == pytest.approx(y[m].mean()) and g[sex]["ci_low"] <= g[sex]["auroc"]
+    assert "unknown" in res["columns"]["race"]["groups"]  # missing race is its own group, not dropped
+    assert sum(r["n"] for r in res["columns"]["race"]["groups"].values()) == len(frame)
+    site = res["columns"]["site"]["groups"]
+    assert not site["C"]["scored"] and site["C"]["reason"] == "no positives" and site["C"]["n"] == 8
+    assert not site["tiny"]["scored"] and "fewer than 5" in site["tiny"]["reason"]
+    gap = res["columns"]["gender"]["largest_gap"]
+    hi, lo = gap["highest"], gap["lowest"]
+    assert gap["gap"] == pytest.approx(g[hi]["auroc"] - g[lo]["auroc"]) and gap["gap"] >= 0
+    # the gap's interval: both groups on the same patient resamples, scored here with sklearn
+    diffs = []
+    mh, ml = frame["gender"].to_numpy() == hi, frame["gender"].to_numpy() == lo
+    for w in M.patient_weights(pid, N_BOOT, 2):
+        for row in w:
+            diffs.append(roc_auc_score(y[mh], s[mh], sample_weight=row[mh])
+                         - roc_auc_score(y[ml], s[ml], sample_weight=row[ml]))
+    lo_ref, hi_ref = np.percentile(diffs, [2.5, 97.5])
+    assert gap["ci_low"] == pytest.approx(lo_ref, abs=1e-9)
+    assert gap["ci_high"] == pytest.approx(hi_ref, abs=1e-9)
+    assert res["unit"] == "patient" and res["grouping"] == "pandas groupby"
+    C.subgroup_plot(tmp_path / "subgroups.png", res)
+    with Image.open(tmp_path / "subgroups.png") as im:
+        assert im.format == "PNG"
+    bands = list(res["columns"]["age_band"]["groups"])
+    assert bands == ["<40", "40-64", "65-79", "80+"]  # reading order, not string order
+
+
+def test_gap_interval_excludes_zero_for_a_real_gap():
+    rng = np.random.default_rng(3)
+    n = 600
+    pid = np.arange(n)
+    grp = np.where(np.arange(n) < n // 2, "good", "bad")
+    y = rng.integers(0, 2, n).astype(float)
+    s = np.where(grp == "good", y * 2 + rng.normal(size=n), rng.normal(size=n))
+    res = C.subgroup_table(pd.DataFrame({"g": grp}), y, C.sigmoid(s), pid, ["g"], n_boot=N_BOOT)
+    gap = res["columns"]["g"]["largest_gap"]
+    assert gap["highest"] == "good" and gap["ci_low"] > 0
+
+
+def test_missing_subgroup_column_names_it_and_the_available_ones():
+    frame, _, y, s, pid = ehr_frame(n_pat=20)
+    with pytest.raises(RadalignError, match=r"'ethnicity'.*available columns: gender, age, race, insurance"):
+        C.subgroup_table(frame, y, s, pid, ["gender", "ethnicity"], n_boot=5)
+    with pytest.raises(RadalignError, match="lab feature.*'troponin'"):
+        C.labs_pattern(frame, ["troponin"])
+    with pytest.raises(RadalignError, match="outside \\[0, 1\\].*not raw scores"):
+        C.subgroup_table(frame, y, s * 3 - 1, pid, ["gender"], n_boot=5)
+
+
+def test_age_bands_hand_worked():
+    got = C.age_bands([30, 40, 64.9, 65, 80, 95, None, float("nan")])
+    assert list(got) == ["<40", "40-64", "40-64", "65-79", "80+", "80+", "unknown", "unknown"]
+
+
+def test_cross_table_counts_and_small_cells():
+    frame, present, y, s, pid = ehr_frame(seed=2)
+    frame["modalities"] = C.modality_pattern(present)
+    ct = C.cross_table(frame, y, s, "gender", "modalities", min_count=40)
+    for sex in ct["row_values"]:
+        for pat in ct["column_values"]:
+            m = (frame["gender"].to_numpy() == sex) & (frame["modalities"].to_numpy() == pat)
+            cell = ct["cells"][sex][pat]
+            assert cell["n"] == int(m.sum()) and cell["n_positive"] == int(y[m].sum())
+            if m.sum() < 40:
+                assert not cell["scored"] and cell["auroc"] is None
+            elif 0 < y[m].sum() < m.sum():
+                assert cell["scored"] and cell["auroc"] == pytest.approx(roc_auc_score(y[m], s[m]))
+    assert any(not c["scored"] for row in ct["cells"].values() for c in row.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Degradation and the report
+
+
+def degradation_models(y, rng):
+    out = {}
+    for name, noise in (("with_dropout", 0.8), ("without_dropout", 2.5)):
+        full = y * 2 + rng.normal(size=y.size)
+        out[name] = {"all": full, "image": full + rng.normal(scale=noise, size=y.size),
+                     "ehr": full + rng.normal(scale=noise, size=y.size)}
+    return out
+
+
+def test_degradation_table():
+    y, _, pid = cohort(seed=8)
+    models = degradation_models(y, np.random.default_rng(0))
+    deg = C.degradation_table(y, pid, models, n_boot=N_BOOT)
+    assert [r["removed"] for r in deg["rows"]] == [None, "image", "ehr"]
+    for r in deg["rows"]:
+        cond = r["removed"] or "all"
+        for m in models:
+            assert r[m]["value"] == pytest.approx(roc_auc_score(y, models[m][cond]))
+            if cond != "all":
+                assert r[m]["drop"]["delta"] == pytest.approx(roc_auc_score(y, models[m]["all"])
+                                                              - roc_auc_score(y, models[m][cond]))
+        gap = r["with_dropout"]["value"] - r["without_dropout"]["value"]
+        assert r["difference"]["delta"] == pytest.approx(gap)
+    bad = {"a": {"all": y, "image": y}, "b": {"all": y}}
+    with pytest.raises(RadalignError, match="same ones"):
+        C.degradation_table(y, pid, bad, n_boot=5)
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags, self.text = [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_report_has_every_section_and_escapes_text(tmp_path):
+    frame, present, y, s, pid = ehr_frame(seed=3)
+    frame["modalities"] = C.modality_pattern(present)
+    frame["race"] = frame["race"].replace({"BLACK": EVIL})
+    yv, sv, _ = cohort(n_pat=80, seed=9)
+    binary = C.evaluate_binary(y, s, pid, val=(yv, sv), baselines={"ehr_only": s[::-1].copy()}, n_boot=50)
+    cal = C.calibration_report(y, C.to_logit(s), yv, sv)
+    sub = C.subgroup_table(frame, y, s, pid, ["race", "modalities"], n_boot=50, min_count=10)
+    cross = C.cross_table(frame, y, s, "race", "modalities", min_count=10)
+    deg = C.degradation_table(y, pid, degradation_models(y, np.random.default_rng(1)), n_boot=50)
+    for part in (binary, cal, sub, cross, deg):  # metrics.json material: strict JSON, no NaN
+        json.dumps(part, allow_nan=False)
+    out = tmp_path / "report.md"
+    text = C.write_report(out, title=f"mortality {EVIL}", binary=binary, calibration=cal, subgroups=sub,
+                          cross=[cross], degradation=deg, plots=["reliability.png"])
+    assert out.read_text() == text
+    for needle in ("## Discrimination", "## Calibration", "## Subgroups and missingness patterns",
+                   "## Graceful degradation", "equal-mass", "Chosen on validation",
+                   "by Youden's J (max sensitivity + specificity - 1), never on test",
+                   "percentile bootstrap over patients", "T = "):
+        assert needle in text, needle
+    p = _Tags()
+    p.feed(markdown.markdown(text, extensions=["tables"]))
+    assert "script" not in p.tags and "table" in p.tags and "img" in p.tags
+    assert EVIL in "".join(p.text)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# From predictions tables to the evaluation folder
+
+
+def predictions(n_pat, seed):
+    """The predictions.csv layout: subject_id, study_id, label, score:<model> per model."""
+    y, s, pid = cohort(n_pat, seed=seed)
+    rng = np.random.default_rng(seed + 100)
+    df = pd.DataFrame({"subject_id": pid, "study_id": 1000 * seed + np.arange(y.size), "label": y})
+    df["score:fusion"] = 1 / (1 + np.exp(-2 * s))  # over-confident
+    df["score:image_only"] = 1 / (1 + np.exp(-(s + rng.normal(scale=2, size=y.size))))
+    return df
+
+
+def test_evaluate_predictions_writes_the_evaluation_folder(tmp_path):
+    test, val = predictions(150, seed=1), predictions(100, seed=2)
+    frame, present, *_ = ehr_frame(n_pat=150, seed=1)
+    frame = C.add_group_columns(frame.iloc[: len(test)].reset_index(drop=True),
+                                {m: v[: len(test)] for m, v in present.items()}, ["lactate", "creatinine"])
+    groups = frame.assign(study_id=test["study_id"].to_numpy()).sample(frac=1.0, random_state=0)  # any order
+    res = C.evaluate_predictions(test, val, groups=groups, n_boot=50, min_count=10)
+    disc = res["discrimination"]
+    assert disc["metrics"]["auroc"]["value"] == pytest.approx(roc_auc_score(test["label"], test["score:fusion"]))
+    assert set(disc["paired_differences"]) == {"image_only"}
+    assert res["calibration"]["temperature"] > 1.3  # the scores were made over-confident
+    g = res["subgroups"]["columns"]["gender"]["groups"]["F"]
+    m = frame["gender"].to_numpy() == "F"  # groups were shuffled: alignment must be by study_id
+    assert g["auroc"] == pytest.approx(roc_auc_score(test["label"][m], test["score:fusion"][m]))
+    assert [c["rows"] for c in res["subgroup_x_missingness"]] == list(C.SUBGROUPS)
+    json.dumps(res, allow_nan=False)  # strict JSON: no NaN anywhere
+    files = C.write_evaluation(tmp_path / "eval", res)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"ece_before", "ece_after", "brier_before", "brier_after", "temperature", "bins"} <= set(
+        metrics["calibration"])
+    for key in ("report", "reliability", "subgroups"):
+        assert (tmp_path / "eval" / files[key].split("/")[-1]).is_file()
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert "![reliability.png](reliability.png)" in report and "### gender x modalities" in report
+
+
+def test_evaluate_predictions_bad_input():
+    test, val = predictions(30, seed=3), predictions(30, seed=4)
+    with pytest.raises(RadalignError, match="no column 'score:gbdt'.*available: subject_id"):
+        C.evaluate_predictions(test, val, model="gbdt", n_boot=5)
+    groups = pd.DataFrame({"study_id": test["study_id"][:-2], "gender": "F"})
+    with pytest.raises(RadalignError, match="lacks 2 of the"):
+        C.evaluate_predictions(test, val, groups=groups, subgroup_columns=["gender"], n_boot=5)
+    groups = pd.DataFrame({"study_id": test["study_id"], "gender": "F"})
+    with pytest.raises(RadalignError, match="'insurance'.*available columns: study_id, gender"):
+        C.evaluate_predictions(test, val, groups=groups, subgroup_columns=["gender", "insurance"], n_boot=5)

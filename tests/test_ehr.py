@@ -1,0 +1,481 @@
+"""`radalign data link-ehr` (data/ehr.py): the as-of rule on hand-made MIMIC-IV folders with planted cases,
+the generator's output against an independent pandas implementation, bad input, re-runs and the cache.
+
+The hand-made folders use the real MIMIC-IV column lists; every expected value below is worked out by hand
+from the rows written in `planted` (times are on one synthetic day, t0 = 2152-03-10 12:00:00).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import textwrap
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data.ehr import MANIFEST_FORMAT, link_ehr, read_ehr
+from data.labels import CHEXPERT_LABELS
+from radalign import RadalignError
+
+PATIENT_COLS = ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
+ADMISSION_COLS = ["subject_id", "hadm_id", "admittime", "dischtime", "deathtime", "admission_type",
+                  "admit_provider_id", "admission_location", "discharge_location", "insurance", "language",
+                  "marital_status", "race", "edregtime", "edouttime", "hospital_expire_flag"]
+LAB_COLS = ["labevent_id", "subject_id", "hadm_id", "specimen_id", "itemid", "order_provider_id", "charttime",
+            "storetime", "value", "valuenum", "valueuom", "ref_range_lower", "ref_range_upper", "flag", "priority",
+            "comments"]
+CHART_COLS = ["subject_id", "hadm_id", "stay_id", "caregiver_id", "charttime", "storetime", "itemid", "value",
+              "valuenum", "valueuom", "warning"]
+D_LAB = {50912: "Creatinine", 51301: "White Blood Cells", 51222: "Hemoglobin", 51265: "Platelet Count",
+         50983: "Sodium", 50971: "Potassium", 51006: "Urea Nitrogen", 50882: "Bicarbonate", 50931: "Glucose",
+         50813: "Lactate", 50963: "NTproBNP", 51003: "Troponin T", 50889: "C-Reactive Protein"}
+T0 = datetime(2152, 3, 10, 12, 0, 0)
+A, B, C, D, E, F = 10000001, 10000002, 10000003, 10000004, 10000005, 10000006  # subjects
+
+
+def ts(t: datetime | None) -> str:
+    return "" if t is None else t.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def h(hours: float) -> datetime:
+    return T0 + timedelta(hours=hours)
+
+
+def write_csv_gz(path: Path, rows: list[dict], columns: list[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame = pd.DataFrame(rows, columns=columns)
+    with gzip.open(path, "wt", newline="") as f:
+        frame.to_csv(f, index=False)
+
+
+def lab(subject, itemid, drawn, stored, valuenum, hadm=None, value=None) -> dict:
+    return {"labevent_id": 0, "subject_id": subject, "hadm_id": hadm, "specimen_id": 1, "itemid": itemid,
+            "order_provider_id": "", "charttime": ts(drawn), "storetime": ts(stored),
+            "value": value if value is not None else valuenum, "valuenum": valuenum, "valueuom": "",
+            "ref_range_lower": "", "ref_range_upper": "", "flag": "", "priority": "STAT", "comments": ""}
+
+
+def admission(subject, hadm, admit, disch, *, edreg=None, died=0, race="WHITE", insurance="Medicare") -> dict:
+    return {"subject_id": subject, "hadm_id": hadm, "admittime": ts(admit), "dischtime": ts(disch),
+            "deathtime": ts(disch) if died else "", "admission_type": "EW EMER.", "admit_provider_id": "P1",
+            "admission_location": "EMERGENCY ROOM", "discharge_location": "DIED" if died else "HOME",
+            "insurance": insurance, "language": "ENGLISH", "marital_status": "MARRIED", "race": race,
+            "edregtime": ts(edreg), "edouttime": ts(admit) if edreg else "", "hospital_expire_flag": died}
+
+
+def patient(subject, age, year, dod="", gender="F") -> dict:
+    return {"subject_id": subject, "gender": gender, "anchor_age": age, "anchor_year": year,
+            "anchor_year_group": "2014 - 2016", "dod": dod}
+
+
+def write_shards(root: Path, images: list[dict]) -> Path:
+    """A minimal `data prepare` output: manifest.json + one tar per split with the json members (and stubs)."""
+    root.mkdir(parents=True, exist_ok=True)
+    splits = {}
+    for split in ("train", "validate", "test"):
+        mine = [im for im in images if im["split"] == split]
+        shards = []
+        if mine:
+            rel = f"{split}/shard-000000.tar"
+            (root / split).mkdir(exist_ok=True)
+            with tarfile.open(root / rel, "w") as tar:
+                for im in mine:
+                    for ext, data in (("jpg", b"\xff\xd8stub"), ("txt", b"report"),
+                                      ("json", json.dumps(im).encode())):
+                        info = tarfile.TarInfo(f"{im['dicom_id']}.{ext}")
+                        info.size = len(data)
+                        tar.addfile(info, io.BytesIO(data))
+            shards.append({"path": rel, "samples": len(mine), "sha256": ""})
+        splits[split] = {"samples": len(mine), "shards": shards}
+    (root / "manifest.json").write_text(json.dumps({"format": "radalign-shards/1", "splits": splits}))
+    return root
+
+
+def image(subject, study, dicom, split, when, view="PA", labels=None, indication=None) -> dict:
+    lab_values = {n: None for n in CHEXPERT_LABELS}
+    lab_values.update(labels or {})
+    return {"subject_id": subject, "study_id": study, "dicom_id": dicom, "split": split, "view": view,
+            "study_datetime": when.isoformat(timespec="milliseconds") if when else None, "labels": lab_values,
+            "sections": {"findings": "x", "impression": "y", "last_paragraph": "y", "indication": indication}}
+
+
+@pytest.fixture()
+def planted(tmp_path) -> tuple[Path, Path]:
+    """MIMIC-IV hosp (+ icu) and shards with every planted case of issue 10."""
+    hosp = tmp_path / "mimic-iv" / "hosp"
+    write_csv_gz(hosp / "patients.csv.gz", [
+        patient(A, 60, 2150, dod=(T0 + timedelta(days=3)).strftime("%Y-%m-%d")),
+        patient(B, 45, 2152), patient(D, 30, 2140), patient(E, 70, 2151),
+        patient(F, 50, 2152, dod=(T0 + timedelta(days=40)).strftime("%Y-%m-%d"), gender="M"),
+    ], PATIENT_COLS)                                       # C is absent from patients
+    write_csv_gz(hosp / "admissions.csv.gz", [
+        # A: ED film: edregtime 10:00 < t0 12:00 < admittime 14:00; died; LOS from admittime = 3.5 days
+        admission(A, 20000001, h(2), h(2 + 84), edreg=h(-2), died=1),
+        # B: only a past admission (demographics come from it) and a future one (never used)
+        admission(B, 20000002, h(-24 * 400), h(-24 * 395), race="ASIAN", insurance="Medicaid"),
+        admission(B, 20000003, h(24 * 5), h(24 * 9), race="FUTURE", insurance="FUTURE"),
+        # E: two admissions contain t0; the latest-starting (20000005) wins
+        admission(E, 20000004, h(-48), h(48), race="OLDER"),
+        admission(E, 20000005, h(-6), h(24), race="LATER", died=0),
+        # C (absent from patients) has an admission containing t0
+        admission(C, 20000006, h(-1), h(30)),
+    ], ADMISSION_COLS)
+    labs = [
+        lab(A, 50912, h(-1), h(-1) + timedelta(minutes=40), 1.1),           # creatinine: available -> used
+        lab(A, 50912, h(-0.5), h(0) + timedelta(minutes=1), 9.9),           # resulted 1 min after t0 -> never
+        lab(A, 50983, h(-24) + timedelta(minutes=1), h(-23), 140),        # sodium just inside the window
+        lab(A, 50971, h(-24) - timedelta(minutes=1), h(-23), 4.4),        # potassium just outside
+        lab(A, 50931, h(-24), h(-23), 101),                               # glucose exactly t0-24h: inside
+        lab(A, 50813, h(0), h(0), 2.5),                                   # lactate drawn at t0: outside [.., t0)
+        lab(A, 51222, h(-2), None, 12.5),                                 # hemoglobin, blank storetime
+        lab(B, 51301, h(-3), h(-2), 8.2),                                 # outpatient WBC (no hadm_id): used
+        lab(B, 51222, h(-5), h(-4), 13.1),                                # hemoglobin numeric, older
+        lab(B, 51222, h(-1), h(-0.5), "", value="___"),                   # ... newer but "___": skipped
+        lab(B, 51265, h(-2), h(-1), "___", value="___"),                  # platelets: non-numeric valuenum
+        lab(C, 50912, h(-2), h(-1), 2.0, hadm=20000006),                  # absent subject: value still linked
+        lab(E, 50912, h(-3), h(-2), 0.8, hadm=20000005),
+        lab(E, 50912, h(-3), h(-1.5), 0.9, hadm=20000005),               # same charttime, later storetime wins
+        lab(99999999, 50912, h(-3), h(-2), 1.0),                          # subject in no table at all
+    ]
+    for i, row in enumerate(labs):
+        row["labevent_id"] = i + 1
+    write_csv_gz(hosp / "labevents.csv.gz", labs, LAB_COLS)
+    write_csv_gz(hosp / "d_labitems.csv.gz", [{"itemid": k, "label": v, "fluid": "Blood", "category": "Chemistry"}
+                                              for k, v in D_LAB.items()], ["itemid", "label", "fluid", "category"])
+    shards = write_shards(tmp_path / "shards", [
+        image(A, 50000001, "a-pa", "train", T0, labels={"Edema": 1.0, "Cardiomegaly": -1.0, "No Finding": 0.0},
+              indication="Shortness of breath."),
+        image(A, 50000001, "a-lat", "train", T0, view="LATERAL"),
+        image(B, 50000002, "b-pa", "validate", T0),
+        image(C, 50000003, "c-ap", "test", T0, view="AP"),
+        image(D, 50000004, "d-pa", "train", None),                         # no study_datetime
+        image(E, 50000005, "e-pa", "test", T0),
+        image(F, 50000006, "f-pa", "train", T0),
+    ])
+    return tmp_path / "mimic-iv", shards
+
+
+def run(planted, tmp_path, **kw) -> tuple[pd.DataFrame, dict]:
+    mimic, shards = planted
+    out = kw.pop("out", tmp_path / "ehr")
+    manifest = link_ehr(mimic, shards, out, **kw)
+    frame = read_ehr(out).set_index("subject_id")
+    return frame, manifest
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The rule, case by case.
+
+
+def test_lab_resulted_after_t0_is_never_used_and_window_edges(planted, tmp_path):
+    f, _ = run(planted, tmp_path)
+    a = f.loc[A]
+    assert a["creatinine"] == 1.1 and a["creatinine_hours"] == pytest.approx(1.0)   # not 9.9 (stored t0+1min)
+    assert a["sodium"] == 140 and a["sodium_hours"] == pytest.approx(24 - 1 / 60)   # inside by one minute
+    assert np.isnan(a["potassium"]) and np.isnan(a["potassium_hours"])             # outside by one minute
+    assert a["glucose"] == 101 and a["glucose_hours"] == pytest.approx(24.0)        # [t0 - 24 h, ...
+    assert np.isnan(a["lactate"])                                                  # ..., t0): drawn at t0
+    assert a["hemoglobin"] == 12.5                                                 # blank storetime: charttime
+    assert f.loc[E, "creatinine"] == 0.9                                           # tie: later storetime
+
+
+def test_ed_film_before_admittime_links_and_outcomes(planted, tmp_path):
+    f, _ = run(planted, tmp_path)
+    a = f.loc[A]
+    assert a["hadm_id"] == 20000001 and a["admittime"] == h(2) and a["dischtime"] == h(86)
+    assert a["in_hospital_mortality"] == 1 and a["los_days"] == pytest.approx(3.5)
+    assert a["mortality_30d"] == 1 and a["age"] == 62 and a["gender"] == "F"
+    assert f.loc[E, "hadm_id"] == 20000005 and f.loc[E, "race"] == "LATER"          # latest-starting
+    assert f.loc[F, "mortality_30d"] == 0 and f.loc[F, "age"] == 50                # dod 40 days later
+
+
+def test_outpatient_labs_and_demographics_from_the_past_admission(planted, tmp_path):
+    f, m = run(planted, tmp_path)
+    b = f.loc[B]
+    assert pd.isna(b["hadm_id"]) and pd.isna(b["in_hospital_mortality"]) and np.isnan(b["los_days"])
+    assert b["white_blood_cells"] == 8.2 and b["white_blood_cells_hours"] == pytest.approx(3.0)
+    assert b["hemoglobin"] == 13.1                     # the newer "___" is skipped, the older number is used
+    assert np.isnan(b["platelets"])
+    assert b["race"] == "ASIAN" and b["insurance"] == "Medicaid"     # past admission, never the future one
+    assert b["mortality_30d"] == 0                                   # dod blank
+    assert m["values_from_draws_without_hadm_id"]["white_blood_cells"] == 1
+
+
+def test_absent_subject_and_study_without_datetime_get_nulls(planted, tmp_path):
+    f, m = run(planted, tmp_path)
+    c = f.loc[C]
+    assert pd.isna(c["gender"]) and pd.isna(c["age"]) and pd.isna(c["mortality_30d"])
+    assert c["hadm_id"] == 20000006 and c["creatinine"] == 2.0
+    d = f.loc[D]
+    assert pd.isna(d["study_datetime"]) and pd.isna(d["hadm_id"]) and pd.isna(d["gender"])
+    assert d[[n for n in m["features"]] + list(m["outcomes"])].isna().all()
+
+
+def test_manifest_counts_match_the_data(planted, tmp_path):
+    f, m = run(planted, tmp_path)
+    assert m["format"] == MANIFEST_FORMAT and len(f) == 6 == m["rows_written"]["ehr.parquet"]
+    assert m["rows_written"]["finetune"] == {"train": 3, "validate": 1, "test": 2}
+    assert m["studies_without_datetime"] == 1
+    assert m["studies_no_admission"] == 2                                # B (outpatient) and F
+    assert m["subjects_absent_from_patients"] == 1 and m["studies_of_subjects_absent_from_patients"] == 1
+    assert m["rows_scanned"]["labevents"] == 15 and m["rows_scanned"]["patients"] == 5
+    assert m["rows_scanned"]["admissions"] == 6 and m["shards"]["images"] == 7
+    assert m["shards"]["non_frontal_images"] == 1
+    assert m["skipped_events"]["creatinine"]["not_yet_resulted"] == 1    # the 9.9
+    assert m["skipped_events"]["hemoglobin"]["non_numeric"] == 1
+    assert m["skipped_events"]["platelets"]["non_numeric"] == 1
+    assert m["labevents"]["rows_of_subjects_absent_from_patients"] == 2  # C's and 99999999's
+    assert m["labevents"]["non_numeric_rows"]["hemoglobin"] == 1
+    assert m["feature_coverage"]["creatinine"] == {"studies": 3, "fraction": round(3 / 5, 4)}
+    assert m["feature_itemids"]["creatinine"] == 50912 and m["features"][0] == "creatinine"
+    assert m["options"]["window_hours"] == 24.0 and m["inputs"]["labevents"]["bytes"] > 0
+
+
+def test_window_option_changes_the_rule(planted, tmp_path):
+    f, _ = run(planted, tmp_path, window_hours=0.75)
+    assert np.isnan(f.loc[A, "creatinine"])                # drawn 1 h before: outside a 45-minute window
+    assert f.loc[B, "white_blood_cells"] != f.loc[B, "white_blood_cells"]
+
+
+def test_finetune_table_contract(planted, tmp_path):
+    import datasets
+
+    run(planted, tmp_path)
+    dd = datasets.load_from_disk(str(tmp_path / "ehr" / "finetune"))
+    assert set(dd) == {"train", "validate", "test"}
+    ehr_cols = list(pd.read_parquet(tmp_path / "ehr" / "ehr.parquet").columns)
+    assert dd["train"].column_names == ehr_cols + ["dicom_ids", *CHEXPERT_LABELS, "indication"]
+    row = [r for r in dd["train"] if r["subject_id"] == A][0]
+    assert row["dicom_ids"] == ["a-pa"]                                   # the lateral is left out
+    assert row["Edema"] == 1.0 and row["Cardiomegaly"] == -1.0 and row["No Finding"] == 0.0
+    assert row["Pneumonia"] is None and row["indication"] == "Shortness of breath."
+    assert all(dd["train"].features[n].dtype == "float64" for n in CHEXPERT_LABELS)
+    assert {r["subject_id"] for r in dd["test"]} == {C, E}
+
+
+def test_vitals_from_chartevents_same_rule(planted, tmp_path):
+    mimic, _ = planted
+    rows = [{"subject_id": A, "hadm_id": 20000001, "stay_id": 30000001, "caregiver_id": 1, "charttime": ts(h(-1)),
+             "storetime": ts(h(-0.9)), "itemid": 220045, "value": "88", "valuenum": 88, "valueuom": "bpm",
+             "warning": 0},
+            {"subject_id": A, "hadm_id": 20000001, "stay_id": 30000001, "caregiver_id": 1,
+             "charttime": ts(h(-0.2)), "storetime": ts(h(0.1)), "itemid": 220045, "value": "130", "valuenum": 130,
+             "valueuom": "bpm", "warning": 0}]
+    write_csv_gz(mimic / "icu" / "chartevents.csv.gz", rows, CHART_COLS)
+    write_csv_gz(mimic / "icu" / "d_items.csv.gz", [{"itemid": i, "label": n} for i, n in (
+        (220045, "Heart Rate"), (220210, "Respiratory Rate"), (220277, "O2 saturation pulseoxymetry"),
+        (223761, "Temperature Fahrenheit"), (220179, "Non Invasive Blood Pressure systolic"),
+        (220180, "Non Invasive Blood Pressure diastolic"))], ["itemid", "label"])
+    f, m = run(planted, tmp_path)
+    assert f.loc[A, "heart_rate"] == 88 and f.loc[A, "heart_rate_hours"] == pytest.approx(1.0)
+    assert "nibp_systolic_hours" in f.columns and m["vitals_itemids"]["spo2"] == 220277
+    assert m["skipped_events"]["heart_rate"]["not_yet_resulted"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bad input, re-runs, cache, atomicity, lock.
+
+
+def test_missing_column_and_table_name_file_column_and_expected(planted, tmp_path):
+    mimic, shards = planted
+    labs = pd.read_csv(mimic / "hosp" / "labevents.csv.gz").drop(columns=["storetime"])
+    write_csv_gz(mimic / "hosp" / "labevents.csv.gz", labs.to_dict("records"), list(labs.columns))
+    (mimic / "hosp" / "patients.csv.gz").unlink()
+    with pytest.raises(RadalignError) as e:
+        link_ehr(mimic, shards, tmp_path / "ehr")
+    msg = str(e.value)
+    assert "labevents.csv.gz: no column 'storetime'" in msg and "expected the MIMIC-IV labevents columns" in msg
+    assert "patients.csv.gz: missing" in msg and "anchor_age" in msg
+
+
+def test_unknown_itemid_lists_the_closest_labels(planted, tmp_path):
+    mimic, shards = planted
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("features:\n  creatinine: 50911\n  sodium: 50983\n")
+    with pytest.raises(RadalignError) as e:
+        link_ehr(mimic, shards, tmp_path / "ehr", features=yaml)
+    assert "features.creatinine: itemid 50911 is not in" in str(e.value)
+    assert "Creatinine (50912)" in str(e.value) and "sodium" not in str(e.value)
+
+
+def test_rerun_other_options_refuses_unless_overwrite(planted, tmp_path):
+    mimic, shards = planted
+    out = tmp_path / "ehr"
+    first = link_ehr(mimic, shards, out)
+    assert link_ehr(mimic, shards, out)["created"] == first["created"]      # same options, same inputs: kept
+    with pytest.raises(RadalignError, match="other options.*window_hours.*--overwrite"):
+        link_ehr(mimic, shards, out, window_hours=12)
+    again = link_ehr(mimic, shards, out, window_hours=12, overwrite=True)
+    assert again["options"]["window_hours"] == 12.0
+    assert again["cache"]["labevents"]["cache"] == "hit"                    # the Parquet conversion is reused
+    before = (shards / "manifest.json").read_bytes()
+    with pytest.raises(RadalignError, match="not a link-ehr output"):     # --out pointing at the shards
+        link_ehr(mimic, shards, shards, overwrite=True)
+    assert (shards / "manifest.json").read_bytes() == before
+
+
+def test_cache_is_keyed_by_size_and_mtime(planted, tmp_path):
+    mimic, shards = planted
+    m1 = link_ehr(mimic, shards, tmp_path / "a", cache=tmp_path / "cache")
+    assert m1["cache"]["labevents"]["cache"] == "miss"
+    labs = mimic / "hosp" / "labevents.csv.gz"
+    frame = pd.read_csv(labs, dtype=str, keep_default_na=False)
+    creat = frame["itemid"] == "50912"
+    frame.loc[creat, "valuenum"] = [str(float(v) * 10) for v in frame.loc[creat, "valuenum"]]
+    write_csv_gz(labs, frame.to_dict("records"), list(frame.columns))
+    m2 = link_ehr(mimic, shards, tmp_path / "b", cache=tmp_path / "cache")
+    assert m2["cache"]["labevents"]["cache"] == "miss"
+    assert read_ehr(tmp_path / "b").set_index("subject_id").loc[A, "creatinine"] == pytest.approx(11.0)
+    assert len(list((tmp_path / "cache").glob("labevents-*.parquet"))) == 1   # the stale one is removed
+
+
+def test_failed_write_leaves_no_manifest(planted, tmp_path, monkeypatch):
+    import data.ehr as ehr
+
+    mimic, shards = planted
+    out = tmp_path / "ehr"
+    link_ehr(mimic, shards, out)
+
+    def boom(*a, **k):
+        raise OSError("disk full (planted)")
+
+    monkeypatch.setattr(ehr, "write_finetune", boom)
+    with pytest.raises(OSError, match="planted"):
+        link_ehr(mimic, shards, out, window_hours=6, overwrite=True)
+    assert not (out / "manifest.json").exists()            # the folder reads as unfinished, never as the old one
+    with pytest.raises(RadalignError, match="no manifest.json"):
+        read_ehr(out)
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and "tmp" in p.name]
+
+
+def test_second_writer_is_refused(planted, tmp_path):
+    mimic, shards = planted
+    out = tmp_path / "ehr"
+    code = textwrap.dedent(f"""
+        import sys, time
+        from radalign.lock import output_lock
+        with output_lock({str(out)!r}):
+            print("held", flush=True)
+            time.sleep(30)
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).parent.parent)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RadalignError, match=f"in use by another process \\(pid {holder.pid}"):
+            link_ehr(mimic, shards, out)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_cli_runs_and_reports_errors(planted, tmp_path, capsys):
+    from radalign.cli import main
+
+    mimic, shards = planted
+    rc = main(["data", "link-ehr", "--mimic-iv", str(mimic), "--shards", str(shards), "--out",
+               str(tmp_path / "ehr"), "--no-progress", "--memory-limit", "512MB"])
+    assert rc == 0 and "6 studies" in capsys.readouterr().out
+    rc = main(["data", "link-ehr", "--mimic-iv", str(mimic), "--shards", str(shards), "--out",
+               str(tmp_path / "ehr2"), "--features", "ehr/cor", "--no-progress"])
+    assert rc != 0 and "ehr/core" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The generator's output against an independent plain-pandas implementation of the rule.
+
+
+def _shard_studies(shards: Path) -> pd.DataFrame:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    rows = []
+    for entry in manifest["splits"].values():
+        for s in entry["shards"]:
+            with tarfile.open(shards / s["path"]) as tar:
+                for m in tar.getmembers():
+                    if m.name.endswith(".json"):
+                        rows.append(json.load(tar.extractfile(m)))
+    df = pd.DataFrame(rows)
+    df["t0"] = pd.to_datetime(df["study_datetime"], format="ISO8601")
+    return df.groupby(["subject_id", "study_id"], as_index=False).agg(split=("split", "first"), t0=("t0", "min"))
+
+
+def _events(path: Path) -> pd.DataFrame:
+    ev = pd.read_csv(path, dtype={"value": str, "valuenum": str})
+    ev["valuenum"] = pd.to_numeric(ev["valuenum"], errors="coerce")
+    ev["charttime"] = pd.to_datetime(ev["charttime"])
+    ev["avail"] = pd.to_datetime(ev["storetime"]).fillna(ev["charttime"])
+    return ev
+
+
+def _latest(mine: pd.DataFrame, row: dict, items: dict[str, int], t0, window) -> None:
+    for name, itemid in items.items():
+        ok = mine[(mine.itemid == itemid) & (mine.charttime >= t0 - window) & (mine.charttime < t0)
+                  & (mine.avail <= t0) & mine.valuenum.notna()]
+        ok = ok.sort_values(["charttime", "avail", "valuenum"]).tail(1)
+        row[name] = ok.valuenum.iloc[0] if len(ok) else np.nan
+        row[f"{name}_hours"] = ((t0 - ok.charttime.iloc[0]).total_seconds() / 3600) if len(ok) else np.nan
+
+
+def reference_link(mimic: Path, shards: Path, items: dict[str, int], window_hours: float,
+                   vitals: dict[str, int]) -> pd.DataFrame:
+    """The rule of issue 10, written out row by row in pandas (small inputs only)."""
+    hosp = mimic / "hosp"
+    pat = pd.read_csv(hosp / "patients.csv.gz").set_index("subject_id")
+    adm = pd.read_csv(hosp / "admissions.csv.gz")
+    for col in ("admittime", "dischtime", "edregtime"):
+        adm[col] = pd.to_datetime(adm[col])
+    adm["start"] = adm["edregtime"].fillna(adm["admittime"])
+    labs = _events(hosp / "labevents.csv.gz")
+    chart = _events(mimic / "icu" / "chartevents.csv.gz") if vitals else None
+    window = pd.Timedelta(hours=window_hours)
+    out = []
+    for st in _shard_studies(shards).itertuples():
+        row = {"subject_id": st.subject_id, "study_id": st.study_id}
+        t0 = st.t0
+        a = adm[(adm.subject_id == st.subject_id) & (adm.start <= t0) & (t0 <= adm.dischtime)]
+        a = a.sort_values(["start", "hadm_id"]).tail(1)
+        row["hadm_id"] = a.hadm_id.iloc[0] if len(a) else None
+        row["in_hospital_mortality"] = a.hospital_expire_flag.iloc[0] if len(a) else None
+        row["los_days"] = ((a.dischtime - a.admittime).dt.total_seconds() / 86400).iloc[0] if len(a) else np.nan
+        if not len(a):
+            a = adm[(adm.subject_id == st.subject_id) & (adm.start < t0)].sort_values(["start", "hadm_id"]).tail(1)
+        row["race"] = a.race.iloc[0] if len(a) and pd.notna(a.race.iloc[0]) else None
+        if st.subject_id in pat.index:
+            p = pat.loc[st.subject_id]
+            row["age"] = p.anchor_age + t0.year - p.anchor_year
+            days = (pd.Timestamp(p.dod) - t0.normalize()).days if pd.notna(p.dod) else None
+            row["mortality_30d"] = 0 if days is None else (None if days < 0 else int(days <= 30))
+        else:
+            row["age"], row["mortality_30d"] = None, None
+        _latest(labs[labs.subject_id == st.subject_id], row, items, t0, window)
+        if vitals:
+            _latest(chart[chart.subject_id == st.subject_id], row, vitals, t0, window)
+        out.append(row)
+    return pd.DataFrame(out).set_index(["subject_id", "study_id"]).sort_index()
+
+
+def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards, tmp_path):
+    manifest = link_ehr(synth_root / "mimic-iv", synth_shards, tmp_path / "ehr")
+    ours = read_ehr(tmp_path / "ehr").set_index(["subject_id", "study_id"]).sort_index()
+    ref = reference_link(synth_root / "mimic-iv", synth_shards, manifest["feature_itemids"], 24.0,
+                         manifest["vitals_itemids"])
+    assert list(ours.index) == list(ref.index)
+    for col in ref.columns.drop("race"):
+        a, b = ours[col].astype("float64").to_numpy(), ref[col].astype("float64").to_numpy()
+        assert np.allclose(a, b, equal_nan=True, atol=1e-9), col
+    assert list(ours["race"].fillna("-")) == list(ref["race"].fillna("-"))
+    # the generator plants what the rule must get right, often enough to matter
+    assert manifest["studies_no_admission"] > 0
+    assert sum(v["not_yet_resulted"] for v in manifest["skipped_events"].values()) > 0
+    assert sum(manifest["values_from_draws_without_hadm_id"].values()) > 0
+    assert ours["creatinine"].notna().sum() >= 5
+    if (synth_root / "mimic-iv" / "icu" / "chartevents.csv.gz").is_file():
+        assert manifest["vitals"] and ours["heart_rate"].notna().sum() > 0

@@ -1,0 +1,389 @@
+"""finetune features, EHR encoder, fusion model and baselines: behaviour checked against hand-worked values,
+numpy/sklearn references and invariances (missing routing, absent-modality irrelevance, dropout rates)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix, unimodal
+from finetune.features import (CATEGORICAL, EHRFeaturizer, features_from_columns, label_matrix, text_present,
+                               threshold_label)
+from finetune.fit import fit_model, predict_logits
+from finetune.models import (EHREncoder, EmbeddingTokens, FusionModel, build_encoders, dropout_rates_from_presence,
+                             ehr_tensors, masked_loss, probabilities)
+from radalign import RadalignError
+
+FEATURES = ["creatinine", "lactate"]
+
+
+def _table(n_train=5, seed=0) -> pd.DataFrame:
+    rows = []
+    for i in range(n_train):
+        rows.append({"split": "train", "creatinine": float(i + 1), "creatinine_hours": 2.0,
+                     "lactate": [0.5, 1.0, 2.0, 4.0, 8.0][i % 5], "lactate_hours": 1.0, "age": 40.0 + 10 * i,
+                     "gender": "F" if i % 2 else "M", "race": "WHITE", "insurance": "Medicare",
+                     "marital_status": "MARRIED", "language": "ENGLISH"})
+    for split, v in (("validate", 1000.0), ("test", -1000.0)):
+        rows.append({"split": split, "creatinine": v, "creatinine_hours": 3.0, "lactate": v, "lactate_hours": 3.0,
+                     "age": 99.0, "gender": "F", "race": "ASIAN", "insurance": "Other", "marital_status": None,
+                     "language": "ENGLISH"})
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Features.
+
+
+def test_scaling_statistics_come_from_the_training_split_only():
+    t = _table()
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    # train creatinine 1..5: median 3, q1 2, q3 4 -> IQR 2 (numpy's linear percentiles, worked by hand)
+    assert fz.median["creatinine"] == 3.0 and fz.iqr["creatinine"] == 2.0
+    # lactate 0.5, 1, 2, 4, 8: median 2, q1 1, q3 4 -> IQR 3
+    assert fz.median["lactate"] == 2.0 and fz.iqr["lactate"] == 3.0
+    assert fz.median["age"] == 60.0 and fz.iqr["age"] == 20.0
+    t2 = t.copy()
+    t2.loc[t2.split != "train", ["creatinine", "lactate", "age"]] = 1e9  # other splits cannot move the statistics
+    assert EHRFeaturizer.fit_on_train(t2, FEATURES).to_dict() == fz.to_dict()
+    x = fz.transform(t)
+    assert x.values[4, 0] == pytest.approx((5 - 3) / 2)
+    assert x.values[5, 0] == pytest.approx((1000 - 3) / 2)  # validation row scaled with train statistics
+    assert x.hours[0, 0] == pytest.approx(math.log1p(2.0))
+    assert x.num[0, 0] == pytest.approx((40 - 60) / 20)
+    assert fz.categories["race"] == ["WHITE"]  # ASIAN only outside train -> unseen -> unknown bucket
+    assert x.cat[5, CATEGORICAL.index("race")] == 0 and x.counts["unseen_category"] == 4  # race, insurance x2
+    assert x.counts["unknown_category"] == 2  # marital_status None in validate and test
+
+
+def test_nan_inf_null_and_negative_hours_are_missing_and_counted():
+    t = _table()
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    t.loc[0, "creatinine"] = np.nan
+    t.loc[1, "creatinine"] = np.inf
+    t.loc[2, "creatinine"] = -np.inf
+    t.loc[3, "lactate"] = None
+    t.loc[4, "lactate_hours"] = -0.5  # drawn after the film
+    t.loc[0, "lactate_hours"] = np.nan  # measured, time unknown
+    t.loc[1, "age"] = np.inf
+    x = fz.transform(t)
+    assert x.measured[:5].tolist() == [[False, True], [False, True], [False, True], [True, False], [True, False]]
+    assert np.all(x.values[~x.measured] == 0) and np.all(np.isfinite(x.values))
+    # pandas keeps the float NaN as a null; inf/-inf are non-finite values
+    assert x.counts["null_value"] == 2 and x.counts["nonfinite_value"] == 2
+    assert x.counts["negative_hours"] == 1 and x.counts["missing_hours"] == 1
+    assert x.counts["nonfinite_numeric"] == 1 and not x.num_known[1, 0]
+    sparse = fz.transform(t.assign(creatinine=np.nan, lactate=np.nan))
+    assert not sparse.measured.any() and sparse.present.all()  # demographics still known
+
+
+def test_featurizer_round_trip_and_feature_list_refusal():
+    fz = EHRFeaturizer.fit_on_train(_table(), FEATURES)
+    back = EHRFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict())))
+    assert back == fz
+    back.check_features(FEATURES)
+    with pytest.raises(RadalignError, match="missing lactate.*unexpected troponin"):
+        back.check_features(["creatinine", "troponin"])
+    with pytest.raises(RadalignError, match="another order"):
+        back.check_features(["lactate", "creatinine"])
+    with pytest.raises(RadalignError, match="format"):
+        EHRFeaturizer.from_dict({**fz.to_dict(), "format": "x/0"})
+    assert features_from_columns(list(_table().columns)) == FEATURES
+
+
+def test_label_columns_checked_and_policies():
+    t = pd.DataFrame({"Edema": [1.0, 0.0, -1.0, None], "los_days": [8.0, 2.0, None, 7.0]})
+    with pytest.raises(RadalignError, match=r"'in_hospital_mortality'.*available: Edema, los_days"):
+        label_matrix(t, ["in_hospital_mortality"])
+    y = label_matrix(t, ["Edema"])
+    assert y[:2, 0].tolist() == [1.0, 0.0] and np.isnan(y[2:, 0]).all()
+    assert label_matrix(t, ["Edema"], uncertain="positive")[2, 0] == 1.0
+    with pytest.raises(RadalignError, match="'los_days' holds 8"):
+        label_matrix(t, ["los_days"])
+    lab = threshold_label(t, "los_days", 7.0)
+    assert lab[:2].tolist() == [1.0, 0.0] and np.isnan(lab[2]) and lab[3] == 0.0
+    assert text_present(["cough", "  ", None, ""]).tolist() == [True, False, False, False]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# EHR encoder.
+
+
+def _ehr(b=4, f=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"values": torch.randn(b, f, generator=g), "hours": torch.rand(b, f, generator=g),
+            "measured": torch.ones(b, f, dtype=torch.bool), "num": torch.randn(b, 1, generator=g),
+            "num_known": torch.ones(b, 1, dtype=torch.bool), "cat": torch.randint(0, 2, (b, 5), generator=g)}
+
+
+def _encoder(f=3, d=16):
+    torch.manual_seed(0)
+    return EHREncoder(f, [2, 2, 2, 2, 2], d=d, n_blocks=2, n_heads=2, dropout=0.0).eval()
+
+
+def test_missing_lab_routes_through_the_learned_embedding_whatever_the_slot_holds():
+    enc = _encoder()
+    base = _ehr()
+    base["measured"][:, 1] = False
+    outs = []
+    for filler in (0.0, 1e6, float("nan"), float("-inf")):
+        e = {k: v.clone() for k, v in base.items()}
+        e["values"][:, 1] = filler
+        e["hours"][:, 1] = filler
+        tok = enc.tokens(e)
+        assert torch.equal(tok[:, 2], enc.not_measured[1].expand(4, -1))  # [CLS] at 0, item 1 at 2
+        outs.append(enc(e))
+    for o in outs[1:]:
+        assert torch.equal(o, outs[0])
+    measured = enc(_ehr())
+    assert not torch.allclose(measured, outs[0])  # absence is information: the output moves
+    e = {k: v.clone() for k, v in base.items()}
+    e["values"][:, 1] = float("nan")
+    enc.train()
+    enc(e).sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+    assert enc.not_measured.grad[1].abs().sum() > 0 and enc.not_measured.grad[0].abs().sum() == 0
+
+
+def test_unknown_age_routes_through_its_embedding():
+    enc = _encoder()
+    a, b = _ehr(), _ehr()
+    for e, v in ((a, 3.0), (b, float("nan"))):
+        e["num"][:, 0] = v
+        e["num_known"][:, 0] = False
+    assert torch.equal(enc(a), enc(b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Fusion model.
+
+
+def _batch(b=6, seed=0, patches=1):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(b, 10, generator=g) if patches == 1 else torch.randn(b, patches, 10, generator=g)
+    return {"image": image, "text": torch.randn(b, 8, generator=g), "ehr": _ehr(b, 3, seed),
+            "present": {"image": torch.ones(b, dtype=torch.bool),
+                        "text": torch.tensor([True, False] * (b // 2)),
+                        "ehr": torch.tensor([True, True, False] * (b // 3))}}
+
+
+def _model(task="binary", n_outputs=1, patches=1, **kw):
+    torch.manual_seed(0)
+    enc = build_encoders(32, image_dim=10, text_dim=8, ehr=_encoder(), image_tokens=patches)
+    return FusionModel(enc, n_outputs=n_outputs, task=task, d_model=32, n_heads=4, dropout=0.0, **kw).eval()
+
+
+@pytest.mark.parametrize("cls_sees_absent", [True, False])
+def test_absent_modality_input_is_irrelevant(cls_sees_absent):
+    model = _model(cls_sees_absent=cls_sees_absent)
+    batch = _batch()
+    ref = model(batch)
+    pert = _batch(seed=1)  # new inputs everywhere...
+    for m in ("image", "text", "ehr"):  # ...kept only where the modality is present
+        keep = batch["present"][m]
+        if m == "ehr":
+            pert[m] = {k: torch.where(keep.view(-1, 1), batch[m][k], v) for k, v in pert[m].items()}
+        else:
+            pert[m] = torch.where(keep.view(-1, 1), batch[m], pert[m])
+    pert["text"][~batch["present"]["text"]] = float("nan")
+    pert["present"] = batch["present"]
+    out = model(pert)
+    assert torch.equal(out.logits, ref.logits) and torch.equal(out.attention, ref.attention)
+    if not cls_sees_absent:
+        absent = ~ref.present
+        assert torch.all(ref.attention[absent] == 0)
+    assert torch.allclose(ref.attention.sum(1) + ref.attention_cls, torch.ones(6), atol=1e-5)
+
+
+def test_present_override_equals_absent_data_and_rows_are_independent():
+    model = _model()
+    batch = _batch()
+    masked = model(batch, present_override={"text": torch.zeros(6, dtype=torch.bool)})
+    no_text = model({k: v for k, v in batch.items() if k != "text"})
+    assert torch.equal(masked.logits, no_text.logits)
+    assert torch.equal(model(batch, present_override={"image", "ehr"}).logits, masked.logits)
+    assert not masked.present[:, 1].any()
+    full = model(batch).logits
+    for i in range(6):  # one row alone gives the same output as in the batch (no mixing across rows)
+        row = {"image": batch["image"][i:i + 1], "text": batch["text"][i:i + 1],
+               "ehr": {k: v[i:i + 1] for k, v in batch["ehr"].items()},
+               "present": {k: v[i:i + 1] for k, v in batch["present"].items()}}
+        assert torch.allclose(model(row).logits, full[i:i + 1], atol=1e-5)
+    with pytest.raises(RadalignError, match="unknown modality"):
+        model(batch, present_override={"report": torch.zeros(6, dtype=torch.bool)})
+
+
+def test_gradient_never_reaches_an_absent_input():
+    model = _model().train()
+    model.dropout_rates.zero_()
+    batch = _batch()
+    batch["text"].requires_grad_(True)
+    masked_loss(model(batch).logits, torch.ones(6, 1), "binary").backward()
+    g = batch["text"].grad
+    absent = ~batch["present"]["text"]
+    assert torch.all(g[absent] == 0) and g[~absent].abs().sum() > 0
+
+
+def test_modality_dropout_rates_are_honoured():
+    rates = {"image": 0.1, "text": 0.25, "ehr": 0.4}
+    model = _model(modality_dropout=rates).train()
+    torch.manual_seed(1)
+    n = 40_000
+    present = torch.ones(n, 3, dtype=torch.bool)
+    present[: n // 2, 2] = False  # absent rows stay absent; dropping acts on present ones only
+    kept = model.modality_dropout(present)
+    assert not kept[: n // 2, 2].any()
+    for j, m in enumerate(("image", "text", "ehr")):
+        pool = present[:, j]
+        dropped = (~kept[pool, j]).float().mean().item()
+        sigma = math.sqrt(rates[m] * (1 - rates[m]) / int(pool.sum()))
+        assert abs(dropped - rates[m]) < 4 * sigma, (m, dropped)
+    model.eval()
+    batch = _batch()
+    assert torch.equal(model(batch).present, model.presence(batch))  # no dropout in eval
+    assert dropout_rates_from_presence({"text": np.array([1, 1, 1, 0]), "ehr": np.ones(5),
+                                        "image": np.zeros(3)}) == {"text": 0.25, "ehr": 0.05, "image": 0.5}
+    with pytest.raises(RadalignError, match="modality_dropout"):
+        _model(modality_dropout={"image": 1.0})
+
+
+@pytest.mark.parametrize("task,n_out", [("binary", 1), ("multilabel", 3), ("multiclass", 4)])
+def test_forward_backward_each_task_with_patch_tokens(task, n_out):
+    model = _model(task=task, n_outputs=n_out, patches=5).train()
+    batch = _batch(patches=5)
+    out = model(batch)
+    assert out.logits.shape == (6, n_out) and out.attention.shape == (6, 3)
+    y = torch.tensor([0.0, 1, 2, 3, float("nan"), 1])[:, None] if task == "multiclass" else \
+        torch.bernoulli(torch.full((6, n_out), 0.5))
+    masked_loss(out.logits, y, task).backward()
+    for name in ("encoders.image.proj.weight", "encoders.ehr.encoder.value.weight", "head.weight", "mask_token"):
+        assert torch.isfinite(dict(model.named_parameters())[name].grad).all()
+    assert torch.allclose(probabilities(out.logits, task).sum(-1), torch.ones(6)) if task == "multiclass" else True
+    with pytest.raises(RadalignError, match="expects"):
+        model({"image": torch.randn(6, 10)})  # one token given, model built for 5 patch tokens
+
+
+def test_masked_loss_matches_hand_computation():
+    logits = torch.tensor([[0.5, -1.0], [2.0, 0.0], [-0.3, 1.5]])
+    y = torch.tensor([[1.0, float("nan")], [0.0, 1.0], [float("nan"), 0.0]])
+    cells = [(0.5, 1), (2.0, 0), (0.0, 1), (1.5, 0)]
+    bce = [-(t * math.log(1 / (1 + math.exp(-z))) + (1 - t) * math.log(1 - 1 / (1 + math.exp(-z))))
+           for z, t in cells]
+    assert masked_loss(logits, y, "multilabel").item() == pytest.approx(sum(bce) / 4, rel=1e-6)
+    yc = torch.tensor([1.0, float("nan"), 0.0])
+    ce = [-(logits[0, 1] - torch.logsumexp(logits[0], 0)).item(), -(logits[2, 0] - torch.logsumexp(logits[2], 0)).item()]
+    assert masked_loss(logits, yc, "multiclass").item() == pytest.approx(sum(ce) / 2, rel=1e-6)
+    z = torch.zeros(2, 1, requires_grad=True)
+    loss = masked_loss(z, torch.full((2, 1), float("nan")), "binary")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(z.grad, torch.zeros(2, 1))
+
+
+def test_embedding_tokens_forward_backward():
+    tok = EmbeddingTokens(10, 16, n_tokens=4)
+    x = torch.randn(3, 4, 10, requires_grad=True)
+    out = tok(x)
+    out.sum().backward()
+    assert out.shape == (3, 4, 16) and torch.isfinite(x.grad).all()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Baselines and a small learning check.
+
+
+def _planted(n=240, seed=0):
+    """Label depends on image dim 0 and lab 0; lab 0 missing for a third of rows (then no lab signal)."""
+    rng = np.random.default_rng(seed)
+    img = rng.normal(size=(n, 10)).astype(np.float32)
+    lab = rng.normal(size=(n, 3)).astype(np.float32)
+    measured = rng.random((n, 3)) > 0.33
+    logit = 2.0 * img[:, 0] + 2.0 * np.where(measured[:, 0], lab[:, 0], 0.0)
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    ehr = {"values": torch.tensor(np.where(measured, lab, np.nan)), "hours": torch.rand(n, 3),
+           "measured": torch.tensor(measured), "num": torch.zeros(n, 1),
+           "num_known": torch.ones(n, 1, dtype=torch.bool), "cat": torch.zeros(n, 5, dtype=torch.long)}
+    batch = {"image": torch.tensor(img), "text": torch.tensor(rng.normal(size=(n, 8)).astype(np.float32)),
+             "ehr": ehr, "present": {"image": torch.ones(n, dtype=torch.bool),
+                                     "text": torch.tensor(rng.random(n) > 0.3), "ehr": torch.ones(n, dtype=torch.bool)}}
+    return batch, torch.tensor(y)[:, None]
+
+
+def _auroc(y, s):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.asarray(y).ravel(), np.asarray(s).ravel())
+
+
+def _split(batch, rows):
+    from finetune.fit import take_rows
+
+    return take_rows(batch, torch.as_tensor(rows))
+
+
+def test_every_baseline_runs_and_the_fusion_model_learns():
+    batch, y = _planted()
+    tr, te = np.arange(160), np.arange(160, 240)
+    btr, bte = _split(batch, tr), _split(batch, te)
+    torch.manual_seed(0)
+    encoders = build_encoders(32, image_dim=10, text_dim=8, ehr=EHREncoder(3, [2] * 5, d=16, n_heads=2))
+    fusion = FusionModel(encoders, d_model=32, n_heads=4, modality_dropout={"image": 0.1, "ehr": 0.1})
+    losses = fit_model(fusion, btr, y[tr], task="binary", steps=40, lr=3e-3, weight_decay=1e-2, seed=0)
+    assert losses[-1] < 0.6 * losses[0]
+    assert _auroc(y[te], predict_logits(fusion, bte)) > 0.75  # the planted logit itself scores 0.93
+    logits_val = {}
+    for m in ("image", "text", "ehr"):
+        torch.manual_seed(0)
+        enc = build_encoders(32, image_dim=10, text_dim=8, ehr=EHREncoder(3, [2] * 5, d=16, n_heads=2))
+        uni = unimodal(m, enc, d_model=32, n_heads=4)
+        fit_model(uni, btr, y[tr], task="binary", steps=15, lr=3e-3, seed=0)
+        logits_val[m] = predict_logits(uni, bte)
+        assert logits_val[m].shape == (80, 1) and np.isfinite(logits_val[m]).all()
+    present = {m: batch["present"][m][te].numpy() for m in logits_val}
+    avg = LateFusion("average").fit(logits_val, present, y[te].numpy()).combine(logits_val, present)
+    hand = np.array([np.mean([logits_val[m][i, 0] for m in logits_val if present[m][i]]) for i in range(80)])
+    assert np.allclose(avg[:, 0], hand)
+    stacked = LateFusion("stacked").fit(logits_val, present, y[te].numpy()).combine(logits_val, present)
+    assert stacked.shape == (80, 1) and np.isfinite(stacked).all()
+    early = EarlyFusionModel(image_dim=10, text_dim=8, n_features=3, cardinalities=[2] * 5, hidden=32)
+    fit_model(early, btr, y[tr], task="binary", steps=40, lr=3e-3, seed=0)
+    e_out = predict_logits(early, bte)
+    assert np.isfinite(e_out).all() and _auroc(y[te], e_out) > 0.7
+    with pytest.raises(RadalignError, match="no 'report' modality"):
+        unimodal("report", encoders)
+
+
+def test_early_fusion_ignores_absent_input():
+    early = EarlyFusionModel(image_dim=10, text_dim=8, n_features=3, cardinalities=[2] * 5).eval()
+    batch = _batch()
+    ref = early(batch)
+    batch["text"][~batch["present"]["text"]] = float("nan")
+    assert torch.equal(early(batch), ref)
+
+
+def test_gbdt_takes_nan_natively_and_learns():
+    t = pd.DataFrame({"split": ["train"] * 300, "creatinine": np.random.default_rng(0).normal(size=300),
+                      "creatinine_hours": 1.0, "lactate": np.nan, "lactate_hours": np.nan, "age": 50.0,
+                      "gender": "F", "race": None, "insurance": "Medicare", "marital_status": None,
+                      "language": "ENGLISH"})
+    rng = np.random.default_rng(1)
+    miss = rng.random(300) < 0.3
+    t.loc[miss, "creatinine"] = np.nan
+    t.loc[rng.random(300) < 0.05, "creatinine"] = np.inf  # treated as missing (counted by the featurizer)
+    y = np.where(t.creatinine.isna() | np.isinf(t.creatinine), 1.0, (t.creatinine > 0).astype(float))
+    y[:5] = np.nan  # unlabelled rows are left out and counted
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    x = fz.transform(t)
+    img = rng.normal(size=(300, 4))
+    data = gbdt_matrix(x, img, image_present=rng.random(300) > 0.2)
+    assert data[0].shape == (300, 2 * 2 + 1 + 5 + 4) and data[1].sum() == 5
+    model = GBDTBaseline("binary", max_iter=50).fit(data, y[:, None])
+    assert model.unlabelled == [5]
+    p = model.predict_proba(data)[:, 0]
+    ok = ~np.isnan(y)
+    assert _auroc(y[ok], p[ok]) > 0.95  # missingness itself carries the label here
+    assert np.isfinite(model.predict_logits(data)).all()

@@ -1,0 +1,309 @@
+"""Shared training plumbing (radalign/training.py, radalign/precision.py), tested without a recipe or shards:
+precision choice with an injected probe, pickle-free checksummed checkpoints with verified fallback, the NaN
+guard, metric logging on resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from radalign import RadalignError
+from radalign import precision as prec
+from radalign.training import (
+    CheckpointManager,
+    Meter,
+    MetricLogger,
+    NonFiniteLoss,
+    get_rng_state,
+    set_rng_state,
+)
+
+# ----------------------------------------------------------------------------------------------------------
+# precision: auto
+
+
+@pytest.fixture(autouse=True)
+def _fresh_probe_cache():
+    prec.clear_cache()
+    yield
+    prec.clear_cache()
+
+
+AVX2_CPUINFO = "processor : 0\nflags : fpu sse sse2 avx avx2 fma\n"
+BF16_CPUINFO = "processor : 0\nflags : fpu avx2 avx512f avx512_bf16 amx_bf16\n"
+
+
+def test_bf16_unit_and_native_rules_from_hand_written_cpuinfo():
+    assert not prec.cpu_has_bf16_unit(AVX2_CPUINFO)
+    assert prec.cpu_has_bf16_unit(BF16_CPUINFO)
+    assert prec.native_bf16("AVX512", True)
+    # ATEN_CPU_CAPABILITY=avx2 on a bf16 CPU: ATen dispatches AVX2 kernels, so bf16 is not native any more
+    assert not prec.native_bf16("AVX2", True)
+    assert not prec.native_bf16("AVX512", False)
+    assert not prec.native_bf16("DEFAULT", True)
+
+
+def test_auto_on_cpu_picks_bf16_only_when_native_and_measured_faster():
+    fast = lambda: (1.0, 0.4)  # noqa: E731  bf16 takes 40% of the fp32 time
+    slow = lambda: (1.0, 18.0)  # noqa: E731  the AVX2-only case of issue 9
+    assert prec.resolve_precision("auto", "cpu", probe=fast, capability="AVX512", native=True)[0] == "bf16"
+    choice, reason = prec.resolve_precision("auto", "cpu", probe=slow, capability="AVX2", native=False)
+    assert choice == "fp32"
+    assert "AVX2" in reason and "18.00x" in reason and "no native bf16" in reason
+    # native but measured slower (e.g. tiny ops): fp32
+    assert prec.resolve_precision("auto", "cpu", probe=slow, capability="AVX512", native=True)[0] == "fp32"
+    # fast-looking timings without native support are not trusted
+    assert prec.resolve_precision("auto", "cpu", probe=fast, capability="AVX2", native=False)[0] == "fp32"
+    # the threshold: 0.97x is within timer noise, not "faster"
+    assert prec.resolve_precision("auto", "cpu", probe=lambda: (1.0, 0.97), capability="AVX512",
+                                  native=True)[0] == "fp32"
+
+
+def test_explicit_bf16_on_emulating_cpu_warns_with_the_measured_slowdown(caplog):
+    choice, _ = prec.resolve_precision("bf16", "cpu", probe=lambda: (0.010, 0.180), capability="AVX2", native=False)
+    assert choice == "bf16"  # honoured
+    err = caplog.text
+    assert "about 18.0x slower than fp32" in err and "precision=auto" in err
+    caplog.clear()
+    prec.resolve_precision("bf16", "cpu", probe=lambda: (1.0, 0.5), capability="AVX512", native=True)
+    assert "slower" not in caplog.text
+
+
+def test_fp16_on_cpu_and_unknown_precision_are_errors():
+    with pytest.raises(RadalignError, match="fp16 needs CUDA"):
+        prec.resolve_precision("fp16", "cpu")
+    with pytest.raises(RadalignError, match="'fp8'"):
+        prec.resolve_precision("fp8", "cpu")
+    assert prec.resolve_precision("fp32", "cpu", probe=lambda: 1 / 0)[0] == "fp32"  # fp32 never probes
+
+
+def test_probe_runs_once_per_process(monkeypatch):
+    calls = []
+    monkeypatch.setattr(prec, "probe_bf16_cpu", lambda: calls.append(1) or (1.0, 2.0))
+    for _ in range(3):
+        prec.resolve_precision("auto", "cpu", capability="AVX512", native=True)
+    assert len(calls) == 1
+
+
+def test_real_probe_is_sub_second_scale_and_positive():
+    fp32_s, bf16_s = prec.probe_bf16_cpu(repeats=1)
+    assert 0 < fp32_s < 5 and 0 < bf16_s < 20  # generous: the CI machine is shared
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.logit_scale = nn.Parameter(torch.ones(1))
+
+
+def _trained(seed: int = 0, steps: int = 3):
+    torch.manual_seed(seed)
+    model = Tiny()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    for _ in range(steps):
+        (model.lin(torch.randn(5, 4)).pow(2).mean() * model.logit_scale).sum().backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return model, opt, sched
+
+
+def _save_steps(run_dir, steps=(4, 8, 12), keep=3) -> CheckpointManager:
+    model, opt, sched = _trained()
+    ckpt = CheckpointManager(run_dir, keep=keep)
+    for s in steps:
+        with torch.no_grad():
+            model.lin.bias.fill_(float(s))  # each checkpoint's weights say which step they are
+        ckpt.save(s, model=model, optimizer=opt, scheduler=sched, state={"segment": s})
+    return ckpt
+
+
+def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
+    model, opt, sched = _trained()
+    ckpt = CheckpointManager(tmp_path / "run", keep=2)
+    rng_before = get_rng_state()
+    path = ckpt.save(3, model=model, optimizer=opt, scheduler=sched, state={"segment": 0, "note": "x"})
+    expected_draw = torch.rand(3)
+    files = sorted(p.name for p in path.iterdir())
+    assert files == ["checksums.json", "model.safetensors", "optimizer.json", "optimizer.safetensors",
+                     "rng-000.safetensors", "scheduler.json", "trainer_state.json"]
+    assert not [p for p in path.rglob("*") if p.suffix in (".pkl", ".bin", ".pt")]
+    sums = json.loads((path / "checksums.json").read_text())["files"]
+    import hashlib
+
+    for name, digest in sums.items():  # independent sha256 of every file
+        assert hashlib.sha256((path / name).read_bytes()).hexdigest() == digest
+
+    fresh, fresh_opt, fresh_sched = _trained(seed=1, steps=1)
+    loaded = CheckpointManager(tmp_path / "run").load(path, model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    assert loaded.step == 3 and loaded.state == {"segment": 0, "note": "x"}
+    for (n, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert torch.equal(a, b), n
+    for p_a, p_b in zip(model.parameters(), fresh.parameters()):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p_a][key], fresh_opt.state[p_b][key]), key
+    assert fresh_sched.last_epoch == sched.last_epoch == 3
+    assert fresh_opt.param_groups[0]["lr"] == pytest.approx(0.1 / 4)
+    torch.rand(5)  # move the RNG on, then restore the checkpoint's
+    set_rng_state(loaded.rng)
+    assert torch.equal(torch.rand(3), expected_draw)
+    set_rng_state(rng_before)
+
+
+def test_latest_naming_a_missing_folder_falls_back_to_newest_verified(tmp_path, caplog):
+    ckpt = _save_steps(tmp_path / "run")
+    shutil.rmtree(ckpt.root / "step-0000012")
+    assert (ckpt.root / "latest").read_text().strip() == "step-0000012"
+    assert ckpt.resolve("auto") == ckpt.root / "step-0000008"
+    assert ckpt.resolve("latest") == ckpt.root / "step-0000008"
+    assert "does not exist" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, caplog, damage):
+    ckpt = _save_steps(tmp_path / "run")
+    target = ckpt.root / "step-0000012" / "model.safetensors"
+    data = target.read_bytes()
+    target.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
+    chosen = ckpt.resolve("latest")
+    assert chosen == ckpt.root / "step-0000008"
+    err = caplog.text
+    assert "step-0000012/model.safetensors: damaged" in err and "falling back" in err
+    # the damaged folder is kept aside, never overwritten by the resumed run
+    assert not (ckpt.root / "step-0000012").exists()
+    moved = list((ckpt.root / "damaged").iterdir())
+    assert len(moved) == 1 and moved[0].name.startswith("step-0000012") and (moved[0] / "model.safetensors").is_file()
+    model, opt, sched = _trained(seed=5, steps=1)
+    loaded = ckpt.load(chosen, model=model, optimizer=opt, scheduler=sched)
+    assert loaded.step == 8 and float(model.lin.bias.detach()[0]) == 8.0
+
+
+def test_explicit_damaged_folder_is_an_error_naming_file_and_fallback(tmp_path):
+    ckpt = _save_steps(tmp_path / "run")
+    (ckpt.root / "step-0000012" / "optimizer.safetensors").write_bytes(b"\0" * 10)
+    with pytest.raises(RadalignError) as e:
+        ckpt.resolve(str(ckpt.root / "step-0000012"))
+    msg = str(e.value)
+    assert "optimizer.safetensors: damaged" in msg and "step-0000008" in msg
+
+
+def test_never_start_fresh_or_overwrite_when_checkpoints_exist(tmp_path):
+    ckpt = _save_steps(tmp_path / "run")
+    with pytest.raises(RadalignError, match="already holds checkpoints"):
+        ckpt.resolve(None)
+    # an older folder while a newer verified one exists: continuing would overwrite another history
+    with pytest.raises(RadalignError, match="another run history"):
+        ckpt.resolve(str(ckpt.root / "step-0000004"))
+    # every checkpoint damaged: auto must not start fresh
+    for p in ckpt.checkpoints():
+        (p / "checksums.json").unlink()
+    with pytest.raises(RadalignError, match="no complete checkpoint"):
+        CheckpointManager(tmp_path / "run").resolve("auto")
+    assert CheckpointManager(tmp_path / "empty").resolve("auto") is None  # nothing there: fresh is fine
+
+
+def test_save_refuses_to_overwrite_a_checkpoint_of_another_run(tmp_path):
+    _save_steps(tmp_path / "run", steps=(4,))
+    model, opt, sched = _trained()
+    other = CheckpointManager(tmp_path / "run")  # a new history (fresh run_id)
+    before = (tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors").read_bytes()
+    with pytest.raises(RadalignError, match="another run history"):
+        other.save(4, model=model, optimizer=opt, scheduler=sched)
+    assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors").read_bytes() == before
+
+
+def test_planted_pickle_in_checkpoint_folder_never_runs(tmp_path, caplog):
+    ckpt = _save_steps(tmp_path / "run", steps=(4,))
+    marker = tmp_path / "PWNED"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = ckpt.root / "step-0000004"
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"):
+        (folder / name).write_bytes(pickle.dumps(Evil()))
+    model, opt, sched = _trained(seed=3)
+    chosen = ckpt.resolve(str(folder))
+    ckpt.load(chosen, model=model, optimizer=opt, scheduler=sched)
+    assert not marker.exists()
+    assert "custom_checkpoint_0.pkl" in caplog.text  # named as ignored, never opened
+
+
+def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
+    ckpt = _save_steps(tmp_path / "run", steps=(1, 2, 3, 4), keep=2)
+    assert [p.name for p in ckpt.checkpoints()] == ["step-0000003", "step-0000004"]
+
+
+def test_non_json_state_is_refused_not_pickled(tmp_path):
+    model, opt, sched = _trained()
+    with pytest.raises(RadalignError, match="not JSON data"):
+        CheckpointManager(tmp_path / "run").save(1, model=model, state={"sampler": object()})
+
+
+def test_rng_state_covers_numpy_and_python(tmp_path):
+    import random
+
+    state = get_rng_state()
+    expected = (np.random.rand(3), random.random(), torch.rand(2))
+    np.random.rand(7), random.random(), torch.rand(4)
+    set_rng_state(state)
+    assert np.array_equal(np.random.rand(3), expected[0]) and random.random() == expected[1]
+    assert torch.equal(torch.rand(2), expected[2])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meter (NaN guard) and MetricLogger
+
+
+class _Acc:
+    num_processes = 1
+
+
+def test_meter_names_the_first_non_finite_step_and_the_last_good_checkpoint():
+    meter = Meter(_Acc())
+    for step, v in [(1, 2.0), (2, 4.0)]:
+        meter.add(step, torch.tensor(v), samples=8)
+    row = meter.summary()
+    assert row["loss"] == 3.0 and row["samples_per_s"] > 0
+    for step, v in [(3, 1.0), (4, math.nan), (5, math.inf)]:
+        meter.add(step, torch.tensor(v), samples=8)
+    with pytest.raises(NonFiniteLoss, match="at step 4") as e:
+        meter.check(last_good="checkpoints/step-0000002", hint="Lower optim.lr.")
+    assert e.value.step == 4 and "step-0000002" in str(e.value) and "Lower optim.lr" in str(e.value)
+
+
+def test_metric_logger_moves_rows_after_the_resumed_step(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"step": s, "loss": float(s)} for s in range(1, 13)] + [{"step": 12, "val/x": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 13, "lo')
+    logger = MetricLogger(run, tensorboard=False)
+    assert logger.start(8) == 6  # steps 9..12 (4 rows), the val row of 12, the half-written line
+    logger.log(9, {"loss": 99.0})
+    kept = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in kept] == [1, 2, 3, 4, 5, 6, 7, 8, 9] and kept[-1]["loss"] == 99.0
+    moved = (run / "metrics.superseded.jsonl").read_text().splitlines()
+    assert len(moved) == 6 and json.loads(moved[0]) == {"step": 9, "loss": 9.0}
+
+
+def test_model_weights_are_safetensors_loadable_without_radalign(tmp_path):
+    model, opt, sched = _trained()
+    path = CheckpointManager(tmp_path / "run").save(1, model=model, optimizer=opt, scheduler=sched)
+    weights = load_file(str(path / "model.safetensors"))
+    assert torch.equal(weights["lin.weight"], model.lin.weight.detach())

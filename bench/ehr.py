@@ -19,6 +19,7 @@ RSS, the time ratio and our RSS growth between the smallest and the largest size
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import shutil
 import sys
@@ -56,7 +57,7 @@ def _write_csv_gz(path: Path, columns: dict) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tbl = pa.table(columns)
-    with pa.CompressedOutputStream(str(path), "gzip") as f:
+    with gzip.open(path, "wb", compresslevel=1) as f:   # level 1: generation time; reading speed is the same
         pcsv.write_csv(tbl, f, pcsv.WriteOptions(batch_size=1 << 16))
 
 
@@ -231,7 +232,9 @@ def main(argv=None) -> int:
             ours_rss.append(max(cold.peak_rss_mb, warm.peak_rss_mb))
             rows.append([f"{n:,}", cold.seconds, warm.seconds, pdr.seconds, ratio(pdr.seconds, cold.seconds),
                          ratio(pdr.seconds, warm.seconds), cold.peak_rss_mb, warm.peak_rss_mb, pdr.peak_rss_mb])
-            print(f"  {n:,} rows: outputs equal", flush=True)
+            print(f"  {n:,} rows: outputs equal; ours cold {cold.seconds:.1f} s / {cold.peak_rss_mb:.0f} MiB, warm "
+                  f"{warm.seconds:.1f} s / {warm.peak_rss_mb:.0f} MiB; pandas {pdr.seconds:.1f} s / "
+                  f"{pdr.peak_rss_mb:.0f} MiB", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

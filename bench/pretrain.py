@@ -1,7 +1,7 @@
 """Pretrain benchmark (never part of CI): our recipe vs open_clip's own trainer, side by side.
 
     .venv/bin/python bench/pretrain.py [--shards DIR] [--model tiny] [--batch 64] [--steps 60] [--workers 2]
-                                       [--precision bf16] [--repeats 1] [--threads N] [--write-results]
+                                       [--precision auto] [--repeats 1] [--threads N] [--write-results]
 
 Both trainers run the same model config, shards, batch size, precision, worker count, LR schedule and seed,
 each in its own child process with the same environment, one after the other (with --repeats, in alternating
@@ -51,6 +51,7 @@ RESULTS = REPO / "bench" / "RESULTS.md"
 SECTION = "## pretrain"
 # Our precision names -> open_clip_train's --precision (autocast in both: weights fp32, matmuls bf16).
 OPEN_CLIP_PRECISION = {"bf16": "amp_bf16", "fp32": "fp32", "fp16": "amp"}
+PRECISION_CHOICES = ("auto", *sorted(OPEN_CLIP_PRECISION))
 
 # The open_clip child: register our model config under its own name, then run open_clip's own entry point.
 # It runs outside the repository (cwd = its work folder) so that nothing of ours is importable there.
@@ -424,7 +425,8 @@ def device_line() -> str:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{os.cpu_count()}-core CPU ({platform.machine()}), {gpu}, torch {torch.__version__}"
+    cap = torch.backends.cpu.get_cpu_capability()
+    return f"{os.cpu_count()}-core CPU ({platform.machine()}, capability {cap}), {gpu}, torch {torch.__version__}"
 
 
 def write_results(text: str) -> None:
@@ -447,7 +449,7 @@ def write_results(text: str) -> None:
 def results_section(args, shards: Path, report: str, params: tuple[int, int], notes: list[str]) -> str:
     today = datetime.date.today().isoformat()
     cmd = (f".venv/bin/python bench/pretrain.py --model {args.model} --batch {args.batch} --steps {args.steps} "
-           f"--workers {args.workers} --precision {args.precision} --repeats {args.repeats}")
+           f"--workers {args.workers} --precision {args.requested_precision} --repeats {args.repeats}")
     out = [SECTION, "",
            f"{today}, {device_line()}. The machine was shared with other engineers running tests at the same "
            "time: wall-clock numbers are noisy, samples per CPU-second much less so.",
@@ -469,7 +471,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--precision", choices=sorted(OPEN_CLIP_PRECISION), default="bf16")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto",
+                   help="auto (default): resolved once by radalign.precision and passed to both trainers")
     p.add_argument("--log-every", type=int, default=10, help="steps per log window (default 10)")
     p.add_argument("--skip", type=int, default=10, help="warm-up steps left out of the median (default 10)")
     p.add_argument("--lr", type=float, default=5e-4)
@@ -506,8 +509,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def resolve_bench_precision(args) -> None:
+    """Resolve `auto` once here, so both trainers get the same concrete precision; record why."""
+    import torch
+
+    from radalign.precision import cpu_capability, resolve_precision
+
+    args.requested_precision = args.precision
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.precision, args.precision_reason = resolve_precision(args.precision, device)
+    args.cpu_capability = cpu_capability()
+    print(f"precision {args.precision} (asked {args.requested_precision}; CPU capability {args.cpu_capability}): "
+          f"{args.precision_reason}", flush=True)
+
+
 def _main(args) -> int:
     from data.loader import split_samples
+
+    resolve_bench_precision(args)
 
     shards = args.shards.resolve() if args.shards else ensure_shards(args.patients, args.workers)
     args.train_samples = split_samples(shards, "train")
@@ -536,7 +555,8 @@ def _main(args) -> int:
 
     summary = summarize(pairs)
     report = "\n".join([
-        f"model {args.model}, batch {args.batch}, {args.steps} steps, {args.workers} workers, {args.precision}; "
+        f"model {args.model}, batch {args.batch}, {args.steps} steps, {args.workers} workers, {args.precision} "
+        f"(asked {args.requested_precision}; torch CPU capability {args.cpu_capability}; {args.precision_reason}); "
         f"log windows of {args.log_every} steps, first {args.skip} steps left out",
         table(HEADERS, [row for o, t in pairs for row in report_rows([o, t])]),
         *verdict_lines(summary), "", LEGEND])

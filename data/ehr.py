@@ -498,28 +498,35 @@ def _admission_frame(con) -> pd.DataFrame:
 
 def latest_values(con, parquet: Path, items: dict[str, int]) -> tuple[pd.DataFrame, dict]:
     """Latest available numeric value per (study, item name): long frame [study_key, name, value, hours,
-    outpatient] and per-name counts of in-window events skipped (not yet resulted at t0; non-numeric)."""
+    outpatient] and per-name counts of in-window events skipped (not yet resulted at t0; non-numeric).
+
+    One streaming pass: the range join feeds a hash aggregate keyed by (study, item) whose `arg_max` keeps the
+    event with the largest (charttime, available time, value); memory grows with studies x items, not with
+    the number of events (no candidate table, no window sort).
+    """
     values = ", ".join(f"({_q(n)}, {int(i)})" for n, i in items.items())
     ids = ", ".join(str(int(i)) for i in items.values())
     _do(con, f"CREATE OR REPLACE TEMP TABLE items AS SELECT * FROM (VALUES {values}) t(name, itemid)")
-    _do(con, f"""CREATE OR REPLACE TEMP TABLE cand AS
-        SELECT s.study_key, i.name, e.charttime, e.valuenum, e.hadm_id,
-               coalesce(e.storetime, e.charttime) AS avail, coalesce(e.storetime, e.charttime) <= s.t0 AS ready,
-               (epoch_us(s.t0) - epoch_us(e.charttime)) / 3600e6 AS hours
-        FROM (SELECT subject_id, hadm_id, itemid, charttime, storetime, valuenum FROM read_parquet({_q(parquet)})
-              WHERE itemid IN ({ids})) e
-        JOIN items i ON e.itemid = i.itemid
-        JOIN s ON e.subject_id = s.subject_id AND e.charttime >= s.t_lo AND e.charttime < s.t0""")
+    ready = "coalesce(e.storetime, e.charttime) <= s.t0"
+    agg = con.execute(f"""
+        SELECT study_key, name, pick.v AS value, (epoch_us(t0) - epoch_us(pick.c)) / 3600e6 AS hours,
+               pick.o AS outpatient, late, nonnum
+        FROM (SELECT s.study_key, i.name, any_value(s.t0) AS t0,
+                     arg_max(struct_pack(v := e.valuenum, c := e.charttime, o := e.hadm_id IS NULL),
+                             struct_pack(c := e.charttime, a := coalesce(e.storetime, e.charttime), v := e.valuenum))
+                         FILTER (WHERE {ready} AND e.valuenum IS NOT NULL) AS pick,
+                     count(*) FILTER (WHERE NOT ({ready})) AS late,
+                     count(*) FILTER (WHERE {ready} AND e.valuenum IS NULL) AS nonnum
+              FROM (SELECT subject_id, hadm_id, itemid, charttime, storetime, valuenum
+                    FROM read_parquet({_q(parquet)}) WHERE itemid IN ({ids})) e
+              JOIN items i ON e.itemid = i.itemid
+              JOIN s ON e.subject_id = s.subject_id AND e.charttime >= s.t_lo AND e.charttime < s.t0
+              GROUP BY s.study_key, i.name)""").df()
     skipped = {n: {"not_yet_resulted": 0, "non_numeric": 0} for n in items}
-    for name, late, nonnum in con.execute("""SELECT name, count(*) FILTER (WHERE NOT ready),
-            count(*) FILTER (WHERE ready AND valuenum IS NULL) FROM cand GROUP BY name""").fetchall():
-        skipped[name] = {"not_yet_resulted": int(late), "non_numeric": int(nonnum)}
-    best = con.execute("""SELECT study_key, name, valuenum AS value, hours, hadm_id IS NULL AS outpatient
-        FROM cand WHERE ready AND valuenum IS NOT NULL
-        QUALIFY row_number() OVER (PARTITION BY study_key, name
-                                   ORDER BY charttime DESC, avail DESC, valuenum DESC) = 1""").df()
-    _do(con, "DROP TABLE cand")
-    return best, skipped
+    for name, part in agg.groupby("name"):
+        skipped[name] = {"not_yet_resulted": int(part["late"].sum()), "non_numeric": int(part["nonnum"].sum())}
+    best = agg[agg["value"].notna()][["study_key", "name", "value", "hours", "outpatient"]]
+    return best.reset_index(drop=True), skipped
 
 
 def _table_counts(con, parquet: Path, items: dict[str, int]) -> dict:

@@ -9,7 +9,8 @@
 
 Images are decoded, transformed and (optionally) thumbnailed in the DataLoader workers: the transform is
 composed with the thumbnail maker (`WithThumbnail`), so a worker returns the model input and the JPEG bytes
-together and the main process only runs the encoder.
+together (packed in one tensor, through the public `make_eval_loader`) and the main process only runs the
+encoder.
 
 Nothing is dropped uncounted: the samples read are checked against the manifest's per-shard counts (this
 reader's share of them). Sample-level failures come from the loader (`loader.lost` when it provides per-reason
@@ -88,78 +89,39 @@ def thumbnail_bytes(image, size: int, quality: int = 80) -> bytes:
 
 
 class WithThumbnail:
-    """transform composed with the thumbnail maker: PIL image -> (tensor [C, H, W], JPEG bytes).
+    """transform composed with the thumbnail maker, run in the loader workers: PIL image -> one packed float
+    tensor [5 + C*H*W + cap] holding the model input and the thumbnail's JPEG bytes (`unpack` splits a batch).
 
-    Picklable (a plain object), so it runs in the DataLoader workers like the transform itself.
+    Why packed: the loaders stack what the transform returns into one batch tensor, so the worker's second
+    output rides in the same tensor (a header with the input's shape and the JPEG's length, then the input,
+    then the bytes as exact small floats, zero-padded to a fixed capacity). Picklable (a plain object).
     """
 
     def __init__(self, transform: Callable, size: int):
         self.transform, self.size = transform, int(size)
+        self.cap = 2 * self.size * self.size + 4096  # a grayscale JPEG of size x size px never needs more
 
-    def __call__(self, image):
-        return self.transform(image), thumbnail_bytes(image, self.size)
+    def __call__(self, image) -> torch.Tensor:
+        x = self.transform(image)  # [C, H, W]
+        if x.dim() != 3:
+            raise ValueError(f"transform returned a {tuple(x.shape)} tensor; expected [C, H, W]")
+        jpeg = thumbnail_bytes(image, self.size)
+        if len(jpeg) > self.cap:  # pragma: no cover - cannot happen at quality 80
+            jpeg = thumbnail_bytes(image, self.size, quality=30)[: self.cap]
+        data = torch.zeros(self.cap)
+        data[: len(jpeg)] = torch.frombuffer(bytearray(jpeg), dtype=torch.uint8).float()
+        head = torch.tensor([x.dim(), *x.shape, len(jpeg)], dtype=torch.float32)
+        return torch.cat([head, x.float().flatten(), data])
 
-
-def _loader_collate():
-    """The eval loader's collate, split into (tensor, thumbnail) when the transform returns both."""
-    from data import loader as dl
-
-    class _ThumbCollate(dl._Collate):
-        def __call__(self, samples: list[dict]) -> dict:
-            thumbs = None
-            if samples and isinstance(samples[0]["image"], tuple):
-                thumbs = [s["image"][1] for s in samples]
-                samples = [{**s, "image": s["image"][0]} for s in samples]
-            batch = super().__call__(samples)
-            if thumbs is not None:
-                batch["thumbnail"] = thumbs
-            return batch
-
-    return _ThumbCollate
-
-
-def _loader_internals():
-    """data.loader, if it still has the stages `_make_loader` rebuilds the eval pipeline from (else None)."""
-    from data import loader as dl
-
-    needed = ("_EvalSamples", "_Decode", "_Collate", "_Finish", "_SkipLog", "_webloader", "_check_shards",
-              "_check_batch_and_workers", "_eval_num_batches", "manifest_counts", "SharedEpoch", "Loader",
-              "dist_info")
-    return dl if all(hasattr(dl, n) for n in needed) else None
-
-
-def _make_loader(shards: list[str], transform: Callable, *, batch_size: int, num_workers: int, rank: int,
-                 world_size: int):
-    """`data.loader.make_eval_loader`, with a collate that passes the workers' thumbnails through.
-
-    The eval pipeline is rebuilt from the loader's own stages (same order, same skip accounting)."""
-    import webdataset as wds
-
-    dl = _loader_internals()
-    urls = dl._check_shards(shards)
-    dl._check_batch_and_workers(batch_size, num_workers)
-    rank, world_size = dl.dist_info(rank, world_size)
-    skiplog = dl._SkipLog()
-    pipeline = wds.DataPipeline(
-        dl._EvalSamples(urls, rank=rank, world_size=world_size, skiplog=skiplog),
-        wds.map(dl._Decode(transform, skiplog, train=False)),
-        wds.batched(batch_size, collation_fn=_loader_collate()(skiplog, None, train=False), partial=True),
-        dl._Finish(skiplog, batch_size, drop_last=False),
-    )
-    workers = max(1, num_workers)
-    counts = dl.manifest_counts(urls)
-    num_batches = dl._eval_num_batches(urls, counts, batch_size, rank, world_size, workers) if counts else None
-    return dl.Loader(dl._webloader(pipeline, num_workers, False), epoch=dl.SharedEpoch(0),
-                     num_batches=num_batches, batch_size=batch_size, readers=world_size * workers, cap=False)
-
-
-def _tensor_thumbnail(x: torch.Tensor, size: int) -> bytes:
-    """Fallback thumbnail from a model input [C, H, W] (min-max scaled first channel), main process."""
-    from PIL import Image
-
-    px = x[0].float().cpu()
-    px = (px - px.min()) / (px.max() - px.min()).clamp_min(1e-8)  # [H, W] in 0..1
-    return thumbnail_bytes(Image.fromarray((px.numpy() * 255).round().astype(np.uint8), mode="L"), size)
+    @staticmethod
+    def unpack(batch: torch.Tensor) -> tuple[torch.Tensor, list[bytes]]:
+        """[B, 5 + C*H*W + cap] -> (images [B, C, H, W], JPEG bytes per row)."""
+        c, h, w = (int(v) for v in batch[0, 1:4])
+        n = c * h * w
+        images = batch[:, 5:5 + n].reshape(-1, c, h, w)  # [B, C, H, W]
+        lengths = batch[:, 4].long().tolist()
+        raw = batch[:, 5 + n:].to(torch.uint8)  # [B, cap]
+        return images, [bytes(raw[i, :m].numpy()) for i, m in enumerate(lengths)]
 
 
 def expected_samples(shards: list[str], rank: int = 0, world_size: int = 1, num_workers: int = 0) -> int | None:
@@ -211,20 +173,16 @@ def embed_split(encode_images: Callable[[torch.Tensor], torch.Tensor], shards_ro
 
     rank, world_size = _rank_world(rank, world_size)
     shards = shard_paths(shards_root, split)
-    in_workers = bool(thumbnail_size) and _loader_internals() is not None
-    if in_workers:
-        loader = _make_loader(shards, WithThumbnail(transform, thumbnail_size), batch_size=batch_size,
-                              num_workers=num_workers, rank=rank, world_size=world_size)
-    else:
-        if thumbnail_size:
-            log.info("thumbnails are made in the main process (the loader has no thumbnail pass-through)")
-        loader = make_eval_loader(shards, batch_size=batch_size, transform=transform, num_workers=num_workers,
-                                  rank=rank, world_size=world_size)
+    tf = WithThumbnail(transform, thumbnail_size) if thumbnail_size else transform
+    loader = make_eval_loader(shards, batch_size=batch_size, transform=tf, num_workers=num_workers, rank=rank,
+                              world_size=world_size)
     chunks, keys, meta, texts, thumbs = [], [], [], [], []
     capped = False
     bar = tqdm(loader, total=loader.num_batches, desc=f"embed {split}", unit="batch", disable=not progress)
     for batch in bar:
-        images, n = batch["image"], len(batch["key"])  # images: [B, C, H, W]
+        images, n = batch["image"], len(batch["key"])  # images: [B, C, H, W] (packed with thumbnails)
+        if thumbnail_size:
+            images, jpegs = WithThumbnail.unpack(images)
         if max_samples is not None and len(keys) + n > max_samples:
             n, capped = max(0, max_samples - len(keys)), True
         if n:
@@ -232,10 +190,8 @@ def embed_split(encode_images: Callable[[torch.Tensor], torch.Tensor], shards_ro
             keys += list(batch["key"][:n])
             meta += list(batch["meta"][:n])
             texts += list(batch["text"][:n])
-            if in_workers:
-                thumbs += list(batch["thumbnail"][:n])
-            elif thumbnail_size:
-                thumbs += [_tensor_thumbnail(x, thumbnail_size) for x in images[:n]]
+            if thumbnail_size:
+                thumbs += jpegs[:n]
         if capped:
             break
     bar.close()

@@ -9,13 +9,18 @@ Schema: docs/architecture.md §1. How it works:
 2. Write (a process pool over shards; each worker writes whole shards): read report, parse sections, pick
    the training text, decode + grey + resize the image, write `jpg`/`txt`/`json` into the tar. Missing or
    unreadable images, missing reports and empty texts are skipped and reported back by id.
-3. Record: after every finished shard the main process saves `OUT/prepare-state.json` (atomically); at the
-   end it writes `OUT/skipped.csv` (reason, id of every skipped item) and `OUT/manifest.json`.
+3. Record: a worker that finished a shard records it beside the tar (`.shard-NNNNNN.tar.done.json`,
+   atomically); the main process folds each result into `OUT/prepare-state.json` (atomically) and drops the
+   record, so a finished shard survives any interruption (Ctrl-C with several workers included: the next
+   run folds in the records the main process never saw). At the end it writes `OUT/skipped.csv` (reason,
+   id of every skipped item) and `OUT/manifest.json`.
 
-Resume: a shard is reused when its tar exists with the recorded size and the plan assigns it the same keys
-(`keys_sha256`); anything else is rewritten. Shards are written to a temporary file and renamed, so a tar
-that exists is complete. Re-running after an interruption gives the same manifest and the same bytes.
-Memory: the plan is a compact DataFrame; a worker holds one image at a time.
+Resume: a shard is reused when the plan assigns it the same keys (`keys_sha256`) and its tar has the
+recorded size and sha256; anything else is rewritten. Shards are written to a temporary file and renamed,
+so a tar that exists is complete. Re-running after an interruption gives the same manifest and the same
+bytes. The whole run holds `radalign.lock.output_lock(OUT)`: one writer per folder.
+Memory: the plan is a compact DataFrame; a worker holds one image at a time (`data.images`: pixel limit,
+reduced JPEG decode, block-wise 16-bit rescale).
 
 Heavy imports (pandas, PIL, webdataset) happen inside the functions so that `PrepareConfig` is cheap to
 import (the CLI reads its field docs to build `--help`).

@@ -291,7 +291,7 @@ def _admission(e: _Encounter, demo: dict) -> tuple[list[datetime], int, str, dat
     # Labs: ED draw before admission (no hadm_id yet) or admission bloods, then daily, some follow-up after.
     if rng.random() < (0.6 if fewer else 0.9):
         if via_ed:
-            draw = _draws(e, t - timedelta(hours=float(rng.uniform(0.05, 3))), None, "STAT")
+            draw = _draws(e, t - timedelta(hours=float(rng.uniform(0.3, 4))), None, "STAT")
             _plant_result_time(rng, draw, t, e.first)
         else:
             draw = _draws(e, admit + timedelta(minutes=float(rng.uniform(5, 40))), hadm, "STAT")

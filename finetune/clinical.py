@@ -7,6 +7,9 @@ validation-chosen thresholds, subgroups and missingness patterns, graceful degra
     deg = degradation_table(y, patient_ids, {"with_dropout": {...}, "without_dropout": {...}})
     write_report(path, binary=res, calibration=cal, subgroups=sub, degradation=deg)
 
+    res = evaluate_predictions(test_df, val_df, groups=ehr_with_group_columns)   # predictions.csv layout
+    write_evaluation(out_dir, res)         # metrics.json, report.md, reliability.png, subgroups.png (locked)
+
 Every model-agnostic piece takes arrays (one row per study; `y` 1/0 with NaN for an unknown label, which is
 left out of every metric and counted), so the CLI and the tests feed it the same way.
 
@@ -112,6 +115,10 @@ def choose_operating_point(y_val, score_val, rule: str = "youden", target: float
 
     rule: "youden" | "sensitivity" | "specificity" (the last two need `target`, e.g. 0.9).
     """
+    if rule not in RULES:
+        raise RadalignError(f"threshold rule {rule!r}: use one of {', '.join(RULES)}")
+    if rule != "youden" and (target is None or not 0 < target <= 1):
+        raise RadalignError(f"threshold rule {rule!r} needs a target in (0, 1], e.g. 0.9 (got {target})")
     y_val = np.asarray(y_val, dtype=np.float64)
     thr = M.choose_threshold(y_val, score_val, rule=rule, target=target)
     n = int((~np.isnan(y_val)).sum())

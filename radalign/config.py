@@ -134,8 +134,8 @@ def format_help(cls: type) -> str:
 # Loading and validation.
 
 
-def _check_keys(cls: type, data: Any, prefix: str, problems: list[str]) -> None:
-    """Unknown keys (with the closest valid name) at every nesting level."""
+def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=lambda key: "") -> None:
+    """Unknown keys (with the closest valid name) at every nesting level; `where(key)` names the source."""
     if not isinstance(data, (dict, DictConfig)):
         return
     hints = typing.get_type_hints(cls)
@@ -145,11 +145,11 @@ def _check_keys(cls: type, data: Any, prefix: str, problems: list[str]) -> None:
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(names)}"
-            problems.append(f"{full}: unknown key; {fix}")
+            problems.append(f"{full}: unknown key; {fix}{where(full)}")
             continue
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub):
-            _check_keys(sub, data[key], full + ".", problems)
+            _check_keys(sub, data[key], full + ".", problems, where)
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -182,50 +182,71 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise ConfigError([f"{overrides}: {e}"], source="command line") from None
 
 
+@dataclasses.dataclass
+class _Layer:
+    """One source of values: the YAML file or the command line (with each override's own text)."""
+
+    label: str
+    data: Any
+    texts: dict[str, str] = dataclasses.field(default_factory=dict)  # dotted key -> "key=value" as typed
+
+    def where(self, key: str) -> str:
+        if key in self.texts:
+            return f" (command line: {self.texts[key]})"
+        return f" (in {self.label})"
+
+
+def _layers(source, overrides, stage) -> list[_Layer]:
+    layers: list[_Layer] = []
+    if isinstance(source, dict):
+        layers.append(_Layer("the config dict", OmegaConf.create(source)))
+    elif source is not None:
+        path = resolve_config_path(source, stage)
+        try:
+            layers.append(_Layer(str(path), OmegaConf.load(path) or OmegaConf.create({})))
+        except Exception as e:  # YAML syntax errors carry line numbers; pass them on
+            raise ConfigError([f"{path}: cannot parse YAML: {e}"], source=str(path)) from None
+    if overrides:
+        texts = {o.split("=", 1)[0].strip().lstrip("+~"): o for o in overrides}
+        layers.append(_Layer("command line", parse_overrides(list(overrides)), texts))
+    return layers
+
+
 def load_config(cls: type[T], source: str | os.PathLike | dict | None = None,
                 overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> T:
     """Build `cls` from a YAML file/name (or dict), then `key=value` overrides; validate everything.
 
-    Raises one ConfigError listing every problem (unknown keys, wrong types, failed `validate()`).
+    Raises one ConfigError listing every problem at once: unknown keys, wrong types, missing values and failed
+    `validate()` rules. Each unknown key or bad value names its source: the YAML file, or the override as typed
+    on the command line.
     """
-    label = "config"
-    layers: list[Any] = []
-    if isinstance(source, dict):
-        layers.append(OmegaConf.create(source))
-    elif source is not None:
-        path = resolve_config_path(source, stage)
-        label = str(path)
-        try:
-            layers.append(OmegaConf.load(path) or OmegaConf.create({}))
-        except Exception as e:  # YAML syntax errors carry line numbers; pass them on
-            raise ConfigError([f"{path}: cannot parse YAML: {e}"], source=label) from None
-    if overrides:
-        layers.append(parse_overrides(list(overrides)))
-
+    layers = _layers(source, overrides, stage)
+    label = " + ".join(layer.label for layer in layers) or "config"
     problems: list[str] = []
     for layer in layers:
-        _check_keys(cls, layer, "", problems)
-    if problems:
-        raise ConfigError(problems, source=label)
+        _check_keys(cls, layer.data, "", problems, layer.where)
 
+    unknown = {p.split(":", 1)[0] for p in problems}
     merged = OmegaConf.structured(cls)
+    bad: set[str] = set()
     for layer in layers:
-        for key, value in _flatten(layer):
+        for key, value in _flatten(layer.data):
             try:
                 OmegaConf.update(merged, key, value, merge=True)
             except OmegaConfBaseException as e:
+                if any(key == u or key.startswith(u + ".") for u in unknown):
+                    continue  # reported above as an unknown key
                 msg = str(e).splitlines()[0]
-                problems.append(f"{key}: {value!r} is not a valid {_type_name(cls, key)} ({msg})")
-    if problems:
-        raise ConfigError(problems, source=label)
+                bad.add(key)
+                problems.append(f"{key}: {value!r} is not a valid {_type_name(cls, key)} ({msg}){layer.where(key)}")
 
     missing = sorted(OmegaConf.missing_keys(merged))
-    problems += [f"{k}: required; set it in the YAML or as {k}=..." for k in missing]
-    if problems:
+    problems += [f"{k}: required; set it in the YAML or as {k}=..." for k in missing if k not in bad]
+    if missing:
         raise ConfigError(problems, source=label)
-
     cfg = OmegaConf.to_object(merged)
-    problems += _validate_tree(cfg)
+    # cross-field rules on the values that did load (a key with a bad value keeps its default: skip its rules)
+    problems += [p for p in _validate_tree(cfg) if p.split(":", 1)[0] not in bad]
     if problems:
         raise ConfigError(problems, source=label)
     return cfg  # type: ignore[return-value]

@@ -36,7 +36,7 @@ def test_data_imports_no_stage(path):
     assert not bad, f"{path.name} imports {bad}"
 
 
-@pytest.mark.parametrize("name", ["models.py", "loss.py", "export.py"])
+@pytest.mark.parametrize("name", ["models.py", "loss.py", "export.py", "validation.py"])
 def test_model_and_loss_modules_know_nothing_of_distribution(name):
     path = REPO / "pretrain" / name
     if not path.exists():
@@ -59,3 +59,34 @@ def test_no_library_module_imports_a_cli():
                 continue
             bad = {n for n in _imports(path) if n.endswith(".cli") or n == "radalign.cli"}
             assert not bad, f"{path} imports {bad}"
+
+
+@pytest.mark.parametrize("path", [p for p in _modules("radalign") if p.name != "cli.py"], ids=lambda p: p.name)
+def test_radalign_core_imports_no_stage(path):
+    """Only radalign/cli.py dispatches to stages; the shared core (training, metrics, precision...) never does."""
+    bad = {n for n in _imports(path) if _top(n) in STAGES}
+    assert not bad, f"{path.name} imports {bad}"
+
+
+@pytest.mark.parametrize("name", ["metrics.py", "precision.py", "config.py", "io.py", "lock.py", "log.py"])
+def test_core_modules_other_than_training_know_nothing_of_distribution(name):
+    path = REPO / "radalign" / name
+    if not path.exists():
+        pytest.skip(f"{name} not present")
+    bad = {n for n in _imports(path) if _top(n) in ("accelerate", "deepspeed")}
+    assert not bad, f"radalign/{name} imports {bad}; distribution lives in radalign/training.py and recipes"
+
+
+def test_finetune_models_never_import_distribution():
+    for path in _modules("finetune"):
+        if path.name in ("recipe.py", "cli.py", "__main__.py"):
+            continue
+        bad = {n for n in _imports(path) if _top(n) in ("accelerate", "deepspeed")}
+        assert not bad, f"{path} imports {bad}"
+
+
+def test_pretrain_validation_does_not_touch_the_accelerator():
+    src = (REPO / "pretrain" / "validation.py").read_text()
+    assert "accelerator" not in src.lower() or "radalign.training" in src
+    bad = {n for n in _imports(REPO / "pretrain" / "validation.py") if _top(n) in ("accelerate", "deepspeed")}
+    assert not bad

@@ -157,6 +157,10 @@ def test_evaluate_binary_bad_input():
     bad[0] = np.nan
     with pytest.raises(RadalignError, match="1 NaN or infinite"):
         C.evaluate_binary(y, bad, pid, n_boot=5)
+    with pytest.raises(RadalignError, match="rule 'f1': use one of youden, sensitivity, specificity"):
+        C.choose_operating_point(y, s, rule="f1")
+    with pytest.raises(RadalignError, match="needs a target"):
+        C.choose_operating_point(y, s, rule="sensitivity")
     with pytest.raises(RadalignError, match="patient ids for"):
         C.evaluate_binary(y, s, pid[:-1], n_boot=5)
     yn = y.copy()

@@ -53,8 +53,9 @@ def test_accelerate_yaml_points_at_existing_files(path):
 
 
 def test_every_yaml_is_covered_by_a_validating_test():
-    """A new YAML folder must come with a validator here (zeroshot prompt sets are validated in their tests)."""
-    covered = {"pretrain", "deepspeed", "accelerate", "zeroshot", "models", "retrieval", "data"}
+    """A new YAML folder must come with a validator here (zeroshot prompt sets, ehr and finetune configs are
+    validated in their own stage tests: tests/test_zeroshot*.py, tests/test_ehr.py, tests/test_finetune*.py)."""
+    covered = {"pretrain", "deepspeed", "accelerate", "zeroshot", "models", "retrieval", "data", "ehr", "finetune"}
     folders = {Path(n).parts[0] for n in available_configs() if len(Path(n).parts) > 1}
     assert folders <= covered, folders - covered
 
@@ -98,6 +99,38 @@ def test_type_errors_and_cross_field_rules_are_listed():
     assert any(p.startswith("loss.kind:") for p in problems)
     assert any(p.startswith("optim.warmup_steps:") for p in problems)
     assert any(p.startswith("global_batch_size:") for p in problems)
+
+
+def test_unknown_keys_and_type_errors_come_in_one_error():
+    """Issue 9: unknown keys used to hide type errors until they were fixed."""
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, "pretrain/tiny", ["stpes=3", "batch_size=half", "optim.lrr=1", "nope.x=1"])
+    problems = e.value.problems
+    assert len(problems) == 4, problems
+    assert problems[0].startswith("stpes: unknown key; did you mean 'steps'?")
+    assert any(p.startswith("batch_size: 'half' is not a valid int") for p in problems)
+    assert any(p.startswith("optim.lrr: unknown key") for p in problems)
+    assert any(p.startswith("nope: unknown key") for p in problems)  # its child is not a second problem
+
+
+def test_bad_override_is_blamed_on_the_command_line_not_the_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 200\nbatch_size: lots\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(PretrainConfig, path, ["optim.lr=fast", "log_every=5"])
+    problems = e.value.problems
+    lr = next(p for p in problems if p.startswith("optim.lr:"))
+    assert lr.endswith("(command line: optim.lr=fast)"), lr
+    batch = next(p for p in problems if p.startswith("batch_size:"))
+    assert batch.endswith(f"(in {path})"), batch
+    assert len(problems) == 2, problems
+    assert "command line" in str(e.value).splitlines()[0] and str(path) in str(e.value).splitlines()[0]
+
+
+def test_precision_defaults_to_auto_everywhere():
+    assert PretrainConfig().precision == "auto"
+    for path in _files("pretrain", "yaml"):
+        assert load_config(PretrainConfig, path).precision == "auto", path
 
 
 def test_unknown_config_name_suggests_close_names():

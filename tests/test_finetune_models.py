@@ -12,11 +12,24 @@ import pytest
 import torch
 
 from finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix, unimodal
-from finetune.features import (CATEGORICAL, EHRFeaturizer, features_from_columns, label_matrix, text_present,
-                               threshold_label)
+from finetune.features import (
+    CATEGORICAL,
+    EHRFeaturizer,
+    features_from_columns,
+    label_matrix,
+    text_present,
+    threshold_label,
+)
 from finetune.fit import fit_model, predict_logits
-from finetune.models import (EHREncoder, EmbeddingTokens, FusionModel, build_encoders, dropout_rates_from_presence,
-                             ehr_tensors, masked_loss, probabilities)
+from finetune.models import (
+    EHREncoder,
+    EmbeddingTokens,
+    FusionModel,
+    build_encoders,
+    dropout_rates_from_presence,
+    masked_loss,
+    probabilities,
+)
 from radalign import RadalignError
 
 FEATURES = ["creatinine", "lactate"]

@@ -817,3 +817,19 @@ def test_non_utf8_csv_names_the_encoding_to_pass(tmp_path):
     assert [s["txt"] for s in read_shards(tmp_path / "out", m).values()] == ["Cardiomégalie"]
     with pytest.raises(ConfigError, match="encoding: 'klingon' is not a known text encoding"):
         _csv_cfg(tmp_path, table, encoding="klingon")
+
+
+def test_state_of_an_older_version_without_the_new_options_still_resumes(mini_mimic, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    prepare(_mini_cfg(out, mini_mimic), progress=False)
+    state_file = out / "prepare-state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("max_pixels", "allow_outside_root", "encoding"):  # options added by this version
+        del state["options"][key]
+    state_file.write_text(json.dumps(state))
+    calls: list[str] = []
+    _counting(monkeypatch, calls)
+    prepare(_mini_cfg(out, mini_mimic), progress=False)
+    assert calls == []  # absent options read as their defaults: nothing rewritten
+    with pytest.raises(RadalignError, match="max_pixels: 50000000 -> 1000"):
+        prepare(_mini_cfg(out, mini_mimic, max_pixels=1000), progress=False)

@@ -368,3 +368,34 @@ def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):
     w = _weights(run_dir / "checkpoints" / "step-0000006")
     assert w["logit_bias"].item() > -10.0 + 0.02, w["logit_bias"]
     assert w["logit_scale"].exp().item() != pytest.approx(100.0, rel=0.5)  # SigLIP's scale, not CLIP's
+
+
+def test_quick_zero_shot_uses_the_learned_logit_scale():
+    """With a fixed scale of 100 the 2-prompt softmax saturates in float32 and ties every score at 1.0 (AUROC 0.5);
+    the model's learned scale (here 10) keeps the order: positives have the larger margin, AUROC 1."""
+    from pretrain.validation import QUICK_PROMPTS, zero_shot_auroc
+
+    names = list(QUICK_PROMPTS)
+    d = 2 * len(names)
+    text = torch.eye(d)  # prompt c*2 (positive) and c*2+1 (negative) of finding c on their own axes
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor([math.log(10.0)]))
+
+        def forward(self, text):
+            return {"text_features": torch.eye(d)[: text.shape[0]]}
+
+    y = torch.tensor([1, 1, 0, 0])
+    margin = torch.tensor([0.9, 0.8, 0.6, 0.5])  # cos(pos) - cos(neg); all large enough to saturate at 100
+    img = torch.zeros(4, d)
+    img[:, 0::2] = (0.5 + margin / 2)[:, None]
+    img[:, 1::2] = (0.5 - margin / 2)[:, None]
+    emb = {"img": img, "labels": [{n: int(v) for n in names} for v in y]}
+    tok = lambda prompts: torch.zeros(len(prompts), 1, dtype=torch.long)  # noqa: E731
+    learned = zero_shot_auroc(emb, Model(), tok)
+    fixed = zero_shot_auroc(emb, Model(), tok, logit_scale=100.0)
+    assert learned["zeroshot_macro_auroc"] == 1.0
+    assert fixed["zeroshot_macro_auroc"] == 0.5  # every probability is exactly 1.0 in float32
+    assert text.shape == (d, d)

@@ -52,17 +52,18 @@ class FakeEncoders:
         return F.normalize(torch.stack(rows), dim=-1)
 
 
-def _meta(n, studies, subjects, labels=None):
+def _meta(n, studies, subjects, labels=None, texts=None):
     """Metadata columns for n rows (labels: {name: [values]})."""
     cols = {"key": [f"k{i}" for i in range(n)], "dicom_id": [f"d{i}" for i in range(n)],
             "study_id": [str(s) for s in studies], "subject_id": [str(s) for s in subjects],
-            "split": ["train"] * n, "view": ["PA"] * n, "text": [f"report {s}" for s in studies]}
+            "split": ["train"] * n, "view": ["PA"] * n,
+            "text": texts if texts is not None else [f"report {s}" for s in studies]}
     for name, values in (labels or {}).items():
         cols[f"label:{name}"] = [float(v) for v in values]
     return metadata_table(cols)
 
 
-def _write(tmp_path, x, studies=None, subjects=None, labels=None, kind="flat", enc=None, **kw):
+def _write(tmp_path, x, studies=None, subjects=None, labels=None, kind="flat", enc=None, texts=None, **kw):
     n = len(x)
     studies = list(range(n)) if studies is None else studies
     subjects = list(range(n)) if subjects is None else subjects
@@ -73,7 +74,7 @@ def _write(tmp_path, x, studies=None, subjects=None, labels=None, kind="flat", e
                 "dim": x.shape[1], "normalisation": "l2", "metric": "inner_product", "modalities": ["image"],
                 "indexes": {"image": entry}, "data": {"split": "train", "skipped": {}}}
     out = tmp_path / "idx"
-    write_index_dir(out, indexes={"image": index}, vectors={"image": x}, metadata=_meta(n, studies, subjects, labels),
+    write_index_dir(out, indexes={"image": index}, vectors={"image": x}, metadata=_meta(n, studies, subjects, labels, texts),
                     manifest=manifest)
     return out, index
 
@@ -357,3 +358,144 @@ def test_recall_and_positive_pairs():
     assert m["image_to_report"]["candidates"] == 2  # two distinct normalised reports
     assert m["image_to_report"]["R@1"] == 1.0 and m["report_to_image"]["queries"] == 2
     assert not math.isnan(m["report_to_image"]["R@1_chance"])
+
+
+def _brute_mean_ci(values, patients, n_boot, seed, level=0.95):
+    """Independent patient bootstrap of a per-query mean: documented draws (patients in sorted id order,
+    default_rng(seed).integers(0, P, (n_boot, P))), the patients' queries repeated, np.percentile."""
+    values = np.asarray(values, dtype=float)
+    ids = sorted({str(p) for p in patients})
+    rows_of = {p: [i for i, q in enumerate(patients) if str(q) == p] for p in ids}
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    means = [values[[i for j in d for i in rows_of[ids[j]]]].mean() for d in draws]
+    return tuple(np.percentile(means, [100 * (1 - level) / 2, 100 * (1 + level) / 2]))
+
+
+def _precision_index(tmp_path):
+    """Query at e0 of patient "Q". Rows 0-4 walk away from e0 (row 0 is the query's own patient, positive);
+    rows 5-14 are far away. Effusion: rows 0, 2, 4. Every row its own study."""
+    e = np.eye(D, dtype=np.float32)
+    near = [e[0] + 0.1 * i * e[1] for i in range(5)]
+    far = [-e[0] + 0.05 * i * e[2] for i in range(10)]
+    x = ix.normalize(np.stack(near + far))
+    subjects = ["Q"] + [f"p{i}" for i in range(1, 15)]
+    effusion = [1, 0, 1, 0, 1] + [0] * 10
+    out, _ = _write(tmp_path, x, list(range(15)), subjects, {"Pleural Effusion": effusion})
+    return Retriever.load(out, encoders=FakeEncoders()), e[0]
+
+
+def test_label_precision_hand_worked_excludes_own_patient_and_takes_exactly_k(tmp_path):
+    """Excluding patient Q, the neighbours are rows 1 (neg), 2 (pos), 3 (neg), 4 (pos): P@1 0, P@2 1/2, P@3 1/3,
+    P@4 1/2. Keeping Q's own row would give P@1 = 1; taking K+1 neighbours would give P@1 = 1/2."""
+    from retrieval.evaluate import label_precision
+
+    r, q = _precision_index(tmp_path)
+    labels = np.full((1, len(r.store.labels)), np.nan, dtype=np.float32)
+    labels[0, r.store.labels.index("Pleural Effusion")] = 1.0
+    m = label_precision(r, q[None], labels, ["Q"], ks=(1, 2, 3, 4), n_boot=0)
+    assert (m["P@1"], m["P@2"], m["P@3"], m["P@4"]) == pytest.approx((0.0, 0.5, 1 / 3, 0.5))
+    assert m["P@1_chance"] == pytest.approx(3 / 15)  # studies of the case base with effusion
+    assert m["queries"] == 1
+    none = label_precision(r, q[None], np.zeros_like(labels), ["Q"], ks=(1,))
+    assert none["queries"] == 0
+
+
+def test_label_precision_interval_resamples_query_patients(tmp_path):
+    from retrieval.evaluate import label_precision
+
+    r, q = _precision_index(tmp_path)
+    e = np.eye(D, dtype=np.float32)
+    qs = ix.normalize(np.stack([q, q + 0.25 * e[1], q + 0.45 * e[1], -e[0], -e[0] + 0.3 * e[2], q]))
+    labels = np.full((6, len(r.store.labels)), np.nan, dtype=np.float32)
+    labels[:, r.store.labels.index("Pleural Effusion")] = 1.0
+    subjects = ["Q", "A", "A", "B", "C", "C"]
+    m = label_precision(r, qs, labels, subjects, ks=(2,), n_boot=300, seed=3)
+    # per-query P@2 by brute force: neighbours = the 2 nearest rows of other patients
+    x = np.asarray(r.store.vectors["image"])
+    eff = np.array([1, 0, 1, 0, 1] + [0] * 10, bool)
+    subj = r.store.column("subject_id")
+    per = []
+    for qq, s in zip(qs, subjects):
+        order = [i for i in np.argsort(-(x @ qq), kind="stable") if subj[i] != s][:2]
+        per.append(eff[order].mean())
+    assert m["P@2"] == pytest.approx(np.mean(per))
+    assert (m["P@2_ci_low"], m["P@2_ci_high"]) == pytest.approx(_brute_mean_ci(per, subjects, 300, 3), abs=1e-12)
+    assert m["unit"] == "patient" and m["n_patients"] == 4
+
+
+def test_cross_modal_recall_intervals_are_patient_level():
+    rng = np.random.default_rng(0)
+    n = 40
+    img = ix.normalize(rng.standard_normal((n, 8)).astype(np.float32))
+    txt = ix.normalize(img + 0.9 * rng.standard_normal((n, 8)).astype(np.float32))
+    texts = [f"report {i // 2}" for i in range(n)]  # two images per study share a report
+    studies = [f"s{i // 2}" for i in range(n)]
+    subjects = [f"p{i // 4}" for i in range(n)]  # two studies per patient
+    m = cross_modal(img, txt, texts, studies, ks=(1, 5), subjects=subjects, n_boot=200, seed=1)
+    i2r = m["image_to_report"]
+    reports = txt[::2]  # [20, 8] the distinct reports, first image of each study
+    hits = []
+    for i in range(n):  # brute force: rank of the own study's report among the 20
+        sims = reports @ img[i]
+        rank = int((sims > sims[i // 2]).sum())
+        hits.append(rank < 5)
+    assert i2r["R@5"] == pytest.approx(np.mean(hits))
+    assert (i2r["R@5_ci_low"], i2r["R@5_ci_high"]) == pytest.approx(_brute_mean_ci(hits, subjects, 200, 1),
+                                                                    abs=1e-12)
+    assert i2r["unit"] == "patient" and i2r["n_patients"] == 10
+    assert m["report_to_image"]["n_patients"] == 10  # a report belongs to its first image's patient
+
+
+def test_markdown_escapes_report_text(tmp_path):
+    from retrieval.render import to_html, to_markdown
+
+    x = ix.normalize(np.eye(D, dtype=np.float32)[:4] + 0.1)
+    out, _ = _write(tmp_path, x, texts=["<script>alert(1)</script> <img src=x onerror=alert(2)> "
+                                        "[x](javascript:alert(3)) a|b"] * 4)
+    res = Retriever.load(out, encoders=FakeEncoders()).search(vector=x[0], k=2)
+    md, page = to_markdown(res), to_html(res)
+    for text in (md, page):
+        assert "<script" not in text and "<img src=x" not in text
+        assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    assert "\\[x\\](javascript" in md and "a\\|b" in md  # no link, no broken table
+
+@pytest.fixture
+def embed_log():
+    """Messages of the `data.embed` logger (it does not propagate to the root, so caplog misses it)."""
+    import logging
+
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = logging.getLogger("data.embed")
+    h = Keep()
+    logger.addHandler(h)
+    yield got
+    logger.removeHandler(h)
+
+
+def test_long_text_query_warns_with_lengths(tmp_path, embed_log):
+    import torch
+
+    out, _ = _write(tmp_path, ix.normalize(np.eye(D, dtype=np.float32)[:4] + 0.1))
+    enc = FakeEncoders()
+    ctx = 16
+
+    def tokenize(texts):  # one token per word, cut at ctx (as open_clip does), pad 0
+        outt = torch.zeros(len(texts), ctx, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [1 + len(w) for w in t.split()][:ctx]
+            outt[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        return outt
+
+    enc.tokenize = tokenize
+    r = Retriever.load(out, encoders=enc)
+    res = r.search(text="effusion " * 50, k=1)  # 450 characters, 50 words > 16 tokens
+    cut = res.query["text_cut"]
+    assert cut["chars"] == 450 and cut["context_tokens"] == 16
+    assert 15 * 9 <= cut["chars_used"] <= 16 * 9  # about the first 15-16 words
+    assert "450 characters" in "\n".join(embed_log) and "16 tokens" in "\n".join(embed_log)
+    assert "text_cut" not in r.search(text="small effusion", k=1).query

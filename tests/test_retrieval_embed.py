@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -94,16 +95,33 @@ def test_embeddings_equal_an_independent_decode(clean, workers):
         assert np.abs(np.asarray(im, float) - np.asarray(src, float)).mean() < 8
 
 
-def test_thumbnails_come_from_the_loader_pipeline_not_the_main_loop(clean, monkeypatch):
+def test_thumbnails_are_made_by_the_loader_transform_in_the_workers(clean, monkeypatch):
+    """The loader receives the composed transform (so decode, transform and thumbnail run in its workers);
+    the main loop only unpacks."""
     import data.embed as de
+    import data.loader as dl
 
-    def fail(*a, **k):
-        raise AssertionError("thumbnail made in the main process")
+    seen = []
+    real = dl.make_eval_loader
 
-    monkeypatch.setattr(de, "_tensor_thumbnail", fail)
+    def spy(shards, **kw):
+        seen.append(kw["transform"])
+        return real(shards, **kw)
+
+    monkeypatch.setattr(dl, "make_eval_loader", spy)
+    main_pid, real_thumb = os.getpid(), de.thumbnail_bytes
+
+    def only_in_workers(image, size, quality=80):
+        if os.getpid() == main_pid:
+            raise AssertionError("thumbnail made in the main process")
+        return real_thumb(image, size, quality)
+
+    monkeypatch.setattr(de, "thumbnail_bytes", only_in_workers)  # forked workers inherit the patch
     got = embed_split(encode, clean[0], "test", eval_transform(SIZE, channels=3), batch_size=16, num_workers=2,
                       thumbnail_size=12)
+    assert isinstance(seen[0], de.WithThumbnail)
     assert len(got.thumbnails) == len(got.keys) == SHARDS * PER_SHARD
+    assert all(t[:2] == b"\xff\xd8" for t in got.thumbnails)
     assert embed_split(encode, clean[0], "test", eval_transform(SIZE, channels=3)).thumbnails is None
 
 
@@ -137,7 +155,9 @@ def test_damaged_split_reports_every_lost_sample_by_reason(tmp_path):
     lost_shard = (PER_SHARD - survived_first) + PER_SHARD  # the cut shard's rest + the whole noise shard
     # a partial member at the cut may surface as one missing_member sample; either way all are counted
     assert got.lost["bad_image"] == 3
-    assert got.lost.get("bad_shard", 0) + got.lost.get("missing_member", 0) == lost_shard
+    shard_reasons = ("bad_shard", "truncated_shard", "unreadable_shard", "missing_member")
+    assert sum(got.lost.get(r, 0) for r in shard_reasons) == lost_shard
+    assert "unaccounted" not in got.lost
     assert got.lost_total == len(samples) - len(got.keys)
     assert "lost" in got.summary() and str(len(samples)) in got.summary()
 

@@ -215,7 +215,10 @@ def test_mimic_iv_tables_and_dates_are_consistent(run):
         lo, hi = spans[row.hadm_id]
         assert lo <= row.charttime <= hi, (lo, row.charttime, hi)
     anchor = dict(zip(pats["subject_id"], pats["anchor_year"]))
-    assert all(0 <= t.year - anchor[s] <= 12 for s, ts in study_times.items() for t in ts)
+    absent = set(study_times) - set(anchor)
+    assert len(absent) == summary["subjects_absent_from_patients"] == 1          # 1% of 30, at least one
+    assert not absent & set(adm["subject_id"])                                   # and from admissions
+    assert all(0 <= t.year - anchor[s] <= 12 for s, ts in study_times.items() if s in anchor for t in ts)
 
 
 def test_ground_truth_matches_images_and_labels(run):
@@ -295,3 +298,110 @@ def test_cardiomegaly_widens_the_heart_and_difficulty_makes_it_subtler():
 
     easy, hard = heart_gain(0.0), heart_gain(1.0)
     assert easy > hard > 3, (easy, hard)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Linkage cases (issue 10), ICU tables, and the truth-level table (issue 11)
+
+
+def _t0(meta: pd.DataFrame) -> dict[int, datetime]:
+    out = {}
+    for row in meta.drop_duplicates("study_id").itertuples():
+        v = float(row.StudyTime)
+        secs = int(v // 10000) * 3600 + int(v // 100 % 100) * 60 + (v % 100)
+        out[row.study_id] = datetime.strptime(str(row.StudyDate), "%Y%m%d") + timedelta(seconds=round(secs, 3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ehr_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth_ehr")
+    summary = synthesize(out, patients=300, seed=3, image_size=32, progress=False, images=False)
+    return out, summary
+
+
+def test_linkage_cases_are_planted_as_documented(ehr_run):
+    """Each planted case holds by hand-checkable times: ED film between edregtime and admittime, results
+    stored one minute after/before the film, draws one minute inside/outside 24 h, outpatient draws."""
+    out, summary = ehr_run
+    assert summary["images"] == 0 and not (out / "mimic-cxr-jpg/files").exists()
+    cases = pd.read_csv(out / "linkage_cases.csv.gz", dtype={"hadm_id": "Int64", "labevent_id": "Int64"})
+    counts = cases["case"].value_counts()
+    for case in ("ed_film_before_admittime", "resulted_after_film", "resulted_before_film", "window_inside",
+                 "window_outside", "outpatient_draw", "subject_absent_from_patients"):
+        assert counts.get(case, 0) >= 3, (case, dict(counts))
+    t0 = _t0(_csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz"))
+    labs = _csv(out / "mimic-iv/hosp/labevents.csv.gz").set_index("labevent_id")
+    adm = _csv(out / "mimic-iv/hosp/admissions.csv.gz").set_index("hadm_id")
+    parse = lambda v: datetime.strptime(v, "%Y-%m-%d %H:%M:%S")  # noqa: E731
+    for row in cases[cases["case"] == "ed_film_before_admittime"].itertuples():
+        a = adm.loc[row.hadm_id]
+        assert parse(a.edregtime) < t0[row.study_id] < parse(a.admittime)
+    day = timedelta(hours=24)
+    for row in cases[cases["labevent_id"].notna()].itertuples():
+        lab, t = labs.loc[row.labevent_id], t0[row.study_id]
+        chart = parse(lab.charttime)
+        stored = parse(lab.storetime) if isinstance(lab.storetime, str) else chart
+        assert pd.isna(lab.hadm_id) or row.case not in ("window_inside", "window_outside", "outpatient_draw")
+        if row.case == "resulted_after_film":
+            assert chart < t < stored <= t + timedelta(minutes=1) and row.eligible == 0
+        elif row.case == "resulted_before_film":
+            assert chart < stored < t and row.eligible == 1
+        elif row.case == "window_inside":
+            assert t - day <= chart < t - day + timedelta(minutes=1) and row.eligible == 1
+        elif row.case == "window_outside":
+            assert t - day - timedelta(minutes=2) < chart < t - day and row.eligible == 0
+        # The generator's eligibility flag agrees with the rule applied by hand.
+        assert row.eligible == int(stored <= t and t - day <= chart < t), row
+    hosp = out / "mimic-iv/hosp"
+    absent = set(cases.loc[cases["case"] == "subject_absent_from_patients", "subject_id"])
+    assert absent & set(labs["subject_id"]) and not absent & set(_csv(hosp / "patients.csv.gz")["subject_id"])
+    assert summary["non_numeric_lab_values"] == int(_csv(hosp / "labevents.csv.gz")["valuenum"].isna().sum()) > 0
+
+
+def test_icu_tables_follow_the_real_layout(ehr_run):
+    out, summary = ehr_run
+    icu = out / "mimic-iv/icu"
+    from data.synth_ehr import CHARTEVENT_COLUMNS, D_ITEMS_COLUMNS, ICUSTAY_COLUMNS
+    assert _raw_header(icu / "icustays.csv.gz") == ICUSTAY_COLUMNS == [
+        "subject_id", "hadm_id", "stay_id", "first_careunit", "last_careunit", "intime", "outtime", "los"]
+    assert _raw_header(icu / "d_items.csv.gz") == D_ITEMS_COLUMNS
+    assert _raw_header(icu / "chartevents.csv.gz") == CHARTEVENT_COLUMNS
+    items = pd.read_csv(icu / "d_items.csv.gz")
+    assert dict(zip(items["itemid"], items["abbreviation"])) == {
+        220045: "HR", 220210: "RR", 220277: "SpO2", 223761: "Temperature F", 220179: "NBPs", 220180: "NBPd"}
+    stays = pd.read_csv(icu / "icustays.csv.gz")
+    adm = _csv(out / "mimic-iv/hosp/admissions.csv.gz").set_index("hadm_id")
+    assert len(stays) == summary["icu_stays"] > 0 and stays["stay_id"].astype(str).str.fullmatch(r"3\d{7}").all()
+    for st in stays.itertuples():
+        a = adm.loc[st.hadm_id]
+        assert a.admittime <= st.intime < st.outtime <= a.dischtime and a.subject_id == st.subject_id
+        hours = (datetime.fromisoformat(st.outtime) - datetime.fromisoformat(st.intime)).total_seconds() / 86400
+        assert abs(st.los - hours) < 1e-6
+    ce = pd.read_csv(icu / "chartevents.csv.gz")
+    assert len(ce) == summary["chartevents_rows"]
+    assert ce["charttime"].str.fullmatch(r"21\d\d-\d\d-\d\d \d\d:\d\d:\d\d").all()
+    span = stays.set_index("stay_id")
+    assert (ce["charttime"].to_numpy() >= span.loc[ce["stay_id"], "intime"].to_numpy()).all()
+    assert (ce["charttime"].to_numpy() < span.loc[ce["stay_id"], "outtime"].to_numpy()).all()
+    assert (ce["storetime"] > ce["charttime"]).all()
+    spo2 = ce[ce["itemid"] == 220277]["valuenum"]
+    assert spo2.between(70, 100).all() and set(ce[ce["itemid"] == 223761]["valueuom"]) == {"\u00b0F"}
+
+
+def test_truth_table_orders_both_above_each_modality(tmp_path):
+    """On 2,500 patients (no pixels): findings + labs beat findings alone and labs alone by a margin, for
+    both outcomes; scored on validate+test together to have enough events. The reference is sklearn."""
+    from data.synth_ehr import linked_studies, truth_table
+
+    synthesize(tmp_path, patients=2500, seed=11, image_size=32, progress=False, images=False)
+    table = truth_table(tmp_path, split="validate")
+    linked = linked_studies(tmp_path)
+    adm = linked[linked["in_hospital_mortality"].notna()]
+    assert 0.06 <= adm["in_hospital_mortality"].mean() <= 0.14
+    assert 0.06 <= linked["mortality_30d"].mean() <= 0.13
+    assert 3.5 <= linked.drop_duplicates("hadm_id")["los_days"].dropna().median() <= 6.5
+    for row in table.rows:
+        assert row["events_test"] >= 25, row
+        assert row["both"] > row["findings"] + 0.02 and row["both"] > row["labs"] + 0.02, row
+    assert "| in_hospital_mortality |" in table.markdown()

@@ -502,3 +502,99 @@ def test_evaluating_1000_images_takes_seconds():
     res = evaluate([Checkpoint("f", FakeEncoders())], [emb], ps, ZeroshotConfig(bootstrap=1000))
     assert time.perf_counter() - t0 < 10.0
     assert res.metrics["macro_all"]["auroc"] == pytest.approx(0.5, abs=0.06)  # random embeddings: chance
+
+
+def test_csv_reader_rescales_a_12_bit_png_instead_of_clipping_it_white(tmp_path):
+    """A 12-bit radiograph (0..4095 in a 16-bit PNG): convert("L") before the transform clipped it ~94% white.
+    The reader goes through data.images, so the pixels equal an independent min..max rescale."""
+    from PIL import Image
+
+    from zeroshot.inputs import _CsvImages
+
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 4096, (32, 40)).astype(np.uint16)
+    arr[0, 0], arr[0, 1] = 0, 4095
+    Image.fromarray(arr).save(tmp_path / "x.png")  # mode I;16
+    ds = _CsvImages([tmp_path / "x.png"], lambda im: torch.from_numpy(np.asarray(im, dtype=np.float32)))
+    _, x, reason = ds[0]
+    assert reason is None
+    want = np.rint(arr.astype(np.float64) / 4095 * 255)
+    assert np.abs(x.numpy() - want).max() <= 1
+    assert (x.numpy() >= 254).mean() < 0.05  # not white
+    too_big = _CsvImages([tmp_path / "x.png"], lambda im: im, max_pixels=100)
+    assert too_big[0][2] == "oversized_image"
+
+
+def test_csv_patients_from_column_or_chexpert_path():
+    from zeroshot.inputs import csv_patients
+
+    df = pd.DataFrame({"Path": ["train/patient00001/study1/view1_frontal.jpg",
+                                "train/patient00001/study2/view1_frontal.jpg", "train/patient00002/s/v.jpg"]})
+    assert csv_patients(df, "Path") == (["patient00001", "patient00001", "patient00002"],
+                                        "patientNNN in the image path")
+    df["subject_id"] = [7, 8, 8]
+    assert csv_patients(df, "Path")[0] == ["7", "8", "8"]
+    assert csv_patients(pd.DataFrame({"Path": ["a.png", "b.png"]}), "Path") == (None, "")
+
+
+def test_zeroshot_locks_its_out_folder(tmp_path):
+    import fcntl
+    import os
+
+    from radalign.lock import lock_file
+
+    csv = _write_csv_set(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    fd = os.open(lock_file(out), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another writer holds it
+    try:
+        with pytest.raises(RadalignError, match="in use by another process"):
+            run_zeroshot(ZeroshotConfig(checkpoints=["f"], data=str(csv), out=str(out), bootstrap=5),
+                         checkpoints=[Checkpoint("f", _bright_encoder())])
+    finally:
+        os.close(fd)
+    assert not list(out.iterdir())  # nothing written
+
+
+def test_markdown_report_escapes_text_and_states_the_unit():
+    from zeroshot.report import markdown
+
+    m = {"prompt_set": "<b>x</b>", "mode": "binary", "data": {"source": "a|b", "n_images": 4, "n_scored": 4,
+                                                               "skipped": {}},
+         "checkpoints": [{"checksum": "c" * 64}], "label_policy": {"uncertain": "exclude", "blank": "exclude"},
+         "classes": {"<script>": {"auroc": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n_pos": 2, "n_neg": 2,
+                                  "n_excluded": 0}},
+         "macro": {"auroc": 0.5, "ci_low": 0.4, "ci_high": 0.6, "classes": ["<script>"], "level": 0.95,
+                   "n_boot": 10, "seed": 0, "unit": "patient", "n_units": 3},
+         "macro_all": {"auroc": 0.5, "ci_low": 0.4, "ci_high": 0.6},
+         "threshold_metrics": {"available": False, "reason": "none"}, "prompt_sensitivity": []}
+    md = markdown(m)
+    assert "<script>" not in md and "<b>" not in md and "&lt;script&gt;" in md and "a\\|b" in md
+    assert "95% percentile bootstrap over patients (3 patients, 4 images" in md
+
+@pytest.fixture
+def embed_log():
+    """Messages of the `data.embed` logger (it does not propagate to the root, so caplog misses it)."""
+    import logging
+
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = logging.getLogger("data.embed")
+    h = Keep()
+    logger.addHandler(h)
+    yield got
+    logger.removeHandler(h)
+
+
+def test_prompt_longer_than_the_context_warns_with_lengths(embed_log):
+    ps = _set({"A": {"positive": ["word " * 30], "negative": ["short negative"]}})
+    classifier.text_weights(FakeEncoders(ctx=12), ps, "--checkpoint c")
+    assert "149 characters" in "\n".join(embed_log) and "12 tokens" in "\n".join(embed_log)
+    embed_log.clear()
+    classifier.text_weights(FakeEncoders(ctx=12), _set({"A": {"positive": ["a b"], "negative": ["c"]}}))
+    assert "tokens" not in "\n".join(embed_log)

@@ -49,6 +49,9 @@ MODULES: dict[str, list[str]] = {
     "pretrain/recipe.py": ["tests/test_pretrain.py", "tests/test_training.py"],
     "radalign/training.py": ["tests/test_training.py", "tests/test_pretrain.py"],
     "radalign/io.py": ["tests/test_io.py", GUARDS],
+    # Wave 2: re-run before resolving the finetune issues (statistics of the clinical report, retrieval P@K).
+    "retrieval/evaluate.py": ["tests/test_retrieval.py"],
+    "finetune/clinical.py": ["tests/test_clinical.py"],
 }
 # Modules nobody was rewriting when the first scores were recorded (2026-12-02).
 STABLE = ("pretrain/loss.py", "data/labels.py", "data/sections.py", "data/mimic.py", "radalign/io.py")

@@ -58,6 +58,14 @@ def check_tokenizer(encoders, prompts: list[str], name: str) -> None:
                             f"{ctx}; the tokenizer does not match this checkpoint. Re-export the run")
 
 
+def _warn_long_prompts(encoders, prompts: list[str], name: str) -> None:
+    """Warn, with the lengths, for prompts longer than the text context (the tokenizer cuts them silently)."""
+    from data.embed import check_query_text
+
+    for p in prompts:
+        check_query_text(encoders.tokenize, p, what=f"{name}: prompt {p[:40]!r}")
+
+
 def embed_prompts(encoders, prompts: list[str], name: str = "checkpoint") -> torch.Tensor:
     """[N, D] normalised embeddings of `prompts`; a tokenizer/tower mismatch becomes a RadalignError."""
     try:
@@ -80,6 +88,7 @@ def text_weights(encoders, prompt_set: PromptSet, name: str = "checkpoint") -> T
     neg_lists = [list(c.negative) for c in prompt_set.classes] if prompt_set.mode == "binary" else []
     flat = [p for lst in pos_lists + neg_lists for p in lst]
     check_tokenizer(encoders, flat, name)
+    _warn_long_prompts(encoders, flat, name)
     emb = embed_prompts(encoders, flat, name)  # [P, D]
     n_pos = sum(len(x) for x in pos_lists)
     pos_counts = [len(x) for x in pos_lists]

@@ -446,7 +446,8 @@ def _truth_row(table: pd.DataFrame, outcome: str, sets: dict[str, list[str]], se
     from sklearn.metrics import roc_auc_score
 
     data = table[table[outcome].notna()]
-    train, test = data[data["split"] == "train"], data[data["split"] == split]
+    held_out = [x.strip() for x in split.split(",")]  # "validate,test": more events, same rule
+    train, test = data[data["split"] == "train"], data[data["split"].isin(held_out)]
     row = {"outcome": outcome, "n_train": len(train), "events_train": int(train[outcome].sum()),
            "n_test": len(test), "events_test": int(test[outcome].sum()),
            "patients_test": int(test["subject_id"].nunique())}

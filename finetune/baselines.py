@@ -196,6 +196,11 @@ class GBDTBaseline:
 
     def fit(self, data: tuple[np.ndarray, np.ndarray], y: np.ndarray) -> GBDTBaseline:
         x, categorical = data
+        # A column never measured in training carries nothing, and sklearn's binning crashes on it
+        # ("window shape cannot be larger than input array shape"): left out, and counted.
+        self.keep = ~np.all(np.isnan(x), axis=0)  # [F]
+        self.dropped_columns = int((~self.keep).sum())
+        x, categorical = x[:, self.keep], categorical[self.keep]
         y = np.asarray(y, np.float64).reshape(len(y), -1)
         self.models, self.unlabelled = [], []
         for j in range(y.shape[1]):
@@ -208,7 +213,7 @@ class GBDTBaseline:
 
     def predict_proba(self, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """[N, C] probability of the positive class per output (multiclass: [N, classes])."""
-        x = data[0]
+        x = data[0][:, self.keep]
         if self.task == "multiclass":
             return self.models[0].predict_proba(x)
         return np.stack([m.predict_proba(x)[:, 1] for m in self.models], axis=1)

@@ -395,7 +395,7 @@ def test_truth_table_orders_both_above_each_modality(tmp_path):
     from data.synth_ehr import linked_studies, truth_table
 
     synthesize(tmp_path, patients=2500, seed=11, image_size=32, progress=False, images=False)
-    table = truth_table(tmp_path, split="validate")
+    table = truth_table(tmp_path, split="validate,test")
     linked = linked_studies(tmp_path)
     adm = linked[linked["in_hospital_mortality"].notna()]
     assert 0.06 <= adm["in_hospital_mortality"].mean() <= 0.14

@@ -48,10 +48,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/data.py
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/ehr.py --rows 1e6,1e7
 
 # The demo: each step is a file target, so re-running skips what is complete (prepare and pretrain resume
 # themselves when interrupted).
-demo: $(STAMP) $(DEMO)/retrieval/example.html
+demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/ehr/manifest.json
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); a=m['macro']; print('zero-shot macro AUROC %.3f [%.3f, %.3f] over %s; shuffled-label control %.3f' % (a['auroc'], a['ci_low'], a['ci_high'], ', '.join(a['classes']), m['controls']['shuffled_labels_macro_auroc']))"
@@ -65,6 +66,10 @@ $(DEMO)/shards/manifest.json: $(DEMO)/synthetic/synth.json
 	$(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
 		--reports $(DEMO)/synthetic/mimic-cxr-reports --out $(DEMO)/shards --image-size 128 \
 		--shard-size 256 --workers $(DEMO_WORKERS)
+
+$(DEMO)/ehr/manifest.json: $(DEMO)/shards/manifest.json
+	$(BIN)/radalign data link-ehr --mimic-iv $(DEMO)/synthetic/mimic-iv --shards $(DEMO)/shards --out $(DEMO)/ehr \
+		--no-progress
 
 $(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
 	$(BIN)/radalign pretrain --config pretrain/demo run_dir=$(DEMO)/pretrain data.shards=$(DEMO)/shards

@@ -11,18 +11,17 @@ folder is locked for the whole build (`radalign.lock.output_lock`).
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.embed import context_report
+from data.embed import EmbeddedSplit, context_report, embed_split, thumbnail_bytes
 from data.labels import CHEXPERT_LABELS
 from data.sections import SECTION_KEYS
 from radalign import RadalignError
@@ -36,17 +35,10 @@ MODALITY_CHOICES = ("image", "both")
 
 
 @dataclass
-class EmbeddedCases:
-    """What one pass over a shard split gives: embeddings, metadata columns, skip counts."""
+class EmbeddedCases(EmbeddedSplit):
+    """One pass over a shard split (`data.embed.EmbeddedSplit`) plus what retrieval adds to it."""
 
-    image: np.ndarray  # [N, D] float32, L2-normalised
-    texts: list[str]
-    metas: list[dict]
-    keys: list[str]
-    thumbnails: list[bytes] | None = None
     text: np.ndarray | None = None  # [N, D] report embeddings (modality "both")
-    skipped: dict[str, int] = field(default_factory=dict)  # samples lost, by reason (data.embed's `lost`)
-    expected: int | None = None  # samples the manifest lists for the split
     texts_cut: dict | None = None  # reports longer than the text context (data.embed.context_report)
 
 
@@ -57,11 +49,7 @@ def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
     mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
     std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
     pixels = (image.float().cpu() * std_t + mean_t)[0].clamp(0, 1)  # [H, W], first channel (gray repeated)
-    pil = Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L")
-    pil.thumbnail((size, size))
-    buf = io.BytesIO()
-    pil.save(buf, format="JPEG", quality=80)
-    return buf.getvalue()
+    return thumbnail_bytes(Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L"), size)
 
 
 def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
@@ -69,12 +57,9 @@ def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: i
                  desc: str = "embed") -> EmbeddedCases:
     """One pass over `data/<split>` shards (`data.embed.embed_split`): image embeddings, raw texts, metadata,
     thumbnails (made in the loader workers) and, with `with_text`, report embeddings."""
-    from data.embed import embed_split
-
     emb = embed_split(encoders.encode_images, data, split, encoders.image_transform(), batch_size=batch_size,
                       num_workers=num_workers, thumbnail_size=thumbnail_size or None, progress=progress)
-    cases = EmbeddedCases(emb.image, emb.texts, emb.meta, emb.keys, emb.thumbnails, skipped=dict(emb.lost),
-                          expected=emb.expected)
+    cases = EmbeddedCases(**{f.name: getattr(emb, f.name) for f in fields(EmbeddedSplit)})
     if with_text:
         cases.text = embed_texts(encoders, emb.texts, progress=progress)
         cases.texts_cut = context_report(encoders.tokenize, list(dict.fromkeys(emb.texts)), what="reports")
@@ -104,7 +89,7 @@ def metadata_columns(cases: EmbeddedCases) -> dict[str, list]:
         cols[f"section_{s}"] = []
     for name in CHEXPERT_LABELS:
         cols[f"label:{name}"] = []
-    for key, text, meta in zip(cases.keys, cases.texts, cases.metas):
+    for key, text, meta in zip(cases.keys, cases.texts, cases.meta):
         cols["key"].append(key)
         for c in ("dicom_id", "study_id", "subject_id", "split", "view", "study_datetime"):
             cols[c].append(_str(meta.get(c)))
@@ -172,10 +157,10 @@ def _build_locked(out, *, encoders, data, split, checkpoint, modality, index, me
         "modalities": list(vectors),
         "indexes": info,
         "data": {"root": str(Path(data).resolve()), "split": split, "expected": cases.expected,
-                 "lost": cases.skipped, "skipped": cases.skipped,  # "skipped": the old name of "lost"
+                 "lost": cases.lost, "skipped": cases.lost,  # "skipped": the old name of "lost"
                  "texts_cut": cases.texts_cut,
-                 "studies": len({m.get("study_id") for m in cases.metas}),
-                 "subjects": len({m.get("subject_id") for m in cases.metas})},
+                 "studies": len({m.get("study_id") for m in cases.meta}),
+                 "subjects": len({m.get("subject_id") for m in cases.meta})},
         "thumbnail_size": thumbnail_size if cases.thumbnails is not None else 0,
         "faiss_version": ix.faiss_module().__version__,
     }

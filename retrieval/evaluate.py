@@ -174,16 +174,16 @@ def _evaluate(retriever, data, split, *, out, batch_size, num_workers, progress,
     enc = retriever.encoders
     cases = embed_shards(enc, data, split, batch_size=batch_size, num_workers=num_workers, thumbnail_size=0,
                          with_text=True, progress=progress, desc="queries")
-    studies = [str(m.get("study_id")) for m in cases.metas]
-    subjects = [str(m.get("subject_id")) for m in cases.metas]
+    studies = [str(m.get("study_id")) for m in cases.meta]
+    subjects = [str(m.get("subject_id")) for m in cases.meta]
     labels = np.array([[np.nan if (m.get("labels") or {}).get(n) is None else float(m["labels"][n])
-                        for n in retriever.store.labels] for m in cases.metas], dtype=np.float32)  # [Q, L]
+                        for n in retriever.store.labels] for m in cases.meta], dtype=np.float32)  # [Q, L]
     kw = dict(n_boot=n_boot, seed=seed, level=level)
     metrics = {
         "index": str(retriever.store.path),
         "queries": {"data": str(Path(data).resolve()), "split": split, "images": len(studies),
-                    "patients": len(set(subjects)), "expected": cases.expected, "lost": cases.skipped,
-                    "skipped": cases.skipped, "texts_cut": cases.texts_cut},
+                    "patients": len(set(subjects)), "expected": cases.expected, "lost": cases.lost,
+                    "skipped": cases.lost, "texts_cut": cases.texts_cut},
         "bootstrap": {"unit": rm.UNIT, "n_patients": len(set(subjects)), "n_boot": n_boot, "seed": seed,
                       "level": level, "method": "percentile"},
         **cross_modal(cases.image, cases.text, cases.texts, studies, ks, subjects=subjects, **kw),

@@ -59,3 +59,21 @@ def tiny_export(tmp_path_factory, nano_model_cfg) -> Path:
     torch.manual_seed(0)
     model = build_model(nano_model_cfg)
     return export_encoders(model, nano_model_cfg, tmp_path_factory.mktemp("run") / "export")
+
+
+@pytest.fixture
+def embed_log():
+    """Messages of the `data.embed` logger (it does not propagate to the root, so caplog misses it)."""
+    import logging
+
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = logging.getLogger("data.embed")
+    h = Keep()
+    logger.addHandler(h)
+    yield got
+    logger.removeHandler(h)

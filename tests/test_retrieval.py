@@ -459,24 +459,6 @@ def test_markdown_escapes_report_text(tmp_path):
         assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
     assert "\\[x\\](javascript" in md and "a\\|b" in md  # no link, no broken table
 
-@pytest.fixture
-def embed_log():
-    """Messages of the `data.embed` logger (it does not propagate to the root, so caplog misses it)."""
-    import logging
-
-    got: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            got.append(record.getMessage())
-
-    logger = logging.getLogger("data.embed")
-    h = Keep()
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
-
-
 def test_long_text_query_warns_with_lengths(tmp_path, embed_log):
     import torch
 

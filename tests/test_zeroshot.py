@@ -573,24 +573,6 @@ def test_markdown_report_escapes_text_and_states_the_unit():
     assert "<script>" not in md and "<b>" not in md and "&lt;script&gt;" in md and "a\\|b" in md
     assert "95% percentile bootstrap over patients (3 patients, 4 images" in md
 
-@pytest.fixture
-def embed_log():
-    """Messages of the `data.embed` logger (it does not propagate to the root, so caplog misses it)."""
-    import logging
-
-    got: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            got.append(record.getMessage())
-
-    logger = logging.getLogger("data.embed")
-    h = Keep()
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
-
-
 def test_prompt_longer_than_the_context_warns_with_lengths(embed_log):
     ps = _set({"A": {"positive": ["word " * 30], "negative": ["short negative"]}})
     classifier.text_weights(FakeEncoders(ctx=12), ps, "--checkpoint c")

@@ -1,16 +1,92 @@
-"""`radalign finetune`: not built yet (see the finetune issue); the command says so instead of failing."""
+"""`radalign finetune`: train on a clinical task, predict, evaluate, explain (also `python -m finetune`,
+`accelerate launch -m finetune`).
+
+    radalign finetune --config finetune/in_hospital_mortality [key=value ...]      (the verb `train` is implied)
+    radalign finetune predict --checkpoint RUN --data TABLE [--split test] --out predictions.csv
+    radalign finetune eval --checkpoint RUN [--data TABLE] [--split test] --out DIR
+    radalign finetune explain --checkpoint RUN --study-id ID [--index INDEX_DIR] --format json|markdown|html
+"""
 
 from __future__ import annotations
 
+import argparse
+
+VERBS = ("train", "predict", "eval", "explain")
+DEFAULT_VERB = "train"  # `radalign finetune --config X` is `radalign finetune train --config X`
+
+EXAMPLES = """examples:
+  radalign finetune --config finetune/in_hospital_mortality run_dir=runs/demo/finetune/in_hospital_mortality
+  radalign finetune --config finetune/fewshot_chexpert fewshot.label="Pleural Effusion"
+  accelerate launch --num_processes 2 -m finetune --config finetune/mortality_30d
+  radalign finetune predict --checkpoint runs/demo/finetune/in_hospital_mortality \\
+      --data runs/demo/ehr/finetune --split test --out predictions.csv
+  radalign finetune eval --checkpoint runs/demo/finetune/in_hospital_mortality --out .../eval
+  radalign finetune explain --checkpoint RUN --study-id 50000123 --index runs/demo/retrieval/index --format html
+"""
+
 
 def register(sub) -> None:
-    p = sub.add_parser("finetune", help="fine-tune with EHR encoders and a fusion head (not yet available)",
-                       description="Fine-tuning is not implemented yet in this release.")
-    p.set_defaults(func=_run)
+    from finetune.config import FinetuneConfig
+    from radalign.cli import add_verbs
+    from radalign.config import format_help
+
+    p = sub.add_parser("finetune", help="EHR + image + indication fusion for clinical tasks (train, predict, "
+                                        "eval, explain)",
+                       description="Fine-tune a fusion head over the pretrained towers, the order's indication "
+                                   "and the linked EHR; baselines, few-shot, evaluation and explanations.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = add_verbs(p)
+    t = verbs.add_parser("train", help="train the fusion model and baselines (the default verb)",
+                         description="Train on a task config; writes RUN/predictions.csv, metrics.json, "
+                                     "report.md, roc.png.", epilog=format_help(FinetuneConfig),
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("--config", default="finetune/in_hospital_mortality",
+                   help="config name under configs/ or a YAML path (default: %(default)s)")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10")
+    t.set_defaults(func=_train)
+
+    pr = verbs.add_parser("predict", help="score new studies with a trained run",
+                          description="Probabilities of every saved model of RUN for the studies of a table "
+                                      "split (same feature list as training, or refused).")
+    pr.add_argument("--checkpoint", required=True, metavar="RUN", help="finetune run folder")
+    pr.add_argument("--data", metavar="TABLE", help="finetune table (default: the run's data.table)")
+    pr.add_argument("--split", default="test", help="table split to score (default: %(default)s)")
+    pr.add_argument("--out", required=True, help="predictions CSV to write")
+    pr.add_argument("--shards", help="shards holding the table's films (default: the run's data.shards)")
+    pr.set_defaults(func=_predict)
+
+    from finetune.cli_eval import register_eval
+
+    register_eval(verbs)
 
 
-def _run(args) -> int:
-    from radalign import RadalignError
+def _train(args) -> int:
+    from finetune.config import FinetuneConfig
+    from radalign.config import load_config, to_yaml
 
-    raise RadalignError("`radalign finetune` is not implemented yet; it is planned after pretrain, "
-                        "zeroshot and retrieval.")
+    cfg = load_config(FinetuneConfig, args.config, args.overrides, stage="finetune")
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    from finetune.recipe import run_finetune
+
+    run_finetune(cfg)
+    return 0
+
+
+def _predict(args) -> int:
+    from finetune.predict import predict_split
+
+    frame = predict_split(args.checkpoint, table=args.data, split=args.split, shards=args.shards)
+    from radalign.io import atomic_write_text
+
+    atomic_write_text(args.out, frame.to_csv(index=False))
+    print(f"{len(frame)} studies scored by {sum(c.startswith('score:') for c in frame.columns)} models -> {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from radalign.cli import stage_main
+
+    return stage_main("finetune", argv)

@@ -97,6 +97,8 @@ class OptimConfig:
     """Rows per batch (per process)."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
+    patience: int = 0
+    """Stop a model after this many epochs without a better validation AUROC (0: train every epoch)."""
 
 
 @dataclass
@@ -109,6 +111,8 @@ class BaselinesConfig:
     """Boosting iterations of the gradient-boosted trees (no internal early stopping: it splits by row)."""
     gbdt_learning_rate: float = 0.05
     """Learning rate of the gradient-boosted trees."""
+    fusion_without_dropout: bool = True
+    """Also train the fusion model without modality dropout, for the graceful-degradation table."""
 
 
 @dataclass
@@ -147,6 +151,14 @@ class FinetuneConfig:
     """Patient-level bootstrap resamples for the 95% intervals."""
     device: str = "cpu"
     """Device for embedding and single-process training."""
+    stop_after: int = 0
+    """Stop after this many optimizer steps of the model in training (checkpointed; resume continues it)."""
+    resume: str = "auto"
+    """auto (continue what RUN/ holds: finished models are reused, the one in training resumes) or never."""
+    num_workers: int = 0
+    """DataLoader workers for the one-off image embedding pass."""
+    progress: bool = True
+    """Progress bars."""
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -232,6 +244,13 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
         p.append("fewshot.label: the few-shot task needs a binary label column (e.g. Pleural Effusion)")
     if c.optim.lr <= 0 or c.optim.batch_size < 1 or c.optim.epochs < 1:
         p.append("optim: lr must be > 0, batch_size and epochs >= 1")
+    if c.resume not in ("auto", "never"):
+        p.append(f"resume: {c.resume!r}; use auto or never")
+    if c.stop_after < 0 or c.optim.patience < 0:
+        p.append("stop_after / optim.patience: must be >= 0")
+    if c.task.kind != "binary" and not f.enabled:
+        p.append(f"task.kind: {c.task.kind!r}; the finetune recipe's reports (metrics.json, paired differences, "
+                 "evaluation) are binary for now: use one binary label per task")
     if c.bootstrap < 1:
         p.append(f"bootstrap: must be >= 1 (got {c.bootstrap})")
     return p

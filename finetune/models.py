@@ -7,7 +7,8 @@
     loss = masked_loss(out.logits, labels, "binary")                                  # NaN labels ignored
 
 Batch: {"image": [B, D] or [B, P, D] cached image-tower embeddings (P patch tokens), "text": [B, D] cached
-text-tower embedding of the indication, "ehr": ehr_tensors(EHRFeatures), "present": {modality: [B] bool}}.
+text-tower embedding of the indication, "ehr": ehr_tensors(EHRFeatures), "present": {modality: [B] bool},
+optionally "dropout_u": [B, M] uniforms for modality dropout (else torch.rand)}.
 A modality missing from the batch is absent for every row.
 
 EHR encoder (FT-Transformer style, Gorishniy et al. 2021): one token per lab item = value x item embedding +
@@ -273,9 +274,14 @@ class FusionModel(nn.Module):
             return torch.tensor([[m in override for m in self.modalities]], dtype=torch.bool).expand(b, -1)
         return torch.as_tensor(override, dtype=torch.bool).expand(b, len(self.modalities))
 
-    def modality_dropout(self, present: torch.Tensor) -> torch.Tensor:
-        """Drop each present modality with its own rate (training); returns the new [B, M] presence."""
-        drop = torch.rand(present.shape, device=present.device) < self.dropout_rates.to(present.device)
+    def modality_dropout(self, present: torch.Tensor, u: torch.Tensor | None = None) -> torch.Tensor:
+        """Drop each present modality with its own rate (training); returns the new [B, M] presence.
+
+        u: [B, M] uniform draws to use instead of torch.rand (the recipe draws them from its own seeded
+        generator for the global batch, so a row is dropped the same way whatever the number of processes)."""
+        if u is None:
+            u = torch.rand(present.shape, device=present.device)
+        drop = u.to(present.device) < self.dropout_rates.to(present.device)
         return present & ~drop
 
     # -- forward --------------------------------------------------------------------------------------------
@@ -283,7 +289,7 @@ class FusionModel(nn.Module):
     def forward(self, batch: Mapping, present_override=None) -> FusionOutput:
         present = self.presence(batch, present_override)  # [B, M]
         if self.training:
-            present = self.modality_dropout(present)
+            present = self.modality_dropout(present, batch.get("dropout_u"))
         b = present.shape[0]
         tokens, owner = [self.cls.expand(b, 1, -1)], [-1]
         for j, m in enumerate(self.modalities):
@@ -304,7 +310,7 @@ class FusionModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x, w = layer(x, blocked, need_weights=i == len(self.layers) - 1)
         logits = self.head(self.norm(x[:, 0]))  # [B, C]
-        cls_w = w[:, 0] if w is not None else torch.zeros(b, x.shape[1], device=x.device)  # [B, L]
+        cls_w = (w[:, 0] if w is not None else torch.zeros(b, x.shape[1], device=x.device)).float()  # [B, L]
         per_mod = torch.zeros(b, len(self.modalities), device=x.device).index_add_(
             1, owner_t[1:], cls_w[:, 1:])
         return FusionOutput(logits, per_mod, cls_w[:, 0], present, self.modalities)
@@ -327,11 +333,13 @@ class FusionModel(nn.Module):
 # Loss and probabilities.
 
 
-def masked_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.Tensor:
-    """Mean loss over labelled cells; NaN labels are left out (0 with a graph when nothing is labelled).
+def masked_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, reduction: str = "mean") -> torch.Tensor:
+    """Loss over labelled cells; NaN labels are left out (0 with a graph when nothing is labelled).
 
     binary / multilabel: logits [B, C], labels [B, C] in {0, 1, NaN} (BCE with logits).
     multiclass: logits [B, C], labels [B] or [B, 1] class index as float, NaN = unlabelled (cross-entropy).
+    reduction: "mean" over labelled cells, or "sum" (the recipe divides by the global batch's count, so
+    several processes give the gradient of one).
     """
     labels = labels.to(logits.device)
     if task == "multiclass":
@@ -339,14 +347,14 @@ def masked_loss(logits: torch.Tensor, labels: torch.Tensor, task: str) -> torch.
         ok = ~torch.isnan(y)
         if not bool(ok.any()):
             return logits.sum() * 0.0
-        return F.cross_entropy(logits[ok], y[ok].long())
+        return F.cross_entropy(logits[ok], y[ok].long(), reduction=reduction)
     if task not in TASKS:
         raise RadalignError(f"task: {task!r} is not one of {', '.join(TASKS)}")
     y = labels.reshape(logits.shape).float()
     ok = ~torch.isnan(y)
     if not bool(ok.any()):
         return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[ok], y[ok])
+    return F.binary_cross_entropy_with_logits(logits[ok], y[ok], reduction=reduction)
 
 
 def probabilities(logits: torch.Tensor, task: str) -> torch.Tensor:

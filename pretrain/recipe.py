@@ -376,10 +376,21 @@ def export(run: Run) -> Path:
     out = run.run_dir / "export"
     if acc.is_main_process:
         export_encoders(acc.unwrap_model(run.model), run.model_cfg, out, state_dict=state,
-                        extra={"trained_steps": run.step, "model_name": run.cfg.model.name})
+                        extra={"trained_steps": run.step, "model_name": run.cfg.model.name,
+                               "data": _training_data(run.cfg)})
         rprint(f"export written to {out}")
     acc.wait_for_everyone()
     return out
+
+
+def _training_data(cfg: PretrainConfig) -> dict:
+    """What the towers were trained on, so later stages can refuse evaluating on those patients."""
+    import hashlib
+
+    manifest = Path(cfg.data.shards) / "manifest.json"
+    sha = hashlib.sha256(manifest.read_bytes()).hexdigest() if manifest.is_file() else None
+    return {"shards": str(Path(cfg.data.shards).resolve()), "manifest_sha256": sha,
+            "train_split": cfg.data.train_split}
 
 
 def run_pretrain(cfg: PretrainConfig) -> Path:

@@ -88,8 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"radalign: unknown stage '{argv[0]}'.{hint} Stages: {', '.join(STAGES)}", file=sys.stderr)
         return 2
     parser = build_parser((argv[0],) if argv and argv[0] in STAGES else STAGES)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_with_default_verb(argv))
     return run_entry(args.func, args)
+
+
+def _with_default_verb(argv: list[str]) -> list[str]:
+    """`radalign finetune --config X` -> `radalign finetune train --config X`: a stage whose cli module names a
+    DEFAULT_VERB gets it when the next word is not one of its VERBS (help flags excepted)."""
+    if not argv or argv[0] not in STAGES:
+        return argv
+    mod = importlib.import_module(f"{argv[0]}.cli")
+    default, verbs = getattr(mod, "DEFAULT_VERB", None), getattr(mod, "VERBS", ())
+    if default and (len(argv) == 1 or (argv[1] not in verbs and argv[1] not in ("-h", "--help"))):
+        return [argv[0], default, *argv[1:]]
+    return argv
 
 
 def stage_main(stage: str, argv: list[str] | None = None) -> int:

@@ -125,10 +125,14 @@ def _agreed_precision(requested: str, device: str) -> tuple[str, str]:
     return choice[0]
 
 
-def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None):
-    """(Accelerator, resolved precision, reason). See the module docstring."""
+def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None,
+                     find_unused_parameters: bool = False):
+    """(Accelerator, resolved precision, reason). See the module docstring.
+
+    find_unused_parameters: DDP option for models whose forward may skip a submodule (the fusion head skips a
+    modality absent from the whole batch)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     world_env = _world_env()
@@ -136,9 +140,11 @@ def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None):
         raise RadalignError("deepspeed needs CUDA or a multi-process CPU launch (torchrun/accelerate launch "
                             "--multi_gpu --num_processes 2 with gloo); set deepspeed=null for one process")
     resolved, reason = _agreed_precision(precision, "cuda" if cuda else "cpu")
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"kwargs_handlers": []}
     if not cuda and world_env > 1:  # gloo is the CPU backend; without this DeepSpeed on CPU asks for ccl
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
+    if find_unused_parameters:
+        kwargs["kwargs_handlers"].append(DistributedDataParallelKwargs(find_unused_parameters=True))
     if deepspeed is not None:
         ds = {**deepspeed, "bf16": {"enabled": resolved == "bf16"}, "fp16": {"enabled": resolved == "fp16"}}
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)

@@ -1,0 +1,331 @@
+"""What the finetune recipe reads: the linked table, cached tower embeddings, labels and presence per split.
+
+    table = load_table("runs/demo/ehr/finetune")          # FinetuneTable: {split: DataFrame}, the link manifest
+    cache = EmbeddingCache(encoders, shards, folder)       # image embedding per dicom_id, text per indication
+    data = task_inputs(cfg, table, cache, featurizer)      # {split: SplitInputs} (tensors, labels, presence)
+
+Image token of a study: the mean of its frontal films' image embeddings (L2-normalised again); a study whose
+films were all lost on read has no image (absent, counted). Text token: the text tower on the order's
+indication (written before the film: no leak); no indication = text absent. EHR: finetune.features.
+
+Embeddings are cached on disk as safetensors + JSON keyed by the export's checksum, so a second run (another
+task, the few-shot sweep, `finetune eval`) never re-embeds. Nothing here imports accelerate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
+from radalign import RadalignError
+from radalign.io import atomic_path, atomic_write_json
+from radalign.log import get_logger
+
+log = get_logger("finetune.inputs")
+
+EHR_FORMAT = "radalign-ehr/1"
+CACHE_FORMAT = "radalign-embedding-cache/1"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The table written by `radalign data link-ehr`
+
+
+@dataclass
+class FinetuneTable:
+    path: Path
+    splits: dict[str, pd.DataFrame]
+    manifest: dict
+
+    @property
+    def features(self) -> list[str]:
+        """Lab features and vitals of the link (each has `{name}` and `{name}_hours` columns)."""
+        return list(self.manifest.get("features", [])) + list(self.manifest.get("vitals", []))
+
+    def split(self, name: str) -> pd.DataFrame:
+        if name not in self.splits:
+            raise RadalignError(f"split {name!r} is not in the table {self.path} (it has "
+                                f"{', '.join(self.splits)}); set data.*_split to one of those")
+        return self.splits[name]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(next(iter(self.splits.values())).columns)
+
+
+def load_table(path: str | os.PathLike) -> FinetuneTable:
+    """The `finetune/` DatasetDict of a link-ehr output (or the output folder itself), with its manifest."""
+    import datasets
+
+    path = Path(path)
+    if (path / "finetune" / "dataset_dict.json").is_file():
+        path = path / "finetune"
+    if not (path / "dataset_dict.json").is_file():
+        raise RadalignError(f"data.table {path}: not a finetune table (no dataset_dict.json). Pass the "
+                            "`finetune/` folder written by `radalign data link-ehr --out DIR` (DIR/finetune)")
+    manifest_file = path.parent / "manifest.json"
+    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
+    if manifest and manifest.get("format") != EHR_FORMAT:
+        raise RadalignError(f"{manifest_file}: format {manifest.get('format')!r}, expected {EHR_FORMAT}; "
+                            "re-run `radalign data link-ehr`")
+    dd = datasets.load_from_disk(str(path))
+    splits = {name: ds.to_pandas() for name, ds in dd.items()}
+    return FinetuneTable(path, splits, manifest)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Embedding cache
+
+
+def _key(*parts: str) -> str:
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+class EmbeddingCache:
+    """Image embeddings per dicom_id (one pass per shard split) and text embeddings per distinct text."""
+
+    def __init__(self, encoders, shards: str | os.PathLike, folder: str | os.PathLike, *, batch_size: int = 64,
+                 num_workers: int = 0, progress: bool = True):
+        self.enc, self.shards, self.folder = encoders, Path(shards), Path(folder)
+        self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.lost: dict[str, dict[str, int]] = {}  # shard split -> {reason: samples}
+        self._images: dict[str, dict[str, np.ndarray]] = {}
+
+    def _file(self, kind: str, name: str) -> Path:
+        return self.folder / f"{kind}-{self.enc.checksum[:12]}-{name}"
+
+    def images(self, split: str) -> dict[str, np.ndarray]:
+        """{dicom_id: [D] float32} for every sample of shards/<split> (computed once, then read from disk)."""
+        if split in self._images:
+            return self._images[split]
+        from safetensors.numpy import load_file, save_file
+
+        f, meta_f = self._file("image", f"{split}.safetensors"), self._file("image", f"{split}.json")
+        manifest = self.shards / "manifest.json"
+        stamp = _key(str(self.shards.resolve()), str(manifest.stat().st_mtime_ns) if manifest.exists() else "")
+        if f.is_file() and meta_f.is_file():
+            meta = json.loads(meta_f.read_text())
+            if meta.get("format") == CACHE_FORMAT and meta.get("stamp") == stamp:
+                emb = load_file(str(f))["image"]
+                if len(meta["keys"]) == len(emb):
+                    self.lost[split] = meta.get("lost", {})
+                    self._images[split] = dict(zip(meta["keys"], emb))
+                    return self._images[split]
+            log.warning("%s: stale or damaged embedding cache; re-embedding", f)
+        from data.embed import embed_split
+
+        emb = embed_split(self.enc.encode_images, self.shards, split, self.enc.image_transform(),
+                          batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress)
+        log.info("image embeddings, %s split: %s", split, emb.summary())
+        self.lost[split] = dict(emb.lost)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(f) as tmp:
+            save_file({"image": np.ascontiguousarray(emb.image, np.float32)}, str(tmp))
+        atomic_write_json(meta_f, {"format": CACHE_FORMAT, "stamp": stamp, "checksum": self.enc.checksum,
+                                   "keys": list(emb.keys), "lost": dict(emb.lost)})
+        self._images[split] = dict(zip(emb.keys, emb.image))
+        return self._images[split]
+
+    def texts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
+        """([N, D] float32 embeddings, zeros where absent; [N] bool present) for the given texts."""
+        present = text_present(texts)
+        unique = sorted({t for t, p in zip(texts, present) if p})
+        f = self._file("text", _key(*unique) + ".safetensors")
+        from safetensors.numpy import load_file, save_file
+
+        if f.is_file():
+            table = load_file(str(f))["text"]
+        else:
+            table = self.enc.encode_texts(unique).numpy().astype(np.float32) if unique else \
+                np.zeros((0, self.enc.embed_dim), np.float32)
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(f) as tmp:
+                save_file({"text": np.ascontiguousarray(table)}, str(tmp))
+        index = {t: i for i, t in enumerate(unique)}
+        out = np.zeros((len(texts), self.enc.embed_dim), np.float32)
+        for i, (t, p) in enumerate(zip(texts, present)):
+            if p:
+                out[i] = table[index[t]]
+        return out, present
+
+
+def study_images(dicom_ids: Sequence, lookup: Mapping[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """([N, D] mean frontal embedding per study, [N] bool present, films missing from the shards)."""
+    out = np.zeros((len(dicom_ids), dim), np.float32)
+    present = np.zeros(len(dicom_ids), bool)
+    missing = 0
+    for i, ids in enumerate(dicom_ids):
+        vecs = [lookup[str(d)] for d in (list(ids) if ids is not None else []) if str(d) in lookup]
+        missing += len(list(ids) if ids is not None else []) - len(vecs)
+        if vecs:
+            v = np.mean(vecs, axis=0)
+            out[i] = v / max(float(np.linalg.norm(v)), 1e-12)
+            present[i] = True
+    return out, present, missing
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-split model inputs
+
+
+@dataclass
+class SplitInputs:
+    """One split's rows, ready for the models (numpy; `batch()` gives the tensors)."""
+
+    name: str
+    frame: pd.DataFrame  # the table rows (subject_id, study_id, demographics, labs ...)
+    y: np.ndarray  # [N, C] float, NaN = unlabelled
+    image: np.ndarray | None  # [N, D]
+    text: np.ndarray | None  # [N, D]
+    ehr: EHRFeatures | None
+    present: dict[str, np.ndarray]  # modality -> [N] bool
+    counts: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.frame)
+
+    @property
+    def subjects(self) -> np.ndarray:
+        return self.frame["subject_id"].to_numpy()
+
+    @property
+    def studies(self) -> np.ndarray:
+        return self.frame["study_id"].to_numpy()
+
+    def batch(self, rows=None, modalities: Sequence[str] | None = None) -> dict:
+        """The model input dict for `rows` (all when None), restricted to `modalities`."""
+        from finetune.models import ehr_tensors
+
+        rows = np.arange(len(self)) if rows is None else np.asarray(rows)
+        mods = list(modalities or self.present)
+        out: dict = {"present": {m: torch.as_tensor(self.present[m][rows]) for m in mods if m in self.present}}
+        if "image" in mods and self.image is not None:
+            out["image"] = torch.as_tensor(self.image[rows])
+        if "text" in mods and self.text is not None:
+            out["text"] = torch.as_tensor(self.text[rows])
+        if "ehr" in mods and self.ehr is not None:
+            out["ehr"] = ehr_tensors(self.ehr.take(rows))
+        return out
+
+    def labels(self, rows=None) -> torch.Tensor:
+        return torch.as_tensor(self.y if rows is None else self.y[np.asarray(rows)], dtype=torch.float32)
+
+
+def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
+    """[N, C] labels of the task (TaskConfig): the label columns, or `threshold_column > threshold`."""
+    if task.threshold_column:
+        return threshold_label(frame, task.threshold_column, task.threshold)[:, None]
+    return label_matrix(frame, task.labels, task.kind, task.uncertain)
+
+
+def split_inputs(name: str, frame: pd.DataFrame, task, modalities: Sequence[str], *, cache: EmbeddingCache | None,
+                 featurizer: EHRFeaturizer | None) -> SplitInputs:
+    frame = frame.reset_index(drop=True)
+    y = task_labels(frame, task)
+    counts: dict = {"rows": len(frame), "labelled": int((~np.isnan(y)).any(axis=1).sum())}
+    image = text = ehr = None
+    present: dict[str, np.ndarray] = {}
+    if "image" in modalities:
+        lookup: dict[str, np.ndarray] = {}
+        for shard_split in _shard_splits(cache):
+            lookup.update(cache.images(shard_split))
+        image, present["image"], counts["films_not_embedded"] = study_images(
+            frame["dicom_ids"].tolist(), lookup, cache.enc.embed_dim)
+    if "text" in modalities:
+        text, present["text"] = cache.texts(frame["indication"].tolist())
+    if "ehr" in modalities:
+        ehr = featurizer.transform(frame)
+        present["ehr"] = ehr.present
+        counts["ehr_cells_missing"] = {k: v for k, v in ehr.counts.items() if v}
+    counts["present"] = {m: int(p.sum()) for m, p in present.items()}
+    return SplitInputs(name, frame, y, image, text, ehr, present, counts)
+
+
+def _shard_splits(cache: EmbeddingCache) -> list[str]:
+    """Splits of the shards folder (its manifest), so a study's films are found whatever split holds them."""
+    manifest = cache.shards / "manifest.json"
+    if manifest.is_file():
+        splits = json.loads(manifest.read_text()).get("splits", {})
+        if isinstance(splits, dict) and splits:
+            return list(splits)
+    return [p.name for p in sorted(cache.shards.iterdir()) if p.is_dir()]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Overlap with the pretraining run's training patients
+
+
+def manifest_sha256(shards: str | os.PathLike) -> str | None:
+    f = Path(shards) / "manifest.json"
+    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
+
+
+def shard_subjects(shards: str | os.PathLike, split: str) -> set[str]:
+    """Subject ids of every sample in shards/<split> (reads the tar members' JSON only, no image decode)."""
+    import tarfile
+
+    from data.loader import shard_paths
+
+    out: set[str] = set()
+    for path in shard_paths(shards, split):
+        try:
+            with tarfile.open(path) as tar:
+                for m in tar:
+                    if m.name.endswith(".json"):
+                        rec = json.loads(tar.extractfile(m).read())
+                        if rec.get("subject_id") is not None:
+                            out.add(str(rec["subject_id"]))
+        except (tarfile.TarError, OSError, json.JSONDecodeError) as e:
+            log.warning("%s: unreadable while listing pretraining subjects (%s)", path, e)
+    return out
+
+
+def pretraining_subjects(export_config: Mapping, table: FinetuneTable) -> tuple[set[str] | None, str]:
+    """The subjects the export was trained on, and how that was found (None: unknown)."""
+    data = export_config.get("data") or {}
+    sha, shards, split = data.get("manifest_sha256"), data.get("shards"), data.get("train_split", "train")
+    if not sha:
+        return None, "the export does not record its training shards (exported by an older radalign)"
+    linked = (table.manifest.get("options") or {}).get("shards")
+    if linked and manifest_sha256(linked) == sha:
+        train = table.splits.get(split)
+        subjects = set(train["subject_id"].astype(str)) if train is not None else set()
+        return subjects, f"the table was linked from the pretraining shards ({linked}); its {split!r} split"
+    if shards and manifest_sha256(shards) == sha:
+        return shard_subjects(shards, split), f"the pretraining shards {shards}/{split}"
+    return None, (f"the pretraining shards ({shards}, manifest sha256 {sha[:12]}) are neither the table's "
+                  "shards nor readable")
+
+
+def check_overlap(export_config: Mapping, table: FinetuneTable, splits: Sequence[str], *, allow: bool) -> dict:
+    """Refuse evaluation patients that were in the pretraining run's training split, unless `allow`."""
+    subjects, how = pretraining_subjects(export_config, table)
+    report: dict = {"checked": subjects is not None, "source": how}
+    if subjects is None:
+        if not allow:
+            raise RadalignError(f"cannot check that the evaluation patients were unseen in pretraining: {how}. "
+                                "Re-export the pretraining run with this radalign, or pass "
+                                "data.allow_overlap=true (the report will say so)")
+        report["allowed"] = True
+        return report
+    for s in splits:
+        ids = set(table.split(s)["subject_id"].astype(str))
+        report[s] = len(ids & subjects)
+    bad = {s: report[s] for s in splits if report[s]}
+    if bad and not allow:
+        raise RadalignError("evaluation patients were in the pretraining run's training split ("
+                            + ", ".join(f"{s}: {n} patients" for s, n in bad.items())
+                            + f"; from {how}). Their films trained the towers, so these scores would be "
+                            "optimistic. Use a table split like the pretraining shards, or pass "
+                            "data.allow_overlap=true")
+    report["allowed"] = bool(bad)
+    return report

@@ -1,0 +1,106 @@
+"""A finished finetune run, loaded for inference (`finetune predict`, `finetune eval`, `finetune explain`).
+
+    trained = load_run("runs/demo/finetune/in_hospital_mortality")
+    data = trained.inputs("test")                         # SplitInputs of a table split (cached embeddings)
+    frame = trained.predictions(data)                    # subject_id, study_id, label, score:<m>, logit:<m>
+
+Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
+run was trained with (refused otherwise, naming the difference); the towers must be the export the run used
+(its checksum is in every cached embedding's name and checked here).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.features import EHRFeaturizer
+from finetune.inputs import EmbeddingCache, SplitInputs, load_table, split_inputs
+from radalign import RadalignError
+
+
+@dataclass
+class TrainedRun:
+    path: Path
+    cfg: FinetuneConfig
+    featurizer: EHRFeaturizer | None
+    models: dict[str, tuple[nn.Module, dict]]
+    table_path: str
+    shards: str
+    encoders: object = None
+    _tables: dict = field(default_factory=dict)
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self.cfg.data.modalities)
+
+    def table(self, path: str | None = None):
+        path = str(path or self.table_path)
+        if path not in self._tables:
+            t = load_table(path)
+            if self.featurizer is not None:
+                self.featurizer.check_features(self.cfg.data.features or t.features)
+            self._tables[path] = t
+        return self._tables[path]
+
+    def inputs(self, split: str, table: str | None = None, shards: str | None = None) -> SplitInputs:
+        t = self.table(table)
+        frame = t.split(split)
+        task = self.cfg.task
+        wanted = [task.threshold_column] if task.threshold_column else list(task.labels)
+        if any(c not in frame.columns for c in wanted):  # new studies without outcomes: scored, unlabelled
+            frame = frame.assign(**{c: np.nan for c in wanted if c not in frame.columns})
+        cache = None
+        if self.encoders is not None:
+            folder = self.cfg.data.cache or self.path / "cache"
+            cache = EmbeddingCache(self.encoders, shards or self.shards, folder, progress=self.cfg.progress)
+        return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
+
+    def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
+        from finetune.recipe import logits_on
+
+        model, meta = self.models[name]
+        return logits_on(model, data, meta["spec"]["modalities"], present_override)[:, 0]
+
+    def predictions(self, data: SplitInputs) -> pd.DataFrame:
+        from finetune.report import predictions_frame
+
+        return predictions_frame(data, {name: self.logits(data, name) for name in self.models})
+
+
+def load_run(path: str | os.PathLike) -> TrainedRun:
+    from finetune.recipe import load_model
+    from radalign.config import load_config
+
+    path = Path(path)
+    cfg_file, models_dir = path / "config.yaml", path / "models"
+    if not cfg_file.is_file() or not models_dir.is_dir():
+        raise RadalignError(f"--checkpoint {path}: not a finetune run (expected config.yaml and models/). Pass "
+                            "the run_dir of `radalign finetune`")
+    cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune")
+    fz_doc = json.loads((path / "featurizer.json").read_text()) if (path / "featurizer.json").is_file() else {}
+    featurizer = EHRFeaturizer.from_dict(fz_doc) if fz_doc.get("format") else None
+    names = sorted(p.stem for p in models_dir.glob("*.json"))
+    if not names:
+        raise RadalignError(f"{models_dir}: no finished model; the run was interrupted before the first model "
+                            "finished (run `radalign finetune` again with the same run_dir to resume)")
+    models = {n: load_model(models_dir, n) for n in names}
+    encoders = None
+    if {"image", "text"} & set(cfg.data.modalities):
+        from pretrain.export import load_encoders
+
+        encoders = load_encoders(cfg.data.checkpoint)
+    return TrainedRun(path, cfg, featurizer, models, cfg.data.table, cfg.data.shards, encoders)
+
+
+def predict_split(run: str | os.PathLike, *, table: str | None = None, split: str = "test",
+                  shards: str | None = None) -> pd.DataFrame:
+    trained = load_run(run)
+    return trained.predictions(trained.inputs(split, table, shards))

@@ -45,8 +45,8 @@ class TrainedRun:
         path = str(path or self.table_path)
         if path not in self._tables:
             t = load_table(path)
-            if self.featurizer is not None:
-                self.featurizer.check_features(self.cfg.data.features or t.features)
+            if self.featurizer is not None and self.cfg.data.features is None:
+                self.featurizer.check_features(t.features)  # a table linked with another feature list
             self._tables[path] = t
         return self._tables[path]
 

@@ -33,13 +33,28 @@ from torch import nn
 
 from finetune.config import FinetuneConfig
 from finetune.features import EHRFeaturizer
-from finetune.inputs import EmbeddingCache, FinetuneTable, SplitInputs, check_overlap, load_table, split_inputs
+from finetune.inputs import (
+    EmbeddingCache,
+    FinetuneTable,
+    SplitInputs,
+    check_overlap,
+    load_table,
+    split_inputs,
+)
 from finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence, masked_loss
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_json
 from radalign.log import get_logger
-from radalign.training import (CheckpointManager, Meter, MetricLogger, adamw, cosine_schedule, make_accelerator,
-                               reset_accelerate_state, run_lock)
+from radalign.training import (
+    CheckpointManager,
+    Meter,
+    MetricLogger,
+    adamw,
+    cosine_schedule,
+    make_accelerator,
+    reset_accelerate_state,
+    run_lock,
+)
 
 log = get_logger("finetune.recipe")
 
@@ -321,7 +336,10 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     total = per_epoch * cfg.optim.epochs
     sched = cosine_schedule(opt, min(cfg.optim.warmup_steps, max(total // 10, 1)), total)
     model, opt = acc.prepare(model, opt)
-    ckpt = CheckpointManager(work, keep=1, accelerator=acc)
+    if acc.is_main_process:
+        work.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    ckpt = CheckpointManager(work, keep=2, accelerator=acc)
     logger = MetricLogger(work, main=acc.is_main_process, tensorboard=False)
     prog, best_state = Progress(), None
     found = ckpt.resolve("auto") if cfg.resume == "auto" else None

@@ -1,0 +1,131 @@
+"""The few-shot sweep of `radalign finetune` (fewshot.enabled=true): k labelled studies per class, drawn by patient
+from the training split, seeded (fewshot.seeds >= 5 draws per k), each draw's list written with its sha256.
+
+Methods (finetune.fewshot): `prompt_init`, a logistic head on the frozen image embedding initialised at the
+zero-shot prompt classifier and pulled toward it (so k=0 is the zero-shot result), `linear_probe` (L2 logistic
+regression on the same embedding) and `fusion` (the fusion head on every modality, fixed steps). The recipes
+are fixed (no early stopping), so no validation set is used: the curve is scored on the test split.
+
+Writes RUN/fewshot.json (every method's summary and per-draw AUROCs, the zero-shot point), RUN/draws/,
+RUN/learning_curve.png and RUN/report.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from finetune.config import fewshot_ks
+from finetune.explain import md_text
+from finetune.fewshot import (
+    linear_probe_method,
+    model_method,
+    plot_learning_curve,
+    prompt_init,
+    prompt_init_method,
+    run_sweep,
+    write_sweep,
+)
+from radalign import RadalignError
+from radalign.io import atomic_write_json, atomic_write_text
+
+
+def zero_shot_head(run) -> tuple[np.ndarray, float]:
+    """(w0, b0) of the zero-shot binary classifier of fewshot.label under the export's prompts."""
+    from zeroshot.classifier import logit_scale_of, text_weights
+    from zeroshot.prompts import load_prompt_set
+
+    f = run.cfg.fewshot
+    ps = load_prompt_set(f.prompts)
+    if f.label not in ps.class_names:
+        raise RadalignError(f"fewshot.label {f.label!r} has no prompts in prompt set {f.prompts!r} (classes: "
+                            f"{', '.join(ps.class_names)}); drop prompt_init from fewshot.methods or add prompts")
+    if ps.mode != "binary":
+        raise RadalignError(f"prompt set {f.prompts!r} is {ps.mode}; prompt_init needs positive and negative "
+                            "prompts (a binary prompt set)")
+    tw = text_weights(run.encoders, ps.subset([f.label]))
+    return prompt_init(tw.positive[0].numpy(), tw.negative[0].numpy(), logit_scale_of(run.encoders))
+
+
+def _methods(run, pool, test) -> dict:
+    from finetune.fit import take_rows  # noqa: F401  (model_method takes whole batches)
+    from finetune.recipe import build_model, model_specs
+
+    f = run.cfg.fewshot
+    out, zs = {}, None
+    needs_image = {"prompt_init", "linear_probe"} & set(f.methods)
+    if needs_image and run.train.image is None:
+        raise RadalignError("fewshot: prompt_init and linear_probe use the image embedding; add image to "
+                            "data.modalities")
+    x_pool, x_test = (pool.image, test.image) if needs_image else (None, None)
+    if "prompt_init" in f.methods:
+        w0, b0 = zero_shot_head(run)
+        out["prompt_init"] = prompt_init_method(x_pool, x_test, w0, b0, l2=f.l2)
+        zs = np.asarray(x_test, np.float64) @ w0 + b0
+    if "linear_probe" in f.methods:
+        out["linear_probe"] = linear_probe_method(x_pool, x_test, C=f.probe_C)
+    if "fusion" in f.methods:
+        spec = model_specs(run)["fusion"]
+
+        def make(seed):
+            import torch
+
+            torch.manual_seed(seed)
+            return build_model(spec)
+        out["fusion"] = model_method(make, pool.batch(), test.batch(), task="binary", steps=f.steps,
+                                     lr=run.cfg.optim.lr, weight_decay=run.cfg.optim.weight_decay)
+    return out, zs
+
+
+def run_fewshot(run) -> dict:
+    from radalign.metrics import auroc
+
+    cfg, f = run.cfg, run.cfg.fewshot
+    pool, test = run.train, run.test
+    y_pool, y_test = pool.y[:, 0], test.y[:, 0]
+    methods, zs_scores = _methods(run, pool, test)
+    zs = None
+    if zs_scores is not None:
+        keep = ~np.isnan(y_test)
+        zs = auroc(y_test[keep].astype(int), zs_scores[keep])
+    results = []
+    exclude = set(map(str, run.val.subjects)) | set(map(str, test.subjects))
+    for name, method in methods.items():
+        res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_test, ks=fewshot_ks(f),
+                        seeds=range(f.seeds), exclude_patients=exclude, zero_shot_auroc=zs, method_name=name,
+                        progress=cfg.progress)
+        write_sweep(run.run_dir, res)
+        results.append(res)
+    plot_learning_curve(results, run.run_dir / "learning_curve.png")
+    doc = {"task": cfg.task.name, "label": f.label, "eval_split": cfg.data.test_split, "unit": "study (AUROC); "
+           "draws by patient", "zero_shot_auroc": zs, "prompts": f.prompts,
+           "eval_rows": int((~np.isnan(y_test)).sum()), "eval_positives": int(np.nansum(y_test)),
+           "validation": "none: fixed recipes, no early stopping",
+           "methods": {r.method: {"summary": r.summary, "per_draw": r.per_draw} for r in results}}
+    atomic_write_json(run.run_dir / "fewshot.json", doc)
+    atomic_write_text(run.run_dir / "report.md", format_report(doc))
+    line = "; ".join(f"{r.method} " + ", ".join(f"k={k}: {_fmt(r.summary[str(k)]['mean'])}" for k in r.ks)
+                     for r in results)
+    run.say(f"few-shot {f.label} (test AUROC, mean of {f.seeds} draws): zero-shot {_fmt(zs)}; {line}")
+    return doc
+
+
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def format_report(doc: dict) -> str:
+    lines = [f"# Few-shot: {md_text(doc['label'])}", "",
+             f"AUROC on the `{md_text(doc['eval_split'])}` split ({doc['eval_rows']} labelled studies, "
+             f"{doc['eval_positives']} positive), mean over seeded draws with a 95% t-interval over draws. "
+             "Draws are k studies per class from distinct training patients; every draw's study list and "
+             f"sha256 is in draws/. Zero-shot (k=0, prompts `{md_text(doc['prompts'])}`): "
+             f"{_fmt(doc['zero_shot_auroc'])}. {md_text(doc['validation'])}.", ""]
+    for method, m in doc["methods"].items():
+        lines += [f"## {md_text(method)}", "", "| k | mean AUROC | 95% interval over draws | draws |",
+                  "|---|---|---|---|"]
+        for k, s in m["summary"].items():
+            lines.append(f"| {md_text(k)} | {_fmt(s['mean'])} | [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | "
+                         f"{s['n_draws']} |")
+        lines.append("")
+    lines.append("![learning curve](learning_curve.png)")
+    return "\n".join(lines) + "\n"

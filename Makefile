@@ -49,14 +49,22 @@ bench: $(STAMP)
 	$(BIN)/python bench/pretrain.py
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ehr.py --rows 1e6,1e7
+	$(BIN)/python bench/finetune.py
 
 # The demo: each step is a file target, so re-running skips what is complete (prepare and pretrain resume
 # themselves when interrupted).
-demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/ehr/manifest.json
+FT      := $(DEMO)/finetune
+IHM     := $(FT)/in_hospital_mortality
+FT_DATA := data.table=$(DEMO)/ehr/finetune data.shards=$(DEMO)/shards data.checkpoint=$(DEMO)/pretrain
+
+demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/ehr/manifest.json $(IHM)/explain.html \
+		$(FT)/fewshot_pleural_effusion/fewshot.json
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); a=m['macro']; print('zero-shot macro AUROC %.3f [%.3f, %.3f] over %s; shuffled-label control %.3f' % (a['auroc'], a['ci_low'], a['ci_high'], ', '.join(a['classes']), m['controls']['shuffled_labels_macro_auroc']))"
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
+	@$(BIN)/python -c "import json; m=json.load(open('$(IHM)/metrics.json')); print('in-hospital mortality, test AUROC [95% CI over patients]:', '; '.join('%s %.3f [%.3f, %.3f]' % (k, v['auroc'], v['ci_low'], v['ci_high']) for k, v in m['models'].items())); print('fusion minus each:', '; '.join('%s %+.3f [%+.3f, %+.3f]' % (k[len('fusion_vs_'):], v['delta'], v['ci_low'], v['ci_high']) for k, v in m['paired_differences'].items()))"
+	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
 
 $(DEMO)/synthetic/synth.json: | $(STAMP)
 	$(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) --workers $(DEMO_WORKERS) \
@@ -89,6 +97,25 @@ $(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
 		--k 5 --format html --out $(DEMO)/retrieval/example.html
 	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
 		--k 5 --format markdown --out $(DEMO)/retrieval/example.md
+
+$(IHM)/metrics.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
+	$(BIN)/radalign finetune --config finetune/in_hospital_mortality run_dir=$(IHM) $(FT_DATA)
+
+$(IHM)/eval/metrics.json: $(IHM)/metrics.json
+	$(BIN)/radalign finetune eval --checkpoint $(IHM) --split test --out $(IHM)/eval
+
+# The explained study: the test study with the highest fusion risk (any other id works the same way).
+$(IHM)/explain.html: $(IHM)/eval/metrics.json $(DEMO)/retrieval/index/manifest.json
+	$(eval STUDY := $(shell $(BIN)/python -c "import pandas as p; d=p.read_csv('$(IHM)/predictions.csv'); print(d.loc[d['score:fusion'].idxmax(), 'study_id'])"))
+	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
+		--format json --out $(IHM)/explain.json
+	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
+		--format markdown --out $(IHM)/explain.md
+	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
+		--format html --out $(IHM)/explain.html
+
+$(FT)/fewshot_pleural_effusion/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
+	$(BIN)/radalign finetune --config finetune/fewshot_chexpert run_dir=$(FT)/fewshot_pleural_effusion $(FT_DATA)
 
 # --- mutate (owner: H6 mutation; not in CI) -------------------------------------------------------------
 # Mutation testing with mutmut 3 of the modules whose bugs change numbers (tools/mutate.py has the module ->

@@ -149,8 +149,6 @@ class FinetuneConfig:
     """Steps between log lines (and NaN checks)."""
     bootstrap: int = 1000
     """Patient-level bootstrap resamples for the 95% intervals."""
-    device: str = "cpu"
-    """Device for embedding and single-process training."""
     stop_after: int = 0
     """Stop after this many optimizer steps of the model in training (checkpointed; resume continues it)."""
     resume: str = "auto"

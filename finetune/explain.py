@@ -178,7 +178,10 @@ def similar_cases(neighbours: Iterable[Mapping], subject_id, k: int | None = Non
             continue
         if k is not None and len(cases) >= k:
             break
-        cases.append({key: n[key] for key in CASE_KEYS})
+        case = {key: n[key] for key in CASE_KEYS}
+        if n.get("thumbnail"):
+            case["thumbnail"] = n["thumbnail"]  # a data URI, for the HTML page only (not in the JSON)
+        cases.append(case)
     num = den = 0.0
     for c in cases:
         if c["outcome"] is None or (isinstance(c["outcome"], float) and math.isnan(c["outcome"])):
@@ -211,6 +214,8 @@ class Explanation:
     similar: SimilarCases | None = None
     thumbnail: str | None = None
     """the film as a data URI (HTML only)"""
+    indication: str | None = None
+    """the order's indication (free text, shown escaped)"""
 
     @property
     def probability(self) -> float:
@@ -223,7 +228,8 @@ class Explanation:
             "output": {"space": "logit", "full": self.full, "empty": self.empty,
                        "probability": self.probability},
             "shapley": dict(self.shapley), "attention": dict(self.attention), "used": self.used,
-            "similar_cases": list(sim.cases) if sim else [],
+            "indication": self.indication,
+            "similar_cases": [{k: c[k] for k in CASE_KEYS} for c in sim.cases] if sim else [],
             "neighbour_vote": sim.vote if sim else None,
             "similar_skipped": dict(sim.skipped) if sim else {},
         }
@@ -254,6 +260,8 @@ def to_markdown(expl: Explanation) -> str:
     title += f" ({md_text(expl.task)})" if expl.task else ""
     lines = [title, "", f"- probability: {expl.probability:.3f} (logit {expl.full:+.3f}; with every modality "
              f"masked {expl.empty:+.3f})", f"- used: {md_text(expl.used)}"]
+    if expl.indication:
+        lines.append(f"- indication: {md_text(expl.indication)}")
     if expl.similar:
         lines.append(f"- neighbour vote of {len(expl.similar.cases)} similar cases: "
                      f"{_fmt(expl.similar.vote)} "
@@ -291,7 +299,8 @@ def _skipped(skipped: Mapping[str, int]) -> str:
 
 _CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1000px}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-img{width:192px;height:192px;object-fit:contain;background:#000}.muted{color:#666}
+img{width:192px;height:192px;object-fit:contain;background:#000}img.small{width:96px;height:96px}
+.muted{color:#666}
 .pos{background:#c44;height:10px;display:inline-block}
 .neg{background:#47c;height:10px;display:inline-block}"""
 
@@ -301,16 +310,26 @@ def _bar(v: float, scale: float) -> str:
     return f"<span class='{'pos' if v >= 0 else 'neg'}' style='width:{width}px'></span>"
 
 
+def _img(uri: str | None, cls: str = "") -> str:
+    """An <img> of a data URI (only `data:image/`: the page never loads anything from elsewhere), or ""."""
+    if not uri or not str(uri).startswith("data:image/"):
+        return ""
+    return f"<img class='{cls}' src=\"{html.escape(uri)}\" alt=\"film\">" if cls else \
+        f"<img src=\"{html.escape(uri)}\" alt=\"the film\">"
+
+
 def to_html(expl: Explanation) -> str:
     """A self-contained page (thumbnail as a data URI, CSS inline, no external assets); all text escaped."""
     e = html.escape
     title = f"Prediction for study {expl.study_id}" + (f" ({expl.task})" if expl.task else "")
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
              f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
-    if expl.thumbnail and expl.thumbnail.startswith("data:image/"):
-        parts.append(f"<img src=\"{e(expl.thumbnail)}\" alt=\"the film\">")
+    if _img(expl.thumbnail):
+        parts.append(_img(expl.thumbnail))
     parts.append(f"<p>Probability <b>{expl.probability:.3f}</b> (logit {expl.full:+.3f}; every modality "
                  f"masked {expl.empty:+.3f})</p><p>Used: {e(expl.used)}</p>")
+    if expl.indication:
+        parts.append(f"<p>Indication: {e(expl.indication)}</p>")
     scale = max([abs(v) for v in expl.shapley.values()] + [0.0])
     parts.append("<h2>Modality attributions (exact Shapley values, logit)</h2><table><tr><th>modality</th>"
                  "<th>Shapley</th><th></th><th>attention</th></tr>")
@@ -330,10 +349,11 @@ def _html_cases(sim: SimilarCases | None, probability: float) -> list[str]:
         return ["<p class='muted'>No retrieval index given: no similar cases.</p>"]
     parts = [f"<h2>{len(sim.cases)} similar past cases (other patients)</h2><p>Neighbour vote "
              f"<b>{e(_fmt(sim.vote))}</b> beside the model's probability <b>{probability:.3f}</b></p>"
-             "<table><tr><th>#</th><th>similarity</th><th>study</th><th>patient</th>"
+             "<table><tr><th>#</th><th>image</th><th>similarity</th><th>study</th><th>patient</th>"
              "<th>labels</th><th>outcome</th></tr>"]
     for i, c in enumerate(sim.cases, 1):
-        parts.append(f"<tr><td>{i}</td><td>{c['similarity']:.3f}</td><td>{e(str(c['study_id']))}</td>"
+        parts.append(f"<tr><td>{i}</td><td>{_img(c.get('thumbnail'), 'small')}</td>"
+                     f"<td>{c['similarity']:.3f}</td><td>{e(str(c['study_id']))}</td>"
                      f"<td>{e(str(c['subject_id']))}</td><td>{e(', '.join(map(str, c['labels'] or [])))}</td>"
                      f"<td>{e(_outcome(c['outcome']))}</td></tr>")
     parts.append(f"</table><p class='muted'>{e(_skipped(sim.skipped))}.</p>")
@@ -369,12 +389,12 @@ def write(expl: Explanation, fmt: str, out: str | os.PathLike | None) -> str:
 def explain(f: Callable[[frozenset], float], players: Sequence[str], *, study_id, used: str,
             attention: Mapping[str, float] | None = None, subject_id=None, task: str = "",
             neighbours: Iterable[Mapping] | None = None, k: int | None = None,
-            thumbnail: str | None = None) -> Explanation:
+            thumbnail: str | None = None, indication: str | None = None) -> Explanation:
     """Assemble an Explanation: 2^M calls of f, exact Shapley values, and the similar cases when given."""
     values = {k: _scalar(v, study_id) for k, v in subset_values(f, players).items()}
     return Explanation(study_id=study_id, full=values[frozenset(players)], empty=values[frozenset()],
                        shapley=shapley_values(values, players), used=used, attention=dict(attention or {}),
-                       subject_id=subject_id, task=task, thumbnail=thumbnail,
+                       subject_id=subject_id, task=task, thumbnail=thumbnail, indication=indication,
                        similar=similar_cases(neighbours, subject_id, k) if neighbours is not None else None)
 
 

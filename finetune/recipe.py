@@ -126,6 +126,10 @@ def setup(cfg: FinetuneConfig) -> Run:
     from pretrain.export import load_encoders
 
     t0 = time.perf_counter()
+    if cfg.model.image_tower != "frozen" or cfg.data.image_patch_tokens:
+        raise RadalignError(f"model.image_tower={cfg.model.image_tower}, data.image_patch_tokens="
+                            f"{cfg.data.image_patch_tokens}: this release trains on cached frozen tower "
+                            "embeddings (pooled) only; use model.image_tower=frozen data.image_patch_tokens=false")
     acc, precision, _ = make_accelerator(cfg.precision, find_unused_parameters=True)
     run_dir = Path(cfg.run_dir)
     table = load_table(cfg.data.table)

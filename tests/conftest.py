@@ -77,3 +77,38 @@ def embed_log():
     logger.addHandler(h)
     yield got
     logger.removeHandler(h)
+
+
+def _export_recording(model_cfg, out: Path, shards: Path, seed: int) -> Path:
+    """A random-init export that records the shards it was 'trained' on, as `radalign pretrain` does."""
+    import hashlib
+
+    import torch
+
+    from pretrain.export import export_encoders
+    from pretrain.models import build_model
+
+    torch.manual_seed(seed)
+    sha = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
+    return export_encoders(build_model(model_cfg), model_cfg, out, extra={
+        "data": {"shards": str(shards), "manifest_sha256": sha, "train_split": "train"}})
+
+
+@pytest.fixture(scope="session")
+def ft_cohort(tmp_path_factory, nano_model_cfg) -> dict:
+    """300 synthetic patients for the finetune tests: shards, the link-ehr table, a random-init nano export (the
+    towers) and a second export with other weights (an index built with it must be refused)."""
+    from data.ehr import link_ehr
+    from data.synth import synthesize
+    from radalign.cli import main
+
+    root = tmp_path_factory.mktemp("ftcohort")
+    synthesize(root / "synth", patients=300, seed=3, image_size=64, workers=1, progress=False)
+    shards = root / "shards"
+    assert main(["data", "prepare", "--mimic-cxr", str(root / "synth" / "mimic-cxr-jpg"), "--reports",
+                 str(root / "synth" / "mimic-cxr-reports"), "--out", str(shards), "--image-size", "64",
+                 "--shard-size", "64", "--workers", "1"]) == 0
+    link_ehr(root / "synth" / "mimic-iv", shards, root / "ehr", progress=False)
+    return {"root": root, "shards": shards, "table": root / "ehr" / "finetune",
+            "export": _export_recording(nano_model_cfg, root / "pretrain" / "export", shards, seed=0),
+            "other_export": _export_recording(nano_model_cfg, root / "other" / "export", shards, seed=1)}

@@ -25,30 +25,8 @@ BASELINES = ["image_only", "ehr_only", "text_only", "late_fusion", "early_fusion
 
 
 @pytest.fixture(scope="module")
-def cohort(tmp_path_factory):
-    """300 synthetic patients: shards, the link-ehr table, and a random-init nano export that records the
-    shards it was 'trained' on (as `radalign pretrain` does)."""
-    import hashlib
-
-    from data.ehr import link_ehr
-    from data.synth import synthesize
-    from pretrain.export import export_encoders
-    from pretrain.models import build_model, get_model_config
-    from radalign.cli import main
-
-    root = tmp_path_factory.mktemp("ftcohort")
-    synthesize(root / "synth", patients=300, seed=3, image_size=64, workers=1, progress=False)
-    shards = root / "shards"
-    assert main(["data", "prepare", "--mimic-cxr", str(root / "synth" / "mimic-cxr-jpg"), "--reports",
-                 str(root / "synth" / "mimic-cxr-reports"), "--out", str(shards), "--image-size", "64",
-                 "--shard-size", "64", "--workers", "1"]) == 0
-    link_ehr(root / "synth" / "mimic-iv", shards, root / "ehr", progress=False)
-    torch.manual_seed(0)
-    cfg = get_model_config(str(NANO))
-    sha = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
-    export = export_encoders(build_model(cfg), cfg, root / "pretrain" / "export",
-                             extra={"data": {"shards": str(shards), "manifest_sha256": sha, "train_split": "train"}})
-    return {"root": root, "shards": shards, "table": root / "ehr" / "finetune", "export": export}
+def cohort(ft_cohort):
+    return ft_cohort
 
 
 def _cfg(cohort, run_dir, *overrides) -> FinetuneConfig:

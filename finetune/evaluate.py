@@ -1,0 +1,291 @@
+"""`radalign finetune eval` and `radalign finetune explain` as library calls on a finished run.
+
+    res = evaluate_run("runs/demo/finetune/in_hospital_mortality", out="…/eval")   # metrics.json, report.md, PNGs
+    expl = explain_study(RUN, study_id=50000123, index="runs/demo/retrieval/index", k=5)
+    finetune.explain.write(expl, "html", "explain.html")
+
+Evaluation: predictions of every saved model on the test split and on validation (thresholds and temperature
+are fitted there, never on test), group columns from the split's table rows (sex, age band, race, insurance,
+which modalities were present, labs present/absent), and the graceful-degradation logits of the fusion models
+(each modality masked at test time). late_fusion and gbdt are not saved as models; their scores come from the
+run's own predictions files when the evaluated split is the run's (same table, same studies), else they are
+left out (said in metrics.json).
+
+Explanation: one study's exact Shapley values over the fusion model's modalities (every coalition is one
+forward pass with `present_override`, in logit space), the [CLS] attention per modality token, a plain
+statement of what was used, and, with a retrieval index built by the same encoders, the k most similar cases
+of other patients with their outcome in the table and a similarity-weighted neighbour vote.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from finetune import clinical as C
+from finetune import explain as X
+from finetune.inputs import SplitInputs, task_labels
+from finetune.predict import TrainedRun, load_run
+from radalign import RadalignError
+
+FUSION_MODELS = ("fusion", "fusion_no_dropout")  # the degradation table's models (with / without dropout)
+SAVED_PREDICTIONS = {"test_split": "predictions.csv", "val_split": "predictions_validate.csv"}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def lab_features(trained: TrainedRun, table: str | None = None) -> list[str]:
+    """The run's lab features (the link's `features`, vitals excluded; all EHR features when it has none)."""
+    feats = list(trained.featurizer.features) if trained.featurizer is not None else []
+    labs = trained.table(table).manifest.get("features")
+    return [f for f in feats if f in labs] if labs else feats
+
+
+def group_frame(trained: TrainedRun, data: SplitInputs, table: str | None = None) -> pd.DataFrame:
+    """The split's table rows with `age_band`, `modalities` (presence pattern) and `labs` (present/absent)."""
+    labs = [f for f in lab_features(trained, table) if f in data.frame.columns]
+    return C.add_group_columns(data.frame, data.present, labs)
+
+
+def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict[str, np.ndarray]] | None:
+    """{model: {"all": logits [N], <modality>: logits with it masked}} for the fusion models of the run."""
+    from finetune.recipe import degradation_logits
+
+    out = {}
+    for name in FUSION_MODELS:
+        if name in trained.models:
+            model, meta = trained.models[name]
+            out[name] = degradation_logits(model, data, meta["spec"]["modalities"])
+    return out or None
+
+
+def _saved_baselines(trained: TrainedRun, pred: pd.DataFrame, which: str, split: str,
+                     table: str | None) -> tuple[pd.DataFrame, list[str]]:
+    """Add the run's saved scores of models that are not saved as weights (late_fusion, gbdt) when `split`
+    is the run's own `which` split of its own table and the file covers exactly these studies."""
+    path = trained.path / SAVED_PREDICTIONS[which]
+    own = getattr(trained.cfg.data, which) == split and (table is None or str(table) == str(trained.table_path))
+    if not own or not path.is_file():
+        return pred, []
+    saved = pd.read_csv(path)
+    if sorted(saved["study_id"].astype(str)) != sorted(pred["study_id"].astype(str)):
+        return pred, []
+    extra = [c for c in saved.columns if c.startswith((C.SCORE_PREFIX, C.LOGIT_PREFIX)) and c not in pred.columns]
+    keyed = saved.assign(_key=saved["study_id"].astype(str)).set_index("_key")
+    add = keyed.loc[pred["study_id"].astype(str), extra].reset_index(drop=True)
+    return pd.concat([pred.reset_index(drop=True), add], axis=1), sorted(
+        {c.split(":", 1)[1] for c in extra})
+
+
+def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None = None,
+                 table: str | None = None, split: str | None = None, val_split: str | None = None,
+                 shards: str | None = None, model: str = "fusion", threshold_rule: str = "youden",
+                 threshold_target: float | None = None, n_boot: int | None = None, seed: int | None = None,
+                 min_count: int = 20, subgroups: Sequence[str] | None = None, n_bins: int = 10) -> dict:
+    """The whole clinical evaluation of a run on a table split; written to `out` when given.
+
+    Defaults come from the run's config: split = data.test_split, val_split = data.val_split, n_boot =
+    bootstrap, seed = seed. subgroups: columns of the table (or the derived age_band, modalities, labs).
+    """
+    trained = load_run(checkpoint)
+    cfg = trained.cfg
+    if cfg.task.kind != "binary":
+        raise RadalignError(f"--checkpoint {checkpoint}: task {cfg.task.name!r} is {cfg.task.kind}; the clinical "
+                            "evaluation (calibration, thresholds, subgroups) is for binary tasks")
+    if model not in trained.models:
+        raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
+    split, val_split = split or cfg.data.test_split, val_split or cfg.data.val_split
+    if split == val_split:
+        raise RadalignError(f"--split {split} and --val-split {val_split}: thresholds and the temperature are "
+                            "fitted on validation; evaluate on another split than the one they are fitted on")
+    test, val = trained.inputs(split, table, shards), trained.inputs(val_split, table, shards)
+    test_pred, extra_t = _saved_baselines(trained, trained.predictions(test), "test_split", split, table)
+    val_pred, extra_v = _saved_baselines(trained, trained.predictions(val), "val_split", val_split, table)
+    both = set(extra_t) & set(extra_v)  # a baseline needs its validation scores too (operating point)
+    test_pred = test_pred.drop(columns=[c for c in test_pred.columns if c.split(":", 1)[-1] in set(extra_t) - both])
+    columns = list(subgroups) if subgroups is not None else [*C.SUBGROUPS, *C.MISSINGNESS]
+    res = C.evaluate_predictions(
+        test_pred, val_pred, model=model, groups=group_frame(trained, test, table), subgroup_columns=columns,
+        degradation=degradation_scores(trained, test), threshold_rule=threshold_rule,
+        threshold_target=threshold_target, n_boot=cfg.bootstrap if n_boot is None else n_boot,
+        seed=cfg.seed if seed is None else seed, min_count=min_count, n_bins=n_bins)
+    res["run"] = {"checkpoint": str(checkpoint), "task": cfg.task.name, "table": str(table or trained.table_path),
+                  "split": split, "val_split": val_split, "n_test": len(test), "n_validation": len(val),
+                  "present": {m: int(p.sum()) for m, p in test.present.items()},
+                  "baselines_from_saved_predictions": sorted(both),
+                  "encoder_checksum": getattr(trained.encoders, "checksum", None)}
+    if out is not None:
+        res["files"] = C.write_evaluation(out, res, title=f"Clinical evaluation: {cfg.task.name} ({model}, "
+                                                         f"{split} split)")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Explanation of one study
+
+
+def find_study(trained: TrainedRun, study_id, *, table: str | None = None,
+               split: str | None = None) -> tuple[str, int]:
+    """(split, row) of `study_id` in the table; `split` given: only there. Error names an id that exists."""
+    t = trained.table(table)
+    splits = [split] if split else list(t.splits)
+    for s in splits:
+        ids = t.split(s)["study_id"].astype(str).to_numpy()
+        rows = np.flatnonzero(ids == str(study_id))
+        if rows.size:
+            return s, int(rows[0])
+    first = t.split(splits[0])["study_id"]
+    example = f" (e.g. {first.iloc[0]})" if len(first) else ""
+    raise RadalignError(f"--study-id {study_id}: not in split(s) {', '.join(splits)} of {t.path}{example}; "
+                        "pass a study_id of the table" + ("" if split is None else ", or another --split"))
+
+
+def coalition_logit(model: torch.nn.Module, batch: Mapping):
+    """f(kept modalities) -> the model's logit for a one-row batch (eval mode, no grad)."""
+    def f(kept: frozenset) -> float:
+        with torch.no_grad():
+            return float(model(batch, present_override=frozenset(kept)).logits[0, 0])
+    return f
+
+
+def attention_weights(model: torch.nn.Module, batch: Mapping) -> dict[str, float]:
+    """The [CLS] attention per modality token of the full forward pass (last layer, head mean)."""
+    with torch.no_grad():
+        out = model(batch)
+    if not hasattr(out, "attention"):
+        return {}
+    return {m: float(a) for m, a in zip(out.modalities, out.attention[0].tolist())}
+
+
+def used_text(trained: TrainedRun, data: SplitInputs, row: int, modalities: Sequence[str],
+              table: str | None = None) -> str:
+    present = {m: bool(data.present[m][row]) for m in modalities}
+    labs = [f for f in lab_features(trained, table) if f in data.frame.columns]
+    details = {"ehr": X.lab_details_from_row(data.frame.iloc[row].to_dict(), labs)} if labs else {}
+    return X.used_statement(present, details)
+
+
+def outcome_lookup(trained: TrainedRun, table: str | None = None) -> dict[str, float | None]:
+    """study_id (str) -> the task's label over every split of the table (None: unknown)."""
+    out: dict[str, float | None] = {}
+    for frame in trained.table(table).splits.values():
+        try:
+            y = task_labels(frame, trained.cfg.task)[:, 0]
+        except (KeyError, RadalignError):
+            continue
+        out.update({str(s): (None if np.isnan(v) else float(v)) for s, v in zip(frame["study_id"], y)})
+    return out
+
+
+def check_index_encoder(store, trained: TrainedRun) -> None:
+    """Refuse an index whose embeddings come from another export than the run's towers (both checksums)."""
+    from retrieval.search import check_encoder
+
+    if trained.encoders is None:
+        raise RadalignError(f"--index {store.path}: this run has no image/text towers "
+                            f"(modalities {trained.modalities}); similar cases need an image run")
+    check_encoder(store.manifest, trained.encoders, f"--index {store.path}")
+
+
+def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: SplitInputs, row: int, k: int,
+                       outcomes: Mapping[str, float | None]) -> tuple[list[dict], dict]:
+    """The k nearest cases of other patients to the study's image embedding, with the task outcome from the
+    table (else the index's `outcomes` field); returns (neighbours, what the search filtered out)."""
+    from retrieval.search import Retriever
+
+    retr = Retriever.load(index)
+    check_index_encoder(retr.store, trained)
+    retr.encoders = trained.encoders
+    if data.image is None or not data.present.get("image", np.zeros(len(data), bool))[row]:
+        raise RadalignError(f"study {data.studies[row]}: no film embedded, so no image to search the index "
+                            "with; explain it without --index")
+    fr = data.frame.iloc[row]
+    res = retr.search(vector=data.image[row], k=k, query_info={
+        "kind": "study", "study_id": str(fr["study_id"]), "subject_id": str(fr["subject_id"])})
+    label = trained.cfg.task.labels[0]
+    cases = []
+    for n in res.neighbours:
+        outcome = outcomes.get(str(n["study_id"]))
+        if outcome is None and isinstance(n.get("outcomes"), Mapping):
+            outcome = _number(n["outcomes"].get(label))
+        cases.append({"study_id": n["study_id"], "subject_id": n["subject_id"], "similarity": n["similarity"],
+                      "labels": list(n["labels"]), "outcome": None if outcome is None else int(outcome),
+                      "thumbnail": n.get("thumbnail")})
+    return cases, dict(res.filtered)
+
+
+def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: str | None = None,
+                    size: int = 192) -> str | None:
+    """The study's first film (as the model saw it) as a JPEG data URI, read from the shards; None when
+    none of its films is there. Reads the shard splits in turn (table split first) until it finds one."""
+    from data.loader import make_eval_loader, read_manifest, shard_paths
+    from retrieval.build import thumbnail_jpeg
+    from retrieval.store import data_uri
+
+    enc = trained.encoders
+    ids = data.frame.iloc[row].get("dicom_ids")
+    wanted = {str(d) for d in (list(ids) if ids is not None else [])}
+    if enc is None or not wanted:
+        return None
+    root = Path(shards or trained.shards)
+    splits = list(read_manifest(root).get("splits", {}))
+    for s in sorted(splits, key=lambda s: s != data.name):
+        loader = make_eval_loader(shard_paths(root, s), batch_size=16, transform=enc.image_transform())
+        for batch in loader:
+            for image, meta, key in zip(batch["image"], batch["meta"], batch["key"]):
+                if str(meta.get("dicom_id", key)) in wanted:
+                    return data_uri(thumbnail_jpeg(image, enc.config["mean"], enc.config["std"], size))
+    return None
+
+
+def _number(v) -> float | None:
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return None if np.isnan(v) else v
+
+
+def _text(v) -> str | None:
+    return v if isinstance(v, str) and v.strip() else None
+
+
+def explain_study(checkpoint: str | os.PathLike, study_id, *, index: str | os.PathLike | None = None,
+                  k: int = 5, split: str | None = None, table: str | None = None, shards: str | None = None,
+                  model: str = "fusion", thumbnail: bool = False) -> X.Explanation:
+    """Explain the prediction of `model` for one study of the run's table (see the module docstring).
+
+    split: where to look for the study (default: every split of the table); thumbnail: read the film from
+    the shards for the HTML page."""
+    trained = load_run(checkpoint)
+    if model not in trained.models:
+        raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
+    net, meta = trained.models[model]
+    mods = list(meta["spec"]["modalities"])
+    split, row = find_study(trained, study_id, table=table, split=split)
+    data = trained.inputs(split, table, shards)
+    batch = data.batch([row], mods)
+    net.eval()
+    fr = data.frame.iloc[row]
+    neighbours, filtered = (None, {})
+    if index is not None:
+        neighbours, filtered = similar_neighbours(index, trained, data, row, k, outcome_lookup(trained, table))
+    expl = X.explain(coalition_logit(net, batch), mods, study_id=fr["study_id"], subject_id=fr["subject_id"],
+                     used=used_text(trained, data, row, mods, table), attention=attention_weights(net, batch),
+                     task=trained.cfg.task.name, neighbours=neighbours, k=k,
+                     thumbnail=study_thumbnail(trained, data, row, shards) if thumbnail else None,
+                     indication=_text(fr.get("indication")))
+    if expl.similar is not None:
+        expl.similar.skipped["same_patient"] += int(filtered.get("same_patient", 0))
+    return expl
+
+
+__all__ = ["evaluate_run", "explain_study", "find_study", "group_frame", "degradation_scores", "lab_features",
+           "check_index_encoder", "similar_neighbours", "study_thumbnail", "outcome_lookup", "coalition_logit", "attention_weights"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -140,7 +141,8 @@ def child_ours(root: Path, out: Path, memory_limit: str, threads: int) -> None:
                                memory_limit=memory_limit, threads=threads, seconds=seconds)
     cols = ["subject_id", "study_id"] + [c for n in FEATURES for c in (n, f"{n}_hours")]
     frame[cols].to_parquet(out)
-    print(json.dumps({"seconds": seconds, "cache": counts["cache"]["labevents"]["cache"]}))
+    print(json.dumps({"seconds": seconds, "cache": counts["cache"]["labevents"]["cache"],
+                      "engine": counts["cache"]["labevents"].get("engine"), "cpu_s": _cpu_seconds()}))
 
 
 def child_pandas(root: Path, out: Path) -> None:
@@ -168,7 +170,16 @@ def child_pandas(root: Path, out: Path) -> None:
         wide[name] = part["valuenum"].reindex(wide.index)
         wide[f"{name}_hours"] = part["hours"].reindex(wide.index)
     wide.reset_index()[["subject_id", "study_id"] + [c for n in FEATURES for c in (n, f"{n}_hours")]].to_parquet(out)
-    print(json.dumps({}))
+    print(json.dumps({"cpu_s": _cpu_seconds()}))
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads: the measure the other agents' load on the
+    shared cores does not inflate (wall time does)."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return round(r.ru_utime + r.ru_stime, 2)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,6 +192,7 @@ def _child(kind: str, root: Path, out: Path, args) -> object:
     run = run_measured(cmd, cwd=REPO)
     if run.returncode != 0:
         raise SystemExit(f"{kind} failed:\n{run.output[-3000:]}")
+    run.info = json.loads(run.output.strip().splitlines()[-1])
     return run
 
 
@@ -230,16 +242,19 @@ def main(argv=None) -> int:
             pdr = _child("pandas", root, root / "pandas.parquet", args)
             _assert_equal(root / "ours.parquet", root / "pandas.parquet")
             ours_rss.append(max(cold.peak_rss_mb, warm.peak_rss_mb))
+            cpu = [r.info["cpu_s"] for r in (cold, warm, pdr)]
             rows.append([f"{n:,}", cold.seconds, warm.seconds, pdr.seconds, ratio(pdr.seconds, cold.seconds),
-                         ratio(pdr.seconds, warm.seconds), cold.peak_rss_mb, warm.peak_rss_mb, pdr.peak_rss_mb])
-            print(f"  {n:,} rows: outputs equal; ours cold {cold.seconds:.1f} s / {cold.peak_rss_mb:.0f} MiB, warm "
-                  f"{warm.seconds:.1f} s / {warm.peak_rss_mb:.0f} MiB; pandas {pdr.seconds:.1f} s / "
-                  f"{pdr.peak_rss_mb:.0f} MiB", flush=True)
+                         ratio(pdr.seconds, warm.seconds), *cpu, ratio(cpu[2], cpu[0]), cold.peak_rss_mb,
+                         warm.peak_rss_mb, pdr.peak_rss_mb])
+            print(f"  {n:,} rows: outputs equal; ours cold {cold.seconds:.1f} s ({cpu[0]:.1f} CPU-s, "
+                  f"{cold.info['engine']} conversion) / {cold.peak_rss_mb:.0f} MiB, warm {warm.seconds:.1f} s "
+                  f"({cpu[1]:.1f} CPU-s) / {warm.peak_rss_mb:.0f} MiB; pandas {pdr.seconds:.1f} s ({cpu[2]:.1f} "
+                  f"CPU-s) / {pdr.peak_rss_mb:.0f} MiB; load average {os.getloadavg()[0]:.1f}", flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
     print(table(["labevents rows", "ours cold s", "ours warm s", "pandas s", "speed-up cold", "speed-up warm",
-                 "ours cold RSS MiB", "ours warm RSS MiB", "pandas RSS MiB"], rows))
+                 "ours cold CPU-s", "ours warm CPU-s", "pandas CPU-s", "CPU ratio cold", "ours cold RSS MiB", "ours warm RSS MiB", "pandas RSS MiB"], rows))
     if len(ours_rss) > 1:
         print(f"our peak RSS grows {ours_rss[-1] / ours_rss[0]:.2f}x from {sizes[0]:,} to {sizes[-1]:,} rows")
     return 0

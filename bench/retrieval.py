@@ -100,7 +100,7 @@ def run_size(n: int, d: int, hnsw_max: int, hnsw_times: dict, n_lat: int, n_q: i
         p50, p99 = latency_ms(index, q[:n_lat])
         qps = throughput(index, q)
         _, found = ix.search(index, q, 10)
-        recall = ix.recall_at_k(found, truth)
+        recall = ix.neighbour_recall(found, truth)
         if kind == "flat":
             flat_p50, flat_qps = p50, qps
         rows.append([f"{n:,}", entry["index_string"], f"{entry['build_seconds']:.1f}",

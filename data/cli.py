@@ -62,6 +62,10 @@ def _add_synth(verbs) -> None:
     p.add_argument("--difficulty", type=float, default=0.3,
                    help="0 = obvious visual correlates of each finding, 1 = subtle (default: %(default)s)")
     p.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
+    p.add_argument("--no-images", action="store_true",
+                   help="every table and report but no JPEG (enough for link-ehr and the truth table; the tables "
+                        "are the same as with images)")
+    p.add_argument("--no-icu", action="store_true", help="leave out mimic-iv/icu (icustays, chartevents, d_items)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="regenerate even when OUT already holds a finished set made with the same arguments")
@@ -174,7 +178,8 @@ def _synth(args) -> int:
     from data.synth import synth_complete, synthesize
     from radalign.log import rprint
 
-    same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty)
+    same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty,
+                images=not args.no_images, icu=not args.no_icu)
     if not args.force and synth_complete(args.out, **same):
         rprint(f"{args.out}: a finished synthetic set with these arguments is already there; skipping "
                "(--force regenerates)")

@@ -376,6 +376,9 @@ def connect(memory_limit: str, temp_dir: Path, threads: int = 0, progress: bool 
     _do(con, f"SET memory_limit = {_q(memory_limit)}")
     _do(con, f"SET temp_directory = {_q(temp_dir)}")
     _do(con, "SET preserve_insertion_order = false")
+    # DuckDB >= 1.3 keeps every Parquet block it read in an in-memory file cache outside memory_limit's spill
+    # logic: with it on, peak RSS grew with the size of the labs Parquet (the bench's 10^7 rows: +180 MB).
+    _do(con, "SET enable_external_file_cache = false")
     if threads:
         _do(con, f"SET threads = {int(threads)}")
     _do(con, f"SET enable_progress_bar = {'true' if progress else 'false'}")
@@ -391,6 +394,7 @@ def events_parquet(con, table: Table, cache_dir: Path, itemids=None) -> tuple[Pa
 
     Keyed by the CSV's size and mtime (and, when `itemids` filters the rows, by those itemids): a changed
     input is converted again, and older conversions of the same table are removed. Returns (path, info).
+    The conversion streams (`_arrow_convert`); a file the strict typed reader refuses is converted by DuckDB.
     """
     from radalign.io import atomic_path, atomic_write_json
 
@@ -402,23 +406,108 @@ def events_parquet(con, table: Table, cache_dir: Path, itemids=None) -> tuple[Pa
     if target.is_file() and meta.is_file():
         return target, {**json.loads(meta.read_text()), "cache": "hit", "path": str(target)}
     cache_dir.mkdir(parents=True, exist_ok=True)
-    where = f"WHERE {_int('itemid')} IN ({', '.join(str(int(i)) for i in itemids)})" if itemids else ""
-    extra = f", {_int('stay_id')} AS stay_id" if "stay_id" in table.columns else ""
     t = time.perf_counter()
     with atomic_path(target) as tmp:
-        _do(con, f"""COPY (SELECT {_int('subject_id')} AS subject_id, {_int('hadm_id')} AS hadm_id{extra},
-                            {_int('itemid')} AS itemid, {_ts('charttime')} AS charttime,
-                            {_ts('storetime')} AS storetime, {_num('valuenum')} AS valuenum
-                     FROM {csv_sql(table)} {where}) TO {_q(tmp)} (FORMAT parquet, COMPRESSION zstd)""")
-    rows = con.execute(f"SELECT count(*) FROM read_parquet({_q(target)})").fetchall()[0][0]
+        try:
+            rows, engine = _arrow_convert(table, tmp, itemids), "arrow"
+        except _StrictParseError as e:
+            log.info(f"{table.path}: {e}; converting with DuckDB's tolerant reader instead (slower)")
+            rows, engine = _duckdb_convert(con, table, tmp, itemids), "duckdb"
     info = {"source": str(table.path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "rows": int(rows),
             "filtered_itemids": sorted(int(i) for i in itemids) if itemids else None,
-            "convert_seconds": round(time.perf_counter() - t, 3)}
+            "convert_seconds": round(time.perf_counter() - t, 3), "engine": engine}
     atomic_write_json(meta, info)
     for old in cache_dir.glob(f"{table.name}-{where_from}-*"):
         if old.name not in (target.name, meta.name) and not old.name.startswith("."):
             old.unlink(missing_ok=True)
     return target, {**info, "cache": "miss", "path": str(target)}
+
+
+class _StrictParseError(Exception):
+    """The typed Arrow reader met a value it will not coerce (e.g. `___` where a number belongs)."""
+
+
+EVENT_TYPES = {"subject_id": "int64", "hadm_id": "int64", "stay_id": "int64", "itemid": "int64",
+               "charttime": "timestamp[us]", "storetime": "timestamp[us]", "valuenum": "float64"}
+ROW_GROUP_ROWS = 1 << 19   # ~20 MB of typed columns: bounded memory, and row groups enough for parallel scans
+
+
+def _event_columns(table: Table) -> list[str]:
+    return [c for c in EVENT_TYPES if c in table.columns]
+
+
+def _csv_stream(path: Path):
+    """The CSV bytes of `path`. Gzip is inflated in a thread of its own so that parsing overlaps it: by ISA-L
+    (`isal`, 2x zlib's speed) when installed, else by Arrow's zlib stream (its read-ahead thread)."""
+    import pyarrow as pa
+
+    if path.suffix != ".gz":
+        return pa.OSFile(str(path), "rb")
+    try:
+        from isal import igzip_threaded
+    except ImportError:
+        return pa.input_stream(str(path), compression="gzip", buffer_size=1 << 20)
+    return pa.PythonFile(igzip_threaded.open(path, "rb", threads=1), mode="r")
+
+
+def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
+    """Stream `table` into the Parquet file `out` (only the columns link-ehr reads, typed); returns rows.
+
+    Why not DuckDB's reader here: every column must be read as VARCHAR and TRY_CAST (duckdb#23818, see `_int`),
+    which took 27 CPU-s for 10^7 gzipped lab rows against 13 for this stream (bench/ehr.py); and DuckDB inflates
+    gzip on the same thread that parses. Memory is one row group plus Arrow's 1 MB blocks, whatever the size.
+    Raises _StrictParseError on a value the typed reader refuses (the caller falls back to DuckDB).
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    cols = _event_columns(table)
+    types = {c: pa.type_for_alias(EVENT_TYPES[c]) for c in cols}
+    keep = pa.array(sorted(int(i) for i in itemids), pa.int64()) if itemids else None
+    src = _csv_stream(table.path)
+    rows, pending = 0, []
+    try:
+        reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=True),
+                               parse_options=pcsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pcsv.ConvertOptions(include_columns=cols, column_types=types))
+        schema = pa.schema([(c, types[c]) for c in cols])
+        with pq.ParquetWriter(str(out), schema, compression="zstd") as writer:
+            for batch in reader:
+                if keep is not None:
+                    batch = batch.filter(pc.is_in(batch["itemid"], value_set=keep))
+                pending.append(batch)
+                if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
+                    rows += _flush(writer, pending)
+            rows += _flush(writer, pending)
+    except pa.ArrowInvalid as e:
+        raise _StrictParseError(str(e).splitlines()[0]) from None
+    finally:
+        src.close()
+    return rows
+
+
+def _flush(writer, pending: list) -> int:
+    import pyarrow as pa
+
+    if not pending:
+        return 0
+    chunk = pa.Table.from_batches(pending)
+    writer.write_table(chunk, row_group_size=len(chunk))
+    pending.clear()
+    return len(chunk)
+
+
+def _duckdb_convert(con, table: Table, out: Path, itemids=None) -> int:
+    """The tolerant conversion: every column VARCHAR, TRY_CAST(trim()) (a bad value becomes NULL)."""
+    where = f"WHERE {_int('itemid')} IN ({', '.join(str(int(i)) for i in itemids)})" if itemids else ""
+    extra = f", {_int('stay_id')} AS stay_id" if "stay_id" in _event_columns(table) else ""
+    _do(con, f"""COPY (SELECT {_int('subject_id')} AS subject_id, {_int('hadm_id')} AS hadm_id{extra},
+                        {_int('itemid')} AS itemid, {_ts('charttime')} AS charttime,
+                        {_ts('storetime')} AS storetime, {_num('valuenum')} AS valuenum
+                 FROM {csv_sql(table)} {where}) TO {_q(out)} (FORMAT parquet, COMPRESSION zstd)""")
+    return con.execute(f"SELECT count(*) FROM read_parquet({_q(out)})").fetchall()[0][0]
 
 
 def check_itemids(con, items: dict[str, int], table: Table, block: str) -> int:
@@ -500,28 +589,31 @@ def latest_values(con, parquet: Path, items: dict[str, int]) -> tuple[pd.DataFra
     """Latest available numeric value per (study, item name): long frame [study_key, name, value, hours,
     outpatient] and per-name counts of in-window events skipped (not yet resulted at t0; non-numeric).
 
-    One streaming pass: the range join feeds a hash aggregate keyed by (study, item) whose `arg_max` keeps the
-    event with the largest (charttime, available time, value); memory grows with studies x items, not with
-    the number of events (no candidate table, no window sort).
+    The range join yields the in-window candidates (events x the subject's studies); one window per (study,
+    item) ranks them (usable first, then charttime, available time, value, all descending) and counts the
+    skipped ones. Why a window and not `arg_max(struct, struct)` in a hash aggregate: its struct states
+    were the largest allocation of the link (bench/ehr.py, 10^7 lab rows: +280 MB of RSS against +170 MB); the window's sort spills to `temp_directory` under `memory_limit`.
     """
     values = ", ".join(f"({_q(n)}, {int(i)})" for n, i in items.items())
     ids = ", ".join(str(int(i)) for i in items.values())
     _do(con, f"CREATE OR REPLACE TEMP TABLE items AS SELECT * FROM (VALUES {values}) t(name, itemid)")
     ready = "coalesce(e.storetime, e.charttime) <= s.t0"
+    usable = f"({ready} AND e.valuenum IS NOT NULL)"
     agg = con.execute(f"""
-        SELECT study_key, name, pick.v AS value, (epoch_us(t0) - epoch_us(pick.c)) / 3600e6 AS hours,
-               pick.o AS outpatient, late, nonnum
-        FROM (SELECT s.study_key, i.name, any_value(s.t0) AS t0,
-                     arg_max(struct_pack(v := e.valuenum, c := e.charttime, o := e.hadm_id IS NULL),
-                             struct_pack(c := e.charttime, a := coalesce(e.storetime, e.charttime), v := e.valuenum))
-                         FILTER (WHERE {ready} AND e.valuenum IS NOT NULL) AS pick,
-                     count(*) FILTER (WHERE NOT ({ready})) AS late,
-                     count(*) FILTER (WHERE {ready} AND e.valuenum IS NULL) AS nonnum
+        SELECT study_key, name, CASE WHEN usable THEN v END AS value,
+               (epoch_us(t0) - epoch_us(c)) / 3600e6 AS hours, o AS outpatient, late, nonnum
+        FROM (SELECT s.study_key, i.name, s.t0, e.valuenum AS v, e.charttime AS c, e.hadm_id IS NULL AS o,
+                     {usable} AS usable,
+                     count(*) FILTER (WHERE NOT ({ready})) OVER w AS late,
+                     count(*) FILTER (WHERE {ready} AND e.valuenum IS NULL) OVER w AS nonnum,
+                     row_number() OVER (w ORDER BY {usable} DESC, e.charttime DESC,
+                                        coalesce(e.storetime, e.charttime) DESC, e.valuenum DESC) AS rank
               FROM (SELECT subject_id, hadm_id, itemid, charttime, storetime, valuenum
                     FROM read_parquet({_q(parquet)}) WHERE itemid IN ({ids})) e
               JOIN items i ON e.itemid = i.itemid
               JOIN s ON e.subject_id = s.subject_id AND e.charttime >= s.t_lo AND e.charttime < s.t0
-              GROUP BY s.study_key, i.name)""").df()
+              WINDOW w AS (PARTITION BY s.study_key, i.name))
+        WHERE rank = 1""").df()
     skipped = {n: {"not_yet_resulted": 0, "non_numeric": 0} for n in items}
     for name, part in agg.groupby("name"):
         skipped[name] = {"not_yet_resulted": int(part["late"].sum()), "non_numeric": int(part["nonnum"].sum())}
@@ -826,4 +918,5 @@ def read_ehr(out: str | os.PathLike) -> pd.DataFrame:
 
 __all__ = ["link_ehr", "link_frame", "link_studies", "read_studies", "find_tables", "load_feature_list", "FeatureList",
            "OutcomeSpec", "ehr_columns", "events_parquet", "read_ehr", "MANIFEST_FORMAT", "TABLES"]
+
 

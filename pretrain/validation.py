@@ -32,27 +32,23 @@ def embed_part(net, tokenizer, shards_root, split, transform, *, batch_size: int
                rank: int = 0, world_size: int = 1) -> dict:
     """Embed this process's share of a split with `net` (a plain module: `radalign.training.eval_module`).
 
-    No distribution here: the recipe gathers the parts (`radalign.training.gather_to_main`) and calls
-    `merge_parts` on rank 0.
+    Images go through the shared pass (`data.embed.embed_split`: manifest-checked, lost samples counted and
+    logged); the reports it returns are then encoded in batches of `batch_size`. No distribution here: the
+    recipe gathers the parts (`radalign.training.gather_to_main`) and calls `merge_parts` on rank 0.
     """
-    from data.loader import make_eval_loader, shard_paths
+    from data.embed import embed_split
 
-    shards = shard_paths(shards_root, split)
-    loader = make_eval_loader(shards, batch_size=batch_size, transform=transform, num_workers=0,
-                              rank=rank, world_size=world_size)
-    img, txt, sid, tid, labels = [], [], [], [], []
+    def encode_images(x: torch.Tensor) -> torch.Tensor:  # [b, C, H, W] -> [b, D]
+        return net(image=x.to(device))["image_features"]
+
     cap = max(1, max_samples // world_size)
-    for batch in loader:
-        if sum(len(x) for x in img) >= cap:
-            break
-        out = net(batch["image"].to(device), tokenizer(batch["text"]).to(device))
-        img.append(F.normalize(out["image_features"].float(), dim=-1).cpu())  # [b, D]
-        txt.append(F.normalize(out["text_features"].float(), dim=-1).cpu())  # [b, D]
-        sid += [m["study_id"] for m in batch["meta"]]
-        tid += [text_id(t) for t in batch["text"]]
-        labels += [m.get("labels", {}) for m in batch["meta"]]
-    return {"img": torch.cat(img) if img else torch.zeros(0, 1), "txt": torch.cat(txt) if txt else torch.zeros(0, 1),
-            "study_id": sid, "text_id": tid, "labels": labels}
+    emb = embed_split(encode_images, shards_root, split, transform, batch_size=batch_size, num_workers=0,
+                      max_samples=cap, rank=rank, world_size=world_size)
+    txt = [F.normalize(net(text=tokenizer(emb.texts[i:i + batch_size]).to(device))["text_features"].float(),
+                       dim=-1).cpu() for i in range(0, len(emb.texts), batch_size)]  # [b, D] each
+    return {"img": torch.from_numpy(emb.image), "txt": torch.cat(txt),
+            "study_id": [m["study_id"] for m in emb.meta], "text_id": [text_id(t) for t in emb.texts],
+            "labels": [m.get("labels", {}) for m in emb.meta]}
 
 
 def merge_parts(parts: list[dict]) -> dict | None:

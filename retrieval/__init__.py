@@ -5,5 +5,5 @@
 
 Modules: `index` (choose / build / tune FAISS indexes), `store` (the index folder), `build` (shards ->
 index), `search` (Retriever, filters, explanation), `render` (Markdown / HTML), `evaluate` (Recall@K,
-label precision@K with chance), `cli`.
+label precision@K with chance), `classify` (the index as a k-NN classifier beside zero-shot), `cli`.
 """

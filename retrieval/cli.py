@@ -3,11 +3,16 @@
     radalign retrieval build --checkpoint RUN_OR_EXPORT --data SHARDS --split train --out INDEX_DIR
     radalign retrieval search --index INDEX_DIR (--image PATH | --text "..." | --study-id ID) [--k 5]
     radalign retrieval eval --index INDEX_DIR --queries SHARDS --split test --out DIR
+    radalign retrieval classify --index INDEX_DIR --queries SHARDS --split test [--k 20] [--prompts chexpert14]
 """
 
 from __future__ import annotations
 
 import argparse
+
+# retrieval.classify's DEFAULT_K and DEFAULT_TEMPERATURE, written out so that `radalign --help` imports no
+# numpy/faiss (tests/test_retrieval_classify.py checks they agree).
+DEFAULT_K, DEFAULT_TEMPERATURE = 20, 0.07
 
 EXAMPLES = """examples:
   radalign retrieval build --checkpoint runs/demo/pretrain --data runs/demo/shards --split train \\
@@ -18,13 +23,16 @@ EXAMPLES = """examples:
   radalign retrieval search --index IDX --study-id 50000123 --format html --out case.html
   radalign retrieval search --index IDX --example-from runs/demo/shards --split test --format html --out ex.html
   radalign retrieval eval --index IDX --queries runs/demo/shards --split test --out runs/demo/retrieval
+  radalign retrieval classify --index IDX --queries runs/demo/shards --split test --prompts chexpert14 \\
+      --out runs/demo/retrieval/classify
+  radalign retrieval classify --index IDX --queries SHARDS --split test --val-split validate --out DIR
 """
 
 
 def register(sub) -> None:
     from radalign.cli import add_verbs
 
-    p = sub.add_parser("retrieval", help="similar-case search with FAISS (build, search, eval)",
+    p = sub.add_parser("retrieval", help="similar-case search with FAISS (build, search, eval, classify)",
                        description="Build a FAISS index of a case base with exported encoders, search it for "
                                    "similar cases with a label explanation, and evaluate retrieval.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -89,6 +97,42 @@ def register(sub) -> None:
     e.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
     _common(e)
     e.set_defaults(func=_eval)
+
+    c = verbs.add_parser("classify", help="per-label probabilities from a k-NN vote, beside prompt zero-shot",
+                         description="The index as a classifier: each query's k nearest cases (other patients, "
+                                     "one image per study) vote with weights softmax(similarity / T); per-label "
+                                     "AUROC with patient-level bootstrap intervals, beside prompt zero-shot "
+                                     "(--prompts) with the paired difference. Writes metrics.json, metrics.md, "
+                                     "predictions.csv.")
+    c.add_argument("--index", required=True, metavar="INDEX_DIR", help="folder of `retrieval build`")
+    c.add_argument("--queries", required=True, metavar="SHARDS", help="shards folder with the query split")
+    c.add_argument("--split", default="test", help="query split scored (default: %(default)s)")
+    c.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours that vote (default: %(default)s)")
+    t = c.add_mutually_exclusive_group()
+    t.add_argument("--temperature", type=float,
+                   help=f"softmax temperature over similarities (default: {DEFAULT_TEMPERATURE}, the k-NN "
+                        "evaluation of Wu et al. 2018 / DINO)")
+    t.add_argument("--val-split", help="fit the temperature on this split (lowest log loss on a grid); never "
+                                       "the scored --split")
+    c.add_argument("--prompts", metavar="NAME_OR_YAML",
+                   help="a binary prompt set (chexpert14, competition5 or a YAML): zero-shot beside the vote")
+    c.add_argument("--checkpoint", metavar="RUN_OR_EXPORT",
+                   help="encoders (default: recorded in the index; another checkpoint is refused)")
+    c.add_argument("--classes", nargs="+", metavar="LABEL",
+                   help="labels of the headline macro AUROC (default: the prompt set's, else all)")
+    c.add_argument("--uncertain", default="exclude", choices=("exclude", "positive", "negative"),
+                   help="query label -1 (default: %(default)s from that label's metric); with positive, "
+                        "uncertain neighbours vote for the label")
+    c.add_argument("--blank", default="exclude", choices=("exclude", "negative"),
+                   help="blank query label (default: %(default)s from that label's metric)")
+    c.add_argument("--min-per-label", type=int, default=10,
+                   help="a label enters the macro only with this many positives and negatives (default: "
+                        "%(default)s)")
+    c.add_argument("--bootstrap", type=int, default=1000, help="patient bootstrap resamples (default: %(default)s)")
+    c.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: %(default)s)")
+    c.add_argument("--out", help="folder for metrics.json, metrics.md, predictions.csv (default: print only)")
+    _common(c)
+    c.set_defaults(func=_classify)
 
 
 def _common(p) -> None:
@@ -159,6 +203,27 @@ def _eval(args) -> int:
     rprint(format_metrics(m))
     if args.out:
         rprint(f"wrote {args.out}/metrics.json")
+    return 0
+
+
+def _classify(args) -> int:
+    from radalign.log import rprint
+    from retrieval.classify import classify, format_summary
+    from retrieval.search import Retriever
+
+    prompt_set = None
+    if args.prompts:
+        from zeroshot.prompts import load_prompt_set
+
+        prompt_set = load_prompt_set(args.prompts)
+    r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
+    m = classify(r, args.queries, args.split, k=args.k, temperature=args.temperature, val_split=args.val_split,
+                 uncertain=args.uncertain, blank=args.blank, prompt_set=prompt_set, macro_classes=args.classes,
+                 min_per_label=args.min_per_label, n_boot=args.bootstrap, seed=args.seed, out=args.out,
+                 batch_size=args.batch_size, num_workers=args.num_workers)
+    rprint(format_summary(m))
+    if args.out:
+        rprint(f"wrote {args.out}/metrics.json, metrics.md, predictions.csv")
     return 0
 
 

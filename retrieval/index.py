@@ -352,6 +352,3 @@ def clustered_vectors(n: int, d: int, *, clusters: int = 1000, spread: float = 0
 __all__ = ["INDEX_KINDS", "BLAS_THRESHOLD", "IndexPlan", "TuneResult", "faiss_module", "gpu_available",
            "parse_memory", "normalize", "plan_index", "estimate_ram", "build_index", "set_params", "search",
            "exact_topk", "neighbour_recall", "tune", "clustered_vectors"]
-
-# Old name of `neighbour_recall`, kept only until bench/retrieval.py switches (it is not Recall@K).
-recall_at_k = neighbour_recall

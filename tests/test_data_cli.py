@@ -23,6 +23,23 @@ def run(argv: list[str]) -> int:
     return run_entry(args.func, args)
 
 
+def test_synth_no_images_no_icu_flags(tmp_path, capsys):
+    """--no-images writes the tables and reports but no JPEG; --no-icu leaves out mimic-iv/icu; the marker
+    records both, so a run with images is not mistaken for the finished image-less one."""
+    full, bare = tmp_path / "full", tmp_path / "bare"
+    args = ["--patients", "5", "--seed", "2", "--image-size", "32", "--no-progress"]
+    assert run(["data", "synth", "--out", str(full), *args]) == 0
+    assert run(["data", "synth", "--out", str(bare), *args, "--no-images", "--no-icu"]) == 0
+    assert list(full.rglob("*.jpg")) and not list(bare.rglob("*.jpg"))
+    assert (full / "mimic-iv" / "icu").is_dir() and not (bare / "mimic-iv" / "icu").exists()
+    assert json.loads((bare / "synth.json").read_text())["args"] | {"images": True, "icu": True} == \
+        json.loads((full / "synth.json").read_text())["args"]
+    for rel in ("mimic-iv/hosp/labevents.csv.gz", "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz"):
+        assert (bare / rel).read_bytes() == (full / rel).read_bytes()     # same tables, only the pixels differ
+    capsys.readouterr()
+    assert run(["data", "synth", "--out", str(bare), *args, "--no-images"]) == 0   # icu now wanted: redone
+    assert "skipping" not in capsys.readouterr().out and (bare / "mimic-iv" / "icu").is_dir()
+
 def test_synth_then_prepare_then_info(tmp_path, capsys):
     root, out = tmp_path / "synth", tmp_path / "shards"
     assert run(["data", "synth", "--out", str(root), "--patients", "6", "--seed", "1", "--image-size", "32",

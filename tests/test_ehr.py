@@ -337,6 +337,33 @@ def test_cache_is_keyed_by_size_and_mtime(planted, tmp_path):
     assert len(list((tmp_path / "cache").glob("labevents-*.parquet"))) == 1   # the stale one is removed
 
 
+def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(planted, tmp_path):
+    """The typed Arrow stream and DuckDB's tolerant reader write the same Parquet; `___` in valuenum (platelets
+    of B) makes the stream refuse the file, and the DuckDB conversion turns it into NULL instead."""
+    from data.ehr import _arrow_convert, _duckdb_convert, connect, find_tables
+
+    mimic, shards = planted
+    tolerant = link_ehr(mimic, shards, tmp_path / "a", cache=tmp_path / "c1")
+    assert tolerant["cache"]["labevents"]["engine"] == "duckdb"
+    labs = mimic / "hosp" / "labevents.csv.gz"
+    frame = pd.read_csv(labs, dtype=str, keep_default_na=False)
+    assert (frame["valuenum"] == "___").sum() == 1
+    frame.loc[frame["valuenum"] == "___", "valuenum"] = ""                   # what real MIMIC-IV writes
+    frame["hadm_id"] = frame["hadm_id"].str.removesuffix(".0")               # pandas wrote 20000006.0: refused too
+    write_csv_gz(labs, frame.to_dict("records"), list(frame.columns))
+    streamed = link_ehr(mimic, shards, tmp_path / "b", cache=tmp_path / "c2")
+    assert streamed["cache"]["labevents"]["engine"] == "arrow"
+    pd.testing.assert_frame_equal(read_ehr(tmp_path / "a"), read_ehr(tmp_path / "b"))
+    table = find_tables(mimic, vitals=False)["labevents"]
+    con = connect("256MB", tmp_path / "duck")
+    for items in (None, [50912, 51222]):
+        _arrow_convert(table, tmp_path / "arrow.parquet", items)
+        _duckdb_convert(con, table, tmp_path / "duck.parquet", items)
+        x, y = pd.read_parquet(tmp_path / "arrow.parquet"), pd.read_parquet(tmp_path / "duck.parquet")
+        assert len(x) == (len(frame) if items is None else frame["itemid"].isin(["50912", "51222"]).sum())
+        pd.testing.assert_frame_equal(x, y, check_dtype=False)
+
+
 def test_failed_write_leaves_no_manifest(planted, tmp_path, monkeypatch):
     import data.ehr as ehr
 

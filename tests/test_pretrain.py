@@ -381,3 +381,38 @@ def test_quick_zero_shot_uses_the_learned_logit_scale():
     assert learned["zeroshot_macro_auroc"] == 1.0
     assert fixed["zeroshot_macro_auroc"] == 0.5  # every probability is exactly 1.0 in float32
     assert text.shape == (d, d)
+
+
+def test_validation_embedding_counts_a_damaged_shard_and_matches_the_model(synth_shards, nano_model_cfg, tmp_path,
+                                                                          embed_log):
+    """Validation embeds through data.embed.embed_split: a truncated validation shard is reported by number of
+    lost samples (not dropped silently), and the rows it returns are the model's own normalised features."""
+    import torch
+    import torch.nn.functional as F
+
+    from data.embed import embed_split
+    from data.transforms import eval_transform
+    from pretrain.models import build_model, build_tokenizer
+    from pretrain.validation import embed_part
+
+    shards = tmp_path / "shards"
+    shutil.copytree(synth_shards, shards)
+    victim = sorted((shards / "validate").glob("*.tar"))[0]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 3])  # keeps a few whole samples at most
+    manifest = json.loads((shards / "manifest.json").read_text())["splits"]["validate"]
+    torch.manual_seed(0)
+    model = build_model(nano_model_cfg).eval()
+    tok = build_tokenizer(nano_model_cfg)
+    tf = eval_transform(nano_model_cfg["vision_cfg"]["image_size"], channels=3)
+    part = embed_part(model, tok, shards, "validate", tf, batch_size=8, max_samples=10_000, device="cpu")
+    n = len(part["study_id"])
+    assert 0 < n < manifest["samples"]
+    assert part["img"].shape == part["txt"].shape == (n, nano_model_cfg["embed_dim"])
+    assert f"lost {manifest['samples'] - n}" in "\n".join(embed_log), embed_log
+    emb = embed_split(lambda x: model(image=x)["image_features"], shards, "validate", tf, batch_size=8)
+    assert torch.allclose(part["img"], torch.from_numpy(emb.image), atol=1e-6)
+    with torch.no_grad():  # row i of txt is the report of image i
+        own = F.normalize(model(text=tok([emb.texts[0], emb.texts[-1]]))["text_features"], dim=-1)  # [2, D]
+    assert torch.allclose(part["txt"][[0, -1]], own, atol=1e-5)
+    assert part["study_id"] == [m["study_id"] for m in emb.meta]
+    assert len(part["text_id"]) == n and all(isinstance(x, dict) for x in part["labels"])

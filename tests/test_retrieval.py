@@ -133,7 +133,7 @@ def _fresh_recall(index, x, k=10, n=300, seed=7):
     q = ix.normalize(x[rng.choice(len(x), n, replace=False)] + noise)
     _, truth = ix.exact_topk(x, q, k)
     _, found = ix.search(index, q, k)
-    return ix.recall_at_k(found, truth)
+    return ix.neighbour_recall(found, truth)
 
 
 def test_auto_approximate_index_reaches_recall_on_100k_clustered():

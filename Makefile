@@ -57,12 +57,13 @@ FT      := $(DEMO)/finetune
 IHM     := $(FT)/in_hospital_mortality
 FT_DATA := data.table=$(DEMO)/ehr/finetune data.shards=$(DEMO)/shards data.checkpoint=$(DEMO)/pretrain
 
-demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/ehr/manifest.json $(IHM)/explain.html \
-		$(FT)/fewshot_pleural_effusion/fewshot.json
+demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics.json $(DEMO)/ehr/manifest.json \
+		$(IHM)/explain.html $(FT)/fewshot_pleural_effusion/fewshot.json
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); a=m['macro']; print('zero-shot macro AUROC %.3f [%.3f, %.3f] over %s; shuffled-label control %.3f' % (a['auroc'], a['ci_low'], a['ci_high'], ', '.join(a['classes']), m['controls']['shuffled_labels_macro_auroc']))"
 	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
+	@$(BIN)/python -c "import json; c=json.load(open('$(DEMO)/retrieval/classify/metrics.json'))['comparison']['macro']; print('retrieval classify (k-NN vote of the index): macro AUROC %.3f vs prompt zero-shot %.3f, paired difference %+.3f [%+.3f, %+.3f] over %d patients' % (c['value_a'], c['value_b'], c['delta'], c['ci_low'], c['ci_high'], c['n_patients']))"
 	@$(BIN)/python -c "import json; m=json.load(open('$(IHM)/metrics.json')); print('in-hospital mortality, test AUROC [95% CI over patients]:', '; '.join('%s %.3f [%.3f, %.3f]' % (k, v['auroc'], v['ci_low'], v['ci_high']) for k, v in m['models'].items())); print('fusion minus each:', '; '.join('%s %+.3f [%+.3f, %+.3f]' % (k[len('fusion_vs_'):], v['delta'], v['ci_low'], v['ci_high']) for k, v in m['paired_differences'].items()))"
 	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
 
@@ -97,6 +98,12 @@ $(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
 		--k 5 --format html --out $(DEMO)/retrieval/example.html
 	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
 		--k 5 --format markdown --out $(DEMO)/retrieval/example.md
+
+# The index as a classifier (k-NN vote, temperature fitted on validate) beside prompt zero-shot, paired.
+$(DEMO)/retrieval/classify/metrics.json: $(DEMO)/retrieval/index/manifest.json
+	$(BIN)/radalign retrieval classify --index $(DEMO)/retrieval/index --queries $(DEMO)/shards --split test \
+		--val-split validate --prompts chexpert14 --checkpoint $(DEMO)/pretrain --blank negative \
+		--out $(DEMO)/retrieval/classify
 
 $(IHM)/metrics.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
 	$(BIN)/radalign finetune --config finetune/in_hospital_mortality run_dir=$(IHM) $(FT_DATA)

@@ -216,8 +216,11 @@ def _t975(df: int) -> float:
     return float(stats.t.ppf(0.975, df))
 
 
-def summarise(values: Sequence[float]) -> dict:
-    """Mean, sample SD, min, max and the 95% t-interval of the mean over draws (NaN draws left out, counted)."""
+def summarise(values: Sequence[float], bounds: tuple[float, float] = (0.0, 1.0)) -> dict:
+    """Mean, sample SD, min, max and the 95% t-interval of the mean over draws (NaN draws left out, counted).
+
+    The interval is clipped to `bounds` (an AUROC's range): with 5 spread-out draws the t-interval's half
+    width can exceed the distance to 1, and an AUROC interval ending at 1.07 means nothing."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], np.float64)
     out = {"n_draws": int(v.size), "n_unscored": int(len(values) - v.size), "unit": "draw"}
     if v.size == 0:
@@ -225,7 +228,7 @@ def summarise(values: Sequence[float]) -> dict:
     sd = float(v.std(ddof=1)) if v.size > 1 else 0.0
     half = _t975(v.size - 1) * sd / math.sqrt(v.size) if v.size > 1 else 0.0
     return {**out, "mean": float(v.mean()), "sd": sd, "min": float(v.min()), "max": float(v.max()),
-            "ci_low": float(v.mean() - half), "ci_high": float(v.mean() + half)}
+            "ci_low": float(max(v.mean() - half, bounds[0])), "ci_high": float(min(v.mean() + half, bounds[1]))}
 
 
 @dataclass

@@ -336,7 +336,9 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     opt = adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     world, rank = acc.num_processes, acc.process_index
     global_batch = cfg.optim.batch_size * world
-    per_epoch = len(epoch_batches(len(run.train), global_batch, cfg.seed, 0, world))
+    # Rows without any label add nothing to the loss, only compute: an epoch is a pass over the labelled rows.
+    labelled = np.flatnonzero((~np.isnan(run.train.y)).any(1))  # [N_labelled] rows of run.train
+    per_epoch = len(epoch_batches(len(labelled), global_batch, cfg.seed, 0, world))
     total = per_epoch * cfg.optim.epochs
     sched = cosine_schedule(opt, min(cfg.optim.warmup_steps, max(total // 10, 1)), total)
     model, opt = acc.prepare(model, opt)
@@ -363,7 +365,7 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     meter = Meter(acc)
     try:
         while prog.epoch < cfg.optim.epochs:
-            batches = epoch_batches(len(run.train), global_batch, cfg.seed, prog.epoch, world)
+            batches = [labelled[b] for b in epoch_batches(len(labelled), global_batch, cfg.seed, prog.epoch, world)]
             model.train()
             while prog.batch < len(batches):
                 rows_g = batches[prog.batch]

@@ -88,6 +88,8 @@ def test_summary_and_sweep(tmp_path):
     s = summarise(v)
     lo, hi = stats.t.interval(0.95, 4, loc=np.mean(v), scale=stats.sem(v))
     assert s["ci_low"] == pytest.approx(lo) and s["ci_high"] == pytest.approx(hi)
+    wide = summarise([0.99, 0.7, 0.98, 0.97, 0.99])  # t-interval [0.75, 1.10]: clipped to the AUROC range
+    assert wide["ci_high"] == 1.0 and wide["ci_low"] < wide["mean"]
     rng = np.random.default_rng(0)
     n = 400
     y = (rng.random(n) < 0.4).astype(float)

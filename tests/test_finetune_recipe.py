@@ -4,6 +4,7 @@ equal 1, the pretraining-overlap refusal, bad input, `finetune predict`, the few
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -124,12 +125,16 @@ def test_resume_falls_back_when_the_checkpoint_is_damaged(cohort, tmp_path):
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=3",
             "optim.batch_size=32"]
     run_finetune(_cfg(cohort, tmp_path / "a", *only))
-    run_finetune(_cfg(cohort, tmp_path / "b", *only, "stop_after=20"))  # 15 batches per epoch
+    doc = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    per_epoch = math.ceil(doc["data"]["train"]["labelled"] / 32)  # an epoch passes over the labelled rows only
+    assert doc["training"]["fusion"]["steps"] == 3 * per_epoch and 20 % per_epoch and 20 < 3 * per_epoch
+    epoch_end = 20 // per_epoch * per_epoch  # the last epoch-end checkpoint before the stop
+    run_finetune(_cfg(cohort, tmp_path / "b", *only, "stop_after=20"))
     ckpts = sorted((tmp_path / "b" / "train" / "fusion" / "checkpoints").glob("step-*"))
-    assert [c.name for c in ckpts] == ["step-0000015", "step-0000020"]
+    assert [c.name for c in ckpts] == [f"step-{epoch_end:07d}", "step-0000020"]
     newest = ckpts[-1] / "model.safetensors"
     newest.write_bytes(newest.read_bytes()[:100])  # truncated
-    run_finetune(_cfg(cohort, tmp_path / "b", *only))  # falls back to the epoch-end checkpoint, step 15
+    run_finetune(_cfg(cohort, tmp_path / "b", *only))  # falls back to the epoch-end checkpoint
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
     for k in a:
         assert torch.equal(a[k], b[k]), k

@@ -59,7 +59,7 @@ PATHOLOGIES = tuple(n for n in CHEXPERT_LABELS if n not in ("No Finding", "Suppo
 VIEW_CODE = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 MARKER = "synth.json"
-GENERATOR_VERSION = 3                                 # bump when the same arguments give different data
+GENERATOR_VERSION = 4                                 # bump when the same arguments give different data
 
 
 @dataclass

@@ -135,20 +135,22 @@ class Outcome:
 
 def _film_risk(truth: dict[str, int], severity: dict[str, int], sides: dict[str, str],
                devices: tuple[str, ...]) -> float:
-    """The part of the death risk that only the film shows: tubes and lines, pneumothorax, lesion burden."""
+    """The part of the death risk that the film shows: effusion, cardiomegaly and edema weigh most (a CXR encoder
+    reads them well); pneumothorax, lesion burden, tubes and lines less. Intubation is light on purpose: it
+    follows respiratory failure, which the ICU vitals show too (docs/synthetic-data.md, "Outcome model")."""
     f = truth
     lines = "cvc" in devices or "picc" in devices
-    return (1.2 * ("ett" in devices) + 0.3 * lines
+    return (0.6 * ("ett" in devices) + 0.3 * lines
             + f.get("Pneumothorax", 0) * (0.8 + 0.4 * severity.get("Pneumothorax", 2))
             + f.get("Lung Lesion", 0) * (0.5 + 0.6 * severity.get("Lung Lesion", 1))
-            + 0.9 * f.get("Edema", 0) + 0.6 * (f.get("Pneumonia", 0) or f.get("Consolidation", 0))
-            + 1.1 * f.get("Pleural Effusion", 0) + 0.6 * (sides.get("Pleural Effusion") == "bilateral")
-            + 1.0 * f.get("Cardiomegaly", 0))
+            + 1.2 * f.get("Edema", 0) + 0.6 * (f.get("Pneumonia", 0) or f.get("Consolidation", 0))
+            + 1.6 * f.get("Pleural Effusion", 0) + 0.6 * (sides.get("Pleural Effusion") == "bilateral")
+            + 1.6 * f.get("Cardiomegaly", 0))
 
 
 def _lab_risk(lt: Latent) -> float:
     """The part of the death risk that only the labs show (and, through ordering, their missingness)."""
-    return 1.2 * lt.shock + 0.9 * lt.aki + 0.7 * lt.mi
+    return 0.8 * lt.shock + 0.6 * lt.aki + 0.5 * lt.mi
 
 
 def outcome(rng, *, z: float, age: int, truth: dict[str, int], severity: dict[str, int], sides: dict[str, str],
@@ -160,7 +162,7 @@ def outcome(rng, *, z: float, age: int, truth: dict[str, int], severity: dict[st
     """
     lt, zp = phys.latent, max(z, 0.0)
     film, lab = _film_risk(truth, severity, sides, devices), _lab_risk(lt)
-    risk = -5.1 + 0.03 * (age - 65) + 0.2 * zp + 0.35 * lt.resp + film + lab
+    risk = -5.4 + 0.03 * (age - 65) + 0.1 * zp + 0.15 * lt.resp + film + lab
     died = bool(rng.random() < sigmoid(risk))
     mu = (math.log(3.5) + 0.2 * zp + 0.3 * truth.get("Pneumonia", 0) + 0.25 * truth.get("Edema", 0)
           + 0.4 * ("ett" in devices) + 0.15 * max(lt.shock, 0) + 0.15 * max(lt.aki, 0) + 0.005 * (age - 65))

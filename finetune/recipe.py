@@ -318,6 +318,21 @@ class Stopped(Exception):
     """stop_after reached (the state is checkpointed)."""
 
 
+def _check_train_spec(work: Path, spec: dict, main: bool) -> None:
+    """RUN/train/<name> belongs to one model spec: resuming its checkpoints under another spec would silently
+    continue the old model (its weights, its dropout rates), and training over them would overwrite another
+    history. Record the spec on first use; refuse a different one, naming the keys that changed."""
+    path = work / "spec.json"
+    if path.is_file():
+        old, new = json.loads(path.read_text()), json.loads(json.dumps(spec))  # JSON types on both sides
+        if old != new:
+            changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+            raise RadalignError(f"{work} holds checkpoints of another {work.name} model (changed: "
+                                f"{', '.join(changed)}); use another run_dir, or delete {work} to train anew")
+    elif main:
+        atomic_write_json(path, spec)
+
+
 def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     """Train one model (or reuse it when RUN/models holds it); returns the best-on-validation model."""
     from safetensors.torch import load_file, save_file
@@ -348,6 +363,7 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     ckpt = CheckpointManager(work, keep=2, accelerator=acc)
     logger = MetricLogger(work, main=acc.is_main_process, tensorboard=False)
     prog, best_state = Progress(), None
+    _check_train_spec(work, spec, acc.is_main_process)
     found = ckpt.resolve("auto") if cfg.resume == "auto" else None
     if found is not None:
         loaded = ckpt.load(found, model=model, optimizer=opt, scheduler=sched)

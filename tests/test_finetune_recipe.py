@@ -119,6 +119,20 @@ def test_resume_after_stop_is_exact(cohort, tmp_path):
     assert (tmp_path / "b" / "models" / "fusion.safetensors").stat().st_mtime_ns == before
 
 
+def test_changed_model_spec_never_resumes_the_old_checkpoints(cohort, tmp_path):
+    """Checkpoints of RUN/train/fusion belong to one spec: rerunning the same run_dir with other modality
+    dropout rates must not continue (or overwrite) the old model; it refuses naming what changed."""
+    from finetune.recipe import run_finetune
+
+    only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=2",
+            "optim.batch_size=32"]
+    run_finetune(_cfg(cohort, tmp_path / "r", *only))
+    before = sorted(p.name for p in (tmp_path / "r" / "train" / "fusion" / "checkpoints").glob("step-*"))
+    with pytest.raises(RadalignError, match=r"changed: modality_dropout\b.*another run_dir"):
+        run_finetune(_cfg(cohort, tmp_path / "r", *only, "model.modality_dropout={image: 0.1, text: 0.25, ehr: 0.6}"))
+    assert sorted(p.name for p in (tmp_path / "r" / "train" / "fusion" / "checkpoints").glob("step-*")) == before
+
+
 def test_resume_falls_back_when_the_checkpoint_is_damaged(cohort, tmp_path):
     from finetune.recipe import run_finetune
 

@@ -467,7 +467,7 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
     types = {c: pa.type_for_alias(EVENT_TYPES[c]) for c in cols}
     keep = pa.array(sorted(int(i) for i in itemids), pa.int64()) if itemids else None
     src = _csv_stream(table.path)
-    rows, pending = 0, []
+    rows, pending, n_pending = 0, [], 0
     try:
         reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=True),
                                parse_options=pcsv.ParseOptions(newlines_in_values=True),
@@ -478,8 +478,9 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
                 if keep is not None:
                     batch = batch.filter(pc.is_in(batch["itemid"], value_set=keep))
                 pending.append(batch)
-                if sum(b.num_rows for b in pending) >= ROW_GROUP_ROWS:
-                    rows += _flush(writer, pending)
+                n_pending += batch.num_rows
+                if n_pending >= ROW_GROUP_ROWS:
+                    rows, n_pending = rows + _flush(writer, pending), 0
             rows += _flush(writer, pending)
     except pa.ArrowInvalid as e:
         raise _StrictParseError(str(e).splitlines()[0]) from None
@@ -918,5 +919,3 @@ def read_ehr(out: str | os.PathLike) -> pd.DataFrame:
 
 __all__ = ["link_ehr", "link_frame", "link_studies", "read_studies", "find_tables", "load_feature_list", "FeatureList",
            "OutcomeSpec", "ehr_columns", "events_parquet", "read_ehr", "MANIFEST_FORMAT", "TABLES"]
-
-

@@ -112,3 +112,20 @@ def ft_cohort(tmp_path_factory, nano_model_cfg) -> dict:
     return {"root": root, "shards": shards, "table": root / "ehr" / "finetune",
             "export": _export_recording(nano_model_cfg, root / "pretrain" / "export", shards, seed=0),
             "other_export": _export_recording(nano_model_cfg, root / "other" / "export", shards, seed=1)}
+
+
+def nearest_other_patients(x, q, subjects, studies, subject, k: int) -> list[int]:
+    """Reference for the retrieval filters: rows of `x` [N, D] by descending x @ q (stable), leaving out
+    `subject`'s rows and keeping the best image per study, the first k."""
+    import numpy as np
+
+    seen, rows = set(), []
+    for j in np.argsort(-(x @ q), kind="stable"):
+        if subjects[j] == subject or studies[j] in seen:
+            continue
+        seen.add(studies[j])
+        rows.append(int(j))
+        if len(rows) == k:
+            break
+    return rows
+

@@ -12,6 +12,7 @@ from radalign import RadalignError
 from retrieval import classify as kc
 from retrieval.build import EmbeddedCases
 from retrieval.search import Retriever
+from tests.conftest import nearest_other_patients
 from tests.test_retrieval import FakeEncoders, _write
 
 NAN = float("nan")
@@ -284,14 +285,7 @@ def test_cli_end_to_end_beside_zero_shot(tiny_export, synth_shards, tmp_path, ca
         with torch.no_grad():
             q = enc.encode_images(tf(Image.open(img).convert("L"))[None]).numpy()[0]
         q /= np.linalg.norm(q)
-        seen, rows = set(), []
-        for j in np.argsort(-(x @ q), kind="stable"):
-            if subj[j] == str(meta["subject_id"]) or stud[j] in seen:
-                continue
-            seen.add(stud[j])
-            rows.append(j)
-            if len(rows) == 5:
-                break
+        rows = nearest_other_patients(x, q, subj, stud, str(meta["subject_id"]), 5)
         w = np.exp((x[rows] @ q) / t)
         p = (w[:, None] * carries[rows]).sum(0) / w.sum()
         for li, name in enumerate(store.labels):

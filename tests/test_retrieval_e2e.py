@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from radalign.cli import main
+from tests.conftest import nearest_other_patients
 
 
 @pytest.fixture(scope="module")
@@ -145,14 +146,7 @@ def test_eval_metrics_equal_a_brute_force_computation(index_dir, synth_shards, t
         qpos = np.array([(meta.get("labels") or {}).get(n) == 1 for n in store.labels])
         if not qpos.any():
             continue
-        seen, rows = set(), []
-        for j in np.argsort(-(x @ img[i]), kind="stable"):
-            if subj[j] == str(meta["subject_id"]) or stud[j] in seen:
-                continue
-            seen.add(stud[j])
-            rows.append(j)
-            if len(rows) == 5:
-                break
+        rows = nearest_other_patients(x, img[i], subj, stud, str(meta["subject_id"]), 5)
         prec.append((base[rows] & qpos).any(1).mean())
     assert m["image_to_image"]["queries"] == len(prec) > 0
     assert m["image_to_image"]["P@5"] == pytest.approx(np.mean(prec), abs=1e-6)

@@ -430,6 +430,7 @@ class _StrictParseError(Exception):
 EVENT_TYPES = {"subject_id": "int64", "hadm_id": "int64", "stay_id": "int64", "itemid": "int64",
                "charttime": "timestamp[us]", "storetime": "timestamp[us]", "valuenum": "float64"}
 ROW_GROUP_ROWS = 1 << 19   # ~20 MB of typed columns: bounded memory, and row groups enough for parallel scans
+CSV_BLOCK_BYTES = 1 << 20  # Arrow's CSV read block: what the reader holds besides the pending row group
 
 
 def _event_columns(table: Table) -> list[str]:
@@ -469,7 +470,7 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
     src = _csv_stream(table.path)
     rows, pending, n_pending = 0, [], 0
     try:
-        reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=1 << 20, use_threads=True),
+        reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=True),
                                parse_options=pcsv.ParseOptions(newlines_in_values=True),
                                convert_options=pcsv.ConvertOptions(include_columns=cols, column_types=types))
         schema = pa.schema([(c, types[c]) for c in cols])

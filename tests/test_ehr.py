@@ -337,7 +337,7 @@ def test_cache_is_keyed_by_size_and_mtime(planted, tmp_path):
     assert len(list((tmp_path / "cache").glob("labevents-*.parquet"))) == 1   # the stale one is removed
 
 
-def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(planted, tmp_path):
+def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(planted, tmp_path, monkeypatch):
     """The typed Arrow stream and DuckDB's tolerant reader write the same Parquet; `___` in valuenum (platelets
     of B) makes the stream refuse the file, and the DuckDB conversion turns it into NULL instead."""
     from data.ehr import _arrow_convert, _duckdb_convert, connect, find_tables
@@ -362,6 +362,19 @@ def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(plante
         x, y = pd.read_parquet(tmp_path / "arrow.parquet"), pd.read_parquet(tmp_path / "duck.parquet")
         assert len(x) == (len(frame) if items is None else frame["itemid"].isin(["50912", "51222"]).sum())
         pd.testing.assert_frame_equal(x, y, check_dtype=False)
+    # Many small CSV blocks and row groups flushed mid-stream: every row written once, in order.
+    import pyarrow.parquet as pq
+
+    import data.ehr as ehr
+
+    whole = _arrow_convert(table, tmp_path / "whole.parquet")
+    monkeypatch.setattr(ehr, "CSV_BLOCK_BYTES", 400)
+    monkeypatch.setattr(ehr, "ROW_GROUP_ROWS", 2)
+    rows = _arrow_convert(table, tmp_path / "groups.parquet")
+    meta = pq.ParquetFile(tmp_path / "groups.parquet").metadata
+    assert rows == whole == meta.num_rows == len(frame) and meta.num_row_groups > 1
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "groups.parquet"),
+                                  pd.read_parquet(tmp_path / "whole.parquet"))
 
 
 def test_failed_write_leaves_no_manifest(planted, tmp_path, monkeypatch):

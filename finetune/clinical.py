@@ -498,12 +498,17 @@ def cross_table(frame: pd.DataFrame, y, prob, row: str, col: str, *, min_count: 
 
 
 def degradation_table(y, patient_ids, models: Mapping[str, Mapping[str, Sequence[float]]], *,
+                      seeds: Mapping[str, Sequence[Mapping[str, Sequence[float]]]] | None = None,
                       full: str = "all", n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """AUROC with each modality removed at test time, per model (e.g. trained with/without modality dropout).
 
     models: {model: {condition: scores}}, condition `full` (every modality present) or the removed modality.
     Per condition and model: AUROC with CI and the paired drop from `full`; and when there are two models, the
     paired difference first - second per condition (same resamples).
+    seeds: {model: [{condition: scores}, ...]}, the same models trained with other seeds (the first entry
+    normally `models[model]` itself). Then each row also holds, per model, `over_seeds`: the AUROC and drop of
+    every seed with their mean and standard deviation, and `mean_drop_difference` (first - second model):
+    training noise moves one run's drop about as much as dropout does, so compare these means.
     """
     names = list(models)
     conds = list(models[names[0]]) if names else []
@@ -511,7 +516,12 @@ def degradation_table(y, patient_ids, models: Mapping[str, Mapping[str, Sequence
         if list(models[m]) != conds or full not in conds:
             raise RadalignError(f"degradation: model {m!r} has conditions {list(models[m])}; every model "
                                 f"needs the same ones, including {full!r} (every modality present)")
-    y = _check_binary(y, *(s for m in names for s in models[m].values()))
+    seeds = dict(seeds or {})
+    if seeds and (sorted(seeds) != sorted(names) or any(list(r) != conds for m in names for r in seeds[m])):
+        raise RadalignError(f"degradation seeds: need every model ({', '.join(names)}) with the conditions "
+                            f"{conds} for each seed")
+    y = _check_binary(y, *(s for m in names for s in models[m].values()),
+                      *(s for m in seeds for r in seeds[m] for s in r.values()))
     _check_ids(patient_ids, y)
     kw = dict(n_boot=n_boot, seed=seed, level=level)
     rows = []
@@ -522,11 +532,30 @@ def degradation_table(y, patient_ids, models: Mapping[str, Mapping[str, Sequence
             if c != full:
                 row[m]["drop"] = M.paired_difference("auroc", y, models[m][full], models[m][c], patient_ids,
                                                      **kw)
+            if seeds:
+                row[m]["over_seeds"] = _over_seeds(y, seeds[m], c, full)
         if len(names) == 2:
             row["difference"] = M.paired_difference("auroc", y, models[names[0]][c], models[names[1]][c],
                                                     patient_ids, **kw)
+            if seeds and c != full:
+                a, b = (row[m]["over_seeds"]["drop_mean"] for m in names)
+                row["mean_drop_difference"] = a - b
         rows.append(row)
-    return {"unit": M.UNIT, "metric": "auroc", "models": names, "full": full, "rows": rows, **kw}
+    out = {"unit": M.UNIT, "metric": "auroc", "models": names, "full": full, "rows": rows, **kw}
+    if seeds:
+        out["n_seeds"] = len(seeds[names[0]])
+    return out
+
+
+def _over_seeds(y, runs: Sequence[Mapping[str, Sequence[float]]], c: str, full: str) -> dict:
+    """AUROC (and drop from `full`) of each training seed's scores on condition c, with mean and sd."""
+    au = [M.auroc(y, np.asarray(r[c], float)) for r in runs]
+    out = {"auroc": au, "mean": float(np.mean(au)), "sd": float(np.std(au, ddof=1)) if len(au) > 1 else 0.0}
+    if c != full:
+        drops = [M.auroc(y, np.asarray(r[full], float)) - a for r, a in zip(runs, au)]
+        out.update(drop=drops, drop_mean=float(np.mean(drops)),
+                   drop_sd=float(np.std(drops, ddof=1)) if len(drops) > 1 else 0.0)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -630,6 +659,27 @@ def _md_degradation(deg: Mapping) -> list[str]:
         if "difference" in row:
             cells.append(_ci(row["difference"], "delta"))
         lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""] + _md_degradation_seeds(deg)
+
+
+def _md_degradation_seeds(deg: Mapping) -> list[str]:
+    names, n = deg["models"], deg.get("n_seeds")
+    if not n:
+        return []
+    two = len(names) == 2
+    lines = [f"Over {n} training seeds (the table above is the first): mean AUROC (sd) and mean drop (sd); "
+             "the same test studies, so the spread is training noise only.", "",
+             "| removed | " + " | ".join(f"{md_text(m)} | drop" for m in names)
+             + (" | drop difference |" if two else " |"), "|---" * (1 + 2 * len(names) + two) + "|"]
+    for row in deg["rows"]:
+        cells = [md_text(row["removed"] or "nothing")]
+        for m in names:
+            s = row[m]["over_seeds"]
+            cells += [f"{_f(s['mean'])} ({_f(s['sd'])})",
+                      f"{_f(s['drop_mean'], '+.3f')} ({_f(s['drop_sd'])})" if "drop_mean" in s else "-"]
+        if two:
+            cells.append(_f(row["mean_drop_difference"], "+.3f") if "mean_drop_difference" in row else "-")
+        lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 
 
@@ -701,7 +751,7 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
                          groups: pd.DataFrame | None = None,
                          subgroup_columns: Sequence[str] = SUBGROUPS + MISSINGNESS,
                          cross: Sequence[tuple[str, str]] | None = None, degradation: Mapping | None = None,
-                         threshold_rule: str = "youden", threshold_target: float | None = None,
+                         degradation_seeds: Mapping | None = None, threshold_rule: str = "youden", threshold_target: float | None = None,
                          n_boot: int = 1000, seed: int = 0, level: float = 0.95, min_count: int = 20,
                          n_bins: int = 10) -> dict:
     """Everything of the evaluation from predictions tables (the predictions.csv layout: subject_id, study_id,
@@ -710,7 +760,8 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
     Baselines: every other `score:` column (paired differences). Thresholds and temperature: from `val`.
     groups: one row per test study (`study_id` plus the group columns, e.g. the EHR table with
     `add_group_columns`); cross: (subgroup, missingness) column pairs, default every subgroup x `modalities`.
-    degradation: {model: {condition: scores}} as for `degradation_table`, passed through.
+    degradation: {model: {condition: scores}} and degradation_seeds: {model: [{condition: scores}] per seed},
+    as for `degradation_table`, passed through.
     """
     y, pid = _column(test, "label", "test").astype(np.float64), _column(test, "subject_id", "test")
     score = _column(test, f"{SCORE_PREFIX}{model}", "test").astype(np.float64)
@@ -734,7 +785,7 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
         out["subgroup_x_missingness"] = [cross_table(frame, y, score, r, c, min_count=min_count)
                                          for r, c in cross]
     if degradation is not None:
-        out["degradation"] = degradation_table(y, pid, degradation, **kw)
+        out["degradation"] = degradation_table(y, pid, degradation, seeds=degradation_seeds, **kw)
     return out
 
 

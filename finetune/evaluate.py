@@ -31,9 +31,10 @@ from finetune import clinical as C
 from finetune import explain as X
 from finetune.inputs import SplitInputs, task_labels
 from finetune.predict import TrainedRun, load_run
+from finetune.recipe import DEGRADATION_MODELS
 from radalign import RadalignError
 
-FUSION_MODELS = ("fusion", "fusion_no_dropout")  # the degradation table's models (with / without dropout)
+FUSION_MODELS = DEGRADATION_MODELS  # the degradation table's models (with / without dropout)
 SAVED_PREDICTIONS = {"test_split": "predictions.csv", "val_split": "predictions_validate.csv"}
 
 
@@ -64,6 +65,28 @@ def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict
             model, meta = trained.models[name]
             out[name] = degradation_logits(model, data, meta["spec"]["modalities"])
     return out or None
+
+
+def degradation_seed_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, list] | None:
+    """{model: [its degradation logits, then each extra training seed's]} from RUN/models/degradation_seeds
+    (None when the run trained no extra seeds)."""
+    from finetune.recipe import SEEDS_DIR, degradation_logits, load_model, seed_model_name
+
+    folder = trained.path / "models" / SEEDS_DIR
+    main = degradation_scores(trained, data)
+    if main is None or not folder.is_dir():
+        return None
+    out = {}
+    for name, first in main.items():
+        runs = [first]
+        for seed in range(trained.cfg.seed + 1, trained.cfg.seed + trained.cfg.baselines.degradation_seeds):
+            if not (folder / f"{seed_model_name(name, seed)}.json").is_file():
+                break
+            model, meta = load_model(folder, seed_model_name(name, seed))
+            runs.append(degradation_logits(model, data, meta["spec"]["modalities"]))
+        out[name] = runs
+    n = min(len(r) for r in out.values())
+    return {k: r[:n] for k, r in out.items()} if n > 1 else None
 
 
 def _saved_baselines(trained: TrainedRun, pred: pd.DataFrame, which: str, split: str,
@@ -113,7 +136,8 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
     columns = list(subgroups) if subgroups is not None else [*C.SUBGROUPS, *C.MISSINGNESS]
     res = C.evaluate_predictions(
         test_pred, val_pred, model=model, groups=group_frame(trained, test, table), subgroup_columns=columns,
-        degradation=degradation_scores(trained, test), threshold_rule=threshold_rule,
+        degradation=degradation_scores(trained, test), degradation_seeds=degradation_seed_scores(trained, test),
+        threshold_rule=threshold_rule,
         threshold_target=threshold_target, n_boot=cfg.bootstrap if n_boot is None else n_boot,
         seed=cfg.seed if seed is None else seed, min_count=min_count, n_bins=n_bins)
     res["run"] = {"checkpoint": str(checkpoint), "task": cfg.task.name, "table": str(table or trained.table_path),
@@ -287,5 +311,6 @@ def explain_study(checkpoint: str | os.PathLike, study_id, *, index: str | os.Pa
     return expl
 
 
-__all__ = ["evaluate_run", "explain_study", "find_study", "group_frame", "degradation_scores", "lab_features",
+__all__ = ["evaluate_run", "explain_study", "find_study", "group_frame", "degradation_scores",
+           "degradation_seed_scores", "lab_features",
            "check_index_encoder", "similar_neighbours", "study_thumbnail", "outcome_lookup", "coalition_logit", "attention_weights"]

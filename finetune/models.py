@@ -44,14 +44,11 @@ import torch.nn.functional as F
 from rtdl_revisiting_models import CategoricalEmbeddings, FTTransformerBackbone, LinearEmbeddings
 from torch import nn
 
+from finetune.config import DEFAULT_MODALITY_DROPOUT
 from radalign import RadalignError
 
 MODALITIES = ("image", "text", "ehr")
 TASKS = ("binary", "multilabel", "multiclass")
-# Training-time drop rates, roughly the absence mix of MIMIC-CXR studies (every study has a film; about a
-# quarter of orders carry no usable indication; a third of studies, outpatients, have no labs). Prefer
-# `dropout_rates_from_presence` on the training split of your data.
-DEFAULT_MODALITY_DROPOUT = {"image": 0.1, "text": 0.25, "ehr": 0.3}
 
 
 def _uniform(shape: Sequence[int], d: int) -> nn.Parameter:

@@ -333,19 +333,22 @@ def _check_train_spec(work: Path, spec: dict, main: bool) -> None:
         atomic_write_json(path, spec)
 
 
-def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
-    """Train one model (or reuse it when RUN/models holds it); returns the best-on-validation model."""
+def fit_torch(run: Run, name: str, spec: dict, models_dir: Path | None = None) -> tuple[nn.Module, dict]:
+    """Train one model (or reuse it when `models_dir`, default RUN/models, holds it); returns the
+    best-on-validation model. spec["seed"], when given, replaces the run's seed (initialisation, epoch order,
+    modality-dropout draws): the degradation table's extra training seeds."""
     from safetensors.torch import load_file, save_file
 
     cfg, acc = run.cfg, run.acc
-    models_dir = run.run_dir / "models"
+    seed = int(spec.get("seed", cfg.seed))
+    models_dir = models_dir or run.run_dir / "models"
     if cfg.resume == "auto" and (models_dir / f"{name}.json").is_file():
         model, meta = load_model(models_dir, name)
         if meta["spec"] == spec:
             run.say(f"{name}: finished earlier (best validation AUROC {meta['best_val_auroc']:.3f}); reused")
             return model, meta
         run.say(f"{name}: RUN/models holds a model of another spec; training anew")
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = build_model(spec)
     work = run.run_dir / "train" / name
     opt = adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -353,7 +356,7 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     global_batch = cfg.optim.batch_size * world
     # Rows without any label add nothing to the loss, only compute: an epoch is a pass over the labelled rows.
     labelled = np.flatnonzero((~np.isnan(run.train.y)).any(1))  # [N_labelled] rows of run.train
-    per_epoch = len(epoch_batches(len(labelled), global_batch, cfg.seed, 0, world))
+    per_epoch = len(epoch_batches(len(labelled), global_batch, seed, 0, world))
     total = per_epoch * cfg.optim.epochs
     sched = cosine_schedule(opt, min(cfg.optim.warmup_steps, max(total // 10, 1)), total)
     model, opt = acc.prepare(model, opt)
@@ -381,14 +384,14 @@ def fit_torch(run: Run, name: str, spec: dict) -> tuple[nn.Module, dict]:
     meter = Meter(acc)
     try:
         while prog.epoch < cfg.optim.epochs:
-            batches = [labelled[b] for b in epoch_batches(len(labelled), global_batch, cfg.seed, prog.epoch, world)]
+            batches = [labelled[b] for b in epoch_batches(len(labelled), global_batch, seed, prog.epoch, world)]
             model.train()
             while prog.batch < len(batches):
                 rows_g = batches[prog.batch]
                 rows = rows_g[rank::world]
                 b = run.train.batch(rows, mods)
                 if n_mod:
-                    b["dropout_u"] = _dropout_u(cfg.seed, prog.epoch, prog.batch, len(rows_g), n_mod)[rank::world]
+                    b["dropout_u"] = _dropout_u(seed, prog.epoch, prog.batch, len(rows_g), n_mod)[rank::world]
                 y = run.train.labels(rows)
                 n_lab = max(int((~np.isnan(run.train.y[rows_g])).sum()), 1)  # the global batch's labelled cells
                 with acc.autocast():
@@ -456,6 +459,7 @@ class Scores:
     val: dict[str, np.ndarray] = field(default_factory=dict)
     test: dict[str, np.ndarray] = field(default_factory=dict)
     degradation: dict = field(default_factory=dict)  # {model: {condition: test logits}}
+    degradation_seeds: dict = field(default_factory=dict)  # {model: [{condition: test logits}] per training seed}
     info: dict = field(default_factory=dict)
 
 
@@ -473,11 +477,38 @@ def train_all(run: Run) -> Scores:
     _late_fusion(run, scores)
     if "gbdt" in run.cfg.baselines.models and "ehr" in run.modalities:
         _gbdt(run, scores)
-    for name in ("fusion", "fusion_no_dropout"):
+    for name in DEGRADATION_MODELS:
         if name in models:
             scores.degradation[name] = degradation_logits(models[name], run.test, run.modalities)
+    _degradation_seeds(run, scores)
     run.seconds["train"] = round(time.perf_counter() - t0, 2)
     return scores
+
+
+DEGRADATION_MODELS = ("fusion", "fusion_no_dropout")  # trained with / without modality dropout
+SEEDS_DIR = "degradation_seeds"  # RUN/models/<this>/: the extra training seeds (not scored in predictions.csv)
+
+
+def seed_model_name(name: str, seed: int) -> str:
+    return f"{name}_seed{seed}"
+
+
+def _degradation_seeds(run: Run, scores: Scores) -> None:
+    """Train the with/without-dropout pair again with seeds seed+1 .. seed+n-1: one training run's drops
+    differ by a few AUROC points from seed to seed, as much as dropout's effect, so the table also reports
+    them over seeds. These models go to RUN/models/degradation_seeds/ (resumable like the others)."""
+    n = run.cfg.baselines.degradation_seeds
+    if n <= 1 or not all(m in scores.degradation for m in DEGRADATION_MODELS):
+        return
+    specs = model_specs(run)
+    for name in DEGRADATION_MODELS:
+        scores.degradation_seeds[name] = [scores.degradation[name]]
+        for seed in range(run.cfg.seed + 1, run.cfg.seed + n):
+            extra = seed_model_name(name, seed)
+            run.say(f"== {extra} (graceful-degradation table)")
+            model, info = fit_torch(run, extra, {**specs[name], "seed": seed}, run.run_dir / "models" / SEEDS_DIR)
+            scores.info[extra] = {k: v for k, v in info.items() if k != "spec"}
+            scores.degradation_seeds[name].append(degradation_logits(model, run.test, run.modalities))
 
 
 def degradation_logits(model: nn.Module, data: SplitInputs, modalities) -> dict[str, np.ndarray]:

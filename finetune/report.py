@@ -77,9 +77,11 @@ def build_metrics(run, scores) -> dict:
     kw = dict(n_boot=cfg.bootstrap, seed=cfg.seed)
     deg = None
     if scores.degradation:
-        named = {("with_dropout" if k == "fusion" else "without_dropout"): {c: v[keep] for c, v in d.items()}
-                 for k, d in scores.degradation.items()}
-        deg = degradation_table(y, pid, named, **kw)
+        label = {"fusion": "with_dropout", "fusion_no_dropout": "without_dropout"}
+        named = {label[k]: {c: v[keep] for c, v in d.items()} for k, d in scores.degradation.items()}
+        seeds = {label[k]: [{c: v[keep] for c, v in r.items()} for r in runs]
+                 for k, runs in scores.degradation_seeds.items()}
+        deg = degradation_table(y, pid, named, seeds=seeds or None, **kw)
     return {
         "format": METRICS_FORMAT, "task": cfg.task.name, "split": cfg.data.test_split, "unit": M.UNIT,
         "metric_note": "AUROC/AUPRC with 95% percentile intervals over patient resamples; model selection "

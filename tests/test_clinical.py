@@ -391,6 +391,40 @@ def test_degradation_table():
         C.degradation_table(y, pid, bad, n_boot=5)
 
 
+def test_degradation_table_over_seeds_against_sklearn():
+    """Per training seed: AUROC and drop by sklearn; mean, sample sd and the mean-drop difference from them;
+    the first seed's intervals are the table's own rows; a seed missing a condition is refused."""
+    y, _, pid = cohort(seed=8)
+    runs = [degradation_models(y, np.random.default_rng(s)) for s in range(3)]
+    seeds = {m: [r[m] for r in runs] for m in runs[0]}
+    deg = C.degradation_table(y, pid, runs[0], seeds=seeds, n_boot=N_BOOT)
+    plain = C.degradation_table(y, pid, runs[0], n_boot=N_BOOT)
+    assert deg["n_seeds"] == 3 and "n_seeds" not in plain
+    for r, p in zip(deg["rows"], plain["rows"]):
+        cond = r["removed"] or "all"
+        drops = {}
+        for m in seeds:
+            au = [roc_auc_score(y, run[m][cond]) for run in runs]
+            got = r[m]["over_seeds"]
+            assert got["auroc"] == pytest.approx(au)
+            assert got["mean"] == pytest.approx(np.mean(au)) and got["sd"] == pytest.approx(np.std(au, ddof=1))
+            assert r[m]["ci_low"] == p[m]["ci_low"] and r[m]["value"] == p[m]["value"]
+            if cond != "all":
+                d = [roc_auc_score(y, run[m]["all"]) - a for run, a in zip(runs, au)]
+                assert got["drop"] == pytest.approx(d) and got["drop_sd"] == pytest.approx(np.std(d, ddof=1))
+                drops[m] = np.mean(d)
+        if cond != "all":
+            assert r["mean_drop_difference"] == pytest.approx(drops["with_dropout"] - drops["without_dropout"])
+            assert r["mean_drop_difference"] < 0  # the planted less-degrading model
+        else:
+            assert "mean_drop_difference" not in r
+    text = "\n".join(C._md_degradation(deg))
+    assert "Over 3 training seeds" in text and "drop difference" in text
+    broken = {m: [*v[:2], {"all": y}] for m, v in seeds.items()}
+    with pytest.raises(RadalignError, match="each seed"):
+        C.degradation_table(y, pid, runs[0], seeds=broken, n_boot=5)
+
+
 class _Tags(HTMLParser):
     def __init__(self):
         super().__init__()

@@ -111,6 +111,11 @@ def test_eval_writes_metrics_report_and_plots_with_the_run_numbers(run, evaluati
     deg = m["degradation"]
     assert deg["models"] == ["fusion", "fusion_no_dropout"]
     assert [r["removed"] for r in deg["rows"]] == [None, "image", "text", "ehr"]
+    trained = json.loads((run / "metrics.json").read_text())["degradation"]  # the recipe's table, same test
+    assert deg["n_seeds"] == trained["n_seeds"] == 3
+    for r, t in zip(deg["rows"], trained["rows"]):
+        for mine, theirs in (("fusion", "with_dropout"), ("fusion_no_dropout", "without_dropout")):
+            assert r[mine]["over_seeds"]["auroc"] == pytest.approx(t[theirs]["over_seeds"]["auroc"], abs=1e-6)
     report = (out / "report.md").read_text()
     for section in ("## Calibration", "## Subgroups and missingness patterns", "## Graceful degradation",
                     "### Decision threshold", "never on test"):

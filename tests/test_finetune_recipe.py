@@ -71,6 +71,16 @@ def test_run_writes_every_model_and_metrics_that_match_a_reference(full_run):
     deg = m["degradation"]
     assert deg["models"] == ["with_dropout", "without_dropout"]
     assert [r["removed"] for r in deg["rows"]] == [None, "image", "text", "ehr"]
+    # Extra training seeds of the pair (default 3): their own folder, never a predictions.csv column; the first
+    # seed is the reported model, the others are trained anew (their scores differ).
+    assert deg["n_seeds"] == 3
+    extra = sorted(p.stem for p in (full_run / "models" / "degradation_seeds").glob("*.json"))
+    assert extra == ["fusion_no_dropout_seed1", "fusion_no_dropout_seed2", "fusion_seed1", "fusion_seed2"]
+    assert not [c for c in pred.columns if "seed" in c]
+    for r in deg["rows"]:
+        for mod in deg["models"]:
+            s = r[mod]["over_seeds"]
+            assert s["auroc"][0] == pytest.approx(r[mod]["value"], abs=1e-12) and len(set(s["auroc"])) == 3
     assert (full_run / "roc.png").read_bytes()[:4] == b"\x89PNG"
     report = (full_run / "report.md").read_text()
     assert "Paired differences" in report and "Graceful degradation" in report
@@ -288,3 +298,14 @@ def test_fewshot_sweep_writes_draws_by_patient_and_is_deterministic(cohort, tmp_
         assert test_patients.isdisjoint(d.patients)
     assert (tmp_path / "a" / "learning_curve.png").is_file()
     assert a["zero_shot_auroc"] is not None
+
+
+def test_config_lists_every_problem_in_one_error():
+    over = ["baselines.degradation_seeds=0", "model.modality_dropout={image: 1.0}", "baselines.late_fusion=vote"]
+    with pytest.raises(RadalignError) as e:
+        load_config(FinetuneConfig, "finetune/in_hospital_mortality", over, stage="finetune")
+    msg = str(e.value)
+    for key in ("baselines.degradation_seeds: 0", "model.modality_dropout.image: 1.0", "baselines.late_fusion"):
+        assert key in msg, (key, msg)
+    cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
+    assert cfg.model.modality_dropout == {"image": 0.3, "text": 0.25, "ehr": 0.3} and cfg.optim.patience == 8

@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/ehr.py --rows 1e6,1e7
 	$(BIN)/python bench/finetune.py
+	$(BIN)/python bench/degradation.py --seeds 5
 
 # The demo: each step is a file target, so re-running skips what is complete (prepare and pretrain resume
 # themselves when interrupted).

@@ -751,7 +751,8 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
                          groups: pd.DataFrame | None = None,
                          subgroup_columns: Sequence[str] = SUBGROUPS + MISSINGNESS,
                          cross: Sequence[tuple[str, str]] | None = None, degradation: Mapping | None = None,
-                         degradation_seeds: Mapping | None = None, threshold_rule: str = "youden", threshold_target: float | None = None,
+                         degradation_seeds: Mapping | None = None, threshold_rule: str = "youden",
+                         threshold_target: float | None = None,
                          n_boot: int = 1000, seed: int = 0, level: float = 0.95, min_count: int = 20,
                          n_bins: int = 10) -> dict:
     """Everything of the evaluation from predictions tables (the predictions.csv layout: subject_id, study_id,

@@ -9,7 +9,7 @@ MODALITIES = ("image", "text", "ehr")
 # Training-time drop rates. Text and EHR follow the absence mix of MIMIC-CXR studies (about a quarter of orders
 # carry no usable indication; a third of studies, outpatients, have no labs). Every study has a film, so the
 # image's absence is practised through dropout alone: at 0.1 a model learned nothing from it (same drop as no
-# dropout over 5 seeds), at 0.3 its drop with the image removed is about a third smaller, chosen on
+# dropout over 5 seeds), at 0.3 its drop with the image removed is more than a third smaller, chosen on
 # validation (`python bench/degradation.py`; docs/finetune.md, "Graceful degradation").
 DEFAULT_MODALITY_DROPOUT = {"image": 0.3, "text": 0.25, "ehr": 0.3}
 TASK_KINDS = ("binary", "multilabel", "multiclass")

@@ -34,7 +34,6 @@ from finetune.predict import TrainedRun, load_run
 from finetune.recipe import DEGRADATION_MODELS
 from radalign import RadalignError
 
-FUSION_MODELS = DEGRADATION_MODELS  # the degradation table's models (with / without dropout)
 SAVED_PREDICTIONS = {"test_split": "predictions.csv", "val_split": "predictions_validate.csv"}
 
 
@@ -60,20 +59,19 @@ def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict
     from finetune.recipe import degradation_logits
 
     out = {}
-    for name in FUSION_MODELS:
+    for name in DEGRADATION_MODELS:
         if name in trained.models:
             model, meta = trained.models[name]
             out[name] = degradation_logits(model, data, meta["spec"]["modalities"])
     return out or None
 
 
-def degradation_seed_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, list] | None:
-    """{model: [its degradation logits, then each extra training seed's]} from RUN/models/degradation_seeds
-    (None when the run trained no extra seeds)."""
+def degradation_seed_scores(trained: TrainedRun, data: SplitInputs, main: dict | None) -> dict[str, list] | None:
+    """{model: [main[model] (its `degradation_scores`), then each extra training seed's]} from
+    RUN/models/degradation_seeds (None when the run trained no extra seeds)."""
     from finetune.recipe import SEEDS_DIR, degradation_logits, load_model, seed_model_name
 
     folder = trained.path / "models" / SEEDS_DIR
-    main = degradation_scores(trained, data)
     if main is None or not folder.is_dir():
         return None
     out = {}
@@ -134,9 +132,10 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
     both = set(extra_t) & set(extra_v)  # a baseline needs its validation scores too (operating point)
     test_pred = test_pred.drop(columns=[c for c in test_pred.columns if c.split(":", 1)[-1] in set(extra_t) - both])
     columns = list(subgroups) if subgroups is not None else [*C.SUBGROUPS, *C.MISSINGNESS]
+    degradation = degradation_scores(trained, test)
     res = C.evaluate_predictions(
         test_pred, val_pred, model=model, groups=group_frame(trained, test, table), subgroup_columns=columns,
-        degradation=degradation_scores(trained, test), degradation_seeds=degradation_seed_scores(trained, test),
+        degradation=degradation, degradation_seeds=degradation_seed_scores(trained, test, degradation),
         threshold_rule=threshold_rule,
         threshold_target=threshold_target, n_boot=cfg.bootstrap if n_boot is None else n_boot,
         seed=cfg.seed if seed is None else seed, min_count=min_count, n_bins=n_bins)

@@ -309,3 +309,23 @@ def test_config_lists_every_problem_in_one_error():
         assert key in msg, (key, msg)
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
     assert cfg.model.modality_dropout == {"image": 0.3, "text": 0.25, "ehr": 0.3} and cfg.optim.patience == 8
+
+
+def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, capsys):
+    """A finished run run again trains nothing: the extra-seed models come back from their folder, same table."""
+    import shutil
+
+    from finetune.recipe import run_finetune
+
+    copy = tmp_path / "again"
+    shutil.copytree(full_run, copy)
+    capsys.readouterr()
+    run_finetune(_cfg(cohort, copy))
+    out = capsys.readouterr().out
+    for name in ("fusion_seed1", "fusion_seed2", "fusion_no_dropout_seed1", "fusion_no_dropout_seed2"):
+        assert f"{name}: finished earlier" in out, name
+    old = json.loads((full_run / "metrics.json").read_text())["degradation"]
+    new = json.loads((copy / "metrics.json").read_text())["degradation"]
+    for a, b in zip(old["rows"], new["rows"]):
+        for m in old["models"]:
+            assert a[m]["over_seeds"]["auroc"] == pytest.approx(b[m]["over_seeds"]["auroc"], abs=1e-9)

@@ -1007,7 +1007,7 @@ def faiss_one(plan: Plan, ix, factory: str, x, q, truth, *, gpu: bool) -> dict:
     t = time.perf_counter()
     _, found = index.search(q, 10)
     search = time.perf_counter() - t
-    return {"build_s": round(build, 3), "search_s": round(search, 4), "queries_per_s": len(q) / search,
+    return {"build_s": round(build, 3), "search_s": round(search, 6), "queries_per_s": len(q) / search,
             "recall_at_10": ix.neighbour_recall(found, truth), "nprobe": plan.faiss_nprobe if "IVF" in factory
             else None}
 

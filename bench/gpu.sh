@@ -60,10 +60,12 @@ setup_python() {
     else
         RADALIGN_GPU_SETUP="$RADALIGN_GPU_SETUP; no .whl/ (run 'bench/gpu.sh wheels' here and carry .whl)"
     fi
-    # The console script pip would write for setup.cfg's `radalign = radalign.cli:main`.
+    # The console script pip writes for setup.cfg's `radalign = radalign.cli:main`, its __main__ guard included:
+    # worker processes started by spawn or forkserver (data prepare's pool) import it again and must not run it.
     entry=$(sed -n 's/^ *radalign *= *\([A-Za-z0-9_.]*\):\([A-Za-z0-9_]*\) *$/\1 \2/p' setup.cfg | head -1)
     set -- $entry
-    printf '#!%s\nimport sys\nfrom %s import %s\nsys.exit(%s())\n' "$PY" "$1" "$2" "$2" >"$site/bin/radalign"
+    printf '#!%s\nimport sys\nfrom %s import %s\nif __name__ == "__main__":\n    sys.exit(%s())\n' \
+        "$PY" "$1" "$2" "$2" >"$site/bin/radalign"
     chmod +x "$site/bin/radalign"
     RADALIGN_BIN=$site/bin/radalign
     export PYTHONPATH="$REPO:$site${PYTHONPATH:+:$PYTHONPATH}" PATH="$site/bin:$PATH"

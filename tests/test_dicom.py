@@ -97,6 +97,15 @@ def test_histogram_equalisation_equals_the_definition(index):
     assert np.array_equal(equalize_hist(np.full((5, 7), 77, np.uint8)), np.full((5, 7), 77, np.uint8))
 
 
+def test_histogram_equalisation_rounds_exact_ties_to_even():
+    """N - n_min = 510: one pixel above the minimum maps to 255 / 510 = 0.5 exactly -> 0 (half to even, as
+    rint/cvRound), three pixels to 1.5 -> 2."""
+    img = np.array([0] * 10 + [5] + [6] * 2 + [9] * 507, dtype=np.uint8).reshape(20, 26)
+    out = equalize_hist(img)
+    assert np.array_equal(out, ref_equalize(img))
+    assert (out[img == 5] == 0).all() and (out[img == 6] == 2).all() and (out[img == 9] == 255).all()
+
+
 @pytest.mark.parametrize("index", range(4))
 def test_minmax_truncates_as_mimic_dcm2img(index):
     values = list(_arrays())[index].astype(np.float64) * -0.5 + 17.25  # negative values, a flipped range

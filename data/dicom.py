@@ -19,7 +19,7 @@ function that made MIMIC-CXR-JPG; Johnson et al. 2019, arXiv:1901.07042):
 the order of the Kaggle/VinDr-CXR readers (invert, then min-max), no equalisation.
 
 Safe reading (`open_dicom`); each refusal is a `DicomRefused` whose `.reason` is a prepare skip reason:
-- `unreadable_image`: not a DICOM file (no `DICM` at byte 128) or the decoder failed;
+- `unreadable_image`: not a DICOM file (no `DICM` at byte 128), or the decoder failed on a damaged codestream;
 - `unsupported_transfer_syntax`: no transfer syntax, Deflated (a zip bomb pydicom would inflate whole), or no
   installed decoder (checked from the file meta, before the data set is parsed);
 - `not_xray_modality`: Modality not in `modalities` (CR, DX; DR where a site writes it);
@@ -110,7 +110,7 @@ def minmax_uint8(values: np.ndarray) -> np.ndarray:
     if hi > lo:
         for r in range(0, values.shape[0], _ROWS_PER_BLOCK):
             block = (values[r:r + _ROWS_PER_BLOCK].astype(np.float64) - lo) / (hi - lo) * 255.0
-            out[r:r + _ROWS_PER_BLOCK] = np.floor(np.clip(block, 0.0, 255.0)).astype(np.uint8)
+            out[r:r + _ROWS_PER_BLOCK] = np.floor(block).astype(np.uint8)  # in [0, 255]: lo is the minimum
     return out
 
 
@@ -264,16 +264,16 @@ def _study_datetime(ds) -> str | None:
 
 
 def _decode(ds, info: DicomInfo, transform: str, name: str):
-    """First frame -> converted PIL "L". Decoder failures become truncated_dicom / unreadable_image."""
+    """First frame -> converted PIL "L". A decoder failure is unreadable_image: a cut file is refused before
+    (its Pixel Data is short, or pydicom stops inside it), so what fails here is a damaged codestream."""
     from PIL import Image
     from pydicom.pixels import get_decoder
 
     try:
         stored = get_decoder(info.transfer_syntax).as_array(ds, index=0)[0]  # [H, W], first frame
     except Exception as e:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, KeyError, struct.error, ...
-        short = any(w in str(e).lower() for w in ("less than expected", "end of", "truncat", "insufficient"))
-        raise DicomRefused("truncated_dicom" if short else "unreadable_image",
-                           f"{name}: pixel data could not be decoded ({type(e).__name__})") from None
+        raise DicomRefused("unreadable_image", f"{name}: pixel data could not be decoded ({type(e).__name__})") \
+            from None
     if stored.ndim != 2:
         raise DicomRefused("unsupported_pixel_format", f"{name}: decoded to shape {stored.shape}, expected [H, W]")
     return Image.fromarray(convert_pixels(ds, stored, transform), mode="L")

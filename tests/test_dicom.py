@@ -159,9 +159,11 @@ def test_voi_lut_transform_windows_after_the_rescale(photometric):
     assert np.abs(got - on_stored).mean() > 5  # (11.6 grey levels here)
 
 
-def test_unknown_transform_is_named():
-    with pytest.raises(Exception, match="voi-lut"):
+def test_unknown_transform_and_compression_are_named():
+    with pytest.raises(RadalignError, match="dicom_transform: 'window'; valid: mimic, voi-lut"):
         read_dicom(dicom_bytes(list(_arrays())[0]), transform="window")
+    with pytest.raises(RadalignError, match="compression 'jpeg'; valid: none, rle, j2k"):
+        dicom_bytes(list(_arrays())[0], compression="jpeg")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -226,8 +228,8 @@ def test_pydicom_test_files_as_radiographs(name):
     data = _as_dx(name)
     if AS_DX[name] is not None:
         with pytest.raises(DicomRefused) as e:
-            read_dicom(data)
-        assert e.value.reason == AS_DX[name]
+            read_dicom(data, name=f"upload {name}")
+        assert e.value.reason == AS_DX[name] and str(e.value).startswith(f"upload {name}: ")
         return
     img, info = read_dicom(data)
     ds = pydicom.dcmread(io.BytesIO(data))
@@ -253,8 +255,64 @@ def test_unknown_transfer_syntax_and_truncated_pixels_of_a_real_file():
     patched = raw.replace(b"\x08\x00\x60\x00CS\x02\x00MR", b"\x08\x00\x60\x00CS\x02\x00DX", 1)
     assert patched != raw
     with pytest.raises(DicomRefused) as e:
-        read_dicom(patched)
+        read_dicom(patched, name="cut.dcm")
     assert e.value.reason == "truncated_dicom"
+    assert str(e.value).startswith("cut.dcm: 8,130 bytes of Pixel Data, 8,192 expected")
+
+
+def test_paths_and_file_objects_are_named_and_left_as_found(tmp_path):
+    with pytest.raises(DicomRefused, match=r"^.*missing\.dcm: cannot open") as e:
+        read_dicom(tmp_path / "missing.dcm")
+    assert e.value.reason == "unreadable_image"
+    with open(TEST_FILES / "CT_small.dcm", "rb") as f:
+        with pytest.raises(DicomRefused, match=r"CT_small\.dcm: Modality 'CT'"):
+            read_dicom(f)
+        assert not f.closed  # the caller's file stays open
+    with pytest.raises(DicomRefused, match=r"^DICOM stream: Modality 'CT'"):
+        read_dicom(io.BytesIO((TEST_FILES / "CT_small.dcm").read_bytes()))
+    with pytest.raises(DicomRefused, match=r"Modality '\(none\)'"):
+        read_dicom(TEST_FILES / "GDCMJ2K_TextGBR.dcm")  # no Modality element
+
+
+def test_the_conversion_takes_a_dataset():
+    """`dicom_to_image` on a pydicom Dataset (what a caller already holds) is `read_dicom` on its bytes, and
+    refuses the same things."""
+    from data.dicom import dicom_to_image
+
+    data = dicom_bytes(list(_arrays())[1], photometric="MONOCHROME1", compression="rle")
+    img, info = dicom_to_image(pydicom.dcmread(io.BytesIO(data)), name="held")
+    assert np.array_equal(np.asarray(img), np.asarray(read_dicom(data)[0])) and info.photometric == "MONOCHROME1"
+    voi, _ = dicom_to_image(pydicom.dcmread(io.BytesIO(data)), transform="voi-lut")
+    assert np.array_equal(np.asarray(voi), np.asarray(read_dicom(data, transform="voi-lut")[0]))
+    ct = pydicom.dcmread(TEST_FILES / "CT_small.dcm")
+    with pytest.raises(DicomRefused, match="^held: Modality 'CT'"):
+        dicom_to_image(ct, name="held")
+    ct.Modality = "DX"
+    ct.file_meta.TransferSyntaxUID = pydicom.uid.UID("1.2.840.10008.1.2.1.99")
+    with pytest.raises(DicomRefused, match="^held: transfer syntax 1.2.840.10008.1.2.1.99 .Deflated.") as e:
+        dicom_to_image(ct, name="held")
+    assert e.value.reason == "unsupported_transfer_syntax"
+
+
+@pytest.mark.parametrize("change,reason,words", [
+    ({"SamplesPerPixel": 3}, "unsupported_pixel_format", "'MONOCHROME2' with 3 sample(s)"),
+    ({"BitsAllocated": 12}, "unsupported_pixel_format", "12 bits allocated; expected 8, 16 or 32"),
+    ({"BitsStored": None}, "unsupported_pixel_format", "image header without BitsStored"),
+    ({"PixelData": None, "FloatPixelData": b"\0" * 16}, "no_pixel_data", "no (integer) Pixel Data"),
+    ({"PixelData": None}, "truncated_dicom", "an image header but no Pixel Data"),
+])
+def test_malformed_image_headers_are_named(change, reason, words):
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((4, 4), np.uint16))))
+    for key, value in change.items():
+        if value is None:
+            del ds[key]
+        else:
+            setattr(ds, key, value)
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(DicomRefused) as e:
+        read_dicom(buf.getvalue(), name="x")
+    assert e.value.reason == reason and str(e.value).startswith(f"x: {words}")
 
 
 def _pixel_value_offset(data: bytes) -> int:
@@ -276,7 +334,8 @@ def test_every_truncation_is_refused(compression):
     cuts = [*range(start + 1), *range(start + 1, len(data) - 16, 5), *range(len(data) - 16, len(data))]
     for cut in cuts:
         with pytest.raises(DicomRefused) as e:
-            read_dicom(data[:cut])
+            read_dicom(data[:cut], name=f"cut at {cut}")
+        assert str(e.value).startswith(f"cut at {cut}: ")
         reasons[cut] = e.value.reason
     assert {reasons[c] for c in range(132)} == {"unreadable_image"}  # no 'DICM' yet
     assert {reasons[c] for c in cuts if c > start} == {"truncated_dicom"}

@@ -129,7 +129,7 @@ def equalize_hist(img: np.ndarray) -> np.ndarray:
     return lut.astype(np.uint8)[img]
 
 
-def convert_pixels(ds, stored: np.ndarray, transform: str = "mimic") -> np.ndarray:
+def convert_pixels(ds, stored: np.ndarray, transform: str) -> np.ndarray:
     """Stored values of one frame [H, W] -> uint8 [H, W] by `transform` (module docstring)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
@@ -164,7 +164,7 @@ def check_header(ds, *, max_pixels: int | None = DEFAULT_MAX_PIXELS, modalities=
                  name: str = "DICOM") -> DicomInfo:
     """The refusals that need only the header, in a fixed order; returns the DicomInfo of an accepted one."""
     syntax = _transfer_syntax(ds, name)
-    modality = str(ds.get("Modality", "") or "").strip().upper()
+    modality = str(ds.get("Modality") or "").strip().upper()
     accepted = [m.upper() for m in modalities]
     if modality not in accepted:
         raise DicomRefused("not_xray_modality",
@@ -233,7 +233,7 @@ def _geometry(ds, name: str) -> tuple[int, int, int, str]:
     if missing:
         raise DicomRefused("unsupported_pixel_format", f"{name}: image header without {', '.join(missing)}")
     photometric = str(ds.PhotometricInterpretation).strip().upper()
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel") or 1)
     if photometric not in ("MONOCHROME1", "MONOCHROME2") or samples != 1:
         raise DicomRefused("unsupported_pixel_format",
                            f"{name}: {photometric[:16]!r} with {samples} sample(s) per pixel; a radiograph is "
@@ -242,7 +242,7 @@ def _geometry(ds, name: str) -> tuple[int, int, int, str]:
         raise DicomRefused("unsupported_pixel_format",
                            f"{name}: {int(ds.BitsAllocated)} bits allocated; expected 8, 16 or 32")
     try:
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        frames = int(ds.get("NumberOfFrames") or 1)
     except (TypeError, ValueError):
         frames = 1
     rows, columns = int(ds.Rows), int(ds.Columns)
@@ -274,8 +274,6 @@ def _decode(ds, info: DicomInfo, transform: str, name: str):
     except Exception as e:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, KeyError, struct.error, ...
         raise DicomRefused("unreadable_image", f"{name}: pixel data could not be decoded ({type(e).__name__})") \
             from None
-    if stored.ndim != 2:
-        raise DicomRefused("unsupported_pixel_format", f"{name}: decoded to shape {stored.shape}, expected [H, W]")
     return Image.fromarray(convert_pixels(ds, stored, transform), mode="L")
 
 
@@ -292,8 +290,8 @@ class _Watch:
         self._f, self.size, self.cut = f, size, False
 
     def read(self, n: int = -1) -> bytes:
-        data = self._f.read() if n is None or n < 0 else self._f.read(n)
-        if n is not None and n > 0 and 0 < len(data) < n and n != _SCAN_CHUNK:
+        data = self._f.read(n)
+        if n is not None and 0 < len(data) < n and n != _SCAN_CHUNK:
             self.cut = True
         return data
 

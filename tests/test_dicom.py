@@ -381,6 +381,18 @@ def test_multi_frame_pixel_count_includes_frames():
     assert info.frames == 3 and img.size == (100, 100)
 
 
+def test_one_row_images_read_and_empty_ones_are_refused():
+    img, info = read_dicom(dicom_bytes(np.arange(5, dtype=np.uint16).reshape(1, 5) * 1000))
+    assert (info.rows, info.columns) == (1, 5) and np.array_equal(np.asarray(img), [[0, 64, 128, 191, 255]])
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(np.zeros((1, 5), np.uint16))))
+    ds.Rows = 0
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    with pytest.raises(DicomRefused, match="0 x 5 x 1 frame") as e:
+        read_dicom(buf.getvalue())
+    assert e.value.reason == "unsupported_pixel_format"
+
+
 def test_modalities_option_accepts_dr():
     data = dicom_bytes(list(_arrays())[0], modality="DR")
     with pytest.raises(DicomRefused) as e:

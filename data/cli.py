@@ -1,6 +1,6 @@
-"""`radalign data VERB`: synth, prepare (MIMIC-CXR), prepare-csv (any CSV), info (manifest summary).
+"""`radalign data VERB`: synth, prepare (MIMIC-CXR), prepare-csv (any CSV), prepare-dicom (DICOM), info.
 
-Flags of prepare / prepare-csv map one-to-one onto `data.prepare.PrepareConfig` fields (their help is the
+Flags of prepare / prepare-csv / prepare-dicom map one-to-one onto `data.prepare.PrepareConfig` fields (their help is the
 field's docstring); unset flags keep the dataclass defaults, so the defaults live in one place. Extra
 `key=value` arguments set any other field (e.g. `jpeg_quality=85`).
 """
@@ -26,8 +26,9 @@ def register(sub) -> None:
                 self.error(f"unrecognized arguments: {' '.join(unknown)}")
             return namespace, extras
 
-    p = sub.add_parser("data", help="synthetic data, MIMIC-CXR / CSV -> webdataset shards, manifest summary",
-                       description="Prepare training data: write webdataset shards from MIMIC-CXR-JPG or a CSV.\n"
+    p = sub.add_parser("data", help="synthetic data, MIMIC-CXR / CSV / DICOM -> webdataset shards, manifest summary",
+                       description="Prepare training data: write webdataset shards from MIMIC-CXR-JPG, a CSV or "
+                                   "DICOM files.\n"
                                    "See docs/data.md for the MIMIC files and the exact commands.",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=VerbParser)
@@ -35,6 +36,7 @@ def register(sub) -> None:
     _add_synth(verbs)
     _add_prepare(verbs)
     _add_prepare_csv(verbs)
+    _add_prepare_dicom(verbs)
     from data import ehr_cli
 
     ehr_cli.register(verbs)  # link-ehr (data/ehr_cli.py)
@@ -66,6 +68,10 @@ def _add_synth(verbs) -> None:
                    help="every table and report but no JPEG (enough for link-ehr and the truth table; the tables "
                         "are the same as with images)")
     p.add_argument("--no-icu", action="store_true", help="leave out mimic-iv/icu (icustays, chartevents, d_items)")
+    p.add_argument("--dicom", action="store_true",
+                   help="also write each film as DICOM (CR/DX, 12-bit, MONOCHROME1/2, some RLE / JPEG 2000) under "
+                        "OUT/mimic-cxr/files/, laid out like MIMIC-CXR; each JPG is then the MIMIC-CXR-JPG "
+                        "conversion of its DICOM (docs/data.md, DICOM)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--force", action="store_true",
                    help="regenerate even when OUT already holds a finished set made with the same arguments")
@@ -124,6 +130,13 @@ def _add_prepare_csv(verbs) -> None:
                     "Example: radalign data prepare-csv --csv openi.csv --image-col path --text-col findings "
                     "impression --patient-col uid --out /data/openi-shards",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    _csv_flags(p, docs)
+    _common(p, docs, defaults)
+    p.set_defaults(func=_prepare, kind="csv")
+
+
+def _csv_flags(p, docs: dict) -> None:
+    """The flags naming a CSV of images and texts (prepare-csv, prepare-dicom)."""
     p.add_argument("--csv", metavar="FILE", help=docs["csv"])
     p.add_argument("--image-col", metavar="C", help=docs["image_col"])
     p.add_argument("--text-col", metavar="C", nargs="+", help=docs["text_col"])
@@ -134,8 +147,31 @@ def _add_prepare_csv(verbs) -> None:
     p.add_argument("--image-root", metavar="DIR", help=docs["image_root"])
     p.add_argument("--allow-outside-root", action="store_true", default=None, help=docs["allow_outside_root"])
     p.add_argument("--encoding", metavar="NAME", help=docs["encoding"])
+
+
+def _add_prepare_dicom(verbs) -> None:
+    docs, defaults = _defaults()
+    p = verbs.add_parser(
+        "prepare-dicom", help="DICOM (MIMIC-CXR layout, or a CSV of .dcm paths + texts) -> the same shards",
+        description="Shards from DICOM radiographs, converted as MIMIC-CXR-JPG was made (docs/data.md, DICOM).\n"
+                    "MIMIC-CXR layout: --mimic-cxr DIR (files/pNN/pSUBJECT/sSTUDY/DICOM_ID.dcm) --reports DIR\n"
+                    "  [--tables DIR with the mimic-cxr-2.0.0-*.csv.gz metadata/split/labels, each used when present]\n"
+                    "A CSV of texts: --csv FILE --image-col C --text-col C ... (as prepare-csv; images are .dcm)\n"
+                    "Example: radalign data prepare-dicom --mimic-cxr /data/mimic-cxr/2.0.0 --reports "
+                    "/data/mimic-cxr-reports --tables /data/mimic-cxr-jpg/2.1.0 --out /data/shards --workers 16",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mimic-cxr", metavar="DIR", help="MIMIC-CXR (DICOM) root holding files/p10/... .dcm; give with "
+                                                       "--reports (or use --csv)")
+    p.add_argument("--reports", metavar="DIR", help=docs["reports"])
+    p.add_argument("--tables", metavar="DIR", help=docs["tables"])
+    p.add_argument("--views", metavar="V1,V2", help=_field_help("views", docs, defaults) +
+                   ". Without a metadata file the DICOM header's ViewPosition decides")
+    p.add_argument("--labels", metavar="SOURCE", help=_field_help("labels", docs, defaults))
+    p.add_argument("--dicom-transform", metavar="NAME", help=_field_help("dicom_transform", docs, defaults))
+    p.add_argument("--modalities", metavar="M1,M2", help=_field_help("modalities", docs, defaults))
+    _csv_flags(p, docs)
     _common(p, docs, defaults)
-    p.set_defaults(func=_prepare, kind="csv")
+    p.set_defaults(func=_prepare, kind="dicom")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -149,10 +185,13 @@ def _config_from_args(args):
 
     flags = {"out": args.out, "text": args.text, "image_size": args.image_size, "shard_size": args.shard_size,
              "workers": args.workers, "seed": args.seed, "max_pixels": args.max_pixels}
-    if args.kind == "mimic":
+    if args.kind == "dicom":
+        flags.update(dicom=True, tables=args.tables, dicom_transform=args.dicom_transform,
+                     modalities=_comma_list(args.modalities))
+    if args.kind in ("mimic", "dicom"):
         flags.update(mimic_cxr=args.mimic_cxr, reports=args.reports, labels=args.labels,
-                     views=[v.strip() for v in args.views.split(",")] if args.views is not None else None)
-    else:
+                     views=_comma_list(args.views))
+    if args.kind in ("csv", "dicom"):
         labels = None
         if args.label_cols is not None:
             labels = [c.strip() for arg in args.label_cols for c in arg.split(",") if c.strip()]
@@ -162,6 +201,10 @@ def _config_from_args(args):
                      encoding=args.encoding)
     given = {k: v for k, v in flags.items() if v is not None}
     return load_config(PrepareConfig, given, args.overrides)
+
+
+def _comma_list(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",")] if value is not None else None
 
 
 def _prepare(args) -> int:
@@ -179,7 +222,7 @@ def _synth(args) -> int:
     from radalign.log import rprint
 
     same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty,
-                images=not args.no_images, icu=not args.no_icu)
+                images=not args.no_images, icu=not args.no_icu, with_dicom=args.dicom)
     if not args.force and synth_complete(args.out, **same):
         rprint(f"{args.out}: a finished synthetic set with these arguments is already there; skipping "
                "(--force regenerates)")

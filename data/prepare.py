@@ -1,4 +1,5 @@
-"""Write webdataset shards + manifest from MIMIC-CXR (`radalign data prepare`) or any CSV (`prepare-csv`).
+"""Write webdataset shards + manifest from MIMIC-CXR (`radalign data prepare`), any CSV (`prepare-csv`), or
+DICOM files (`prepare-dicom`: MIMIC-CXR's DICOM layout, data/prepare_dicom.py, or a CSV whose images are .dcm).
 
 Schema: docs/architecture.md §1. How it works:
 
@@ -8,7 +9,9 @@ Schema: docs/architecture.md §1. How it works:
    mix across shards and the order never depends on the input order) and cut into shards of `shard_size`.
 2. Write (a process pool over shards; each worker writes whole shards): read report, parse sections, pick
    the training text, decode + grey + resize the image, write `jpg`/`txt`/`json` into the tar. Missing or
-   unreadable images, missing reports and empty texts are skipped and reported back by id.
+   unreadable images, missing reports and empty texts are skipped and reported back by id. A DICOM goes
+   through `data.dicom` (header checks, then the MIMIC-CXR-JPG conversion); its refusals are skip reasons,
+   and views/study times the plan lacks come from its header.
 3. Record: a worker that finished a shard records it beside the tar (`.shard-NNNNNN.tar.done.json`,
    atomically); the main process folds each result into `OUT/prepare-state.json` (atomically) and drops the
    record, so a finished shard survives any interruption (Ctrl-C with several workers included: the next
@@ -60,6 +63,7 @@ STATE_FORMAT = "radalign-prepare-state/1"
 SKIP_REASONS = ("missing_image", "unreadable_image", "oversized_image", "missing_report", "empty_text",
                 "filtered_view", "outside_root")
 LABEL_SOURCES = ("chexpert", "negbio")
+DICOM_OPTIONS = ("dicom", "tables", "dicom_transform", "modalities")  # recorded in options only for DICOM input
 
 
 @dataclass
@@ -112,6 +116,14 @@ class PrepareConfig:
     """JPEG quality of the stored images (1-95)."""
     seed: int = 0
     """Seeds the sample order within each split and the patient split of prepare-csv."""
+    dicom: bool = False
+    """Images are DICOM files (set by `data prepare-dicom`): read and converted by data.dicom."""
+    tables: Optional[str] = None
+    """prepare-dicom, MIMIC layout: folder with mimic-cxr-2.0.0-{metadata,split,chexpert|negbio}.csv(.gz), each used when present; None: --mimic-cxr itself."""
+    dicom_transform: str = "mimic"
+    """prepare-dicom: 'mimic' (modality LUT, MONOCHROME1 inverted, min-max to 8 bits, histogram equalisation, as MIMIC-CXR-JPG) or 'voi-lut' (the header's window/VOI LUT, no equalisation)."""
+    modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])
+    """prepare-dicom: DICOM Modality values read; others count as skipped.not_xray_modality (add DR where a site writes it)."""
 
     def validate(self) -> list[str]:
         problems = []
@@ -148,6 +160,7 @@ class PrepareConfig:
             except LookupError:
                 problems.append(f"encoding: {self.encoding!r} is not a known text encoding; e.g. utf-8, cp1252, "
                                 f"latin-1")
+        problems += self._dicom_problems()
         if self.image_size < 16:
             problems.append(f"image_size: {self.image_size} is too small; use at least 16 (default 512)")
         if self.shard_size < 1:
@@ -164,9 +177,28 @@ class PrepareConfig:
                             f"{self.val_fraction + self.test_fraction}; leave some patients for train (< 1)")
         return problems
 
+    def _dicom_problems(self) -> list[str]:
+        from data.dicom import DICOM_TRANSFORMS
+
+        problems = []
+        if self.dicom_transform not in DICOM_TRANSFORMS:
+            problems.append(f"dicom_transform: {self.dicom_transform!r}; valid: {', '.join(DICOM_TRANSFORMS)}")
+        if not self.modalities or any(not str(m).strip() for m in self.modalities):
+            problems.append(f"modalities: {list(self.modalities)} has an empty entry; give DICOM modalities like CR,DX")
+        if self.tables is not None and (not self.dicom or self.csv is not None):
+            problems.append("tables: only for prepare-dicom on the MIMIC-CXR layout (--mimic-cxr); drop --tables")
+        return problems
+
     @property
     def source(self) -> str:
-        return "csv" if self.csv is not None else "mimic-cxr"
+        return ("csv" if self.csv is not None else "mimic-cxr") + ("-dicom" if self.dicom else "")
+
+
+def skip_reasons(cfg: PrepareConfig) -> tuple[str, ...]:
+    """The keys of `manifest["skipped"]`: SKIP_REASONS, then the DICOM refusals (data.dicom) for DICOM input."""
+    from data.dicom import DICOM_SKIP_REASONS
+
+    return SKIP_REASONS + DICOM_SKIP_REASONS if cfg.dicom else SKIP_REASONS
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -176,15 +208,17 @@ class PrepareConfig:
 def load_image(path: str | os.PathLike, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Open (`data.images.open_image`: pixel limit, EXIF orientation, reduced JPEG decode), convert to 8-bit
     grey and shrink the short side to `image_size`. Raises `data.images.OversizedImageError` above `max_pixels`."""
-    from PIL import Image
-
     from data.images import open_image, to_gray8
 
-    im = to_gray8(open_image(path, max_pixels=max_pixels, short_side=image_size))
+    return shrink(to_gray8(open_image(path, max_pixels=max_pixels, short_side=image_size)), image_size)
+
+
+def shrink(im, image_size: int):
+    """The short side down to `image_size` (LANCZOS, aspect kept; never upscaled)."""
+    from PIL import Image
+
     size = target_size(*im.size, image_size)
-    if size != im.size:
-        im = im.resize(size, Image.Resampling.LANCZOS)
-    return im
+    return im.resize(size, Image.Resampling.LANCZOS) if size != im.size else im
 
 
 def encode_jpeg(img, quality: int) -> bytes:
@@ -284,10 +318,19 @@ def _build_sample(rec: dict, task: dict, cache: dict) -> tuple[dict | None, str 
         return None, "missing_report", False
     if not text.strip():
         return None, "empty_text", used_latin1
+    from data.dicom import DicomRefused
     from data.images import OversizedImageError
 
+    header = None
     try:
-        jpg = encode_jpeg(load_image(rec["image"], task["image_size"], task["max_pixels"]), task["jpeg_quality"])
+        if task.get("dicom"):
+            img, header = _dicom_image(rec, task)
+        else:
+            img = load_image(rec["image"], task["image_size"], task["max_pixels"])
+        jpg = encode_jpeg(img, task["jpeg_quality"])
+    except DicomRefused as e:  # before OversizedImageError: an oversized DICOM is both
+        log.debug("%s", e)  # names the key and technical fields only (data.dicom reads no other header text)
+        return None, e.reason, used_latin1
     except OversizedImageError as e:
         log.debug("%s: %s", rec["key"], e)
         return None, "oversized_image", used_latin1
@@ -297,13 +340,33 @@ def _build_sample(rec: dict, task: dict, cache: dict) -> tuple[dict | None, str 
         return None, "unreadable_image", used_latin1
     meta = {
         "subject_id": _value(rec["subject_id"]), "study_id": _value(rec["study_id"]),
-        "dicom_id": rec["dicom_id"], "split": rec["split"], "view": _value(rec.get("view")),
-        "study_datetime": _value(rec.get("study_datetime")),
+        "dicom_id": rec["dicom_id"], "split": rec["split"],
+        "view": _value(rec.get("view")) if header is None or rec.get("view") is not None else header.view,
+        "study_datetime": (_value(rec.get("study_datetime")) if header is None or rec.get("study_datetime")
+                           is not None else header.study_datetime),
         "labels": {name: _value(rec.get(name)) for name in CHEXPERT_LABELS},
         "sections": sections,
     }
     sample = {"jpg": jpg, "txt": text.encode("utf-8"), "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
     return sample, None, used_latin1
+
+
+def _dicom_image(rec: dict, task: dict):
+    """(shrunk PIL image, DicomInfo) of a DICOM record; DicomRefused for a refused file, or reason
+    filtered_view when the plan had no view and the header's ViewPosition is outside --views."""
+    from data.dicom import DicomRefused, open_dicom
+
+    with open_dicom(rec["image"], max_pixels=task["max_pixels"], modalities=task["modalities"],
+                    name=rec["key"]) as d:
+        if rec.get("view") is None and not view_kept(d.info.view, task["views"]):
+            raise DicomRefused("filtered_view", f"{rec['key']}: ViewPosition {d.info.view!r} not in --views")
+        return shrink(d.image(task["dicom_transform"]), task["image_size"]), d.info
+
+
+def view_kept(view: str | None, views: list[str]) -> bool:
+    """Whether a ViewPosition passes `--views` (['all'] keeps everything; blank passes only 'all')."""
+    wanted = {str(v).upper() for v in views}
+    return wanted == {"ALL"} or (view or "").upper() in wanted
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -314,10 +377,14 @@ def plan(cfg: PrepareConfig):
     """(frame, set_aside, notes) for the config's source; frame sorted by split, then a seeded hash of the key."""
     from data.mimic import mimic_records, stable_unit
 
-    if cfg.source == "csv":
+    if cfg.csv is not None:
         from data.prepare_csv import csv_records
 
         frame, set_aside, notes = csv_records(cfg)
+    elif cfg.dicom:
+        from data.prepare_dicom import dicom_records
+
+        frame, set_aside, notes = dicom_records(cfg)
     else:
         frame, set_aside, notes = mimic_records(cfg.mimic_cxr, cfg.reports, views=list(cfg.views),
                                                 labels=cfg.labels)
@@ -348,10 +415,10 @@ def options_of(cfg: PrepareConfig) -> dict:
     from radalign.config import to_dict
 
     opts = to_dict(cfg)
-    for key in ("out", "workers"):
-        opts.pop(key)
-    for key in ("mimic_cxr", "reports", "csv", "image_root"):
-        if opts[key] is not None:
+    for key in ("out", "workers", *(() if cfg.dicom else DICOM_OPTIONS)):
+        opts.pop(key)  # JPG/PNG runs record the options they always had (and resume states made before DICOM)
+    for key in ("mimic_cxr", "reports", "csv", "image_root", "tables"):
+        if opts.get(key) is not None:
             opts[key] = str(Path(opts[key]).resolve())
     return opts
 
@@ -507,14 +574,21 @@ def _prepare_locked(cfg: PrepareConfig, out: Path, overwrite: bool, progress: bo
     _log_set_aside(set_aside, cfg)
     log.info("%d images in %d shards (%d complete%s, %d to write) -> %s", len(frame), len(slices), len(done),
              f", {merged} recovered from worker records" if merged else "", len(todo), out)
+    header_views = 0  # filtered_view decided on DICOM headers in the workers: one summary line, not one each
     with tqdm(total=sum(sizes[t[0]] for t in todo), unit="img", desc="prepare", disable=not progress) as bar:
         for result in _run_tasks(_tasks(frame, todo, cfg, state["options_sha256"]), cfg.workers):
             for reason, key in result["skipped"]:
-                log.warning("skipped %s: %s", reason, key)
+                if reason == "filtered_view":
+                    header_views += 1
+                else:
+                    log.warning("skipped %s: %s", reason, key)
             state["shards"][result["path"]] = result
             atomic_write_json(_state_path(out), state)  # this shard now survives an interruption
             _record_path(out, result["path"]).unlink(missing_ok=True)  # now in the state
             bar.update(sizes[result["path"]])
+    if header_views:
+        log.info("%d images whose DICOM ViewPosition is outside --views %s set aside (filtered_view); their ids "
+                 "are in skipped.csv", header_views, ",".join(cfg.views))
     return _finish(out, cfg, state, slices, set_aside, notes)
 
 
@@ -528,7 +602,8 @@ def _tasks(frame, todo, cfg: PrepareConfig, options_sha: str):
         yield {"out": str(Path(cfg.out)), "path": path, "keys_sha256": keys_sha, "options_sha256": options_sha,
                "text": cfg.text,
                "image_size": cfg.image_size, "jpeg_quality": cfg.jpeg_quality, "max_pixels": cfg.max_pixels,
-               "records": frame.iloc[start:end].to_dict("records")}
+               "dicom": cfg.dicom, "dicom_transform": cfg.dicom_transform, "modalities": list(cfg.modalities),
+               "views": list(cfg.views), "records": frame.iloc[start:end].to_dict("records")}
 
 
 def _run_tasks(tasks, workers: int):
@@ -567,7 +642,8 @@ def _finish(out: Path, cfg: PrepareConfig, state: dict, slices, set_aside, notes
     """skipped.csv and manifest.json from the plan and every shard's recorded result."""
     from radalign.io import atomic_write_json, atomic_write_text
 
-    skipped = Counter(dict.fromkeys(SKIP_REASONS, 0))
+    reasons = skip_reasons(cfg)
+    skipped = Counter(dict.fromkeys(reasons, 0))
     rows = [f"{reason},{key}" for reason, key in set_aside]
     latin1: set[str] = set()
     splits = {s: {"samples": 0, "shards": []} for s in SPLITS}
@@ -592,7 +668,7 @@ def _finish(out: Path, cfg: PrepareConfig, state: dict, slices, set_aside, notes
         "options": state["options"],
         "labels": list(CHEXPERT_LABELS),
         "splits": splits,
-        "skipped": {k: skipped[k] for k in SKIP_REASONS},
+        "skipped": {k: skipped[k] for k in reasons},
         "notes": {"latin1_reports": len(latin1), **{k: v for k, v in sorted(notes.items()) if v}},
     }
     atomic_write_json(out / "manifest.json", manifest)

@@ -3,6 +3,7 @@
 Layout written under `out_dir` (see docs/synthetic-data.md for every column and format):
 
     mimic-cxr-jpg/files/p{NN}/p{subject}/s{study}/{dicom}.jpg   8-bit grayscale JPEGs
+    mimic-cxr/files/p{NN}/p{subject}/s{study}/{dicom}.dcm       --dicom only: the same films as DICOM
     mimic-cxr-jpg/mimic-cxr-2.0.0-{metadata,split,chexpert,negbio}.csv.gz
     mimic-cxr-reports/files/p{NN}/p{subject}/s{study}.txt        reports in the MIMIC template
     mimic-iv/hosp/{patients,admissions,labevents,d_labitems}.csv.gz
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from data import synth_ehr as ehr
 from data.labels import CHEXPERT_LABELS, MIMIC_LABEL_ORDER
-from data.synth_images import ImageSpec, render
+from data.synth_images import ImageSpec, quantize, render_float
 from data.synth_reports import write_report
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_bytes, atomic_write_json
@@ -435,15 +436,49 @@ def _rows_cols(rng, view: str) -> tuple[int, int]:
 
 
 def _render_task(task) -> int:
-    """Worker: draw one image from its own seed and write it; returns bytes written."""
-    path, spec, size, difficulty, seed, index = task
-    pixels = render(spec, size, difficulty, np.random.default_rng([seed, 2, index]))
+    """Worker: draw one image from its own seed and write it (and its DICOM in --dicom mode); returns bytes
+    written. The drawing is the same in both modes; only the stored form differs."""
+    path, spec, size, difficulty, seed, index, *dicom = task
+    drawn = render_float(spec, size, difficulty, np.random.default_rng([seed, 2, index]))  # [S, S] in [0, 1]
+    written = 0
+    if dicom:
+        # As MIMIC-CXR-JPG was made: the JPG is the MIMIC conversion of the DICOM's (decoded) pixels.
+        image, written = _write_dicom(dicom[0], drawn, np.random.default_rng([seed, 5, index]))
+    else:
+        image = Image.fromarray(quantize(drawn, 8), mode="L")
     buf = io.BytesIO()
-    Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=95)
+    image.save(buf, format="JPEG", quality=95)
     # Temp file + rename (no fsync per image: 50k fsyncs would dominate; a crash leaves no partial JPEG).
     with atomic_path(path) as tmp:
         tmp.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
+    return written + len(buf.getvalue())
+
+
+def _write_dicom(info: dict, drawn: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, int]:
+    """One film as MIMIC-CXR's DICOM release holds it: CR or DX, 12 bits stored, MONOCHROME1 (30%, values
+    inverted) or MONOCHROME2, uncompressed (50%), RLE or JPEG 2000 lossless. `rng` is the image's own
+    acquisition stream ([seed, 5, index]), so the drawing's stream is the one the JPG-only mode uses.
+    Returns (the MIMIC conversion of what was written, read back through `data.dicom`, bytes written)."""
+    from pydicom.uid import generate_uid
+
+    from data.dicom import read_dicom, write_dicom
+
+    modality = "CR" if rng.random() < 0.5 else "DX"
+    photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
+    compression = str(rng.choice(["none", "none", "rle", "j2k"]))
+    stored = quantize(drawn, 12)  # [S, S] uint16, 0 .. 4095
+    if photometric == "MONOCHROME1":
+        stored = 4095 - stored
+    when = info["when"]
+    header = {"PatientID": str(info["subject_id"]), "PatientName": f"SYNTHETIC^PATIENT{info['subject_id']}",
+              "StudyID": str(info["study_id"]), "ViewPosition": info["view"],
+              "StudyInstanceUID": generate_uid(entropy_srcs=["radalign-synth-study", str(info["study_id"])]),
+              "SOPInstanceUID": generate_uid(entropy_srcs=["radalign-synth-image", info["dicom_id"]]),
+              "StudyDate": when.strftime("%Y%m%d"), "StudyTime": when.strftime("%H%M%S.%f")}
+    write_dicom(info["path"], stored, modality=modality, photometric=photometric, compression=compression,
+                header=header, rescale=(1.0, 0.0) if modality == "DX" else None)
+    image, _ = read_dicom(info["path"], max_pixels=None)
+    return image, Path(info["path"]).stat().st_size
 
 
 def _write_images(tasks: list, workers: int, progress: bool) -> int:
@@ -492,7 +527,7 @@ def _prepare_out(out: Path) -> None:
         raise RadalignError(f"--out {out} is not empty and holds no {MARKER} from an earlier `data synth`; "
                             "choose an empty or new folder (synth replaces what it writes)")
     # A previous run's images/reports may have other ids; remove our own trees so no stale file remains.
-    for sub in ("mimic-cxr-jpg/files", "mimic-cxr-reports/files"):
+    for sub in ("mimic-cxr-jpg/files", "mimic-cxr-reports/files", "mimic-cxr/files"):
         if (out / sub).is_dir() and (out / MARKER).exists():
             shutil.rmtree(out / sub)
     (out / MARKER).unlink(missing_ok=True)
@@ -501,11 +536,13 @@ def _prepare_out(out: Path) -> None:
 
 def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int = 256,
                difficulty: float = 0.3, workers: int = 1, progress: bool = True, images: bool = True,
-               icu: bool = True) -> dict:
+               icu: bool = True, with_dicom: bool = False) -> dict:
     """Write the synthetic MIMIC stand-in under `out_dir`; returns counts and the paths written.
 
     `images=False` writes every table and report but no JPEG (the EHR cohort and the truth table need no
     pixels; the tables are byte-identical to a run with images). `icu=False` leaves out `mimic-iv/icu`.
+    `with_dicom=True` also writes each film as DICOM under `mimic-cxr/files/...` (MIMIC-CXR's DICOM layout) and
+    makes each JPG the MIMIC-CXR-JPG conversion of that DICOM (`_write_dicom`); the tables are the same.
     """
     problems = _check_args(patients, seed, image_size, difficulty, workers)
     if problems:
@@ -531,7 +568,7 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
     absent = set(ids_rng.choice(len(studies), size=max(1, round(0.01 * len(studies))), replace=False).tolist()) \
         if len(studies) >= 3 else set()
 
-    jpg_root, rep_root = out / "mimic-cxr-jpg", out / "mimic-cxr-reports"
+    jpg_root, rep_root, dcm_root = out / "mimic-cxr-jpg", out / "mimic-cxr-reports", out / "mimic-cxr"
     meta, split_rows, gt_rows, cx_rows, label_rows = [], [], [], {"chexpert": [], "negbio": []}, []
     tasks, styles, seen_dicoms = [], Counter(), set()
     k = 0
@@ -565,7 +602,10 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
                 jpg_rel = rel / f"s{s.study_id}" / f"{dicom}.jpg"
                 spec = ImageSpec(view=drawn, findings=s.findings, sides=s.sides, severity=s.severity,
                                  devices=s.devices)
-                tasks.append((jpg_root / jpg_rel, spec, image_size, difficulty, seed, len(tasks)))
+                tasks.append((jpg_root / jpg_rel, spec, image_size, difficulty, seed, len(tasks),
+                              *([{"path": dcm_root / jpg_rel.with_suffix(".dcm"), "subject_id": subject,
+                                  "study_id": s.study_id, "dicom_id": dicom, "view": vp, "when": s.when}]
+                                if with_dicom else [])))
                 gt_rows.append({"dicom_id": dicom, "study_id": s.study_id, "subject_id": subject, "view": drawn,
                                 **s.findings, **{f"{n} side": s.sides.get(n, "") for n in SIDED},
                                 "devices": ";".join(s.devices),
@@ -593,9 +633,9 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
         "subjects_absent_from_patients": len(absent_patients), **counts,
         "report_styles": dict(sorted(styles.items())), "image_bytes": bytes_written,
         "generator_version": GENERATOR_VERSION,
-        "args": {"patients": patients, "seed": seed, "image_size": image_size, "difficulty": difficulty,
-                 "images": bool(images), "icu": bool(icu)},
-        "paths": {**paths, "images": str(jpg_root / "files"), "reports": str(rep_root / "files")},
+        "args": _args(patients, seed, image_size, difficulty, images, icu, with_dicom),
+        "paths": {**paths, "images": str(jpg_root / "files"), "reports": str(rep_root / "files"),
+                  **({"dicom": str(dcm_root / "files")} if with_dicom and images else {})},
     }
     atomic_write_json(out / MARKER, summary)
     log.info(f"wrote {summary['images']} images, {summary['studies']} reports, {summary['lab_rows']} lab rows, "
@@ -772,8 +812,14 @@ def _chartevents(stays: list[dict]) -> pd.DataFrame:
     return ce[ehr.CHARTEVENT_COLUMNS]
 
 
+def _args(patients, seed, image_size, difficulty, images, icu, with_dicom) -> dict:
+    """synth.json's "args" ("dicom" only when set, so JPG-only runs keep the marker they always had)."""
+    return {"patients": patients, "seed": seed, "image_size": image_size, "difficulty": float(difficulty),
+            "images": bool(images), "icu": bool(icu), **({"dicom": True} if with_dicom else {})}
+
+
 def synth_complete(out_dir, *, patients: int, seed: int, image_size: int, difficulty: float,
-                   images: bool = True, icu: bool = True) -> bool:
+                   images: bool = True, icu: bool = True, with_dicom: bool = False) -> bool:
     """True when `out_dir` holds a finished synth run with these arguments (callers may skip regenerating)."""
     import json
 
@@ -786,8 +832,7 @@ def synth_complete(out_dir, *, patients: int, seed: int, image_size: int, diffic
         return False
     if not isinstance(summary, dict) or summary.get("generator_version") != GENERATOR_VERSION:
         return False                                  # made by an older generator: regenerate
-    return summary.get("args") == {"patients": patients, "seed": seed, "image_size": image_size,
-                                   "difficulty": float(difficulty), "images": bool(images), "icu": bool(icu)}
+    return summary.get("args") == _args(patients, seed, image_size, difficulty, images, icu, with_dicom)
 
 
 __all__ = ["synthesize", "synth_complete", "METADATA_COLUMNS", "SPLIT_COLUMNS", "LABEL_COLUMNS",

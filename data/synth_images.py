@@ -75,6 +75,16 @@ class _Canvas:
 
 def render(spec: ImageSpec, size: int, difficulty: float, rng: np.random.Generator) -> np.ndarray:
     """Draw one radiograph; returns uint8 [size, size]."""
+    return quantize(render_float(spec, size, difficulty, rng), 8)
+
+
+def quantize(img: np.ndarray, bits: int) -> np.ndarray:
+    """[0, 1] float -> rounded integers 0 .. 2**bits - 1 (uint8 up to 8 bits, else uint16: 12-bit DICOM)."""
+    return (img * float(2**bits - 1) + 0.5).astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def render_float(spec: ImageSpec, size: int, difficulty: float, rng: np.random.Generator) -> np.ndarray:
+    """Draw one radiograph; returns float32 [size, size] in [0, 1] (`render` and the DICOM writer quantise it)."""
     strength = float(1.0 - 0.75 * np.clip(difficulty, 0.0, 1.0))
     canvas = _Canvas(size, rng)
     if spec.view in FRONTAL_VIEWS:
@@ -86,7 +96,7 @@ def render(spec: ImageSpec, size: int, difficulty: float, rng: np.random.Generat
     img = img * rng.uniform(0.9, 1.08) + rng.uniform(-0.04, 0.04)
     img = np.clip(img, 0.0, 1.0) ** np.float32(rng.uniform(0.85, 1.2))
     img = img + rng.standard_normal(img.shape, dtype=np.float32) * np.float32(rng.uniform(0.015, 0.03))
-    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.clip(img, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -195,6 +195,38 @@ def test_onnx_export_leaves_the_encoders_in_eval_mode(hf_exports, tmp_path):
     assert torch.equal(enc.encode_texts(TEXTS), before)
 
 
+def test_transformers_export_of_a_quickgelu_clip_round_trips(nano_model_cfg, tmp_path):
+    """OpenAI-style towers (QuickGELU, as CheXzero's): transformers' CLIP must use the same activation."""
+    cfg = {**json.loads(json.dumps(nano_model_cfg)), "quick_gelu": True}
+    torch.manual_seed(4)
+    source = export_encoders(build_model(cfg), cfg, tmp_path / "export")
+    out = _export(source, "transformers", tmp_path / "hf")  # run_export's own round trip at 1e-5
+    verified = json.loads((out / "export.json").read_text())["verified"]
+    assert max(verified["max_abs_diff_image"], verified["max_abs_diff_text"]) <= 1e-5
+    assert json.loads((out / "config.json").read_text())["vision_config"]["hidden_act"] == "quick_gelu"
+
+
+def test_exported_image_preprocessing_matches_radalign(tiny_export, tmp_path):
+    """The transform each target builds from the folder turns an 8-bit radiograph into radalign's tensor."""
+    import open_clip
+    from PIL import Image
+    from transformers import AutoImageProcessor
+
+    enc = load_encoders(tiny_export)
+    _, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{_export(tiny_export, 'open_clip', tmp_path / 'oc', verify=False)}")
+    processor = AutoImageProcessor.from_pretrained(str(_export(tiny_export, "transformers", tmp_path / "hf", verify=False)))
+    one_level = 1 / 255 / min(enc.config["std"])  # one 8-bit grey level after normalisation
+    rng = np.random.default_rng(0)
+    for w, h in ((100, 80), (64, 64), (37, 90), (200, 150)):
+        img = Image.fromarray(rng.integers(0, 256, size=(h, w), dtype=np.uint8), mode="L")
+        ref = enc.image_transform()(img)  # [3, S, S]
+        assert _max_diff(preprocess(img), ref) <= 1e-6
+        if (max(w, h) * 64 / min(w, h)) % 1 >= 0.5:
+            continue  # transformers rounds such a resized long side up where torchvision truncates (docs)
+        got = processor(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        assert _max_diff(got, ref) <= 1.01 * one_level  # its own pixel rounding: at most one grey level apart
+
+
 def test_bpe_padding_never_reaches_the_embedding(tiny_export, tmp_path):
     """The converted CLIPTokenizer pads with <|endoftext|>, open_clip with 0: the same text embedding."""
     from transformers import AutoTokenizer

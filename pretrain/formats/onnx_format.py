@@ -29,22 +29,15 @@ TOKENIZER_DIR = "tokenizer"
 DEFAULT_OPSET = 17
 
 
-class _ImageGraph(nn.Module):
-    def __init__(self, model: nn.Module):
+class _Graph(nn.Module):
+    """One tower as a graph: `encode_image` or `encode_text` of the open_clip model, L2-normalised [B, D]."""
+
+    def __init__(self, model: nn.Module, method: str):
         super().__init__()
-        self.model = model
+        self.model, self.method = model, method
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_image(pixel_values), dim=-1)  # [B, D]
-
-
-class _TextGraph(nn.Module):
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model.encode_text(input_ids), dim=-1)  # [B, D]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(getattr(self.model, self.method)(x), dim=-1)  # [B, D]
 
 
 def _export(module: nn.Module, example: torch.Tensor, path: Path, names: tuple[str, str], opset: int) -> None:
@@ -71,8 +64,9 @@ def write(encoders: Encoders, folder: Path, opset: int = DEFAULT_OPSET) -> dict:
     images = common.sample_images(encoders, n=2)
     tokens = encoders.tokenize(list(common.SAMPLE_TEXTS[:2]))  # [2, L]
     with torch.no_grad():  # wrappers in eval mode: the exporter restores each module's mode to the wrapper's
-        _export(_ImageGraph(model).eval(), images, folder / IMAGE_FILE, ("pixel_values", "image_embeds"), opset)
-        _export(_TextGraph(model).eval(), tokens, folder / TEXT_FILE, ("input_ids", "text_embeds"), opset)
+        _export(_Graph(model, "encode_image").eval(), images, folder / IMAGE_FILE, ("pixel_values", "image_embeds"),
+                opset)
+        _export(_Graph(model, "encode_text").eval(), tokens, folder / TEXT_FILE, ("input_ids", "text_embeds"), opset)
     for name in (IMAGE_FILE, TEXT_FILE):
         onnx.checker.check_model(str(folder / name))
     tok = folder / TOKENIZER_DIR

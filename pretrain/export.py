@@ -136,8 +136,8 @@ def write_model_card(export_folder: Path, run_dir: Path | None, out: Path | None
     return out
 
 
-def find_export(path: str | os.PathLike) -> Path:
-    """A run folder (uses RUN/export) or an export folder; a clear error otherwise."""
+def find_export(path: str | os.PathLike, what: str = "--checkpoint") -> Path:
+    """A run folder (uses RUN/export) or an export folder; a clear error (naming the option `what`) otherwise."""
     path = Path(path)
     for cand in (path, path / "export"):
         cfg = cand / "config.json"
@@ -149,7 +149,7 @@ def find_export(path: str | os.PathLike) -> Path:
             if fmt == FORMAT:
                 return cand
     raise RadalignError(
-        f"--checkpoint {path}: not a radalign export or run folder (looked for {path}/config.json and "
+        f"{what} {path}: not a radalign export or run folder (looked for {path}/config.json and "
         f"{path}/export/config.json with format {FORMAT}). Pass the run_dir of `radalign pretrain` "
         "or its export/ folder.")
 

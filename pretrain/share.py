@@ -161,7 +161,7 @@ def run_export(cfg: ExportConfig) -> Path:
         from radalign.config import ConfigError
 
         raise ConfigError(problems, source="export options")
-    source = find_export(cfg.source)
+    source = find_export(cfg.source, what="RUN_OR_EXPORT")
     out = _check_out(cfg, source)
     encoders = load_encoders(source)  # verifies the weights against the export's checksum
     t0 = time.perf_counter()

@@ -227,6 +227,24 @@ def test_exported_image_preprocessing_matches_radalign(tiny_export, tmp_path):
         assert _max_diff(got, ref) <= 1.01 * one_level  # its own pixel rounding: at most one grey level apart
 
 
+@pytest.mark.parametrize("kind", ["cls_pooler", "cls_last_hidden_state_pooler", "mean_pooler"])
+def test_shipped_poolers_equal_open_clips(kind):
+    """modeling_radalign.py (copied beside the weights) pools as open_clip's HF adapter does, padding included."""
+    from open_clip.hf_model import _POOLERS
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from pretrain.formats.modeling_radalign import _pool
+
+    g = torch.Generator().manual_seed(0)
+    hidden, pooled = torch.randn(3, 7, 5, generator=g), torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0, 0]])
+    out = BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
+    ref = _POOLERS[kind]()(out, mask)
+    assert torch.allclose(_pool(kind, out, mask), ref, atol=1e-6)
+    if kind == "mean_pooler":  # a mean, not a sum: [row 0] averages its 3 tokens
+        assert torch.allclose(_pool(kind, out, mask)[0], hidden[0, :3].mean(0), atol=1e-6)
+
+
 def test_bpe_padding_never_reaches_the_embedding(tiny_export, tmp_path):
     """The converted CLIPTokenizer pads with <|endoftext|>, open_clip with 0: the same text embedding."""
     from transformers import AutoTokenizer
@@ -412,6 +430,19 @@ def test_model_card_reports_what_the_run_recorded(synth_shards, nano_model_cfg, 
         assert section in text
 
 
+def test_model_card_ignores_a_manifest_changed_since_training(synth_shards, nano_model_cfg, tmp_path):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "manifest.json").write_text((synth_shards / "manifest.json").read_text())
+    run = _fake_run(tmp_path, shards, nano_model_cfg)
+    manifest = json.loads((shards / "manifest.json").read_text())
+    manifest["splits"]["train"]["samples"] = 123456  # the shards were re-prepared after training
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    text = card.render(card.gather(run / "export", run_dir=run))
+    assert "123,456" not in text and "changed since training" in text
+    assert card.UNKNOWN_DATA_USE.split(":")[0] in text  # no recorded data: no data-use default either
+
+
 def test_overlap_check_counts_a_planted_leak(synth_shards, tmp_path):
     shards = tmp_path / "shards"
     shutil.copytree(synth_shards, shards)
@@ -444,8 +475,11 @@ def test_model_card_default_data_use_for_mimic_and_hostile_strings_are_escaped(s
     manifest["skipped"] = {"<img src=x onerror=alert(2)>": 4}
     manifest["created"] = "2026-01-01</td><b>bold</b>"
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    run = _fake_run(tmp_path, shards, nano_model_cfg)
+    cfg = {**nano_model_cfg, "description": "evil\n\n# heading\n| injected | cells |"}
+    run = _fake_run(tmp_path, shards, cfg)
     text = (run / "export" / "MODEL_CARD.md").read_text()  # written by the recipe's own export
+    cell = next(ln for ln in text.splitlines() if ln.startswith("| model config |"))
+    assert "evil \\# heading \\| injected \\| cells \\|" in cell  # one line, one cell: newlines and pipes neutralised
     assert "<script>" not in text and "<img" not in text and "<b>" not in text and "</td>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text and "&lt;img src=x onerror=alert(2)&gt; 4" in text
     assert "\\[link\\](http://e.vil)" in text and "\\`rm -rf\\`" in text

@@ -69,7 +69,12 @@ def vision_problems(model_cfg: dict) -> list[str]:
 def text_problems(model_cfg: dict) -> list[str]:
     t = model_cfg["text_cfg"]
     if common.is_hf_text(model_cfg):
-        return []
+        from pretrain.formats.modeling_radalign import POOLERS
+
+        pooler = t.get("hf_pooler_type", "mean_pooler")
+        return [] if pooler is None or pooler in POOLERS else [
+            f"text_cfg.hf_pooler_type={pooler!r}: not one of {', '.join(POOLERS)} (open_clip's max pooler fails on "
+            "its own attention mask, so no model can have been trained with it)"]
     problems = _differences(t, _TEXT_DEFAULTS, "text_cfg")
     if int(t.get("vocab_size", 49408)) <= common.EOT_ID:
         problems.append(f"text_cfg.vocab_size={t.get('vocab_size')}: the CLIP tokenizer's end-of-text id "

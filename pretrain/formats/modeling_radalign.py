@@ -15,7 +15,8 @@ from torch import nn
 from transformers import AutoModel, VisionTextDualEncoderConfig, VisionTextDualEncoderModel
 from transformers.models.clip.modeling_clip import CLIPOutput
 
-POOLERS = ("cls_pooler", "cls_last_hidden_state_pooler", "mean_pooler", "max_pooler")
+# open_clip's MaxPooler fails on its own integer attention mask, so no radalign tower pools with it.
+POOLERS = ("cls_pooler", "cls_last_hidden_state_pooler", "mean_pooler")
 PROJECTIONS = ("linear", "mlp", "none")
 
 
@@ -32,10 +33,8 @@ def _pool(kind: str, out, mask: torch.Tensor) -> torch.Tensor:
         return out.pooler_output
     if kind in ("cls_pooler", "cls_last_hidden_state_pooler"):
         return hidden[:, 0, :]
-    if kind == "mean_pooler":
-        masked = hidden * mask.unsqueeze(-1)
-        return masked.sum(dim=1) / mask.sum(-1, keepdim=True)
-    return hidden.masked_fill(mask.unsqueeze(-1) == 0, -torch.inf).max(1).values  # max_pooler
+    masked = hidden * mask.unsqueeze(-1)  # mean_pooler
+    return masked.sum(dim=1) / mask.sum(-1, keepdim=True)
 
 
 class RadalignDualEncoderModel(VisionTextDualEncoderModel):

@@ -40,3 +40,43 @@ def _run(args) -> int:
 
     run_pretrain(cfg)
     return 0
+
+
+EXPORT_EXAMPLES = """examples:
+  radalign export --format open_clip runs/demo/pretrain --out share/open_clip
+  radalign export --format transformers runs/demo/pretrain --out share/hf
+  radalign export --format onnx runs/demo/pretrain/export --out share/onnx --opset 17
+Each folder also holds MODEL_CARD.md (from what the run recorded) and export.json (what was exported, and the
+round-trip check against radalign's own loader). See docs/pretrain.md, "Sharing a model".
+"""
+
+
+def register_export(sub) -> None:
+    """`radalign export` (a top-level command implemented by the pretrain stage)."""
+    from pretrain.formats import FORMATS
+    from pretrain.share import ExportConfig
+    from radalign.config import format_help
+
+    p = sub.add_parser(
+        "export", help="write a pretrain run in open_clip, transformers or ONNX layout, with a model card",
+        description="Write a pretrain run (or its export folder) in a layout other libraries load without "
+                    "radalign, check it against radalign's own loader, and write MODEL_CARD.md.",
+        epilog=EXPORT_EXAMPLES + "\n" + format_help(ExportConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RUN_OR_EXPORT", help="pretrain run folder or its export/ folder")
+    p.add_argument("--format", required=True, choices=FORMATS, help="target layout")
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--no-verify", action="store_true", help="skip the round-trip check (not recommended)")
+    p.add_argument("--eval", action="append", default=[], metavar="METRICS_JSON",
+                   help="a `radalign zeroshot` metrics.json (or folder) for the card; repeatable")
+    p.add_argument("--data-use", help="licence / data-use statement for the card (default: from the data)")
+    p.add_argument("--license", help="licence of the weights, for the card")
+    p.add_argument("--no-overlap-check", action="store_true", help="skip the card's patient overlap count")
+    p.set_defaults(func=_export)
+
+
+def _export(args) -> int:
+    from pretrain.share import export_main
+
+    return export_main(args)

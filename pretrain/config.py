@@ -34,9 +34,12 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "tiny"
-    """A model config name from configs/models/ (see `radalign pretrain --list-models`) or a path to a JSON file."""
+    """A model config name from configs/models/ (see `radalign pretrain --list-models`), a path to a JSON file, or
+    a folder whose architecture to take (an open_clip folder such as BiomedCLIP's, or a radalign export)."""
     pretrained: Optional[str] = None
-    """Initial weights: local file/folder (always works), open_clip tag or hf-hub: id (online only). None: random."""
+    """Initial weights: a local file/folder in a known layout (radalign export, open_clip/BiomedCLIP folder,
+    OpenAI-CLIP/CheXzero state dict, CXR-BERT-style HF text tower; docs/models.md), an open_clip tag or hf-hub: id
+    (online only). None: random."""
     grad_checkpointing: bool = False
     """Recompute activations in backward to save memory (slower)."""
     compile: bool = False

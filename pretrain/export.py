@@ -8,6 +8,7 @@ Layout of an export folder:
     image_encoder.safetensors   the vision tower (`visual.*` of the open_clip model, prefix stripped)
     text_encoder.safetensors    everything else except the logit scale/bias
     tokenizer/                  Hugging Face tokenizer + config, for HF text towers only
+    MODEL_CARD.md               generated from what the run recorded (pretrain/formats/card.py)
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from torch import nn
 
 from radalign import RadalignError
 from radalign.io import atomic_path, sha256_file
+from radalign.log import get_logger
+
+log = get_logger(__name__)
 
 FORMAT = "radalign-export/1"
 IMAGE_FILE = "image_encoder.safetensors"
@@ -105,11 +109,35 @@ def export_encoders(model: nn.Module, model_cfg: dict, out_dir: str | os.PathLik
             **(extra or {}),
         }
         (tmp / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+        write_model_card(tmp, run_dir_of(out_dir))
     return out_dir
 
 
-def find_export(path: str | os.PathLike) -> Path:
-    """A run folder (uses RUN/export) or an export folder; a clear error otherwise."""
+def run_dir_of(export_folder: str | os.PathLike) -> Path | None:
+    """The pretrain run an export folder belongs to (RUN/export with RUN/config.yaml), else None."""
+    folder = Path(export_folder)
+    run = folder.parent
+    return run if folder.name == "export" and (run / "config.yaml").is_file() else None
+
+
+def write_model_card(export_folder: Path, run_dir: Path | None, out: Path | None = None, **options) -> Path:
+    """MODEL_CARD.md from what the run recorded (pretrain/formats/card.py), into `out` (default: the export).
+
+    A card that cannot be built never costs the export: the reason is logged and written in its place."""
+    from pretrain.formats import card
+
+    out = out or export_folder / card.CARD_FILE
+    try:
+        text = card.render(card.gather(export_folder, run_dir=run_dir, **options))
+    except Exception as e:  # noqa: BLE001 - the weights are written; say what the card could not read
+        log.warning(f"model card: {type(e).__name__}: {e}")
+        text = f"# Model card\n\nNot generated: {card.md(f'{type(e).__name__}: {e}')}\n"
+    out.write_text(text, encoding="utf-8")
+    return out
+
+
+def find_export(path: str | os.PathLike, what: str = "--checkpoint") -> Path:
+    """A run folder (uses RUN/export) or an export folder; a clear error (naming the option `what`) otherwise."""
     path = Path(path)
     for cand in (path, path / "export"):
         cfg = cand / "config.json"
@@ -121,7 +149,7 @@ def find_export(path: str | os.PathLike) -> Path:
             if fmt == FORMAT:
                 return cand
     raise RadalignError(
-        f"--checkpoint {path}: not a radalign export or run folder (looked for {path}/config.json and "
+        f"{what} {path}: not a radalign export or run folder (looked for {path}/config.json and "
         f"{path}/export/config.json with format {FORMAT}). Pass the run_dir of `radalign pretrain` "
         "or its export/ folder.")
 

@@ -88,6 +88,14 @@ def get_model_config(name_or_path: str) -> dict:
     name = str(name_or_path)
     path = Path(name).expanduser()
     registered = _registered()
+    if path.is_dir():  # an open_clip hub folder (BiomedCLIP's) or a radalign export: its architecture
+        from pretrain.layouts import model_config_from_folder
+
+        cfg = model_config_from_folder(path)
+        problems = validate_model_config(cfg)
+        if problems:
+            raise RadalignError(f"{path}: invalid model config:\n  - " + "\n  - ".join(problems))
+        return cfg
     if path.is_file():
         source = path
     elif name in registered:
@@ -277,9 +285,11 @@ def _instantiate(cfg: dict, load_hf_weights: bool) -> nn.Module:
 def build_model(model_cfg: dict, pretrained: str | None = None, *, grad_checkpointing: bool = False) -> nn.Module:
     """An open_clip CLIP (or CustomTextCLIP for HF text towers) from a model config.
 
-    `pretrained`: None (random init; HF text towers start from their HF weights), a local file or folder (state
-    dict: safetensors or a torch pickle loaded with weights_only=True; always works), an open_clip pretrained tag
-    of the config's `open_clip_name`, or `hf-hub:ORG/REPO` (both need the network). The model returns a dict
+    `pretrained`: None (random init; HF text towers start from their HF weights), a local file or folder in a
+    known layout (pretrain/layouts.py: a radalign export, an open_clip state dict or hub folder such as
+    BiomedCLIP's, an OpenAI-CLIP state dict such as CheXzero's, a BERT-style HF text tower such as CXR-BERT;
+    safetensors or torch files read with weights_only=True), an open_clip pretrained tag of the config's
+    `open_clip_name`, or `hf-hub:ORG/REPO` (both need the network). The model returns a dict
     `{"image_features", "text_features", "logit_scale"}` (features L2-normalised, scale exp'd, shape [1]).
     """
     problems = validate_model_config(model_cfg)
@@ -302,7 +312,6 @@ def build_model(model_cfg: dict, pretrained: str | None = None, *, grad_checkpoi
 
 def _resolve_pretrained(cfg: dict, pretrained: str) -> str:
     """A local checkpoint file for `pretrained` (downloading open_clip tags / hf-hub ids when online)."""
-    from open_clip.factory import _find_checkpoint_in_dir
     from open_clip.pretrained import (
         download_pretrained,
         download_pretrained_from_hf,
@@ -311,13 +320,8 @@ def _resolve_pretrained(cfg: dict, pretrained: str) -> str:
     )
 
     path = Path(pretrained).expanduser()
-    if path.is_file():
+    if path.exists():  # a local file or folder: pretrain/layouts.py reads its layout
         return str(path)
-    if path.is_dir():
-        found = _find_checkpoint_in_dir(path)
-        if not found:
-            raise RadalignError(f"pretrained={pretrained}: folder holds no *.safetensors, *.bin or *.pth weights")
-        return found
     try:
         if pretrained.startswith(HF_HUB_PREFIX):
             return download_pretrained_from_hf(pretrained[len(HF_HUB_PREFIX):])
@@ -342,23 +346,11 @@ def _resolve_pretrained(cfg: dict, pretrained: str) -> str:
 
 
 def _load_checkpoint(model: nn.Module, checkpoint: str, pretrained: str) -> None:
-    import pickle
+    """Local weights (or a downloaded tag) through their layout: an explicit key map, names and shapes checked,
+    one error listing what does not fit (pretrain/layouts.py)."""
+    from pretrain.layouts import load_pretrained
 
-    from open_clip.factory import load_checkpoint
-    from safetensors import SafetensorError
-
-    try:
-        # open_clip's loader: safetensors or torch.load(weights_only=True), strips `module.`, converts third-party
-        # formats, reshapes a 0-dim logit_scale to our [1], resizes position embeddings.
-        load_checkpoint(model, checkpoint, strict=True, weights_only=True)
-    except (pickle.UnpicklingError, SafetensorError, OSError, EOFError) as e:
-        raise RadalignError(f"pretrained={pretrained}: cannot read {checkpoint} ({type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}); give a safetensors file or a plain "
-                            "state-dict checkpoint (torch.load with weights_only=True must accept it)") from None
-    except Exception as e:  # strict load_state_dict (RuntimeError), open_clip's shape asserts, missing keys
-        raise RadalignError(f"pretrained={pretrained}: weights in {checkpoint} do not fit this model config "
-                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); use the model "
-                            "config they were trained with") from None
+    load_pretrained(model, checkpoint, pretrained)
 
 
 # ----------------------------------------------------------------------------------------------------------

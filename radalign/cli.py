@@ -14,6 +14,8 @@ import sys
 from radalign import RadalignError, __version__
 
 STAGES = ("data", "pretrain", "zeroshot", "retrieval", "finetune")
+# Top-level commands implemented by a stage: `radalign export` lives in pretrain/cli.py (`register_export`).
+COMMANDS = {"export": "pretrain"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -74,20 +76,25 @@ def build_parser(stages: tuple[str, ...] = STAGES) -> Parser:
     parser.add_argument("--version", action="version", version=f"radalign {__version__}")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=Parser)
     sub.required = True
-    for stage in stages:
+    for stage in (s for s in stages if s in STAGES):
         mod = importlib.import_module(f"{stage}.cli")
         mod.register(sub)
+    for command, stage in COMMANDS.items():
+        if stage in stages or command in stages:
+            getattr(importlib.import_module(f"{stage}.cli"), f"register_{command}")(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] not in STAGES and not argv[0].startswith("-"):
-        close = difflib.get_close_matches(argv[0], STAGES, n=1)
+    known = (*STAGES, *COMMANDS)
+    if argv and argv[0] not in known and not argv[0].startswith("-"):
+        close = difflib.get_close_matches(argv[0], known, n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        print(f"radalign: unknown stage '{argv[0]}'.{hint} Stages: {', '.join(STAGES)}", file=sys.stderr)
+        print(f"radalign: unknown stage '{argv[0]}'.{hint} Stages: {', '.join(STAGES)}; commands: "
+              f"{', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    parser = build_parser((argv[0],) if argv and argv[0] in STAGES else STAGES)
+    parser = build_parser((argv[0],) if argv and argv[0] in known else STAGES)
     args = parser.parse_args(_with_default_verb(argv))
     return run_entry(args.func, args)
 

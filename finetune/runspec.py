@@ -186,14 +186,15 @@ def check_resume_folder(resume: str, run_dir: str | os.PathLike) -> str | None:
         raise RadalignError(f"resume={resume}: not a checkpoint folder of run_dir {run_dir}; pass "
                             f"{Path(run_dir) / 'train' / '<model>' / 'checkpoints' / 'step-N'}, or resume=auto")
     name = folder.parent.parent.name
-    if not folder.is_dir():
-        there = sorted(p.name for p in folder.parent.glob("step-*"))
-        raise RadalignError(f"resume={resume}: no such folder ({name} has {', '.join(there) or 'no checkpoint'}); "
-                            "pass one of those, or resume=auto")
     done = sorted((Path(run_dir) / "models").rglob(f"{name}.json"))
     if done:
         raise RadalignError(f"resume={resume}: {name} finished already ({done[0]}) and is reused as it is; "
                             "drop resume= (auto)")
+    if not folder.is_dir():
+        there = [str(Path(resume).parent / p.name) for p in sorted(folder.parent.glob("step-*"))]
+        raise RadalignError(f"resume={resume}: no such folder; " + (
+            f"{name} has {', '.join(there)}: pass resume=<one of those>, or resume=auto" if there else
+            f"{name} has no checkpoint: drop resume= (auto)"))
     return name
 
 

@@ -126,6 +126,7 @@ CHANGES = [
     ("data.modalities=[image,ehr]", r"data\.modalities: \['image', 'text', 'ehr'\] -> \['image', 'ehr'\]"),
     ("data.features=[creatinine,sodium]", r"data\.features: \['creatinine', .*\] -> \['creatinine', 'sodium'\]"),
     ("baselines.models=[ehr_only]", r"baselines\.models: \[\] -> \['ehr_only'\]"),
+    ("precision=bf16", r"precision: 'fp32' -> 'bf16'"),
     ("data.checkpoint={other_export}", r"data\.export_checksum: [0-9a-f]{12}\.\.\. -> [0-9a-f]{12}\.\.\.\)"),
 ]
 

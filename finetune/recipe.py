@@ -129,7 +129,7 @@ def check_table(cfg: FinetuneConfig, table: FinetuneTable) -> None:
     if lacking:
         problems.append(f"missing column(s) {', '.join(lacking)}: relink the table with `radalign data link-ehr`, "
                         "or drop the modality from data.modalities")
-    for s in _task_splits(cfg):
+    for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         if s not in table.splits:
             problems.append(f"split {s!r} is not in the table (it has {', '.join(table.splits)})")
     if not problems:
@@ -149,14 +149,11 @@ def _task_splits(cfg: FinetuneConfig) -> list[str]:
     return [d.train_split, d.test_split] if cfg.fewshot.enabled else [d.train_split, d.val_split, d.test_split]
 
 
-LABEL_USE = {"train": "nothing to learn from", "val": "no model selection (validation AUROC undefined)",
-             "test": "no test AUROC"}
-
-
 def label_problems(cfg: FinetuneConfig, table: FinetuneTable) -> list[str]:
     """A problem per split and label with fewer than two labelled classes, with the counts and the fix."""
     t, d = cfg.task, cfg.data
-    use = {d.train_split: LABEL_USE["train"], d.val_split: LABEL_USE["val"], d.test_split: LABEL_USE["test"]}
+    use = {d.train_split: "nothing to learn from", d.val_split: "no model selection (validation AUROC undefined)",
+           d.test_split: "no test AUROC"}
     names = [f"{t.labels[0]} ({t.threshold_column} > {t.threshold:g})"] if t.threshold_column else list(t.labels)
     problems = []
     for s in _task_splits(cfg):
@@ -177,16 +174,28 @@ def label_problems(cfg: FinetuneConfig, table: FinetuneTable) -> list[str]:
 
 def setup(cfg: FinetuneConfig, overwrite: bool = False) -> Run:
     """Everything before training. What can refuse refuses first, before the towers load or embed: the table
-    (columns, splits, labelled classes per split), the few-shot ks, and the run folder (RUN/run_spec.json
-    against this config; `overwrite` clears RUN instead)."""
-    from pretrain.export import load_encoders
-
+    (columns, splits, labelled classes per split), the few-shot ks, the pretraining overlap, and the run folder
+    (RUN/run_spec.json against this config; `overwrite` clears RUN instead). A refusal also ends the
+    Accelerate state, so a later run in the same process may choose another precision."""
     t0 = time.perf_counter()
     if cfg.model.image_tower != "frozen" or cfg.data.image_patch_tokens:
         raise RadalignError(f"model.image_tower={cfg.model.image_tower}, data.image_patch_tokens="
                             f"{cfg.data.image_patch_tokens}: this release trains on cached frozen tower "
                             "embeddings (pooled) only; use model.image_tower=frozen data.image_patch_tokens=false")
     acc, precision, _ = make_accelerator(cfg.precision, find_unused_parameters=True)
+    try:
+        run = _setup(cfg, acc, precision, overwrite)
+    except BaseException:
+        acc.end_training()
+        reset_accelerate_state()
+        raise
+    run.seconds["setup"] = round(time.perf_counter() - t0, 2)
+    return run
+
+
+def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool) -> Run:
+    from pretrain.export import load_encoders
+
     run_dir = Path(cfg.run_dir)
     table = load_table(cfg.data.table)
     check_table(cfg, table)
@@ -195,14 +204,14 @@ def setup(cfg: FinetuneConfig, overwrite: bool = False) -> Run:
 
         check_ks(cfg, table)
     export_config = _export_config(cfg.data.checkpoint)
+    overlap = check_overlap(export_config, table, [cfg.data.val_split, cfg.data.test_split],
+                            allow=cfg.data.allow_overlap)
     spec = run_spec(cfg, table, export_config, precision=precision, processes=acc.num_processes)
     claim_run_dir(run_dir, spec, resume=cfg.resume, overwrite=overwrite, main=acc.is_main_process)
     acc.wait_for_everyone()
     check_resume_folder(cfg.resume, run_dir)
     mods = list(cfg.data.modalities)
     encoders = load_encoders(cfg.data.checkpoint, device=acc.device) if {"image", "text"} & set(mods) else None
-    overlap = check_overlap(export_config, table, [cfg.data.val_split, cfg.data.test_split],
-                            allow=cfg.data.allow_overlap)
     featurizer = None
     if "ehr" in mods:
         features = cfg.data.features or table.features
@@ -215,7 +224,6 @@ def setup(cfg: FinetuneConfig, overwrite: bool = False) -> Run:
         for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
             data[s] = split_inputs(s, table.split(s), cfg.task, mods, cache=cache, featurizer=featurizer)
     run = Run(cfg, run_dir, acc, precision, table, export_config, featurizer, data, mods, spec, overlap, encoders)
-    run.seconds["setup"] = round(time.perf_counter() - t0, 2)
     for s, d in data.items():
         run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, "
                 f"{int(np.nansum(d.y[:, 0]))} positive; present {d.counts['present']}")
@@ -513,7 +521,7 @@ def fit_torch(run: Run, name: str, spec: dict, models_dir: Path | None = None) -
     acc.wait_for_everyone()
     best = info["best_val_auroc"]
     run.say(f"{name}: best validation AUROC {best:.3f} at epoch {prog.best_epoch}" if best is not None
-            else f"{name}: validation AUROC undefined on every epoch (non-finite scores?)")
+            else f"{name}: validation AUROC undefined on every epoch")
     return core, {**info, "spec": spec}
 
 

@@ -149,6 +149,17 @@ def test_a_rerun_with_another_setting_refuses_before_any_work_naming_the_key(coh
     assert not fresh_cache.exists()  # refused before the towers embedded anything
 
 
+def test_a_refused_run_leaves_the_process_free_to_choose_another_precision(cohort, base):
+    """A refusal in setup ends the Accelerate state (it is a process-wide singleton): the next run in the same
+    process (a notebook, these tests) may ask for another precision and gets its own refusal, not a ValueError."""
+    from finetune.recipe import run_finetune
+
+    with pytest.raises(RadalignError, match=r"seed: 0 -> 5"):
+        run_finetune(_cfg(cohort, base, "seed=5"))
+    with pytest.raises(RadalignError, match=r"precision: 'fp32' -> 'bf16'"):
+        run_finetune(_cfg(cohort, base, "precision=bf16"))
+
+
 def test_an_unchanged_rerun_reuses_every_model_and_run_control_keys_do_not_count(cohort, base, capsys):
     from finetune.recipe import run_finetune
 

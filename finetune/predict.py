@@ -73,7 +73,9 @@ class TrainedRun:
         need = self.needed_columns()
         only_extra = {c: why for c, why in (extra or {}).items() if c not in need}
         lacking = missing_columns(columns, {**need, **only_extra})
-        if not missing_columns(columns, only_extra):
+        if missing_columns(columns, only_extra):  # e.g. a --subgroups column: say which ones there are
+            fix += f" (available columns: {', '.join(map(str, columns))})"
+        else:
             fix = ""  # the extra columns' own fix does not apply
         if lacking:
             ids = {"subject_id", "study_id"} - set(columns)

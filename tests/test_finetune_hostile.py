@@ -390,6 +390,7 @@ def test_eval_names_a_subgroup_column_the_table_lacks_and_how_to_leave_it_out(co
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "lacks column(s) 'ethnicity' (subgroup 'ethnicity')" in err and "out of --subgroups" in err
+    assert "available columns: subject_id, study_id" in err
 
 
 # ----------------------------------------------------------------------------------------------------------

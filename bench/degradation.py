@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         f"data.table={resolved.data.table}", f"data.shards={resolved.data.shards}",
         f"data.checkpoint={resolved.data.checkpoint}", f"precision={args.precision}", "progress=false"],
         stage="finetune")
-    run = R.setup(cfg)
+    run = R.setup(cfg, overwrite=True)  # out/run is this bench's scratch folder: train afresh every time
     mods = run.modalities
     base = R.model_specs(run)["fusion"]
     variants = {name: {**base, "modality_dropout": {k: v for k, v in r.items() if k in mods}}

@@ -1,7 +1,7 @@
 """`radalign finetune`: train on a clinical task, predict, evaluate, explain (also `python -m finetune`,
 `accelerate launch -m finetune`).
 
-    radalign finetune --config finetune/in_hospital_mortality [key=value ...]      (the verb `train` is implied)
+    radalign finetune --config finetune/in_hospital_mortality [--overwrite] [key=value ...]   (`train` implied)
     radalign finetune predict --checkpoint RUN --data TABLE [--split test] --out predictions.csv
     radalign finetune eval --checkpoint RUN [--data TABLE] [--split test] --out DIR
     radalign finetune explain --checkpoint RUN --study-id ID [--index INDEX_DIR] --format json|markdown|html
@@ -43,6 +43,9 @@ def register(sub) -> None:
     t.add_argument("--config", default="finetune/in_hospital_mortality",
                    help="config name under configs/ or a YAML path (default: %(default)s)")
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("--overwrite", action="store_true",
+                   help="train afresh in run_dir: remove its models, checkpoints and reports first (without it, "
+                        "a run_dir trained with another config is refused, naming the changed keys)")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10")
     t.set_defaults(func=_train)
 
@@ -71,7 +74,7 @@ def _train(args) -> int:
         return 0
     from finetune.recipe import run_finetune
 
-    run_finetune(cfg)
+    run_finetune(cfg, overwrite=args.overwrite)
     return 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 MODALITIES = ("image", "text", "ehr")
@@ -162,7 +164,11 @@ class FinetuneConfig:
     stop_after: int = 0
     """Stop after this many optimizer steps of the model in training (checkpointed; resume continues it)."""
     resume: str = "auto"
-    """auto (continue what RUN/ holds: finished models are reused, the one in training resumes) or never."""
+    """auto: continue what RUN holds when RUN/run_spec.json equals this config's (finished models are reused,
+    the one in training continues from its newest complete checkpoint; another config is refused, naming the
+    changed keys). never: refuse a run_dir that holds models or checkpoints. A folder
+    RUN/train/<model>/checkpoints/step-N: that model continues from it (the others as auto). `--overwrite`
+    trains afresh in RUN."""
     num_workers: int = 0
     """DataLoader workers for the one-off image embedding pass."""
     progress: bool = True
@@ -252,10 +258,13 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
         p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
     if f.enabled and not f.label:
         p.append("fewshot.label: the few-shot task needs a binary label column (e.g. Pleural Effusion)")
+    elif f.enabled and list(c.task.labels) != [f.label]:
+        p.append(f"fewshot.label: {f.label!r} but task.labels is {list(c.task.labels)} (the draws and scores use "
+                 f"task.labels, the prompts fewshot.label); set both, e.g. task.labels=[{f.label}]")
     if c.optim.lr <= 0 or c.optim.batch_size < 1 or c.optim.epochs < 1:
         p.append("optim: lr must be > 0, batch_size and epochs >= 1")
-    if c.resume not in ("auto", "never"):
-        p.append(f"resume: {c.resume!r}; use auto or never")
+    if c.resume not in ("auto", "never") and not re.fullmatch(r"step-\d+", Path(c.resume).name):
+        p.append(f"resume: {c.resume!r}; use auto, never or a checkpoint folder RUN/train/<model>/checkpoints/step-N")
     if c.stop_after < 0 or c.optim.patience < 0:
         p.append("stop_after / optim.patience: must be >= 0")
     if c.task.kind != "binary" and not f.enabled:

@@ -49,9 +49,23 @@ def lab_features(trained: TrainedRun, table: str | None = None) -> list[str]:
 
 
 def group_frame(trained: TrainedRun, data: SplitInputs, table: str | None = None) -> pd.DataFrame:
-    """The split's table rows with `age_band`, `modalities` (presence pattern) and `labs` (present/absent)."""
+    """The split's table rows with `age_band`, `modalities` (presence pattern) and `labs` (present/absent).
+    A table without `age` (checked: only when age_band is not asked for) gets unknown ages."""
     labs = [f for f in lab_features(trained, table) if f in data.frame.columns]
-    return C.add_group_columns(data.frame, data.present, labs)
+    frame = data.frame if "age" in data.frame.columns else data.frame.assign(age=np.nan)
+    return C.add_group_columns(frame, data.present, labs)
+
+
+def group_columns(subgroups: Sequence[str]) -> dict[str, str]:
+    """{table column: what needs it} for the subgroup columns (age_band is made from age; modalities and
+    labs from what the models read)."""
+    derived = {"age_band": "age", "modalities": None, "labs": None}
+    need = {}
+    for c in subgroups:
+        col = derived.get(c, c)
+        if col is not None:
+            need[col] = f"subgroup {c!r}"
+    return need
 
 
 def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict[str, np.ndarray]] | None:
@@ -126,12 +140,16 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
     if split == val_split:
         raise RadalignError(f"--split {split} and --val-split {val_split}: thresholds and the temperature are "
                             "fitted on validation; evaluate on another split than the one they are fitted on")
+    columns = list(subgroups) if subgroups is not None else [*C.SUBGROUPS, *C.MISSINGNESS]
+    for s in (split, val_split):
+        trained.check_columns(s, table, extra=group_columns(columns) if s == split else None,
+                              fix="; or leave a subgroup column out of --subgroups (e.g. --subgroups "
+                                  "race,insurance)")
     test, val = trained.inputs(split, table, shards), trained.inputs(val_split, table, shards)
     test_pred, extra_t = _saved_baselines(trained, trained.predictions(test), "test_split", split, table)
     val_pred, extra_v = _saved_baselines(trained, trained.predictions(val), "val_split", val_split, table)
     both = set(extra_t) & set(extra_v)  # a baseline needs its validation scores too (operating point)
     test_pred = test_pred.drop(columns=[c for c in test_pred.columns if c.split(":", 1)[-1] in set(extra_t) - both])
-    columns = list(subgroups) if subgroups is not None else [*C.SUBGROUPS, *C.MISSINGNESS]
     degradation = degradation_scores(trained, test)
     res = C.evaluate_predictions(
         test_pred, val_pred, model=model, groups=group_frame(trained, test, table), subgroup_columns=columns,

@@ -46,6 +46,37 @@ def zero_shot_head(run) -> tuple[np.ndarray, float]:
     return prompt_init(tw.positive[0].numpy(), tw.negative[0].numpy(), logit_scale_of(run.encoders))
 
 
+def check_ks(cfg, table) -> None:
+    """Every k of fewshot.ks against the training split, before any draw is fitted: each (k, seed) is drawn
+    once here exactly as the sweep will draw it (draws are cheap, fits are not); one error lists every k that
+    cannot be drawn, with the labelled patients per class available."""
+    from finetune.fewshot import draw_k_per_class
+    from finetune.inputs import task_labels
+
+    f, d = cfg.fewshot, cfg.data
+    pool = table.split(d.train_split).reset_index(drop=True)
+    y = task_labels(pool, cfg.task)[:, 0]  # [N]
+    exclude = {str(p) for s in (d.val_split, d.test_split) for p in table.split(s)["subject_id"]}
+    patients = pool["subject_id"].astype(str).to_numpy()
+    bad = []
+    for k in fewshot_ks(f):
+        if k == "all":
+            continue
+        for seed in range(f.seeds):
+            try:
+                draw_k_per_class(y, patients, pool["study_id"], k, seed, exclude_patients=exclude)
+            except RadalignError as e:
+                bad.append(f"k={k} (seed {seed}: {e})")
+                break
+    if bad:
+        ok = ~np.isnan(y) & ~np.isin(patients, list(exclude))
+        avail = ", ".join(f"class {int(c)}: {len(set(patients[ok & (y == c)]))}" for c in np.unique(y[ok]))
+        raise RadalignError(f"fewshot.ks={list(f.ks)}: {'; '.join(bad)}. Patients with a labelled "
+                            f"{cfg.task.labels[0]!r} example in split {d.train_split!r} (outside "
+                            f"validation/test): {avail or 'none'}. Fix: keep every k at most the smallest of these "
+                            "(fewer when patients have examples of both classes), or use k=all")
+
+
 def _methods(run, pool, test) -> dict:
     from finetune.fit import take_rows  # noqa: F401  (model_method takes whole batches)
     from finetune.recipe import build_model, model_specs

@@ -227,6 +227,42 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
     return label_matrix(frame, task.labels, task.kind, task.uncertain)
 
 
+def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> dict[str, str]:
+    """{column: what needs it} for a model over `modalities` with EHR lab `features`."""
+    from finetune.features import CATEGORICAL, NUMERIC
+
+    need = {"subject_id": "the patient id", "study_id": "the study id"}
+    if "image" in modalities:
+        need["dicom_ids"] = "the image modality: the study's films"
+    if "text" in modalities:
+        need["indication"] = "the text modality: the order's indication"
+    if "ehr" in modalities:
+        for f in features or ():
+            need[f] = need[f"{f}_hours"] = f"the EHR lab/vital {f!r}"
+        for c in (*NUMERIC, *CATEGORICAL):
+            need[c] = "the EHR demographics"
+    return need
+
+
+def missing_columns(columns: Sequence[str], need: Mapping[str, str]) -> list[str]:
+    """"'col' (what needs it)" for every needed column not in `columns`."""
+    have = set(columns)
+    return [f"{c!r} ({why})" for c, why in need.items() if c not in have]
+
+
+def class_counts(y: np.ndarray) -> list[dict[int, int]]:
+    """Per label column of `y` [N, C] (NaN = unlabelled): {class: labelled rows}, classes 0 and 1 always
+    listed (a binary label), any other class value as found."""
+    out = []
+    for col in np.asarray(y, np.float64).T:
+        lab = col[~np.isnan(col)]
+        counts = {0: 0, 1: 0} | {int(c): 0 for c in np.unique(lab)}
+        for c in counts:
+            counts[c] = int((lab == c).sum())
+        out.append(counts)
+    return out
+
+
 def split_inputs(name: str, frame: pd.DataFrame, task, modalities: Sequence[str], *, cache: EmbeddingCache | None,
                  featurizer: EHRFeaturizer | None) -> SplitInputs:
     frame = frame.reset_index(drop=True)

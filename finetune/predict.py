@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,14 @@ from torch import nn
 
 from finetune.config import FinetuneConfig
 from finetune.features import EHRFeaturizer
-from finetune.inputs import EmbeddingCache, SplitInputs, load_table, split_inputs
+from finetune.inputs import (
+    EmbeddingCache,
+    SplitInputs,
+    load_table,
+    missing_columns,
+    model_columns,
+    split_inputs,
+)
 from radalign import RadalignError
 
 
@@ -50,7 +58,34 @@ class TrainedRun:
             self._tables[path] = t
         return self._tables[path]
 
+    def needed_columns(self) -> dict[str, str]:
+        """{column: what needs it} of the table rows this run's models read."""
+        features = self.featurizer.features if self.featurizer is not None else None
+        return model_columns(self.modalities, features)
+
+    def check_columns(self, split: str, table: str | None = None, extra: Mapping[str, str] | None = None,
+                      fix: str = "") -> None:
+        """One error naming the table, the split, every column the run (and `extra`, whose own `fix` is added
+        when one of them is lacking) needs but the table lacks, and the fix: a sentence instead of a KeyError
+        deep inside the featurizer or the text tower."""
+        t = self.table(table)
+        columns = t.split(split).columns
+        need = self.needed_columns()
+        only_extra = {c: why for c, why in (extra or {}).items() if c not in need}
+        lacking = missing_columns(columns, {**need, **only_extra})
+        if missing_columns(columns, only_extra):  # e.g. a --subgroups column: say which ones there are
+            fix += f" (available columns: {', '.join(map(str, columns))})"
+        else:
+            fix = ""  # the extra columns' own fix does not apply
+        if lacking:
+            ids = {"subject_id", "study_id"} - set(columns)
+            fill = "" if ids else (", or add each column (null where unknown: the model then treats that "
+                                   "indication, film, lab or demographic as absent)")
+            raise RadalignError(f"{t.path} (split {split!r}) lacks column(s) {', '.join(lacking)}. Fix: use a "
+                                "table written by `radalign data link-ehr` with the run's feature list" + fill + fix)
+
     def inputs(self, split: str, table: str | None = None, shards: str | None = None) -> SplitInputs:
+        self.check_columns(split, table)
         t = self.table(table)
         frame = t.split(split)
         task = self.cfg.task

@@ -38,10 +38,23 @@ from finetune.inputs import (
     FinetuneTable,
     SplitInputs,
     check_overlap,
+    class_counts,
     load_table,
+    missing_columns,
+    model_columns,
     split_inputs,
+    task_labels,
 )
 from finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence, masked_loss
+from finetune.runspec import (
+    OVERWRITE_HINT,
+    changed_keys,
+    check_resume_folder,
+    claim_run_dir,
+    resume_point,
+    run_spec,
+    write_run_spec,
+)
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_json
 from radalign.log import get_logger
@@ -59,7 +72,6 @@ from radalign.training import (
 log = get_logger("finetune.recipe")
 
 MODEL_FORMAT = "radalign-finetune-model/1"
-RUN_FORMAT = "radalign-finetune-run/1"
 NAN_HINT = "lower optim.lr or check the EHR features for extreme values"
 
 
@@ -74,6 +86,7 @@ class Run:
     featurizer: EHRFeaturizer | None
     data: dict[str, SplitInputs]  # "train", "validate", "test" -> inputs (keys are the config's split names)
     modalities: list[str]
+    spec: dict  # what shaped the models (finetune.runspec), RUN/run_spec.json
     overlap: dict = field(default_factory=dict)
     encoders: Any = None
     seconds: dict = field(default_factory=dict)
@@ -100,45 +113,105 @@ class Run:
 
 
 def check_table(cfg: FinetuneConfig, table: FinetuneTable) -> None:
-    """Every problem of the task against the table, in one error."""
+    """Every problem of the task against the table, in one error: columns, splits, then whether each split's
+    labels can train (train), select (validation) and score (test) a model."""
+    import difflib
+
     cols = set(table.columns)
     problems = []
-    wanted = [cfg.task.threshold_column] if cfg.task.threshold_column else list(cfg.task.labels)
-    for c in wanted:
+    for c in _label_columns(cfg.task):
         if c not in cols:
-            import difflib
-
             close = difflib.get_close_matches(c, sorted(cols), n=3)
             problems.append(f"task label column {c!r} is not in the table"
                             + (f" (did you mean {', '.join(close)}?)" if close else ""))
-    need = {"image": "dicom_ids", "text": "indication", "ehr": "age"}
-    for m in cfg.data.modalities:
-        if need[m] not in cols:
-            problems.append(f"data.modalities has {m!r} but the table has no {need[m]!r} column")
+    features = cfg.data.features if cfg.data.features is not None else table.features
+    lacking = missing_columns(table.columns, model_columns(cfg.data.modalities, features))
+    if lacking:
+        problems.append(f"missing column(s) {', '.join(lacking)}: relink the table with `radalign data link-ehr`, "
+                        "or drop the modality from data.modalities")
     for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
         if s not in table.splits:
             problems.append(f"split {s!r} is not in the table (it has {', '.join(table.splits)})")
+    if not problems:
+        problems = label_problems(cfg, table)
     if problems:
         raise RadalignError(f"{table.path}: " + "; ".join(problems))
 
 
-def setup(cfg: FinetuneConfig) -> Run:
-    from pretrain.export import load_encoders
+def _label_columns(task) -> list[str]:
+    return [task.threshold_column] if task.threshold_column else list(task.labels)
 
+
+def _task_splits(cfg: FinetuneConfig) -> list[str]:
+    """The splits whose labels the run uses: train (fit), validation (model selection; not in the few-shot
+    sweep, whose recipes are fixed) and test (scores)."""
+    d = cfg.data
+    return [d.train_split, d.test_split] if cfg.fewshot.enabled else [d.train_split, d.val_split, d.test_split]
+
+
+def label_problems(cfg: FinetuneConfig, table: FinetuneTable) -> list[str]:
+    """A problem per split and label with fewer than two labelled classes, with the counts and the fix."""
+    t, d = cfg.task, cfg.data
+    use = {d.train_split: "nothing to learn from", d.val_split: "no model selection (validation AUROC undefined)",
+           d.test_split: "no test AUROC"}
+    names = [f"{t.labels[0]} ({t.threshold_column} > {t.threshold:g})"] if t.threshold_column else list(t.labels)
+    problems = []
+    for s in _task_splits(cfg):
+        y = task_labels(table.split(s), t)  # [N, C]
+        for name, counts in zip(names, class_counts(y)):
+            if sum(v > 0 for v in counts.values()) >= 2:
+                continue
+            n = sum(counts.values())
+            what = (f"no labelled row (all {len(y)} rows are null)" if n == 0 else
+                    f"one class only ({', '.join(f'{c}: {v}' for c, v in counts.items())} of {n} labelled rows)")
+            problems.append(f"split {s!r}, label {name!r}: {what}: {use[s]}")
+    if problems:
+        problems[-1] += (". Fix: choose a label (task.labels, task.threshold) with both classes in every split, "
+                         "or a table whose splits each hold both (more patients, another split), or point "
+                         "data.train_split / data.val_split / data.test_split at splits that do")
+    return problems
+
+
+def setup(cfg: FinetuneConfig, overwrite: bool = False) -> Run:
+    """Everything before training. What can refuse refuses first, before the towers load or embed: the table
+    (columns, splits, labelled classes per split), the few-shot ks, the pretraining overlap, and the run folder
+    (RUN/run_spec.json against this config; `overwrite` clears RUN instead). A refusal also ends the
+    Accelerate state, so a later run in the same process may choose another precision."""
     t0 = time.perf_counter()
     if cfg.model.image_tower != "frozen" or cfg.data.image_patch_tokens:
         raise RadalignError(f"model.image_tower={cfg.model.image_tower}, data.image_patch_tokens="
                             f"{cfg.data.image_patch_tokens}: this release trains on cached frozen tower "
                             "embeddings (pooled) only; use model.image_tower=frozen data.image_patch_tokens=false")
     acc, precision, _ = make_accelerator(cfg.precision, find_unused_parameters=True)
+    try:
+        run = _setup(cfg, acc, precision, overwrite)
+    except BaseException:
+        acc.end_training()
+        reset_accelerate_state()
+        raise
+    run.seconds["setup"] = round(time.perf_counter() - t0, 2)
+    return run
+
+
+def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool) -> Run:
+    from pretrain.export import load_encoders
+
     run_dir = Path(cfg.run_dir)
     table = load_table(cfg.data.table)
     check_table(cfg, table)
-    mods = list(cfg.data.modalities)
-    encoders = load_encoders(cfg.data.checkpoint, device=acc.device) if {"image", "text"} & set(mods) else None
-    export_config = encoders.config if encoders is not None else _export_config(cfg.data.checkpoint)
+    if cfg.fewshot.enabled:
+        from finetune.fewshot_recipe import check_ks
+
+        check_ks(cfg, table)
+    export_config = _export_config(cfg.data.checkpoint)
     overlap = check_overlap(export_config, table, [cfg.data.val_split, cfg.data.test_split],
                             allow=cfg.data.allow_overlap)
+    spec = run_spec(cfg, table, export_config, precision=precision, processes=acc.num_processes)
+    claim_run_dir(run_dir, spec, resume=cfg.resume, overwrite=overwrite, main=acc.is_main_process)
+    acc.wait_for_everyone()
+    check_resume_folder(cfg.resume, run_dir)
+    mods = list(cfg.data.modalities)
+    encoders = load_encoders(cfg.data.checkpoint, device=acc.device) if {"image", "text"} & set(mods) else None
     featurizer = None
     if "ehr" in mods:
         features = cfg.data.features or table.features
@@ -150,8 +223,7 @@ def setup(cfg: FinetuneConfig) -> Run:
     with acc.main_process_first():  # the main process embeds and caches; the others read the cache
         for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
             data[s] = split_inputs(s, table.split(s), cfg.task, mods, cache=cache, featurizer=featurizer)
-    run = Run(cfg, run_dir, acc, precision, table, export_config, featurizer, data, mods, overlap, encoders)
-    run.seconds["setup"] = round(time.perf_counter() - t0, 2)
+    run = Run(cfg, run_dir, acc, precision, table, export_config, featurizer, data, mods, spec, overlap, encoders)
     for s, d in data.items():
         run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, "
                 f"{int(np.nansum(d.y[:, 0]))} positive; present {d.counts['present']}")
@@ -314,6 +386,10 @@ class Progress:
                    int(s["best_epoch"]), int(s["stale"]), list(s.get("history", [])))
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 class Stopped(Exception):
     """stop_after reached (the state is checkpointed)."""
 
@@ -324,11 +400,10 @@ def _check_train_spec(work: Path, spec: dict, main: bool) -> None:
     history. Record the spec on first use; refuse a different one, naming the keys that changed."""
     path = work / "spec.json"
     if path.is_file():
-        old, new = json.loads(path.read_text()), json.loads(json.dumps(spec))  # JSON types on both sides
-        if old != new:
-            changed = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+        diff = changed_keys(json.loads(path.read_text()), json.loads(json.dumps(spec)))  # JSON types on both sides
+        if diff:
             raise RadalignError(f"{work} holds checkpoints of another {work.name} model (changed: "
-                                f"{', '.join(changed)}); use another run_dir, or delete {work} to train anew")
+                                f"{'; '.join(diff)}); use another run_dir, or {OVERWRITE_HINT} to train anew")
     elif main:
         atomic_write_json(path, spec)
 
@@ -342,12 +417,14 @@ def fit_torch(run: Run, name: str, spec: dict, models_dir: Path | None = None) -
     cfg, acc = run.cfg, run.acc
     seed = int(spec.get("seed", cfg.seed))
     models_dir = models_dir or run.run_dir / "models"
-    if cfg.resume == "auto" and (models_dir / f"{name}.json").is_file():
+    if (models_dir / f"{name}.json").is_file():  # RUN/run_spec.json matched the config (finetune.runspec)
         model, meta = load_model(models_dir, name)
-        if meta["spec"] == spec:
-            run.say(f"{name}: finished earlier (best validation AUROC {meta['best_val_auroc']:.3f}); reused")
-            return model, meta
-        run.say(f"{name}: RUN/models holds a model of another spec; training anew")
+        diff = changed_keys(meta["spec"], json.loads(json.dumps(spec)))
+        if diff:
+            raise RadalignError(f"{models_dir / name}.json: a {name} model of another spec (changed: "
+                                f"{'; '.join(diff)}); use another run_dir, or {OVERWRITE_HINT} to train anew")
+        run.say(f"{name}: finished earlier (best validation AUROC {_fmt(meta['best_val_auroc'])}); reused")
+        return model, meta
     torch.manual_seed(seed)
     model = build_model(spec)
     work = run.run_dir / "train" / name
@@ -367,7 +444,7 @@ def fit_torch(run: Run, name: str, spec: dict, models_dir: Path | None = None) -
     logger = MetricLogger(work, main=acc.is_main_process, tensorboard=False)
     prog, best_state = Progress(), None
     _check_train_spec(work, spec, acc.is_main_process)
-    found = ckpt.resolve("auto") if cfg.resume == "auto" else None
+    found = resume_point(ckpt, name, cfg.resume, run.run_dir)
     if found is not None:
         loaded = ckpt.load(found, model=model, optimizer=opt, scheduler=sched)
         prog = Progress.from_state(loaded.step, loaded.state)
@@ -444,7 +521,7 @@ def fit_torch(run: Run, name: str, spec: dict, models_dir: Path | None = None) -
     acc.wait_for_everyone()
     best = info["best_val_auroc"]
     run.say(f"{name}: best validation AUROC {best:.3f} at epoch {prog.best_epoch}" if best is not None
-            else f"{name}: validation AUROC undefined (one class on validation)")
+            else f"{name}: validation AUROC undefined on every epoch")
     return core, {**info, "spec": spec}
 
 
@@ -561,13 +638,16 @@ def _gbdt(run: Run, scores: Scores) -> None:
 # The whole recipe
 
 
-def run_finetune(cfg: FinetuneConfig) -> Path:
+def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
+    """The recipe under the run folder's lock. `overwrite`: remove what RUN holds and train afresh (otherwise
+    RUN's models are reused only when they were trained with this config: finetune.runspec)."""
     from radalign.config import save_resolved
 
     with run_lock(cfg.run_dir):
-        run = setup(cfg)
+        run = setup(cfg, overwrite=overwrite)
         try:
-            if run.acc.is_main_process:
+            if run.acc.is_main_process:  # the config beside the models is the one that trains them
+                write_run_spec(run.run_dir, run.spec)
                 save_resolved(cfg, run.run_dir)
                 atomic_write_json(run.run_dir / "featurizer.json",
                                   run.featurizer.to_dict() if run.featurizer else {"format": None})

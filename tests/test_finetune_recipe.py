@@ -131,14 +131,20 @@ def test_resume_after_stop_is_exact(cohort, tmp_path):
 
 def test_changed_model_spec_never_resumes_the_old_checkpoints(cohort, tmp_path):
     """Checkpoints of RUN/train/fusion belong to one spec: rerunning the same run_dir with other modality
-    dropout rates must not continue (or overwrite) the old model; it refuses naming what changed."""
+    dropout rates must not continue (or overwrite) the old model, stopped or finished; it refuses naming what
+    changed (RUN/run_spec.json; more cases in tests/test_finetune_hostile.py)."""
     from finetune.recipe import run_finetune
 
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=2",
             "optim.batch_size=32"]
+    run_finetune(_cfg(cohort, tmp_path / "r", *only, "stop_after=3"))
+    with pytest.raises(RadalignError, match=r"changed: model\.modality_dropout\.ehr: 0\.3 -> 0\.6; "
+                                            r"model\.modality_dropout\.image: 0\.3 -> 0\.1\).*another run_dir"):
+        run_finetune(_cfg(cohort, tmp_path / "r", *only, "model.modality_dropout={image: 0.1, text: 0.25, ehr: 0.6}"))
     run_finetune(_cfg(cohort, tmp_path / "r", *only))
     before = sorted(p.name for p in (tmp_path / "r" / "train" / "fusion" / "checkpoints").glob("step-*"))
-    with pytest.raises(RadalignError, match=r"changed: modality_dropout\b.*another run_dir"):
+    with pytest.raises(RadalignError, match=r"changed: model\.modality_dropout\.ehr: 0\.3 -> 0\.6; "
+                                            r"model\.modality_dropout\.image: 0\.3 -> 0\.1\).*another run_dir"):
         run_finetune(_cfg(cohort, tmp_path / "r", *only, "model.modality_dropout={image: 0.1, text: 0.25, ehr: 0.6}"))
     assert sorted(p.name for p in (tmp_path / "r" / "train" / "fusion" / "checkpoints").glob("step-*")) == before
 

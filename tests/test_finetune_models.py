@@ -95,6 +95,63 @@ def test_nan_inf_null_and_negative_hours_are_missing_and_counted():
     assert not sparse.measured.any() and sparse.present.all()  # demographics still known
 
 
+def _train_only(**cols) -> pd.DataFrame:
+    """Training rows with the given lab columns (hours 1.0 unless given) and fixed demographics."""
+    n = len(next(iter(cols.values())))
+    base = {"split": "train", "age": 50.0, "gender": "F", "race": "WHITE", "insurance": "Medicare",
+            "marital_status": "MARRIED", "language": "ENGLISH"}
+    out = pd.DataFrame({**base, **cols}, index=range(n))
+    for f in FEATURES:
+        out[f] = out[f] if f in out else 1.0
+        out[f"{f}_hours"] = out[f"{f}_hours"] if f"{f}_hours" in out else 1.0
+    return out
+
+
+def test_a_constant_training_feature_is_scaled_by_one():
+    """IQR 0 in training: divide by 1 (not by MIN_IQR, which would blow a 0.5 difference up to 5e5)."""
+    t = _train_only(creatinine=[2.0] * 6, lactate=[1.0, 1.0, 1.0, 1.0, 1.001, 1.002])
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    assert fz.median["creatinine"] == 2.0 and fz.iqr["creatinine"] == 1.0
+    assert fz.iqr["age"] == 1.0  # every training age 50
+    # a small but real IQR is kept: lactate q1 = 1.0, q3 = 1.00075 (numpy linear percentiles, by hand)
+    assert fz.iqr["lactate"] == pytest.approx(0.00075)
+    x = fz.transform(t.assign(creatinine=[2.5, 1.0, 2.0, 2.0, 2.0, 2.0], age=[51.5] + [50.0] * 5))
+    assert x.values[:2, 0].tolist() == [0.5, -1.0] and x.num[0, 0] == pytest.approx(1.5)
+    none = EHRFeaturizer.fit_on_train(t.assign(creatinine=np.nan), FEATURES)  # never measured in training
+    assert none.median["creatinine"] == 0.0 and none.iqr["creatinine"] == 1.0
+
+
+def test_training_statistics_leave_out_values_drawn_after_the_film():
+    """Negative hours since drawn: not available at the film, so not in the scaling statistics either; a value
+    drawn at the film's own time (0 h) is available, in fit and in transform."""
+    t = _train_only(creatinine=[1.0, 2.0, 3.0, 4.0, 5.0, 1000.0, 2000.0],
+                    creatinine_hours=[0.0, 1.0, 2.0, 3.0, 4.0, -0.5, -3.0])
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    assert fz.median["creatinine"] == 3.0 and fz.iqr["creatinine"] == 2.0  # 1..5 only
+    x = fz.transform(t)
+    assert x.measured[:, 0].tolist() == [True] * 5 + [False] * 2
+    assert x.hours[0, 0] == 0.0 and x.values[0, 0] == pytest.approx(-1.0)
+    assert x.counts["negative_hours"] == 2
+
+
+def test_categories_index_sorted_vocabulary_and_presence():
+    t = _train_only(creatinine=[1.0, 2.0, 3.0]).assign(gender=["M", "F", "X"], race=[None, "B", "A"])
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    assert fz.categories["gender"] == ["F", "M", "X"] and fz.categories["race"] == ["A", "B"]
+    assert fz.cardinalities == [4, 3, 2, 2, 2]  # unknown (0) + each category, in CATEGORICAL order
+    x = fz.transform(t)
+    j, r = CATEGORICAL.index("gender"), CATEGORICAL.index("race")
+    assert x.cat[:, j].tolist() == [2, 1, 3] and x.cat[:, r].tolist() == [0, 2, 1]
+    # presence of the EHR modality: any lab, the age, or any category known
+    blank = {c: None for c in CATEGORICAL}
+    rows = pd.concat([t.iloc[:1].assign(creatinine=np.nan, lactate=np.nan, age=np.nan, **blank),
+                      t.iloc[:1].assign(creatinine=np.nan, lactate=np.nan, age=np.nan, **{**blank, "race": "B"}),
+                      t.iloc[:1].assign(creatinine=np.nan, lactate=np.nan, **blank)], ignore_index=True)
+    assert fz.transform(rows).present.tolist() == [False, True, True]
+    sub = x.take([2, 0])
+    assert sub.cat[:, j].tolist() == [3, 2] and np.array_equal(sub.values, x.values[[2, 0]])
+
+
 def test_featurizer_round_trip_and_feature_list_refusal():
     fz = EHRFeaturizer.fit_on_train(_table(), FEATURES)
     back = EHRFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict())))
@@ -116,6 +173,11 @@ def test_label_columns_checked_and_policies():
     y = label_matrix(t, ["Edema"])
     assert y[:2, 0].tolist() == [1.0, 0.0] and np.isnan(y[2:, 0]).all()
     assert label_matrix(t, ["Edema"], uncertain="positive")[2, 0] == 1.0
+    assert label_matrix(t, ["Edema"], uncertain="negative")[:3, 0].tolist() == [1.0, 0.0, 0.0]
+    with pytest.raises(RadalignError, match="uncertain: 'maybe'"):
+        label_matrix(t, ["Edema"], uncertain="maybe")
+    mc = label_matrix(pd.DataFrame({"cls": [2.0, None, 0.0]}), ["cls"], kind="multiclass")
+    assert mc[[0, 2], 0].tolist() == [2.0, 0.0] and np.isnan(mc[1, 0])
     with pytest.raises(RadalignError, match="'los_days' holds 8"):
         label_matrix(t, ["los_days"])
     lab = threshold_label(t, "los_days", 7.0)
@@ -268,17 +330,86 @@ def test_modality_dropout_rates_are_honoured():
 @pytest.mark.parametrize("task,n_out", [("binary", 1), ("multilabel", 3), ("multiclass", 4)])
 def test_forward_backward_each_task_with_patch_tokens(task, n_out):
     model = _model(task=task, n_outputs=n_out, patches=5).train()
+    model.dropout_rates.zero_()  # every present modality reaches the model
     batch = _batch(patches=5)
+    batch["image"].requires_grad_(True)
     out = model(batch)
     assert out.logits.shape == (6, n_out) and out.attention.shape == (6, 3)
     y = torch.tensor([0.0, 1, 2, 3, float("nan"), 1])[:, None] if task == "multiclass" else \
-        torch.bernoulli(torch.full((6, n_out), 0.5))
-    masked_loss(out.logits, y, task).backward()
+        torch.bernoulli(torch.full((6, n_out), 0.5), generator=torch.Generator().manual_seed(0))
+    loss = masked_loss(out.logits, y, task)
+    z = out.logits.detach().double().numpy()
+    if task == "multiclass":  # cross-entropy over the 5 labelled rows, by hand with numpy
+        lse = np.log(np.exp(z).sum(1))
+        ref = np.mean([lse[i] - z[i, int(c)] for i, c in enumerate(y[:, 0].tolist()) if not math.isnan(c)])
+        prob_ref = np.exp(z) / np.exp(z).sum(1, keepdims=True)  # softmax over classes
+    else:  # BCE over every cell
+        t = y.double().numpy()
+        ref = np.mean(np.logaddexp(0, z) - t * z)
+        prob_ref = 1 / (1 + np.exp(-z))  # a sigmoid per output
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+    assert probabilities(out.logits, task).detach().double().numpy() == pytest.approx(prob_ref, abs=1e-6)
+    loss.backward()
     for name in ("encoders.image.proj.weight", "encoders.ehr.encoder.value.weight", "head.weight", "mask_token"):
         assert torch.isfinite(dict(model.named_parameters())[name].grad).all()
-    assert torch.allclose(probabilities(out.logits, task).sum(-1), torch.ones(6)) if task == "multiclass" else True
+    g = batch["image"].grad  # [B, 5, D]: every patch token of a labelled row reaches the loss
+    labelled = ~torch.isnan(y).all(1)
+    assert (g[labelled].abs().sum(-1) > 0).all() and (g[~labelled] == 0).all()
+    model.eval()
+    moved = {**batch, "image": batch["image"].detach().clone()}
+    moved["image"][:, 4] = torch.randn(6, 10, generator=torch.Generator().manual_seed(9))  # the last patch alone
+    # (a constant shift would vanish in the token LayerNorm) changes the logits
+    assert not torch.allclose(model(moved).logits, model(batch).logits)
     with pytest.raises(RadalignError, match="expects"):
         model({"image": torch.randn(6, 10)})  # one token given, model built for 5 patch tokens
+
+
+def test_modality_dropout_draw_boundaries():
+    """Drop when u < rate: rate 0 never drops (even u = 0), u at the rate keeps, u below drops."""
+    model = _model(modality_dropout={"image": 0.0, "text": 0.5, "ehr": 0.25}).train()
+    present = torch.ones(4, 3, dtype=torch.bool)
+    u = torch.tensor([[0.0, 0.5, 0.25], [0.0, 0.49, 0.24], [0.9, 0.0, 0.9], [0.3, 0.7, 0.1]])
+    kept = model.modality_dropout(present, u)
+    assert kept.tolist() == [[True, True, True], [True, False, False], [True, False, True], [True, True, False]]
+    batch = _batch(b=4)
+    batch["present"] = {m: torch.ones(4, dtype=torch.bool) for m in ("image", "text", "ehr")}
+    batch["dropout_u"] = u  # the recipe's seeded draws are used in training
+    assert model(batch).present.tolist() == kept.tolist()
+
+
+def test_presence_from_a_tensor_an_override_set_or_a_missing_modality():
+    model = _model()
+    batch = _batch()
+    by_map = model.presence(batch)
+    as_tensor = {**batch, "present": torch.stack([batch["present"][m] for m in ("image", "text", "ehr")], 1)}
+    assert torch.equal(model.presence(as_tensor), by_map)
+    assert by_map[:, 1].tolist() == [True, False] * 3 and by_map[:, 2].tolist() == [True, True, False] * 2
+    partial = {**batch, "present": {"text": batch["present"]["text"]}}  # unnamed modalities count as present
+    assert model.presence(partial)[:, [0, 2]].all()
+    no_ehr = {k: v for k, v in batch.items() if k != "ehr"}
+    assert not model.presence(no_ehr)[:, 2].any()
+    keep = model.presence(batch, present_override={"image", "text"})
+    assert not keep[:, 2].any() and torch.equal(keep[:, :2], by_map[:, :2])
+    rows = torch.tensor([True, False, True, False, True, False])
+    one = model.presence(batch, present_override={"image": rows})
+    assert one[:, 0].tolist() == rows.tolist() and torch.equal(one[:, 1:], by_map[:, 1:])
+    tensor_override = model.presence(batch, present_override=torch.tensor([False, True, True]))
+    assert not tensor_override[:, 0].any() and torch.equal(tensor_override[:, 1:], by_map[:, 1:])
+
+
+def test_attention_mask_blocks_absent_tokens_except_for_cls():
+    """Hand-built: 3 modalities, one token each, row 0 lacks text. Blocked = True."""
+    for sees in (True, False):
+        model = _model(cls_sees_absent=sees)
+        present = torch.tensor([[True, False, True], [True, True, True]])
+        owner = torch.tensor([-1, 0, 1, 2])
+        m = model._attention_mask(present, owner).view(2, model.n_heads, 4, 4)[:, 0]
+        want0 = torch.zeros(4, 4, dtype=torch.bool)
+        want0[1:, 2] = True  # image, text, ehr queries may not look at the absent text token ...
+        want0[2, 2] = False  # ... except the text token at itself (no empty row)
+        want0[0, 2] = not sees
+        assert torch.equal(m[0], want0), sees
+        assert not m[1].any()
 
 
 def test_masked_loss_matches_hand_computation():

@@ -706,6 +706,7 @@ def test_subgroup_min_count_boundary_and_unlabelled_rows():
     rows = res["columns"]["g"]["groups"]
     assert rows["a"]["scored"] and rows["a"]["n_labelled"] == 10  # exactly min_count: scored
     assert rows["a"]["auroc"] == pytest.approx(roc_auc_score(y[:10], p[:10]))
+    assert rows["a"]["ece"] == pytest.approx(_ece_by_hand(y[:10], p[:10], 10))
     assert not rows["b"]["scored"] and rows["b"]["reason"] == "fewer than 10 labelled rows"
     c = rows["c"]
     assert not c["scored"] and (c["n"], c["n_labelled"]) == (12, 9)
@@ -715,3 +716,42 @@ def test_subgroup_min_count_boundary_and_unlabelled_rows():
     assert (gap["highest"], gap["lowest"]) == (hi, lo)
     ct = C.cross_table(pd.DataFrame({"g": g, "h": "x"}), y, p, "g", "h", min_count=10)
     assert ct["cells"]["a"]["x"]["scored"] and not ct["cells"]["b"]["x"]["scored"]
+
+
+def test_one_seed_has_no_spread_and_evaluation_passes_degradation_through():
+    y, _, pid = cohort(seed=8)
+    models = degradation_models(y, np.random.default_rng(2))
+    deg = C.degradation_table(y, pid, models, seeds={m: [v] for m, v in models.items()}, n_boot=5)
+    for r in deg["rows"]:
+        for m in models:
+            assert r[m]["over_seeds"]["sd"] == 0.0 and r[m]["over_seeds"].get("drop_sd", 0.0) == 0.0
+    test = pd.DataFrame({"subject_id": pid, "study_id": np.arange(y.size), "label": y,
+                         "score:fusion": C.sigmoid(models["with_dropout"]["all"])})
+    val = predictions(60, seed=9)
+    res = C.evaluate_predictions(test, val.rename(columns={"score:image_only": "x"}), degradation=models,
+                                 degradation_seeds={m: [v, v] for m, v in models.items()}, n_boot=5)
+    rows = res["degradation"]["rows"]
+    assert rows[1]["without_dropout"]["value"] == pytest.approx(roc_auc_score(y, models["without_dropout"]["image"]))
+    assert res["degradation"]["n_seeds"] == 2
+
+
+def test_report_prints_the_numbers_of_each_section():
+    y, s, pid = cohort(seed=10)
+    base = s + np.random.default_rng(0).normal(scale=2, size=s.size)
+    binary = C.evaluate_binary(y, s, pid, baselines={"ehr_only": base}, n_boot=30)
+    d = binary["paired_differences"]["ehr_only"]["auroc"]
+    runs = [degradation_models(y, np.random.default_rng(k)) for k in range(2)]
+    deg = C.degradation_table(y, pid, runs[0], seeds={m: [r[m] for r in runs] for m in runs[0]}, n_boot=30)
+    frame = pd.DataFrame({"g": np.where(np.arange(y.size) < 5, "tiny", "big")})
+    sub = C.subgroup_table(frame, y, C.sigmoid(s), pid, ["g"], n_boot=10, min_count=10)
+    cal = C.calibration_report(y, s, y, s)
+    text = C.format_report(binary=binary, calibration=cal, subgroups=sub, degradation=deg)
+    assert (f"| ehr\\_only | auroc | {d['delta']:.3f} ({d['ci_low']:.3f} to {d['ci_high']:.3f}) | "
+            f"{d['p_value']:.3f} |") in text
+    assert "| tiny | 5 |" in text and "not scored: fewer than 10 labelled rows |" in text
+    assert f"| ECE (validation) | {cal['validation_ece_before']:.3f} | {cal['validation_ece_after']:.3f} |" in text
+    img = deg["rows"][1]["with_dropout"]["over_seeds"]
+    assert f"{img['drop_mean']:+.3f} ({img['drop_sd']:.3f})" in text
+    assert "No validation data given" in text
+    op = C.apply_operating_point(C.choose_operating_point([1, 1], [0.2, 0.3]), y, s)
+    assert "validation has one class only: no threshold" in "\n".join(C._md_operating(op))

@@ -66,6 +66,9 @@ def test_class_with_too_few_patients_is_named(tmp_path):
     (tmp_path / "d.json").write_text(json.dumps(doc))
     with pytest.raises(RadalignError, match="sha256"):
         read_draw(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text(json.dumps({**doc, "format": "something/9"}))
+    with pytest.raises(RadalignError, match=r"not a few-shot draw \(format 'something/9'"):
+        read_draw(tmp_path / "d.json")
 
 
 def test_prompt_head_at_k0_is_zero_shot():
@@ -258,6 +261,9 @@ def test_summary_counts_unscored_draws_and_clips_at_both_ends():
     low = summarise([0.01, 0.3, 0.02, 0.03, 0.01])  # t-interval reaches below 0: clipped
     assert low["ci_low"] == 0.0 and low["ci_high"] < 1.0 and low["min"] == 0.01 and low["max"] == 0.3
     assert summarise([None, None])["mean"] is None and summarise([])["n_draws"] == 0
+    keys = {"n_draws", "n_unscored", "unit", "mean", "sd", "min", "max", "ci_low", "ci_high"}
+    for r in (s, one, summarise([None])):
+        assert set(r) == keys and r["unit"] == "draw"
 
 
 def test_sweep_files_name_method_k_and_seed(tmp_path):
@@ -268,6 +274,8 @@ def test_sweep_files_name_method_k_and_seed(tmp_path):
     doc = write_sweep(tmp_path, res)
     assert json.loads((tmp_path / "fewshot-probe.json").read_text()) == json.loads(json.dumps(doc))
     assert doc["summary"]["1"]["mean"] == 1.0 and doc["ks"] == [1, "all"]
+    assert doc["method"] == "probe" and doc["seeds"] == list(range(5)) and doc["per_draw"] == res.per_draw
+    assert doc["metric"] == "auroc on the evaluation split" and doc["validation"].startswith("none")
     for k in (1, "all"):
         for seed in range(5):
             d = read_draw(tmp_path / "draws" / f"probe-k{k}-seed{seed}.json")

@@ -152,10 +152,30 @@ def test_categories_index_sorted_vocabulary_and_presence():
     assert sub.cat[:, j].tolist() == [3, 2] and np.array_equal(sub.values, x.values[[2, 0]])
 
 
+def test_counts_add_up_over_features_and_unknowns_stay_zero():
+    t = _train_only(creatinine=[1.0, 2.0, 3.0, 4.0], lactate=[1.0, 2.0, 3.0, 4.0])
+    fz = EHRFeaturizer.fit_on_train(t, FEATURES)
+    bad = t.assign(creatinine_hours=[-1.0, -2.0, 1.0, 1.0], lactate_hours=[1.0, -1.0, 1.0, 1.0],
+                   age=[np.nan, 30.0, 40.0, 50.0], gender=["  ", "", None, "F"], race=["Z", "WHITE", "WHITE", None])
+    x = fz.transform(bad)
+    assert x.counts["negative_hours"] == 3  # 2 creatinine + 1 lactate: summed over features
+    assert x.counts["unknown_numeric"] == 1 and x.num[0, 0] == 0.0 and not x.num_known[0, 0]
+    assert x.counts["unknown_category"] == 4 and x.counts["unseen_category"] == 1  # blank text is unknown
+    assert x.cat[:3, CATEGORICAL.index("gender")].tolist() == [0, 0, 0]
+    assert np.isfinite(x.num).all() and x.num.dtype == np.float32 and x.cat.dtype == np.int64
+    sub = x.take([3, 1])
+    for name in ("values", "hours", "measured", "num", "num_known", "cat"):
+        assert np.array_equal(getattr(sub, name), getattr(x, name)[[3, 1]]), name
+    empty = fz.transform(t.iloc[:0])
+    assert empty.values.shape == (0, 2) and empty.cat.shape == (0, len(CATEGORICAL)) and len(empty) == 0
+
+
 def test_featurizer_round_trip_and_feature_list_refusal():
     fz = EHRFeaturizer.fit_on_train(_table(), FEATURES)
     back = EHRFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict())))
     assert back == fz
+    fz.numeric = []  # what was fitted comes back, not the defaults
+    assert EHRFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict()))).numeric == []
     back.check_features(FEATURES)
     with pytest.raises(RadalignError, match="missing lactate.*unexpected troponin"):
         back.check_features(["creatinine", "troponin"])
@@ -223,6 +243,17 @@ def test_missing_lab_routes_through_the_learned_embedding_whatever_the_slot_hold
     enc(e).sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
     assert enc.not_measured.grad[1].abs().sum() > 0 and enc.not_measured.grad[0].abs().sum() == 0
+
+
+def test_every_ehr_input_reaches_the_encoder_output():
+    """A measured value, its hours, a known age and each categorical demographic all move the EHR vector."""
+    enc = _encoder()
+    base = _ehr()
+    ref = enc(base)
+    for key, col in (("values", 0), ("hours", 2), ("num", 0), ("cat", 0), ("cat", 4)):
+        e = {k: v.clone() for k, v in base.items()}
+        e[key][:, col] = 1 - e[key][:, col] if key == "cat" else e[key][:, col] + 1.5
+        assert not torch.allclose(enc(e), ref), (key, col)
 
 
 def test_unknown_age_routes_through_its_embedding():

@@ -562,3 +562,76 @@ def test_gbdt_takes_nan_natively_and_learns():
     ok = ~np.isnan(y)
     assert _auroc(y[ok], p[ok]) > 0.95  # missingness itself carries the label here
     assert np.isfinite(model.predict_logits(data)).all()
+
+
+def _features(values, measured, hours, num, num_known, cat):
+    from finetune.features import EHRFeatures
+
+    a = lambda v, t: np.asarray(v, t)  # noqa: E731
+    return EHRFeatures(a(values, np.float32), a(hours, np.float32), a(measured, bool), a(num, np.float32),
+                       a(num_known, bool), a(cat, np.int64))
+
+
+def test_gbdt_matrix_hand_worked():
+    x = _features(values=[[0.5, 9.0], [1.5, 2.0]], measured=[[True, False], [True, True]],
+                  hours=[[0.1, 9.0], [0.2, 0.3]], num=[[1.0], [7.0]], num_known=[[True], [False]],
+                  cat=[[0, 2, 1, 1, 1], [1, 0, 1, 1, 1]])
+    m, cat_mask = gbdt_matrix(x, np.array([[1.0, 2.0], [3.0, 4.0]]), image_present=np.array([True, False]))
+    nan = np.nan
+    want = np.array([[0.5, nan, 0.1, nan, 1.0, nan, 1, 0, 0, 0, 1.0, 2.0],
+                     [1.5, 2.0, 0.2, 0.3, nan, 0, nan, 0, 0, 0, nan, nan]])
+    np.testing.assert_allclose(m, want, rtol=1e-6)
+    assert cat_mask.tolist() == [False] * 5 + [True] * 5 + [False] * 2
+
+
+def test_late_fusion_stacked_equals_sklearn_on_the_documented_design():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    n = 200
+    logits = {m: rng.normal(size=(n, 1)) for m in ("image", "ehr")}
+    present = {"image": np.ones(n, bool), "ehr": rng.random(n) < 0.6}
+    y = (logits["image"][:, 0] + np.where(present["ehr"], logits["ehr"][:, 0], 0) + rng.normal(size=n) > 0)
+    y = y.astype(float)[:, None]
+    y[:4] = np.nan
+    design = np.stack([logits["image"][:, 0], np.ones(n), logits["ehr"][:, 0] * present["ehr"],
+                       present["ehr"].astype(float)], axis=1)
+    ok = ~np.isnan(y[:, 0])
+    ref = LogisticRegression(C=0.3, max_iter=1000).fit(design[ok], y[ok, 0].astype(int))
+    lf = LateFusion("stacked", C=0.3).fit(logits, present, y)
+    assert lf.stackers[0].coef_ == pytest.approx(ref.coef_, abs=1e-5)
+    assert lf.combine(logits, present)[:, 0] == pytest.approx(ref.decision_function(design), abs=1e-5)
+    with pytest.raises(RadalignError, match="one class on the validation split.*'average'"):
+        LateFusion("stacked").fit(logits, present, np.zeros((n, 1)))
+    with pytest.raises(RadalignError, match="'vote'"):
+        LateFusion("vote")
+    nothing = {"image": np.zeros(3, bool), "ehr": np.array([False, True, False])}
+    three = {m: v[:3] for m, v in logits.items()}
+    avg = LateFusion("average").fit(three, nothing, y[:3]).combine(three, nothing)[:, 0]
+    assert avg.tolist() == pytest.approx([(three["image"][0, 0] + three["ehr"][0, 0]) / 2, three["ehr"][1, 0],
+                                          (three["image"][2, 0] + three["ehr"][2, 0]) / 2])  # none: plain mean
+
+
+def test_early_fusion_flattens_ehr_as_documented():
+    x = _features(values=[[0.5, 9.0]], measured=[[True, False]], hours=[[0.1, 9.0]], num=[[1.5]],
+                  num_known=[[False]], cat=[[0, 2, 1, 1, 1]])
+    from finetune.models import ehr_tensors
+
+    early = EarlyFusionModel(n_features=2, cardinalities=[2, 3, 2, 2, 2])
+    assert early.ehr_dim == 3 * 2 + 2 + 11
+    flat = early._ehr_flat(ehr_tensors(x))[0].tolist()
+    assert flat == pytest.approx([0.5, 0.0, 1, 0, 0.1, 0.0, 0.0, 0, 1, 0, 0, 0, 1, 0, 1, 0, 1, 0, 1])
+
+
+def test_gbdt_logits_are_the_log_odds_of_its_probabilities_and_one_class_is_refused():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(120, 3))
+    x[:, 2] = np.nan  # never measured in training: dropped and counted
+    y = (x[:, 0] > 0).astype(float)[:, None]
+    data = (x, np.zeros(3, bool))
+    g = GBDTBaseline("binary", max_iter=20).fit(data, y)
+    assert g.dropped_columns == 1
+    p = g.predict_proba(data)[:, 0]
+    assert g.predict_logits(data)[:, 0] == pytest.approx(np.log(p / (1 - p)), rel=1e-6)
+    with pytest.raises(RadalignError, match="one class in training"):
+        GBDTBaseline("binary", max_iter=5).fit(data, np.ones((120, 1)))

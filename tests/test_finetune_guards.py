@@ -275,3 +275,66 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
     after = subprocess.run([sys.executable, "-c", TRY_LOCK, str(run_dir)], cwd=REPO, capture_output=True, text=True,
                            timeout=120)
     assert after.returncode == 0 and "took it" in after.stdout  # released when the run ends, even by an error
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training loop's batches and the gradient-boosted trees' split
+
+
+@pytest.mark.parametrize("n,batch,world", [(53, 16, 1), (53, 16, 2), (33, 8, 2), (7, 4, 4)])
+def test_epoch_batches_cover_every_row_once_in_a_seeded_order(n, batch, world):
+    from finetune.recipe import epoch_batches
+
+    a = epoch_batches(n, batch, seed=3, epoch=0, world=world)
+    rows = np.concatenate(a)
+    last = n % batch
+    dropped = last if 0 < last < world else 0  # a last batch that would leave a process without rows
+    assert len(rows) == len(set(rows.tolist())) == n - dropped and set(rows.tolist()) <= set(range(n))
+    assert all(len(b) == batch for b in a[:-1]) and len(a) == math.ceil((n - dropped) / batch)
+    again = epoch_batches(n, batch, seed=3, epoch=0, world=world)
+    assert all(np.array_equal(x, y) for x, y in zip(a, again))  # same seed and epoch: same batches
+    other = np.concatenate(epoch_batches(n, batch, seed=3, epoch=1, world=world))
+    assert not np.array_equal(np.concatenate(a), other[:len(rows)])  # another epoch: another order
+    assert not np.array_equal(rows, np.concatenate(epoch_batches(n, batch, seed=4, epoch=0, world=world)))
+
+
+def test_dropout_draws_depend_on_seed_epoch_and_step_only():
+    from finetune.recipe import _dropout_u
+
+    u = _dropout_u(0, 1, 2, 16, 3)
+    assert u.shape == (16, 3) and torch.equal(u, _dropout_u(0, 1, 2, 16, 3))
+    for other in (_dropout_u(1, 1, 2, 16, 3), _dropout_u(0, 2, 2, 16, 3), _dropout_u(0, 1, 3, 16, 3)):
+        assert not torch.allclose(u, other)
+    assert torch.equal(_dropout_u(0, 1, 2, 8, 3), u[:8])  # a row's draw does not depend on the batch after it
+
+
+def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    from finetune.baselines import gbdt_matrix
+    from finetune.recipe import Scores, _gbdt, setup
+
+    run = setup(_cfg(tiny, tmp_path / "run", "baselines.models=[gbdt]", "baselines.gbdt_max_iter=15"))
+    try:
+        scores = Scores()
+        _gbdt(run, scores)
+
+        def sklearn_fit(data):
+            x, cat = gbdt_matrix(data.ehr)
+            keep, ok = ~np.all(np.isnan(x), axis=0), ~np.isnan(data.y[:, 0])
+            return keep, HistGradientBoostingClassifier(
+                categorical_features=cat[keep], max_iter=15, learning_rate=run.cfg.baselines.gbdt_learning_rate,
+                max_leaf_nodes=15, l2_regularization=1.0, early_stopping=False, random_state=run.cfg.seed).fit(
+                x[ok][:, keep], data.y[ok, 0].astype(int))
+
+        def logits(fitted, data):
+            keep, model = fitted
+            p = np.clip(model.predict_proba(gbdt_matrix(data.ehr)[0][:, keep])[:, 1], 1e-7, 1 - 1e-7)
+            return np.log(p / (1 - p))
+
+        on_train, on_val = sklearn_fit(run.train), sklearn_fit(run.val)
+        assert scores.test["gbdt"] == pytest.approx(logits(on_train, run.test), abs=1e-6)
+        assert scores.val["gbdt"] == pytest.approx(logits(on_train, run.val), abs=1e-6)
+        assert np.abs(logits(on_val, run.test) - logits(on_train, run.test)).max() > 0.1
+    finally:
+        _close(run)

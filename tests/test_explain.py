@@ -377,3 +377,15 @@ def test_html_case_rows_show_each_neighbour():
     assert "<td>1</td><td><img class='small'" in page and "<td>0.900</td><td>12</td><td>8</td><td>Edema</td>" in page
     assert f"Neighbour vote <b>{expl.similar.vote:.3f}</b>" in page
     assert page.rstrip().endswith("</body></html>")
+
+
+def test_float32_nan_labs_and_outcomes_count_as_missing():
+    """Tables and indexes may hold float32: a float32 NaN is not a Python float, and must still read as missing."""
+    f32 = np.float32
+    assert ex.lab_details({"a": f32("nan"), "b": f32(1.0)}, {"a": f32(0.5), "b": f32(3.0)}) == (
+        "1 of 2 measured, latest 3.0 h before the film")
+    n = [{"study_id": 1, "subject_id": 2, "similarity": 0.8, "labels": [], "outcome": f32("nan")},
+         {"study_id": 3, "subject_id": 4, "similarity": 0.4, "labels": [], "outcome": f32(1.0)}]
+    sim = ex.similar_cases(n, subject_id=9)
+    assert sim.vote == 1.0 and sim.skipped["no_outcome"] == 1
+    assert "| unknown |" in "\n".join(ex._md_cases(sim))

@@ -160,6 +160,9 @@ def test_counts_add_up_over_features_and_unknowns_stay_zero():
     x = fz.transform(bad)
     assert x.counts["negative_hours"] == 3  # 2 creatinine + 1 lactate: summed over features
     assert x.counts["unknown_numeric"] == 1 and x.num[0, 0] == 0.0 and not x.num_known[0, 0]
+    text_age = fz.transform(bad.assign(age=["n/a", 30.0, np.inf, 50.0]))  # unparsable text, inf: counted
+    assert text_age.counts["nonfinite_numeric"] == 2 and text_age.counts["unknown_numeric"] == 0
+    assert text_age.num_known[:, 0].tolist() == [False, True, False, True]
     assert x.counts["unknown_category"] == 4 and x.counts["unseen_category"] == 1  # blank text is unknown
     assert x.cat[:3, CATEGORICAL.index("gender")].tolist() == [0, 0, 0]
     assert np.isfinite(x.num).all() and x.num.dtype == np.float32 and x.cat.dtype == np.int64

@@ -541,6 +541,19 @@ def test_early_fusion_ignores_absent_input():
     ref = early(batch)
     batch["text"][~batch["present"]["text"]] = float("nan")
     assert torch.equal(early(batch), ref)
+    # removing a modality at test time (override) equals a batch without it; an override keeps, never adds
+    no_text = {k: v for k, v in batch.items() if k != "text"}
+    masked = early(batch, present_override={"text": False})
+    assert torch.allclose(masked, early(no_text), atol=1e-6)
+    assert not torch.allclose(masked, ref)
+    assert torch.equal(early(batch, present_override={"text": True}), ref)
+
+
+def test_unimodal_baselines_train_without_modality_dropout():
+    enc = build_encoders(16, image_dim=10, text_dim=8)
+    for m in ("image", "text"):
+        uni = unimodal(m, enc, d_model=16, n_heads=2)
+        assert uni.modalities == (m,) and uni.dropout_rates.tolist() == [0.0]
 
 
 def test_gbdt_takes_nan_natively_and_learns():

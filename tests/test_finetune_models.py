@@ -179,6 +179,14 @@ def test_featurizer_round_trip_and_feature_list_refusal():
     assert back == fz
     fz.numeric = []  # what was fitted comes back, not the defaults
     assert EHRFeaturizer.from_dict(json.loads(json.dumps(fz.to_dict()))).numeric == []
+    old = {k: v for k, v in fz.to_dict().items() if k not in ("numeric", "n_fit_rows")}  # an older state file
+    assert EHRFeaturizer.from_dict(old).n_fit_rows == 0 and EHRFeaturizer.from_dict(old).numeric == ["age"]
+    with pytest.raises(RadalignError, match="no training rows"):
+        EHRFeaturizer.fit_on_train(_table().assign(split="validate"), FEATURES)
+    one = EHRFeaturizer.fit(_table().iloc[:1], FEATURES)  # a single training row is enough to fit
+    assert one.median["creatinine"] == 1.0 and one.n_fit_rows == 1
+    x = one.transform(_table())
+    assert x.values.dtype == x.hours.dtype == x.num.dtype == np.float32 and x.measured.dtype == bool
     back.check_features(FEATURES)
     with pytest.raises(RadalignError, match="missing lactate.*unexpected troponin"):
         back.check_features(["creatinine", "troponin"])
@@ -194,6 +202,7 @@ def test_label_columns_checked_and_policies():
     with pytest.raises(RadalignError, match=r"'in_hospital_mortality'.*available: Edema, los_days"):
         label_matrix(t, ["in_hospital_mortality"])
     y = label_matrix(t, ["Edema"])
+    assert y.dtype == np.float64 and text_present(["a"]).dtype == bool
     assert y[:2, 0].tolist() == [1.0, 0.0] and np.isnan(y[2:, 0]).all()
     assert label_matrix(t, ["Edema"], uncertain="positive")[2, 0] == 1.0
     assert label_matrix(t, ["Edema"], uncertain="negative")[:3, 0].tolist() == [1.0, 0.0, 0.0]

@@ -708,6 +708,9 @@ def test_subgroup_min_count_boundary_and_unlabelled_rows():
     assert rows["a"]["auroc"] == pytest.approx(roc_auc_score(y[:10], p[:10]))
     assert rows["a"]["ece"] == pytest.approx(_ece_by_hand(y[:10], p[:10], 10))
     assert not rows["b"]["scored"] and rows["b"]["reason"] == "fewer than 10 labelled rows"
+    assert set(rows["b"]) == set(rows["a"]) and rows["b"]["ci_high"] is None  # one schema, scored or not
+    with pytest.raises(RadalignError, match="subgroup frame has 44 rows for 45 predictions; align them by study"):
+        C.subgroup_table(pd.DataFrame({"g": g[:-1]}), y, p, np.arange(45), ["g"], n_boot=5)
     c = rows["c"]
     assert not c["scored"] and (c["n"], c["n_labelled"]) == (12, 9)
     assert c["n_positive"] == int(np.nansum(y[19:31])) and c["prevalence"] == pytest.approx(np.nanmean(y[19:31]))

@@ -389,3 +389,14 @@ def test_float32_nan_labs_and_outcomes_count_as_missing():
     sim = ex.similar_cases(n, subject_id=9)
     assert sim.vote == 1.0 and sim.skipped["no_outcome"] == 1
     assert "| unknown |" in "\n".join(ex._md_cases(sim))
+
+
+def test_indication_attention_and_outcomes_are_rendered():
+    expl = ex.explain(lambda s: float(len(s)), ["image", "ehr"], study_id=3, subject_id=7, used="image",
+                      attention={"image": 0.5, "ehr": 0.25}, indication="cough", neighbours=_neighbours())
+    assert expl.indication == "cough"
+    md, page = ex.to_markdown(expl), ex.to_html(expl)
+    assert "- indication: cough" in md and "<p>Indication: cough</p>" in page
+    assert "| image | +1.000 | 0.500 |" in md and "<td>ehr</td><td>+1.000</td>" in page
+    assert "<td>0.250</td></tr>" in page
+    assert "| 1 | 0.900 | 12 | 8 | Edema | 1 |" in md and "<td>Edema</td><td>1</td>" in page

@@ -660,3 +660,16 @@ def test_gbdt_logits_are_the_log_odds_of_its_probabilities_and_one_class_is_refu
     assert g.predict_logits(data)[:, 0] == pytest.approx(np.log(p / (1 - p)), rel=1e-6)
     with pytest.raises(RadalignError, match="one class in training"):
         GBDTBaseline("binary", max_iter=5).fit(data, np.ones((120, 1)))
+
+
+def test_average_late_fusion_without_fit_and_multiclass_gbdt_log_probabilities():
+    logits = {"image": np.array([[1.0], [3.0]]), "ehr": np.array([[3.0], [5.0]])}
+    present = {"image": np.array([True, True]), "ehr": np.array([True, False])}
+    assert LateFusion("average").combine(logits, present)[:, 0].tolist() == [2.0, 3.0]
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 2))
+    y = np.digitize(x[:, 0], [-0.5, 0.5]).astype(float)[:, None]  # classes 0, 1, 2
+    g = GBDTBaseline("multiclass", max_iter=10).fit((x, np.zeros(2, bool)), y)
+    p = g.predict_proba((x, None))
+    assert p.shape == (150, 3) and np.allclose(p.sum(1), 1)
+    assert g.predict_logits((x, None)) == pytest.approx(np.log(np.clip(p, 1e-7, 1 - 1e-7)))

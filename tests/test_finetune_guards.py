@@ -338,3 +338,18 @@ def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
         assert np.abs(logits(on_val, run.test) - logits(on_train, run.test)).max() > 0.1
     finally:
         _close(run)
+
+
+def test_gbdt_inputs_hide_absent_image_embeddings():
+    """A study without a film has a zero vector in the image slot: the trees must see NaN (missing), not zeros."""
+    from finetune.features import EHRFeatures
+    from finetune.recipe import _gbdt_inputs
+
+    z = np.zeros((3, 1), np.float32)
+    ehr = EHRFeatures(z, z, np.ones((3, 1), bool), z, np.ones((3, 1), bool), np.ones((3, 5), np.int64))
+    data = SimpleNamespace(ehr=ehr, image=np.array([[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]),
+                           present={"image": np.array([True, False, True])})
+    x, cat = _gbdt_inputs(data, with_image=True)
+    img = x[:, -2:]
+    assert img[0].tolist() == [1.0, 2.0] and np.isnan(img[1]).all() and img[2].tolist() == [3.0, 4.0]
+    assert x.shape[1] == _gbdt_inputs(data, with_image=False)[0].shape[1] + 2 and not cat[-2:].any()

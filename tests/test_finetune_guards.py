@@ -261,7 +261,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
     run_dir = tmp_path / "run"
     probe = {}
 
-    def probing_setup(cfg):
+    def probing_setup(cfg, **options):
         p = subprocess.run([sys.executable, "-c", TRY_LOCK, str(run_dir)], cwd=REPO, capture_output=True,
                            text=True, timeout=120)
         probe.update(rc=p.returncode, err=p.stderr, out=p.stdout)

@@ -120,7 +120,13 @@ def lab_details_from_row(row: Mapping, features: Sequence[str]) -> str:
 
 
 def _present(v) -> bool:
-    return v is not None and not (isinstance(v, float) and math.isnan(v))
+    """A value that exists: not None and not NaN (any float type: numpy float32 NaN is not a Python float)."""
+    if v is None:
+        return False
+    try:
+        return not math.isnan(float(v))
+    except (TypeError, ValueError):  # a non-numeric value (text) is present
+        return True
 
 
 def used_statement(present: Mapping[str, bool], details: Mapping[str, str] | None = None) -> str:
@@ -184,7 +190,7 @@ def similar_cases(neighbours: Iterable[Mapping], subject_id, k: int | None = Non
         cases.append(case)
     num = den = 0.0
     for c in cases:
-        if c["outcome"] is None or (isinstance(c["outcome"], float) and math.isnan(c["outcome"])):
+        if not _present(c["outcome"]):
             skipped["no_outcome"] += 1
             continue
         w = max(float(c["similarity"]), 0.0)

@@ -157,8 +157,9 @@ class EHRFeaturizer:
         num_known = np.zeros(num.shape, bool)
         for j, f in enumerate(self.numeric):
             raw = _numeric(table[f])
-            counts["unknown_numeric"] += int(pd.isna(table[f]).sum())
-            counts["nonfinite_numeric"] += int((np.isinf(raw)).sum())
+            null = pd.isna(table[f]).to_numpy()
+            counts["unknown_numeric"] += int(null.sum())
+            counts["nonfinite_numeric"] += int((~null & ~np.isfinite(raw)).sum())  # inf, or unparsable text
             ok = np.isfinite(raw)
             num[:, j] = np.where(ok, (np.where(ok, raw, 0.0) - self.median[f]) / self.iqr[f], 0.0)
             num_known[:, j] = ok

@@ -514,3 +514,247 @@ def test_evaluate_predictions_bad_input():
     groups = pd.DataFrame({"study_id": test["study_id"], "gender": "F"})
     with pytest.raises(RadalignError, match="'insurance'.*available columns: study_id, gender"):
         C.evaluate_predictions(test, val, groups=groups, subgroup_columns=["gender", "insurance"], n_boot=5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hand-worked tables: bin mass, reliability bins, thresholds applied with >=, the rules' chosen points.
+
+# 7 rows, 3 equal-mass bins of 3, 2 and 2 rows (np.array_split), given out of order with an unlabelled row.
+P7 = np.array([0.1, 0.2, 0.3, 0.35, 0.45, 0.8, 1.0])
+Y7 = np.array([0, 0, 1, 1, 1, 1, 0], float)
+BINS7 = [  # by hand: mean probability, observed rate, range
+    {"n": 3, "mean_prob": 0.2, "observed": 1 / 3, "prob_low": 0.1, "prob_high": 0.3},
+    {"n": 2, "mean_prob": 0.4, "observed": 1.0, "prob_low": 0.35, "prob_high": 0.45},
+    {"n": 2, "mean_prob": 0.9, "observed": 0.5, "prob_low": 0.8, "prob_high": 1.0},
+]
+
+
+def _shuffled_with_unlabelled():
+    order = np.array([4, 0, 6, 2, 5, 1, 3])
+    return np.r_[Y7[order], np.nan], np.r_[P7[order], 0.99]
+
+
+def test_reliability_bins_hand_worked():
+    y, p = _shuffled_with_unlabelled()
+    bins = C.calibration_bins(y, p, n_bins=3)
+    assert len(bins) == 3
+    for got, want in zip(bins, BINS7):
+        assert got == pytest.approx(want), (got, want)
+
+
+def test_ece_weights_each_bin_by_its_share_of_rows():
+    y, p = _shuffled_with_unlabelled()
+    # |1/3 - 0.2| = 2/15 over 3 rows, |1 - 0.4| = 0.6 over 2, |0.5 - 0.9| = 0.4 over 2: (0.4 + 1.2 + 0.8) / 7
+    assert C.expected_calibration_error(y, p, n_bins=3) == pytest.approx(2.4 / 7)
+    # unequal bins, a second table: 3 rows at 0.1 (observed 0) and 2 at 0.5 (observed 1): 0.6 * 0.1 + 0.4 * 0.5
+    assert C.expected_calibration_error([0, 0, 0, 1, 1], [0.1, 0.1, 0.1, 0.5, 0.5], n_bins=2) == pytest.approx(0.26)
+    assert C.expected_calibration_error([np.nan], [0.5]) is None
+
+
+def test_a_score_exactly_at_the_threshold_is_positive():
+    point = {"rule": "youden", "target": None, "threshold": 0.8, "chosen_on": "validation"}
+    y = np.array([1, 0, 1, 0, 1, np.nan])
+    s = np.array([0.8, 0.8, 0.9, 0.1, 0.5, 0.8])
+    t = C.apply_operating_point(point, y, s)["test"]
+    # predicted positive: rows 0, 1, 2 (score >= 0.8); the unlabelled row is left out
+    assert (t["tp"], t["fp"], t["fn"], t["tn"], t["n"]) == (2, 1, 1, 1, 5)
+    assert t["sensitivity"] == pytest.approx(2 / 3) and t["specificity"] == pytest.approx(0.5)
+    assert t["precision"] == pytest.approx(2 / 3) and t["npv"] == pytest.approx(0.5)
+    assert t["f1"] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1)) and t["accuracy"] == pytest.approx(3 / 5)
+
+
+# Validation by hand: negatives 0.1 0.2 0.3 0.6, positives 0.4 0.7 0.8 0.9. At threshold t (score >= t):
+#   t:     0.9   0.8   0.7   0.6   0.4   0.3   0.2   0.1
+#   sens:  1/4   2/4   3/4   3/4   1     1     1     1
+#   spec:  1     1     1     3/4   3/4   2/4   1/4   0
+YV = np.array([0, 0, 0, 0, 1, 1, 1, 1], float)
+SV = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.9])
+
+
+@pytest.mark.parametrize("rule,target,threshold", [
+    ("youden", None, 0.7),  # J = 0.75 at 0.7 and at 0.4: the higher threshold (the first on the curve)
+    ("sensitivity", 0.9, 0.4),  # the highest threshold with sensitivity >= 0.9
+    ("sensitivity", 0.5, 0.8),
+    ("sensitivity", 1.0, 0.4),
+    ("specificity", 0.75, 0.4),  # the lowest threshold with specificity >= 0.75
+    ("specificity", 1.0, 0.7),
+    ("specificity", 0.5, 0.3),
+])
+def test_operating_point_rules_hand_worked(rule, target, threshold):
+    op = C.choose_operating_point(YV, SV, rule, target)
+    assert op["threshold"] == pytest.approx(threshold) and op["chosen_on"] == "validation"
+    assert op["n_validation"] == 8 and op["n_validation_positive"] == 4
+    on_val = C.apply_operating_point(op, YV, SV)["test"]  # the threshold reproduces its row of the table
+    if rule == "sensitivity":
+        assert on_val["sensitivity"] >= target
+    if rule == "specificity":
+        assert on_val["specificity"] >= target
+
+
+def test_operating_point_edge_cases():
+    with pytest.raises(RadalignError, match="needs a target"):
+        C.choose_operating_point(YV, SV, "specificity", 0.0)
+    with pytest.raises(RadalignError, match="needs a target"):
+        C.choose_operating_point(YV, SV, "sensitivity", 1.5)
+    # inverted validation scores: no threshold beats "predict nothing", which must stay finite (JSON)
+    op = C.choose_operating_point([1, 1, 0, 0], [0.1, 0.2, 0.3, 0.4])
+    assert 0.4 < op["threshold"] < 0.4 + 1e-12
+    t = C.apply_operating_point(op, np.array([0, 1, 1.0]), np.array([0.4, 0.4, 0.1]))["test"]
+    assert t["tp"] == t["fp"] == 0 and t["tn"] == 1 and t["fn"] == 2
+    one = C.apply_operating_point(C.choose_operating_point([1, 1, 1], [0.2, 0.5, 0.9]), YV, SV)
+    assert one["threshold"] is None and one["test"] is None and "one class" in one["note"]
+    res = C.evaluate_binary(YV, SV, np.arange(8), val=(YV, SV), n_boot=5, threshold_rule="specificity",
+                            threshold_target=1.0)
+    assert res["operating_point"]["threshold"] == pytest.approx(0.7)
+    assert (res["operating_point"]["test"]["tp"], res["operating_point"]["test"]["fp"]) == (3, 0)
+
+
+def test_roc_summaries_at_other_targets_hand_worked():
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1], float)
+    s = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 9, 11], float)
+    ones = np.ones((1, 12))
+    # specificity >= 0.95 allows no negative above the threshold: threshold 11, one positive of two
+    assert C.sensitivity_at_specificity(y, s, ones, target=0.95)[0] == pytest.approx(0.5)
+    # sensitivity >= 0.5: threshold 11 already, no negative above it
+    assert C.specificity_at_sensitivity(y, s, ones, target=0.5)[0] == pytest.approx(1.0)
+    # weights: the negative at 10 counted 3 times -> 12 negatives; 90% specificity allows 1 above: threshold 11
+    w = np.ones((1, 12))
+    w[0, 9] = 3
+    assert C.sensitivity_at_specificity(y, s, w)[0] == pytest.approx(0.5)
+
+
+def test_counts_and_prevalence_leave_unknown_labels_out():
+    y = np.array([1, 0, np.nan, 1, 0, 0, np.nan, 1])
+    s = np.arange(8.0)
+    res = C.evaluate_binary(y, s, [0, 0, 1, 1, 2, 3, 3, 4], n_boot=5)
+    assert (res["n_rows"], res["n_rows_unlabelled"], res["n_positive"], res["n_patients"]) == (8, 2, 3, 5)
+    assert res["prevalence"] == pytest.approx(3 / 6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Temperature: the gradient, the bounds, and which curves the report computes with it.
+
+
+def test_temperature_gradient_matches_finite_differences():
+    rng = np.random.default_rng(4)
+    z = rng.normal(scale=3, size=50)
+    y = (rng.random(50) < 0.4).astype(float)
+    for u in (-1.0, 0.0, 0.7):
+        _, g = C._nll_and_grad(np.array([u]), y, z)
+        h = 1e-6
+        up, _ = C._nll_and_grad(np.array([u + h]), y, z)
+        down, _ = C._nll_and_grad(np.array([u - h]), y, z)
+        assert g[0] == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
+        t = np.exp(u)
+        assert C._nll_and_grad(np.array([u]), y, z)[0] == pytest.approx(np.mean(np.logaddexp(0, z / t) - y * z / t))
+
+
+def test_temperature_stays_inside_its_bounds():
+    y = np.array([0, 0, 1, 1], float)
+    z = np.array([-0.1, -0.05, 0.05, 0.1])  # separable, far too timid: the best T is as small as allowed
+    assert C.fit_temperature(y, z, bounds=(0.5, 20.0)) == pytest.approx(0.5)
+    assert C.fit_temperature(1 - y, z, bounds=(0.05, 4.0)) == pytest.approx(4.0)  # inverted: as flat as allowed
+
+
+def _ece_by_hand(y, p, bins):
+    order = np.argsort(p, kind="mergesort")
+    parts = np.array_split(order, bins)
+    return sum(len(i) / len(p) * abs(y[i].mean() - p[i].mean()) for i in parts)
+
+
+def test_calibration_report_curves_use_the_validation_temperature():
+    yv, zv = overconfident(2000, seed=5)
+    y, z = overconfident(1000, seed=6)
+    cal = C.calibration_report(y, z, yv, zv, n_bins=8)
+    t = cal["temperature"]
+    sig = lambda v: 1 / (1 + np.exp(-v))  # noqa: E731
+    assert cal["ece_before"] == pytest.approx(_ece_by_hand(y, sig(z), 8))
+    assert cal["ece_after"] == pytest.approx(_ece_by_hand(y, sig(z / t), 8))
+    assert cal["validation_ece_before"] == pytest.approx(_ece_by_hand(yv, sig(zv), 8))
+    assert cal["validation_ece_after"] == pytest.approx(_ece_by_hand(yv, sig(zv / t), 8))
+    assert cal["brier_after"] == pytest.approx(brier_score_loss(y, sig(z / t)))
+    after = cal["reliability_after"]
+    assert [b["mean_prob"] for b in after] == pytest.approx(
+        [sig(z / t)[i].mean() for i in np.array_split(np.argsort(z, kind="mergesort"), 8)])
+    assert [b["observed"] for b in cal["reliability_before"]] == pytest.approx(
+        [y[i].mean() for i in np.array_split(np.argsort(z, kind="mergesort"), 8)])
+
+
+def test_evaluation_uses_the_logit_columns_when_present():
+    test, val = predictions(60, seed=7), predictions(60, seed=8)
+    for df in (test, val):
+        df["logit:fusion"] = 0.5 * C.to_logit(df["score:fusion"])  # another calibration than the scores'
+    res = C.evaluate_predictions(test, val, n_boot=5)
+    assert res["calibration"]["temperature"] == pytest.approx(
+        C.fit_temperature(val["label"], val["logit:fusion"]), rel=1e-6)
+    p = 1 / (1 + np.exp(-test["logit:fusion"].to_numpy()))
+    assert res["calibration"]["brier_before"] == pytest.approx(brier_score_loss(test["label"], p))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Subgroups: the min_count boundary, unknown labels, probabilities at 0 and 1.
+
+
+def test_subgroup_min_count_boundary_and_unlabelled_rows():
+    rng = np.random.default_rng(6)
+    g = np.array(["a"] * 10 + ["b"] * 9 + ["c"] * 12 + ["d"] * 14)
+    y = np.tile([0.0, 1.0], 23)[:45]
+    y[19:22] = np.nan  # three of c's rows unlabelled: 9 labelled
+    p = rng.random(45)
+    p[0], p[1] = 0.0, 1.0  # probabilities at the ends of [0, 1] are valid
+    res = C.subgroup_table(pd.DataFrame({"g": g}), y, p, np.arange(45), ["g"], n_boot=20, min_count=10)
+    rows = res["columns"]["g"]["groups"]
+    assert rows["a"]["scored"] and rows["a"]["n_labelled"] == 10  # exactly min_count: scored
+    assert rows["a"]["auroc"] == pytest.approx(roc_auc_score(y[:10], p[:10]))
+    assert rows["a"]["ece"] == pytest.approx(_ece_by_hand(y[:10], p[:10], 10))
+    assert not rows["b"]["scored"] and rows["b"]["reason"] == "fewer than 10 labelled rows"
+    assert set(rows["b"]) == set(rows["a"]) and rows["b"]["ci_high"] is None  # one schema, scored or not
+    with pytest.raises(RadalignError, match="subgroup frame has 44 rows for 45 predictions; align them by study"):
+        C.subgroup_table(pd.DataFrame({"g": g[:-1]}), y, p, np.arange(45), ["g"], n_boot=5)
+    c = rows["c"]
+    assert not c["scored"] and (c["n"], c["n_labelled"]) == (12, 9)
+    assert c["n_positive"] == int(np.nansum(y[19:31])) and c["prevalence"] == pytest.approx(np.nanmean(y[19:31]))
+    gap = res["columns"]["g"]["largest_gap"]
+    hi, lo = (("a", "d") if rows["a"]["auroc"] > rows["d"]["auroc"] else ("d", "a"))
+    assert (gap["highest"], gap["lowest"]) == (hi, lo)
+    ct = C.cross_table(pd.DataFrame({"g": g, "h": "x"}), y, p, "g", "h", min_count=10)
+    assert ct["cells"]["a"]["x"]["scored"] and not ct["cells"]["b"]["x"]["scored"]
+
+
+def test_one_seed_has_no_spread_and_evaluation_passes_degradation_through():
+    y, _, pid = cohort(seed=8)
+    models = degradation_models(y, np.random.default_rng(2))
+    deg = C.degradation_table(y, pid, models, seeds={m: [v] for m, v in models.items()}, n_boot=5)
+    for r in deg["rows"]:
+        for m in models:
+            assert r[m]["over_seeds"]["sd"] == 0.0 and r[m]["over_seeds"].get("drop_sd", 0.0) == 0.0
+    test = pd.DataFrame({"subject_id": pid, "study_id": np.arange(y.size), "label": y,
+                         "score:fusion": C.sigmoid(models["with_dropout"]["all"])})
+    val = predictions(60, seed=9)
+    res = C.evaluate_predictions(test, val.rename(columns={"score:image_only": "x"}), degradation=models,
+                                 degradation_seeds={m: [v, v] for m, v in models.items()}, n_boot=5)
+    rows = res["degradation"]["rows"]
+    assert rows[1]["without_dropout"]["value"] == pytest.approx(roc_auc_score(y, models["without_dropout"]["image"]))
+    assert res["degradation"]["n_seeds"] == 2
+
+
+def test_report_prints_the_numbers_of_each_section():
+    y, s, pid = cohort(seed=10)
+    base = s + np.random.default_rng(0).normal(scale=2, size=s.size)
+    binary = C.evaluate_binary(y, s, pid, baselines={"ehr_only": base}, n_boot=30)
+    d = binary["paired_differences"]["ehr_only"]["auroc"]
+    runs = [degradation_models(y, np.random.default_rng(k)) for k in range(2)]
+    deg = C.degradation_table(y, pid, runs[0], seeds={m: [r[m] for r in runs] for m in runs[0]}, n_boot=30)
+    frame = pd.DataFrame({"g": np.where(np.arange(y.size) < 5, "tiny", "big")})
+    sub = C.subgroup_table(frame, y, C.sigmoid(s), pid, ["g"], n_boot=10, min_count=10)
+    cal = C.calibration_report(y, s, y, s)
+    text = C.format_report(binary=binary, calibration=cal, subgroups=sub, degradation=deg)
+    assert (f"| ehr\\_only | auroc | {d['delta']:.3f} ({d['ci_low']:.3f} to {d['ci_high']:.3f}) | "
+            f"{d['p_value']:.3f} |") in text
+    assert "| tiny | 5 |" in text and "not scored: fewer than 10 labelled rows |" in text
+    assert f"| ECE (validation) | {cal['validation_ece_before']:.3f} | {cal['validation_ece_after']:.3f} |" in text
+    img = deg["rows"][1]["with_dropout"]["over_seeds"]
+    assert f"{img['drop_mean']:+.3f} ({img['drop_sd']:.3f})" in text
+    assert "No validation data given" in text
+    op = C.apply_operating_point(C.choose_operating_point([1, 1], [0.2, 0.3]), y, s)
+    assert "validation has one class only: no threshold" in "\n".join(C._md_operating(op))

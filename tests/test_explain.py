@@ -313,3 +313,90 @@ def test_no_index_and_bad_format():
     assert json.loads(ex.to_json(expl))["similar_cases"] == []
     with pytest.raises(RadalignError, match="json, markdown, html"):
         ex.render(expl, "pdf")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Edge cases a real prediction meets: large logits, tensors with a graph, no signal, unknown names.
+
+
+@pytest.mark.parametrize("logit", [-800.0, -2.0, 0.0, 1.5, 800.0])
+def test_probability_is_the_sigmoid_of_the_full_logit(logit):
+    expl = ex.explain(lambda kept: logit if kept else 0.0, ["image"], study_id=1, used="image")
+    ref = 0.5 * (1 + math.tanh(logit / 2))  # the logistic function written another way (no overflow)
+    assert expl.probability == pytest.approx(ref, abs=1e-12)
+    assert json.loads(ex.to_json(expl))["output"]["probability"] == pytest.approx(ref, abs=1e-12)
+    assert f"- probability: {ref:.3f} (logit {logit:+.3f}; with every modality masked +0.000)" in ex.to_markdown(expl)
+
+
+def test_values_from_tensors_with_a_graph_and_numpy_ids():
+    w = torch.tensor([1.0, -2.0, 0.5], requires_grad=True)
+    names = ["image", "ehr", "text"]
+
+    def f(kept):  # a torch scalar that requires grad, as a model output would
+        return (w * torch.tensor([float(n in kept) for n in names])).sum()
+
+    expl = ex.explain(f, names, study_id=np.int64(42), subject_id=np.int64(7), used="all")
+    assert expl.shapley == pytest.approx({"image": 1.0, "ehr": -2.0, "text": 0.5})  # additive game: the weights
+    d = json.loads(ex.to_json(expl))  # numpy ids are written (as text), not refused
+    assert str(d["study_id"]) == "42" and d["task"] == ""
+
+
+def test_a_model_with_no_signal_renders_and_a_vote_without_weight_is_none():
+    expl = ex.explain(lambda kept: 0.25, ["image", "ehr"], study_id=1, used="image and labs",
+                      neighbours=[{"study_id": 5, "subject_id": 9, "similarity": -0.1, "labels": [], "outcome": 1},
+                                  {"study_id": 6, "subject_id": 8, "similarity": 0.0, "labels": [], "outcome": 0}])
+    assert expl.shapley == {"image": 0.0, "ehr": 0.0}
+    page = ex.to_html(expl)  # every bar 0 px wide, no division by a zero scale
+    assert page.count("style='width:0px'") == 2
+    assert expl.similar.vote is None  # weights clipped at 0 sum to 0: no vote, not a division by zero
+    assert "Neighbour vote <b>n/a</b>" in page and "neighbour vote of 2 similar cases: n/a" in ex.to_markdown(expl)
+
+
+def test_bars_scale_to_the_largest_value():
+    v = {frozenset(): 0.0, frozenset("a"): 1.0, frozenset("b"): -0.5, frozenset("ab"): 0.5}
+    expl = ex.Explanation(study_id=1, full=0.5, empty=0.0, shapley=ex.shapley_values(v, ["a", "b"]), used="")
+    page = ex.to_html(expl)
+    assert "<span class='pos' style='width:120px'>" in page and "<span class='neg' style='width:60px'>" in page
+
+
+def test_used_statement_names_unknown_modalities_as_given():
+    assert ex.used_statement({"xray": True, "notes": False}) == "xray; no notes"
+    assert ex.used_statement({"image": True, "text": True}) == "image and indication"  # nothing absent: no "no"
+
+
+def test_html_case_rows_show_each_neighbour():
+    neighbours = [dict(n) for n in _neighbours()]
+    neighbours[1]["thumbnail"] = "data:image/png;base64,AAAA"
+    expl = ex.explain(lambda s: float(len(s)), ["image"], study_id=3, subject_id=7, used="image",
+                      neighbours=neighbours, k=3)
+    page = ex.to_html(expl)
+    p = _Tags()
+    p.feed(page)
+    imgs = [a for t, a in p.tags if t == "img"]
+    assert imgs == [{"class": "small", "src": "data:image/png;base64,AAAA", "alt": "film"}]
+    assert "<td>1</td><td><img class='small'" in page and "<td>0.900</td><td>12</td><td>8</td><td>Edema</td>" in page
+    assert f"Neighbour vote <b>{expl.similar.vote:.3f}</b>" in page
+    assert page.rstrip().endswith("</body></html>")
+
+
+def test_float32_nan_labs_and_outcomes_count_as_missing():
+    """Tables and indexes may hold float32: a float32 NaN is not a Python float, and must still read as missing."""
+    f32 = np.float32
+    assert ex.lab_details({"a": f32("nan"), "b": f32(1.0)}, {"a": f32(0.5), "b": f32(3.0)}) == (
+        "1 of 2 measured, latest 3.0 h before the film")
+    n = [{"study_id": 1, "subject_id": 2, "similarity": 0.8, "labels": [], "outcome": f32("nan")},
+         {"study_id": 3, "subject_id": 4, "similarity": 0.4, "labels": [], "outcome": f32(1.0)}]
+    sim = ex.similar_cases(n, subject_id=9)
+    assert sim.vote == 1.0 and sim.skipped["no_outcome"] == 1
+    assert "| unknown |" in "\n".join(ex._md_cases(sim))
+
+
+def test_indication_attention_and_outcomes_are_rendered():
+    expl = ex.explain(lambda s: float(len(s)), ["image", "ehr"], study_id=3, subject_id=7, used="image",
+                      attention={"image": 0.5, "ehr": 0.25}, indication="cough", neighbours=_neighbours())
+    assert expl.indication == "cough"
+    md, page = ex.to_markdown(expl), ex.to_html(expl)
+    assert "- indication: cough" in md and "<p>Indication: cough</p>" in page
+    assert "| image | +1.000 | 0.500 |" in md and "<td>ehr</td><td>+1.000</td>" in page
+    assert "<td>0.250</td></tr>" in page
+    assert "| 1 | 0.900 | 12 | 8 | Edema | 1 |" in md and "<td>Edema</td><td>1</td>" in page

@@ -45,7 +45,8 @@ def test_draw_is_by_patient_seeded_and_order_free():
     perm = np.random.default_rng(9).permutation(len(y))  # the table's row order does not matter
     d2 = draw_k_per_class(y[perm], pats[perm], ids[perm], 4, seed=3, exclude_patients=["p0", "p1"])
     assert d2.ids == d.ids
-    assert draw_k_per_class(y, pats, ids, 4, seed=4).sha256 != d.sha256
+    # another seed, the same pool and exclusions (one variable changed): another draw
+    assert draw_k_per_class(y, pats, ids, 4, seed=4, exclude_patients=["p0", "p1"]).sha256 != d.sha256
     with pytest.raises(RadalignError, match="also in test"):
         check_disjoint(d, validate=["p99"], test=[d.patients[0]])
 
@@ -64,6 +65,9 @@ def test_class_with_too_few_patients_is_named(tmp_path):
     doc["ids"] = doc["ids"][:-1]
     (tmp_path / "d.json").write_text(json.dumps(doc))
     with pytest.raises(RadalignError, match="sha256"):
+        read_draw(tmp_path / "d.json")
+    (tmp_path / "d.json").write_text(json.dumps({**doc, "format": "something/9"}))
+    with pytest.raises(RadalignError, match=r"not a few-shot draw \(format 'something/9'"):
         read_draw(tmp_path / "d.json")
 
 
@@ -108,3 +112,255 @@ def test_summary_and_sweep(tmp_path):
     write_sweep(tmp_path, res)
     assert (tmp_path / "learning_curve-prompt_init.png").read_bytes()[:4] == b"\x89PNG"
     assert len(list((tmp_path / "draws").glob("*.json"))) == 15
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Draws: one variable changed at a time, expectations counted by hand over the pool.
+
+
+def _both_classes_pool(n_pat=12):
+    """Every patient has studies of BOTH classes (1-3 of each), ids not in patient order."""
+    rng = np.random.default_rng(5)
+    pats, ids, y = [], [], []
+    for p in range(n_pat):
+        for c in (0.0, 1.0):
+            for s in range(rng.integers(1, 4)):
+                pats.append(f"q{p}")
+                ids.append(f"{(p * 7919 + int(c) * 31 + s) % 1000:03d}-{p}-{int(c)}-{s}")
+                y.append(c)
+    return np.array(y), np.array(pats), np.array(ids)
+
+
+def _check_draw(d, y, pats, k):
+    """k distinct patients per class (k counts patients), one row each, the row's label is its class."""
+    assert len(d.patients) == len(set(d.patients)) == 2 * k  # a patient enters a draw once
+    per_class = {}
+    for r, p in zip(d.rows, d.patients):
+        assert pats[r] == p and not np.isnan(y[r])
+        per_class.setdefault(y[r], set()).add(p)
+    assert {c: len(v) for c, v in per_class.items()} == {0.0: k, 1.0: k}
+    assert d.classes == {"0": k, "1": k}
+
+
+def test_a_patient_with_both_classes_is_drawn_for_one_only():
+    y, pats, ids = _both_classes_pool(12)
+    for seed in range(20):
+        _check_draw(draw_k_per_class(y, pats, ids, 6, seed=seed), y, pats, 6)  # needs all 12 patients
+    # k=7: the first class takes 7 of the 12 patients, 5 remain for the other; the error says why
+    with pytest.raises(RadalignError, match=r"class 1 has 5 patient\(s\).*7 more already drawn for another class"):
+        draw_k_per_class(y, pats, ids, 7, seed=0)
+
+
+def test_the_seed_decides_the_draw_with_everything_else_fixed():
+    y, pats, ids = _pool(n_pat=40)
+    ex = ["p0", "p1", "p2"]
+    draws = {s: draw_k_per_class(y, pats, ids, 3, seed=s, exclude_patients=ex) for s in range(10)}
+    assert all(d.seed == s for s, d in draws.items())
+    assert len({d.sha256 for d in draws.values()}) >= 9  # C(~18, 3)^2 draws: ten seeds almost never repeat
+    again = draw_k_per_class(y, pats, ids, 3, seed=7, exclude_patients=ex)
+    assert again.ids == draws[7].ids and again.rows == draws[7].rows
+
+
+def test_every_eligible_patient_and_example_can_be_drawn():
+    """Over many seeds, k=1 draws each eligible patient about equally often (not always the first ones), and
+    a patient with several studies of the class gives each of them (not always its first)."""
+    pats = np.array([f"p{i}" for i in range(8)] + ["p0", "p0"])
+    ids = np.array([f"s{i:02d}" for i in range(10)])
+    y = np.array([1, 1, 1, 1, 0, 0, 0, 0, 1, 1], float)  # class 1: p0 (3 studies), p1, p2, p3
+    n = 400
+    first = {}
+    chosen_p0 = set()
+    for seed in range(n):
+        d = draw_k_per_class(y, pats, ids, 1, seed=seed)
+        for r, p in zip(d.rows, d.patients):
+            if y[r] == 1:
+                first[p] = first.get(p, 0) + 1
+                if p == "p0":
+                    chosen_p0.add(ids[r])
+    assert sorted(first) == ["p0", "p1", "p2", "p3"]
+    for p, c in first.items():  # binomial(400, 1/4): mean 100, sd 8.7
+        assert 60 < c < 140, (p, c)
+    assert chosen_p0 == {"s00", "s08", "s09"}
+
+
+def test_excluded_patients_are_never_drawn_whatever_k():
+    y, pats, ids = _pool(n_pat=30)
+    pats_int = np.array([int(p[1:]) for p in pats])  # integer subject ids, excluded as integers
+    ex = [0, 1, 2, 3, 4, 5]
+    keep = ~np.isin(pats_int, ex) & ~np.isnan(y)
+    d = draw_k_per_class(y, pats_int, ids, "all", seed=0, exclude_patients=ex)
+    assert sorted(d.ids) == sorted(ids[keep]) and len(d.ids) == int(keep.sum())  # by hand over the pool
+    assert d.classes == {"0": int((y[keep] == 0).sum()), "1": int((y[keep] == 1).sum())}
+    for k in (1, 2, 4):
+        for seed in range(5):
+            got = draw_k_per_class(y, pats_int, ids, k, seed=seed, exclude_patients=ex)
+            assert not {str(p) for p in ex} & set(got.patients)
+    with pytest.raises(RadalignError, match="also in validate"):
+        check_disjoint(d, validate=[str(pats_int[keep][0])], test=["nobody"])
+    check_disjoint(d, validate=["0"], test=[1, 2])  # excluded ones: no overlap, no error
+
+
+@pytest.mark.parametrize("k", [0, -1, "3", 2.5, None])
+def test_bad_k_is_refused(k):
+    y, pats, ids = _pool()
+    with pytest.raises(RadalignError, match="few-shot k"):
+        draw_k_per_class(y, pats, ids, k, seed=0)
+
+
+def test_bad_pool_is_refused():
+    y, pats, ids = _pool()
+    with pytest.raises(RadalignError, match="must match"):
+        draw_k_per_class(y[:-1], pats, ids, 1, seed=0)
+    dup = ids.copy()
+    dup[1] = dup[0]
+    with pytest.raises(RadalignError, match="not unique"):
+        draw_k_per_class(y, pats, dup, 1, seed=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The sweep: each (k, seed) draws with its own seed and the exclusions, fits on the draw, scores eval rows.
+
+
+def test_sweep_draws_with_each_seed_and_scores_eval_rows_by_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    y, pats, ids = _pool(n_pat=40, seed=2)
+    ex = ["p3", "p4"]
+    rng = np.random.default_rng(0)
+    eval_y = rng.integers(0, 2, 60).astype(float)
+    eval_y[:5] = np.nan  # unlabelled evaluation rows are left out of the AUROC
+    calls = []
+
+    def method(rows, yy, seed):
+        calls.append((np.asarray(rows).copy(), np.asarray(yy).copy(), seed))
+        return eval_y * 0.5 + np.random.default_rng(100 + seed + len(rows)).normal(size=60)  # seed-dependent
+
+    res = run_sweep(method, y, pats, ids, eval_y=eval_y, ks=(1, 3), seeds=range(5), exclude_patients=ex)
+    assert [(r["k"], r["seed"]) for r in res.per_draw] == [(k, s) for k in (1, 3) for s in range(5)]
+    ok = ~np.isnan(eval_y)
+    for (rows, yy, seed), r in zip(calls, res.per_draw):
+        ref = draw_k_per_class(y, pats, ids, r["k"], seed=r["seed"], exclude_patients=ex)
+        assert seed == r["seed"] and list(rows) == ref.rows and r["sha256"] == ref.sha256
+        assert np.array_equal(yy, y[rows]) and r["n"] == 2 * r["k"]
+        assert not set(ex) & set(pats[rows])
+        s = method(rows, yy, seed)
+        assert r["auroc"] == pytest.approx(roc_auc_score(eval_y[ok], s[ok]))
+    for k in (1, 3):
+        au = [r["auroc"] for r in res.per_draw if r["k"] == k]
+        assert res.summary[str(k)]["mean"] == pytest.approx(np.mean(au))
+        assert res.summary[str(k)]["sd"] == pytest.approx(np.std(au, ddof=1))
+        assert res.summary[str(k)]["n_draws"] == 5
+
+
+def test_summary_counts_unscored_draws_and_clips_at_both_ends():
+    s = summarise([0.6, None, float("nan"), 0.7])
+    assert s["n_draws"] == 2 and s["n_unscored"] == 2 and s["mean"] == pytest.approx(0.65)
+    assert s["sd"] == pytest.approx(np.std([0.6, 0.7], ddof=1))
+    one = summarise([0.8])
+    assert one["sd"] == 0.0 and one["ci_low"] == one["ci_high"] == pytest.approx(0.8)
+    low = summarise([0.01, 0.3, 0.02, 0.03, 0.01])  # t-interval reaches below 0: clipped
+    assert low["ci_low"] == 0.0 and low["ci_high"] < 1.0 and low["min"] == 0.01 and low["max"] == 0.3
+    assert summarise([None, None])["mean"] is None and summarise([])["n_draws"] == 0
+    keys = {"n_draws", "n_unscored", "unit", "mean", "sd", "min", "max", "ci_low", "ci_high"}
+    for r in (s, one, summarise([None])):
+        assert set(r) == keys and r["unit"] == "draw"
+
+
+def test_sweep_files_name_method_k_and_seed(tmp_path):
+    y, pats, ids = _pool(n_pat=30)
+    eval_y = np.tile([0.0, 1.0], 20)
+    res = run_sweep(lambda rows, yy, seed: eval_y + seed, y, pats, ids, eval_y=eval_y, ks=(1, "all"),
+                    seeds=range(5), method_name="probe")
+    doc = write_sweep(tmp_path, res)
+    assert json.loads((tmp_path / "fewshot-probe.json").read_text()) == json.loads(json.dumps(doc))
+    assert doc["summary"]["1"]["mean"] == 1.0 and doc["ks"] == [1, "all"]
+    assert doc["method"] == "probe" and doc["seeds"] == list(range(5)) and doc["per_draw"] == res.per_draw
+    assert doc["metric"] == "auroc on the evaluation split" and doc["validation"].startswith("none")
+    for k in (1, "all"):
+        for seed in range(5):
+            d = read_draw(tmp_path / "draws" / f"probe-k{k}-seed{seed}.json")
+            assert d.k == k and d.seed == seed
+            assert d.ids == draw_k_per_class(y, pats, ids, k, seed=seed).ids
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Methods against independent fits.
+
+
+def test_prompt_init_hand_worked():
+    w0, b0 = prompt_init(np.array([3.0, 4.0]), np.array([0.0, 2.0]), 10.0)
+    # t+ / |t+| = (0.6, 0.8), t- / |t-| = (0, 1): w0 = 10 (0.6, -0.2)
+    assert w0 == pytest.approx([6.0, -2.0]) and b0 == 0.0
+
+
+def _anchored_reference(x, y, w0, b0, l2):
+    """The documented objective minimised by scipy BFGS (numpy gradient): mean BCE + l2/2 |(w, b) - (w0, b0)|^2."""
+    from scipy.optimize import minimize
+
+    def f(theta):
+        w, b = theta[:-1], theta[-1]
+        z = x @ w + b
+        p = 1 / (1 + np.exp(-z))
+        loss = np.mean(np.logaddexp(0, z) - y * z) + 0.5 * l2 * (np.sum((w - w0) ** 2) + (b - b0) ** 2)
+        g = np.r_[x.T @ (p - y) / len(y) + l2 * (w - w0), np.mean(p - y) + l2 * (b - b0)]
+        return loss, g
+
+    r = minimize(f, np.r_[w0, b0], jac=True, method="BFGS", options={"gtol": 1e-10})
+    return r.x[:-1], r.x[-1]
+
+
+@pytest.mark.parametrize("l2,b0", [(1.0, 0.0), (0.05, 0.3)])
+def test_anchored_logistic_matches_scipy(l2, b0):
+    from finetune.fewshot import fit_anchored_logistic
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(12, 4))
+    y = np.array([0, 1] * 6, float)
+    w0 = rng.normal(size=4)
+    w, b = fit_anchored_logistic(x, y, w0, b0, l2=l2)
+    rw, rb = _anchored_reference(x, y, w0, b0, l2)
+    assert w == pytest.approx(rw, abs=1e-5) and b == pytest.approx(rb, abs=1e-5)
+    s = prompt_init_method(x, x[:3], w0, b0, l2=l2)(np.arange(12), y, 0)
+    assert s == pytest.approx(x[:3] @ rw + rb, abs=1e-4)
+
+
+def test_linear_probe_is_sklearn_logistic_regression_with_its_C():
+    from sklearn.linear_model import LogisticRegression
+
+    from finetune.fewshot import linear_probe_method
+
+    rng = np.random.default_rng(2)
+    x, xe = rng.normal(size=(20, 5)), rng.normal(size=(7, 5))
+    y = np.array([0, 1] * 10, float)
+    rows = np.arange(3, 17)
+    got = linear_probe_method(x, xe, C=0.05)(rows, y[rows], 3)
+    ref = LogisticRegression(C=0.05, max_iter=5000, tol=1e-10).fit(x[rows], y[rows].astype(int))
+    assert got == pytest.approx(ref.decision_function(xe), abs=1e-4)
+
+
+def test_model_method_trains_with_its_steps_rate_and_seed():
+    from finetune.fewshot import model_method
+    from finetune.fit import fit_model, predict_logits, take_rows
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 1)
+
+        def forward(self, batch):
+            return self.lin(batch["x"])
+
+    def make(seed):
+        torch.manual_seed(seed)
+        return Head()
+
+    g = torch.Generator().manual_seed(0)
+    pool, ev = {"x": torch.randn(10, 3, generator=g)}, {"x": torch.randn(4, 3, generator=g)}
+    rows, y = np.array([1, 4, 6, 8]), np.array([0.0, 1.0, 1.0, 0.0])
+    got = model_method(make, pool, ev, steps=7, lr=0.05, weight_decay=0.1)(rows, y, 2)
+    ref = make(2)
+    fit_model(ref, take_rows(pool, torch.as_tensor(rows)), torch.tensor(y, dtype=torch.float32)[:, None],
+              task="binary", steps=7, lr=0.05, weight_decay=0.1, seed=2)
+    assert np.array_equal(got, predict_logits(ref, ev)[:, 0])
+    untrained = predict_logits(make(2), ev)[:, 0]
+    assert not np.allclose(got, untrained)

@@ -108,18 +108,53 @@ def test_eval_writes_metrics_report_and_plots_with_the_run_numbers(run, evaluati
     assert auroc["value"] == pytest.approx(roc_auc_score(lab["label"], lab["score:fusion"]), abs=1e-9)
     assert auroc["ci_low"] <= auroc["value"] <= auroc["ci_high"]
     assert set(m["discrimination"]["paired_differences"]) == {"fusion_no_dropout", "ehr_only"}
-    deg = m["degradation"]
-    assert deg["models"] == ["fusion", "fusion_no_dropout"]
-    assert [r["removed"] for r in deg["rows"]] == [None, "image", "text", "ehr"]
-    trained = json.loads((run / "metrics.json").read_text())["degradation"]  # the recipe's table, same test
-    assert deg["n_seeds"] == trained["n_seeds"] == 3
-    for r, t in zip(deg["rows"], trained["rows"]):
-        for mine, theirs in (("fusion", "with_dropout"), ("fusion_no_dropout", "without_dropout")):
-            assert r[mine]["over_seeds"]["auroc"] == pytest.approx(t[theirs]["over_seeds"]["auroc"], abs=1e-6)
     report = (out / "report.md").read_text()
     for section in ("## Calibration", "## Subgroups and missingness patterns", "## Graceful degradation",
                     "### Decision threshold", "never on test"):
         assert section in report
+
+
+def _without(model, data, removed):
+    """Test logits with `removed` left out of the batch altogether (absent on every row): the independent way to
+    remove a modality (the evaluation masks it with present_override instead)."""
+    import torch
+
+    keep = [m for m in ("image", "text", "ehr") if m != removed]
+    with torch.no_grad():
+        return model.eval()(data.batch(None, keep)).logits[:, 0].double().numpy()
+
+
+def test_degradation_table_matches_sklearn_on_models_fed_without_the_modality(run, evaluation):
+    """Every AUROC of the degradation table (each training seed's too) from the saved weights, each modality
+    removed from the batch, scored by sklearn; drops and their mean/sd by numpy."""
+    from sklearn.metrics import roc_auc_score
+
+    from finetune.recipe import SEEDS_DIR, load_model
+
+    _, m = evaluation
+    trained, data = _test_inputs(run)
+    y = data.y[:, 0]
+    ok = ~np.isnan(y)
+    deg = m["degradation"]
+    assert deg["models"] == ["fusion", "fusion_no_dropout"]
+    assert [r["removed"] for r in deg["rows"]] == [None, "image", "text", "ehr"]
+    seeds_dir = run / "models" / SEEDS_DIR
+    assert deg["n_seeds"] == 3
+    for name in deg["models"]:
+        models = [trained.models[name][0]] + [load_model(seeds_dir, f"{name}_seed{s}")[0] for s in (1, 2)]
+        full = [roc_auc_score(y[ok], _without(mod, data, None)[ok]) for mod in models]
+        for r in deg["rows"]:
+            au = [roc_auc_score(y[ok], _without(mod, data, r["removed"])[ok]) for mod in models]
+            got = r[name]
+            assert got["value"] == pytest.approx(au[0], abs=1e-6), (name, r["removed"])
+            assert got["over_seeds"]["auroc"] == pytest.approx(au, abs=1e-6), (name, r["removed"])
+            assert got["over_seeds"]["mean"] == pytest.approx(np.mean(au), abs=1e-6)
+            assert got["over_seeds"]["sd"] == pytest.approx(np.std(au, ddof=1), abs=1e-6)
+            if r["removed"]:
+                drops = np.subtract(full, au)
+                assert got["drop"]["delta"] == pytest.approx(drops[0], abs=1e-6)
+                assert got["over_seeds"]["drop_mean"] == pytest.approx(drops.mean(), abs=1e-6)
+    assert len(set(deg["rows"][0]["fusion"]["over_seeds"]["auroc"])) == 3  # three trained models, not one
 
 
 def test_subgroup_and_missingness_counts_match_the_data(run, evaluation):

@@ -52,6 +52,14 @@ MODULES: dict[str, list[str]] = {
     # Wave 2: re-run before resolving the finetune issues (statistics of the clinical report, retrieval P@K).
     "retrieval/evaluate.py": ["tests/test_retrieval.py"],
     "finetune/clinical.py": ["tests/test_clinical.py"],
+    # Wave 3 (issue 18 §4): the rest of the finetune stage. recipe.py gets the fast guards only: its end-to-end
+    # tests (tests/test_finetune_recipe.py, test_finetune_eval.py) train whole runs, minutes per mutant.
+    "finetune/fewshot.py": ["tests/test_fewshot.py"],
+    "finetune/features.py": ["tests/test_finetune_models.py", "tests/test_finetune_guards.py"],
+    "finetune/models.py": ["tests/test_finetune_models.py"],
+    "finetune/baselines.py": ["tests/test_finetune_models.py", "tests/test_finetune_guards.py"],
+    "finetune/explain.py": ["tests/test_explain.py"],
+    "finetune/recipe.py": ["tests/test_finetune_guards.py"],
 }
 # Modules nobody was rewriting when the first scores were recorded (2026-12-02).
 STABLE = ("pretrain/loss.py", "data/labels.py", "data/sections.py", "data/mimic.py", "radalign/io.py")

@@ -63,9 +63,10 @@ def lab(subject, itemid, drawn, stored, valuenum, hadm=None, value=None) -> dict
             "ref_range_lower": "", "ref_range_upper": "", "flag": "", "priority": "STAT", "comments": ""}
 
 
-def admission(subject, hadm, admit, disch, *, edreg=None, died=0, race="WHITE", insurance="Medicare") -> dict:
+def admission(subject, hadm, admit, disch, *, edreg=None, died=0, race="WHITE", insurance="Medicare",
+              death=None) -> dict:
     return {"subject_id": subject, "hadm_id": hadm, "admittime": ts(admit), "dischtime": ts(disch),
-            "deathtime": ts(disch) if died else "", "admission_type": "EW EMER.", "admit_provider_id": "P1",
+            "deathtime": ts(death or disch) if died else "", "admission_type": "EW EMER.", "admit_provider_id": "P1",
             "admission_location": "EMERGENCY ROOM", "discharge_location": "DIED" if died else "HOME",
             "insurance": insurance, "language": "ENGLISH", "marital_status": "MARRIED", "race": race,
             "edregtime": ts(edreg), "edouttime": ts(admit) if edreg else "", "hospital_expire_flag": died}
@@ -122,7 +123,7 @@ def planted(tmp_path) -> tuple[Path, Path]:
         # B: only a past admission (demographics come from it) and a future one (never used)
         admission(B, 20000002, h(-24 * 400), h(-24 * 395), race="ASIAN", insurance="Medicaid"),
         admission(B, 20000003, h(24 * 5), h(24 * 9), race="FUTURE", insurance="FUTURE"),
-        # E: two admissions contain t0; the latest-starting (20000005) wins
+        # E: two admissions contain t0, both admitted by then; the latest admitted (20000005) wins
         admission(E, 20000004, h(-48), h(48), race="OLDER"),
         admission(E, 20000005, h(-6), h(24), race="LATER", died=0),
         # C (absent from patients) has an admission containing t0
@@ -193,7 +194,7 @@ def test_ed_film_before_admittime_links_and_outcomes(planted, tmp_path):
     assert a["hadm_id"] == 20000001 and a["admittime"] == h(2) and a["dischtime"] == h(86)
     assert a["in_hospital_mortality"] == 1 and a["los_days"] == pytest.approx(3.5)
     assert a["mortality_30d"] == 1 and a["age"] == 62 and a["gender"] == "F"
-    assert f.loc[E, "hadm_id"] == 20000005 and f.loc[E, "race"] == "LATER"          # latest-starting
+    assert f.loc[E, "hadm_id"] == 20000005 and f.loc[E, "race"] == "LATER"          # latest admitted
     assert f.loc[F, "mortality_30d"] == 0 and f.loc[F, "age"] == 50                # dod 40 days later
 
 
@@ -243,6 +244,157 @@ def test_window_option_changes_the_rule(planted, tmp_path):
     f, _ = run(planted, tmp_path, window_hours=0.75)
     assert np.isnan(f.loc[A, "creatinine"])                # drawn 1 h before: outside a 45-minute window
     assert f.loc[B, "white_blood_cells"] != f.loc[B, "white_blood_cells"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The refined rule on the real MIMIC-IV cases (issue 18), and every as-of comparison at equality.
+
+G, H, Q, J, J2, K, L, N = (10000011, 10000012, 10000013, 10000014, 10000015, 10000016, 10000017, 10000018)
+M0, M30, M31, MNEG = 10000021, 10000022, 10000023, 10000024      # dod 0, 30, 31, -1 days from the film's date
+
+
+def at(hhmm: str, day: int = 0) -> datetime:
+    """A time on T0's day (+ `day` days): at("06:24"), at("11:44:30")."""
+    return datetime.fromisoformat(f"2152-03-{10 + day:02d} {hhmm}")
+
+
+@pytest.fixture()
+def edges(tmp_path) -> tuple[Path, Path]:
+    """A hand-made MIMIC-IV folder for the refined admission rule and the boundaries (expected values in the
+    tests below are worked out by hand from these rows)."""
+    hosp = tmp_path / "mimic-iv" / "hosp"
+    day = lambda n: (T0 + timedelta(days=n)).strftime("%Y-%m-%d")  # noqa: E731
+    write_csv_gz(hosp / "patients.csv.gz", [
+        *[patient(s, 60, 2152) for s in (G, H, Q, K, L, N)],
+        patient(J, 80, 2152, dod=day(0)), patient(J2, 81, 2152, dod=day(0)),
+        patient(M0, 70, 2152, dod=day(0)), patient(M30, 70, 2152, dod=day(30)),
+        patient(M31, 70, 2152, dod=day(31)), patient(MNEG, 70, 2152, dod=day(-1)),
+    ], PATIENT_COLS)
+    write_csv_gz(hosp / "admissions.csv.gz", [
+        # G (real: subject 10002930): ED observation 06:18-11:44, admission from 11:45, one edregtime 05:04;
+        # the later admission has the larger hadm_id. H: the same times, hadm_ids the other way round.
+        admission(G, 22380825, at("06:18"), at("11:44"), edreg=at("05:04"), race="FIRST"),
+        admission(G, 23688993, at("11:45"), at("09:30", 6), edreg=at("05:04"), race="SECOND"),
+        admission(H, 29000001, at("06:18"), at("11:44"), edreg=at("05:04"), race="FIRST"),
+        admission(H, 21000001, at("11:45"), at("09:30", 6), edreg=at("05:04"), race="SECOND"),
+        # Q (real: subject 10019003): edregtime 21:03 after admittime 00:02 of the same day
+        admission(Q, 26529390, at("00:02"), at("10:00", 3), edreg=at("21:03")),
+        # J: died 15:00, discharged 00:00 that day; J2: discharged 00:01, died 06:30
+        admission(J, 27000001, at("08:00", -3), at("00:00"), died=1, death=at("15:00")),
+        admission(J2, 27000002, at("20:00", -2), at("00:01"), died=1, death=at("06:30")),
+        # K: two admissions contain t0; the second was admitted exactly at t0 (it is the latest admitted)
+        admission(K, 28000009, T0 - timedelta(hours=30), T0 + timedelta(hours=48), race="EARLIER"),
+        admission(K, 28000001, T0, T0 + timedelta(hours=72), edreg=T0 - timedelta(hours=2), race="AT_T0"),
+        # L: the ED registration exactly at t0, admitted 3 h later
+        admission(L, 28000002, T0 + timedelta(hours=3), T0 + timedelta(days=4), edreg=T0),
+    ], ADMISSION_COLS)
+    labs = [
+        lab(N, 50912, h(-5), h(-4), 1.2),                                  # creatinine: older value
+        lab(N, 50912, h(-2), T0, 1.7),                                     # ... stored exactly at t0: used
+        lab(N, 50983, h(-3), h(-2), 141),                                  # sodium tie on charttime: the later
+        lab(N, 50983, h(-3), h(-1), 135),                                  # stored (the smaller value) wins
+        lab(N, 50971, h(-3), h(-2), 4.1),                                  # potassium tie on charttime and
+        lab(N, 50971, h(-3), h(-2), 3.9),                                  # storetime: the larger value
+        lab(N, 50931, h(-3), h(-2), 120),                                  # glucose tie, the later stored one
+        lab(N, 50931, h(-3), T0 + timedelta(seconds=1), 90),              # one second after t0: not yet
+        lab(N, 51222, h(-1), h(-0.5), 11.2, value="___"),                  # hemoglobin `___`, valuenum 11.2
+        lab(N, 51301, h(-24), h(-23), 9.1),                                # WBC drawn exactly t0 - 24 h
+        lab(N, 51265, T0, T0, 300),                                        # platelets drawn at t0: not before
+    ]
+    for i, row in enumerate(labs):
+        row["labevent_id"] = i + 1
+    write_csv_gz(hosp / "labevents.csv.gz", labs, LAB_COLS)
+    write_csv_gz(hosp / "d_labitems.csv.gz", [{"itemid": k, "label": v, "fluid": "Blood", "category": "Chemistry"}
+                                              for k, v in D_LAB.items()], ["itemid", "label", "fluid", "category"])
+    films = [(G, at("05:30")), (G, at("06:24")), (G, at("08:24")), (G, at("11:44")), (G, at("11:44:30")),
+             (G, at("11:45")), (G, at("08:00", 2)),
+             (H, at("05:30")), (H, at("06:24")), (H, at("08:24")), (H, at("11:44")), (H, at("11:44:30")),
+             (H, at("11:45")), (H, at("08:00", 2)),
+             (Q, at("00:01:59")), (Q, at("10:32")), (Q, at("21:03")),
+             (J, at("09:00")), (J, at("15:00")), (J, at("15:00:01")), (J2, at("06:29")),
+             (K, T0), (L, T0 - timedelta(seconds=1)), (L, T0), (N, T0),
+             (M0, T0), (M30, T0), (M31, T0), (MNEG, T0)]
+    shards = write_shards(tmp_path / "shards", [image(s, 60000000 + k, f"d{k}", "train", when)
+                                                for k, (s, when) in enumerate(films)])
+    return tmp_path / "mimic-iv", shards
+
+
+def run_edges(edges, tmp_path) -> tuple[pd.DataFrame, dict]:
+    manifest = link_ehr(*edges, tmp_path / "ehr")
+    return read_ehr(tmp_path / "ehr").set_index(["subject_id", "study_datetime"]), manifest
+
+
+@pytest.mark.parametrize("subject, first, second", [(G, 22380825, 23688993), (H, 29000001, 21000001)])
+def test_overlapping_admissions_sharing_edregtime_link_the_one_admitted(edges, tmp_path, subject, first, second):
+    """Films before the later admittime link to the earlier admission whatever the hadm_ids' order: an ED film
+    before both admittimes to the earliest, one during the first to it (its own dischtime included)."""
+    f, _ = run_edges(edges, tmp_path)
+    expected = {at("05:30"): first, at("06:24"): first, at("08:24"): first, at("11:44"): first,
+                at("11:44:30"): second, at("11:45"): second, at("08:00", 2): second}
+    for when, hadm in expected.items():
+        row = f.loc[(subject, when)]
+        assert row["hadm_id"] == hadm, when
+        assert row["race"] == ("FIRST" if hadm == first else "SECOND"), when          # demographics follow
+    los_first = (at("11:44") - at("06:18")).total_seconds() / 86400                   # 0.23 days, not 5.9
+    assert f.loc[(subject, at("06:24")), "los_days"] == pytest.approx(los_first)
+    assert f.loc[(subject, at("05:30")), "admittime"] == at("06:18")
+
+
+def test_edregtime_after_admittime_and_death_day_discharge_extend_the_span(edges, tmp_path):
+    """The span runs from the earlier of edregtime and admittime to the later of dischtime and deathtime, both
+    ends included: one second outside it there is no admission."""
+    f, m = run_edges(edges, tmp_path)
+    assert pd.isna(f.loc[(Q, at("00:01:59")), "hadm_id"])                              # before admittime 00:02
+    for when in (at("10:32"), at("21:03")):
+        assert f.loc[(Q, when), "hadm_id"] == 26529390
+    assert f.loc[(Q, at("10:32")), "los_days"] == pytest.approx((at("10:00", 3) - at("00:02")).total_seconds()
+                                                                 / 86400)
+    for subject, when in ((J, at("09:00")), (J, at("15:00")), (J2, at("06:29"))):     # deathtime 15:00 / 06:30
+        row = f.loc[(subject, when)]
+        assert row["hadm_id"] in (27000001, 27000002) and row["in_hospital_mortality"] == 1, (subject, when)
+        assert row["mortality_30d"] == 1
+    assert f.loc[(J, at("09:00")), "los_days"] == pytest.approx(64 / 24)              # dischtime - admittime
+    late = f.loc[(J, at("15:00:01"))]
+    assert pd.isna(late["hadm_id"]) and pd.isna(late["in_hospital_mortality"]) and late["mortality_30d"] == 1
+    assert m["rows_scanned"]["admissions_without_times"] == 0
+
+
+def test_admission_boundaries_at_equality(edges, tmp_path):
+    """admittime == t0 counts as admitted (K: the latest admitted wins over the earlier one, whose hadm_id is
+    larger); edregtime == t0 starts the span (L), one second earlier does not."""
+    f, _ = run_edges(edges, tmp_path)
+    assert f.loc[(K, T0), "hadm_id"] == 28000001 and f.loc[(K, T0), "race"] == "AT_T0"
+    assert f.loc[(K, T0), "los_days"] == pytest.approx(3.0)
+    assert f.loc[(L, T0), "hadm_id"] == 28000002
+    assert pd.isna(f.loc[(L, T0 - timedelta(seconds=1)), "hadm_id"])
+
+
+def test_as_of_boundaries_at_equality_and_ties(edges, tmp_path):
+    f, m = run_edges(edges, tmp_path)
+    n = f.loc[(N, T0)]
+    assert n["creatinine"] == 1.7 and n["creatinine_hours"] == pytest.approx(2.0)    # stored exactly at t0
+    assert n["sodium"] == 135                         # same charttime: the later stored, although smaller
+    assert n["potassium"] == 4.1                      # same charttime and storetime: the larger value
+    assert n["glucose"] == 120                        # the later stored is one second after t0: not yet
+    assert n["hemoglobin"] == 11.2                    # `___` in value, the number in valuenum: used
+    assert n["white_blood_cells"] == 9.1 and n["white_blood_cells_hours"] == pytest.approx(24.0)
+    assert np.isnan(n["platelets"])                   # drawn at t0: not before the film
+    assert m["skipped_events"]["glucose"]["not_yet_resulted"] == 1
+    assert m["skipped_events"]["creatinine"]["not_yet_resulted"] == 0
+
+
+def test_mortality_horizon_boundaries_and_films_after_death(edges, tmp_path, caplog):
+    """dod - date(t0): 0 (died the film's day) and 30 count, 31 does not, -1 (a film after the death date) is
+    unknown: null, counted in the manifest and said in the log and the CLI summary."""
+    from data.ehr_cli import summary
+
+    with caplog.at_level("WARNING", logger="data.ehr"):
+        f, m = run_edges(edges, tmp_path)
+    assert f.loc[(M0, T0), "mortality_30d"] == 1 and f.loc[(M30, T0), "mortality_30d"] == 1
+    assert f.loc[(M31, T0), "mortality_30d"] == 0 and pd.isna(f.loc[(MNEG, T0), "mortality_30d"])
+    assert m["films_after_death"] == 1
+    assert "1 film(s) dated after the patient's death date" in caplog.text and "mortality_30d" in caplog.text
+    assert "films dated after the death date 1" in summary(m, tmp_path / "ehr")
 
 
 def test_finetune_table_contract(planted, tmp_path):

@@ -320,10 +320,10 @@ def _vitals(rng, intime: datetime, outtime: datetime, z: float, lt: Latent, trut
 # Each patient draws them from a stream of its own, `default_rng([seed, 6, i])`, and new hadm_ids come from
 # `[seed, 5]`: the films, reports, labels and splits stay byte-identical to a generator without them.
 
-SPLIT_RATE = 0.1          # ED admissions (without an ICU stay) split into an observation stay + an admission
+SPLIT_RATE = 0.04         # ED admissions (without an ICU stay) split into an observation stay + an admission
 EDREG_AFTER_RATE = 0.3    # direct admissions given an ED registration after admittime
 DEATH_DAY_RATE = 0.3      # in-hospital deaths discharged at 00:00/00:01 (always when a film was taken that day)
-AFTER_DEATH_RATE = 0.02   # surviving patients given a dod before their last film
+AFTER_DEATH_RATE = 0.03   # surviving patients given a dod before their last film (when it can be)
 DUPLICATE_RATE = 0.08     # planted usable lab rows repeated at the same charttime with a smaller value
 MASKED_RATE = (0.005, 0.05)   # `___` value with a numeric valuenum: any numeric row / a planted usable row
 
@@ -423,12 +423,14 @@ def _death_day_discharge(rec, rng) -> None:
 
 
 def _dod_before_last_film(rec, rng) -> None:
-    """A patient whose dod precedes the last film (real MIMIC-IV has films dated after the death date); the
-    films on the death date itself are listed too (a death on day 0 counts)."""
+    """A patient whose dod precedes the last encounter's films by 1-3 days (real MIMIC-IV has films dated after
+    the death date); only when the earlier films are over 30 days before it, so that no 30-day outcome turns
+    into a death the films cannot show. The films on a death date are listed too (a death on day 0 counts)."""
     if not rec.row.get("dod") and rng.random() < AFTER_DEATH_RATE:
         days = sorted({s.when.date() for s in rec.studies})
-        if len(days) >= 2:
-            rec.row["dod"] = max(days[-2], days[-1] - timedelta(days=int(rng.integers(1, 4)))).isoformat()
+        dod = days[-1] - timedelta(days=int(rng.integers(1, 4)))
+        if len(days) >= 2 and (dod - days[-2]).days > 30:
+            rec.row["dod"] = dod.isoformat()
     dod = rec.row.get("dod")
     for k, s in enumerate(rec.studies):
         day = s.when.date().isoformat()

@@ -582,7 +582,8 @@ def test_cli_runs_and_reports_errors(planted, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The generator's output against an independent plain-pandas implementation of the rule.
+# The generator's output against an independent plain-pandas implementation of the rule, and each planted
+# real-MIMIC-IV case against its documented outcome.
 
 
 def _shard_studies(shards: Path) -> pd.DataFrame:
@@ -599,46 +600,72 @@ def _shard_studies(shards: Path) -> pd.DataFrame:
     return df.groupby(["subject_id", "study_id"], as_index=False).agg(split=("split", "first"), t0=("t0", "min"))
 
 
+def _metadata_studies(jpg: Path) -> pd.DataFrame:
+    """subject_id, study_id, t0 from MIMIC-CXR-JPG's metadata (StudyDate + the HHMMSS.fff StudyTime, by string)."""
+    meta = pd.read_csv(jpg / "mimic-cxr-2.0.0-metadata.csv.gz", dtype={"StudyTime": str, "StudyDate": str})
+    meta = meta.drop_duplicates("study_id")
+    parts = meta["StudyTime"].str.partition(".")
+    hhmmss, frac = parts[0].str.zfill(6), parts[2]
+    t0 = pd.to_datetime(meta["StudyDate"] + hhmmss, format="%Y%m%d%H%M%S") + pd.to_timedelta(
+        frac.str.ljust(3, "0").str[:3].replace("", "0").astype(int), unit="ms")
+    return pd.DataFrame({"subject_id": meta["subject_id"], "study_id": meta["study_id"], "t0": t0.to_numpy()})
+
+
 def _events(path: Path) -> pd.DataFrame:
     ev = pd.read_csv(path, dtype={"value": str, "valuenum": str})
     ev["valuenum"] = pd.to_numeric(ev["valuenum"], errors="coerce")
     ev["charttime"] = pd.to_datetime(ev["charttime"])
     ev["avail"] = pd.to_datetime(ev["storetime"]).fillna(ev["charttime"])
-    return ev
+    return ev[ev["valuenum"].notna()]
 
 
-def _latest(mine: pd.DataFrame, row: dict, items: dict[str, int], t0, window) -> None:
+def _latest(events: pd.DataFrame, studies: pd.DataFrame, items: dict[str, int], window) -> pd.DataFrame:
+    """Per study: `{name}` and `{name}_hours` of the latest numeric event drawn in [t0 - window, t0) and stored by
+    t0 (ties: the later stored, then the larger value); a merge on subject_id, masks, a sort, the last row."""
+    m = studies[["study_id", "subject_id", "t0"]].merge(events[events.itemid.isin(items.values())], on="subject_id")
+    m = m[(m.charttime >= m.t0 - window) & (m.charttime < m.t0) & (m.avail <= m.t0)]
+    last = m.sort_values(["study_id", "itemid", "charttime", "avail", "valuenum"]).groupby(["study_id", "itemid"]).tail(1)
+    out = pd.DataFrame(index=pd.Index(studies["study_id"], name="study_id"))
     for name, itemid in items.items():
-        ok = mine[(mine.itemid == itemid) & (mine.charttime >= t0 - window) & (mine.charttime < t0)
-                  & (mine.avail <= t0) & mine.valuenum.notna()]
-        ok = ok.sort_values(["charttime", "avail", "valuenum"]).tail(1)
-        row[name] = ok.valuenum.iloc[0] if len(ok) else np.nan
-        row[f"{name}_hours"] = ((t0 - ok.charttime.iloc[0]).total_seconds() / 3600) if len(ok) else np.nan
+        mine = last[last.itemid == itemid].set_index("study_id")
+        out[name] = mine.valuenum.reindex(out.index)
+        out[f"{name}_hours"] = ((mine.t0 - mine.charttime).dt.total_seconds() / 3600).reindex(out.index)
+    return out
 
 
-def reference_link(mimic: Path, shards: Path, items: dict[str, int], window_hours: float,
+def _admission(mine: pd.DataFrame, t0) -> pd.DataFrame:
+    """The documented pick: spans [min(edreg, admit), max(disch, death)] holding t0; the latest admitted by t0,
+    else the earliest admittime; ties the larger hadm_id."""
+    a = mine[(mine.start <= t0) & (t0 <= mine.end)]
+    admitted = a[a.admittime <= t0]
+    if len(admitted):
+        return admitted.sort_values(["admittime", "hadm_id"]).tail(1)
+    return a.sort_values(["admittime", "hadm_id"], ascending=[False, True]).tail(1)
+
+
+def reference_link(mimic: Path, studies: pd.DataFrame, items: dict[str, int], window_hours: float,
                    vitals: dict[str, int]) -> pd.DataFrame:
-    """The rule of issue 10, written out row by row in pandas (small inputs only)."""
+    """The rule of docs/ehr.md in plain pandas: the admission study by study, the values by a merge (small inputs
+    only). `studies`: subject_id, study_id, t0."""
     hosp = mimic / "hosp"
     pat = pd.read_csv(hosp / "patients.csv.gz").set_index("subject_id")
     adm = pd.read_csv(hosp / "admissions.csv.gz")
-    for col in ("admittime", "dischtime", "edregtime"):
+    for col in ("admittime", "dischtime", "deathtime", "edregtime"):
         adm[col] = pd.to_datetime(adm[col])
-    adm["start"] = adm["edregtime"].fillna(adm["admittime"])
-    labs = _events(hosp / "labevents.csv.gz")
-    chart = _events(mimic / "icu" / "chartevents.csv.gz") if vitals else None
+    adm["start"] = adm[["edregtime", "admittime"]].min(axis=1)
+    adm["end"] = adm[["dischtime", "deathtime"]].max(axis=1)
+    adm_of = dict(tuple(adm.groupby("subject_id")))
     window = pd.Timedelta(hours=window_hours)
     out = []
-    for st in _shard_studies(shards).itertuples():
+    for st in studies.itertuples():
         row = {"subject_id": st.subject_id, "study_id": st.study_id}
-        t0 = st.t0
-        a = adm[(adm.subject_id == st.subject_id) & (adm.start <= t0) & (t0 <= adm.dischtime)]
-        a = a.sort_values(["start", "hadm_id"]).tail(1)
+        t0, adms = st.t0, adm_of.get(st.subject_id, adm.iloc[:0])
+        a = _admission(adms, t0)
         row["hadm_id"] = a.hadm_id.iloc[0] if len(a) else None
         row["in_hospital_mortality"] = a.hospital_expire_flag.iloc[0] if len(a) else None
         row["los_days"] = ((a.dischtime - a.admittime).dt.total_seconds() / 86400).iloc[0] if len(a) else np.nan
         if not len(a):
-            a = adm[(adm.subject_id == st.subject_id) & (adm.start < t0)].sort_values(["start", "hadm_id"]).tail(1)
+            a = adms[adms.start < t0].sort_values(["start", "hadm_id"]).tail(1)
         row["race"] = a.race.iloc[0] if len(a) and pd.notna(a.race.iloc[0]) else None
         if st.subject_id in pat.index:
             p = pat.loc[st.subject_id]
@@ -647,23 +674,28 @@ def reference_link(mimic: Path, shards: Path, items: dict[str, int], window_hour
             row["mortality_30d"] = 0 if days is None else (None if days < 0 else int(days <= 30))
         else:
             row["age"], row["mortality_30d"] = None, None
-        _latest(labs[labs.subject_id == st.subject_id], row, items, t0, window)
-        if vitals:
-            _latest(chart[chart.subject_id == st.subject_id], row, vitals, t0, window)
         out.append(row)
-    return pd.DataFrame(out).set_index(["subject_id", "study_id"]).sort_index()
+    frame = pd.DataFrame(out).set_index("study_id")
+    frame = frame.join(_latest(_events(hosp / "labevents.csv.gz"), studies, items, window))
+    if vitals:
+        frame = frame.join(_latest(_events(mimic / "icu" / "chartevents.csv.gz"), studies, vitals, window))
+    return frame.reset_index().set_index(["subject_id", "study_id"]).sort_index()
+
+
+def _assert_same(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
+    assert list(ours.index) == list(ref.index)
+    for col in ref.columns.drop("race"):
+        a, b = ours[col].astype("float64").to_numpy(), ref[col].astype("float64").to_numpy()
+        assert np.allclose(a, b, equal_nan=True, atol=1e-9), (col, int((~np.isclose(a, b, equal_nan=True)).sum()))
+    assert list(ours["race"].fillna("-")) == list(ref["race"].fillna("-"))
 
 
 def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards, tmp_path):
     manifest = link_ehr(synth_root / "mimic-iv", synth_shards, tmp_path / "ehr")
     ours = read_ehr(tmp_path / "ehr").set_index(["subject_id", "study_id"]).sort_index()
-    ref = reference_link(synth_root / "mimic-iv", synth_shards, manifest["feature_itemids"], 24.0,
+    ref = reference_link(synth_root / "mimic-iv", _shard_studies(synth_shards), manifest["feature_itemids"], 24.0,
                          manifest["vitals_itemids"])
-    assert list(ours.index) == list(ref.index)
-    for col in ref.columns.drop("race"):
-        a, b = ours[col].astype("float64").to_numpy(), ref[col].astype("float64").to_numpy()
-        assert np.allclose(a, b, equal_nan=True, atol=1e-9), col
-    assert list(ours["race"].fillna("-")) == list(ref["race"].fillna("-"))
+    _assert_same(ours, ref)
     # the generator plants what the rule must get right, often enough to matter
     assert manifest["studies_no_admission"] > 0
     assert sum(v["not_yet_resulted"] for v in manifest["skipped_events"].values()) > 0
@@ -671,3 +703,61 @@ def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards,
     assert ours["creatinine"].notna().sum() >= 5
     if (synth_root / "mimic-iv" / "icu" / "chartevents.csv.gz").is_file():
         assert manifest["vitals"] and ours["heart_rate"].notna().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """1,000 synthetic patients without pixels (every planted case at least 3 times), linked by `link_frame` on
+    the studies of the metadata file (no shards needed)."""
+    from data.ehr import find_tables, link_frame, load_feature_list
+    from data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("cohort")
+    synthesize(root, patients=1000, seed=1, image_size=32, progress=False, images=False)
+    studies = _metadata_studies(root / "mimic-cxr-jpg")
+    flist, _ = load_feature_list("ehr/core")
+    frame, counts = link_frame(studies.assign(split="train", study_datetime=studies["t0"].astype("datetime64[us]")),
+                               find_tables(root / "mimic-iv", vitals=True), flist, window_hours=24.0,
+                               cache_dir=root / "cache")
+    return {"root": root, "studies": studies, "flist": flist, "counts": counts,
+            "frame": frame.set_index(["subject_id", "study_id"]).sort_index(),
+            "cases": pd.read_csv(root / "linkage_cases.csv.gz", dtype={c: "Int64" for c in (
+                "study_id", "hadm_id", "labevent_id", "itemid", "eligible")})}
+
+
+def test_generated_cohort_matches_the_pandas_reference(cohort):
+    ref = reference_link(cohort["root"] / "mimic-iv", cohort["studies"], cohort["flist"].features, 24.0,
+                         cohort["flist"].vitals)
+    _assert_same(cohort["frame"], ref)
+
+
+def test_generated_linkage_cases_get_the_documented_outcome(cohort):
+    """Every planted case of the generator (linkage_cases.csv.gz) against the outcome docs/ehr.md documents."""
+    f, cases = cohort["frame"], cohort["cases"]
+    counts = cases["case"].value_counts()
+    study_cases = ("ed_film_before_admittime", "overlapping_admissions", "edreg_after_admittime",
+                   "death_day_discharge")
+    for case in (*study_cases, "film_after_death", "death_on_film_date", "duplicate_charttime",
+                 "masked_value_numeric"):
+        assert counts.get(case, 0) >= 3, (case, dict(counts))
+    row = lambda c: f.loc[(c.subject_id, c.study_id)]  # noqa: E731
+    for c in cases[cases["case"].isin(study_cases)].itertuples():
+        assert row(c)["hadm_id"] == c.hadm_id, c                          # linked to the admission planted
+    for c in cases[cases["case"] == "death_day_discharge"].itertuples():
+        assert row(c)["in_hospital_mortality"] == 1 and row(c)["mortality_30d"] == 1, c
+    after = cases[cases["case"] == "film_after_death"]
+    assert all(pd.isna(row(c)["mortality_30d"]) for c in after.itertuples())
+    assert cohort["counts"]["films_after_death"] == len(after)
+    assert all(row(c)["mortality_30d"] == 1 for c in cases[cases["case"] == "death_on_film_date"].itertuples())
+    labs = pd.read_csv(cohort["root"] / "mimic-iv/hosp/labevents.csv.gz", dtype={"value": str})
+    name = {v: k for k, v in cohort["flist"].features.items()}
+    for c in cases[cases["case"].isin(["duplicate_charttime", "masked_value_numeric"])].itertuples():
+        lab = labs.set_index("labevent_id").loc[c.labevent_id]
+        twin = labs[(labs.subject_id == c.subject_id) & (labs.itemid == c.itemid) & (labs.charttime == lab.charttime)
+                    & (labs.labevent_id != c.labevent_id)]
+        if c.case == "masked_value_numeric":
+            assert lab.value == "___" and len(twin) == 0 and c.eligible == 1
+            assert row(c)[name[c.itemid]] == lab.valuenum, c
+        else:                      # the twin: stored earlier with a larger value; the later stored wins if ready
+            assert len(twin) == 1 and twin.valuenum.iloc[0] > lab.valuenum and twin.storetime.iloc[0] < lab.storetime
+            assert row(c)[name[c.itemid]] == (lab.valuenum if c.eligible == 1 else twin.valuenum.iloc[0]), c

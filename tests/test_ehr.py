@@ -7,9 +7,11 @@ from the rows written in `planted` (times are on one synthetic day, t0 = 2152-03
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -446,6 +448,94 @@ def test_missing_column_and_table_name_file_column_and_expected(planted, tmp_pat
     msg = str(e.value)
     assert "labevents.csv.gz: no column 'storetime'" in msg and "expected the MIMIC-IV labevents columns" in msg
     assert "patients.csv.gz: missing" in msg and "anchor_age" in msg
+
+
+def _edit_gz(path: Path, edit) -> None:
+    """Rewrite the gzipped CSV `path` with `edit(lines)` applied to its lines (bytes, header first)."""
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    path.write_bytes(gzip.compress(b"\n".join(edit(lines))))
+
+
+def _link_error(planted, tmp_path, capsys, *extra) -> str:
+    """link-ehr through the CLI: rc 2 and one sentence on stderr, never a traceback."""
+    from radalign.cli import main
+
+    mimic, shards = planted
+    rc = main(["data", "link-ehr", "--mimic-iv", str(mimic), "--shards", str(shards), "--out",
+               str(tmp_path / "ehr"), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err and "_duckdb" not in err, err
+    assert not (tmp_path / "ehr" / "manifest.json").exists()
+    return err
+
+
+@pytest.mark.parametrize("table", ["hosp/admissions", "hosp/patients", "hosp/labevents", "hosp/d_labitems"])
+@pytest.mark.parametrize("keep", [0.6, 20])
+def test_gzip_cut_mid_stream_names_the_file_and_the_fix(planted, tmp_path, capsys, table, keep):
+    """A download cut short: mid-stream (60% of the bytes, labevents padded to 60k rows so that Arrow has
+    parsed some) or inside the gzip header (20 bytes)."""
+    mimic, _ = planted
+    path = mimic / f"{table}.csv.gz"
+    if table == "hosp/labevents":            # values the typed Arrow stream takes (`___` -> blank, 2.0e7 -> 2e7)
+        _edit_gz(path, lambda lines: [re.sub(rb",(\d+)\.0,", rb",\1,", ln.replace(b",___,___,", b",___,,"))
+                                      for ln in lines[:-1] + [lines[1]] * 60000 + [b""]])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}: the gzip stream ends early" in err and f"gzip -t {path}" in err
+    assert "restore the file from the MIMIC-IV release" in err
+    if table == "hosp/labevents" and keep < 1:
+        assert re.search(r"about [\d,]+ data rows in", err), err
+
+
+@pytest.mark.parametrize("table, row, column", [("admissions", "last", "race"), ("admissions", 1, "race"),
+                                                ("admissions", 1, "subject_id"), ("patients", "last", "gender"),
+                                                ("labevents", "last", "valuenum"), ("labevents", 2, "itemid")])
+def test_non_utf8_byte_names_file_line_and_column(planted, tmp_path, capsys, table, row, column):
+    """A byte that is not UTF-8 in a data row is reported at its line and column (row 1 is not the header)."""
+    path = planted[0] / "hosp" / f"{table}.csv.gz"
+    n = _plant_byte(path, row, column)
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}, line {n + 1} (data row {n}), column {column!r}: byte 0xb0 is not UTF-8" in err, err
+    assert "header" not in err and "restore the file" in err and "iconv -f latin1 -t utf-8" in err
+
+
+def _plant_byte(path: Path, row, column: str) -> int:
+    """A raw 0xb0 byte after the value of `column` in data row `row` (or "last"); returns the row number."""
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    n = len(lines) - 2 if row == "last" else row                       # lines[-1] is the empty tail
+    col = next(csv.reader([lines[0].decode()])).index(column)
+    fields = next(csv.reader([lines[n].decode()]))
+    fields[col] += "\udcb0"
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(fields)
+    lines[n] = buf.getvalue().encode("utf-8", "surrogateescape")
+    path.write_bytes(gzip.compress(b"\n".join(lines)))
+    return n
+
+
+def test_non_utf8_byte_in_a_column_never_read_is_no_error(planted, tmp_path):
+    """link-ehr reads six labevents columns: a bad byte in `comments` changes nothing."""
+    mimic, shards = planted
+    before = link_ehr(mimic, shards, tmp_path / "a")
+    _plant_byte(mimic / "hosp" / "labevents.csv.gz", 2, "comments")
+    link_ehr(mimic, shards, tmp_path / "b")
+    pd.testing.assert_frame_equal(read_ehr(tmp_path / "a"), read_ehr(tmp_path / "b"))
+    assert before["rows_scanned"]["labevents"] == 15
+
+
+def test_non_utf8_byte_in_the_header_says_header(planted, tmp_path, capsys):
+    mimic, _ = planted
+    path = mimic / "hosp" / "admissions.csv.gz"
+    _edit_gz(path, lambda lines: [lines[0].replace(b"race", b"ra\xb0ce")] + lines[1:])
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}, line 1 (the header), character" in err and "byte 0xb0 is not UTF-8" in err
+
+
+@pytest.mark.parametrize("limit, advice", [("1MB", "--memory-limit 2GB (the default)"), ("1KiB", "2GB")])
+def test_too_small_memory_limit_says_raise_it(planted, tmp_path, capsys, limit, advice):
+    err = _link_error(planted, tmp_path, capsys, "--memory-limit", limit)
+    assert f"DuckDB ran out of memory under --memory-limit {limit}" in err and advice in err and "raise it" in err
 
 
 def test_unknown_itemid_lists_the_closest_labels(planted, tmp_path):

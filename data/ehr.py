@@ -58,6 +58,7 @@ log = get_logger("data.ehr")
 
 MANIFEST_FORMAT = "radalign-ehr/1"
 CACHE_VERSION = 1
+RULE_VERSION = 2    # bump when the same inputs link to other values (2: issue 18's admission span and pick)
 SHARDS_FORMAT = "radalign-shards/1"  # data.prepare.MANIFEST_FORMAT (not imported: it pulls in the prepare stack)
 FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
 OUTCOME_KINDS = ("in_hospital_mortality", "los_days", "mortality_within_days")
@@ -913,8 +914,8 @@ def _check_options(window_hours: float, memory_limit: str, shards: Path) -> None
 
 
 def _previous(out: Path, options: dict, inputs: dict, overwrite: bool) -> dict | None:
-    """The existing manifest when OUT already holds this exact link (then nothing is redone); raises when OUT
-    holds a link made with other options and `overwrite` is off."""
+    """The existing manifest when OUT already holds this exact link (then nothing is redone; a link made by an
+    older rule is redone); raises when OUT holds a link made with other options and `overwrite` is off."""
     file = out / "manifest.json"
     if not file.is_file():
         return None
@@ -932,7 +933,7 @@ def _previous(out: Path, options: dict, inputs: dict, overwrite: bool) -> dict |
         desc = ", ".join(f"{k}: {old.get('options', {}).get(k)!r} -> {options[k]!r}" for k in differ)
         raise RadalignError(f"{out} holds a link-ehr output made with other options ({desc}); pass --overwrite "
                             "to replace it, or choose another --out")
-    if old.get("inputs") == inputs:
+    if old.get("inputs") == inputs and old.get("rule_version") == RULE_VERSION:
         return old
     return None
 
@@ -968,7 +969,8 @@ def link_ehr(mimic_iv: str | os.PathLike, shards: str | os.PathLike, out: str | 
         with output_lock(cache_dir, what="cache folder"):
             manifest = _link_and_write(out, cache_dir, studies, study_counts, tables, flist, window_hours,
                                        memory_limit, threads, progress, seconds)
-        manifest.update(format=MANIFEST_FORMAT, created=time.strftime("%Y-%m-%dT%H:%M:%S"), options=options,
+        manifest.update(format=MANIFEST_FORMAT, rule_version=RULE_VERSION,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S"), options=options,
                         feature_list=str(flist_path), memory_limit=memory_limit, inputs=inputs)
         seconds["total"] = round(time.perf_counter() - t_start, 3)
         manifest["seconds"] = seconds

@@ -557,6 +557,11 @@ def test_rerun_other_options_refuses_unless_overwrite(planted, tmp_path):
         link_ehr(mimic, shards, out, window_hours=12)
     again = link_ehr(mimic, shards, out, window_hours=12, overwrite=True)
     assert again["options"]["window_hours"] == 12.0
+    old = {k: v for k, v in again.items() if k not in ("rule_version", "films_after_death")}
+    (out / "manifest.json").write_text(json.dumps({**old, "created": "made by the rule before issue 18"}))
+    relinked = link_ehr(mimic, shards, out, window_hours=12)                # an older rule's link is redone
+    assert relinked["created"] != "made by the rule before issue 18" and relinked["rule_version"] == 2
+    assert relinked["films_after_death"] == 0
     assert again["cache"]["labevents"]["cache"] == "hit"                    # the Parquet conversion is reused
     before = (shards / "manifest.json").read_bytes()
     with pytest.raises(RadalignError, match="not a link-ehr output"):     # --out pointing at the shards

@@ -472,8 +472,9 @@ def _link_error(planted, tmp_path, capsys, *extra) -> str:
 @pytest.mark.parametrize("table", ["hosp/admissions", "hosp/patients", "hosp/labevents", "hosp/d_labitems"])
 @pytest.mark.parametrize("keep", [0.6, 20])
 def test_gzip_cut_mid_stream_names_the_file_and_the_fix(planted, tmp_path, capsys, table, keep):
-    """A download cut short: mid-stream (60% of the bytes, labevents padded to 60k rows so that Arrow has
-    parsed some) or inside the gzip header (20 bytes)."""
+    """A download cut short: mid-stream (60% of the bytes; labevents padded to 60k rows, read by the Arrow
+    stream, whose read-ahead thread may meet the cut before or after it has handed batches over) or inside the
+    gzip header (20 bytes)."""
     mimic, _ = planted
     path = mimic / f"{table}.csv.gz"
     if table == "hosp/labevents":            # values the typed Arrow stream takes (`___` -> blank, 2.0e7 -> 2e7)
@@ -484,8 +485,8 @@ def test_gzip_cut_mid_stream_names_the_file_and_the_fix(planted, tmp_path, capsy
     err = _link_error(planted, tmp_path, capsys)
     assert f"{path}: the gzip stream ends early" in err and f"gzip -t {path}" in err
     assert "restore the file from the MIMIC-IV release" in err
-    if table == "hosp/labevents" and keep < 1:
-        assert re.search(r"about [\d,]+ data rows in", err), err
+    rows = re.search(r"about ([\d,]+) data rows in", err)     # when Arrow handed batches over before the cut
+    assert rows is None or (table == "hosp/labevents" and 0 < int(rows.group(1).replace(",", "")) < 60015), err
 
 
 @pytest.mark.parametrize("table, row, column", [("admissions", "last", "race"), ("admissions", 1, "race"),

@@ -318,7 +318,7 @@ def _vitals(rng, intime: datetime, outtime: datetime, z: float, lt: Latent, trut
 # Real MIMIC-IV quirks, planted after the encounters are drawn (docs/synthetic-data.md, "Linkage cases").
 #
 # Each patient draws them from a stream of its own, `default_rng([seed, 6, i])`, and new hadm_ids come from
-# `[seed, 5]`: the films, reports, labels and splits stay byte-identical to a generator without them.
+# `[seed, 7]`: the films, reports, labels and splits stay byte-identical to a generator without them.
 
 SPLIT_RATE = 0.04         # ED admissions (without an ICU stay) split into an observation stay + an admission
 EDREG_AFTER_RATE = 0.3    # direct admissions given an ED registration after admittime
@@ -340,7 +340,7 @@ def plant_quirks(records: list, seed: int) -> None:
     lab-level ones to the row's `_case`/`_study`/`_eligible` (a new row) or `_also` (a second case of a row).
     """
     taken = {a["hadm_id"] for r in records for a in r.admissions}
-    id_rng = np.random.default_rng([seed, 5])
+    id_rng = np.random.default_rng([seed, 7])
 
     def new_hadm() -> int:
         while True:

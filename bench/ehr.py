@@ -85,7 +85,8 @@ def generate(root: Path, n_rows: int, seed: int = 0) -> dict:
     _write_csv_gz(hosp / "admissions.csv.gz", {
         "subject_id": subjects[st_subj[adm_idx]], "hadm_id": 20_000_000 + np.arange(len(adm_idx)),
         "admittime": admit, "dischtime": admit + rng.integers(1, 20 * 86400, len(adm_idx)).astype("timedelta64[s]"),
-        "edregtime": pa.nulls(len(adm_idx), pa.timestamp("s")), "hospital_expire_flag": rng.integers(0, 2, len(adm_idx)),
+        "deathtime": pa.nulls(len(adm_idx), pa.timestamp("s")), "edregtime": pa.nulls(len(adm_idx), pa.timestamp("s")),
+        "hospital_expire_flag": rng.integers(0, 2, len(adm_idx)),
         "race": pa.repeat("WHITE", len(adm_idx)), "insurance": pa.repeat("Medicare", len(adm_idx)),
         "marital_status": pa.repeat("MARRIED", len(adm_idx)), "language": pa.repeat("ENGLISH", len(adm_idx))})
     _write_csv_gz(hosp / "d_labitems.csv.gz", {

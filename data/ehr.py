@@ -3,14 +3,16 @@
     manifest = link_ehr("/data/mimic-iv/2.2", "/data/shards", "/data/ehr", features="ehr/core")
 
 The rule (docs/ehr.md), with t0 = the study's `study_datetime` from the shards:
-* admission: the one whose span [edregtime (else admittime), dischtime] contains t0, the latest-starting if
-  several; demographics from it, else from the subject's latest admission that started before t0;
+* admission: among those whose span [min(edregtime, admittime), max(dischtime, deathtime)] contains t0, the
+  latest one already admitted (admittime <= t0), else (an ED film before any admittime) the earliest
+  admittime; demographics from it, else from the subject's latest admission that started before t0;
 * a feature (`configs/ehr/core.yaml`, `name: itemid`) is the `valuenum` of the latest event (by charttime) of
   its itemid for the subject, with or without hadm_id, that was *available* at t0: storetime <= t0 (charttime
   when storetime is blank) and charttime in [t0 - window, t0). Events without a numeric valuenum are skipped
   and counted. Ties on charttime: the later available, then the larger value;
 * outcomes strictly after t0: in-hospital mortality and length of stay of the linked admission, death
-  (patients.dod) within N days of t0's date.
+  (patients.dod) within N days of t0's date (null, and counted as `films_after_death`, for a film dated after
+  the death date).
 
 Engine: DuckDB with `memory_limit` and `temp_directory` set, so nothing big is ever decompressed in memory.
 `labevents` (and the vitals of `icu/chartevents`) are converted once to a Parquet file in the cache folder,
@@ -37,6 +39,7 @@ import re
 import shutil
 import tarfile
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -55,6 +58,7 @@ log = get_logger("data.ehr")
 
 MANIFEST_FORMAT = "radalign-ehr/1"
 CACHE_VERSION = 1
+RULE_VERSION = 2    # bump when the same inputs link to other values (2: issue 18's admission span and pick)
 SHARDS_FORMAT = "radalign-shards/1"  # data.prepare.MANIFEST_FORMAT (not imported: it pulls in the prepare stack)
 FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
 OUTCOME_KINDS = ("in_hospital_mortality", "los_days", "mortality_within_days")
@@ -67,9 +71,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 # table -> (path under --mimic-iv without .csv[.gz], the columns link-ehr reads). Real MIMIC-IV (2.x/3.x) layout.
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "patients": ("hosp/patients", ("subject_id", "gender", "anchor_age", "anchor_year", "dod")),
-    "admissions": ("hosp/admissions", ("subject_id", "hadm_id", "admittime", "dischtime", "edregtime",
-                                       "hospital_expire_flag", "race", "insurance", "marital_status",
-                                       "language")),
+    "admissions": ("hosp/admissions", ("subject_id", "hadm_id", "admittime", "dischtime", "deathtime",
+                                       "edregtime", "hospital_expire_flag", "race", "insurance",
+                                       "marital_status", "language")),
     "labevents": ("hosp/labevents", ("subject_id", "hadm_id", "itemid", "charttime", "storetime", "valuenum")),
     "d_labitems": ("hosp/d_labitems", ("itemid", "label")),
 }
@@ -175,13 +179,107 @@ def _find(root: Path, rel: str) -> Path | None:
 
 
 def _header(path: Path) -> list[str]:
+    """The column names: line 1 only, so that a bad byte further down is reported where it is, not here."""
     opener = gzip.open if path.suffix == ".gz" else open
     try:
-        with opener(path, "rt", encoding="utf-8", newline="") as f:
-            return next(csv.reader(f), [])
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise RadalignError(f"{path}: cannot read its header ({e}); restore the file from the MIMIC-IV "
-                            "release") from None
+        with opener(path, "rb") as f:
+            line = f.readline()
+    except (OSError, EOFError, zlib.error) as e:
+        if _is_compression_error(e):
+            raise _damaged_gzip(path, e) from None
+        raise RadalignError(f"{path}: cannot read its header ({e}); {RESTORE}") from None
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RadalignError(f"{path}, line 1 (the header), character {e.start + 1}: byte 0x{line[e.start]:02x} is "
+                            f"not UTF-8; {RESTORE}") from None
+    return next(csv.reader([text.rstrip("\r\n")]), [])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Input errors as sentences (file, row, column, fix) instead of a reader's traceback.
+
+RESTORE = "restore the file from the MIMIC-IV release (PhysioNet's SHA256SUMS.txt lists each file's checksum)"
+UTF8_SCAN_LINES = 10_000_000   # how far `_bad_utf8_field` reads to name the column (an error path only)
+
+
+def _is_compression_error(e: BaseException) -> bool:
+    """A cut or damaged gzip stream (zlib, ISA-L, Arrow, DuckDB word it differently); not e.g. a full disk."""
+    if isinstance(e, (EOFError, zlib.error, gzip.BadGzipFile)):
+        return True
+    return isinstance(e, OSError) and bool(re.search(r"compress|gzip|zlib|inflate|crc", str(e), re.IGNORECASE))
+
+
+def _damaged_gzip(path: Path, e: BaseException | None = None, rows: int | None = None) -> RadalignError:
+    where = f", about {rows:,} data rows in" if rows else ""
+    text = str(e or "")
+    if e is None or isinstance(e, EOFError) or re.search(r"truncat|end of|ended", text, re.IGNORECASE):
+        what = f"the gzip stream ends early{where} (the file was cut short: an interrupted download or copy)"
+    else:
+        what = f"the gzip data is damaged{where} ({text.splitlines()[0] if text else type(e).__name__})"
+    return RadalignError(f"{path}: {what}; `gzip -t {path}` confirms it; {RESTORE}")
+
+
+def _bad_utf8_field(path: Path, line: int) -> tuple[str, int] | None:
+    """(column, byte) of the first field of physical line `line` (1 = the header) that is not UTF-8."""
+    if not 1 < line <= UTF8_SCAN_LINES:
+        return None
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            header = f.readline()
+            raw = header
+            for _ in range(line - 1):
+                raw = f.readline()
+    except (OSError, EOFError, zlib.error):
+        return None
+    names = next(csv.reader([header.decode("utf-8", "replace").rstrip("\r\n")]), [])
+    fields = next(csv.reader([raw.decode("latin-1").rstrip("\r\n")]), [])
+    for name, value in zip(names, fields):
+        data = value.encode("latin-1")
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return name, data[err.start]
+    return None
+
+
+def _not_utf8(path: Path, line: int) -> RadalignError:
+    found = _bad_utf8_field(path, line)
+    where = f", column {found[0]!r}: byte 0x{found[1]:02x} is" if found else ": a byte is"
+    return RadalignError(
+        f"{path}, line {line:,} (data row {line - 1:,}){where} not UTF-8 (MIMIC-IV is UTF-8: the copy is damaged "
+        f"or was re-encoded); {RESTORE}, or convert it, e.g. `zcat {path.name} | iconv -f latin1 -t utf-8 | "
+        f"gzip > fixed.csv.gz`")
+
+
+def _size_bytes(size: str) -> float:
+    """'512MB' -> 512e6, '2GiB' -> 2 * 2**30 (a size `_check_options` accepted)."""
+    m = re.match(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(I?)B", size.upper())
+    return float(m.group(1)) * (1024 if m.group(3) else 1000) ** " KMGT".index(m.group(2) or " ")
+
+
+def _out_of_memory(e: BaseException, memory_limit: str) -> RadalignError:
+    bigger = "2GB (the default)" if _size_bytes(memory_limit) < 2e9 else f"{2 * _size_bytes(memory_limit) / 1e9:g}GB"
+    return RadalignError(f"DuckDB ran out of memory under --memory-limit {memory_limit} ({str(e).splitlines()[0]}); "
+                         f"raise it, e.g. --memory-limit {bigger}, or lower --threads (each thread holds buffers)")
+
+
+def _input_error(e: BaseException, memory_limit: str) -> RadalignError | None:
+    """A sentence for a DuckDB error met while reading the tables (None: not one we know)."""
+    import duckdb
+
+    text = str(e)
+    if isinstance(e, duckdb.OutOfMemoryException):
+        return _out_of_memory(e, memory_limit)
+    cut = re.search(r"Unexpected end of GZIP stream: (.+)$", text, re.MULTILINE)
+    if cut:
+        return _damaged_gzip(Path(cut.group(1).strip()))
+    line = re.search(r"CSV Error on Line: (\d+)", text)
+    file = re.search(r"^\s*file = (.+)$", text, re.MULTILINE)
+    if "Invalid unicode" in text and line and file:
+        return _not_utf8(Path(file.group(1).strip()), int(line.group(1)))
+    return None
 
 
 def find_tables(mimic_iv: str | os.PathLike, *, vitals: bool) -> dict[str, Table]:
@@ -468,7 +566,7 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
     types = {c: pa.type_for_alias(EVENT_TYPES[c]) for c in cols}
     keep = pa.array(sorted(int(i) for i in itemids), pa.int64()) if itemids else None
     src = _csv_stream(table.path)
-    rows, pending, n_pending = 0, [], 0
+    rows, pending, n_pending, read = 0, [], 0, 0
     try:
         reader = pcsv.open_csv(src, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES, use_threads=True),
                                parse_options=pcsv.ParseOptions(newlines_in_values=True),
@@ -476,6 +574,7 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
         schema = pa.schema([(c, types[c]) for c in cols])
         with pq.ParquetWriter(str(out), schema, compression="zstd") as writer:
             for batch in reader:
+                read += batch.num_rows
                 if keep is not None:
                     batch = batch.filter(pc.is_in(batch["itemid"], value_set=keep))
                 pending.append(batch)
@@ -485,6 +584,10 @@ def _arrow_convert(table: Table, out: Path, itemids=None) -> int:
             rows += _flush(writer, pending)
     except pa.ArrowInvalid as e:
         raise _StrictParseError(str(e).splitlines()[0]) from None
+    except (OSError, EOFError, zlib.error) as e:
+        if not _is_compression_error(e):
+            raise
+        raise _damaged_gzip(table.path, e, rows=read) from None
     finally:
         src.close()
     return rows
@@ -541,17 +644,19 @@ def _load_small_tables(con, tables: dict[str, Table]) -> dict[str, int]:
                TRY_CAST(trim(anchor_year) AS INTEGER) AS anchor_year, CAST({_ts('dod')} AS DATE) AS dod
         FROM {csv_sql(tables['patients'])}
         QUALIFY row_number() OVER (PARTITION BY subject_id ORDER BY anchor_year) = 1""")
+    # The span (docs/ehr.md): real MIMIC-IV has edregtime after admittime, and in-hospital deaths discharged at
+    # 00:00 with deathtime later that day; least/greatest skip NULLs (no ED visit, no death).
     _do(con, f"""CREATE OR REPLACE TEMP TABLE adm AS
-        SELECT *, coalesce(edregtime, admittime) AS span_start,
+        SELECT *, least(edregtime, admittime) AS span_start, greatest(dischtime, deathtime) AS span_end,
                (epoch_us(dischtime) - epoch_us(admittime)) / 86400e6 AS los
         FROM (SELECT {_int('subject_id')} AS subject_id, {_int('hadm_id')} AS hadm_id,
                      {_ts('admittime')} AS admittime, {_ts('dischtime')} AS dischtime,
-                     {_ts('edregtime')} AS edregtime,
+                     {_ts('deathtime')} AS deathtime, {_ts('edregtime')} AS edregtime,
                      TRY_CAST(trim(hospital_expire_flag) AS INTEGER) AS hospital_expire_flag,
                      race, insurance, marital_status, language
               FROM {csv_sql(tables['admissions'])})""")
     n = {t: con.execute(f"SELECT count(*) FROM {t}").fetchall()[0][0] for t in ("pat", "adm")}
-    bad = con.execute("SELECT count(*) FROM adm WHERE span_start IS NULL OR dischtime IS NULL").fetchall()[0][0]
+    bad = con.execute("SELECT count(*) FROM adm WHERE span_start IS NULL OR span_end IS NULL").fetchall()[0][0]
     return {"patients": int(n["pat"]), "admissions": int(n["adm"]), "admissions_without_times": int(bad)}
 
 
@@ -568,23 +673,32 @@ def _register_studies(con, studies: pd.DataFrame, window_hours: float) -> None:
 
 
 def _admission_frame(con) -> pd.DataFrame:
-    """Per study with t0: linked admission, demographics admission, patient fields (NULLs when absent)."""
-    _do(con, """CREATE OR REPLACE TEMP TABLE link AS
-        SELECT s.study_key, a.hadm_id, a.admittime, a.dischtime, a.hospital_expire_flag, a.los
-        FROM s JOIN adm a ON a.subject_id = s.subject_id AND a.span_start <= s.t0 AND s.t0 <= a.dischtime
-        QUALIFY row_number() OVER (PARTITION BY s.study_key ORDER BY a.span_start DESC, a.hadm_id DESC) = 1""")
-    _do(con, """CREATE OR REPLACE TEMP TABLE demo AS
+    """Per study with t0: linked admission, demographics admission, patient fields (NULLs when absent).
+
+    Linked: among the admissions whose span contains t0, the latest one already admitted (admittime <= t0);
+    when none is (an ED film before any admittime), the earliest admittime; ties: the larger hadm_id.
+    hadm_ids are not in time order, so they only break ties of equal times.
+    """
+    admitted = "coalesce(a.admittime <= s.t0, false)"
+    _do(con, f"""CREATE OR REPLACE TEMP TABLE link AS
+        SELECT s.study_key, a.hadm_id, a.admittime, a.dischtime, a.hospital_expire_flag, a.los,
+               a.race, a.insurance, a.marital_status, a.language
+        FROM s JOIN adm a ON a.subject_id = s.subject_id AND a.span_start <= s.t0 AND s.t0 <= a.span_end
+        QUALIFY row_number() OVER (PARTITION BY s.study_key ORDER BY {admitted} DESC,
+            CASE WHEN {admitted} THEN a.admittime END DESC NULLS LAST, a.admittime ASC NULLS LAST,
+            a.hadm_id DESC) = 1""")
+    _do(con, """CREATE OR REPLACE TEMP TABLE prior AS
         SELECT s.study_key, a.race, a.insurance, a.marital_status, a.language
-        FROM s JOIN adm a ON a.subject_id = s.subject_id
-             AND ((a.span_start <= s.t0 AND s.t0 <= a.dischtime) OR a.span_start < s.t0)
-        QUALIFY row_number() OVER (PARTITION BY s.study_key
-            ORDER BY (a.span_start <= s.t0 AND s.t0 <= a.dischtime) DESC, a.span_start DESC, a.hadm_id DESC) = 1""")
-    return con.execute("""
+        FROM s JOIN adm a ON a.subject_id = s.subject_id AND a.span_start < s.t0
+        QUALIFY row_number() OVER (PARTITION BY s.study_key ORDER BY a.span_start DESC, a.hadm_id DESC) = 1""")
+    demo = ", ".join(f"CASE WHEN l.study_key IS NULL THEN d.{c} ELSE l.{c} END AS {c}"
+                     for c in ("race", "insurance", "marital_status", "language"))
+    return con.execute(f"""
         SELECT s.study_key, s.t0, l.hadm_id, l.admittime, l.dischtime, l.hospital_expire_flag, l.los,
                p.subject_id IS NOT NULL AS in_patients, p.gender, p.anchor_age + year(s.t0) - p.anchor_year AS age,
-               p.dod, CAST(s.t0 AS DATE) AS t0_date, d.race, d.insurance, d.marital_status, d.language
+               p.dod, CAST(s.t0 AS DATE) AS t0_date, {demo}
         FROM s LEFT JOIN link l USING (study_key) LEFT JOIN pat p ON p.subject_id = s.subject_id
-               LEFT JOIN demo d USING (study_key)""").df()
+               LEFT JOIN prior d USING (study_key)""").df()
 
 
 def latest_values(con, parquet: Path, items: dict[str, int]) -> tuple[pd.DataFrame, dict]:
@@ -637,16 +751,26 @@ def _table_counts(con, parquet: Path, items: dict[str, int]) -> dict:
             "non_numeric_rows": {n: int(nonnum.get(i, 0)) for n, i in items.items()}}
 
 
+def _days_to_death(adm: pd.DataFrame) -> pd.Series:
+    """patients.dod - date(t0) in whole days (NaN without a dod, a t0 or a patients row)."""
+    return (pd.to_datetime(adm["dod"]) - pd.to_datetime(adm["t0_date"])).dt.days
+
+
+def _after_death(adm: pd.DataFrame) -> pd.Series:
+    """Films dated after the patient's death date (real MIMIC-IV has some): their death outcome is unknown."""
+    return (adm["in_patients"].fillna(False).astype(bool) & (_days_to_death(adm) < 0)).fillna(False)
+
+
 def _outcome(spec: OutcomeSpec, adm: pd.DataFrame) -> pd.Series:
     if spec.kind == "in_hospital_mortality":
         return adm["hospital_expire_flag"].astype("Int64")
     if spec.kind == "los_days":
         return adm["los"].astype("float64")
-    days = (pd.to_datetime(adm["dod"]) - pd.to_datetime(adm["t0_date"])).dt.days
+    days = _days_to_death(adm)
     in_patients = adm["in_patients"].fillna(False).astype(bool)   # False for studies without t0 too
     out = pd.Series(pd.NA, index=adm.index, dtype="Int64")
     out[in_patients & adm["dod"].isna()] = 0
-    known = in_patients & days.notna() & (days >= 0)
+    known = in_patients & days.notna() & ~_after_death(adm)       # a death on the film's own date is day 0
     out[known] = (days[known] <= spec.days).astype("int64")
     return out
 
@@ -687,10 +811,12 @@ def link_studies(con, studies: pd.DataFrame, tables: dict[str, Table], flist: Fe
         studies_no_admission=int((has_t0 & frame["hadm_id"].isna()).sum()),
         subjects_absent_from_patients=int(frame.loc[absent_all, "subject_id"].nunique()),
         studies_of_subjects_absent_from_patients=int(absent.sum()),
-        studies_dod_before_film=int((has_t0 & adm["in_patients"].fillna(False).to_numpy(dtype=bool)
-                                     & (pd.to_datetime(adm["dod"]) < pd.to_datetime(adm["t0_date"]))
-                                     .fillna(False).to_numpy(dtype=bool)).sum()),
+        films_after_death=int(_after_death(adm).sum()),
         feature_coverage=coverage, skipped_events=skipped, values_from_draws_without_hadm_id=outpatient)
+    deaths = [n for n, spec in flist.outcome_specs().items() if spec.kind == "mortality_within_days"]
+    if counts["films_after_death"] and deaths:
+        log.warning(f"{counts['films_after_death']} film(s) dated after the patient's death date (patients.dod): "
+                    f"{', '.join(deaths)} left null for them, never 0 or 1 (manifest: films_after_death)")
     return _typed(frame, flist, vitals is not None), counts
 
 
@@ -788,8 +914,8 @@ def _check_options(window_hours: float, memory_limit: str, shards: Path) -> None
 
 
 def _previous(out: Path, options: dict, inputs: dict, overwrite: bool) -> dict | None:
-    """The existing manifest when OUT already holds this exact link (then nothing is redone); raises when OUT
-    holds a link made with other options and `overwrite` is off."""
+    """The existing manifest when OUT already holds this exact link (then nothing is redone; a link made by an
+    older rule is redone); raises when OUT holds a link made with other options and `overwrite` is off."""
     file = out / "manifest.json"
     if not file.is_file():
         return None
@@ -807,7 +933,7 @@ def _previous(out: Path, options: dict, inputs: dict, overwrite: bool) -> dict |
         desc = ", ".join(f"{k}: {old.get('options', {}).get(k)!r} -> {options[k]!r}" for k in differ)
         raise RadalignError(f"{out} holds a link-ehr output made with other options ({desc}); pass --overwrite "
                             "to replace it, or choose another --out")
-    if old.get("inputs") == inputs:
+    if old.get("inputs") == inputs and old.get("rule_version") == RULE_VERSION:
         return old
     return None
 
@@ -843,7 +969,8 @@ def link_ehr(mimic_iv: str | os.PathLike, shards: str | os.PathLike, out: str | 
         with output_lock(cache_dir, what="cache folder"):
             manifest = _link_and_write(out, cache_dir, studies, study_counts, tables, flist, window_hours,
                                        memory_limit, threads, progress, seconds)
-        manifest.update(format=MANIFEST_FORMAT, created=time.strftime("%Y-%m-%dT%H:%M:%S"), options=options,
+        manifest.update(format=MANIFEST_FORMAT, rule_version=RULE_VERSION,
+                        created=time.strftime("%Y-%m-%dT%H:%M:%S"), options=options,
                         feature_list=str(flist_path), memory_limit=memory_limit, inputs=inputs)
         seconds["total"] = round(time.perf_counter() - t_start, 3)
         manifest["seconds"] = seconds
@@ -879,6 +1006,11 @@ def link_frame(studies: pd.DataFrame, tables: dict[str, Table], flist: FeatureLi
         if vitals is not None:
             counts["chartevents"] = _table_counts(con, vitals, flist.vitals)
         seconds["link"] = round(time.perf_counter() - t, 3)
+    except Exception as e:
+        sentence = _input_error(e, memory_limit)
+        if sentence is None:
+            raise
+        raise sentence from None
     finally:
         con.close()
         shutil.rmtree(tmpdir, ignore_errors=True)

@@ -52,7 +52,8 @@ def summary(m: dict, out) -> str:
              f"({', '.join(f'{k} {v:,}' for k, v in m['rows_written']['finetune'].items())}) "
              f"in {m.get('seconds', {}).get('total', 0):.1f} s",
              f"  no study_datetime {m['studies_without_datetime']:,}, no admission {m['studies_no_admission']:,}, "
-             f"subjects absent from patients {m['subjects_absent_from_patients']:,}"]
+             f"subjects absent from patients {m['subjects_absent_from_patients']:,}, "
+             f"films dated after the death date {m['films_after_death']:,} (death outcomes null)"]
     cov = ", ".join(f"{k} {v['fraction']:.0%}" for k, v in m["feature_coverage"].items())
     lines.append(f"  coverage (share of studies with a value): {cov}")
     sk = m["skipped_events"]

@@ -60,7 +60,7 @@ PATHOLOGIES = tuple(n for n in CHEXPERT_LABELS if n not in ("No Finding", "Suppo
 VIEW_CODE = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral"}
 SPLIT_FRACTIONS = (("train", 0.8), ("validate", 0.1), ("test", 0.1))
 MARKER = "synth.json"
-GENERATOR_VERSION = 4                                 # bump when the same arguments give different data
+GENERATOR_VERSION = 5                                 # bump when the same arguments give different data
 
 
 @dataclass
@@ -89,6 +89,7 @@ class PatientRecord:
     labs: list[dict]                                  # planted cases carry "_case", "_study" (a local index)
     fewer_labs: bool
     stays: list[dict] = field(default_factory=list)   # icustays rows (+ "_vitals" arrays), local hadm index
+    cases: list[tuple] = field(default_factory=list)  # planted quirks: (case, study index, expected hadm_id)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -564,6 +565,7 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
     extra_rng = np.random.default_rng([seed, 4])                              # ids added in generator v2
     _assign_stays(records, _unique_ids(extra_rng, sum(len(r.stays) for r in records), 30_000_000, 40_000_000))
     absent_patients = _absent_patients(extra_rng, patients)
+    ehr.plant_quirks(records, seed)                   # streams of their own: films and splits stay as they were
     latin1 = set(ids_rng.choice(len(studies), size=max(1, round(0.01 * len(studies))), replace=False).tolist())
     absent = set(ids_rng.choice(len(studies), size=max(1, round(0.01 * len(studies))), replace=False).tolist()) \
         if len(studies) >= 3 else set()
@@ -627,7 +629,8 @@ def synthesize(out_dir, *, patients: int = 2000, seed: int = 0, image_size: int 
     paths, counts = _write_tables(out, records, meta, split_rows, cx_rows, gt_rows, label_rows, icu=icu)
     summary = {
         "patients": patients, "studies": len(studies), "images": len(tasks) if images else 0,
-        "reports": len(studies), "lab_rows": sum(len(r.labs) for r in records), "admissions": n_adm,
+        "reports": len(studies), "lab_rows": sum(len(r.labs) for r in records),
+        "admissions": sum(len(r.admissions) for r in records),
         "studies_without_admission": sum(1 for r in records for s in r.studies if not _in_admission(s, r)),
         "studies_absent_from_label_files": len(absent), "latin1_reports": len(latin1),
         "subjects_absent_from_patients": len(absent_patients), **counts,
@@ -687,13 +690,15 @@ def _drop_from_hosp(rec: PatientRecord) -> None:
         lab["hadm_id"] = None
     for s in rec.studies:
         s.hadm, s.case = None, "subject_absent_from_patients"
+    rec.cases.clear()
 
 
 def _in_admission(s: Study, r: PatientRecord) -> bool:
-    """Whether a study's time lies in one of the subject's admission spans (edregtime, else admittime, to
-    dischtime) -- independent of `Study.hadm`, as a check of the generator."""
+    """Whether a study's time lies in one of the subject's admission spans (the earlier of edregtime and
+    admittime to the later of dischtime and deathtime) -- independent of `Study.hadm`, as a check."""
     t = s.when.strftime("%Y-%m-%d %H:%M:%S")
-    return any((a["edregtime"] or a["admittime"]) <= t <= a["dischtime"] for a in r.admissions)
+    return any(min(a["edregtime"] or a["admittime"], a["admittime"]) <= t <= max(a["dischtime"], a["deathtime"])
+               for a in r.admissions)
 
 
 def _split_patients(rng, n: int) -> list[str]:
@@ -758,7 +763,7 @@ def _write_tables(out: Path, records, meta, split_rows, cx_rows, gt_rows, label_
 
 def _labevents(records) -> pd.DataFrame:
     """labevents rows sorted as the real file, with the planted-case columns (`_case`, ...) still attached."""
-    cols = [*ehr.LAB_COLUMNS, "_case", "_study_id", "_eligible"]
+    cols = [*ehr.LAB_COLUMNS, "_case", "_study_id", "_eligible", "_also"]
     labs = pd.DataFrame([lab for r in records for lab in r.labs], columns=cols)
     labs = labs.sort_values(["subject_id", "charttime", "itemid"], kind="stable").reset_index(drop=True)
     labs["labevent_id"] = np.arange(1, len(labs) + 1)
@@ -768,18 +773,24 @@ def _labevents(records) -> pd.DataFrame:
 
 def _linkage_cases(records, labs: pd.DataFrame) -> pd.DataFrame:
     """Where each planted linkage case is (docs/synthetic-data.md, "Linkage cases"): one row per study or lab."""
-    planted = labs[labs["_case"].notna()]
-    lab_rows = pd.DataFrame({"case": planted["_case"], "subject_id": planted["subject_id"],
-                             "study_id": planted["_study_id"].astype("Int64"), "hadm_id": planted["hadm_id"],
-                             "labevent_id": planted["labevent_id"], "itemid": planted["itemid"],
-                             "eligible": planted["_eligible"].astype("Int64")})
+    lab_rows = [_lab_case_rows(labs[labs[col].notna()], col) for col in ("_case", "_also")]
     study_rows = pd.DataFrame([{"case": s.case, "subject_id": s.subject_id, "study_id": s.study_id,
-                                "hadm_id": s.hadm} for r in records for s in r.studies if s.case],
+                                "hadm_id": s.hadm} for r in records for s in r.studies if s.case]
+                              + [{"case": case, "subject_id": r.studies[k].subject_id,
+                                  "study_id": r.studies[k].study_id, "hadm_id": hadm}
+                                 for r in records for case, k, hadm in r.cases],
                               columns=["case", "subject_id", "study_id", "hadm_id"])
-    out = pd.concat([study_rows, lab_rows], ignore_index=True).reindex(columns=LINKAGE_CASE_COLUMNS)
+    out = pd.concat([study_rows, *lab_rows], ignore_index=True).reindex(columns=LINKAGE_CASE_COLUMNS)
     for col in ("study_id", "hadm_id", "labevent_id", "itemid", "eligible"):
         out[col] = out[col].astype("Int64")
     return out.sort_values(["case", "subject_id", "study_id", "labevent_id"], kind="stable")
+
+
+def _lab_case_rows(planted: pd.DataFrame, column: str) -> pd.DataFrame:
+    return pd.DataFrame({"case": planted[column], "subject_id": planted["subject_id"],
+                         "study_id": planted["_study_id"].astype("Int64"), "hadm_id": planted["hadm_id"],
+                         "labevent_id": planted["labevent_id"], "itemid": planted["itemid"],
+                         "eligible": planted["_eligible"].astype("Int64")})
 
 
 def _write_icu(icu: Path, records, counts: dict) -> dict[str, Path]:

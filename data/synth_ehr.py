@@ -315,6 +315,178 @@ def _vitals(rng, intime: datetime, outtime: datetime, z: float, lt: Latent, trut
 
 
 # ----------------------------------------------------------------------------------------------------
+# Real MIMIC-IV quirks, planted after the encounters are drawn (docs/synthetic-data.md, "Linkage cases").
+#
+# Each patient draws them from a stream of its own, `default_rng([seed, 6, i])`, and new hadm_ids come from
+# `[seed, 7]`: the films, reports, labels and splits stay byte-identical to a generator without them.
+
+SPLIT_RATE = 0.04         # ED admissions (without an ICU stay) split into an observation stay + an admission
+EDREG_AFTER_RATE = 0.3    # direct admissions given an ED registration after admittime
+DEATH_DAY_RATE = 0.3      # in-hospital deaths discharged at 00:00/00:01 (always when a film was taken that day)
+AFTER_DEATH_RATE = 0.03   # surviving patients given a dod before their last film (when it can be)
+DUPLICATE_RATE = 0.08     # planted usable lab rows repeated at the same charttime with a smaller value
+MASKED_RATE = (0.005, 0.05)   # `___` value with a numeric valuenum: any numeric row / a planted usable row
+
+
+def parse_time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%d %H:%M:%S")
+
+
+def plant_quirks(records: list, seed: int) -> None:
+    """Plant the quirks of real MIMIC-IV in every patient record (after hadm_ids are assigned).
+
+    A record (data.synth.PatientRecord) has `row` (patients), `admissions`, `labs`, `stays` and `studies` (each
+    with `when` and `hadm`); study-level cases go to `record.cases` as (case, study index, expected hadm_id),
+    lab-level ones to the row's `_case`/`_study`/`_eligible` (a new row) or `_also` (a second case of a row).
+    """
+    taken = {a["hadm_id"] for r in records for a in r.admissions}
+    id_rng = np.random.default_rng([seed, 7])
+
+    def new_hadm() -> int:
+        while True:
+            hadm = int(id_rng.integers(20_000_000, 30_000_000))
+            if hadm not in taken:
+                taken.add(hadm)
+                return hadm
+
+    for i, rec in enumerate(records):
+        rng = np.random.default_rng([seed, 6, i])
+        _split_admissions(rec, rng, new_hadm)
+        _edreg_after_admittime(rec, rng)
+        _death_day_discharge(rec, rng)
+        _dod_before_last_film(rec, rng)
+        _duplicate_draws(rec, rng)
+        _masked_values(rec, rng)
+
+
+def _films(rec, hadm: int) -> list[tuple[datetime, int]]:
+    return sorted((s.when, k) for k, s in enumerate(rec.studies) if s.hadm == hadm)
+
+
+def _split_admissions(rec, rng, new_hadm) -> None:
+    """An ED observation stay ended by an admission a minute later, both with the ED visit's edregtime and
+    hadm_ids in no time order (real: subject 10002930). Its films link to the stay up to its dischtime (an ED
+    film before admittime to the stay too: the earlier admittime), later ones to the admission."""
+    with_icu = {st["hadm_id"] for st in rec.stays}
+    for a in list(rec.admissions):
+        if not a["edregtime"] or a["hadm_id"] in with_icu or rng.random() >= SPLIT_RATE:
+            continue
+        admit, disch = parse_time(a["admittime"]), parse_time(a["dischtime"])
+        after = [w for w, _ in _films(rec, a["hadm_id"]) if w >= admit]
+        end = ((after[0] if after else admit) + timedelta(hours=float(rng.uniform(0.2, 4)))).replace(
+            second=0, microsecond=0)
+        if end >= disch - timedelta(hours=2):
+            continue
+        first, second = a["hadm_id"], new_hadm()
+        rec.admissions.append(dict(a, hadm_id=second, admittime=fmt_time(end + timedelta(minutes=1))))
+        a.update(dischtime=fmt_time(end), deathtime="", hospital_expire_flag=0, discharge_location="",
+                 admission_type="EU OBSERVATION")
+        for lab in rec.labs:
+            if lab["hadm_id"] == first and parse_time(lab["charttime"]) > end:
+                lab["hadm_id"] = second
+        for when, k in _films(rec, first):
+            rec.studies[k].hadm = first if when <= end else second
+            rec.cases.append(("overlapping_admissions", k, rec.studies[k].hadm))
+
+
+def _edreg_after_admittime(rec, rng) -> None:
+    """A direct admission whose ED registration is recorded after admittime (real: subject 10019003): the
+    films between admittime and edregtime belong to the admission."""
+    for a in rec.admissions:
+        if a["edregtime"] or rng.random() >= EDREG_AFTER_RATE:
+            continue
+        admit, disch = parse_time(a["admittime"]), parse_time(a["dischtime"])
+        films = _films(rec, a["hadm_id"])
+        if not films:
+            continue
+        edreg = (films[0][0] + timedelta(hours=float(rng.uniform(0.5, 12)))).replace(second=0, microsecond=0)
+        if edreg >= disch:
+            continue
+        a.update(edregtime=fmt_time(edreg),
+                 edouttime=fmt_time(min(disch, edreg + timedelta(hours=float(rng.uniform(1, 4))))))
+        rec.cases += [("edreg_after_admittime", k, a["hadm_id"]) for w, k in films if admit <= w < edreg]
+
+
+def _death_day_discharge(rec, rng) -> None:
+    """An in-hospital death discharged at 00:00 or 00:01 of the death day, deathtime later that day (real:
+    four in the MIMIC-IV demo). Films of that morning belong to the admission."""
+    for a in rec.admissions:
+        if not a["deathtime"]:
+            continue
+        admit, death = parse_time(a["admittime"]), parse_time(a["deathtime"])
+        midnight = death.replace(hour=0, minute=0, second=0) + timedelta(minutes=int(rng.integers(0, 2)))
+        films = [(w, k) for w, k in _films(rec, a["hadm_id"]) if midnight < w <= death]
+        if midnight <= admit or death <= midnight or (not films and rng.random() >= DEATH_DAY_RATE):
+            continue
+        a["dischtime"] = fmt_time(midnight)
+        rec.cases += [("death_day_discharge", k, a["hadm_id"]) for _, k in films]
+
+
+def _dod_before_last_film(rec, rng) -> None:
+    """A patient whose dod precedes the last encounter's films by 1-3 days (real MIMIC-IV has films dated after
+    the death date); only when the earlier films are over 30 days before it, so that no 30-day outcome turns
+    into a death the films cannot show. The films on a death date are listed too (a death on day 0 counts)."""
+    if not rec.row.get("dod") and rng.random() < AFTER_DEATH_RATE:
+        days = sorted({s.when.date() for s in rec.studies})
+        dod = days[-1] - timedelta(days=int(rng.integers(1, 4)))
+        if len(days) >= 2 and (dod - days[-2]).days > 30:
+            rec.row["dod"] = dod.isoformat()
+    dod = rec.row.get("dod")
+    for k, s in enumerate(rec.studies):
+        day = s.when.date().isoformat()
+        if dod and day > dod:
+            rec.cases.append(("film_after_death", k, None))
+        elif dod and day == dod:
+            rec.cases.append(("death_on_film_date", k, None))
+
+
+def _latest_before(labs: list[dict], lab: dict, t0: datetime) -> bool:
+    """Whether `lab` is the only row of its item drawn in [its charttime, t0) (so it alone decides the value)."""
+    chart = parse_time(lab["charttime"])
+    return not any(o is not lab and o["itemid"] == lab["itemid"] and chart <= parse_time(o["charttime"]) < t0
+                   for o in labs)
+
+
+def _value(itemid: int, num: float) -> dict:
+    _, _, _, _, lo, hi, dec = LAB_ITEMS[itemid]
+    return {"value": f"{num:.{dec}f}" if dec else str(int(num)), "valuenum": num,
+            "flag": "abnormal" if (num < lo or num > hi) else ""}
+
+
+def _duplicate_draws(rec, rng) -> None:
+    """A usable lab result repeated at the same charttime (another specimen) with a *smaller* value, stored
+    later: by the film (it wins the tie: the later stored) or after it (not yet resulted: the first stands)."""
+    for lab in list(rec.labs):
+        if lab.get("_eligible") != 1 or lab["valuenum"] is None or not lab["storetime"] \
+                or rng.random() >= DUPLICATE_RATE:
+            continue
+        t0, stored = rec.studies[lab["_study"]].when, parse_time(lab["storetime"])
+        dec = LAB_ITEMS[lab["itemid"]][6]
+        num = round(min(lab["valuenum"] * (1 - rng.uniform(0.03, 0.2)), lab["valuenum"] - 10.0 ** -dec), dec)
+        room = int((t0 - stored).total_seconds() // 60)            # whole minutes from storetime to the film
+        if num <= 0 or not _latest_before(rec.labs, lab, t0):
+            continue
+        late = room < 1 or rng.random() < 0.3
+        store = (t0.replace(second=0, microsecond=0) + timedelta(minutes=int(rng.integers(1, 30))) if late
+                 else stored + timedelta(minutes=int(rng.integers(1, room + 1))))
+        dup = {k: v for k, v in lab.items() if k != "_also"}
+        dup.update(_value(lab["itemid"], float(num)), specimen_id=int(rng.integers(10_000_000, 99_999_999)),
+                   storetime=fmt_time(store), _case="duplicate_charttime", _eligible=int(not late))
+        rec.labs.append(dup)
+
+
+def _masked_values(rec, rng) -> None:
+    """`value` removed as `___` while `valuenum` keeps the number (real MIMIC-IV): the number is usable."""
+    for lab in rec.labs:
+        planted = lab.get("_eligible") == 1
+        if lab["valuenum"] is None or rng.random() >= MASKED_RATE[planted]:
+            continue
+        lab["value"] = "___"
+        if planted and _latest_before(rec.labs, lab, rec.studies[lab["_study"]].when):
+            lab["_also"] = "masked_value_numeric"
+
+
+# ----------------------------------------------------------------------------------------------------
 # The truth-level table: how much each modality can tell about the outcomes (issue 11)
 
 TRUTH_WINDOW_HOURS = 24.0
@@ -340,22 +512,27 @@ def _study_times(root) -> pd.DataFrame:
 def linked_studies(root, window_hours: float = TRUTH_WINDOW_HOURS) -> pd.DataFrame:
     """A plain-pandas reference of the linkage rule (issue 10) on a synthetic set, one row per study.
 
-    Admission: the latest-starting one whose span [edregtime (else admittime), dischtime] contains t0.
+    Admission: among those whose span [min(edregtime, admittime), max(dischtime, deathtime)] contains t0, the
+    latest already admitted (admittime <= t0), else the earliest admittime.
     Lab `{name}`: valuenum of the latest event (outpatient ones included) with storetime <= t0 (charttime
     when storetime is blank) and charttime in [t0 - window, t0); ties on charttime go to the later
     storetime, then the larger labevent_id; non-numeric valuenum is skipped. `{name}_hours`: t0 - charttime.
     Outcomes: in_hospital_mortality (null without an admission), los_days, mortality_30d (dod within 30
-    days of t0's date; 0 when blank; null for subjects absent from patients). Age from patients.
+    days of t0's date; 0 when blank; null for subjects absent from patients and for films dated after the
+    dod). Age from patients.
     """
     hosp = Path(root) / "mimic-iv" / "hosp"
     st = _study_times(root)
-    adm = pd.read_csv(hosp / "admissions.csv.gz", usecols=["subject_id", "hadm_id", "admittime", "dischtime",
-                                                          "edregtime", "hospital_expire_flag"],
-                      parse_dates=["admittime", "dischtime", "edregtime"])
-    adm["start"] = adm["edregtime"].fillna(adm["admittime"])
+    times = ["admittime", "dischtime", "deathtime", "edregtime"]
+    adm = pd.read_csv(hosp / "admissions.csv.gz", usecols=["subject_id", "hadm_id", *times, "hospital_expire_flag"],
+                      parse_dates=times)
+    adm["start"], adm["end"] = adm[["edregtime", "admittime"]].min(axis=1), adm[["dischtime", "deathtime"]].max(axis=1)
     pair = st[["study_id", "subject_id", "t0"]].merge(adm, on="subject_id")
-    pair = pair[(pair["start"] <= pair["t0"]) & (pair["t0"] <= pair["dischtime"])]
-    pair = pair.sort_values(["study_id", "start"]).drop_duplicates("study_id", keep="last")
+    pair = pair[(pair["start"] <= pair["t0"]) & (pair["t0"] <= pair["end"])].copy()
+    pair["admitted"] = pair["admittime"] <= pair["t0"]
+    ns = pair["admittime"].astype("int64")
+    pair["order"] = np.where(pair["admitted"], ns, -ns)          # kept last: the latest admitted, else the earliest
+    pair = pair.sort_values(["study_id", "admitted", "order", "hadm_id"]).drop_duplicates("study_id", keep="last")
     pair["los_days"] = (pair["dischtime"] - pair["admittime"]).dt.total_seconds() / 86400
     out = st.merge(pair[["study_id", "hadm_id", "hospital_expire_flag", "los_days"]], on="study_id", how="left")
     out = out.rename(columns={"hospital_expire_flag": "in_hospital_mortality"})
@@ -365,7 +542,7 @@ def linked_studies(root, window_hours: float = TRUTH_WINDOW_HOURS) -> pd.DataFra
     out["age"] = out["anchor_age"] + out["t0"].dt.year - out["anchor_year"]
     days = (out["dod"] - out["t0"].dt.normalize()).dt.days
     known = out["anchor_age"].notna()
-    out["mortality_30d"] = np.where(known, (days.notna() & (days >= 0) & (days <= 30)).astype(float), np.nan)
+    out["mortality_30d"] = np.where(known & ~(days < 0), (days.notna() & (days <= 30)).astype(float), np.nan)
     out = out.drop(columns=["anchor_age", "anchor_year", "dod"])
     return out.merge(_lab_features(hosp, st, window_hours), on="study_id", how="left")
 

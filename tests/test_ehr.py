@@ -7,9 +7,11 @@ from the rows written in `planted` (times are on one synthetic day, t0 = 2152-03
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
+import re
 import subprocess
 import sys
 import tarfile
@@ -63,9 +65,10 @@ def lab(subject, itemid, drawn, stored, valuenum, hadm=None, value=None) -> dict
             "ref_range_lower": "", "ref_range_upper": "", "flag": "", "priority": "STAT", "comments": ""}
 
 
-def admission(subject, hadm, admit, disch, *, edreg=None, died=0, race="WHITE", insurance="Medicare") -> dict:
+def admission(subject, hadm, admit, disch, *, edreg=None, died=0, race="WHITE", insurance="Medicare",
+              death=None) -> dict:
     return {"subject_id": subject, "hadm_id": hadm, "admittime": ts(admit), "dischtime": ts(disch),
-            "deathtime": ts(disch) if died else "", "admission_type": "EW EMER.", "admit_provider_id": "P1",
+            "deathtime": ts(death or disch) if died else "", "admission_type": "EW EMER.", "admit_provider_id": "P1",
             "admission_location": "EMERGENCY ROOM", "discharge_location": "DIED" if died else "HOME",
             "insurance": insurance, "language": "ENGLISH", "marital_status": "MARRIED", "race": race,
             "edregtime": ts(edreg), "edouttime": ts(admit) if edreg else "", "hospital_expire_flag": died}
@@ -122,7 +125,7 @@ def planted(tmp_path) -> tuple[Path, Path]:
         # B: only a past admission (demographics come from it) and a future one (never used)
         admission(B, 20000002, h(-24 * 400), h(-24 * 395), race="ASIAN", insurance="Medicaid"),
         admission(B, 20000003, h(24 * 5), h(24 * 9), race="FUTURE", insurance="FUTURE"),
-        # E: two admissions contain t0; the latest-starting (20000005) wins
+        # E: two admissions contain t0, both admitted by then; the latest admitted (20000005) wins
         admission(E, 20000004, h(-48), h(48), race="OLDER"),
         admission(E, 20000005, h(-6), h(24), race="LATER", died=0),
         # C (absent from patients) has an admission containing t0
@@ -193,7 +196,7 @@ def test_ed_film_before_admittime_links_and_outcomes(planted, tmp_path):
     assert a["hadm_id"] == 20000001 and a["admittime"] == h(2) and a["dischtime"] == h(86)
     assert a["in_hospital_mortality"] == 1 and a["los_days"] == pytest.approx(3.5)
     assert a["mortality_30d"] == 1 and a["age"] == 62 and a["gender"] == "F"
-    assert f.loc[E, "hadm_id"] == 20000005 and f.loc[E, "race"] == "LATER"          # latest-starting
+    assert f.loc[E, "hadm_id"] == 20000005 and f.loc[E, "race"] == "LATER"          # latest admitted
     assert f.loc[F, "mortality_30d"] == 0 and f.loc[F, "age"] == 50                # dod 40 days later
 
 
@@ -243,6 +246,157 @@ def test_window_option_changes_the_rule(planted, tmp_path):
     f, _ = run(planted, tmp_path, window_hours=0.75)
     assert np.isnan(f.loc[A, "creatinine"])                # drawn 1 h before: outside a 45-minute window
     assert f.loc[B, "white_blood_cells"] != f.loc[B, "white_blood_cells"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The refined rule on the real MIMIC-IV cases (issue 18), and every as-of comparison at equality.
+
+G, H, Q, J, J2, K, L, N = (10000011, 10000012, 10000013, 10000014, 10000015, 10000016, 10000017, 10000018)
+M0, M30, M31, MNEG = 10000021, 10000022, 10000023, 10000024      # dod 0, 30, 31, -1 days from the film's date
+
+
+def at(hhmm: str, day: int = 0) -> datetime:
+    """A time on T0's day (+ `day` days): at("06:24"), at("11:44:30")."""
+    return datetime.fromisoformat(f"2152-03-{10 + day:02d} {hhmm}")
+
+
+@pytest.fixture()
+def edges(tmp_path) -> tuple[Path, Path]:
+    """A hand-made MIMIC-IV folder for the refined admission rule and the boundaries (expected values in the
+    tests below are worked out by hand from these rows)."""
+    hosp = tmp_path / "mimic-iv" / "hosp"
+    day = lambda n: (T0 + timedelta(days=n)).strftime("%Y-%m-%d")  # noqa: E731
+    write_csv_gz(hosp / "patients.csv.gz", [
+        *[patient(s, 60, 2152) for s in (G, H, Q, K, L, N)],
+        patient(J, 80, 2152, dod=day(0)), patient(J2, 81, 2152, dod=day(0)),
+        patient(M0, 70, 2152, dod=day(0)), patient(M30, 70, 2152, dod=day(30)),
+        patient(M31, 70, 2152, dod=day(31)), patient(MNEG, 70, 2152, dod=day(-1)),
+    ], PATIENT_COLS)
+    write_csv_gz(hosp / "admissions.csv.gz", [
+        # G (real: subject 10002930): ED observation 06:18-11:44, admission from 11:45, one edregtime 05:04;
+        # the later admission has the larger hadm_id. H: the same times, hadm_ids the other way round.
+        admission(G, 22380825, at("06:18"), at("11:44"), edreg=at("05:04"), race="FIRST"),
+        admission(G, 23688993, at("11:45"), at("09:30", 6), edreg=at("05:04"), race="SECOND"),
+        admission(H, 29000001, at("06:18"), at("11:44"), edreg=at("05:04"), race="FIRST"),
+        admission(H, 21000001, at("11:45"), at("09:30", 6), edreg=at("05:04"), race="SECOND"),
+        # Q (real: subject 10019003): edregtime 21:03 after admittime 00:02 of the same day
+        admission(Q, 26529390, at("00:02"), at("10:00", 3), edreg=at("21:03")),
+        # J: died 15:00, discharged 00:00 that day; J2: discharged 00:01, died 06:30
+        admission(J, 27000001, at("08:00", -3), at("00:00"), died=1, death=at("15:00")),
+        admission(J2, 27000002, at("20:00", -2), at("00:01"), died=1, death=at("06:30")),
+        # K: two admissions contain t0; the second was admitted exactly at t0 (it is the latest admitted)
+        admission(K, 28000009, T0 - timedelta(hours=30), T0 + timedelta(hours=48), race="EARLIER"),
+        admission(K, 28000001, T0, T0 + timedelta(hours=72), edreg=T0 - timedelta(hours=2), race="AT_T0"),
+        # L: the ED registration exactly at t0, admitted 3 h later
+        admission(L, 28000002, T0 + timedelta(hours=3), T0 + timedelta(days=4), edreg=T0),
+    ], ADMISSION_COLS)
+    labs = [
+        lab(N, 50912, h(-5), h(-4), 1.2),                                  # creatinine: older value
+        lab(N, 50912, h(-2), T0, 1.7),                                     # ... stored exactly at t0: used
+        lab(N, 50983, h(-3), h(-2), 141),                                  # sodium tie on charttime: the later
+        lab(N, 50983, h(-3), h(-1), 135),                                  # stored (the smaller value) wins
+        lab(N, 50971, h(-3), h(-2), 4.1),                                  # potassium tie on charttime and
+        lab(N, 50971, h(-3), h(-2), 3.9),                                  # storetime: the larger value
+        lab(N, 50931, h(-3), h(-2), 120),                                  # glucose tie, the later stored one
+        lab(N, 50931, h(-3), T0 + timedelta(seconds=1), 90),              # one second after t0: not yet
+        lab(N, 51222, h(-1), h(-0.5), 11.2, value="___"),                  # hemoglobin `___`, valuenum 11.2
+        lab(N, 51301, h(-24), h(-23), 9.1),                                # WBC drawn exactly t0 - 24 h
+        lab(N, 51265, T0, T0, 300),                                        # platelets drawn at t0: not before
+    ]
+    for i, row in enumerate(labs):
+        row["labevent_id"] = i + 1
+    write_csv_gz(hosp / "labevents.csv.gz", labs, LAB_COLS)
+    write_csv_gz(hosp / "d_labitems.csv.gz", [{"itemid": k, "label": v, "fluid": "Blood", "category": "Chemistry"}
+                                              for k, v in D_LAB.items()], ["itemid", "label", "fluid", "category"])
+    films = [(G, at("05:30")), (G, at("06:24")), (G, at("08:24")), (G, at("11:44")), (G, at("11:44:30")),
+             (G, at("11:45")), (G, at("08:00", 2)),
+             (H, at("05:30")), (H, at("06:24")), (H, at("08:24")), (H, at("11:44")), (H, at("11:44:30")),
+             (H, at("11:45")), (H, at("08:00", 2)),
+             (Q, at("00:01:59")), (Q, at("10:32")), (Q, at("21:03")),
+             (J, at("09:00")), (J, at("15:00")), (J, at("15:00:01")), (J2, at("06:29")),
+             (K, T0), (L, T0 - timedelta(seconds=1)), (L, T0), (N, T0),
+             (M0, T0), (M30, T0), (M31, T0), (MNEG, T0)]
+    shards = write_shards(tmp_path / "shards", [image(s, 60000000 + k, f"d{k}", "train", when)
+                                                for k, (s, when) in enumerate(films)])
+    return tmp_path / "mimic-iv", shards
+
+
+def run_edges(edges, tmp_path) -> tuple[pd.DataFrame, dict]:
+    manifest = link_ehr(*edges, tmp_path / "ehr")
+    return read_ehr(tmp_path / "ehr").set_index(["subject_id", "study_datetime"]), manifest
+
+
+@pytest.mark.parametrize("subject, first, second", [(G, 22380825, 23688993), (H, 29000001, 21000001)])
+def test_overlapping_admissions_sharing_edregtime_link_the_one_admitted(edges, tmp_path, subject, first, second):
+    """Films before the later admittime link to the earlier admission whatever the hadm_ids' order: an ED film
+    before both admittimes to the earliest, one during the first to it (its own dischtime included)."""
+    f, _ = run_edges(edges, tmp_path)
+    expected = {at("05:30"): first, at("06:24"): first, at("08:24"): first, at("11:44"): first,
+                at("11:44:30"): second, at("11:45"): second, at("08:00", 2): second}
+    for when, hadm in expected.items():
+        row = f.loc[(subject, when)]
+        assert row["hadm_id"] == hadm, when
+        assert row["race"] == ("FIRST" if hadm == first else "SECOND"), when          # demographics follow
+    los_first = (at("11:44") - at("06:18")).total_seconds() / 86400                   # 0.23 days, not 5.9
+    assert f.loc[(subject, at("06:24")), "los_days"] == pytest.approx(los_first)
+    assert f.loc[(subject, at("05:30")), "admittime"] == at("06:18")
+
+
+def test_edregtime_after_admittime_and_death_day_discharge_extend_the_span(edges, tmp_path):
+    """The span runs from the earlier of edregtime and admittime to the later of dischtime and deathtime, both
+    ends included: one second outside it there is no admission."""
+    f, m = run_edges(edges, tmp_path)
+    assert pd.isna(f.loc[(Q, at("00:01:59")), "hadm_id"])                              # before admittime 00:02
+    for when in (at("10:32"), at("21:03")):
+        assert f.loc[(Q, when), "hadm_id"] == 26529390
+    assert f.loc[(Q, at("10:32")), "los_days"] == pytest.approx((at("10:00", 3) - at("00:02")).total_seconds()
+                                                                 / 86400)
+    for subject, when in ((J, at("09:00")), (J, at("15:00")), (J2, at("06:29"))):     # deathtime 15:00 / 06:30
+        row = f.loc[(subject, when)]
+        assert row["hadm_id"] in (27000001, 27000002) and row["in_hospital_mortality"] == 1, (subject, when)
+        assert row["mortality_30d"] == 1
+    assert f.loc[(J, at("09:00")), "los_days"] == pytest.approx(64 / 24)              # dischtime - admittime
+    late = f.loc[(J, at("15:00:01"))]
+    assert pd.isna(late["hadm_id"]) and pd.isna(late["in_hospital_mortality"]) and late["mortality_30d"] == 1
+    assert m["rows_scanned"]["admissions_without_times"] == 0
+
+
+def test_admission_boundaries_at_equality(edges, tmp_path):
+    """admittime == t0 counts as admitted (K: the latest admitted wins over the earlier one, whose hadm_id is
+    larger); edregtime == t0 starts the span (L), one second earlier does not."""
+    f, _ = run_edges(edges, tmp_path)
+    assert f.loc[(K, T0), "hadm_id"] == 28000001 and f.loc[(K, T0), "race"] == "AT_T0"
+    assert f.loc[(K, T0), "los_days"] == pytest.approx(3.0)
+    assert f.loc[(L, T0), "hadm_id"] == 28000002
+    assert pd.isna(f.loc[(L, T0 - timedelta(seconds=1)), "hadm_id"])
+
+
+def test_as_of_boundaries_at_equality_and_ties(edges, tmp_path):
+    f, m = run_edges(edges, tmp_path)
+    n = f.loc[(N, T0)]
+    assert n["creatinine"] == 1.7 and n["creatinine_hours"] == pytest.approx(2.0)    # stored exactly at t0
+    assert n["sodium"] == 135                         # same charttime: the later stored, although smaller
+    assert n["potassium"] == 4.1                      # same charttime and storetime: the larger value
+    assert n["glucose"] == 120                        # the later stored is one second after t0: not yet
+    assert n["hemoglobin"] == 11.2                    # `___` in value, the number in valuenum: used
+    assert n["white_blood_cells"] == 9.1 and n["white_blood_cells_hours"] == pytest.approx(24.0)
+    assert np.isnan(n["platelets"])                   # drawn at t0: not before the film
+    assert m["skipped_events"]["glucose"]["not_yet_resulted"] == 1
+    assert m["skipped_events"]["creatinine"]["not_yet_resulted"] == 0
+
+
+def test_mortality_horizon_boundaries_and_films_after_death(edges, tmp_path, caplog):
+    """dod - date(t0): 0 (died the film's day) and 30 count, 31 does not, -1 (a film after the death date) is
+    unknown: null, counted in the manifest and said in the log and the CLI summary."""
+    from data.ehr_cli import summary
+
+    with caplog.at_level("WARNING", logger="data.ehr"):
+        f, m = run_edges(edges, tmp_path)
+    assert f.loc[(M0, T0), "mortality_30d"] == 1 and f.loc[(M30, T0), "mortality_30d"] == 1
+    assert f.loc[(M31, T0), "mortality_30d"] == 0 and pd.isna(f.loc[(MNEG, T0), "mortality_30d"])
+    assert m["films_after_death"] == 1
+    assert "1 film(s) dated after the patient's death date" in caplog.text and "mortality_30d" in caplog.text
+    assert "films dated after the death date 1" in summary(m, tmp_path / "ehr")
 
 
 def test_finetune_table_contract(planted, tmp_path):
@@ -296,6 +450,95 @@ def test_missing_column_and_table_name_file_column_and_expected(planted, tmp_pat
     assert "patients.csv.gz: missing" in msg and "anchor_age" in msg
 
 
+def _edit_gz(path: Path, edit) -> None:
+    """Rewrite the gzipped CSV `path` with `edit(lines)` applied to its lines (bytes, header first)."""
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    path.write_bytes(gzip.compress(b"\n".join(edit(lines))))
+
+
+def _link_error(planted, tmp_path, capsys, *extra) -> str:
+    """link-ehr through the CLI: rc 2 and one sentence on stderr, never a traceback."""
+    from radalign.cli import main
+
+    mimic, shards = planted
+    rc = main(["data", "link-ehr", "--mimic-iv", str(mimic), "--shards", str(shards), "--out",
+               str(tmp_path / "ehr"), "--no-progress", *extra])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and "Traceback" not in err and "_duckdb" not in err, err
+    assert not (tmp_path / "ehr" / "manifest.json").exists()
+    return err
+
+
+@pytest.mark.parametrize("table", ["hosp/admissions", "hosp/patients", "hosp/labevents", "hosp/d_labitems"])
+@pytest.mark.parametrize("keep", [0.6, 20])
+def test_gzip_cut_mid_stream_names_the_file_and_the_fix(planted, tmp_path, capsys, table, keep):
+    """A download cut short: mid-stream (60% of the bytes; labevents padded to 60k rows, read by the Arrow
+    stream, whose read-ahead thread may meet the cut before or after it has handed batches over) or inside the
+    gzip header (20 bytes)."""
+    mimic, _ = planted
+    path = mimic / f"{table}.csv.gz"
+    if table == "hosp/labevents":            # values the typed Arrow stream takes (`___` -> blank, 2.0e7 -> 2e7)
+        _edit_gz(path, lambda lines: [re.sub(rb",(\d+)\.0,", rb",\1,", ln.replace(b",___,___,", b",___,,"))
+                                      for ln in lines[:-1] + [lines[1]] * 60000 + [b""]])
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep) if keep < 1 else keep])
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}: the gzip stream ends early" in err and f"gzip -t {path}" in err
+    assert "restore the file from the MIMIC-IV release" in err
+    rows = re.search(r"about ([\d,]+) data rows in", err)     # when Arrow handed batches over before the cut
+    assert rows is None or (table == "hosp/labevents" and 0 < int(rows.group(1).replace(",", "")) < 60015), err
+
+
+@pytest.mark.parametrize("table, row, column", [("admissions", "last", "race"), ("admissions", 1, "race"),
+                                                ("admissions", 1, "subject_id"), ("patients", "last", "gender"),
+                                                ("labevents", "last", "valuenum"), ("labevents", 2, "itemid")])
+def test_non_utf8_byte_names_file_line_and_column(planted, tmp_path, capsys, table, row, column):
+    """A byte that is not UTF-8 in a data row is reported at its line and column (row 1 is not the header)."""
+    path = planted[0] / "hosp" / f"{table}.csv.gz"
+    n = _plant_byte(path, row, column)
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}, line {n + 1} (data row {n}), column {column!r}: byte 0xb0 is not UTF-8" in err, err
+    assert "header" not in err and "restore the file" in err and "iconv -f latin1 -t utf-8" in err
+
+
+def _plant_byte(path: Path, row, column: str) -> int:
+    """A raw 0xb0 byte after the value of `column` in data row `row` (or "last"); returns the row number."""
+    lines = gzip.decompress(path.read_bytes()).split(b"\n")
+    n = len(lines) - 2 if row == "last" else row                       # lines[-1] is the empty tail
+    col = next(csv.reader([lines[0].decode()])).index(column)
+    fields = next(csv.reader([lines[n].decode()]))
+    fields[col] += "\udcb0"
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow(fields)
+    lines[n] = buf.getvalue().encode("utf-8", "surrogateescape")
+    path.write_bytes(gzip.compress(b"\n".join(lines)))
+    return n
+
+
+def test_non_utf8_byte_in_a_column_never_read_is_no_error(planted, tmp_path):
+    """link-ehr reads six labevents columns: a bad byte in `comments` changes nothing."""
+    mimic, shards = planted
+    before = link_ehr(mimic, shards, tmp_path / "a")
+    _plant_byte(mimic / "hosp" / "labevents.csv.gz", 2, "comments")
+    link_ehr(mimic, shards, tmp_path / "b")
+    pd.testing.assert_frame_equal(read_ehr(tmp_path / "a"), read_ehr(tmp_path / "b"))
+    assert before["rows_scanned"]["labevents"] == 15
+
+
+def test_non_utf8_byte_in_the_header_says_header(planted, tmp_path, capsys):
+    mimic, _ = planted
+    path = mimic / "hosp" / "admissions.csv.gz"
+    _edit_gz(path, lambda lines: [lines[0].replace(b"race", b"ra\xb0ce")] + lines[1:])
+    err = _link_error(planted, tmp_path, capsys)
+    assert f"{path}, line 1 (the header), character" in err and "byte 0xb0 is not UTF-8" in err
+
+
+@pytest.mark.parametrize("limit, advice", [("1MB", "--memory-limit 2GB (the default)"), ("1KiB", "2GB")])
+def test_too_small_memory_limit_says_raise_it(planted, tmp_path, capsys, limit, advice):
+    err = _link_error(planted, tmp_path, capsys, "--memory-limit", limit)
+    assert f"DuckDB ran out of memory under --memory-limit {limit}" in err and advice in err and "raise it" in err
+
+
 def test_unknown_itemid_lists_the_closest_labels(planted, tmp_path):
     mimic, shards = planted
     yaml = tmp_path / "bad.yaml"
@@ -315,6 +558,11 @@ def test_rerun_other_options_refuses_unless_overwrite(planted, tmp_path):
         link_ehr(mimic, shards, out, window_hours=12)
     again = link_ehr(mimic, shards, out, window_hours=12, overwrite=True)
     assert again["options"]["window_hours"] == 12.0
+    old = {k: v for k, v in again.items() if k not in ("rule_version", "films_after_death")}
+    (out / "manifest.json").write_text(json.dumps({**old, "created": "made by the rule before issue 18"}))
+    relinked = link_ehr(mimic, shards, out, window_hours=12)                # an older rule's link is redone
+    assert relinked["created"] != "made by the rule before issue 18" and relinked["rule_version"] == 2
+    assert relinked["films_after_death"] == 0
     assert again["cache"]["labevents"]["cache"] == "hit"                    # the Parquet conversion is reused
     before = (shards / "manifest.json").read_bytes()
     with pytest.raises(RadalignError, match="not a link-ehr output"):     # --out pointing at the shards
@@ -430,7 +678,8 @@ def test_cli_runs_and_reports_errors(planted, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The generator's output against an independent plain-pandas implementation of the rule.
+# The generator's output against an independent plain-pandas implementation of the rule, and each planted
+# real-MIMIC-IV case against its documented outcome.
 
 
 def _shard_studies(shards: Path) -> pd.DataFrame:
@@ -447,46 +696,72 @@ def _shard_studies(shards: Path) -> pd.DataFrame:
     return df.groupby(["subject_id", "study_id"], as_index=False).agg(split=("split", "first"), t0=("t0", "min"))
 
 
+def _metadata_studies(jpg: Path) -> pd.DataFrame:
+    """subject_id, study_id, t0 from MIMIC-CXR-JPG's metadata (StudyDate + the HHMMSS.fff StudyTime, by string)."""
+    meta = pd.read_csv(jpg / "mimic-cxr-2.0.0-metadata.csv.gz", dtype={"StudyTime": str, "StudyDate": str})
+    meta = meta.drop_duplicates("study_id")
+    parts = meta["StudyTime"].str.partition(".")
+    hhmmss, frac = parts[0].str.zfill(6), parts[2]
+    t0 = pd.to_datetime(meta["StudyDate"] + hhmmss, format="%Y%m%d%H%M%S") + pd.to_timedelta(
+        frac.str.ljust(3, "0").str[:3].replace("", "0").astype(int), unit="ms")
+    return pd.DataFrame({"subject_id": meta["subject_id"], "study_id": meta["study_id"], "t0": t0.to_numpy()})
+
+
 def _events(path: Path) -> pd.DataFrame:
     ev = pd.read_csv(path, dtype={"value": str, "valuenum": str})
     ev["valuenum"] = pd.to_numeric(ev["valuenum"], errors="coerce")
     ev["charttime"] = pd.to_datetime(ev["charttime"])
     ev["avail"] = pd.to_datetime(ev["storetime"]).fillna(ev["charttime"])
-    return ev
+    return ev[ev["valuenum"].notna()]
 
 
-def _latest(mine: pd.DataFrame, row: dict, items: dict[str, int], t0, window) -> None:
+def _latest(events: pd.DataFrame, studies: pd.DataFrame, items: dict[str, int], window) -> pd.DataFrame:
+    """Per study: `{name}` and `{name}_hours` of the latest numeric event drawn in [t0 - window, t0) and stored by
+    t0 (ties: the later stored, then the larger value); a merge on subject_id, masks, a sort, the last row."""
+    m = studies[["study_id", "subject_id", "t0"]].merge(events[events.itemid.isin(items.values())], on="subject_id")
+    m = m[(m.charttime >= m.t0 - window) & (m.charttime < m.t0) & (m.avail <= m.t0)]
+    last = m.sort_values(["study_id", "itemid", "charttime", "avail", "valuenum"]).groupby(["study_id", "itemid"]).tail(1)
+    out = pd.DataFrame(index=pd.Index(studies["study_id"], name="study_id"))
     for name, itemid in items.items():
-        ok = mine[(mine.itemid == itemid) & (mine.charttime >= t0 - window) & (mine.charttime < t0)
-                  & (mine.avail <= t0) & mine.valuenum.notna()]
-        ok = ok.sort_values(["charttime", "avail", "valuenum"]).tail(1)
-        row[name] = ok.valuenum.iloc[0] if len(ok) else np.nan
-        row[f"{name}_hours"] = ((t0 - ok.charttime.iloc[0]).total_seconds() / 3600) if len(ok) else np.nan
+        mine = last[last.itemid == itemid].set_index("study_id")
+        out[name] = mine.valuenum.reindex(out.index)
+        out[f"{name}_hours"] = ((mine.t0 - mine.charttime).dt.total_seconds() / 3600).reindex(out.index)
+    return out
 
 
-def reference_link(mimic: Path, shards: Path, items: dict[str, int], window_hours: float,
+def _admission(mine: pd.DataFrame, t0) -> pd.DataFrame:
+    """The documented pick: spans [min(edreg, admit), max(disch, death)] holding t0; the latest admitted by t0,
+    else the earliest admittime; ties the larger hadm_id."""
+    a = mine[(mine.start <= t0) & (t0 <= mine.end)]
+    admitted = a[a.admittime <= t0]
+    if len(admitted):
+        return admitted.sort_values(["admittime", "hadm_id"]).tail(1)
+    return a.sort_values(["admittime", "hadm_id"], ascending=[False, True]).tail(1)
+
+
+def reference_link(mimic: Path, studies: pd.DataFrame, items: dict[str, int], window_hours: float,
                    vitals: dict[str, int]) -> pd.DataFrame:
-    """The rule of issue 10, written out row by row in pandas (small inputs only)."""
+    """The rule of docs/ehr.md in plain pandas: the admission study by study, the values by a merge (small inputs
+    only). `studies`: subject_id, study_id, t0."""
     hosp = mimic / "hosp"
     pat = pd.read_csv(hosp / "patients.csv.gz").set_index("subject_id")
     adm = pd.read_csv(hosp / "admissions.csv.gz")
-    for col in ("admittime", "dischtime", "edregtime"):
+    for col in ("admittime", "dischtime", "deathtime", "edregtime"):
         adm[col] = pd.to_datetime(adm[col])
-    adm["start"] = adm["edregtime"].fillna(adm["admittime"])
-    labs = _events(hosp / "labevents.csv.gz")
-    chart = _events(mimic / "icu" / "chartevents.csv.gz") if vitals else None
+    adm["start"] = adm[["edregtime", "admittime"]].min(axis=1)
+    adm["end"] = adm[["dischtime", "deathtime"]].max(axis=1)
+    adm_of = dict(tuple(adm.groupby("subject_id")))
     window = pd.Timedelta(hours=window_hours)
     out = []
-    for st in _shard_studies(shards).itertuples():
+    for st in studies.itertuples():
         row = {"subject_id": st.subject_id, "study_id": st.study_id}
-        t0 = st.t0
-        a = adm[(adm.subject_id == st.subject_id) & (adm.start <= t0) & (t0 <= adm.dischtime)]
-        a = a.sort_values(["start", "hadm_id"]).tail(1)
+        t0, adms = st.t0, adm_of.get(st.subject_id, adm.iloc[:0])
+        a = _admission(adms, t0)
         row["hadm_id"] = a.hadm_id.iloc[0] if len(a) else None
         row["in_hospital_mortality"] = a.hospital_expire_flag.iloc[0] if len(a) else None
         row["los_days"] = ((a.dischtime - a.admittime).dt.total_seconds() / 86400).iloc[0] if len(a) else np.nan
         if not len(a):
-            a = adm[(adm.subject_id == st.subject_id) & (adm.start < t0)].sort_values(["start", "hadm_id"]).tail(1)
+            a = adms[adms.start < t0].sort_values(["start", "hadm_id"]).tail(1)
         row["race"] = a.race.iloc[0] if len(a) and pd.notna(a.race.iloc[0]) else None
         if st.subject_id in pat.index:
             p = pat.loc[st.subject_id]
@@ -495,23 +770,28 @@ def reference_link(mimic: Path, shards: Path, items: dict[str, int], window_hour
             row["mortality_30d"] = 0 if days is None else (None if days < 0 else int(days <= 30))
         else:
             row["age"], row["mortality_30d"] = None, None
-        _latest(labs[labs.subject_id == st.subject_id], row, items, t0, window)
-        if vitals:
-            _latest(chart[chart.subject_id == st.subject_id], row, vitals, t0, window)
         out.append(row)
-    return pd.DataFrame(out).set_index(["subject_id", "study_id"]).sort_index()
+    frame = pd.DataFrame(out).set_index("study_id")
+    frame = frame.join(_latest(_events(hosp / "labevents.csv.gz"), studies, items, window))
+    if vitals:
+        frame = frame.join(_latest(_events(mimic / "icu" / "chartevents.csv.gz"), studies, vitals, window))
+    return frame.reset_index().set_index(["subject_id", "study_id"]).sort_index()
+
+
+def _assert_same(ours: pd.DataFrame, ref: pd.DataFrame) -> None:
+    assert list(ours.index) == list(ref.index)
+    for col in ref.columns.drop("race"):
+        a, b = ours[col].astype("float64").to_numpy(), ref[col].astype("float64").to_numpy()
+        assert np.allclose(a, b, equal_nan=True, atol=1e-9), (col, int((~np.isclose(a, b, equal_nan=True)).sum()))
+    assert list(ours["race"].fillna("-")) == list(ref["race"].fillna("-"))
 
 
 def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards, tmp_path):
     manifest = link_ehr(synth_root / "mimic-iv", synth_shards, tmp_path / "ehr")
     ours = read_ehr(tmp_path / "ehr").set_index(["subject_id", "study_id"]).sort_index()
-    ref = reference_link(synth_root / "mimic-iv", synth_shards, manifest["feature_itemids"], 24.0,
+    ref = reference_link(synth_root / "mimic-iv", _shard_studies(synth_shards), manifest["feature_itemids"], 24.0,
                          manifest["vitals_itemids"])
-    assert list(ours.index) == list(ref.index)
-    for col in ref.columns.drop("race"):
-        a, b = ours[col].astype("float64").to_numpy(), ref[col].astype("float64").to_numpy()
-        assert np.allclose(a, b, equal_nan=True, atol=1e-9), col
-    assert list(ours["race"].fillna("-")) == list(ref["race"].fillna("-"))
+    _assert_same(ours, ref)
     # the generator plants what the rule must get right, often enough to matter
     assert manifest["studies_no_admission"] > 0
     assert sum(v["not_yet_resulted"] for v in manifest["skipped_events"].values()) > 0
@@ -519,3 +799,61 @@ def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards,
     assert ours["creatinine"].notna().sum() >= 5
     if (synth_root / "mimic-iv" / "icu" / "chartevents.csv.gz").is_file():
         assert manifest["vitals"] and ours["heart_rate"].notna().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory) -> dict:
+    """1,000 synthetic patients without pixels (every planted case at least 3 times), linked by `link_frame` on
+    the studies of the metadata file (no shards needed)."""
+    from data.ehr import find_tables, link_frame, load_feature_list
+    from data.synth import synthesize
+
+    root = tmp_path_factory.mktemp("cohort")
+    synthesize(root, patients=1000, seed=1, image_size=32, progress=False, images=False)
+    studies = _metadata_studies(root / "mimic-cxr-jpg")
+    flist, _ = load_feature_list("ehr/core")
+    frame, counts = link_frame(studies.assign(split="train", study_datetime=studies["t0"].astype("datetime64[us]")),
+                               find_tables(root / "mimic-iv", vitals=True), flist, window_hours=24.0,
+                               cache_dir=root / "cache")
+    return {"root": root, "studies": studies, "flist": flist, "counts": counts,
+            "frame": frame.set_index(["subject_id", "study_id"]).sort_index(),
+            "cases": pd.read_csv(root / "linkage_cases.csv.gz", dtype={c: "Int64" for c in (
+                "study_id", "hadm_id", "labevent_id", "itemid", "eligible")})}
+
+
+def test_generated_cohort_matches_the_pandas_reference(cohort):
+    ref = reference_link(cohort["root"] / "mimic-iv", cohort["studies"], cohort["flist"].features, 24.0,
+                         cohort["flist"].vitals)
+    _assert_same(cohort["frame"], ref)
+
+
+def test_generated_linkage_cases_get_the_documented_outcome(cohort):
+    """Every planted case of the generator (linkage_cases.csv.gz) against the outcome docs/ehr.md documents."""
+    f, cases = cohort["frame"], cohort["cases"]
+    counts = cases["case"].value_counts()
+    study_cases = ("ed_film_before_admittime", "overlapping_admissions", "edreg_after_admittime",
+                   "death_day_discharge")
+    for case in (*study_cases, "film_after_death", "death_on_film_date", "duplicate_charttime",
+                 "masked_value_numeric"):
+        assert counts.get(case, 0) >= 3, (case, dict(counts))
+    row = lambda c: f.loc[(c.subject_id, c.study_id)]  # noqa: E731
+    for c in cases[cases["case"].isin(study_cases)].itertuples():
+        assert row(c)["hadm_id"] == c.hadm_id, c                          # linked to the admission planted
+    for c in cases[cases["case"] == "death_day_discharge"].itertuples():
+        assert row(c)["in_hospital_mortality"] == 1 and row(c)["mortality_30d"] == 1, c
+    after = cases[cases["case"] == "film_after_death"]
+    assert all(pd.isna(row(c)["mortality_30d"]) for c in after.itertuples())
+    assert cohort["counts"]["films_after_death"] == len(after)
+    assert all(row(c)["mortality_30d"] == 1 for c in cases[cases["case"] == "death_on_film_date"].itertuples())
+    labs = pd.read_csv(cohort["root"] / "mimic-iv/hosp/labevents.csv.gz", dtype={"value": str})
+    name = {v: k for k, v in cohort["flist"].features.items()}
+    for c in cases[cases["case"].isin(["duplicate_charttime", "masked_value_numeric"])].itertuples():
+        lab = labs.set_index("labevent_id").loc[c.labevent_id]
+        twin = labs[(labs.subject_id == c.subject_id) & (labs.itemid == c.itemid) & (labs.charttime == lab.charttime)
+                    & (labs.labevent_id != c.labevent_id)]
+        if c.case == "masked_value_numeric":
+            assert lab.value == "___" and len(twin) == 0 and c.eligible == 1
+            assert row(c)[name[c.itemid]] == lab.valuenum, c
+        else:                      # the twin: stored earlier with a larger value; the later stored wins if ready
+            assert len(twin) == 1 and twin.valuenum.iloc[0] > lab.valuenum and twin.storetime.iloc[0] < lab.storetime
+            assert row(c)[name[c.itemid]] == (lab.valuenum if c.eligible == 1 else twin.valuenum.iloc[0]), c

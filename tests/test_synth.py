@@ -192,7 +192,8 @@ def test_mimic_iv_tables_and_dates_are_consistent(run):
     assert set(labs["itemid"]) <= REAL_ITEMIDS and labs["labevent_id"].is_unique
     assert labs["hadm_id"].isna().any() and labs["hadm_id"].notna().any()     # labs with and without hadm_id
     assert labs["charttime"].str.fullmatch(r"21\d\d-\d\d-\d\d \d\d:\d\d:\d\d").all()
-    assert (labs["value"] == "___").sum() >= 0 and labs.loc[labs["value"] == "___", "valuenum"].isna().all()
+    masked = labs[labs["value"] == "___"]                     # removed text: with and without a valuenum
+    assert masked["valuenum"].isna().any() and masked["valuenum"].notna().any()
     adm = _csv(hosp / "admissions.csv.gz")
     assert adm["hadm_id"].astype(str).str.fullmatch(r"2\d{7}").all() and adm["hadm_id"].is_unique
     assert summary["studies_without_admission"] > 0
@@ -209,8 +210,9 @@ def test_mimic_iv_tables_and_dates_are_consistent(run):
     for row in labs.itertuples():
         t = datetime.strptime(row.charttime, "%Y-%m-%d %H:%M:%S")
         assert min(abs(t - s) for s in study_times[row.subject_id]) < timedelta(days=60), row
-    # Labs with an hadm_id lie inside that admission; years agree with anchor_year.
-    spans = {r.hadm_id: (r.admittime, r.dischtime) for r in adm.itertuples()}
+    # Labs with an hadm_id lie inside that admission (to deathtime when later); years agree with anchor_year.
+    spans = {r.hadm_id: (r.admittime, max(r.dischtime, r.deathtime if isinstance(r.deathtime, str) else ""))
+             for r in adm.itertuples()}
     for row in labs.dropna(subset=["hadm_id"]).itertuples():
         lo, hi = spans[row.hadm_id]
         assert lo <= row.charttime <= hi, (lo, row.charttime, hi)
@@ -316,7 +318,7 @@ def _t0(meta: pd.DataFrame) -> dict[int, datetime]:
 @pytest.fixture(scope="module")
 def ehr_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth_ehr")
-    summary = synthesize(out, patients=300, seed=3, image_size=32, progress=False, images=False)
+    summary = synthesize(out, patients=1000, seed=1, image_size=32, progress=False, images=False)
     return out, summary
 
 
@@ -375,7 +377,8 @@ def test_icu_tables_follow_the_real_layout(ehr_run):
     assert len(stays) == summary["icu_stays"] > 0 and stays["stay_id"].astype(str).str.fullmatch(r"3\d{7}").all()
     for st in stays.itertuples():
         a = adm.loc[st.hadm_id]
-        assert a.admittime <= st.intime < st.outtime <= a.dischtime and a.subject_id == st.subject_id
+        end = max(a.dischtime, a.deathtime) if isinstance(a.deathtime, str) else a.dischtime
+        assert a.admittime <= st.intime < st.outtime <= end and a.subject_id == st.subject_id
         hours = (datetime.fromisoformat(st.outtime) - datetime.fromisoformat(st.intime)).total_seconds() / 86400
         assert abs(st.los - hours) < 1e-6
     ce = pd.read_csv(icu / "chartevents.csv.gz")
@@ -405,3 +408,71 @@ def test_truth_table_orders_both_above_each_modality(tmp_path):
         assert row["events_test"] >= 25, row
         assert row["both"] > row["findings"] + 0.02 and row["both"] > row["labs"] + 0.02, row
     assert "| in_hospital_mortality |" in table.markdown()
+
+
+def test_real_mimic_iv_quirks_are_planted_as_documented(ehr_run):
+    """The quirks of real MIMIC-IV (docs/synthetic-data.md), each checked by hand from the written rows:
+    overlapping admissions sharing one edregtime (hadm_ids in either order), edregtime after admittime, deaths
+    discharged at 00:00/00:01, films after the death date, duplicate draws at one charttime, `___` with a
+    numeric valuenum. tests/test_ehr.py checks what link-ehr makes of each."""
+    out, summary = ehr_run
+    cases = pd.read_csv(out / "linkage_cases.csv.gz", dtype={"hadm_id": "Int64", "labevent_id": "Int64"})
+    quirks = ("overlapping_admissions", "edreg_after_admittime", "death_day_discharge", "film_after_death",
+              "death_on_film_date", "duplicate_charttime", "masked_value_numeric")
+    for case in quirks:
+        assert summary[f"case_{case}"] == (cases["case"] == case).sum() >= 3, case
+    t0 = _t0(_csv(out / "mimic-cxr-jpg/mimic-cxr-2.0.0-metadata.csv.gz"))
+    hosp = out / "mimic-iv/hosp"
+    adm = _csv(hosp / "admissions.csv.gz")
+    by_hadm, dod = adm.set_index("hadm_id"), _csv(hosp / "patients.csv.gz").set_index("subject_id")["dod"]
+    parse = lambda v: datetime.strptime(v, "%Y-%m-%d %H:%M:%S")  # noqa: E731
+    orders = set()
+    for row in cases[cases["case"] == "overlapping_admissions"].itertuples():
+        a = by_hadm.loc[row.hadm_id]
+        pair = adm[(adm.subject_id == row.subject_id) & (adm.edregtime == a.edregtime)].sort_values("admittime")
+        assert len(pair) == 2, row
+        first, second = pair.iloc[0], pair.iloc[1]
+        assert parse(second.admittime) == parse(first.dischtime) + timedelta(minutes=1)
+        assert parse(first.edregtime) <= t0[row.study_id]
+        assert row.hadm_id == (first.hadm_id if t0[row.study_id] <= parse(first.dischtime) else second.hadm_id)
+        orders.add(first.hadm_id < second.hadm_id)
+    assert orders == {True, False}                                       # hadm_ids are not in time order
+    for row in cases[cases["case"] == "edreg_after_admittime"].itertuples():
+        a = by_hadm.loc[row.hadm_id]
+        assert parse(a.admittime) <= t0[row.study_id] < parse(a.edregtime) <= parse(a.dischtime), row
+    for row in cases[cases["case"] == "death_day_discharge"].itertuples():
+        a = by_hadm.loc[row.hadm_id]
+        assert a.dischtime[11:] in ("00:00:00", "00:01:00") and a.deathtime[:10] == a.dischtime[:10], row
+        assert parse(a.dischtime) < t0[row.study_id] <= parse(a.deathtime) and a.hospital_expire_flag == 1
+    for case, holds in (("film_after_death", lambda day, d: day > d), ("death_on_film_date", lambda day, d: day == d)):
+        for row in cases[cases["case"] == case].itertuples():
+            assert holds(t0[row.study_id].strftime("%Y-%m-%d"), dod[row.subject_id]), row
+    labs = _csv(hosp / "labevents.csv.gz").set_index("labevent_id")
+    for row in cases[cases["case"] == "duplicate_charttime"].itertuples():
+        lab = labs.loc[row.labevent_id]
+        twin = labs[(labs.subject_id == row.subject_id) & (labs.itemid == row.itemid)
+                    & (labs.charttime == lab.charttime) & (labs.index != row.labevent_id)]
+        assert len(twin) == 1 and twin.valuenum.iloc[0] > lab.valuenum and twin.storetime.iloc[0] < lab.storetime
+        assert row.eligible == int(parse(lab.storetime) <= t0[row.study_id])
+    assert set(cases.loc[cases["case"] == "duplicate_charttime", "eligible"]) == {0, 1}
+    masked = labs.loc[cases.loc[cases["case"] == "masked_value_numeric", "labevent_id"]]
+    assert (masked["value"] == "___").all() and masked["valuenum"].notna().all()
+
+
+def test_quirks_leave_films_reports_labels_and_splits_as_they_were(run, tmp_path, monkeypatch):
+    """The quirks draw from streams of their own: without them every file outside mimic-iv/ (images, reports,
+    label files, splits, ground truth) is byte-identical, so pretraining and zero-shot numbers do not move."""
+    import data.synth_ehr as synth_ehr
+
+    out, _ = run
+    monkeypatch.setattr(synth_ehr, "plant_quirks", lambda records, seed: None)
+    plain = tmp_path / "plain"
+    synthesize(plain, patients=PATIENTS, seed=SEED, image_size=SIZE, workers=1, progress=False)
+    outside = lambda root: sorted(p.relative_to(root) for p in root.rglob("*") if p.is_file()  # noqa: E731
+                                  and p.parts[len(root.parts)] != "mimic-iv"
+                                  and p.name not in ("synth.json", "linkage_cases.csv.gz"))
+    assert outside(out) == outside(plain) and len(outside(out)) > 100
+    for rel in outside(out):
+        assert (out / rel).read_bytes() == (plain / rel).read_bytes(), rel
+    labs = "mimic-iv/hosp/labevents.csv.gz"
+    assert (out / labs).read_bytes() != (plain / labs).read_bytes()     # the quirks did plant something

@@ -278,6 +278,82 @@ def test_bootstrap_counts_single_class_resamples_and_excluded_rows():
     assert one_class["classes"]["a"]["auroc"] is None and one_class["macro"]["auroc"] is None
 
 
+def _brute_macro(y, s, pids, n_boot, seed, level=0.95):
+    """Independent macro bootstrap (numpy + sklearn): the documented patient draws; per resample every class's
+    AUROC over the drawn rows (NaN labels dropped); the macro mean only over resamples where EVERY class has
+    both labels. Returns (interval, dropped, dropped per class, interval of the nanmean-over-the-rest rule)."""
+    patients = sorted({str(p) for p in pids})
+    rows_of = {p: [i for i, q in enumerate(pids) if str(q) == p] for p in patients}
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    per = np.full((n_boot, y.shape[1]), np.nan)
+    for b, d in enumerate(draws):
+        rows = np.array([i for j in d for i in rows_of[patients[j]]])
+        for c in range(y.shape[1]):
+            r = rows[~np.isnan(y[rows, c])]
+            if 0 < y[r, c].sum() < len(r):
+                per[b, c] = roc_auc_score(y[r, c], s[r, c])
+    full = ~np.isnan(per).any(axis=1)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    ci = tuple(np.percentile(per[full].mean(axis=1), q))
+    rest = tuple(np.percentile(np.nanmean(per, axis=1), q))
+    by_class = {c: int(np.isnan(per[:, c]).sum()) for c in range(y.shape[1]) if np.isnan(per[:, c]).any()}
+    return ci, int((~full).sum()), by_class, rest
+
+
+def _planted_thin_class(n_pat=40, films=2, seed=0):
+    """Classes a, b: common, well separated. Class c: positive in 3 patients only, and scored at random, so
+    a resample without them has no c AUROC and the average over the rest (a and b) is much higher."""
+    rng = np.random.default_rng(seed)
+    pids = [f"p{i:02d}" for i in range(n_pat) for _ in range(films)]
+    n = len(pids)
+    y = np.zeros((n, 3))
+    per_pat = rng.random((n_pat, 2)) < 0.4
+    y[:, :2] = np.repeat(per_pat, films, axis=0)
+    y[: 3 * films, 2] = 1.0  # patients p00..p02
+    y[rng.random(n) < 0.1, 0] = np.nan  # some excluded labels too
+    s = y * np.array([2.5, 2.5, 0.0]) + rng.standard_normal((n, 3))
+    return s, y, pids
+
+
+def test_macro_interval_drops_resamples_where_a_class_has_one_label_value():
+    """Planted: a thin class (3 positive patients of 40) kept in the macro (min_per_label=1). The macro interval
+    equals an independent bootstrap that drops every resample where a class is unscorable, counts them, and
+    names the class; the silent rule (average over the classes that remain) gives another interval."""
+    s, y, pids = _planted_thin_class()
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=400, seed=3, patient_ids=pids, min_per_label=1)
+    (lo, hi), dropped, by_class, rest = _brute_macro(y, s, pids, 400, 3)
+    mac = t["macro"]
+    assert mac["classes"] == ["a", "b", "c"]
+    assert (mac["ci_low"], mac["ci_high"]) == pytest.approx((lo, hi), abs=1e-12)
+    assert mac["skipped_resamples"] == dropped and mac["skipped_by_class"] == {"c": by_class[2]}
+    # (1 - 3/40)^40 ~ 4.4% of resamples draw none of the 3 patients
+    assert 5 <= dropped <= 40
+    assert max(abs(rest[0] - lo), abs(rest[1] - hi)) > 0.01  # the plant tells the two rules apart
+    assert t["classes"]["c"]["skipped_resamples"] == by_class[2]
+    keep = ~np.isnan(y)
+    assert mac["auroc"] == pytest.approx(np.mean([roc_auc_score(y[keep[:, j], j], s[keep[:, j], j])
+                                                   for j in range(3)]), abs=1e-12)
+
+
+def test_macro_says_when_its_interval_is_conditional_on_a_thin_class():
+    s, y, pids = _planted_thin_class(n_pat=40)
+    y[2:6, 2] = 0.0  # class c: one positive patient (p00) of 40; ~36% of resamples miss it
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    _, dropped, by_class, _ = _brute_macro(y, s, pids, 300, 0)
+    mac = t["macro"]
+    assert mac["skipped_resamples"] == dropped and 0.25 * 300 < dropped < 0.5 * 300
+    assert f"{dropped} of 300 resamples dropped" in mac["note"] and f"c ({by_class[2]})" in mac["note"]
+    assert "min_per_label" in mac["note"]
+    # the subset macro without c drops nothing and says nothing
+    sub = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1,
+                              macro_classes=["a", "b"])
+    assert sub["macro"]["skipped_resamples"] == 0 and sub["macro"]["note"] == ""
+    assert sub["macro_all"]["skipped_resamples"] == dropped
+    # min_per_label (rows) above c's 2 positive films keeps it out of the macro up front
+    thin = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=3)
+    assert thin["macro"]["classes_too_few"] == ["c"] and thin["macro"]["skipped_resamples"] == 0
+
+
 def test_min_per_label_keeps_thin_classes_out_of_the_macro_but_reports_them():
     s, y = _noisy(200, 3)
     y[:, 2] = 1.0

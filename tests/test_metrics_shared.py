@@ -257,6 +257,14 @@ def test_paired_p_value_is_two_sided_against_brute_force():
     r = metrics.paired_difference("auroc", y, s, mid, pids, n_boot=400, seed=3)
     p_mid, _ = _brute_paired(y, s, mid, pids, 400, 3)
     assert r["p_value"] == pytest.approx(p_mid, abs=1e-12)
+    # identical models: every difference is exactly 0, which lies on both sides: p = 1, never 0
+    assert metrics.paired_difference("auroc", y, s, s.copy(), pids, n_boot=50, seed=0)["p_value"] == 1.0
+    # models that differ on one patient's films only: many resamples give exactly 0 and count on both sides
+    c = s.copy()
+    c[np.array(pids) == pids[0]] += 5.0
+    r = metrics.paired_difference("auroc", y, c, s, pids, n_boot=300, seed=1)
+    p_c, d_c = _brute_paired(y, c, s, pids, 300, 1)
+    assert np.count_nonzero(d_c == 0) > 50 and r["p_value"] == pytest.approx(p_c, abs=1e-12)
 
 
 def test_paired_difference_undefined_gives_none_not_a_number():

@@ -405,6 +405,93 @@ def test_shuffled_label_control_is_near_chance():
     assert metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=0) == pytest.approx(0.5, abs=0.05)
 
 
+def test_multiclass_intervals_against_a_brute_force_patient_bootstrap():
+    """Accuracy and balanced accuracy resampled by patient, rebuilt by hand and scored with sklearn; a rare
+    class missing from many resamples gives NaN recall there, averaged over the classes present (as sklearn),
+    without numpy warnings."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(5)
+    n = 120
+    y = rng.choice(4, n, p=[0.45, 0.45, 0.07, 0.03])
+    probs = rng.dirichlet(np.ones(4), n) + 0.6 * np.eye(4)[y]
+    probs /= probs.sum(1, keepdims=True)
+    pids = [f"p{i // 2:03d}" for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = metrics.multiclass_table(probs, y, list("abcd"), n_boot=150, seed=2, level=0.9, patient_ids=pids)
+    pred = probs.argmax(1)
+    accs, baccs = [], []
+    patients = sorted(set(pids))
+    for d in np.random.default_rng(2).integers(0, len(patients), size=(150, len(patients))):
+        rows = np.concatenate([[2 * j, 2 * j + 1] for j in d])  # patient j owns rows 2j, 2j+1
+        accs.append((pred[rows] == y[rows]).mean())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn: "y_pred contains classes not in y_true"
+            baccs.append(balanced_accuracy_score(y[rows], pred[rows]))
+    assert (t["accuracy"]["ci_low"], t["accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(accs, [5, 95])), abs=1e-12)
+    assert (t["balanced_accuracy"]["ci_low"], t["balanced_accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(baccs, [5, 95])), abs=1e-12)
+    assert (t["unit"], t["n_units"], t["level"], t["n_boot"], t["seed"]) == ("patient", 60, 0.9, 150, 2)
+    assert t["n_per_class"] == {c: int((y == i).sum()) for i, c in enumerate("abcd")}
+    assert t["confusion"]["c"]["a"] == int(((y == 2) & (pred == 0)).sum())
+
+
+def test_a_class_without_auroc_does_not_stop_the_later_classes_bootstrap():
+    s, y = _noisy(120, 6)
+    y[:, 0] = 0.0  # class a: one label value, no AUROC
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=100, patient_ids=list(range(120)))
+    assert t["classes"]["a"]["auroc"] is None and t["classes"]["a"]["skipped_resamples"] == 100
+    for j, name in ((1, "b"), (2, "c")):
+        c = t["classes"][name]
+        assert (c["ci_low"], c["ci_high"]) == pytest.approx(
+            _brute_patient_ci(y[:, j], s[:, j], list(range(120)), 100, 0), abs=1e-12)  # default seed 0
+    assert t["macro"]["classes"] == ["b", "c"] and t["macro"]["classes_without_auroc"] == ["a"]
+
+
+def test_macro_without_a_usable_class_keeps_its_keys():
+    s, y = _noisy(60, 7)
+    y[:, 0], y[:, 1] = 0.0, 1.0
+    y[:3, 1] = 0.0  # class b: 3 negatives only
+    t = metrics.auroc_table(s[:, :2], y[:, :2], ["a", "b"], n_boot=20, min_per_label=5)
+    assert t["macro"] == {"auroc": None, "ci_low": None, "ci_high": None, "classes": [],
+                          "classes_without_auroc": ["a"], "classes_too_few": ["b"], "skipped_resamples": 20,
+                          "skipped_by_class": {}, "note": "", "n_boot": 20, "seed": 0, "level": 0.95,
+                          "min_per_label": 5, "unit": "image", "n_units": 60}
+
+
+def test_choose_thresholds_passes_the_rule_and_target():
+    s, y = _noisy(300, 8, sep=1.5)
+    thr = metrics.choose_thresholds(s, y, list("abc"), rule="sensitivity", target=0.9)
+    for j, name in enumerate("abc"):
+        sens = lambda c, j=j: ((s[:, j] >= c) & (y[:, j] == 1)).sum() / (y[:, j] == 1).sum()  # noqa: E731
+        assert thr[name] == max(c for c in s[:, j] if sens(c) >= 0.9)  # the highest threshold keeping 90%
+    spec = metrics.choose_thresholds(s, y, list("abc"), rule="specificity", target=0.8)
+    assert all(((s[:, j] < spec[n]) & (y[:, j] == 0)).sum() / (y[:, j] == 0).sum() >= 0.8 for j, n in enumerate("abc"))
+
+
+def test_shuffled_label_control_skips_a_class_with_one_label_value():
+    s, y = _noisy(400, 9, sep=3.0)
+    y[:, 2] = 0.0
+    got = metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=1)
+    only_ab = metrics.shuffled_label_control(s, y, list("abc"), ["a", "b"], seed=1)
+    assert got == pytest.approx(only_ab, abs=1e-12) and got == pytest.approx(0.5, abs=0.1)
+    assert metrics.shuffled_label_control(s, y, list("abc"), ["c"]) is None
+
+
+def test_prompt_sensitivity_by_hand():
+    y = np.array([[1.0], [0.0], [1.0], [0.0], [np.nan]])
+    t1 = np.array([0.9, 0.1, 0.8, 0.2, 0.5])  # perfect: 1.0
+    t2 = np.array([0.1, 0.9, 0.8, 0.2, 0.5])  # pairs (pos, neg): (0.1<0.9), (0.1<0.2), (0.8<0.9), (0.8>0.2): 0.25
+    rows = metrics.prompt_sensitivity([[t1, t2]], y, ["a"], [["p1", "p2"]], {"a": 0.7})
+    assert rows == [{"class": "a", "ensemble_auroc": 0.7,
+                     "templates": [{"prompt": "p1", "auroc": 1.0}, {"prompt": "p2", "auroc": 0.25}],
+                     "min": 0.25, "max": 1.0, "std": pytest.approx(0.375)}]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Label policy.
 

@@ -68,14 +68,14 @@ def test_auto_on_cpu_picks_bf16_only_when_native_and_measured_faster():
                                   native=True)[0] == "fp32"
 
 
-def test_explicit_bf16_on_emulating_cpu_warns_with_the_measured_slowdown(caplog):
+def test_explicit_bf16_on_emulating_cpu_warns_with_the_measured_slowdown(precision_log):
     choice, _ = prec.resolve_precision("bf16", "cpu", probe=lambda: (0.010, 0.180), capability="AVX2", native=False)
     assert choice == "bf16"  # honoured
-    err = caplog.text
+    err = " ".join(m for _, m in precision_log)
     assert "about 18.0x slower than fp32" in err and "precision=auto" in err
-    caplog.clear()
+    precision_log.clear()
     prec.resolve_precision("bf16", "cpu", probe=lambda: (1.0, 0.5), capability="AVX512", native=True)
-    assert "slower" not in caplog.text
+    assert precision_log and not any("slower" in m for _, m in precision_log)
 
 
 def test_fp16_on_cpu_and_unknown_precision_are_errors():
@@ -92,6 +92,109 @@ def test_probe_runs_once_per_process(monkeypatch):
     for _ in range(3):
         prec.resolve_precision("auto", "cpu", capability="AVX512", native=True)
     assert len(calls) == 1
+
+
+@pytest.fixture
+def precision_log():
+    """(level, message) of every `radalign.precision` record (the logger does not propagate to caplog's root)."""
+    import logging
+
+    got: list[tuple[str, str]] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append((record.levelname, record.getMessage()))
+
+    logger = prec.get_logger("radalign.precision")
+    handler = Keep()
+    logger.addHandler(handler)
+    yield got
+    logger.removeHandler(handler)
+
+
+# (name, compute capability, bf16 emulated where not native): what torch.cuda reports on these cards
+GPUS = {"A100": ("NVIDIA A100-SXM4-80GB", (8, 0), True), "H100": ("NVIDIA H100 80GB HBM3", (9, 0), True),
+        "V100": ("Tesla V100-SXM2-16GB", (7, 0), True), "T4": ("Tesla T4", (7, 5), True),
+        "P100": ("Tesla P100-PCIE-16GB", (6, 0), False)}
+
+
+def _fake_cuda(monkeypatch, gpu: str | None):
+    """Mock torch.cuda as on `gpu` (None: no CUDA device), modelling torch's own is_bf16_supported: True from
+    compute capability 8.0, and below it True by default where bf16 can be emulated (including_emulation)."""
+    if gpu is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+        return
+    name, cap, emulates = GPUS[gpu]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: cap[0] >= 8 or (including_emulation and emulates))
+
+
+@pytest.mark.parametrize("gpu,expected", [("A100", "bf16"), ("H100", "bf16"), ("V100", "fp32"), ("T4", "fp32"),
+                                          ("P100", "fp32")])
+def test_auto_on_cuda_picks_bf16_only_where_native_and_logs_why(monkeypatch, precision_log, gpu, expected):
+    _fake_cuda(monkeypatch, gpu)
+    for device in ("cuda", "cuda:0", torch.device("cuda", 0)):
+        precision_log.clear()
+        choice, reason = prec.resolve_precision("auto", device, probe=lambda: 1 / 0)  # the CPU probe never runs
+        assert choice == expected, (gpu, device)
+        name, (major, minor), _ = GPUS[gpu]
+        assert name in reason and f"{major}.{minor}" in reason
+        assert ("natively" in reason) == (expected == "bf16") and ("no native bf16" in reason) == (expected == "fp32")
+        if expected == "fp32":
+            assert "precision=fp16" in reason  # fp16 only when asked, never picked by auto
+        assert precision_log == [("INFO", f"precision {expected} (requested auto): {reason}")]
+
+
+def test_explicit_precisions_on_cuda(monkeypatch, precision_log):
+    _fake_cuda(monkeypatch, "V100")
+    assert prec.resolve_precision("fp16", "cuda")[0] == "fp16"  # honoured, never changed
+    assert prec.resolve_precision("fp32", "cuda")[0] == "fp32"
+    precision_log.clear()
+    choice, reason = prec.resolve_precision("bf16", "cuda")  # emulated on a V100: honoured with a warning
+    assert choice == "bf16" and "emulated" in reason
+    assert precision_log[0][0] == "WARNING" and "slower than fp32" in precision_log[0][1]
+    assert "precision=auto" in precision_log[0][1]
+    _fake_cuda(monkeypatch, "P100")
+    with pytest.raises(RadalignError, match=r"precision=bf16: Tesla P100.* does not support bf16; use precision=auto"):
+        prec.resolve_precision("bf16", "cuda")
+    _fake_cuda(monkeypatch, "A100")
+    precision_log.clear()
+    assert prec.resolve_precision("bf16", "cuda")[0] == "bf16"
+    assert [lvl for lvl, _ in precision_log] == ["INFO"]  # no warning where bf16 is native
+
+
+def test_auto_with_cuda_named_but_not_visible_is_fp32(monkeypatch, precision_log):
+    _fake_cuda(monkeypatch, None)
+    choice, reason = prec.resolve_precision("auto", "cuda")
+    assert choice == "fp32" and "none visible" in reason
+    with pytest.raises(RadalignError, match="does not support bf16"):
+        prec.resolve_precision("bf16", "cuda")
+
+
+def test_auto_on_cpu_logs_the_choice_and_the_measurement(monkeypatch, precision_log):
+    _fake_cuda(monkeypatch, "A100")  # a GPU in the machine does not change a CPU run's choice
+    choice, reason = prec.resolve_precision("auto", "cpu", probe=lambda: (0.010, 0.030), capability="AVX2",
+                                            native=False)
+    assert choice == "fp32"
+    assert precision_log == [("INFO", f"precision fp32 (requested auto): {reason}")]
+    assert "3.00x the fp32 time (30.0 vs 10.0 ms)" in reason
+    precision_log.clear()
+    choice, reason = prec.resolve_precision("auto", torch.device("cpu"), probe=lambda: (0.010, 0.004),
+                                            capability="AVX512_BF16", native=True)
+    assert choice == "bf16" and precision_log == [("INFO", f"precision bf16 (requested auto): {reason}")]
+
+
+def test_agreed_precision_on_cuda_resolves_locally(monkeypatch):
+    from radalign.training import _agreed_precision
+
+    _fake_cuda(monkeypatch, "T4")
+    monkeypatch.setenv("WORLD_SIZE", "2")  # CUDA ranks see the same GPU model: no broadcast needed
+    assert _agreed_precision("auto", "cuda")[0] == "fp32"
 
 
 def test_real_probe_is_sub_second_scale_and_positive():

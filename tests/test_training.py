@@ -410,3 +410,181 @@ def test_model_weights_are_safetensors_loadable_without_radalign(tmp_path):
     path = CheckpointManager(tmp_path / "run").save(1, model=model, optimizer=opt, scheduler=sched)
     weights = load_file(str(path / "model.safetensors"))
     assert torch.equal(weights["lin.weight"], model.lin.weight.detach())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Non-finite loss: NaN, +inf and -inf all stop, on any rank
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_every_non_finite_loss_stops_alone(bad):
+    meter = Meter(_Acc())
+    for step, v in [(10, 1.0), (11, bad), (12, 0.5)]:
+        meter.add(step, torch.tensor(v), samples=4)
+    with pytest.raises(NonFiniteLoss, match=f"loss became {bad} at step 11") as e:
+        meter.summary()
+    assert e.value.step == 11
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_non_finite_in_low_precision_losses_stops(dtype):
+    meter = Meter(_Acc())
+    meter.add(1, torch.tensor(1.0, dtype=dtype), samples=4)
+    meter.add(2, torch.tensor(65504.0, dtype=dtype) * 2, samples=4)  # overflows to inf in fp16 (not in bf16/fp32)
+    if dtype == torch.float16:
+        with pytest.raises(NonFiniteLoss, match="at step 2"):
+            meter.check()
+    else:
+        meter.check()  # finite: no stop
+        assert meter.values == [1.0, pytest.approx(131008.0, rel=1e-2)]  # bf16 rounds 65504 to 65536
+
+
+class _TwoRanks:
+    """A fake 2-process accelerator: `reduce` adds the other rank's non-finite flags (sum over ranks)."""
+
+    num_processes = 2
+
+    def __init__(self, other_bad: list[float]):
+        self.other_bad = torch.tensor(other_bad)
+
+    def reduce(self, t, reduction="sum"):
+        assert reduction == "sum"
+        return t + self.other_bad
+
+
+def test_a_non_finite_loss_on_another_rank_stops_this_one():
+    meter = Meter(_TwoRanks([0.0, 1.0, 0.0]))  # the other rank's step 6 was inf; ours were finite
+    for step, v in [(5, 1.0), (6, 2.0), (7, 3.0)]:
+        meter.add(step, torch.tensor(v), samples=4)
+    with pytest.raises(NonFiniteLoss, match="at step 6") as e:
+        meter.check()
+    assert e.value.step == 6
+    fine = Meter(_TwoRanks([0.0, 0.0]))
+    fine.add(1, torch.tensor(1.0), samples=4)
+    fine.add(2, torch.tensor(3.0), samples=4)
+    assert fine.summary()["loss"] == 2.0
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pruning: the newest `keep` COMPLETE checkpoints stay; incomplete and forensic folders are never deleted
+
+
+def _folder_bytes(path):
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_prune_never_deletes_incomplete_or_forensic_folders(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    planted = {
+        "step-0000001": {"model.safetensors": b"half written"},  # a crashed writer's folder (no checksums.json)
+        "step-0000005": {"trainer_state.json": b"{}", "model.safetensors": b"x"},  # incomplete, between saves
+        "damaged/step-0000003-20261201T000000": {"model.safetensors": b"kept for forensics", "checksums.json": b"{}"},
+        ".step-0000009.tmp": {"model.safetensors": b"being written"},  # another save still in progress
+    }
+    for folder, files in planted.items():
+        (root / folder).mkdir(parents=True)
+        for name, data in files.items():
+            (root / folder / name).write_bytes(data)
+    before = {folder: _folder_bytes(root / folder) for folder in planted}
+    ckpt = _save_steps(tmp_path / "run", steps=(2, 4, 6, 8), keep=2)
+    assert {folder: _folder_bytes(root / folder) for folder in planted} == before  # untouched, byte for byte
+    complete = [p.name for p in ckpt.checkpoints() if (p / "checksums.json").is_file()]
+    assert complete == ["step-0000006", "step-0000008"]  # incomplete folders do not count toward keep
+    assert sorted(p.name for p in root.iterdir()) == [".step-0000009.tmp", "damaged", "latest", "step-0000001",
+                                                      "step-0000005", "step-0000006", "step-0000008"]
+    assert ckpt.resolve("latest") == root / "step-0000008"
+
+
+@pytest.mark.parametrize("keep,expected", [(0, ["step-0000004"]), (1, ["step-0000004"]),
+                                           (3, ["step-0000002", "step-0000003", "step-0000004"]),
+                                           (9, ["step-0000001", "step-0000002", "step-0000003", "step-0000004"])])
+def test_prune_keeps_exactly_the_newest_complete(tmp_path, keep, expected):
+    ckpt = _save_steps(tmp_path / "run", steps=(1, 2, 3, 4), keep=keep)
+    assert [p.name for p in ckpt.checkpoints()] == expected
+    model, opt, sched = _trained(seed=2)
+    assert ckpt.load(ckpt.resolve("latest"), model=model, optimizer=opt, scheduler=sched).step == 4
+
+
+def test_prune_orders_by_step_number_not_by_name(tmp_path):
+    ckpt = _save_steps(tmp_path / "run", steps=(9_999_999, 10_000_000, 10_000_001), keep=2)
+    assert [p.name for p in ckpt.checkpoints()] == ["step-10000000", "step-10000001"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Weight decay groups, by parameter name
+
+
+def _groups_by_name(model, opt) -> tuple[set[str], set[str]]:
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    (decay, no_decay) = opt.param_groups
+    assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
+    d, nd = [name_of[id(p)] for p in decay["params"]], [name_of[id(p)] for p in no_decay["params"]]
+    assert len(d) == len(set(d)) and len(nd) == len(set(nd)) and not set(d) & set(nd)  # each once
+    return set(d), set(nd)
+
+
+class _HandBuilt(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 8)  # a 2-D table: decayed (as open_clip's token embedding)
+        self.cls = nn.Parameter(torch.zeros(8))  # a 1-D embedding: not decayed
+        self.proj = nn.Linear(8, 8)
+        self.conv = nn.Conv1d(8, 8, 3)
+        self.ln2d = nn.LayerNorm((4, 8))  # normalises the last two dims: a 2-D weight and bias, still a norm
+        self.bn = nn.BatchNorm1d(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.rms = nn.RMSNorm(8)
+        self.rel_bias = nn.Parameter(torch.zeros(5, 5))  # a 2-D bias table (relative position bias)
+        self.attn_in_proj_bias = nn.Parameter(torch.zeros(24))
+        self.logit_scale = nn.Parameter(torch.ones([]))  # 0-D
+        self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_weight_decay_groups_on_a_hand_built_module():
+    from radalign.training import adamw
+
+    model = _HandBuilt()
+    decay, no_decay = _groups_by_name(model, adamw(model, lr=1e-3, weight_decay=0.2))
+    assert decay == {"emb.weight", "proj.weight", "conv.weight"}
+    assert no_decay == {"cls", "proj.bias", "conv.bias", "ln2d.weight", "ln2d.bias", "bn.weight", "bn.bias",
+                        "gn.weight", "gn.bias", "rms.weight", "rel_bias", "attn_in_proj_bias", "logit_scale",
+                        "logit_bias"}  # frozen.* in neither group
+
+
+def _expected_no_decay(name: str) -> bool:
+    """Written by hand from the towers' parameter lists: norms are the ln_* (open_clip) and LayerNorm (BERT)
+    modules; biases end in bias; the logit scale/bias; the 1-D class embedding."""
+    parts = name.split(".")
+    norm = any(p.startswith("ln_") or p == "LayerNorm" for p in parts[:-1])
+    return norm or parts[-1] in ("bias", "in_proj_bias", "logit_scale", "logit_bias", "class_embedding")
+
+
+@pytest.mark.parametrize("config", ["nano", "tiny-minilm"])
+def test_weight_decay_groups_on_real_towers(nano_model_cfg, config):
+    from pretrain.models import build_model, get_model_config
+
+    from radalign.training import adamw
+
+    cfg = dict(nano_model_cfg, init_logit_bias=-10.0) if config == "nano" else get_model_config(config)
+    model = build_model(cfg)
+    decay, no_decay = _groups_by_name(model, adamw(model, lr=1e-3, weight_decay=0.2))
+    names = {n for n, _ in model.named_parameters()}
+    assert decay | no_decay == names
+    assert no_decay == {n for n in names if _expected_no_decay(n)}
+    spot = {"logit_scale": False, "visual.class_embedding": False, "visual.ln_pre.weight": False,
+            "visual.conv1.weight": True, "visual.positional_embedding": True, "visual.proj": True,
+            "visual.transformer.resblocks.0.attn.in_proj_weight": True,
+            "visual.transformer.resblocks.0.attn.in_proj_bias": False,
+            "visual.transformer.resblocks.1.ln_2.bias": False}
+    if config == "nano":
+        spot.update({"logit_bias": False, "token_embedding.weight": True, "positional_embedding": True,
+                     "text_projection": True, "ln_final.weight": False})
+    else:
+        spot.update({"text.transformer.embeddings.word_embeddings.weight": True,
+                     "text.transformer.embeddings.LayerNorm.weight": False,
+                     "text.transformer.encoder.layer.0.output.LayerNorm.bias": False,
+                     "text.transformer.encoder.layer.0.attention.self.query.weight": True, "text.proj.weight": True})
+    for name, decayed in spot.items():
+        assert (name in decay) == decayed and (name in no_decay) != decayed, name

@@ -536,7 +536,7 @@ class _HandBuilt(nn.Module):
         self.rms = nn.RMSNorm(8)
         self.rel_bias = nn.Parameter(torch.zeros(5, 5))  # a 2-D bias table (relative position bias)
         self.attn_in_proj_bias = nn.Parameter(torch.zeros(24))
-        self.logit_scale = nn.Parameter(torch.ones([]))  # 0-D
+        self.logit_scale = nn.Parameter(torch.ones(1, 1))  # [1, 1] as some ports store it: excluded by name
         self.logit_bias = nn.Parameter(torch.zeros(1))
         self.frozen = nn.Linear(8, 8)
         self.frozen.requires_grad_(False)

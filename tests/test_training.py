@@ -189,6 +189,55 @@ def test_auto_on_cpu_logs_the_choice_and_the_measurement(monkeypatch, precision_
     assert choice == "bf16" and precision_log == [("INFO", f"precision bf16 (requested auto): {reason}")]
 
 
+def test_auto_on_cpu_detects_native_bf16_itself(monkeypatch):
+    """Without injected `native`/`capability`: the CPU's flags and ATen's dispatch level decide."""
+    fast = lambda: (1.0, 0.5)  # noqa: E731
+    monkeypatch.setattr(prec, "cpu_has_bf16_unit", lambda cpuinfo=None: True)
+    monkeypatch.setattr(prec, "cpu_capability", lambda: "AVX512")
+    choice, reason = prec.resolve_precision("auto", "cpu", probe=fast)
+    assert choice == "bf16" and "CPU capability AVX512, native bf16;" in reason
+    monkeypatch.setattr(prec, "cpu_capability", lambda: "AVX2")  # ATEN_CPU_CAPABILITY=avx2 on the same CPU
+    assert prec.resolve_precision("auto", "cpu", probe=fast)[0] == "fp32"
+    monkeypatch.setattr(prec, "cpu_capability", lambda: "AVX512")
+    monkeypatch.setattr(prec, "cpu_has_bf16_unit", lambda cpuinfo=None: False)
+    choice, reason = prec.resolve_precision("auto", "cpu", probe=fast)
+    assert choice == "fp32" and "no native bf16 (autocast emulates it)" in reason
+
+
+def test_faster_means_strictly_under_the_margin():
+    at = lambda: (1.0, prec.FASTER)  # noqa: E731  exactly at the margin: not faster
+    assert prec.resolve_precision("auto", "cpu", probe=at, capability="AVX512", native=True)[0] == "fp32"
+    under = lambda: (1.0, 0.94)  # noqa: E731
+    assert prec.resolve_precision("auto", "cpu", probe=under, capability="AVX512", native=True)[0] == "bf16"
+    assert prec.resolve_precision("auto", "cpu", probe=lambda: (0.0, 0.1), capability="AVX512",
+                                  native=True)[0] == "fp32"  # a zero fp32 time: no division, not faster
+
+
+@pytest.mark.parametrize("flags,expected", [("avx512_bf16", True), ("amx_bf16", True), ("avx512f avx2", False)])
+def test_each_bf16_flag_counts_on_x86(flags, expected):
+    assert prec.cpu_has_bf16_unit(f"processor : 0\nflags\t\t: fpu sse2 {flags}\n") is expected
+
+
+def test_arm_features_line_and_the_host_cpuinfo(monkeypatch):
+    assert prec.cpu_has_bf16_unit("processor : 0\nFeatures : fp asimd sve bf16 i8mm\n")
+    assert not prec.cpu_has_bf16_unit("processor : 0\nFeatures : fp asimd\nmodel name : bf16 in a name\n")
+    from pathlib import Path
+
+    try:  # the host's own /proc/cpuinfo, parsed here by hand
+        text = Path("/proc/cpuinfo").read_text()
+        host = any(f in line.split(":", 1)[1].split() for line in text.splitlines()
+                   if line.lower().startswith(("flags", "features")) for f in ("avx512_bf16", "amx_bf16", "bf16"))
+    except OSError:
+        host = False
+    assert prec.cpu_has_bf16_unit() is host
+
+    def unreadable(self, *a, **k):
+        raise OSError("no /proc here")
+
+    monkeypatch.setattr(Path, "read_text", unreadable)
+    assert prec.cpu_has_bf16_unit() is False  # no cpuinfo: not native (never a guess of yes)
+
+
 def test_agreed_precision_on_cuda_resolves_locally(monkeypatch):
     from radalign.training import _agreed_precision
 

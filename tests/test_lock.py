@@ -71,3 +71,70 @@ def test_a_file_is_not_a_folder(tmp_path):
     with pytest.raises(RadalignError, match="not a folder"):
         with output_lock(f):
             pass
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The lock file lives BESIDE the folder it guards, so replacing or emptying the folder cannot drop it.
+
+
+def test_the_lock_file_is_beside_the_folder_never_inside(tmp_path):
+    out = tmp_path / "runs" / "demo"
+    with output_lock(out):
+        assert list(out.iterdir()) == []  # nothing of the lock inside the guarded folder
+        assert lock_file(out) == tmp_path / "runs" / ".demo.radalign.lock"
+        assert lock_file(out).is_file() and json.loads(lock_file(out).read_text())["pid"] > 0
+    assert lock_file(tmp_path / "runs" / "x" / ".." / "demo") == lock_file(out)  # one lock per folder, however named
+
+
+@pytest.mark.parametrize("how", ["rmtree", "replace"])
+def test_replacing_the_folder_keeps_a_second_writer_out(tmp_path, how):
+    """The holder's job replaces its output folder (an atomic folder write, or a clean-up that deletes it):
+    the lock must survive, so a second writer is still refused while the holder lives."""
+    import shutil
+
+    out = tmp_path / "out"
+    p = _holder(out, 30)
+    try:
+        (out / "old.txt").write_text("x")
+        if how == "rmtree":
+            shutil.rmtree(out)
+            out.mkdir()
+        else:
+            new = tmp_path / ".out.tmp"
+            new.mkdir()
+            (new / "weights").write_text("new")
+            old = tmp_path / ".out.old"
+            out.rename(old)
+            new.rename(out)
+            shutil.rmtree(old)
+        assert is_locked(out)
+        with pytest.raises(RadalignError, match=f"in use by another process \\(pid {p.pid}"):
+            with output_lock(out):
+                pass
+    finally:
+        p.kill()
+        p.wait()
+    with output_lock(out):  # the holder is gone: free again
+        pass
+
+
+def test_two_folders_of_one_parent_have_their_own_locks(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    p = _holder(a, 30)
+    try:
+        with output_lock(b):  # another folder beside it: not blocked
+            assert is_locked(a) and lock_file(a) != lock_file(b)
+    finally:
+        p.kill()
+        p.wait()
+
+
+def test_a_second_writer_in_another_process_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "out"
+    with output_lock(out):
+        other = subprocess.run([sys.executable, "-c", HOLD, str(out), "0"], capture_output=True, text=True)
+        assert other.returncode != 0
+        assert f"output folder {out} is in use by another process (pid {__import__('os').getpid()}" in other.stderr
+        assert "Wait for it to finish, or choose another folder" in other.stderr
+    assert not is_locked(out)
+    assert json.loads(lock_file(out).read_text() or "{}") == {}  # the record is cleared on release

@@ -636,3 +636,180 @@ def test_weight_decay_groups_on_real_towers(nano_model_cfg, config):
                      "text.transformer.encoder.layer.0.attention.self.query.weight": True, "text.proj.weight": True})
     for name, decayed in spot.items():
         assert (name in decay) == decayed and (name in no_decay) != decayed, name
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Distribution helpers, on CPU with fakes (the survivors of `make mutate` in radalign/training.py)
+
+
+def test_deepspeed_file_from_our_key_or_the_accelerate_launch_config(monkeypatch):
+    from radalign.training import deepspeed_file
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "/cfg/ds.json")
+    assert deepspeed_file(None) is None  # the file alone does not turn DeepSpeed on
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "True")
+    assert deepspeed_file(None) == "/cfg/ds.json"
+    assert deepspeed_file("zero2") == "zero2"  # our key wins
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", "")
+    assert deepspeed_file(None) is None
+
+
+def test_load_deepspeed_config_takes_batch_and_clip_from_our_config(tmp_path):
+    from radalign.training import load_deepspeed_config
+
+    f = tmp_path / "ds.json"
+    f.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_batch_size": 512,
+                             "gradient_accumulation_steps": 4, "gradient_clipping": "auto"}))
+    ds = load_deepspeed_config(str(f), micro_batch=32, grad_clip=None)
+    assert ds == {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": 32,
+                  "gradient_accumulation_steps": 1, "gradient_clipping": 0.0}
+    assert load_deepspeed_config(str(f), micro_batch=8, grad_clip=1.5)["gradient_clipping"] == 1.5
+
+
+@pytest.mark.parametrize("precision,bf16,fp16", [("bf16", True, False), ("fp16", False, True), ("fp32", False, False)])
+def test_deepspeed_precision_sections_follow_the_resolved_precision(precision, bf16, fp16):
+    from radalign.training import deepspeed_with_precision
+
+    ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 12},
+          "zero_optimization": {"stage": 3}}
+    got = deepspeed_with_precision(ds, precision)
+    assert got == {"bf16": {"enabled": bf16}, "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 12},
+                   "zero_optimization": {"stage": 3}}
+    assert ds["bf16"] == {"enabled": "auto"}  # the caller's dict is not changed
+    assert deepspeed_with_precision({}, precision) == {"bf16": {"enabled": bf16}, "fp16": {"enabled": fp16}}
+
+
+def test_agreed_precision_needs_no_process_group_for_fixed_choices(monkeypatch):
+    import torch.distributed as dist
+
+    from radalign.training import _agreed_precision
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: pytest.fail("no collective for a fixed choice"))
+    assert _agreed_precision("fp32", "cpu")[0] == "fp32"
+    with pytest.raises(RadalignError, match="fp16 needs CUDA"):
+        _agreed_precision("fp16", "cpu")
+
+
+class _State:
+    def __init__(self, plugin=None):
+        self.deepspeed_plugin = plugin
+
+
+class _FakeAcc:
+    def __init__(self, plugin=None, main=True, processes=1):
+        self.state, self.is_main_process, self.num_processes = _State(plugin), main, processes
+
+    def unwrap_model(self, model):
+        return model.module
+
+
+def test_eval_module_and_is_deepspeed():
+    from types import SimpleNamespace
+
+    from radalign.training import eval_module, is_deepspeed
+
+    wrapped = SimpleNamespace(module="core")
+    assert eval_module(_FakeAcc(), wrapped) == "core" and not is_deepspeed(_FakeAcc())
+    zero2, zero3 = SimpleNamespace(zero_stage=2), SimpleNamespace(zero_stage=3)
+    assert eval_module(_FakeAcc(zero2), wrapped) == "core" and is_deepspeed(_FakeAcc(zero2))
+    assert eval_module(_FakeAcc(zero3), wrapped) is wrapped  # the engine: parameters are partitioned
+    bare = SimpleNamespace(state=SimpleNamespace(), unwrap_model=lambda m: m.module)  # no plugin attribute at all
+    assert eval_module(bare, wrapped) == "core" and not is_deepspeed(bare)
+
+
+def test_gather_to_main_in_one_process():
+    from radalign.training import gather_to_main
+
+    assert gather_to_main(_FakeAcc(main=True), {"a": 1}) == [{"a": 1}]
+    assert gather_to_main(_FakeAcc(main=False), {"a": 1}) is None
+
+
+def test_peak_memory_in_gib(monkeypatch):
+    from radalign.training import peak_memory_gb
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a: 3 * 2**30)
+    assert peak_memory_gb() == 3.0
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    import resource
+
+    assert peak_memory_gb() == pytest.approx(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, rel=0.05)
+
+
+def test_find_unused_parameters_reaches_ddp(monkeypatch):
+    from radalign.training import make_accelerator, reset_accelerate_state
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    try:
+        acc, precision, _ = make_accelerator("fp32", find_unused_parameters=True)
+        assert precision == "fp32" and acc.ddp_handler is not None and acc.ddp_handler.find_unused_parameters
+        reset_accelerate_state()
+        acc, _, _ = make_accelerator("fp32")
+        assert acc.ddp_handler is None
+    finally:
+        reset_accelerate_state()
+
+
+def test_checksums_file_layout_by_hand(tmp_path):
+    import hashlib
+
+    path = _save_steps(tmp_path / "run", steps=(5,)).root / "step-0000005"
+    sums = json.loads((path / "checksums.json").read_text())
+    assert sums["format"] == "radalign-checksums/1" and set(sums) == {"format", "files"}
+    assert sums["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                             for p in sorted(path.iterdir()) if p.name != "checksums.json"}
+
+
+def test_a_checkpoint_at_step_zero_is_a_checkpoint(tmp_path, capsys):
+    ckpt = _save_steps(tmp_path / "run", steps=(0,))
+    assert [p.name for p in ckpt.checkpoints()] == ["step-0000000"]
+    assert ckpt.resolve("auto") == ckpt.root / "step-0000000"
+    model, opt, sched = _trained(seed=4)
+    assert ckpt.load(ckpt.root / "step-0000000", model=model, optimizer=opt, scheduler=sched).step == 0
+    assert f"resumed from {ckpt.root / 'step-0000000'} at step 0" in capsys.readouterr().out
+
+
+def test_resolve_on_several_processes_broadcasts_the_main_choice(tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    ckpt = _save_steps(tmp_path / "run", steps=(4, 8))
+    sent = []
+    monkeypatch.setattr(dist, "broadcast_object_list", lambda obj, src: sent.append((list(obj), src)))
+    ckpt.acc = _FakeAcc(main=True, processes=2)
+    assert ckpt.resolve("auto") == ckpt.root / "step-0000008"
+    assert sent == [([ckpt.root / "step-0000008"], 0)]
+
+
+def test_resume_messages_name_what_to_do(tmp_path, caplog):
+    ckpt = _save_steps(tmp_path / "run", steps=(4,))
+    (ckpt.root / "step-0000004" / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(RadalignError, match=r"model.safetensors: damaged .*\. No earlier complete checkpoint exists\.$"):
+        ckpt.resolve(str(ckpt.root / "step-0000004"))
+    with pytest.raises(RadalignError, match="no complete checkpoint found"):
+        ckpt.resolve("latest")
+    assert "falling back to the previous complete checkpoint" in caplog.text
+
+
+def test_json_safe_names_the_key_it_cannot_save(tmp_path):
+    model, opt, sched = _trained()
+    with pytest.raises(RadalignError, match=r"^checkpoint: state.sampler.rng is a object, not JSON data; it cannot be "
+                                            r"saved without pickle$"):
+        CheckpointManager(tmp_path / "run").save(1, model=model, state={"sampler": {"rng": object()}})
+
+
+def test_metric_logger_writes_tensorboard_scalars(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run.mkdir()
+    logger = MetricLogger(run, tensorboard=True)
+    logger.start(0)
+    logger.log(1, {"loss": 2.5, "lr": 1e-3, "note": "text is not a scalar"})
+    logger.log(2, {"loss": 1.5})
+    logger.close()
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
+    assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 1.5)]

@@ -163,10 +163,12 @@ def test_sigkill_mid_write_leaves_the_old_file_and_the_next_write_works(tmp_path
     target.write_bytes(b'{"old": 1}\n')
     proc = subprocess.Popen([sys.executable, "-c", _WRITE_SLOWLY, str(target)], cwd=_package_root(),
                             stdout=subprocess.PIPE, text=True)
-    tmp = Path(proc.stdout.readline().strip())
-    assert tmp.parent == target.parent and tmp.stat().st_size == 3000  # beside it: one file system, one rename
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.parent == target.parent and tmp.stat().st_size == 3000  # beside it: one file system, one rename
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
     assert target.read_bytes() == b'{"old": 1}\n'  # whole and old
     atomic_write_text(target, '{"new": 2}\n')
     assert target.read_text() == '{"new": 2}\n'

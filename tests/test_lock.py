@@ -24,7 +24,11 @@ HOLD = textwrap.dedent("""
 
 def _holder(folder, seconds):
     p = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), str(seconds)], stdout=subprocess.PIPE, text=True)
-    assert p.stdout.readline().strip() == "held"
+    line = p.stdout.readline().strip()
+    if line != "held":  # never leave a child behind (a test runner that waits for its own children trips on it)
+        p.kill()
+        p.wait()
+        pytest.fail(f"the holder process did not take the lock (printed {line!r})")
     return p
 
 

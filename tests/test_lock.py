@@ -142,3 +142,57 @@ def test_a_second_writer_in_another_process_is_refused_while_the_first_lives(tmp
         assert "Wait for it to finish, or choose another folder" in other.stderr
     assert not is_locked(out)
     assert json.loads(lock_file(out).read_text() or "{}") == {}  # the record is cleared on release
+
+
+def test_is_locked_on_a_folder_never_locked(tmp_path):
+    (tmp_path / "fresh").mkdir()
+    assert not is_locked(tmp_path / "fresh") and not lock_file(tmp_path / "fresh").exists()
+    assert not is_locked(tmp_path / "missing")
+
+
+def test_taking_over_a_dead_holders_lock_is_logged(tmp_path):
+    import logging
+
+    from radalign.log import get_logger
+
+    out = tmp_path / "out"
+    p = _holder(out, 30)
+    p.kill()
+    p.wait()
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    logger = get_logger("radalign.lock")
+    handler = Keep()
+    logger.addHandler(handler)
+    try:
+        with output_lock(out):
+            pass
+        with output_lock(out):  # the record was cleared on release: nothing stale the second time
+            pass
+    finally:
+        logger.removeHandler(handler)
+    assert got == [f"{out}: took over a stale lock left by pid {p.pid} (no longer running)"]
+
+
+def test_pid_alive_never_signals_the_process(monkeypatch):
+    import os
+    import signal
+
+    from radalign.lock import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert _pid_alive(child.pid) and _pid_alive(os.getpid())
+        assert child.poll() is None  # still running: probed with signal 0, not hung up or killed
+    finally:
+        child.kill()
+        child.wait()
+    assert not _pid_alive(child.pid)  # reaped: gone
+    sent = []
+    monkeypatch.setattr(os, "kill", lambda pid, sig: sent.append(sig) or (_ for _ in ()).throw(PermissionError()))
+    assert _pid_alive(12345) and sent == [0]  # another user's live process: alive, not ours to signal
+    assert signal.SIGHUP not in sent

@@ -342,13 +342,21 @@ def test_macro_says_when_its_interval_is_conditional_on_a_thin_class():
     _, dropped, by_class, _ = _brute_macro(y, s, pids, 300, 0)
     mac = t["macro"]
     assert mac["skipped_resamples"] == dropped and 0.25 * 300 < dropped < 0.5 * 300
-    assert f"{dropped} of 300 resamples dropped" in mac["note"] and f"c ({by_class[2]})" in mac["note"]
+    assert f"{dropped} of 300 resamples dropped" in mac["note"] and f"(c ({by_class[2]}))" in mac["note"]
     assert "min_per_label" in mac["note"]
     # the subset macro without c drops nothing and says nothing
     sub = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1,
                               macro_classes=["a", "b"])
     assert sub["macro"]["skipped_resamples"] == 0 and sub["macro"]["note"] == ""
     assert sub["macro_all"]["skipped_resamples"] == dropped
+    # two thin classes: the note names the one that dropped more resamples first
+    y2 = y.copy()
+    y2[:, 1] = 0.0
+    y2[10:16, 1] = 1.0  # class b: three positive patients (p05..p07), c keeps one
+    two = metrics.auroc_table(s, y2, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    _, _, by2, _ = _brute_macro(y2, s, pids, 300, 0)
+    assert by2[2] > by2[1] > 0 and two["macro"]["skipped_by_class"] == {"b": by2[1], "c": by2[2]}
+    assert f"(c ({by2[2]}), b ({by2[1]}))" in two["macro"]["note"]
     # min_per_label (rows) above c's 2 positive films keeps it out of the macro up front
     thin = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=3)
     assert thin["macro"]["classes_too_few"] == ["c"] and thin["macro"]["skipped_resamples"] == 0
@@ -438,6 +446,39 @@ def test_multiclass_intervals_against_a_brute_force_patient_bootstrap():
     assert (t["unit"], t["n_units"], t["level"], t["n_boot"], t["seed"]) == ("patient", 60, 0.9, 150, 2)
     assert t["n_per_class"] == {c: int((y == i).sum()) for i, c in enumerate("abcd")}
     assert t["confusion"]["c"]["a"] == int(((y == 2) & (pred == 0)).sum())
+
+
+def test_multiclass_balanced_accuracy_with_a_single_image_class():
+    """Class d has one image: in a resample that draws it once, its recall is 0 or 1 (weight 1 is a class
+    present), never left out; checked against sklearn on the rebuilt resamples."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(11)
+    y = np.r_[rng.integers(0, 3, 59), 3]
+    probs = rng.dirichlet(np.ones(4), 60) + 0.8 * np.eye(4)[y]
+    probs /= probs.sum(1, keepdims=True)
+    t = metrics.multiclass_table(probs, y, list("abcd"), n_boot=200, seed=4)
+    pred = probs.argmax(1)
+    baccs = []
+    units = sorted(str(i) for i in range(60))  # each image its own unit, ids in sorted str order ("0", "1", "10")
+    for d in np.random.default_rng(4).integers(0, 60, size=(200, 60)):
+        rows = [int(units[j]) for j in d]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            baccs.append(balanced_accuracy_score(y[rows], pred[rows]))
+    assert (t["balanced_accuracy"]["ci_low"], t["balanced_accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(baccs, [2.5, 97.5])), abs=1e-12)
+    assert t["unit"] == "image"
+
+
+def test_threshold_metrics_without_a_threshold_or_labels_is_none():
+    s, y = _noisy(50, 10)
+    y[:, 2] = np.nan  # class c: every label excluded
+    got = metrics.threshold_metrics(s, y, list("abc"), {"a": 0.5, "b": None, "c": 0.1})
+    assert got["b"] is None and got["c"] is None
+    assert got["a"]["tp"] == int(((s[:, 0] >= 0.5) & (y[:, 0] == 1)).sum())
 
 
 def test_a_class_without_auroc_does_not_stop_the_later_classes_bootstrap():

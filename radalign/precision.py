@@ -44,18 +44,20 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX-BF16, ARM BF16
+
+
 def cpu_has_bf16_unit(cpuinfo: str | None = None) -> bool:
-    """True when the CPU reports bf16 instructions (x86 avx512_bf16/amx_bf16, ARM bf16)."""
+    """True when EVERY processor in /proc/cpuinfo (or `cpuinfo`) reports bf16 instructions (BF16_FLAGS): a
+    thread may run on any core, so one core without them makes bf16 emulated there. False when unreadable."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags |= set(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    per_cpu = [set(line.split(":", 1)[-1].split()) for line in cpuinfo.splitlines()
+               if line.lower().startswith(("flags", "features"))]
+    return bool(per_cpu) and all(flags & BF16_FLAGS for flags in per_cpu)
 
 
 def native_bf16(capability: str, has_unit: bool) -> bool:
@@ -180,5 +182,5 @@ def _resolve_cpu(requested: str, probe: Probe | None, capability: str | None, na
     return choice, f"CPU capability {cap}, {native_txt}; {measured}"
 
 
-__all__ = ["PRECISIONS", "resolve_precision", "probe_bf16_cpu", "cpu_capability", "cpu_has_bf16_unit",
+__all__ = ["PRECISIONS", "BF16_FLAGS", "resolve_precision", "probe_bf16_cpu", "cpu_capability", "cpu_has_bf16_unit",
            "native_bf16", "clear_cache"]

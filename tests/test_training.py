@@ -79,7 +79,8 @@ def test_explicit_bf16_on_emulating_cpu_warns_with_the_measured_slowdown(precisi
 
 
 def test_fp16_on_cpu_and_unknown_precision_are_errors():
-    with pytest.raises(RadalignError, match="fp16 needs CUDA"):
+    with pytest.raises(RadalignError, match=r"^precision=fp16 needs CUDA \(loss scaling is a GPU feature\); use "
+                                            r"precision=auto or fp32 on CPU$"):
         prec.resolve_precision("fp16", "cpu")
     with pytest.raises(RadalignError, match="'fp8'"):
         prec.resolve_precision("fp8", "cpu")
@@ -147,6 +148,7 @@ def test_auto_on_cuda_picks_bf16_only_where_native_and_logs_why(monkeypatch, pre
         assert ("natively" in reason) == (expected == "bf16") and ("no native bf16" in reason) == (expected == "fp32")
         if expected == "fp32":
             assert "precision=fp16" in reason  # fp16 only when asked, never picked by auto
+            assert ("(only emulated)" in reason) == (gpu in ("V100", "T4"))  # a P100 has no bf16 at all
         assert precision_log == [("INFO", f"precision {expected} (requested auto): {reason}")]
 
 
@@ -171,7 +173,7 @@ def test_explicit_precisions_on_cuda(monkeypatch, precision_log):
 def test_auto_with_cuda_named_but_not_visible_is_fp32(monkeypatch, precision_log):
     _fake_cuda(monkeypatch, None)
     choice, reason = prec.resolve_precision("auto", "cuda")
-    assert choice == "fp32" and "none visible" in reason
+    assert choice == "fp32" and reason.startswith("CUDA device (none visible) has no native bf16;")
     with pytest.raises(RadalignError, match="does not support bf16"):
         prec.resolve_precision("bf16", "cuda")
 
@@ -201,7 +203,7 @@ def test_auto_on_cpu_detects_native_bf16_itself(monkeypatch):
     monkeypatch.setattr(prec, "cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(prec, "cpu_has_bf16_unit", lambda cpuinfo=None: False)
     choice, reason = prec.resolve_precision("auto", "cpu", probe=fast)
-    assert choice == "fp32" and "no native bf16 (autocast emulates it)" in reason
+    assert choice == "fp32" and "CPU capability AVX512, no native bf16 (autocast emulates it); probe:" in reason
 
 
 def test_faster_means_strictly_under_the_margin():
@@ -216,6 +218,37 @@ def test_faster_means_strictly_under_the_margin():
 @pytest.mark.parametrize("flags,expected", [("avx512_bf16", True), ("amx_bf16", True), ("avx512f avx2", False)])
 def test_each_bf16_flag_counts_on_x86(flags, expected):
     assert prec.cpu_has_bf16_unit(f"processor : 0\nflags\t\t: fpu sse2 {flags}\n") is expected
+
+
+def test_every_processor_must_report_bf16():
+    with_flag, without = "flags\t\t: fpu avx512f avx512_bf16\n", "flags\t\t: fpu avx512f\n"
+    cpus = lambda *lines: "".join(f"processor : {i}\n{x}\n" for i, x in enumerate(lines))  # noqa: E731
+    assert prec.cpu_has_bf16_unit(cpus(with_flag, with_flag))
+    assert not prec.cpu_has_bf16_unit(cpus(with_flag, without))
+    assert not prec.cpu_has_bf16_unit(cpus(without, with_flag))
+    assert not prec.cpu_has_bf16_unit("processor : 0\nmodel name : x\n")  # no flags line at all
+
+
+def test_native_levels_by_hand():
+    for cap, native in [("AVX512", True), ("AVX512_BF16", True), ("avx512", True), ("SVE256", True), ("sve", True),
+                        ("AVX2", False), ("DEFAULT", False), ("NEON", False)]:
+        assert prec.native_bf16(cap, True) is native, cap
+
+
+def test_probe_times_fp32_without_autocast_and_bf16_with_it(monkeypatch):
+    seen = []
+    real = torch.autocast
+
+    class Spy(real):
+        def __init__(self, device_type, dtype=None, enabled=True, **kw):
+            seen.append((device_type, dtype, enabled))
+            super().__init__(device_type, dtype=dtype, enabled=enabled, **kw)
+
+    monkeypatch.setattr(torch, "autocast", Spy)
+    fp32_s, bf16_s = prec.probe_bf16_cpu(repeats=2)
+    assert fp32_s > 0 and bf16_s > 0
+    # warm-up (one of each) then 2 interleaved repeats: fp32 plain, bf16 under bf16 autocast
+    assert seen == [("cpu", torch.bfloat16, False), ("cpu", torch.bfloat16, True)] * 3
 
 
 def test_arm_features_line_and_the_host_cpuinfo(monkeypatch):

@@ -4,7 +4,9 @@ guard, metric logging on resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 import os
 import pickle
@@ -18,6 +20,7 @@ from torch import nn
 
 from radalign import RadalignError
 from radalign import precision as prec
+from radalign.log import get_logger
 from radalign.training import (
     CheckpointManager,
     Meter,
@@ -95,22 +98,42 @@ def test_probe_runs_once_per_process(monkeypatch):
     assert len(calls) == 1
 
 
+class _Records(logging.Handler):
+    """Every record of one logger as (level, message); radalign's loggers do not propagate to caplog's root."""
+
+    def __init__(self):
+        super().__init__()
+        self.got: list[tuple[str, str]] = []
+
+    def emit(self, record):
+        self.got.append((record.levelname, record.getMessage()))
+
+    @property
+    def text(self) -> str:
+        return "\n".join(m for _, m in self.got)
+
+
+@contextlib.contextmanager
+def _captured(name: str):
+    logger = get_logger(name)
+    handler = _Records()
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
 @pytest.fixture
 def precision_log():
-    """(level, message) of every `radalign.precision` record (the logger does not propagate to caplog's root)."""
-    import logging
+    with _captured("radalign.precision") as records:
+        yield records.got
 
-    got: list[tuple[str, str]] = []
 
-    class Keep(logging.Handler):
-        def emit(self, record):
-            got.append((record.levelname, record.getMessage()))
-
-    logger = prec.get_logger("radalign.precision")
-    handler = Keep()
-    logger.addHandler(handler)
-    yield got
-    logger.removeHandler(handler)
+@pytest.fixture
+def training_log():
+    with _captured("radalign.training") as records:
+        yield records
 
 
 # (name, compute capability, bf16 emulated where not native): what torch.cuda reports on these cards
@@ -350,24 +373,25 @@ def test_checkpoint_round_trip_is_exact_and_pickle_free(tmp_path):
     set_rng_state(rng_before)
 
 
-def test_latest_naming_a_missing_folder_falls_back_to_newest_verified(tmp_path, caplog):
+def test_latest_naming_a_missing_folder_falls_back_to_newest_verified(tmp_path, training_log):
     ckpt = _save_steps(tmp_path / "run")
     shutil.rmtree(ckpt.root / "step-0000012")
     assert (ckpt.root / "latest").read_text().strip() == "step-0000012"
     assert ckpt.resolve("auto") == ckpt.root / "step-0000008"
     assert ckpt.resolve("latest") == ckpt.root / "step-0000008"
-    assert "does not exist" in caplog.text
+    assert (f"{ckpt.root / 'latest'} names step-0000012, which does not exist; looking for the newest complete "
+            "checkpoint") in training_log.text
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip"])
-def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, caplog, damage):
+def test_damaged_newest_checkpoint_is_named_and_skipped(tmp_path, training_log, damage):
     ckpt = _save_steps(tmp_path / "run")
     target = ckpt.root / "step-0000012" / "model.safetensors"
     data = target.read_bytes()
     target.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
     chosen = ckpt.resolve("latest")
     assert chosen == ckpt.root / "step-0000008"
-    err = caplog.text
+    err = training_log.text
     assert "step-0000012/model.safetensors: damaged" in err and "falling back" in err
     # the damaged folder is kept aside, never overwritten by the resumed run
     assert not (ckpt.root / "step-0000012").exists()
@@ -412,7 +436,7 @@ def test_save_refuses_to_overwrite_a_checkpoint_of_another_run(tmp_path):
     assert (tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors").read_bytes() == before
 
 
-def test_planted_pickle_in_checkpoint_folder_never_runs(tmp_path, caplog):
+def test_planted_pickle_in_checkpoint_folder_never_runs(tmp_path, training_log):
     ckpt = _save_steps(tmp_path / "run", steps=(4,))
     marker = tmp_path / "PWNED"
 
@@ -427,7 +451,8 @@ def test_planted_pickle_in_checkpoint_folder_never_runs(tmp_path, caplog):
     chosen = ckpt.resolve(str(folder))
     ckpt.load(chosen, model=model, optimizer=opt, scheduler=sched)
     assert not marker.exists()
-    assert "custom_checkpoint_0.pkl" in caplog.text  # named as ignored, never opened
+    assert ("file(s) not written by radalign, ignored and never opened: custom_checkpoint_0.pkl, optimizer.bin, "
+            "random_states_0.pkl, scheduler.bin") in training_log.text  # named, never opened
 
 
 def test_prune_keeps_the_newest_complete_checkpoints(tmp_path):
@@ -620,6 +645,7 @@ class _HandBuilt(nn.Module):
         self.attn_in_proj_bias = nn.Parameter(torch.zeros(24))
         self.logit_scale = nn.Parameter(torch.ones(1, 1))  # [1, 1] as some ports store it: excluded by name
         self.logit_bias = nn.Parameter(torch.zeros(1))
+        self.debias = nn.Linear(8, 8, bias=False)  # "bias" in a module's name: its weight is still a weight
         self.frozen = nn.Linear(8, 8)
         self.frozen.requires_grad_(False)
 
@@ -629,7 +655,7 @@ def test_weight_decay_groups_on_a_hand_built_module():
 
     model = _HandBuilt()
     decay, no_decay = _groups_by_name(model, adamw(model, lr=1e-3, weight_decay=0.2))
-    assert decay == {"emb.weight", "proj.weight", "conv.weight"}
+    assert decay == {"emb.weight", "proj.weight", "conv.weight", "debias.weight"}
     assert no_decay == {"cls", "proj.bias", "conv.bias", "ln2d.weight", "ln2d.bias", "bn.weight", "bn.bias",
                         "gn.weight", "gn.bias", "rms.weight", "rel_bias", "attn_in_proj_bias", "logit_scale",
                         "logit_bias"}  # frozen.* in neither group
@@ -704,12 +730,13 @@ def test_load_deepspeed_config_takes_batch_and_clip_from_our_config(tmp_path):
 def test_deepspeed_precision_sections_follow_the_resolved_precision(precision, bf16, fp16):
     from radalign.training import deepspeed_with_precision
 
-    ds = {"bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 12},
-          "zero_optimization": {"stage": 3}}
+    ds = {"bf16": {"enabled": "auto", "immediate_grad_update": True},
+          "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 12}, "zero_optimization": {"stage": 3}}
     got = deepspeed_with_precision(ds, precision)
-    assert got == {"bf16": {"enabled": bf16}, "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 12},
+    assert got == {"bf16": {"enabled": bf16, "immediate_grad_update": True},
+                   "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 12},
                    "zero_optimization": {"stage": 3}}
-    assert ds["bf16"] == {"enabled": "auto"}  # the caller's dict is not changed
+    assert ds["bf16"] == {"enabled": "auto", "immediate_grad_update": True}  # the caller's dict is not changed
     assert deepspeed_with_precision({}, precision) == {"bf16": {"enabled": bf16}, "fp16": {"enabled": fp16}}
 
 
@@ -780,7 +807,11 @@ def test_find_unused_parameters_reaches_ddp(monkeypatch):
         assert precision == "fp32" and acc.ddp_handler is not None and acc.ddp_handler.find_unused_parameters
         reset_accelerate_state()
         acc, _, _ = make_accelerator("fp32")
-        assert acc.ddp_handler is None
+        assert acc.ddp_handler is None and acc.mixed_precision == "no"
+        reset_accelerate_state()
+        monkeypatch.setattr(prec, "_cached_probe", lambda: (1.0, 0.5))  # an explicit bf16 is honoured on CPU
+        acc, precision, _ = make_accelerator("bf16")
+        assert precision == "bf16" and acc.mixed_precision == "bf16"  # what was resolved reaches Accelerate
     finally:
         reset_accelerate_state()
 
@@ -815,14 +846,14 @@ def test_resolve_on_several_processes_broadcasts_the_main_choice(tmp_path, monke
     assert sent == [([ckpt.root / "step-0000008"], 0)]
 
 
-def test_resume_messages_name_what_to_do(tmp_path, caplog):
+def test_resume_messages_name_what_to_do(tmp_path, training_log):
     ckpt = _save_steps(tmp_path / "run", steps=(4,))
     (ckpt.root / "step-0000004" / "model.safetensors").write_bytes(b"x")
     with pytest.raises(RadalignError, match=r"model.safetensors: damaged .*\. No earlier complete checkpoint exists\.$"):
         ckpt.resolve(str(ckpt.root / "step-0000004"))
     with pytest.raises(RadalignError, match="no complete checkpoint found"):
         ckpt.resolve("latest")
-    assert "falling back to the previous complete checkpoint" in caplog.text
+    assert "falling back to the previous complete checkpoint" in training_log.text
 
 
 def test_json_safe_names_the_key_it_cannot_save(tmp_path):
@@ -846,3 +877,33 @@ def test_metric_logger_writes_tensorboard_scalars(tmp_path):
     events.Reload()
     assert sorted(events.Tags()["scalars"]) == ["loss", "lr"]
     assert [(e.step, e.value) for e in events.Scalars("loss")] == [(1, 2.5), (2, 1.5)]
+
+
+def test_resaving_a_step_of_the_same_history_replaces_it(tmp_path):
+    run = tmp_path / "run"
+    first = _save_steps(run, steps=(4,))
+    state = json.loads((first.root / "step-0000004" / "trainer_state.json").read_text())
+    assert state == {"format": "radalign-checkpoint/1", "step": 4, "run_id": first.run_id, "state": {"segment": 4}}
+    resumed = CheckpointManager(run, keep=3)
+    model, opt, sched = _trained(seed=6)
+    resumed.load(resumed.resolve("latest"), model=model, optimizer=opt, scheduler=sched)
+    assert resumed.run_id == first.run_id  # the resumed run continues the same history
+    with torch.no_grad():
+        model.lin.bias.fill_(44.0)
+    resumed.save(4, model=model, optimizer=opt, scheduler=sched, state={"segment": 44})
+    assert sorted(p.name for p in resumed.root.iterdir()) == ["latest", "step-0000004"]  # no .old/.tmp left
+    assert load_file(str(resumed.root / "step-0000004" / "model.safetensors"))["lin.bias"][0] == 44.0
+    assert resumed.verify(resumed.root / "step-0000004") is None
+
+
+def test_metric_rows_without_a_step_are_kept_and_the_move_is_logged(tmp_path, training_log):
+    run = tmp_path / "run"
+    run.mkdir()
+    rows = [{"note": "header row, no step"}, {"step": 1, "loss": 1.0}, {"step": 5, "loss": 0.5},
+            {"step": 6, "loss": 0.4}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert MetricLogger(run, tensorboard=False).start(4) == 2
+    kept = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert kept == rows[:2]  # a row without a step counts as step 0: history, kept
+    assert training_log.got == [("WARNING", f"{run / 'metrics.jsonl'}: 2 row(s) after step 4 belong to a history "
+                                            "that was not resumed; moved to metrics.superseded.jsonl")]

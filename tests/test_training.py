@@ -87,7 +87,7 @@ def test_fp16_on_cpu_and_unknown_precision_are_errors():
         prec.resolve_precision("fp16", "cpu")
     with pytest.raises(RadalignError, match="'fp8'"):
         prec.resolve_precision("fp8", "cpu")
-    assert prec.resolve_precision("fp32", "cpu", probe=lambda: 1 / 0)[0] == "fp32"  # fp32 never probes
+    assert prec.resolve_precision("fp32", "cpu", probe=lambda: 1 / 0) == ("fp32", "asked for fp32")  # never probes
 
 
 def test_probe_runs_once_per_process(monkeypatch):
@@ -182,8 +182,9 @@ def test_explicit_precisions_on_cuda(monkeypatch, precision_log):
     precision_log.clear()
     choice, reason = prec.resolve_precision("bf16", "cuda")  # emulated on a V100: honoured with a warning
     assert choice == "bf16" and "emulated" in reason
-    assert precision_log[0][0] == "WARNING" and "slower than fp32" in precision_log[0][1]
-    assert "precision=auto" in precision_log[0][1]
+    assert precision_log[0] == ("WARNING", "precision=bf16 on Tesla V100-SXM2-16GB (compute capability 7.0): bf16 is "
+                                "only emulated there (no bf16 tensor cores), so training will be slower than fp32. "
+                                "Use precision=auto (fp32) or precision=fp16.")
     _fake_cuda(monkeypatch, "P100")
     with pytest.raises(RadalignError, match=r"precision=bf16: Tesla P100.* does not support bf16; use precision=auto"):
         prec.resolve_precision("bf16", "cuda")
@@ -208,6 +209,8 @@ def test_auto_on_cpu_logs_the_choice_and_the_measurement(monkeypatch, precision_
     assert choice == "fp32"
     assert precision_log == [("INFO", f"precision fp32 (requested auto): {reason}")]
     assert "3.00x the fp32 time (30.0 vs 10.0 ms)" in reason
+    slow_ms = prec.resolve_precision("auto", "cpu", probe=lambda: (0.100, 0.300), capability="AVX2", native=False)[1]
+    assert "3.00x the fp32 time (300.0 vs 100.0 ms)" in slow_ms
     precision_log.clear()
     choice, reason = prec.resolve_precision("auto", torch.device("cpu"), probe=lambda: (0.010, 0.004),
                                             capability="AVX512_BF16", native=True)

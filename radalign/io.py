@@ -31,7 +31,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if tmp.is_dir() and path.is_dir():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except BaseException:
+                os.replace(old, path)  # the new folder could not take its place: put the old one back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)

@@ -4,8 +4,10 @@
 
 Rules (`requested` is one of `auto`, `bf16`, `fp16`, `fp32`):
 
-- CUDA: `auto` -> bf16 when the GPU supports it (`torch.cuda.is_bf16_supported()`), fp32 otherwise (fp16 with
-  loss scaling is never chosen automatically: ask for it with `precision=fp16`).
+- CUDA: `auto` -> bf16 when the GPU runs it natively (`torch.cuda.is_bf16_supported(including_emulation=False)`:
+  compute capability >= 8.0, or ROCm), fp32 otherwise, e.g. on a V100 or T4 where torch only emulates bf16 (fp16
+  with loss scaling is never chosen automatically: ask for it with `precision=fp16`). An explicit `bf16` on an
+  emulating GPU is honoured with a warning; on a GPU without bf16 at all it is an error.
 - CPU: `auto` -> bf16 only where bf16 is native *and* measured faster. Native: ATen's dispatch level
   (`torch.backends.cpu.get_cpu_capability()`) is an AVX512 (or SVE) level and the CPU reports a bf16 unit
   (`avx512_bf16` / `amx_bf16` / ARM `bf16` in /proc/cpuinfo). Faster: a sub-second probe times a model-like
@@ -42,18 +44,20 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 AVX512-BF16 / AMX-BF16, ARM BF16
+
+
 def cpu_has_bf16_unit(cpuinfo: str | None = None) -> bool:
-    """True when the CPU reports bf16 instructions (x86 avx512_bf16/amx_bf16, ARM bf16)."""
+    """True when EVERY processor in /proc/cpuinfo (or `cpuinfo`) reports bf16 instructions (BF16_FLAGS): a
+    thread may run on any core, so one core without them makes bf16 emulated there. False when unreadable."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return False
-    flags = set()
-    for line in cpuinfo.splitlines():
-        if line.lower().startswith(("flags", "features")):
-            flags |= set(line.split(":", 1)[-1].split())
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    per_cpu = [set(line.split(":", 1)[-1].split()) for line in cpuinfo.splitlines()
+               if line.lower().startswith(("flags", "features"))]
+    return bool(per_cpu) and all(flags & BF16_FLAGS for flags in per_cpu)
 
 
 def native_bf16(capability: str, has_unit: bool) -> bool:
@@ -120,25 +124,39 @@ def resolve_precision(requested: str, device, *, probe: Probe | None = None, cap
     kind = _device_type(device)
     log = get_logger("radalign.precision")
     if kind == "cuda":
-        precision, reason = _resolve_cuda(requested)
+        precision, reason = _resolve_cuda(requested, log)
     else:
         precision, reason = _resolve_cpu(requested, probe, capability, native, log)
     log.info(f"precision {precision} (requested {requested}): {reason}")
     return precision, reason
 
 
-def _resolve_cuda(requested: str) -> tuple[str, str]:
+def _resolve_cuda(requested: str, log) -> tuple[str, str]:
+    """CUDA rule: bf16 only where the GPU runs it natively (compute capability >= 8.0, or ROCm)."""
     import torch
 
-    supported = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CUDA device"
-    if requested != "auto":
-        if requested == "bf16" and not supported:
+    available = torch.cuda.is_available()
+    # torch's default `is_bf16_supported()` also says True where bf16 is only emulated (e.g. a V100, 7.0):
+    # slow, and not what `auto` promises. Native support is the emulation-free answer.
+    native = available and torch.cuda.is_bf16_supported(including_emulation=False)
+    emulated = available and not native and torch.cuda.is_bf16_supported()
+    name = "CUDA device (none visible)"
+    if available:
+        dev = torch.cuda.current_device()
+        major, minor = torch.cuda.get_device_capability(dev)
+        name = f"{torch.cuda.get_device_name(dev)} (compute capability {major}.{minor})"
+    if requested == "bf16" and not native:
+        if not emulated:
             raise RadalignError(f"precision=bf16: {name} does not support bf16; use precision=auto (fp32) or fp16")
+        log.warning(f"precision=bf16 on {name}: bf16 is only emulated there (no bf16 tensor cores), so training "
+                    "will be slower than fp32. Use precision=auto (fp32) or precision=fp16.")
+        return "bf16", f"asked for bf16 on {name} (emulated)"
+    if requested != "auto":
         return requested, f"asked for {requested} on {name}"
-    if supported:
-        return "bf16", f"{name} supports bf16"
-    return "fp32", f"{name} has no bf16 support (fp16 only when asked: precision=fp16)"
+    if native:
+        return "bf16", f"{name} supports bf16 natively"
+    return "fp32", (f"{name} has no native bf16{' (only emulated)' if emulated else ''}; fp16 is used only when "
+                    "asked: precision=fp16")
 
 
 def _resolve_cpu(requested: str, probe: Probe | None, capability: str | None, native: bool | None,
@@ -164,5 +182,5 @@ def _resolve_cpu(requested: str, probe: Probe | None, capability: str | None, na
     return choice, f"CPU capability {cap}, {native_txt}; {measured}"
 
 
-__all__ = ["PRECISIONS", "resolve_precision", "probe_bf16_cpu", "cpu_capability", "cpu_has_bf16_unit",
+__all__ = ["PRECISIONS", "BF16_FLAGS", "resolve_precision", "probe_bf16_cpu", "cpu_capability", "cpu_has_bf16_unit",
            "native_bf16", "clear_cache"]

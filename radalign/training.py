@@ -11,7 +11,8 @@ API (all names importable from `radalign.training`):
         # its bf16/fp16 sections filled from it. Refuses a launcher/Accelerate world-size mismatch.
     deepspeed_file(configured) -> str | None      # our `deepspeed=` value or the accelerate launch config's file
     load_deepspeed_config(file, *, micro_batch, grad_clip) -> dict   # batch/clip fields from our config
-    param_groups(model, weight_decay) -> list[dict]   # no decay on ndim < 2, biases, logit_scale
+    deepspeed_with_precision(ds, precision) -> dict   # bf16/fp16 sections enabled by the resolved precision
+    param_groups(model, weight_decay) -> list[dict]   # no decay on norms, biases, logit scale/bias (`_decays`)
     adamw(model, *, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.AdamW  (fused)
     cosine_schedule(optimizer, warmup_steps, total_steps) -> LambdaLR   # do NOT pass it to accelerator.prepare
     eval_module(acc, model) -> nn.Module          # what to run forward on in eval (engine under ZeRO-3)
@@ -146,8 +147,7 @@ def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None,
     if find_unused_parameters:
         kwargs["kwargs_handlers"].append(DistributedDataParallelKwargs(find_unused_parameters=True))
     if deepspeed is not None:
-        ds = {**deepspeed, "bf16": {"enabled": resolved == "bf16"}, "fp16": {"enabled": resolved == "fp16"}}
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_with_precision(deepspeed, resolved))
     # cpu=True on CPU machines: with torchrun's env a plain Accelerator() would start world-size-1 jobs.
     acc = Accelerator(mixed_precision={"fp32": "no"}.get(resolved, resolved), cpu=not cuda, **kwargs)
     if world_env != acc.num_processes:
@@ -155,6 +155,13 @@ def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None,
                             f"{acc.num_processes}: the processes would train independently. Launch with "
                             "torchrun or `accelerate launch --multi_gpu --num_processes N` (not --cpu).")
     return acc, resolved, reason  # radalign.precision logged the choice and why
+
+
+def deepspeed_with_precision(ds: dict, precision: str) -> dict:
+    """The DeepSpeed dict with its bf16/fp16 sections enabled by the resolved precision (one source of truth);
+    other keys of those sections (e.g. fp16 loss-scale settings) are kept."""
+    return {**ds, "bf16": {**ds.get("bf16", {}), "enabled": precision == "bf16"},
+            "fp16": {**ds.get("fp16", {}), "enabled": precision == "fp16"}}
 
 
 def deepspeed_file(configured: str | None) -> str | None:
@@ -231,13 +238,27 @@ def peak_memory_gb() -> float:
 # Optimizer
 
 
+# Parameters of these modules are scales and shifts of a normalisation, whatever their shape.
+_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)
+NO_DECAY_NAMES = ("logit_scale", "logit_bias")  # the contrastive temperature and SigLIP's bias
+
+
+def _decays(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
+    """The weight-decay rule, as in CLIP/open_clip: decay weight matrices and kernels (ndim >= 2, embedding
+    tables included); never norms (any parameter of a normalisation module, whatever its shape), biases (the
+    name's last part contains `bias`: `bias`, `in_proj_bias`, `relative_position_bias_table`), the logit
+    scale/bias, or any other parameter with ndim < 2 (gains, the 1-D class embedding)."""
+    leaf = name.rsplit(".", 1)[-1]
+    return not (p.ndim < 2 or id(p) in norm_params or "bias" in leaf or leaf in NO_DECAY_NAMES)
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """No decay on norms, biases and the logit scale (all params with ndim < 2), as in CLIP."""
+    """[{decayed params, weight_decay}, {the rest, weight_decay 0}] by `_decays`; frozen parameters left out."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name or "bias" in name else decay).append(p)
+        if p.requires_grad:
+            (decay if _decays(name, p, norm_params) else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -687,7 +708,10 @@ class CheckpointManager:
         self.prune()
 
     def prune(self) -> None:
-        """Keep the newest `keep` complete checkpoints (incomplete folders are never pruned silently)."""
+        """Keep the newest `keep` complete checkpoints (those with checksums.json); delete older complete ones.
+
+        Never deleted, and never counted toward `keep`: an incomplete step-* folder (a crashed write, kept for
+        forensics), a `.step-*.tmp` folder still being written, and anything under `damaged/`."""
         complete = [p for p in self.checkpoints() if (p / CHECKSUMS).is_file()]
         for old in complete[:-self.keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -695,7 +719,8 @@ class CheckpointManager:
 
 __all__ = [
     "CKPT_DIR", "LATEST", "CheckpointManager", "Loaded", "Meter", "MetricLogger", "NonFiniteLoss", "adamw",
-    "cosine_schedule", "deepspeed_file", "eval_module", "gather_to_main", "get_rng_state", "is_deepspeed",
+    "cosine_schedule", "deepspeed_file", "deepspeed_with_precision", "eval_module", "gather_to_main",
+    "get_rng_state", "is_deepspeed",
     "load_deepspeed_config", "make_accelerator", "param_groups", "peak_memory_gb", "reset_accelerate_state",
     "run_lock", "set_rng_state",
 ]

@@ -137,3 +137,74 @@ def test_data_reaches_the_disk_before_the_rename(tmp_path, monkeypatch):
     assert events[0][2] == events[1][1]  # the synced file is the one renamed
     assert events[1][2] == target
     assert target.read_bytes() == b"x" * 1000
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A crash mid-write, for real: SIGKILL while the temporary is half written.
+
+_WRITE_SLOWLY = """
+import os, sys, time
+from radalign.io import atomic_path
+with atomic_path(sys.argv[1]) as tmp:
+    with open(tmp, "wb") as f:
+        f.write(b"new" * 1000)
+        f.flush()
+        print(tmp, flush=True)
+        time.sleep(60)  # killed here
+"""
+
+
+def test_sigkill_mid_write_leaves_the_old_file_and_the_next_write_works(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    target = tmp_path / "manifest.json"
+    target.write_bytes(b'{"old": 1}\n')
+    proc = subprocess.Popen([sys.executable, "-c", _WRITE_SLOWLY, str(target)], cwd=_package_root(),
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = Path(proc.stdout.readline().strip())
+        assert tmp.parent == target.parent and tmp.stat().st_size == 3000  # beside it: one file system, one rename
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert target.read_bytes() == b'{"old": 1}\n'  # whole and old
+    atomic_write_text(target, '{"new": 2}\n')
+    assert target.read_text() == '{"new": 2}\n'
+
+
+def test_folder_swap_failing_midway_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "export"
+    target.mkdir()
+    (target / "weights").write_text("good")
+    real = os.replace
+    calls = []
+
+    def second_fails(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # old folder moved aside, then the new one fails to take its place
+            raise OSError(28, "planted: no space left")
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", second_fails)
+    with pytest.raises(OSError, match="planted"):
+        with atomic_path(target) as tmp:
+            tmp.mkdir()
+            (tmp / "weights").write_text("new")
+    monkeypatch.undo()
+    assert (target / "weights").read_text() == "good"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no .old or .tmp folder left behind
+
+
+def test_checksum_of_a_file_larger_than_one_read(tmp_path):
+    import hashlib
+
+    from radalign.io import sha256_file
+
+    data = os.urandom(3 * (1 << 20) + 7)  # 3 MiB + 7: several default-size reads and a short tail
+    f = tmp_path / "model.safetensors"
+    f.write_bytes(data)
+    assert sha256_file(f) == hashlib.sha256(data).hexdigest()
+    f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # one bit of the last byte
+    assert sha256_file(f) != hashlib.sha256(data).hexdigest()

@@ -206,3 +206,206 @@ def test_choose_threshold_rules_against_brute_force():
     assert metrics.choose_threshold(np.ones(4), np.arange(4.0)) is None
     with pytest.raises(ValueError, match="target"):
         metrics.choose_threshold(y, s, rule="sensitivity")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Bug classes of issue 18 §4, each against an independent computation.
+
+
+def _draws(pids, n_boot, seed):
+    """The documented draws, rebuilt by hand: patients in sorted str-id order, one default_rng(seed).integers
+    call of shape [n_boot, P]; each draw -> the row indices of its patients, repeated."""
+    patients = sorted({str(p) for p in pids})
+    rows_of = {p: [i for i, q in enumerate(pids) if str(q) == p] for p in patients}
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    return [np.array([i for j in d for i in rows_of[patients[j]]]) for d in draws]
+
+
+def _brute_paired(y, a, b, pids, n_boot, seed):
+    """Bootstrap differences with sklearn on rebuilt rows; the two-sided p written out: twice the smaller tail."""
+    d = []
+    for rows in _draws(pids, n_boot, seed):
+        if 0 < y[rows].sum() < len(rows):
+            d.append(roc_auc_score(y[rows], a[rows]) - roc_auc_score(y[rows], b[rows]))
+    d = np.array(d)
+    below, above = np.count_nonzero(d <= 0), np.count_nonzero(d >= 0)
+    return min(1.0, 2.0 * min(below, above) / len(d)), d
+
+
+def test_paired_p_value_is_two_sided_against_brute_force():
+    """Two models of equal skill (the same noise level; seed 2 gives a delta near 0): the bootstrap differences
+    straddle 0, so a two-sided p is large (> 0.5); a one-tailed share ("not doubled") can never exceed 0.5.
+    Swapping a and b keeps p."""
+    y, s, pids = _clustered(n_pat=50, seed=5)
+    rng = np.random.default_rng(2)
+    a, b = s + 0.8 * rng.normal(size=len(y)), s + 0.8 * rng.normal(size=len(y))
+    got = metrics.paired_difference("auroc", y, a, b, pids, n_boot=400, seed=3)
+    p, d = _brute_paired(y, a, b, pids, 400, 3)
+    assert got["p_value"] == pytest.approx(p, abs=1e-12)
+    assert 0.5 < got["p_value"] <= 1.0
+    swapped = metrics.paired_difference("auroc", y, b, a, pids, n_boot=400, seed=3)
+    assert swapped["p_value"] == pytest.approx(got["p_value"], abs=1e-12)
+    assert (swapped["ci_low"], swapped["ci_high"]) == pytest.approx((-got["ci_high"], -got["ci_low"]), abs=1e-12)
+    # a clearly better model: small p in both directions, and p agrees with the interval leaving 0 out
+    better = s + 1.5 * y  # a model that separates the classes much better
+    for first, second in ((better, s), (s, better)):
+        r = metrics.paired_difference("auroc", y, first, second, pids, n_boot=400, seed=3)
+        assert r["p_value"] == pytest.approx(_brute_paired(y, first, second, pids, 400, 3)[0], abs=1e-12)
+        assert r["p_value"] < 0.05 and (r["ci_low"] > 0 or r["ci_high"] < 0)
+    # p between the cap and 0: a middling case where doubling matters and the cap does not
+    mid = s + 1.6 * rng.normal(size=len(y))
+    r = metrics.paired_difference("auroc", y, s, mid, pids, n_boot=400, seed=3)
+    p_mid, _ = _brute_paired(y, s, mid, pids, 400, 3)
+    assert r["p_value"] == pytest.approx(p_mid, abs=1e-12)
+    # identical models: every difference is exactly 0, which lies on both sides: p = 1, never 0
+    assert metrics.paired_difference("auroc", y, s, s.copy(), pids, n_boot=50, seed=0)["p_value"] == 1.0
+    # models that differ on one patient's films only: many resamples give exactly 0 and count on both sides
+    c = s.copy()
+    c[np.array(pids) == pids[0]] += 5.0
+    r = metrics.paired_difference("auroc", y, c, s, pids, n_boot=300, seed=1)
+    p_c, d_c = _brute_paired(y, c, s, pids, 300, 1)
+    assert np.count_nonzero(d_c == 0) > 50 and r["p_value"] == pytest.approx(p_c, abs=1e-12)
+
+
+def test_paired_difference_undefined_gives_none_not_a_number():
+    got = metrics.paired_difference("auroc", np.zeros(8), np.arange(8.0), np.arange(8.0)[::-1], list(range(8)),
+                                    n_boot=30)
+    assert got["p_value"] is None and got["delta"] is None and got["ci_low"] is None
+    assert got["skipped_resamples"] == 30
+
+
+def test_threshold_is_inclusive_at_scores_exactly_at_it():
+    """Positive when score >= threshold: rows scored exactly at the threshold are predicted positive."""
+    y = np.array([1, 0, 1, 0, 1, 0, np.nan])
+    s = np.array([0.5, 0.5, 0.5, 0.2, 0.7, 0.9, 0.5])  # three rows (one excluded) exactly at 0.5
+    m = metrics.threshold_metrics(y, s, 0.5)
+    # by hand at >= 0.5: predicted positive rows 0,1,2,4,5 -> tp 3 (0,2,4), fp 2 (1,5); fn 0; tn 1 (3)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"], m["n"]) == (3, 2, 0, 1, 6)
+    assert m["sensitivity"] == 1.0 and m["specificity"] == pytest.approx(1 / 3)
+    above = metrics.threshold_metrics(y, s, np.nextafter(0.5, 1))  # just above: the tied rows flip
+    assert (above["tp"], above["fp"], above["fn"], above["tn"]) == (1, 1, 2, 2)
+
+
+def test_chosen_threshold_reproduces_sklearn_roc_points_on_tied_scores():
+    """Heavily tied scores (5 values): every threshold choose_threshold returns, applied with >=, lands on the
+    roc_curve point sklearn reports for that threshold; the Youden pick is the brute-force best."""
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(12)
+    y = rng.integers(0, 2, 200).astype(float)
+    s = np.clip(np.round(y + rng.normal(scale=1.2, size=200)), -1, 3)  # values -1..3
+    fpr, tpr, thr = roc_curve(y, s, drop_intermediate=False)
+    for rule, target in (("youden", None), ("sensitivity", 0.8), ("specificity", 0.8)):
+        t = metrics.choose_threshold(y, s, rule, target)
+        m = metrics.threshold_metrics(y, s, t)
+        k = int(np.flatnonzero(thr == t)[0])
+        assert m["sensitivity"] == pytest.approx(tpr[k], abs=1e-12), rule
+        assert 1 - m["specificity"] == pytest.approx(fpr[k], abs=1e-12), rule
+    youden = lambda c: (((s >= c) & (y == 1)).sum() / (y == 1).sum()  # noqa: E731
+                        - ((s >= c) & (y == 0)).sum() / (y == 0).sum())
+    best = max(youden(c) for c in np.unique(s))
+    assert youden(metrics.choose_threshold(y, s)) == pytest.approx(best, abs=1e-12)
+
+
+@pytest.mark.parametrize("values", [2, 3, 7])
+def test_auroc_auprc_with_heavy_ties_and_zero_weights_match_sklearn(values):
+    rng = np.random.default_rng(values)
+    n = 150
+    y = rng.integers(0, 2, n).astype(float)
+    s = rng.integers(0, values, n) + 0.5 * y * rng.integers(0, 2, n)  # few distinct scores, tied across classes
+    w = rng.integers(0, 3, n).astype(float)  # zero weights: rows that were not drawn
+    y_nan = y.copy()
+    y_nan[::7] = np.nan
+    keep = ~np.isnan(y_nan)
+    assert metrics.auroc(y_nan, s, w) == pytest.approx(roc_auc_score(y[keep], s[keep], sample_weight=w[keep]),
+                                                       abs=1e-12)
+    assert metrics.auprc(y_nan, s, w) == pytest.approx(
+        average_precision_score(y[keep], s[keep], sample_weight=w[keep]), abs=1e-12)
+    fw = rng.random(n)  # non-integer weights too
+    assert metrics.auroc(y, s, fw) == pytest.approx(roc_auc_score(y, s, sample_weight=fw), abs=1e-12)
+    assert metrics.auprc(y, s, fw) == pytest.approx(average_precision_score(y, s, sample_weight=fw), abs=1e-12)
+
+
+def test_all_tied_scores_by_hand():
+    y = np.array([1, 0, 0, 1, 0.0])
+    s = np.full(5, 0.3)
+    assert metrics.auroc(y, s) == 0.5  # every pair tied: half credit
+    assert metrics.auprc(y, s) == pytest.approx(2 / 5)  # one threshold: precision = prevalence
+    # one positive above all negatives but tied with one of them: (3 + 0.5) / 4 pairs
+    assert metrics.auroc([1, 0, 0, 0, 0.0], [0.9, 0.9, 0.1, 0.2, 0.3]) == pytest.approx(3.5 / 4)
+
+
+def test_one_class_is_nan_without_numpy_warnings():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isnan(metrics.auroc(np.ones(4), np.arange(4.0)))
+        assert np.isnan(metrics.auprc(np.zeros(4), np.arange(4.0)))
+        assert np.isnan(metrics.auroc(np.full(3, np.nan), np.arange(3.0)))  # every row excluded
+
+
+def test_patient_bootstrap_with_interleaved_rows_equals_brute_force_and_ignores_row_order():
+    """Films of a patient scattered over the table (ids of mixed type): the interval equals the brute force
+    over rebuilt patient draws, and shuffling the rows changes nothing (patients, not positions, are drawn)."""
+    y, s, pids = _clustered(n_pat=30, seed=8)
+    order = np.random.default_rng(2).permutation(len(y))
+    y2, s2 = y[order], s[order]
+    pids2 = [int(pids[i][3:]) if i % 2 else pids[i] for i in order]  # "pat007" and 7 are different patients
+    pids2 = [f"pat{p:03d}" if isinstance(p, int) else p for p in pids2]
+    got = metrics.bootstrap_ci("auroc", y2, s2, pids2, n_boot=300, seed=4, level=0.9)
+    vals = np.array([roc_auc_score(y2[r], s2[r]) if 0 < y2[r].sum() < len(r) else np.nan
+                     for r in _draws(pids2, 300, 4)])
+    lo, hi = np.percentile(vals[~np.isnan(vals)], [5, 95])  # level 0.9
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx((lo, hi), abs=1e-12)
+    same = metrics.bootstrap_ci("auroc", y, s, pids, n_boot=300, seed=4, level=0.9)
+    assert (same["ci_low"], same["ci_high"]) == pytest.approx((got["ci_low"], got["ci_high"]), abs=1e-12)
+    assert got["n_patients"] == 30 and got["level"] == 0.9
+    w = np.concatenate(list(metrics.patient_weights(pids2, 50, seed=1)))  # [50, n]
+    for p in set(pids2):
+        cols = [i for i, q in enumerate(pids2) if q == p]
+        assert (w[:, cols] == w[:, cols[:1]]).all()  # a patient's rows always share one draw count
+
+
+def test_patient_draw_counts_are_a_multinomial_over_patients():
+    """Over many resamples each patient is drawn on average once, whatever its number of films; a film-level
+    bootstrap would draw the 9-film patient's films ~9x as often as a patient."""
+    pids = ["big"] * 9 + ["a", "b", "c"]
+    w = np.concatenate(list(metrics.patient_weights(pids, 4000, seed=0)))  # [4000, 12]
+    per_patient = w[:, [0, 9, 10, 11]]  # one column per patient
+    assert (per_patient.sum(1) == 4).all()
+    assert per_patient.mean(0) == pytest.approx([1, 1, 1, 1], abs=0.06)
+    assert per_patient.var(0) == pytest.approx([0.75] * 4, abs=0.08)  # binomial(4, 1/4): 4 * 1/4 * 3/4
+
+
+def test_no_resample_and_bad_level():
+    y, s, pids = _clustered(seed=1)
+    got = metrics.bootstrap_ci("auroc", y, s, pids, n_boot=0)
+    assert got["value"] == pytest.approx(roc_auc_score(y, s)) and (got["ci_low"], got["ci_high"]) == (None, None)
+    for bad in (0.0, 1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match="between 0 and 1"):
+            metrics.percentile_ci([0.1, 0.2], bad)
+
+
+def test_rows_scored_counts_rows_with_any_label_in_a_multi_label_metric():
+    y = np.array([[1, np.nan], [np.nan, np.nan], [0, 1], [np.nan, 0]])
+    s = np.arange(8.0).reshape(4, 2)
+
+    def first_col_mean(y_, s_, w):  # [B, n] -> [B]
+        return (w * s_[:, 0]).sum(1) / w.sum(1)
+
+    got = metrics.bootstrap_ci(first_col_mean, y, s, ["a", "b", "c", "d"], n_boot=10)
+    assert got["n_rows"] == 4 and got["n_rows_scored"] == 3  # row 1 has no label at all
+    one = metrics.bootstrap_ci("auroc", np.array([1, np.nan, 0, 0]), np.arange(4.0), list("abcd"), n_boot=10)
+    assert one["n_rows_scored"] == 3
+
+
+def test_mean_ci_against_brute_force():
+    rng = np.random.default_rng(3)
+    pids = [f"q{i // 3}" for i in range(60)] + [f"r{i}" for i in range(20)]
+    hits = (rng.random(80) < 0.6).astype(float)
+    got = metrics.mean_ci(hits, pids, n_boot=250, seed=9)
+    means = [hits[r].mean() for r in _draws(pids, 250, 9)]
+    assert got["value"] == pytest.approx(hits.mean(), abs=1e-12)
+    assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=1e-12)
+    assert got["unit"] == "patient" and got["n_patients"] == 40

@@ -278,6 +278,90 @@ def test_bootstrap_counts_single_class_resamples_and_excluded_rows():
     assert one_class["classes"]["a"]["auroc"] is None and one_class["macro"]["auroc"] is None
 
 
+def _brute_macro(y, s, pids, n_boot, seed, level=0.95):
+    """Independent macro bootstrap (numpy + sklearn): the documented patient draws; per resample every class's
+    AUROC over the drawn rows (NaN labels dropped); the macro mean only over resamples where EVERY class has
+    both labels. Returns (interval, dropped, dropped per class, interval of the nanmean-over-the-rest rule)."""
+    patients = sorted({str(p) for p in pids})
+    rows_of = {p: [i for i, q in enumerate(pids) if str(q) == p] for p in patients}
+    draws = np.random.default_rng(seed).integers(0, len(patients), size=(n_boot, len(patients)))
+    per = np.full((n_boot, y.shape[1]), np.nan)
+    for b, d in enumerate(draws):
+        rows = np.array([i for j in d for i in rows_of[patients[j]]])
+        for c in range(y.shape[1]):
+            r = rows[~np.isnan(y[rows, c])]
+            if 0 < y[r, c].sum() < len(r):
+                per[b, c] = roc_auc_score(y[r, c], s[r, c])
+    full = ~np.isnan(per).any(axis=1)
+    q = [100 * (1 - level) / 2, 100 * (1 + level) / 2]
+    ci = tuple(np.percentile(per[full].mean(axis=1), q))
+    rest = tuple(np.percentile(np.nanmean(per, axis=1), q))
+    by_class = {c: int(np.isnan(per[:, c]).sum()) for c in range(y.shape[1]) if np.isnan(per[:, c]).any()}
+    return ci, int((~full).sum()), by_class, rest
+
+
+def _planted_thin_class(n_pat=40, films=2, seed=0):
+    """Classes a, b: common, well separated. Class c: positive in 3 patients only, and scored at random, so
+    a resample without them has no c AUROC and the average over the rest (a and b) is much higher."""
+    rng = np.random.default_rng(seed)
+    pids = [f"p{i:02d}" for i in range(n_pat) for _ in range(films)]
+    n = len(pids)
+    y = np.zeros((n, 3))
+    per_pat = rng.random((n_pat, 2)) < 0.4
+    y[:, :2] = np.repeat(per_pat, films, axis=0)
+    y[: 3 * films, 2] = 1.0  # patients p00..p02
+    y[rng.random(n) < 0.1, 0] = np.nan  # some excluded labels too
+    s = y * np.array([2.5, 2.5, 0.0]) + rng.standard_normal((n, 3))
+    return s, y, pids
+
+
+def test_macro_interval_drops_resamples_where_a_class_has_one_label_value():
+    """Planted: a thin class (3 positive patients of 40) kept in the macro (min_per_label=1). The macro interval
+    equals an independent bootstrap that drops every resample where a class is unscorable, counts them, and
+    names the class; the silent rule (average over the classes that remain) gives another interval."""
+    s, y, pids = _planted_thin_class()
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=400, seed=3, patient_ids=pids, min_per_label=1)
+    (lo, hi), dropped, by_class, rest = _brute_macro(y, s, pids, 400, 3)
+    mac = t["macro"]
+    assert mac["classes"] == ["a", "b", "c"]
+    assert (mac["ci_low"], mac["ci_high"]) == pytest.approx((lo, hi), abs=1e-12)
+    assert mac["skipped_resamples"] == dropped and mac["skipped_by_class"] == {"c": by_class[2]}
+    # (1 - 3/40)^40 ~ 4.4% of resamples draw none of the 3 patients
+    assert 5 <= dropped <= 40
+    assert max(abs(rest[0] - lo), abs(rest[1] - hi)) > 0.01  # the plant tells the two rules apart
+    assert t["classes"]["c"]["skipped_resamples"] == by_class[2]
+    keep = ~np.isnan(y)
+    assert mac["auroc"] == pytest.approx(np.mean([roc_auc_score(y[keep[:, j], j], s[keep[:, j], j])
+                                                   for j in range(3)]), abs=1e-12)
+
+
+def test_macro_says_when_its_interval_is_conditional_on_a_thin_class():
+    s, y, pids = _planted_thin_class(n_pat=40)
+    y[2:6, 2] = 0.0  # class c: one positive patient (p00) of 40; ~36% of resamples miss it
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    _, dropped, by_class, _ = _brute_macro(y, s, pids, 300, 0)
+    mac = t["macro"]
+    assert mac["skipped_resamples"] == dropped and 0.25 * 300 < dropped < 0.5 * 300
+    assert f"{dropped} of 300 resamples dropped" in mac["note"] and f"(c ({by_class[2]}))" in mac["note"]
+    assert "min_per_label" in mac["note"]
+    # the subset macro without c drops nothing and says nothing
+    sub = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1,
+                              macro_classes=["a", "b"])
+    assert sub["macro"]["skipped_resamples"] == 0 and sub["macro"]["note"] == ""
+    assert sub["macro_all"]["skipped_resamples"] == dropped
+    # two thin classes: the note names the one that dropped more resamples first
+    y2 = y.copy()
+    y2[:, 1] = 0.0
+    y2[10:16, 1] = 1.0  # class b: three positive patients (p05..p07), c keeps one
+    two = metrics.auroc_table(s, y2, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    _, _, by2, _ = _brute_macro(y2, s, pids, 300, 0)
+    assert by2[2] > by2[1] > 0 and two["macro"]["skipped_by_class"] == {"b": by2[1], "c": by2[2]}
+    assert f"(c ({by2[2]}), b ({by2[1]}))" in two["macro"]["note"]
+    # min_per_label (rows) above c's 2 positive films keeps it out of the macro up front
+    thin = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=3)
+    assert thin["macro"]["classes_too_few"] == ["c"] and thin["macro"]["skipped_resamples"] == 0
+
+
 def test_min_per_label_keeps_thin_classes_out_of_the_macro_but_reports_them():
     s, y = _noisy(200, 3)
     y[:, 2] = 1.0
@@ -327,6 +411,128 @@ def test_thresholds_come_from_validation_only():
 def test_shuffled_label_control_is_near_chance():
     s, y = _noisy(2000, 4, sep=3.0)
     assert metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=0) == pytest.approx(0.5, abs=0.05)
+
+
+def test_multiclass_intervals_against_a_brute_force_patient_bootstrap():
+    """Accuracy and balanced accuracy resampled by patient, rebuilt by hand and scored with sklearn; a rare
+    class missing from many resamples gives NaN recall there, averaged over the classes present (as sklearn),
+    without numpy warnings."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(5)
+    n = 120
+    y = rng.choice(4, n, p=[0.45, 0.45, 0.07, 0.03])
+    probs = rng.dirichlet(np.ones(4), n) + 0.6 * np.eye(4)[y]
+    probs /= probs.sum(1, keepdims=True)
+    pids = [f"p{i // 2:03d}" for i in range(n)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = metrics.multiclass_table(probs, y, list("abcd"), n_boot=150, seed=2, level=0.9, patient_ids=pids)
+    pred = probs.argmax(1)
+    accs, baccs = [], []
+    patients = sorted(set(pids))
+    for d in np.random.default_rng(2).integers(0, len(patients), size=(150, len(patients))):
+        rows = np.concatenate([[2 * j, 2 * j + 1] for j in d])  # patient j owns rows 2j, 2j+1
+        accs.append((pred[rows] == y[rows]).mean())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # sklearn: "y_pred contains classes not in y_true"
+            baccs.append(balanced_accuracy_score(y[rows], pred[rows]))
+    assert (t["accuracy"]["ci_low"], t["accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(accs, [5, 95])), abs=1e-12)
+    assert (t["balanced_accuracy"]["ci_low"], t["balanced_accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(baccs, [5, 95])), abs=1e-12)
+    assert (t["unit"], t["n_units"], t["level"], t["n_boot"], t["seed"]) == ("patient", 60, 0.9, 150, 2)
+    assert t["n_per_class"] == {c: int((y == i).sum()) for i, c in enumerate("abcd")}
+    assert t["confusion"]["c"]["a"] == int(((y == 2) & (pred == 0)).sum())
+
+
+def test_multiclass_balanced_accuracy_with_a_single_image_class():
+    """Class d has one image: in a resample that draws it once, its recall is 0 or 1 (weight 1 is a class
+    present), never left out; checked against sklearn on the rebuilt resamples."""
+    import warnings
+
+    from sklearn.metrics import balanced_accuracy_score
+
+    rng = np.random.default_rng(11)
+    y = np.r_[rng.integers(0, 3, 59), 3]
+    probs = rng.dirichlet(np.ones(4), 60) + 0.8 * np.eye(4)[y]
+    probs /= probs.sum(1, keepdims=True)
+    t = metrics.multiclass_table(probs, y, list("abcd"), n_boot=200, seed=4)
+    pred = probs.argmax(1)
+    baccs = []
+    units = sorted(str(i) for i in range(60))  # each image its own unit, ids in sorted str order ("0", "1", "10")
+    for d in np.random.default_rng(4).integers(0, 60, size=(200, 60)):
+        rows = [int(units[j]) for j in d]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            baccs.append(balanced_accuracy_score(y[rows], pred[rows]))
+    assert (t["balanced_accuracy"]["ci_low"], t["balanced_accuracy"]["ci_high"]) == pytest.approx(
+        tuple(np.percentile(baccs, [2.5, 97.5])), abs=1e-12)
+    assert t["unit"] == "image"
+
+
+def test_threshold_metrics_without_a_threshold_or_labels_is_none():
+    s, y = _noisy(50, 10)
+    y[:, 2] = np.nan  # class c: every label excluded
+    got = metrics.threshold_metrics(s, y, list("abc"), {"a": 0.5, "b": None, "c": 0.1})
+    assert got["b"] is None and got["c"] is None
+    assert got["a"]["tp"] == int(((s[:, 0] >= 0.5) & (y[:, 0] == 1)).sum())
+
+
+def test_a_class_without_auroc_does_not_stop_the_later_classes_bootstrap():
+    s, y = _noisy(120, 6)
+    y[:, 0] = 0.0  # class a: one label value, no AUROC
+    t = metrics.auroc_table(s, y, list("abc"), n_boot=100, patient_ids=list(range(120)))
+    assert t["classes"]["a"]["auroc"] is None and t["classes"]["a"]["skipped_resamples"] == 100
+    for j, name in ((1, "b"), (2, "c")):
+        c = t["classes"][name]
+        assert (c["ci_low"], c["ci_high"]) == pytest.approx(
+            _brute_patient_ci(y[:, j], s[:, j], list(range(120)), 100, 0), abs=1e-12)  # default seed 0
+    assert t["macro"]["classes"] == ["b", "c"] and t["macro"]["classes_without_auroc"] == ["a"]
+
+
+def test_macro_without_a_usable_class_keeps_its_keys():
+    s, y = _noisy(60, 7)
+    y[:, 0], y[:, 1] = 0.0, 1.0
+    y[:3, 1] = 0.0  # class b: 3 negatives only
+    t = metrics.auroc_table(s[:, :2], y[:, :2], ["a", "b"], n_boot=20, min_per_label=5)
+    assert t["macro"] == {"auroc": None, "ci_low": None, "ci_high": None, "classes": [],
+                          "classes_without_auroc": ["a"], "classes_too_few": ["b"], "skipped_resamples": 20,
+                          "skipped_by_class": {}, "note": "", "n_boot": 20, "seed": 0, "level": 0.95,
+                          "min_per_label": 5, "unit": "image", "n_units": 60}
+
+
+def test_choose_thresholds_passes_the_rule_and_target():
+    s, y = _noisy(300, 8, sep=1.5)
+    thr = metrics.choose_thresholds(s, y, list("abc"), rule="sensitivity", target=0.9)
+    for j, name in enumerate("abc"):
+        sens = lambda c, j=j: ((s[:, j] >= c) & (y[:, j] == 1)).sum() / (y[:, j] == 1).sum()  # noqa: E731
+        assert thr[name] == max(c for c in s[:, j] if sens(c) >= 0.9)  # the highest threshold keeping 90%
+    spec = metrics.choose_thresholds(s, y, list("abc"), rule="specificity", target=0.8)
+    for j, name in enumerate("abc"):
+        sp = lambda c, j=j: ((s[:, j] < c) & (y[:, j] == 0)).sum() / (y[:, j] == 0).sum()  # noqa: E731
+        assert spec[name] == min(c for c in s[:, j] if sp(c) >= 0.8)  # the lowest threshold keeping 80%
+
+
+def test_shuffled_label_control_skips_a_class_with_one_label_value():
+    s, y = _noisy(400, 9, sep=3.0)
+    y[:, 2] = 0.0
+    got = metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=1)
+    only_ab = metrics.shuffled_label_control(s, y, list("abc"), ["a", "b"], seed=1)
+    assert got == pytest.approx(only_ab, abs=1e-12) and got == pytest.approx(0.5, abs=0.1)
+    assert metrics.shuffled_label_control(s, y, list("abc"), ["c"]) is None
+
+
+def test_prompt_sensitivity_by_hand():
+    y = np.array([[1.0], [0.0], [1.0], [0.0], [np.nan]])
+    t1 = np.array([0.9, 0.1, 0.8, 0.2, 0.5])  # perfect: 1.0
+    t2 = np.array([0.1, 0.9, 0.8, 0.2, 0.5])  # pairs (pos, neg): (0.1<0.9), (0.1<0.2), (0.8<0.9), (0.8>0.2): 0.25
+    rows = metrics.prompt_sensitivity([[t1, t2]], y, ["a"], [["p1", "p2"]], {"a": 0.7})
+    assert rows == [{"class": "a", "ensemble_auroc": 0.7,
+                     "templates": [{"prompt": "p1", "auroc": 1.0}, {"prompt": "p2", "auroc": 0.25}],
+                     "min": 0.25, "max": 1.0, "std": pytest.approx(0.375)}]
 
 
 # ----------------------------------------------------------------------------------------------------------

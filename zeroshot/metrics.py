@@ -37,12 +37,13 @@ def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_b
     scores [N, C]; labels [N, C] with 1/0 and NaN for excluded; patient_ids [N] (None: each image its own
     bootstrap unit). Returns
     {"classes": {name: {auroc, ci_low, ci_high, n_pos, n_neg, n_excluded, skipped_resamples}},
-     "macro": {auroc, ci_low, ci_high, classes, skipped_resamples, n_boot, seed, level},
+     "macro": {auroc, ci_low, ci_high, classes, skipped_resamples, skipped_by_class, note, n_boot, seed, level},
      "macro_all": the same over every class}.
     A class with only one label value gets auroc None (and is left out of the macro, which says so). A class
     with fewer than `min_per_label` positives or negatives keeps its own AUROC and CI but is left out of the
     macro means (listed under `classes_too_few`): an AUROC from 86 positives and 1 negative is one number,
-    not an estimate worth averaging.
+    not an estimate worth averaging. A bootstrap resample in which a macro class has only one label value is
+    dropped from the macro interval and counted (`_macro`); `note` says so when more than 5% were dropped.
     """
     n, c = scores.shape
     included = ~np.isnan(labels)  # [N, C]
@@ -73,22 +74,47 @@ def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_b
     return out
 
 
+# Share of dropped resamples above which the macro says its interval is conditional on the thin classes.
+CONDITIONAL_SHARE = 0.05
+
+
 def _macro(per_class: dict, boot: np.ndarray, names: list[str], wanted: list[str], level: float,
            min_per_label: int = 1) -> dict:
+    """The macro mean over the usable classes of `wanted`, with its interval over the same resamples.
+
+    boot [B, C]: every class's AUROC per resample (NaN: the class had one label value in that resample). A
+    resample enters the macro interval only when EVERY macro class is scorable in it; the others are dropped
+    and counted (`skipped_resamples`, and per class in `skipped_by_class`), never averaged over the classes
+    that remain (that would mix means over different class sets and narrow or shift the interval).
+    """
     missing = [w for w in wanted if per_class[w]["auroc"] is None]
     too_few = [w for w in wanted if per_class[w]["auroc"] is not None
                and min(per_class[w]["n_pos"], per_class[w]["n_neg"]) < min_per_label]
     usable = [w for w in wanted if w not in missing and w not in too_few]
     if not usable:
         return {"auroc": None, "ci_low": None, "ci_high": None, "classes": [], "classes_without_auroc": missing,
-                "classes_too_few": too_few, "skipped_resamples": int(boot.shape[0])}
+                "classes_too_few": too_few, "skipped_resamples": int(boot.shape[0]), "skipped_by_class": {},
+                "note": ""}
     cols = [names.index(w) for w in usable]
     sub = boot[:, cols]  # [B, K]
-    ok = ~np.isnan(sub).any(axis=1)  # a resample counts only if every class in the macro has both labels
+    unscorable = np.isnan(sub)  # [B, K]
+    ok = ~unscorable.any(axis=1)  # [B] a resample counts only if every class in the macro has both labels
     lo, hi = rm.percentile_ci(sub[ok].mean(axis=1), level) if ok.any() else (None, None)
+    by_class = {w: int(unscorable[:, k].sum()) for k, w in enumerate(usable) if unscorable[:, k].any()}
     return {"auroc": float(np.mean([per_class[w]["auroc"] for w in usable])), "ci_low": lo, "ci_high": hi,
             "classes": usable, "classes_without_auroc": missing, "classes_too_few": too_few,
-            "skipped_resamples": int((~ok).sum())}
+            "skipped_resamples": int((~ok).sum()), "skipped_by_class": by_class,
+            "note": _conditional_note(int((~ok).sum()), len(ok), by_class)}
+
+
+def _conditional_note(skipped: int, n_boot: int, by_class: dict[str, int]) -> str:
+    """A sentence when many resamples were dropped: the interval then holds only given the thin classes."""
+    if n_boot == 0 or skipped <= CONDITIONAL_SHARE * n_boot:
+        return ""
+    worst = ", ".join(f"{c} ({n})" for c, n in sorted(by_class.items(), key=lambda kv: -kv[1]))
+    return (f"{skipped} of {n_boot} resamples dropped ({100 * skipped / n_boot:.0f}%): a macro class had one "
+            f"label value in them ({worst}); the interval is conditional on those classes being present. Raise "
+            "min_per_label or leave those classes out of macro_classes.")
 
 
 def multiclass_table(probs: np.ndarray, y: np.ndarray, names: list[str], *, n_boot: int = 1000,

@@ -108,7 +108,9 @@ def test_a_part_past_its_limit_is_failed_and_its_children_are_killed(synth_shard
     gpu.run_part(plan, "precision", 6, argv)  # its first `radalign pretrain` alone takes longer
     assert time.time() - t < 30
     part = _read(Path(plan.out), "3-precision.json")
-    assert part["status"] == "failed" and part["reason"].startswith("ran past its limit of 6 s"), part
+    # the part's own limit, or (on a loaded machine) a check's shorter limit inside it, stops it first
+    assert part["status"] == "failed" and ("ran past its limit of 6 s" in part["reason"]
+                                           or "ran past its time limit" in part["reason"]), part
     # on a loaded machine the part may not have reached its first check; none is left "running"
     assert all(c["status"] == "failed" for c in part["checks"].values()), part
     time.sleep(1)

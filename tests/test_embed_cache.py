@@ -300,3 +300,73 @@ def test_concurrent_writers_leave_one_complete_entry(shards, tmp_path, caplog):
     assert enc.images == 0 and "damaged" not in caplog.text
     assert_same(got, _embed(shards, Counting(), None, thumbnail_size=12))
     shutil.rmtree(folder)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The stages: each split embedded once per export
+
+
+def _counting_encoders(export: Path):
+    from pretrain.export import load_encoders
+
+    enc = load_encoders(export)
+    real, enc.calls = enc.encode_images, [0]
+
+    def counted(x):
+        enc.calls[0] += len(x)
+        return real(x)
+
+    enc.encode_images = counted
+    return enc
+
+
+@pytest.fixture
+def own_export(tiny_export, tmp_path) -> Path:
+    """A copy of the session's export with an empty cache (other tests fill the shared one)."""
+    return Path(shutil.copytree(tiny_export, tmp_path / "run" / "export", ignore=shutil.ignore_patterns("embeddings")))
+
+
+def test_zeroshot_retrieval_and_finetune_share_one_pass(own_export, synth_shards, tmp_path, monkeypatch):
+    from finetune.inputs import EmbeddingCache
+    from retrieval.build import embed_shards as retrieval_embed
+    from zeroshot.inputs import embed_shards as zeroshot_embed
+
+    enc = _counting_encoders(own_export)
+    zs = zeroshot_embed(enc, synth_shards, "test")
+    n = enc.calls[0]
+    assert n == len(zs.keys) > 0
+    cases = retrieval_embed(enc, synth_shards, "test", thumbnail_size=0, with_text=True, progress=False)
+    lookup = EmbeddingCache(enc, synth_shards, tmp_path / "ft", progress=False).images("test")
+    assert enc.calls[0] == n  # neither retrieval nor finetune ran the image tower
+    assert cases.keys == zs.keys and np.array_equal(cases.image, zs.images)
+    assert set(lookup) == set(zs.keys)
+    assert all(np.array_equal(lookup[k], zs.images[i]) for i, k in enumerate(zs.keys))
+    entries = list((own_export / "embeddings").glob("test-*.json"))
+    assert len(entries) == 1
+    # and the independent check: an uncached pass gives the same numbers
+    fresh = zeroshot_embed(enc, synth_shards, "test", cache=False)
+    assert enc.calls[0] == 2 * n and np.array_equal(fresh.images, zs.images)
+    monkeypatch.setenv(CACHE_ENV, "off")
+    retrieval_embed(enc, synth_shards, "test", thumbnail_size=0, progress=False)
+    assert enc.calls[0] == 3 * n
+
+
+@pytest.mark.parametrize("cap", [None, 2])
+def test_pretrain_final_validation_is_kept_for_the_later_stages(synth_shards, tmp_path, cap):
+    """The last validation ran the exported weights over the validate split: zero-shot reads that pass (the
+    same numbers as the export's own encoders, within float rounding), unless max_samples cut it short."""
+    from pretrain.recipe import run_pretrain
+    from tests.test_pretrain import _cfg
+    from zeroshot.inputs import embed_shards as zeroshot_embed
+
+    extra = ["steps=2", "ckpt_every=0", "data.val_split=validate", f"data.val_max_samples={cap or 100_000}"]
+    run_dir = run_pretrain(_cfg(tmp_path / "run", synth_shards, *extra))
+    enc = _counting_encoders(run_dir / "export")
+    got = zeroshot_embed(enc, synth_shards, "validate")
+    fresh = zeroshot_embed(enc, synth_shards, "validate", cache=False)
+    assert got.keys == fresh.keys and got.skipped == fresh.skipped
+    np.testing.assert_allclose(got.images, fresh.images, atol=1e-5)
+    if cap is None:
+        assert enc.calls[0] == len(fresh.keys)  # only the uncached pass ran the tower
+    else:
+        assert enc.calls[0] == 2 * len(fresh.keys) > 2 * cap  # the cut pass was not kept

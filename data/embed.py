@@ -349,7 +349,7 @@ class CacheEntry:
             return
         for old in self.cache.folder.glob(f"{self.name}-*.safetensors"):  # tensors of the entry it replaced
             if old.name != doc["tensors"]:
-                old.unlink(missing_ok=True)
+                _remove(old)
 
     def _warn_stale(self) -> None:
         """An entry of the same split, export and shards folder from other shard contents: stale; removed."""
@@ -365,7 +365,15 @@ class CacheEntry:
             log.warning("%s: stale embedding cache entry (the shards changed since: %s); embedding again",
                         other, changed)
             for f in [other, *self.cache.folder.glob(f"{other.stem}-*.safetensors")]:
-                f.unlink(missing_ok=True)
+                _remove(f)
+
+
+def _remove(path: Path) -> None:
+    """Delete a cache file; one that cannot be deleted (read-only folder) only stays behind."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as e:
+        log.info("%s: not removed (%s)", path, e)
 
 
 def _first_change(old: list, new: list) -> str:

@@ -57,6 +57,10 @@ bench: $(STAMP)
 FT      := $(DEMO)/finetune
 IHM     := $(FT)/in_hospital_mortality
 FT_DATA := data.table=$(DEMO)/ehr/finetune data.shards=$(DEMO)/shards data.checkpoint=$(DEMO)/pretrain
+# Every demo command runs through tools/demo-step: it prints the command's wall time and the running total, and
+# logs it in $(DEMO)/times.tsv under this make run (its start time); `demo` ends with the table and the total.
+DEMO_RUN := $(shell date +%s.%N)
+STEP     = tools/demo-step $(DEMO)/times.tsv $(DEMO_RUN)
 
 demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics.json $(DEMO)/ehr/manifest.json \
 		$(IHM)/explain.html $(FT)/fewshot_pleural_effusion/fewshot.json
@@ -68,63 +72,67 @@ demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics
 	@$(BIN)/python -c "import json; m=json.load(open('$(IHM)/metrics.json')); print('in-hospital mortality, test AUROC [95% CI over patients]:', '; '.join('%s %.3f [%.3f, %.3f]' % (k, v['auroc'], v['ci_low'], v['ci_high']) for k, v in m['models'].items())); print('fusion minus each:', '; '.join('%s %+.3f [%+.3f, %+.3f]' % (k[len('fusion_vs_'):], v['delta'], v['ci_low'], v['ci_high']) for k, v in m['paired_differences'].items()))"
 	@$(BIN)/python -c "import json; d=json.load(open('$(IHM)/metrics.json'))['degradation']; print('graceful degradation, mean AUROC drop over %d training seeds, with / without modality dropout:' % d['n_seeds'], '; '.join('%s removed %+.3f / %+.3f' % (r['removed'], r['with_dropout']['over_seeds']['drop_mean'], r['without_dropout']['over_seeds']['drop_mean']) for r in d['rows'] if r['removed']))"
 	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
+	@echo; echo "== wall time per step (seconds):"; $(STEP) --total
 
 $(DEMO)/synthetic/synth.json: | $(STAMP)
-	$(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) --workers $(DEMO_WORKERS) \
-		--image-size 160
+	$(STEP) 'data synth' $(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) \
+		--workers $(DEMO_WORKERS) --image-size 160
 
 $(DEMO)/shards/manifest.json: $(DEMO)/synthetic/synth.json
-	$(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
+	$(STEP) 'data prepare' $(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
 		--reports $(DEMO)/synthetic/mimic-cxr-reports --out $(DEMO)/shards --image-size 128 \
 		--shard-size 256 --workers $(DEMO_WORKERS)
 
 $(DEMO)/ehr/manifest.json: $(DEMO)/shards/manifest.json
-	$(BIN)/radalign data link-ehr --mimic-iv $(DEMO)/synthetic/mimic-iv --shards $(DEMO)/shards --out $(DEMO)/ehr \
-		--no-progress
+	$(STEP) 'data link-ehr' $(BIN)/radalign data link-ehr --mimic-iv $(DEMO)/synthetic/mimic-iv --shards $(DEMO)/shards \
+		--out $(DEMO)/ehr --no-progress
 
 $(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
-	$(BIN)/radalign pretrain --config pretrain/demo run_dir=$(DEMO)/pretrain data.shards=$(DEMO)/shards
+	$(STEP) 'pretrain' $(BIN)/radalign pretrain --config pretrain/demo run_dir=$(DEMO)/pretrain \
+		data.shards=$(DEMO)/shards
 
 $(DEMO)/zeroshot/metrics.json: $(DEMO)/pretrain/export/config.json
-	$(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \
+	$(STEP) 'zeroshot' $(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \
 		--prompts chexpert14 --val-split validate --blank negative --out $(DEMO)/zeroshot
 
 $(DEMO)/retrieval/index/manifest.json: $(DEMO)/zeroshot/metrics.json
-	$(BIN)/radalign retrieval build --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split train \
-		--out $(DEMO)/retrieval/index
+	$(STEP) 'retrieval build' $(BIN)/radalign retrieval build --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards \
+		--split train --out $(DEMO)/retrieval/index
 
 $(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
-	$(BIN)/radalign retrieval eval --index $(DEMO)/retrieval/index --queries $(DEMO)/shards --split test \
-		--out $(DEMO)/retrieval
-	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
-		--k 5 --format html --out $(DEMO)/retrieval/example.html
-	$(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index --example-from $(DEMO)/shards --split test \
-		--k 5 --format markdown --out $(DEMO)/retrieval/example.md
+	$(STEP) 'retrieval eval' $(BIN)/radalign retrieval eval --index $(DEMO)/retrieval/index --queries $(DEMO)/shards \
+		--split test --out $(DEMO)/retrieval
+	$(STEP) 'retrieval search (html)' $(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index \
+		--example-from $(DEMO)/shards --split test --k 5 --format html --out $(DEMO)/retrieval/example.html
+	$(STEP) 'retrieval search (markdown)' $(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index \
+		--example-from $(DEMO)/shards --split test --k 5 --format markdown --out $(DEMO)/retrieval/example.md
 
 # The index as a classifier (k-NN vote, temperature fitted on validate) beside prompt zero-shot, paired.
 $(DEMO)/retrieval/classify/metrics.json: $(DEMO)/retrieval/index/manifest.json
-	$(BIN)/radalign retrieval classify --index $(DEMO)/retrieval/index --queries $(DEMO)/shards --split test \
-		--val-split validate --prompts chexpert14 --checkpoint $(DEMO)/pretrain --blank negative \
-		--out $(DEMO)/retrieval/classify
+	$(STEP) 'retrieval classify' $(BIN)/radalign retrieval classify --index $(DEMO)/retrieval/index \
+		--queries $(DEMO)/shards --split test --val-split validate --prompts chexpert14 --checkpoint $(DEMO)/pretrain \
+		--blank negative --out $(DEMO)/retrieval/classify
 
 $(IHM)/metrics.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
-	$(BIN)/radalign finetune --config finetune/in_hospital_mortality run_dir=$(IHM) $(FT_DATA)
+	$(STEP) 'finetune (in-hospital mortality)' $(BIN)/radalign finetune --config finetune/in_hospital_mortality \
+		run_dir=$(IHM) $(FT_DATA)
 
 $(IHM)/eval/metrics.json: $(IHM)/metrics.json
-	$(BIN)/radalign finetune eval --checkpoint $(IHM) --split test --out $(IHM)/eval
+	$(STEP) 'finetune eval' $(BIN)/radalign finetune eval --checkpoint $(IHM) --split test --out $(IHM)/eval
 
 # The explained study: the test study with the highest fusion risk (any other id works the same way).
 $(IHM)/explain.html: $(IHM)/eval/metrics.json $(DEMO)/retrieval/index/manifest.json
 	$(eval STUDY := $(shell $(BIN)/python -c "import pandas as p; d=p.read_csv('$(IHM)/predictions.csv'); print(d.loc[d['score:fusion'].idxmax(), 'study_id'])"))
-	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
-		--format json --out $(IHM)/explain.json
-	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
-		--format markdown --out $(IHM)/explain.md
-	$(BIN)/radalign finetune explain --checkpoint $(IHM) --study-id $(STUDY) --index $(DEMO)/retrieval/index \
-		--format html --out $(IHM)/explain.html
+	$(STEP) 'finetune explain (json)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
+		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format json --out $(IHM)/explain.json
+	$(STEP) 'finetune explain (markdown)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
+		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format markdown --out $(IHM)/explain.md
+	$(STEP) 'finetune explain (html)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
+		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format html --out $(IHM)/explain.html
 
 $(FT)/fewshot_pleural_effusion/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
-	$(BIN)/radalign finetune --config finetune/fewshot_chexpert run_dir=$(FT)/fewshot_pleural_effusion $(FT_DATA)
+	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune --config finetune/fewshot_chexpert \
+		run_dir=$(FT)/fewshot_pleural_effusion $(FT_DATA)
 
 # --- mutate (owner: H6 mutation; not in CI) -------------------------------------------------------------
 # Mutation testing with mutmut 3 of the modules whose bugs change numbers (tools/mutate.py has the module ->

@@ -396,7 +396,9 @@ class _EvalSamples(wds.PipelineStage):
         plan = eval_assignment(len(self.urls), self.world_size * num_workers)
         for j, stride, offset in plan[self.rank * num_workers + worker]:
             # Grouping tar members into samples is cheap; only the kept samples get decoded downstream.
-            yield from self.reader(self.urls[j], offset, stride)
+            for i, sample in enumerate(self.reader(self.urls[j], offset, stride)):
+                sample["__place__"] = (j, offset + i * stride)  # shard index, sample index in the shard
+                yield sample
 
 
 class _Decode:
@@ -431,6 +433,7 @@ class _Decode:
             out.update(study_id=study, text_id=text_id(text))
         else:
             out["meta"] = meta
+            out["place"] = sample.get("__place__")
         return out
 
     def _skip(self, reason: str, key: str) -> None:
@@ -457,6 +460,7 @@ class _Collate:
             batch["text_id"] = torch.tensor([s["text_id"] for s in samples], dtype=torch.int64)  # [B]
         else:
             batch["meta"] = [s["meta"] for s in samples]
+            batch["place"] = [s["place"] for s in samples]
         batch.update(self.skiplog.drain())
         return batch
 
@@ -678,10 +682,12 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
 def make_eval_loader(shards: Sequence[str], *, batch_size: int, transform: Callable, num_workers: int = 0,
                      rank: int | None = None, world_size: int | None = None,
                      pin_memory: bool = False, verify: bool = False) -> Loader:
-    """Batches `{"image": [B,C,H,W], "text": list[str], "key": list[str], "meta": list[dict], "skipped"}`.
+    """Batches `{"image": [B,C,H,W], "text": list[str], "key", "meta": list[dict], "place", "skipped"}`.
 
     Every sample exactly once across all ranks and workers, in the same order on every run: no shuffle, no
-    resampling, no padding, the last batch of each worker may be short. Ranks may get different numbers of
+    resampling, no padding, the last batch of each worker may be short. `place`: each sample's (shard index,
+    sample index in its tar); sorting by it gives the one-worker order whatever `num_workers` was (the
+    workers' batches arrive interleaved). Ranks may get different numbers of
     samples (gather with `all_gather_object`, not a fixed-size all_gather). rank/world_size default to
     RANK/WORLD_SIZE or torch.distributed.
 

@@ -27,13 +27,12 @@ import torch
 
 from finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
 from radalign import RadalignError
-from radalign.io import atomic_path, atomic_write_json
+from radalign.io import atomic_path
 from radalign.log import get_logger
 
 log = get_logger("finetune.inputs")
 
 EHR_FORMAT = "radalign-ehr/1"
-CACHE_FORMAT = "radalign-embedding-cache/1"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -91,7 +90,9 @@ def _key(*parts: str) -> str:
 
 
 class EmbeddingCache:
-    """Image embeddings per dicom_id (one pass per shard split) and text embeddings per distinct text."""
+    """Image embeddings per dicom_id (one pass per shard split, through the export's embedding cache
+    `data.embed.EmbedCache`, shared with zeroshot and retrieval) and text embeddings per distinct text (cached in
+    `folder`, the run's cache/ by default)."""
 
     def __init__(self, encoders, shards: str | os.PathLike, folder: str | os.PathLike, *, batch_size: int = 64,
                  num_workers: int = 0, progress: bool = True):
@@ -104,35 +105,16 @@ class EmbeddingCache:
         return self.folder / f"{kind}-{self.enc.checksum[:12]}-{name}"
 
     def images(self, split: str) -> dict[str, np.ndarray]:
-        """{dicom_id: [D] float32} for every sample of shards/<split> (computed once, then read from disk)."""
-        if split in self._images:
-            return self._images[split]
-        from safetensors.numpy import load_file, save_file
+        """{dicom_id: [D] float32} for every sample of shards/<split> (embedded once per export and split)."""
+        if split not in self._images:
+            from data.embed import EmbedCache, embed_split
 
-        f, meta_f = self._file("image", f"{split}.safetensors"), self._file("image", f"{split}.json")
-        manifest = self.shards / "manifest.json"
-        stamp = _key(str(self.shards.resolve()), str(manifest.stat().st_mtime_ns) if manifest.exists() else "")
-        if f.is_file() and meta_f.is_file():
-            meta = json.loads(meta_f.read_text())
-            if meta.get("format") == CACHE_FORMAT and meta.get("stamp") == stamp:
-                emb = load_file(str(f))["image"]
-                if len(meta["keys"]) == len(emb):
-                    self.lost[split] = meta.get("lost", {})
-                    self._images[split] = dict(zip(meta["keys"], emb))
-                    return self._images[split]
-            log.warning("%s: stale or damaged embedding cache; re-embedding", f)
-        from data.embed import embed_split
-
-        emb = embed_split(self.enc.encode_images, self.shards, split, self.enc.image_transform(),
-                          batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress)
-        log.info("image embeddings, %s split: %s", split, emb.summary())
-        self.lost[split] = dict(emb.lost)
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(f) as tmp:
-            save_file({"image": np.ascontiguousarray(emb.image, np.float32)}, str(tmp))
-        atomic_write_json(meta_f, {"format": CACHE_FORMAT, "stamp": stamp, "checksum": self.enc.checksum,
-                                   "keys": list(emb.keys), "lost": dict(emb.lost)})
-        self._images[split] = dict(zip(emb.keys, emb.image))
+            emb = embed_split(self.enc.encode_images, self.shards, split, self.enc.image_transform(),
+                              batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress,
+                              cache=EmbedCache.for_encoders(self.enc))
+            log.info("image embeddings, %s split: %s", split, emb.summary())
+            self.lost[split] = dict(emb.lost)
+            self._images[split] = dict(zip(emb.keys, emb.image))
         return self._images[split]
 
     def texts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -142,9 +124,16 @@ class EmbeddingCache:
         f = self._file("text", _key(*unique) + ".safetensors")
         from safetensors.numpy import load_file, save_file
 
+        table = None
         if f.is_file():
-            table = load_file(str(f))["text"]
-        else:
+            try:
+                table = load_file(str(f))["text"]
+                if table.shape != (len(unique), self.enc.embed_dim):
+                    raise ValueError(f"shape {table.shape}, expected {(len(unique), self.enc.embed_dim)}")
+            except Exception as e:  # noqa: BLE001 - a truncated or foreign file: embed again
+                log.warning("%s: damaged text embedding cache (%s: %s); embedding again", f, type(e).__name__, e)
+                table = None
+        if table is None:
             table = self.enc.encode_texts(unique).numpy().astype(np.float32) if unique else \
                 np.zeros((0, self.enc.embed_dim), np.float32)
             self.folder.mkdir(parents=True, exist_ok=True)

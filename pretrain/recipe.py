@@ -67,6 +67,7 @@ class Run:
     skipped: dict = field(default_factory=dict)  # corrupt/incomplete samples by reason, summed over segments
     loader: Any = None
     resume_rng: dict | None = None  # RNG of the checkpoint, restored after the data fast-forward
+    final_pass: Any = None  # the final validation's image pass (data.embed.EmbeddedSplit), cached at export
 
     @property
     def history(self) -> list[dict]:
@@ -336,8 +337,11 @@ def validate(run: Run) -> dict:
     part = embed_part(eval_module(acc, run.model), run.tokenizer, d.shards, d.val_split,
                       _transforms(run, train=False), batch_size=run.cfg.batch_size, max_samples=d.val_max_samples,
                       device=acc.device, rank=acc.process_index, world_size=acc.num_processes)
+    passed = part.pop("pass")
     parts = gather_to_main(acc, part)
     emb = merge_parts(parts) if parts is not None else None
+    if acc.num_processes == 1 and run.step == run.cfg.steps:
+        run.final_pass = passed  # the exported weights' pass: export() keeps it in the embedding cache
     metrics: dict = {}
     if emb is not None:
         core = acc.unwrap_model(run.model)
@@ -379,8 +383,19 @@ def export(run: Run) -> Path:
                         extra={"trained_steps": run.step, "model_name": run.cfg.model.name,
                                "data": _training_data(run.cfg)})
         rprint(f"export written to {out}")
+        _cache_final_pass(run, out)
     acc.wait_for_everyone()
     return out
+
+
+def _cache_final_pass(run: Run, out: Path) -> None:
+    from pretrain.validation import cache_final_pass
+
+    if run.final_pass is not None and cache_final_pass(
+            run.final_pass, out, run.cfg.data.shards, run.cfg.data.val_split, _transforms(run, train=False),
+            f"{run.accelerator.device.type}-{run.precision}"):
+        rprint(f"validation split embeddings kept in {out}/embeddings (zeroshot and finetune read them)")
+    run.final_pass = None
 
 
 def _training_data(cfg: PretrainConfig) -> dict:

@@ -48,11 +48,32 @@ def embed_part(net, tokenizer, shards_root, split, transform, *, batch_size: int
                        dim=-1).cpu() for i in range(0, len(emb.texts), batch_size)]  # [b, D] each
     return {"img": torch.from_numpy(emb.image), "txt": torch.cat(txt),
             "study_id": [m["study_id"] for m in emb.meta], "text_id": [text_id(t) for t in emb.texts],
-            "labels": [m.get("labels", {}) for m in emb.meta]}
+            "labels": [m.get("labels", {}) for m in emb.meta], "pass": emb}
+
+
+def cache_final_pass(emb, export_folder, shards_root, split: str, transform, compute: str) -> bool:
+    """Keep the final validation's image pass (`embed_part(...)["pass"]`, one process, not cut by max_samples) in
+    the export's embedding cache (`data.embed.EmbedCache`), so zero-shot and finetune read that split instead of
+    embedding it again. Only right after the export: the weights that embedded it are the exported ones.
+    `compute`: "<device>-<precision>" of the pass (a bf16 pass is never served to the fp32 encoders)."""
+    import json
+    from pathlib import Path
+
+    from data.embed import CacheEntry, EmbedCache
+
+    if emb is None or emb.capped:
+        return False
+    checksum = json.loads((Path(export_folder) / "config.json").read_text())["checksum"]
+    cache = EmbedCache.at(export_folder, checksum, compute)
+    entry = CacheEntry.find(cache, shards_root, split, transform) if cache is not None else None
+    if entry is None:
+        return False
+    entry.store(emb, None)
+    return True
 
 
 def merge_parts(parts: list[dict]) -> dict | None:
-    """One embedding set from the per-process parts (None when all are empty)."""
+    """One embedding set from the per-process parts (None when all are empty; each part's "pass" is left out)."""
     parts = [p for p in parts if len(p["study_id"])]
     if not parts:
         return None

@@ -1,6 +1,7 @@
 """`radalign retrieval build`: stream a shard split through the encoders and write an index folder.
 
-    shards (data.embed.embed_split: decode, transform and thumbnails in the loader workers)
+    shards (data.embed.embed_split: decode, transform and thumbnails in the loader workers; read from the
+            export's embedding cache when another stage embedded the split already)
       -> image embeddings [N, D] (+ report embeddings with modality "both")
       -> L2-normalise -> plan (index.plan_index) -> build + tune -> store.write_index_dir
 
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.embed import EmbeddedSplit, context_report, embed_split, thumbnail_bytes
+from data.embed import EmbedCache, EmbeddedSplit, context_report, embed_split, thumbnail_bytes
 from data.labels import CHEXPERT_LABELS
 from data.sections import SECTION_KEYS
 from radalign import RadalignError
@@ -54,11 +55,13 @@ def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
 
 def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
                  thumbnail_size: int = 96, with_text: bool = False, progress: bool = True,
-                 desc: str = "embed") -> EmbeddedCases:
+                 desc: str = "embed", cache: bool = True) -> EmbeddedCases:
     """One pass over `data/<split>` shards (`data.embed.embed_split`): image embeddings, raw texts, metadata,
-    thumbnails (made in the loader workers) and, with `with_text`, report embeddings."""
+    thumbnails (made in the loader workers) and, with `with_text`, report embeddings. `cache`: through the
+    export's embedding cache (`data.embed.EmbedCache`: a split another stage embedded is read, not embedded)."""
     emb = embed_split(encoders.encode_images, data, split, encoders.image_transform(), batch_size=batch_size,
-                      num_workers=num_workers, thumbnail_size=thumbnail_size or None, progress=progress)
+                      num_workers=num_workers, thumbnail_size=thumbnail_size or None, progress=progress,
+                      cache=EmbedCache.for_encoders(encoders, enabled=cache))
     cases = EmbeddedCases(**{f.name: getattr(emb, f.name) for f in fields(EmbeddedSplit)})
     if with_text:
         cases.text = embed_texts(encoders, emb.texts, progress=progress)

@@ -314,7 +314,7 @@ def test_config_lists_every_problem_in_one_error():
     for key in ("baselines.degradation_seeds: 0", "model.modality_dropout.image: 1.0", "baselines.late_fusion"):
         assert key in msg, (key, msg)
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
-    assert cfg.model.modality_dropout == {"image": 0.3, "text": 0.25, "ehr": 0.3} and cfg.optim.patience == 8
+    assert cfg.model.modality_dropout == {"image": 0.3, "text": 0.25, "ehr": 0.3} and cfg.optim.patience == 5
 
 
 def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, capsys):

@@ -398,6 +398,35 @@ def test_eval_loader_every_sample_once_across_ranks(shards, world, workers, nsha
     assert _keys_one(again) == per_rank[-1]
 
 
+def _tar_order(path: str) -> list[str]:
+    """Sample keys of a tar in the order its members are stored (read with tarfile, not webdataset)."""
+    import tarfile
+
+    keys: list[str] = []
+    with tarfile.open(path) as tar:
+        for m in tar.getmembers():
+            key = m.name.split(".", 1)[0]
+            if not keys or keys[-1] != key:
+                keys.append(key)
+    return keys
+
+
+@pytest.mark.parametrize(("world", "workers", "nshards"), [(1, 0, 6), (1, 2, 6), (1, 3, 2), (2, 2, 1)])
+def test_eval_batches_carry_each_samples_place(shards, world, workers, nshards):
+    """`place` = (shard index, index in its tar); sorted by it, the samples are in the one-reader order, whatever
+    the workers interleaved (several readers sharing one shard included)."""
+    root, _ = shards
+    paths = shard_paths(root, "train")[:nshards]
+    where = {k: (j, i) for j, p in enumerate(paths) for i, k in enumerate(_tar_order(p))}
+    for rank in range(world):
+        loader = make_eval_loader(paths, batch_size=7, transform=eval_transform(SIZE), num_workers=workers,
+                                  rank=rank, world_size=world)
+        got = [(k, tuple(pl)) for b in loader for k, pl in zip(b["key"], b["place"])]
+        assert all(pl == where[k] for k, pl in got)
+        if world == 1:
+            assert [k for k, _ in sorted(got, key=lambda x: x[1])] == [k for p in paths for k in _tar_order(p)]
+
+
 def _rank_main(rank: int, world: int, init: str, paths: list[str], out: str) -> None:
     import multiprocessing
 

@@ -138,13 +138,20 @@ def test_checkpoint_ensemble_and_several_prompt_sets(shards, tmp_path):
     cfg = ZeroshotConfig(checkpoints=["a", "b"], data=str(shards), prompts=["chexpert14", "competition5"],
                          out=str(tmp_path / "out"), bootstrap=20)
     ckpts = [Checkpoint("a", FakeEncoders(seed=1)), Checkpoint("b", FakeEncoders(seed=2))]
+    calls = {"a": 0, "b": 0}
+    for c in ckpts:
+        def counted(x, real=c.encoders.encode_images, path=c.path):
+            calls[path] += len(x)
+            return real(x)
+        c.encoders.encode_images = counted
     res = run_zeroshot(cfg, checkpoints=ckpts)
     assert set(res) == {"chexpert14", "competition5"}
     for name in res:
         m = json.loads((tmp_path / "out" / name / "metrics.json").read_text())
         assert [c["path"] for c in m["checkpoints"]] == ["a", "b"]
     # images were embedded once per checkpoint and reused by both prompt sets
-    assert len(list((tmp_path / "out" / "cache").glob("emb-*.npz"))) == 2
+    n = res["competition5"]["data"]["n_images"]
+    assert n > 50 and calls == {"a": n, "b": n}
     # The ensemble's scores are the mean of the single checkpoints' scores, and its AUROC is sklearn's on
     # those means against the labels read from the tar files.
     singles = []

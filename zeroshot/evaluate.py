@@ -35,7 +35,6 @@ from zeroshot.inputs import (
     encode_labels,
     is_shards,
     label_counts,
-    shard_fingerprint,
 )
 from zeroshot.prompts import PromptSet, load_prompt_set
 
@@ -72,10 +71,9 @@ def load_checkpoints(paths: list[str], device: str = "cpu") -> list[Checkpoint]:
 
 
 def _embed_one(ckpt: Checkpoint, data: str, split: str | None, cfg: ZeroshotConfig, cache_dir) -> Embedded:
-    if is_shards(data):
-        fp = shard_fingerprint(data, split)
-        return cached_embed(ckpt.encoders, fp, cache_dir, lambda: embed_shards(
-            ckpt.encoders, data, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers))
+    if is_shards(data):  # the export's embedding cache (data.embed), shared with the other stages
+        return embed_shards(ckpt.encoders, data, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
+                            cache=cache_dir is not None)
     if Path(data).is_dir():
         raise RadalignError(f"--data {data}: a folder without manifest.json; pass a shards folder written by "
                             "`radalign data prepare`, or a CSV")

@@ -4,7 +4,9 @@ Every image is embedded once per checkpoint, in batches; the result (`Embedded`)
 (1/0/-1/NaN) and each image's patient (the bootstrap unit), and is reused by every prompt set and mode.
 Shards go through the shared pass `data.embed.embed_split`; CSV images through `data.images` (one grayscale
 conversion: a 12-bit PNG is rescaled, not clipped white). Images that fail to load are skipped and counted
-by reason. Embeddings can be cached on disk, keyed by the checkpoint's checksum and a data fingerprint.
+by reason. Shard embeddings go through the export's embedding cache (`data.embed.EmbedCache`, shared with
+retrieval and finetune); CSV embeddings can be cached in OUT/cache, keyed by the checkpoint's checksum and a
+data fingerprint.
 """
 
 from __future__ import annotations
@@ -81,20 +83,17 @@ def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps([CACHE_VERSION, *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
-def shard_fingerprint(root: str | os.PathLike, split: str) -> str:
-    manifest = json.loads((Path(root) / "manifest.json").read_text())
-    return _fingerprint("shards", manifest.get("splits", {}).get(split), split)
-
-
 def embed_shards(encoders, root: str | os.PathLike, split: str, *, batch_size: int = 64,
-                 num_workers: int = 0) -> Embedded:
+                 num_workers: int = 0, cache: bool = True) -> Embedded:
     """Embed every image of a shard split (`data.embed.embed_split`); labels and the patient (`subject_id`)
-    come from each sample's json metadata. Lost samples are counted by reason and reported."""
-    from data.embed import embed_split
+    come from each sample's json metadata. Lost samples are counted by reason and reported. `cache`: through
+    the export's embedding cache (`data.embed.EmbedCache`), shared with the other stages."""
+    from data.embed import EmbedCache, embed_split
 
     try:
         emb = embed_split(encoders.encode_images, root, split, encoders.image_transform(), batch_size=batch_size,
-                          num_workers=num_workers, progress=True)
+                          num_workers=num_workers, progress=True,
+                          cache=EmbedCache.for_encoders(encoders, enabled=cache))
     except RadalignError as e:
         raise RadalignError(f"--data {root} --split {split}: {e}; choose another split "
                             "(see `radalign data info`)") from None

@@ -223,7 +223,8 @@ def _to_device(batch: dict, device) -> dict:
 
 def _features(model, batch):
     out = model(batch["image"], batch["text"])
-    return out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+    # fp32 for the loss: DeepSpeed's autocast returns bf16/fp16 features (Accelerate's AMP already casts them)
+    return out["image_features"].float(), out["text_features"].float(), out["logit_scale"], out.get("logit_bias")
 
 
 def backward_accumulated(acc, model, loss_fn, micro: list[dict]) -> torch.Tensor:

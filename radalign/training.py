@@ -6,12 +6,14 @@ it imports no stage package. Model and loss modules never import it (distributio
 API (all names importable from `radalign.training`):
 
     acc, precision, reason = make_accelerator("auto", deepspeed=ds_dict_or_None)
-        # Accelerator on CUDA, or cpu=True on CPU (gloo for multi-process CPU launches); `precision` resolved by
+        # Accelerator on CUDA, or cpu=True on CPU (gloo for multi-process CPU launches); DeepSpeed on CPU runs
+        # with cpu=False and gloo (see `_accelerator_kwargs`); `precision` resolved by
         # radalign.precision.resolve_precision (bf16/fp16/fp32) and agreed by all ranks; a DeepSpeed dict gets
-        # its bf16/fp16 sections filled from it. Refuses a launcher/Accelerate world-size mismatch.
+        # its torch_autocast section from it. Refuses a launcher/Accelerate world-size mismatch, and a
+        # DeepSpeed plugin Accelerate did not turn on.
     deepspeed_file(configured) -> str | None      # our `deepspeed=` value or the accelerate launch config's file
     load_deepspeed_config(file, *, micro_batch, grad_clip) -> dict   # batch/clip fields from our config
-    deepspeed_with_precision(ds, precision) -> dict   # bf16/fp16 sections enabled by the resolved precision
+    deepspeed_with_precision(ds, precision) -> dict   # torch_autocast in the resolved precision (bf16/fp16 off)
     param_groups(model, weight_decay) -> list[dict]   # no decay on norms, biases, logit scale/bias (`_decays`)
     adamw(model, *, lr, weight_decay, betas=(0.9, 0.999), eps=1e-8) -> torch.optim.AdamW  (fused)
     cosine_schedule(optimizer, warmup_steps, total_steps) -> LambdaLR   # do NOT pass it to accelerator.prepare
@@ -133,7 +135,6 @@ def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None,
     find_unused_parameters: DDP option for models whose forward may skip a submodule (the fusion head skips a
     modality absent from the whole batch)."""
     from accelerate import Accelerator
-    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     cuda = torch.cuda.is_available()
     world_env = _world_env()
@@ -141,27 +142,71 @@ def make_accelerator(precision: str = "auto", *, deepspeed: dict | None = None,
         raise RadalignError("deepspeed needs CUDA or a multi-process CPU launch (torchrun/accelerate launch "
                             "--multi_gpu --num_processes 2 with gloo); set deepspeed=null for one process")
     resolved, reason = _agreed_precision(precision, "cuda" if cuda else "cpu")
-    kwargs: dict[str, Any] = {"kwargs_handlers": []}
-    if not cuda and world_env > 1:  # gloo is the CPU backend; without this DeepSpeed on CPU asks for ccl
-        kwargs["kwargs_handlers"].append(InitProcessGroupKwargs(backend="gloo"))
-    if find_unused_parameters:
-        kwargs["kwargs_handlers"].append(DistributedDataParallelKwargs(find_unused_parameters=True))
-    if deepspeed is not None:
-        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_with_precision(deepspeed, resolved))
-    # cpu=True on CPU machines: with torchrun's env a plain Accelerator() would start world-size-1 jobs.
-    acc = Accelerator(mixed_precision={"fp32": "no"}.get(resolved, resolved), cpu=not cuda, **kwargs)
+    acc = Accelerator(mixed_precision={"fp32": "no"}.get(resolved, resolved),
+                      **_accelerator_kwargs(cuda, world_env, deepspeed, resolved, find_unused_parameters))
+    _check_started(acc, world_env, deepspeed=deepspeed is not None)
+    return acc, resolved, reason  # radalign.precision logged the choice and why
+
+
+def _check_started(acc, world_env: int, *, deepspeed: bool) -> None:
+    """Refuse an Accelerator that would not train as launched: a process count other than the launcher's, or
+    DeepSpeed asked for but not started (never train plain DDP under DeepSpeed's name)."""
     if world_env != acc.num_processes:
         raise RadalignError(f"launcher started WORLD_SIZE={world_env} processes but Accelerate sees "
                             f"{acc.num_processes}: the processes would train independently. Launch with "
                             "torchrun or `accelerate launch --multi_gpu --num_processes N` (not --cpu).")
-    return acc, resolved, reason  # radalign.precision logged the choice and why
+    started = getattr(acc.distributed_type, "value", acc.distributed_type)  # DistributedType is a str enum
+    if deepspeed and started != "DEEPSPEED":
+        raise RadalignError(f"deepspeed: Accelerate started {started}, not DeepSpeed (it ignores the "
+                            "plugin when told to use the CPU: ACCELERATE_USE_CPU or `accelerate launch --cpu`). "
+                            "Unset it (CPU launches need no flag), or drop deepspeed= to train with DDP.")
+
+
+def _accelerator_kwargs(cuda: bool, world_env: int, deepspeed: dict | None, precision: str,
+                        find_unused_parameters: bool) -> dict[str, Any]:
+    """Accelerator(...) arguments besides the precision.
+
+    cpu=True on CPU machines: with torchrun's env a plain Accelerator() would start world-size-1 jobs. Except under
+    DeepSpeed: Accelerate turns the plugin on only `and not cpu`, so a CPU DeepSpeed run passes cpu=False with
+    backend gloo; Accelerate then starts DeepSpeed's comm on gloo (DeepSpeed's CPU accelerator needs oneCCL only
+    when oneccl_bindings_for_pytorch is installed) and the engine runs on the CPU."""
+    from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers: list = []
+    if not cuda and world_env > 1:
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    if find_unused_parameters:
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    kwargs: dict[str, Any] = {"kwargs_handlers": handlers, "cpu": not cuda and deepspeed is None}
+    if deepspeed is not None:
+        if not cuda:
+            _skip_inference_shm_op()
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=deepspeed_with_precision(deepspeed, precision))
+    return kwargs
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles a shared-memory all-reduce (C++, about a CPU-minute and a compiler)
+    that only its inference path calls; training's collectives go through gloo. Mark it unbuildable so it is not
+    compiled (deepspeed.ops keeps the probed dict in the module for edits like this one)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def deepspeed_with_precision(ds: dict, precision: str) -> dict:
-    """The DeepSpeed dict with its bf16/fp16 sections enabled by the resolved precision (one source of truth);
-    other keys of those sections (e.g. fp16 loss-scale settings) are kept."""
-    return {**ds, "bf16": {**ds.get("bf16", {}), "enabled": precision == "bf16"},
-            "fp16": {**ds.get("fp16", {}), "enabled": precision == "fp16"}}
+    """The DeepSpeed dict with its precision set by the resolved precision (one source of truth).
+
+    bf16/fp16 run as DeepSpeed's `torch_autocast` (fp32 parameters, the engine's forward under torch.autocast,
+    a GradScaler for fp16), as the DDP path runs them under Accelerate. Its `bf16`/`fp16` sections stay off:
+    they cast the module's weights to 16 bits, and the float32 images then fail in the first convolution
+    ("Input type (float) and weight type (BFloat16) should be the same"). Other keys of the sections are kept."""
+    half = precision in ("bf16", "fp16")
+    autocast = {**ds.get("torch_autocast", {}), "enabled": half}
+    if half:
+        autocast["dtype"] = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    return {**ds, "bf16": {**ds.get("bf16", {}), "enabled": False}, "fp16": {**ds.get("fp16", {}), "enabled": False},
+            "torch_autocast": autocast}
 
 
 def deepspeed_file(configured: str | None) -> str | None:

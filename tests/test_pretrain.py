@@ -274,26 +274,108 @@ def test_fp16_on_cpu_is_refused(synth_shards, tmp_path):
         run_pretrain(_cfg(tmp_path / "fp16", synth_shards, "precision=fp16"))
 
 
-def _torchrun(run_dir: Path, shards: Path, *extra: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+def _torchrun(run_dir: Path, shards: Path, *extra: str, entry: tuple[str, ...] = ("-m", "pretrain"),
+              env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-            "-m", "pretrain", "--config", "pretrain/tiny", f"run_dir={run_dir}", f"data.shards={shards}",
+            *entry, "--config", "pretrain/tiny", f"run_dir={run_dir}", f"data.shards={shards}",
             f"model.name={NANO}", "precision=fp32", "batch_size=4", "steps=3", "optim.warmup_steps=1",
             "log_every=1", "ckpt_every=0", "data.num_workers=0", "data.val_split=", "tensorboard=false", *extra]
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-def test_deepspeed_zero2_matches_ddp_on_two_cpu_processes(synth_shards, tmp_path):
+# `python -m pretrain`, except that every rank SIGKILLs itself as soon as the checkpoint of step $KILL_AT is
+# complete: a kill with no clean-up at a known step (a timed kill from outside could land before or after it).
+KILL_AFTER_CHECKPOINT = """
+import os, runpy, signal, sys
+from radalign.training import CheckpointManager
+save = CheckpointManager.save
+def save_then_die(self, step, **kw):
+    path = save(self, step, **kw)
+    if step == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+CheckpointManager.save = save_then_die
+sys.argv[0] = "pretrain"
+runpy.run_module("pretrain", run_name="__main__", alter_sys=True)
+"""
+
+DS_RUN = ("steps=4", "ckpt_every=2")  # loss 4 follows an AdamW step that uses the moments restored at step 2
+
+
+@pytest.fixture(scope="module")
+def ddp_losses(synth_shards, tmp_path_factory) -> dict[int, float]:
+    """The reference: plain DDP (gloo, 2 processes), uninterrupted."""
+    run_dir = tmp_path_factory.mktemp("ddp") / "run"
+    done = _torchrun(run_dir, synth_shards, *DS_RUN)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "step-0000004" / "deepspeed").exists()
+    return _losses(run_dir)
+
+
+def _zero_partitions(ckpt: Path, stage: int) -> list[int]:
+    """Elements of the fp32 master weights each rank's DeepSpeed optimizer file holds (checked for the stage).
+    torch.load with pickle: these are files this test's own run just wrote."""
+    sizes = []
+    for rank in range(2):
+        sd = torch.load(ckpt / "deepspeed" / f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                        map_location="cpu", weights_only=False)
+        assert sd["ds_config"]["zero_optimization"]["stage"] == stage
+        flat = sd["optimizer_state_dict"]["single_partition_of_fp32_groups" if stage < 3 else "fp32_flat_groups"]
+        sizes.append(sum(t.numel() for t in flat))
+    return sizes
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_on_two_cpu_processes_matches_ddp_and_resumes_after_a_kill(
+        stage, synth_shards, ddp_losses, nano_model_cfg, tmp_path):
+    """DeepSpeed really runs on CPU (gloo): the checkpoint holds its engine files, each rank's optimizer file half
+    of the fp32 weights; a SIGKILL right after the step-2 checkpoint and resume=latest give every loss of the
+    uninterrupted DDP run (so the partitioned AdamW moments came back: loss 4 depends on them)."""
     pytest.importorskip("deepspeed")
-    ddp = _torchrun(tmp_path / "ddp", synth_shards)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    zero = _torchrun(tmp_path / "zero2", synth_shards, "deepspeed=deepspeed/zero2")
-    assert zero.returncode == 0, zero.stderr[-3000:]
-    a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "zero2")
-    assert sorted(a) == sorted(b) == [1, 2, 3]
-    for step in a:
-        assert b[step] == pytest.approx(a[step], abs=1e-4), (a, b)
-    assert (tmp_path / "zero2" / "export" / "config.json").is_file()
+    from pretrain.models import build_model
+
+    run_dir, ds = tmp_path / f"zero{stage}", f"deepspeed=deepspeed/zero{stage}"
+    script = tmp_path / "kill_after_checkpoint.py"
+    script.write_text(KILL_AFTER_CHECKPOINT)
+    killed = _torchrun(run_dir, synth_shards, *DS_RUN, ds, entry=(str(script),), env={"KILL_AT": "2"})
+    assert killed.returncode != 0, "the run was not killed"
+    ckpt = run_dir / "checkpoints" / "step-0000002"
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*")) == [ckpt.name]
+    sums = json.loads((ckpt / "checksums.json").read_text())["files"]
+    engine = {n for n in sums if n.startswith("deepspeed/")}
+    assert {f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)} <= engine, sorted(sums)
+    assert "optimizer.safetensors" not in sums  # DDP's optimizer file: DeepSpeed would not be active
+    n = sum(p.numel() for p in build_model(nano_model_cfg).parameters())
+    parts = _zero_partitions(ckpt, stage)
+    assert n <= sum(parts) <= n + 4 and max(parts) <= n // 2 + 4, (parts, n)  # partitioned, not replicated
+
+    resumed = _torchrun(run_dir, synth_shards, *DS_RUN, ds, "resume=latest")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {ckpt} at step 2" in resumed.stdout
+    got = _losses(run_dir)
+    assert sorted(got) == sorted(ddp_losses) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(ddp_losses[step], abs=1e-5), (step, got, ddp_losses)
+    assert (run_dir / "export" / "config.json").is_file()
+
+
+def test_deepspeed_bf16_on_cpu_autocasts_like_ddp(synth_shards, tmp_path):
+    """precision=bf16 under DeepSpeed runs the engine's forward under autocast with fp32 weights, as DDP does:
+    the same step-1 loss (same weights, same autocast forward, loss in fp32), fp32 weights in the checkpoint.
+    DeepSpeed's own bf16 mode casts the weights, and the float32 images then fail in the first convolution."""
+    pytest.importorskip("deepspeed")
+    common = ("precision=bf16", "steps=2", "ckpt_every=2")
+    runs = {name: _torchrun(tmp_path / name, synth_shards, *common, *extra)
+            for name, extra in [("ddp", ()), ("zero2", ("deepspeed=deepspeed/zero2",))]}
+    for name, done in runs.items():
+        assert done.returncode == 0, (name, done.stderr[-3000:])
+    ddp, zero = _losses(tmp_path / "ddp"), _losses(tmp_path / "zero2")
+    assert zero[1] == pytest.approx(ddp[1], abs=1e-5), (zero, ddp)
+    assert zero[2] == pytest.approx(ddp[2], abs=2e-2), (zero, ddp)  # DeepSpeed reduces Linear grads in bf16
+    ckpt = tmp_path / "zero2" / "checkpoints" / "step-0000002"
+    assert (ckpt / "deepspeed").is_dir()
+    assert {t.dtype for t in _weights(ckpt).values()} == {torch.float32}
 
 
 @pytest.fixture(scope="module")

@@ -729,18 +729,74 @@ def test_load_deepspeed_config_takes_batch_and_clip_from_our_config(tmp_path):
     assert load_deepspeed_config(str(f), micro_batch=8, grad_clip=1.5)["gradient_clipping"] == 1.5
 
 
-@pytest.mark.parametrize("precision,bf16,fp16", [("bf16", True, False), ("fp16", False, True), ("fp32", False, False)])
-def test_deepspeed_precision_sections_follow_the_resolved_precision(precision, bf16, fp16):
+@pytest.mark.parametrize("precision,dtype", [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", None)])
+def test_deepspeed_precision_is_torch_autocast_of_the_resolved_precision(precision, dtype):
+    """bf16/fp16 reach DeepSpeed as torch_autocast (fp32 weights); its bf16/fp16 sections, which cast the weights
+    to 16 bits (and then fail on float32 images), stay off whatever the JSON says."""
     from radalign.training import deepspeed_with_precision
 
     ds = {"bf16": {"enabled": "auto", "immediate_grad_update": True},
-          "fp16": {"enabled": "auto", "loss_scale": 0, "initial_scale_power": 12}, "zero_optimization": {"stage": 3}}
+          "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12}, "zero_optimization": {"stage": 3},
+          "torch_autocast": {"lower_precision_safe_modules": ["torch.nn.Linear"]}}
     got = deepspeed_with_precision(ds, precision)
-    assert got == {"bf16": {"enabled": bf16, "immediate_grad_update": True},
-                   "fp16": {"enabled": fp16, "loss_scale": 0, "initial_scale_power": 12},
-                   "zero_optimization": {"stage": 3}}
+    autocast = {"lower_precision_safe_modules": ["torch.nn.Linear"], "enabled": dtype is not None}
+    assert got == {"bf16": {"enabled": False, "immediate_grad_update": True},
+                   "fp16": {"enabled": False, "loss_scale": 0, "initial_scale_power": 12},
+                   "zero_optimization": {"stage": 3},
+                   "torch_autocast": autocast if dtype is None else {**autocast, "dtype": dtype}}
     assert ds["bf16"] == {"enabled": "auto", "immediate_grad_update": True}  # the caller's dict is not changed
-    assert deepspeed_with_precision({}, precision) == {"bf16": {"enabled": bf16}, "fp16": {"enabled": fp16}}
+    assert ds["torch_autocast"] == {"lower_precision_safe_modules": ["torch.nn.Linear"]}
+    bare = {"bf16": {"enabled": False}, "fp16": {"enabled": False}, "torch_autocast": {"enabled": dtype is not None}}
+    if dtype:
+        bare["torch_autocast"]["dtype"] = dtype
+    assert deepspeed_with_precision({}, precision) == bare
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerator_arguments_for_deepspeed_on_cpu(stage, monkeypatch):
+    """On a CPU, DeepSpeed needs cpu=False (Accelerate drops the plugin `and not cpu`) with gloo; without
+    DeepSpeed, cpu=True keeps torchrun launches one job. The plugin carries our config, read without running it."""
+    import deepspeed.ops
+
+    from radalign.training import _accelerator_kwargs, load_deepspeed_config
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    ds = load_deepspeed_config(f"zero{stage}", micro_batch=6, grad_clip=None)
+    kw = _accelerator_kwargs(False, 2, ds, "bf16", False)
+    assert kw["cpu"] is False and [h.backend for h in kw["kwargs_handlers"]] == ["gloo"]
+    plugin = kw["deepspeed_plugin"]
+    assert plugin.zero_stage == stage and plugin.gradient_clipping == 0.0
+    cfg = plugin.deepspeed_config
+    assert cfg["train_micro_batch_size_per_gpu"] == 6 and cfg["gradient_accumulation_steps"] == 1
+    assert cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"} and not cfg["bf16"]["enabled"]
+    # the inference-only shared-memory op is not compiled (a C++ build at the first collective otherwise)
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+    ddp = _accelerator_kwargs(False, 2, None, "fp32", True)
+    assert ddp["cpu"] is True and "deepspeed_plugin" not in ddp
+    assert [type(h).__name__ for h in ddp["kwargs_handlers"]] == ["InitProcessGroupKwargs", "DistributedDataParallelKwargs"]
+    assert _accelerator_kwargs(False, 1, None, "fp32", False) == {"kwargs_handlers": [], "cpu": True}
+    on_gpu = _accelerator_kwargs(True, 2, ds, "fp32", False)
+    assert on_gpu["cpu"] is False and on_gpu["kwargs_handlers"] == []  # NCCL: Accelerate's default backend
+
+
+@pytest.mark.parametrize("started,processes,problem", [
+    ("DEEPSPEED", 2, None),
+    ("MULTI_CPU", 2, "deepspeed: Accelerate started MULTI_CPU, not DeepSpeed"),
+    ("DEEPSPEED", 1, "WORLD_SIZE=2 processes but Accelerate sees 1"),
+])
+def test_an_accelerator_that_would_not_train_as_launched_is_refused(started, processes, problem):
+    from types import SimpleNamespace
+
+    from radalign.training import _check_started
+
+    acc = SimpleNamespace(distributed_type=started, num_processes=processes)
+    if problem is None:
+        _check_started(acc, 2, deepspeed=True)
+    else:
+        with pytest.raises(RadalignError, match=problem):
+            _check_started(acc, 2, deepspeed=True)
+    _check_started(SimpleNamespace(distributed_type="MULTI_CPU", num_processes=2), 2, deepspeed=False)
 
 
 def test_agreed_precision_needs_no_process_group_for_fixed_choices(monkeypatch):

@@ -51,8 +51,7 @@ def _cxr_like(rng: np.random.Generator, size: int) -> bytes:
 def write_synthetic_shards(out: Path, n: int, size: int, shard_size: int = 250) -> Path:
     """n samples following docs/architecture.md §1 (train split) + manifest; returns `out`."""
     import webdataset as wds
-
-    from data.labels import CHEXPERT_LABELS
+    from radalign.data.labels import CHEXPERT_LABELS
 
     rng = np.random.default_rng(0)
     (out / "train").mkdir(parents=True, exist_ok=True)
@@ -102,8 +101,8 @@ class LooseFiles(torch.utils.data.Dataset):
         return len(self.jpgs)
 
     def __getitem__(self, i: int) -> dict:
-        from data.loader import study_int64
-        from data.text import text_id
+        from radalign.data.loader import study_int64
+        from radalign.data.text import text_id
 
         path = self.jpgs[i]
         with Image.open(path) as img:
@@ -127,8 +126,8 @@ def _images_per_second(make_iter) -> tuple[float, int]:
 
 
 def bench_loader(args, work: Path) -> None:
-    from data.loader import make_train_loader, manifest_counts, shard_paths
-    from data.transforms import train_transform
+    from radalign.data.loader import make_train_loader, manifest_counts, shard_paths
+    from radalign.data.transforms import train_transform
 
     if args.shards:
         paths = shard_paths(args.shards, "train")
@@ -177,9 +176,8 @@ def bench_loader(args, work: Path) -> None:
 
 def v2_chain(image_size: int):
     """The same augmentation as `train_transform`, as separate torchvision v2 transforms (what it replaced)."""
+    from radalign.data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ToGray
     from torchvision.transforms import v2
-
-    from data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, ToGray
 
     return v2.Compose([
         ToGray(), v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True),
@@ -192,8 +190,7 @@ def bench_transform(args) -> None:
     import time
 
     import open_clip
-
-    from data.transforms import train_transform
+    from radalign.data.transforms import train_transform
 
     rng = np.random.default_rng(0)
     gray = [Image.open(io.BytesIO(_cxr_like(rng, args.source_size))).convert("L") for _ in range(args.transform_n)]
@@ -220,7 +217,7 @@ def bench_transform(args) -> None:
 # The child measured for `data prepare`: only the import and the prepare call, so its peak RSS is prepare's.
 PREPARE_CHILD = """
 import json, resource, sys
-from data.prepare import PrepareConfig, prepare
+from radalign.data.prepare import PrepareConfig, prepare
 from radalign.config import load_config
 prepare(load_config(PrepareConfig, json.loads(sys.argv[1])), progress=False)
 # The largest peak among prepare's own worker processes (exact: the kernel keeps it for waited-for children).
@@ -230,7 +227,7 @@ print("WORKER_PEAK_KIB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
 
 def bench_prepare(args, work: Path) -> None:
     try:  # other engineers' modules; the loader benchmark must not depend on them
-        from data.synth import synthesize
+        from radalign.data.synth import synthesize
     except ImportError as e:
         print(f"prepare benchmark skipped: {e} (data.synth / data prepare not available)")
         return

@@ -56,8 +56,9 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32")
     args = ap.parse_args(argv)
 
-    import finetune.recipe as R
-    from finetune.config import FinetuneConfig
+    import radalign.finetune.recipe as R
+    from radalign.finetune.config import FinetuneConfig
+
     from radalign.config import load_config
 
     run_dir, out = Path(args.run_dir), Path(args.out)

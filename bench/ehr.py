@@ -129,8 +129,7 @@ def generate(root: Path, n_rows: int, seed: int = 0) -> dict:
 
 def child_ours(root: Path, out: Path, memory_limit: str, threads: int) -> None:
     import pandas as pd
-
-    from data.ehr import find_tables, link_frame, load_feature_list
+    from radalign.data.ehr import find_tables, link_frame, load_feature_list
 
     flist, _ = load_feature_list("ehr/core")
     flist.vitals = {}

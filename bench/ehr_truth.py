@@ -26,11 +26,10 @@ VITALS = ("heart_rate", "respiratory_rate", "spo2", "temperature", "nibp")
 
 
 def main(argv=None) -> None:
+    from radalign.data.synth_ehr import _study_findings
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
     from threadpoolctl import threadpool_limits
-
-    from data.synth_ehr import _study_findings
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--synthetic", type=Path, required=True, help="radalign data synth output")

@@ -26,7 +26,8 @@ from bench.common import Timer, rate, ratio  # noqa: E402
 
 
 def _cfg(args, run_dir: Path, *extra: str):
-    from finetune.config import FinetuneConfig
+    from radalign.finetune.config import FinetuneConfig
+
     from radalign.config import load_config
 
     return load_config(FinetuneConfig, args.config, [
@@ -37,8 +38,8 @@ def _cfg(args, run_dir: Path, *extra: str):
 
 def cached_steps(run, batch: int, steps: int) -> float:
     """Samples/s of fusion training steps on cached embeddings (the recipe's model and loss)."""
-    from finetune.models import masked_loss
-    from finetune.recipe import build_model, model_specs
+    from radalign.finetune.models import masked_loss
+    from radalign.finetune.recipe import build_model, model_specs
 
     model = build_model(model_specs(run)["fusion"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -60,9 +61,9 @@ def cached_steps(run, batch: int, steps: int) -> float:
 
 def end_to_end_steps(run, batch: int, steps: int) -> float:
     """Samples/s when the image tower trains too: images decoded, through the tower, into the fusion head."""
-    from data.loader import make_eval_loader, shard_paths
-    from finetune.models import masked_loss
-    from finetune.recipe import build_model, model_specs
+    from radalign.data.loader import make_eval_loader, shard_paths
+    from radalign.finetune.models import masked_loss
+    from radalign.finetune.recipe import build_model, model_specs
 
     enc = run.encoders
     tower = enc.model.visual.train()
@@ -90,8 +91,8 @@ def end_to_end_steps(run, batch: int, steps: int) -> float:
 
 
 def fewshot_sweep(args, out: Path) -> tuple[float, dict]:
-    from finetune.fewshot_recipe import run_fewshot
-    from finetune.recipe import setup
+    from radalign.finetune.fewshot_recipe import run_fewshot
+    from radalign.finetune.recipe import setup
 
     run = setup(_cfg(args, out, "fewshot.enabled=true", "fewshot.label=Pleural Effusion", "task.labels=[Pleural Effusion]",
                      "data.modalities=[image]", "fewshot.ks=[1,2,4,8,16,32]", "fewshot.seeds=5",
@@ -112,7 +113,8 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    from finetune.recipe import setup
+    from radalign.finetune.recipe import setup
+
     from radalign.training import reset_accelerate_state
 
     cap = torch.backends.cpu.get_cpu_capability()

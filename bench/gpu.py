@@ -303,16 +303,6 @@ def tail(text: str, n: int = TAIL) -> str:
     return text[-n:]
 
 
-def stage(name: str):
-    """A stage module from `radalign.<name>` (after the stage packages move there) or `<name>` (before)."""
-    try:
-        return importlib.import_module(f"radalign.{name}")
-    except ModuleNotFoundError as e:
-        if not (e.name or "").startswith("radalign."):
-            raise
-    return importlib.import_module(name)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # A part's JSON
 
@@ -504,7 +494,7 @@ def make_shards(plan: Plan, report: Report, clock: Clock) -> dict:
 
 
 def shard_counts(out: Path) -> dict:
-    from data.loader import shard_paths, split_samples
+    from radalign.data.loader import shard_paths, split_samples
 
     return {split: {"samples": split_samples(out, split), "shards": len(shard_paths(out, split))}
             for split in ("train", "validate", "test")}
@@ -565,8 +555,8 @@ def _no_batch(found: dict) -> dict:
 def _model_parts(plan: Plan, device: str):
     """Model (fp32 weights), AdamW, loss and config as the recipe builds them."""
     import torch
+    from radalign.pretrain import loss, models
 
-    models, loss = stage("pretrain.models"), stage("pretrain.loss")
     from radalign.training import adamw
 
     cfg = models.get_model_config(plan.model)
@@ -672,6 +662,8 @@ atexit.register(lambda: torch.cuda.is_available() and print("GPU_PEAK_BYTES", to
 
 
 def throughput_open_clip(plan: Plan, report: Report, clock: Clock, batch: int) -> dict:
+    from radalign.data.loader import shard_paths
+
     from bench.pretrain import (
         OPEN_CLIP_CHILD,
         OPEN_CLIP_PRECISION,
@@ -681,7 +673,6 @@ def throughput_open_clip(plan: Plan, report: Report, clock: Clock, batch: int) -
         same_parameters,
         steady,
     )
-    from data.loader import shard_paths
 
     root = fresh(Path(plan.work) / "throughput-open-clip")
     name, model_json = open_clip_model_json(plan.model, root / "model_configs")
@@ -918,7 +909,7 @@ def fp16_scaler(plan: Plan) -> dict:
 
 
 def part_faiss(plan: Plan, report: Report, clock: Clock) -> None:
-    ix = stage("retrieval.index")
+    from radalign.retrieval import index as ix
     gpu, why = faiss_gpu(plan, ix)
     # Without GPU support the CPU figures matter only in a dry run: spend no GPU time on them.
     if not gpu and not (plan.dry_run and faiss_installed(ix)):
@@ -1023,8 +1014,8 @@ def part_embed(plan: Plan, report: Report, clock: Clock) -> None:
 def embed_pass(plan: Plan) -> dict:
     """Random-init export of the model, then `embed_split` over the train split with the loader workers."""
     import torch
-
-    export, models, embed = stage("pretrain.export"), stage("pretrain.models"), stage("data.embed")
+    from radalign.data import embed
+    from radalign.pretrain import export, models
     torch.manual_seed(0)
     cfg = models.get_model_config(plan.model)
     folder = export.export_encoders(models.build_model(cfg), cfg, fresh(Path(plan.work) / "embed-export"))

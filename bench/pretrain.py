@@ -7,7 +7,7 @@ Both trainers run the same model config, shards, batch size, precision, worker c
 each in its own child process with the same environment, one after the other (with --repeats, in alternating
 order):
 
-- ours:      `python -m pretrain --config pretrain/tiny model.name=M data.shards=S batch_size=B steps=N ...`
+- ours:      `python -m radalign.pretrain --config pretrain/tiny model.name=M data.shards=S batch_size=B steps=N ...`
              (throughput from RUN/metrics.jsonl: samples_per_s and data_wait per log window);
 - open_clip: `open_clip_train.main.main([...])` after `open_clip.add_model_config(<our JSON without our extra
              keys>)` (throughput from its "Train Epoch" log lines: Batch (t) and Data (t) window averages).
@@ -279,7 +279,7 @@ def open_clip_model_json(model: str, dest: Path) -> tuple[str, Path]:
     Returns (open_clip model name, path). HF text towers are refused: our `pkg:` names and local-only loading
     are ours, open_clip would try the hub.
     """
-    from pretrain.models import EXTRA_KEYS, EXTRA_TEXT_KEYS, get_model_config
+    from radalign.pretrain.models import EXTRA_KEYS, EXTRA_TEXT_KEYS, get_model_config
 
     cfg = get_model_config(model)
     if cfg["text_cfg"].get("hf_model_name"):
@@ -298,8 +298,7 @@ def open_clip_model_json(model: str, dest: Path) -> tuple[str, Path]:
 def same_parameters(model: str, oc_name: str, oc_json: Path) -> tuple[int, int]:
     """Parameter counts of our model and open_clip's (a check that both trainers train the same network)."""
     import open_clip
-
-    from pretrain.models import build_model, get_model_config
+    from radalign.pretrain.models import build_model, get_model_config
 
     open_clip.add_model_config(oc_json)
     ours = sum(p.numel() for p in build_model(get_model_config(model)).parameters())
@@ -320,13 +319,13 @@ def run_ours(args, shards: Path, work: Path) -> Side:
         f"optim.lr={args.lr}", f"optim.warmup_steps={args.warmup}", "ckpt_every=0", "data.val_split=",
         "tensorboard=false", f"run_dir={run_dir}", f"seed={args.seed}",
     ]
-    cmd = [sys.executable, "-m", "pretrain", "--config", "pretrain/tiny", *overrides]
+    cmd = [sys.executable, "-m", "radalign.pretrain", "--config", "pretrain/tiny", *overrides]
     metrics = run_dir / "metrics.jsonl"
     return measure("ours", cmd, REPO, lambda: parse_ours(metrics), args)
 
 
 def run_open_clip(args, shards: Path, work: Path) -> Side:
-    from data.loader import shard_paths
+    from radalign.data.loader import shard_paths
 
     root = work / "open_clip"
     shutil.rmtree(root, ignore_errors=True)
@@ -524,7 +523,7 @@ def resolve_bench_precision(args) -> None:
 
 
 def _main(args) -> int:
-    from data.loader import split_samples
+    from radalign.data.loader import split_samples
 
     resolve_bench_precision(args)
 

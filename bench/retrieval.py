@@ -23,9 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from radalign.retrieval import index as ix  # noqa: E402
+from radalign.retrieval.build import build_tuned  # noqa: E402
+
 from bench.common import Timer, table  # noqa: E402
-from retrieval import index as ix  # noqa: E402
-from retrieval.build import build_tuned  # noqa: E402
 
 KINDS = ("flat", "ivf-flat", "hnsw", "ivf-pq")
 

@@ -1,4 +1,4 @@
-"""`python -m data` (and `accelerate launch -m data`) is `radalign data`."""
+"""`python -m radalign.data` (and `accelerate launch -m radalign.data`) is `radalign data`."""
 
 import sys
 

@@ -37,7 +37,7 @@ def register(sub) -> None:
     _add_prepare(verbs)
     _add_prepare_csv(verbs)
     _add_prepare_dicom(verbs)
-    from data import ehr_cli
+    from radalign.data import ehr_cli
 
     ehr_cli.register(verbs)  # link-ehr (data/ehr_cli.py)
     info = verbs.add_parser("info", help="summarise a prepared folder's manifest.json",
@@ -99,7 +99,8 @@ def _common(p, docs: dict, defaults: dict) -> None:
 
 
 def _defaults() -> tuple[dict, dict]:
-    from data.prepare import PrepareConfig
+    from radalign.data.prepare import PrepareConfig
+
     from radalign.config import describe, field_docs
 
     return field_docs(PrepareConfig), {k: d for k, d, _ in describe(PrepareConfig)}
@@ -180,7 +181,8 @@ def _add_prepare_dicom(verbs) -> None:
 
 def _config_from_args(args):
     """Set flags -> PrepareConfig (validated: one RadalignError listing every problem)."""
-    from data.prepare import PrepareConfig
+    from radalign.data.prepare import PrepareConfig
+
     from radalign.config import load_config
 
     flags = {"out": args.out, "text": args.text, "image_size": args.image_size, "shard_size": args.shard_size,
@@ -208,7 +210,8 @@ def _comma_list(value: str | None) -> list[str] | None:
 
 
 def _prepare(args) -> int:
-    from data.prepare import prepare
+    from radalign.data.prepare import prepare
+
     from radalign.log import rprint
 
     cfg = _config_from_args(args)
@@ -218,7 +221,8 @@ def _prepare(args) -> int:
 
 
 def _synth(args) -> int:
-    from data.synth import synth_complete, synthesize
+    from radalign.data.synth import synth_complete, synthesize
+
     from radalign.log import rprint
 
     same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty,
@@ -235,7 +239,8 @@ def _synth(args) -> int:
 
 
 def _info(args) -> int:
-    from data.loader import read_manifest
+    from radalign.data.loader import read_manifest
+
     from radalign.log import rprint
 
     manifest = read_manifest(args.dir)

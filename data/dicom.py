@@ -1,6 +1,6 @@
 """DICOM in: one safe reader and one conversion, the way MIMIC-CXR-JPG was made from MIMIC-CXR's DICOMs.
 
-    from data.dicom import read_dicom
+    from radalign.data.dicom import read_dicom
     img, info = read_dicom(path_or_bytes)        # PIL "L" and DicomInfo (whitelisted header fields only)
 
 Used by `radalign data prepare-dicom` (data/prepare.py), the generator's `--dicom` mode and any reader of a
@@ -42,8 +42,8 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
+from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError
 
-from data.images import DEFAULT_MAX_PIXELS, OversizedImageError
 from radalign import RadalignError
 
 DICOM_TRANSFORMS = ("mimic", "voi-lut")
@@ -258,7 +258,7 @@ def _text(ds, keyword: str) -> str | None:
 
 
 def _study_datetime(ds) -> str | None:
-    from data.mimic import parse_study_datetime
+    from radalign.data.mimic import parse_study_datetime
 
     return parse_study_datetime(_text(ds, "StudyDate"), _text(ds, "StudyTime"))
 

@@ -49,12 +49,12 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 from omegaconf import MISSING
+from radalign.data.labels import CHEXPERT_LABELS, SPLITS
 
-from data.labels import CHEXPERT_LABELS, SPLITS
 from radalign import RadalignError
 from radalign.log import get_logger
 
-log = get_logger("data.ehr")
+log = get_logger("radalign.data.ehr")
 
 MANIFEST_FORMAT = "radalign-ehr/1"
 CACHE_VERSION = 1

@@ -36,7 +36,8 @@ def register(verbs) -> None:
 
 
 def _run(args) -> int:
-    from data.ehr import link_ehr
+    from radalign.data.ehr import link_ehr
+
     from radalign.log import rprint
 
     m = link_ehr(args.mimic_iv, args.shards, args.out, features=args.features, window_hours=args.window_hours,

@@ -56,7 +56,7 @@ import torch
 from radalign import RadalignError
 from radalign.log import get_logger
 
-log = get_logger("data.embed")
+log = get_logger("radalign.data.embed")
 
 # Loader skip reasons that are not one sample each: a shard-level event, or samples left out on purpose.
 _NOT_SAMPLE_REASONS = ("bad_shard", "incomplete_batch", "rank_balance")
@@ -150,7 +150,7 @@ class WithThumbnail:
 def expected_samples(shards: list[str], rank: int = 0, world_size: int = 1, num_workers: int = 0) -> int | None:
     """Samples this rank's readers (its workers) should read, from the manifest's per-shard counts (None: no
     manifest). Same assignment as the eval loader (`data.loader.eval_assignment`)."""
-    from data.loader import eval_assignment, manifest_counts
+    from radalign.data.loader import eval_assignment, manifest_counts
 
     counts = manifest_counts(shards)
     if counts is None:
@@ -422,9 +422,8 @@ def _embed_pass(encode_images, shards_root, split: str, transform, *, batch_size
                 max_samples: int | None, rank: int, world_size: int, thumbnail_size: int | None,
                 progress: bool) -> tuple[EmbeddedSplit, bool]:
     """One pass through the loader -> (result, whether max_samples cut it short)."""
+    from radalign.data.loader import make_eval_loader, shard_paths
     from tqdm import tqdm
-
-    from data.loader import make_eval_loader, shard_paths
 
     shards = shard_paths(shards_root, split)
     tf = WithThumbnail(transform, thumbnail_size) if thumbnail_size else transform

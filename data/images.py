@@ -1,6 +1,6 @@
 """The one way every stage reads an image file and makes it 8-bit grayscale.
 
-    from data.images import open_image, to_gray8
+    from radalign.data.images import open_image, to_gray8
     img = to_gray8(open_image(path, max_pixels=DEFAULT_MAX_PIXELS))     # PIL "L"
 
 Used by `data prepare` (shards), `data.transforms.ToGray` (every transform) and the zero-shot / retrieval

@@ -38,14 +38,14 @@ from typing import Any
 
 import torch
 import webdataset as wds
+from radalign.data.prepare import MANIFEST_FORMAT
+from radalign.data.text import text_id
 
-from data.prepare import MANIFEST_FORMAT
-from data.text import text_id
 from radalign import RadalignError
 from radalign.io import read_format_json
 from radalign.log import get_logger
 
-log = get_logger("data.loader")
+log = get_logger("radalign.data.loader")
 
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 # Samples of a shard that never came out of its tar, checked against the manifest count of that shard.

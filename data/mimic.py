@@ -24,8 +24,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
+from radalign.data.labels import CHEXPERT_LABELS, SPLITS
 
-from data.labels import CHEXPERT_LABELS, SPLITS
 from radalign import RadalignError
 
 METADATA = "mimic-cxr-2.0.0-metadata"

@@ -46,16 +46,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING
+from radalign.data.images import DEFAULT_MAX_PIXELS, target_size
+from radalign.data.labels import CHEXPERT_LABELS, SPLITS
+from radalign.data.sections import SECTION_KEYS, TEXT_MODES
 
-from data.images import DEFAULT_MAX_PIXELS, target_size
-from data.labels import CHEXPERT_LABELS, SPLITS
-from data.sections import SECTION_KEYS, TEXT_MODES
 from radalign import RadalignError
 from radalign.log import get_logger
 
 # Workers log nothing above debug; the main process configures the logger in `prepare` (get_logger asks
 # torch.distributed for the rank, and worker processes should not import torch).
-log = logging.getLogger("data.prepare")
+log = logging.getLogger("radalign.data.prepare")
 
 MANIFEST_FORMAT = "radalign-shards/1"  # the shard folder format; data.loader imports it from here
 STATE_FORMAT = "radalign-prepare-state/1"
@@ -178,7 +178,7 @@ class PrepareConfig:
         return problems
 
     def _dicom_problems(self) -> list[str]:
-        from data.dicom import DICOM_TRANSFORMS
+        from radalign.data.dicom import DICOM_TRANSFORMS
 
         problems = []
         if self.dicom_transform not in DICOM_TRANSFORMS:
@@ -196,7 +196,7 @@ class PrepareConfig:
 
 def skip_reasons(cfg: PrepareConfig) -> tuple[str, ...]:
     """The keys of `manifest["skipped"]`: SKIP_REASONS, then the DICOM refusals (data.dicom) for DICOM input."""
-    from data.dicom import DICOM_SKIP_REASONS
+    from radalign.data.dicom import DICOM_SKIP_REASONS
 
     return SKIP_REASONS + DICOM_SKIP_REASONS if cfg.dicom else SKIP_REASONS
 
@@ -208,7 +208,7 @@ def skip_reasons(cfg: PrepareConfig) -> tuple[str, ...]:
 def load_image(path: str | os.PathLike, image_size: int, max_pixels: int | None = DEFAULT_MAX_PIXELS):
     """Open (`data.images.open_image`: pixel limit, EXIF orientation, reduced JPEG decode), convert to 8-bit
     grey and shrink the short side to `image_size`. Raises `data.images.OversizedImageError` above `max_pixels`."""
-    from data.images import open_image, to_gray8
+    from radalign.data.images import open_image, to_gray8
 
     return shrink(to_gray8(open_image(path, max_pixels=max_pixels, short_side=image_size)), image_size)
 
@@ -244,8 +244,8 @@ def _value(v: Any) -> Any:
 
 def _sections_for(rec: dict, text_mode: str, cache: dict) -> tuple[dict | None, str, bool]:
     """(sections, training text, read with latin-1) for a record; sections None when the report is missing."""
-    from data.mimic import read_report
-    from data.sections import parse_report, training_text
+    from radalign.data.mimic import read_report
+    from radalign.data.sections import parse_report, training_text
 
     report = rec.get("report")
     if not report:  # CSV input: the text is in the record
@@ -318,8 +318,8 @@ def _build_sample(rec: dict, task: dict, cache: dict) -> tuple[dict | None, str 
         return None, "missing_report", False
     if not text.strip():
         return None, "empty_text", used_latin1
-    from data.dicom import DicomRefused
-    from data.images import OversizedImageError
+    from radalign.data.dicom import DicomRefused
+    from radalign.data.images import OversizedImageError
 
     header = None
     try:
@@ -354,7 +354,7 @@ def _build_sample(rec: dict, task: dict, cache: dict) -> tuple[dict | None, str 
 def _dicom_image(rec: dict, task: dict):
     """(shrunk PIL image, DicomInfo) of a DICOM record; DicomRefused for a refused file, or reason
     filtered_view when the plan had no view and the header's ViewPosition is outside --views."""
-    from data.dicom import DicomRefused, open_dicom
+    from radalign.data.dicom import DicomRefused, open_dicom
 
     with open_dicom(rec["image"], max_pixels=task["max_pixels"], modalities=task["modalities"],
                     name=rec["key"]) as d:
@@ -375,14 +375,14 @@ def view_kept(view: str | None, views: list[str]) -> bool:
 
 def plan(cfg: PrepareConfig):
     """(frame, set_aside, notes) for the config's source; frame sorted by split, then a seeded hash of the key."""
-    from data.mimic import mimic_records, stable_unit
+    from radalign.data.mimic import mimic_records, stable_unit
 
     if cfg.csv is not None:
-        from data.prepare_csv import csv_records
+        from radalign.data.prepare_csv import csv_records
 
         frame, set_aside, notes = csv_records(cfg)
     elif cfg.dicom:
-        from data.prepare_dicom import dicom_records
+        from radalign.data.prepare_dicom import dicom_records
 
         frame, set_aside, notes = dicom_records(cfg)
     else:
@@ -537,7 +537,7 @@ def prepare(cfg: PrepareConfig, *, overwrite: bool = False, progress: bool = Tru
     Holds `radalign.lock.output_lock(OUT)` throughout: a second prepare into the same folder is refused."""
     from radalign.lock import output_lock
 
-    get_logger("data.prepare")  # stderr handler on rank 0
+    get_logger("radalign.data.prepare")  # stderr handler on rank 0
     out = Path(cfg.out)
     with output_lock(out, what="--out"):
         _check_writable(out)

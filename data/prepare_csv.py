@@ -13,10 +13,10 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.mimic import SPLIT_ALIASES, parse_label_column, read_csv_checked, stable_unit
+from radalign.data.sections import clean
 
-from data.labels import CHEXPERT_LABELS
-from data.mimic import SPLIT_ALIASES, parse_label_column, read_csv_checked, stable_unit
-from data.sections import clean
 from radalign import RadalignError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")

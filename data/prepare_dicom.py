@@ -20,9 +20,8 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
-
-from data.labels import CHEXPERT_LABELS
-from data.mimic import (
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.mimic import (
     LABEL_FILES,
     METADATA,
     METADATA_COLUMNS,
@@ -35,6 +34,7 @@ from data.mimic import (
     read_labels,
     stable_unit,
 )
+
 from radalign import RadalignError
 
 _SUBJECT, _STUDY = re.compile(r"^p(\d+)$"), re.compile(r"^s(\d+)$")

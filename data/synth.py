@@ -31,17 +31,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from radalign.data import synth_ehr as ehr
+from radalign.data.labels import CHEXPERT_LABELS, MIMIC_LABEL_ORDER
+from radalign.data.synth_images import ImageSpec, quantize, render_float
+from radalign.data.synth_reports import write_report
 from tqdm import tqdm
 
-from data import synth_ehr as ehr
-from data.labels import CHEXPERT_LABELS, MIMIC_LABEL_ORDER
-from data.synth_images import ImageSpec, quantize, render_float
-from data.synth_reports import write_report
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_bytes, atomic_write_json
 from radalign.log import get_logger
 
-log = get_logger("data.synth")
+log = get_logger("radalign.data.synth")
 
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
@@ -461,8 +461,7 @@ def _write_dicom(info: dict, drawn: np.ndarray, rng: np.random.Generator) -> tup
     acquisition stream ([seed, 5, index]), so the drawing's stream is the one the JPG-only mode uses.
     Returns (the MIMIC conversion of what was written, read back through `data.dicom`, bytes written)."""
     from pydicom.uid import generate_uid
-
-    from data.dicom import read_dicom, write_dicom
+    from radalign.data.dicom import read_dicom, write_dicom
 
     modality = "CR" if rng.random() < 0.5 else "DX"
     photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"

@@ -20,9 +20,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from PIL import Image
+from radalign.data.images import to_gray8
 from torchvision.transforms import RandomResizedCrop, v2
 
-from data.images import to_gray8
 from radalign import RadalignError
 
 # The same values as open_clip.constants.OPENAI_DATASET_MEAN / _STD (tests check they agree). Copied rather

@@ -1,4 +1,4 @@
-"""`python -m finetune` (and `accelerate launch -m finetune`) is `radalign finetune`."""
+"""`python -m radalign.finetune` (and `accelerate launch -m radalign.finetune`) is `radalign finetune`."""
 
 import sys
 

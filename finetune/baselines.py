@@ -23,10 +23,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from radalign.finetune.features import EHRFeatures
+from radalign.finetune.models import TASKS, FusionModel
 from torch import nn
 
-from finetune.features import EHRFeatures
-from finetune.models import TASKS, FusionModel
 from radalign import RadalignError
 
 

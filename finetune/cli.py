@@ -1,5 +1,5 @@
-"""`radalign finetune`: train on a clinical task, predict, evaluate, explain (also `python -m finetune`,
-`accelerate launch -m finetune`).
+"""`radalign finetune`: train on a clinical task, predict, evaluate, explain (also `python -m radalign.finetune`,
+`accelerate launch -m radalign.finetune`).
 
     radalign finetune --config finetune/in_hospital_mortality [--overwrite] [key=value ...]   (`train` implied)
     radalign finetune predict --checkpoint RUN --data TABLE [--split test] --out predictions.csv
@@ -17,7 +17,7 @@ DEFAULT_VERB = "train"  # `radalign finetune --config X` is `radalign finetune t
 EXAMPLES = """examples:
   radalign finetune --config finetune/in_hospital_mortality run_dir=runs/demo/finetune/in_hospital_mortality
   radalign finetune --config finetune/fewshot_chexpert fewshot.label="Pleural Effusion"
-  accelerate launch --num_processes 2 -m finetune --config finetune/mortality_30d
+  accelerate launch --num_processes 2 -m radalign.finetune --config finetune/mortality_30d
   radalign finetune predict --checkpoint runs/demo/finetune/in_hospital_mortality \\
       --data runs/demo/ehr/finetune --split test --out predictions.csv
   radalign finetune eval --checkpoint runs/demo/finetune/in_hospital_mortality --out .../eval
@@ -26,7 +26,8 @@ EXAMPLES = """examples:
 
 
 def register(sub) -> None:
-    from finetune.config import FinetuneConfig
+    from radalign.finetune.config import FinetuneConfig
+
     from radalign.cli import add_verbs
     from radalign.config import format_help
 
@@ -59,27 +60,28 @@ def register(sub) -> None:
     pr.add_argument("--shards", help="shards holding the table's films (default: the run's data.shards)")
     pr.set_defaults(func=_predict)
 
-    from finetune.cli_eval import register_eval
+    from radalign.finetune.cli_eval import register_eval
 
     register_eval(verbs)
 
 
 def _train(args) -> int:
-    from finetune.config import FinetuneConfig
+    from radalign.finetune.config import FinetuneConfig
+
     from radalign.config import load_config, to_yaml
 
     cfg = load_config(FinetuneConfig, args.config, args.overrides, stage="finetune")
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     run_finetune(cfg, overwrite=args.overwrite)
     return 0
 
 
 def _predict(args) -> int:
-    from finetune.predict import predict_split
+    from radalign.finetune.predict import predict_split
 
     frame = predict_split(args.checkpoint, table=args.data, split=args.split, shards=args.shards)
     from radalign.io import atomic_write_text

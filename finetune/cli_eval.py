@@ -72,7 +72,8 @@ def _run_args(p) -> None:
 
 
 def _eval(args) -> int:
-    from finetune.evaluate import evaluate_run
+    from radalign.finetune.evaluate import evaluate_run
+
     from radalign import RadalignError
 
     if args.threshold != "youden" and args.target is None:
@@ -97,8 +98,8 @@ def _f(v, spec: str = ".3f") -> str:
 
 
 def _explain(args) -> int:
-    from finetune.evaluate import explain_study
-    from finetune.explain import write
+    from radalign.finetune.evaluate import explain_study
+    from radalign.finetune.explain import write
 
     expl = explain_study(args.checkpoint, args.study_id, index=args.index, k=args.k, split=args.split,
                          table=args.data, shards=args.shards, model=args.model, thumbnail=args.format == "html")

@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from radalign.finetune.explain import md_text
 
-from finetune.explain import md_text
 from radalign import RadalignError
 from radalign import metrics as M
 from radalign.io import atomic_write_bytes, atomic_write_json, atomic_write_text

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from radalign.finetune import clinical as C
+from radalign.finetune import explain as X
+from radalign.finetune.inputs import SplitInputs, task_labels
+from radalign.finetune.predict import TrainedRun, load_run
+from radalign.finetune.recipe import DEGRADATION_MODELS
 
-from finetune import clinical as C
-from finetune import explain as X
-from finetune.inputs import SplitInputs, task_labels
-from finetune.predict import TrainedRun, load_run
-from finetune.recipe import DEGRADATION_MODELS
 from radalign import RadalignError
 
 SAVED_PREDICTIONS = {"test_split": "predictions.csv", "val_split": "predictions_validate.csv"}
@@ -70,7 +70,7 @@ def group_columns(subgroups: Sequence[str]) -> dict[str, str]:
 
 def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict[str, np.ndarray]] | None:
     """{model: {"all": logits [N], <modality>: logits with it masked}} for the fusion models of the run."""
-    from finetune.recipe import degradation_logits
+    from radalign.finetune.recipe import degradation_logits
 
     out = {}
     for name in DEGRADATION_MODELS:
@@ -83,7 +83,7 @@ def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict
 def degradation_seed_scores(trained: TrainedRun, data: SplitInputs, main: dict | None) -> dict[str, list] | None:
     """{model: [main[model] (its `degradation_scores`), then each extra training seed's]} from
     RUN/models/degradation_seeds (None when the run trained no extra seeds)."""
-    from finetune.recipe import SEEDS_DIR, degradation_logits, load_model, seed_model_name
+    from radalign.finetune.recipe import SEEDS_DIR, degradation_logits, load_model, seed_model_name
 
     folder = trained.path / "models" / SEEDS_DIR
     if main is None or not folder.is_dir():
@@ -227,7 +227,7 @@ def outcome_lookup(trained: TrainedRun, table: str | None = None) -> dict[str, f
 
 def check_index_encoder(store, trained: TrainedRun) -> None:
     """Refuse an index whose embeddings come from another export than the run's towers (both checksums)."""
-    from retrieval.search import check_encoder
+    from radalign.retrieval.search import check_encoder
 
     if trained.encoders is None:
         raise RadalignError(f"--index {store.path}: this run has no image/text towers "
@@ -239,7 +239,7 @@ def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: Spli
                        outcomes: Mapping[str, float | None]) -> tuple[list[dict], dict]:
     """The k nearest cases of other patients to the study's image embedding, with the task outcome from the
     table (else the index's `outcomes` field); returns (neighbours, what the search filtered out)."""
-    from retrieval.search import Retriever
+    from radalign.retrieval.search import Retriever
 
     retr = Retriever.load(index)
     check_index_encoder(retr.store, trained)
@@ -266,9 +266,9 @@ def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: st
                     size: int = 192) -> str | None:
     """The study's first film (as the model saw it) as a JPEG data URI, read from the shards; None when
     none of its films is there. Reads the shard splits in turn (table split first) until it finds one."""
-    from data.loader import make_eval_loader, read_manifest, shard_paths
-    from retrieval.build import thumbnail_jpeg
-    from retrieval.store import data_uri
+    from radalign.data.loader import make_eval_loader, read_manifest, shard_paths
+    from radalign.retrieval.build import thumbnail_jpeg
+    from radalign.retrieval.store import data_uri
 
     enc = trained.encoders
     ids = data.frame.iloc[row].get("dicom_ids")

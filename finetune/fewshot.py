@@ -196,7 +196,7 @@ def prompt_init_method(x_pool: np.ndarray, x_eval: np.ndarray, w0: np.ndarray, b
 def model_method(make_model: Callable[[int], torch.nn.Module], pool_batch, eval_batch, *, task: str = "binary",
                  steps: int = 100, lr: float = 1e-3, weight_decay: float = 1e-2) -> Method:
     """Any torch model on cached inputs (the fusion head, a baseline): fixed steps, no early stopping."""
-    from finetune.fit import fit_model, predict_logits, take_rows
+    from radalign.finetune.fit import fit_model, predict_logits, take_rows
 
     def fit(rows, y, seed):
         model = make_model(seed)

@@ -13,10 +13,9 @@ RUN/learning_curve.png and RUN/report.md.
 from __future__ import annotations
 
 import numpy as np
-
-from finetune.config import fewshot_ks
-from finetune.explain import md_text
-from finetune.fewshot import (
+from radalign.finetune.config import fewshot_ks
+from radalign.finetune.explain import md_text
+from radalign.finetune.fewshot import (
     linear_probe_method,
     model_method,
     plot_learning_curve,
@@ -25,14 +24,15 @@ from finetune.fewshot import (
     run_sweep,
     write_sweep,
 )
+
 from radalign import RadalignError
 from radalign.io import atomic_write_json, atomic_write_text
 
 
 def zero_shot_head(run) -> tuple[np.ndarray, float]:
     """(w0, b0) of the zero-shot binary classifier of fewshot.label under the export's prompts."""
-    from zeroshot.classifier import logit_scale_of, text_weights
-    from zeroshot.prompts import load_prompt_set
+    from radalign.zeroshot.classifier import logit_scale_of, text_weights
+    from radalign.zeroshot.prompts import load_prompt_set
 
     f = run.cfg.fewshot
     ps = load_prompt_set(f.prompts)
@@ -50,8 +50,8 @@ def check_ks(cfg, table) -> None:
     """Every k of fewshot.ks against the training split, before any draw is fitted: each (k, seed) is drawn
     once here exactly as the sweep will draw it (draws are cheap, fits are not); one error lists every k that
     cannot be drawn, with the labelled patients per class available."""
-    from finetune.fewshot import draw_k_per_class
-    from finetune.inputs import task_labels
+    from radalign.finetune.fewshot import draw_k_per_class
+    from radalign.finetune.inputs import task_labels
 
     f, d = cfg.fewshot, cfg.data
     pool = table.split(d.train_split).reset_index(drop=True)
@@ -78,8 +78,8 @@ def check_ks(cfg, table) -> None:
 
 
 def _methods(run, pool, test) -> dict:
-    from finetune.fit import take_rows  # noqa: F401  (model_method takes whole batches)
-    from finetune.recipe import build_model, model_specs
+    from radalign.finetune.fit import take_rows  # noqa: F401  (model_method takes whole batches)
+    from radalign.finetune.recipe import build_model, model_specs
 
     f = run.cfg.fewshot
     out, zs = {}, None

@@ -14,9 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 import torch
+from radalign.finetune.models import masked_loss
 from torch import nn
-
-from finetune.models import masked_loss
 
 
 def logits_of(out) -> torch.Tensor:

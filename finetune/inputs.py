@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from radalign.finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
 
-from finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
 from radalign import RadalignError
 from radalign.io import atomic_path
 from radalign.log import get_logger
 
-log = get_logger("finetune.inputs")
+log = get_logger("radalign.finetune.inputs")
 
 EHR_FORMAT = "radalign-ehr/1"
 
@@ -107,7 +107,7 @@ class EmbeddingCache:
     def images(self, split: str) -> dict[str, np.ndarray]:
         """{dicom_id: [D] float32} for every sample of shards/<split> (embedded once per export and split)."""
         if split not in self._images:
-            from data.embed import EmbedCache, embed_split
+            from radalign.data.embed import EmbedCache, embed_split
 
             emb = embed_split(self.enc.encode_images, self.shards, split, self.enc.image_transform(),
                               batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress,
@@ -192,7 +192,7 @@ class SplitInputs:
 
     def batch(self, rows=None, modalities: Sequence[str] | None = None) -> dict:
         """The model input dict for `rows` (all when None), restricted to `modalities`."""
-        from finetune.models import ehr_tensors
+        from radalign.finetune.models import ehr_tensors
 
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
         mods = list(modalities or self.present)
@@ -218,7 +218,7 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
 
 def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> dict[str, str]:
     """{column: what needs it} for a model over `modalities` with EHR lab `features`."""
-    from finetune.features import CATEGORICAL, NUMERIC
+    from radalign.finetune.features import CATEGORICAL, NUMERIC
 
     need = {"subject_id": "the patient id", "study_id": "the study id"}
     if "image" in modalities:
@@ -298,7 +298,7 @@ def shard_subjects(shards: str | os.PathLike, split: str) -> set[str]:
     """Subject ids of every sample in shards/<split> (reads the tar members' JSON only, no image decode)."""
     import tarfile
 
-    from data.loader import shard_paths
+    from radalign.data.loader import shard_paths
 
     out: set[str] = set()
     for path in shard_paths(shards, split):

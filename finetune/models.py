@@ -41,10 +41,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from radalign.finetune.config import DEFAULT_MODALITY_DROPOUT
 from rtdl_revisiting_models import CategoricalEmbeddings, FTTransformerBackbone, LinearEmbeddings
 from torch import nn
 
-from finetune.config import DEFAULT_MODALITY_DROPOUT
 from radalign import RadalignError
 
 MODALITIES = ("image", "text", "ehr")

@@ -19,11 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch import nn
-
-from finetune.config import FinetuneConfig
-from finetune.features import EHRFeaturizer
-from finetune.inputs import (
+from radalign.finetune.config import FinetuneConfig
+from radalign.finetune.features import EHRFeaturizer
+from radalign.finetune.inputs import (
     EmbeddingCache,
     SplitInputs,
     load_table,
@@ -31,6 +29,8 @@ from finetune.inputs import (
     model_columns,
     split_inputs,
 )
+from torch import nn
+
 from radalign import RadalignError
 
 
@@ -99,19 +99,20 @@ class TrainedRun:
         return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
 
     def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
-        from finetune.recipe import logits_on
+        from radalign.finetune.recipe import logits_on
 
         model, meta = self.models[name]
         return logits_on(model, data, meta["spec"]["modalities"], present_override)[:, 0]
 
     def predictions(self, data: SplitInputs) -> pd.DataFrame:
-        from finetune.report import predictions_frame
+        from radalign.finetune.report import predictions_frame
 
         return predictions_frame(data, {name: self.logits(data, name) for name in self.models})
 
 
 def load_run(path: str | os.PathLike) -> TrainedRun:
-    from finetune.recipe import load_model
+    from radalign.finetune.recipe import load_model
+
     from radalign.config import load_config
 
     path = Path(path)
@@ -129,7 +130,7 @@ def load_run(path: str | os.PathLike) -> TrainedRun:
     models = {n: load_model(models_dir, n) for n in names}
     encoders = None
     if {"image", "text"} & set(cfg.data.modalities):
-        from pretrain.export import load_encoders
+        from radalign.pretrain.export import load_encoders
 
         encoders = load_encoders(cfg.data.checkpoint)
     return TrainedRun(path, cfg, featurizer, models, cfg.data.table, cfg.data.shards, encoders)

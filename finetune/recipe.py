@@ -29,11 +29,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from finetune.config import FinetuneConfig
-from finetune.features import EHRFeaturizer
-from finetune.inputs import (
+from radalign.finetune.config import FinetuneConfig
+from radalign.finetune.features import EHRFeaturizer
+from radalign.finetune.inputs import (
     EmbeddingCache,
     FinetuneTable,
     SplitInputs,
@@ -45,8 +43,14 @@ from finetune.inputs import (
     split_inputs,
     task_labels,
 )
-from finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence, masked_loss
-from finetune.runspec import (
+from radalign.finetune.models import (
+    EHREncoder,
+    FusionModel,
+    build_encoders,
+    dropout_rates_from_presence,
+    masked_loss,
+)
+from radalign.finetune.runspec import (
     OVERWRITE_HINT,
     changed_keys,
     check_resume_folder,
@@ -55,6 +59,8 @@ from finetune.runspec import (
     run_spec,
     write_run_spec,
 )
+from torch import nn
+
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_json
 from radalign.log import get_logger
@@ -69,7 +75,7 @@ from radalign.training import (
     run_lock,
 )
 
-log = get_logger("finetune.recipe")
+log = get_logger("radalign.finetune.recipe")
 
 MODEL_FORMAT = "radalign-finetune-model/1"
 NAN_HINT = "lower optim.lr or check the EHR features for extreme values"
@@ -194,13 +200,13 @@ def setup(cfg: FinetuneConfig, overwrite: bool = False) -> Run:
 
 
 def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool) -> Run:
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     run_dir = Path(cfg.run_dir)
     table = load_table(cfg.data.table)
     check_table(cfg, table)
     if cfg.fewshot.enabled:
-        from finetune.fewshot_recipe import check_ks
+        from radalign.finetune.fewshot_recipe import check_ks
 
         check_ks(cfg, table)
     export_config = _export_config(cfg.data.checkpoint)
@@ -233,7 +239,7 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool) -> Run:
 
 
 def _export_config(path) -> dict:
-    from pretrain.export import find_export
+    from radalign.pretrain.export import find_export
 
     return json.loads((find_export(path) / "config.json").read_text())
 
@@ -268,7 +274,7 @@ def model_specs(run: Run) -> dict[str, dict]:
 
 
 def build_model(spec: dict) -> nn.Module:
-    from finetune.baselines import EarlyFusionModel
+    from radalign.finetune.baselines import EarlyFusionModel
 
     mods = spec["modalities"]
     if spec["kind"] == "early_fusion":
@@ -337,7 +343,7 @@ def _dropout_u(seed: int, epoch: int, step: int, rows: int, m: int) -> torch.Ten
 def logits_on(model: nn.Module, data: SplitInputs, modalities, present_override=None,
               batch_size: int = 2048) -> np.ndarray:
     """[N, C] logits of a model (eval mode) on a whole split."""
-    from finetune.fit import logits_of
+    from radalign.finetune.fit import logits_of
 
     was = model.training
     model.eval()
@@ -597,7 +603,7 @@ def degradation_logits(model: nn.Module, data: SplitInputs, modalities) -> dict[
 
 
 def _late_fusion(run: Run, scores: Scores) -> None:
-    from finetune.baselines import LateFusion
+    from radalign.finetune.baselines import LateFusion
 
     unimodal = [m for m in run.modalities if f"{m}_only" in scores.val]
     if "late_fusion" not in run.cfg.baselines.models or len(unimodal) < 2:
@@ -613,14 +619,14 @@ def _late_fusion(run: Run, scores: Scores) -> None:
 
 
 def _gbdt_inputs(data: SplitInputs, with_image: bool):
-    from finetune.baselines import gbdt_matrix
+    from radalign.finetune.baselines import gbdt_matrix
 
     return gbdt_matrix(data.ehr, data.image if with_image else None,
                        data.present.get("image") if with_image else None)
 
 
 def _gbdt(run: Run, scores: Scores) -> None:
-    from finetune.baselines import GBDTBaseline
+    from radalign.finetune.baselines import GBDTBaseline
 
     with_image = run.train.image is not None
     b = run.cfg.baselines
@@ -652,13 +658,13 @@ def run_finetune(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
                 atomic_write_json(run.run_dir / "featurizer.json",
                                   run.featurizer.to_dict() if run.featurizer else {"format": None})
             if cfg.fewshot.enabled:
-                from finetune.fewshot_recipe import run_fewshot
+                from radalign.finetune.fewshot_recipe import run_fewshot
 
                 run_fewshot(run)
             else:
                 scores = train_all(run)
                 if run.acc.is_main_process:
-                    from finetune.report import save_outputs
+                    from radalign.finetune.report import save_outputs
 
                     save_outputs(run, scores)
         except Stopped:

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd
+from radalign.finetune.clinical import LOGIT_PREFIX, SCORE_PREFIX, degradation_table, sigmoid
+from radalign.finetune.explain import md_text
 
-from finetune.clinical import LOGIT_PREFIX, SCORE_PREFIX, degradation_table, sigmoid
-from finetune.explain import md_text
 from radalign import metrics as M
 from radalign.io import atomic_write_json, atomic_write_text
 
@@ -100,7 +100,7 @@ def build_metrics(run, scores) -> dict:
 
 
 def roc_png(path, y, scores: Mapping[str, np.ndarray], title: str) -> None:
-    from finetune.clinical import _pyplot, _roc_points, _save_png
+    from radalign.finetune.clinical import _pyplot, _roc_points, _save_png
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
@@ -121,7 +121,7 @@ def _ci(v, lo, hi) -> str:
 
 
 def format_report(m: Mapping) -> str:
-    from finetune.clinical import _md_degradation
+    from radalign.finetune.clinical import _md_degradation
 
     d = m["data"]
     lines = [f"# Finetune: {md_text(m['task'])}", "",

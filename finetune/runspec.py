@@ -55,7 +55,7 @@ def table_sha256(path: str | os.PathLike) -> str:
 
 def run_spec(cfg, table, export_config: Mapping, *, precision: str, processes: int) -> dict:
     """Everything of `cfg` (FinetuneConfig) and its inputs that shapes a model, as JSON types."""
-    from finetune.inputs import manifest_sha256
+    from radalign.finetune.inputs import manifest_sha256
 
     spec = dataclasses.asdict(cfg)
     for key in RUN_CONTROL:

@@ -1,4 +1,4 @@
-"""`python -m pretrain` (and `accelerate launch -m pretrain`) is `radalign pretrain`."""
+"""`python -m radalign.pretrain` (and `accelerate launch -m radalign.pretrain`) is `radalign pretrain`."""
 
 import sys
 

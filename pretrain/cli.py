@@ -1,5 +1,5 @@
-"""`radalign pretrain --config NAME_OR_YAML [key=value ...]` (also `python -m pretrain`, `accelerate launch -m
-pretrain`, `torchrun -m pretrain`)."""
+"""`radalign pretrain --config NAME_OR_YAML [key=value ...]` (also `python -m radalign.pretrain`, `accelerate launch -m
+radalign.pretrain`, `torchrun -m radalign.pretrain`)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import argparse
 
 
 def register(sub) -> None:
-    from pretrain.config import PretrainConfig
+    from radalign.pretrain.config import PretrainConfig
+
     from radalign.config import format_help
 
     p = sub.add_parser(
@@ -24,11 +25,12 @@ def register(sub) -> None:
 
 
 def _run(args) -> int:
-    from pretrain.config import PretrainConfig
+    from radalign.pretrain.config import PretrainConfig
+
     from radalign.config import load_config, to_yaml
 
     if args.list_models:
-        from pretrain.models import list_models
+        from radalign.pretrain.models import list_models
 
         print("\n".join(list_models()))
         return 0
@@ -36,7 +38,7 @@ def _run(args) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run_pretrain(cfg)
     return 0
@@ -53,8 +55,9 @@ round-trip check against radalign's own loader). See docs/pretrain.md, "Sharing 
 
 def register_export(sub) -> None:
     """`radalign export` (a top-level command implemented by the pretrain stage)."""
-    from pretrain.formats import FORMATS
-    from pretrain.share import ExportConfig
+    from radalign.pretrain.formats import FORMATS
+    from radalign.pretrain.share import ExportConfig
+
     from radalign.config import format_help
 
     p = sub.add_parser(
@@ -77,6 +80,6 @@ def register_export(sub) -> None:
 
 
 def _export(args) -> int:
-    from pretrain.share import export_main
+    from radalign.pretrain.share import export_main
 
     return export_main(args)

@@ -74,7 +74,7 @@ def _save_hf_tokenizer(model_cfg: dict, model: nn.Module, folder: Path) -> dict:
     text_cfg = model_cfg.get("text_cfg", {})
     if not text_cfg.get("hf_model_name"):
         return model_cfg
-    from pretrain.models import build_tokenizer
+    from radalign.pretrain.models import build_tokenizer
 
     build_tokenizer(model_cfg).save_pretrained(str(folder / TOKENIZER_DIR))
     model.text.transformer.config.save_pretrained(folder / TOKENIZER_DIR)
@@ -124,7 +124,7 @@ def write_model_card(export_folder: Path, run_dir: Path | None, out: Path | None
     """MODEL_CARD.md from what the run recorded (pretrain/formats/card.py), into `out` (default: the export).
 
     A card that cannot be built never costs the export: the reason is logged and written in its place."""
-    from pretrain.formats import card
+    from radalign.pretrain.formats import card
 
     out = out or export_folder / card.CARD_FILE
     try:
@@ -174,7 +174,7 @@ class Encoders(nn.Module):
 
     def image_transform(self):
         """PIL image (any mode) -> [3, S, S] float tensor, as the towers expect."""
-        from data.transforms import eval_transform
+        from radalign.data.transforms import eval_transform
 
         return eval_transform(self.image_size, channels=3, mean=self.config["mean"], std=self.config["std"])
 
@@ -211,7 +211,7 @@ def _localise(model_cfg: dict, folder: Path) -> dict:
 def load_encoders(path: str | os.PathLike, device: str | torch.device = "cpu",
                   verify: bool = True) -> Encoders:
     """Load an export (or a run folder's export) without Accelerate or the training recipe."""
-    from pretrain.models import build_model, build_tokenizer
+    from radalign.pretrain.models import build_model, build_tokenizer
 
     folder = find_export(path)
     meta = json.loads((folder / "config.json").read_text())

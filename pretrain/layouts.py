@@ -95,9 +95,8 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _radalign_export(folder: Path) -> dict[str, torch.Tensor]:
+    from radalign.pretrain.export import IMAGE_FILE, TEXT_FILE
     from safetensors.torch import load_file
-
-    from pretrain.export import IMAGE_FILE, TEXT_FILE
 
     meta = json.loads((folder / "config.json").read_text())
     state = {f"visual.{k}": v for k, v in load_file(str(folder / IMAGE_FILE)).items()}
@@ -107,7 +106,7 @@ def _radalign_export(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_radalign_export(folder: Path) -> bool:
-    from pretrain.export import FORMAT
+    from radalign.pretrain.export import FORMAT
 
     try:
         return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
@@ -274,7 +273,7 @@ def model_config_from_folder(folder: str | os.PathLike) -> dict:
     """A radalign model config from an open_clip hub folder (BiomedCLIP's) or a radalign export folder."""
     folder = Path(folder).expanduser()
     if _is_radalign_export(folder):
-        from pretrain.export import _localise
+        from radalign.pretrain.export import _localise
 
         meta = json.loads((folder / "config.json").read_text())
         return {"description": f"the architecture of the radalign export {folder}",

@@ -89,7 +89,7 @@ def get_model_config(name_or_path: str) -> dict:
     path = Path(name).expanduser()
     registered = _registered()
     if path.is_dir():  # an open_clip hub folder (BiomedCLIP's) or a radalign export: its architecture
-        from pretrain.layouts import model_config_from_folder
+        from radalign.pretrain.layouts import model_config_from_folder
 
         cfg = model_config_from_folder(path)
         problems = validate_model_config(cfg)
@@ -348,7 +348,7 @@ def _resolve_pretrained(cfg: dict, pretrained: str) -> str:
 def _load_checkpoint(model: nn.Module, checkpoint: str, pretrained: str) -> None:
     """Local weights (or a downloaded tag) through their layout: an explicit key map, names and shapes checked,
     one error listing what does not fit (pretrain/layouts.py)."""
-    from pretrain.layouts import load_pretrained
+    from radalign.pretrain.layouts import load_pretrained
 
     load_pretrained(model, checkpoint, pretrained)
 

@@ -4,8 +4,8 @@
     train(run)            # steps with feature-cache accumulation, logging, validation, checkpoints
     export(run)           # encoders as safetensors for zeroshot / retrieval / finetune
 
-Launch: `radalign pretrain --config pretrain/tiny` (one process), `accelerate launch -m pretrain ...` or
-`torchrun --nproc_per_node N -m pretrain ...` (many). See docs/pretrain.md for the traps this file guards.
+Launch: `radalign pretrain --config pretrain/tiny` (one process), `accelerate launch -m radalign.pretrain ...` or
+`torchrun --nproc_per_node N -m radalign.pretrain ...` (many). See docs/pretrain.md for the traps this file guards.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from radalign.pretrain.config import PretrainConfig
 from torch import nn
 
-from pretrain.config import PretrainConfig
 from radalign import RadalignError
 from radalign.config import save_resolved
 from radalign.io import atomic_write_json
@@ -89,9 +89,8 @@ def _accelerator(cfg: PretrainConfig):
 
 def setup(cfg: PretrainConfig) -> Run:
     from accelerate.utils import set_seed
-
-    from pretrain.loss import ContrastiveLoss
-    from pretrain.models import build_model, build_tokenizer, get_model_config, model_summary
+    from radalign.pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.models import build_model, build_tokenizer, get_model_config, model_summary
 
     acc, precision, _ = _accelerator(cfg)
     _check_batch(cfg, acc.num_processes)
@@ -156,8 +155,8 @@ def _check_batch(cfg: PretrainConfig, world: int) -> None:
 
 
 def _transforms(run: Run, train: bool):
-    from data.transforms import eval_transform, train_transform
-    from pretrain.export import OPENAI_MEAN, OPENAI_STD, image_size_of
+    from radalign.data.transforms import eval_transform, train_transform
+    from radalign.pretrain.export import OPENAI_MEAN, OPENAI_STD, image_size_of
 
     size = image_size_of(run.model_cfg)
     if train and run.cfg.data.augment:
@@ -177,7 +176,7 @@ def _train_batches(run: Run, skip: int = 0, rng: dict | None = None):
     A resumed run inside a segment re-creates the segment's stream, fast-forwards `skip` micro-batches (read
     and decoded, so augmentation RNG is consumed exactly as before) and then restores the checkpoint's RNG.
     """
-    from data.loader import make_train_loader, shard_paths
+    from radalign.data.loader import make_train_loader, shard_paths
 
     d = run.cfg.data
     shards = shard_paths(d.shards, d.train_split)
@@ -329,7 +328,7 @@ def _log(run: Run, meter: Meter, bar) -> None:
 
 @torch.no_grad()
 def validate(run: Run) -> dict:
-    from pretrain.validation import embed_part, merge_parts, retrieval_recall, zero_shot_auroc
+    from radalign.pretrain.validation import embed_part, merge_parts, retrieval_recall, zero_shot_auroc
 
     d, acc = run.cfg.data, run.accelerator
     if not d.val_split:
@@ -374,7 +373,7 @@ def save_checkpoint(run: Run) -> Path:
 
 
 def export(run: Run) -> Path:
-    from pretrain.export import export_encoders
+    from radalign.pretrain.export import export_encoders
 
     acc = run.accelerator
     state = acc.get_state_dict(run.model)  # gathers ZeRO-3 shards; call on every rank
@@ -390,7 +389,7 @@ def export(run: Run) -> Path:
 
 
 def _cache_final_pass(run: Run, out: Path) -> None:
-    from pretrain.validation import cache_final_pass
+    from radalign.pretrain.validation import cache_final_pass
 
     if run.final_pass is not None and cache_final_pass(
             run.final_pass, out, run.cfg.data.shards, run.cfg.data.val_split, _transforms(run, train=False),

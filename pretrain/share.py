@@ -58,7 +58,7 @@ class ExportConfig:
     """Count the training split's patients found in validate/test (reads each shard's sample metadata)."""
 
     def validate(self) -> list[str]:
-        from pretrain.formats import FORMATS
+        from radalign.pretrain.formats import FORMATS
 
         p = []
         if self.format not in FORMATS:
@@ -90,7 +90,7 @@ def _check_out(cfg: ExportConfig, source: Path) -> Path:
 
 
 def _write_format(fmt: str, encoders, folder: Path, opset: int) -> dict:
-    from pretrain.formats import hf, onnx_format, open_clip_format
+    from radalign.pretrain.formats import hf, onnx_format, open_clip_format
 
     if fmt == "open_clip":
         return open_clip_format.write(encoders, folder)
@@ -102,7 +102,7 @@ def _write_format(fmt: str, encoders, folder: Path, opset: int) -> dict:
 def _token_ids_equal(fmt: str, encoders, folder: Path, info: dict) -> bool | None:
     """The target's tokenizer gives radalign's ids for the sample reports (up to the end-of-text token for the
     BPE, whose two tokenizers pad differently; padding never reaches the embedding)."""
-    from pretrain.formats import common
+    from radalign.pretrain.formats import common
 
     if fmt != "transformers":
         return None
@@ -121,7 +121,7 @@ def _token_ids_equal(fmt: str, encoders, folder: Path, info: dict) -> bool | Non
 
 def verify(fmt: str, encoders, folder: Path, info: dict) -> dict:
     """Embeddings of sample images and reports through the target library vs radalign's loader."""
-    from pretrain.formats import common, hf, onnx_format, open_clip_format
+    from radalign.pretrain.formats import common, hf, onnx_format, open_clip_format
 
     images, texts = common.sample_images(encoders), list(common.SAMPLE_TEXTS)
     ref_img, ref_txt = encoders.encode_images(images), encoders.encode_texts(texts)
@@ -143,8 +143,8 @@ def verify(fmt: str, encoders, folder: Path, info: dict) -> dict:
 
 
 def _card_text(cfg: ExportConfig, source: Path, fmt_line: str) -> str:
-    from pretrain.export import run_dir_of
-    from pretrain.formats import card
+    from radalign.pretrain.export import run_dir_of
+    from radalign.pretrain.formats import card
 
     facts = card.gather(source, run_dir=run_dir_of(source), evals=[Path(p) for p in cfg.evals],
                         data_use=cfg.data_use, license=cfg.license, overlap=cfg.overlap_check)
@@ -153,8 +153,8 @@ def _card_text(cfg: ExportConfig, source: Path, fmt_line: str) -> str:
 
 def run_export(cfg: ExportConfig) -> Path:
     """Write `cfg.out` in the target layout; returns it. See the module docstring."""
-    from pretrain.export import find_export, load_encoders
-    from pretrain.formats import card, open_clip_format
+    from radalign.pretrain.export import find_export, load_encoders
+    from radalign.pretrain.formats import card, open_clip_format
 
     problems = cfg.validate()
     if problems:

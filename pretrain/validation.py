@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from radalign.data.text import text_id
 
-from data.text import text_id
 from radalign.metrics import recall_at_k
 
 # One positive and one negative phrasing per finding, in report language.
@@ -36,7 +36,7 @@ def embed_part(net, tokenizer, shards_root, split, transform, *, batch_size: int
     logged); the reports it returns are then encoded in batches of `batch_size`. No distribution here: the
     recipe gathers the parts (`radalign.training.gather_to_main`) and calls `merge_parts` on rank 0.
     """
-    from data.embed import embed_split
+    from radalign.data.embed import embed_split
 
     def encode_images(x: torch.Tensor) -> torch.Tensor:  # [b, C, H, W] -> [b, D]
         return net(image=x.to(device))["image_features"]
@@ -59,7 +59,7 @@ def cache_final_pass(emb, export_folder, shards_root, split: str, transform, com
     import json
     from pathlib import Path
 
-    from data.embed import CacheEntry, EmbedCache
+    from radalign.data.embed import CacheEntry, EmbedCache
 
     if emb is None or emb.capped:
         return False

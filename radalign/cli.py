@@ -77,11 +77,11 @@ def build_parser(stages: tuple[str, ...] = STAGES) -> Parser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", parser_class=Parser)
     sub.required = True
     for stage in (s for s in stages if s in STAGES):
-        mod = importlib.import_module(f"{stage}.cli")
+        mod = importlib.import_module(f"radalign.{stage}.cli")
         mod.register(sub)
     for command, stage in COMMANDS.items():
         if stage in stages or command in stages:
-            getattr(importlib.import_module(f"{stage}.cli"), f"register_{command}")(sub)
+            getattr(importlib.import_module(f"radalign.{stage}.cli"), f"register_{command}")(sub)
     return parser
 
 
@@ -104,7 +104,7 @@ def _with_default_verb(argv: list[str]) -> list[str]:
     DEFAULT_VERB gets it when the next word is not one of its VERBS (help flags excepted)."""
     if not argv or argv[0] not in STAGES:
         return argv
-    mod = importlib.import_module(f"{argv[0]}.cli")
+    mod = importlib.import_module(f"radalign.{argv[0]}.cli")
     default, verbs = getattr(mod, "DEFAULT_VERB", None), getattr(mod, "VERBS", ())
     if default and (len(argv) == 1 or (argv[1] not in verbs and argv[1] not in ("-h", "--help"))):
         return [argv[0], default, *argv[1:]]

@@ -44,7 +44,7 @@ class ConfigError(RadalignError):
 
 def configs_root() -> Path:
     """The `configs/` folder shipped with the package (works from a wheel, not only a checkout)."""
-    return Path(str(resources.files("configs")))
+    return Path(str(resources.files("radalign.configs")))
 
 
 def available_configs(subdir: str = "") -> list[str]:

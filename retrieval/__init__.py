@@ -1,6 +1,6 @@
 """radalign retrieval stage: FAISS similar-case search with explanations (docs/retrieval.md).
 
-    from retrieval.search import Retriever
+    from radalign.retrieval.search import Retriever
     res = Retriever.load("runs/demo/retrieval/index").search(study_id="50000123", k=5)
 
 Modules: `index` (choose / build / tune FAISS indexes), `store` (the index folder), `build` (shards ->

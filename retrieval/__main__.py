@@ -1,4 +1,4 @@
-"""`python -m retrieval` (and `accelerate launch -m retrieval`) is `radalign retrieval`."""
+"""`python -m radalign.retrieval` (and `accelerate launch -m radalign.retrieval`) is `radalign retrieval`."""
 
 import sys
 

@@ -20,18 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from radalign.data.embed import EmbedCache, EmbeddedSplit, context_report, embed_split, thumbnail_bytes
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.sections import SECTION_KEYS
+from radalign.retrieval import index as ix
+from radalign.retrieval.store import check_out_dir, metadata_table, now_iso, write_index_dir
 from tqdm import tqdm
 
-from data.embed import EmbedCache, EmbeddedSplit, context_report, embed_split, thumbnail_bytes
-from data.labels import CHEXPERT_LABELS
-from data.sections import SECTION_KEYS
 from radalign import RadalignError
 from radalign.lock import output_lock
 from radalign.log import get_logger
-from retrieval import index as ix
-from retrieval.store import check_out_dir, metadata_table, now_iso, write_index_dir
 
-log = get_logger("retrieval.build")
+log = get_logger("radalign.retrieval.build")
 MODALITY_CHOICES = ("image", "both")
 
 

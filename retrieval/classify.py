@@ -29,18 +29,18 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from radalign.retrieval.search import Retriever
+from radalign.zeroshot import metrics as zm
+from radalign.zeroshot.inputs import encode_labels, label_counts
+from radalign.zeroshot.report import md, predictions_frame
 
 from radalign import RadalignError
 from radalign import metrics as rm
 from radalign.io import atomic_write_json, atomic_write_text
 from radalign.lock import output_lock
 from radalign.log import get_logger
-from retrieval.search import Retriever
-from zeroshot import metrics as zm
-from zeroshot.inputs import encode_labels, label_counts
-from zeroshot.report import md, predictions_frame
 
-log = get_logger("retrieval.classify")
+log = get_logger("radalign.retrieval.classify")
 
 DEFAULT_K = 20
 DEFAULT_TEMPERATURE = 0.07  # Wu et al. 2018 / DINO's k-NN evaluation: k = 20, T = 0.07
@@ -155,8 +155,7 @@ def query_labels(meta: list[dict], names: list[str], uncertain: str, blank: str)
 def zeroshot_probs(encoders, images: np.ndarray, prompt_set) -> np.ndarray:
     """Prompt zero-shot probabilities [Q, C] of the same query embeddings (binary prompt sets only)."""
     import torch
-
-    from zeroshot import classifier
+    from radalign.zeroshot import classifier
 
     if prompt_set.mode != "binary":
         raise RadalignError(f"--prompts {prompt_set.name}: a {prompt_set.mode} prompt set; the vote is per label, "
@@ -217,7 +216,7 @@ def classify(retriever: Retriever, data: str | os.PathLike, split: str = "test",
 
 
 def _embed(retriever, data, split, batch_size, num_workers, progress):
-    from retrieval.build import embed_shards
+    from radalign.retrieval.build import embed_shards
 
     return embed_shards(retriever.encoders, data, split, batch_size=batch_size, num_workers=num_workers,
                         thumbnail_size=0, progress=progress, desc=split)

@@ -142,9 +142,10 @@ def _common(p) -> None:
 
 
 def _build(args) -> int:
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
+    from radalign.retrieval.build import build_index_dir
+
     from radalign.log import rprint
-    from retrieval.build import build_index_dir
 
     enc = load_encoders(args.checkpoint, device=args.device)
     m = build_index_dir(args.out, encoders=enc, data=args.data, split=args.split, checkpoint=args.checkpoint,
@@ -166,10 +167,11 @@ def _build(args) -> int:
 
 
 def _search(args) -> int:
+    from radalign.retrieval.render import write
+    from radalign.retrieval.search import Retriever, query_from_shards
+
     from radalign import RadalignError
     from radalign.log import rprint
-    from retrieval.render import write
-    from retrieval.search import Retriever, query_from_shards
 
     if args.image is None and args.text is None and args.study_id is None and args.example_from is None:
         raise RadalignError("give a query: --image PATH, --text \"...\", --study-id ID or --example-from SHARDS")
@@ -193,9 +195,10 @@ def _search(args) -> int:
 
 
 def _eval(args) -> int:
+    from radalign.retrieval.evaluate import evaluate, format_metrics
+    from radalign.retrieval.search import Retriever
+
     from radalign.log import rprint
-    from retrieval.evaluate import evaluate, format_metrics
-    from retrieval.search import Retriever
 
     r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)
     m = evaluate(r, args.queries, args.split, out=args.out, batch_size=args.batch_size,
@@ -207,13 +210,14 @@ def _eval(args) -> int:
 
 
 def _classify(args) -> int:
+    from radalign.retrieval.classify import classify, format_summary
+    from radalign.retrieval.search import Retriever
+
     from radalign.log import rprint
-    from retrieval.classify import classify, format_summary
-    from retrieval.search import Retriever
 
     prompt_set = None
     if args.prompts:
-        from zeroshot.prompts import load_prompt_set
+        from radalign.zeroshot.prompts import load_prompt_set
 
         prompt_set = load_prompt_set(args.prompts)
     r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)

@@ -28,14 +28,14 @@ import os
 from pathlib import Path
 
 import numpy as np
+from radalign.data.text import normalize_report
+from radalign.retrieval.search import Retriever
 from scipy.special import gammaln
 
-from data.text import normalize_report
 from radalign import metrics as rm
 from radalign.io import atomic_write_json
 from radalign.lock import output_lock
 from radalign.log import get_logger
-from retrieval.search import Retriever
 
 log = get_logger("retrieval.eval")
 KS = (1, 5, 10)
@@ -169,7 +169,7 @@ def evaluate(retriever: Retriever, data: str | os.PathLike, split: str = "test",
 
 
 def _evaluate(retriever, data, split, *, out, batch_size, num_workers, progress, ks, n_boot, seed, level) -> dict:
-    from retrieval.build import embed_shards
+    from radalign.retrieval.build import embed_shards
 
     enc = retriever.encoders
     cases = embed_shards(enc, data, split, batch_size=batch_size, num_workers=num_workers, thumbnail_size=0,

@@ -27,7 +27,7 @@ import numpy as np
 from radalign import RadalignError
 from radalign.log import get_logger
 
-log = get_logger("retrieval.index")
+log = get_logger("radalign.retrieval.index")
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 # faiss-cpu switches flat search from its SIMD loop to BLAS only for batches of >= this many queries; the

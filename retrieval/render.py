@@ -6,9 +6,10 @@ from __future__ import annotations
 import html
 import os
 
+from radalign.retrieval.search import SearchResult
+
 from radalign import RadalignError
 from radalign.io import atomic_write_text
-from retrieval.search import SearchResult
 
 FORMATS = ("json", "markdown", "html")
 

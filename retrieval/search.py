@@ -15,14 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+from radalign.data.embed import check_query_text
+from radalign.retrieval import index as ix
+from radalign.retrieval.store import IndexStore, data_uri
 
-from data.embed import check_query_text
 from radalign import RadalignError
 from radalign.log import get_logger
-from retrieval import index as ix
-from retrieval.store import IndexStore, data_uri
 
-log = get_logger("retrieval.search")
+log = get_logger("radalign.retrieval.search")
 EXCERPT_CHARS = 240
 
 
@@ -87,7 +87,7 @@ class Retriever:
             if not ckpt or not Path(ckpt).exists():
                 raise RadalignError(f"{self.store.path}: the encoder export it was built with ({ckpt}) is not "
                                     f"there; pass --checkpoint RUN_OR_EXPORT (the same weights)")
-            from pretrain.export import load_encoders
+            from radalign.pretrain.export import load_encoders
 
             self.encoders = load_encoders(ckpt, device=self._device)
         return self._encoders
@@ -317,8 +317,7 @@ def load_query_image(image, max_pixels: int | None = None):
     """A PIL image, or a file read through `data.images` (pixel limit checked before decoding, the one
     grayscale conversion); a clear error for missing, oversized or unreadable files."""
     from PIL import Image
-
-    from data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image, to_gray8
+    from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image, to_gray8
 
     if isinstance(image, Image.Image):
         return to_gray8(image)
@@ -339,8 +338,8 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
     Returns (embedding [D], query info with ids, labels and thumbnail). The image goes through the same
     encoders (checked against the index) as the case base.
     """
-    from data.loader import make_eval_loader, shard_paths
-    from retrieval.build import thumbnail_jpeg
+    from radalign.data.loader import make_eval_loader, shard_paths
+    from radalign.retrieval.build import thumbnail_jpeg
 
     enc = retriever.encoders
     loader = make_eval_loader(shard_paths(data, split), batch_size=16, transform=enc.image_transform())

@@ -24,12 +24,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.sections import SECTION_KEYS
+from radalign.retrieval.index import faiss_module
 
-from data.labels import CHEXPERT_LABELS
-from data.sections import SECTION_KEYS
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_json, read_format_json
-from retrieval.index import faiss_module
 
 FORMAT = "radalign-retrieval/1"
 MANIFEST = "manifest.json"
@@ -172,7 +172,7 @@ class IndexStore:
                                     f"`radalign retrieval build`") from None
             params = manifest["indexes"][modality].get("params") or {}
             if params:
-                from retrieval.index import set_params
+                from radalign.retrieval.index import set_params
 
                 set_params(indexes[modality], params)
         try:

@@ -21,7 +21,7 @@ NANO = ASSETS / "nano.json"  # a 2-layer ViT + text transformer at 64 px: the fa
 @pytest.fixture(scope="session")
 def synth_root(tmp_path_factory) -> Path:
     """~40 synthetic patients laid out like MIMIC-CXR-JPG + reports + MIMIC-IV."""
-    from data.synth import synthesize
+    from radalign.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth")
     synthesize(out, patients=40, seed=0, image_size=64, workers=1, progress=False)
@@ -43,7 +43,7 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def nano_model_cfg() -> dict:
-    from pretrain.models import get_model_config
+    from radalign.pretrain.models import get_model_config
 
     return get_model_config(str(NANO))
 
@@ -52,9 +52,8 @@ def nano_model_cfg() -> dict:
 def tiny_export(tmp_path_factory, nano_model_cfg) -> Path:
     """A random-init nano model exported like `radalign pretrain` does (for zeroshot/retrieval tests)."""
     import torch
-
-    from pretrain.export import export_encoders
-    from pretrain.models import build_model
+    from radalign.pretrain.export import export_encoders
+    from radalign.pretrain.models import build_model
 
     torch.manual_seed(0)
     model = build_model(nano_model_cfg)
@@ -72,7 +71,7 @@ def embed_log():
         def emit(self, record):
             got.append(record.getMessage())
 
-    logger = logging.getLogger("data.embed")
+    logger = logging.getLogger("radalign.data.embed")
     h = Keep()
     logger.addHandler(h)
     yield got
@@ -84,9 +83,8 @@ def _export_recording(model_cfg, out: Path, shards: Path, seed: int) -> Path:
     import hashlib
 
     import torch
-
-    from pretrain.export import export_encoders
-    from pretrain.models import build_model
+    from radalign.pretrain.export import export_encoders
+    from radalign.pretrain.models import build_model
 
     torch.manual_seed(seed)
     sha = hashlib.sha256((shards / "manifest.json").read_bytes()).hexdigest()
@@ -98,8 +96,9 @@ def _export_recording(model_cfg, out: Path, shards: Path, seed: int) -> Path:
 def ft_cohort(tmp_path_factory, nano_model_cfg) -> dict:
     """300 synthetic patients for the finetune tests: shards, the link-ehr table, a random-init nano export (the
     towers) and a second export with other weights (an index built with it must be refused)."""
-    from data.ehr import link_ehr
-    from data.synth import synthesize
+    from radalign.data.ehr import link_ehr
+    from radalign.data.synth import synthesize
+
     from radalign.cli import main
 
     root = tmp_path_factory.mktemp("ftcohort")

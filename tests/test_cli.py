@@ -71,15 +71,45 @@ def test_config_errors_print_without_traceback(capsys):
 
 
 @pytest.mark.parametrize("where", ["repo", "elsewhere"])
-def test_our_packages_are_imported(where, tmp_path):
-    """`data` and `retrieval` are generic names: make sure ours are the ones Python finds."""
+def test_our_packages_are_imported_under_radalign_and_take_no_generic_name(where, tmp_path):
+    """The stages install as radalign.<stage>: a user's own `data.py` is the `data` Python finds, and ours is not
+    a top-level module anywhere."""
     cwd = REPO if where == "repo" else tmp_path
-    code = "import data, pretrain, zeroshot, retrieval, finetune, radalign; " \
-           "print('\\n'.join(m.__file__ for m in (data, pretrain, zeroshot, retrieval, finetune, radalign)))"
+    (tmp_path / "data.py").write_text("MINE = True\n")
+    mods = ("radalign.data", "radalign.pretrain", "radalign.zeroshot", "radalign.retrieval", "radalign.finetune",
+            "radalign")
+    code = (f"import importlib, sys; sys.path.insert(0, {str(tmp_path)!r}); import data; assert data.MINE; "
+            f"print('\\n'.join(importlib.import_module(m).__file__ for m in {mods!r}))")
     r = _run([sys.executable, "-c", code], cwd=cwd)
     assert r.returncode == 0, r.stderr
-    for line in r.stdout.split():
+    files = r.stdout.split()
+    assert len(files) == len(mods)
+    for line in files:
         assert Path(line).resolve().is_relative_to(REPO), line
+    for top in ("pretrain", "zeroshot", "retrieval", "finetune", "configs"):
+        r = _run([sys.executable, "-c", f"import {top}"], cwd=tmp_path)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, (top, r.stdout, r.stderr)
+
+
+def test_the_wheel_installs_radalign_and_nothing_else(tmp_path):
+    """`pip install .` puts one top-level package into site-packages, with the configs as package data."""
+    import zipfile
+
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+              str(REPO)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = tmp_path.glob("radalign-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"radalign"}, tops
+    for want in ("radalign/pretrain/recipe.py", "radalign/data/loader.py", "radalign/pretrain/formats/card.py",
+                 "radalign/configs/pretrain/demo.yaml", "radalign/configs/models/tiny.json"):
+        assert want in names, want
+
+
+def test_python_m_radalign_pretrain_help(tmp_path):
+    r = _run([sys.executable, "-m", "radalign.pretrain", "--help"], cwd=tmp_path)
+    assert r.returncode == 0 and "--config" in r.stdout, r.stderr
 
 
 def test_cli_reference_is_in_sync(monkeypatch):

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
+from radalign.finetune import clinical as C
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
 
-from finetune import clinical as C
 from radalign import RadalignError
 from radalign import metrics as M
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from radalign.pretrain.config import PretrainConfig
 
-from pretrain.config import PretrainConfig
 from radalign.config import (
     ConfigError,
     available_configs,
@@ -29,7 +29,7 @@ def _files(sub: str, ext: str) -> list[Path]:
 def test_every_pretrain_yaml_validates(path):
     cfg = load_config(PretrainConfig, path)
     assert isinstance(cfg, PretrainConfig)
-    from pretrain.models import get_model_config
+    from radalign.pretrain.models import get_model_config
 
     assert get_model_config(cfg.model.name)["embed_dim"] > 0  # the model it names exists
     if cfg.deepspeed:
@@ -159,7 +159,7 @@ def test_every_field_is_documented():
 
 @pytest.mark.parametrize("path", _files("zeroshot", "yaml"), ids=lambda p: p.stem)
 def test_every_prompt_set_validates(path):
-    from zeroshot.prompts import load_prompt_set
+    from radalign.zeroshot.prompts import load_prompt_set
 
     ps = load_prompt_set(str(path))
     assert ps.class_names
@@ -167,6 +167,6 @@ def test_every_prompt_set_validates(path):
 
 @pytest.mark.parametrize("path", _files("models", "json"), ids=lambda p: p.stem)
 def test_every_model_config_validates(path):
-    from pretrain.models import get_model_config, validate_model_config
+    from radalign.pretrain.models import get_model_config, validate_model_config
 
     assert validate_model_config(get_model_config(str(path))) == []

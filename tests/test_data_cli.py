@@ -6,9 +6,9 @@ import csv
 import json
 
 import pytest
+import radalign.data.cli
 from PIL import Image
 
-import data.cli
 from radalign.cli import Parser, new_parser, run_entry
 
 
@@ -18,7 +18,7 @@ def run(argv: list[str]) -> int:
     Only the data stage is registered, so these tests do not depend on the other stages' CLIs.
     """
     parser = new_parser("radalign", "test")
-    data.cli.register(parser.add_subparsers(dest="stage", parser_class=Parser))
+    radalign.data.cli.register(parser.add_subparsers(dest="stage", parser_class=Parser))
     args = parser.parse_args(argv)
     return run_entry(args.func, args)
 

@@ -21,8 +21,7 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
-
-from data.dicom import (
+from radalign.data.dicom import (
     DICOM_SKIP_REASONS,
     DicomRefused,
     dicom_bytes,
@@ -31,8 +30,9 @@ from data.dicom import (
     open_dicom,
     read_dicom,
 )
-from data.images import OversizedImageError
-from data.prepare import SKIP_REASONS, PrepareConfig, prepare
+from radalign.data.images import OversizedImageError
+from radalign.data.prepare import SKIP_REASONS, PrepareConfig, prepare
+
 from radalign import RadalignError
 from radalign.cli import main
 from radalign.config import ConfigError, load_config
@@ -277,7 +277,7 @@ def test_paths_and_file_objects_are_named_and_left_as_found(tmp_path):
 def test_the_conversion_takes_a_dataset():
     """`dicom_to_image` on a pydicom Dataset (what a caller already holds) is `read_dicom` on its bytes, and
     refuses the same things."""
-    from data.dicom import dicom_to_image
+    from radalign.data.dicom import dicom_to_image
 
     data = dicom_bytes(list(_arrays())[1], photometric="MONOCHROME1", compression="rle")
     img, info = dicom_to_image(pydicom.dcmread(io.BytesIO(data)), name="held")
@@ -421,7 +421,7 @@ def test_only_whitelisted_fields_are_read():
 @pytest.fixture(scope="module")
 def dicom_synth(tmp_path_factory):
     """The conftest set (40 patients, seed 0, 64 px) again, with DICOMs."""
-    from data.synth import synthesize
+    from radalign.data.synth import synthesize
 
     out = tmp_path_factory.mktemp("synth_dicom")
     synthesize(out, patients=40, seed=0, image_size=64, workers=1, progress=False, with_dicom=True)
@@ -496,7 +496,7 @@ def test_generator_jpg_is_the_mimic_conversion_of_its_dicom(dicom_synth):
 def test_default_mode_writes_the_same_bytes_as_before_dicom(tmp_path):
     """JPGs and reports of the JPG-only mode are byte-identical to the generator before the DICOM mode
     (hash of that version's output for these arguments; a new Pillow/libjpeg encoder would also move it)."""
-    from data.synth import synthesize
+    from radalign.data.synth import synthesize
 
     synthesize(tmp_path, patients=8, seed=3, image_size=48, workers=1, progress=False)
     h = hashlib.sha256()
@@ -540,7 +540,7 @@ def test_prepare_dicom_without_tables_reads_views_and_dates_from_headers(dicom_s
     samples = read_samples(out)
     frontal = {d for d, r in meta.items() if r["ViewPosition"] in ("PA", "AP")}
     assert set(samples) == frontal - _missing_report_ids(both)
-    from data.mimic import parse_study_datetime
+    from radalign.data.mimic import parse_study_datetime
 
     for key, s in samples.items():
         j = json.loads(s["json"])
@@ -622,14 +622,14 @@ def _hostile_layout(tmp: Path) -> tuple[Path, Path, dict[str, str | None]]:
 def all_logs(monkeypatch):
     """Every record of radalign's and pydicom's loggers down to DEBUG (prepare's get_logger, which would set
     INFO and stop propagation, hands back the plain logger)."""
-    monkeypatch.setattr("data.prepare.get_logger", logging.getLogger)
+    monkeypatch.setattr("radalign.data.prepare.get_logger", logging.getLogger)
     got: list[str] = []
 
     class Keep(logging.Handler):
         def emit(self, record):
             got.append(record.getMessage())
 
-    names = ("", "data", "data.prepare", "data.dicom", "pydicom")
+    names = ("", "data", "radalign.data.prepare", "radalign.data.dicom", "pydicom")
     saved = [(logging.getLogger(n), logging.getLogger(n).level) for n in names]
     keep = Keep(logging.DEBUG)
     for logger, _ in saved:

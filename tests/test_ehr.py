@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from radalign.data.ehr import MANIFEST_FORMAT, link_ehr, read_ehr
+from radalign.data.labels import CHEXPERT_LABELS
 
-from data.ehr import MANIFEST_FORMAT, link_ehr, read_ehr
-from data.labels import CHEXPERT_LABELS
 from radalign import RadalignError
 
 PATIENT_COLS = ["subject_id", "gender", "anchor_age", "anchor_year", "anchor_year_group", "dod"]
@@ -388,9 +388,9 @@ def test_as_of_boundaries_at_equality_and_ties(edges, tmp_path):
 def test_mortality_horizon_boundaries_and_films_after_death(edges, tmp_path, caplog):
     """dod - date(t0): 0 (died the film's day) and 30 count, 31 does not, -1 (a film after the death date) is
     unknown: null, counted in the manifest and said in the log and the CLI summary."""
-    from data.ehr_cli import summary
+    from radalign.data.ehr_cli import summary
 
-    with caplog.at_level("WARNING", logger="data.ehr"):
+    with caplog.at_level("WARNING", logger="radalign.data.ehr"):
         f, m = run_edges(edges, tmp_path)
     assert f.loc[(M0, T0), "mortality_30d"] == 1 and f.loc[(M30, T0), "mortality_30d"] == 1
     assert f.loc[(M31, T0), "mortality_30d"] == 0 and pd.isna(f.loc[(MNEG, T0), "mortality_30d"])
@@ -588,7 +588,7 @@ def test_cache_is_keyed_by_size_and_mtime(planted, tmp_path):
 def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(planted, tmp_path, monkeypatch):
     """The typed Arrow stream and DuckDB's tolerant reader write the same Parquet; `___` in valuenum (platelets
     of B) makes the stream refuse the file, and the DuckDB conversion turns it into NULL instead."""
-    from data.ehr import _arrow_convert, _duckdb_convert, connect, find_tables
+    from radalign.data.ehr import _arrow_convert, _duckdb_convert, connect, find_tables
 
     mimic, shards = planted
     tolerant = link_ehr(mimic, shards, tmp_path / "a", cache=tmp_path / "c1")
@@ -612,8 +612,7 @@ def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(plante
         pd.testing.assert_frame_equal(x, y, check_dtype=False)
     # Many small CSV blocks and row groups flushed mid-stream: every row written once, in order.
     import pyarrow.parquet as pq
-
-    import data.ehr as ehr
+    import radalign.data.ehr as ehr
 
     whole = _arrow_convert(table, tmp_path / "whole.parquet")
     monkeypatch.setattr(ehr, "CSV_BLOCK_BYTES", 400)
@@ -626,7 +625,7 @@ def test_streaming_conversion_matches_duckdb_and_refused_values_fall_back(plante
 
 
 def test_failed_write_leaves_no_manifest(planted, tmp_path, monkeypatch):
-    import data.ehr as ehr
+    import radalign.data.ehr as ehr
 
     mimic, shards = planted
     out = tmp_path / "ehr"
@@ -805,8 +804,8 @@ def test_generator_output_matches_the_pandas_reference(synth_root, synth_shards,
 def cohort(tmp_path_factory) -> dict:
     """1,000 synthetic patients without pixels (every planted case at least 3 times), linked by `link_frame` on
     the studies of the metadata file (no shards needed)."""
-    from data.ehr import find_tables, link_frame, load_feature_list
-    from data.synth import synthesize
+    from radalign.data.ehr import find_tables, link_frame, load_feature_list
+    from radalign.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("cohort")
     synthesize(root, patients=1000, seed=1, image_size=32, progress=False, images=False)

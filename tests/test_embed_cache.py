@@ -1,4 +1,4 @@
-"""data.embed's embedding cache: one pass per split and export, shared by every stage.
+"""radalign.data.embed's embedding cache: one pass per split and export, shared by every stage.
 
 Reuse is checked by counting encoder calls; what comes back is compared with a pass made without the cache
 (every field of EmbeddedSplit). Planted: a changed shard (manifest sha256), a rewritten shard file, another
@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from radalign.data.embed import CACHE_ENV, EmbedCache, embed_split
+from radalign.data.transforms import eval_transform
 
-from data.embed import CACHE_ENV, EmbedCache, embed_split
-from data.transforms import eval_transform
 from tests.test_retrieval_embed import PER_SHARD, SHARDS, SIZE, _samples, _write
 
 CHECKSUM = "ab" * 32
@@ -307,7 +307,7 @@ def test_concurrent_writers_leave_one_complete_entry(shards, tmp_path, caplog):
 
 
 def _counting_encoders(export: Path):
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     enc = load_encoders(export)
     real, enc.calls = enc.encode_images, [0]
@@ -327,9 +327,9 @@ def own_export(tiny_export, tmp_path) -> Path:
 
 
 def test_zeroshot_retrieval_and_finetune_share_one_pass(own_export, synth_shards, tmp_path, monkeypatch):
-    from finetune.inputs import EmbeddingCache
-    from retrieval.build import embed_shards as retrieval_embed
-    from zeroshot.inputs import embed_shards as zeroshot_embed
+    from radalign.finetune.inputs import EmbeddingCache
+    from radalign.retrieval.build import embed_shards as retrieval_embed
+    from radalign.zeroshot.inputs import embed_shards as zeroshot_embed
 
     enc = _counting_encoders(own_export)
     zs = zeroshot_embed(enc, synth_shards, "test")
@@ -355,9 +355,10 @@ def test_zeroshot_retrieval_and_finetune_share_one_pass(own_export, synth_shards
 def test_pretrain_final_validation_is_kept_for_the_later_stages(synth_shards, tmp_path, cap):
     """The last validation ran the exported weights over the validate split: zero-shot reads that pass (the
     same numbers as the export's own encoders, within float rounding), unless max_samples cut it short."""
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
+    from radalign.zeroshot.inputs import embed_shards as zeroshot_embed
+
     from tests.test_pretrain import _cfg
-    from zeroshot.inputs import embed_shards as zeroshot_embed
 
     extra = ["steps=2", "ckpt_every=0", "data.val_split=validate", f"data.val_max_samples={cap or 100_000}"]
     run_dir = run_pretrain(_cfg(tmp_path / "run", synth_shards, *extra))

@@ -17,9 +17,9 @@ import markdown
 import numpy as np
 import pytest
 import torch
+from radalign.finetune import explain as ex
 from torch import nn
 
-from finetune import explain as ex
 from radalign import RadalignError
 
 torch.set_num_threads(1)

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from radalign.pretrain.export import export_encoders, load_encoders
+from radalign.pretrain.formats import card, common
+from radalign.pretrain.models import build_model
+from radalign.pretrain.share import ExportConfig, run_export
 
-from pretrain.export import export_encoders, load_encoders
-from pretrain.formats import card, common
-from pretrain.models import build_model
-from pretrain.share import ExportConfig, run_export
 from radalign import RadalignError
 from tests.tiny_towers import hf_model_cfg, write_tiny_bert
 
@@ -185,7 +185,7 @@ def test_onnx_round_trip_through_onnxruntime(tiny_export, hf_exports, tmp_path, 
 def test_onnx_export_leaves_the_encoders_in_eval_mode(hf_exports, tmp_path):
     """torch's exporter restores every module to its wrapper's mode: a wrapper left in training mode switched the
     towers' dropout on (BERT's is 0.1) for every later embedding of the process."""
-    from pretrain.formats import onnx_format
+    from radalign.pretrain.formats import onnx_format
 
     enc = load_encoders(hf_exports["mean-linear"])
     before = enc.encode_texts(TEXTS)
@@ -231,9 +231,8 @@ def test_exported_image_preprocessing_matches_radalign(tiny_export, tmp_path):
 def test_shipped_poolers_equal_open_clips(kind):
     """modeling_radalign.py (copied beside the weights) pools as open_clip's HF adapter does, padding included."""
     from open_clip.hf_model import _POOLERS
+    from radalign.pretrain.formats.modeling_radalign import _pool
     from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    from pretrain.formats.modeling_radalign import _pool
 
     g = torch.Generator().manual_seed(0)
     hidden, pooled = torch.randn(3, 7, 5, generator=g), torch.randn(3, 5, generator=g)
@@ -310,7 +309,7 @@ def test_out_folder_rules(tiny_export, tmp_path):
 
 
 def test_transformers_format_names_what_it_cannot_express():
-    from pretrain.formats import hf
+    from radalign.pretrain.formats import hf
 
     biomedclip = {"embed_dim": 512, "vision_cfg": {"timm_model_name": "vit_base_patch16_224", "image_size": 224},
                   "text_cfg": {"hf_model_name": "x"}}

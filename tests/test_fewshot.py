@@ -9,8 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from finetune.fewshot import (
+from radalign.finetune.fewshot import (
     check_disjoint,
     draw_k_per_class,
     prompt_init,
@@ -21,6 +20,7 @@ from finetune.fewshot import (
     write_draw,
     write_sweep,
 )
+
 from radalign import RadalignError
 
 
@@ -72,7 +72,7 @@ def test_class_with_too_few_patients_is_named(tmp_path):
 
 
 def test_prompt_head_at_k0_is_zero_shot():
-    from zeroshot.classifier import binary_probs
+    from radalign.zeroshot.classifier import binary_probs
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 8))
@@ -311,7 +311,7 @@ def _anchored_reference(x, y, w0, b0, l2):
 
 @pytest.mark.parametrize("l2,b0", [(1.0, 0.0), (0.05, 0.3)])
 def test_anchored_logistic_matches_scipy(l2, b0):
-    from finetune.fewshot import fit_anchored_logistic
+    from radalign.finetune.fewshot import fit_anchored_logistic
 
     rng = np.random.default_rng(1)
     x = rng.normal(size=(12, 4))
@@ -325,9 +325,8 @@ def test_anchored_logistic_matches_scipy(l2, b0):
 
 
 def test_linear_probe_is_sklearn_logistic_regression_with_its_C():
+    from radalign.finetune.fewshot import linear_probe_method
     from sklearn.linear_model import LogisticRegression
-
-    from finetune.fewshot import linear_probe_method
 
     rng = np.random.default_rng(2)
     x, xe = rng.normal(size=(20, 5)), rng.normal(size=(7, 5))
@@ -339,8 +338,8 @@ def test_linear_probe_is_sklearn_logistic_regression_with_its_C():
 
 
 def test_model_method_trains_with_its_steps_rate_and_seed():
-    from finetune.fewshot import model_method
-    from finetune.fit import fit_model, predict_logits, take_rows
+    from radalign.finetune.fewshot import model_method
+    from radalign.finetune.fit import fit_model, predict_logits, take_rows
 
     class Head(torch.nn.Module):
         def __init__(self):

@@ -34,8 +34,9 @@ def cohort(ft_cohort):
 @pytest.fixture(scope="module")
 def run(cohort):
     """A long-stay run (image, indication, labs) with fusion, fusion without dropout and an EHR baseline."""
-    from finetune.config import FinetuneConfig
-    from finetune.recipe import run_finetune
+    from radalign.finetune.config import FinetuneConfig
+    from radalign.finetune.recipe import run_finetune
+
     from radalign.config import load_config
 
     over = [f"run_dir={cohort['root'] / 'run'}", f"data.table={cohort['table']}", f"data.shards={cohort['shards']}",
@@ -50,8 +51,7 @@ def planted(cohort, run):
     """A copy of the table with every TEST label flipped (los_days moved across the 7-day cut) and a train
     study whose indication holds a <script> tag (train is never evaluated, so the eval scores are unchanged)."""
     import datasets
-
-    from finetune.inputs import load_table
+    from radalign.finetune.inputs import load_table
 
     t = load_table(cohort["table"])
     out = cohort["root"] / "planted"
@@ -83,7 +83,7 @@ def index(cohort, tmp_path_factory):
 
 
 def _test_inputs(run):
-    from finetune.predict import load_run
+    from radalign.finetune.predict import load_run
 
     trained = load_run(run)
     return trained, trained.inputs("test")
@@ -127,9 +127,8 @@ def _without(model, data, removed):
 def test_degradation_table_matches_sklearn_on_models_fed_without_the_modality(run, evaluation):
     """Every AUROC of the degradation table (each training seed's too) from the saved weights, each modality
     removed from the batch, scored by sklearn; drops and their mean/sd by numpy."""
+    from radalign.finetune.recipe import SEEDS_DIR, load_model
     from sklearn.metrics import roc_auc_score
-
-    from finetune.recipe import SEEDS_DIR, load_model
 
     _, m = evaluation
     trained, data = _test_inputs(run)
@@ -158,7 +157,7 @@ def test_degradation_table_matches_sklearn_on_models_fed_without_the_modality(ru
 
 
 def test_subgroup_and_missingness_counts_match_the_data(run, evaluation):
-    from finetune.inputs import load_table
+    from radalign.finetune.inputs import load_table
 
     _, m = evaluation
     trained, data = _test_inputs(run)
@@ -251,8 +250,8 @@ def test_explain_html_and_markdown_escape_free_text(run, planted, tmp_path):
 
 
 def test_explain_with_an_index_lists_other_patients_and_their_vote(run, cohort, index, tmp_path):
-    from finetune.inputs import load_table, task_labels
-    from finetune.predict import load_run
+    from radalign.finetune.inputs import load_table, task_labels
+    from radalign.finetune.predict import load_run
 
     _, data = _test_inputs(run)
     sid, subject = data.studies[0], str(data.subjects[0])
@@ -278,7 +277,7 @@ def test_explain_with_an_index_lists_other_patients_and_their_vote(run, cohort, 
 
 
 def test_explain_refuses_an_index_of_another_encoder_naming_both_checksums(run, cohort, tmp_path, capsys):
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     other = tmp_path / "other_index"
     assert _cli("retrieval", "build", "--checkpoint", cohort["other_export"], "--data", cohort["shards"],
@@ -294,8 +293,8 @@ def test_explain_refuses_an_index_of_another_encoder_naming_both_checksums(run, 
 
 
 def test_explain_study_library_call_finds_the_split(run):
-    from finetune.evaluate import explain_study, find_study
-    from finetune.predict import load_run
+    from radalign.finetune.evaluate import explain_study, find_study
+    from radalign.finetune.predict import load_run
 
     trained, data = _test_inputs(run)
     assert find_study(trained, data.studies[1]) == ("test", 1)

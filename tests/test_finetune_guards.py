@@ -20,8 +20,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from radalign.finetune.config import FinetuneConfig
 
-from finetune.config import FinetuneConfig
 from radalign import RadalignError
 from radalign.config import load_config
 
@@ -94,7 +94,7 @@ def _close(run) -> None:
 
 
 def test_setup_fits_the_ehr_scaling_on_the_training_split_only(tiny, tmp_path):
-    from finetune.recipe import setup
+    from radalign.finetune.recipe import setup
 
     run = setup(_cfg(tiny, tmp_path / "run"))
     try:
@@ -120,7 +120,7 @@ def test_setup_fits_the_ehr_scaling_on_the_training_split_only(tiny, tmp_path):
 def _planted_fit(tiny, run_dir, monkeypatch, curve, *overrides):
     """fit_torch on the tiny table with the validation AUROC of epoch e replaced by curve[e]; returns the info,
     the model, the split each score was asked on and the weights at each validation."""
-    from finetune import recipe
+    from radalign.finetune import recipe
 
     run = recipe.setup(_cfg(tiny, run_dir, *overrides))
     seen, states = [], []
@@ -178,10 +178,9 @@ def _stack_design(logits: dict, present: dict, modalities) -> np.ndarray:
 
 
 def test_late_fusion_stacker_is_fitted_on_the_validation_rows(monkeypatch):
+    from radalign.finetune import baselines
+    from radalign.finetune.recipe import Scores, _late_fusion
     from sklearn.linear_model import LogisticRegression
-
-    from finetune import baselines
-    from finetune.recipe import Scores, _late_fusion
 
     rng = np.random.default_rng(3)
     mods = ["image", "text", "ehr"]
@@ -233,7 +232,7 @@ HOLD_LOCK = ("import sys, time\nfrom radalign.lock import output_lock\nwith outp
 
 
 def test_a_second_writer_of_a_finetune_run_dir_is_refused(tiny, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run_dir)], cwd=REPO, stdout=subprocess.PIPE,
@@ -256,7 +255,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
     """While the recipe works (here: inside setup), another process cannot take the folder; after it, it can."""
     import os
 
-    from finetune import recipe
+    from radalign.finetune import recipe
 
     run_dir = tmp_path / "run"
     probe = {}
@@ -283,7 +282,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
 
 @pytest.mark.parametrize("n,batch,world", [(53, 16, 1), (53, 16, 2), (33, 8, 2), (7, 4, 4)])
 def test_epoch_batches_cover_every_row_once_in_a_seeded_order(n, batch, world):
-    from finetune.recipe import epoch_batches
+    from radalign.finetune.recipe import epoch_batches
 
     a = epoch_batches(n, batch, seed=3, epoch=0, world=world)
     rows = np.concatenate(a)
@@ -299,7 +298,7 @@ def test_epoch_batches_cover_every_row_once_in_a_seeded_order(n, batch, world):
 
 
 def test_dropout_draws_depend_on_seed_epoch_and_step_only():
-    from finetune.recipe import _dropout_u
+    from radalign.finetune.recipe import _dropout_u
 
     u = _dropout_u(0, 1, 2, 16, 3)
     assert u.shape == (16, 3) and torch.equal(u, _dropout_u(0, 1, 2, 16, 3))
@@ -309,10 +308,9 @@ def test_dropout_draws_depend_on_seed_epoch_and_step_only():
 
 
 def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
+    from radalign.finetune.baselines import gbdt_matrix
+    from radalign.finetune.recipe import Scores, _gbdt, setup
     from sklearn.ensemble import HistGradientBoostingClassifier
-
-    from finetune.baselines import gbdt_matrix
-    from finetune.recipe import Scores, _gbdt, setup
 
     run = setup(_cfg(tiny, tmp_path / "run", "baselines.models=[gbdt]", "baselines.gbdt_max_iter=15"))
     try:
@@ -342,8 +340,8 @@ def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
 
 def test_gbdt_inputs_hide_absent_image_embeddings():
     """A study without a film has a zero vector in the image slot: the trees must see NaN (missing), not zeros."""
-    from finetune.features import EHRFeatures
-    from finetune.recipe import _gbdt_inputs
+    from radalign.finetune.features import EHRFeatures
+    from radalign.finetune.recipe import _gbdt_inputs
 
     z = np.zeros((3, 1), np.float32)
     ehr = EHRFeatures(z, z, np.ones((3, 1), bool), z, np.ones((3, 1), bool), np.ones((3, 5), np.int64))

@@ -24,9 +24,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from radalign.finetune.config import FinetuneConfig
 from safetensors.torch import load_file
 
-from finetune.config import FinetuneConfig
 from radalign import RadalignError
 from radalign.config import load_config
 
@@ -88,8 +88,7 @@ def _snapshot(run_dir: Path) -> dict:
 def _write_table(cohort, out: Path, edit=None) -> Path:
     """A copy of the cohort's table (DatasetDict + manifest) with `edit(splits)` applied to its frames."""
     import datasets
-
-    from finetune.inputs import load_table
+    from radalign.finetune.inputs import load_table
 
     t = load_table(cohort["table"])
     splits = {k: v.copy() for k, v in t.splits.items()}
@@ -107,7 +106,7 @@ def _write_table(cohort, out: Path, edit=None) -> Path:
 @pytest.fixture(scope="module")
 def base(cohort, tmp_path_factory) -> Path:
     """A finished small run (fusion only) of in-hospital mortality."""
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     return run_finetune(_cfg(cohort, tmp_path_factory.mktemp("hostile") / "base"))
 
@@ -134,7 +133,7 @@ CHANGES = [
 @pytest.mark.parametrize("override,named", CHANGES, ids=[c[0].split("=")[0] for c in CHANGES])
 def test_a_rerun_with_another_setting_refuses_before_any_work_naming_the_key(cohort, base, tmp_path, override,
                                                                               named):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     before = _snapshot(base)
     fresh_cache = tmp_path / "cache"
@@ -152,7 +151,7 @@ def test_a_rerun_with_another_setting_refuses_before_any_work_naming_the_key(coh
 def test_a_refused_run_leaves_the_process_free_to_choose_another_precision(cohort, base):
     """A refusal in setup ends the Accelerate state (it is a process-wide singleton): the next run in the same
     process (a notebook, these tests) may ask for another precision and gets its own refusal, not a ValueError."""
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     with pytest.raises(RadalignError, match=r"seed: 0 -> 5"):
         run_finetune(_cfg(cohort, base, "seed=5"))
@@ -161,7 +160,7 @@ def test_a_refused_run_leaves_the_process_free_to_choose_another_precision(cohor
 
 
 def test_an_unchanged_rerun_reuses_every_model_and_run_control_keys_do_not_count(cohort, base, capsys):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     weights = (base / "models" / "fusion.safetensors").read_bytes()
     capsys.readouterr()
@@ -172,7 +171,7 @@ def test_an_unchanged_rerun_reuses_every_model_and_run_control_keys_do_not_count
 
 
 def test_a_changed_table_is_named_by_path_and_by_sha256(cohort, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     table = tmp_path / "table"
     table.mkdir()
@@ -212,7 +211,7 @@ def test_overwrite_trains_afresh_the_model_a_fresh_run_dir_trains(cohort, base, 
 
 
 def test_models_trained_by_an_unknown_config_are_not_reused(cohort, base, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     run = tmp_path / "run"
     shutil.copytree(base, run)
@@ -256,8 +255,8 @@ def _expected(frame: pd.DataFrame, column: str) -> str:
 
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_labels_that_cannot_train_select_or_score_are_refused_before_training(cohort, tmp_path, plant):
-    from finetune.inputs import load_table
-    from finetune.recipe import run_finetune
+    from radalign.finetune.inputs import load_table
+    from radalign.finetune.recipe import run_finetune
 
     edit, bad = PLANTS[plant]
     table = _write_table(cohort, tmp_path / "table", edit)
@@ -274,7 +273,7 @@ def test_labels_that_cannot_train_select_or_score_are_refused_before_training(co
 
 
 def test_a_one_class_derived_label_is_refused_naming_its_rule(cohort, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     def short_stays(splits):
         splits["validate"]["los_days"] = splits["validate"]["los_days"].clip(upper=3.0)
@@ -337,7 +336,7 @@ def test_resume_from_a_step_folder_follows_the_printed_fallback(cohort, base, tm
 
 
 def test_resume_takes_auto_never_or_a_step_folder_of_this_run(cohort, base, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     with pytest.raises(RadalignError, match=r"resume: 'latest'; use auto, never or a checkpoint folder"):
         _cfg(cohort, base, "resume=latest")
@@ -371,7 +370,7 @@ def test_a_table_missing_a_column_is_named_with_the_fix(cohort, base, tmp_path, 
 def test_following_the_fix_a_null_indication_scores_the_text_as_absent(cohort, base, tmp_path):
     """The fix says: add the column, null where unknown. Then the text is absent: the same logits as the full
     table with the text masked at test time."""
-    from finetune.predict import load_run
+    from radalign.finetune.predict import load_run
 
     def no_text(splits):
         for frame in splits.values():
@@ -406,7 +405,7 @@ def _fewshot_cfg(cohort, run_dir, ks: str, cache: Path) -> FinetuneConfig:
 
 @pytest.mark.parametrize("ks,bad", [("[1,2,2000]", ["2000"]), ("[2000,1,all,3000]", ["2000", "3000"])])
 def test_fewshot_ks_that_cannot_be_drawn_are_refused_before_any_draw(cohort, tmp_path, ks, bad):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     label = "Pleural Effusion"
     train = _split(cohort, "train")
@@ -434,7 +433,7 @@ def test_fewshot_label_and_task_label_must_agree():
 
 
 def test_changed_keys_names_nested_and_absent_keys():
-    from finetune.runspec import changed_keys
+    from radalign.finetune.runspec import changed_keys
 
     old = {"seed": 0, "model": {"modality_dropout": {"image": 0.3, "text": 0.25}}, "data": {"sha": "ab" * 32}}
     new = {"seed": 0, "model": {"modality_dropout": {"image": 0.1}}, "data": {"sha": "cd" * 32}, "processes": 2}
@@ -445,7 +444,7 @@ def test_changed_keys_names_nested_and_absent_keys():
 
 
 def test_overwrite_removes_only_what_finetune_wrote(tmp_path):
-    from finetune.runspec import clear_run_dir
+    from radalign.finetune.runspec import clear_run_dir
 
     run = tmp_path / "run"
     for d in ("models/degradation_seeds", "train/fusion/checkpoints/step-0000001", "draws", "cache", "eval"):
@@ -460,7 +459,7 @@ def test_overwrite_removes_only_what_finetune_wrote(tmp_path):
 
 
 def test_a_model_folder_of_another_spec_is_refused(tmp_path):
-    from finetune.recipe import _check_train_spec
+    from radalign.finetune.recipe import _check_train_spec
 
     work = tmp_path / "train" / "fusion"
     work.mkdir(parents=True)

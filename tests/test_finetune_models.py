@@ -10,9 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
-from finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix, unimodal
-from finetune.features import (
+from radalign.finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix, unimodal
+from radalign.finetune.features import (
     CATEGORICAL,
     EHRFeaturizer,
     features_from_columns,
@@ -20,8 +19,8 @@ from finetune.features import (
     text_present,
     threshold_label,
 )
-from finetune.fit import fit_model, predict_logits
-from finetune.models import (
+from radalign.finetune.fit import fit_model, predict_logits
+from radalign.finetune.models import (
     EHREncoder,
     EmbeddingTokens,
     FusionModel,
@@ -30,6 +29,7 @@ from finetune.models import (
     masked_loss,
     probabilities,
 )
+
 from radalign import RadalignError
 
 FEATURES = ["creatinine", "lactate"]
@@ -507,7 +507,7 @@ def _auroc(y, s):
 
 
 def _split(batch, rows):
-    from finetune.fit import take_rows
+    from radalign.finetune.fit import take_rows
 
     return take_rows(batch, torch.as_tensor(rows))
 
@@ -590,7 +590,7 @@ def test_gbdt_takes_nan_natively_and_learns():
 
 
 def _features(values, measured, hours, num, num_known, cat):
-    from finetune.features import EHRFeatures
+    from radalign.finetune.features import EHRFeatures
 
     a = lambda v, t: np.asarray(v, t)  # noqa: E731
     return EHRFeatures(a(values, np.float32), a(hours, np.float32), a(measured, bool), a(num, np.float32),
@@ -640,7 +640,7 @@ def test_late_fusion_stacked_equals_sklearn_on_the_documented_design():
 def test_early_fusion_flattens_ehr_as_documented():
     x = _features(values=[[0.5, 9.0]], measured=[[True, False]], hours=[[0.1, 9.0]], num=[[1.5]],
                   num_known=[[False]], cat=[[0, 2, 1, 1, 1]])
-    from finetune.models import ehr_tensors
+    from radalign.finetune.models import ehr_tensors
 
     early = EarlyFusionModel(n_features=2, cardinalities=[2, 3, 2, 2, 2])
     assert early.ehr_dim == 3 * 2 + 2 + 11

@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from radalign.finetune.config import FinetuneConfig
 from safetensors.torch import load_file
 
-from finetune.config import FinetuneConfig
 from radalign import RadalignError
 from radalign.config import load_config
 
@@ -40,7 +40,7 @@ def _cfg(cohort, run_dir, *overrides) -> FinetuneConfig:
 
 @pytest.fixture(scope="module")
 def full_run(cohort, tmp_path_factory):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     run_dir = tmp_path_factory.mktemp("ftrun") / "long_stay"
     run_finetune(_cfg(cohort, run_dir))
@@ -111,7 +111,7 @@ def _weights(run_dir: Path, name: str = "fusion") -> dict:
 
 
 def test_resume_after_stop_is_exact(cohort, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=3",
             "optim.batch_size=32"]
@@ -133,7 +133,7 @@ def test_changed_model_spec_never_resumes_the_old_checkpoints(cohort, tmp_path):
     """Checkpoints of RUN/train/fusion belong to one spec: rerunning the same run_dir with other modality
     dropout rates must not continue (or overwrite) the old model, stopped or finished; it refuses naming what
     changed (RUN/run_spec.json; more cases in tests/test_finetune_hostile.py)."""
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=2",
             "optim.batch_size=32"]
@@ -150,7 +150,7 @@ def test_changed_model_spec_never_resumes_the_old_checkpoints(cohort, tmp_path):
 
 
 def test_resume_falls_back_when_the_checkpoint_is_damaged(cohort, tmp_path):
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=3",
             "optim.batch_size=32"]
@@ -173,7 +173,7 @@ def test_resume_falls_back_when_the_checkpoint_is_damaged(cohort, tmp_path):
 def _torchrun(cohort, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-            "finetune", "--config", "finetune/long_stay", *[
+            "radalign.finetune", "--config", "finetune/long_stay", *[
                 f"run_dir={run_dir}", f"data.table={cohort['table']}", f"data.shards={cohort['shards']}",
                 f"data.checkpoint={cohort['export']}", f"data.cache={cohort['root'] / 'cache'}", "bootstrap=50",
                 "optim.epochs=2", "model.d_model=32", "model.ehr_d=16", "model.n_layers=1", "model.ehr_blocks=1",
@@ -184,7 +184,7 @@ def _torchrun(cohort, run_dir: Path, *extra: str) -> subprocess.CompletedProcess
 
 def test_two_processes_train_the_same_model_as_one(cohort, tmp_path):
     """Global batch 64 either way: 1 process x 64 rows, or 2 x 32 (modality dropout on, nn dropout off)."""
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     run_finetune(_cfg(cohort, tmp_path / "one", "baselines.models=[]", "baselines.fusion_without_dropout=false",
                       "model.dropout=0.0", "optim.batch_size=64", "bootstrap=50"))
@@ -211,8 +211,7 @@ def test_two_processes_train_the_same_model_as_one(cohort, tmp_path):
 def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
     """Plant one training patient's study in the test split of a copy of the table."""
     import datasets
-
-    from finetune.recipe import setup
+    from radalign.finetune.recipe import setup
 
     dd = datasets.load_from_disk(str(cohort["table"]))
     train, test = dd["train"].to_pandas(), dd["test"].to_pandas()
@@ -231,21 +230,21 @@ def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
 
 
 def test_an_export_that_does_not_record_its_shards_is_refused(cohort, tiny_export, tmp_path):
-    from finetune.recipe import setup
+    from radalign.finetune.recipe import setup
 
     with pytest.raises(RadalignError, match="does not record its training shards"):
         setup(_cfg(cohort, tmp_path / "run", f"data.checkpoint={tiny_export}"))
 
 
 def test_bad_task_column_is_named_with_a_suggestion(cohort, tmp_path):
-    from finetune.recipe import setup
+    from radalign.finetune.recipe import setup
 
     with pytest.raises(RadalignError, match=r"'los_dayz'.*los_days"):
         setup(_cfg(cohort, tmp_path / "run", "task.threshold_column=los_dayz"))
 
 
 def test_predict_reproduces_the_run_and_refuses_another_feature_list(full_run, cohort, tmp_path):
-    from finetune.predict import load_run, predict_split
+    from radalign.finetune.predict import load_run, predict_split
 
     frame = predict_split(full_run, split="test")
     saved = pd.read_csv(full_run / "predictions.csv")
@@ -260,7 +259,7 @@ def test_predict_reproduces_the_run_and_refuses_another_feature_list(full_run, c
 def test_damaged_model_file_is_named(full_run, tmp_path):
     import shutil
 
-    from finetune.predict import load_run
+    from radalign.finetune.predict import load_run
 
     copy = tmp_path / "run"
     shutil.copytree(full_run, copy)
@@ -281,8 +280,8 @@ def test_cli_train_is_the_default_verb(cohort, tmp_path):
 
 
 def test_fewshot_sweep_writes_draws_by_patient_and_is_deterministic(cohort, tmp_path):
-    from finetune.fewshot import read_draw
-    from finetune.recipe import run_finetune
+    from radalign.finetune.fewshot import read_draw
+    from radalign.finetune.recipe import run_finetune
 
     def sweep(out):
         cfg = load_config(FinetuneConfig, "finetune/fewshot_chexpert", [
@@ -321,7 +320,7 @@ def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, ca
     """A finished run run again trains nothing: the extra-seed models come back from their folder, same table."""
     import shutil
 
-    from finetune.recipe import run_finetune
+    from radalign.finetune.recipe import run_finetune
 
     copy = tmp_path / "again"
     shutil.copytree(full_run, copy)

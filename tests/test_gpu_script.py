@@ -84,7 +84,7 @@ def test_dry_run_embedding_pass_embeds_every_train_image_of_the_manifest(dry_run
     manifest = json.loads((work / "shards-p40-64px" / "manifest.json").read_text())
     train = sum(s["samples"] for s in manifest["shards"] if s["split"] == "train") if "shards" in manifest else None
     emb = _read(out, "5-embed.json")["checks"]["embed"]
-    from data.loader import split_samples
+    from radalign.data.loader import split_samples
 
     assert emb["images"] == emb["expected"] == split_samples(work / "shards-p40-64px", "train") > 0
     if train is not None:
@@ -279,7 +279,7 @@ def test_mfu_by_hand():
 
 
 def test_analytic_flops_of_vit_b16_by_hand_and_against_the_published_count():
-    from pretrain.models import get_model_config
+    from radalign.pretrain.models import get_model_config
 
     cfg = get_model_config("ViT-B-16")
     # Forward, by hand: vision patch embedding 2*196*768*768 = 231,211,008; 12 blocks over 197 tokens of width 768
@@ -401,10 +401,3 @@ def test_checksums_accept_what_radalign_writes(tmp_path):
 def test_part_status_from_its_checks(statuses, want):
     assert gpu.overall({k: {"status": v, "reason": k} for k, v in statuses.items()})[0] == want
 
-
-def test_stage_modules_come_from_their_current_home_until_they_move():
-    import pretrain.models
-
-    assert gpu.stage("pretrain.models") is pretrain.models
-    with pytest.raises(ModuleNotFoundError):
-        gpu.stage("pretrain.no_such_module")

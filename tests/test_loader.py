@@ -19,9 +19,8 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-
-from data.labels import CHEXPERT_LABELS
-from data.loader import (
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.loader import (
     LOST_REASONS,
     SKIP_REASONS,
     eval_assignment,
@@ -32,8 +31,9 @@ from data.loader import (
     split_samples,
     study_int64,
 )
-from data.text import text_id
-from data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, eval_transform, train_transform
+from radalign.data.text import text_id
+from radalign.data.transforms import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, eval_transform, train_transform
+
 from radalign import RadalignError
 
 N_SAMPLES, SHARD_SIZE, SIZE = 240, 40, 24  # -> 6 shards; transforms output 24x24
@@ -299,9 +299,9 @@ def loader_log():
             records.append(record)
 
     handler = Keep()
-    logging.getLogger("data.loader").addHandler(handler)
+    logging.getLogger("radalign.data.loader").addHandler(handler)
     yield records
-    logging.getLogger("data.loader").removeHandler(handler)
+    logging.getLogger("radalign.data.loader").removeHandler(handler)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -531,10 +531,9 @@ def test_train_transform_augments_mildly_and_reproducibly():
 
 def test_fused_augmentation_equals_torchvision_crop_then_rotate():
     """RandomCropRotateJitter's geometry is torchvision's RandomResizedCrop + rotate, pixel for pixel."""
+    from radalign.data.transforms import RandomCropRotateJitter
     from torchvision.transforms import RandomResizedCrop
     from torchvision.transforms.v2 import functional as F
-
-    from data.transforms import RandomCropRotateJitter
 
     img = _gray(64, 80, seed=3)
     aug = RandomCropRotateJitter(32, (0.5, 1.0), (0.8, 1.25), rotation=10.0, brightness=0.0, contrast=0.0,
@@ -552,7 +551,7 @@ def test_fused_augmentation_equals_torchvision_crop_then_rotate():
 
 
 def test_fused_augmentation_jitters_brightness_and_contrast_within_range():
-    from data.transforms import RandomCropRotateJitter
+    from radalign.data.transforms import RandomCropRotateJitter
 
     img = Image.fromarray(np.full((32, 32), 100, dtype=np.uint8), mode="L")
     img.paste(200, (0, 0, 16, 32))  # two flat halves: mean 150/255, half-range 50/255

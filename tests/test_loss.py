@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss, SigLipLoss
+from radalign.pretrain.loss import ContrastiveLoss
 
-from pretrain.loss import ContrastiveLoss
 from radalign import RadalignError
 
 NANO = Path(__file__).parent / "assets" / "nano.json"
@@ -166,7 +166,7 @@ def _batch():
 
 
 def _model(kind: str):
-    from pretrain.models import build_model, get_model_config
+    from radalign.pretrain.models import build_model, get_model_config
 
     cfg = get_model_config(str(NANO))
     if kind == "siglip":

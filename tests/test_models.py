@@ -12,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
-from pretrain.loss import ContrastiveLoss
-from pretrain.models import (
+from radalign.pretrain.loss import ContrastiveLoss
+from radalign.pretrain.models import (
     build_model,
     build_tokenizer,
     get_model_config,
@@ -22,6 +21,7 @@ from pretrain.models import (
     model_summary,
     resolve_hf_name,
 )
+
 from radalign import RadalignError
 
 NANO = Path(__file__).parent / "assets" / "nano.json"

@@ -23,7 +23,7 @@ from radalign import RadalignError
 
 
 def test_label_orders_are_the_release_orders():
-    from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS, MIMIC_LABEL_ORDER, SPLITS
+    from radalign.data.labels import CHEXPERT_LABELS, COMPETITION_LABELS, MIMIC_LABEL_ORDER, SPLITS
 
     assert CHEXPERT_LABELS == (
         "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -75,13 +75,13 @@ DATETIMES = [
 
 @pytest.mark.parametrize("args,expected", DATETIMES, ids=[f"{a[0]}-{a[1]}" for a, _ in DATETIMES])
 def test_study_datetime_by_hand(args, expected):
-    from data.mimic import parse_study_datetime
+    from radalign.data.mimic import parse_study_datetime
 
     assert parse_study_datetime(*args) == expected
 
 
 def test_label_values_by_hand():
-    from data.mimic import parse_label
+    from radalign.data.mimic import parse_label
 
     for value, expected in [(1, 1), (1.0, 1), ("1.0", 1), (" 1 ", 1), (0, 0), ("0.0", 0), (-1.0, -1),
                             ("-1", -1), (" -1.0 ", -1), ("", None), (None, None), (float("nan"), None),
@@ -94,7 +94,7 @@ def test_label_values_by_hand():
 
 
 def test_label_column_counts_what_it_could_not_read():
-    from data.mimic import parse_label_column
+    from radalign.data.mimic import parse_label_column
 
     values, bad = parse_label_column(pd.Series(["1.0", "0.0", "-1.0", "", " 1 ", "x", "nan", "2", "-1"]))
     assert values.dtype == np.float64
@@ -103,7 +103,7 @@ def test_label_column_counts_what_it_could_not_read():
 
 
 def test_stable_unit_is_a_pinned_uniform_hash():
-    from data.mimic import stable_unit
+    from radalign.data.mimic import stable_unit
 
     def by_hand(seed, key):  # blake2b-64 of "seed:key", little-endian, over 2**64
         digest = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
@@ -120,7 +120,7 @@ def test_stable_unit_is_a_pinned_uniform_hash():
 
 
 def test_release_paths():
-    from data.mimic import group_dir, image_path, report_path
+    from radalign.data.mimic import group_dir, image_path, report_path
 
     root = Path("/r/files")
     assert group_dir(10000032) == "p10" and group_dir("19999999") == "p19"
@@ -169,7 +169,7 @@ def _tiny_release(root: Path) -> tuple[Path, Path]:
 
 
 def test_read_labels_keeps_the_last_duplicate_and_counts_bad_cells(tmp_path):
-    from data.mimic import read_labels
+    from radalign.data.mimic import read_labels
 
     mimic, _ = _tiny_release(tmp_path)
     labels, notes = read_labels(mimic)
@@ -183,7 +183,7 @@ def test_read_labels_keeps_the_last_duplicate_and_counts_bad_cells(tmp_path):
 
 
 def test_mimic_records_join_by_hand(tmp_path):
-    from data.mimic import mimic_records
+    from radalign.data.mimic import mimic_records
 
     mimic, reports = _tiny_release(tmp_path)
     frame, set_aside, notes = mimic_records(mimic, reports, views=["PA", "AP"])
@@ -207,7 +207,7 @@ def test_mimic_records_join_by_hand(tmp_path):
 
 
 def test_find_csv_prefers_the_release_spelling_and_names_both(tmp_path):
-    from data.mimic import find_csv
+    from radalign.data.mimic import find_csv
 
     with pytest.raises(RadalignError, match=r"x\.csv\.gz: not found \(nor x\.csv\)\. Expected the MIMIC-CXR-JPG metadata file"):
         find_csv(tmp_path, "x", "metadata")
@@ -218,7 +218,7 @@ def test_find_csv_prefers_the_release_spelling_and_names_both(tmp_path):
 
 
 def test_read_csv_checked_reads_text_and_names_missing_columns(tmp_path):
-    from data.mimic import read_csv_checked
+    from radalign.data.mimic import read_csv_checked
 
     f = tmp_path / "m.csv"
     f.write_text("dicom_id,StudyTime,subjectid\nd1,80556.875,\nd2,080556,x\n")
@@ -233,7 +233,7 @@ def test_read_csv_checked_reads_text_and_names_missing_columns(tmp_path):
 
 
 def test_files_root_accepts_both_layouts(tmp_path):
-    from data.mimic import files_root
+    from radalign.data.mimic import files_root
 
     (tmp_path / "a" / "files" / "p10").mkdir(parents=True)
     (tmp_path / "b" / "p10").mkdir(parents=True)
@@ -301,8 +301,7 @@ def _unit_rows(n: int, d: int, seed: int):
 def test_siglip_without_ids_is_one_positive_per_row():
     import torch
     from open_clip.loss import SigLipLoss
-
-    from pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.loss import ContrastiveLoss
 
     img, txt = _unit_rows(10, 8, seed=11)
     scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-10.0, dtype=torch.float64)
@@ -316,8 +315,7 @@ def test_siglip_without_ids_is_one_positive_per_row():
 
 def test_int32_ids_are_accepted_and_mean_the_same():
     import torch
-
-    from pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.loss import ContrastiveLoss
 
     img, txt = _unit_rows(8, 8, seed=12)
     study = torch.tensor([5, 5, 6, 7, 8, 9, 10, 11])
@@ -338,8 +336,7 @@ def test_int32_ids_are_accepted_and_mean_the_same():
 
 def test_positive_mask_by_hand():
     import torch
-
-    from pretrain.loss import positive_mask
+    from radalign.pretrain.loss import positive_mask
 
     # rank 1 of 2, B=2: local rows are global 2 and 3
     study_local, study_global = torch.tensor([7, -1]), torch.tensor([7, -1, 7, -1])
@@ -352,8 +349,7 @@ def test_positive_mask_by_hand():
 
 def test_loss_errors_and_repr_name_the_fix(caplog):
     import torch
-
-    from pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.loss import ContrastiveLoss
 
     img, txt = _unit_rows(4, 8, seed=13)
     with pytest.raises(RadalignError) as e:
@@ -370,8 +366,7 @@ def test_loss_errors_and_repr_name_the_fix(caplog):
 
 def test_missing_ids_warn_once_and_fall_back_to_plain_targets(caplog):
     import torch
-
-    from pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.loss import ContrastiveLoss
 
     img, txt = _unit_rows(6, 8, seed=14)
     scale = torch.tensor(10.0, dtype=torch.float64)
@@ -385,8 +380,7 @@ def test_missing_ids_warn_once_and_fall_back_to_plain_targets(caplog):
 
 def test_max_logit_scale_is_the_cap():
     import torch
-
-    from pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.loss import ContrastiveLoss
 
     img, txt = _unit_rows(6, 8, seed=15)
     capped = ContrastiveLoss(false_negatives=False, max_logit_scale=30.0)

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from radalign.data.images import target_size as _target_size
+from radalign.data.images import to_gray8
+from radalign.data.labels import CHEXPERT_LABELS
+from radalign.data.mimic import parse_label, parse_study_datetime, stable_unit
+from radalign.data.prepare import SKIP_REASONS, PrepareConfig, prepare
 
-from data.images import target_size as _target_size
-from data.images import to_gray8
-from data.labels import CHEXPERT_LABELS
-from data.mimic import parse_label, parse_study_datetime, stable_unit
-from data.prepare import SKIP_REASONS, PrepareConfig, prepare
 from radalign import RadalignError
 from radalign.config import ConfigError, load_config
 from radalign.io import sha256_file
@@ -134,7 +134,7 @@ def test_transparent_pixels_become_black():
 
 _RSS_SCRIPT = """
 import sys
-from data.images import OversizedImageError, open_image, to_gray8
+from radalign.data.images import OversizedImageError, open_image, to_gray8
 
 def peak_kb():  # VmHWM: this process's peak RSS (ru_maxrss would carry the parent's peak over the exec)
     return int(next(line for line in open("/proc/self/status") if line.startswith("VmHWM")).split()[1])
@@ -189,7 +189,7 @@ def _png_header_only(path: Path, w: int, h: int) -> Path:
 
 
 def test_decompression_bomb_is_an_oversized_error_naming_the_limit(tmp_path):
-    from data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image
+    from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image
 
     bomb = _png_header_only(tmp_path / "bomb.png", 14000, 14000)  # above PIL's own 2 x 89 Mpx error limit
     with pytest.raises(OversizedImageError, match=r"bomb.png: 14000 x 14000 = 196,000,000 pixels, above the "
@@ -202,8 +202,8 @@ def test_decompression_bomb_is_an_oversized_error_naming_the_limit(tmp_path):
 
 def test_twelve_bit_png_read_like_the_zero_shot_reader_is_not_white(tmp_path):
     """open_image + eval_transform (what zeroshot/retrieval do with a loose file) keep a 12-bit range."""
-    from data.images import open_image
-    from data.transforms import eval_transform
+    from radalign.data.images import open_image
+    from radalign.data.transforms import eval_transform
 
     arr = np.linspace(0, 4095, 64 * 64).reshape(64, 64).astype(np.uint16)
     Image.fromarray(arr).save(tmp_path / "x.png")
@@ -460,7 +460,7 @@ def _without_created(m: dict) -> dict:
 
 def test_interrupted_run_resumes_to_the_same_bytes(prepared, synth_root, tmp_path, monkeypatch):
     ref_out, reference = prepared
-    import data.prepare as prep
+    import radalign.data.prepare as prep
 
     real, calls = prep.write_shard, []
 
@@ -582,7 +582,7 @@ def test_prepare_csv_any_image_mode_and_row_rules(tmp_path):
 
 
 def test_prepare_csv_split_by_patient(tmp_path):
-    from data.prepare_csv import csv_records
+    from radalign.data.prepare_csv import csv_records
 
     rows = [{"img": f"x{i}.png", "text": "t", "patient": f"p{i % 300}"} for i in range(900)]
     table = _csv(tmp_path / "t.csv", rows)
@@ -659,7 +659,7 @@ def test_bad_csv_values_are_named(tmp_path):
 
 
 def _counting(monkeypatch, calls: list[str]):
-    import data.prepare as prep
+    import radalign.data.prepare as prep
 
     real = prep.write_shard
     monkeypatch.setattr(prep, "write_shard", lambda task: calls.append(task["path"]) or real(task))
@@ -685,7 +685,7 @@ def _interrupt_on_victim(task):
     """Runs in a spawned prepare worker: Ctrl-C arrives while writing the shard named by the env var."""
     import os as _os
 
-    import data.prepare as prep
+    import radalign.data.prepare as prep
 
     if task["path"] == _os.environ["RADALIGN_TEST_VICTIM"]:
         raise KeyboardInterrupt
@@ -693,7 +693,7 @@ def _interrupt_on_victim(task):
 
 
 def test_ctrl_c_with_two_workers_keeps_every_finished_shard(mini_mimic, tmp_path, monkeypatch):
-    import data.prepare as prep
+    import radalign.data.prepare as prep
 
     out = tmp_path / "out"
     cfg = dict(views=["all"], shard_size=1)  # 4 shards: train/0, train/1, validate/0, test/0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from radalign.pretrain.config import PretrainConfig
 
-from pretrain.config import PretrainConfig
 from radalign import RadalignError
 from radalign.config import load_config
 
@@ -46,10 +46,9 @@ def _batch(tokenizer, n: int, seed: int) -> dict:
 def test_accumulation_equals_full_batch(nano_model_cfg):
     """Feature-cache accumulation over 4 micro-batches gives the full-batch gradients (fp32)."""
     from accelerate import Accelerator
-
-    from pretrain.loss import ContrastiveLoss
-    from pretrain.models import build_model, build_tokenizer
-    from pretrain.recipe import backward_accumulated
+    from radalign.pretrain.loss import ContrastiveLoss
+    from radalign.pretrain.models import build_model, build_tokenizer
+    from radalign.pretrain.recipe import backward_accumulated
 
     acc = Accelerator(cpu=True)
     torch.manual_seed(0)
@@ -82,7 +81,7 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 def test_resume_reproduces_uninterrupted_run(synth_shards, tmp_path):
     """stop_after=2 (not a ckpt_every boundary) then resume=latest: every loss equals the uninterrupted run's.
     Both runs really train (issue 13: without scheduler.step() the lr stays 0 and nothing moves)."""
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     straight = tmp_path / "straight"
     run_pretrain(_cfg(straight, synth_shards))
@@ -116,7 +115,7 @@ def test_resume_auto_after_newest_checkpoint_deleted(synth_shards, tmp_path):
     """Issue 9 repro: 12 steps, ckpt_every=4, newest checkpoint deleted, resume twice with stop_after. The run
     continues from step 8 (never from step 1), step-0000008 is never rewritten, metrics.jsonl has no duplicate
     steps, and the continued losses equal the original run's."""
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run = tmp_path / "run"
     common = ["steps=12", "ckpt_every=4", "resume=auto", "keep_checkpoints=5"]
@@ -141,7 +140,7 @@ def test_resume_auto_after_newest_checkpoint_deleted(synth_shards, tmp_path):
 
 
 def test_fresh_start_in_a_run_dir_with_checkpoints_is_refused(synth_shards, tmp_path):
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run = tmp_path / "run"
     run_pretrain(_cfg(run, synth_shards, "steps=2", "ckpt_every=1"))
@@ -156,7 +155,7 @@ def test_planted_pickle_in_checkpoint_never_runs_on_resume(synth_shards, tmp_pat
     """Accelerate's load_state unpickles custom_checkpoint_*.pkl with weights_only=False; we load none."""
     import pickle
 
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run = tmp_path / "run"
     run_pretrain(_cfg(run, synth_shards, "steps=3", "ckpt_every=2", "stop_after=2"))
@@ -175,7 +174,7 @@ def test_planted_pickle_in_checkpoint_never_runs_on_resume(synth_shards, tmp_pat
 
 
 def test_second_writer_of_a_run_dir_is_refused(synth_shards, tmp_path):
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run = tmp_path / "run"
     holder = subprocess.Popen(
@@ -194,9 +193,9 @@ def test_second_writer_of_a_run_dir_is_refused(synth_shards, tmp_path):
 
 def test_export_round_trip(synth_shards, tmp_path):
     """The export reloads without the recipe and embeds exactly like the trained model."""
-    from pretrain.export import load_encoders
-    from pretrain.models import build_model, get_model_config
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.export import load_encoders
+    from radalign.pretrain.models import build_model, get_model_config
+    from radalign.pretrain.recipe import run_pretrain
 
     run_dir = run_pretrain(_cfg(tmp_path / "run", synth_shards, "steps=2", "ckpt_every=0"))
     enc = load_encoders(run_dir)  # a run folder resolves to its export
@@ -220,7 +219,7 @@ def test_export_round_trip(synth_shards, tmp_path):
 def test_export_checksum_detects_tampering(tiny_export, tmp_path):
     import shutil
 
-    from pretrain.export import IMAGE_FILE, load_encoders
+    from radalign.pretrain.export import IMAGE_FILE, load_encoders
 
     copy = tmp_path / "export"
     shutil.copytree(tiny_export, copy)
@@ -239,8 +238,8 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(synth_shards, tmp_pa
     """A NaN loss stops the run naming its step and the last good checkpoint. The check syncs at log_every
     only, but never lets a NaN model be checkpointed: with log_every=5 a NaN
     at step 3 stops the run before step 4's checkpoint, naming step 3 and the last good checkpoint."""
-    from pretrain import loss as loss_mod
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain import loss as loss_mod
+    from radalign.pretrain.recipe import run_pretrain
 
     calls = {"n": 0}
     real = loss_mod.ContrastiveLoss.forward
@@ -259,14 +258,14 @@ def test_nan_loss_stops_with_step_and_keeps_last_checkpoint(synth_shards, tmp_pa
 
 
 def test_resume_without_checkpoint_is_a_clear_error(synth_shards, tmp_path):
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     with pytest.raises(RadalignError, match="no complete checkpoint"):
         run_pretrain(_cfg(tmp_path / "empty", synth_shards, "resume=latest"))
 
 
 def test_fp16_on_cpu_is_refused(synth_shards, tmp_path):
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     if torch.cuda.is_available():
         pytest.skip("CPU-only check")
@@ -274,7 +273,7 @@ def test_fp16_on_cpu_is_refused(synth_shards, tmp_path):
         run_pretrain(_cfg(tmp_path / "fp16", synth_shards, "precision=fp16"))
 
 
-def _torchrun(run_dir: Path, shards: Path, *extra: str, entry: tuple[str, ...] = ("-m", "pretrain"),
+def _torchrun(run_dir: Path, shards: Path, *extra: str, entry: tuple[str, ...] = ("-m", "radalign.pretrain"),
               env: dict | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -284,7 +283,7 @@ def _torchrun(run_dir: Path, shards: Path, *extra: str, entry: tuple[str, ...] =
     return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
-# `python -m pretrain`, except that every rank SIGKILLs itself as soon as the checkpoint of step $KILL_AT is
+# `python -m radalign.pretrain`, except that every rank SIGKILLs itself as soon as the checkpoint of step $KILL_AT is
 # complete: a kill with no clean-up at a known step (a timed kill from outside could land before or after it).
 KILL_AFTER_CHECKPOINT = """
 import os, runpy, signal, sys
@@ -333,7 +332,7 @@ def test_deepspeed_zero_on_two_cpu_processes_matches_ddp_and_resumes_after_a_kil
     of the fp32 weights; a SIGKILL right after the step-2 checkpoint and resume=latest give every loss of the
     uninterrupted DDP run (so the partitioned AdamW moments came back: loss 4 depends on them)."""
     pytest.importorskip("deepspeed")
-    from pretrain.models import build_model
+    from radalign.pretrain.models import build_model
 
     run_dir, ds = tmp_path / f"zero{stage}", f"deepspeed=deepspeed/zero{stage}"
     script = tmp_path / "kill_after_checkpoint.py"
@@ -395,7 +394,7 @@ def learnable_shards(tmp_path_factory):
 @pytest.mark.slow
 def test_tiny_model_learns_and_shuffled_control_does_not(learnable_shards, tmp_path):
     """Alignment is learnable from the synthetic data with the tiny config; with pairs shuffled it is not."""
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     common = ["model.name=tiny", "steps=200", "batch_size=48", "optim.warmup_steps=20", "optim.lr=3e-4",
               "ckpt_every=0", "data.val_split=validate", "log_every=50", "precision=bf16", "data.num_workers=2"]
@@ -421,7 +420,7 @@ def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):
     """loss.kind=siglip: the recipe adds SigLIP's learnable bias (init -10, scale 10), the loss is the sigmoid
     loss (at init ~10 per image: each positive pair costs -log sigmoid(10 cos - 10) ~ 10, far above InfoNCE's
     ln 8 = 2.1), and it learns: the bias rises and the loss falls."""
-    from pretrain.recipe import run_pretrain
+    from radalign.pretrain.recipe import run_pretrain
 
     run_dir = run_pretrain(_cfg(tmp_path / "sig", synth_shards, "steps=6", "ckpt_every=0", "loss.kind=siglip",
                                 "optim.lr=1e-2"))
@@ -437,7 +436,7 @@ def test_siglip_recipe_trains_with_bias(synth_shards, tmp_path):
 def test_quick_zero_shot_uses_the_learned_logit_scale():
     """With a fixed scale of 100 the 2-prompt softmax saturates in float32 and ties every score at 1.0 (AUROC 0.5);
     the model's learned scale (here 10) keeps the order: positives have the larger margin, AUROC 1."""
-    from pretrain.validation import QUICK_PROMPTS, zero_shot_auroc
+    from radalign.pretrain.validation import QUICK_PROMPTS, zero_shot_auroc
 
     names = list(QUICK_PROMPTS)
     d = 2 * len(names)
@@ -471,11 +470,10 @@ def test_validation_embedding_counts_a_damaged_shard_and_matches_the_model(synth
     lost samples (not dropped silently), and the rows it returns are the model's own normalised features."""
     import torch
     import torch.nn.functional as F
-
-    from data.embed import embed_split
-    from data.transforms import eval_transform
-    from pretrain.models import build_model, build_tokenizer
-    from pretrain.validation import embed_part
+    from radalign.data.embed import embed_split
+    from radalign.data.transforms import eval_transform
+    from radalign.pretrain.models import build_model, build_tokenizer
+    from radalign.pretrain.validation import embed_part
 
     shards = tmp_path / "shards"
     shutil.copytree(synth_shards, shards)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from radalign.pretrain.export import load_encoders
+from radalign.pretrain.layouts import load_pretrained, read_checkpoint
+from radalign.pretrain.models import build_model, get_model_config
 
-from pretrain.export import load_encoders
-from pretrain.layouts import load_pretrained, read_checkpoint
-from pretrain.models import build_model, get_model_config
 from radalign import RadalignError
 from tests.tiny_towers import write_tiny_bert
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from radalign.retrieval import index as ix
+from radalign.retrieval.build import build_tuned
+from radalign.retrieval.evaluate import chance_recall, cross_modal, recall_at_ks
+from radalign.retrieval.search import Retriever, explain
+from radalign.retrieval.store import IndexStore, check_out_dir, metadata_table, write_index_dir
 
 from radalign import RadalignError
-from retrieval import index as ix
-from retrieval.build import build_tuned
-from retrieval.evaluate import chance_recall, cross_modal, recall_at_ks
-from retrieval.search import Retriever, explain
-from retrieval.store import IndexStore, check_out_dir, metadata_table, write_index_dir
 
 D = 32
 
@@ -387,7 +387,7 @@ def _precision_index(tmp_path):
 def test_label_precision_hand_worked_excludes_own_patient_and_takes_exactly_k(tmp_path):
     """Excluding patient Q, the neighbours are rows 1 (neg), 2 (pos), 3 (neg), 4 (pos): P@1 0, P@2 1/2, P@3 1/3,
     P@4 1/2. Keeping Q's own row would give P@1 = 1; taking K+1 neighbours would give P@1 = 1/2."""
-    from retrieval.evaluate import label_precision
+    from radalign.retrieval.evaluate import label_precision
 
     r, q = _precision_index(tmp_path)
     labels = np.full((1, len(r.store.labels)), np.nan, dtype=np.float32)
@@ -401,7 +401,7 @@ def test_label_precision_hand_worked_excludes_own_patient_and_takes_exactly_k(tm
 
 
 def test_label_precision_interval_resamples_query_patients(tmp_path):
-    from retrieval.evaluate import label_precision
+    from radalign.retrieval.evaluate import label_precision
 
     r, q = _precision_index(tmp_path)
     e = np.eye(D, dtype=np.float32)
@@ -447,7 +447,7 @@ def test_cross_modal_recall_intervals_are_patient_level():
 
 
 def test_markdown_escapes_report_text(tmp_path):
-    from retrieval.render import to_html, to_markdown
+    from radalign.retrieval.render import to_html, to_markdown
 
     x = ix.normalize(np.eye(D, dtype=np.float32)[:4] + 0.1)
     out, _ = _write(tmp_path, x, texts=["<script>alert(1)</script> <img src=x onerror=alert(2)> "

@@ -7,11 +7,11 @@ import math
 
 import numpy as np
 import pytest
+from radalign.retrieval import classify as kc
+from radalign.retrieval.build import EmbeddedCases
+from radalign.retrieval.search import Retriever
 
 from radalign import RadalignError
-from retrieval import classify as kc
-from retrieval.build import EmbeddedCases
-from retrieval.search import Retriever
 from tests.conftest import nearest_other_patients
 from tests.test_retrieval import FakeEncoders, _write
 
@@ -216,7 +216,7 @@ def test_markdown_escapes_text(informative_index):
 
 
 def test_cli_defaults_are_the_library_defaults():
-    from retrieval import cli
+    from radalign.retrieval import cli
 
     assert (cli.DEFAULT_K, cli.DEFAULT_TEMPERATURE) == (kc.DEFAULT_K, kc.DEFAULT_TEMPERATURE)
 
@@ -240,8 +240,9 @@ def _read_split(shards, split):
 
 
 def test_cli_end_to_end_beside_zero_shot(tiny_export, synth_shards, tmp_path, capsys):
+    from radalign.retrieval.store import IndexStore
+
     from radalign.cli import main
-    from retrieval.store import IndexStore
 
     idx, out = tmp_path / "index", tmp_path / "classify"
     assert main(["retrieval", "build", "--checkpoint", str(tiny_export), "--data", str(synth_shards), "--split",
@@ -274,8 +275,7 @@ def test_cli_end_to_end_beside_zero_shot(tiny_export, synth_shards, tmp_path, ca
     t = m["method"]["temperature"]
     import torch
     from PIL import Image
-
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     enc = load_encoders(tiny_export)
 
@@ -305,7 +305,7 @@ def _image(shards, key):
 
 
 def test_an_index_of_other_encoders_is_refused_naming_both_checksums(tmp_path, tiny_export):
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     x = _unit_with_cos([0.9, 0.5, 0.1], d=int(load_encoders(tiny_export).embed_dim))
     idx, _ = _write(tmp_path, x, enc=FakeEncoders(dim=x.shape[1], checksum="b" * 64))

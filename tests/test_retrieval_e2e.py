@@ -21,8 +21,8 @@ def index_dir(tiny_export, synth_shards, tmp_path_factory):
 
 
 def test_build_writes_a_complete_index(index_dir, synth_shards):
-    from data.loader import split_samples
-    from retrieval.store import IndexStore
+    from radalign.data.loader import split_samples
+    from radalign.retrieval.store import IndexStore
 
     m = json.loads((index_dir / "manifest.json").read_text())
     assert m["count"] == split_samples(synth_shards, "train") - sum(m["data"]["skipped"].values())
@@ -35,7 +35,7 @@ def test_build_writes_a_complete_index(index_dir, synth_shards):
 
 
 def test_study_search_json_excludes_patient(index_dir, tmp_path, capsys):
-    from retrieval.store import IndexStore
+    from radalign.retrieval.store import IndexStore
 
     store = IndexStore.load(index_dir)
     study = store.row(0)["study_id"]
@@ -85,8 +85,8 @@ def _test_split(shards, enc):
 
 
 def test_text_search_on_reports(index_dir, tiny_export, capsys):
-    from pretrain.export import load_encoders
-    from retrieval.store import IndexStore
+    from radalign.pretrain.export import load_encoders
+    from radalign.retrieval.store import IndexStore
 
     assert main(["retrieval", "search", "--index", str(index_dir), "--text", "large pleural effusion",
                  "--target", "report", "--k", "2"]) == 0
@@ -106,9 +106,9 @@ def test_text_search_on_reports(index_dir, tiny_export, capsys):
 
 
 def test_eval_metrics_equal_a_brute_force_computation(index_dir, synth_shards, tiny_export, tmp_path, capsys):
-    from data.text import normalize_report
-    from pretrain.export import load_encoders
-    from retrieval.store import IndexStore
+    from radalign.data.text import normalize_report
+    from radalign.pretrain.export import load_encoders
+    from radalign.retrieval.store import IndexStore
 
     assert main(["retrieval", "eval", "--index", str(index_dir), "--queries", str(synth_shards), "--split",
                  "test", "--out", str(tmp_path), "--bootstrap", "100"]) == 0
@@ -163,7 +163,7 @@ def test_build_on_a_damaged_split_counts_every_lost_sample(tiny_export, synth_sh
     import shutil
     import tarfile
 
-    from data.loader import read_manifest
+    from radalign.data.loader import read_manifest
 
     data = tmp_path / "shards"
     shutil.copytree(synth_shards, data)
@@ -221,9 +221,8 @@ def test_build_and_eval_lock_their_output_folders(index_dir, tiny_export, synth_
 
 def test_bad_input_errors(index_dir, tiny_export, nano_model_cfg, tmp_path, capsys):
     import torch
-
-    from pretrain.export import export_encoders
-    from pretrain.models import build_model
+    from radalign.pretrain.export import export_encoders
+    from radalign.pretrain.models import build_model
 
     torch.manual_seed(1)
     other = export_encoders(build_model(nano_model_cfg), nano_model_cfg, tmp_path / "other")

@@ -16,9 +16,8 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-
-from data.embed import embed_split, expected_samples
-from data.transforms import eval_transform
+from radalign.data.embed import embed_split, expected_samples
+from radalign.data.transforms import eval_transform
 
 SIZE, PER_SHARD, SHARDS = 24, 12, 5
 
@@ -98,8 +97,8 @@ def test_embeddings_equal_an_independent_decode(clean, workers):
 def test_thumbnails_are_made_by_the_loader_transform_in_the_workers(clean, monkeypatch):
     """The loader receives the composed transform (so decode, transform and thumbnail run in its workers);
     the main loop only unpacks."""
-    import data.embed as de
-    import data.loader as dl
+    import radalign.data.embed as de
+    import radalign.data.loader as dl
 
     seen = []
     real = dl.make_eval_loader
@@ -163,7 +162,7 @@ def test_damaged_split_reports_every_lost_sample_by_reason(tmp_path):
 
 
 def test_expected_samples_follows_the_eval_assignment(clean):
-    from data.loader import shard_paths
+    from radalign.data.loader import shard_paths
 
     shards = shard_paths(clean[0], "test")
     assert expected_samples(shards) == SHARDS * PER_SHARD

@@ -674,7 +674,8 @@ def _expected_no_decay(name: str) -> bool:
 
 @pytest.mark.parametrize("config", ["nano", "tiny-minilm"])
 def test_weight_decay_groups_on_real_towers(nano_model_cfg, config):
-    from pretrain.models import build_model, get_model_config
+    from radalign.pretrain.models import build_model, get_model_config
+
     from radalign.training import adamw
 
     cfg = dict(nano_model_cfg, init_logit_bias=-10.0) if config == "nano" else get_model_config(config)

@@ -17,15 +17,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
+from radalign.zeroshot import classifier, metrics
+from radalign.zeroshot.config import ZeroshotConfig
+from radalign.zeroshot.evaluate import Checkpoint, evaluate, run_zeroshot
+from radalign.zeroshot.inputs import Embedded, encode_labels, label_counts
+from radalign.zeroshot.prompts import load_prompt_set, parse_prompt_set
 from sklearn.metrics import roc_auc_score
 
 from radalign import RadalignError
 from radalign.config import ConfigError
-from zeroshot import classifier, metrics
-from zeroshot.config import ZeroshotConfig
-from zeroshot.evaluate import Checkpoint, evaluate, run_zeroshot
-from zeroshot.inputs import Embedded, encode_labels, label_counts
-from zeroshot.prompts import load_prompt_set, parse_prompt_set
 
 torch.set_num_threads(1)
 
@@ -183,7 +183,7 @@ def test_checkpoint_ensemble_averages_probabilities():
     labels = pd.DataFrame({"A": rng.integers(0, 2, 20), "B": rng.integers(0, 2, 20)},
                           index=[f"k{i}" for i in range(20)])
     embs = [Embedded(list(labels.index), x / np.linalg.norm(x, axis=1, keepdims=True), labels)] * 2
-    from zeroshot.evaluate import score
+    from radalign.zeroshot.evaluate import score
 
     both, _ = score([Checkpoint(str(i), e) for i, e in enumerate(encs)], embs, ps)
     singles = [score([Checkpoint("c", e)], embs[:1], ps)[0] for e in encs]
@@ -553,7 +553,7 @@ def test_label_policy_and_counts():
 
 @pytest.mark.parametrize("name", ["chexpert14", "competition5", "5x200"])
 def test_builtin_prompt_sets_load(name):
-    from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
+    from radalign.data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
 
     ps = load_prompt_set(name)
     want = CHEXPERT_LABELS if name == "chexpert14" else COMPETITION_LABELS
@@ -714,8 +714,7 @@ def test_csv_reader_rescales_a_12_bit_png_instead_of_clipping_it_white(tmp_path)
     """A 12-bit radiograph (0..4095 in a 16-bit PNG): convert("L") before the transform clipped it ~94% white.
     The reader goes through data.images, so the pixels equal an independent min..max rescale."""
     from PIL import Image
-
-    from zeroshot.inputs import _CsvImages
+    from radalign.zeroshot.inputs import _CsvImages
 
     rng = np.random.default_rng(0)
     arr = rng.integers(0, 4096, (32, 40)).astype(np.uint16)
@@ -732,7 +731,7 @@ def test_csv_reader_rescales_a_12_bit_png_instead_of_clipping_it_white(tmp_path)
 
 
 def test_csv_patients_from_column_or_chexpert_path():
-    from zeroshot.inputs import csv_patients
+    from radalign.zeroshot.inputs import csv_patients
 
     df = pd.DataFrame({"Path": ["train/patient00001/study1/view1_frontal.jpg",
                                 "train/patient00001/study2/view1_frontal.jpg", "train/patient00002/s/v.jpg"]})
@@ -764,7 +763,7 @@ def test_zeroshot_locks_its_out_folder(tmp_path):
 
 
 def test_markdown_report_escapes_text_and_states_the_unit():
-    from zeroshot.report import markdown
+    from radalign.zeroshot.report import markdown
 
     m = {"prompt_set": "<b>x</b>", "mode": "binary", "data": {"source": "a|b", "n_images": 4, "n_scored": 4,
                                                                "skipped": {}},

@@ -11,26 +11,27 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from radalign.data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
+from radalign.zeroshot.benchmarks import assign_class, build_chexpert_5x200, build_mimic_5x200
+from radalign.zeroshot.config import ZeroshotConfig
+from radalign.zeroshot.evaluate import Checkpoint, run_zeroshot
 from sklearn.metrics import roc_auc_score
 
-from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
 from radalign import RadalignError
 from radalign.io import sha256_file
 from tests.test_zeroshot import FakeEncoders, _bright_encoder
-from zeroshot.benchmarks import assign_class, build_chexpert_5x200, build_mimic_5x200
-from zeroshot.config import ZeroshotConfig
-from zeroshot.evaluate import Checkpoint, run_zeroshot
 
 torch.set_num_threads(1)
 
 
 def zs(argv: list[str]) -> int:
     """`radalign zeroshot ARGV` through the real parser classes, independent of the other stages' CLIs."""
-    import zeroshot.cli
+    import radalign.zeroshot.cli
+
     from radalign.cli import new_parser, run_entry
 
     parser = new_parser("radalign", "test")
-    zeroshot.cli.register(parser.add_subparsers(dest="stage"))
+    radalign.zeroshot.cli.register(parser.add_subparsers(dest="stage"))
     args = parser.parse_args(["zeroshot", *argv])
     return run_entry(args.func, args)
 
@@ -260,8 +261,8 @@ def test_cli_build_and_errors(tmp_path, capsys):
 
 
 def test_real_export_on_synthetic_shards(request, tmp_path, capsys):
-    pytest.importorskip("pretrain.models")
-    pytest.importorskip("data.synth")
+    pytest.importorskip("radalign.pretrain.models")
+    pytest.importorskip("radalign.data.synth")
     from tests.test_zeroshot import _brute_patient_ci
 
     export, shards_root = request.getfixturevalue("tiny_export"), request.getfixturevalue("synth_shards")
@@ -302,7 +303,7 @@ def test_real_export_on_synthetic_shards(request, tmp_path, capsys):
 
 def test_real_export_on_contract_shards(request, shards, tmp_path):
     """The real `load_encoders` + `make_eval_loader` path, on shards written to the §1 format."""
-    pytest.importorskip("pretrain.models")
+    pytest.importorskip("radalign.pretrain.models")
     export = request.getfixturevalue("tiny_export")
     out = tmp_path / "zs"
     rc = zs(["--checkpoint", str(export), "--checkpoint", str(export), "--data", str(shards), "--prompts",

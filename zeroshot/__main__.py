@@ -1,4 +1,4 @@
-"""`python -m zeroshot` (and `accelerate launch -m zeroshot`) is `radalign zeroshot`."""
+"""`python -m radalign.zeroshot` (and `accelerate launch -m radalign.zeroshot`) is `radalign zeroshot`."""
 
 import sys
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from radalign.data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
 
-from data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
 from radalign import RadalignError
 from radalign.io import atomic_write_json, atomic_write_text, sha256_file
 
@@ -124,7 +124,7 @@ def build_mimic_5x200(shards: str | os.PathLike, out: str | os.PathLike, *, spli
                       one_per_study: bool = True) -> Path:
     """MIMIC-5x200 from shards (frontal = PA/AP view). One image per study by default (the first key),
     so near-duplicate views of one study do not fill a class. Writes OUT.csv (key, study_id, class) + OUT.json."""
-    from data.loader import shard_paths
+    from radalign.data.loader import shard_paths
 
     paths = shard_paths(shards, split)
     reasons: Counter = Counter()

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from radalign.zeroshot.prompts import PromptSet
 
 from radalign import RadalignError
-from zeroshot.prompts import PromptSet
 
 DEFAULT_LOGIT_SCALE = 100.0
 
@@ -60,7 +60,7 @@ def check_tokenizer(encoders, prompts: list[str], name: str) -> None:
 
 def _warn_long_prompts(encoders, prompts: list[str], name: str) -> None:
     """Warn, with the lengths, for prompts longer than the text context (the tokenizer cuts them silently)."""
-    from data.embed import check_query_text
+    from radalign.data.embed import check_query_text
 
     for p in prompts:
         check_query_text(encoders.tokenize, p, what=f"{name}: prompt {p[:40]!r}")

@@ -84,7 +84,7 @@ def _run(args) -> int:
     if args.verb == "build-5x200":
         return _build(args)
     if args.verb == "list-prompts":
-        from zeroshot.prompts import available_prompt_sets, load_prompt_set
+        from radalign.zeroshot.prompts import available_prompt_sets, load_prompt_set
 
         for name in available_prompt_sets():
             ps = load_prompt_set(name)
@@ -99,7 +99,7 @@ def _evaluate(args) -> int:
 
     if not args.out:
         raise RadalignError("--out: required; the folder for metrics.json, predictions.csv, roc.png")
-    from zeroshot.config import ZeroshotConfig
+    from radalign.zeroshot.config import ZeroshotConfig
 
     cfg = load_config(ZeroshotConfig, {
         "checkpoints": args.checkpoint, "data": args.data or "", "out": args.out,
@@ -112,8 +112,9 @@ def _evaluate(args) -> int:
         "num_workers": args.num_workers, "device": args.device, "cache": not args.no_cache,
         "shuffled_control": not args.no_control,
     })
+    from radalign.zeroshot.evaluate import run_zeroshot
+
     from radalign.log import rprint
-    from zeroshot.evaluate import run_zeroshot
 
     results = run_zeroshot(cfg)
     for name, m in results.items():
@@ -133,8 +134,9 @@ def _evaluate(args) -> int:
 
 
 def _build(args) -> int:
+    from radalign.zeroshot.benchmarks import build_chexpert_5x200, build_mimic_5x200
+
     from radalign.log import rprint
-    from zeroshot.benchmarks import build_chexpert_5x200, build_mimic_5x200
 
     common = dict(seed=args.seed, per_class=args.per_class, blank_as_negative=not args.blank_not_negative)
     if args.chexpert_csv:

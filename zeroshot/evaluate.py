@@ -1,8 +1,8 @@
 """The zero-shot evaluation: checkpoints x data x prompt sets -> metrics, predictions, plots.
 
 Python API:
-    from zeroshot.config import ZeroshotConfig
-    from zeroshot.evaluate import run_zeroshot
+    from radalign.zeroshot.config import ZeroshotConfig
+    from radalign.zeroshot.evaluate import run_zeroshot
     results = run_zeroshot(ZeroshotConfig(checkpoints=["runs/demo/pretrain"], data="runs/demo/shards",
                                           prompts=["chexpert14"], out="runs/demo/zeroshot"))
 
@@ -19,13 +19,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-
-from radalign import RadalignError
-from radalign.lock import output_lock
-from radalign.log import get_logger
-from zeroshot import classifier, metrics
-from zeroshot.config import ZeroshotConfig
-from zeroshot.inputs import (
+from radalign.zeroshot import classifier, metrics
+from radalign.zeroshot.config import ZeroshotConfig
+from radalign.zeroshot.inputs import (
     LABEL_VALUES,
     Embedded,
     cached_embed,
@@ -36,7 +32,11 @@ from zeroshot.inputs import (
     is_shards,
     label_counts,
 )
-from zeroshot.prompts import PromptSet, load_prompt_set
+from radalign.zeroshot.prompts import PromptSet, load_prompt_set
+
+from radalign import RadalignError
+from radalign.lock import output_lock
+from radalign.log import get_logger
 
 log = get_logger("zeroshot")
 
@@ -65,7 +65,7 @@ class EvalResult:
 
 
 def load_checkpoints(paths: list[str], device: str = "cpu") -> list[Checkpoint]:
-    from pretrain.export import load_encoders
+    from radalign.pretrain.export import load_encoders
 
     return [Checkpoint(p, load_encoders(p, device=device)) for p in paths]
 
@@ -261,7 +261,7 @@ def evaluate(checkpoints: list[Checkpoint], embedded: list[Embedded], ps: Prompt
         out["controls"] = {"shuffled_labels_macro_auroc": metrics.shuffled_label_control(
             scores, labels, names, table["macro"]["classes"] or names, seed=cfg.seed)}
     out["timing_s"] = {"score_and_metrics": round(time.perf_counter() - t0, 3)}
-    from zeroshot.report import predictions_frame
+    from radalign.zeroshot.report import predictions_frame
 
     preds = predictions_frame([emb.keys[i] for i in rows], scores, labels, names, true_class)
     return EvalResult(out, preds, scores, labels, names)
@@ -307,7 +307,7 @@ def run_zeroshot(cfg: ZeroshotConfig, checkpoints: list[Checkpoint] | None = Non
 
 
 def _run_locked(cfg: ZeroshotConfig, checkpoints: list[Checkpoint], sets: list[PromptSet], out: Path) -> dict:
-    from zeroshot.report import write_outputs
+    from radalign.zeroshot.report import write_outputs
 
     cache = out / "cache" if cfg.cache else None
     t0 = time.perf_counter()

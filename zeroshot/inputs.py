@@ -88,7 +88,7 @@ def embed_shards(encoders, root: str | os.PathLike, split: str, *, batch_size: i
     """Embed every image of a shard split (`data.embed.embed_split`); labels and the patient (`subject_id`)
     come from each sample's json metadata. Lost samples are counted by reason and reported. `cache`: through
     the export's embedding cache (`data.embed.EmbedCache`), shared with the other stages."""
-    from data.embed import EmbedCache, embed_split
+    from radalign.data.embed import EmbedCache, embed_split
 
     try:
         emb = embed_split(encoders.encode_images, root, split, encoders.image_transform(), batch_size=batch_size,
@@ -109,7 +109,7 @@ class _CsvImages(torch.utils.data.Dataset):
     """Rows of a CSV -> (row index, image tensor or None, failure reason or None)."""
 
     def __init__(self, paths: list[Path], transform, max_pixels: int | None = None):
-        from data.images import DEFAULT_MAX_PIXELS
+        from radalign.data.images import DEFAULT_MAX_PIXELS
 
         self.paths, self.transform = paths, transform
         self.max_pixels = DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels
@@ -118,7 +118,7 @@ class _CsvImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        from data.images import OversizedImageError, open_image, to_gray8
+        from radalign.data.images import OversizedImageError, open_image, to_gray8
 
         path = self.paths[i]
         if not path.is_file():

@@ -85,9 +85,8 @@ def _read_json(path: Path):
 
 def param_counts(folder: Path) -> dict:
     """Tensor elements per tower, from the safetensors headers of an export (no weights loaded)."""
+    from radalign.pretrain.export import IMAGE_FILE, TEXT_FILE
     from safetensors import safe_open
-
-    from pretrain.export import IMAGE_FILE, TEXT_FILE
 
     out = {}
     for part, name in (("image", IMAGE_FILE), ("text", TEXT_FILE)):
@@ -156,7 +155,7 @@ def _manifest(meta: dict, notes: list[str]) -> tuple[dict | None, Path | None]:
 
 def _is_synthetic(manifest: dict) -> bool:
     """The input folder sits in a `radalign data synth` output (its marker file is beside it)."""
-    from data.synth import MARKER
+    from radalign.data.synth import MARKER
 
     opts = manifest.get("options") or {}
     for key in ("mimic_cxr", "csv"):
@@ -167,7 +166,7 @@ def _is_synthetic(manifest: dict) -> bool:
 
 def split_subjects(shards: Path, split: str) -> set[str]:
     """subject_id of every sample of a shard split, from the tar members' JSON (no image is decoded)."""
-    from data.loader import shard_paths
+    from radalign.data.loader import shard_paths
 
     out: set[str] = set()
     for path in shard_paths(shards, split):

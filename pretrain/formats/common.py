@@ -13,8 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-
-from pretrain.export import TOKENIZER_DIR, Encoders
+from radalign.pretrain.export import TOKENIZER_DIR, Encoders
 
 # Keys of a radalign model config that open_clip's constructors do not take (pretrain/models.py: EXTRA_KEYS).
 OURS_TOP = ("open_clip_name", "description")

@@ -21,9 +21,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from radalign.pretrain.export import Encoders
+from radalign.pretrain.formats import common
 
-from pretrain.export import Encoders
-from pretrain.formats import common
 from radalign import RadalignError
 
 REMOTE_CODE = "modeling_radalign.py"
@@ -69,7 +69,7 @@ def vision_problems(model_cfg: dict) -> list[str]:
 def text_problems(model_cfg: dict) -> list[str]:
     t = model_cfg["text_cfg"]
     if common.is_hf_text(model_cfg):
-        from pretrain.formats.modeling_radalign import POOLERS
+        from radalign.pretrain.formats.modeling_radalign import POOLERS
 
         pooler = t.get("hf_pooler_type", "mean_pooler")
         return [] if pooler is None or pooler in POOLERS else [
@@ -236,9 +236,11 @@ def build_clip(model_cfg: dict, state: dict):
 
 def build_dual_encoder(model_cfg: dict, state: dict, tower_config):
     """VisionTextDualEncoderModel where BERT's pooler + one linear layer is the tower; else our subclass."""
+    from radalign.pretrain.formats.modeling_radalign import (
+        RadalignDualEncoderConfig,
+        RadalignDualEncoderModel,
+    )
     from transformers import VisionTextDualEncoderConfig, VisionTextDualEncoderModel
-
-    from pretrain.formats.modeling_radalign import RadalignDualEncoderConfig, RadalignDualEncoderModel
 
     pooler, proj = _text_pooler(model_cfg, tower_config)
     plain = pooler == "cls_pooler" and proj == "linear"

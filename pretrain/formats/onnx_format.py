@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from radalign.pretrain.export import Encoders
+from radalign.pretrain.formats import common
 from torch import nn
-
-from pretrain.export import Encoders
-from pretrain.formats import common
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"

@@ -18,10 +18,9 @@ import json
 from pathlib import Path
 
 import torch
+from radalign.pretrain.export import Encoders
+from radalign.pretrain.formats import common
 from safetensors.torch import save_file
-
-from pretrain.export import Encoders
-from pretrain.formats import common
 
 CONFIG_FILE = "open_clip_config.json"
 WEIGHTS_FILE = "open_clip_model.safetensors"

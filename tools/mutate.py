@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "tools" / "mutation-results.json"
 DOC = ROOT / "docs" / "testing.md"
 PACKAGES = ("radalign", "data", "pretrain", "zeroshot", "retrieval", "finetune", "configs")
+STAGE_FOLDERS = PACKAGES[1:]  # installed as radalign.<folder> (setup.cfg package_dir)
 GUARDS = "tests/test_mutation_guards.py"
 
 # Module -> the fast test files that exercise it (seconds each, no slow marker). Statistics, losses, label and
@@ -104,7 +105,9 @@ def _git(*args: str) -> str:
 
 
 def make_copy(work: Path) -> None:
-    """The checkout's tracked and untracked-not-ignored files of the packages and tests, into `work`."""
+    """The checkout's tracked and untracked-not-ignored files of the packages and tests, into `work`, in the
+    installed shape: a stage folder `data/` is also copied to `radalign/data/`, so `import radalign.data` finds
+    the copy (mutated) on sys.path before the editable install's mapping to the checkout (not mutated)."""
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
@@ -112,16 +115,23 @@ def make_copy(work: Path) -> None:
     keep = [f for f in files if f.split("/", 1)[0] in (*PACKAGES, "tests") or f in ("setup.cfg", "pyproject.toml")]
     for rel in keep:
         src = ROOT / rel
-        if src.is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
+        if not src.is_file():
+            continue
+        for dst in {rel, installed_path(rel)}:
+            (work / dst).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / dst)
+
+
+def installed_path(rel: str) -> str:
+    """`data/loader.py` -> `radalign/data/loader.py`; other paths unchanged."""
+    return f"radalign/{rel}" if rel.split("/", 1)[0] in STAGE_FOLDERS else rel
 
 
 def mutmut_config(module: str, tests: list[str]) -> str:
-    top = module.split("/", 1)[0]
-    others = [p for p in PACKAGES if p != top]
-    lines = ["", "[tool.mutmut]", f"source_paths = [{json.dumps(top)}]", f"only_mutate = [{json.dumps(module)}]",
-             f"also_copy = {json.dumps(others)}", f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
+    """mutmut mutates the installed-shape copy of `module` (radalign/...), which is what the tests import."""
+    lines = ["", "[tool.mutmut]", 'source_paths = ["radalign"]', f"only_mutate = [{json.dumps(installed_path(module))}]",
+             f"also_copy = {json.dumps([p for p in STAGE_FOLDERS])}",
+             f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
              'pytest_add_cli_args = ["-x", "-q"]', "use_git_change_detection = false", ""]
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ without the flag, 50 concurrent queries."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import socket
@@ -116,6 +117,16 @@ class FakeExplainer:
 
 @pytest.fixture(scope="module")
 def case_base(tmp_path_factory):
+    return build_case_base(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def service(case_base, tmp_path_factory):
+    return build_service(case_base, tmp_path_factory.mktemp("audit") / "audit.jsonl")
+
+
+def build_case_base(folder: Path) -> dict:
+    """The index folder (under `folder`) of N cases with their encoders, embeddings, columns and pictures."""
     import torch
 
     enc = Encoders(dim=D)
@@ -126,15 +137,14 @@ def case_base(tmp_path_factory):
                 "dim": D, "normalisation": "l2", "metric": "inner_product", "modalities": ["image"],
                 "indexes": {"image": entry}, "data": {"split": "train", "skipped": {}}}
     cols = _columns(images)
-    out = tmp_path_factory.mktemp("serve") / "index"
+    out = folder / "index"
     write_index_dir(out, indexes={"image": index}, vectors={"image": x}, metadata=metadata_table(cols, LABELS),
                     manifest=manifest)
     return {"dir": out, "enc": enc, "x": x, "cols": cols, "images": images}
 
 
-@pytest.fixture(scope="module")
-def service(case_base, tmp_path_factory):
-    audit = tmp_path_factory.mktemp("audit") / "audit.jsonl"
+def build_service(case_base: dict, audit: Path) -> dict:
+    """The app over `case_base` with a FakeExplainer, a TestClient and the audit log's path."""
     explainer = FakeExplainer(sorted(set(case_base["cols"]["study_id"])))
     app = create_app(case_base["dir"], encoders=case_base["enc"], explainer=explainer,
                      config=ServeConfig(audit_log=str(audit), max_upload_bytes=4 * 1024 * 1024, max_k=40))
@@ -531,21 +541,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def live(service):
+@contextlib.contextmanager
+def running(app):
+    """The app on a real uvicorn server on a free loopback port, in a thread; yields its base URL."""
     import uvicorn
 
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(service["app"], host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 30
     while not server.started and time.time() < deadline:
         time.sleep(0.05)
-    assert server.started
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    assert server.started, "uvicorn did not start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live(service):
+    with running(service["app"]) as url:
+        yield url
 
 
 def test_50_concurrent_queries_all_answered_none_mixed_up(live, case_base):

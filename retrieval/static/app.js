@@ -27,6 +27,7 @@ function done(message) {
 }
 
 function fail(message) {
+  document.body.dataset.errors = String(Number(document.body.dataset.errors || 0) + 1);
   $("progress").hidden = true;
   $("status-text").textContent = "";
   $("error").textContent = message;
@@ -165,6 +166,7 @@ function show(result, t0) {
   renderSummary(result, Math.round(performance.now() - t0));
   renderVote(result.vote);
   renderResults(result);
+  document.body.dataset.answers = String(Number(document.body.dataset.answers || 0) + 1);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -241,6 +243,7 @@ async function openCase(studyId) {
     box.hidden = false;
     box.scrollIntoView({ block: "start" });
     done("study " + c.study_id);
+    document.body.dataset.cases = String(Number(document.body.dataset.cases || 0) + 1);
   } catch (e) {
     fail(e.message);
   }

@@ -11,11 +11,13 @@ other patients with the neighbour vote): nothing is recomputed here.
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 from radalign.finetune.clinical import age_bands
 from radalign.finetune.evaluate import explain_study
+from radalign.finetune.explain import to_json
 from radalign.finetune.predict import load_run
 
 from radalign import RadalignError
@@ -39,7 +41,7 @@ class StudyExplainer:
             expl = explain_study(self.trained, study_id, index=self.index_dir, k=k)
         except RadalignError as e:  # e.g. a study whose film was not embedded: say why on the page
             return {"study_id": str(study_id), "task": self.task, "error": str(e)}
-        return expl.to_dict()
+        return json.loads(to_json(expl))  # exactly `finetune explain --format json` (numpy ids as text)
 
     def demographics(self) -> dict[str, dict]:
         """study_id -> sex (MIMIC-IV `gender`) and age band (`finetune eval`'s bands) from the run's table."""

@@ -50,7 +50,32 @@ BASE = "http://127.0.0.1"
 
 
 class Encoders(FakeEncoders):
-    """FakeEncoders with a tokenizer (one token per word, a context of 64), as text queries need."""
+    """FakeEncoders with a tokenizer (one token per word, a context of 64), as text queries need, that refuse
+    to be entered by two threads at once (as a Hugging Face fast tokenizer does: "Already borrowed")."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._inside = 0
+        self._count = threading.Lock()
+
+    def _enter(self, call):
+        with self._count:
+            self._inside += 1
+            inside = self._inside
+        try:
+            if inside > 1:
+                raise RuntimeError("Already borrowed: the encoders were entered by two threads at once")
+            time.sleep(0.002)  # long enough for unserialised concurrent queries to overlap
+            return call()
+        finally:
+            with self._count:
+                self._inside -= 1
+
+    def encode_images(self, images):
+        return self._enter(lambda: FakeEncoders.encode_images(self, images))
+
+    def encode_texts(self, texts, batch_size=256):
+        return self._enter(lambda: FakeEncoders.encode_texts(self, texts, batch_size))
 
     def tokenize(self, texts):
         import torch
@@ -277,6 +302,8 @@ FILTERS = [
     {"view": ["PA"]},
     {"view": ["AP", "LATERAL"], "split": ["train"]},
     {"date_from": "2153-01-01", "date_to": "2156-12-31"},
+    {"date_from": "2155-01-01"},  # cases without a date are left out, also by a one-sided range
+    {"date_to": "2153-06-30"},
     {"labels_present": ["Pleural Effusion"]},
     {"labels_absent": ["Edema"]},
     {"labels_present": ["Edema"], "labels_absent": ["Pleural Effusion"]},
@@ -428,6 +455,11 @@ def test_png_decompression_bomb_is_413(service, case_base):
     small = create_app(case_base["dir"], encoders=case_base["enc"], config=ServeConfig(audit_log=None, max_pixels=10**6))
     r = TestClient(small, base_url=BASE).post("/api/search/image", content=_png_bomb(2000))
     assert r.status_code == 413 and r.json()["reason"] == "oversized_image" and "1,000,000" in r.json()["detail"]
+    # PIL's own guard, where the service's cap is set above it (Image.MAX_IMAGE_PIXELS, about 89 M)
+    large = create_app(case_base["dir"], encoders=case_base["enc"], config=ServeConfig(audit_log=None,
+                                                                                        max_pixels=4 * 10**8))
+    r = TestClient(large, base_url=BASE).post("/api/search/image", content=bomb)
+    assert r.status_code == 413 and r.json()["reason"] == "oversized_image"
 
 
 @pytest.mark.parametrize("data, status, reason", [

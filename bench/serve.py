@@ -1,13 +1,14 @@
 """Latency of `radalign retrieval serve` under a bounded loopback load: p50/p95/p99 per query kind and size.
 
     .venv/bin/python bench/serve.py [--export runs/demo/pretrain] [--sizes 10000,100000] [--requests 200]
-                                    [--clients 4] [--results bench/RESULTS.md]
+                                    [--clients 1,4] [--results bench/RESULTS.md]
 
 The service is started the way users start it (`radalign retrieval serve --index-dir ... --checkpoint ...`, a
 child process on 127.0.0.1) over index folders of synthetic clustered embeddings (the dimension and encoder
-checksum of the export, so the demo's towers embed the queries) with synthetic metadata. `--clients` threads
-each send their share of `--requests` one after another (a bounded load: at most `clients` in flight); each
-latency is one request's wall time at the client, JSON parsed. Query kinds: text (the text tower + search),
+checksum of the export, so the demo's towers embed the queries) with synthetic metadata. For each value of
+`--clients` (1 and 4), that many threads each send their share of `--requests` one after another (a bounded
+load: at most that many in flight; the service answers one query at a time, so 4 in flight wait in turn);
+each latency is one request's wall time at the client, JSON parsed. Query kinds: text (the text tower + search),
 image (a 160 px PNG: decode, the image tower, search) and DICOM (a 2048 x 2048 12-bit film: read, the MIMIC
 conversion, the tower, search). The server's CPU seconds per query (user + system of its process) are printed
 beside the latencies: on a shared machine they are the steadier figure. Targets (issue 21): p95 < 50 ms for
@@ -155,24 +156,30 @@ def measure(index_dir: Path, export: str, n: int, args, images) -> list[list]:
     with tempfile.TemporaryDirectory() as tmp:
         proc, url = start_server(index_dir, export, Path(tmp) / "audit.jsonl")
         try:
-            for kind in ("text", "image", "dicom"):
-                count = args.requests if kind != "dicom" else max(args.clients, args.requests // 4)
-                run_load(url, kind, args.clients * 2, args.clients, images)  # warm-up
-                cpu0 = cpu_seconds(proc.pid)
-                t0 = time.perf_counter()
-                ms = np.asarray(run_load(url, kind, count, args.clients, images))
-                wall = time.perf_counter() - t0
-                cpu = (cpu_seconds(proc.pid) - cpu0) / len(ms) * 1000
-                p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-                target = target_ms(kind, n)
-                verdict = "" if target is None else (f"< {target:.0f}: " + ("met" if p95 < target else "MISSED"))
-                rows.append([f"{n:,}", kind, len(ms), f"{p50:.1f}", f"{p95:.1f}", f"{p99:.1f}",
-                             f"{len(ms) / wall:.1f}", f"{cpu:.1f}", verdict])
-                print("  ".join(map(str, rows[-1])), flush=True)
+            for clients in args.clients:
+                for kind in ("text", "image", "dicom"):
+                    rows.append(measure_one(proc, url, n, kind, clients, args.requests, images))
+                    print("  ".join(map(str, rows[-1])), flush=True)
         finally:
             proc.terminate()
             proc.wait(30)
     return rows
+
+
+def measure_one(proc, url: str, n: int, kind: str, clients: int, requests: int, images) -> list:
+    """One row: latency percentiles, throughput and the server's CPU-ms per query of one kind and load."""
+    count = requests if kind != "dicom" else max(clients, requests // 4)
+    run_load(url, kind, clients * 2, clients, images)  # warm-up
+    cpu0 = cpu_seconds(proc.pid)
+    t0 = time.perf_counter()
+    ms = np.asarray(run_load(url, kind, count, clients, images))
+    wall = time.perf_counter() - t0
+    cpu = (cpu_seconds(proc.pid) - cpu0) / len(ms) * 1000
+    p50, p95, p99 = np.percentile(ms, [50, 95, 99])
+    target = target_ms(kind, n)
+    verdict = "" if target is None else (f"< {target:.0f}: " + ("met" if p95 < target else "MISSED"))
+    return [f"{n:,}", kind, clients, len(ms), f"{p50:.1f}", f"{p95:.1f}", f"{p99:.1f}", f"{len(ms) / wall:.1f}",
+            f"{cpu:.1f}", verdict]
 
 
 def main() -> None:
@@ -180,13 +187,14 @@ def main() -> None:
     p.add_argument("--export", default=str(REPO / "runs" / "demo" / "pretrain"), help="the towers (demo's)")
     p.add_argument("--sizes", default="10000,100000", help="index sizes (synthetic vectors)")
     p.add_argument("--requests", type=int, default=200, help="queries per kind and size")
-    p.add_argument("--clients", type=int, default=4, help="queries in flight at most")
+    p.add_argument("--clients", default="1,4", help="queries in flight at most, one run per value")
     p.add_argument("--results", help="append the table to this Markdown file (e.g. bench/RESULTS.md)")
     args = p.parse_args()
+    args.clients = [int(c) for c in str(args.clients).split(",")]
     if not Path(args.export).exists():
         raise SystemExit(f"--export {args.export}: not there; run `make demo` or pass an export folder")
     images = query_images()
-    headers = ["cases", "query", "n", "p50 ms", "p95 ms", "p99 ms", "queries/s", "server CPU-ms/query", "p95 target"]
+    headers = ["cases", "query", "in flight", "n", "p50 ms", "p95 ms", "p99 ms", "queries/s", "server CPU-ms/query", "p95 target"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in (int(float(s)) for s in args.sizes.split(",")):
@@ -205,8 +213,9 @@ def append_results(path: Path, text: str, args) -> None:
     load = os.getloadavg()[0]
     with open(path, "a", encoding="utf-8") as f:
         f.write(f"\n\n## serve (`bench/serve.py`, issue 21)\n\n{dt.date.today().isoformat()}, lscpu model name "
-                f"\"{model}\", {os.cpu_count()} cores, the demo's towers ({args.export}); {args.clients} clients "
-                f"on loopback, {args.requests} queries per kind (DICOM: a quarter). The machine was shared with "
+                f"\"{model}\", {os.cpu_count()} cores, the demo's towers ({args.export}); "
+                f"{'/'.join(map(str, args.clients))} clients on loopback, {args.requests} queries per kind and "
+                f"load (image: a 160 px PNG; DICOM: a 2048 x 2048 12-bit film, a quarter as many). The machine was shared with "
                 f"other engineers' jobs (1-min load average {load:.1f} on {os.cpu_count()} cores at the end): "
                 f"wall latencies are inflated; the server's CPU-ms per query are the steadier figure.\n\n"
                 f"```\n{text}\n```\n")

@@ -325,9 +325,10 @@ class Service:
                 "limits": {"max_upload_bytes": self.config.max_upload_bytes, "max_pixels": self.config.max_pixels,
                            "max_k": self.config.max_k, "default_k": self.config.default_k}}
 
-    def search(self, kind: str, *, k: int | None, filters: Filters, image=None, text: str | None = None,
+    def search(self, *, k: int | None, filters: Filters, image=None, text: str | None = None,
                study_id: str | None = None, exclude_patient: bool | None = None, query_info: dict | None = None,
                ) -> dict:
+        """One query (exactly one of image, text, study_id) as the API's answer; RadalignError when refused."""
         k = self._k(k)
         allowed = self.cases.mask(filters)
         with self._lock:

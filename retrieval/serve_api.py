@@ -119,7 +119,7 @@ def api_app(service: Service) -> FastAPI:
 def _audited(service: Service, kind: str, k, filters, **query) -> dict:
     """Run one search; audit it (ids and filters only), also when it is refused."""
     try:
-        result = service.search(kind, k=k, filters=Filters.parse(filters), **query)
+        result = service.search(k=k, filters=Filters.parse(filters), **query)
     except RadalignError as e:
         service.audit.write(kind, status=422, k=k, filters=filters, query_id=query.get("study_id"),
                             reason=type(e).__name__)

@@ -221,7 +221,7 @@ class CaseTable:
         self.store = store
         self.columns = {c: store.column(c).astype(object) for c in ("study_id", "subject_id", "dicom_id", "view",
                                                                        "split", DATE_FILTER)}
-        self.dates = np.array([str(v)[:10] if v else "" for v in self.columns[DATE_FILTER]], dtype=object)
+        self.dates = np.array([str(v)[:10] if v else "" for v in self.columns[DATE_FILTER]], dtype="<U10")  # [N]
         self.labels = store.labels
         self._label_matrix = store.label_matrix()  # [N, L]
         self.rows_by_dicom = {str(d): i for i, d in enumerate(self.columns["dicom_id"])}
@@ -238,10 +238,10 @@ class CaseTable:
         return [] if col is None else sorted({str(v) for v in col if v is not None and v == v and v != ""})
 
     def options(self) -> dict:
-        dates = [d for d in self.dates if d]
+        dates = self.dates[self.dates != ""].tolist()
         return {"view": self.values("view"), "split": self.values("split"), "labels": list(self.labels),
                 "sex": self.values("sex"), "age_band": self.values("age_band"),
-                "date_min": min(dates) if dates else None, "date_max": max(dates) if dates else None}
+                "date_min": min(dates) if len(dates) else None, "date_max": max(dates) if len(dates) else None}
 
     def mask(self, f: Filters) -> np.ndarray | None:
         """bool [N] of the rows that pass every filter; None when no filter is set."""
@@ -253,9 +253,9 @@ class CaseTable:
             if wanted is not None:
                 keep &= np.isin(self._column(name), np.asarray(wanted, dtype=object))
         if f.date_from:
-            keep &= np.array([bool(d) and d >= f.date_from for d in self.dates])
+            keep &= (self.dates != "") & (self.dates >= f.date_from)  # ISO days compare as text
         if f.date_to:
-            keep &= np.array([bool(d) and d <= f.date_to for d in self.dates])
+            keep &= (self.dates != "") & (self.dates <= f.date_to)
         for name in f.labels_present:
             keep &= self._label(name) == 1
         for name in f.labels_absent:

@@ -105,21 +105,23 @@ def start_server(index_dir: Path, export: str, audit: Path) -> tuple[subprocess.
     port = _free_port()
     cmd = [str(Path(sys.executable).parent / "radalign"), "retrieval", "serve", "--index-dir", str(index_dir),
            "--checkpoint", export, "--port", str(port), "--audit-log", str(audit)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = audit.with_name("serve.log")
+    with open(log, "w") as err:  # a file, not a pipe: a full pipe would stall the server
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"the service exited: {proc.stderr.read()[-2000:]}")
+            raise SystemExit(f"the service exited: {log.read_text()[-2000:]}")
         try:
             if httpx.get(url + "/api/info", timeout=2).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the service did not answer within 300 s")
+    raise SystemExit(f"the service did not answer within 600 s: {log.read_text()[-2000:]}")
 
 
 def cpu_seconds(pid: int) -> float:

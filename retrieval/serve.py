@@ -51,7 +51,7 @@ from radalign.log import get_logger
 
 log = get_logger("radalign.retrieval.serve")
 STATIC = Path(__file__).parent / "static"
-LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # as Host headers name them
 EXPLAINER_GROUP = "radalign.serve_explainers"
 DATE_FILTER = "study_datetime"
 
@@ -110,7 +110,9 @@ def allowed_hosts(host: str) -> tuple[str, ...]:
     bare = host.strip("[]")
     if bare in ("0.0.0.0", "::"):
         return ("*",)
-    return LOOPBACK_NAMES if is_loopback(bare) else (*LOOPBACK_NAMES, bare)
+    if is_loopback(bare):
+        return LOOPBACK_NAMES
+    return (*LOOPBACK_NAMES, f"[{bare}]" if ":" in bare else bare)  # an IPv6 literal comes in brackets
 
 
 # ----------------------------------------------------------------------------------------------------------

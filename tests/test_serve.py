@@ -555,12 +555,15 @@ def test_non_loopback_bind_with_the_flag_warns(caplog):
         logger.removeHandler(handler)
     assert any("no login" in m for m in got)
     assert allowed_hosts("0.0.0.0") == ("*",) and "10.1.2.3" in allowed_hosts("10.1.2.3")
-    assert allowed_hosts("127.0.0.1") == ("127.0.0.1", "localhost", "::1")
+    assert allowed_hosts("127.0.0.1") == allowed_hosts("::1") == ("127.0.0.1", "localhost", "[::1]")
+    assert "[fd00::5]" in allowed_hosts("fd00::5")
 
 
 def test_foreign_host_header_is_refused(service):
     r = TestClient(service["app"], base_url="http://evil.example").get("/api/info")
     assert r.status_code == 400  # DNS rebinding: a page from another origin resolved to 127.0.0.1
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"):
+        assert TestClient(service["app"], base_url=base).get("/api/info").status_code == 200, base
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -72,6 +72,7 @@ demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics
 	@$(BIN)/python -c "import json; m=json.load(open('$(IHM)/metrics.json')); print('in-hospital mortality, test AUROC [95% CI over patients]:', '; '.join('%s %.3f [%.3f, %.3f]' % (k, v['auroc'], v['ci_low'], v['ci_high']) for k, v in m['models'].items())); print('fusion minus each:', '; '.join('%s %+.3f [%+.3f, %+.3f]' % (k[len('fusion_vs_'):], v['delta'], v['ci_low'], v['ci_high']) for k, v in m['paired_differences'].items()))"
 	@$(BIN)/python -c "import json; d=json.load(open('$(IHM)/metrics.json'))['degradation']; print('graceful degradation, mean AUROC drop over %d training seeds, with / without modality dropout:' % d['n_seeds'], '; '.join('%s removed %+.3f / %+.3f' % (r['removed'], r['with_dropout']['over_seeds']['drop_mean'], r['without_dropout']['over_seeds']['drop_mean']) for r in d['rows'] if r['removed']))"
 	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
+	@echo "similar-case lookup page: $(BIN)/radalign retrieval serve --index-dir $(DEMO)/retrieval/index --finetune-run $(IHM)  (then open http://127.0.0.1:8765/)"
 	@echo; echo "== wall time per step (seconds):"; $(STEP) --total
 
 $(DEMO)/synthetic/synth.json: | $(STAMP)

@@ -298,14 +298,14 @@ def _text(v) -> str | None:
     return v if isinstance(v, str) and v.strip() else None
 
 
-def explain_study(checkpoint: str | os.PathLike, study_id, *, index: str | os.PathLike | None = None,
+def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index: str | os.PathLike | None = None,
                   k: int = 5, split: str | None = None, table: str | None = None, shards: str | None = None,
                   model: str = "fusion", thumbnail: bool = False) -> X.Explanation:
     """Explain the prediction of `model` for one study of the run's table (see the module docstring).
 
     split: where to look for the study (default: every split of the table); thumbnail: read the film from
-    the shards for the HTML page."""
-    trained = load_run(checkpoint)
+    the shards for the HTML page. checkpoint: a run folder, or a run already loaded (a service explains many)."""
+    trained = checkpoint if isinstance(checkpoint, TrainedRun) else load_run(checkpoint)
     if model not in trained.models:
         raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
     net, meta = trained.models[model]

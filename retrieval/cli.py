@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from radalign.retrieval.serve_cli import register_serve
+
 # retrieval.classify's DEFAULT_K and DEFAULT_TEMPERATURE, written out so that `radalign --help` imports no
 # numpy/faiss (tests/test_retrieval_classify.py checks they agree).
 DEFAULT_K, DEFAULT_TEMPERATURE = 20, 0.07
@@ -133,6 +135,7 @@ def register(sub) -> None:
     c.add_argument("--out", help="folder for metrics.json, metrics.md, predictions.csv (default: print only)")
     _common(c)
     c.set_defaults(func=_classify)
+    register_serve(verbs)
 
 
 def _common(p) -> None:

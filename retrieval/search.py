@@ -116,11 +116,13 @@ class Retriever:
     def search(self, *, image=None, text: str | None = None, study_id=None, vector: np.ndarray | None = None,
                k: int = 5, target: str = "image", exclude_patient: bool | None = None,
                subject_id=None, dedup_study: bool = True, query_info: dict | None = None,
-               overfetch: int = 4) -> SearchResult:
+               overfetch: int = 4, allowed: np.ndarray | None = None) -> SearchResult:
         """The k most similar cases to exactly one of image / text / study_id (in the index) / vector.
 
         exclude_patient: leave out cases of the query's patient (default: on for study_id queries, which
         know their patient; for others pass `subject_id`). Study queries always leave out the study itself.
+        allowed: bool [N], the rows a case may come from (metadata filters: view, date, labels...); others are
+        skipped before the one-image-per-study rule and counted as `filtered["not_allowed"]`.
         """
         given = [n for n, v in (("image", image), ("text", text), ("study_id", study_id), ("vector", vector))
                  if v is not None]
@@ -158,7 +160,7 @@ class Retriever:
             log.warning("exclude_patient asked but the query's patient is unknown; nothing excluded")
         hits = self.search_vectors(q[None], k, target=target, exclude_subjects=[subject],
                                    exclude_studies=[exclude_study], dedup_study=dedup_study,
-                                   overfetch=overfetch)[0]
+                                   overfetch=overfetch, allowed=allowed)[0]
         neighbours = [self.describe_row(r, s, rank=i + 1) for i, (r, s) in enumerate(zip(hits.rows, hits.scores))]
         if len(neighbours) < k:
             log.warning("only %d of k=%d cases left after the filters (%s)", len(neighbours), k, hits.filtered)
@@ -167,15 +169,17 @@ class Retriever:
                             filtered=hits.filtered, index=self._index_summary(target))
 
     def search_vectors(self, q: np.ndarray, k: int, *, target: str = "image", exclude_subjects=None,
-                       exclude_studies=None, dedup_study: bool = True, overfetch: int = 4) -> list[Hits]:
-        """Batch search of L2-normalised queries [Q, D] with the case filters; one `Hits` per query."""
+                       exclude_studies=None, dedup_study: bool = True, overfetch: int = 4,
+                       allowed: np.ndarray | None = None) -> list[Hits]:
+        """Batch search of L2-normalised queries [Q, D] with the case filters; one `Hits` per query.
+        allowed: bool [N] rows that may be returned (None: all)."""
         index = self._index(target)
         self._check_k(k)
         n = self.store.count
         q = np.ascontiguousarray(q, dtype=np.float32)
         exclude_subjects = list(exclude_subjects) if exclude_subjects is not None else [None] * len(q)
         exclude_studies = list(exclude_studies) if exclude_studies is not None else [None] * len(q)
-        filtering = dedup_study or any(s is not None for s in exclude_subjects + exclude_studies)
+        filtering = dedup_study or allowed is not None or any(s is not None for s in exclude_subjects + exclude_studies)
         fetch = min(n, k * overfetch if filtering else k)
         studies, subjects = self._id_columns()
         results: list[Hits | None] = [None] * len(q)
@@ -185,7 +189,7 @@ class Retriever:
             again = []
             for t, qi in enumerate(todo):
                 hits = _filter(ids[t], scores[t], k, studies, subjects, exclude_subjects[qi], exclude_studies[qi],
-                               dedup_study)
+                               dedup_study, allowed)
                 if len(hits.rows) < k and fetch < n:
                     again.append(qi)  # not enough cases survived: ask FAISS for more
                 results[qi] = hits
@@ -249,14 +253,19 @@ class Retriever:
                 entry["index_string"], "params": entry.get("params"), "encoder_checksum": m["encoder"]["checksum"]}
 
 
-def _filter(ids, scores, k, studies, subjects, exclude_subject, exclude_study, dedup) -> Hits:
+def _filter(ids, scores, k, studies, subjects, exclude_subject, exclude_study, dedup, allowed=None) -> Hits:
     hits = Hits([], [])
+    if allowed is not None:
+        hits.filtered["not_allowed"] = 0
     seen: set = set()
     for i, s in zip(ids.tolist(), scores.tolist()):
         if len(hits.rows) == k:
             break  # what lies beyond rank k is neither shown nor counted as filtered
         if i < 0:
             continue  # FAISS pads with -1 when it found fewer than asked
+        if allowed is not None and not allowed[i]:
+            hits.filtered["not_allowed"] += 1
+            continue
         if exclude_subject is not None and subjects[i] == exclude_subject:
             hits.filtered["same_patient"] += 1
             continue

@@ -1,0 +1,57 @@
+"""A finetune run as the explainer of `radalign retrieval serve --finetune-run RUN` (registered under the
+`radalign.serve_explainers` entry point in setup.cfg, so retrieval finds it without importing finetune).
+
+    ex = StudyExplainer(RUN, INDEX_DIR)      # the run loaded once
+    ex.explain("50000123", k=5)              # what `radalign finetune explain --format json` writes, or None
+    ex.demographics()                        # {study_id: {"sex": ..., "age_band": ...}} for the filters
+
+The explanation is `evaluate.explain_study`'s (exact modality Shapley values, attention, the similar cases of
+other patients with the neighbour vote): nothing is recomputed here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from radalign.finetune.clinical import age_bands
+from radalign.finetune.evaluate import explain_study
+from radalign.finetune.explain import to_json
+from radalign.finetune.predict import load_run
+
+from radalign import RadalignError
+
+
+class StudyExplainer:
+    """Explains studies of one finetune run's table, with similar cases from one index."""
+
+    def __init__(self, run: str | os.PathLike, index_dir: str | os.PathLike):
+        self.trained = load_run(run)
+        self.index_dir = index_dir
+        self.task = self.trained.cfg.task.name
+        self._studies = {str(s) for frame in self.trained.table().splits.values() for s in frame["study_id"]}
+
+    def explain(self, study_id: str, k: int) -> dict | None:
+        """The run's explanation of `study_id` as JSON-ready data (task, probability, Shapley values, similar
+        cases); None when the study is not in the run's table (an uploaded film has no record)."""
+        if str(study_id) not in self._studies:
+            return None
+        try:
+            expl = explain_study(self.trained, study_id, index=self.index_dir, k=k)
+        except RadalignError as e:  # e.g. a study whose film was not embedded: say why on the page
+            return {"study_id": str(study_id), "task": self.task, "error": str(e)}
+        return json.loads(to_json(expl))  # exactly `finetune explain --format json` (numpy ids as text)
+
+    def demographics(self) -> dict[str, dict]:
+        """study_id -> sex (MIMIC-IV `gender`) and age band (`finetune eval`'s bands) from the run's table."""
+        out: dict[str, dict] = {}
+        for frame in self.trained.table().splits.values():
+            sex = frame["gender"] if "gender" in frame.columns else [None] * len(frame)
+            bands = age_bands(frame["age"]) if "age" in frame.columns else np.full(len(frame), None)
+            for s, g, b in zip(frame["study_id"], sex, bands):
+                out[str(s)] = {"sex": g if isinstance(g, str) and g else None, "age_band": b}
+        return out
+
+
+__all__ = ["StudyExplainer"]

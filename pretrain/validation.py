@@ -10,6 +10,7 @@ statistically careful evaluation.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -116,7 +117,7 @@ class TrainingTowers:
     """The training model's text side as the prompt classifier's encoders (`tokenize`, `encode_texts`)."""
 
     model: torch.nn.Module  # the unwrapped model: model(text=tokens)["text_features"] -> [N, D]
-    tokenizer: object  # list[str] -> [N, L] token ids
+    tokenizer: Callable[[list[str]], torch.Tensor]  # -> [N, L] token ids
     device: torch.device
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:

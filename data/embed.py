@@ -111,6 +111,17 @@ def thumbnail_bytes(image, size: int, quality: int = 80) -> bytes:
     return buf.getvalue()
 
 
+def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
+    """A model-input tensor [C, H, W] of a shard image back to a small grayscale JPEG (what the model saw:
+    resized, cropped); `mean`/`std` are the export's normalisation."""
+    from PIL import Image
+
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
+    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
+    pixels = (image.float().cpu() * std_t + mean_t)[0].clamp(0, 1)  # [H, W], first channel (gray repeated)
+    return thumbnail_bytes(Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L"), size)
+
+
 class WithThumbnail:
     """transform composed with the thumbnail maker, run in the loader workers: PIL image -> one packed float
     tensor [5 + C*H*W + cap] holding the model input and the thumbnail's JPEG bytes (`unpack` splits a batch).
@@ -570,5 +581,5 @@ def _rank_world(rank: int, world_size: int) -> tuple[int, int]:
     return rank, world_size
 
 
-__all__ = ["embed_split", "EmbeddedSplit", "EmbedCache", "CacheEntry", "CACHE_ENV", "WithThumbnail", "thumbnail_bytes", "expected_samples", "lost_counts",
+__all__ = ["embed_split", "EmbeddedSplit", "EmbedCache", "CacheEntry", "CACHE_ENV", "WithThumbnail", "thumbnail_bytes", "thumbnail_jpeg", "expected_samples", "lost_counts",
            "fills_context", "chars_used", "check_query_text", "context_report"]

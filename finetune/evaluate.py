@@ -266,9 +266,9 @@ def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: st
                     size: int = 192) -> str | None:
     """The study's first film (as the model saw it) as a JPEG data URI, read from the shards; None when
     none of its films is there. Reads the shard splits in turn (table split first) until it finds one."""
+    from radalign.data.embed import thumbnail_jpeg
     from radalign.data.loader import make_eval_loader, read_manifest, shard_paths
-    from radalign.retrieval.build import thumbnail_jpeg
-    from radalign.retrieval.store import data_uri
+    from radalign.retrieval.search import data_uri
 
     enc = trained.encoders
     ids = data.frame.iloc[row].get("dicom_ids")

@@ -24,6 +24,8 @@ from radalign.finetune.fewshot import (
     run_sweep,
     write_sweep,
 )
+from radalign.pretrain.classifier import logit_scale_of, text_weights
+from radalign.pretrain.prompts import load_prompt_set
 
 from radalign import RadalignError
 from radalign.io import atomic_write_json, atomic_write_text
@@ -31,9 +33,6 @@ from radalign.io import atomic_write_json, atomic_write_text
 
 def zero_shot_head(run) -> tuple[np.ndarray, float]:
     """(w0, b0) of the zero-shot binary classifier of fewshot.label under the export's prompts."""
-    from radalign.zeroshot.classifier import logit_scale_of, text_weights
-    from radalign.zeroshot.prompts import load_prompt_set
-
     f = run.cfg.fewshot
     ps = load_prompt_set(f.prompts)
     if f.label not in ps.class_names:

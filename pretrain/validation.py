@@ -2,18 +2,27 @@
 
 Positives for recall follow CLIP_benchmark's rule extended to MIMIC: every image of the same study and every
 report whose normalised text is identical count as a hit; recall is `radalign.metrics.recall_at_k` (the one
-definition retrieval uses too). The zero-shot check uses a minimal built-in prompt set
-(positive vs negative prompt per finding); `radalign zeroshot` is the full, statistically careful evaluation.
+definition retrieval uses too). The zero-shot check scores a minimal built-in prompt set (one positive and one
+negative prompt per finding) through the encoders' prompt classifier (`pretrain.classifier`, the one zeroshot
+uses), with the label policy of `data.labels` (uncertain and blank left out); `radalign zeroshot` is the full,
+statistically careful evaluation.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
+from radalign.data.labels import encode_labels
 from radalign.data.text import text_id
+from radalign.pretrain import classifier
+from radalign.pretrain.prompts import PromptSet, parse_prompt_set
 
-from radalign.metrics import recall_at_k
+from radalign.metrics import auroc_point, recall_at_k
 
 # One positive and one negative phrasing per finding, in report language.
 QUICK_PROMPTS: dict[str, tuple[str, str]] = {
@@ -97,27 +106,45 @@ def retrieval_recall(emb: dict) -> dict[str, float]:
     return out
 
 
+QUICK_PROMPT_SET: PromptSet = parse_prompt_set(
+    {"name": "pretrain-validation", "mode": "binary",
+     "classes": {n: {"positive": [pos], "negative": [neg]} for n, (pos, neg) in QUICK_PROMPTS.items()}},
+    source="pretrain.validation.QUICK_PROMPTS")
+
+
+@dataclass
+class TrainingTowers:
+    """The training model's text side as the prompt classifier's encoders (`tokenize`, `encode_texts`)."""
+
+    model: torch.nn.Module  # the unwrapped model: model(text=tokens)["text_features"] -> [N, D]
+    tokenizer: Callable[[list[str]], torch.Tensor]  # -> [N, L] token ids
+    device: torch.device
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts))
+
+    def encode_texts(self, texts: list[str]) -> torch.Tensor:
+        out = self.model(text=self.tokenize(texts).to(self.device))
+        return F.normalize(out["text_features"].float(), dim=-1).cpu()  # [N, D]
+
+
 @torch.no_grad()
 def zero_shot_auroc(emb: dict, model, tokenizer, logit_scale: float | None = None) -> dict[str, float]:
     """Macro AUROC of P(positive prompt) per finding; the softmax uses `logit_scale` (default: the model's
     learned scale, exp(model.logit_scale)); a fixed 100 saturates float32 and ties most scores at 1.0."""
-    from sklearn.metrics import roc_auc_score
-
     if logit_scale is None:
         logit_scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
-    device = next(model.parameters()).device
-    names = list(QUICK_PROMPTS)
-    prompts = [p for n in names for p in QUICK_PROMPTS[n]]
-    out = model(text=tokenizer(prompts).to(device))
-    t = F.normalize(out["text_features"].float(), dim=-1).cpu().view(len(names), 2, -1)  # [C, 2, D]
-    logits = logit_scale * torch.einsum("nd,cpd->ncp", emb["img"], t)  # [N, C, 2]
-    prob = logits.softmax(dim=-1)[..., 0].numpy()  # [N, C] P(positive prompt)
+    towers = TrainingTowers(model, tokenizer, next(model.parameters()).device)
+    weights = classifier.text_weights(towers, QUICK_PROMPT_SET, "validation")
+    prob = classifier.class_probs(emb["img"], weights, "binary", logit_scale).numpy()  # [N, C] P(positive)
+    names = QUICK_PROMPT_SET.class_names
+    raw = pd.DataFrame([{n: lab.get(n) for n in names} for lab in emb["labels"]], columns=names)
+    y = encode_labels(raw)  # [N, C] 1/0, NaN for uncertain and blank (left out)
     result, aucs = {}, []
     for c, name in enumerate(names):
-        y = np.array([lab.get(name) if lab.get(name) in (0, 1) else -1 for lab in emb["labels"]])
-        keep = y >= 0
-        if keep.sum() and 0 < y[keep].sum() < keep.sum():
-            auc = float(roc_auc_score(y[keep], prob[keep, c]))
+        keep = ~np.isnan(y[:, c])
+        auc = auroc_point(prob[keep, c], y[keep, c])
+        if auc is not None:
             result[f"auroc/{name}"] = auc
             aucs.append(auc)
     if aucs:

@@ -5,6 +5,7 @@
     paired_difference("auroc", y, a, b, patient_ids)           model a - model b on the same resamples
     recall_at_k(sim, positives)                                share of queries with a positive in the top k
     choose_threshold(y_val, s_val) / threshold_metrics(y, s, t)
+    auroc_table(scores, labels, names, patient_ids=...)       per-label AUROC + interval, macro means (one bootstrap)
 
 Labels `y` are 1/0; NaN marks a row excluded from this metric (an uncertain or blank label): it is never
 scored, not even as a negative, but its patient still counts as one of the data's patients.
@@ -338,7 +339,130 @@ def threshold_metrics(y, score, threshold: float) -> dict:
             "npv": ratio(tn, tn + fn), "f1": ratio(2 * tp, 2 * tp + fp + fn), "accuracy": ratio(tp + tn, y.size)}
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Per-label AUROC tables (zero-shot, retrieval's k-NN vote): labels [N, C] 1/0 with NaN for excluded rows
+
+
+def bootstrap_units(patient_ids, n: int) -> tuple[list, str]:
+    """The bootstrap units: the patients, or every image its own unit when ids are unknown."""
+    if patient_ids is None:
+        return list(range(n)), "image"
+    if len(patient_ids) != n:
+        raise ValueError(f"{len(patient_ids)} patient ids for {n} rows")
+    return list(patient_ids), UNIT
+
+
+def auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
+    """AUROC of scores [n] for labels y [n] (1/0, none excluded); None when y has one value."""
+    from sklearn.metrics import roc_auc_score  # heavy: imported only where a point AUROC is scored
+
+    return float(roc_auc_score(y, scores)) if 0 < y.sum() < y.size else None
+
+
+def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_boot: int = 1000,
+                seed: int = 0, level: float = 0.95, macro_classes: list[str] | None = None,
+                min_per_label: int = 1, patient_ids=None) -> dict:
+    """Per-class AUROC with patient-level bootstrap CIs and the macro mean (with its joint CI).
+
+    scores [N, C]; labels [N, C] with 1/0 and NaN for excluded; patient_ids [N] (None: each image its own
+    bootstrap unit). Returns
+    {"classes": {name: {auroc, ci_low, ci_high, n_pos, n_neg, n_excluded, skipped_resamples}},
+     "macro": {auroc, ci_low, ci_high, classes, skipped_resamples, skipped_by_class, note, n_boot, seed, level},
+     "macro_all": the same over every class}.
+    A class with only one label value gets auroc None (and is left out of the macro, which says so). A class
+    with fewer than `min_per_label` positives or negatives keeps its own AUROC and CI but is left out of the
+    macro means (listed under `classes_too_few`): an AUROC from 86 positives and 1 negative is one number,
+    not an estimate worth averaging. A bootstrap resample in which a macro class has only one label value is
+    dropped from the macro interval and counted (`_macro`); `note` says so when more than 5% were dropped.
+    """
+    n, c = scores.shape
+    included = ~np.isnan(labels)  # [N, C]
+    per_class, boot = {}, np.full((n_boot, c), np.nan)
+    for j, name in enumerate(names):
+        m = included[:, j]
+        y = labels[m, j].astype(int)
+        per_class[name] = {"auroc": auroc_point(scores[m, j], y), "n_pos": int(y.sum()),
+                           "n_neg": int((y == 0).sum()), "n_excluded": int((~m).sum())}
+    units, unit = bootstrap_units(patient_ids, n)
+    row = 0
+    for counts in patient_weights(units, n_boot, seed):  # [b, N]
+        for j, name in enumerate(names):
+            if per_class[name]["auroc"] is None:
+                continue
+            # NaN (excluded) labels are dropped inside: never scored, whatever their patient's weight
+            boot[row:row + len(counts), j] = weighted_auroc(labels[:, j], scores[:, j], counts)
+        row += len(counts)
+    for j, name in enumerate(names):
+        lo, hi = percentile_ci(boot[:, j], level)
+        skipped = int(np.isnan(boot[:, j]).sum()) if per_class[name]["auroc"] is not None else n_boot
+        per_class[name].update(ci_low=lo, ci_high=hi, skipped_resamples=skipped)
+    out = {"classes": per_class}
+    for key, wanted in (("macro", macro_classes or names), ("macro_all", names)):
+        out[key] = _macro(per_class, boot, names, list(wanted), level, min_per_label)
+        out[key].update(n_boot=n_boot, seed=seed, level=level, min_per_label=min_per_label, unit=unit,
+                        n_units=len(set(units)))
+    return out
+
+
+# Share of dropped resamples above which the macro says its interval is conditional on the thin classes.
+CONDITIONAL_SHARE = 0.05
+
+
+def _macro(per_class: dict, boot: np.ndarray, names: list[str], wanted: list[str], level: float,
+           min_per_label: int = 1) -> dict:
+    """The macro mean over the usable classes of `wanted`, with its interval over the same resamples.
+
+    boot [B, C]: every class's AUROC per resample (NaN: the class had one label value in that resample). A
+    resample enters the macro interval only when EVERY macro class is scorable in it; the others are dropped
+    and counted (`skipped_resamples`, and per class in `skipped_by_class`), never averaged over the classes
+    that remain (that would mix means over different class sets and narrow or shift the interval).
+    """
+    missing = [w for w in wanted if per_class[w]["auroc"] is None]
+    too_few = [w for w in wanted if per_class[w]["auroc"] is not None
+               and min(per_class[w]["n_pos"], per_class[w]["n_neg"]) < min_per_label]
+    usable = [w for w in wanted if w not in missing and w not in too_few]
+    if not usable:
+        return {"auroc": None, "ci_low": None, "ci_high": None, "classes": [], "classes_without_auroc": missing,
+                "classes_too_few": too_few, "skipped_resamples": int(boot.shape[0]), "skipped_by_class": {},
+                "note": ""}
+    cols = [names.index(w) for w in usable]
+    sub = boot[:, cols]  # [B, K]
+    unscorable = np.isnan(sub)  # [B, K]
+    ok = ~unscorable.any(axis=1)  # [B] a resample counts only if every class in the macro has both labels
+    lo, hi = percentile_ci(sub[ok].mean(axis=1), level) if ok.any() else (None, None)
+    by_class = {w: int(unscorable[:, k].sum()) for k, w in enumerate(usable) if unscorable[:, k].any()}
+    return {"auroc": float(np.mean([per_class[w]["auroc"] for w in usable])), "ci_low": lo, "ci_high": hi,
+            "classes": usable, "classes_without_auroc": missing, "classes_too_few": too_few,
+            "skipped_resamples": int((~ok).sum()), "skipped_by_class": by_class,
+            "note": _conditional_note(int((~ok).sum()), len(ok), by_class)}
+
+
+def _conditional_note(skipped: int, n_boot: int, by_class: dict[str, int]) -> str:
+    """A sentence when many resamples were dropped: the interval then holds only given the thin classes."""
+    if n_boot == 0 or skipped <= CONDITIONAL_SHARE * n_boot:
+        return ""
+    worst = ", ".join(f"{c} ({n})" for c, n in sorted(by_class.items(), key=lambda kv: -kv[1]))
+    return (f"{skipped} of {n_boot} resamples dropped ({100 * skipped / n_boot:.0f}%): a macro class had one "
+            f"label value in them ({worst}); the interval is conditional on those classes being present. Raise "
+            "min_per_label or leave those classes out of macro_classes.")
+
+
+def shuffled_label_control(scores: np.ndarray, labels: np.ndarray, names: list[str],
+                           macro_classes: list[str], seed: int = 0) -> float | None:
+    """Macro AUROC after permuting each class's included labels across rows (should be ~0.5)."""
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for name in macro_classes:
+        j = names.index(name)
+        m = ~np.isnan(labels[:, j])
+        y = rng.permutation(labels[m, j].astype(int))
+        if (auc := auroc_point(scores[m, j], y)) is not None:
+            aucs.append(auc)
+    return float(np.mean(aucs)) if aucs else None
+
+
 __all__ = ["auroc", "auprc", "weighted_auroc", "weighted_auprc", "patient_codes", "patient_weights",
            "percentile_ci", "bootstrap_ci", "paired_difference", "recall_at_k", "first_positive_rank", "mean_ci",
            "choose_threshold",
-           "threshold_metrics", "UNIT"]
+           "threshold_metrics", "UNIT", "bootstrap_units", "auroc_point", "auroc_table",
+           "shuffled_label_control", "CONDITIONAL_SHARE"]

@@ -19,8 +19,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
-from radalign.data.embed import EmbedCache, EmbeddedSplit, context_report, embed_split, thumbnail_bytes
+from radalign.data.embed import EmbedCache, EmbeddedSplit, context_report, embed_split
 from radalign.data.labels import CHEXPERT_LABELS
 from radalign.data.sections import SECTION_KEYS
 from radalign.retrieval import index as ix
@@ -41,16 +40,6 @@ class EmbeddedCases(EmbeddedSplit):
 
     text: np.ndarray | None = None  # [N, D] report embeddings (modality "both")
     texts_cut: dict | None = None  # reports longer than the text context (data.embed.context_report)
-
-
-def thumbnail_jpeg(image: torch.Tensor, mean, std, size: int) -> bytes:
-    """A model-input tensor [C, H, W] back to a small grayscale JPEG (what the model saw: resized, cropped)."""
-    from PIL import Image
-
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
-    std_t = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)[: image.shape[0]]
-    pixels = (image.float().cpu() * std_t + mean_t)[0].clamp(0, 1)  # [H, W], first channel (gray repeated)
-    return thumbnail_bytes(Image.fromarray((pixels.numpy() * 255).round().astype(np.uint8), mode="L"), size)
 
 
 def embed_shards(encoders, data: str | os.PathLike, split: str, *, batch_size: int = 64, num_workers: int = 0,
@@ -187,4 +176,4 @@ def build_tuned(x: np.ndarray, *, kind: str = "auto", memory_budget: int | None 
 
 
 __all__ = ["EmbeddedCases", "embed_shards", "embed_texts", "build_index_dir", "build_tuned", "metadata_columns",
-           "encoder_info", "thumbnail_jpeg", "MODALITY_CHOICES"]
+           "encoder_info", "MODALITY_CHOICES"]

@@ -13,10 +13,10 @@ uses to evaluate frozen embeddings; `val_split` instead picks T from a fixed gri
 on that split's queries (never on the scored split). A query left with no neighbour (its patient fills the
 whole index) gets the index's prevalence and is counted.
 
-The probabilities are scored like prompt zero-shot (`zeroshot.metrics.auroc_table`: per-label AUROC with a
-patient-level bootstrap interval, macro means, the same label policy `zeroshot.inputs.encode_labels`); with a
-prompt set, zero-shot probabilities of the same query embeddings sit beside them with the paired difference
-per label and for the macro (`radalign.metrics.paired_difference`: both scored on the same patient resamples).
+The probabilities are scored like prompt zero-shot (`radalign.metrics.auroc_table`: per-label AUROC with a
+patient-level bootstrap interval, macro means, the same label policy `data.labels.encode_labels`); with a
+prompt set, the encoders' prompt classifier (`pretrain.classifier`) scores the same query embeddings beside them,
+with the paired difference per label and for the macro (`radalign.metrics.paired_difference`: both scored on the same patient resamples).
 """
 
 from __future__ import annotations
@@ -29,16 +29,17 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from radalign.data.labels import encode_labels, label_counts
+from radalign.pretrain import classifier
 from radalign.retrieval.search import Retriever
-from radalign.zeroshot import metrics as zm
-from radalign.zeroshot.inputs import encode_labels, label_counts
-from radalign.zeroshot.report import md, predictions_frame
 
 from radalign import RadalignError
 from radalign import metrics as rm
 from radalign.io import atomic_write_json, atomic_write_text
 from radalign.lock import output_lock
 from radalign.log import get_logger
+from radalign.report import md, predictions_frame
 
 log = get_logger("radalign.retrieval.classify")
 
@@ -154,9 +155,6 @@ def query_labels(meta: list[dict], names: list[str], uncertain: str, blank: str)
 
 def zeroshot_probs(encoders, images: np.ndarray, prompt_set) -> np.ndarray:
     """Prompt zero-shot probabilities [Q, C] of the same query embeddings (binary prompt sets only)."""
-    import torch
-    from radalign.zeroshot import classifier
-
     if prompt_set.mode != "binary":
         raise RadalignError(f"--prompts {prompt_set.name}: a {prompt_set.mode} prompt set; the vote is per label, "
                             "so compare it with a binary set (chexpert14, competition5)")
@@ -285,7 +283,7 @@ def classify_embedded(retriever: Retriever, cases, val_cases=None, *, k: int = D
     patients = [str(m.get("subject_id")) for m in cases.meta]
     macro = _macro_classes(macro_classes, prompt_set, names)
     table_kw = dict(n_boot=n_boot, seed=seed, level=level, min_per_label=min_per_label, patient_ids=patients)
-    voted = zm.auroc_table(test.probs, test.labels, names, macro_classes=macro, **table_kw)
+    voted = rm.auroc_table(test.probs, test.labels, names, macro_classes=macro, **table_kw)
     m: dict = {
         "index": {"path": str(retriever.store.path), "split": retriever.store.manifest["data"].get("split"),
                   "count": retriever.store.count, "encoder_checksum": retriever.store.manifest["encoder"]["checksum"]},
@@ -304,7 +302,7 @@ def classify_embedded(retriever: Retriever, cases, val_cases=None, *, k: int = D
         "bootstrap": {"unit": voted["macro"]["unit"], "n_units": voted["macro"]["n_units"], "n_boot": n_boot,
                       "seed": seed, "level": level, "method": "percentile"},
         "retrieval": voted,
-        "controls": {"shuffled_labels_macro_auroc": zm.shuffled_label_control(
+        "controls": {"shuffled_labels_macro_auroc": rm.shuffled_label_control(
             test.probs, test.labels, names, voted["macro"]["classes"] or names, seed=seed)},
     }
     zs_p, zs_names = None, []
@@ -328,7 +326,7 @@ def _beside_zeroshot(m: dict, retriever, cases, test: _Voted, prompt_set, macro,
     zs_p = zeroshot_probs(retriever.encoders, cases.image, prompt_set.subset(zs_names))  # [Q, C']
     m["zeroshot"] = {"prompt_set": prompt_set.name, "prompt_file": prompt_set.source,
                      "classes_not_in_index": [n for n in prompt_set.class_names if n not in names],
-                     **zm.auroc_table(zs_p, test.labels[:, cols], zs_names,
+                     **rm.auroc_table(zs_p, test.labels[:, cols], zs_names,
                                       macro_classes=[c for c in macro if c in zs_names], **table_kw)}
     m["comparison"] = compare(test.probs[:, cols], zs_p, test.labels[:, cols], zs_names,
                               [c for c in voted["macro"]["classes"] if c in zs_names], table_kw["patient_ids"],

@@ -220,7 +220,7 @@ def _classify(args) -> int:
 
     prompt_set = None
     if args.prompts:
-        from radalign.zeroshot.prompts import load_prompt_set
+        from radalign.pretrain.prompts import load_prompt_set
 
         prompt_set = load_prompt_set(args.prompts)
     r = Retriever.load(args.index, checkpoint=args.checkpoint, device=args.device)

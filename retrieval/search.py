@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from radalign.data.embed import check_query_text
+from radalign.data.embed import check_query_text, thumbnail_jpeg
 from radalign.retrieval import index as ix
 from radalign.retrieval.store import IndexStore, data_uri
 
@@ -348,7 +348,6 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
     encoders (checked against the index) as the case base.
     """
     from radalign.data.loader import make_eval_loader, shard_paths
-    from radalign.retrieval.build import thumbnail_jpeg
 
     enc = retriever.encoders
     loader = make_eval_loader(shard_paths(data, split), batch_size=16, transform=enc.image_transform())
@@ -372,4 +371,4 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
 
 
 __all__ = ["Retriever", "SearchResult", "Hits", "explain", "check_encoder", "load_query_image",
-           "query_from_shards", "positive_labels"]
+           "query_from_shards", "positive_labels", "data_uri"]

@@ -159,7 +159,7 @@ def test_every_field_is_documented():
 
 @pytest.mark.parametrize("path", _files("zeroshot", "yaml"), ids=lambda p: p.stem)
 def test_every_prompt_set_validates(path):
-    from radalign.zeroshot.prompts import load_prompt_set
+    from radalign.pretrain.prompts import load_prompt_set
 
     ps = load_prompt_set(str(path))
     assert ps.class_names

@@ -72,7 +72,7 @@ def test_class_with_too_few_patients_is_named(tmp_path):
 
 
 def test_prompt_head_at_k0_is_zero_shot():
-    from radalign.zeroshot.classifier import binary_probs
+    from radalign.pretrain.classifier import binary_probs
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(20, 8))

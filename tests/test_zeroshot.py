@@ -17,14 +17,17 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from radalign.zeroshot import classifier, metrics
+from radalign.data.labels import encode_labels, label_counts
+from radalign.pretrain import classifier
+from radalign.pretrain.prompts import load_prompt_set, parse_prompt_set
+from radalign.zeroshot import metrics
 from radalign.zeroshot.config import ZeroshotConfig
 from radalign.zeroshot.evaluate import Checkpoint, evaluate, run_zeroshot
-from radalign.zeroshot.inputs import Embedded, encode_labels, label_counts
-from radalign.zeroshot.prompts import load_prompt_set, parse_prompt_set
+from radalign.zeroshot.inputs import Embedded
 from sklearn.metrics import roc_auc_score
 
 from radalign import RadalignError
+from radalign import metrics as rm
 from radalign.config import ConfigError
 
 torch.set_num_threads(1)
@@ -220,7 +223,7 @@ def test_auroc_table_bootstrap_never_scores_excluded_rows():
     y[rng.random(n) < 0.3] = np.nan
     s[np.isnan(y)] += 1.5  # uncertain rows score high: as negatives they would drag the AUROC down
     pids = [f"p{i // 3:03d}" for i in range(n)]  # 200 patients x 3 images
-    t = metrics.auroc_table(s[:, None], y[:, None], ["a"], n_boot=200, seed=4, patient_ids=pids)
+    t = rm.auroc_table(s[:, None], y[:, None], ["a"], n_boot=200, seed=4, patient_ids=pids)
     c = t["classes"]["a"]
     keep = ~np.isnan(y)
     assert c["auroc"] == pytest.approx(roc_auc_score(y[keep], s[keep]))
@@ -232,12 +235,12 @@ def test_auroc_table_bootstrap_never_scores_excluded_rows():
 def test_auroc_table_resamples_patients_duplicates_change_nothing():
     s, y = _noisy(150, 5)
     pids = [i // 5 for i in range(150)]
-    one = metrics.auroc_table(s, y, list("abc"), n_boot=200, seed=1, patient_ids=pids)
-    two = metrics.auroc_table(np.r_[s, s], np.r_[y, y], list("abc"), n_boot=200, seed=1, patient_ids=pids + pids)
+    one = rm.auroc_table(s, y, list("abc"), n_boot=200, seed=1, patient_ids=pids)
+    two = rm.auroc_table(np.r_[s, s], np.r_[y, y], list("abc"), n_boot=200, seed=1, patient_ids=pids + pids)
     for k in ("auroc", "ci_low", "ci_high"):
         assert two["macro"][k] == pytest.approx(one["macro"][k], abs=1e-12)
         assert two["classes"]["b"][k] == pytest.approx(one["classes"]["b"][k], abs=1e-12)
-    no_ids = metrics.auroc_table(s, y, list("abc"), n_boot=50, seed=1)
+    no_ids = rm.auroc_table(s, y, list("abc"), n_boot=50, seed=1)
     assert no_ids["macro"]["unit"] == "image" and no_ids["macro"]["n_units"] == 150
 
 
@@ -250,16 +253,16 @@ def _noisy(n: int, seed: int, sep: float = 1.0):
 def test_bootstrap_ci_contains_point_is_seeded_and_narrows_with_n():
     names = ["a", "b", "c"]
     s, y = _noisy(300, 0)
-    t1 = metrics.auroc_table(s, y, names, n_boot=300, seed=7)
-    t2 = metrics.auroc_table(s, y, names, n_boot=300, seed=7)
-    t3 = metrics.auroc_table(s, y, names, n_boot=300, seed=8)
+    t1 = rm.auroc_table(s, y, names, n_boot=300, seed=7)
+    t2 = rm.auroc_table(s, y, names, n_boot=300, seed=7)
+    t3 = rm.auroc_table(s, y, names, n_boot=300, seed=8)
     assert t1 == t2
     assert t1["classes"]["a"]["ci_low"] != t3["classes"]["a"]["ci_low"]
     for part in [*t1["classes"].values(), t1["macro"]]:
         assert part["ci_low"] < part["auroc"] < part["ci_high"]
     assert t1["macro"]["auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(3)]))
     s_big, y_big = _noisy(3000, 1)
-    big = metrics.auroc_table(s_big, y_big, names, n_boot=300, seed=7)
+    big = rm.auroc_table(s_big, y_big, names, n_boot=300, seed=7)
     width = lambda t: t["macro"]["ci_high"] - t["macro"]["ci_low"]  # noqa: E731
     assert width(big) < 0.6 * width(t1)  # ~1/sqrt(10) in theory
 
@@ -269,12 +272,12 @@ def test_bootstrap_counts_single_class_resamples_and_excluded_rows():
     y = np.zeros((12, 1))
     y[11] = 1
     y[0] = np.nan  # excluded
-    t = metrics.auroc_table(s, y, ["a"], n_boot=200, seed=0)
+    t = rm.auroc_table(s, y, ["a"], n_boot=200, seed=0)
     c = t["classes"]["a"]
     assert (c["n_pos"], c["n_neg"], c["n_excluded"]) == (1, 10, 1)
     # P(row 11 never drawn in 12 draws) = (11/12)^12 ~ 0.35: those resamples have no positive and are skipped.
     assert 30 < c["skipped_resamples"] < 110
-    one_class = metrics.auroc_table(s, np.zeros((12, 1)), ["a"], n_boot=20, seed=0)
+    one_class = rm.auroc_table(s, np.zeros((12, 1)), ["a"], n_boot=20, seed=0)
     assert one_class["classes"]["a"]["auroc"] is None and one_class["macro"]["auroc"] is None
 
 
@@ -320,7 +323,7 @@ def test_macro_interval_drops_resamples_where_a_class_has_one_label_value():
     equals an independent bootstrap that drops every resample where a class is unscorable, counts them, and
     names the class; the silent rule (average over the classes that remain) gives another interval."""
     s, y, pids = _planted_thin_class()
-    t = metrics.auroc_table(s, y, list("abc"), n_boot=400, seed=3, patient_ids=pids, min_per_label=1)
+    t = rm.auroc_table(s, y, list("abc"), n_boot=400, seed=3, patient_ids=pids, min_per_label=1)
     (lo, hi), dropped, by_class, rest = _brute_macro(y, s, pids, 400, 3)
     mac = t["macro"]
     assert mac["classes"] == ["a", "b", "c"]
@@ -338,14 +341,14 @@ def test_macro_interval_drops_resamples_where_a_class_has_one_label_value():
 def test_macro_says_when_its_interval_is_conditional_on_a_thin_class():
     s, y, pids = _planted_thin_class(n_pat=40)
     y[2:6, 2] = 0.0  # class c: one positive patient (p00) of 40; ~36% of resamples miss it
-    t = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    t = rm.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
     _, dropped, by_class, _ = _brute_macro(y, s, pids, 300, 0)
     mac = t["macro"]
     assert mac["skipped_resamples"] == dropped and 0.25 * 300 < dropped < 0.5 * 300
     assert f"{dropped} of 300 resamples dropped" in mac["note"] and f"(c ({by_class[2]}))" in mac["note"]
     assert "min_per_label" in mac["note"]
     # the subset macro without c drops nothing and says nothing
-    sub = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1,
+    sub = rm.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1,
                               macro_classes=["a", "b"])
     assert sub["macro"]["skipped_resamples"] == 0 and sub["macro"]["note"] == ""
     assert sub["macro_all"]["skipped_resamples"] == dropped
@@ -353,12 +356,12 @@ def test_macro_says_when_its_interval_is_conditional_on_a_thin_class():
     y2 = y.copy()
     y2[:, 1] = 0.0
     y2[10:16, 1] = 1.0  # class b: three positive patients (p05..p07), c keeps one
-    two = metrics.auroc_table(s, y2, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
+    two = rm.auroc_table(s, y2, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=1)
     _, _, by2, _ = _brute_macro(y2, s, pids, 300, 0)
     assert by2[2] > by2[1] > 0 and two["macro"]["skipped_by_class"] == {"b": by2[1], "c": by2[2]}
     assert f"(c ({by2[2]}), b ({by2[1]}))" in two["macro"]["note"]
     # min_per_label (rows) above c's 2 positive films keeps it out of the macro up front
-    thin = metrics.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=3)
+    thin = rm.auroc_table(s, y, list("abc"), n_boot=300, seed=0, patient_ids=pids, min_per_label=3)
     assert thin["macro"]["classes_too_few"] == ["c"] and thin["macro"]["skipped_resamples"] == 0
 
 
@@ -367,11 +370,11 @@ def test_min_per_label_keeps_thin_classes_out_of_the_macro_but_reports_them():
     y[:, 2] = 1.0
     y[:4, 2] = 0.0  # class "c": 196 positives, 4 negatives
     names = ["a", "b", "c"]
-    t = metrics.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=10)
+    t = rm.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=10)
     assert t["classes"]["c"]["auroc"] is not None  # its own AUROC is still reported
     assert t["macro"]["classes"] == ["a", "b"] and t["macro"]["classes_too_few"] == ["c"]
     assert t["macro"]["auroc"] == pytest.approx(np.mean([roc_auc_score(y[:, j], s[:, j]) for j in range(2)]))
-    every = metrics.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=1)
+    every = rm.auroc_table(s, y, names, n_boot=50, seed=0, min_per_label=1)
     assert every["macro"]["classes"] == names and every["macro"]["classes_too_few"] == []
 
 
@@ -410,7 +413,7 @@ def test_thresholds_come_from_validation_only():
 
 def test_shuffled_label_control_is_near_chance():
     s, y = _noisy(2000, 4, sep=3.0)
-    assert metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=0) == pytest.approx(0.5, abs=0.05)
+    assert rm.shuffled_label_control(s, y, list("abc"), list("abc"), seed=0) == pytest.approx(0.5, abs=0.05)
 
 
 def test_multiclass_intervals_against_a_brute_force_patient_bootstrap():
@@ -484,7 +487,7 @@ def test_threshold_metrics_without_a_threshold_or_labels_is_none():
 def test_a_class_without_auroc_does_not_stop_the_later_classes_bootstrap():
     s, y = _noisy(120, 6)
     y[:, 0] = 0.0  # class a: one label value, no AUROC
-    t = metrics.auroc_table(s, y, list("abc"), n_boot=100, patient_ids=list(range(120)))
+    t = rm.auroc_table(s, y, list("abc"), n_boot=100, patient_ids=list(range(120)))
     assert t["classes"]["a"]["auroc"] is None and t["classes"]["a"]["skipped_resamples"] == 100
     for j, name in ((1, "b"), (2, "c")):
         c = t["classes"][name]
@@ -497,7 +500,7 @@ def test_macro_without_a_usable_class_keeps_its_keys():
     s, y = _noisy(60, 7)
     y[:, 0], y[:, 1] = 0.0, 1.0
     y[:3, 1] = 0.0  # class b: 3 negatives only
-    t = metrics.auroc_table(s[:, :2], y[:, :2], ["a", "b"], n_boot=20, min_per_label=5)
+    t = rm.auroc_table(s[:, :2], y[:, :2], ["a", "b"], n_boot=20, min_per_label=5)
     assert t["macro"] == {"auroc": None, "ci_low": None, "ci_high": None, "classes": [],
                           "classes_without_auroc": ["a"], "classes_too_few": ["b"], "skipped_resamples": 20,
                           "skipped_by_class": {}, "note": "", "n_boot": 20, "seed": 0, "level": 0.95,
@@ -519,10 +522,10 @@ def test_choose_thresholds_passes_the_rule_and_target():
 def test_shuffled_label_control_skips_a_class_with_one_label_value():
     s, y = _noisy(400, 9, sep=3.0)
     y[:, 2] = 0.0
-    got = metrics.shuffled_label_control(s, y, list("abc"), list("abc"), seed=1)
-    only_ab = metrics.shuffled_label_control(s, y, list("abc"), ["a", "b"], seed=1)
+    got = rm.shuffled_label_control(s, y, list("abc"), list("abc"), seed=1)
+    only_ab = rm.shuffled_label_control(s, y, list("abc"), ["a", "b"], seed=1)
     assert got == pytest.approx(only_ab, abs=1e-12) and got == pytest.approx(0.5, abs=0.1)
-    assert metrics.shuffled_label_control(s, y, list("abc"), ["c"]) is None
+    assert rm.shuffled_label_control(s, y, list("abc"), ["c"]) is None
 
 
 def test_prompt_sensitivity_by_hand():

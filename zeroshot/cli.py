@@ -84,7 +84,7 @@ def _run(args) -> int:
     if args.verb == "build-5x200":
         return _build(args)
     if args.verb == "list-prompts":
-        from radalign.zeroshot.prompts import available_prompt_sets, load_prompt_set
+        from radalign.pretrain.prompts import available_prompt_sets, load_prompt_set
 
         for name in available_prompt_sets():
             ps = load_prompt_set(name)

@@ -19,7 +19,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from radalign.zeroshot import classifier, metrics
+from radalign.data.labels import encode_labels, label_counts
+from radalign.pretrain import classifier
+from radalign.pretrain.prompts import PromptSet, load_prompt_set
+from radalign.zeroshot import metrics
 from radalign.zeroshot.config import ZeroshotConfig
 from radalign.zeroshot.inputs import (
     LABEL_VALUES,
@@ -28,15 +31,14 @@ from radalign.zeroshot.inputs import (
     csv_fingerprint,
     embed_csv,
     embed_shards,
-    encode_labels,
     is_shards,
-    label_counts,
 )
-from radalign.zeroshot.prompts import PromptSet, load_prompt_set
 
 from radalign import RadalignError
+from radalign import metrics as rm
 from radalign.lock import output_lock
 from radalign.log import get_logger
+from radalign.report import predictions_frame
 
 log = get_logger("zeroshot")
 
@@ -235,7 +237,7 @@ def evaluate(checkpoints: list[Checkpoint], embedded: list[Embedded], ps: Prompt
         true_class = [names[i] for i in y]
     scores, per_template = score(checkpoints, embedded, ps, rows)
     patients = [emb.patients[i] for i in rows] if emb.patients is not None else None
-    table = metrics.auroc_table(scores, labels, names, n_boot=cfg.bootstrap, seed=cfg.seed, level=cfg.ci_level,
+    table = rm.auroc_table(scores, labels, names, n_boot=cfg.bootstrap, seed=cfg.seed, level=cfg.ci_level,
                                 macro_classes=list(ps.macro_classes), min_per_label=cfg.min_per_label,
                                 patient_ids=patients)
     out = {
@@ -258,11 +260,9 @@ def evaluate(checkpoints: list[Checkpoint], embedded: list[Embedded], ps: Prompt
         per_template, labels, names, [list(c.positive) for c in ps.classes],
         {n: c["auroc"] for n, c in table["classes"].items()})
     if cfg.shuffled_control:
-        out["controls"] = {"shuffled_labels_macro_auroc": metrics.shuffled_label_control(
+        out["controls"] = {"shuffled_labels_macro_auroc": rm.shuffled_label_control(
             scores, labels, names, table["macro"]["classes"] or names, seed=cfg.seed)}
     out["timing_s"] = {"score_and_metrics": round(time.perf_counter() - t0, 3)}
-    from radalign.zeroshot.report import predictions_frame
-
     preds = predictions_frame([emb.keys[i] for i in rows], scores, labels, names, true_class)
     return EvalResult(out, preds, scores, labels, names)
 

@@ -49,26 +49,6 @@ class Embedded:
 
 
 # ------------------------------------------------------------------------------------------------------
-# Label policy.
-
-
-def encode_labels(raw: pd.DataFrame, uncertain: str = "exclude", blank: str = "exclude") -> np.ndarray:
-    """Raw 1/0/-1/blank -> float 1/0/NaN (NaN = excluded from that class's metric). [N, C]."""
-    x = raw.apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
-    out = x.copy()
-    out[x == -1] = {"exclude": np.nan, "positive": 1.0, "negative": 0.0}[uncertain]
-    out[np.isnan(x)] = {"exclude": np.nan, "negative": 0.0}[blank]
-    return out
-
-
-def label_counts(raw: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Per class: how many 1, 0, -1 and blank values the data holds (reported beside the metrics)."""
-    x = raw.apply(pd.to_numeric, errors="coerce")
-    return {c: {"positive": int((x[c] == 1).sum()), "negative": int((x[c] == 0).sum()),
-                "uncertain": int((x[c] == -1).sum()), "blank": int(x[c].isna().sum())} for c in raw.columns}
-
-
-# ------------------------------------------------------------------------------------------------------
 # Sources.
 
 

@@ -9,17 +9,11 @@ import numpy as np
 import pandas as pd
 
 from radalign.io import atomic_path, atomic_write_json, atomic_write_text
+from radalign.report import md
 
 
 def _fmt(x, nd: int = 3) -> str:
     return "—" if x is None else f"{x:.{nd}f}"
-
-
-def md(text) -> str:
-    """Text for a Markdown table cell or line: HTML-escaped (no raw tags), pipes and newlines neutralised."""
-    import html
-
-    return html.escape(str(text), quote=True).replace("|", "\\|").replace("\n", " ").replace("\r", " ")
 
 
 def unit_sentence(metrics: dict) -> str:
@@ -100,20 +94,6 @@ def markdown(metrics: dict) -> str:
         lines.append(f"| {md(r['class'])} | {_fmt(r['ensemble_auroc'])} | {_fmt(r['min'])} | {_fmt(r['max'])} | "
                      f"{_fmt(r['std'])} | {len(r['templates'])} |")
     return "\n".join(lines) + "\n"
-
-
-def predictions_frame(keys: list[str], scores: np.ndarray, labels: np.ndarray, names: list[str],
-                      true_class: list[str] | None = None) -> pd.DataFrame:
-    """key, score:<class>..., label:<class>... (blank = excluded), and true/predicted class if multi-class."""
-    df = pd.DataFrame({"key": keys})
-    for j, n in enumerate(names):
-        df[f"score:{n}"] = scores[:, j]
-    for j, n in enumerate(names):
-        df[f"label:{n}"] = pd.array(np.where(np.isnan(labels[:, j]), pd.NA, labels[:, j]), dtype="Int64")
-    if true_class is not None:
-        df["true_class"] = true_class
-        df["pred_class"] = [names[i] for i in scores.argmax(axis=1)]
-    return df
 
 
 def write_outputs(out: str | os.PathLike, metrics: dict, predictions: pd.DataFrame, scores: np.ndarray,

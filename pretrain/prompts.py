@@ -1,5 +1,8 @@
 """Prompt sets: per class, lists of positive (and negative) report phrasings, loaded from YAML.
 
+The code lives beside the encoders' prompt classifier (`pretrain.classifier`); the built-in sets stay data, in
+`configs/zeroshot/*.yaml`.
+
 A prompt set file (see `configs/zeroshot/*.yaml`):
 
     name: chexpert14

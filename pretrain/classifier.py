@@ -1,4 +1,9 @@
-"""Zero-shot scores from image embeddings and prompt embeddings.
+"""The prompt classifier of the exported encoders: text weights from prompts, class probabilities, logit scale.
+
+A capability of the towers (beside `export.py`), shared by every stage that scores images against prompts:
+`radalign zeroshot`, retrieval's k-NN comparison (`retrieval.classify`), few-shot prompt initialisation
+(`finetune.fewshot_recipe`) and the quick zero-shot check of pretraining validation (`pretrain.validation`).
+Prompt sets themselves are loaded by `pretrain.prompts`.
 
 Prompt ensembling follows open_clip's `build_zero_shot_classifier`: embed every prompt, L2-normalise,
 average per class, renormalise. Two scoring modes:
@@ -15,7 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from radalign.zeroshot.prompts import PromptSet
+from radalign.data.embed import check_query_text
+from radalign.pretrain.prompts import PromptSet
 
 from radalign import RadalignError
 
@@ -60,8 +66,6 @@ def check_tokenizer(encoders, prompts: list[str], name: str) -> None:
 
 def _warn_long_prompts(encoders, prompts: list[str], name: str) -> None:
     """Warn, with the lengths, for prompts longer than the text context (the tokenizer cuts them silently)."""
-    from radalign.data.embed import check_query_text
-
     for p in prompts:
         check_query_text(encoders.tokenize, p, what=f"{name}: prompt {p[:40]!r}")
 

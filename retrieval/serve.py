@@ -1,6 +1,6 @@
 """`radalign retrieval serve`: the similar-case lookup as a local web service and page (FastAPI + uvicorn).
 
-    app = create_app("runs/demo/retrieval/index")      # encoders and index loaded once, here
+    app = serve_api.create_app("runs/demo/retrieval/index")      # encoders and index loaded once, here
     serve(app, host="127.0.0.1", port=8765)             # what the CLI verb does
 
 The page (static/index.html, app.js, app.css: served from the package, nothing from a CDN) and scripts use
@@ -398,22 +398,6 @@ def load_explainer(finetune_run: str | os.PathLike, index_dir: str | os.PathLike
     return found["finetune"].load()(finetune_run, index_dir)
 
 
-def create_app(index_dir: str | os.PathLike, *, finetune_run: str | os.PathLike | None = None,
-               checkpoint: str | os.PathLike | None = None, encoders=None, explainer=None,
-               config: ServeConfig | None = None, device: str = "cpu"):
-    """The FastAPI app over one index: encoders, index (and the finetune run) loaded here, once."""
-    retriever = Retriever.load(index_dir, checkpoint=checkpoint, encoders=encoders, device=device)
-    if explainer is None and finetune_run is not None:
-        explainer = load_explainer(finetune_run, index_dir)
-    return build_app(Service(retriever, config or ServeConfig(), explainer))
-
-
-def build_app(service: Service):
-    from radalign.retrieval.serve_api import api_app
-
-    return api_app(service)
-
-
 def serve(app, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = False) -> None:
     """Run the app with uvicorn (after the bind check)."""
     import uvicorn
@@ -423,5 +407,5 @@ def serve(app, host: str = "127.0.0.1", port: int = 8765, allow_remote: bool = F
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
-__all__ = ["ServeConfig", "Filters", "CaseTable", "Service", "AuditLog", "UploadRefused", "create_app",
-           "build_app", "serve", "check_bind", "allowed_hosts", "is_loopback", "sniff", "decode_upload", "load_explainer"]
+__all__ = ["ServeConfig", "Filters", "CaseTable", "Service", "AuditLog", "UploadRefused",
+           "serve", "check_bind", "allowed_hosts", "is_loopback", "sniff", "decode_upload", "load_explainer"]

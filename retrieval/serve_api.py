@@ -4,6 +4,7 @@ one audit line per query (retrieval/serve.py holds the service itself; this modu
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -11,7 +12,16 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-from radalign.retrieval.serve import STATIC, Filters, Service, UploadRefused, decode_upload
+from radalign.retrieval.search import Retriever
+from radalign.retrieval.serve import (
+    STATIC,
+    Filters,
+    ServeConfig,
+    Service,
+    UploadRefused,
+    decode_upload,
+    load_explainer,
+)
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from radalign import RadalignError
@@ -158,3 +168,13 @@ async def _read_capped(request: Request, limit: int) -> bytes:
 
 
 __all__ = ["api_app", "TextQuery", "StudyQuery", "CSP"]
+
+
+def create_app(index_dir: str | os.PathLike, *, finetune_run: str | os.PathLike | None = None,
+               checkpoint: str | os.PathLike | None = None, encoders=None, explainer=None,
+               config: ServeConfig | None = None, device: str = "cpu"):
+    """The FastAPI app over one index: encoders, index (and the finetune run) loaded here, once."""
+    retriever = Retriever.load(index_dir, checkpoint=checkpoint, encoders=encoders, device=device)
+    if explainer is None and finetune_run is not None:
+        explainer = load_explainer(finetune_run, index_dir)
+    return api_app(Service(retriever, config or ServeConfig(), explainer))

@@ -36,7 +36,8 @@ def register_serve(verbs) -> None:
 
 
 def _serve(args) -> int:
-    from radalign.retrieval.serve import ServeConfig, allowed_hosts, check_bind, create_app, serve
+    from radalign.retrieval.serve import ServeConfig, allowed_hosts, check_bind, serve
+    from radalign.retrieval.serve_api import create_app
 
     from radalign.log import rprint
 

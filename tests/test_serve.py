@@ -28,8 +28,8 @@ from radalign.retrieval.serve import (
     ServeConfig,
     allowed_hosts,
     check_bind,
-    create_app,
 )
+from radalign.retrieval.serve_api import create_app
 from radalign.retrieval.store import metadata_table, write_index_dir
 
 from radalign import RadalignError

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from radalign.data.dicom import dicom_bytes, read_dicom
 from radalign.retrieval.search import Retriever
-from radalign.retrieval.serve import ServeConfig, create_app
+from radalign.retrieval.serve import ServeConfig
+from radalign.retrieval.serve_api import create_app
 
 from tests.test_serve import IMG_ONERROR, SCRIPT, build_case_base, build_service, running
 

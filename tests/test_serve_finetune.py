@@ -36,7 +36,8 @@ def test_study_answers_carry_finetune_explain(ft, tmp_path):
     from radalign.finetune.clinical import age_bands
     from radalign.finetune.evaluate import explain_study
     from radalign.finetune.inputs import load_table
-    from radalign.retrieval.serve import ServeConfig, create_app
+    from radalign.retrieval.serve import ServeConfig
+    from radalign.retrieval.serve_api import create_app
     from radalign.retrieval.store import IndexStore
 
     app = create_app(ft["index"], finetune_run=ft["run"], config=ServeConfig(audit_log=None))

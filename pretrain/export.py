@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from radalign.pretrain.files import FORMAT, IMAGE_FILE, LOCAL_TOKENIZER, TEXT_FILE, TOKENIZER_DIR, localise
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -30,12 +31,6 @@ from radalign.log import get_logger
 
 log = get_logger(__name__)
 
-FORMAT = "radalign-export/1"
-IMAGE_FILE = "image_encoder.safetensors"
-TEXT_FILE = "text_encoder.safetensors"
-TOKENIZER_DIR = "tokenizer"
-# Stored in config.json in place of a machine-specific path: "the tokenizer/ folder of this export".
-LOCAL_TOKENIZER = "<export>/tokenizer"
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -199,15 +194,6 @@ class Encoders(nn.Module):
         return torch.cat(out)  # [N, D]
 
 
-def _localise(model_cfg: dict, folder: Path) -> dict:
-    cfg = copy.deepcopy(model_cfg)
-    text_cfg = cfg.get("text_cfg", {})
-    for key in ("hf_model_name", "hf_tokenizer_name"):
-        if text_cfg.get(key) == LOCAL_TOKENIZER:
-            text_cfg[key] = str(folder / TOKENIZER_DIR)
-    return cfg
-
-
 def load_encoders(path: str | os.PathLike, device: str | torch.device = "cpu",
                   verify: bool = True) -> Encoders:
     """Load an export (or a run folder's export) without Accelerate or the training recipe."""
@@ -221,7 +207,7 @@ def load_encoders(path: str | os.PathLike, device: str | torch.device = "cpu",
     if verify and _combined_checksum(folder) != meta["checksum"]:
         raise RadalignError(f"{folder}: weight files do not match the checksum in config.json "
                             "(corrupt or modified export); re-export the run")
-    model_cfg = _localise(meta["model_cfg"], folder)
+    model_cfg = localise(meta["model_cfg"], folder)
     model = build_model(model_cfg)
     state = {f"visual.{k}": v for k, v in load_file(str(folder / IMAGE_FILE)).items()}
     state.update(load_file(str(folder / TEXT_FILE)))

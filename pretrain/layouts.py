@@ -95,7 +95,7 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _radalign_export(folder: Path) -> dict[str, torch.Tensor]:
-    from radalign.pretrain.export import IMAGE_FILE, TEXT_FILE
+    from radalign.pretrain.files import IMAGE_FILE, TEXT_FILE
     from safetensors.torch import load_file
 
     meta = json.loads((folder / "config.json").read_text())
@@ -106,7 +106,7 @@ def _radalign_export(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _is_radalign_export(folder: Path) -> bool:
-    from radalign.pretrain.export import FORMAT
+    from radalign.pretrain.files import FORMAT
 
     try:
         return json.loads((folder / "config.json").read_text()).get("format") == FORMAT
@@ -273,11 +273,11 @@ def model_config_from_folder(folder: str | os.PathLike) -> dict:
     """A radalign model config from an open_clip hub folder (BiomedCLIP's) or a radalign export folder."""
     folder = Path(folder).expanduser()
     if _is_radalign_export(folder):
-        from radalign.pretrain.export import _localise
+        from radalign.pretrain.files import localise
 
         meta = json.loads((folder / "config.json").read_text())
         return {"description": f"the architecture of the radalign export {folder}",
-                **_localise(meta["model_cfg"], folder)}
+                **localise(meta["model_cfg"], folder)}
     path = folder / "open_clip_config.json"
     if not path.is_file():
         raise RadalignError(f"model {folder}: a folder, but neither an open_clip folder (open_clip_config.json) "

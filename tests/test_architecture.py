@@ -134,9 +134,6 @@ DISPATCHERS = {"radalign.cli"}
 KNOWN_CYCLES = {
     # engineer "registry", issue 19 item 5 (few-shot becomes its own recipe)
     frozenset({"radalign.finetune.recipe", "radalign.finetune.fewshot_recipe"}),
-    # the export writes its model card; the card imports the export's tower file names (pretrain/formats/card.py:
-    # param_counts). For the lead: hand the names to the card, or move them below both.
-    frozenset({"radalign.pretrain.export", "radalign.pretrain.formats.card"}),
 }
 
 

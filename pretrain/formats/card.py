@@ -85,7 +85,7 @@ def _read_json(path: Path):
 
 def param_counts(folder: Path) -> dict:
     """Tensor elements per tower, from the safetensors headers of an export (no weights loaded)."""
-    from radalign.pretrain.export import IMAGE_FILE, TEXT_FILE
+    from radalign.pretrain.files import IMAGE_FILE, TEXT_FILE
     from safetensors import safe_open
 
     out = {}

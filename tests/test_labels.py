@@ -13,16 +13,17 @@ from radalign.zeroshot.inputs import encode_labels
 from radalign import RadalignError
 
 N = np.nan
-# Raw values as the shards' json and the CSVs hold them: 1, 0, -1, blank (None / NaN / ""), a stray word.
-RAW = pd.DataFrame({"Edema": [1, 0, -1, None, ""], "Pneumonia": [-1.0, np.nan, 1.0, 0.0, "n/a"]})
+# Raw values as the shards' json and the CSVs hold them: 1, 0, -1, blank (None / NaN / ""), a stray word, and
+# numbers that are no CheXpert value (left as they are: only -1 and blank are the policy's business).
+RAW = pd.DataFrame({"Edema": [1, 0, -1, None, "", 2], "Pneumonia": [-1.0, np.nan, 1.0, 0.0, "n/a", -2]})
 # (uncertain, blank) -> the result, worked by hand row by row from RAW.
 TABLE = {
-    ("exclude", "exclude"):   [[1, N], [0, N], [N, 1], [N, 0], [N, N]],
-    ("positive", "exclude"):  [[1, 1], [0, N], [1, 1], [N, 0], [N, N]],
-    ("negative", "exclude"):  [[1, 0], [0, N], [0, 1], [N, 0], [N, N]],
-    ("exclude", "negative"):  [[1, N], [0, 0], [N, 1], [0, 0], [0, 0]],
-    ("positive", "negative"): [[1, 1], [0, 0], [1, 1], [0, 0], [0, 0]],
-    ("negative", "negative"): [[1, 0], [0, 0], [0, 1], [0, 0], [0, 0]],
+    ("exclude", "exclude"):   [[1, N], [0, N], [N, 1], [N, 0], [N, N], [2, -2]],
+    ("positive", "exclude"):  [[1, 1], [0, N], [1, 1], [N, 0], [N, N], [2, -2]],
+    ("negative", "exclude"):  [[1, 0], [0, N], [0, 1], [N, 0], [N, N], [2, -2]],
+    ("exclude", "negative"):  [[1, N], [0, 0], [N, 1], [0, 0], [0, 0], [2, -2]],
+    ("positive", "negative"): [[1, 1], [0, 0], [1, 1], [0, 0], [0, 0], [2, -2]],
+    ("negative", "negative"): [[1, 0], [0, 0], [0, 1], [0, 0], [0, 0], [2, -2]],
 }
 
 

@@ -180,10 +180,14 @@ def test_scan_of_a_truncated_shard_or_a_bad_json_member(tmp_path):
         _add(tar, "b.json", b"{not json")
         _add(tar, "c.json", b"[1, 2]")  # JSON, but not an object
         _add(tar, "d.json", b'{"study_id": 4}')
+        _add(tar, "e.x.json", b'{"study_id": 5}')  # webdataset's key: the name up to its first dot
     with pytest.raises(RadalignError, match=r"bad\.tar: member b\.json is not a JSON object"):
         list(scan_meta([bad]))
     counts: Counter = Counter()
-    assert [s.key for s in scan_meta([bad], bad=counts)] == ["a", "d"] and counts == {"bad_json": 2}
+    scanned = list(scan_meta([bad], bad=counts))
+    assert [s.key for s in scanned] == ["a", "d", "e"] and counts == {"bad_json": 2}
+    # dicom_id falls back to the key (as the loader's meta.get("dicom_id", key)); other ids do not.
+    assert [scanned[0].id(f) for f in ("dicom_id", "key", "study_id", "subject_id")] == ["a", "a", "1", ""]
     with pytest.raises(RadalignError, match="unreadable shard"):
         list(scan_meta([tmp_path / "nowhere.tar"]))
 

@@ -1,7 +1,7 @@
 """How much the film can add to the EHR the finetune stage sees, on the generator's own truth.
 
 One gradient-boosted model (scikit-learn's HistGradientBoosting, NaN as missing; the settings of
-`data.synth_ehr.truth_table`) per feature set, fitted on the train split's admitted studies and scored (AUROC,
+`radalign.data.synth.ehr.truth_table`) per feature set, fitted on the train split's admitted studies and scored (AUROC,
 unit: study) on the test split for in-hospital mortality: the link-ehr table's features (labs, their hours,
 ICU vitals, age, demographics), the film's true findings, both, and the labs without the vitals.
 
@@ -26,7 +26,7 @@ VITALS = ("heart_rate", "respiratory_rate", "spo2", "temperature", "nibp")
 
 
 def main(argv=None) -> None:
-    from radalign.data.synth_ehr import _study_findings
+    from radalign.data.synth.ehr import _study_findings
     from sklearn.ensemble import HistGradientBoostingClassifier
     from sklearn.metrics import roc_auc_score
     from threadpoolctl import threadpool_limits

@@ -11,6 +11,8 @@ import argparse
 import json
 from pathlib import Path
 
+from radalign.data.shards import read_manifest
+
 
 def register(sub) -> None:
     from radalign.cli import Parser
@@ -239,8 +241,6 @@ def _synth(args) -> int:
 
 
 def _info(args) -> int:
-    from radalign.data.loader import read_manifest
-
     from radalign.log import rprint
 
     manifest = read_manifest(args.dir)

@@ -37,7 +37,6 @@ import json
 import os
 import re
 import shutil
-import tarfile
 import time
 import zlib
 from collections import Counter
@@ -49,21 +48,27 @@ from typing import Any, Optional
 import numpy as np
 import pandas as pd
 from omegaconf import MISSING
+from radalign.data.ehr_table import (
+    ADMISSION_DEMOGRAPHICS,
+    BASE_COLUMNS,
+    CATEGORICAL_DEMOGRAPHICS,
+    DEMOGRAPHICS,
+    EHR_FORMAT,
+    read_ehr,
+)
 from radalign.data.labels import CHEXPERT_LABELS, SPLITS
+from radalign.data.shards import list_shards, scan_meta
 
 from radalign import RadalignError
 from radalign.log import get_logger
 
 log = get_logger("radalign.data.ehr")
 
-MANIFEST_FORMAT = "radalign-ehr/1"
+MANIFEST_FORMAT = EHR_FORMAT  # the table's format, schema and readers: data.ehr_table
 CACHE_VERSION = 1
 RULE_VERSION = 2    # bump when the same inputs link to other values (2: issue 18's admission span and pick)
-SHARDS_FORMAT = "radalign-shards/1"  # data.prepare.MANIFEST_FORMAT (not imported: it pulls in the prepare stack)
 FRONTAL_VIEWS = ("PA", "AP", "AP AXIAL", "PA LLD", "AP LLD", "AP RLD", "PA RLD")
 OUTCOME_KINDS = ("in_hospital_mortality", "los_days", "mortality_within_days")
-BASE_COLUMNS = ("subject_id", "study_id", "split", "study_datetime", "hadm_id", "admittime", "dischtime",
-                "gender", "age", "race", "insurance", "marital_status", "language")
 FINETUNE_EXTRA = ("dicom_ids", *CHEXPERT_LABELS, "indication")
 _MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -321,38 +326,6 @@ def find_tables(mimic_iv: str | os.PathLike, *, vitals: bool) -> dict[str, Table
 # Studies from the shards' json members.
 
 
-def _shard_list(root: Path) -> list[tuple[str, Path, int]]:
-    from radalign.io import read_format_json
-
-    manifest = read_format_json(root / "manifest.json", SHARDS_FORMAT,
-                                what="the --out folder of `radalign data prepare` (manifest.json, train/, ...)",
-                                fix="re-run `radalign data prepare`")
-    shards = [(split, root / s["path"], int(s.get("samples", 0)))
-              for split, entry in manifest.get("splits", {}).items() for s in entry.get("shards", [])]
-    missing = [str(p) for _, p, _ in shards if not p.is_file()]
-    if missing:
-        raise RadalignError(f"{len(missing)} shard(s) listed in {root / 'manifest.json'} are missing, e.g. "
-                            f"{missing[0]}; re-run `radalign data prepare` or restore the files")
-    return shards
-
-
-def _json_members(path: Path) -> tuple[list[dict], int]:
-    """The json member of every sample of one shard (tar headers are read, images skipped); (records, bad)."""
-    records, bad = [], 0
-    try:
-        with tarfile.open(path, "r:") as tar:
-            for member in tar:
-                if not member.name.endswith(".json"):
-                    continue
-                try:
-                    records.append(json.loads(tar.extractfile(member).read().decode("utf-8")))
-                except (ValueError, UnicodeDecodeError, AttributeError):
-                    bad += 1
-    except (tarfile.TarError, OSError) as e:
-        raise RadalignError(f"{path}: unreadable shard ({e}); re-run `radalign data prepare`") from None
-    return records, bad
-
-
 def _subject_int(value, where: str) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -379,15 +352,12 @@ def read_studies(shards: str | os.PathLike, *, progress: bool = False) -> tuple[
     """
     from tqdm import tqdm
 
-    root = Path(shards)
-    listed = _shard_list(root)
-    counts = Counter(images_in_manifest=sum(n for _, _, n in listed))
+    listed = list_shards(shards)
+    counts = Counter(images_in_manifest=sum(e.samples for e in listed), bad_json=0)
     studies: dict[tuple[int, int], dict] = {}
-    for split, path, _ in tqdm(listed, desc="shards", unit="shard", disable=not progress):
-        records, bad = _json_members(path)
-        counts["bad_json"] += bad
-        for rec in records:
-            _add_image(studies, rec, split, str(path), counts)
+    for entry in tqdm(listed, desc="shards", unit="shard", disable=not progress):
+        for sample in scan_meta([entry.path], split=entry.split, bad=counts):
+            _add_image(studies, sample.meta, entry.split, sample.shard, counts)
     rows = []
     for st in studies.values():
         times = sorted(t for t in st.pop("times") if t is not None)
@@ -692,7 +662,7 @@ def _admission_frame(con) -> pd.DataFrame:
         FROM s JOIN adm a ON a.subject_id = s.subject_id AND a.span_start < s.t0
         QUALIFY row_number() OVER (PARTITION BY s.study_key ORDER BY a.span_start DESC, a.hadm_id DESC) = 1""")
     demo = ", ".join(f"CASE WHEN l.study_key IS NULL THEN d.{c} ELSE l.{c} END AS {c}"
-                     for c in ("race", "insurance", "marital_status", "language"))
+                     for c in ADMISSION_DEMOGRAPHICS)
     return con.execute(f"""
         SELECT s.study_key, s.t0, l.hadm_id, l.admittime, l.dischtime, l.hospital_expire_flag, l.los,
                p.subject_id IS NOT NULL AS in_patients, p.gender, p.anchor_age + year(s.t0) - p.anchor_year AS age,
@@ -784,8 +754,7 @@ def link_studies(con, studies: pd.DataFrame, tables: dict[str, Table], flist: Fe
     frame = studies[["subject_id", "study_id", "split", "study_datetime"]].copy()
     key = np.arange(len(frame))
     adm = adm.reindex(key)
-    for col in ("hadm_id", "admittime", "dischtime", "gender", "age", "race", "insurance", "marital_status",
-                "language"):
+    for col in ("hadm_id", "admittime", "dischtime", *DEMOGRAPHICS):
         frame[col] = adm[col].to_numpy()
     blocks = [("features", flist.features, labs)] + ([("vitals", flist.vitals, vitals)] if vitals else [])
     coverage, skipped, outpatient = {}, {}, {}
@@ -827,7 +796,7 @@ def _typed(frame: pd.DataFrame, flist: FeatureList, with_vitals: bool) -> pd.Dat
         frame[col] = pd.array(frame[col], dtype="Int64") if frame[col].dtype == object else frame[col].astype("Int64")
     for col in ("study_datetime", "admittime", "dischtime"):
         frame[col] = pd.to_datetime(frame[col]).astype("datetime64[us]")
-    for col in ("split", "gender", "race", "insurance", "marital_status", "language"):
+    for col in ("split", *CATEGORICAL_DEMOGRAPHICS):
         frame[col] = frame[col].astype(object).where(frame[col].notna(), None)
     return frame[ehr_columns(flist, with_vitals)]
 
@@ -1039,15 +1008,6 @@ def _link_and_write(out, cache_dir, studies, study_counts, tables, flist, window
             "outcomes": {k: dataclasses.asdict(v) for k, v in flist.outcome_specs().items()},
             "columns": list(frame.columns), "rows_written": {"ehr.parquet": len(frame), "finetune": per_split},
             "shards": study_counts, **counts}
-
-
-def read_ehr(out: str | os.PathLike) -> pd.DataFrame:
-    """OUT/ehr.parquet after checking OUT/manifest.json (a finished link-ehr output)."""
-    from radalign.io import read_format_json
-
-    read_format_json(Path(out) / "manifest.json", MANIFEST_FORMAT, what="the --out folder of `radalign data link-ehr`",
-                     fix="re-run `radalign data link-ehr`")
-    return pd.read_parquet(Path(out) / "ehr.parquet")
 
 
 __all__ = ["link_ehr", "link_frame", "link_studies", "read_studies", "find_tables", "load_feature_list", "FeatureList",

@@ -52,6 +52,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from radalign.data.shards import list_shards, manifest_counts, shard_paths
 
 from radalign import RadalignError
 from radalign.log import get_logger
@@ -161,7 +162,7 @@ class WithThumbnail:
 def expected_samples(shards: list[str], rank: int = 0, world_size: int = 1, num_workers: int = 0) -> int | None:
     """Samples this rank's readers (its workers) should read, from the manifest's per-shard counts (None: no
     manifest). Same assignment as the eval loader (`data.loader.eval_assignment`)."""
-    from radalign.data.loader import eval_assignment, manifest_counts
+    from radalign.data.loader import eval_assignment
 
     counts = manifest_counts(shards)
     if counts is None:
@@ -254,16 +255,15 @@ def _shards_id(root: str | os.PathLike, split: str) -> list[list] | None:
     """The split's shards as the manifest lists them (path, samples, sha256) with each file's size and mtime;
     None when they cannot be identified (no manifest, a shard without sha256, a missing file)."""
     try:
-        manifest = json.loads((Path(root) / "manifest.json").read_text())
-        shards = manifest["splits"][split]["shards"]
+        base = Path(root).resolve()
         out = []
-        for sh in shards:
-            st = (Path(root) / sh["path"]).stat()
-            if not re.fullmatch(r"[0-9a-f]{64}", str(sh.get("sha256"))):
+        for sh in list_shards(root, split):
+            st = sh.path.stat()
+            if not re.fullmatch(r"[0-9a-f]{64}", str(sh.sha256)):
                 return None
-            out.append([sh["path"], int(sh["samples"]), sh["sha256"], st.st_size, st.st_mtime_ns])
+            out.append([sh.path.relative_to(base).as_posix(), sh.samples, sh.sha256, st.st_size, st.st_mtime_ns])
         return out
-    except (OSError, ValueError, KeyError, TypeError):
+    except (RadalignError, OSError, ValueError):
         return None
 
 
@@ -433,7 +433,7 @@ def _embed_pass(encode_images, shards_root, split: str, transform, *, batch_size
                 max_samples: int | None, rank: int, world_size: int, thumbnail_size: int | None,
                 progress: bool) -> tuple[EmbeddedSplit, bool]:
     """One pass through the loader -> (result, whether max_samples cut it short)."""
-    from radalign.data.loader import make_eval_loader, shard_paths
+    from radalign.data.loader import make_eval_loader
     from tqdm import tqdm
 
     shards = shard_paths(shards_root, split)

@@ -12,6 +12,8 @@ Evaluation (`make_eval_loader`):
 
 A "reader" is one (process, worker) pair: `world_size * max(1, num_workers)` readers in all.
 
+The manifest, the shard lists and the metadata-only scan are `data.shards`; this module reads images.
+
 Corrupt samples (undecodable JPEG, bad JSON or text, a missing member) are skipped and counted by reason.
 Every shard read is checked against the manifest's per-shard sample count: the samples a truncated or
 unreadable tar did not yield are counted too, by number (`truncated_shard`, `unreadable_shard`), and with
@@ -38,11 +40,19 @@ from typing import Any
 
 import torch
 import webdataset as wds
-from radalign.data.prepare import MANIFEST_FORMAT
+from radalign.data.shards import (
+    SampleMeta,
+    manifest_counts,
+    manifest_problems,
+    manifest_shards,
+    read_manifest,
+    read_sample,
+    shard_paths,
+    split_samples,
+)
 from radalign.data.text import text_id
 
 from radalign import RadalignError
-from radalign.io import read_format_json
 from radalign.log import get_logger
 
 log = get_logger("radalign.data.loader")
@@ -60,128 +70,6 @@ SKIP_REASONS = ("missing_member", "bad_image", "bad_json", "bad_text", "empty_te
 LOST_REASONS = tuple(r for r in SKIP_REASONS if r not in BOOKKEEPING_REASONS)
 
 _decode_gray = wds.imagehandler("pill")  # webdataset's own JPEG decoder -> PIL "L" (the shards are gray)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The manifest.
-
-
-def read_manifest(root: str | Path) -> dict:
-    """`ROOT/manifest.json` as a dict; RadalignError naming the file and the fix when missing, foreign or
-    malformed (the error names the key: `splits.train.shards[3].samples: ...`)."""
-    file = Path(root) / "manifest.json"
-    manifest = read_format_json(file, MANIFEST_FORMAT,
-                                what="the --out folder of `radalign data prepare` (it holds manifest.json and "
-                                     "train/, validate/, test/), or run prepare first",
-                                fix="re-run `radalign data prepare`")
-    problems = manifest_problems(manifest)
-    if problems:
-        raise RadalignError(f"{file}: malformed: {'; '.join(problems[:5])}"
-                            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}; "
-                            f"re-run `radalign data prepare` (or restore the file)")
-    return manifest
-
-
-def manifest_problems(manifest: dict) -> list[str]:
-    """What is wrong with the `splits` part of a manifest (the part loaders read), as `key: problem`."""
-    splits = manifest.get("splits")
-    if not isinstance(splits, dict):
-        return [f"splits: expected an object {{split: {{samples, shards}}}}, found {type(splits).__name__}"]
-    problems = []
-    for split, entry in splits.items():
-        where = f"splits.{split}"
-        if not isinstance(entry, dict):
-            problems.append(f"{where}: expected an object with samples and shards, found {type(entry).__name__}")
-            continue
-        if not _count(entry.get("samples")):
-            problems.append(f"{where}.samples: expected a count >= 0, found {entry.get('samples')!r}")
-        shards = entry.get("shards")
-        if not isinstance(shards, list):
-            problems.append(f"{where}.shards: expected a list, found {type(shards).__name__}")
-            continue
-        for i, shard in enumerate(shards):
-            if not isinstance(shard, dict):
-                problems.append(f"{where}.shards[{i}]: expected an object, found {type(shard).__name__}")
-                continue
-            if not isinstance(shard.get("path"), str) or not shard["path"]:
-                problems.append(f"{where}.shards[{i}].path: expected a relative path, found {shard.get('path')!r}")
-            if not _count(shard.get("samples")):
-                problems.append(f"{where}.shards[{i}].samples: expected a count >= 0, found {shard.get('samples')!r}")
-    return problems
-
-
-def _count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _split_entry(root: str | Path, split: str) -> dict:
-    manifest = read_manifest(root)
-    splits = manifest["splits"]
-    if split not in splits:
-        raise RadalignError(f"{Path(root) / 'manifest.json'}: no split {split!r}; "
-                            f"available: {', '.join(splits) or '(none)'}")
-    return splits[split]
-
-
-def shard_paths(root: str | Path, split: str) -> list[str]:
-    """Absolute paths of the shards of `split` listed in `ROOT/manifest.json`, in manifest order."""
-    entry = _split_entry(root, split)
-    paths = [str((Path(root) / s["path"]).resolve()) for s in entry["shards"]]
-    if not paths:
-        raise RadalignError(f"{Path(root) / 'manifest.json'}: split {split!r} has no shards "
-                            f"({entry.get('samples', 0)} samples); choose another split or prepare more data")
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise RadalignError(f"{len(missing)} shard(s) of split {split!r} listed in the manifest are missing, "
-                            f"e.g. {missing[0]}; re-run `radalign data prepare` or restore the files")
-    return paths
-
-
-def split_samples(root: str | Path, split: str) -> int:
-    """Number of samples of `split` according to the manifest."""
-    return int(_split_entry(root, split).get("samples", 0))
-
-
-def manifest_shards(shards: Sequence[str]) -> dict[str, dict] | None:
-    """{shard: {"samples": n, "sha256": hex or None}} from the manifest two folders up
-    (`OUT/<split>/shard-*.tar`); None when some shard has no manifest or is not listed in it. A manifest that
-    is there but malformed is an error (RadalignError naming the file and key), not "unknown"."""
-    info: dict[str, dict] = {}
-    seen: set[Path] = set()
-    for shard in shards:
-        root = Path(shard).resolve().parent.parent
-        if root in seen:
-            continue
-        seen.add(root)
-        if not (root / "manifest.json").is_file():
-            return None
-        try:
-            manifest = read_manifest(root)
-        except RadalignError:
-            if _is_our_format(root / "manifest.json"):
-                raise
-            return None  # some other tool's manifest.json: the shards are not ours to count
-        for entry in manifest["splits"].values():
-            for s in entry["shards"]:
-                info[str((root / s["path"]).resolve())] = {"samples": s["samples"], "sha256": s.get("sha256")}
-    resolved = [str(Path(s).resolve()) for s in shards]
-    if any(r not in info for r in resolved):
-        return None
-    return {s: info[r] for s, r in zip(shards, resolved)}
-
-
-def _is_our_format(file: Path) -> bool:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT
-
-
-def manifest_counts(shards: Sequence[str]) -> dict[str, int] | None:
-    """Samples per shard from the manifest two folders up (`OUT/<split>/shard-*.tar`); None if unknown."""
-    info = manifest_shards(shards)
-    return None if info is None else {s: e["samples"] for s, e in info.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -740,6 +628,14 @@ def _shard_info(urls: list[str], verify: bool) -> dict[str, dict] | None:
     return info
 
 
+def decode_sample(sample: SampleMeta, transform: Callable) -> dict | None:
+    """One sample found by a `data.shards` scan (find-by-id), decoded as the eval loader decodes it
+    ({"image": [C, H, W], "text", "key", "meta"}); None when a member is missing or corrupt."""
+    raw = {"__key__": sample.key, **read_sample(sample)}
+    return _Decode(transform, _SkipLog(), train=False)(raw)
+
+
+# The manifest readers live in data.shards (the one reader of the format); re-exported for the loaders' callers.
 __all__ = ["shard_paths", "split_samples", "read_manifest", "manifest_counts", "manifest_shards",
-           "manifest_problems", "make_train_loader", "make_eval_loader", "eval_assignment", "study_int64", "Loader",
+           "manifest_problems", "decode_sample", "make_train_loader", "make_eval_loader", "eval_assignment", "study_int64", "Loader",
            "SharedEpoch", "SKIP_REASONS", "LOST_REASONS", "SHARD_REASONS", "BOOKKEEPING_REASONS"]

@@ -4,7 +4,9 @@ DICOM files (`prepare-dicom`: MIMIC-CXR's DICOM layout, data/prepare_dicom.py, o
 Schema: docs/architecture.md §1. How it works:
 
 1. Plan (main process, no pixels, no report text): one row per image with ids, split, view, datetime,
-   labels and paths. Images outside `views` (and, for MIMIC, images missing from the split file) are
+   labels and paths, from the config's source (`SOURCES`: `mimic-cxr` = data.mimic, `csv` =
+   data.prepare_csv, `dicom` = data.prepare_dicom; a new input format is one `register_source(Source(...))`
+   whose records function returns the same columns). Images outside `views` (and, for MIMIC, images missing from the split file) are
    set aside here. Each split is put in a fixed pseudo-random order (a hash of seed and key, so patients
    mix across shards and the order never depends on the input order) and cut into shards of `shard_size`.
 2. Write (a process pool over shards; each worker writes whole shards): read report, parse sections, pick
@@ -40,6 +42,7 @@ import os
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +52,7 @@ from omegaconf import MISSING
 from radalign.data.images import DEFAULT_MAX_PIXELS, target_size
 from radalign.data.labels import CHEXPERT_LABELS, SPLITS
 from radalign.data.sections import SECTION_KEYS, TEXT_MODES
+from radalign.data.shards import MANIFEST_FORMAT
 
 from radalign import RadalignError
 from radalign.log import get_logger
@@ -57,7 +61,6 @@ from radalign.log import get_logger
 # torch.distributed for the rank, and worker processes should not import torch).
 log = logging.getLogger("radalign.data.prepare")
 
-MANIFEST_FORMAT = "radalign-shards/1"  # the shard folder format; data.loader imports it from here
 STATE_FORMAT = "radalign-prepare-state/1"
 # `manifest["skipped"]` has exactly these keys (docs/architecture.md §1).
 SKIP_REASONS = ("missing_image", "unreadable_image", "oversized_image", "missing_report", "empty_text",
@@ -373,21 +376,72 @@ def view_kept(view: str | None, views: list[str]) -> bool:
 # Plan -> shard tasks.
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Sources: what turns an input into rows (one per image). A new input format is one more `Source`.
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input `radalign data prepare` reads: a function from the config to the rows of every image."""
+
+    name: str
+    """Registry name (`mimic-cxr`, `csv`, `dicom`)."""
+    selects: Callable[[PrepareConfig], bool]
+    """Whether a config asks for this source (the first registered source that says so reads it)."""
+    records: Callable[[PrepareConfig], tuple]
+    """config -> (frame, set_aside, notes): one row per image with the columns of `data.mimic.mimic_records`
+    (key, split, dicom_id, subject_id, study_id, view, study_datetime, image, report/text, the 14 labels),
+    the (reason, key) of the images set aside, and a Counter of notes for the manifest."""
+    verb: str
+    """The CLI verb that fills the config for it (`data prepare`, `data prepare-csv`, ...)."""
+
+
+# The record readers are imported when used: pandas and the readers stay out of the shard-writing workers.
+def _mimic_cxr_records(cfg: PrepareConfig) -> tuple:
+    from radalign.data.mimic import mimic_records
+
+    return mimic_records(cfg.mimic_cxr, cfg.reports, views=list(cfg.views), labels=cfg.labels)
+
+
+def _csv_records(cfg: PrepareConfig) -> tuple:
+    from radalign.data.prepare_csv import csv_records
+
+    return csv_records(cfg)
+
+
+def _dicom_records(cfg: PrepareConfig) -> tuple:
+    from radalign.data.prepare_dicom import dicom_records
+
+    return dicom_records(cfg)
+
+
+# Checked in order: csv (DICOM files listed in a CSV included), the MIMIC-CXR DICOM layout, then MIMIC-CXR-JPG.
+SOURCES: dict[str, Source] = {
+    "csv": Source("csv", lambda cfg: cfg.csv is not None, _csv_records, "data prepare-csv"),
+    "dicom": Source("dicom", lambda cfg: cfg.dicom, _dicom_records, "data prepare-dicom"),
+    "mimic-cxr": Source("mimic-cxr", lambda cfg: True, _mimic_cxr_records, "data prepare"),
+}
+
+
+def register_source(source: Source) -> None:
+    """Add an input format; it is asked before the built-in ones (whose MIMIC-CXR entry takes any config)."""
+    if source.name in SOURCES:
+        raise RadalignError(f"source {source.name!r} is already registered; choose another name")
+    items = [(source.name, source), *SOURCES.items()]
+    SOURCES.clear()
+    SOURCES.update(items)
+
+
+def source_of(cfg: PrepareConfig) -> Source:
+    """The registered source the config asks for (the first whose `selects` is true)."""
+    return next(s for s in SOURCES.values() if s.selects(cfg))
+
+
 def plan(cfg: PrepareConfig):
     """(frame, set_aside, notes) for the config's source; frame sorted by split, then a seeded hash of the key."""
-    from radalign.data.mimic import mimic_records, stable_unit
+    from radalign.data.mimic import stable_unit
 
-    if cfg.csv is not None:
-        from radalign.data.prepare_csv import csv_records
-
-        frame, set_aside, notes = csv_records(cfg)
-    elif cfg.dicom:
-        from radalign.data.prepare_dicom import dicom_records
-
-        frame, set_aside, notes = dicom_records(cfg)
-    else:
-        frame, set_aside, notes = mimic_records(cfg.mimic_cxr, cfg.reports, views=list(cfg.views),
-                                                labels=cfg.labels)
+    frame, set_aside, notes = source_of(cfg).records(cfg)
     # Sorting by a hash (not by patient) mixes patients across shards; it depends only on (seed, key).
     frame["_split_rank"] = frame["split"].map({s: i for i, s in enumerate(SPLITS)})
     frame["_order"] = [stable_unit(cfg.seed, k) for k in frame["key"]]

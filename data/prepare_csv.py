@@ -2,6 +2,10 @@
 
 Keys: `r{row:07d}-{last path parts}` (row = 0-based data row). Unique even when two rows name the same image,
 readable, and free of the `.` and `/` that webdataset would read as an extension or folder.
+
+`read_image_rows` is the one reader of a CSV that lists images (the file read as text, the image column named
+or guessed, paths resolved against the image root and checked against it, the patient of each row): prepare-csv
+builds its records from it, and zero-shot's CSV input (`zeroshot.inputs.embed_csv`) reads its images through it.
 """
 
 from __future__ import annotations
@@ -10,6 +14,8 @@ import difflib
 import os
 import re
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +26,75 @@ from radalign.data.sections import clean
 from radalign import RadalignError
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+IMAGE_COLUMNS = ("Path", "path", "image", "image_path")  # the image column, when none is named (first found)
+PATIENT_COLUMNS = ("subject_id", "patient_id", "patient", "Patient")  # the patient column, when none is named
+_PATIENT_IN_PATH = re.compile(r"(patient\d+)", re.IGNORECASE)  # CheXpert: .../patient00001/study1/view1.jpg
+
+
+@dataclass
+class ImageRows:
+    """The rows of a CSV that lists one image per row, as `read_image_rows` read them."""
+
+    path: Path
+    """The CSV."""
+    frame: pd.DataFrame
+    """Every column as text (a blank cell is '')."""
+    image_col: str
+    """The column that holds the image paths."""
+    root: Path
+    """The folder relative image paths resolve against."""
+    images: list[str]
+    """The image cell of each row, stripped."""
+    files: list[str]
+    """The image file of each row ('' where the cell is blank)."""
+    outside: list[bool]
+    """Rows whose image lies outside `root` while that is not allowed (prepare-csv sets them aside)."""
+
+
+def find_image_column(columns: Sequence[str], wanted: str | None, path: str | os.PathLike) -> str:
+    """`wanted` when it is a column, else the first of IMAGE_COLUMNS the CSV has; an error naming the columns."""
+    columns = [str(c) for c in columns]
+    if wanted:
+        if wanted not in columns:
+            raise RadalignError(f"--image-column {wanted!r}: not a column of {path}; columns: {columns}")
+        return wanted
+    for c in IMAGE_COLUMNS:
+        if c in columns:
+            return c
+    raise RadalignError(f"{path}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); "
+                        f"name it with --image-column (columns: {columns})")
+
+
+def read_image_rows(path: str | os.PathLike, *, image_col: str | None = None, required: Sequence[str] = (),
+                    image_root: str | os.PathLike | None = None, allow_outside_root: bool = False,
+                    encoding: str | None = None, what: str = "CSV given to --csv") -> ImageRows:
+    """Read a CSV listing images: `required` columns checked (one error naming every missing one), the image
+    column named or guessed (`find_image_column`), each path resolved against `image_root` (default: the CSV's
+    folder) and checked to lie inside it unless `allow_outside_root`."""
+    path = Path(path)
+    frame = read_csv_checked(path, list(dict.fromkeys(required)), what, encoding=encoding)
+    col = find_image_column(list(frame.columns), image_col, path)
+    root = Path(image_root) if image_root else path.resolve().parent
+    images = frame[col].str.strip().tolist()
+    outside = [bool(im) and not allow_outside_root and not inside_root(root, im) for im in images]
+    files = [str(p if p.is_absolute() else root / p) if s else "" for s, p in ((s, Path(s)) for s in images)]
+    return ImageRows(path, frame, col, root, images, files, outside)
+
+
+def csv_patients(frame: pd.DataFrame, image_col: str) -> tuple[list[str] | None, str]:
+    """Each row's patient: a patient column (PATIENT_COLUMNS, no blank cell), else `patientNNN` in the image
+    path (CheXpert's layout), else None (each image is then its own unit); and where it came from."""
+    for c in PATIENT_COLUMNS:
+        if c in frame.columns and not _blank(frame[c]).any():
+            return frame[c].astype(str).str.strip().tolist(), f"column {c!r}"
+    found = [_PATIENT_IN_PATH.search(str(p)) for p in frame[image_col]]
+    if found and all(found):
+        return [m.group(1).lower() for m in found], "patientNNN in the image path"
+    return None, ""
+
+
+def _blank(column: pd.Series) -> pd.Series:
+    return column.isna() | (column.astype(str).str.strip() == "")
 
 
 def row_key(row: int, image: str) -> str:
@@ -63,19 +138,17 @@ def csv_records(cfg) -> tuple[pd.DataFrame, list[tuple[str, str]], Counter]:
     aside as `outside_root` unless `cfg.allow_outside_root`."""
     path = Path(cfg.csv)
     wanted = [cfg.image_col, *cfg.text_col, *(c for c in (cfg.split_col, cfg.patient_col, cfg.study_col) if c)]
-    df = read_csv_checked(path, list(dict.fromkeys(wanted)), "CSV given to --csv",
-                          encoding=getattr(cfg, "encoding", None))
+    rows = read_image_rows(path, image_col=cfg.image_col, required=wanted, image_root=cfg.image_root,
+                           allow_outside_root=getattr(cfg, "allow_outside_root", False),
+                           encoding=getattr(cfg, "encoding", None))
+    df, root, images, outside = rows.frame, rows.root, rows.images, rows.outside
     if df.empty:
         raise RadalignError(f"{path}: a header ({', '.join(map(str, df.columns))}) but no data rows; "
                             f"point --csv at the table with one row per image")
     label_map = resolve_label_cols(cfg.label_cols, list(df.columns), path)
-    root = Path(cfg.image_root) if cfg.image_root else path.resolve().parent
     notes: Counter = Counter()
 
-    images = df[cfg.image_col].str.strip()
     keys = [row_key(i, im) for i, im in enumerate(images)]
-    outside = [bool(im) and not getattr(cfg, "allow_outside_root", False) and not inside_root(root, im)
-               for im in images]
     texts = [" ".join(t for t in (clean(row) for row in cells) if t)
              for cells in zip(*(df[c] for c in cfg.text_col))]
     patients = _ids(df, cfg.patient_col, keys, notes, "no_patient")
@@ -83,8 +156,7 @@ def csv_records(cfg) -> tuple[pd.DataFrame, list[tuple[str, str]], Counter]:
         "key": keys, "split": _splits(df, cfg, patients, path), "dicom_id": keys,
         "subject_id": patients, "study_id": _ids(df, cfg.study_col, keys, notes, "no_study"),
         "view": None, "study_datetime": None,
-        "image": [str(p if p.is_absolute() else root / p) if s else "" for s, p in
-                  ((s, Path(s)) for s in images)],
+        "image": rows.files,
         "report": None, "text": texts,
     })
     for section in ("findings", "impression"):  # a text column named like a section fills that section

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from radalign.data.shards import find_samples, split_names
 from radalign.finetune import clinical as C
 from radalign.finetune import explain as X
 from radalign.finetune.inputs import SplitInputs, task_labels
@@ -265,9 +266,10 @@ def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: Spli
 def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: str | None = None,
                     size: int = 192) -> str | None:
     """The study's first film (as the model saw it) as a JPEG data URI, read from the shards; None when
-    none of its films is there. Reads the shard splits in turn (table split first) until it finds one."""
+    none of its films is there. Finds it by dicom_id in the shards' json members (table split first) and
+    decodes that one image only."""
     from radalign.data.embed import thumbnail_jpeg
-    from radalign.data.loader import make_eval_loader, read_manifest, shard_paths
+    from radalign.data.loader import decode_sample
     from radalign.retrieval.search import data_uri
 
     enc = trained.encoders
@@ -276,13 +278,11 @@ def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: st
     if enc is None or not wanted:
         return None
     root = Path(shards or trained.shards)
-    splits = list(read_manifest(root).get("splits", {}))
-    for s in sorted(splits, key=lambda s: s != data.name):
-        loader = make_eval_loader(shard_paths(root, s), batch_size=16, transform=enc.image_transform())
-        for batch in loader:
-            for image, meta, key in zip(batch["image"], batch["meta"], batch["key"]):
-                if str(meta.get("dicom_id", key)) in wanted:
-                    return data_uri(thumbnail_jpeg(image, enc.config["mean"], enc.config["std"], size))
+    splits = sorted(split_names(root), key=lambda s: s != data.name)
+    for found in find_samples(root, lambda s: s.id("dicom_id") in wanted, splits=splits):
+        sample = decode_sample(found, enc.image_transform())
+        if sample is not None:  # a corrupt film is skipped, as the loader skips it
+            return data_uri(thumbnail_jpeg(sample["image"], enc.config["mean"], enc.config["std"], size))
     return None
 
 

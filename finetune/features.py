@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+from radalign.data.ehr_table import CATEGORICAL_DEMOGRAPHICS, NUMERIC_DEMOGRAPHICS
+from radalign.data.labels import apply_label_policy
 
 from radalign import RadalignError
 
 FORMAT = "radalign-ehr-features/1"
-CATEGORICAL = ("gender", "race", "insurance", "marital_status", "language")
-NUMERIC = ("age",)
+CATEGORICAL = CATEGORICAL_DEMOGRAPHICS  # the EHR table's schema (data.ehr_table)
+NUMERIC = NUMERIC_DEMOGRAPHICS
 UNKNOWN = "<unknown>"
 MIN_IQR = 1e-6  # a constant feature in training: scale by 1 instead of dividing by 0
 
@@ -231,10 +233,7 @@ def label_matrix(table: pd.DataFrame, columns: Sequence[str], kind: str = "binar
     y = np.stack([_numeric(table[c]) for c in columns], axis=1) if len(columns) else np.zeros((len(table), 0))
     if kind == "multiclass":
         return y.astype(np.float64)
-    policy = {"exclude": np.nan, "positive": 1.0, "negative": 0.0}
-    if uncertain not in policy:
-        raise RadalignError(f"uncertain: {uncertain!r} is not one of {', '.join(policy)}")
-    y = np.where(y == -1, policy[uncertain], y)
+    y = apply_label_policy(y, uncertain, blank="exclude")  # the one policy (data.labels); null stays NaN
     bad = np.isfinite(y) & (y != 0) & (y != 1)
     if bad.any():
         j = int(np.argwhere(bad)[0, 1])

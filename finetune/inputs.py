@@ -15,7 +15,6 @@ task, the few-shot sweep, `finetune eval`) never re-embeds. Nothing here imports
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,6 +23,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from radalign.data.ehr_table import (
+    CATEGORICAL_DEMOGRAPHICS,
+    NUMERIC_DEMOGRAPHICS,
+    FinetuneTable,
+    load_table,  # noqa: F401  (re-exported: the recipe reads the table here)
+)
+from radalign.data.shards import manifest_sha256, split_names, split_subjects
 from radalign.finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
 
 from radalign import RadalignError
@@ -31,54 +37,6 @@ from radalign.io import atomic_path
 from radalign.log import get_logger
 
 log = get_logger("radalign.finetune.inputs")
-
-EHR_FORMAT = "radalign-ehr/1"
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The table written by `radalign data link-ehr`
-
-
-@dataclass
-class FinetuneTable:
-    path: Path
-    splits: dict[str, pd.DataFrame]
-    manifest: dict
-
-    @property
-    def features(self) -> list[str]:
-        """Lab features and vitals of the link (each has `{name}` and `{name}_hours` columns)."""
-        return list(self.manifest.get("features", [])) + list(self.manifest.get("vitals", []))
-
-    def split(self, name: str) -> pd.DataFrame:
-        if name not in self.splits:
-            raise RadalignError(f"split {name!r} is not in the table {self.path} (it has "
-                                f"{', '.join(self.splits)}); set data.*_split to one of those")
-        return self.splits[name]
-
-    @property
-    def columns(self) -> list[str]:
-        return list(next(iter(self.splits.values())).columns)
-
-
-def load_table(path: str | os.PathLike) -> FinetuneTable:
-    """The `finetune/` DatasetDict of a link-ehr output (or the output folder itself), with its manifest."""
-    import datasets
-
-    path = Path(path)
-    if (path / "finetune" / "dataset_dict.json").is_file():
-        path = path / "finetune"
-    if not (path / "dataset_dict.json").is_file():
-        raise RadalignError(f"data.table {path}: not a finetune table (no dataset_dict.json). Pass the "
-                            "`finetune/` folder written by `radalign data link-ehr --out DIR` (DIR/finetune)")
-    manifest_file = path.parent / "manifest.json"
-    manifest = json.loads(manifest_file.read_text()) if manifest_file.is_file() else {}
-    if manifest and manifest.get("format") != EHR_FORMAT:
-        raise RadalignError(f"{manifest_file}: format {manifest.get('format')!r}, expected {EHR_FORMAT}; "
-                            "re-run `radalign data link-ehr`")
-    dd = datasets.load_from_disk(str(path))
-    splits = {name: ds.to_pandas() for name, ds in dd.items()}
-    return FinetuneTable(path, splits, manifest)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -218,8 +176,6 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
 
 def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> dict[str, str]:
     """{column: what needs it} for a model over `modalities` with EHR lab `features`."""
-    from radalign.finetune.features import CATEGORICAL, NUMERIC
-
     need = {"subject_id": "the patient id", "study_id": "the study id"}
     if "image" in modalities:
         need["dicom_ids"] = "the image modality: the study's films"
@@ -228,7 +184,7 @@ def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> 
     if "ehr" in modalities:
         for f in features or ():
             need[f] = need[f"{f}_hours"] = f"the EHR lab/vital {f!r}"
-        for c in (*NUMERIC, *CATEGORICAL):
+        for c in (*NUMERIC_DEMOGRAPHICS, *CATEGORICAL_DEMOGRAPHICS):
             need[c] = "the EHR demographics"
     return need
 
@@ -277,41 +233,12 @@ def split_inputs(name: str, frame: pd.DataFrame, task, modalities: Sequence[str]
 
 def _shard_splits(cache: EmbeddingCache) -> list[str]:
     """Splits of the shards folder (its manifest), so a study's films are found whatever split holds them."""
-    manifest = cache.shards / "manifest.json"
-    if manifest.is_file():
-        splits = json.loads(manifest.read_text()).get("splits", {})
-        if isinstance(splits, dict) and splits:
-            return list(splits)
-    return [p.name for p in sorted(cache.shards.iterdir()) if p.is_dir()]
+    names = split_names(cache.shards) if (cache.shards / "manifest.json").is_file() else []
+    return names or [p.name for p in sorted(cache.shards.iterdir()) if p.is_dir()]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Overlap with the pretraining run's training patients
-
-
-def manifest_sha256(shards: str | os.PathLike) -> str | None:
-    f = Path(shards) / "manifest.json"
-    return hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None
-
-
-def shard_subjects(shards: str | os.PathLike, split: str) -> set[str]:
-    """Subject ids of every sample in shards/<split> (reads the tar members' JSON only, no image decode)."""
-    import tarfile
-
-    from radalign.data.loader import shard_paths
-
-    out: set[str] = set()
-    for path in shard_paths(shards, split):
-        try:
-            with tarfile.open(path) as tar:
-                for m in tar:
-                    if m.name.endswith(".json"):
-                        rec = json.loads(tar.extractfile(m).read())
-                        if rec.get("subject_id") is not None:
-                            out.add(str(rec["subject_id"]))
-        except (tarfile.TarError, OSError, json.JSONDecodeError) as e:
-            log.warning("%s: unreadable while listing pretraining subjects (%s)", path, e)
-    return out
 
 
 def pretraining_subjects(export_config: Mapping, table: FinetuneTable) -> tuple[set[str] | None, str]:
@@ -326,7 +253,11 @@ def pretraining_subjects(export_config: Mapping, table: FinetuneTable) -> tuple[
         subjects = set(train["subject_id"].astype(str)) if train is not None else set()
         return subjects, f"the table was linked from the pretraining shards ({linked}); its {split!r} split"
     if shards and manifest_sha256(shards) == sha:
-        return shard_subjects(shards, split), f"the pretraining shards {shards}/{split}"
+        try:
+            return split_subjects(shards, split), f"the pretraining shards {shards}/{split}"
+        except RadalignError as e:  # a damaged shard: the overlap is unknown, not "none"
+            log.warning("listing the pretraining subjects: %s", e)
+            return None, f"the pretraining shards {shards}/{split} are not readable ({e})"
     return None, (f"the pretraining shards ({shards}, manifest sha256 {sha[:12]}) are neither the table's "
                   "shards nor readable")
 

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from radalign.data.labels import encode_labels
+from radalign.data.labels import apply_label_policy
 from radalign.data.text import text_id
 from radalign.pretrain import classifier
 from radalign.pretrain.prompts import PromptSet, parse_prompt_set
@@ -139,7 +139,7 @@ def zero_shot_auroc(emb: dict, model, tokenizer, logit_scale: float | None = Non
     prob = classifier.class_probs(emb["img"], weights, "binary", logit_scale).numpy()  # [N, C] P(positive)
     names = QUICK_PROMPT_SET.class_names
     raw = pd.DataFrame([{n: lab.get(n) for n in names} for lab in emb["labels"]], columns=names)
-    y = encode_labels(raw)  # [N, C] 1/0, NaN for uncertain and blank (left out)
+    y = apply_label_policy(raw)  # [N, C] 1/0, NaN for uncertain and blank (left out)
     result, aucs = {}, []
     for c, name in enumerate(names):
         keep = ~np.isnan(y[:, c])

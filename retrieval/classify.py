@@ -14,7 +14,7 @@ on that split's queries (never on the scored split). A query left with no neighb
 whole index) gets the index's prevalence and is counted.
 
 The probabilities are scored like prompt zero-shot (`radalign.metrics.auroc_table`: per-label AUROC with a
-patient-level bootstrap interval, macro means, the same label policy `data.labels.encode_labels`); with a
+patient-level bootstrap interval, macro means, the same label policy `data.labels.apply_label_policy`); with a
 prompt set, the encoders' prompt classifier (`pretrain.classifier`) scores the same query embeddings beside them,
 with the paired difference per label and for the macro (`radalign.metrics.paired_difference`: both scored on the same patient resamples).
 """
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from radalign.data.labels import encode_labels, label_counts
+from radalign.data.labels import apply_label_policy, label_counts
 from radalign.pretrain import classifier
 from radalign.retrieval.search import Retriever
 
@@ -146,7 +146,7 @@ def fit_temperature(sims: np.ndarray, votes: np.ndarray, valid: np.ndarray, labe
 def query_labels(meta: list[dict], names: list[str], uncertain: str, blank: str) -> tuple[np.ndarray, dict]:
     """Each query's labels under the zero-shot policy: [Q, L] 1/0/NaN, and the raw counts per label."""
     raw = pd.DataFrame([{n: (m.get("labels") or {}).get(n) for n in names} for m in meta], columns=names)
-    return encode_labels(raw, uncertain, blank), label_counts(raw)
+    return apply_label_policy(raw, uncertain, blank), label_counts(raw)
 
 
 # ------------------------------------------------------------------------------------------------------

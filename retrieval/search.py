@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from radalign.data.embed import check_query_text, thumbnail_jpeg
+from radalign.data.shards import find_samples
 from radalign.retrieval import index as ix
 from radalign.retrieval.store import IndexStore, data_uri
 
@@ -345,29 +346,35 @@ def query_from_shards(retriever: Retriever, data, split: str, study_id=None) -> 
     """A query case from shards outside the index: the given study, else the first study with a finding.
 
     Returns (embedding [D], query info with ids, labels and thumbnail). The image goes through the same
-    encoders (checked against the index) as the case base.
+    encoders (checked against the index) as the case base. The study is found from the shards' json members;
+    only its film is decoded.
     """
-    from radalign.data.loader import make_eval_loader, shard_paths
+    from radalign.data.loader import decode_sample
 
     enc = retriever.encoders
-    loader = make_eval_loader(shard_paths(data, split), batch_size=16, transform=enc.image_transform())
-    for batch in loader:
-        for image, meta, key in zip(batch["image"], batch["meta"], batch["key"]):
-            labels = positive_labels(meta.get("labels") or {})
-            wanted = (str(meta.get("study_id")) == str(study_id) if study_id is not None
-                      else bool(labels) and labels != ["No Finding"] and meta.get("view") in ("PA", "AP"))
-            if not wanted:
-                continue
-            q = ix.normalize(enc.encode_images(image[None]).cpu().numpy())[0]
-            sections = meta.get("sections") or {}
-            excerpt = (sections.get("impression") or "").strip()[:EXCERPT_CHARS]
-            info = {"kind": "study", "source": f"{data} ({split})", "dicom_id": meta.get("dicom_id", key),
-                    "study_id": str(meta.get("study_id")), "subject_id": str(meta.get("subject_id")),
-                    "view": meta.get("view"), "labels": labels, "excerpt": excerpt,
-                    "thumbnail": data_uri(thumbnail_jpeg(image, enc.config["mean"], enc.config["std"], 128))}
-            return q, info
+    for found in find_samples(data, lambda s: _query_wanted(s.meta, study_id), splits=[split]):
+        sample = decode_sample(found, enc.image_transform())
+        if sample is None:  # a corrupt film is skipped, as the loader skips it
+            continue
+        image, meta, key = sample["image"], sample["meta"], sample["key"]
+        q = ix.normalize(enc.encode_images(image[None]).cpu().numpy())[0]
+        sections = meta.get("sections") or {}
+        excerpt = (sections.get("impression") or "").strip()[:EXCERPT_CHARS]
+        info = {"kind": "study", "source": f"{data} ({split})", "dicom_id": meta.get("dicom_id", key),
+                "study_id": str(meta.get("study_id")), "subject_id": str(meta.get("subject_id")),
+                "view": meta.get("view"), "labels": positive_labels(meta.get("labels") or {}), "excerpt": excerpt,
+                "thumbnail": data_uri(thumbnail_jpeg(image, enc.config["mean"], enc.config["std"], 128))}
+        return q, info
     what = f"study {study_id}" if study_id is not None else "a frontal study with a finding"
     raise RadalignError(f"--example-from {data} --split {split}: found no {what}")
+
+
+def _query_wanted(meta: dict, study_id) -> bool:
+    """The given study, else a frontal study with a finding (not only No Finding)."""
+    if study_id is not None:
+        return str(meta.get("study_id")) == str(study_id)
+    labels = positive_labels(meta.get("labels") or {})
+    return bool(labels) and labels != ["No Finding"] and meta.get("view") in ("PA", "AP")
 
 
 __all__ = ["Retriever", "SearchResult", "Hits", "explain", "check_encoder", "load_query_image",

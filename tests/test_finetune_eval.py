@@ -51,7 +51,7 @@ def planted(cohort, run):
     """A copy of the table with every TEST label flipped (los_days moved across the 7-day cut) and a train
     study whose indication holds a <script> tag (train is never evaluated, so the eval scores are unchanged)."""
     import datasets
-    from radalign.finetune.inputs import load_table
+    from radalign.data.ehr_table import load_table
 
     t = load_table(cohort["table"])
     out = cohort["root"] / "planted"
@@ -157,7 +157,7 @@ def test_degradation_table_matches_sklearn_on_models_fed_without_the_modality(ru
 
 
 def test_subgroup_and_missingness_counts_match_the_data(run, evaluation):
-    from radalign.finetune.inputs import load_table
+    from radalign.data.ehr_table import load_table
 
     _, m = evaluation
     trained, data = _test_inputs(run)
@@ -250,7 +250,8 @@ def test_explain_html_and_markdown_escape_free_text(run, planted, tmp_path):
 
 
 def test_explain_with_an_index_lists_other_patients_and_their_vote(run, cohort, index, tmp_path):
-    from radalign.finetune.inputs import load_table, task_labels
+    from radalign.data.ehr_table import load_table
+    from radalign.finetune.inputs import task_labels
     from radalign.finetune.predict import load_run
 
     _, data = _test_inputs(run)

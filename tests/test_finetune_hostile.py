@@ -88,7 +88,7 @@ def _snapshot(run_dir: Path) -> dict:
 def _write_table(cohort, out: Path, edit=None) -> Path:
     """A copy of the cohort's table (DatasetDict + manifest) with `edit(splits)` applied to its frames."""
     import datasets
-    from radalign.finetune.inputs import load_table
+    from radalign.data.ehr_table import load_table
 
     t = load_table(cohort["table"])
     splits = {k: v.copy() for k, v in t.splits.items()}
@@ -255,7 +255,7 @@ def _expected(frame: pd.DataFrame, column: str) -> str:
 
 @pytest.mark.parametrize("plant", list(PLANTS))
 def test_labels_that_cannot_train_select_or_score_are_refused_before_training(cohort, tmp_path, plant):
-    from radalign.finetune.inputs import load_table
+    from radalign.data.ehr_table import load_table
     from radalign.finetune.recipe import run_finetune
 
     edit, bad = PLANTS[plant]

@@ -833,3 +833,68 @@ def test_state_of_an_older_version_without_the_new_options_still_resumes(mini_mi
     assert calls == []  # absent options read as their defaults: nothing rewritten
     with pytest.raises(RadalignError, match="max_pixels: 50000000 -> 1000"):
         prepare(_mini_cfg(out, mini_mimic, max_pixels=1000), progress=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The source registry.
+
+
+def test_each_config_selects_its_registered_source(tmp_path):
+    from radalign.data.prepare import SOURCES, source_of
+
+    assert list(SOURCES) == ["csv", "dicom", "mimic-cxr"]
+    mimic = _cfg(tmp_path, tmp_path)
+    csv_cfg = load_config(PrepareConfig, {"out": str(tmp_path), "csv": "t.csv", "image_col": "p", "text_col": ["r"]})
+    dicom = load_config(PrepareConfig, {**mimic.__dict__, "dicom": True})
+    csv_dicom = load_config(PrepareConfig, {**csv_cfg.__dict__, "dicom": True})
+    assert [source_of(c).name for c in (mimic, csv_cfg, dicom, csv_dicom)] == ["mimic-cxr", "csv", "dicom", "csv"]
+    assert [c.source for c in (mimic, csv_cfg, dicom, csv_dicom)] == [  # the manifest's name, unchanged
+        "mimic-cxr", "csv", "mimic-cxr-dicom", "csv-dicom"]
+
+
+def test_a_registered_source_plugs_into_prepare(tmp_path, monkeypatch):
+    """A new input format is one `register_source`: its rows go through the same shard writer (here a source
+    that reads a CSV and rewrites every report; the shards hold the rewritten texts)."""
+    import radalign.data.prepare as P
+    from radalign.data.prepare_csv import csv_records
+
+    monkeypatch.setattr(P, "SOURCES", dict(P.SOURCES))
+    _write_images(tmp_path / "imgs")
+    table = _csv(tmp_path / "t.csv", [{"img": f"imgs/{n}", "text": f"row {i}"}
+                                      for i, n in enumerate(["rgb.png", "small.jpg", "palette.png"])])
+
+    def shouting(cfg):
+        frame, set_aside, notes = csv_records(cfg)
+        frame["text"] = frame["text"].str.upper()
+        return frame, set_aside, notes
+
+    P.register_source(P.Source("shouting", lambda cfg: cfg.text_col == ["text"], shouting, "test"))
+    with pytest.raises(RadalignError, match="source 'csv' is already registered"):
+        P.register_source(P.Source("csv", lambda cfg: True, shouting, "test"))
+    cfg = _csv_cfg(tmp_path, table)
+    assert P.source_of(cfg).name == "shouting"
+    m = prepare(cfg, progress=False)
+    assert sorted(s["txt"] for s in read_shards(tmp_path / "out", m).values()) == ["ROW 0", "ROW 1", "ROW 2"]
+
+
+def test_zero_shot_reads_a_csv_through_the_prepare_csv_reader(tmp_path):
+    """One CSV reader: the same image column, the same resolved files, the same patients, whoever reads it."""
+    from radalign.data.prepare_csv import csv_patients, find_image_column, read_image_rows
+
+    rows = [{"id": "1", "Path": " a/patient00007/study1/view1_frontal.jpg ", "Edema": "1.0", "subject_id": ""},
+            {"id": "2", "Path": "/abs/patient00008/study2/view1_frontal.jpg", "Edema": "", "subject_id": "9"}]
+    table = _csv(tmp_path / "t.csv", rows)
+    got = read_image_rows(table, allow_outside_root=True)
+    assert got.image_col == "Path" and got.root == tmp_path
+    assert got.images == ["a/patient00007/study1/view1_frontal.jpg", "/abs/patient00008/study2/view1_frontal.jpg"]
+    assert got.files == [str(tmp_path / "a/patient00007/study1/view1_frontal.jpg"),
+                         "/abs/patient00008/study2/view1_frontal.jpg"]
+    assert got.frame["Edema"].tolist() == ["1.0", ""]  # text: a blank stays blank, never "nan"
+    assert read_image_rows(table).outside == [False, True]  # prepare-csv's default refuses the absolute one
+    # subject_id has a blank cell, so the patient comes from the path (CheXpert's patientNNNNN).
+    assert csv_patients(got.frame, "Path") == (["patient00007", "patient00008"], "patientNNN in the image path")
+    assert find_image_column(["x", "image", "path"], None, table) == "path"  # IMAGE_COLUMNS order
+    with pytest.raises(RadalignError, match="--image-column 'img': not a column of .*t.csv"):
+        read_image_rows(table, image_col="img")
+    with pytest.raises(RadalignError, match="no image column"):
+        find_image_column(["x"], None, table)

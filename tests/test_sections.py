@@ -162,7 +162,7 @@ TRICKY = [STANDARD, NO_HEADERS, ADDENDUM_THEN_NO_HEADERS, PFI_THEN_NO_IMPRESSION
 
 
 def _synth_reports(n: int):
-    from radalign.data.synth_reports import write_report
+    from radalign.data.synth.reports import write_report
 
     combos = [{}, {"Cardiomegaly": 1, "Edema": 1}, {"Pneumonia": 1, "Consolidation": 1, "Lung Opacity": 1},
               {"Pleural Effusion": 1}, {"Pneumothorax": 1, "Fracture": 1}, {"Support Devices": 1}]

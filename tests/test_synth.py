@@ -18,13 +18,13 @@ from radalign.data.synth import (
     LABEL_COLUMNS,
     METADATA_COLUMNS,
     SPLIT_COLUMNS,
-    _patient,
     synth_complete,
     synthesize,
 )
-from radalign.data.synth_ehr import ADMISSION_COLUMNS, D_LABITEMS_COLUMNS, LAB_COLUMNS, PATIENT_COLUMNS
-from radalign.data.synth_images import ImageSpec, render
-from radalign.data.synth_reports import write_report
+from radalign.data.synth.ehr import ADMISSION_COLUMNS, D_LABITEMS_COLUMNS, LAB_COLUMNS, PATIENT_COLUMNS
+from radalign.data.synth.generate import _patient
+from radalign.data.synth.images import ImageSpec, render
+from radalign.data.synth.reports import write_report
 
 from radalign import RadalignError
 
@@ -364,7 +364,7 @@ def test_linkage_cases_are_planted_as_documented(ehr_run):
 def test_icu_tables_follow_the_real_layout(ehr_run):
     out, summary = ehr_run
     icu = out / "mimic-iv/icu"
-    from radalign.data.synth_ehr import CHARTEVENT_COLUMNS, D_ITEMS_COLUMNS, ICUSTAY_COLUMNS
+    from radalign.data.synth.ehr import CHARTEVENT_COLUMNS, D_ITEMS_COLUMNS, ICUSTAY_COLUMNS
     assert _raw_header(icu / "icustays.csv.gz") == ICUSTAY_COLUMNS == [
         "subject_id", "hadm_id", "stay_id", "first_careunit", "last_careunit", "intime", "outtime", "los"]
     assert _raw_header(icu / "d_items.csv.gz") == D_ITEMS_COLUMNS
@@ -395,7 +395,7 @@ def test_icu_tables_follow_the_real_layout(ehr_run):
 def test_truth_table_orders_both_above_each_modality(tmp_path):
     """On 2,500 patients (no pixels): findings + labs beat findings alone and labs alone by a margin, for
     both outcomes; scored on validate+test together to have enough events. The reference is sklearn."""
-    from radalign.data.synth_ehr import linked_studies, truth_table
+    from radalign.data.synth.ehr import linked_studies, truth_table
 
     synthesize(tmp_path, patients=2500, seed=11, image_size=32, progress=False, images=False)
     table = truth_table(tmp_path, split="validate,test")
@@ -462,7 +462,7 @@ def test_real_mimic_iv_quirks_are_planted_as_documented(ehr_run):
 def test_quirks_leave_films_reports_labels_and_splits_as_they_were(run, tmp_path, monkeypatch):
     """The quirks draw from streams of their own: without them every file outside mimic-iv/ (images, reports,
     label files, splits, ground truth) is byte-identical, so pretraining and zero-shot numbers do not move."""
-    import radalign.data.synth_ehr as synth_ehr
+    import radalign.data.synth.ehr as synth_ehr
 
     out, _ = run
     monkeypatch.setattr(synth_ehr, "plant_quirks", lambda records, seed: None)

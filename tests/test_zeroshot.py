@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 from PIL import Image
-from radalign.data.labels import encode_labels, label_counts
+from radalign.data.labels import apply_label_policy, label_counts
 from radalign.pretrain import classifier
 from radalign.pretrain.prompts import load_prompt_set, parse_prompt_set
 from radalign.zeroshot import metrics
@@ -544,9 +544,9 @@ def test_prompt_sensitivity_by_hand():
 
 def test_label_policy_and_counts():
     raw = pd.DataFrame({"A": [1, 0, -1, None], "B": [-1, None, 1, 0]})
-    np.testing.assert_array_equal(encode_labels(raw), [[1, np.nan], [0, np.nan], [np.nan, 1], [np.nan, 0]])
-    np.testing.assert_array_equal(encode_labels(raw, "positive", "negative"), [[1, 1], [0, 0], [1, 1], [0, 0]])
-    np.testing.assert_array_equal(encode_labels(raw, "negative", "exclude")[:, 0], [1, 0, 0, np.nan])
+    np.testing.assert_array_equal(apply_label_policy(raw), [[1, np.nan], [0, np.nan], [np.nan, 1], [np.nan, 0]])
+    np.testing.assert_array_equal(apply_label_policy(raw, "positive", "negative"), [[1, 1], [0, 0], [1, 1], [0, 0]])
+    np.testing.assert_array_equal(apply_label_policy(raw, "negative", "exclude")[:, 0], [1, 0, 0, np.nan])
     assert label_counts(raw)["A"] == {"positive": 1, "negative": 1, "uncertain": 1, "blank": 1}
 
 

@@ -12,15 +12,14 @@ sha256 of the source and of the list itself, so another lab can rebuild and veri
 
 from __future__ import annotations
 
-import json
 import os
-import tarfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from radalign.data.labels import CHEXPERT_LABELS, COMPETITION_LABELS
+from radalign.data.shards import manifest_sha256, scan_meta, shard_paths
 
 from radalign import RadalignError
 from radalign.io import atomic_write_json, atomic_write_text, sha256_file
@@ -105,32 +104,18 @@ def build_chexpert_5x200(csv: str | os.PathLike, out: str | os.PathLike, *, seed
     return _write(out, table, meta)
 
 
-def _scan_shard_meta(paths: list[str]):
-    """Yield (key, meta dict) from the json members of shards, without decoding any image.
-
-    Read with `tarfile` rather than `data.loader.make_eval_loader`: the builder needs labels only, and the
-    eval loader would decode and transform every JPEG.
-    """
-    for p in paths:
-        with tarfile.open(p) as tar:
-            for m in tar:
-                if m.isfile() and m.name.endswith(".json"):
-                    key = Path(m.name).name.split(".", 1)[0]
-                    yield key, json.loads(tar.extractfile(m).read())
-
-
 def build_mimic_5x200(shards: str | os.PathLike, out: str | os.PathLike, *, split: str = "test",
                       seed: int = 0, per_class: int = 200, blank_as_negative: bool = True,
                       one_per_study: bool = True) -> Path:
     """MIMIC-5x200 from shards (frontal = PA/AP view). One image per study by default (the first key),
     so near-duplicate views of one study do not fill a class. Writes OUT.csv (key, study_id, class) + OUT.json."""
-    from radalign.data.loader import shard_paths
-
     paths = shard_paths(shards, split)
     reasons: Counter = Counter()
     by_study: dict[tuple, str] = {}
     study_of: dict[str, object] = {}
-    for key, meta in _scan_shard_meta(paths):
+    # The json members only (data.shards' metadata scan): the builder needs labels, not decoded JPEGs.
+    for sample in scan_meta(paths, split=split):
+        key, meta = sample.key, sample.meta
         cls, why = assign_class(meta.get("labels") or {}, meta.get("view") in FRONTAL_VIEWS, blank_as_negative)
         reasons[why] += 1
         if not cls:
@@ -147,9 +132,8 @@ def build_mimic_5x200(shards: str | os.PathLike, out: str | os.PathLike, *, spli
         eligible[cls].append(key)
     rows = sample_per_class(eligible, per_class, seed)
     table = pd.DataFrame([(k, study_of[k], c) for k, c in rows], columns=["key", "study_id", "class"])
-    manifest = Path(shards) / "manifest.json"
     meta = _meta("mimic-5x200", seed, per_class, blank_as_negative, eligible, reasons,
-                 {"shards": str(shards), "split": split, "manifest_sha256": sha256_file(manifest),
+                 {"shards": str(shards), "split": split, "manifest_sha256": manifest_sha256(shards),
                   "shard_sha256": [sha256_file(p) for p in paths]}, one_per_study=one_per_study)
     return _write(out, table, meta)
 

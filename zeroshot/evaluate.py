@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from radalign.data.labels import encode_labels, label_counts
+from radalign.data.labels import apply_label_policy, label_counts
 from radalign.pretrain import classifier
 from radalign.pretrain.prompts import PromptSet, load_prompt_set
 from radalign.zeroshot import metrics
@@ -173,7 +173,7 @@ def binary_labels(emb: Embedded, ps: PromptSet, cfg: ZeroshotConfig) -> tuple[np
     if without:
         log.info("%s: label columns without prompts (not evaluated): %s", ps.name, ", ".join(without))
     raw = emb.labels[names]
-    labels = encode_labels(raw, cfg.uncertain, cfg.blank)
+    labels = apply_label_policy(raw, cfg.uncertain, cfg.blank)
     return labels, {"label_counts": label_counts(raw), "labels_without_prompts": without}
 
 
@@ -191,7 +191,7 @@ def multiclass_labels(emb: Embedded, ps: PromptSet, cfg: ZeroshotConfig) -> tupl
     missing = [n for n in names if n not in emb.labels.columns]
     if missing:
         raise _missing_classes_error(ps, missing, label_like_columns(emb.labels), emb.source)
-    onehot = encode_labels(emb.labels[names], cfg.uncertain, "negative" if cfg.blank == "negative" else "exclude")
+    onehot = apply_label_policy(emb.labels[names], cfg.uncertain, "negative" if cfg.blank == "negative" else "exclude")
     single = (np.nansum(onehot == 1, axis=1) == 1) & (np.sum(onehot == 0, axis=1) == len(names) - 1)
     y = np.where(single, np.nanargmax(np.nan_to_num(onehot, nan=-1), axis=1), -1)
     return y, {"excluded": {"not_single_class": int((~single).sum())}, "class_source": "one-hot label columns"}

@@ -15,13 +15,14 @@ import hashlib
 import io
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from radalign.data.prepare_csv import PATIENT_COLUMNS, read_image_rows
+from radalign.data.prepare_csv import csv_patients as rows_patients
 from tqdm import tqdm
 
 from radalign import RadalignError
@@ -29,10 +30,7 @@ from radalign.io import atomic_path, sha256_file
 from radalign.log import get_logger
 
 log = get_logger("zeroshot")
-IMAGE_COLUMNS = ("Path", "path", "image", "image_path")
-PATIENT_COLUMNS = ("subject_id", "patient_id", "patient", "Patient")
 LABEL_VALUES = {1.0, 0.0, -1.0}
-_PATIENT_IN_PATH = re.compile(r"(patient\d+)", re.IGNORECASE)  # CheXpert: .../patient00001/study1/view1.jpg
 
 
 @dataclass
@@ -118,27 +116,6 @@ def _collate(items):
     return {"index": [i for i, _ in ok], "image": image, "failed": bad}
 
 
-def find_image_column(df: pd.DataFrame, wanted: str | None, csv: str | os.PathLike) -> str:
-    if wanted:
-        if wanted not in df.columns:
-            raise RadalignError(f"--image-column {wanted!r}: not a column of {csv}; columns: {list(df.columns)}")
-        return wanted
-    for c in IMAGE_COLUMNS:
-        if c in df.columns:
-            return c
-    raise RadalignError(f"{csv}: no image column (looked for {', '.join(IMAGE_COLUMNS)}); "
-                        f"name it with --image-column (columns: {list(df.columns)})")
-
-
-def read_csv(csv: str | os.PathLike) -> pd.DataFrame:
-    try:
-        return pd.read_csv(csv)
-    except FileNotFoundError:
-        raise RadalignError(f"--data {csv}: no such file") from None
-    except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise RadalignError(f"--data {csv}: not a readable CSV ({e})") from None
-
-
 def csv_fingerprint(csv: str | os.PathLike, image_root: str | None, image_column: str | None) -> str:
     return _fingerprint("csv", sha256_file(csv), str(Path(image_root).resolve()) if image_root else None,
                         image_column)
@@ -146,16 +123,20 @@ def csv_fingerprint(csv: str | os.PathLike, image_root: str | None, image_column
 
 def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None,
               image_column: str | None = None, batch_size: int = 64, num_workers: int = 0) -> Embedded:
-    """Embed the images a CSV lists; every non-image column is kept as a (potential) label column."""
-    df = read_csv(csv)
-    col = find_image_column(df, image_column, csv)
-    root = Path(image_root) if image_root else Path(csv).parent
-    keys = df[col].astype(str).tolist()
+    """Embed the images a CSV lists; every non-image column is kept as a (potential) label column.
+
+    The CSV is read by prepare-csv's reader (`data.prepare_csv.read_image_rows`: the image column named or
+    guessed, paths resolved against `image_root`); paths outside the root are read where they are, as given."""
+    if not Path(csv).is_file():
+        raise RadalignError(f"--data {csv}: no such file")
+    rows = read_image_rows(csv, image_col=image_column, image_root=image_root, allow_outside_root=True,
+                           what="CSV given to --data")
+    df, col, keys = rows.frame, rows.image_col, rows.images
     dups = sorted({k for k in keys if keys.count(k) > 1}) if len(set(keys)) < len(keys) else []
     if dups:
         raise RadalignError(f"{csv}: column {col!r} lists {len(dups)} image(s) more than once (e.g. {dups[0]}); "
                             "each image once, please")
-    ds = _CsvImages([root / k for k in keys], encoders.image_transform())
+    ds = _CsvImages([Path(f) for f in rows.files], encoders.image_transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers,
                                          collate_fn=_collate, shuffle=False)
     kept, embs, skipped = [], [], {"missing_image": 0, "unreadable_image": 0, "oversized_image": 0}
@@ -168,22 +149,20 @@ def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None
             kept += batch["index"]
     if not kept:
         raise RadalignError(f"--data {csv}: none of its {len(keys)} images could be loaded "
-                            f"({skipped}); check --image-root (now {root})")
+                            f"({skipped}); check --image-root (now {rows.root})")
     labels = df.drop(columns=[col]).iloc[kept].set_index(pd.Index([keys[i] for i in kept], name="key"))
+    labels = labels.replace(r"^\s*$", np.nan, regex=True)  # text cells: a blank is a missing value
     patients, how = csv_patients(df.iloc[kept], col)
     return Embedded([keys[i] for i in kept], np.concatenate(embs), labels, skipped, source=str(csv),
                     patients=patients, patient_source=how)
 
 
 def csv_patients(df: pd.DataFrame, image_column: str) -> tuple[list[str] | None, str]:
-    """Each row's patient: a patient column (subject_id, patient_id, ...), else `patientNNN` in the image path
-    (CheXpert's layout), else None (each image is then its own bootstrap unit, and reports say so)."""
-    for c in PATIENT_COLUMNS:
-        if c in df.columns and df[c].notna().all():
-            return df[c].astype(str).tolist(), f"column {c!r}"
-    found = [_PATIENT_IN_PATH.search(str(p)) for p in df[image_column]]
-    if found and all(found):
-        return [m.group(1).lower() for m in found], "patientNNN in the image path"
+    """Each row's patient (`data.prepare_csv.csv_patients`: a patient column, else `patientNNN` in the image
+    path); None when neither is there (each image is then its own bootstrap unit, and reports say so)."""
+    patients, how = rows_patients(df, image_column)
+    if patients is not None:
+        return patients, how
     log.warning("no patient column (%s) and no patientNNN in the image paths: intervals resample images, "
                 "which is too narrow when patients have several images", ", ".join(PATIENT_COLUMNS))
     return None, ""

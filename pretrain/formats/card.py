@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import html
 import json
-import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from radalign.data.labels import SPLITS
+from radalign.data.shards import split_subjects
 
 from radalign.log import get_logger
 
@@ -31,7 +33,7 @@ SYNTHETIC_DATA_USE = ("derived from radalign's synthetic stand-in data only (no 
                       "agreement applies, and the model has no clinical meaning")
 UNKNOWN_DATA_USE = ("not recorded: the training data's licence is unknown to radalign; state it with "
                     "`radalign export --data-use TEXT` before sharing")
-SPLITS = ("train", "validate", "test")
+
 
 
 def md(text) -> str:
@@ -164,28 +166,13 @@ def _is_synthetic(manifest: dict) -> bool:
     return False
 
 
-def split_subjects(shards: Path, split: str) -> set[str]:
-    """subject_id of every sample of a shard split, from the tar members' JSON (no image is decoded)."""
-    from radalign.data.loader import shard_paths
-
-    out: set[str] = set()
-    for path in shard_paths(shards, split):
-        with tarfile.open(path) as tar:
-            for member in tar:
-                if member.name.endswith(".json"):
-                    rec = json.loads(tar.extractfile(member).read())
-                    if rec.get("subject_id") is not None:
-                        out.add(str(rec["subject_id"]))
-    return out
-
-
 def overlap_check(shards: Path, train_split: str) -> dict:
     """Patients of the training split found in the other splits (0 everywhere: the split is by patient)."""
     from radalign import RadalignError
 
     try:
         subjects = {s: split_subjects(shards, s) for s in SPLITS}
-    except (RadalignError, OSError, tarfile.TarError, json.JSONDecodeError) as e:
+    except (RadalignError, OSError) as e:
         return {"checked": False, "reason": f"shards not readable ({e})"}
     train = subjects.get(train_split, set())
     return {"checked": True, "patients": {s: len(v) for s, v in subjects.items()},

@@ -3,7 +3,7 @@
 Each sentence is chosen from a template bank and carries the CheXpert mentions it makes
 (`{label: 1.0 | 0.0 | -1.0}`: positive, negated, uncertain). The report keeps the mentions of the
 section the real MIMIC-CXR CheXpert labeller read: IMPRESSION (CONCLUSION counts as impression), else
-FINDINGS, else the last paragraph. `data.synth` turns those mentions into the noisy label files.
+FINDINGS, else the last paragraph. `radalign.data.synth.generate` turns those mentions into the noisy label files.
 
 Radiologists miss or hedge some true findings and hedge about some absent ones ("cannot exclude
 pneumonia"), so report mentions differ from the ground truth on purpose.

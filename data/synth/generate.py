@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
-from radalign.data import synth_ehr as ehr
 from radalign.data.labels import CHEXPERT_LABELS, MIMIC_LABEL_ORDER
-from radalign.data.synth_images import ImageSpec, quantize, render_float
-from radalign.data.synth_reports import write_report
+from radalign.data.synth import ehr
+from radalign.data.synth.images import ImageSpec, quantize, render_float
+from radalign.data.synth.reports import write_report
 from tqdm import tqdm
 
 from radalign import RadalignError

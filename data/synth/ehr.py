@@ -335,7 +335,7 @@ def parse_time(text: str) -> datetime:
 def plant_quirks(records: list, seed: int) -> None:
     """Plant the quirks of real MIMIC-IV in every patient record (after hadm_ids are assigned).
 
-    A record (data.synth.PatientRecord) has `row` (patients), `admissions`, `labs`, `stays` and `studies` (each
+    A record (radalign.data.synth.generate.PatientRecord) has `row` (patients), `admissions`, `labs`, `stays` and `studies` (each
     with `when` and `hadm`); study-level cases go to `record.cases` as (case, study index, expected hadm_id),
     lab-level ones to the row's `_case`/`_study`/`_eligible` (a new row) or `_also` (a second case of a row).
     """

@@ -1,4 +1,4 @@
-"""Procedural chest radiographs for the synthetic MIMIC stand-in (`data.synth`).
+"""Procedural chest radiographs for the synthetic MIMIC stand-in (`radalign.data.synth`).
 
 Everything is drawn with vectorised numpy at the target size (no per-pixel Python loops), so one
 256 px image costs a few milliseconds. Conventions:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from radalign.data.text import text_id
 
-from radalign.metrics import recall_at_k
+from radalign.metrics import auroc, recall_at_k
 
 # One positive and one negative phrasing per finding, in report language.
 QUICK_PROMPTS: dict[str, tuple[str, str]] = {
@@ -101,8 +101,6 @@ def retrieval_recall(emb: dict) -> dict[str, float]:
 def zero_shot_auroc(emb: dict, model, tokenizer, logit_scale: float | None = None) -> dict[str, float]:
     """Macro AUROC of P(positive prompt) per finding; the softmax uses `logit_scale` (default: the model's
     learned scale, exp(model.logit_scale)); a fixed 100 saturates float32 and ties most scores at 1.0."""
-    from sklearn.metrics import roc_auc_score
-
     if logit_scale is None:
         logit_scale = float(model.logit_scale.detach().exp().reshape(-1)[0])
     device = next(model.parameters()).device
@@ -117,7 +115,7 @@ def zero_shot_auroc(emb: dict, model, tokenizer, logit_scale: float | None = Non
         y = np.array([lab.get(name) if lab.get(name) in (0, 1) else -1 for lab in emb["labels"]])
         keep = y >= 0
         if keep.sum() and 0 < y[keep].sum() < keep.sum():
-            auc = float(roc_auc_score(y[keep], prob[keep, c]))
+            auc = auroc(y[keep], prob[keep, c])
             result[f"auroc/{name}"] = auc
             aucs.append(auc)
     if aucs:

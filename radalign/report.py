@@ -257,14 +257,15 @@ def write_metrics(path: str | os.PathLike, doc: Mapping, *, stage: str, unit: st
                   version: int = 1) -> dict:
     """Write `doc` as metrics.json, atomically, headed by {"format": metrics_format(stage, version), "unit",
     "created" (UTC, ISO 8601)}; returns what was written. `unit`: what every interval resamples ("patient",
-    "image"), None when the file has no interval."""
+    "image"), None when the file has no interval. A document that already carries another format or unit is
+    an error (rewriting a document this writer wrote is not)."""
     head = {"format": metrics_format(stage, version), "unit": unit,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-    clash = [k for k in ("format", "created") if k in doc]
-    if clash or doc.get("unit", unit) != unit:
-        raise RadalignError(f"write_metrics({path}): the document already has {clash or ['unit']}; the writer "
-                            "sets format, unit and created")
-    out = {**head, **{k: v for k, v in doc.items() if k != "unit"}}
+    if doc.get("format", head["format"]) != head["format"] or doc.get("unit", unit) != unit:
+        raise RadalignError(f"write_metrics({path}): the document says format {doc.get('format')!r}, unit "
+                            f"{doc.get('unit')!r}; writing it as {head['format']!r}, unit {unit!r} would "
+                            "mislabel it")
+    out = {**head, **{k: v for k, v in doc.items() if k not in head}}
     atomic_write_json(path, out)
     return out
 

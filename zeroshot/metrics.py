@@ -11,7 +11,7 @@ is its own unit, and the tables say so (`unit`).
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score
 
 from radalign import metrics as rm
 
@@ -26,7 +26,7 @@ def _units(patient_ids, n: int) -> tuple[list, str]:
 
 
 def _auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
-    return float(roc_auc_score(y, scores)) if 0 < y.sum() < y.size else None
+    return rm.auroc(y, scores) if 0 < y.sum() < y.size else None
 
 
 def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_boot: int = 1000,
@@ -179,7 +179,7 @@ def shuffled_label_control(scores: np.ndarray, labels: np.ndarray, names: list[s
         m = ~np.isnan(labels[:, j])
         y = rng.permutation(labels[m, j].astype(int))
         if 0 < y.sum() < y.size:
-            aucs.append(roc_auc_score(y, scores[m, j]))
+            aucs.append(rm.auroc(y, scores[m, j]))
     return float(np.mean(aucs)) if aucs else None
 
 

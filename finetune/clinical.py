@@ -444,8 +444,8 @@ METRICS_SCHEMA = {
     "optional": {
         "level": _NUM,
         # the training run's sections
-        "metric_note": str, "data": dict, "training": dict, "overlap": dict, "precision": (str, dict, type(None)),
-        "processes": int, "seconds": _NUM,
+        "metric_note": str, "data": dict, "training": dict, "overlap": dict, "precision": str,
+        "processes": int, "seconds": dict,
         # `finetune eval`'s sections
         "model": str, "thresholds_and_temperature_fitted_on": str, "discrimination": dict, "calibration": dict,
         "subgroups": dict, "subgroup_x_missingness": list, "run": dict},

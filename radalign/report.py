@@ -225,11 +225,12 @@ def interval_plot(path: str | os.PathLike, rows: Sequence[tuple[str, Mapping]], 
 
 
 def learning_curve_plot(path: str | os.PathLike, series: Mapping[str, Sequence[tuple]], *, xlabel: str,
-                        ylabel: str, baseline: tuple[str, float] | None = None) -> None:
+                        ylabel: str, ticks: Sequence | None = None, baseline: tuple[str, float] | None = None) -> None:
     """Means with intervals against ordered categories: series {name: [(x label, mean, low, high), ...]}; the
-    categories take positions 1..n in first-seen order, `baseline` (label, value) sits at 0 with a dotted line."""
+    categories (`ticks`, default first-seen order) take positions 1..n, `baseline` (label, value) sits at 0 with
+    a dotted line."""
     fig, ax = pyplot().subplots(figsize=(6, 4))
-    ticks = list(dict.fromkeys(x for pts in series.values() for x, *_ in pts))
+    ticks = list(ticks) if ticks is not None else list(dict.fromkeys(x for pts in series.values() for x, *_ in pts))
     pos = {x: i + 1 for i, x in enumerate(ticks)}
     for name, pts in series.items():
         m = np.array([p[1] for p in pts], dtype=np.float64)

@@ -6,7 +6,7 @@ HTML page shell, plots, and the one `metrics.json` writer.
     num(0.91666) -> "0.917"       ci(0.917, 0.871, 0.954) -> "0.917 [0.871, 0.954]"; None -> "–"
     md_table(header, rows)        Markdown table lines; a cell that is not `Md` is escaped with md()
     html_page(title, parts)       a self-contained page: one CSS, the title escaped
-    roc_plot / reliability_plot / subgroup_plot / learning_curve_plot   PNGs, written atomically
+    roc_plot / reliability_plot / interval_plot / learning_curve_plot   PNGs (backend set once), atomic
     write_metrics(path, doc, stage="zeroshot", unit="patient")          metrics.json with its format tag
 
 The Markdown rule: every ASCII character Markdown or HTML gives a meaning inside a line (\\ ` * _ [ ] # | ~

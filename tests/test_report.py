@@ -83,6 +83,7 @@ def test_html_text_renders_hostile_text_as_itself(text):
     assert doc.cells == [text, text, text]  # <title>, <h1>, <p>: the data, never markup
     assert doc.attrs[-1] == text  # an attribute cannot be closed early
     assert page.count("<") == R.html_page("", ["<p title=\"\"></p>"]).count("<")  # no `<` came from the data
+    assert page.startswith("<!doctype html>") and page.endswith("</p>\n</body></html>\n")
 
 
 def test_md_is_readable_for_ordinary_text():
@@ -95,6 +96,7 @@ def test_md_is_readable_for_ordinary_text():
 def test_html_img_only_embeds_data_uris():
     assert R.html_img("data:image/png;base64,AAAA", 'a"b', "large") == \
         "<img class='large' src=\"data:image/png;base64,AAAA\" alt=\"a&quot;b\">"
+    assert R.html_img("data:image/jpeg;base64,AA", "x") == "<img src=\"data:image/jpeg;base64,AA\" alt=\"x\">"
     for uri in ("http://evil.example/x.png", "javascript:alert(1)", "", None):
         assert "<img" not in R.html_img(uri, "x")
 
@@ -118,6 +120,7 @@ def test_num_and_delta_formats():
     assert R.num(None) == R.num(math.nan) == R.NONE == "–"
     assert R.num(2 / 3) == "0.667" and R.num(2 / 3, 1) == "0.7" and R.num(0.05, signed=True) == "+0.050"
     assert R.ci_of(None) == R.ci_of({}) == "–"
+    assert R.ci_of({"value": 0.25, "ci_low": 0.125, "ci_high": 0.5}) == "0.250 [0.125, 0.500]"  # default key
     d = {"delta": 0.0123, "ci_low": -0.0104, "ci_high": 0.0301, "p_value": 0.31}
     assert R.delta_of(d) == "+0.012 [-0.010, +0.030], p 0.310"
     assert R.delta_of({**d, "p_value": None}) == "+0.012 [-0.010, +0.030]" and R.delta_of({"delta": None}) == "–"
@@ -171,4 +174,4 @@ def test_check_schema_lists_every_problem():
     with pytest.raises(RadalignError) as e:
         R.check_schema({"b": 3, "c": "x", "zz": 1}, schema, what="doc")
     msg = str(e.value)
-    assert "missing 'a'" in msg and "'b' is int" in msg and "unknown key 'zz'" in msg
+    assert msg.startswith("doc: missing 'a'; 'b' is int") and msg.endswith("; unknown key 'zz'")

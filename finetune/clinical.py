@@ -13,7 +13,8 @@ validation-chosen thresholds, subgroups and missingness patterns, graceful degra
 Every model-agnostic piece takes arrays (one row per study; `y` 1/0 with NaN for an unknown label, which is
 left out of every metric and counted), so the CLI and the tests feed it the same way.
 
-Statistics (radalign/metrics.py is the one definition of AUROC, AUPRC, the patient bootstrap and thresholds):
+Statistics (radalign/metrics.py is the one definition of AUROC, AUPRC, ROC points, the patient bootstrap,
+thresholds and calibration; this module assembles them into the clinical report's sections):
 - Intervals are percentile intervals over resamples of PATIENTS (`metrics.patient_weights`: all films of a
   patient move together); a dataset with every film duplicated gives the same interval. Comparisons between
   models are paired (the same resamples). Subgroup AUROCs and the largest gap between subgroups are scored on
@@ -33,7 +34,6 @@ Statistics (radalign/metrics.py is the one definition of AUROC, AUPRC, the patie
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import re
@@ -42,12 +42,24 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from radalign.finetune.explain import md_text
 
 from radalign import RadalignError
 from radalign import metrics as M
-from radalign.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from radalign import report as R
+from radalign.io import atomic_write_text
 from radalign.lock import output_lock
+from radalign.metrics import (  # the computations live in radalign.metrics; these names stay importable here
+    apply_operating_point,
+    brier_score,
+    calibration_bins,
+    choose_operating_point,
+    expected_calibration_error,
+    fit_temperature,
+    sensitivity_at_specificity,
+    sigmoid,
+    specificity_at_sensitivity,
+    to_logit,
+)
 
 TARGET = 0.9  # the 90% of "sensitivity at 90% specificity"
 UNKNOWN = "unknown"
@@ -56,85 +68,14 @@ SUBGROUPS = ("gender", "age_band", "race", "insurance")  # sex is `gender` in th
 MISSINGNESS = ("modalities", "labs")  # columns made by add_group_columns
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Operating-point metrics over many resamples at once (not in radalign/metrics.py yet)
-
-
-def _roc_points(y, score, weights) -> tuple[np.ndarray, np.ndarray]:
-    """Weighted ROC points, thresholds high to low, starting at (0, 0): tpr, fpr [B, G+1] (NaN: one class)."""
-    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
-    w = np.asarray(weights, dtype=np.float64)
-    keep = ~np.isnan(y)
-    y, score, w = y[keep], score[keep], w[:, keep]
-    order = np.argsort(-score, kind="mergesort")
-    s = score[order]
-    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if s.size else np.zeros(0, dtype=int)
-    w, pos = w[:, order], y[order] == 1
-    tp = np.cumsum(np.add.reduceat(w * pos, starts, axis=1), axis=1) if s.size else w[:, :0]  # [B, G]
-    fp = np.cumsum(np.add.reduceat(w * ~pos, starts, axis=1), axis=1) if s.size else w[:, :0]  # [B, G]
-    zero = np.zeros((w.shape[0], 1))
-    tp, fp = np.hstack([zero, tp]), np.hstack([zero, fp])  # [B, G+1]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p, n = tp[:, -1:], fp[:, -1:]
-        return np.where(p > 0, tp / p, np.nan), np.where(n > 0, fp / n, np.nan)
-
-
-def sensitivity_at_specificity(y, score, weights, target: float = TARGET) -> np.ndarray:
-    """Best sensitivity among ROC points with specificity >= target, per resample: weights [B, n] -> [B]."""
-    tpr, fpr = _roc_points(y, score, weights)
-    ok = (1 - fpr) >= target - 1e-12
-    out = np.where(ok, tpr, -np.inf).max(axis=1)
-    return np.where(np.isnan(tpr).any(1) | np.isnan(fpr).any(1), np.nan, out)
-
-
-def specificity_at_sensitivity(y, score, weights, target: float = TARGET) -> np.ndarray:
-    """Best specificity among ROC points with sensitivity >= target, per resample: weights [B, n] -> [B]."""
-    tpr, fpr = _roc_points(y, score, weights)
-    ok = tpr >= target - 1e-12
-    out = np.where(ok, 1 - fpr, -np.inf).max(axis=1)
-    return np.where(np.isnan(tpr).any(1) | np.isnan(fpr).any(1), np.nan, out)
-
-
 METRICS = {
     "auroc": "auroc",
     "auprc": "auprc",
-    "sensitivity_at_90_specificity": sensitivity_at_specificity,
+    "sensitivity_at_90_specificity": sensitivity_at_specificity,  # target 0.9 = TARGET
     "specificity_at_90_sensitivity": specificity_at_sensitivity,
 }
 PAIRED = ("auroc", "auprc")
-RULES = {"youden": "Youden's J (max sensitivity + specificity - 1)", "sensitivity": "target sensitivity",
-         "specificity": "target specificity"}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Thresholds: chosen on validation only
-
-
-def choose_operating_point(y_val, score_val, rule: str = "youden", target: float | None = None) -> dict:
-    """A decision threshold from VALIDATION labels and scores (the only labels this function ever sees).
-
-    rule: "youden" | "sensitivity" | "specificity" (the last two need `target`, e.g. 0.9).
-    """
-    if rule not in RULES:
-        raise RadalignError(f"threshold rule {rule!r}: use one of {', '.join(RULES)}")
-    if rule != "youden" and (target is None or not 0 < target <= 1):
-        raise RadalignError(f"threshold rule {rule!r} needs a target in (0, 1], e.g. 0.9 (got {target})")
-    y_val = np.asarray(y_val, dtype=np.float64)
-    thr = M.choose_threshold(y_val, score_val, rule=rule, target=target)
-    n = int((~np.isnan(y_val)).sum())
-    return {"rule": rule, "target": target, "threshold": thr, "chosen_on": "validation", "n_validation": n,
-            "n_validation_positive": int(np.nansum(y_val))}
-
-
-def apply_operating_point(point: Mapping, y, score) -> dict:
-    """The validation-chosen threshold applied to (test) data: counts, sensitivity, specificity, ..."""
-    out = dict(point)
-    if point["threshold"] is None:
-        out["test"] = None
-        out["note"] = "validation has one class only: no threshold"
-        return out
-    out["test"] = M.threshold_metrics(y, score, point["threshold"])
-    return out
+RULES = M.RULES
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -194,73 +135,6 @@ def evaluate_binary(y, score, patient_ids, *, val: tuple | None = None, baseline
 # Calibration
 
 
-def _labelled(y, prob) -> tuple[np.ndarray, np.ndarray]:
-    y, prob = np.asarray(y, dtype=np.float64), np.asarray(prob, dtype=np.float64)
-    keep = ~np.isnan(y)
-    return y[keep], prob[keep]
-
-
-def calibration_bins(y, prob, n_bins: int = 10) -> list[dict]:
-    """Equal-mass bins (rows sorted by probability, split into n_bins groups of n/n_bins rows, fewer bins when
-    there are fewer rows): per bin n, mean predicted probability, observed rate, probability range."""
-    y, prob = _labelled(y, prob)
-    if n_bins < 1:
-        raise RadalignError(f"bins {n_bins}: need at least 1")
-    order = np.argsort(prob, kind="mergesort")
-    out = []
-    for idx in np.array_split(order, min(n_bins, max(y.size, 1))):
-        if idx.size:
-            out.append({"n": int(idx.size), "mean_prob": float(prob[idx].mean()),
-                        "observed": float(y[idx].mean()), "prob_low": float(prob[idx].min()),
-                        "prob_high": float(prob[idx].max())})
-    return out
-
-
-def expected_calibration_error(y, prob, n_bins: int = 10) -> float | None:
-    """ECE = sum over equal-mass bins of (bin share of rows) x |observed rate - mean probability|."""
-    bins = calibration_bins(y, prob, n_bins)
-    n = sum(b["n"] for b in bins)
-    return sum(b["n"] / n * abs(b["observed"] - b["mean_prob"]) for b in bins) if n else None
-
-
-def brier_score(y, prob) -> float | None:
-    """Mean squared difference between probability and outcome (rows with a known label)."""
-    y, prob = _labelled(y, prob)
-    return float(np.mean((prob - y) ** 2)) if y.size else None
-
-
-def to_logit(prob, eps: float = 1e-7) -> np.ndarray:
-    """Probabilities -> logits (clipped to [eps, 1 - eps] so 0 and 1 stay finite)."""
-    p = np.clip(np.asarray(prob, dtype=np.float64), eps, 1 - eps)
-    return np.log(p) - np.log1p(-p)
-
-
-def sigmoid(z) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    return np.exp(-np.logaddexp(0.0, -z))
-
-
-def _nll_and_grad(u: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray]:
-    """Mean binary NLL of logits z / T with T = exp(u), and its derivative in u."""
-    a = z / math.exp(float(u[0]))
-    nll = np.mean(np.logaddexp(0.0, a) - y * a)
-    grad = np.mean((sigmoid(a) - y) * -a)
-    return float(nll), np.array([grad])
-
-
-def fit_temperature(y_val, logit_val, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
-    """Temperature T minimising the validation NLL of sigmoid(logit / T): L-BFGS-B on log T, one parameter."""
-    from scipy.optimize import minimize
-
-    y, z = _labelled(y_val, logit_val)
-    if not 0 < y.sum() < y.size:
-        raise RadalignError(f"temperature scaling needs both classes in validation (got {int(y.sum())} "
-                            f"positive of {y.size}); evaluate with a larger validation split")
-    res = minimize(_nll_and_grad, x0=np.zeros(1), args=(y, z), jac=True, method="L-BFGS-B",
-                   bounds=[(math.log(bounds[0]), math.log(bounds[1]))])
-    return float(math.exp(res.x[0]))
-
-
 def calibration_report(y, logit, y_val, logit_val, n_bins: int = 10) -> dict:
     """ECE and Brier on test before/after temperature scaling fitted on validation (and validation ECE both
     ways, the fit's own check).
@@ -281,51 +155,12 @@ def calibration_report(y, logit, y_val, logit_val, n_bins: int = 10) -> dict:
             "reliability_after": calibration_bins(y, pt, n_bins)}
 
 
-def reliability_diagram(path: str | os.PathLike, curves: Mapping[str, Sequence[Mapping]],
-                        title: str = "") -> None:
-    """PNG: observed rate against mean probability per equal-mass bin, one line per curve (before/after)."""
-    fig, ax = _pyplot().subplots(figsize=(4.5, 4.5), dpi=120)
-    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect")
-    for name, bins in curves.items():
-        ax.plot([b["mean_prob"] for b in bins], [b["observed"] for b in bins], marker="o", label=name)
-    ax.set(xlabel="mean predicted probability (equal-mass bins)", ylabel="observed rate", xlim=(0, 1),
-           ylim=(0, 1), title=title)
-    ax.legend(loc="upper left", fontsize=8)
-    _save_png(fig, path)
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    _pyplot().close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def subgroup_plot(path: str | os.PathLike, subgroups: Mapping) -> None:
     """PNG: AUROC with its interval per scored group (one block per column); unscored groups are left out
     of the plot (the report lists them with their reason)."""
     rows = [(f"{col}: {g}", r) for col, block in subgroups["columns"].items()
             for g, r in block["groups"].items() if r["scored"]]
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 0.3 * max(len(rows), 1) + 1.2), dpi=120)
-    for i, (_, r) in enumerate(rows):
-        ax.errorbar(r["auroc"], i, xerr=[[r["auroc"] - r["ci_low"]], [r["ci_high"] - r["auroc"]]], fmt="o",
-                    color="#357", capsize=2)
-    ax.set_yticks(range(len(rows)), [name for name, _ in rows], fontsize=7)
-    ax.invert_yaxis()
-    ax.axvline(0.5, color="#999", lw=1, ls="--")
-    ax.set(xlabel=f"AUROC ({round(100 * subgroups['level'])}% CI over patients)", xlim=(0, 1))
-    _save_png(fig, path)
+    R.interval_plot(path, rows, f"AUROC ({round(100 * subgroups['level'])}% CI over patients)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -559,30 +394,112 @@ def _over_seeds(y, runs: Sequence[Mapping[str, Sequence[float]]], c: str, full: 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Markdown report
+# Every model of a run, and the reference model minus each (training's report and `finetune eval`)
 
 
-def _f(v, spec: str = ".3f") -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+MODEL_ORDER = ("fusion", "fusion_no_dropout", "image_only", "ehr_only", "text_only", "late_fusion",
+               "early_fusion", "gbdt")
 
 
-def _ci(d: Mapping, key: str = "value") -> str:
-    return f"{_f(d.get(key))} ({_f(d.get('ci_low'))} to {_f(d.get('ci_high'))})"
+def ordered(names) -> list[str]:
+    """Model names in report order: MODEL_ORDER first, then any other name alphabetically."""
+    return sorted(names, key=lambda n: (MODEL_ORDER.index(n) if n in MODEL_ORDER else len(MODEL_ORDER), n))
+
+
+def model_metrics(y, scores: Mapping[str, np.ndarray], patients, *, n_boot: int, seed: int,
+                  level: float = 0.95) -> dict:
+    """{model: {auroc, ci_low, ci_high, auprc, auprc_ci_low, auprc_ci_high}}, every model on the same resamples."""
+    out = {}
+    for name in ordered(scores):
+        a = M.bootstrap_ci("auroc", y, scores[name], patients, n_boot=n_boot, seed=seed, level=level)
+        p = M.bootstrap_ci("auprc", y, scores[name], patients, n_boot=n_boot, seed=seed, level=level)
+        out[name] = {"auroc": a["value"], "ci_low": a["ci_low"], "ci_high": a["ci_high"], "auprc": p["value"],
+                     "auprc_ci_low": p["ci_low"], "auprc_ci_high": p["ci_high"]}
+    return out
+
+
+def paired_differences(y, scores: Mapping[str, np.ndarray], patients, *, ref: str = "fusion", n_boot: int,
+                       seed: int, level: float = 0.95) -> dict:
+    """{"<ref>_vs_<model>": {metric, delta, ci_low, ci_high, p_value}}: AUROC of `ref` minus each other model."""
+    out = {}
+    for name in ordered(scores):
+        if name == ref:
+            continue
+        d = M.paired_difference("auroc", y, scores[ref], scores[name], patients, n_boot=n_boot, seed=seed,
+                                level=level)
+        out[f"{ref}_vs_{name}"] = {"metric": "auroc", "delta": d["delta"], "ci_low": d["ci_low"],
+                                   "ci_high": d["ci_high"], "p_value": d["p_value"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# metrics.json: one schema for the training run and `finetune eval` (docs/architecture.md, contracts)
+
+
+METRICS_STAGE, METRICS_VERSION = "finetune", 2
+_NUM, _OPT_DICT = (int, float), (dict, type(None))
+METRICS_SCHEMA = {
+    "required": {"format": str, "unit": str, "created": str, "task": str, "split": str, "n_boot": int,
+                 "seed": int, "models": dict, "paired_differences": dict, "degradation": _OPT_DICT},
+    "optional": {
+        "level": _NUM,
+        # the training run's sections
+        "metric_note": str, "data": dict, "training": dict, "overlap": dict, "precision": str,
+        "processes": int, "seconds": dict,
+        # `finetune eval`'s sections
+        "model": str, "thresholds_and_temperature_fitted_on": str, "discrimination": dict, "calibration": dict,
+        "subgroups": dict, "subgroup_x_missingness": list, "run": dict},
+}
+
+
+def check_metrics(doc: Mapping, what: str = "finetune metrics.json") -> None:
+    """RadalignError listing every way `doc` departs from METRICS_SCHEMA (a missing section, a wrong type, an
+    unknown key)."""
+    R.check_schema(doc, METRICS_SCHEMA, what=what)
+
+
+def write_metrics(path: str | os.PathLike, doc: Mapping) -> dict:
+    """RUN/metrics.json or EVAL/metrics.json: the format tag, unit and time added, checked against the schema,
+    written atomically. Returns what was written."""
+    head = {"format": R.metrics_format(METRICS_STAGE, METRICS_VERSION), "unit": M.UNIT, "created": ""}
+    check_metrics({**head, **doc}, what=f"{path} (not written)")
+    return R.write_metrics(path, doc, stage=METRICS_STAGE, unit=M.UNIT, version=METRICS_VERSION)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Markdown report: one section writer per result section, over the kit's tables and formats
+
+
+def md_models(m: Mapping) -> list[str]:
+    """The models table (and the paired differences) of a metrics.json; "best validation AUROC" when the
+    document has its training section."""
+    training = m.get("training")
+    head = ["model", "AUROC [95% CI]", "AUPRC [95% CI]", *(["best validation AUROC"] if training else [])]
+    rows = [[name, R.ci_of(r, "auroc"), R.ci(r["auprc"], r["auprc_ci_low"], r["auprc_ci_high"]),
+             *([(training.get(name) or {}).get("best_val_auroc")] if training else [])]
+            for name, r in m["models"].items()]
+    lines = ["## Models", "", *R.md_table(head, rows)]
+    ref = m.get("model", "fusion")
+    if m["paired_differences"]:
+        lines += ["", f"## Paired differences ({R.md(ref)} minus each model, AUROC)", ""]
+        lines += R.md_table(["comparison", "delta [95% CI]", "CI above 0"],
+                            [[name, R.ci_of(r, "delta", signed=True), r["ci_low"] is not None and r["ci_low"] > 0]
+                             for name, r in m["paired_differences"].items()])
+    return lines + [""]
 
 
 def _md_binary(res: Mapping) -> list[str]:
     pct = round(100 * res["level"])
     lines = ["## Discrimination", "", f"{res['n_rows']} studies of {res['n_patients']} patients, "
-             f"{res['n_positive']} positive (prevalence {_f(res['prevalence'])}); {res['n_rows_unlabelled']} "
+             f"{res['n_positive']} positive (prevalence {R.num(res['prevalence'])}); {res['n_rows_unlabelled']} "
              f"unlabelled left out. {pct}% intervals: percentile bootstrap over patients ({res['n_boot']} "
-             f"resamples, seed {res['seed']}).", "", f"| metric | value ({pct}% CI) |", "|---|---|"]
-    lines += [f"| {md_text(k)} | {_ci(v)} |" for k, v in res["metrics"].items()]
+             f"resamples, seed {res['seed']}).", ""]
+    lines += R.md_table(["metric", f"value [{pct}% CI]"], [[k, R.ci_of(v)] for k, v in res["metrics"].items()])
     if res["paired_differences"]:
-        lines += ["", "### Paired differences (this model - baseline, same patient resamples)", "",
-                  "| baseline | metric | delta (CI) | p |", "|---|---|---|---|"]
-        for base, per in res["paired_differences"].items():
-            lines += [f"| {md_text(base)} | {md_text(m)} | {_ci(d, 'delta')} | {_f(d.get('p_value'))} |"
-                      for m, d in per.items()]
+        lines += ["", "### Paired differences (this model - baseline, same patient resamples)", ""]
+        lines += R.md_table(["baseline", "metric", "delta [CI], p"],
+                            [[base, m, R.delta_of(d)] for base, per in res["paired_differences"].items()
+                             for m, d in per.items()])
     return lines + [""] + _md_operating(res.get("operating_point"))
 
 
@@ -591,23 +508,23 @@ def _md_operating(op: Mapping | None) -> list[str]:
         return ["No validation data given: no decision threshold reported.", ""]
     rule = RULES.get(op["rule"], op["rule"]) + (f" >= {op['target']}" if op.get("target") is not None else "")
     lines = ["### Decision threshold", "", f"Chosen on validation ({op['n_validation']} studies, "
-             f"{op['n_validation_positive']} positive) by {md_text(rule)}, never on test."]
+             f"{op['n_validation_positive']} positive) by {R.md(rule)}, never on test."]
     t = op.get("test")
     if t is None:
-        return lines + [md_text(op.get("note", "no threshold")), ""]
-    return lines + ["", f"Threshold {_f(op['threshold'], '.4f')}: test sensitivity {_f(t['sensitivity'])}, "
-                    f"specificity {_f(t['specificity'])}, precision {_f(t['precision'])}, NPV {_f(t['npv'])} "
-                    f"(TP {t['tp']}, FP {t['fp']}, FN {t['fn']}, TN {t['tn']}).", ""]
+        return lines + [R.md(op.get("note", "no threshold")), ""]
+    return lines + ["", f"Threshold {R.num(op['threshold'], 4)}: test sensitivity {R.num(t['sensitivity'])}, "
+                    f"specificity {R.num(t['specificity'])}, precision {R.num(t['precision'])}, NPV "
+                    f"{R.num(t['npv'])} (TP {t['tp']}, FP {t['fp']}, FN {t['fn']}, TN {t['tn']}).", ""]
 
 
 def _md_calibration(cal: Mapping) -> list[str]:
     return ["## Calibration", "", f"Expected calibration error over {cal['bins']} equal-mass bins, Brier "
-            f"score; temperature scaling fitted on validation (T = {_f(cal['temperature'])}).", "",
-            "| | before | after temperature |", "|---|---|---|",
-            f"| ECE (test) | {_f(cal['ece_before'])} | {_f(cal['ece_after'])} |",
-            f"| Brier (test) | {_f(cal['brier_before'])} | {_f(cal['brier_after'])} |",
-            f"| ECE (validation) | {_f(cal.get('validation_ece_before'))} | "
-            f"{_f(cal.get('validation_ece_after'))} |", ""]
+            f"score; temperature scaling fitted on validation (T = {R.num(cal['temperature'])}).", "",
+            *R.md_table(["", "before", "after temperature"],
+                        [["ECE (test)", cal["ece_before"], cal["ece_after"]],
+                         ["Brier (test)", cal["brier_before"], cal["brier_after"]],
+                         ["ECE (validation)", cal.get("validation_ece_before"), cal.get("validation_ece_after")]]),
+            ""]
 
 
 def _md_subgroups(sub: Mapping) -> list[str]:
@@ -617,79 +534,79 @@ def _md_subgroups(sub: Mapping) -> list[str]:
              f"groups with fewer than {sub['min_count']} labelled studies or one class only are counted, "
              "not scored.", ""]
     for col, block in sub["columns"].items():
-        lines += [f"### {md_text(col)}", "", "| group | n | positive | prevalence | AUROC (CI) | ECE |",
-                  "|---|---|---|---|---|---|"]
-        for g, r in block["groups"].items():
-            score = (f"{_ci(r, 'auroc')} | {_f(r['ece'])}" if r["scored"]
-                     else f"not scored: {md_text(r['reason'])} |")
-            lines.append(f"| {md_text(g)} | {r['n']} | {r['n_positive']} | {_f(r['prevalence'])} | {score} |")
+        rows = [[g, r["n"], r["n_positive"], r["prevalence"],
+                 *([R.ci_of(r, "auroc"), r["ece"]] if r["scored"] else [f"not scored: {r['reason']}", None])]
+                for g, r in block["groups"].items()]
+        lines += [f"### {R.md(col)}", "", *R.md_table(["group", "n", "positive", "prevalence", "AUROC [CI]", "ECE"],
+                                                      rows)]
         gap = block["largest_gap"]
-        lines += ["", (f"Largest gap: {md_text(gap['highest'])} - {md_text(gap['lowest'])} = "
-                       f"{_ci(gap, 'gap')}." if gap else "Largest gap: fewer than two scored groups."), ""]
+        lines += ["", (f"Largest gap: {R.md(gap['highest'])} - {R.md(gap['lowest'])} = "
+                       f"{R.ci_of(gap, 'gap')}." if gap else "Largest gap: fewer than two scored groups."), ""]
     return lines
 
 
 def _md_cross(cross: Mapping) -> list[str]:
     cols = cross["column_values"]
-    lines = [f"### {md_text(cross['rows'])} x {md_text(cross['columns'])}", "",
-             f"AUROC per cell (n, positives); cells with fewer than {cross['min_count']} studies or one "
-             "class are not scored.", "",
-             "| " + " | ".join([md_text(cross["rows"])] + [md_text(c) for c in cols]) + " |",
-             "|" + "---|" * (len(cols) + 1)]
-    for r in cross["row_values"]:
-        cells = [cross["cells"][r][c] for c in cols]
-        text = [f"{_f(x['auroc'])} ({x['n']}, {x['n_positive']})" if x["scored"]
-                else f"({x['n']}, {x['n_positive']}) not scored" for x in cells]
-        lines.append("| " + " | ".join([md_text(r)] + text) + " |")
-    return lines + [""]
+
+    def cell(x: Mapping) -> R.Md:
+        counts = f"({x['n']}, {x['n_positive']})"
+        return R.Md(f"{R.num(x['auroc'])} {counts}" if x["scored"] else f"{counts} not scored")
+
+    rows = [[r, *(cell(cross["cells"][r][c]) for c in cols)] for r in cross["row_values"]]
+    return [f"### {R.md(cross['rows'])} x {R.md(cross['columns'])}", "",
+            f"AUROC per cell (n, positives); cells with fewer than {cross['min_count']} studies or one "
+            "class are not scored.", "", *R.md_table([cross["rows"], *cols], rows), ""]
 
 
-def _md_degradation(deg: Mapping) -> list[str]:
+def _degradation_header(names: Sequence[str], last: str) -> list:
+    return ["removed", *(h for m in names for h in (m, "drop")), *([last] if len(names) == 2 else [])]
+
+
+def md_degradation(deg: Mapping) -> list[str]:
     names = deg["models"]
-    two = len(names) == 2
-    lines = ["## Graceful degradation", "", "AUROC (patient-bootstrap CI) with each modality removed at test "
-             "time; drop = paired difference from all modalities present.", "",
-             "| removed | " + " | ".join(f"{md_text(m)} | drop" for m in names)
-             + (" | difference |" if two else " |"),
-             "|---" * (1 + 2 * len(names) + two) + "|"]
+    rows = []
     for row in deg["rows"]:
-        cells = [md_text(row["removed"] or "nothing")]
+        cells = [row["removed"] or "nothing"]
         for m in names:
-            cells += [_ci(row[m]), _ci(row[m]["drop"], "delta") if "drop" in row[m] else "-"]
-        if "difference" in row:
-            cells.append(_ci(row["difference"], "delta"))
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""] + _md_degradation_seeds(deg)
+            cells += [R.ci_of(row[m]), R.ci_of(row[m]["drop"], "delta", signed=True) if "drop" in row[m] else None]
+        if len(names) == 2:
+            cells.append(R.ci_of(row.get("difference"), "delta", signed=True))
+        rows.append(cells)
+    return ["## Graceful degradation", "", "AUROC [patient-bootstrap CI] with each modality removed at test "
+            "time; drop = paired difference from all modalities present.", "",
+            *R.md_table(_degradation_header(names, "difference"), rows), "", *md_degradation_seeds(deg)]
 
 
-def _md_degradation_seeds(deg: Mapping) -> list[str]:
+def md_degradation_seeds(deg: Mapping) -> list[str]:
     names, n = deg["models"], deg.get("n_seeds")
     if not n:
         return []
-    two = len(names) == 2
-    lines = [f"Over {n} training seeds (the table above is the first): mean AUROC (sd) and mean drop (sd); "
-             "the same test studies, so the spread is training noise only.", "",
-             "| removed | " + " | ".join(f"{md_text(m)} | drop" for m in names)
-             + (" | drop difference |" if two else " |"), "|---" * (1 + 2 * len(names) + two) + "|"]
+    rows = []
     for row in deg["rows"]:
-        cells = [md_text(row["removed"] or "nothing")]
+        cells = [row["removed"] or "nothing"]
         for m in names:
             s = row[m]["over_seeds"]
-            cells += [f"{_f(s['mean'])} ({_f(s['sd'])})",
-                      f"{_f(s['drop_mean'], '+.3f')} ({_f(s['drop_sd'])})" if "drop_mean" in s else "-"]
-        if two:
-            cells.append(_f(row["mean_drop_difference"], "+.3f") if "mean_drop_difference" in row else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return lines + [""]
+            cells += [R.Md(f"{R.num(s['mean'])} ({R.num(s['sd'])})"),
+                      R.Md(f"{R.num(s['drop_mean'], signed=True)} ({R.num(s['drop_sd'])})") if "drop_mean" in s
+                      else None]
+        if len(names) == 2:
+            cells.append(R.num(row.get("mean_drop_difference"), signed=True))
+        rows.append(cells)
+    return [f"Over {n} training seeds (the table above is the first): mean AUROC (sd) and mean drop (sd); "
+            "the same test studies, so the spread is training noise only.", "",
+            *R.md_table(_degradation_header(names, "drop difference"), rows), ""]
 
 
-def format_report(*, title: str = "Clinical evaluation", binary: Mapping | None = None,
-                  calibration: Mapping | None = None, subgroups: Mapping | None = None,
-                  cross: Sequence[Mapping] = (), degradation: Mapping | None = None,
-                  plots: Sequence[str] = ()) -> str:
-    """The Markdown report of whichever sections are given (every text escaped)."""
-    lines = [f"# {md_text(title)}", "", "Unit of every interval: the patient (all studies of a patient "
+def format_report(*, title: str = "Clinical evaluation", models: Mapping | None = None,
+                  binary: Mapping | None = None, calibration: Mapping | None = None,
+                  subgroups: Mapping | None = None, cross: Sequence[Mapping] = (),
+                  degradation: Mapping | None = None, plots: Sequence[str] = ()) -> str:
+    """The Markdown report of whichever sections are given (every text escaped). models: a document with
+    "models" and "paired_differences" (a metrics.json)."""
+    lines = [f"# {R.md(title)}", "", "Unit of every interval: the patient (all studies of a patient "
              "resampled together). Thresholds and the temperature are fitted on validation only.", ""]
+    if models:
+        lines += md_models(models)
     if binary:
         lines += _md_binary(binary)
     if calibration:
@@ -699,8 +616,8 @@ def format_report(*, title: str = "Clinical evaluation", binary: Mapping | None 
     for c in cross:
         lines += _md_cross(c)
     if degradation:
-        lines += _md_degradation(degradation)
-    lines += [f"![{md_text(p)}]({md_text(p)})" for p in plots]
+        lines += md_degradation(degradation)
+    lines += [f"![{R.md(p)}]({R.md(p)})" for p in plots]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -754,10 +671,13 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
                          degradation_seeds: Mapping | None = None, threshold_rule: str = "youden",
                          threshold_target: float | None = None,
                          n_boot: int = 1000, seed: int = 0, level: float = 0.95, min_count: int = 20,
-                         n_bins: int = 10) -> dict:
+                         n_bins: int = 10, task: str = "unnamed task", split: str = "test") -> dict:
     """Everything of the evaluation from predictions tables (the predictions.csv layout: subject_id, study_id,
-    label, `score:<model>` probabilities, optional `logit:<model>`), test and validation.
+    label, `score:<model>` probabilities, optional `logit:<model>`), test and validation, as a document of the
+    run's metrics.json schema (METRICS_SCHEMA; task and split may also come from a "run" section added later).
 
+    `models` and `paired_differences` are the training report's sections (labelled rows, `model` minus each
+    other model), so `finetune eval` on the test split repeats training's numbers.
     Baselines: every other `score:` column (paired differences). Thresholds and temperature: from `val`.
     groups: one row per test study (`study_id` plus the group columns, e.g. the EHR table with
     `add_group_columns`); cross: (subgroup, missingness) column pairs, default every subgroup x `modalities`.
@@ -771,7 +691,12 @@ def evaluate_predictions(test: pd.DataFrame, val: pd.DataFrame, *, model: str = 
     baselines = {c[len(SCORE_PREFIX):]: test[c].to_numpy(dtype=np.float64) for c in test.columns
                  if c.startswith(SCORE_PREFIX) and c != f"{SCORE_PREFIX}{model}"}
     kw = dict(n_boot=n_boot, seed=seed, level=level)
-    out = {"model": model, "unit": M.UNIT, "thresholds_and_temperature_fitted_on": "validation",
+    lab, everyone = ~np.isnan(y), {model: score, **baselines}
+    labelled = {k: v[lab] for k, v in everyone.items()}
+    out = {"task": task, "split": split, **kw,
+           "models": model_metrics(y[lab], labelled, pid[lab], **kw),
+           "paired_differences": paired_differences(y[lab], labelled, pid[lab], ref=model, **kw),
+           "degradation": None, "model": model, "thresholds_and_temperature_fitted_on": "validation",
            "discrimination": evaluate_binary(y, score, pid, val=(y_val, s_val), baselines=baselines,
                                              threshold_rule=threshold_rule, threshold_target=threshold_target,
                                              **kw),
@@ -800,23 +725,27 @@ def write_evaluation(out_dir: str | os.PathLike, result: Mapping, *,
                  "reliability": out / "reliability.png"}
         curves = {"before": cal["reliability_before"],
                   f"after (T = {cal['temperature']:.2f})": cal["reliability_after"]}
-        reliability_diagram(files["reliability"], curves, title=f"{result.get('model', '')} (test split)")
+        R.reliability_plot(files["reliability"], curves, title=f"{result.get('model', '')} (test split)")
         plots = ["reliability.png"]
         if "subgroups" in result:
             files["subgroups"] = out / "subgroups.png"
             subgroup_plot(files["subgroups"], result["subgroups"])
             plots.append("subgroups.png")
-        atomic_write_json(files["metrics"], result)
-        write_report(files["report"], title=title, binary=result["discrimination"], calibration=cal,
-                     subgroups=result.get("subgroups"), cross=result.get("subgroup_x_missingness", ()),
-                     degradation=result.get("degradation"), plots=plots)
+        run = result.get("run") or {}
+        doc = {**result, "task": run.get("task", result["task"]), "split": run.get("split", result["split"])}
+        write_metrics(files["metrics"], {k: v for k, v in doc.items() if k != "files"})
+        write_report(files["report"], title=title, models=result, binary=result["discrimination"],
+                     calibration=cal, subgroups=result.get("subgroups"),
+                     cross=result.get("subgroup_x_missingness", ()), degradation=result.get("degradation"),
+                     plots=plots)
     return {k: str(v) for k, v in files.items()}
 
 
 __all__ = ["TARGET", "SUBGROUPS", "MISSINGNESS", "sensitivity_at_specificity", "specificity_at_sensitivity",
            "choose_operating_point", "apply_operating_point", "evaluate_binary", "calibration_bins",
            "expected_calibration_error", "brier_score", "to_logit", "sigmoid", "fit_temperature",
-           "calibration_report", "reliability_diagram", "subgroup_plot", "age_bands", "modality_pattern",
-           "labs_pattern", "add_group_columns", "subgroup_table", "cross_table", "degradation_table",
-           "md_text", "format_report", "write_report", "SCORE_PREFIX", "LOGIT_PREFIX", "evaluate_predictions",
+           "calibration_report", "subgroup_plot", "age_bands", "modality_pattern", "labs_pattern",
+           "add_group_columns", "subgroup_table", "cross_table", "degradation_table", "MODEL_ORDER", "ordered",
+           "model_metrics", "paired_differences", "md_models", "md_degradation", "METRICS_SCHEMA", "check_metrics", "write_metrics",
+           "format_report", "write_report", "SCORE_PREFIX", "LOGIT_PREFIX", "evaluate_predictions",
            "write_evaluation"]

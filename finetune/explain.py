@@ -19,7 +19,6 @@ free text: `<script>` renders as text).
 
 from __future__ import annotations
 
-import html
 import json
 import math
 import os
@@ -30,6 +29,7 @@ from itertools import combinations
 import numpy as np
 
 from radalign import RadalignError
+from radalign import report as R
 from radalign.io import atomic_write_text
 
 FORMATS = ("json", "markdown", "html")
@@ -249,33 +249,20 @@ def to_json(expl: Explanation) -> str:
     return json.dumps(expl.to_dict(), indent=2, default=str) + "\n"
 
 
-def md_text(text) -> str:
-    """Markdown-safe text: HTML-escaped (so tags render as text), table pipes and emphasis escaped."""
-    s = html.escape(str(text if text is not None else ""), quote=False).replace("\n", " ")
-    for ch in "\\`*_[]|#":
-        s = s.replace(ch, "\\" + ch)
-    return s
-
-
-def _fmt(v, spec: str = ".3f") -> str:
-    return "n/a" if v is None else format(v, spec)
-
-
 def to_markdown(expl: Explanation) -> str:
-    title = f"# Prediction for study {md_text(expl.study_id)}"
-    title += f" ({md_text(expl.task)})" if expl.task else ""
+    title = f"# Prediction for study {R.md(expl.study_id)}"
+    title += f" ({R.md(expl.task)})" if expl.task else ""
     lines = [title, "", f"- probability: {expl.probability:.3f} (logit {expl.full:+.3f}; with every modality "
-             f"masked {expl.empty:+.3f})", f"- used: {md_text(expl.used)}"]
+             f"masked {expl.empty:+.3f})", f"- used: {R.md(expl.used)}"]
     if expl.indication:
-        lines.append(f"- indication: {md_text(expl.indication)}")
+        lines.append(f"- indication: {R.md(expl.indication)}")
     if expl.similar:
         lines.append(f"- neighbour vote of {len(expl.similar.cases)} similar cases: "
-                     f"{_fmt(expl.similar.vote)} "
+                     f"{R.num(expl.similar.vote)} "
                      f"(beside the model's {expl.probability:.3f})")
-    lines += ["", "## Modality attributions (exact Shapley values, logit)", "",
-              "| modality | Shapley | attention |", "|---|---|---|"]
-    for m, v in expl.shapley.items():
-        lines.append(f"| {md_text(m)} | {v:+.3f} | {_fmt(expl.attention.get(m))} |")
+    lines += ["", "## Modality attributions (exact Shapley values, logit)", ""]
+    lines += R.md_table(["modality", "Shapley", "attention"],
+                        [[m, R.num(v, signed=True), expl.attention.get(m)] for m, v in expl.shapley.items()])
     lines += ["", "The values sum to the full logit minus the all-masked logit "
               f"({expl.full - expl.empty:+.3f}).", ""]
     lines += _md_cases(expl.similar)
@@ -285,13 +272,11 @@ def to_markdown(expl: Explanation) -> str:
 def _md_cases(sim: SimilarCases | None) -> list[str]:
     if sim is None:
         return ["No retrieval index given: no similar cases."]
-    lines = [f"## {len(sim.cases)} similar past cases (other patients)", "",
-             "| # | similarity | study | patient | labels | outcome |", "|---|---|---|---|---|---|"]
-    for i, c in enumerate(sim.cases, 1):
-        labels = md_text(", ".join(map(str, c["labels"] or [])))
-        lines.append(f"| {i} | {c['similarity']:.3f} | {md_text(c['study_id'])} | "
-                     f"{md_text(c['subject_id'])} | {labels} | {md_text(_outcome(c['outcome']))} |")
-    return lines + ["", f"{md_text(_skipped(sim.skipped))}."]
+    rows = [[i, c["similarity"], str(c["study_id"]), str(c["subject_id"]), ", ".join(map(str, c["labels"] or [])),
+             _outcome(c["outcome"])] for i, c in enumerate(sim.cases, 1)]
+    return [f"## {len(sim.cases)} similar past cases (other patients)", "",
+            *R.md_table(["#", "similarity", "study", "patient", "labels", "outcome"], rows), "",
+            f"{R.md(_skipped(sim.skipped))}."]
 
 
 def _outcome(v) -> str:
@@ -303,35 +288,16 @@ def _skipped(skipped: Mapping[str, int]) -> str:
             f"{skipped.get('no_outcome', 0)} with an unknown outcome left out of the vote")
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1000px}
-table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}
-img{width:192px;height:192px;object-fit:contain;background:#000}img.small{width:96px;height:96px}
-.muted{color:#666}
-.pos{background:#c44;height:10px;display:inline-block}
-.neg{background:#47c;height:10px;display:inline-block}"""
-
-
 def _bar(v: float, scale: float) -> str:
     width = round(120 * abs(v) / scale) if scale > 0 else 0
     return f"<span class='{'pos' if v >= 0 else 'neg'}' style='width:{width}px'></span>"
 
 
-def _img(uri: str | None, cls: str = "") -> str:
-    """An <img> of a data URI (only `data:image/`: the page never loads anything from elsewhere), or ""."""
-    if not uri or not str(uri).startswith("data:image/"):
-        return ""
-    return f"<img class='{cls}' src=\"{html.escape(uri)}\" alt=\"film\">" if cls else \
-        f"<img src=\"{html.escape(uri)}\" alt=\"the film\">"
-
-
 def to_html(expl: Explanation) -> str:
     """A self-contained page (thumbnail as a data URI, CSS inline, no external assets); all text escaped."""
-    e = html.escape
+    e = R.html_text
     title = f"Prediction for study {expl.study_id}" + (f" ({expl.task})" if expl.task else "")
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-             f"<style>{_CSS}</style></head><body><h1>{e(title)}</h1>"]
-    if _img(expl.thumbnail):
-        parts.append(_img(expl.thumbnail))
+    parts = [R.html_img(expl.thumbnail, "the film", "large")] if expl.thumbnail else []
     parts.append(f"<p>Probability <b>{expl.probability:.3f}</b> (logit {expl.full:+.3f}; every modality "
                  f"masked {expl.empty:+.3f})</p><p>Used: {e(expl.used)}</p>")
     if expl.indication:
@@ -341,24 +307,23 @@ def to_html(expl: Explanation) -> str:
                  "<th>Shapley</th><th></th><th>attention</th></tr>")
     for m, v in expl.shapley.items():
         parts.append(f"<tr><td>{e(str(m))}</td><td>{v:+.3f}</td><td>{_bar(v, scale)}</td>"
-                     f"<td>{e(_fmt(expl.attention.get(m)))}</td></tr>")
+                     f"<td>{R.num(expl.attention.get(m))}</td></tr>")
     parts.append(f"</table><p class='muted'>Red raises the risk, blue lowers it; the values sum to "
                  f"{expl.full - expl.empty:+.3f}.</p>")
     parts += _html_cases(expl.similar, expl.probability)
-    parts.append("</body></html>")
-    return "\n".join(parts) + "\n"
+    return R.html_page(title, parts)
 
 
 def _html_cases(sim: SimilarCases | None, probability: float) -> list[str]:
-    e = html.escape
+    e = R.html_text
     if sim is None:
         return ["<p class='muted'>No retrieval index given: no similar cases.</p>"]
     parts = [f"<h2>{len(sim.cases)} similar past cases (other patients)</h2><p>Neighbour vote "
-             f"<b>{e(_fmt(sim.vote))}</b> beside the model's probability <b>{probability:.3f}</b></p>"
+             f"<b>{R.num(sim.vote)}</b> beside the model's probability <b>{probability:.3f}</b></p>"
              "<table><tr><th>#</th><th>image</th><th>similarity</th><th>study</th><th>patient</th>"
              "<th>labels</th><th>outcome</th></tr>"]
     for i, c in enumerate(sim.cases, 1):
-        parts.append(f"<tr><td>{i}</td><td>{_img(c.get('thumbnail'), 'small')}</td>"
+        parts.append(f"<tr><td>{i}</td><td>{R.html_img(c.get('thumbnail'), 'film')}</td>"
                      f"<td>{c['similarity']:.3f}</td><td>{e(str(c['study_id']))}</td>"
                      f"<td>{e(str(c['subject_id']))}</td><td>{e(', '.join(map(str, c['labels'] or [])))}</td>"
                      f"<td>{e(_outcome(c['outcome']))}</td></tr>")
@@ -404,6 +369,6 @@ def explain(f: Callable[[frozenset], float], players: Sequence[str], *, study_id
                        similar=similar_cases(neighbours, subject_id, k) if neighbours is not None else None)
 
 
-__all__ = ["FORMATS", "DISPLAY", "md_text", "subset_values", "shapley_values", "lab_details",
+__all__ = ["FORMATS", "DISPLAY", "subset_values", "shapley_values", "lab_details",
            "lab_details_from_row", "used_statement", "SimilarCases", "similar_cases", "Explanation",
            "explain", "to_json", "to_markdown", "to_html", "render", "write"]

@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from radalign import RadalignError
-from radalign.io import atomic_path, atomic_write_json
+from radalign import report as R
+from radalign.io import atomic_write_json
 
 FORMAT = "radalign-fewshot-draw/1"
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -283,34 +284,13 @@ def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
 
 
 def plot_learning_curve(results: Sequence[SweepResult], path: str | os.PathLike) -> None:
-    """AUROC mean over draws (error bars: the t-interval) against k (log2 axis), zero-shot at k=0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    numeric = [k for k in results[0].ks if k != ALL]
-    pos = {k: i + 1 for i, k in enumerate(numeric)}
-    if ALL in results[0].ks:
-        pos[ALL] = len(numeric) + 1
-    for res in results:
-        ks = [k for k in res.ks if res.summary[str(k)]["mean"] is not None]
-        xs = [pos[k] for k in ks]
-        m = np.array([res.summary[str(k)]["mean"] for k in ks])
-        lo = m - np.array([res.summary[str(k)]["ci_low"] for k in ks])
-        hi = np.array([res.summary[str(k)]["ci_high"] for k in ks]) - m
-        ax.errorbar(xs, m, yerr=[lo, hi], marker="o", capsize=3, label=res.method)
+    """AUROC mean over draws (error bars: the t-interval) against k (numeric k in order, then "all"), zero-shot
+    at k=0."""
+    ks = [k for k in results[0].ks if k != ALL] + ([ALL] if ALL in results[0].ks else [])
+    series = {res.method: [(k, s["mean"], s["ci_low"], s["ci_high"]) for k in res.ks
+                           if (s := res.summary[str(k)])["mean"] is not None] for res in results}
     zs = next((r.zero_shot_auroc for r in results if r.zero_shot_auroc is not None), None)
-    if zs is not None:
-        ax.scatter([0], [zs], marker="*", s=120, color="k", zorder=5, label="zero-shot (k=0)")
-        ax.axhline(zs, color="k", lw=0.6, ls=":")
-    ax.set_xticks([0] + list(pos.values()), ["0"] + [str(k) for k in pos])
-    ax.set_xlabel("k labelled examples per class (drawn by patient)")
-    ax.set_ylabel("AUROC (mean over draws, 95% t-interval)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    R.learning_curve_plot(path, series, ticks=ks, xlabel="k labelled examples per class (drawn by patient)",
+                          ylabel="AUROC (mean over draws, 95% t-interval)",
+                          baseline=None if zs is None else ("zero-shot (k=0)", zs))
+

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import numpy as np
 from radalign.finetune.config import fewshot_ks
-from radalign.finetune.explain import md_text
 from radalign.finetune.fewshot import (
     linear_probe_method,
     model_method,
@@ -28,7 +27,11 @@ from radalign.pretrain.classifier import logit_scale_of, text_weights
 from radalign.pretrain.prompts import load_prompt_set
 
 from radalign import RadalignError
-from radalign.io import atomic_write_json, atomic_write_text
+from radalign import report as R
+from radalign.io import atomic_write_text
+
+METRICS_STAGE = "fewshot"  # RUN/fewshot.json format: radalign-fewshot-metrics/1
+UNIT = "study (AUROC); draws by patient"
 
 
 def zero_shot_head(run) -> tuple[np.ndarray, float]:
@@ -126,36 +129,31 @@ def run_fewshot(run) -> dict:
         write_sweep(run.run_dir, res)
         results.append(res)
     plot_learning_curve(results, run.run_dir / "learning_curve.png")
-    doc = {"task": cfg.task.name, "label": f.label, "eval_split": cfg.data.test_split, "unit": "study (AUROC); "
-           "draws by patient", "zero_shot_auroc": zs, "prompts": f.prompts,
+    doc = {"task": cfg.task.name, "label": f.label, "eval_split": cfg.data.test_split, "zero_shot_auroc": zs,
+           "prompts": f.prompts,
            "eval_rows": int((~np.isnan(y_test)).sum()), "eval_positives": int(np.nansum(y_test)),
            "validation": "none: fixed recipes, no early stopping",
            "methods": {r.method: {"summary": r.summary, "per_draw": r.per_draw} for r in results}}
-    atomic_write_json(run.run_dir / "fewshot.json", doc)
+    doc = R.write_metrics(run.run_dir / "fewshot.json", doc, stage=METRICS_STAGE, unit=UNIT)
     atomic_write_text(run.run_dir / "report.md", format_report(doc))
-    line = "; ".join(f"{r.method} " + ", ".join(f"k={k}: {_fmt(r.summary[str(k)]['mean'])}" for k in r.ks)
+    line = "; ".join(f"{r.method} " + ", ".join(f"k={k}: {R.num(r.summary[str(k)]['mean'])}" for k in r.ks)
                      for r in results)
-    run.say(f"few-shot {f.label} (test AUROC, mean of {f.seeds} draws): zero-shot {_fmt(zs)}; {line}")
+    run.say(f"few-shot {f.label} (test AUROC, mean of {f.seeds} draws): zero-shot {R.num(zs)}; {line}")
     return doc
 
 
-def _fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
 def format_report(doc: dict) -> str:
-    lines = [f"# Few-shot: {md_text(doc['label'])}", "",
-             f"AUROC on the `{md_text(doc['eval_split'])}` split ({doc['eval_rows']} labelled studies, "
+    """RUN/report.md of a few-shot sweep: one section per method, k against the mean AUROC and its interval."""
+    lines = [f"# Few-shot: {R.md(doc['label'])}", "",
+             f"AUROC on the {R.md(doc['eval_split'])} split ({doc['eval_rows']} labelled studies, "
              f"{doc['eval_positives']} positive), mean over seeded draws with a 95% t-interval over draws. "
              "Draws are k studies per class from distinct training patients; every draw's study list and "
-             f"sha256 is in draws/. Zero-shot (k=0, prompts `{md_text(doc['prompts'])}`): "
-             f"{_fmt(doc['zero_shot_auroc'])}. {md_text(doc['validation'])}.", ""]
+             f"sha256 is in draws/. Zero-shot (k=0, prompts {R.md(doc['prompts'])}): "
+             f"{R.num(doc['zero_shot_auroc'])}. {R.md(doc['validation'])}.", ""]
     for method, m in doc["methods"].items():
-        lines += [f"## {md_text(method)}", "", "| k | mean AUROC | 95% interval over draws | draws |",
-                  "|---|---|---|---|"]
-        for k, s in m["summary"].items():
-            lines.append(f"| {md_text(k)} | {_fmt(s['mean'])} | [{_fmt(s['ci_low'])}, {_fmt(s['ci_high'])}] | "
-                         f"{s['n_draws']} |")
+        lines += [f"## {R.md(method)}", ""]
+        lines += R.md_table(["k", "mean AUROC [95% interval over draws]", "draws"],
+                            [[str(k), R.ci_of(s, "mean"), s["n_draws"]] for k, s in m["summary"].items()])
         lines.append("")
     lines.append("![learning curve](learning_curve.png)")
     return "\n".join(lines) + "\n"

@@ -6,6 +6,10 @@
     recall_at_k(sim, positives)                                share of queries with a positive in the top k
     choose_threshold(y_val, s_val) / threshold_metrics(y, s, t)
     auroc_table(scores, labels, names, patient_ids=...)       per-label AUROC + interval, macro means (one bootstrap)
+    roc_points(y, score) / sensitivity_at_specificity / specificity_at_sensitivity   ROC summaries, per resample
+    choose_threshold(y_val, s_val) / threshold_metrics(y, s, t)   an operating point (validation) and its counts
+    choose_operating_point(y_val, s_val) / apply_operating_point(point, y, s)   the same, as a report section
+    calibration_bins / expected_calibration_error / brier_score / fit_temperature   calibration
 
 Labels `y` are 1/0; NaN marks a row excluded from this metric (an uncertain or blank label): it is never
 scored, not even as a negative, but its patient still counts as one of the data's patients.
@@ -23,9 +27,12 @@ over tie groups). Tests check both against sklearn with `sample_weight`. This mo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 
 import numpy as np
+
+from radalign import RadalignError
 
 # Rows x resamples per chunk of the weight matrix: bounds memory (~160 MB of float64) for large sets.
 _CHUNK_CELLS = 20_000_000
@@ -91,6 +98,33 @@ def weighted_auprc(y, score, weights) -> np.ndarray:
         precision = np.where(tp + fp > 0, tp / (tp + fp), 0.0)
         ap = (gp * precision).sum(axis=1) / total
     return np.where(total > 0, ap, np.nan)
+
+
+def roc_points(y, score, weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted ROC points, thresholds high to low, from (0, 0) to (1, 1): tpr, fpr [B, G+1] for weights [B, n]
+    (default one resample of ones); G = distinct scores, ties one point. NaN rows when a resample has one class."""
+    w, _ = _as_weights(weights, len(score))
+    y, score = np.asarray(y, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    gp, gn = _tie_groups(y, score, w, descending=True)  # [B, G]
+    zero = np.zeros((gp.shape[0], 1))
+    tp, fp = np.hstack([zero, np.cumsum(gp, axis=1)]), np.hstack([zero, np.cumsum(gn, axis=1)])  # [B, G+1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        p, n = tp[:, -1:], fp[:, -1:]
+        return np.where(p > 0, tp / p, np.nan), np.where(n > 0, fp / n, np.nan)
+
+
+def sensitivity_at_specificity(y, score, weights, target: float = 0.9) -> np.ndarray:
+    """Best sensitivity among ROC points with specificity >= target (no interpolation): weights [B, n] -> [B]."""
+    tpr, fpr = roc_points(y, score, weights)
+    out = np.where((1 - fpr) >= target - 1e-12, tpr, -np.inf).max(axis=1)
+    return np.where(np.isnan(tpr).any(1) | np.isnan(fpr).any(1), np.nan, out)
+
+
+def specificity_at_sensitivity(y, score, weights, target: float = 0.9) -> np.ndarray:
+    """Best specificity among ROC points with sensitivity >= target (no interpolation): weights [B, n] -> [B]."""
+    tpr, fpr = roc_points(y, score, weights)
+    out = np.where(tpr >= target - 1e-12, 1 - fpr, -np.inf).max(axis=1)
+    return np.where(np.isnan(tpr).any(1) | np.isnan(fpr).any(1), np.nan, out)
 
 
 def auroc(y, score, weights=None) -> float:
@@ -282,8 +316,20 @@ def mean_ci(values, patient_ids, *, n_boot: int = 1000, seed: int = 0, level: fl
     return bootstrap_ci(weighted_mean, v, v, patient_ids, n_boot=n_boot, seed=seed, level=level)
 
 
+def mean_interval(values, patient_ids, *, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """{"ci_low", "ci_high"} of mean_ci, or {} when there are no patient ids or no resamples (no interval)."""
+    if patient_ids is None or n_boot < 1:
+        return {}
+    r = mean_ci(values, patient_ids, n_boot=n_boot, seed=seed, level=level)
+    return {"ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Thresholds (chosen on validation, applied to test)
+
+
+RULES = {"youden": "Youden's J (max sensitivity + specificity - 1)", "sensitivity": "target sensitivity",
+         "specificity": "target specificity"}
 
 
 def _clean(y, score) -> tuple[np.ndarray, np.ndarray]:
@@ -299,24 +345,23 @@ def choose_threshold(y, score, rule: str = "youden", target: float | None = None
     sensitivity >= target. rule "specificity": the lowest threshold whose specificity >= target.
     None when y has one class only. NaN labels are left out.
     """
-    from sklearn.metrics import roc_curve
-
-    if rule not in ("youden", "sensitivity", "specificity"):
+    if rule not in RULES:
         raise ValueError(f"rule {rule!r}: use 'youden', 'sensitivity' or 'specificity'")
     if rule != "youden" and (target is None or not 0 < target <= 1):
         raise ValueError(f"rule {rule!r} needs a target in (0, 1] (got {target})")
     y, score = _clean(y, score)
     if not 0 < y.sum() < y.size:
         return None
-    fpr, tpr, thr = roc_curve(y, score, drop_intermediate=False)
+    tpr, fpr = (a[0] for a in roc_points(y, score))  # [G+1], point k predicts positive for the top k groups
     if rule == "youden":
         k = int(np.argmax(tpr - fpr))
     elif rule == "sensitivity":
         k = int(np.flatnonzero(tpr >= target - 1e-12)[0])
     else:
         k = int(np.flatnonzero(1 - fpr >= target - 1e-12)[-1])
-    # roc_curve's first threshold is +inf ("predict nothing"); keep JSON finite with the next float up
-    return float(thr[k]) if np.isfinite(thr[k]) else float(np.nextafter(score.max(), np.inf))
+    if k == 0:  # "predict nothing": keep JSON finite with the next float above the highest score
+        return float(np.nextafter(score.max(), np.inf))
+    return float(np.unique(score)[::-1][k - 1])  # the k-th distinct score, high to low
 
 
 def threshold_metrics(y, score, threshold: float) -> dict:
@@ -354,9 +399,7 @@ def bootstrap_units(patient_ids, n: int) -> tuple[list, str]:
 
 def auroc_point(scores: np.ndarray, y: np.ndarray) -> float | None:
     """AUROC of scores [n] for labels y [n] (1/0, none excluded); None when y has one value."""
-    from sklearn.metrics import roc_auc_score  # heavy: imported only where a point AUROC is scored
-
-    return float(roc_auc_score(y, scores)) if 0 < y.sum() < y.size else None
+    return auroc(y, scores) if 0 < y.sum() < y.size else None
 
 
 def auroc_table(scores: np.ndarray, labels: np.ndarray, names: list[str], *, n_boot: int = 1000,
@@ -466,3 +509,107 @@ __all__ = ["auroc", "auprc", "weighted_auroc", "weighted_auprc", "patient_codes"
            "choose_threshold",
            "threshold_metrics", "UNIT", "bootstrap_units", "auroc_point", "auroc_table",
            "shuffled_label_control", "CONDITIONAL_SHARE"]
+def choose_operating_point(y_val, score_val, rule: str = "youden", target: float | None = None) -> dict:
+    """A decision threshold from VALIDATION labels and scores (the only labels this function ever sees), as a
+    report section: {rule, target, threshold, chosen_on, n_validation, n_validation_positive}.
+
+    rule: "youden" | "sensitivity" | "specificity" (the last two need `target`, e.g. 0.9).
+    """
+    if rule not in RULES:
+        raise RadalignError(f"threshold rule {rule!r}: use one of {', '.join(RULES)}")
+    if rule != "youden" and (target is None or not 0 < target <= 1):
+        raise RadalignError(f"threshold rule {rule!r} needs a target in (0, 1], e.g. 0.9 (got {target})")
+    y_val = np.asarray(y_val, dtype=np.float64)
+    thr = choose_threshold(y_val, score_val, rule=rule, target=target)
+    return {"rule": rule, "target": target, "threshold": thr, "chosen_on": "validation",
+            "n_validation": int((~np.isnan(y_val)).sum()), "n_validation_positive": int(np.nansum(y_val))}
+
+
+def apply_operating_point(point: dict, y, score) -> dict:
+    """The validation-chosen threshold applied to (test) data: the point plus "test" (threshold_metrics)."""
+    out = dict(point)
+    if point["threshold"] is None:
+        out["test"] = None
+        out["note"] = "validation has one class only: no threshold"
+        return out
+    out["test"] = threshold_metrics(y, score, point["threshold"])
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Calibration (probabilities; NaN labels left out)
+
+
+def _labelled(y, prob) -> tuple[np.ndarray, np.ndarray]:
+    y, prob = np.asarray(y, dtype=np.float64), np.asarray(prob, dtype=np.float64)
+    keep = ~np.isnan(y)
+    return y[keep], prob[keep]
+
+
+def calibration_bins(y, prob, n_bins: int = 10) -> list[dict]:
+    """Equal-mass bins (rows sorted by probability, split into n_bins groups of n/n_bins rows, fewer bins when
+    there are fewer rows): per bin n, mean predicted probability, observed rate, probability range."""
+    y, prob = _labelled(y, prob)
+    if n_bins < 1:
+        raise RadalignError(f"bins {n_bins}: need at least 1")
+    order = np.argsort(prob, kind="mergesort")
+    out = []
+    for idx in np.array_split(order, min(n_bins, max(y.size, 1))):
+        if idx.size:
+            out.append({"n": int(idx.size), "mean_prob": float(prob[idx].mean()),
+                        "observed": float(y[idx].mean()), "prob_low": float(prob[idx].min()),
+                        "prob_high": float(prob[idx].max())})
+    return out
+
+
+def expected_calibration_error(y, prob, n_bins: int = 10) -> float | None:
+    """ECE = sum over equal-mass bins of (bin share of rows) x |observed rate - mean probability|."""
+    bins = calibration_bins(y, prob, n_bins)
+    n = sum(b["n"] for b in bins)
+    return sum(b["n"] / n * abs(b["observed"] - b["mean_prob"]) for b in bins) if n else None
+
+
+def brier_score(y, prob) -> float | None:
+    """Mean squared difference between probability and outcome (rows with a known label)."""
+    y, prob = _labelled(y, prob)
+    return float(np.mean((prob - y) ** 2)) if y.size else None
+
+
+def to_logit(prob, eps: float = 1e-7) -> np.ndarray:
+    """Probabilities -> logits (clipped to [eps, 1 - eps] so 0 and 1 stay finite)."""
+    p = np.clip(np.asarray(prob, dtype=np.float64), eps, 1 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def sigmoid(z) -> np.ndarray:
+    z = np.asarray(z, dtype=np.float64)
+    return np.exp(-np.logaddexp(0.0, -z))
+
+
+def _nll_and_grad(u: np.ndarray, y: np.ndarray, z: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean binary NLL of logits z / T with T = exp(u), and its derivative in u."""
+    a = z / math.exp(float(u[0]))
+    nll = np.mean(np.logaddexp(0.0, a) - y * a)
+    grad = np.mean((sigmoid(a) - y) * -a)
+    return float(nll), np.array([grad])
+
+
+def fit_temperature(y_val, logit_val, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Temperature T minimising the validation NLL of sigmoid(logit / T): L-BFGS-B on log T, one parameter."""
+    from scipy.optimize import minimize  # scipy.optimize costs ~0.3 s to import; only calibration needs it
+
+    y, z = _labelled(y_val, logit_val)
+    if not 0 < y.sum() < y.size:
+        raise RadalignError(f"temperature scaling needs both classes in validation (got {int(y.sum())} "
+                            f"positive of {y.size}); evaluate with a larger validation split")
+    res = minimize(_nll_and_grad, x0=np.zeros(1), args=(y, z), jac=True, method="L-BFGS-B",
+                   bounds=[(math.log(bounds[0]), math.log(bounds[1]))])
+    return float(math.exp(res.x[0]))
+
+
+__all__ = ["auroc", "auprc", "weighted_auroc", "weighted_auprc", "roc_points", "sensitivity_at_specificity",
+           "specificity_at_sensitivity", "patient_codes", "patient_weights", "percentile_ci", "bootstrap_ci",
+           "paired_difference", "recall_at_k", "first_positive_rank", "mean_ci", "mean_interval", "RULES",
+           "choose_threshold", "threshold_metrics", "choose_operating_point", "apply_operating_point",
+           "calibration_bins", "expected_calibration_error", "brier_score", "to_logit", "sigmoid",
+           "fit_temperature", "UNIT"]

@@ -36,7 +36,8 @@ from radalign.retrieval.search import Retriever
 
 from radalign import RadalignError
 from radalign import metrics as rm
-from radalign.io import atomic_write_json, atomic_write_text
+from radalign import report as R
+from radalign.io import atomic_write_text
 from radalign.lock import output_lock
 from radalign.log import get_logger
 from radalign.report import md, predictions_frame
@@ -44,6 +45,7 @@ from radalign.report import md, predictions_frame
 log = get_logger("radalign.retrieval.classify")
 
 DEFAULT_K = 20
+METRICS_STAGE = "retrieval-classify"  # metrics.json format: radalign-retrieval-classify-metrics/1
 DEFAULT_TEMPERATURE = 0.07  # Wu et al. 2018 / DINO's k-NN evaluation: k = 20, T = 0.07
 TEMPERATURE_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
 # Log loss clips probabilities: one confident miss costs at most -log(1e-3) = 6.9 nats, so a single label of a
@@ -342,7 +344,7 @@ def _macro_classes(wanted, prompt_set, names: list[str]) -> list[str]:
 
 def _write(out, m: dict, cases, test: _Voted, names: list[str], zs_p, zs_names) -> None:
     out = Path(out)
-    atomic_write_json(out / "metrics.json", m)
+    m.update(R.write_metrics(out / "metrics.json", m, stage=METRICS_STAGE, unit=m["bootstrap"]["unit"]))
     preds = predictions_frame(list(cases.keys), test.probs, test.labels, names)
     preds.insert(1, "subject_id", [str(x.get("subject_id")) for x in cases.meta])
     preds.insert(2, "study_id", [str(x.get("study_id")) for x in cases.meta])
@@ -357,23 +359,6 @@ def _write(out, m: dict, cases, test: _Voted, names: list[str], zs_p, zs_names) 
 # The table.
 
 
-def _f(x, nd: int = 3) -> str:
-    return "—" if x is None else f"{x:.{nd}f}"
-
-
-def _ci(c: dict | None, key: str = "auroc") -> str:
-    if not c or c.get(key) is None:
-        return "—"
-    return f"{c[key]:.3f} [{_f(c.get('ci_low'))}, {_f(c.get('ci_high'))}]"
-
-
-def _delta(d: dict | None) -> str:
-    if not d or d.get("delta") is None:
-        return "—"
-    p = f", p {d['p_value']:.3f}" if d.get("p_value") is not None else ""
-    return f"{d['delta']:+.3f} [{_f(d.get('ci_low'))}, {_f(d.get('ci_high'))}]{p}"
-
-
 def unit_sentence(m: dict) -> str:
     b = m["bootstrap"]
     what = (f"over patients ({b['n_units']} patients, {m['queries']['images']} images; all images of a patient "
@@ -385,9 +370,9 @@ def markdown(m: dict) -> str:
     """The table: per label, the vote's AUROC beside prompt zero-shot's and the paired difference (escaped)."""
     meth, zs, cmp_ = m["method"], m.get("zeroshot"), m.get("comparison")
     head = ["# Retrieval as a classifier (k-NN vote)", "",
-            f"Index: `{md(m['index']['path'])}` ({m['index']['count']} images of split "
+            f"Index: {md(m['index']['path'])} ({m['index']['count']} images of split "
             f"{md(m['index']['split'])}; encoder {md(m['index']['encoder_checksum'][:12])}). "
-            f"Queries: `{md(m['queries']['data'])}` split {md(m['queries']['split'])}, {m['queries']['images']} "
+            f"Queries: {md(m['queries']['data'])} split {md(m['queries']['split'])}, {m['queries']['images']} "
             f"images of {m['queries']['patients']} patients.",
             f"Vote: k = {meth['k']}, T = {meth['temperature']:g} ({md(meth['temperature_source'])}"
             f"{'; at the edge of the grid' if (meth.get('temperature_fit') or {}).get('at_grid_edge') else ''}); "
@@ -397,20 +382,21 @@ def markdown(m: dict) -> str:
     if zs:
         head[-1:] = [f"Zero-shot: prompt set {md(zs['prompt_set'])} on the same query embeddings; "
                      "Δ = vote − zero-shot, paired on the same patient resamples.", ""]
-        rows = ["| label | n_pos | n_neg | k-NN vote AUROC | zero-shot AUROC | Δ AUROC |",
-                "|---|---:|---:|---:|---:|---:|"]
+        header = ["label", "n_pos", "n_neg", "k-NN vote AUROC", "zero-shot AUROC", "Δ AUROC"]
     else:
-        rows = ["| label | n_pos | n_neg | k-NN vote AUROC |", "|---|---:|---:|---:|"]
+        header = ["label", "n_pos", "n_neg", "k-NN vote AUROC"]
+    rows = []
     for name, c in m["retrieval"]["classes"].items():
-        cells = [md(name), str(c["n_pos"]), str(c["n_neg"]), _ci(c)]
+        cells = [name, c["n_pos"], c["n_neg"], R.ci_of(c, "auroc")]
         if zs:
-            cells += [_ci(zs["classes"].get(name)), _delta((cmp_["classes"] or {}).get(name))]
-        rows.append("| " + " | ".join(cells) + " |")
+            cells += [R.ci_of(zs["classes"].get(name), "auroc"), R.delta_of((cmp_["classes"] or {}).get(name))]
+        rows.append(cells)
     mac = m["retrieval"]["macro"]
-    cells = [f"**macro ({', '.join(md(c) for c in mac['classes'])})**", "", "", _ci(mac)]
+    cells = [R.Md(f"**macro ({md(', '.join(mac['classes']))})**"), R.Md(""), R.Md(""), R.ci_of(mac, "auroc")]
     if zs:
-        cells += [_ci(zs["macro"]), _delta(cmp_.get("macro"))]
-    rows.append("| " + " | ".join(cells) + " |")
+        cells += [R.ci_of(zs["macro"], "auroc"), R.delta_of(cmp_.get("macro"))]
+    rows.append(cells)
+    rows = R.md_table(header, rows, align="lrr" + "r" * (len(header) - 3))
     tail = [""]
     if mac.get("classes_too_few"):
         tail.append(f"Left out of the macro, fewer than {mac.get('min_per_label')} positives or negatives: "
@@ -430,11 +416,11 @@ def markdown(m: dict) -> str:
 def format_summary(m: dict) -> str:
     """The printed lines: macro AUROC of the vote (and of zero-shot, with the paired difference)."""
     mac = m["retrieval"]["macro"]
-    lines = [f"k-NN vote (k {m['method']['k']}, T {m['method']['temperature']:g}): macro AUROC {_ci(mac)} over "
+    lines = [f"k-NN vote (k {m['method']['k']}, T {m['method']['temperature']:g}): macro AUROC {R.ci_of(mac, 'auroc')} over "
              f"{len(mac['classes'])} labels, {m['queries']['images']} images"]
     if m.get("zeroshot"):
-        lines.append(f"zero-shot ({m['zeroshot']['prompt_set']}): macro AUROC {_ci(m['zeroshot']['macro'])}; "
-                     f"vote - zero-shot {_delta(m['comparison'].get('macro'))}")
+        lines.append(f"zero-shot ({m['zeroshot']['prompt_set']}): macro AUROC {R.ci_of(m['zeroshot']['macro'], 'auroc')}; "
+                     f"vote - zero-shot {R.delta_of(m['comparison'].get('macro'))}")
     lines.append(f"[lo, hi]: {unit_sentence(m)}")
     return "\n".join(lines)
 

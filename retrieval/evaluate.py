@@ -33,12 +33,13 @@ from radalign.retrieval.search import Retriever
 from scipy.special import gammaln
 
 from radalign import metrics as rm
-from radalign.io import atomic_write_json
+from radalign import report as R
 from radalign.lock import output_lock
 from radalign.log import get_logger
 
 log = get_logger("retrieval.eval")
 KS = (1, 5, 10)
+METRICS_STAGE = "retrieval"  # metrics.json format: radalign-retrieval-metrics/1
 
 
 def chance_recall(num_pos: np.ndarray, m: int, k: int) -> np.ndarray:
@@ -61,13 +62,6 @@ PRECISION_DEFINITION = ("share of the K nearest cases (other patients, one image
                         "of the query's positive labels, averaged over queries with a positive label")
 
 
-def _ci(values, patients, n_boot: int, seed: int, level: float) -> dict:
-    if patients is None or n_boot < 1:
-        return {}
-    r = rm.mean_ci(values, patients, n_boot=n_boot, seed=seed, level=level)
-    return {"ci_low": r["ci_low"], "ci_high": r["ci_high"]}
-
-
 def _unit_info(patients, n_boot: int, seed: int, level: float) -> dict:
     if patients is None or n_boot < 1:
         return {"unit": None}
@@ -87,7 +81,8 @@ def recall_at_ks(sim: np.ndarray, pos: np.ndarray, ks=KS, *, patients=None, n_bo
     for k in ks:
         out[f"R@{k}"] = recall[k]
         out[f"R@{k}_chance"] = float(np.mean(chance_recall(num_pos, sim.shape[1], k)))
-        for end, v in _ci((first < k).astype(float), patients, n_boot, seed, level).items():
+        hits = (first < k).astype(float)  # [Q]
+        for end, v in rm.mean_interval(hits, patients, n_boot=n_boot, seed=seed, level=level).items():
             out[f"R@{k}_{end}"] = v
     out["queries"], out["candidates"] = int(sim.shape[0]), int(sim.shape[1])
     out["mean_positives"] = float(num_pos.mean())
@@ -150,7 +145,7 @@ def label_precision(retriever: Retriever, queries: np.ndarray, query_labels: np.
             prec.append(float((base[rows] & q).any(1).mean()) if rows else 0.0)
         out[f"P@{k}"] = float(np.mean(prec))
         out[f"P@{k}_chance"] = float(shares.mean())
-        for end, v in _ci(prec, patients, n_boot, seed, level).items():
+        for end, v in rm.mean_interval(prec, patients, n_boot=n_boot, seed=seed, level=level).items():
             out[f"P@{k}_{end}"] = v
     out.update(_unit_info(patients, n_boot, seed, level))
     return out
@@ -202,14 +197,13 @@ def _evaluate(retriever, data, split, *, out, batch_size, num_workers, progress,
         "ci_unit": rm.UNIT, "ci_level": level,
     }
     if out:
-        atomic_write_json(Path(out) / "metrics.json", metrics)
+        metrics = R.write_metrics(Path(out) / "metrics.json", metrics, stage=METRICS_STAGE,
+                                  unit=rm.UNIT if n_boot >= 1 else None)
     return metrics
 
 
 def _cell(r: dict, name: str) -> str:
-    lo, hi = r.get(f"{name}_ci_low"), r.get(f"{name}_ci_high")
-    ci = f" [{lo:.3f}, {hi:.3f}]" if lo is not None and hi is not None else ""
-    return f"{r[name]:.3f}{ci} (chance {r[f'{name}_chance']:.3f})"
+    return f"{R.ci(r[name], r.get(f'{name}_ci_low'), r.get(f'{name}_ci_high'))} (chance {R.num(r[f'{name}_chance'])})"
 
 
 def format_metrics(m: dict, ks=KS) -> str:

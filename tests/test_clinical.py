@@ -21,6 +21,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from radalign import RadalignError
 from radalign import metrics as M
+from radalign import report as R
 
 EVIL = "<script>alert('x')</script>"
 N_BOOT = 200
@@ -224,7 +225,7 @@ def test_temperature_needs_both_classes():
 def test_reliability_diagram_png(tmp_path):
     y, z = overconfident(500, seed=3)
     out = tmp_path / "reliability.png"
-    C.reliability_diagram(out, {"before": C.calibration_bins(y, C.sigmoid(z)),
+    R.reliability_plot(out, {"before": C.calibration_bins(y, C.sigmoid(z)),
                                 "after": C.calibration_bins(y, C.sigmoid(z / 4))}, title=EVIL)
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 100
@@ -418,7 +419,7 @@ def test_degradation_table_over_seeds_against_sklearn():
             assert r["mean_drop_difference"] < 0  # the planted less-degrading model
         else:
             assert "mean_drop_difference" not in r
-    text = "\n".join(C._md_degradation(deg))
+    text = "\n".join(C.md_degradation(deg))
     assert "Over 3 training seeds" in text and "drop difference" in text
     broken = {m: [*v[:2], {"all": y}] for m, v in seeds.items()}
     with pytest.raises(RadalignError, match="each seed"):
@@ -640,13 +641,13 @@ def test_temperature_gradient_matches_finite_differences():
     z = rng.normal(scale=3, size=50)
     y = (rng.random(50) < 0.4).astype(float)
     for u in (-1.0, 0.0, 0.7):
-        _, g = C._nll_and_grad(np.array([u]), y, z)
+        _, g = M._nll_and_grad(np.array([u]), y, z)
         h = 1e-6
-        up, _ = C._nll_and_grad(np.array([u + h]), y, z)
-        down, _ = C._nll_and_grad(np.array([u - h]), y, z)
+        up, _ = M._nll_and_grad(np.array([u + h]), y, z)
+        down, _ = M._nll_and_grad(np.array([u - h]), y, z)
         assert g[0] == pytest.approx((up - down) / (2 * h), rel=1e-5, abs=1e-8)
         t = np.exp(u)
-        assert C._nll_and_grad(np.array([u]), y, z)[0] == pytest.approx(np.mean(np.logaddexp(0, z / t) - y * z / t))
+        assert M._nll_and_grad(np.array([u]), y, z)[0] == pytest.approx(np.mean(np.logaddexp(0, z / t) - y * z / t))
 
 
 def test_temperature_stays_inside_its_bounds():
@@ -749,8 +750,8 @@ def test_report_prints_the_numbers_of_each_section():
     sub = C.subgroup_table(frame, y, C.sigmoid(s), pid, ["g"], n_boot=10, min_count=10)
     cal = C.calibration_report(y, s, y, s)
     text = C.format_report(binary=binary, calibration=cal, subgroups=sub, degradation=deg)
-    assert (f"| ehr\\_only | auroc | {d['delta']:.3f} ({d['ci_low']:.3f} to {d['ci_high']:.3f}) | "
-            f"{d['p_value']:.3f} |") in text
+    assert (f"| ehr\\_only | auroc | {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}], "
+            f"p {d['p_value']:.3f} |") in text
     assert "| tiny | 5 |" in text and "not scored: fewer than 10 labelled rows |" in text
     assert f"| ECE (validation) | {cal['validation_ece_before']:.3f} | {cal['validation_ece_after']:.3f} |" in text
     img = deg["rows"][1]["with_dropout"]["over_seeds"]

@@ -349,7 +349,7 @@ def test_a_model_with_no_signal_renders_and_a_vote_without_weight_is_none():
     page = ex.to_html(expl)  # every bar 0 px wide, no division by a zero scale
     assert page.count("style='width:0px'") == 2
     assert expl.similar.vote is None  # weights clipped at 0 sum to 0: no vote, not a division by zero
-    assert "Neighbour vote <b>n/a</b>" in page and "neighbour vote of 2 similar cases: n/a" in ex.to_markdown(expl)
+    assert "Neighbour vote <b>–</b>" in page and "neighbour vote of 2 similar cases: –" in ex.to_markdown(expl)
 
 
 def test_bars_scale_to_the_largest_value():
@@ -373,8 +373,8 @@ def test_html_case_rows_show_each_neighbour():
     p = _Tags()
     p.feed(page)
     imgs = [a for t, a in p.tags if t == "img"]
-    assert imgs == [{"class": "small", "src": "data:image/png;base64,AAAA", "alt": "film"}]
-    assert "<td>1</td><td><img class='small'" in page and "<td>0.900</td><td>12</td><td>8</td><td>Edema</td>" in page
+    assert imgs == [{"src": "data:image/png;base64,AAAA", "alt": "film"}]
+    assert "<td>1</td><td><img src=" in page and "<td>0.900</td><td>12</td><td>8</td><td>Edema</td>" in page
     assert f"Neighbour vote <b>{expl.similar.vote:.3f}</b>" in page
     assert page.rstrip().endswith("</body></html>")
 

@@ -114,6 +114,30 @@ def test_eval_writes_metrics_report_and_plots_with_the_run_numbers(run, evaluati
         assert section in report
 
 
+def test_training_and_eval_write_one_metrics_schema_and_the_same_model_numbers(run, evaluation):
+    """One metrics.json schema for `radalign finetune` and `finetune eval`: both validate, and eval on the test
+    split repeats training's models and paired differences (same rows, same patient resamples)."""
+    from radalign.finetune import clinical as C
+
+    _, ev = evaluation
+    tr = json.loads((run / "metrics.json").read_text())
+    for doc in (tr, ev):
+        C.check_metrics(doc)
+        assert doc["format"] == "radalign-finetune-metrics/2" and doc["unit"] == "patient" and doc["created"]
+    assert (ev["task"], ev["split"], ev["n_boot"], ev["seed"]) == (tr["task"], tr["split"], tr["n_boot"], tr["seed"])
+    assert list(ev["models"]) == list(tr["models"]) == ["fusion", "fusion_no_dropout", "ehr_only"]
+    for name, r in tr["models"].items():
+        assert ev["models"][name] == pytest.approx(r, abs=1e-9), name
+    assert list(ev["paired_differences"]) == list(tr["paired_differences"])
+    for name, r in tr["paired_differences"].items():
+        assert {k: v for k, v in ev["paired_differences"][name].items() if k != "metric"} == pytest.approx(
+            {k: v for k, v in r.items() if k != "metric"}, abs=1e-9), name
+    with pytest.raises(RadalignError) as e:
+        C.check_metrics({**{k: v for k, v in tr.items() if k != "models"}, "degradation": 1, "surprise": 0})
+    assert "missing 'models'" in str(e.value) and "'degradation' is int" in str(e.value)
+    assert "unknown key 'surprise'" in str(e.value)
+
+
 def _without(model, data, removed):
     """Test logits with `removed` left out of the batch altogether (absent on every row): the independent way to
     remove a modality (the evaluation masks it with present_override instead)."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from radalign import metrics
+from radalign import RadalignError, metrics
 
 
 def _data(n=80, seed=0, ties=True):
@@ -409,3 +409,77 @@ def test_mean_ci_against_brute_force():
     assert got["value"] == pytest.approx(hits.mean(), abs=1e-12)
     assert (got["ci_low"], got["ci_high"]) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])), abs=1e-12)
     assert got["unit"] == "patient" and got["n_patients"] == 40
+
+
+# ----------------------------------------------------------------------------------------------------------
+# ROC points, operating points and calibration (moved here from finetune/clinical.py)
+
+
+def _tied_case(seed: int, n: int = 80):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.35).astype(float)
+    s = np.round(y * 0.4 + rng.random(n), 1)  # heavy ties
+    y[rng.random(n) < 0.1] = np.nan  # excluded rows
+    return y, s, rng.integers(0, 4, size=(5, n)).astype(float)  # [B, n] integer weights (a resample's counts)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_roc_points_match_sklearn_roc_curve_per_resample(seed):
+    from sklearn.metrics import roc_curve
+
+    y, s, w = _tied_case(seed)
+    tpr, fpr = metrics.roc_points(y, s, w)  # [B, G+1]
+    keep = ~np.isnan(y)
+    for b in range(w.shape[0]):
+        ref_fpr, ref_tpr, _ = roc_curve(y[keep], s[keep], sample_weight=w[b, keep], drop_intermediate=False)
+        # sklearn drops thresholds whose rows all have weight 0; the same points otherwise
+        pts = {(round(a, 12), round(c, 12)) for a, c in zip(fpr[b], tpr[b])}
+        assert pts == {(round(a, 12), round(c, 12)) for a, c in zip(ref_fpr, ref_tpr)}
+    one_tpr, one_fpr = metrics.roc_points(y, s)
+    ref_fpr, ref_tpr, _ = roc_curve(y[keep], s[keep], drop_intermediate=False)
+    assert np.allclose(one_tpr[0], ref_tpr) and np.allclose(one_fpr[0], ref_fpr)
+
+
+def test_roc_points_one_class_is_nan():
+    tpr, fpr = metrics.roc_points(np.ones(4), np.arange(4.0))
+    assert np.isnan(fpr).all() and not np.isnan(tpr).any()
+
+
+@pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 1.0])
+def test_sensitivity_and_specificity_at_target_against_brute_force(target):
+    y, s, w = _tied_case(7, 120)
+    keep = ~np.isnan(y)
+    got_sens = metrics.sensitivity_at_specificity(y, s, w, target)
+    got_spec = metrics.specificity_at_sensitivity(y, s, w, target)
+    for b in range(w.shape[0]):
+        yy, ss, ww = y[keep], s[keep], w[b, keep]
+        best_sens, best_spec = 0.0, 0.0
+        for t in np.r_[np.inf, np.unique(ss)]:  # every threshold: positive when score >= t
+            pred = ss >= t
+            sens = (ww * pred * (yy == 1)).sum() / (ww * (yy == 1)).sum()
+            spec = (ww * ~pred * (yy == 0)).sum() / (ww * (yy == 0)).sum()
+            if spec >= target - 1e-12:
+                best_sens = max(best_sens, sens)
+            if sens >= target - 1e-12:
+                best_spec = max(best_spec, spec)
+        assert got_sens[b] == pytest.approx(best_sens) and got_spec[b] == pytest.approx(best_spec)
+
+
+def test_operating_point_is_chosen_on_validation_and_applied_to_test():
+    y_val, s_val = np.array([0, 0, 1, 1, 0, 1.0]), np.array([0.1, 0.3, 0.35, 0.8, 0.2, 0.9])
+    p = metrics.choose_operating_point(y_val, s_val)
+    # Youden by hand: J = 1/3 at 0.9, 2/3 at 0.8, 1 at 0.35 (every positive above every negative), then lower
+    assert p == {"rule": "youden", "target": None, "threshold": 0.35, "chosen_on": "validation",
+                 "n_validation": 6, "n_validation_positive": 3}
+    t = metrics.apply_operating_point(p, [1, 0, 1, 0], [0.5, 0.3, 0.2, 0.36])["test"]
+    assert (t["tp"], t["fp"], t["fn"], t["tn"]) == (1, 1, 1, 1)
+    assert metrics.apply_operating_point(metrics.choose_operating_point([1, 1], [0.1, 0.2]), [1], [0.5])["test"] is None
+    with pytest.raises(RadalignError, match="threshold rule 'best'"):
+        metrics.choose_operating_point(y_val, s_val, "best")
+
+
+def test_mean_interval_is_mean_ci_or_nothing():
+    v, pid = [1, 0, 1, 1, 0, 1.0], ["a", "a", "b", "c", "c", "d"]
+    r = metrics.mean_ci(v, pid, n_boot=50, seed=3)
+    assert metrics.mean_interval(v, pid, n_boot=50, seed=3) == {"ci_low": r["ci_low"], "ci_high": r["ci_high"]}
+    assert metrics.mean_interval(v, None) == {} and metrics.mean_interval(v, pid, n_boot=0) == {}

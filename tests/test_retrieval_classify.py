@@ -212,7 +212,7 @@ def test_markdown_escapes_text(informative_index):
                              n_boot=10, min_per_label=1, source="<script>alert(1)</script>|x")
     text = kc.markdown(m)
     assert "<script>" not in text and "&lt;script&gt;" in text and "\\|x" in text
-    assert "| label | n_pos | n_neg | k-NN vote AUROC |" in text and "over patients (40 patients" in text
+    assert "| label | n\\_pos | n\\_neg | k-NN vote AUROC |" in text and "over patients (40 patients" in text
 
 
 def test_cli_defaults_are_the_library_defaults():
@@ -264,7 +264,7 @@ def test_cli_end_to_end_beside_zero_shot(tiny_export, synth_shards, tmp_path, ca
                                                - m["zeroshot"]["classes"][name]["auroc"], abs=1e-9)
     assert "zero-shot (chexpert14)" in printed and "over patients" in printed
     table = (out / "metrics.md").read_text()
-    assert "| label | n_pos | n_neg | k-NN vote AUROC | zero-shot AUROC | Δ AUROC |" in table
+    assert "| label | n\\_pos | n\\_neg | k-NN vote AUROC | zero-shot AUROC | Δ AUROC |" in table
     # brute force: each query's vote from the stored vectors, in numpy
     import pandas as pd
 

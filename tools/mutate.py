@@ -40,7 +40,9 @@ GUARDS = "tests/test_mutation_guards.py"
 # Module -> the fast test files that exercise it (seconds each, no slow marker). Statistics, losses, label and
 # time parsing, linkage, and the recipes' step logic: the places where a bug changes a number, not a crash.
 MODULES: dict[str, list[str]] = {
-    "radalign/metrics.py": ["tests/test_metrics_shared.py"],
+    # ROC summaries, operating points and calibration are also exercised through finetune.clinical's tests
+    "radalign/metrics.py": ["tests/test_metrics_shared.py", "tests/test_clinical.py"],
+    "radalign/report.py": ["tests/test_report.py"],
     "zeroshot/metrics.py": ["tests/test_zeroshot.py"],
     "pretrain/loss.py": ["tests/test_loss.py", GUARDS],
     "data/labels.py": ["tests/test_prepare.py", GUARDS],

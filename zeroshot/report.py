@@ -1,4 +1,5 @@
-"""Writing a zero-shot result: metrics.json, predictions.csv, roc.png and metrics.md (all atomic)."""
+"""Writing a zero-shot result: metrics.json, predictions.csv, roc.png and metrics.md (all atomic, through the
+reporting kit `radalign.report`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from radalign.io import atomic_path, atomic_write_json, atomic_write_text
-from radalign.report import md
+from radalign import report as R
+from radalign.io import atomic_write_text
 
-
-def _fmt(x, nd: int = 3) -> str:
-    return "—" if x is None else f"{x:.{nd}f}"
+METRICS_STAGE = "zeroshot"  # metrics.json format: radalign-zeroshot-metrics/1
 
 
 def unit_sentence(metrics: dict) -> str:
@@ -27,82 +26,68 @@ def unit_sentence(metrics: dict) -> str:
     return f"{int(round(mac['level'] * 100))}% percentile bootstrap {what}, {mac['n_boot']} resamples, seed {mac['seed']}"
 
 
-def roc_plot(path: str | os.PathLike, scores: np.ndarray, labels: np.ndarray, names: list[str],
-             aurocs: dict, title: str) -> None:
-    """One panel, one ROC curve per class (AUROC in the legend)."""
-    import matplotlib
+def _class_rows(metrics: dict) -> list[list]:
+    rows = [[name, c["auroc"], c["ci_low"], c["ci_high"], c["n_pos"], c["n_neg"], c["n_excluded"]]
+            for name, c in metrics["classes"].items()]
+    for key, label in (("macro", "macro (" + ", ".join(metrics["macro"]["classes"]) + ")"),
+                       ("macro_all", "macro (all classes with both labels)")):
+        m = metrics[key]
+        rows.append([R.Md(f"**{R.md(label)}**"), R.Md(f"**{R.num(m['auroc'])}**"), m["ci_low"], m["ci_high"],
+                     R.Md(""), R.Md(""), R.Md("")])
+    return rows
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
 
-    fig, ax = plt.subplots(figsize=(6.5, 6))
-    for j, name in enumerate(names):
-        if aurocs.get(name) is None:
-            continue
-        m = ~np.isnan(labels[:, j])
-        fpr, tpr, _ = roc_curve(labels[m, j].astype(int), scores[m, j])
-        ax.plot(fpr, tpr, lw=1.2, label=f"{name} ({aurocs[name]:.3f})")
-    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1.01))
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+def _notes(metrics: dict) -> list[str]:
+    lines = []
+    if metrics.get("multiclass"):
+        mc = metrics["multiclass"]
+        lines += ["", f"Accuracy {R.ci_of(mc['accuracy'])}, balanced accuracy {R.ci_of(mc['balanced_accuracy'])} "
+                      f"over {mc['n']} images."]
+    mac = metrics["macro"]
+    if mac.get("classes_without_auroc"):
+        lines += ["", f"Left out of the macro, one label value only: {R.md(', '.join(mac['classes_without_auroc']))}."]
+    if mac.get("classes_too_few"):
+        lines += ["", f"Left out of the macro, fewer than {mac.get('min_per_label')} positives or negatives: "
+                      f"{R.md(', '.join(mac['classes_too_few']))} (their own AUROC is in the table)."]
+    ctrl = metrics.get("controls", {}).get("shuffled_labels_macro_auroc")
+    if ctrl is not None:
+        lines += ["", f"Shuffled-label control (macro AUROC, should be ~0.5): {R.num(ctrl)}."]
+    thr = metrics.get("threshold_metrics", {})
+    if not thr.get("available"):
+        lines += ["", f"Threshold metrics: not reported ({R.md(thr.get('reason'))})."]
+    return lines
 
 
 def markdown(metrics: dict) -> str:
-    lines = [f"# Zero-shot: {md(metrics['prompt_set'])} ({metrics['mode']})", "",
-             f"Data: `{md(metrics['data']['source'])}`, {metrics['data']['n_images']} images; "
-             f"skipped: {md(metrics['data']['skipped'] or 'none')}.",
-             f"Checkpoints: {', '.join(md(c['checksum'][:12]) for c in metrics['checkpoints'])}. "
-             f"Label policy: uncertain={metrics['label_policy']['uncertain']}, "
-             f"blank={metrics['label_policy']['blank']}. ",
-             f"CI: {unit_sentence(metrics)}.", "",
-             "| class | AUROC | CI low | CI high | n_pos | n_neg | n_excluded |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, c in metrics["classes"].items():
-        lines.append(f"| {md(name)} | {_fmt(c['auroc'])} | {_fmt(c['ci_low'])} | {_fmt(c['ci_high'])} | "
-                     f"{c['n_pos']} | {c['n_neg']} | {c['n_excluded']} |")
-    for key, label in (("macro", "macro (" + ", ".join(md(c) for c in metrics["macro"]["classes"]) + ")"),
-                       ("macro_all", "macro (all classes with both labels)")):
-        m = metrics[key]
-        lines.append(f"| **{label}** | **{_fmt(m['auroc'])}** | {_fmt(m['ci_low'])} | {_fmt(m['ci_high'])} | | | |")
-    if metrics.get("multiclass"):
-        mc = metrics["multiclass"]
-        lines += ["", f"Accuracy {_fmt(mc['accuracy']['value'])} "
-                      f"[{_fmt(mc['accuracy']['ci_low'])}, {_fmt(mc['accuracy']['ci_high'])}], balanced accuracy "
-                      f"{_fmt(mc['balanced_accuracy']['value'])} [{_fmt(mc['balanced_accuracy']['ci_low'])}, "
-                      f"{_fmt(mc['balanced_accuracy']['ci_high'])}] over {mc['n']} images."]
-    mac = metrics["macro"]
-    if mac.get("classes_without_auroc"):
-        lines += ["", "Left out of the macro, one label value only: "
-                      f"{', '.join(md(c) for c in mac['classes_without_auroc'])}."]
-    if mac.get("classes_too_few"):
-        lines += ["", f"Left out of the macro, fewer than {mac.get('min_per_label')} positives or negatives: "
-                      f"{', '.join(md(c) for c in mac['classes_too_few'])} (their own AUROC is in the table)."]
-    ctrl = metrics.get("controls", {}).get("shuffled_labels_macro_auroc")
-    if ctrl is not None:
-        lines += ["", f"Shuffled-label control (macro AUROC, should be ~0.5): {_fmt(ctrl)}."]
-    thr = metrics.get("threshold_metrics", {})
-    if not thr.get("available"):
-        lines += ["", f"Threshold metrics: not reported ({md(thr.get('reason'))})."]
-    lines += ["", "## Prompt sensitivity (AUROC of each single positive template)", "",
-              "| class | ensemble | min | max | std | templates |", "|---|---:|---:|---:|---:|---:|"]
-    for r in metrics["prompt_sensitivity"]:
-        lines.append(f"| {md(r['class'])} | {_fmt(r['ensemble_auroc'])} | {_fmt(r['min'])} | {_fmt(r['max'])} | "
-                     f"{_fmt(r['std'])} | {len(r['templates'])} |")
+    """metrics.md: the per-class table with the macro rows, the notes, and the prompt sensitivity table."""
+    lines = [f"# Zero-shot: {R.md(metrics['prompt_set'])} ({R.md(metrics['mode'])})", "",
+             f"Data: {R.md(metrics['data']['source'])}, {metrics['data']['n_images']} images; "
+             f"skipped: {R.md(metrics['data']['skipped'] or 'none')}.",
+             f"Checkpoints: {R.md(', '.join(c['checksum'][:12] for c in metrics['checkpoints']))}. "
+             f"Label policy: uncertain={R.md(metrics['label_policy']['uncertain'])}, "
+             f"blank={R.md(metrics['label_policy']['blank'])}. ",
+             f"CI: {R.md(unit_sentence(metrics))}.", ""]
+    lines += R.md_table(["class", "AUROC", "CI low", "CI high", "n_pos", "n_neg", "n_excluded"],
+                        _class_rows(metrics), align="lrrrrrr")
+    lines += _notes(metrics)
+    lines += ["", "## Prompt sensitivity (AUROC of each single positive template)", ""]
+    lines += R.md_table(["class", "ensemble", "min", "max", "std", "templates"],
+                        [[r["class"], r["ensemble_auroc"], r["min"], r["max"], r["std"], len(r["templates"])]
+                         for r in metrics["prompt_sensitivity"]], align="lrrrrr")
     return "\n".join(lines) + "\n"
 
 
 def write_outputs(out: str | os.PathLike, metrics: dict, predictions: pd.DataFrame, scores: np.ndarray,
                   labels: np.ndarray, names: list[str]) -> Path:
+    """OUT/metrics.json (radalign-zeroshot-metrics/1; `metrics` gains its format, unit and created), predictions.csv,
+    roc.png (one curve per class with an AUROC) and metrics.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out / "metrics.json", metrics)
+    written = R.write_metrics(out / "metrics.json", metrics, stage=METRICS_STAGE, unit=metrics["bootstrap"]["unit"])
+    metrics.update({k: written[k] for k in ("format", "unit", "created")})
     atomic_write_text(out / "predictions.csv", predictions.to_csv(index=False, float_format="%.6g"))
-    roc_plot(out / "roc.png", scores, labels, names, {n: c["auroc"] for n, c in metrics["classes"].items()},
-             f"zero-shot ROC: {metrics['prompt_set']}")
+    R.roc_plot(out / "roc.png", {n: (labels[:, j], scores[:, j]) for j, n in enumerate(names)
+                                 if metrics["classes"][n]["auroc"] is not None},
+               f"zero-shot ROC: {metrics['prompt_set']}")
     atomic_write_text(out / "metrics.md", markdown(metrics))
     return out

@@ -12,7 +12,6 @@ files made with these exact weights (their checkpoint checksum equals the export
 
 from __future__ import annotations
 
-import html
 import json
 import time
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from radalign.data.labels import SPLITS
 from radalign.data.shards import split_subjects
 
 from radalign.log import get_logger
+from radalign.report import md  # recorded text for Markdown: the kit's one escaping rule
 
 log = get_logger(__name__)
 
@@ -34,15 +34,6 @@ SYNTHETIC_DATA_USE = ("derived from radalign's synthetic stand-in data only (no 
 UNKNOWN_DATA_USE = ("not recorded: the training data's licence is unknown to radalign; state it with "
                     "`radalign export --data-use TEXT` before sharing")
 
-
-
-def md(text) -> str:
-    """Recorded text for Markdown (the rule of finetune/explain.py's md_text): HTML-escaped so tags render as
-    text, Markdown syntax (emphasis, links, table pipes, headings, code) backslash-escaped, on one line."""
-    s = html.escape(str(text if text is not None else ""), quote=False)
-    for ch in "\\`*_[]|#":
-        s = s.replace(ch, "\\" + ch)
-    return " ".join(s.split())
 
 
 def _num(x, spec: str = ".3f") -> str:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -33,9 +34,18 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = package[:len(package) - node.level + 1] if node.level else []
             module = ".".join([*base, node.module] if node.module else base)
-            names.add(module)
-            names |= {f"{module}.{a.name}" for a in node.names}  # `from pkg import module` imports a module
+            subs = {f"{module}.{a.name}" for a in node.names}  # `from pkg import module` imports a module
+            names |= subs
+            # `from pkg import mod` from inside pkg (its __init__ imports this module) needs mod, not pkg's
+            # __init__: only an import that takes a name that is not a module of the house depends on pkg itself
+            if not subs <= _house_names():
+                names.add(module)
     return names
+
+
+@functools.cache
+def _house_names() -> frozenset[str]:
+    return frozenset(_module_name(p) for pkg in ("radalign", *STAGES) for p in _modules(pkg))
 
 
 def _modules(pkg: str):

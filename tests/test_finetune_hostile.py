@@ -459,7 +459,7 @@ def test_overwrite_removes_only_what_finetune_wrote(tmp_path):
 
 
 def test_a_model_folder_of_another_spec_is_refused(tmp_path):
-    from radalign.finetune.recipe import _check_train_spec
+    from radalign.finetune.trainer import _check_train_spec
 
     work = tmp_path / "train" / "fusion"
     work.mkdir(parents=True)

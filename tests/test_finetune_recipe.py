@@ -211,7 +211,7 @@ def test_two_processes_train_the_same_model_as_one(cohort, tmp_path):
 def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
     """Plant one training patient's study in the test split of a copy of the table."""
     import datasets
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     dd = datasets.load_from_disk(str(cohort["table"]))
     train, test = dd["train"].to_pandas(), dd["test"].to_pandas()
@@ -230,14 +230,14 @@ def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
 
 
 def test_an_export_that_does_not_record_its_shards_is_refused(cohort, tiny_export, tmp_path):
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     with pytest.raises(RadalignError, match="does not record its training shards"):
         setup(_cfg(cohort, tmp_path / "run", f"data.checkpoint={tiny_export}"))
 
 
 def test_bad_task_column_is_named_with_a_suggestion(cohort, tmp_path):
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     with pytest.raises(RadalignError, match=r"'los_dayz'.*los_days"):
         setup(_cfg(cohort, tmp_path / "run", "task.threshold_column=los_dayz"))

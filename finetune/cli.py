@@ -77,13 +77,13 @@ def _recipe_args(p, config: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. optim.epochs=10")
 
 
-def _config(args):
-    """The resolved config, or None when --print-config printed it."""
+def _config(args, *implied: str):
+    """The resolved config (`implied` overrides last), or None when --print-config printed it."""
     from radalign.finetune.config import FinetuneConfig
 
     from radalign.config import load_config, to_yaml
 
-    cfg = load_config(FinetuneConfig, args.config, args.overrides, stage="finetune")
+    cfg = load_config(FinetuneConfig, args.config, [*args.overrides, *implied], stage="finetune")
     if args.print_config:
         print(to_yaml(cfg), end="")
         return None
@@ -108,7 +108,7 @@ def _train(args) -> int:
 
 
 def _fewshot(args) -> int:
-    cfg = _config(args)
+    cfg = _config(args, "fewshot.enabled=true")
     return 0 if cfg is None else _run_fewshot(cfg, args)
 
 

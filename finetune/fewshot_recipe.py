@@ -16,7 +16,6 @@ RUN/learning_curve.png and RUN/report.md.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -148,9 +147,11 @@ def run_fewshot(run) -> dict:
 def run_fewshot_recipe(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     """`radalign finetune fewshot`: the sweep under the run folder's lock (finetune.session.open_run); the ks
     are checked against the training split before the towers load. The config's fewshot section is the
-    recipe's (fewshot.enabled is implied)."""
+    recipe's (fewshot.enabled=true, which the `fewshot` verb sets, so the config's checks cover it)."""
     if not cfg.fewshot.enabled:
-        cfg = dataclasses.replace(cfg, fewshot=dataclasses.replace(cfg.fewshot, enabled=True))
+        raise RadalignError("fewshot.enabled=false: the few-shot recipe runs a config whose fewshot section is "
+                            "enabled; load it with the override fewshot.enabled=true (the `radalign finetune "
+                            "fewshot` verb does)")
     with open_run(cfg, overwrite, checks=[check_ks]) as run:
         run_fewshot(run)
     return Path(cfg.run_dir)

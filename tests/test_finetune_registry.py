@@ -252,7 +252,7 @@ def test_fewshot_is_its_own_verb_and_the_train_spelling_warns(monkeypatch, capsy
     from radalign.cli import main
     from radalign.config import load_config
 
-    real_run_finetune = recipe.run_finetune
+    real_run_finetune, real_run_fewshot = recipe.run_finetune, fewshot_recipe.run_fewshot_recipe
     calls = []
     monkeypatch.setattr(fewshot_recipe, "run_fewshot_recipe", lambda cfg, overwrite=False: calls.append(cfg))
     monkeypatch.setattr(recipe, "run_finetune", lambda cfg, overwrite=False: pytest.fail("trained, not few-shot"))
@@ -263,6 +263,11 @@ def test_fewshot_is_its_own_verb_and_the_train_spelling_warns(monkeypatch, capsy
     assert len(calls) == 2 and "use `radalign finetune fewshot --config` instead" in capsys.readouterr().err
     assert main(["finetune", "fewshot", "--config", "finetune/fewshot_chexpert", "--print-config"]) == 0
     assert "fewshot:" in capsys.readouterr().out and len(calls) == 2
+    # the verb implies fewshot.enabled=true, so the config's few-shot checks apply to a config without it
+    assert main(["finetune", "fewshot", "--config", "finetune/in_hospital_mortality"]) == 2
+    assert "fewshot.label: the few-shot task needs a binary label column" in capsys.readouterr().err
+    with pytest.raises(RadalignError, match="fewshot.enabled=false"):
+        real_run_fewshot(load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune"))
     cfg = load_config(FinetuneConfig, "finetune/fewshot_chexpert", [f"run_dir={tmp_path}"], stage="finetune")
     with pytest.raises(RadalignError, match="radalign finetune fewshot --config"):
         real_run_finetune(cfg)  # the training recipe refuses a few-shot config, before taking the folder

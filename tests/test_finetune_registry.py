@@ -133,11 +133,20 @@ def test_array_trees_predict_exactly_as_sklearn(classes):
     rng = np.random.default_rng(0)
     x = _mixed(700, 1)
     cat = np.array([False, True, False, True, False])
-    raw = np.nan_to_num(x[:, 0]) + (x[:, 1] == 2) - (x[:, 3] == 1) * 1.5 + rng.normal(size=len(x)) * 0.5
+    missing_like_2 = (x[:, 1] == 2) | np.isnan(x[:, 1])  # so that some categorical splits send missing left
+    raw = np.nan_to_num(x[:, 0]) + missing_like_2 * 1.5 - (x[:, 3] == 1) * 1.5 + rng.normal(size=len(x)) * 0.5
     y = np.digitize(raw, np.quantile(raw, np.linspace(0, 1, classes + 1)[1:-1]))
     model = HistGradientBoostingClassifier(categorical_features=cat, max_iter=40, max_leaf_nodes=15,
                                            early_stopping=False, random_state=0).fit(x, y)
-    test = _mixed(400, 2, unseen=True)
+    nodes = np.concatenate([p.nodes for it in model._predictors for p in it])
+    inner = nodes["is_leaf"] == 0
+    # unseen categories follow the missing branch: only a left-going one tells that rule from "always right"
+    assert (inner & (nodes["is_categorical"] == 1) & (nodes["missing_go_to_left"] == 1)).any()
+    num = nodes[inner & (nodes["is_categorical"] == 0)]
+    at = _mixed(len(num), 3)  # a row exactly at each numeric threshold (sklearn: <= goes left)
+    original = np.concatenate([np.flatnonzero(cat), np.flatnonzero(~cat)])[num["feature_idx"]]
+    at[np.arange(len(num)), original] = num["num_threshold"]
+    test = np.concatenate([_mixed(400, 2, unseen=True), at])
     np.testing.assert_array_equal(ArrayTrees.from_sklearn(model).predict_proba(test), model.predict_proba(test))
 
 

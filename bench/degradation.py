@@ -39,10 +39,12 @@ def parse_rates(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
-def table(R, model, data, mods) -> dict[str, float]:
+def table(model, data, mods) -> dict[str, float]:
+    from radalign.finetune.registry import degradation_logits
+
     from radalign.metrics import auroc
 
-    return {k: float(auroc(data.y[:, 0], v)) for k, v in R.degradation_logits(model, data, mods).items()}
+    return {k: float(auroc(data.y[:, 0], v)) for k, v in degradation_logits(model, data, mods).items()}
 
 
 def main(argv=None) -> int:
@@ -56,8 +58,10 @@ def main(argv=None) -> int:
     ap.add_argument("--precision", default="fp32")
     args = ap.parse_args(argv)
 
-    import radalign.finetune.recipe as R
     from radalign.finetune.config import FinetuneConfig
+    from radalign.finetune.registry import model_specs
+    from radalign.finetune.session import setup
+    from radalign.finetune.trainer import fit_torch
 
     from radalign.config import load_config
 
@@ -71,9 +75,9 @@ def main(argv=None) -> int:
         f"data.table={resolved.data.table}", f"data.shards={resolved.data.shards}",
         f"data.checkpoint={resolved.data.checkpoint}", f"precision={args.precision}", "progress=false"],
         stage="finetune")
-    run = R.setup(cfg, overwrite=True)  # out/run is this bench's scratch folder: train afresh every time
+    run = setup(cfg, overwrite=True)  # out/run is this bench's scratch folder: train afresh every time
     mods = run.modalities
-    base = R.model_specs(run)["fusion"]
+    base = model_specs(run)["fusion"]
     variants = {name: {**base, "modality_dropout": {k: v for k, v in r.items() if k in mods}}
                 for name, r in parse_rates(args.rates).items()}
     for m in mods:  # the level of a model trained without m (no dropout)
@@ -86,11 +90,11 @@ def main(argv=None) -> int:
             tag = f"{name.replace(' ', '_')}_seed{seed}"
             shutil.rmtree(out / "run" / "train" / tag, ignore_errors=True)
             shutil.rmtree(out / "run" / "models", ignore_errors=True)
-            model, info = R.fit_torch(run, tag, {**spec, "seed": seed})
+            model, info = fit_torch(run, tag, {**spec, "seed": seed})
             results.append({"variant": name, "seed": seed, "best_epoch": info["best_epoch"],
                             "rates": spec["modality_dropout"], "modalities": spec["modalities"],
-                            "validate": table(R, model, run.val, spec["modalities"]),
-                            "test": table(R, model, run.test, spec["modalities"])})
+                            "validate": table(model, run.val, spec["modalities"]),
+                            "test": table(model, run.test, spec["modalities"])})
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\n{args.seeds} training seeds per row; {time.perf_counter() - t0:.0f} s; AUROC over studies "

@@ -39,7 +39,7 @@ def _cfg(args, run_dir: Path, *extra: str):
 def cached_steps(run, batch: int, steps: int) -> float:
     """Samples/s of fusion training steps on cached embeddings (the recipe's model and loss)."""
     from radalign.finetune.models import masked_loss
-    from radalign.finetune.recipe import build_model, model_specs
+    from radalign.finetune.registry import build_model, model_specs
 
     model = build_model(model_specs(run)["fusion"]).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -63,7 +63,7 @@ def end_to_end_steps(run, batch: int, steps: int) -> float:
     """Samples/s when the image tower trains too: images decoded, through the tower, into the fusion head."""
     from radalign.data.loader import make_eval_loader, shard_paths
     from radalign.finetune.models import masked_loss
-    from radalign.finetune.recipe import build_model, model_specs
+    from radalign.finetune.registry import build_model, model_specs
 
     enc = run.encoders
     tower = enc.model.visual.train()
@@ -91,12 +91,12 @@ def end_to_end_steps(run, batch: int, steps: int) -> float:
 
 
 def fewshot_sweep(args, out: Path) -> tuple[float, dict]:
-    from radalign.finetune.fewshot_recipe import run_fewshot
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.fewshot_recipe import check_ks, run_fewshot
+    from radalign.finetune.session import setup
 
     run = setup(_cfg(args, out, "fewshot.enabled=true", "fewshot.label=Pleural Effusion", "task.labels=[Pleural Effusion]",
                      "data.modalities=[image]", "fewshot.ks=[1,2,4,8,16,32]", "fewshot.seeds=5",
-                     "fewshot.methods=[prompt_init,linear_probe]"))
+                     "fewshot.methods=[prompt_init,linear_probe]"), checks=[check_ks])
     with Timer() as t:
         doc = run_fewshot(run)
     run.acc.end_training()
@@ -113,7 +113,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
     args = ap.parse_args()
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     from radalign.training import reset_accelerate_state
 

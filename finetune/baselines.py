@@ -116,7 +116,9 @@ class LateFusion:
             raise RadalignError(f"late fusion mode {mode!r}: use 'average' or 'stacked'")
         self.mode, self.C = mode, C
         self.modalities: list[str] = []
-        self.stackers: list = []
+        self.stackers: list = []  # fitted LogisticRegressions, one per output ('stacked')
+        self.weights: list[tuple[np.ndarray, np.ndarray]] = []  # their (coef [1, 2M], intercept [1])
+        self.members: dict = {}  # {modality: (model, spec)} whose logits it combines (finetune.registry)
 
     def _x(self, logits: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray], j: int) -> np.ndarray:
         cols = []
@@ -141,7 +143,19 @@ class LateFusion:
                                     f"({int(ok.sum())} labelled rows); use mode 'average'")
             self.stackers.append(LogisticRegression(C=self.C, max_iter=1000).fit(self._x(logits, present, j)[ok],
                                                                                    y[ok, j].astype(int)))
+        self.weights = [(s.coef_, s.intercept_) for s in self.stackers]
         return self
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """The stackers' weights ({} for 'average'): what RUN/models/late_fusion.safetensors holds."""
+        out = {}
+        for j, (coef, intercept) in enumerate(self.weights):
+            out[f"output{j}.coef"], out[f"output{j}.intercept"] = coef, intercept
+        return out
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray]) -> None:
+        n = len([k for k in arrays if k.endswith(".coef")])
+        self.weights = [(arrays[f"output{j}.coef"], arrays[f"output{j}.intercept"]) for j in range(n)]
 
     def combine(self, logits: Mapping[str, np.ndarray], present: Mapping[str, np.ndarray]) -> np.ndarray:
         """[N, C] fused logits."""
@@ -152,8 +166,9 @@ class LateFusion:
             p = np.stack([np.asarray(present[m], bool) for m in self.modalities]).astype(np.float64)  # [M, N]
             p = np.where(p.sum(0, keepdims=True) > 0, p, 1.0)  # nothing present: plain mean
             return (lg * p[..., None]).sum(0) / p.sum(0)[:, None]
-        return np.stack([s.decision_function(self._x(logits, present, j)) for j, s in enumerate(self.stackers)],
-                        axis=1)
+        # sklearn's decision_function, from the weights alone (a loaded stacker has no LogisticRegression)
+        return np.stack([(self._x(logits, present, j) @ coef.T + intercept)[:, 0]
+                         for j, (coef, intercept) in enumerate(self.weights)], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -211,6 +226,20 @@ class GBDTBaseline:
             self.models.append(self._new(categorical).fit(x[ok], y[ok, j].astype(int)))
         return self
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """Every fitted tree as arrays (no pickle): what RUN/models/gbdt.safetensors holds."""
+        out = {"keep": self.keep.astype(np.uint8), "dropped_columns": np.array([self.dropped_columns])}
+        for j, m in enumerate(self.models):
+            trees = m if isinstance(m, ArrayTrees) else ArrayTrees.from_sklearn(m)
+            out.update({f"output{j}.{k}": v for k, v in trees.arrays.items()})
+        return out
+
+    def load_state_dict(self, arrays: Mapping[str, np.ndarray]) -> None:
+        self.keep, self.dropped_columns = arrays["keep"].astype(bool), int(arrays["dropped_columns"][0])
+        n = len({k.split(".", 1)[0] for k in arrays if k.startswith("output")})
+        self.models = [ArrayTrees({k.split(".", 1)[1]: v for k, v in arrays.items() if k.startswith(f"output{j}.")})
+                       for j in range(n)]
+
     def predict_proba(self, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """[N, C] probability of the positive class per output (multiclass: [N, classes])."""
         x = data[0][:, self.keep]
@@ -221,3 +250,107 @@ class GBDTBaseline:
     def predict_logits(self, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         p = np.clip(self.predict_proba(data), 1e-7, 1 - 1e-7)
         return np.log(p) if self.task == "multiclass" else np.log(p / (1 - p))
+
+
+# The fields of sklearn's tree nodes (PREDICTOR_RECORD_DTYPE) that prediction reads.
+NODE_FIELDS = ("value", "feature_idx", "num_threshold", "missing_go_to_left", "left", "right", "is_leaf",
+               "is_categorical", "bitset_idx")
+
+
+class ArrayTrees:
+    """A fitted HistGradientBoostingClassifier as plain arrays, and its predict_proba in numpy.
+
+    arrays: every tree's nodes concatenated, one array per node field (`NODE_FIELDS`), `tree_start` [T + 1]
+    (tree t's nodes are tree_start[t]:tree_start[t+1]; its left/right/bitset_idx are local to it), the
+    categorical left-branch bitsets concatenated with `bitset_start` [T + 1], `known_cats` [F_cat, 8] and
+    `f_idx_map` [F] (the categories seen in training), `baseline` [1, K] and `classes` [K or 2]. T = iterations x K
+    (trees per iteration). The walk is sklearn's (_predictor.pyx): NaN follows missing_go_to_left, a category
+    goes left when in the node's bitset, right when known, else as missing; the leaves are summed in sklearn's
+    order (baseline, then iteration by iteration), so the probabilities are sklearn's.
+    """
+
+    def __init__(self, arrays: Mapping[str, np.ndarray]):
+        self.arrays = dict(arrays)
+
+    @classmethod
+    def from_sklearn(cls, model) -> ArrayTrees:
+        trees = [p for it in model._predictors for p in it]  # iteration-major, as sklearn sums them
+        nodes = [t.nodes for t in trees]
+        bitsets = [t.raw_left_cat_bitsets.reshape(-1, 8) for t in trees]
+        known, f_idx_map = model._bin_mapper.make_known_categories_bitsets()
+        categorical = np.zeros(model.n_features_in_, bool) if model.is_categorical_ is None else model.is_categorical_
+        cats = ([] if model._preprocessor is None else  # the OrdinalEncoder's categories, NaN (missing) left out
+                [c[~np.isnan(c)] for c in model._preprocessor.named_transformers_["encoder"].categories_])
+        arrays = {f: np.ascontiguousarray(np.concatenate([n[f] for n in nodes])) for f in NODE_FIELDS}
+        arrays.update(column_order=np.concatenate([np.flatnonzero(categorical), np.flatnonzero(~categorical)]),
+                      categories=np.concatenate([np.zeros(0), *cats]).astype(np.float64),
+                      category_start=np.cumsum([0] + [len(c) for c in cats]))
+        arrays.update(tree_start=np.cumsum([0] + [len(n) for n in nodes]),
+                      bitset_start=np.cumsum([0] + [len(b) for b in bitsets]),
+                      bitsets=np.concatenate(bitsets).astype(np.uint32).reshape(-1, 8),
+                      known_cats=np.asarray(known, np.uint32).reshape(-1, 8), f_idx_map=np.asarray(f_idx_map),
+                      baseline=np.asarray(model._baseline_prediction, np.float64),
+                      classes=np.asarray(model.classes_))
+        return cls(arrays)
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        """sklearn's preprocessing of X: the categorical columns first, each as its category's index among the
+        training categories (NaN when missing or unseen), then the numeric columns."""
+        a = self.arrays
+        x = np.asarray(x, np.float64)[:, a["column_order"]]
+        bounds = a["category_start"]
+        for j in range(len(bounds) - 1):
+            cats = a["categories"][bounds[j]:bounds[j + 1]]  # sorted
+            if not len(cats):
+                x[:, j] = np.nan
+                continue
+            code = np.searchsorted(cats, x[:, j]).clip(0, len(cats) - 1)
+            x[:, j] = np.where(cats[code] == x[:, j], code, np.nan)
+        return x
+
+    def _walk(self, x: np.ndarray) -> np.ndarray:
+        """[T, N] leaf value of every tree for every row."""
+        a = self.arrays
+        start, bstart = a["tree_start"][:-1], a["bitset_start"][:-1]
+        bitsets = a["bitsets"] if len(a["bitsets"]) else np.zeros((1, 8), np.uint32)
+        known = a["known_cats"] if len(a["known_cats"]) else np.zeros((1, 8), np.uint32)
+        rows = np.arange(len(x))[None, :]  # [1, N]
+        node = np.broadcast_to(start[:, None], (len(start), len(x))).astype(np.int64)  # [T, N] global index
+        for _ in range(len(a["value"]) + 1):
+            leaf = a["is_leaf"][node].astype(bool)
+            if leaf.all():
+                return a["value"][node]
+            f = a["feature_idx"][node]
+            v = x[rows, f]  # [T, N]
+            miss_left = a["missing_go_to_left"][node].astype(bool)
+            cat_v = np.where(np.isnan(v) | (v < 0) | (v > 255), 0, v).astype(np.int64)
+            which = np.minimum(a["bitset_idx"][node] + bstart[:, None], len(bitsets) - 1)  # any, off categorical nodes
+            in_left = _in_bitset(bitsets[which], cat_v)
+            in_known = _in_bitset(known[a["f_idx_map"][f]], cat_v)
+            unknown = (v < 0) | (v > 255) | ~(in_left | in_known)
+            go_cat = np.where(unknown, miss_left, in_left)
+            go_left = np.where(np.isnan(v), miss_left,
+                               np.where(a["is_categorical"][node].astype(bool), go_cat, v <= a["num_threshold"][node]))
+            child = np.where(go_left, a["left"][node], a["right"][node]).astype(np.int64)
+            node = np.where(leaf, node, child + start[:, None])
+        raise RadalignError("gbdt: a tree has a cycle (damaged gbdt.safetensors); retrain the run")
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        """[N, classes], as HistGradientBoostingClassifier.predict_proba."""
+        from scipy.special import expit, softmax
+
+        baseline = self.arrays["baseline"]  # [1, K]
+        k = baseline.shape[1]
+        raw = np.zeros((len(x), k), np.float64, order="F") + baseline
+        for t, values in enumerate(self._walk(self._encode(x))):
+            raw[:, t % k] += values
+        if k == 1:
+            p = expit(raw[:, 0])
+            return np.stack([1 - p, p], axis=1)
+        return softmax(raw, axis=1)
+
+
+def _in_bitset(bitset: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """bitset [..., 8] uint32 words, v [...] in 0..255 -> bit v of each bitset (sklearn's in_bitset)."""
+    word = np.take_along_axis(bitset, (v // 32)[..., None], axis=-1)[..., 0]
+    return ((word >> (v % 32).astype(np.uint32)) & 1).astype(bool)

@@ -130,7 +130,7 @@ class BaselinesConfig:
 @dataclass
 class FewshotConfig:
     enabled: bool = False
-    """Run the few-shot sweep instead of full training."""
+    """The config is a few-shot sweep (`radalign finetune fewshot` sets it; its checks apply)."""
     label: str = ""
     """Binary label column of the few-shot task (e.g. a CheXpert label)."""
     ks: list[str] = field(default_factory=lambda: ["1", "2", "4", "8", "16", "32"])

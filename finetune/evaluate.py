@@ -7,9 +7,9 @@
 Evaluation: predictions of every saved model on the test split and on validation (thresholds and temperature
 are fitted there, never on test), group columns from the split's table rows (sex, age band, race, insurance,
 which modalities were present, labs present/absent), and the graceful-degradation logits of the fusion models
-(each modality masked at test time). late_fusion and gbdt are not saved as models; their scores come from the
-run's own predictions files when the evaluated split is the run's (same table, same studies), else they are
-left out (said in metrics.json).
+(each modality masked at test time). Every saved model (finetune.registry) is scored, late_fusion and gbdt
+included; a run trained before they were saved gets their scores from its own predictions files when the
+evaluated split is the run's (same table, same studies), else leaves them out (said in metrics.json).
 
 Explanation: one study's exact Shapley values over the fusion model's modalities (every coalition is one
 forward pass with `present_override`, in logit space), the [CLS] attention per modality token, a plain
@@ -31,7 +31,13 @@ from radalign.finetune import clinical as C
 from radalign.finetune import explain as X
 from radalign.finetune.inputs import SplitInputs, task_labels
 from radalign.finetune.predict import TrainedRun, load_run
-from radalign.finetune.recipe import DEGRADATION_MODELS
+from radalign.finetune.registry import (
+    DEGRADATION_MODELS,
+    SEEDS_DIR,
+    degradation_logits,
+    load_model,
+    seed_model_name,
+)
 
 from radalign import RadalignError
 
@@ -71,8 +77,6 @@ def group_columns(subgroups: Sequence[str]) -> dict[str, str]:
 
 def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict[str, np.ndarray]] | None:
     """{model: {"all": logits [N], <modality>: logits with it masked}} for the fusion models of the run."""
-    from radalign.finetune.recipe import degradation_logits
-
     out = {}
     for name in DEGRADATION_MODELS:
         if name in trained.models:
@@ -84,8 +88,6 @@ def degradation_scores(trained: TrainedRun, data: SplitInputs) -> dict[str, dict
 def degradation_seed_scores(trained: TrainedRun, data: SplitInputs, main: dict | None) -> dict[str, list] | None:
     """{model: [main[model] (its `degradation_scores`), then each extra training seed's]} from
     RUN/models/degradation_seeds (None when the run trained no extra seeds)."""
-    from radalign.finetune.recipe import SEEDS_DIR, degradation_logits, load_model, seed_model_name
-
     folder = trained.path / "models" / SEEDS_DIR
     if main is None or not folder.is_dir():
         return None
@@ -104,7 +106,8 @@ def degradation_seed_scores(trained: TrainedRun, data: SplitInputs, main: dict |
 
 def _saved_baselines(trained: TrainedRun, pred: pd.DataFrame, which: str, split: str,
                      table: str | None) -> tuple[pd.DataFrame, list[str]]:
-    """Add the run's saved scores of models that are not saved as weights (late_fusion, gbdt) when `split`
+    """Add the run's saved scores of models that are not saved as weights (late_fusion and gbdt of a run
+    trained before they were saved) when `split`
     is the run's own `which` split of its own table and the file covers exactly these studies."""
     path = trained.path / SAVED_PREDICTIONS[which]
     own = getattr(trained.cfg.data, which) == split and (table is None or str(table) == str(trained.table_path))
@@ -309,6 +312,10 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
     if model not in trained.models:
         raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
     net, meta = trained.models[model]
+    if meta["spec"]["kind"] != "fusion":
+        fusion = sorted(n for n, (_, m) in trained.models.items() if m["spec"]["kind"] == "fusion")
+        raise RadalignError(f"--model {model}: a {meta['spec']['kind']} model has no modality tokens to explain "
+                            f"(Shapley values over masked modalities, attention); use one of {', '.join(fusion)}")
     mods = list(meta["spec"]["modalities"])
     split, row = find_study(trained, study_id, table=table, split=split)
     data = trained.inputs(split, table, shards)

@@ -1,5 +1,9 @@
-"""The few-shot sweep of `radalign finetune` (fewshot.enabled=true): k labelled studies per class, drawn by patient
-from the training split, seeded (fewshot.seeds >= 5 draws per k), each draw's list written with its sha256.
+"""`radalign finetune fewshot`: the few-shot sweep as its own recipe (setup, sweep, save): k labelled studies per
+class, drawn by patient from the training split, seeded (fewshot.seeds >= 5 draws per k), each draw's list
+written with its sha256.
+
+    with open_run(cfg, checks=[check_ks]) as run:   # finetune.session: lock, table, export, cached embeddings
+        run_fewshot(run)                             # every method over every (k, draw); fewshot.json, report.md
 
 Methods (finetune.fewshot): `prompt_init`, a logistic head on the frozen image embedding initialised at the
 zero-shot prompt classifier and pulled toward it (so k=0 is the zero-shot result), `linear_probe` (L2 logistic
@@ -12,9 +16,13 @@ RUN/learning_curve.png and RUN/report.md.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
-from radalign.finetune.config import fewshot_ks
+import torch
+from radalign.finetune.config import FinetuneConfig, fewshot_ks
 from radalign.finetune.fewshot import (
+    draw_k_per_class,
     linear_probe_method,
     model_method,
     plot_learning_curve,
@@ -23,12 +31,16 @@ from radalign.finetune.fewshot import (
     run_sweep,
     write_sweep,
 )
+from radalign.finetune.inputs import task_labels
+from radalign.finetune.registry import build_model, model_specs
+from radalign.finetune.session import open_run
 from radalign.pretrain.classifier import logit_scale_of, text_weights
 from radalign.pretrain.prompts import load_prompt_set
 
 from radalign import RadalignError
 from radalign import report as R
 from radalign.io import atomic_write_text
+from radalign.metrics import auroc
 
 METRICS_STAGE = "fewshot"  # RUN/fewshot.json format: radalign-fewshot-metrics/1
 UNIT = "study (AUROC); draws by patient"
@@ -52,9 +64,6 @@ def check_ks(cfg, table) -> None:
     """Every k of fewshot.ks against the training split, before any draw is fitted: each (k, seed) is drawn
     once here exactly as the sweep will draw it (draws are cheap, fits are not); one error lists every k that
     cannot be drawn, with the labelled patients per class available."""
-    from radalign.finetune.fewshot import draw_k_per_class
-    from radalign.finetune.inputs import task_labels
-
     f, d = cfg.fewshot, cfg.data
     pool = table.split(d.train_split).reset_index(drop=True)
     y = task_labels(pool, cfg.task)[:, 0]  # [N]
@@ -80,9 +89,6 @@ def check_ks(cfg, table) -> None:
 
 
 def _methods(run, pool, test) -> dict:
-    from radalign.finetune.fit import take_rows  # noqa: F401  (model_method takes whole batches)
-    from radalign.finetune.recipe import build_model, model_specs
-
     f = run.cfg.fewshot
     out, zs = {}, None
     needs_image = {"prompt_init", "linear_probe"} & set(f.methods)
@@ -100,8 +106,6 @@ def _methods(run, pool, test) -> dict:
         spec = model_specs(run)["fusion"]
 
         def make(seed):
-            import torch
-
             torch.manual_seed(seed)
             return build_model(spec)
         out["fusion"] = model_method(make, pool.batch(), test.batch(), task="binary", steps=f.steps,
@@ -110,8 +114,8 @@ def _methods(run, pool, test) -> dict:
 
 
 def run_fewshot(run) -> dict:
-    from radalign.metrics import auroc
-
+    """The sweep on a set-up run (finetune.session); writes RUN/fewshot.json, draws/, learning_curve.png and
+    report.md, and returns fewshot.json's document."""
     cfg, f = run.cfg, run.cfg.fewshot
     pool, test = run.train, run.test
     y_pool, y_test = pool.y[:, 0], test.y[:, 0]
@@ -140,6 +144,19 @@ def run_fewshot(run) -> dict:
                      for r in results)
     run.say(f"few-shot {f.label} (test AUROC, mean of {f.seeds} draws): zero-shot {R.num(zs)}; {line}")
     return doc
+
+
+def run_fewshot_recipe(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
+    """`radalign finetune fewshot`: the sweep under the run folder's lock (finetune.session.open_run); the ks
+    are checked against the training split before the towers load. The config's fewshot section is the
+    recipe's (fewshot.enabled=true, which the `fewshot` verb sets, so the config's checks cover it)."""
+    if not cfg.fewshot.enabled:
+        raise RadalignError("fewshot.enabled=false: the few-shot recipe runs a config whose fewshot section is "
+                            "enabled; load it with the override fewshot.enabled=true (the `radalign finetune "
+                            "fewshot` verb does)")
+    with open_run(cfg, overwrite, checks=[check_ks]) as run:
+        run_fewshot(run)
+    return Path(cfg.run_dir)
 
 
 def format_report(doc: dict) -> str:

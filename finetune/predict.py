@@ -4,7 +4,8 @@
     data = trained.inputs("test")                         # SplitInputs of a table split (cached embeddings)
     frame = trained.predictions(data)                    # subject_id, study_id, label, score:<m>, logit:<m>
 
-Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
+Every saved model of RUN/models is loaded through finetune.registry (torch models, the gradient-boosted trees and
+the late-fusion stacker alike) and scored. Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
 run was trained with (refused otherwise, naming the difference); the towers must be the export the run used
 (its checksum is in every cached embedding's name and checked here).
 """
@@ -29,9 +30,12 @@ from radalign.finetune.inputs import (
     model_columns,
     split_inputs,
 )
-from torch import nn
+from radalign.finetune.registry import load_models, model_logits
+from radalign.finetune.report import predictions_frame
+from radalign.pretrain.export import load_encoders
 
 from radalign import RadalignError
+from radalign.config import load_config
 
 
 @dataclass
@@ -39,7 +43,7 @@ class TrainedRun:
     path: Path
     cfg: FinetuneConfig
     featurizer: EHRFeaturizer | None
-    models: dict[str, tuple[nn.Module, dict]]
+    models: dict[str, tuple[object, dict]]  # name -> (model, meta) (finetune.registry.load_model)
     table_path: str
     shards: str
     encoders: object = None
@@ -99,22 +103,14 @@ class TrainedRun:
         return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
 
     def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
-        from radalign.finetune.recipe import logits_on
-
         model, meta = self.models[name]
-        return logits_on(model, data, meta["spec"]["modalities"], present_override)[:, 0]
+        return model_logits(model, meta["spec"], data, present_override)[:, 0]
 
     def predictions(self, data: SplitInputs) -> pd.DataFrame:
-        from radalign.finetune.report import predictions_frame
-
         return predictions_frame(data, {name: self.logits(data, name) for name in self.models})
 
 
 def load_run(path: str | os.PathLike) -> TrainedRun:
-    from radalign.finetune.recipe import load_model
-
-    from radalign.config import load_config
-
     path = Path(path)
     cfg_file, models_dir = path / "config.yaml", path / "models"
     if not cfg_file.is_file() or not models_dir.is_dir():
@@ -123,15 +119,12 @@ def load_run(path: str | os.PathLike) -> TrainedRun:
     cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune")
     fz_doc = json.loads((path / "featurizer.json").read_text()) if (path / "featurizer.json").is_file() else {}
     featurizer = EHRFeaturizer.from_dict(fz_doc) if fz_doc.get("format") else None
-    names = sorted(p.stem for p in models_dir.glob("*.json"))
-    if not names:
+    models = load_models(models_dir)
+    if not models:
         raise RadalignError(f"{models_dir}: no finished model; the run was interrupted before the first model "
                             "finished (run `radalign finetune` again with the same run_dir to resume)")
-    models = {n: load_model(models_dir, n) for n in names}
     encoders = None
     if {"image", "text"} & set(cfg.data.modalities):
-        from radalign.pretrain.export import load_encoders
-
         encoders = load_encoders(cfg.data.checkpoint)
     return TrainedRun(path, cfg, featurizer, models, cfg.data.table, cfg.data.shards, encoders)
 

@@ -151,7 +151,7 @@ def _without(model, data, removed):
 def test_degradation_table_matches_sklearn_on_models_fed_without_the_modality(run, evaluation):
     """Every AUROC of the degradation table (each training seed's too) from the saved weights, each modality
     removed from the batch, scored by sklearn; drops and their mean/sd by numpy."""
-    from radalign.finetune.recipe import SEEDS_DIR, load_model
+    from radalign.finetune.registry import SEEDS_DIR, load_model
     from sklearn.metrics import roc_auc_score
 
     _, m = evaluation

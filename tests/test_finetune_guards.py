@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 import torch
 from radalign.finetune.config import FinetuneConfig
+from safetensors.numpy import load_file
 
 from radalign import RadalignError
 from radalign.config import load_config
@@ -94,7 +95,7 @@ def _close(run) -> None:
 
 
 def test_setup_fits_the_ehr_scaling_on_the_training_split_only(tiny, tmp_path):
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     run = setup(_cfg(tiny, tmp_path / "run"))
     try:
@@ -120,9 +121,11 @@ def test_setup_fits_the_ehr_scaling_on_the_training_split_only(tiny, tmp_path):
 def _planted_fit(tiny, run_dir, monkeypatch, curve, *overrides):
     """fit_torch on the tiny table with the validation AUROC of epoch e replaced by curve[e]; returns the info,
     the model, the split each score was asked on and the weights at each validation."""
-    from radalign.finetune import recipe
+    from radalign.finetune import trainer
+    from radalign.finetune.registry import model_specs
+    from radalign.finetune.session import setup
 
-    run = recipe.setup(_cfg(tiny, run_dir, *overrides))
+    run = setup(_cfg(tiny, run_dir, *overrides))
     seen, states = [], []
 
     def planted(model, data, modalities):
@@ -130,9 +133,9 @@ def _planted_fit(tiny, run_dir, monkeypatch, curve, *overrides):
         states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
         return curve[len(seen) - 1]
 
-    monkeypatch.setattr(recipe, "val_score", planted)
+    monkeypatch.setattr(trainer, "val_score", planted)
     try:
-        model, info = recipe.fit_torch(run, "fusion", recipe.model_specs(run)["fusion"])
+        model, info = trainer.fit_torch(run, "fusion", model_specs(run)["fusion"])
     finally:
         _close(run)
     return run, model, info, seen, states
@@ -177,9 +180,9 @@ def _stack_design(logits: dict, present: dict, modalities) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
-def test_late_fusion_stacker_is_fitted_on_the_validation_rows(monkeypatch):
-    from radalign.finetune import baselines
-    from radalign.finetune.recipe import Scores, _late_fusion
+def test_late_fusion_stacker_is_fitted_on_the_validation_rows(monkeypatch, tmp_path):
+    from radalign.finetune import registry
+    from radalign.finetune.recipe import Scores, fit_late_fusion
     from sklearn.linear_model import LogisticRegression
 
     rng = np.random.default_rng(3)
@@ -197,17 +200,19 @@ def test_late_fusion_stacker_is_fitted_on_the_validation_rows(monkeypatch):
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", ["baselines.late_fusion=stacked"],
                       stage="finetune")
     run = SimpleNamespace(cfg=cfg, modalities=mods, val=SimpleNamespace(present=pv, y=yv[:, None]),
-                          test=SimpleNamespace(present=pt, y=yt[:, None]))
-    scores = Scores(val={f"{m}_only": lv[m] for m in mods}, test={f"{m}_only": lt[m] for m in mods})
+                          test=SimpleNamespace(present=pt, y=yt[:, None]), run_dir=tmp_path,
+                          acc=SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None))
+    scores = Scores(val={f"{m}_only": lv[m] for m in mods}, test={f"{m}_only": lt[m] for m in mods},
+                    models={f"{m}_only": (None, {}) for m in mods})
     made = []
 
-    class Recording(baselines.LateFusion):
+    class Recording(registry.LateFusion):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             made.append(self)
 
-    monkeypatch.setattr(baselines, "LateFusion", Recording)
-    _late_fusion(run, scores)
+    monkeypatch.setattr(registry, "LateFusion", Recording)
+    fit_late_fusion(run, scores)
     assert len(made) == 1 and len(made[0].stackers) == 1
     ok_v, ok_t = ~np.isnan(yv), ~np.isnan(yt)
     ref = LogisticRegression(C=1.0, max_iter=1000).fit(_stack_design(lv, pv, mods)[ok_v], yv[ok_v].astype(int))
@@ -219,6 +224,9 @@ def test_late_fusion_stacker_is_fitted_on_the_validation_rows(monkeypatch):
     assert scores.test["late_fusion"] == pytest.approx(ref.decision_function(_stack_design(lt, pt, mods)), abs=1e-4)
     assert scores.val["late_fusion"] == pytest.approx(ref.decision_function(_stack_design(lv, pv, mods)), abs=1e-4)
     assert scores.info["late_fusion"]["fitted_on"] == "validate"
+    saved = load_file(str(tmp_path / "models" / "late_fusion.safetensors"))  # the weights predict will use
+    assert saved["output0.coef"] == pytest.approx(ref.coef_, abs=1e-4)
+    assert saved["output0.intercept"] == pytest.approx(ref.intercept_, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,7 +263,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
     """While the recipe works (here: inside setup), another process cannot take the folder; after it, it can."""
     import os
 
-    from radalign.finetune import recipe
+    from radalign.finetune import recipe, session
 
     run_dir = tmp_path / "run"
     probe = {}
@@ -266,7 +274,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
         probe.update(rc=p.returncode, err=p.stderr, out=p.stdout)
         raise _Probed
 
-    monkeypatch.setattr(recipe, "setup", probing_setup)
+    monkeypatch.setattr(session, "setup", probing_setup)
     with pytest.raises(_Probed):
         recipe.run_finetune(_cfg(tiny, run_dir))
     assert probe["rc"] != 0 and "took it" not in probe["out"]
@@ -282,7 +290,7 @@ def test_a_finetune_run_holds_its_run_dir_while_it_works(tiny, tmp_path, monkeyp
 
 @pytest.mark.parametrize("n,batch,world", [(53, 16, 1), (53, 16, 2), (33, 8, 2), (7, 4, 4)])
 def test_epoch_batches_cover_every_row_once_in_a_seeded_order(n, batch, world):
-    from radalign.finetune.recipe import epoch_batches
+    from radalign.finetune.trainer import epoch_batches
 
     a = epoch_batches(n, batch, seed=3, epoch=0, world=world)
     rows = np.concatenate(a)
@@ -298,7 +306,7 @@ def test_epoch_batches_cover_every_row_once_in_a_seeded_order(n, batch, world):
 
 
 def test_dropout_draws_depend_on_seed_epoch_and_step_only():
-    from radalign.finetune.recipe import _dropout_u
+    from radalign.finetune.trainer import _dropout_u
 
     u = _dropout_u(0, 1, 2, 16, 3)
     assert u.shape == (16, 3) and torch.equal(u, _dropout_u(0, 1, 2, 16, 3))
@@ -309,13 +317,14 @@ def test_dropout_draws_depend_on_seed_epoch_and_step_only():
 
 def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
     from radalign.finetune.baselines import gbdt_matrix
-    from radalign.finetune.recipe import Scores, _gbdt, setup
+    from radalign.finetune.recipe import Scores, fit_gbdt
+    from radalign.finetune.session import setup
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     run = setup(_cfg(tiny, tmp_path / "run", "baselines.models=[gbdt]", "baselines.gbdt_max_iter=15"))
     try:
         scores = Scores()
-        _gbdt(run, scores)
+        fit_gbdt(run, scores)
 
         def sklearn_fit(data):
             x, cat = gbdt_matrix(data.ehr)
@@ -341,13 +350,13 @@ def test_gbdt_baseline_is_fitted_on_the_training_split(tiny, tmp_path):
 def test_gbdt_inputs_hide_absent_image_embeddings():
     """A study without a film has a zero vector in the image slot: the trees must see NaN (missing), not zeros."""
     from radalign.finetune.features import EHRFeatures
-    from radalign.finetune.recipe import _gbdt_inputs
+    from radalign.finetune.registry import gbdt_inputs
 
     z = np.zeros((3, 1), np.float32)
     ehr = EHRFeatures(z, z, np.ones((3, 1), bool), z, np.ones((3, 1), bool), np.ones((3, 5), np.int64))
     data = SimpleNamespace(ehr=ehr, image=np.array([[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]),
                            present={"image": np.array([True, False, True])})
-    x, cat = _gbdt_inputs(data, with_image=True)
+    x, cat = gbdt_inputs(data, with_image=True)
     img = x[:, -2:]
     assert img[0].tolist() == [1.0, 2.0] and np.isnan(img[1]).all() and img[2].tolist() == [3.0, 4.0]
-    assert x.shape[1] == _gbdt_inputs(data, with_image=False)[0].shape[1] + 2 and not cat[-2:].any()
+    assert x.shape[1] == gbdt_inputs(data, with_image=False)[0].shape[1] + 2 and not cat[-2:].any()

@@ -405,7 +405,7 @@ def _fewshot_cfg(cohort, run_dir, ks: str, cache: Path) -> FinetuneConfig:
 
 @pytest.mark.parametrize("ks,bad", [("[1,2,2000]", ["2000"]), ("[2000,1,all,3000]", ["2000", "3000"])])
 def test_fewshot_ks_that_cannot_be_drawn_are_refused_before_any_draw(cohort, tmp_path, ks, bad):
-    from radalign.finetune.recipe import run_finetune
+    from radalign.finetune.fewshot_recipe import run_fewshot_recipe
 
     label = "Pleural Effusion"
     train = _split(cohort, "train")
@@ -413,7 +413,7 @@ def test_fewshot_ks_that_cannot_be_drawn_are_refused_before_any_draw(cohort, tmp
     pool = train[~train["subject_id"].isin(held)]
     n = {c: pool.loc[pool[label] == c, "subject_id"].nunique() for c in (0, 1)}  # uncertain (-1) excluded
     with pytest.raises(RadalignError) as e:
-        run_finetune(_fewshot_cfg(cohort, tmp_path / "run", ks, tmp_path / "cache"))
+        run_fewshot_recipe(_fewshot_cfg(cohort, tmp_path / "run", ks, tmp_path / "cache"))
     msg = str(e.value)
     assert re.findall(r"k=(\d+) \(seed", msg) == bad, msg
     assert f"class 0: {n[0]}, class 1: {n[1]}" in msg and "k=all" in msg
@@ -459,7 +459,7 @@ def test_overwrite_removes_only_what_finetune_wrote(tmp_path):
 
 
 def test_a_model_folder_of_another_spec_is_refused(tmp_path):
-    from radalign.finetune.recipe import _check_train_spec
+    from radalign.finetune.trainer import _check_train_spec
 
     work = tmp_path / "train" / "fusion"
     work.mkdir(parents=True)

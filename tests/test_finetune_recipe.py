@@ -211,7 +211,7 @@ def test_two_processes_train_the_same_model_as_one(cohort, tmp_path):
 def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
     """Plant one training patient's study in the test split of a copy of the table."""
     import datasets
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     dd = datasets.load_from_disk(str(cohort["table"]))
     train, test = dd["train"].to_pandas(), dd["test"].to_pandas()
@@ -230,26 +230,39 @@ def test_evaluation_patients_seen_in_pretraining_are_refused(cohort, tmp_path):
 
 
 def test_an_export_that_does_not_record_its_shards_is_refused(cohort, tiny_export, tmp_path):
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     with pytest.raises(RadalignError, match="does not record its training shards"):
         setup(_cfg(cohort, tmp_path / "run", f"data.checkpoint={tiny_export}"))
 
 
 def test_bad_task_column_is_named_with_a_suggestion(cohort, tmp_path):
-    from radalign.finetune.recipe import setup
+    from radalign.finetune.session import setup
 
     with pytest.raises(RadalignError, match=r"'los_dayz'.*los_days"):
         setup(_cfg(cohort, tmp_path / "run", "task.threshold_column=los_dayz"))
 
 
-def test_predict_reproduces_the_run_and_refuses_another_feature_list(full_run, cohort, tmp_path):
-    from radalign.finetune.predict import load_run, predict_split
+@pytest.mark.parametrize("split,saved_file", [("test", "predictions.csv"), ("validate", "predictions_validate.csv")])
+def test_predict_scores_every_model_as_the_run_did(full_run, split, saved_file):
+    """Every model of the run, the non-torch ones (gbdt, late_fusion) included, is loaded back from RUN/models and
+    scores the split as the training run did."""
+    from radalign.finetune.predict import predict_split
 
-    frame = predict_split(full_run, split="test")
-    saved = pd.read_csv(full_run / "predictions.csv")
-    for name in ("fusion", "image_only", "ehr_only", "text_only", "early_fusion"):
-        np.testing.assert_allclose(frame[f"score:{name}"].to_numpy(), saved[f"score:{name}"].to_numpy(), atol=1e-6)
+    frame = predict_split(full_run, split=split)
+    saved = pd.read_csv(full_run / saved_file)
+    assert frame["study_id"].astype(str).tolist() == saved["study_id"].astype(str).tolist()
+    scored = [c for c in saved.columns if c.startswith(("score:", "logit:"))]
+    assert sorted(scored) == sorted(c for c in frame.columns if c.startswith(("score:", "logit:")))
+    for name in ("fusion", "fusion_no_dropout", *BASELINES):
+        assert f"score:{name}" in scored, name
+    for c in scored:
+        np.testing.assert_allclose(frame[c].to_numpy(), saved[c].to_numpy(), rtol=1e-6, atol=1e-6, err_msg=c)
+
+
+def test_predict_refuses_another_feature_list(full_run, cohort, tmp_path):
+    from radalign.finetune.predict import load_run
+
     trained = load_run(full_run)
     trained.featurizer.features = trained.featurizer.features[:-1]  # as if trained on another list
     with pytest.raises(RadalignError, match="feature list differs"):
@@ -281,14 +294,14 @@ def test_cli_train_is_the_default_verb(cohort, tmp_path):
 
 def test_fewshot_sweep_writes_draws_by_patient_and_is_deterministic(cohort, tmp_path):
     from radalign.finetune.fewshot import read_draw
-    from radalign.finetune.recipe import run_finetune
+    from radalign.finetune.fewshot_recipe import run_fewshot_recipe
 
     def sweep(out):
         cfg = load_config(FinetuneConfig, "finetune/fewshot_chexpert", [
             f"run_dir={out}", f"data.table={cohort['table']}", f"data.shards={cohort['shards']}",
             f"data.checkpoint={cohort['export']}", f"data.cache={cohort['root'] / 'cache'}", "progress=false",
             "precision=fp32", "fewshot.ks=[1,2]"], stage="finetune")
-        run_finetune(cfg)
+        run_fewshot_recipe(cfg)
         return json.loads((out / "fewshot.json").read_text())
 
     a, b = sweep(tmp_path / "a"), sweep(tmp_path / "b")

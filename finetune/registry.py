@@ -1,0 +1,254 @@
+"""The finetune model registry: every model kind by name (its spec, builder, logits, save and load).
+
+    specs = model_specs(run)                         # {"fusion": spec, "image_only": spec, ...} of a run's torch models
+    model = build_model(spec)                        # untrained: FusionModel, EarlyFusionModel, GBDTBaseline, LateFusion
+    save_model(RUN / "models", "fusion", model, spec, info)   # fusion.safetensors + fusion.json
+    model, meta = load_model(RUN / "models", "fusion")        # never a pickle
+    logits = model_logits(model, meta["spec"], data)          # [N, C] on a SplitInputs, whatever the kind
+
+Every kind keeps the same small protocol: `build_model(spec)` makes it, the recipe fits it (torch:
+finetune.trainer; the others: their `fit`), `state_dict()` / `load_state_dict()` move its weights as arrays
+(safetensors beside a JSON spec; RUN/models/<name>.{safetensors,json}, format MODEL_FORMAT) and
+`model_logits` scores a split. The non-torch kinds: `gbdt` (sklearn's trees exported to arrays,
+finetune.baselines.ArrayTrees) and `late_fusion` (the stacker's weights; its members, the unimodal models, are
+loaded from the same folder by name). The recipe, `finetune predict`/`eval`/`explain`, few-shot and bench all
+take models from here, never from the training recipe.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from radalign.finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix
+from radalign.finetune.fit import logits_of
+from radalign.finetune.inputs import SplitInputs
+from radalign.finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence
+from safetensors import numpy as st_numpy
+from safetensors import torch as st_torch
+from torch import nn
+
+from radalign import RadalignError
+from radalign.io import atomic_path, atomic_write_json
+
+MODEL_FORMAT = "radalign-finetune-model/1"
+DEGRADATION_MODELS = ("fusion", "fusion_no_dropout")  # trained with / without modality dropout
+SEEDS_DIR = "degradation_seeds"  # RUN/models/<this>/: the extra training seeds (not scored in predictions.csv)
+
+
+def seed_model_name(name: str, seed: int) -> str:
+    return f"{name}_seed{seed}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Specs: a JSON dict per model (saved beside its weights, so `finetune predict` rebuilds it)
+
+
+def model_specs(run) -> dict[str, dict]:
+    """The torch models of a run (fusion, fusion_no_dropout, <modality>_only, early_fusion), by name."""
+    cfg, m = run.cfg, run.cfg.model
+    dims = {"image_dim": run.train.image.shape[1] if run.train.image is not None else 0,
+            "text_dim": run.train.text.shape[1] if run.train.text is not None else 0,
+            "n_features": len(run.featurizer.features) if run.featurizer else 0,
+            "cardinalities": run.featurizer.cardinalities if run.featurizer else []}
+    common = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "dropout": m.dropout,
+              "ehr_d": m.ehr_d, "ehr_blocks": m.ehr_blocks, "ehr_heads": m.ehr_heads,
+              "n_outputs": run.train.y.shape[1], "task": cfg.task.kind, "cls_sees_absent": m.cls_sees_absent,
+              **dims}
+    rates = dict(m.modality_dropout)
+    if m.modality_dropout_from_data:
+        rates = dropout_rates_from_presence(run.train.present)
+    rates = {k: v for k, v in rates.items() if k in run.modalities}
+    specs = {"fusion": {"kind": "fusion", "modalities": run.modalities, "modality_dropout": rates, **common}}
+    if cfg.baselines.fusion_without_dropout and len(run.modalities) > 1:
+        specs["fusion_no_dropout"] = {**specs["fusion"], "modality_dropout": {}}
+    for mod in run.modalities:
+        if f"{mod}_only" in cfg.baselines.models:
+            specs[f"{mod}_only"] = {"kind": "fusion", "modalities": [mod], "modality_dropout": {}, **common}
+    if "early_fusion" in cfg.baselines.models:
+        specs["early_fusion"] = {"kind": "early_fusion", "modalities": run.modalities, **common}
+    return specs
+
+
+def gbdt_spec(run) -> dict:
+    """The gradient-boosted trees on the EHR features (+ the frozen image embedding when the run has one)."""
+    b = run.cfg.baselines
+    return {"kind": "gbdt", "task": run.cfg.task.kind, "max_iter": b.gbdt_max_iter,
+            "learning_rate": b.gbdt_learning_rate, "seed": run.cfg.seed, "with_image": run.train.image is not None,
+            "modalities": ["ehr", "image"] if run.train.image is not None else ["ehr"]}
+
+
+def late_fusion_spec(run, members: Mapping[str, str]) -> dict:
+    """members: {modality: unimodal model name}, in the stacker's column order."""
+    return {"kind": "late_fusion", "mode": run.cfg.baselines.late_fusion, "of": dict(members),
+            "modalities": list(members)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Kinds: builder and logits
+
+
+def _build_fusion(spec: dict) -> FusionModel:
+    mods = spec["modalities"]
+    ehr = EHREncoder(spec["n_features"], spec["cardinalities"], d=spec["ehr_d"], n_blocks=spec["ehr_blocks"],
+                     n_heads=spec["ehr_heads"], dropout=spec["dropout"]) if "ehr" in mods else None
+    enc = build_encoders(spec["d_model"], image_dim=spec["image_dim"] if "image" in mods else None,
+                         text_dim=spec["text_dim"] if "text" in mods else None, ehr=ehr)
+    return FusionModel(enc, n_outputs=spec["n_outputs"], task=spec["task"], d_model=spec["d_model"],
+                       n_layers=spec["n_layers"], n_heads=spec["n_heads"], dropout=spec["dropout"],
+                       modality_dropout=spec["modality_dropout"], cls_sees_absent=spec["cls_sees_absent"])
+
+
+def _build_early_fusion(spec: dict) -> EarlyFusionModel:
+    mods = spec["modalities"]
+    return EarlyFusionModel(image_dim=spec["image_dim"] if "image" in mods else 0,
+                            text_dim=spec["text_dim"] if "text" in mods else 0,
+                            n_features=spec["n_features"] if "ehr" in mods else 0,
+                            cardinalities=spec["cardinalities"] if "ehr" in mods else (),
+                            n_outputs=spec["n_outputs"], task=spec["task"], dropout=spec["dropout"])
+
+
+def _build_gbdt(spec: dict) -> GBDTBaseline:
+    return GBDTBaseline(spec["task"], max_iter=spec["max_iter"], learning_rate=spec["learning_rate"],
+                        seed=spec["seed"])
+
+
+def _build_late_fusion(spec: dict) -> LateFusion:
+    lf = LateFusion(spec["mode"])
+    lf.modalities = list(spec["of"])
+    return lf
+
+
+@torch.no_grad()
+def logits_on(model: nn.Module, data: SplitInputs, modalities, present_override=None,
+              batch_size: int = 2048) -> np.ndarray:
+    """[N, C] logits of a torch model (eval mode) on a whole split."""
+    was = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(data), batch_size):
+        rows = np.arange(i, min(i + batch_size, len(data)))
+        b = data.batch(rows, modalities)
+        o = model(b, present_override=present_override) if present_override is not None else model(b)
+        out.append(logits_of(o).float().cpu().numpy())
+    model.train(was)
+    return np.concatenate(out) if out else np.zeros((0, data.y.shape[1]), np.float32)
+
+
+def gbdt_inputs(data: SplitInputs, with_image: bool):
+    """The trees' input matrix of a split (an absent film's embedding is NaN, not zeros)."""
+    return gbdt_matrix(data.ehr, data.image if with_image else None,
+                       data.present.get("image") if with_image else None)
+
+
+def _torch_logits(model, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
+    return logits_on(model, data, spec["modalities"], present_override)
+
+
+def _gbdt_logits(model: GBDTBaseline, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
+    _no_override(spec, present_override)
+    return model.predict_logits(gbdt_inputs(data, spec["with_image"]))
+
+
+def _late_fusion_logits(model: LateFusion, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
+    """The members' logits on `data`, combined (the members ride on the model: `load_model` puts them there)."""
+    _no_override(spec, present_override)
+    if set(model.members) != set(model.modalities):
+        raise RadalignError(f"late_fusion: member models {sorted(model.members)} for modalities "
+                            f"{model.modalities}; load it with registry.load_model")
+    logits = {m: model_logits(*model.members[m], data) for m in model.modalities}
+    return model.combine(logits, {m: data.present[m] for m in model.modalities})
+
+
+def _no_override(spec: dict, present_override) -> None:
+    if present_override is not None:
+        raise RadalignError(f"a {spec['kind']} model cannot mask modalities at test time (present_override); "
+                            "use a fusion model")
+
+
+@dataclass(frozen=True)
+class Kind:
+    build: Callable[[dict], Any]  # spec -> an untrained model
+    logits: Callable[..., np.ndarray]  # (model, spec, data, present_override=None) -> [N, C]
+    torch: bool  # weights through safetensors.torch (nn.Module) or safetensors.numpy (arrays)
+
+
+KINDS = {"fusion": Kind(_build_fusion, _torch_logits, True),
+         "early_fusion": Kind(_build_early_fusion, _torch_logits, True),
+         "gbdt": Kind(_build_gbdt, _gbdt_logits, False),
+         "late_fusion": Kind(_build_late_fusion, _late_fusion_logits, False)}
+
+
+def _kind(spec: Mapping, where: str = "spec") -> Kind:
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise RadalignError(f"{where}: model kind {kind!r} is not one of {', '.join(KINDS)}; retrain the run "
+                            "with this release")
+    return KINDS[kind]
+
+
+def build_model(spec: dict):
+    """An untrained model of `spec` (torch kinds: initialised from torch's current RNG state)."""
+    return _kind(spec).build(spec)
+
+
+def model_logits(model, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
+    """[N, C] logits of any registered model on a split."""
+    return _kind(spec).logits(model, spec, data, present_override)
+
+
+def degradation_logits(model: nn.Module, data: SplitInputs, modalities) -> dict[str, np.ndarray]:
+    """Test logits with every modality, then with each one removed (masked) at test time."""
+    out = {"all": logits_on(model, data, modalities)[:, 0]}
+    for m in modalities:
+        out[m] = logits_on(model, data, modalities, present_override={m: False})[:, 0]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save and load: safetensors + JSON
+
+
+def save_model(folder: Path, name: str, model, spec: dict, info: dict) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(folder / f"{name}.safetensors") as tmp:
+        if _kind(spec).torch:
+            st_torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        else:
+            st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}, str(tmp))
+    atomic_write_json(folder / f"{name}.json", {"format": MODEL_FORMAT, "name": name, "spec": spec, **info})
+
+
+def load_model(folder: Path, name: str) -> tuple[Any, dict]:
+    """A finished model (weights + spec) from RUN/models; never a pickle."""
+    folder = Path(folder)
+    meta_f, w_f = folder / f"{name}.json", folder / f"{name}.safetensors"
+    if not meta_f.is_file() or not w_f.is_file():
+        raise RadalignError(f"{folder}: model {name!r} is not there ({meta_f.name} and {w_f.name} expected); "
+                            "train it with `radalign finetune` first")
+    meta = json.loads(meta_f.read_text())
+    if meta.get("format") != MODEL_FORMAT:
+        raise RadalignError(f"{meta_f}: format {meta.get('format')!r}, expected {MODEL_FORMAT}")
+    kind = _kind(meta["spec"], str(meta_f))
+    model = kind.build(meta["spec"])
+    try:
+        model.load_state_dict((st_torch if kind.torch else st_numpy).load_file(str(w_f)))
+    except Exception as e:  # safetensors raises its own error type on a truncated file
+        raise RadalignError(f"{w_f}: damaged model weights ({type(e).__name__}: {e}); retrain the model "
+                            f"(delete {w_f} and run `radalign finetune` again)") from None
+    if meta["spec"]["kind"] == "late_fusion":
+        for m, member in meta["spec"]["of"].items():
+            net, member_meta = load_model(folder, member)
+            model.members[m] = (net, member_meta["spec"])
+    return (model.eval() if kind.torch else model), meta
+
+
+def load_models(folder: Path) -> dict[str, tuple[Any, dict]]:
+    """{name: (model, meta)} of every finished model in `folder` (RUN/models)."""
+    return {n: load_model(folder, n) for n in sorted(p.stem for p in Path(folder).glob("*.json"))}

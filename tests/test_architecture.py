@@ -141,10 +141,7 @@ FINETUNE_SEES_OF_RETRIEVAL = {"radalign.retrieval.search"}
 # Only the command dispatches to the stages.
 DISPATCHERS = {"radalign.cli"}
 # Circles outside this test's branch, each with who removes it; `test_no_import_circle` fails until all are gone.
-KNOWN_CYCLES = {
-    # engineer "registry", issue 19 item 5 (few-shot becomes its own recipe)
-    frozenset({"radalign.finetune.recipe", "radalign.finetune.fewshot_recipe"}),
-}
+KNOWN_CYCLES: set[frozenset[str]] = set()  # none left; a circle added here needs its reason and its owner
 
 
 def _house() -> dict[str, Path]:
@@ -293,9 +290,6 @@ def test_no_import_circle_besides_the_known_ones():
     assert not others, "import circles: " + "; ".join(" -> ".join(c) for c in others)
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN_CYCLES: finetune.recipe <-> fewshot_recipe (removed by the registry "
-                                      "branch, issue 19 item 5) and pretrain.export <-> formats.card; drop this mark "
-                                      "when both are gone")
 def test_no_import_circle():
     """No circle at all in the module graph of radalign.* (function-body imports included)."""
     cycles = _find_cycles(_graph())

@@ -168,9 +168,9 @@ def plan_index(n: int, d: int, kind: str = "auto", memory_budget: int | None = N
         "flat": "Flat",
         "hnsw": f"HNSW{HNSW_M},Flat",
         "ivf-flat": f"IVF{nlist},Flat",
-        # 4-bit fast-scan PQ rather than 8-bit PQ (+OPQ, autofaiss's choice): training 8-bit sub-quantizers
-        # took minutes for 10^5 vectors on 2 cores (OPQ: 62 s vs 0.3 s at 10^4), and after the exact refine
-        # step neither raised recall@10 (measured: 0.978 both). Fast-scan search is SIMD-friendly too.
+        # 4-bit fast-scan PQ rather than 8-bit PQ (+OPQ, autofaiss's choice): 8-bit sub-quantizers and OPQ train
+        # far slower, and after the exact refine step neither raised recall@10 (bench/RESULTS.md, "retrieval").
+        # Fast-scan search is SIMD-friendly too.
         "ivf-pq": f"IVF{nlist},PQ{m}x4fs,Refine(Flat)",
     }[kind]
     ram = estimate_ram(kind, n, d, m=m, nlist=nlist)

@@ -121,9 +121,9 @@ def add_config_args(p: argparse.ArgumentParser, cls: type, *, default_config: st
                     **field_kwargs: dict) -> None:
     """Add `--config`, `--print-config`, a flag per field of `cls` and the `key=value` positional to `p`.
 
-    A field's flag is `--field-name` (or `flags[field]`: one option string or several); its help is the field's docstring and default. Unset
-    flags leave the YAML's (or the dataclass's) value alone. `field_kwargs[field]` adds argparse options
-    (choices, metavar, nargs).
+    A field's flag is `--field-name` (or `flags[field]`: one option string or several); its help is the field's
+    docstring and default. Unset flags leave the YAML's (or the dataclass's) value alone. `field_kwargs[field]`
+    adds argparse options (choices, metavar, nargs). bool fields get --x/--no-x, list fields a repeatable flag.
     """
     p.add_argument("--config", default=default_config, metavar="NAME_OR_YAML",
                    help="config name under configs/ or a YAML path; flags, then key=value, override it"

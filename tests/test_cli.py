@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+from radalign.retrieval import build, classify, index
+from radalign.retrieval.config import MODALITIES, BuildConfig, ClassifyConfig
 
-from radalign.cli import STAGES, build_parser, main, old_spellings, reference_markdown
+from radalign.cli import STAGES, build_parser, config_from_args, main, old_spellings, reference_markdown
+from radalign.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -277,13 +281,11 @@ def test_every_run_verb_takes_config_print_config_and_overrides():
 
 
 def test_yaml_then_flags_then_key_value(tmp_path, capsys):
-    yaml = tmp_path / "eval.yaml"
-    yaml.write_text("index_dir: from-yaml\nshards: from-yaml\nbootstrap: 5\nseed: 3\n")
-    assert main(["retrieval", "eval", "--config", str(yaml), "--shards", "from-flag", "--seed", "4",
+    path = tmp_path / "eval.yaml"
+    path.write_text("index_dir: from-yaml\nshards: from-yaml\nbootstrap: 5\nseed: 3\n")
+    assert main(["retrieval", "eval", "--config", str(path), "--shards", "from-flag", "--seed", "4",
                  "seed=9", "--print-config"]) == 0
-    import yaml as pyyaml
-
-    cfg = pyyaml.safe_load(capsys.readouterr().out)
+    cfg = yaml.safe_load(capsys.readouterr().out)
     assert (cfg["index_dir"], cfg["shards"], cfg["bootstrap"], cfg["seed"]) == ("from-yaml", "from-flag", 5, 9)
 
 
@@ -293,3 +295,43 @@ def test_config_errors_name_the_flag_as_typed(capsys):
     assert main(["retrieval", "build", "--shards", "s"]) == 2
     err = capsys.readouterr().err
     assert "export: none given; pass --export" in err and "out: none given; pass --out" in err
+
+
+def test_zeroshot_without_a_verb_is_eval_and_takes_the_old_flags(capsys):
+    """`radalign zeroshot --checkpoint X --data Y` (the old command, no verb) still runs `zeroshot eval`."""
+    assert main(["zeroshot", "--checkpoint", "run", "--data", "shards", "--no-control", "--print-config",
+                 "bootstrap=7"]) == 0
+    out, err = capsys.readouterr()
+    cfg = yaml.safe_load(out)
+    assert (cfg["checkpoints"], cfg["data"], cfg["shuffled_control"], cfg["bootstrap"]) == (["run"], "shards",
+                                                                                            False, 7)
+    assert "write --export" in err and "write --shards" in err
+
+
+def _makefile_commands() -> list[str]:
+    """The Makefile's radalign commands, continuation lines joined, make variables left in."""
+    text = (REPO / "Makefile").read_text().replace("\\\n", " ")
+    return [line.split("$(BIN)/radalign", 1)[1].split() for line in text.splitlines() if "$(BIN)/radalign " in line]
+
+
+def test_the_makefile_uses_no_old_spelling():
+    olds = {old for _, old, _ in ALIASES}
+    commands = _makefile_commands()
+    assert len(commands) >= 14 and ["summary", "$(DEMO)"] in commands
+    for words in commands:
+        assert not olds & set(words), words
+
+
+def test_demo_classify_yaml_is_the_makefiles_classify_command():
+    (words,) = [w for w in _makefile_commands() if w[:2] == ["retrieval", "classify"]]
+    from_flags = config_from_args(ClassifyConfig, PARSER.parse_args(words), stage="retrieval")
+    from_yaml = load_config(ClassifyConfig, "retrieval/demo-classify", [f"{k}={getattr(from_flags, k)}" for k in
+                                                                        ("index_dir", "shards", "export", "out")],
+                            stage="retrieval")
+    assert from_yaml == from_flags
+
+
+def test_retrieval_config_defaults_are_the_librarys():
+    """retrieval/config.py writes out the library's defaults (so `--help` imports no faiss): they must agree."""
+    assert (BuildConfig().flat_max, MODALITIES) == (index.DEFAULT_FLAT_MAX, build.MODALITY_CHOICES)
+    assert (ClassifyConfig().k, ClassifyConfig().temperature) == (classify.DEFAULT_K, None)

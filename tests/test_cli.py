@@ -162,7 +162,7 @@ def _tiny_run(root: Path, summary_len: int = 30) -> None:
                                   "controls": {"shuffled_labels_macro_auroc": 0.4996}},
         "retrieval/metrics.json": {"summary": {f"recall@{k}": 0.1 * k for k in range(summary_len)}, "x": 1},
         "retrieval/classify/metrics.json": {"comparison": {"macro": {
-            "value_a": 0.7, "value_b": 0.65, "delta": -0.0004, "ci_low": -0.12, "ci_high": 0.0, "n_patients": 57}}},
+            "value_a": 0.7, "value_b": 0.65, "delta": 0.0213, "ci_low": -0.0004, "ci_high": 0.0, "n_patients": 57}}},
         "finetune/in_hospital_mortality/metrics.json": {
             "models": {"fusion": {"auroc": 0.8125, "ci_low": 0.75, "ci_high": 0.875},
                        "ehr_only": {"auroc": 0.5, "ci_low": 0.31, "ci_high": 0.69}},
@@ -187,6 +187,7 @@ def test_summary_prints_what_the_makefile_one_liners_printed(tmp_path, summary_l
     assert r.stdout == expected and expected.count("\n") == 6
     assert "zero-shot macro AUROC 0.612 [0.500, 0.700] over Edema, Pleural Effusion" in r.stdout  # by hand
     assert "image removed +0.012 / -0.200; labs removed +0.100 / +0.250" in r.stdout
+    assert "paired difference +0.021 [-0.000, +0.000] over 57 patients" in r.stdout
 
 
 def test_summary_names_what_is_missing_and_fails_on_an_empty_folder(tmp_path, capsys):
@@ -299,12 +300,13 @@ def test_config_errors_name_the_flag_as_typed(capsys):
 
 def test_zeroshot_without_a_verb_is_eval_and_takes_the_old_flags(capsys):
     """`radalign zeroshot --checkpoint X --data Y` (the old command, no verb) still runs `zeroshot eval`."""
-    assert main(["zeroshot", "--checkpoint", "run", "--data", "shards", "--no-control", "--print-config",
-                 "bootstrap=7"]) == 0
+    assert main(["zeroshot", "--checkpoint", "run", "--data", "shards", "--no-control", "--export", "run2",
+                 "--print-config", "bootstrap=7"]) == 0
     out, err = capsys.readouterr()
     cfg = yaml.safe_load(out)
-    assert (cfg["checkpoints"], cfg["data"], cfg["shuffled_control"], cfg["bootstrap"]) == (["run"], "shards",
-                                                                                            False, 7)
+    assert (cfg["checkpoints"], cfg["data"], cfg["shuffled_control"], cfg["bootstrap"]) == (["run", "run2"],
+                                                                                            "shards", False, 7)
+    assert cfg["cache"] is True and cfg["prompts"] == ["chexpert14"]   # unset flags keep the defaults
     assert "write --export" in err and "write --shards" in err
 
 

@@ -300,7 +300,7 @@ def test_config_errors_name_the_flag_as_typed(capsys):
 
 def test_zeroshot_without_a_verb_is_eval_and_takes_the_old_flags(capsys):
     """`radalign zeroshot --checkpoint X --data Y` (the old command, no verb) still runs `zeroshot eval`."""
-    assert main(["zeroshot", "--checkpoint", "run", "--data", "shards", "--no-control", "--export", "run2",
+    assert main(["zeroshot", "--checkpoint", "run", "--data", "shards", "--no-control", "--export", "run2", "--out", "o",
                  "--print-config", "bootstrap=7"]) == 0
     out, err = capsys.readouterr()
     cfg = yaml.safe_load(out)

@@ -16,8 +16,8 @@ class ZeroshotConfig:
     """Pretrain run folders or their export folders (repeatable). Several: their probabilities are averaged."""
     data: str = ""
     """Shards folder (with manifest.json), a CheXpert-format CSV, or any CSV with an image column."""
-    out: str = "runs/zeroshot"
-    """Output folder: metrics.json, predictions.csv, roc.png, metrics.md (one subfolder per prompt set
+    out: str = ""
+    """Output folder (required): metrics.json, predictions.csv, roc.png, metrics.md (one subfolder per prompt set
     when several are given)."""
     prompts: list[str] = field(default_factory=lambda: ["chexpert14"])
     """Prompt sets: names under configs/zeroshot/ (chexpert14, competition5, 5x200) or YAML paths."""
@@ -73,6 +73,8 @@ class ZeroshotConfig:
             p.append("checkpoints: none given; pass --export RUN_OR_EXPORT (repeatable)")
         if not self.data:
             p.append("data: none given; pass --shards SHARDS_DIR or --csv FILE")
+        if not self.out:
+            p.append("out: none given; pass --out DIR (the folder for metrics.json, predictions.csv, roc.png)")
         if not self.prompts:
             p.append("prompts: none given; pass --prompts chexpert14 (or a YAML path)")
         if self.uncertain not in UNCERTAIN_POLICIES:

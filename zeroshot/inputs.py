@@ -95,7 +95,7 @@ def embed_shards(encoders, root: str | os.PathLike, split: str, *, batch_size: i
                           num_workers=num_workers, progress=True,
                           cache=EmbedCache.for_encoders(encoders, enabled=cache))
     except RadalignError as e:
-        raise RadalignError(f"--data {root} --split {split}: {e}; choose another split "
+        raise RadalignError(f"--shards {root} --split {split}: {e}; choose another split "
                             "(see `radalign data info`)") from None
     rows = [dict((m or {}).get("labels") or {}) for m in emb.meta]
     labels = pd.DataFrame(rows, index=pd.Index(emb.keys, name="key"))
@@ -154,9 +154,9 @@ def read_csv(csv: str | os.PathLike) -> pd.DataFrame:
     try:
         return pd.read_csv(csv)
     except FileNotFoundError:
-        raise RadalignError(f"--data {csv}: no such file") from None
+        raise RadalignError(f"--csv {csv}: no such file") from None
     except (pd.errors.ParserError, UnicodeDecodeError, pd.errors.EmptyDataError) as e:
-        raise RadalignError(f"--data {csv}: not a readable CSV ({e})") from None
+        raise RadalignError(f"--csv {csv}: not a readable CSV ({e})") from None
 
 
 def csv_fingerprint(csv: str | os.PathLike, image_root: str | None, image_column: str | None) -> str:
@@ -187,7 +187,7 @@ def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None
             embs.append(encoders.encode_images(batch["image"]).float().cpu().numpy())  # [B, D]
             kept += batch["index"]
     if not kept:
-        raise RadalignError(f"--data {csv}: none of its {len(keys)} images could be loaded "
+        raise RadalignError(f"--csv {csv}: none of its {len(keys)} images could be loaded "
                             f"({skipped}); check --image-root (now {root})")
     labels = df.drop(columns=[col]).iloc[kept].set_index(pd.Index([keys[i] for i in kept], name="key"))
     patients, how = csv_patients(df.iloc[kept], col)

@@ -1,11 +1,14 @@
-"""`radalign pretrain --config NAME_OR_YAML [key=value ...]` (also `python -m radalign.pretrain`, `accelerate launch -m
-radalign.pretrain`, `torchrun -m radalign.pretrain`)."""
+"""`radalign pretrain [train] --config NAME_OR_YAML [key=value ...]` (also `python -m radalign.pretrain`,
+`accelerate launch -m radalign.pretrain`, `torchrun -m radalign.pretrain`), and `radalign export`."""
 
 from __future__ import annotations
 
 import argparse
 
-from radalign.cli import add_config_args, config_from_args, print_config
+from radalign.cli import add_config_args, add_verbs, config_from_args, print_config
+
+VERBS = ("train",)
+DEFAULT_VERB = "train"  # `radalign pretrain --config X` is `radalign pretrain train --config X`
 
 
 def register(sub) -> None:
@@ -16,14 +19,19 @@ def register(sub) -> None:
     p = sub.add_parser(
         "pretrain", help="contrastive image-report pretraining (Accelerate / DeepSpeed)",
         description="Train image and report encoders with InfoNCE on prepared shards, then export them.\n"
-                    "Example: radalign pretrain --config pretrain/tiny data.shards=runs/demo/shards steps=300",
+                    "Example: radalign pretrain --config pretrain/tiny data.shards=runs/demo/shards steps=300 "
+                    "(`train` is the default verb)", formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = add_verbs(p).add_parser(
+        "train", help="train and export (the default verb)",
+        description="Train image and report encoders with InfoNCE on prepared shards, then export them.\n"
+                    "Example: radalign pretrain train --config pretrain/tiny data.shards=runs/demo/shards steps=300",
         epilog=format_help(PretrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="pretrain/tiny",
+    t.add_argument("--config", default="pretrain/tiny",
                    help="config name under configs/ (e.g. pretrain/tiny) or a YAML path (default: %(default)s)")
-    p.add_argument("--list-models", action="store_true", help="list registered model configs and exit")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500")
-    p.set_defaults(func=_run)
+    t.add_argument("--list-models", action="store_true", help="list registered model configs and exit")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500")
+    t.set_defaults(func=_run)
 
 
 def _run(args) -> int:

@@ -296,7 +296,7 @@ def save_then_die(self, step, **kw):
     return path
 CheckpointManager.save = save_then_die
 sys.argv[0] = "pretrain"
-runpy.run_module("pretrain", run_name="__main__", alter_sys=True)
+runpy.run_module("radalign.pretrain", run_name="__main__", alter_sys=True)
 """
 
 DS_RUN = ("steps=4", "ckpt_every=2")  # loss 4 follows an AdamW step that uses the moments restored at step 2

@@ -66,23 +66,19 @@ demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics
 		$(IHM)/explain.html $(FT)/fewshot_pleural_effusion/fewshot.json
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
-	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/zeroshot/metrics.json')); a=m['macro']; print('zero-shot macro AUROC %.3f [%.3f, %.3f] over %s; shuffled-label control %.3f' % (a['auroc'], a['ci_low'], a['ci_high'], ', '.join(a['classes']), m['controls']['shuffled_labels_macro_auroc']))"
-	@$(BIN)/python -c "import json; m=json.load(open('$(DEMO)/retrieval/metrics.json')); print('retrieval:', json.dumps(m.get('summary', m))[:400])"
-	@$(BIN)/python -c "import json; c=json.load(open('$(DEMO)/retrieval/classify/metrics.json'))['comparison']['macro']; print('retrieval classify (k-NN vote of the index): macro AUROC %.3f vs prompt zero-shot %.3f, paired difference %+.3f [%+.3f, %+.3f] over %d patients' % (c['value_a'], c['value_b'], c['delta'], c['ci_low'], c['ci_high'], c['n_patients']))"
-	@$(BIN)/python -c "import json; m=json.load(open('$(IHM)/metrics.json')); print('in-hospital mortality, test AUROC [95% CI over patients]:', '; '.join('%s %.3f [%.3f, %.3f]' % (k, v['auroc'], v['ci_low'], v['ci_high']) for k, v in m['models'].items())); print('fusion minus each:', '; '.join('%s %+.3f [%+.3f, %+.3f]' % (k[len('fusion_vs_'):], v['delta'], v['ci_low'], v['ci_high']) for k, v in m['paired_differences'].items()))"
-	@$(BIN)/python -c "import json; d=json.load(open('$(IHM)/metrics.json'))['degradation']; print('graceful degradation, mean AUROC drop over %d training seeds, with / without modality dropout:' % d['n_seeds'], '; '.join('%s removed %+.3f / %+.3f' % (r['removed'], r['with_dropout']['over_seeds']['drop_mean'], r['without_dropout']['over_seeds']['drop_mean']) for r in d['rows'] if r['removed']))"
+	@$(BIN)/radalign summary $(DEMO)
 	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
 	@echo "similar-case lookup page: $(BIN)/radalign retrieval serve --index-dir $(DEMO)/retrieval/index --finetune-run $(IHM)  (then open http://127.0.0.1:8765/)"
 	@echo; echo "== wall time per step (seconds):"; $(STEP) --total
 
 $(DEMO)/synthetic/synth.json: | $(STAMP)
 	$(STEP) 'data synth' $(BIN)/radalign data synth --out $(DEMO)/synthetic --patients $(DEMO_PATIENTS) \
-		--workers $(DEMO_WORKERS) --image-size 160
+		--num-workers $(DEMO_WORKERS) --image-size 160
 
 $(DEMO)/shards/manifest.json: $(DEMO)/synthetic/synth.json
 	$(STEP) 'data prepare' $(BIN)/radalign data prepare --mimic-cxr $(DEMO)/synthetic/mimic-cxr-jpg \
 		--reports $(DEMO)/synthetic/mimic-cxr-reports --out $(DEMO)/shards --image-size 128 \
-		--shard-size 256 --workers $(DEMO_WORKERS)
+		--shard-size 256 --num-workers $(DEMO_WORKERS)
 
 $(DEMO)/ehr/manifest.json: $(DEMO)/shards/manifest.json
 	$(STEP) 'data link-ehr' $(BIN)/radalign data link-ehr --mimic-iv $(DEMO)/synthetic/mimic-iv --shards $(DEMO)/shards \
@@ -93,25 +89,25 @@ $(DEMO)/pretrain/export/config.json: $(DEMO)/shards/manifest.json
 		data.shards=$(DEMO)/shards
 
 $(DEMO)/zeroshot/metrics.json: $(DEMO)/pretrain/export/config.json
-	$(STEP) 'zeroshot' $(BIN)/radalign zeroshot --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards --split test \
+	$(STEP) 'zeroshot' $(BIN)/radalign zeroshot eval --export $(DEMO)/pretrain --shards $(DEMO)/shards --split test \
 		--prompts chexpert14 --val-split validate --blank negative --out $(DEMO)/zeroshot
 
 $(DEMO)/retrieval/index/manifest.json: $(DEMO)/zeroshot/metrics.json
-	$(STEP) 'retrieval build' $(BIN)/radalign retrieval build --checkpoint $(DEMO)/pretrain --data $(DEMO)/shards \
+	$(STEP) 'retrieval build' $(BIN)/radalign retrieval build --export $(DEMO)/pretrain --shards $(DEMO)/shards \
 		--split train --out $(DEMO)/retrieval/index
 
 $(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
-	$(STEP) 'retrieval eval' $(BIN)/radalign retrieval eval --index $(DEMO)/retrieval/index --queries $(DEMO)/shards \
+	$(STEP) 'retrieval eval' $(BIN)/radalign retrieval eval --index-dir $(DEMO)/retrieval/index --shards $(DEMO)/shards \
 		--split test --out $(DEMO)/retrieval
-	$(STEP) 'retrieval search (html)' $(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index \
+	$(STEP) 'retrieval search (html)' $(BIN)/radalign retrieval search --index-dir $(DEMO)/retrieval/index \
 		--example-from $(DEMO)/shards --split test --k 5 --format html --out $(DEMO)/retrieval/example.html
-	$(STEP) 'retrieval search (markdown)' $(BIN)/radalign retrieval search --index $(DEMO)/retrieval/index \
+	$(STEP) 'retrieval search (markdown)' $(BIN)/radalign retrieval search --index-dir $(DEMO)/retrieval/index \
 		--example-from $(DEMO)/shards --split test --k 5 --format markdown --out $(DEMO)/retrieval/example.md
 
 # The index as a classifier (k-NN vote, temperature fitted on validate) beside prompt zero-shot, paired.
 $(DEMO)/retrieval/classify/metrics.json: $(DEMO)/retrieval/index/manifest.json
-	$(STEP) 'retrieval classify' $(BIN)/radalign retrieval classify --index $(DEMO)/retrieval/index \
-		--queries $(DEMO)/shards --split test --val-split validate --prompts chexpert14 --checkpoint $(DEMO)/pretrain \
+	$(STEP) 'retrieval classify' $(BIN)/radalign retrieval classify --index-dir $(DEMO)/retrieval/index \
+		--shards $(DEMO)/shards --split test --val-split validate --prompts chexpert14 --export $(DEMO)/pretrain \
 		--blank negative --out $(DEMO)/retrieval/classify
 
 $(IHM)/metrics.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
@@ -119,20 +115,20 @@ $(IHM)/metrics.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.js
 		run_dir=$(IHM) $(FT_DATA)
 
 $(IHM)/eval/metrics.json: $(IHM)/metrics.json
-	$(STEP) 'finetune eval' $(BIN)/radalign finetune eval --checkpoint $(IHM) --split test --out $(IHM)/eval
+	$(STEP) 'finetune eval' $(BIN)/radalign finetune eval --run $(IHM) --split test --out $(IHM)/eval
 
 # The explained study: the test study with the highest fusion risk (any other id works the same way).
 $(IHM)/explain.html: $(IHM)/eval/metrics.json $(DEMO)/retrieval/index/manifest.json
 	$(eval STUDY := $(shell $(BIN)/python -c "import pandas as p; d=p.read_csv('$(IHM)/predictions.csv'); print(d.loc[d['score:fusion'].idxmax(), 'study_id'])"))
-	$(STEP) 'finetune explain (json)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
-		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format json --out $(IHM)/explain.json
-	$(STEP) 'finetune explain (markdown)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
-		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format markdown --out $(IHM)/explain.md
-	$(STEP) 'finetune explain (html)' $(BIN)/radalign finetune explain --checkpoint $(IHM) \
-		--study-id $(STUDY) --index $(DEMO)/retrieval/index --format html --out $(IHM)/explain.html
+	$(STEP) 'finetune explain (json)' $(BIN)/radalign finetune explain --run $(IHM) \
+		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format json --out $(IHM)/explain.json
+	$(STEP) 'finetune explain (markdown)' $(BIN)/radalign finetune explain --run $(IHM) \
+		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format markdown --out $(IHM)/explain.md
+	$(STEP) 'finetune explain (html)' $(BIN)/radalign finetune explain --run $(IHM) \
+		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format html --out $(IHM)/explain.html
 
 $(FT)/fewshot_pleural_effusion/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
-	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune --config finetune/fewshot_chexpert \
+	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune fewshot --config finetune/fewshot_chexpert \
 		run_dir=$(FT)/fewshot_pleural_effusion $(FT_DATA)
 
 # --- mutate (owner: H6 mutation; not in CI) -------------------------------------------------------------

@@ -149,7 +149,7 @@ def main() -> int:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "HF_MODULES_CACHE": str(out / "hf_modules")}
     cpu = {"radalign zeroshot": _run(radalign + [
-        "zeroshot", "--checkpoint", args.run, "--data", args.shards, "--split", args.split, "--prompts",
+        "zeroshot", "eval", "--export", args.run, "--shards", args.shards, "--split", args.split, "--prompts",
         args.prompts, "--blank", "negative", "--bootstrap", "200", "--no-cache", "--no-control",
         "--out", str(out / "zeroshot")], env=env)}
     reference = json.loads((out / "zeroshot" / "metrics.json").read_text())["macro"]["auroc"]

@@ -483,11 +483,11 @@ def make_shards(plan: Plan, report: Report, clock: Clock) -> dict:
     shutil.rmtree(synth, ignore_errors=True)
     rad = radalign_bin()
     run(report, clock, [rad, "data", "synth", "--out", synth, "--patients", plan.patients, "--image-size",
-                        plan.image_px, "--workers", cores, "--no-icu", "--no-progress"],
+                        plan.image_px, "--num-workers", cores, "--no-icu", "--no-progress"],
         logs(plan) / "synth.log").require("radalign data synth")
     run(report, clock, [rad, "data", "prepare", "--mimic-cxr", synth / "mimic-cxr-jpg", "--reports",
                         synth / "mimic-cxr-reports", "--out", out, "--image-size", plan.image_px, "--shard-size",
-                        plan.shard_size, "--workers", cores, "--no-progress"],
+                        plan.shard_size, "--num-workers", cores, "--no-progress"],
         logs(plan) / "prepare.log").require("radalign data prepare")
     shutil.rmtree(synth, ignore_errors=True)
     return {"shards": str(out), "reused": False, **shard_counts(out)}

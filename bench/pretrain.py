@@ -257,11 +257,11 @@ def ensure_shards(patients: int, workers: int) -> Path:
         return out
     synth = CACHE / f"synth-p{patients}"
     steps = [
-        ["data", "synth", "--out", str(synth), "--patients", str(patients), "--workers", str(workers),
+        ["data", "synth", "--out", str(synth), "--patients", str(patients), "--num-workers", str(workers),
          "--no-progress"],
         ["data", "prepare", "--mimic-cxr", str(synth / "mimic-cxr-jpg"), "--reports",
          str(synth / "mimic-cxr-reports"), "--out", str(out), "--image-size", "128", "--shard-size", "256",
-         "--workers", str(workers), "--no-progress"],
+         "--num-workers", str(workers), "--no-progress"],
     ]
     for argv in steps:
         print(f"radalign {' '.join(argv[:2])} ({patients} patients) ...", flush=True)

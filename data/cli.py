@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from radalign.data.shards import read_manifest
+
+from radalign.cli import add_config_args, config_from_args, old_spelling, print_config
 
 
 def register(sub) -> None:
@@ -53,30 +56,47 @@ def register(sub) -> None:
 # Parsers.
 
 
+@dataclass
+class SynthConfig:
+    """`radalign data synth`: a deterministic synthetic MIMIC-CXR / MIMIC-IV stand-in."""
+
+    out: str = ""
+    """Output folder."""
+    patients: int = 2000
+    """Number of patients."""
+    seed: int = 0
+    """Random seed."""
+    image_size: int = 256
+    """Image short side in pixels."""
+    difficulty: float = 0.3
+    """0 = obvious visual correlates of each finding, 1 = subtle."""
+    num_workers: int = 1
+    """Processes."""
+    images: bool = True
+    """Write the JPEGs (False: every table and report but no JPEG; enough for link-ehr and the truth table, and
+    the tables are the same as with images)."""
+    icu: bool = True
+    """Write mimic-iv/icu (icustays, chartevents, d_items)."""
+    dicom: bool = False
+    """Also write each film as DICOM (CR/DX, 12-bit, MONOCHROME1/2, some RLE / JPEG 2000) under
+    OUT/mimic-cxr/files/, laid out like MIMIC-CXR; each JPG is then the MIMIC-CXR-JPG conversion of its DICOM
+    (docs/data.md, DICOM)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> list[str]:
+        return [] if self.out else ["out: none given; pass --out DIR"]
+
+
 def _add_synth(verbs) -> None:
     p = verbs.add_parser("synth", help="write a synthetic MIMIC-CXR / MIMIC-IV stand-in",
                          description="Deterministic synthetic chest radiographs, reports, labels and labs in the "
                                      "MIMIC-CXR-JPG / mimic-cxr-reports / MIMIC-IV layout.\n"
                                      "Example: radalign data synth --out runs/synth --patients 2000")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--patients", type=int, default=2000, help="number of patients (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    p.add_argument("--image-size", type=int, default=256, metavar="PX",
-                   help="image short side in pixels (default: %(default)s)")
-    p.add_argument("--difficulty", type=float, default=0.3,
-                   help="0 = obvious visual correlates of each finding, 1 = subtle (default: %(default)s)")
-    p.add_argument("--workers", type=int, default=1, help="processes (default: %(default)s)")
-    p.add_argument("--no-images", action="store_true",
-                   help="every table and report but no JPEG (enough for link-ehr and the truth table; the tables "
-                        "are the same as with images)")
-    p.add_argument("--no-icu", action="store_true", help="leave out mimic-iv/icu (icustays, chartevents, d_items)")
-    p.add_argument("--dicom", action="store_true",
-                   help="also write each film as DICOM (CR/DX, 12-bit, MONOCHROME1/2, some RLE / JPEG 2000) under "
-                        "OUT/mimic-cxr/files/, laid out like MIMIC-CXR; each JPG is then the MIMIC-CXR-JPG "
-                        "conversion of its DICOM (docs/data.md, DICOM)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--force", action="store_true",
+    add_config_args(p, SynthConfig, out={"metavar": "DIR"}, image_size={"metavar": "PX"})
+    p.add_argument("--overwrite", action="store_true",
                    help="regenerate even when OUT already holds a finished set made with the same arguments")
+    old_spelling(p, {"--workers": "--num-workers", "--force": "--overwrite"})
     p.set_defaults(func=_synth)
 
 
@@ -90,14 +110,19 @@ def _common(p, docs: dict, defaults: dict) -> None:
     p.add_argument("--text", metavar="MODE", help=_field_help("text", docs, defaults))
     p.add_argument("--image-size", type=int, metavar="PX", help=_field_help("image_size", docs, defaults))
     p.add_argument("--shard-size", type=int, metavar="N", help=_field_help("shard_size", docs, defaults))
-    p.add_argument("--workers", type=int, metavar="N", help=_field_help("workers", docs, defaults))
+    p.add_argument("--num-workers", dest="workers", type=int, metavar="N",
+                   help="[key workers] " + _field_help("workers", docs, defaults))
     p.add_argument("--max-pixels", type=int, metavar="N", help=_field_help("max_pixels", docs, defaults))
     p.add_argument("--seed", type=int, help=_field_help("seed", docs, defaults))
     p.add_argument("--overwrite", action="store_true",
                    help="rewrite every shard, even when OUT holds complete shards made with other options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--config", metavar="NAME_OR_YAML",
+                   help="a YAML of PrepareConfig fields; flags, then key=value, override it")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any other PrepareConfig field, e.g. jpeg_quality=85")
+    old_spelling(p, {"--workers": "--num-workers"})
 
 
 def _defaults() -> tuple[dict, dict]:
@@ -115,7 +140,7 @@ def _add_prepare(verbs) -> None:
         description="Join MIMIC-CXR-JPG metadata, split and labels with the reports; write one sample per image.\n"
                     "Resumable: re-running finishes missing shards and leaves complete ones alone.\n"
                     "Example: radalign data prepare --mimic-cxr /data/mimic-cxr-jpg/2.1.0 "
-                    "--reports /data/mimic-cxr-reports --out /data/shards --workers 16",
+                    "--reports /data/mimic-cxr-reports --out /data/shards --num-workers 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mimic-cxr", metavar="DIR", help=docs["mimic_cxr"])
     p.add_argument("--reports", metavar="DIR", help=docs["reports"])
@@ -161,7 +186,7 @@ def _add_prepare_dicom(verbs) -> None:
                     "  [--tables DIR with the mimic-cxr-2.0.0-*.csv.gz metadata/split/labels, each used when present]\n"
                     "A CSV of texts: --csv FILE --image-col C --text-col C ... (as prepare-csv; images are .dcm)\n"
                     "Example: radalign data prepare-dicom --mimic-cxr /data/mimic-cxr/2.0.0 --reports "
-                    "/data/mimic-cxr-reports --tables /data/mimic-cxr-jpg/2.1.0 --out /data/shards --workers 16",
+                    "/data/mimic-cxr-reports --tables /data/mimic-cxr-jpg/2.1.0 --out /data/shards --num-workers 16",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mimic-cxr", metavar="DIR", help="MIMIC-CXR (DICOM) root holding files/p10/... .dcm; give with "
                                                        "--reports (or use --csv)")
@@ -203,8 +228,8 @@ def _config_from_args(args):
                      split_col=args.split_col, patient_col=args.patient_col, study_col=args.study_col,
                      image_root=args.image_root, allow_outside_root=args.allow_outside_root,
                      encoding=args.encoding)
-    given = {k: v for k, v in flags.items() if v is not None}
-    return load_config(PrepareConfig, given, args.overrides)
+    given = {k: (v, f"--{k.replace('_', '-')} {v}") for k, v in flags.items() if v is not None}
+    return load_config(PrepareConfig, args.config, args.overrides, stage="data", flags=given)
 
 
 def _comma_list(value: str | None) -> list[str] | None:
@@ -217,6 +242,8 @@ def _prepare(args) -> int:
     from radalign.log import rprint
 
     cfg = _config_from_args(args)
+    if args.print_config:
+        return print_config(cfg)
     manifest = prepare(cfg, overwrite=args.overwrite, progress=not args.no_progress)
     rprint(summary(manifest, cfg.out))
     return 0
@@ -227,16 +254,19 @@ def _synth(args) -> int:
 
     from radalign.log import rprint
 
-    same = dict(patients=args.patients, seed=args.seed, image_size=args.image_size, difficulty=args.difficulty,
-                images=not args.no_images, icu=not args.no_icu, with_dicom=args.dicom)
-    if not args.force and synth_complete(args.out, **same):
-        rprint(f"{args.out}: a finished synthetic set with these arguments is already there; skipping "
-               "(--force regenerates)")
+    cfg = config_from_args(SynthConfig, args, stage="data")
+    if args.print_config:
+        return print_config(cfg)
+    same = dict(patients=cfg.patients, seed=cfg.seed, image_size=cfg.image_size, difficulty=cfg.difficulty,
+                images=cfg.images, icu=cfg.icu, with_dicom=cfg.dicom)
+    if not args.overwrite and synth_complete(cfg.out, **same):
+        rprint(f"{cfg.out}: a finished synthetic set with these arguments is already there; skipping "
+               "(--overwrite regenerates)")
         return 0
-    result = synthesize(args.out, workers=args.workers, progress=not args.no_progress, **same)
+    result = synthesize(cfg.out, workers=cfg.num_workers, progress=cfg.progress, **same)
     counts = {k: v for k, v in result.items() if isinstance(v, int)}
-    rprint(f"synthetic MIMIC stand-in in {args.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
-    rprint(f"summary with every path written: {Path(args.out) / 'synth.json'}")
+    rprint(f"synthetic MIMIC stand-in in {cfg.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+    rprint(f"summary with every path written: {Path(cfg.out) / 'synth.json'}")
     return 0
 
 

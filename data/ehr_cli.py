@@ -1,11 +1,43 @@
 """`radalign data link-ehr`: each study of the shards joined to the patient's MIMIC-IV record at the film.
 
-Flags map one-to-one onto `data.ehr.link_ehr` arguments; docs/ehr.md has the rule, columns and manifest.
+`LinkEhrConfig`'s fields (flags, YAML, key=value) map one-to-one onto `data.ehr.link_ehr` arguments; docs/ehr.md has the rule, columns and manifest.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from radalign.cli import add_config_args, config_from_args, print_config
+
+
+@dataclass
+class LinkEhrConfig:
+    """`radalign data link-ehr`: each study of the shards joined to the patient's MIMIC-IV record at the film."""
+
+    mimic_iv: str = ""
+    """MIMIC-IV folder holding hosp/ (and icu/)."""
+    shards: str = ""
+    """The --out folder of `radalign data prepare`."""
+    out: str = ""
+    """Output folder."""
+    features: str = "ehr/core"
+    """Feature list: a YAML path or a name under configs/."""
+    window_hours: float = 24.0
+    """A lab counts when drawn within this many hours before the film."""
+    memory_limit: str = "2GB"
+    """DuckDB memory limit; it spills to disk beyond."""
+    cache: Optional[str] = None
+    """Folder for the Parquet conversion of labevents/chartevents (None: OUT/cache)."""
+    threads: int = 0
+    """DuckDB threads (0: all cores)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+    def validate(self) -> list[str]:
+        return [f"{key}: none given; pass --{key.replace('_', '-')} DIR"
+                for key in ("mimic_iv", "shards", "out") if not getattr(self, key)]
 
 
 def register(verbs) -> None:
@@ -17,21 +49,11 @@ def register(verbs) -> None:
                     "Example: radalign data link-ehr --mimic-iv /data/mimic-iv/2.2 --shards /data/shards "
                     "--out /data/ehr",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mimic-iv", required=True, metavar="DIR", help="MIMIC-IV folder holding hosp/ (and icu/)")
-    p.add_argument("--shards", required=True, metavar="DIR", help="the --out folder of `radalign data prepare`")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--features", default="ehr/core", metavar="NAME",
-                   help="feature list: a YAML path or a name under configs/ (default: %(default)s)")
-    p.add_argument("--window-hours", type=float, default=24.0, metavar="H",
-                   help="a lab counts when drawn within H hours before the film (default: %(default)s)")
-    p.add_argument("--memory-limit", default="2GB", metavar="SIZE",
-                   help="DuckDB memory limit; it spills to disk beyond (default: %(default)s)")
-    p.add_argument("--cache", metavar="DIR",
-                   help="folder for the Parquet conversion of labevents/chartevents (default: OUT/cache)")
-    p.add_argument("--threads", type=int, default=0, metavar="N", help="DuckDB threads (default: all cores)")
+    add_config_args(p, LinkEhrConfig, mimic_iv={"metavar": "DIR"}, shards={"metavar": "DIR"}, out={"metavar": "DIR"},
+                    features={"metavar": "NAME"}, window_hours={"metavar": "H"}, memory_limit={"metavar": "SIZE"},
+                    cache={"metavar": "DIR"}, threads={"metavar": "N"})
     p.add_argument("--overwrite", action="store_true",
                    help="replace an output made with other options (or redo an up-to-date one)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
 
 
@@ -40,10 +62,13 @@ def _run(args) -> int:
 
     from radalign.log import rprint
 
-    m = link_ehr(args.mimic_iv, args.shards, args.out, features=args.features, window_hours=args.window_hours,
-                 memory_limit=args.memory_limit, cache=args.cache, threads=args.threads,
-                 overwrite=args.overwrite, progress=not args.no_progress)
-    rprint(summary(m, args.out))
+    cfg = config_from_args(LinkEhrConfig, args, stage="data")
+    if args.print_config:
+        return print_config(cfg)
+    m = link_ehr(cfg.mimic_iv, cfg.shards, cfg.out, features=cfg.features, window_hours=cfg.window_hours,
+                 memory_limit=cfg.memory_limit, cache=cfg.cache, threads=cfg.threads,
+                 overwrite=args.overwrite, progress=cfg.progress)
+    rprint(summary(m, cfg.out))
     return 0
 
 

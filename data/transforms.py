@@ -65,10 +65,9 @@ class RandomCropRotateJitter(torch.nn.Module):
     The same augmentation as `v2.RandomResizedCrop -> v2.RandomRotation -> v2.ColorJitter(brightness, contrast)`
     (crop parameters come from torchvision's own `RandomResizedCrop.get_params`), done as two PIL calls on the
     8-bit image plus a few in-place tensor ops. Why fused: at 112-224 px, torchvision v2's per-transform dispatch
-    costs more than the pixels. `bench/data.py` times it: 0.35 ms per 112 px image vs 0.52 ms for the v2 chain
-    and 0.45 ms for open_clip's plainer crop-only transform; the chain made our pretrain loop slower than
-    open_clip's (`bench/RESULTS.md`). Brightness is applied before contrast (ColorJitter draws the order at
-    random; with these ranges only the clipping differs).
+    costs more than the pixels, and the chain made our pretrain loop slower than open_clip's (`bench/data.py`
+    times the three; bench/RESULTS.md, "data"). Brightness is applied before contrast (ColorJitter draws the
+    order at random; with these ranges only the clipping differs).
     """
 
     def __init__(self, size: int, scale: tuple[float, float], ratio: tuple[float, float], rotation: float,

@@ -3,9 +3,9 @@ radalign.finetune`, `accelerate launch -m radalign.finetune`).
 
     radalign finetune --config finetune/in_hospital_mortality [--overwrite] [key=value ...]   (`train` implied)
     radalign finetune fewshot --config finetune/fewshot_chexpert [--overwrite] [key=value ...]
-    radalign finetune predict --checkpoint RUN --data TABLE [--split test] --out predictions.csv
-    radalign finetune eval --checkpoint RUN [--data TABLE] [--split test] --out DIR
-    radalign finetune explain --checkpoint RUN --study-id ID [--index INDEX_DIR] --format json|markdown|html
+    radalign finetune predict --run RUN --table TABLE [--split test] --out predictions.csv
+    radalign finetune eval --run RUN [--table TABLE] [--split test] --out DIR
+    radalign finetune explain --run RUN --study-id ID [--index-dir INDEX_DIR] --format json|markdown|html
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ EXAMPLES = """examples:
   radalign finetune --config finetune/in_hospital_mortality run_dir=runs/demo/finetune/in_hospital_mortality
   radalign finetune fewshot --config finetune/fewshot_chexpert fewshot.label="Pleural Effusion"
   accelerate launch --num_processes 2 -m radalign.finetune --config finetune/mortality_30d
-  radalign finetune predict --checkpoint runs/demo/finetune/in_hospital_mortality \\
-      --data runs/demo/ehr/finetune --split test --out predictions.csv
-  radalign finetune eval --checkpoint runs/demo/finetune/in_hospital_mortality --out .../eval
-  radalign finetune explain --checkpoint RUN --study-id 50000123 --index runs/demo/retrieval/index --format html
+  radalign finetune predict --run runs/demo/finetune/in_hospital_mortality \\
+      --table runs/demo/ehr/finetune --split test --out predictions.csv
+  radalign finetune eval --run runs/demo/finetune/in_hospital_mortality --out .../eval
+  radalign finetune explain --run RUN --study-id 50000123 --index-dir runs/demo/retrieval/index --format html
 """
 
 
@@ -51,16 +51,6 @@ def register(sub) -> None:
                           epilog=format_help(FinetuneConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
     _recipe_args(fs, "finetune/fewshot_chexpert")
     fs.set_defaults(func=_fewshot)
-
-    pr = verbs.add_parser("predict", help="score new studies with a trained run",
-                          description="Probabilities of every saved model of RUN for the studies of a table "
-                                      "split (same feature list as training, or refused).")
-    pr.add_argument("--checkpoint", required=True, metavar="RUN", help="finetune run folder")
-    pr.add_argument("--data", metavar="TABLE", help="finetune table (default: the run's data.table)")
-    pr.add_argument("--split", default="test", help="table split to score (default: %(default)s)")
-    pr.add_argument("--out", required=True, help="predictions CSV to write")
-    pr.add_argument("--shards", help="shards holding the table's films (default: the run's data.shards)")
-    pr.set_defaults(func=_predict)
 
     from radalign.finetune.cli_eval import register_eval
 
@@ -116,17 +106,6 @@ def _run_fewshot(cfg, args) -> int:
     from radalign.finetune.fewshot_recipe import run_fewshot_recipe
 
     run_fewshot_recipe(cfg, overwrite=args.overwrite)
-    return 0
-
-
-def _predict(args) -> int:
-    from radalign.finetune.predict import predict_split
-
-    frame = predict_split(args.checkpoint, table=args.data, split=args.split, shards=args.shards)
-    from radalign.io import atomic_write_text
-
-    atomic_write_text(args.out, frame.to_csv(index=False))
-    print(f"{len(frame)} studies scored by {sum(c.startswith('score:') for c in frame.columns)} models -> {args.out}")
     return 0
 
 

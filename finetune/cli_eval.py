@@ -1,23 +1,131 @@
-"""`radalign finetune eval` and `radalign finetune explain` (parsers and handlers; the work is in
-finetune.evaluate)."""
+"""`radalign finetune predict`, `eval` and `explain`: their typed configs, parsers and handlers (the work is in
+finetune.predict and finetune.evaluate)."""
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+from radalign.cli import add_config_args, config_from_args, old_spelling, print_config
+
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
+EXPLAIN_FORMATS = ("json", "markdown", "html")
+# Old spellings, one release: the run folder was --checkpoint (a pretrain run elsewhere), the table --data.
+OLD_RUN_FLAGS = {"--checkpoint": "--run", "--data": "--table"}
 
 EVAL_EXAMPLES = """examples:
-  radalign finetune eval --checkpoint runs/demo/finetune/in_hospital_mortality \\
+  radalign finetune eval --run runs/demo/finetune/in_hospital_mortality \\
       --out runs/demo/finetune/in_hospital_mortality/eval
-  radalign finetune eval --checkpoint RUN --threshold sensitivity --target 0.9 --bootstrap 2000
+  radalign finetune eval --run RUN --threshold sensitivity --target 0.9 --bootstrap 2000
 """
 EXPLAIN_EXAMPLES = """examples:
-  radalign finetune explain --checkpoint runs/demo/finetune/in_hospital_mortality --study-id 50000123 \\
-      --index runs/demo/retrieval/index --format html --out explain.html
-  radalign finetune explain --checkpoint RUN --study-id 50000123 --format json
+  radalign finetune explain --run runs/demo/finetune/in_hospital_mortality --study-id 50000123 \\
+      --index-dir runs/demo/retrieval/index --format html --out explain.html
+  radalign finetune explain --run RUN --study-id 50000123 --format json
 """
+
+
+@dataclass
+class _TrainedRun:
+    """A trained finetune run and the data it is applied to."""
+
+    run: str = ""
+    """Finetune run folder (run_dir of `radalign finetune train`)."""
+    table: Optional[str] = None
+    """Finetune table (None: the run's data.table)."""
+    shards: Optional[str] = None
+    """Shards holding the table's films (None: the run's data.shards)."""
+
+    def validate(self) -> list[str]:
+        return [] if self.run else ["run: none given; pass --run RUN (a finetune run folder)"]
+
+
+@dataclass
+class PredictConfig(_TrainedRun):
+    """`radalign finetune predict`: probabilities of every saved model of the run."""
+
+    split: str = "test"
+    """Table split to score."""
+    out: str = ""
+    """Predictions CSV to write."""
+
+    def validate(self) -> list[str]:
+        return super().validate() + ([] if self.out else ["out: none given; pass --out predictions.csv"])
+
+
+@dataclass
+class EvalConfig(_TrainedRun):
+    """`radalign finetune eval`: clinical evaluation of one saved model of the run."""
+
+    model: str = "fusion"
+    """Saved model to evaluate."""
+    split: Optional[str] = None
+    """Split to evaluate (None: the run's data.test_split)."""
+    val_split: Optional[str] = None
+    """Split the threshold and temperature are fitted on (None: the run's data.val_split; never the evaluated
+    split)."""
+    out: str = ""
+    """Folder for metrics.json, report.md and the PNGs."""
+    threshold: str = "youden"
+    """Decision-threshold rule, applied on validation: youden, sensitivity or specificity (the last two need
+    target)."""
+    target: Optional[float] = None
+    """Target sensitivity/specificity for threshold=sensitivity|specificity, e.g. 0.9."""
+    bootstrap: Optional[int] = None
+    """Patient bootstrap resamples (None: the run's bootstrap)."""
+    seed: Optional[int] = None
+    """Bootstrap seed (None: the run's seed)."""
+    min_count: int = 20
+    """Smallest labelled group (or cell) that is scored; smaller ones are counted only."""
+    subgroups: Optional[str] = None
+    """Comma-separated subgroup columns (None: gender,age_band,race,insurance,modalities,labs)."""
+
+    def validate(self) -> list[str]:
+        p = super().validate() + ([] if self.out else ["out: none given; pass --out DIR"])
+        if self.threshold not in THRESHOLD_RULES:
+            p.append(f"threshold: {self.threshold!r} is not one of {', '.join(THRESHOLD_RULES)}")
+        elif self.threshold != "youden" and self.target is None:
+            p.append(f"target: --threshold {self.threshold} needs --target, e.g. --target 0.9")
+        if self.bootstrap is not None and self.bootstrap < 1:
+            p.append(f"bootstrap: {self.bootstrap}: need at least 1 resample (e.g. 1000)")
+        return p
+
+
+@dataclass
+class ExplainConfig(_TrainedRun):
+    """`radalign finetune explain`: one prediction explained."""
+
+    study_id: str = ""
+    """Study to explain (a study_id of the table)."""
+    model: str = "fusion"
+    """Saved model to explain."""
+    split: Optional[str] = None
+    """Table split holding the study (None: look in every split)."""
+    index_dir: Optional[str] = None
+    """Retrieval index built with the run's encoders (`radalign retrieval build`), for similar cases."""
+    k: int = 5
+    """Similar cases to show."""
+    format: str = "json"
+    """Output format: json, markdown or html."""
+    out: Optional[str] = None
+    """File to write (None: print)."""
+
+    def validate(self) -> list[str]:
+        p = super().validate() + ([] if self.study_id else ["study_id: none given; pass --study-id ID"])
+        if self.format not in EXPLAIN_FORMATS:
+            p.append(f"format: {self.format!r} is not one of {', '.join(EXPLAIN_FORMATS)}")
+        return p
 
 
 def register_eval(verbs) -> None:
+    """The predict, eval and explain verbs of `radalign finetune`."""
+    pr = verbs.add_parser("predict", help="score new studies with a trained run",
+                          description="Probabilities of every saved model of RUN for the studies of a table "
+                                      "split (same feature list as training, or refused).")
+    _run_args(pr, PredictConfig)
+    pr.set_defaults(func=_predict)
+
     ev = verbs.add_parser("eval", help="clinical evaluation: intervals, calibration, thresholds, subgroups, "
                                        "missingness patterns, degradation",
                           description="Evaluate a trained run on a table split: AUROC/AUPRC/sensitivity/"
@@ -27,64 +135,51 @@ def register_eval(verbs) -> None:
                                       "and missingness patterns, graceful degradation. Writes OUT/metrics.json, "
                                       "report.md, reliability.png, subgroups.png.",
                           epilog=EVAL_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _run_args(ev)
-    ev.add_argument("--split", help="split to evaluate (default: the run's data.test_split)")
-    ev.add_argument("--val-split", help="split the threshold and temperature are fitted on (default: the run's "
-                                        "data.val_split; never the evaluated split)")
-    ev.add_argument("--out", required=True, help="folder for metrics.json, report.md and the PNGs")
-    ev.add_argument("--threshold", default="youden", choices=("youden", "sensitivity", "specificity"),
-                    help="decision-threshold rule, applied on validation (default: %(default)s)")
-    ev.add_argument("--target", type=float, help="target sensitivity/specificity for --threshold "
-                                                 "sensitivity|specificity, e.g. 0.9")
-    ev.add_argument("--bootstrap", type=int, metavar="N", help="patient bootstrap resamples (default: the run's "
-                                                               "bootstrap)")
-    ev.add_argument("--seed", type=int, help="bootstrap seed (default: the run's seed)")
-    ev.add_argument("--min-count", type=int, default=20, help="smallest labelled group (or cell) that is scored; "
-                                                              "smaller ones are counted only (default: %(default)s)")
-    ev.add_argument("--subgroups", help="comma-separated subgroup columns (default: gender,age_band,race,"
-                                        "insurance,modalities,labs)")
+    _run_args(ev, EvalConfig, threshold={"choices": THRESHOLD_RULES}, bootstrap={"metavar": "N"})
     ev.set_defaults(func=_eval)
 
     ex = verbs.add_parser("explain", help="explain one prediction: Shapley values over modalities, attention, "
                                           "what was used, similar past cases",
                           description="Exact Shapley values over the fusion model's modalities (logit space; they "
                                       "sum to f(all) - f(none)), the fusion attention per modality, a plain "
-                                      "statement of what was used and, with --index, the k most similar cases of "
-                                      "other patients and their neighbour vote.",
+                                      "statement of what was used and, with --index-dir, the k most similar cases "
+                                      "of other patients and their neighbour vote.",
                           epilog=EXPLAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _run_args(ex)
-    ex.add_argument("--study-id", required=True, help="study to explain (a study_id of the table)")
-    ex.add_argument("--split", help="table split holding the study (default: look in every split)")
-    ex.add_argument("--index", metavar="INDEX_DIR", help="retrieval index built with the run's encoders "
-                                                         "(`radalign retrieval build`) for similar cases")
-    ex.add_argument("--k", type=int, default=5, help="similar cases to show (default: %(default)s)")
-    ex.add_argument("--format", default="json", choices=("json", "markdown", "html"),
-                    help="output format (default: %(default)s)")
-    ex.add_argument("--out", metavar="FILE", help="file to write (default: print)")
+    _run_args(ex, ExplainConfig, format={"choices": EXPLAIN_FORMATS}, out={"metavar": "FILE"})
+    old_spelling(ex, {"--index": "--index-dir"})
     ex.set_defaults(func=_explain)
 
 
-def _run_args(p) -> None:
-    p.add_argument("--checkpoint", required=True, metavar="RUN", help="finetune run folder")
-    p.add_argument("--data", metavar="TABLE", help="finetune table (default: the run's data.table)")
-    p.add_argument("--shards", help="shards holding the table's films (default: the run's data.shards)")
-    p.add_argument("--model", default="fusion", help="saved model to evaluate/explain (default: %(default)s)")
+def _run_args(p, cls, **field_kwargs) -> None:
+    add_config_args(p, cls, run={"metavar": "RUN"}, table={"metavar": "TABLE"}, **field_kwargs)
+    old_spelling(p, OLD_RUN_FLAGS)
+
+
+def _predict(args) -> int:
+    from radalign.finetune.predict import predict_split
+
+    from radalign.io import atomic_write_text
+
+    cfg = config_from_args(PredictConfig, args, stage="finetune")
+    if args.print_config:
+        return print_config(cfg)
+    frame = predict_split(cfg.run, table=cfg.table, split=cfg.split, shards=cfg.shards)
+    atomic_write_text(cfg.out, frame.to_csv(index=False))
+    print(f"{len(frame)} studies scored by {sum(c.startswith('score:') for c in frame.columns)} models -> {cfg.out}")
+    return 0
 
 
 def _eval(args) -> int:
     from radalign.finetune.evaluate import evaluate_run
 
-    from radalign import RadalignError
-
-    if args.threshold != "youden" and args.target is None:
-        raise RadalignError(f"--threshold {args.threshold} needs --target, e.g. --target 0.9")
-    if args.bootstrap is not None and args.bootstrap < 1:
-        raise RadalignError(f"--bootstrap {args.bootstrap}: need at least 1 resample (e.g. 1000)")
-    subgroups = [c.strip() for c in args.subgroups.split(",") if c.strip()] if args.subgroups else None
-    res = evaluate_run(args.checkpoint, out=args.out, table=args.data, split=args.split, val_split=args.val_split,
-                       shards=args.shards, model=args.model, threshold_rule=args.threshold,
-                       threshold_target=args.target, n_boot=args.bootstrap, seed=args.seed,
-                       min_count=args.min_count, subgroups=subgroups)
+    cfg = config_from_args(EvalConfig, args, stage="finetune")
+    if args.print_config:
+        return print_config(cfg)
+    subgroups = [c.strip() for c in cfg.subgroups.split(",") if c.strip()] if cfg.subgroups else None
+    res = evaluate_run(cfg.run, out=cfg.out, table=cfg.table, split=cfg.split, val_split=cfg.val_split,
+                       shards=cfg.shards, model=cfg.model, threshold_rule=cfg.threshold,
+                       threshold_target=cfg.target, n_boot=cfg.bootstrap, seed=cfg.seed,
+                       min_count=cfg.min_count, subgroups=subgroups)
     au, cal = res["discrimination"]["metrics"]["auroc"], res["calibration"]
     print(f"{res['model']} on {res['run']['split']}: AUROC {_f(au['value'])} ({_f(au['ci_low'])} to "
           f"{_f(au['ci_high'])}), ECE {_f(cal['ece_before'])} -> {_f(cal['ece_after'])} after temperature "
@@ -101,11 +196,14 @@ def _explain(args) -> int:
     from radalign.finetune.evaluate import explain_study
     from radalign.finetune.explain import write
 
-    expl = explain_study(args.checkpoint, args.study_id, index=args.index, k=args.k, split=args.split,
-                         table=args.data, shards=args.shards, model=args.model, thumbnail=args.format == "html")
-    text = write(expl, args.format, args.out)
-    if args.out:
-        print(f"study {expl.study_id}: probability {expl.probability:.3f} -> {args.out}")
+    cfg = config_from_args(ExplainConfig, args, stage="finetune")
+    if args.print_config:
+        return print_config(cfg)
+    expl = explain_study(cfg.run, cfg.study_id, index=cfg.index_dir, k=cfg.k, split=cfg.split,
+                         table=cfg.table, shards=cfg.shards, model=cfg.model, thumbnail=cfg.format == "html")
+    text = write(expl, cfg.format, cfg.out)
+    if cfg.out:
+        print(f"study {expl.study_id}: probability {expl.probability:.3f} -> {cfg.out}")
     else:
         print(text, end="")
     return 0

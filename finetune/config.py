@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Optional
 
 MODALITIES = ("image", "text", "ehr")
-# Training-time drop rates. Text and EHR follow the absence mix of MIMIC-CXR studies (about a quarter of orders
-# carry no usable indication; a third of studies, outpatients, have no labs). Every study has a film, so the
-# image's absence is practised through dropout alone: at 0.1 a model learned nothing from it (same drop as no
-# dropout over 5 seeds), at 0.3 its drop with the image removed is more than a third smaller, chosen on
-# validation (`python bench/degradation.py`; docs/finetune.md, "Graceful degradation").
+# Training-time drop rates. Text and EHR follow the absence mix of MIMIC-CXR studies; every study has a film, so
+# the image's absence is practised through dropout alone and its rate was chosen on validation with
+# bench/degradation.py (the runs: bench/RESULTS.md, "degradation"; docs/finetune.md, "Graceful degradation").
 DEFAULT_MODALITY_DROPOUT = {"image": 0.3, "text": 0.25, "ehr": 0.3}
+# What validation accepts. This release trains binary tasks on the frozen towers only: the recipe refuses the
+# other kinds and tower modes (finetune/config.py, finetune/recipe.py); the next finetune issue implements them.
 TASK_KINDS = ("binary", "multilabel", "multiclass")
 IMAGE_TOWER = ("frozen", "last_blocks", "lora")
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
@@ -42,7 +42,8 @@ class DataConfig:
     test_split: str = "test"
     """Split the reported metrics come from."""
     image_patch_tokens: bool = False
-    """Feed the image tower's patch tokens (not only the pooled embedding) to the fusion head."""
+    """Must stay false in this release: the fusion head takes the tower's pooled embedding (patch tokens come with
+    the next finetune issue; true is refused)."""
     allow_overlap: bool = False
     """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
 
@@ -52,7 +53,8 @@ class TaskConfig:
     name: str = "in_hospital_mortality"
     """Task name (the run's subfolder and the report title)."""
     kind: str = "binary"
-    """binary (one label column), multilabel (several 0/1 columns) or multiclass (one class-index column)."""
+    """binary: one 0/1 label column. The only kind this release trains and reports (other kinds are refused; the
+    next finetune issue adds them)."""
     labels: list[str] = field(default_factory=lambda: ["in_hospital_mortality"])
     """Label column(s) of the table. With `threshold_column`, the one name given to the derived label."""
     threshold_column: Optional[str] = None
@@ -86,11 +88,12 @@ class ModelConfig:
     cls_sees_absent: bool = True
     """The fusion [CLS] may attend to an absent modality's mask token (absence as information)."""
     image_tower: str = "frozen"
-    """frozen (cached embeddings), last_blocks (train the last `unfreeze_blocks`) or lora (peft)."""
+    """frozen: the towers stay fixed and their embeddings are cached. The only mode of this release (training
+    tower blocks or LoRA adapters comes with the next finetune issue; other values are refused)."""
     unfreeze_blocks: int = 0
-    """With image_tower=last_blocks: how many final blocks train."""
+    """Reserved for training the tower's last blocks (next finetune issue); unused with image_tower=frozen."""
     lora_rank: int = 8
-    """With image_tower=lora: the LoRA rank."""
+    """Reserved for LoRA adapters on the tower (next finetune issue); unused with image_tower=frozen."""
 
 
 @dataclass

@@ -136,7 +136,7 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
     trained = load_run(checkpoint)
     cfg = trained.cfg
     if cfg.task.kind != "binary":
-        raise RadalignError(f"--checkpoint {checkpoint}: task {cfg.task.name!r} is {cfg.task.kind}; the clinical "
+        raise RadalignError(f"--run {checkpoint}: task {cfg.task.name!r} is {cfg.task.kind}; the clinical "
                             "evaluation (calibration, thresholds, subgroups) is for binary tasks")
     if model not in trained.models:
         raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
@@ -234,9 +234,9 @@ def check_index_encoder(store, trained: TrainedRun) -> None:
     from radalign.retrieval.search import check_encoder
 
     if trained.encoders is None:
-        raise RadalignError(f"--index {store.path}: this run has no image/text towers "
+        raise RadalignError(f"--index-dir {store.path}: this run has no image/text towers "
                             f"(modalities {trained.modalities}); similar cases need an image run")
-    check_encoder(store.manifest, trained.encoders, f"--index {store.path}")
+    check_encoder(store.manifest, trained.encoders, f"--index-dir {store.path}")
 
 
 def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: SplitInputs, row: int, k: int,
@@ -250,7 +250,7 @@ def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: Spli
     retr.encoders = trained.encoders
     if data.image is None or not data.present.get("image", np.zeros(len(data), bool))[row]:
         raise RadalignError(f"study {data.studies[row]}: no film embedded, so no image to search the index "
-                            "with; explain it without --index")
+                            "with; explain it without --index-dir")
     fr = data.frame.iloc[row]
     res = retr.search(vector=data.image[row], k=k, query_info={
         "kind": "study", "study_id": str(fr["study_id"]), "subject_id": str(fr["subject_id"])})

@@ -114,7 +114,7 @@ def load_run(path: str | os.PathLike) -> TrainedRun:
     path = Path(path)
     cfg_file, models_dir = path / "config.yaml", path / "models"
     if not cfg_file.is_file() or not models_dir.is_dir():
-        raise RadalignError(f"--checkpoint {path}: not a finetune run (expected config.yaml and models/). Pass "
+        raise RadalignError(f"--run {path}: not a finetune run (expected config.yaml and models/). Pass "
                             "the run_dir of `radalign finetune`")
     cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune")
     fz_doc = json.loads((path / "featurizer.json").read_text()) if (path / "featurizer.json").is_file() else {}

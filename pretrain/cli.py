@@ -1,9 +1,14 @@
-"""`radalign pretrain --config NAME_OR_YAML [key=value ...]` (also `python -m radalign.pretrain`, `accelerate launch -m
-radalign.pretrain`, `torchrun -m radalign.pretrain`)."""
+"""`radalign pretrain [train] --config NAME_OR_YAML [key=value ...]` (also `python -m radalign.pretrain`,
+`accelerate launch -m radalign.pretrain`, `torchrun -m radalign.pretrain`), and `radalign export`."""
 
 from __future__ import annotations
 
 import argparse
+
+from radalign.cli import add_config_args, add_verbs, config_from_args, print_config
+
+VERBS = ("train",)
+DEFAULT_VERB = "train"  # `radalign pretrain --config X` is `radalign pretrain train --config X`
 
 
 def register(sub) -> None:
@@ -14,14 +19,19 @@ def register(sub) -> None:
     p = sub.add_parser(
         "pretrain", help="contrastive image-report pretraining (Accelerate / DeepSpeed)",
         description="Train image and report encoders with InfoNCE on prepared shards, then export them.\n"
-                    "Example: radalign pretrain --config pretrain/tiny data.shards=runs/demo/shards steps=300",
+                    "Example: radalign pretrain --config pretrain/tiny data.shards=runs/demo/shards steps=300 "
+                    "(`train` is the default verb)", formatter_class=argparse.RawDescriptionHelpFormatter)
+    t = add_verbs(p).add_parser(
+        "train", help="train and export (the default verb)",
+        description="Train image and report encoders with InfoNCE on prepared shards, then export them.\n"
+                    "Example: radalign pretrain train --config pretrain/tiny data.shards=runs/demo/shards steps=300",
         epilog=format_help(PretrainConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="pretrain/tiny",
+    t.add_argument("--config", default="pretrain/tiny",
                    help="config name under configs/ (e.g. pretrain/tiny) or a YAML path (default: %(default)s)")
-    p.add_argument("--list-models", action="store_true", help="list registered model configs and exit")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500")
-    p.set_defaults(func=_run)
+    t.add_argument("--list-models", action="store_true", help="list registered model configs and exit")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=500")
+    t.set_defaults(func=_run)
 
 
 def _run(args) -> int:
@@ -58,28 +68,25 @@ def register_export(sub) -> None:
     from radalign.pretrain.formats import FORMATS
     from radalign.pretrain.share import ExportConfig
 
-    from radalign.config import format_help
 
     p = sub.add_parser(
         "export", help="write a pretrain run in open_clip, transformers or ONNX layout, with a model card",
         description="Write a pretrain run (or its export folder) in a layout other libraries load without "
                     "radalign, check it against radalign's own loader, and write MODEL_CARD.md.",
-        epilog=EXPORT_EXAMPLES + "\n" + format_help(ExportConfig), formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("source", metavar="RUN_OR_EXPORT", help="pretrain run folder or its export/ folder")
-    p.add_argument("--format", required=True, choices=FORMATS, help="target layout")
-    p.add_argument("--out", required=True, help="folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--no-verify", action="store_true", help="skip the round-trip check (not recommended)")
-    p.add_argument("--eval", action="append", default=[], metavar="METRICS_JSON",
-                   help="a `radalign zeroshot` metrics.json (or folder) for the card; repeatable")
-    p.add_argument("--data-use", help="licence / data-use statement for the card (default: from the data)")
-    p.add_argument("--license", help="licence of the weights, for the card")
-    p.add_argument("--no-overlap-check", action="store_true", help="skip the card's patient overlap count")
+        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", nargs="?", metavar="RUN_OR_EXPORT",
+                   help="pretrain run folder or its export/ folder (or source=... in the YAML)")
+    add_config_args(p, ExportConfig, skip=("source",), flags={"evals": "--eval"}, format={"choices": FORMATS},
+                    out={"metavar": "DIR"}, evals={"metavar": "METRICS_JSON"})
     p.set_defaults(func=_export)
 
 
 def _export(args) -> int:
-    from radalign.pretrain.share import export_main
+    from radalign.pretrain.share import ExportConfig, run_export
 
-    return export_main(args)
+    cfg = config_from_args(ExportConfig, args, stage="pretrain", source=args.source)
+    if args.print_config:
+        return print_config(cfg)
+    out = run_export(cfg)
+    print(f"{cfg.format} export written to {out}; model card {out / 'MODEL_CARD.md'}")
+    return 0

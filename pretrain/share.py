@@ -187,14 +187,4 @@ def run_export(cfg: ExportConfig) -> Path:
     return out
 
 
-def export_main(args) -> int:
-    """CLI entry (pretrain/cli.py): flags -> ExportConfig -> run_export."""
-    cfg = ExportConfig(source=args.source, format=args.format, out=args.out, overwrite=args.overwrite,
-                       opset=args.opset, verify=not args.no_verify, evals=list(args.eval),
-                       data_use=args.data_use, license=args.license, overlap_check=not args.no_overlap_check)
-    out = run_export(cfg)
-    print(f"{cfg.format} export written to {out}; model card {out / 'MODEL_CARD.md'}")
-    return 0
-
-
 __all__ = ["ExportConfig", "run_export", "verify", "EXPORT_JSON"]

@@ -1,21 +1,35 @@
-"""The `radalign` command: `radalign <stage> [verb] [--flags] [key=value ...]`.
+"""The `radalign` command: `radalign <stage> <verb> [--config YAML] [--flags] [key=value ...]`.
 
 Each stage package has a `cli` module with `register(subparsers)` (adds its parser) and `main(argv)`
-(for `python -m <stage>`). This module only dispatches; no library module imports it.
+(for `python -m radalign.<stage>`). This module dispatches and owns the one CLI convention every verb follows:
+
+- a run verb is backed by a typed config dataclass: `--config` (a YAML path or a name under configs/), one flag
+  per field (`add_config_args`: the flag's help is the field's docstring), then `key=value` overrides;
+  `config_from_args` merges them in that order and validates once;
+- inputs are named by what they are (`--shards`, `--table`, `--export`, `--run`, `--index-dir`); an old
+  spelling still works for one release and prints a warning naming the new one (`old_spelling`);
+  docs/cli.md lists them ("Old spellings").
+
+No library module imports this one.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
 import importlib
 import sys
+import typing
+from typing import Any
 
 from radalign import RadalignError, __version__
+from radalign.config import describe, field_docs, load_config, to_yaml
 
 STAGES = ("data", "pretrain", "zeroshot", "retrieval", "finetune")
-# Top-level commands implemented by a stage: `radalign export` lives in pretrain/cli.py (`register_export`).
-COMMANDS = {"export": "pretrain"}
+# Top-level commands -> "module:register function": `radalign export` is implemented by the pretrain stage,
+# `radalign summary` by the core (it reads run files and imports no stage).
+COMMANDS = {"export": "radalign.pretrain.cli:register_export", "summary": "radalign.summary:register"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -57,6 +71,113 @@ def add_verbs(parser: argparse.ArgumentParser, dest: str = "verb"):
     return sub
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Old spellings: accepted for one release, with a warning naming the new one.
+
+
+class _OldSpelling(argparse.Action):
+    """An old option string: warns on stderr, then does exactly what the new option's action does."""
+
+    def __init__(self, option_strings, dest, target: argparse.Action, new: str, **kwargs):
+        super().__init__(option_strings, dest=target.dest, nargs=target.nargs, const=target.const,
+                         default=argparse.SUPPRESS, type=target.type, choices=target.choices,
+                         help=argparse.SUPPRESS, metavar=target.metavar)
+        self.target, self.new = target, new
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"warning: {option_string} is the old spelling of {self.new}; it still works in this release and "
+              f"will be removed in the next: write {self.new}", file=sys.stderr)
+        self.target(parser, namespace, values, self.new)
+
+
+def old_spelling(parser: argparse.ArgumentParser, old_to_new: dict[str, str]) -> None:
+    """Accept each old option string as a warning alias of the already added new one (`--no-x` names the
+    negative of a --x/--no-x flag)."""
+    for old, new in old_to_new.items():
+        target = next((a for a in parser._actions if new in a.option_strings), None)
+        if target is None:
+            raise ValueError(f"{parser.prog}: no option {new} to alias {old} to")
+        parser.add_argument(old, action=_OldSpelling, target=target, new=new)
+
+
+def old_spellings(parser: argparse.ArgumentParser) -> list[tuple[str, str, str]]:
+    """(command, old, new) for every old spelling of `parser` and its sub-commands (docs/cli.md, tests)."""
+    out = [(parser.prog, a.option_strings[0], a.new) for a in parser._actions if isinstance(a, _OldSpelling)]
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            for sub in a.choices.values():
+                out += old_spellings(sub)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Run verbs: --config, one flag per config field, key=value.
+
+FLAG_DEST = "config_field:"  # argparse dest prefix of the per-field flags (kept apart from the verb's own options)
+
+
+def add_config_args(p: argparse.ArgumentParser, cls: type, *, default_config: str | None = None,
+                    flags: dict[str, str | tuple[str, ...]] | None = None, skip: tuple[str, ...] = (),
+                    **field_kwargs: dict) -> None:
+    """Add `--config`, `--print-config`, a flag per field of `cls` and the `key=value` positional to `p`.
+
+    A field's flag is `--field-name` (or `flags[field]`: one option string or several); its help is the field's
+    docstring and default. Unset flags leave the YAML's (or the dataclass's) value alone. `field_kwargs[field]`
+    adds argparse options (choices, metavar, nargs). bool fields get --x/--no-x, list fields a repeatable flag.
+    """
+    p.add_argument("--config", default=default_config, metavar="NAME_OR_YAML",
+                   help="config name under configs/ or a YAML path; flags, then key=value, override it"
+                        + (" (default: %(default)s)" if default_config else " (default: the defaults below)"))
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    docs, defaults = field_docs(cls), {key: default for key, default, _ in describe(cls)}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        names = (flags or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        names = (names,) if isinstance(names, str) else tuple(names)
+        flag = names[0]
+        key = "" if flag == "--" + f.name.replace("_", "-") else f"[key {f.name}] "
+        helptext = f"{key}{docs.get(f.name, '')} (default: {defaults[f.name]})".replace("%", "%%")
+        kwargs = {**_flag_kwargs(hints[f.name]), **field_kwargs.get(f.name, {})}
+        if kwargs.get("action") is not argparse.BooleanOptionalAction and "choices" not in kwargs:
+            kwargs.setdefault("metavar", f.name.upper())
+        p.add_argument(*names, dest=f"{FLAG_DEST}{f.name}={flag}", default=None, help=helptext, **kwargs)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. seed=1")
+
+
+def _flag_kwargs(hint: Any) -> dict:
+    """argparse options for a field type: bool -> --x/--no-x, list -> repeatable, Optional[T] -> T."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) is typing.Union and len(args) == 1:
+        hint = args[0]
+    if hint is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(hint) is list:
+        return {"action": "append"}
+    return {"type": hint} if hint in (int, float) else {}
+
+
+def config_from_args(cls: type, args: argparse.Namespace, stage: str | None = None, **positionals: Any):
+    """The config of a run verb: YAML (`--config`), then the flags that were set (and `positionals`, a verb's
+    positional arguments by field name), then `key=value`; validated once (radalign.config.ConfigError lists
+    every problem, naming the flag or override as typed)."""
+    flags = {key: (value, str(value)) for key, value in positionals.items() if value is not None}
+    for dest, value in vars(args).items():
+        if dest.startswith(FLAG_DEST) and value is not None:
+            key, flag = dest[len(FLAG_DEST):].split("=", 1)
+            if isinstance(value, bool):
+                flags[key] = (value, flag if value else "--no-" + flag[2:])
+            else:
+                flags[key] = (value, f"{flag} {' '.join(map(str, value)) if isinstance(value, list) else value}")
+    return load_config(cls, args.config, args.overrides, stage=stage, flags=flags)
+
+
+def print_config(cfg) -> int:
+    print(to_yaml(cfg), end="")
+    return 0
+
+
 def run_entry(func, args) -> int:
     """Call a verb's handler; print user errors (RadalignError) without a traceback."""
     try:
@@ -79,9 +200,10 @@ def build_parser(stages: tuple[str, ...] = STAGES) -> Parser:
     for stage in (s for s in stages if s in STAGES):
         mod = importlib.import_module(f"radalign.{stage}.cli")
         mod.register(sub)
-    for command, stage in COMMANDS.items():
-        if stage in stages or command in stages:
-            getattr(importlib.import_module(f"radalign.{stage}.cli"), f"register_{command}")(sub)
+    for command, target in COMMANDS.items():
+        if command in stages or tuple(stages) == STAGES:
+            module, func = target.split(":")
+            getattr(importlib.import_module(module), func)(sub)
     return parser
 
 
@@ -119,11 +241,31 @@ def stage_main(stage: str, argv: list[str] | None = None) -> int:
 
 
 
+CONVENTION = """## One convention
+
+`radalign <stage> <verb> [--config NAME_OR_YAML] [--flags] [key=value ...]` (a stage's default verb may be left
+out: `radalign finetune --config X` is `radalign finetune train --config X`, `radalign zeroshot --export ...` is
+`radalign zeroshot eval --export ...`).
+
+- Every run verb is backed by a typed config (a dataclass, a docstring per field): `--config` loads a YAML (a path,
+  or a name under configs/), each flag sets one field (its help is the field's docstring), `key=value` sets any
+  field; later wins (YAML, then flags, then key=value), and every problem is reported at once.
+  `--print-config` prints the resolved config and exits.
+- Inputs are named by what they are: `--shards` (a shards folder of `radalign data prepare`), `--table` (the EHR
+  table of `radalign data link-ehr`), `--export` (a pretrain run or its export/ folder), `--run` (a finetune run
+  folder), `--index-dir` (a retrieval index folder) versus `--index-type` (the FAISS index type); outputs are
+  `--out`. `--overwrite` replaces an output; `--num-workers` sets worker processes."""
+
+
 def reference_markdown() -> str:
     """The CLI reference (docs/cli.md), generated from the parsers themselves; a test keeps the file in sync."""
     parser = build_parser()
     lines = ["# CLI reference", "", "Generated by `python -m radalign.cli --write-reference docs/cli.md`; "
-             "`tests/test_cli.py` fails when this file is out of date.", ""]
+             "`tests/test_cli.py` fails when this file is out of date.", "", *CONVENTION.splitlines(), ""]
+    lines += ["## Old spellings", "", "Accepted in this release, each with a warning naming the new spelling; "
+              "they go in the next release.", "", "| command | old | new |", "|---|---|---|"]
+    lines += [f"| `{prog}` | `{old}` | `{new}` |" for prog, old, new in old_spellings(parser)]
+    lines.append("")
 
     def walk(p: argparse.ArgumentParser, name: str, depth: int) -> None:
         lines.extend([f"{'#' * depth} `{name}`", "", "```", p.format_help().rstrip(), "```", ""])
@@ -142,6 +284,7 @@ if __name__ == "__main__":  # pragma: no cover
 
         os.environ["COLUMNS"] = "100"
         Path = __import__("pathlib").Path
-        Path(sys.argv[2]).write_text(reference_markdown())
+        # the stage modules use radalign.cli's classes, not this __main__ copy's (old_spellings tests isinstance)
+        Path(sys.argv[2]).write_text(importlib.import_module("radalign.cli").reference_markdown())
         sys.exit(0)
     sys.exit(main())

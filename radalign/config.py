@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import os
 import textwrap
@@ -83,6 +84,11 @@ def resolve_config_path(name_or_path: str | os.PathLike, stage: str | None = Non
 
 def field_docs(cls: type) -> dict[str, str]:
     """Map field name -> docstring written under it in the dataclass body."""
+    return dict(_field_docs(cls))
+
+
+@functools.cache  # parsing the source is most of a CLI parser's build time
+def _field_docs(cls: type) -> dict[str, str]:
     docs: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
@@ -196,7 +202,7 @@ class _Layer:
         return f" (in {self.label})"
 
 
-def _layers(source, overrides, stage) -> list[_Layer]:
+def _layers(source, overrides, stage, flags=None) -> list[_Layer]:
     layers: list[_Layer] = []
     if isinstance(source, dict):
         layers.append(_Layer("the config dict", OmegaConf.create(source)))
@@ -206,6 +212,9 @@ def _layers(source, overrides, stage) -> list[_Layer]:
             layers.append(_Layer(str(path), OmegaConf.load(path) or OmegaConf.create({})))
         except Exception as e:  # YAML syntax errors carry line numbers; pass them on
             raise ConfigError([f"{path}: cannot parse YAML: {e}"], source=str(path)) from None
+    if flags:  # {key: (value, "--flag value" as typed)}: after the YAML, before key=value
+        layers.append(_Layer("command-line flags", OmegaConf.create({k: v for k, (v, _) in flags.items()}),
+                             {k: text for k, (_, text) in flags.items()}))
     if overrides:
         texts = {o.split("=", 1)[0].strip().lstrip("+~"): o for o in overrides}
         layers.append(_Layer("command line", parse_overrides(list(overrides)), texts))
@@ -213,14 +222,17 @@ def _layers(source, overrides, stage) -> list[_Layer]:
 
 
 def load_config(cls: type[T], source: str | os.PathLike | dict | None = None,
-                overrides: list[str] | tuple[str, ...] = (), stage: str | None = None) -> T:
-    """Build `cls` from a YAML file/name (or dict), then `key=value` overrides; validate everything.
+                overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
+                flags: dict[str, tuple[Any, str]] | None = None) -> T:
+    """Build `cls` from a YAML file/name (or dict), then command-line `flags`, then `key=value` overrides;
+    validate everything. `flags` maps a top-level key to (value, the flag as typed), e.g.
+    `{"shards": ("runs/demo/shards", "--shards runs/demo/shards")}` (radalign.cli.config_from_args builds it).
 
     Raises one ConfigError listing every problem at once: unknown keys, wrong types, missing values and failed
     `validate()` rules. Each unknown key or bad value names its source: the YAML file, or the override as typed
     on the command line.
     """
-    layers = _layers(source, overrides, stage)
+    layers = _layers(source, overrides, stage, flags)
     label = " + ".join(layer.label for layer in layers) or "config"
     problems: list[str] = []
     for layer in layers:

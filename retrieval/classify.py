@@ -160,7 +160,7 @@ def zeroshot_probs(encoders, images: np.ndarray, prompt_set) -> np.ndarray:
     if prompt_set.mode != "binary":
         raise RadalignError(f"--prompts {prompt_set.name}: a {prompt_set.mode} prompt set; the vote is per label, "
                             "so compare it with a binary set (chexpert14, competition5)")
-    w = classifier.text_weights(encoders, prompt_set, "--checkpoint")
+    w = classifier.text_weights(encoders, prompt_set, "--export")
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     return classifier.class_probs(x, w, "binary", classifier.logit_scale_of(encoders)).numpy().astype(np.float64)
 

@@ -139,7 +139,7 @@ def plan_index(n: int, d: int, kind: str = "auto", memory_budget: int | None = N
                flat_max: int = DEFAULT_FLAT_MAX) -> IndexPlan:
     """The index to build for `n` vectors of dim `d`: an explicit `kind`, or the auto rule (module docstring)."""
     if kind not in INDEX_KINDS:
-        raise RadalignError(f"--index {kind!r}: unknown; choose one of {', '.join(INDEX_KINDS)}")
+        raise RadalignError(f"--index-type {kind!r}: unknown; choose one of {', '.join(INDEX_KINDS)}")
     if n < 1:
         raise RadalignError("no vectors to index (the data gave 0 usable samples)")
     nlist = _nlist(n)
@@ -159,18 +159,18 @@ def plan_index(n: int, d: int, kind: str = "auto", memory_budget: int | None = N
     else:
         reason = "chosen explicitly"
     if kind in ("ivf-flat", "ivf-pq") and nlist < 2:
-        raise RadalignError(f"--index {kind}: {n} vectors are too few for inverted lists (need >= "
-                            f"{2 * MIN_POINTS_PER_CENTROID}); use --index flat")
+        raise RadalignError(f"--index-type {kind}: {n} vectors are too few for inverted lists (need >= "
+                            f"{2 * MIN_POINTS_PER_CENTROID}); use --index-type flat")
     if kind == "ivf-pq" and n < 16 * MIN_POINTS_PER_CENTROID:
-        raise RadalignError(f"--index ivf-pq: {n} vectors are too few to train 4-bit PQ (need >= "
-                            f"{16 * MIN_POINTS_PER_CENTROID}); use --index flat or ivf-flat")
+        raise RadalignError(f"--index-type ivf-pq: {n} vectors are too few to train 4-bit PQ (need >= "
+                            f"{16 * MIN_POINTS_PER_CENTROID}); use --index-type flat or ivf-flat")
     factory = {
         "flat": "Flat",
         "hnsw": f"HNSW{HNSW_M},Flat",
         "ivf-flat": f"IVF{nlist},Flat",
-        # 4-bit fast-scan PQ rather than 8-bit PQ (+OPQ, autofaiss's choice): training 8-bit sub-quantizers
-        # took minutes for 10^5 vectors on 2 cores (OPQ: 62 s vs 0.3 s at 10^4), and after the exact refine
-        # step neither raised recall@10 (measured: 0.978 both). Fast-scan search is SIMD-friendly too.
+        # 4-bit fast-scan PQ rather than 8-bit PQ (+OPQ, autofaiss's choice): 8-bit sub-quantizers and OPQ train
+        # far slower, and after the exact refine step neither raised recall@10 (bench/RESULTS.md, "retrieval").
+        # Fast-scan search is SIMD-friendly too.
         "ivf-pq": f"IVF{nlist},PQ{m}x4fs,Refine(Flat)",
     }[kind]
     ram = estimate_ram(kind, n, d, m=m, nlist=nlist)

@@ -87,7 +87,7 @@ class Retriever:
             ckpt = self._checkpoint or self.store.manifest["encoder"].get("checkpoint")
             if not ckpt or not Path(ckpt).exists():
                 raise RadalignError(f"{self.store.path}: the encoder export it was built with ({ckpt}) is not "
-                                    f"there; pass --checkpoint RUN_OR_EXPORT (the same weights)")
+                                    f"there; pass --export RUN_OR_EXPORT (the same weights)")
             from radalign.pretrain.export import load_encoders
 
             self.encoders = load_encoders(ckpt, device=self._device)

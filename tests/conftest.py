@@ -36,7 +36,7 @@ def synth_shards(synth_root, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     rc = main(["data", "prepare", "--mimic-cxr", str(synth_root / "mimic-cxr-jpg"),
                "--reports", str(synth_root / "mimic-cxr-reports"), "--out", str(out),
-               "--image-size", "64", "--shard-size", "16", "--workers", "1"])
+               "--image-size", "64", "--shard-size", "16", "--num-workers", "1"])
     assert rc == 0
     return out
 
@@ -106,7 +106,7 @@ def ft_cohort(tmp_path_factory, nano_model_cfg) -> dict:
     shards = root / "shards"
     assert main(["data", "prepare", "--mimic-cxr", str(root / "synth" / "mimic-cxr-jpg"), "--reports",
                  str(root / "synth" / "mimic-cxr-reports"), "--out", str(shards), "--image-size", "64",
-                 "--shard-size", "64", "--workers", "1"]) == 0
+                 "--shard-size", "64", "--num-workers", "1"]) == 0
     link_ehr(root / "synth" / "mimic-iv", shards, root / "ehr", progress=False)
     return {"root": root, "shards": shards, "table": root / "ehr" / "finetune",
             "export": _export_recording(nano_model_cfg, root / "pretrain" / "export", shards, seed=0),

@@ -70,14 +70,14 @@ def planted(cohort, run):
 @pytest.fixture(scope="module")
 def evaluation(run, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval") / "eval"
-    assert _cli("finetune", "eval", "--checkpoint", run, "--out", out, "--bootstrap", 50, "--min-count", 5) == 0
+    assert _cli("finetune", "eval", "--run", run, "--out", out, "--bootstrap", 50, "--min-count", 5) == 0
     return out, json.loads((out / "metrics.json").read_text())
 
 
 @pytest.fixture(scope="module")
 def index(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("index") / "index"
-    assert _cli("retrieval", "build", "--checkpoint", cohort["export"], "--data", cohort["shards"], "--split",
+    assert _cli("retrieval", "build", "--export", cohort["export"], "--shards", cohort["shards"], "--split",
                 "train", "--out", out) == 0
     return out
 
@@ -208,7 +208,7 @@ def test_subgroup_and_missingness_counts_match_the_data(run, evaluation):
 def test_thresholds_and_temperature_never_see_test_labels(run, evaluation, planted, tmp_path):
     """Every test label flipped: the test AUROC becomes 1 - AUROC, the threshold and temperature stay."""
     _, m = evaluation
-    assert _cli("finetune", "eval", "--checkpoint", run, "--data", planted["table"], "--out", tmp_path / "e",
+    assert _cli("finetune", "eval", "--run", run, "--table", planted["table"], "--out", tmp_path / "e",
                 "--bootstrap", 50, "--min-count", 5) == 0
     flipped = json.loads((tmp_path / "e" / "metrics.json").read_text())
     a, b = m["discrimination"], flipped["discrimination"]
@@ -221,7 +221,7 @@ def test_thresholds_and_temperature_never_see_test_labels(run, evaluation, plant
 
 
 def test_eval_refuses_a_subgroup_column_that_does_not_exist(run, tmp_path, capsys):
-    assert _cli("finetune", "eval", "--checkpoint", run, "--out", tmp_path / "e", "--bootstrap", 5,
+    assert _cli("finetune", "eval", "--run", run, "--out", tmp_path / "e", "--bootstrap", 5,
                 "--subgroups", "gender,shoe_size") == 2
     err = capsys.readouterr().err
     assert "'shoe_size'" in err and "available columns" in err
@@ -237,7 +237,7 @@ def test_explain_json_shapley_sums_to_full_minus_empty_and_matches_the_model(run
     i = int(no_text[0]) if no_text.size else 0
     sid = data.studies[i]
     out = tmp_path / "e.json"
-    assert _cli("finetune", "explain", "--checkpoint", run, "--study-id", sid, "--format", "json",
+    assert _cli("finetune", "explain", "--run", run, "--study-id", sid, "--format", "json",
                 "--out", out) == 0
     d = json.loads(out.read_text())
     assert str(d["study_id"]) == str(sid) and d["output"]["space"] == "logit"
@@ -255,7 +255,7 @@ def test_explain_json_shapley_sums_to_full_minus_empty_and_matches_the_model(run
 
 
 def test_explain_names_a_missing_study_and_an_example(run, capsys):
-    assert _cli("finetune", "explain", "--checkpoint", run, "--study-id", "424242", "--format", "json") == 2
+    assert _cli("finetune", "explain", "--run", run, "--study-id", "424242", "--format", "json") == 2
     err = capsys.readouterr().err
     assert "424242" in err and "e.g." in err
 
@@ -263,7 +263,7 @@ def test_explain_names_a_missing_study_and_an_example(run, capsys):
 def test_explain_html_and_markdown_escape_free_text(run, planted, tmp_path):
     html_file, md_file = tmp_path / "e.html", tmp_path / "e.md"
     for fmt, f in (("html", html_file), ("markdown", md_file)):
-        assert _cli("finetune", "explain", "--checkpoint", run, "--data", planted["table"], "--study-id",
+        assert _cli("finetune", "explain", "--run", run, "--table", planted["table"], "--study-id",
                     planted["script_study"], "--format", fmt, "--out", f) == 0
     page = html_file.read_text()
     assert "<script" not in page and "&lt;script&gt;" in page
@@ -281,7 +281,7 @@ def test_explain_with_an_index_lists_other_patients_and_their_vote(run, cohort, 
     _, data = _test_inputs(run)
     sid, subject = data.studies[0], str(data.subjects[0])
     out = tmp_path / "e.json"
-    assert _cli("finetune", "explain", "--checkpoint", run, "--study-id", sid, "--index", index, "--k", 4,
+    assert _cli("finetune", "explain", "--run", run, "--study-id", sid, "--index-dir", index, "--k", 4,
                 "--format", "json", "--out", out) == 0
     d = json.loads(out.read_text())
     cases = d["similar_cases"]
@@ -305,11 +305,11 @@ def test_explain_refuses_an_index_of_another_encoder_naming_both_checksums(run, 
     from radalign.pretrain.export import load_encoders
 
     other = tmp_path / "other_index"
-    assert _cli("retrieval", "build", "--checkpoint", cohort["other_export"], "--data", cohort["shards"],
+    assert _cli("retrieval", "build", "--export", cohort["other_export"], "--shards", cohort["shards"],
                 "--split", "validate", "--out", other) == 0
     capsys.readouterr()
     _, data = _test_inputs(run)
-    assert _cli("finetune", "explain", "--checkpoint", run, "--study-id", data.studies[0], "--index", other,
+    assert _cli("finetune", "explain", "--run", run, "--study-id", data.studies[0], "--index-dir", other,
                 "--format", "json") == 2
     err = capsys.readouterr().err
     ours, theirs = load_encoders(cohort["export"]).checksum, load_encoders(cohort["other_export"]).checksum

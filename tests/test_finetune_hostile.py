@@ -359,7 +359,7 @@ def test_a_table_missing_a_column_is_named_with_the_fix(cohort, base, tmp_path, 
             frame.drop(columns=[column], inplace=True)
     table = _write_table(cohort, tmp_path / "table", drop)
     capsys.readouterr()
-    rc = _cli("finetune", verb, "--checkpoint", base, "--data", table, "--out", tmp_path / "out")
+    rc = _cli("finetune", verb, "--run", base, "--table", table, "--out", tmp_path / "out")
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert f"{table} (split 'test') lacks column(s) {column!r} (" in err, err
@@ -376,7 +376,7 @@ def test_following_the_fix_a_null_indication_scores_the_text_as_absent(cohort, b
         for frame in splits.values():
             frame["indication"] = None
     table = _write_table(cohort, tmp_path / "table", no_text)
-    assert _cli("finetune", "predict", "--checkpoint", base, "--data", table, "--out", tmp_path / "p.csv") == 0
+    assert _cli("finetune", "predict", "--run", base, "--table", table, "--out", tmp_path / "p.csv") == 0
     got = pd.read_csv(tmp_path / "p.csv")
     trained = load_run(base)
     masked = trained.logits(trained.inputs("test"), "fusion", present_override={"text": False})
@@ -385,7 +385,7 @@ def test_following_the_fix_a_null_indication_scores_the_text_as_absent(cohort, b
 
 def test_eval_names_a_subgroup_column_the_table_lacks_and_how_to_leave_it_out(cohort, base, tmp_path, capsys):
     capsys.readouterr()
-    rc = _cli("finetune", "eval", "--checkpoint", base, "--out", tmp_path / "out", "--subgroups", "ethnicity,race")
+    rc = _cli("finetune", "eval", "--run", base, "--out", tmp_path / "out", "--subgroups", "ethnicity,race")
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
     assert "lacks column(s) 'ethnicity' (subgroup 'ethnicity')" in err and "out of --subgroups" in err

@@ -384,10 +384,10 @@ def learnable_shards(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("learn")
     assert main(["data", "synth", "--out", str(root / "synth"), "--patients", "400", "--image-size", "128",
-                 "--workers", "2", "--no-progress"]) == 0
+                 "--num-workers", "2", "--no-progress"]) == 0
     assert main(["data", "prepare", "--mimic-cxr", str(root / "synth" / "mimic-cxr-jpg"), "--reports",
                  str(root / "synth" / "mimic-cxr-reports"), "--out", str(root / "shards"), "--image-size", "112",
-                 "--shard-size", "128", "--workers", "2", "--no-progress"]) == 0
+                 "--shard-size", "128", "--num-workers", "2", "--no-progress"]) == 0
     return root / "shards"
 
 

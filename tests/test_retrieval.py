@@ -120,7 +120,7 @@ def test_plan_rules():
     assert ix.parse_memory("1.5G") == int(1.5 * 2**30) and ix.parse_memory("512M") == 512 * 2**20
     with pytest.raises(RadalignError, match="--memory-budget 'lots'"):
         ix.parse_memory("lots")
-    with pytest.raises(RadalignError, match="--index 'annoy'"):
+    with pytest.raises(RadalignError, match="--index-type 'annoy'"):
         ix.plan_index(100, 8, "annoy")
     with pytest.raises(RadalignError, match="too few"):
         ix.plan_index(50, 8, "ivf-flat")
@@ -326,7 +326,7 @@ def test_encoder_mismatch(tmp_path):
         Retriever.load(out, encoders=FakeEncoders(checksum="b" * 64))
     with pytest.raises(RadalignError, match="dim 32, the encoders give 16"):
         Retriever.load(out, encoders=FakeEncoders(dim=16))
-    with pytest.raises(RadalignError, match="pass --checkpoint"):
+    with pytest.raises(RadalignError, match="pass --export"):
         Retriever.load(out).search(text="effusion")  # built without a recorded export
 
 

@@ -245,9 +245,9 @@ def test_cli_end_to_end_beside_zero_shot(tiny_export, synth_shards, tmp_path, ca
     from radalign.cli import main
 
     idx, out = tmp_path / "index", tmp_path / "classify"
-    assert main(["retrieval", "build", "--checkpoint", str(tiny_export), "--data", str(synth_shards), "--split",
+    assert main(["retrieval", "build", "--export", str(tiny_export), "--shards", str(synth_shards), "--split",
                  "train", "--out", str(idx), "--thumbnail-size", "0", "--batch-size", "32"]) == 0
-    assert main(["retrieval", "classify", "--index", str(idx), "--queries", str(synth_shards), "--split", "test",
+    assert main(["retrieval", "classify", "--index-dir", str(idx), "--shards", str(synth_shards), "--split", "test",
                  "--k", "5", "--val-split", "validate", "--prompts", "chexpert14", "--bootstrap", "50",
                  "--min-per-label", "1", "--out", str(out), "--batch-size", "32"]) == 0
     printed = capsys.readouterr().out

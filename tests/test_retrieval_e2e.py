@@ -14,7 +14,7 @@ from tests.conftest import nearest_other_patients
 @pytest.fixture(scope="module")
 def index_dir(tiny_export, synth_shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("retrieval") / "index"
-    rc = main(["retrieval", "build", "--checkpoint", str(tiny_export), "--data", str(synth_shards),
+    rc = main(["retrieval", "build", "--export", str(tiny_export), "--shards", str(synth_shards),
                "--split", "train", "--out", str(out), "--modality", "both", "--batch-size", "16"])
     assert rc == 0
     return out
@@ -40,7 +40,7 @@ def test_study_search_json_excludes_patient(index_dir, tmp_path, capsys):
     store = IndexStore.load(index_dir)
     study = store.row(0)["study_id"]
     out = tmp_path / "r.json"
-    assert main(["retrieval", "search", "--index", str(index_dir), "--study-id", study, "--k", "3",
+    assert main(["retrieval", "search", "--index-dir", str(index_dir), "--study-id", study, "--k", "3",
                  "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["query"]["study_id"] == study and len(res["neighbours"]) == 3
@@ -53,7 +53,7 @@ def test_study_search_json_excludes_patient(index_dir, tmp_path, capsys):
 def test_example_html_is_self_contained(index_dir, synth_shards, tmp_path):
     html, md = tmp_path / "ex.html", tmp_path / "ex.md"
     for fmt, out in (("html", html), ("markdown", md)):
-        assert main(["retrieval", "search", "--index", str(index_dir), "--example-from", str(synth_shards),
+        assert main(["retrieval", "search", "--index-dir", str(index_dir), "--example-from", str(synth_shards),
                      "--split", "test", "--k", "3", "--format", fmt, "--out", str(out)]) == 0
     page = html.read_text()
     assert page.count("data:image/jpeg;base64,") == 4  # query + 3 neighbours
@@ -88,7 +88,7 @@ def test_text_search_on_reports(index_dir, tiny_export, capsys):
     from radalign.pretrain.export import load_encoders
     from radalign.retrieval.store import IndexStore
 
-    assert main(["retrieval", "search", "--index", str(index_dir), "--text", "large pleural effusion",
+    assert main(["retrieval", "search", "--index-dir", str(index_dir), "--text", "large pleural effusion",
                  "--target", "report", "--k", "2"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["query"]["kind"] == "text" and len(res["neighbours"]) == 2
@@ -110,7 +110,7 @@ def test_eval_metrics_equal_a_brute_force_computation(index_dir, synth_shards, t
     from radalign.pretrain.export import load_encoders
     from radalign.retrieval.store import IndexStore
 
-    assert main(["retrieval", "eval", "--index", str(index_dir), "--queries", str(synth_shards), "--split",
+    assert main(["retrieval", "eval", "--index-dir", str(index_dir), "--shards", str(synth_shards), "--split",
                  "test", "--out", str(tmp_path), "--bootstrap", "100"]) == 0
     printed = capsys.readouterr().out
     m = json.loads((tmp_path / "metrics.json").read_text())
@@ -185,7 +185,7 @@ def test_build_on_a_damaged_split_counts_every_lost_sample(tiny_export, synth_sh
             m.size = len(body)
             tar.addfile(m, io.BytesIO(body))
     out = tmp_path / "index"
-    assert main(["retrieval", "build", "--checkpoint", str(tiny_export), "--data", str(data), "--split", "train",
+    assert main(["retrieval", "build", "--export", str(tiny_export), "--shards", str(data), "--split", "train",
                  "--out", str(out), "--batch-size", "16"]) == 0
     printed = capsys.readouterr().out
     m = json.loads((out / "manifest.json").read_text())
@@ -204,9 +204,9 @@ def test_build_and_eval_lock_their_output_folders(index_dir, tiny_export, synth_
 
     from radalign.lock import lock_file
 
-    build = ["retrieval", "build", "--checkpoint", str(tiny_export), "--data", str(synth_shards), "--split",
+    build = ["retrieval", "build", "--export", str(tiny_export), "--shards", str(synth_shards), "--split",
              "test", "--out", str(tmp_path / "idx")]
-    ev = ["retrieval", "eval", "--index", str(index_dir), "--queries", str(synth_shards), "--split", "test",
+    ev = ["retrieval", "eval", "--index-dir", str(index_dir), "--shards", str(synth_shards), "--split", "test",
           "--out", str(tmp_path / "ev")]
     for folder, argv in ((tmp_path / "idx", build), (tmp_path / "ev", ev)):
         folder.parent.mkdir(parents=True, exist_ok=True)
@@ -226,12 +226,12 @@ def test_bad_input_errors(index_dir, tiny_export, nano_model_cfg, tmp_path, caps
 
     torch.manual_seed(1)
     other = export_encoders(build_model(nano_model_cfg), nano_model_cfg, tmp_path / "other")
-    assert main(["retrieval", "search", "--index", str(index_dir), "--text", "effusion",
-                 "--checkpoint", str(other)]) == 2
+    assert main(["retrieval", "search", "--index-dir", str(index_dir), "--text", "effusion",
+                 "--export", str(other)]) == 2
     assert "encoder checksum" in capsys.readouterr().err
-    assert main(["retrieval", "search", "--index", str(index_dir), "--text", "x", "--k", "100000"]) == 2
+    assert main(["retrieval", "search", "--index-dir", str(index_dir), "--text", "x", "--k", "100000"]) == 2
     assert "larger than the index" in capsys.readouterr().err
-    assert main(["retrieval", "search", "--index", str(tmp_path / "none"), "--text", "x"]) == 2
+    assert main(["retrieval", "search", "--index-dir", str(tmp_path / "none"), "--text", "x"]) == 2
     assert "no manifest.json" in capsys.readouterr().err
-    assert main(["retrieval", "search", "--index", str(index_dir), "--image", str(tmp_path / "no.jpg")]) == 2
+    assert main(["retrieval", "search", "--index-dir", str(index_dir), "--image", str(tmp_path / "no.jpg")]) == 2
     assert "no such file" in capsys.readouterr().err

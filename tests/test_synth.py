@@ -267,7 +267,7 @@ def test_rerun_regenerates_and_foreign_dirs_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, word", [({"patients": 0}, "--patients"), ({"difficulty": 1.5}, "--difficulty"),
-                                          ({"image_size": 8}, "--image-size"), ({"workers": 0}, "--workers")])
+                                          ({"image_size": 8}, "--image-size"), ({"workers": 0}, "--num-workers")])
 def test_bad_arguments_name_the_value(tmp_path, kwargs, word):
     with pytest.raises(RadalignError, match=re.escape(word)):
         synthesize(tmp_path / "x", progress=False, **kwargs)

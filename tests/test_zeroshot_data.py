@@ -248,11 +248,11 @@ def test_cli_build_and_errors(tmp_path, capsys):
     assert rc == 0 and len(pd.read_csv(tmp_path / "l.csv")) == 25
     assert zs(["list-prompts"]) == 0
     assert "chexpert14" in capsys.readouterr().out
-    rc = zs(["--data", str(tmp_path / "valid.csv"), "--out", str(tmp_path / "o")])
-    assert rc == 2 and "--checkpoint RUN_OR_EXPORT" in capsys.readouterr().err
-    rc = zs(["--checkpoint", str(tmp_path), "--data", "x.csv", "--out", str(tmp_path / "o")])
-    assert rc == 2 and "--data x.csv: no such file" in capsys.readouterr().err
-    rc = zs(["--checkpoint", str(tmp_path), "--data", str(tmp_path / "valid.csv"), "--out", str(tmp_path / "o")])
+    rc = zs(["eval", "--csv", str(tmp_path / "valid.csv"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "--export RUN_OR_EXPORT" in capsys.readouterr().err
+    rc = zs(["eval", "--export", str(tmp_path), "--csv", "x.csv", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "x.csv: no such file" in capsys.readouterr().err
+    rc = zs(["eval", "--export", str(tmp_path), "--csv", str(tmp_path / "valid.csv"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not a radalign export or run folder" in capsys.readouterr().err
 
 
@@ -267,7 +267,7 @@ def test_real_export_on_synthetic_shards(request, tmp_path, capsys):
 
     export, shards_root = request.getfixturevalue("tiny_export"), request.getfixturevalue("synth_shards")
     out = tmp_path / "zs"
-    rc = zs(["--checkpoint", str(export), "--data", str(shards_root), "--split", "test",
+    rc = zs(["eval", "--export", str(export), "--shards", str(shards_root), "--split", "test",
              "--prompts", "chexpert14", "--out", str(out), "--bootstrap", "50", "--blank", "negative"])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -306,7 +306,7 @@ def test_real_export_on_contract_shards(request, shards, tmp_path):
     pytest.importorskip("radalign.pretrain.models")
     export = request.getfixturevalue("tiny_export")
     out = tmp_path / "zs"
-    rc = zs(["--checkpoint", str(export), "--checkpoint", str(export), "--data", str(shards), "--prompts",
+    rc = zs(["eval", "--export", str(export), "--export", str(export), "--shards", str(shards), "--prompts",
              "competition5", "--out", str(out), "--bootstrap", "30", "--val-split", "validate"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

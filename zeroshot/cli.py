@@ -1,117 +1,79 @@
 """`radalign zeroshot`: prompted classification with bootstrap CIs, and the 5x200 list builders.
 
-    radalign zeroshot --checkpoint RUN_OR_EXPORT --data SHARDS_OR_CSV --prompts chexpert14 --out DIR
+    radalign zeroshot eval --export RUN_OR_EXPORT --shards SHARDS --prompts chexpert14 --out DIR [key=value]
+    radalign zeroshot eval --export RUN_OR_EXPORT --csv valid.csv --image-root chexpert --out DIR
     radalign zeroshot build-5x200 --chexpert-csv valid.csv --out lists/chexpert-5x200.csv [--seed 0]
     radalign zeroshot build-5x200 --shards runs/demo/shards --split test --out lists/mimic-5x200.csv
     radalign zeroshot list-prompts
+
+`eval` is the default verb: `radalign zeroshot --export ...` is `radalign zeroshot eval --export ...`.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from radalign.zeroshot.config import BLANK_POLICIES, UNCERTAIN_POLICIES, Build5x200Config, ZeroshotConfig
+
+from radalign.cli import add_config_args, add_verbs, config_from_args, old_spelling, print_config
+
+VERBS = ("eval", "build-5x200", "list-prompts")
+DEFAULT_VERB = "eval"
+
 EXAMPLES = """examples:
-  radalign zeroshot --checkpoint runs/demo/pretrain --data runs/demo/shards --split test \\
+  radalign zeroshot eval --export runs/demo/pretrain --shards runs/demo/shards --split test \\
       --prompts chexpert14 --out runs/demo/zeroshot
-  radalign zeroshot --checkpoint runA --checkpoint runB --data chexpert/valid.csv \\
+  radalign zeroshot eval --export runA --export runB --csv chexpert/valid.csv \\
       --image-root chexpert --prompts competition5 --prompts chexpert14 --out out/   # checkpoint ensemble
-  radalign zeroshot --checkpoint run --data lists/chexpert-5x200.csv --image-root chexpert \\
+  radalign zeroshot eval --export run --csv lists/chexpert-5x200.csv --image-root chexpert \\
       --prompts 5x200 --out out/5x200
-  radalign zeroshot --checkpoint run --data runs/demo/shards --subset lists/mimic-5x200.csv \\
-      --prompts 5x200 --out out/mimic-5x200
+  radalign zeroshot eval --export run --shards runs/demo/shards --subset lists/mimic-5x200.csv \\
+      --prompts 5x200 --out out/mimic-5x200 bootstrap=200
 """
 
 
 def register(sub) -> None:
-    from radalign.cli import Parser
-
     p = sub.add_parser(
         "zeroshot", help="zero-shot classification with prompt sets (AUROC with bootstrap CIs)",
-        description="Score images against prompt sets with exported encoders; writes metrics.json, "
-                    "predictions.csv, roc.png and metrics.md.", epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _eval_flags(p)
-    verbs = p.add_subparsers(dest="verb", metavar="VERB", parser_class=Parser)
+        description="Score images against prompt sets with exported encoders (eval), build 5x200 lists, list the "
+                    "prompt sets.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = add_verbs(p)
+    e = verbs.add_parser("eval", help="AUROC per class and macro, with bootstrap CIs (the default verb)",
+                         description="Score images against prompt sets with exported encoders; writes "
+                                     "metrics.json, predictions.csv, roc.png and metrics.md.",
+                         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(
+        e, ZeroshotConfig, flags={"checkpoints": "--export", "data": ("--shards", "--csv"),
+                                  "macro_classes": "--classes", "shuffled_control": "--control"},
+        checkpoints={"metavar": "RUN_OR_EXPORT"}, data={"metavar": "SHARDS_OR_CSV"},
+        prompts={"metavar": "NAME_OR_YAML"}, macro_classes={"nargs": "+", "action": "store", "metavar": "CLASS"},
+        label_columns={"nargs": "+", "action": "store", "metavar": "COLUMN"},
+        uncertain={"choices": UNCERTAIN_POLICIES}, blank={"choices": BLANK_POLICIES})
+    old_spelling(e, {"--checkpoint": "--export", "--data": "--shards"})
+    e.set_defaults(func=_evaluate)
+
     b = verbs.add_parser("build-5x200", help="build a seeded CheXpert-5x200 or MIMIC-5x200 image list",
                          description="Write a 5x200 list (CSV) and its JSON sidecar (seed, rule, sha256).")
-    src = b.add_mutually_exclusive_group(required=True)
-    src.add_argument("--chexpert-csv", help="a CheXpert-format CSV (Path, Frontal/Lateral, 14 labels)")
-    src.add_argument("--shards", help="a shards folder from `radalign data prepare` (MIMIC-5x200)")
-    b.add_argument("--split", default="test", help="shard split to draw from (default: %(default)s)")
-    b.add_argument("--out", required=True, help="the list to write (.csv; the sidecar gets .json)")
-    b.add_argument("--seed", type=int, default=0, help="sampling seed (default: %(default)s)")
-    b.add_argument("--per-class", type=int, default=200, help="images per class (default: %(default)s)")
-    b.add_argument("--blank-not-negative", action="store_true",
-                   help="require other labels to be explicitly 0 (default: blank counts as negative)")
-    verbs.add_parser("list-prompts", help="list the built-in prompt sets")
-    p.set_defaults(func=_run)
+    add_config_args(b, Build5x200Config)
+    old_spelling(b, {"--blank-not-negative": "--no-blank-as-negative"})
+    b.set_defaults(func=_build)
+    ls = verbs.add_parser("list-prompts", help="list the built-in prompt sets")
+    ls.set_defaults(func=_list_prompts)
 
 
-def _eval_flags(p) -> None:
-    p.add_argument("--checkpoint", action="append", default=[], metavar="RUN_OR_EXPORT",
-                   help="run folder or export folder; repeat to ensemble checkpoints")
-    p.add_argument("--data", help="shards folder, CheXpert-format CSV, or CSV with an image column")
-    p.add_argument("--prompts", action="append", default=[], metavar="NAME_OR_YAML",
-                   help="prompt set (chexpert14, competition5, 5x200 or a YAML path); repeatable "
-                        "(default: chexpert14)")
-    p.add_argument("--out", help="output folder")
-    p.add_argument("--split", default="test", help="shard split to evaluate (default: %(default)s)")
-    p.add_argument("--val-split", help="shard split for choosing thresholds (never the test split)")
-    p.add_argument("--val-data", help="CSV input: validation CSV for choosing thresholds")
-    p.add_argument("--subset", help="a 5x200 list CSV: evaluate only its images, with its classes")
-    p.add_argument("--image-root", help="CSV input: folder image paths are relative to (default: CSV folder)")
-    p.add_argument("--image-column", help="CSV input: image path column (default: Path/path/image/image_path)")
-    p.add_argument("--class-column", default="class", help="multi-class CSV: class column (default: %(default)s)")
-    p.add_argument("--label-columns", nargs="+", help="CSV input: label columns (each must have prompts)")
-    p.add_argument("--uncertain", default="exclude", choices=("exclude", "positive", "negative"),
-                   help="label -1 (default: %(default)s from that class's metric, counted)")
-    p.add_argument("--blank", default="exclude", choices=("exclude", "negative"),
-                   help="blank label (default: %(default)s from that class's metric, counted)")
-    p.add_argument("--classes", nargs="+", metavar="CLASS", help="classes of the headline macro AUROC")
-    p.add_argument("--min-per-label", type=int, default=10,
-                   help="a class enters the macro only with at least this many positives and negatives "
-                        "(default: %(default)s; its own AUROC is reported either way)")
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap / control seed (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=64, help="images per forward (default: %(default)s)")
-    p.add_argument("--num-workers", type=int, default=0, help="image loading workers (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="do not cache image embeddings in OUT/cache")
-    p.add_argument("--no-control", action="store_true", help="skip the shuffled-label control")
+def _list_prompts(args) -> int:
+    from radalign.pretrain.prompts import available_prompt_sets, load_prompt_set
 
-
-def _run(args) -> int:
-    if args.verb == "build-5x200":
-        return _build(args)
-    if args.verb == "list-prompts":
-        from radalign.pretrain.prompts import available_prompt_sets, load_prompt_set
-
-        for name in available_prompt_sets():
-            ps = load_prompt_set(name)
-            print(f"{name:14s} {ps.mode:10s} {len(ps.classes):2d} classes  {ps.description}")
-        return 0
-    return _evaluate(args)
+    for name in available_prompt_sets():
+        ps = load_prompt_set(name)
+        print(f"{name:14s} {ps.mode:10s} {len(ps.classes):2d} classes  {ps.description}")
+    return 0
 
 
 def _evaluate(args) -> int:
-    from radalign import RadalignError
-    from radalign.config import load_config
-
-    if not args.out:
-        raise RadalignError("--out: required; the folder for metrics.json, predictions.csv, roc.png")
-    from radalign.zeroshot.config import ZeroshotConfig
-
-    cfg = load_config(ZeroshotConfig, {
-        "checkpoints": args.checkpoint, "data": args.data or "", "out": args.out,
-        "prompts": args.prompts or ["chexpert14"], "split": args.split, "val_split": args.val_split,
-        "val_data": args.val_data, "subset": args.subset, "image_root": args.image_root,
-        "image_column": args.image_column, "class_column": args.class_column, "label_columns": args.label_columns,
-        "uncertain": args.uncertain, "blank": args.blank, "macro_classes": args.classes,
-        "min_per_label": args.min_per_label, "bootstrap": args.bootstrap, "seed": args.seed,
-        "batch_size": args.batch_size,
-        "num_workers": args.num_workers, "device": args.device, "cache": not args.no_cache,
-        "shuffled_control": not args.no_control,
-    })
+    cfg = config_from_args(ZeroshotConfig, args, stage="zeroshot")
+    if args.print_config:
+        return print_config(cfg)
     from radalign.zeroshot.evaluate import run_zeroshot
 
     from radalign.log import rprint
@@ -138,11 +100,14 @@ def _build(args) -> int:
 
     from radalign.log import rprint
 
-    common = dict(seed=args.seed, per_class=args.per_class, blank_as_negative=not args.blank_not_negative)
-    if args.chexpert_csv:
-        out = build_chexpert_5x200(args.chexpert_csv, args.out, **common)
+    cfg = config_from_args(Build5x200Config, args, stage="zeroshot")
+    if args.print_config:
+        return print_config(cfg)
+    common = dict(seed=cfg.seed, per_class=cfg.per_class, blank_as_negative=cfg.blank_as_negative)
+    if cfg.chexpert_csv:
+        out = build_chexpert_5x200(cfg.chexpert_csv, cfg.out, **common)
     else:
-        out = build_mimic_5x200(args.shards, args.out, split=args.split, **common)
+        out = build_mimic_5x200(cfg.shards, cfg.out, split=cfg.split, **common)
     rprint(f"wrote {out} and {out.with_suffix('.json')}")
     return 0
 

@@ -1,4 +1,5 @@
-"""Typed config of `radalign zeroshot` (the CLI flags fill it; the Python API takes it directly)."""
+"""Typed configs of `radalign zeroshot eval` and `radalign zeroshot build-5x200` (YAML, flags and key=value
+fill them through radalign.cli.config_from_args; the Python API takes them directly)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ BLANK_POLICIES = ("exclude", "negative")
 @dataclass
 class ZeroshotConfig:
     checkpoints: list[str] = field(default_factory=list)
-    """Run folders or export folders (`pretrain.export`). Several: their probabilities are averaged."""
+    """Pretrain run folders or their export folders (repeatable). Several: their probabilities are averaged."""
     data: str = ""
     """Shards folder (with manifest.json), a CheXpert-format CSV, or any CSV with an image column."""
-    out: str = "runs/zeroshot"
-    """Output folder: metrics.json, predictions.csv, roc.png, metrics.md (one subfolder per prompt set
+    out: str = ""
+    """Output folder (required): metrics.json, predictions.csv, roc.png, metrics.md (one subfolder per prompt set
     when several are given)."""
     prompts: list[str] = field(default_factory=lambda: ["chexpert14"])
     """Prompt sets: names under configs/zeroshot/ (chexpert14, competition5, 5x200) or YAML paths."""
@@ -69,9 +70,11 @@ class ZeroshotConfig:
     def validate(self) -> list[str]:
         p = []
         if not self.checkpoints:
-            p.append("checkpoints: none given; pass --checkpoint RUN_OR_EXPORT (repeatable)")
+            p.append("checkpoints: none given; pass --export RUN_OR_EXPORT (repeatable)")
         if not self.data:
-            p.append("data: none given; pass --data SHARDS_DIR or CSV")
+            p.append("data: none given; pass --shards SHARDS_DIR or --csv FILE")
+        if not self.out:
+            p.append("out: none given; pass --out DIR (the folder for metrics.json, predictions.csv, roc.png)")
         if not self.prompts:
             p.append("prompts: none given; pass --prompts chexpert14 (or a YAML path)")
         if self.uncertain not in UNCERTAIN_POLICIES:
@@ -94,4 +97,34 @@ class ZeroshotConfig:
                      "(e.g. validate), never from the test split")
         if self.val_data is not None and self.val_data == self.data:
             p.append("val_data: is the evaluation data itself; thresholds must come from separate data")
+        return p
+
+
+@dataclass
+class Build5x200Config:
+    """`radalign zeroshot build-5x200`: a seeded 5x200 image list from a CheXpert CSV or from shards."""
+
+    chexpert_csv: Optional[str] = None
+    """A CheXpert-format CSV (Path, Frontal/Lateral, 14 labels): CheXpert-5x200. Give this or `shards`."""
+    shards: Optional[str] = None
+    """A shards folder from `radalign data prepare`: MIMIC-5x200. Give this or `chexpert_csv`."""
+    split: str = "test"
+    """Shard split to draw from (shards only)."""
+    out: str = ""
+    """The list to write (.csv); its JSON sidecar (seed, rule, sha256) gets .json."""
+    seed: int = 0
+    """Sampling seed."""
+    per_class: int = 200
+    """Images per class."""
+    blank_as_negative: bool = True
+    """A blank label of the other classes counts as negative (False: they must be explicitly 0)."""
+
+    def validate(self) -> list[str]:
+        p = []
+        if (self.chexpert_csv is None) == (self.shards is None):
+            p.append("chexpert_csv: give exactly one source, --chexpert-csv FILE or --shards DIR")
+        if not self.out:
+            p.append("out: none given; pass --out LIST.csv")
+        if self.per_class < 1:
+            p.append(f"per_class: must be >= 1 (got {self.per_class})")
         return p

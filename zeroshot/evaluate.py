@@ -50,7 +50,7 @@ class Checkpoint:
 
     @property
     def name(self) -> str:
-        return f"--checkpoint {self.path}"
+        return f"--export {self.path}"
 
 
 @dataclass
@@ -77,10 +77,10 @@ def _embed_one(ckpt: Checkpoint, data: str, split: str | None, cfg: ZeroshotConf
         return embed_shards(ckpt.encoders, data, split, batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                             cache=cache_dir is not None)
     if Path(data).is_dir():
-        raise RadalignError(f"--data {data}: a folder without manifest.json; pass a shards folder written by "
+        raise RadalignError(f"--shards {data}: a folder without manifest.json; pass a shards folder written by "
                             "`radalign data prepare`, or a CSV")
     if not Path(data).is_file():
-        raise RadalignError(f"--data {data}: no such file or folder")
+        raise RadalignError(f"--shards/--csv {data}: no such file or folder")
     fp = csv_fingerprint(data, cfg.image_root, cfg.image_column)
     return cached_embed(ckpt.encoders, fp, cache_dir, lambda: embed_csv(
         ckpt.encoders, data, image_root=cfg.image_root, image_column=cfg.image_column,
@@ -294,7 +294,7 @@ def run_zeroshot(cfg: ZeroshotConfig, checkpoints: list[Checkpoint] | None = Non
         from radalign.config import ConfigError
 
         raise ConfigError(problems, source="zeroshot options")
-    for label, path in (("--data", cfg.data), ("--val-data", cfg.val_data), ("--subset", cfg.subset)):
+    for label, path in (("--shards/--csv", cfg.data), ("--val-data", cfg.val_data), ("--subset", cfg.subset)):
         if path and not Path(path).exists():
             raise RadalignError(f"{label} {path}: no such file or folder")
     sets = [load_prompt_set(p) for p in cfg.prompts]

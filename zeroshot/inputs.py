@@ -73,7 +73,7 @@ def embed_shards(encoders, root: str | os.PathLike, split: str, *, batch_size: i
                           num_workers=num_workers, progress=True,
                           cache=EmbedCache.for_encoders(encoders, enabled=cache))
     except RadalignError as e:
-        raise RadalignError(f"--data {root} --split {split}: {e}; choose another split "
+        raise RadalignError(f"--shards {root} --split {split}: {e}; choose another split "
                             "(see `radalign data info`)") from None
     rows = [dict((m or {}).get("labels") or {}) for m in emb.meta]
     labels = pd.DataFrame(rows, index=pd.Index(emb.keys, name="key"))
@@ -148,7 +148,7 @@ def embed_csv(encoders, csv: str | os.PathLike, *, image_root: str | None = None
             embs.append(encoders.encode_images(batch["image"]).float().cpu().numpy())  # [B, D]
             kept += batch["index"]
     if not kept:
-        raise RadalignError(f"--data {csv}: none of its {len(keys)} images could be loaded "
+        raise RadalignError(f"--csv {csv}: none of its {len(keys)} images could be loaded "
                             f"({skipped}); check --image-root (now {rows.root})")
     labels = df.drop(columns=[col]).iloc[kept].set_index(pd.Index([keys[i] for i in kept], name="key"))
     labels = labels.replace(r"^\s*$", np.nan, regex=True)  # text cells: a blank is a missing value

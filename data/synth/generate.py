@@ -515,7 +515,7 @@ def _check_args(patients, seed, image_size, difficulty, workers) -> list[str]:
     if not isinstance(difficulty, (int, float)) or not 0.0 <= float(difficulty) <= 1.0:
         problems.append(f"--difficulty must be in [0, 1] (0 blatant, 1 subtle), got {difficulty!r}")
     if not isinstance(workers, int) or workers < 1:
-        problems.append(f"--workers must be a positive integer, got {workers!r}")
+        problems.append(f"--num-workers must be a positive integer, got {workers!r}")
     return problems
 
 

@@ -339,8 +339,8 @@ def _training_section(f: RunFacts) -> list[str]:
 def _eval_section(f: RunFacts) -> list[str]:
     lines = ["## Evaluation", ""]
     if not f.evals:
-        lines += ["No held-out evaluation made with these weights was found. Run `radalign zeroshot --checkpoint RUN "
-                  "--data SHARDS --split test --out RUN/../zeroshot`, then export again to include it here.", ""]
+        lines += ["No held-out evaluation made with these weights was found. Run `radalign zeroshot eval --export RUN "
+                  "--shards SHARDS --split test --out RUN/../zeroshot`, then export again to include it here.", ""]
     for path, m in f.evals:
         lines += _one_eval(path, m)
     val = next((r for r in reversed(f.history) if "val/zeroshot_macro_auroc" in r), None)

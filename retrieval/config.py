@@ -200,3 +200,37 @@ class ClassifyConfig(_Batches):
 
 __all__ = ["BuildConfig", "SearchConfig", "EvalConfig", "ClassifyConfig", "DEFAULT_K", "DEFAULT_TEMPERATURE",
            "DEFAULT_FLAT_MAX"]
+
+
+@dataclass
+class ServeCliConfig:
+    """`radalign retrieval serve`: the lookup page and JSON API over one index (retrieval/serve.py)."""
+
+    index_dir: str = ""
+    """Index folder of `radalign retrieval build`."""
+    finetune_run: Optional[str] = None
+    """A finetune run: study answers carry its prediction, Shapley values and similar cases."""
+    export: Optional[str] = None
+    """Encoders (None: the export recorded in the index)."""
+    host: str = "127.0.0.1"
+    """Address to bind; anything but loopback needs allow_remote."""
+    allow_remote: bool = False
+    """Allow a host other than loopback (no login: anyone who reaches it can query)."""
+    port: int = 8765
+    """Port."""
+    max_upload_mb: float = 32.0
+    """Largest upload in MiB."""
+    max_pixels: Optional[int] = None
+    """Largest image in pixels (None: data.images' limit)."""
+    audit_log: str = "serve-audit.jsonl"
+    """JSONL audit log of queries (ids and filters only)."""
+    device: str = "cpu"
+    """Torch device."""
+
+    def validate(self) -> list[str]:
+        p = _required(("index_dir", self.index_dir, "INDEX_DIR"))
+        if not 0 < self.port < 65536:
+            p.append(f"port: {self.port} is not a TCP port (1-65535)")
+        if self.max_upload_mb <= 0:
+            p.append(f"max_upload_mb: must be > 0 (got {self.max_upload_mb})")
+        return p

@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_PORT = 8765
+from radalign.retrieval.config import ServeCliConfig
+
+from radalign.cli import add_config_args, config_from_args, old_spelling, print_config
+
+DEFAULT_PORT = ServeCliConfig.port
 
 EXAMPLES = """examples:
   radalign retrieval serve --index-dir runs/demo/retrieval/index
@@ -19,19 +23,9 @@ def register_serve(verbs) -> None:
                          description="Load the encoders and the index once and serve the similar-case lookup "
                                      "on http://127.0.0.1:PORT/ (the page) and /api (JSON; schema at /docs).",
                          epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("--index-dir", required=True, metavar="INDEX_DIR", help="folder of `retrieval build`")
-    s.add_argument("--finetune-run", metavar="RUN",
-                   help="a finetune run: study answers carry its prediction, Shapley values and similar cases")
-    s.add_argument("--checkpoint", metavar="RUN_OR_EXPORT", help="encoders (default: recorded in the index)")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
-    s.add_argument("--allow-remote", action="store_true",
-                   help="allow a --host other than loopback (no login: anyone who reaches it can query)")
-    s.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default: %(default)s)")
-    s.add_argument("--max-upload-mb", type=float, default=32, help="largest upload in MiB (default: %(default)s)")
-    s.add_argument("--max-pixels", type=int, help="largest image in pixels (default: data.images' limit)")
-    s.add_argument("--audit-log", default="serve-audit.jsonl",
-                   help="JSONL audit log of queries (ids and filters only) (default: %(default)s)")
-    s.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_config_args(s, ServeCliConfig, index_dir={"metavar": "INDEX_DIR"}, finetune_run={"metavar": "RUN"},
+                    export={"metavar": "RUN_OR_EXPORT"})
+    old_spelling(s, {"--checkpoint": "--export"})
     s.set_defaults(func=_serve)
 
 
@@ -41,16 +35,19 @@ def _serve(args) -> int:
 
     from radalign.log import rprint
 
-    check_bind(args.host, args.allow_remote)  # before seconds of loading
-    limits = {"max_pixels": args.max_pixels} if args.max_pixels else {}
-    cfg = ServeConfig(max_upload_bytes=int(args.max_upload_mb * 1024 * 1024), audit_log=args.audit_log,
-                      allowed_hosts=allowed_hosts(args.host), **limits)
-    app = create_app(args.index_dir, finetune_run=args.finetune_run, checkpoint=args.checkpoint, config=cfg,
-                     device=args.device)
+    cfg = config_from_args(ServeCliConfig, args, stage="retrieval")
+    if args.print_config:
+        return print_config(cfg)
+    check_bind(cfg.host, cfg.allow_remote)  # before seconds of loading
+    limits = {"max_pixels": cfg.max_pixels} if cfg.max_pixels else {}
+    service = ServeConfig(max_upload_bytes=int(cfg.max_upload_mb * 1024 * 1024), audit_log=cfg.audit_log,
+                          allowed_hosts=allowed_hosts(cfg.host), **limits)
+    app = create_app(cfg.index_dir, finetune_run=cfg.finetune_run, checkpoint=cfg.export, config=service,
+                     device=cfg.device)
     count = app.state.service.retriever.store.count
-    rprint(f"radalign retrieval serve: http://{args.host}:{args.port}/ over {count} cases; audit log "
-           f"{args.audit_log} (Ctrl-C stops)")
-    serve(app, host=args.host, port=args.port, allow_remote=args.allow_remote)
+    rprint(f"radalign retrieval serve: http://{cfg.host}:{cfg.port}/ over {count} cases; audit log "
+           f"{cfg.audit_log} (Ctrl-C stops)")
+    serve(app, host=cfg.host, port=cfg.port, allow_remote=cfg.allow_remote)
     return 0
 
 

@@ -16,7 +16,8 @@ shrinks as k grows in closed form (lam0 = 4 by default). Once every class has `m
 patient-grouped, class-stratified cross-validation inside the shots may lower lam (weaker pull), but only when
 the held-out AUROC gain over lam0 exceeds `se_mult` standard errors: the shots come from the split the towers
 were pretrained on, so in-sample gains are optimistic and a small one is noise. No validation or test row
-is read; lam0, se_mult and min_patients_cv were set on the demo's validation split (docs/fewshot-head.md).
+is read. lam0, se_mult and min_patients_cv are fixed defaults, NOT tuned on any split: the check on the demo's
+validation split (bench/fewshot_heads.py --eval validate --lam0 ...) is still to be run (docs/fewshot-head.md).
 
 The candidates it was compared with (bench/fewshot_heads.py), each adapted to one binary label:
 - `AnchoredCV`: the same MAP head with lam in {inf, 4096 .. 1/64} picked by the one-standard-error rule alone.
@@ -94,7 +95,7 @@ def check_inputs(x, y, groups, init: ZeroShotInit) -> tuple[np.ndarray, np.ndarr
                         "embedded x")
     bad = ~np.isin(y, (0.0, 1.0))
     if bad.any():
-        problems.append(f"y holds {y[bad][0]!r} in row {int(np.argmax(bad))}; labels must be 0 or 1 (drop "
+        problems.append(f"y holds {float(y[bad][0])!r} in row {int(np.argmax(bad))}; labels must be 0 or 1 (drop "
                         "unlabelled rows first)")
     elif len(y) and len(np.unique(y)) < 2:
         problems.append(f"y has only class {int(y[0])}; a few-shot head needs shots of both classes (or none)")
@@ -180,7 +181,7 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 def map_newton(xa: np.ndarray, y: np.ndarray, centre: np.ndarray, prec: np.ndarray, *,
-               start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-10) -> np.ndarray:
+               start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-14) -> np.ndarray:
     """argmin_t sum_i BCE(xa_i t, y_i) + 1/2 sum_j prec_j (t_j - centre_j)^2.
 
     Strictly convex when every prec_j > 0, so damped Newton (Armijo backtracking) reaches the unique minimum
@@ -197,7 +198,7 @@ def map_newton(xa: np.ndarray, y: np.ndarray, centre: np.ndarray, prec: np.ndarr
         h = (xa * (p * (1 - p))[:, None]).T @ xa + np.diag(prec)  # [P, P]
         step = np.linalg.solve(h, g)
         dec = float(g @ step)  # squared Newton decrement
-        if dec / 2 < tol * max(1.0, abs(f)):
+        if dec / 2 < tol:  # absolute: the distance to the optimum is about sqrt(dec / smallest eigenvalue)
             break
         t = 1.0
         while True:
@@ -431,6 +432,8 @@ class ClapHead(FewshotHead):
         self.info_["alpha"] = alpha.tolist()
 
     def predict_logit(self, x) -> np.ndarray:
+        if not self.info_.get("n"):  # no shots: the zero-shot logit exactly, as every head
+            return super().predict_logit(x)
         return super().predict_logit(_rows_unit(np.asarray(x, np.float64)))
 
 

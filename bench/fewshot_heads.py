@@ -93,21 +93,49 @@ def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     return out
 
 
+def _fmt(v) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def drawable(ks, y, patients, ids, seeds, exclude) -> tuple[list, dict]:
+    """(the ks every seed can draw, {k: why not} for the others): a finding may have too few patients of a class."""
+    from radalign.finetune.fewshot import draw_k_per_class
+
+    from radalign import RadalignError
+
+    ok, skipped = [], {}
+    for k in ks:
+        try:
+            for seed in seeds:
+                draw_k_per_class(y, patients, ids, k, seed, exclude_patients=exclude)
+            ok.append(k)
+        except RadalignError as e:
+            skipped[str(k)] = str(e)
+    return ok, skipped
+
+
 def sweep_finding(enc, pool, ev, exclude, finding, heads, options, ks, seeds) -> dict:
     from radalign.finetune.fewshot import run_sweep
 
     init = zero_shot_init(enc, finding)
     y_pool, y_ev = pool.y[:, 0], ev.y[:, 0]
+    ks, skipped = drawable(ks, y_pool, pool.subjects, pool.studies, seeds, exclude)
+    classes = {s: sorted(int(c) for c in np.unique(v[~np.isnan(v)])) for s, v in (("pool", y_pool), ("eval", y_ev))}
+    if any(len(c) < 2 for c in classes.values()):  # e.g. no explicit negative under the label policy
+        ks, skipped = [], {"every k": f"labelled classes {classes}: a binary few-shot curve needs both in both"}
     doc = {"eval_rows": int((~np.isnan(y_ev)).sum()), "eval_positives": int(np.nansum(y_ev)),
            "pool_labelled": int((~np.isnan(y_pool)).sum()), "pool_positives": int(np.nansum(y_pool)),
-           "methods": {}, "cpu_seconds": {}}
+           "ks": [str(k) for k in ks], "ks_not_drawable": skipped, "methods": {}, "cpu_seconds": {}}
+    if not ks:
+        print(f"  {finding}: skipped ({skipped})", flush=True)
+        return doc
     for name, method in methods(pool, ev, init, heads, options).items():
         t0 = time.process_time()
         res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_ev, ks=ks, seeds=seeds,
                         exclude_patients=exclude, method_name=name)
         doc["cpu_seconds"][name] = round(time.process_time() - t0, 2)
         doc["methods"][name] = {"summary": res.summary, "per_draw": res.per_draw}
-        print(f"  {finding} {name}: " + " ".join(f"{k}:{res.summary[str(k)]['mean']:.3f}" for k in ks), flush=True)
+        print(f"  {finding} {name} ({doc['cpu_seconds'][name]} CPU s): " + " ".join(f"{k}:{_fmt(res.summary[str(k)]['mean'])}" for k in ks), flush=True)
     return doc
 
 
@@ -119,29 +147,33 @@ def target_check(doc: dict, head: str, ks) -> dict:
         if head not in m:
             continue
         misses = {}
-        for k in map(str, ks):
-            best = max(m["zero_shot"]["summary"][k]["mean"], m["linear_probe"]["summary"][k]["mean"])
-            gap = m[head]["summary"][k]["mean"] - best
+        for k in d["ks"]:
+            means = [m[n]["summary"][k]["mean"] for n in ("zero_shot", "linear_probe", head)]
+            if None in means:  # the eval split holds one class: no AUROC, nothing to check
+                misses[k] = "no AUROC"
+                continue
+            gap = means[2] - max(means[:2])
             if gap < -TOLERANCE:
                 misses[k] = round(gap, 4)
         out[f] = {"met": not misses, "misses": misses}
     return out
 
 
-def table_markdown(doc: dict, ks) -> str:
+def table_markdown(doc: dict) -> str:
     lines = []
     for f, d in doc["findings"].items():
-        lines += [f"\n{f} (test rows {d['eval_rows']}, positives {d['eval_positives']}): mean AUROC over draws "
-                  "[95% interval]", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
+        ks = d["ks"]
+        lines += [f"\n{f} ({doc['eval_split']} rows {d['eval_rows']}, positives {d['eval_positives']}): mean AUROC over draws "
+                  f"[95% interval]; not drawable: {', '.join(d['ks_not_drawable']) or 'none'}", "", "| method | " + " | ".join(f"k={k}" for k in ks) + " |",
                   "|---" * (len(ks) + 1) + "|"]
         for name, m in d["methods"].items():
-            cells = [f"{m['summary'][str(k)]['mean']:.3f} [{m['summary'][str(k)]['ci_low']:.3f}, "
-                     f"{m['summary'][str(k)]['ci_high']:.3f}]" for k in ks]
+            cells = [f"{_fmt(m['summary'][str(k)]['mean'])} [{_fmt(m['summary'][str(k)]['ci_low'])}, "
+                     f"{_fmt(m['summary'][str(k)]['ci_high'])}]" for k in ks]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(doc: dict, ks, path: Path) -> None:
+def plot(doc: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -149,10 +181,13 @@ def plot(doc: dict, ks, path: Path) -> None:
 
     findings = list(doc["findings"])
     fig, axes = plt.subplots(1, len(findings), figsize=(4.2 * len(findings), 3.8), squeeze=False)
-    xs = np.arange(len(ks))
     for ax, f in zip(axes[0], findings):
+        ks = doc["findings"][f]["ks"]
+        xs = np.arange(len(ks))
         for name, m in doc["findings"][f]["methods"].items():
             s = [m["summary"][str(k)] for k in ks]
+            if any(v["mean"] is None for v in s):
+                continue
             mean = np.array([v["mean"] for v in s])
             lo, hi = np.array([v["ci_low"] for v in s]), np.array([v["ci_high"] for v in s])
             style = "--" if name in BASELINES else "-"
@@ -199,8 +234,8 @@ def main(argv=None) -> dict:
         doc["target"] = {h: target_check(doc, h, a.ks) for h in
                          sorted({n for d in doc["findings"].values() for n in d["methods"]} - set(BASELINES))}
         atomic_write_json(a.out / f"fewshot_heads{tag}.json", doc)  # after each finding: a partial run is kept
-    plot(doc, a.ks, a.out / f"fewshot_heads{tag}.png")
-    print(table_markdown(doc, a.ks))
+    plot(doc, a.out / f"fewshot_heads{tag}.png")
+    print(table_markdown(doc))
     print("\ntarget (mean >= max(zero-shot, probe) - 0.005 at every k):")
     for h, t in doc["target"].items():
         print(f"  {h}: " + "; ".join(f"{f}: {'met' if v['met'] else json.dumps(v['misses'])}" for f, v in t.items()))

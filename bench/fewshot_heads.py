@@ -70,7 +70,7 @@ def zero_shot_init(enc, finding: str):
 def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     """{name: Method(rows, y, seed) -> eval scores} over the same draws."""
     from radalign.finetune.fewshot import linear_probe_method, prompt_init_method
-    from radalign.finetune.fewshot_heads import make_head
+    from radalign.finetune.fewshot_heads import AnchoredLogistic, make_head
 
     x_pool = np.asarray(pool.image, np.float64)
     x_ev = np.asarray(ev.image, np.float64)
@@ -87,7 +87,8 @@ def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     for name in heads:
         if name == "anchored" and options.get("lam0"):
             for lam0 in options["lam0"]:
-                out[f"anchored_lam0={lam0:g}"] = head_method(name, {"lam0": lam0})
+                lams = [v for v in AnchoredLogistic().lams if v < lam0]  # the alternatives must be weaker
+                out[f"anchored_lam0={lam0:g}"] = head_method(name, {"lam0": lam0, "lams": lams})
         else:
             out[name] = head_method(name, {})
     return out

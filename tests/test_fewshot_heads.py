@@ -1,0 +1,330 @@
+"""Few-shot heads (finetune/fewshot_heads.py): k=0 is zero-shot exactly, the pull toward zero-shot shrinks as k
+grows, the MAP head is sklearn's logistic regression where the pull is 0 (or centred at 0), it reaches the probe's
+solution with many shots, determinism, and the inner cross-validation never splits a patient."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from radalign.finetune.fewshot_heads import (
+    HEADS,
+    AnchoredLogistic,
+    ZeroShotInit,
+    fit_anchored,
+    gain_over_default,
+    grouped_folds,
+    make_head,
+    map_newton,
+    one_se_choice,
+)
+from scipy.optimize import minimize
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from radalign import RadalignError
+
+D = 8
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """The torch heads (clap, lppp, tip_f) fit tiny problems: one thread, not a spin-waiting pool on shared cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _unit_rows(a):
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def _problem(n, seed=0, w_true=None, rows_per_patient=1, noise=1.0):
+    """n unit-norm embeddings [n, D], labels from a logistic model, patient ids (rows_per_patient rows each)."""
+    rng = np.random.default_rng(seed)
+    w_true = np.r_[6.0, 3.0, np.zeros(D - 2)] if w_true is None else w_true
+    x = _unit_rows(rng.normal(size=(n, D)) + 0.3)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(x @ w_true) / noise))).astype(float)
+    groups = np.array([f"p{i // rows_per_patient}" for i in range(n)])
+    return x, y, groups
+
+
+def _init(pos_dir=None, scale=10.0):
+    """Text prototypes whose zero-shot direction (t+ - t-) is `pos_dir` (default: axis 2, unrelated to w_true)."""
+    t = np.zeros((2, D))
+    pos_dir = np.eye(D)[2] if pos_dir is None else pos_dir
+    t[0] = _unit_rows((np.eye(D)[3] + 0.5 * pos_dir)[None])[0]
+    t[1] = _unit_rows((np.eye(D)[3] - 0.5 * pos_dir)[None])[0]
+    return ZeroShotInit(t, scale)
+
+
+def _balanced_k(x, y, groups, k, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = np.r_[rng.permutation(np.flatnonzero(y == 1))[:k], rng.permutation(np.flatnonzero(y == 0))[:k]]
+    return x[rows], y[rows], groups[rows]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# k = 0: the zero-shot logit, exactly, for every head
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_no_shots_is_zero_shot_exactly(name):
+    init = _init()
+    x_test = _problem(40, seed=5)[0]
+    expect = x_test @ (init.logit_scale * (init.prototypes[0] - init.prototypes[1]))  # s (t+ - t-), b0 = 0
+    head = make_head(name).fit(np.zeros((0, D)), [], [], init, seed=0)
+    np.testing.assert_array_equal(head.predict_logit(x_test), init.logit(x_test))
+    np.testing.assert_allclose(head.predict_logit(x_test), expect, rtol=1e-12, atol=1e-12)
+    assert head.pull_ == 1.0
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_refit_with_no_shots_forgets_the_previous_fit(name):
+    x, y, g = _problem(200, seed=1)
+    init = _init()
+    head = make_head(name).fit(x, y, g, init, seed=0)
+    head.fit(np.zeros((0, D)), [], [], init, seed=0)
+    np.testing.assert_array_equal(head.predict_logit(x), init.logit(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pull shrinks as k grows
+
+
+def test_anchored_pull_is_lam0_over_lam0_plus_n_and_shrinks_with_k():
+    x, y, g = _problem(4000, seed=2)
+    init = _init()
+    pulls = []
+    for k in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        xs, ys, gs = _balanced_k(x, y, g, k, seed=k)
+        head = AnchoredLogistic().fit(xs, ys, gs, init, seed=0)
+        lam = head.info_["lam"]
+        assert 0 < lam <= 4.0
+        assert head.pull_ == pytest.approx(lam / (lam + 2 * k), rel=1e-12)
+        assert head.pull_ <= 4.0 / (4.0 + 2 * k) + 1e-15  # the CV may only weaken the prior: the bound shrinks
+        if k < 8:  # fewer than min_patients_cv patients per class: lam0, no CV
+            assert lam == 4.0 and head.folds_ == []
+        no_cv = AnchoredLogistic(min_patients_cv=10**9).fit(xs, ys, gs, init, seed=0)
+        assert no_cv.folds_ == [] and no_cv.pull_ == pytest.approx(4.0 / (4.0 + 2 * k), rel=1e-12)
+        pulls.append(no_cv.pull_)
+    assert all(a > b for a, b in zip(pulls, pulls[1:])), pulls
+    assert pulls[0] > 0.6 and pulls[-1] < 0.01
+
+
+@pytest.mark.parametrize("name", ["anchored_cv", "wise"])
+def test_cv_heads_pull_shrinks_from_small_to_large_k(name):
+    x, y, g = _problem(6000, seed=3, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    small = make_head(name).fit(*_balanced_k(x, y, g, 1), init, seed=0)
+    large = make_head(name).fit(*_balanced_k(x, y, g, 1000), init, seed=0)
+    assert small.pull_ == 1.0  # 1 patient per class: no CV, the zero-shot head
+    assert large.pull_ < 0.2
+
+
+def test_anchored_weights_move_from_w0_toward_the_data_as_k_grows():
+    x, y, g = _problem(6000, seed=4)
+    init = _init()
+    w0, _ = init.head()
+    dist = [np.linalg.norm(AnchoredLogistic().fit(*_balanced_k(x, y, g, k), init).w_ - w0) for k in (1, 4, 1000)]
+    assert dist[0] < dist[1] < dist[2]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Against sklearn and scipy
+
+
+@pytest.mark.parametrize("lam", [0.25, 1.0, 8.0])
+def test_map_head_centred_at_zero_is_sklearn_l2_logistic_regression(lam):
+    """sklearn minimises C sum BCE + |w|^2 / 2 with an unpenalised intercept (lbfgs): lam = 1 / C."""
+    x, y, _ = _problem(300, seed=6)
+    theta = fit_anchored(x, y, np.zeros(D), lam)
+    ref = LogisticRegression(C=1 / lam, tol=1e-12, max_iter=10000).fit(x, y.astype(int))
+    np.testing.assert_allclose(theta[:-1], ref.coef_[0], atol=1e-4)  # lbfgs stops near, not at, the optimum
+    assert theta[-1] == pytest.approx(ref.intercept_[0], abs=1e-4)
+
+
+def test_map_head_with_vanishing_pull_is_the_unpenalised_probe_whatever_w0():
+    x, y, _ = _problem(400, seed=7, noise=3.0)  # not separable: the unpenalised optimum is finite
+    init = _init(scale=50.0)
+    w0, _ = init.head()
+    theta = fit_anchored(x, y, w0, 1e-9)
+    ref = LogisticRegression(penalty=None, tol=1e-12, max_iter=10000).fit(x, y.astype(int))
+    np.testing.assert_allclose(theta[:-1], ref.coef_[0], rtol=1e-4, atol=1e-4)
+
+
+def test_map_head_is_the_minimum_of_the_anchored_objective_scipy():
+    """argmin sum BCE(x w + b) + lam/2 |w - w0|^2 with b unpenalised, checked by scipy's BFGS on the same sum."""
+    x, y, _ = _problem(120, seed=8)
+    init = _init()
+    w0, _ = init.head()
+    lam = 3.0
+
+    def f(t):
+        z = x @ t[:-1] + t[-1]
+        return np.sum(np.logaddexp(0, z) - y * z) + lam / 2 * np.sum((t[:-1] - w0) ** 2)
+    ref = minimize(f, np.zeros(D + 1), method="BFGS", options={"gtol": 1e-10}).x
+    np.testing.assert_allclose(fit_anchored(x, y, w0, lam), ref, atol=1e-5)
+
+
+def test_map_newton_reaches_the_minimum_from_a_far_start():
+    x, y, _ = _problem(80, seed=9)
+    xa = np.hstack([x, np.ones((80, 1))])
+    centre, prec = np.linspace(-1, 1, D + 1), np.full(D + 1, 0.5)
+    a = map_newton(xa, y, centre, prec)
+    b = map_newton(xa, y, centre, prec, start=np.full(D + 1, 40.0))
+    np.testing.assert_allclose(a, b, atol=1e-7)
+    grad = xa.T @ (1 / (1 + np.exp(-xa @ a)) - y) + prec * (a - centre)
+    assert np.abs(grad).max() < 1e-6
+
+
+def test_anchored_head_reaches_the_probe_on_a_planted_problem_as_k_grows():
+    """The zero-shot direction is wrong (orthogonal to the planted one): with few shots the head stays near it,
+    with many it matches the unpenalised probe's direction and test AUROC."""
+    w_true = np.r_[6.0, 3.0, np.zeros(D - 2)]
+    x, y, g = _problem(20000, seed=10, w_true=w_true)
+    xt, yt, _ = _problem(4000, seed=11, w_true=w_true)
+    init = _init()
+    cos = []
+    for k in (2, 4000):
+        xs, ys, gs = _balanced_k(x, y, g, k)
+        head = AnchoredLogistic().fit(xs, ys, gs, init, seed=0)
+        probe = LogisticRegression(penalty=None, max_iter=10000).fit(xs, ys.astype(int))
+        cos.append(head.w_ @ probe.coef_[0] / np.linalg.norm(head.w_) / np.linalg.norm(probe.coef_[0]))
+    assert cos[0] < 0.5 < 0.999 < cos[1]
+    probe_auc = roc_auc_score(yt, probe.decision_function(xt))
+    assert roc_auc_score(yt, head.predict_logit(xt)) == pytest.approx(probe_auc, abs=0.002)
+    assert roc_auc_score(yt, init.logit(xt)) < probe_auc - 0.1
+
+
+def test_intercept_is_not_pulled():
+    """All shots negative but one: b follows the base rate (strong pull on w leaves b free)."""
+    x, y, g = _problem(200, seed=12)
+    y = np.zeros(200)
+    y[:10] = 1
+    theta = fit_anchored(x, y, np.zeros(D), 1e6)  # w pinned at 0: b alone fits the base rate
+    assert theta[-1] == pytest.approx(math.log(10 / 190), abs=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Choosing the pull: the one-SE rule and the gain-over-default rule, by hand
+
+
+def test_one_se_choice_takes_the_strongest_pull_within_one_se_of_the_best():
+    a = np.array([[0.60, 0.70, 0.72, 0.71],
+                  [0.62, 0.76, 0.78, 0.73],
+                  [0.58, 0.75, 0.75, 0.75]])  # folds x grid: means 0.60, 0.737, 0.75, 0.73
+    mean = a.mean(0)
+    se = a.std(0, ddof=1) / math.sqrt(3)
+    best = int(np.argmax(mean))  # column 2
+    expect = int(np.flatnonzero(mean >= mean[best] - se[best])[0])
+    assert expect == 1 and one_se_choice(a) == 1
+    assert one_se_choice(a[:, [0, 2]]) == 1  # nothing within one SE but the best itself
+
+
+def test_gain_over_default_needs_more_than_se_mult_standard_errors():
+    a = np.array([[0.70, 0.74], [0.71, 0.76], [0.69, 0.75]])
+    mean, se = a.mean(0), a.std(0, ddof=1) / math.sqrt(3)
+    gain_in_se = (mean[1] - mean[0]) / max(se)
+    assert gain_over_default(a, gain_in_se - 0.01) == 1
+    assert gain_over_default(a, gain_in_se + 0.01) == 0
+
+
+def test_nan_folds_are_left_out_of_the_choice():
+    a = np.array([[0.70, 0.74], [np.nan, np.nan], [0.71, 0.76], [0.69, 0.75]])
+    assert gain_over_default(a, 2.0) == gain_over_default(a[[0, 2, 3]], 2.0) == 1
+
+
+def test_anchored_keeps_lam0_when_the_shots_show_no_clear_gain():
+    """The zero-shot direction is the planted one: a weaker prior cannot gain, lam0 stays."""
+    w_true = np.r_[6.0, 3.0, np.zeros(D - 2)]
+    x, y, g = _problem(4000, seed=13, w_true=w_true)
+    init = _init(pos_dir=_unit_rows(w_true[None])[0])
+    head = AnchoredLogistic().fit(*_balanced_k(x, y, g, 32), init, seed=0)
+    assert head.folds_ and head.info_["lam"] == 4.0
+    greedy = AnchoredLogistic(se_mult=-math.inf).fit(*_balanced_k(x, y, g, 32), init, seed=0)  # best mean wins
+    cv = greedy.info_["cv_auroc"]
+    assert str(greedy.info_["lam"]) == max(cv, key=cv.get)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Patient-grouped folds, determinism
+
+
+def _multi_row_problem():
+    x, y, _ = _problem(600, seed=14)
+    rng = np.random.default_rng(0)
+    groups = np.array([f"p{i}" for i in rng.integers(0, 120, size=600)])  # ~5 rows per patient, mixed labels
+    return x, y, groups
+
+
+@pytest.mark.parametrize("name", ["anchored", "anchored_cv", "wise", "tip_f"])
+def test_inner_cv_never_puts_a_patient_on_both_sides(name):
+    x, y, groups = _multi_row_problem()
+    head = make_head(name).fit(x, y, groups, _init(), seed=3)
+    assert len(head.folds_) >= 5
+    held = []
+    for tr, te in head.folds_:
+        assert not set(groups[tr]) & set(groups[te])
+        assert set(y[te]) == {0.0, 1.0}
+        held.append(te)
+    first = head.folds_[:5] if name == "anchored" else head.folds_
+    assert sorted(np.concatenate([te for _, te in first])) == list(range(len(y)))  # each row held out once
+
+
+def test_grouped_folds_need_two_patients_per_class():
+    y = np.array([1.0, 0.0, 0.0, 0.0])
+    assert grouped_folds(y, np.array(["a", "b", "c", "d"]), seed=0) == []
+    y = np.array([1.0, 1.0, 0.0, 0.0])
+    assert grouped_folds(y, np.array(["a", "a", "c", "d"]), seed=0) == []  # both positives are one patient
+    assert len(grouped_folds(y, np.array(["a", "b", "c", "d"]), seed=0)) == 2
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_is_deterministic_given_its_seed(name):
+    x, y, groups = _multi_row_problem()
+    xt = _problem(50, seed=15)[0]
+    a = make_head(name).fit(x, y, groups, _init(), seed=7).predict_logit(xt)
+    b = make_head(name).fit(x, y, groups, _init(), seed=7).predict_logit(xt)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_seed_changes_the_folds():
+    x, y, groups = _multi_row_problem()
+    a = make_head("anchored_cv").fit(x, y, groups, _init(), seed=0).folds_
+    b = make_head("anchored_cv").fit(x, y, groups, _init(), seed=1).folds_
+    assert any(not np.array_equal(fa[1], fb[1]) for fa, fb in zip(a, b))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors name the bad value and the fix
+
+
+def test_bad_inputs_are_refused_in_one_error():
+    init = _init()
+    x, y, g = _problem(10, seed=16)
+    with pytest.raises(RadalignError, match=r"y holds 2\.0 in row 0.*0 or 1"):
+        make_head("anchored").fit(x, np.r_[2.0, y[1:]], g, init)
+    with pytest.raises(RadalignError, match="only class 1"):
+        make_head("anchored").fit(x, np.ones(10), g, init)
+    with pytest.raises(RadalignError, match=r"x has 10 rows, y 9, groups 10"):
+        make_head("anchored").fit(x, y[:9], g, init)
+    with pytest.raises(RadalignError, match=r"prototypes has shape \(3, 8\).*logit_scale is -1"):
+        make_head("anchored").fit(x, y, g, ZeroShotInit(np.zeros((3, D)), -1.0))
+    xn = x.copy()
+    xn[4, 1] = np.nan
+    with pytest.raises(RadalignError, match="non-finite value in row 4"):
+        make_head("anchored").fit(xn, y, g, init)
+
+
+def test_unknown_head_predict_before_fit_and_bad_grid_are_refused():
+    with pytest.raises(RadalignError, match="'lora'.*anchored"):
+        make_head("lora")
+    with pytest.raises(RadalignError, match="predict_logit before fit"):
+        make_head("anchored").predict_logit(np.zeros((2, D)))
+    x, y, g = _problem(200, seed=17)
+    with pytest.raises(RadalignError, match=r"lams holds 8\.0.*\(0, lam0=4\.0\)"):
+        AnchoredLogistic(lams=[8.0]).fit(x, y, g, _init())

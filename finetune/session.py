@@ -147,10 +147,6 @@ def setup(cfg: FinetuneConfig, overwrite: bool = False, checks: Sequence[Check] 
     (RUN/run_spec.json against this config; `overwrite` clears RUN instead). A refusal also ends the
     Accelerate state, so a later run in the same process may choose another precision."""
     t0 = time.perf_counter()
-    if cfg.model.image_tower != "frozen" or cfg.data.image_patch_tokens:
-        raise RadalignError(f"model.image_tower={cfg.model.image_tower}, data.image_patch_tokens="
-                            f"{cfg.data.image_patch_tokens}: this release trains on cached frozen tower "
-                            "embeddings (pooled) only; use model.image_tower=frozen data.image_patch_tokens=false")
     acc, precision, _ = make_accelerator(cfg.precision, find_unused_parameters=True)
     try:
         run = _setup(cfg, acc, precision, overwrite, checks)

@@ -329,6 +329,17 @@ def test_config_lists_every_problem_in_one_error():
     assert cfg.model.modality_dropout == {"image": 0.3, "text": 0.25, "ehr": 0.3} and cfg.optim.patience == 5
 
 
+@pytest.mark.parametrize("tower", ["last_blocks", "lora"])
+def test_options_of_the_next_release_are_refused_by_the_config_not_offered(tower):
+    """Unimplemented options are refused in the one config error (before any work) and never listed as a fix."""
+    with pytest.raises(RadalignError) as e:
+        load_config(FinetuneConfig, "finetune/in_hospital_mortality",
+                    [f"model.image_tower={tower}", "data.image_patch_tokens=true"], stage="finetune")
+    msg = str(e.value)
+    assert f"model.image_tower: {tower!r}" in msg and "use frozen" in msg and "data.image_patch_tokens" in msg
+    assert "lora" not in msg.replace(repr(tower), "") and "last_blocks" not in msg.replace(repr(tower), "")
+
+
 def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, capsys):
     """A finished run run again trains nothing: the extra-seed models come back from their folder, same table."""
     import shutil

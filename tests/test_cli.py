@@ -101,16 +101,22 @@ def test_the_wheel_installs_radalign_and_nothing_else(tmp_path):
     """`pip install .` puts one top-level package into site-packages, with the configs as package data."""
     import zipfile
 
-    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path),
+    r = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(tmp_path),
               str(REPO)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
+    # A data folder missing from setup.cfg's `packages` ships today but setuptools warns it will not for long.
+    assert "absent from the `packages` configuration" not in r.stdout + r.stderr, "list the folder in setup.cfg"
     (wheel,) = tmp_path.glob("radalign-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
     assert tops == {"radalign"}, tops
-    for want in ("radalign/pretrain/recipe.py", "radalign/data/loader.py", "radalign/pretrain/formats/card.py",
-                 "radalign/configs/pretrain/demo.yaml", "radalign/configs/models/tiny.json"):
+    for want in ("radalign/pretrain/recipe.py", "radalign/data/loader.py", "radalign/pretrain/formats/card.py"):
         assert want in names, want
+    tracked = _run(["git", "ls-files", "configs", "retrieval/static"], cwd=REPO).stdout.split()
+    data = [f for f in tracked if not f.endswith(".py")]
+    assert len(data) > 20, data
+    for f in data:  # every config and page file, under its installed name
+        assert "radalign/" + f in names, f
 
 
 def test_python_m_radalign_pretrain_help(tmp_path):

@@ -35,6 +35,7 @@ in `record`: the record with every lab not measured and every demographic unknow
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -216,20 +217,54 @@ def _logits(net: torch.nn.Module, batch: Mapping, override: torch.Tensor) -> np.
         return net(batch, present_override=override).logits[:, 0].double().cpu().numpy()
 
 
+class _CachedEHR(torch.nn.Module):
+    """Stands in for the fusion model's EHR tokenizer: the token of coalition `ehr["coalition"]` [N], looked up
+    in `tokens` [2^n, T, d] (computed once per EHR coalition, not once per coalition of the other modalities)."""
+
+    def __init__(self, tokens: torch.Tensor):
+        super().__init__()
+        self.tokens = tokens
+
+    def forward(self, ehr: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.tokens[ehr["coalition"]]  # a masked row's index is blanked to 0: its token is unused
+
+
+def _with_cached_ehr(net: torch.nn.Module, tokens: torch.Tensor) -> torch.nn.Module:
+    """A shallow copy of the fusion model sharing every parameter, its EHR tokenizer replaced by the cache (the
+    model itself is left untouched: a service may be explaining with it concurrently)."""
+    clone = copy.copy(net)
+    clone._modules = dict(net._modules)
+    clone._modules["encoders"] = torch.nn.ModuleDict({**net.encoders, EHR: _CachedEHR(tokens)})
+    return clone
+
+
+def ehr_tokens(net: torch.nn.Module, batch: Mapping, groups: Sequence[EHRGroup], chunk: int = CHUNK) -> torch.Tensor:
+    """[2^n, T, d] the fusion model's EHR token(s) for every coalition of the n groups (bit j = group j)."""
+    t_all = np.arange(1 << len(groups))
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(t_all), chunk):
+            t = t_all[start:start + chunk]
+            out.append(net.encoders[EHR](remove_groups(batch[EHR], groups, _bits(t, len(groups)))))
+    return torch.cat(out)
+
+
 def coalition_table(net: torch.nn.Module, batch: Mapping, modalities: Sequence[str], groups: Sequence[EHRGroup],
                     others: Sequence[str], chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(v [2^o, 2^n], masked [2^o]) for a one-row batch: the fusion model run on every coalition, `chunk` rows
-    per forward pass. others: the other modalities present (order = bit order); groups: the players."""
+    per forward pass. others: the other modalities present (order = bit order); groups: the players. The EHR
+    tokenizer (most of the cost) runs once per EHR coalition, 2^n times, whatever o."""
     mods = list(modalities)
     o, n = len(others), len(groups)
     r_all, t_all = coalition_rows(o, n)
     col = {m: mods.index(m) for m in [*others, EHR]}
+    cached = _with_cached_ehr(net, ehr_tokens(net, batch, groups, chunk))
     v = np.empty(len(r_all))
     for start in range(0, len(r_all), chunk):
         r, t = r_all[start:start + chunk], t_all[start:start + chunk]
         sub = _repeat(batch, len(r))
-        sub[EHR] = remove_groups(batch[EHR], groups, _bits(t, n))
-        v[start:start + len(r)] = _logits(net, sub, _override(r, others, col, len(mods), ehr=True))
+        sub[EHR] = {**sub[EHR], "coalition": torch.as_tensor(t)}
+        v[start:start + len(r)] = _logits(cached, sub, _override(r, others, col, len(mods), ehr=True))
     r_masked = np.arange(1 << o)
     masked = _logits(net, _repeat(batch, len(r_masked)), _override(r_masked, others, col, len(mods), ehr=False))
     return v.reshape(1 << o, 1 << n), masked
@@ -337,5 +372,5 @@ def explain_ehr(trained, net: torch.nn.Module, batch: Mapping, modalities: Seque
 
 
 __all__ = ["TooManyGroups", "explain_ehr", "MAX_GROUPS", "EHRGroup", "ehr_groups", "known_groups", "remove_groups", "shapley_weights",
-           "group_values", "coalition_rows", "coalition_table", "GroupValue", "EHRAttribution", "attribute",
+           "group_values", "coalition_rows", "ehr_tokens", "coalition_table", "GroupValue", "EHRAttribution", "attribute",
            "ehr_attribution"]

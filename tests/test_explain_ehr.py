@@ -268,19 +268,33 @@ def test_a_lab_the_encoder_cannot_see_gets_zero():
     assert abs(got["creatinine"]) > 0.03 and abs(got["lactate"]) > 0.03
 
 
+class LinearEHR(nn.Module):
+    """The EHR term r + sum beta_j x_j + gamma age + sum delta_j[cat_j]; an unknown lab counts as u_j, an unknown
+    age as u_age, category 0 as delta_j[0]. Output [N, 1, 1], a token as the fusion model's tokenizers give."""
+
+    def __init__(self):
+        super().__init__()
+        self.beta, self.u = torch.tensor([0.8, -1.5, 0.3, 2.0]), torch.tensor([0.1, -0.4, 0.7, 0.0])
+        self.gamma, self.u_age, self.r = 0.6, -0.2, 0.45
+        self.delta = [torch.tensor(d) for d in ([0.2, -0.3, 0.9], [0.0, 0.5, 1.1, -0.7], [0.3, -0.6, 0.2],
+                                                 [-0.1, 0.4, 0.8], [0.05, 0.25, -0.35])]
+
+    def forward(self, e):
+        x = self.r + torch.where(e["measured"], e["values"], self.u) @ self.beta
+        x = x + self.gamma * torch.where(e["num_known"][:, 0], e["num"][:, 0], torch.tensor(self.u_age))
+        return (x + sum(d[e["cat"][:, j]] for j, d in enumerate(self.delta)))[:, None, None]
+
+
 class LinearFusion(nn.Module):
-    """A hand-made model linear in the EHR inputs: logit = c + image term + [EHR kept] (r + sum beta_j x_j +
-    gamma age + sum delta_j[cat_j]); an unknown lab counts as u_j, an unknown age as u_age, category 0 as
-    delta_j[0]. Its attribution is known in closed form."""
+    """A hand-made model linear in the EHR inputs: logit = c + [image kept] sum(image) + [EHR kept] LinearEHR.
+    Its attribution is known in closed form."""
 
     modalities = ("image", "ehr")
 
     def __init__(self):
         super().__init__()
-        self.beta, self.u = torch.tensor([0.8, -1.5, 0.3, 2.0]), torch.tensor([0.1, -0.4, 0.7, 0.0])
-        self.gamma, self.u_age, self.r, self.c = 0.6, -0.2, 0.45, -1.0
-        self.delta = [torch.tensor(d) for d in ([0.2, -0.3, 0.9], [0.0, 0.5, 1.1, -0.7], [0.3, -0.6, 0.2],
-                                                 [-0.1, 0.4, 0.8], [0.05, 0.25, -0.35])]
+        self.encoders = nn.ModuleDict({"ehr": LinearEHR()})
+        self.c = -1.0
 
     def presence(self, batch, present_override=None):
         p = torch.stack([batch["present"][m] for m in self.modalities], dim=1)
@@ -288,10 +302,7 @@ class LinearFusion(nn.Module):
 
     def forward(self, batch, present_override=None):
         p = self.presence(batch, present_override)
-        e = batch["ehr"]
-        ehr = self.r + torch.where(e["measured"], e["values"], self.u) @ self.beta
-        ehr = ehr + self.gamma * torch.where(e["num_known"][:, 0], e["num"][:, 0], torch.tensor(self.u_age))
-        ehr = ehr + sum(d[e["cat"][:, j]] for j, d in enumerate(self.delta))
+        ehr = self.encoders["ehr"](batch["ehr"])[:, 0, 0]
         logit = self.c + p[:, 0] * batch["image"].sum(1) + p[:, 1] * ehr
         return SimpleNamespace(logits=logit[:, None].double())
 
@@ -301,18 +312,18 @@ class LinearFusion(nn.Module):
                                           ((True, True, True, True), (0, 0, 0, 0, 0))])
 def test_linear_model_attribution_is_coefficient_times_delta(measured, cat):
     net, batch = LinearFusion(), one_row(measured=measured, cat=cat, seed=9)
-    e = batch["ehr"]
+    lin, e = net.encoders["ehr"], batch["ehr"]
     att = A.ehr_attribution(net, batch, list(net.modalities), model_groups())
     got = {g.name: g.value for g in att.groups}
     x = e["values"][0].tolist()
     for j, lab in enumerate(LABS):
-        want = float(net.beta[j]) * (x[j] - float(net.u[j])) if measured[j] else 0.0
+        want = float(lin.beta[j]) * (x[j] - float(lin.u[j])) if measured[j] else 0.0
         assert got[lab] == pytest.approx(want, abs=1e-6), lab
-    assert got["age"] == pytest.approx(net.gamma * (float(e["num"][0, 0]) - net.u_age), abs=1e-6)
+    assert got["age"] == pytest.approx(lin.gamma * (float(e["num"][0, 0]) - lin.u_age), abs=1e-6)
     names = [A.DEMOGRAPHIC_NAMES.get(c, c) for c in CATEGORICAL]
     for j, name in enumerate(names):
-        assert got[name] == pytest.approx(float(net.delta[j][cat[j]] - net.delta[j][0]), abs=1e-6), name
-    all_unknown = net.r + float(net.beta @ net.u) + net.gamma * net.u_age + sum(float(d[0]) for d in net.delta)
+        assert got[name] == pytest.approx(float(lin.delta[j][cat[j]] - lin.delta[j][0]), abs=1e-6), name
+    all_unknown = lin.r + float(lin.beta @ lin.u) + lin.gamma * lin.u_age + sum(float(d[0]) for d in lin.delta)
     assert att.record == pytest.approx(all_unknown, abs=1e-6)  # no interaction: the step itself
 
 
@@ -415,3 +426,18 @@ def test_a_refused_attribution_says_why_everywhere():
     assert "Not computed: 19 EHR groups are known &lt;b&gt;." in ex.to_markdown(expl)
     plain = ex.explain(lambda kept: 0.0, ["image"], study_id="7", used="image")
     assert json.loads(ex.to_json(plain))["ehr_groups"] is None and ex.EHR_TITLE not in ex.to_html(plain)
+
+
+def test_chunked_table_equals_one_pass_and_the_model_is_left_untouched():
+    net, batch = fusion(3), one_row(seed=3)
+    groups = [g for g, k in zip(model_groups(), A.known_groups(model_groups(), batch["ehr"])) if k]
+    tokenizer = net.encoders["ehr"]
+    v1, m1 = A.coalition_table(net, batch, list(net.modalities), groups, ["image", "text"])
+    v7, m7 = A.coalition_table(net, batch, list(net.modalities), groups, ["image", "text"], chunk=7)
+    assert v1.shape == (4, 1 << len(groups)) and np.allclose(v1, v7, atol=1e-5) and np.allclose(m1, m7)
+    assert net.encoders["ehr"] is tokenizer and set(net.encoders) == {"image", "text", "ehr"}
+    # row (r=image only, t=every group) is the model on the unmodified row with the indication masked
+    with torch.no_grad():
+        want = float(net(batch, present_override=frozenset({"image", "ehr"})).logits[0, 0])
+        text_only = float(net(batch, present_override=frozenset({"text"})).logits[0, 0])
+    assert v1[1, -1] == pytest.approx(want, abs=1e-5) and m1[2] == pytest.approx(text_only, abs=1e-5)

@@ -11,6 +11,10 @@ others by the model's mask tokens (the model's job; here a callable), so all 2^M
 once and combined with the Shapley weights |S|! (M-|S|-1)! / M!. Efficiency holds by construction: the values
 sum to f(all present) - f(nothing) (up to float rounding). Values are in the model's output space, the logit.
 
+Inside the EHR token, `finetune.attribution` splits the EHR modality's value over its groups (each lab's value
+or absence, age, sex, ...: exact Owen values, the record entering first; docs/explain.md); the Explanation
+carries it as `ehr` and every renderer shows it as a ranked table.
+
 Similar cases come from a retrieval index (other patients only: a neighbour from the query's own patient is
 dropped and counted); the neighbour vote is the similarity-weighted share of neighbours with the outcome,
 shown beside the model's probability. Every text is escaped in Markdown and HTML (reports and indications are

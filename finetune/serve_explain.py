@@ -5,8 +5,8 @@
     ex.explain("50000123", k=5)              # what `radalign finetune explain --format json` writes, or None
     ex.demographics()                        # {study_id: {"sex": ..., "age_band": ...}} for the filters
 
-The explanation is `evaluate.explain_study`'s (exact modality Shapley values, attention, the similar cases of
-other patients with the neighbour vote): nothing is recomputed here.
+The explanation is `evaluate.explain_study`'s (exact modality Shapley values, the EHR value split over its
+groups, attention, the similar cases of other patients with the neighbour vote): nothing is recomputed here.
 """
 
 from __future__ import annotations

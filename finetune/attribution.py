@@ -309,6 +309,7 @@ class EHRAttribution:
     removal: str = ("a removed group is shown as unknown: a lab as not measured, age unknown, a category as "
                     "unknown; the record itself enters first")
     forward_passes: int = 0
+    """rows the fusion model was run on: every coalition of (other modalities, known groups), and the masked ones"""
     others: list[str] = field(default_factory=list)
     """the other modalities present (the unions besides the EHR)"""
 

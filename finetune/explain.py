@@ -300,7 +300,7 @@ def _ehr_sum(expl: Explanation) -> str:
     ehr = expl.shapley.get("ehr")
     text += f", the EHR modality's Shapley value ({ehr:+.3f})" if ehr is not None else ""
     return (text + f"; a removed group is shown as unknown (a lab as not measured), the record enters first; "
-            f"{att.forward_passes} forward passes")
+            f"{att.forward_passes} coalitions evaluated")
 
 
 def _md_ehr(expl: Explanation) -> list[str]:

@@ -63,3 +63,31 @@ def test_page_shows_the_ehr_groups_as_text(browser, panel):  # noqa: F811 - the 
         assert page.evaluate("window.__pwned === undefined")
         assert page.eval_on_selector_all("img[src='x'], .ehr-groups script", "e => e.length") == 0
         page.close()
+
+
+def test_study_explainer_computes_each_study_once_and_keeps_the_latest(monkeypatch):
+    from radalign.finetune import serve_explain as S
+
+    calls = []
+
+    class Expl:
+        def __init__(self, study_id, k):
+            self.d = {"study_id": study_id, "k": k, "ehr_groups": {"total": 1.0}}
+
+    monkeypatch.setattr(S, "explain_study", lambda run, sid, index, k: calls.append((sid, k)) or Expl(sid, k))
+    monkeypatch.setattr(S, "to_json", lambda e: S.json.dumps(e.d))
+    monkeypatch.setattr(S, "CACHED", 2)
+    ex = object.__new__(S.StudyExplainer)  # no run to load: the explanations are stubbed
+    ex.trained, ex.index_dir, ex.task = None, None, "t"
+    ex._studies, ex._cache = {"1", "2", "3"}, S.OrderedDict()
+    first = ex.explain("1", 5)
+    first["ehr_groups"]["total"] = 99.0  # the caller's copy
+    assert ex.explain("1", 5) == {"study_id": "1", "k": 5, "ehr_groups": {"total": 1.0}}
+    assert calls == [("1", 5)]
+    ex.explain("1", 3)
+    ex.explain("1", 5)  # used last: kept when the third comes
+    ex.explain("2", 5)  # ("1", 3) dropped
+    ex.explain("1", 5)
+    ex.explain("1", 3)
+    assert calls == [("1", 5), ("1", 3), ("2", 5), ("1", 3)]
+    assert ex.explain("9", 5) is None and len(calls) == 4

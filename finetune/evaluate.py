@@ -29,6 +29,7 @@ import torch
 from radalign.data.shards import find_samples, split_names
 from radalign.finetune import clinical as C
 from radalign.finetune import explain as X
+from radalign.finetune.attribution import explain_ehr
 from radalign.finetune.inputs import SplitInputs, task_labels
 from radalign.finetune.predict import TrainedRun, load_run
 from radalign.finetune.registry import (
@@ -329,7 +330,8 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
                      used=used_text(trained, data, row, mods, table), attention=attention_weights(net, batch),
                      task=trained.cfg.task.name, neighbours=neighbours, k=k,
                      thumbnail=study_thumbnail(trained, data, row, shards) if thumbnail else None,
-                     indication=_text(fr.get("indication")))
+                     indication=_text(fr.get("indication")),
+                     ehr=explain_ehr(trained, net, batch, mods, fr.to_dict()))
     if expl.similar is not None:
         expl.similar.skipped["same_patient"] += int(filtered.get("same_patient", 0))
     return expl

@@ -11,6 +11,10 @@ others by the model's mask tokens (the model's job; here a callable), so all 2^M
 once and combined with the Shapley weights |S|! (M-|S|-1)! / M!. Efficiency holds by construction: the values
 sum to f(all present) - f(nothing) (up to float rounding). Values are in the model's output space, the logit.
 
+Inside the EHR token, `finetune.attribution` splits the EHR modality's value over its groups (each lab's value
+or absence, age, sex, ...: exact Owen values, the record entering first; docs/explain.md); the Explanation
+carries it as `ehr` and every renderer shows it as a ranked table.
+
 Similar cases come from a retrieval index (other patients only: a neighbour from the query's own patient is
 dropped and counted); the neighbour vote is the similarity-weighted share of neighbours with the outcome,
 shown beside the model's probability. Every text is escaped in Markdown and HTML (reports and indications are
@@ -25,12 +29,16 @@ import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from radalign import RadalignError
 from radalign import report as R
 from radalign.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from radalign.finetune.attribution import EHRAttribution
 
 FORMATS = ("json", "markdown", "html")
 MAX_MODALITIES = 5
@@ -222,6 +230,10 @@ class Explanation:
     """the film as a data URI (HTML only)"""
     indication: str | None = None
     """the order's indication (free text, shown escaped)"""
+    ehr: EHRAttribution | None = None
+    """the EHR modality's Shapley value split over its groups (finetune.attribution)"""
+    ehr_note: str | None = None
+    """why there is no split of the EHR value (e.g. more known groups than the exact limit)"""
 
     @property
     def probability(self) -> float:
@@ -238,6 +250,7 @@ class Explanation:
             "similar_cases": [{k: c[k] for k in CASE_KEYS} for c in sim.cases] if sim else [],
             "neighbour_vote": sim.vote if sim else None,
             "similar_skipped": dict(sim.skipped) if sim else {},
+            "ehr_groups": self.ehr.to_dict() if self.ehr else ({"error": self.ehr_note} if self.ehr_note else None),
         }
 
 
@@ -265,8 +278,52 @@ def to_markdown(expl: Explanation) -> str:
                         [[m, R.num(v, signed=True), expl.attention.get(m)] for m, v in expl.shapley.items()])
     lines += ["", "The values sum to the full logit minus the all-masked logit "
               f"({expl.full - expl.empty:+.3f}).", ""]
+    lines += _md_ehr(expl)
     lines += _md_cases(expl.similar)
     return "\n".join(lines) + "\n"
+
+
+EHR_TITLE = "Inside the EHR (exact Owen values over its groups, logit)"
+RECORD_ROW = "record present, nothing known"
+
+
+def _ehr_rows(att: EHRAttribution) -> list[tuple[str, str, float | None]]:
+    """(group, its value for the study, contribution): the record first, then the groups ranked by |value|; an
+    absent lab or unknown demographic (the same as removed) contributes exactly 0."""
+    rows = [(RECORD_ROW, "every lab not measured, demographics unknown", att.record)]
+    return rows + [(g.name, g.shown, g.value) for g in att.groups]
+
+
+def _ehr_sum(expl: Explanation) -> str:
+    att = expl.ehr
+    text = f"The rows sum to {att.total:+.3f}"
+    ehr = expl.shapley.get("ehr")
+    text += f", the EHR modality's Shapley value ({ehr:+.3f})" if ehr is not None else ""
+    return (text + f"; a removed group is shown as unknown (a lab as not measured), the record enters first; "
+            f"{att.forward_passes} coalitions evaluated")
+
+
+def _md_ehr(expl: Explanation) -> list[str]:
+    if expl.ehr is None:
+        return [f"## {EHR_TITLE}", "", f"Not computed: {R.md(expl.ehr_note)}.", ""] if expl.ehr_note else []
+    rows = [[R.md(name), R.md(shown), R.num(v, signed=True)] for name, shown, v in _ehr_rows(expl.ehr)]
+    return [f"## {EHR_TITLE}", "", *R.md_table(["group", "value", "contribution"], rows), "",
+            f"{R.md(_ehr_sum(expl))}.", ""]
+
+
+def _html_ehr(expl: Explanation) -> list[str]:
+    e = R.html_text
+    if expl.ehr is None:
+        return [f"<h2>{EHR_TITLE}</h2><p class='muted'>Not computed: {e(expl.ehr_note)}.</p>"] if expl.ehr_note \
+            else []
+    rows = _ehr_rows(expl.ehr)
+    scale = max([abs(v) for _, _, v in rows] + [0.0])
+    parts = [f"<h2>{EHR_TITLE}</h2><table class='ehr-groups'><tr><th>group</th><th>value</th>"
+             "<th>contribution</th><th></th></tr>"]
+    parts += [f"<tr><td>{e(name)}</td><td>{e(shown)}</td><td>{v:+.3f}</td><td>{_bar(v, scale)}</td></tr>"
+              for name, shown, v in rows]
+    parts.append(f"</table><p class='muted'>{e(_ehr_sum(expl))}.</p>")
+    return parts
 
 
 def _md_cases(sim: SimilarCases | None) -> list[str]:
@@ -310,6 +367,7 @@ def to_html(expl: Explanation) -> str:
                      f"<td>{R.num(expl.attention.get(m))}</td></tr>")
     parts.append(f"</table><p class='muted'>Red raises the risk, blue lowers it; the values sum to "
                  f"{expl.full - expl.empty:+.3f}.</p>")
+    parts += _html_ehr(expl)
     parts += _html_cases(expl.similar, expl.probability)
     return R.html_page(title, parts)
 
@@ -360,13 +418,16 @@ def write(expl: Explanation, fmt: str, out: str | os.PathLike | None) -> str:
 def explain(f: Callable[[frozenset], float], players: Sequence[str], *, study_id, used: str,
             attention: Mapping[str, float] | None = None, subject_id=None, task: str = "",
             neighbours: Iterable[Mapping] | None = None, k: int | None = None,
-            thumbnail: str | None = None, indication: str | None = None) -> Explanation:
-    """Assemble an Explanation: 2^M calls of f, exact Shapley values, and the similar cases when given."""
+            thumbnail: str | None = None, indication: str | None = None,
+            ehr: EHRAttribution | str | None = None) -> Explanation:
+    """Assemble an Explanation: 2^M calls of f, exact Shapley values, and the similar cases when given.
+    ehr: the EHR attribution (finetune.attribution.explain_ehr), or why there is none."""
     values = {k: _scalar(v, study_id) for k, v in subset_values(f, players).items()}
     return Explanation(study_id=study_id, full=values[frozenset(players)], empty=values[frozenset()],
                        shapley=shapley_values(values, players), used=used, attention=dict(attention or {}),
                        subject_id=subject_id, task=task, thumbnail=thumbnail, indication=indication,
-                       similar=similar_cases(neighbours, subject_id, k) if neighbours is not None else None)
+                       similar=similar_cases(neighbours, subject_id, k) if neighbours is not None else None,
+                       ehr=None if isinstance(ehr, str) else ehr, ehr_note=ehr if isinstance(ehr, str) else None)
 
 
 __all__ = ["FORMATS", "DISPLAY", "subset_values", "shapley_values", "lab_details",

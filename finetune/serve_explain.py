@@ -5,14 +5,15 @@
     ex.explain("50000123", k=5)              # what `radalign finetune explain --format json` writes, or None
     ex.demographics()                        # {study_id: {"sex": ..., "age_band": ...}} for the filters
 
-The explanation is `evaluate.explain_study`'s (exact modality Shapley values, attention, the similar cases of
-other patients with the neighbour vote): nothing is recomputed here.
+The explanation is `evaluate.explain_study`'s (exact modality Shapley values, the EHR value split over its
+groups, attention, the similar cases of other patients with the neighbour vote): nothing is recomputed here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 
 import numpy as np
 from radalign.finetune.clinical import age_bands
@@ -21,6 +22,8 @@ from radalign.finetune.explain import to_json
 from radalign.finetune.predict import load_run
 
 from radalign import RadalignError
+
+CACHED = 64  # explanations kept (a study query and then its case view ask for the same one)
 
 
 class StudyExplainer:
@@ -31,16 +34,26 @@ class StudyExplainer:
         self.index_dir = index_dir
         self.task = self.trained.cfg.task.name
         self._studies = {str(s) for frame in self.trained.table().splits.values() for s in frame["study_id"]}
+        self._cache: OrderedDict[tuple[str, int], dict] = OrderedDict()
 
     def explain(self, study_id: str, k: int) -> dict | None:
         """The run's explanation of `study_id` as JSON-ready data (task, probability, Shapley values, similar
         cases); None when the study is not in the run's table (an uploaded film has no record)."""
         if str(study_id) not in self._studies:
             return None
+        key = (str(study_id), int(k))
+        if key not in self._cache:  # the EHR attribution may take seconds: computed once per study and k
+            self._cache[key] = self._explain(str(study_id), k)
+            while len(self._cache) > CACHED:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        return json.loads(json.dumps(self._cache[key]))  # a copy: the caller may edit it
+
+    def _explain(self, study_id: str, k: int) -> dict:
         try:
             expl = explain_study(self.trained, study_id, index=self.index_dir, k=k)
         except RadalignError as e:  # e.g. a study whose film was not embedded: say why on the page
-            return {"study_id": str(study_id), "task": self.task, "error": str(e)}
+            return {"study_id": study_id, "task": self.task, "error": str(e)}
         return json.loads(to_json(expl))  # exactly `finetune explain --format json` (numpy ids as text)
 
     def demographics(self) -> dict[str, dict]:

@@ -52,6 +52,9 @@ def test_study_answers_carry_finetune_explain(ft, tmp_path):
     assert got["shapley"] == pytest.approx(want["shapley"]) and got["output"] == pytest.approx(want["output"])
     assert [c["study_id"] for c in got["similar_cases"]] == [c["study_id"] for c in want["similar_cases"]]
     assert sum(got["shapley"].values()) == pytest.approx(got["output"]["full"] - got["output"]["empty"], abs=1e-6)
+    # the EHR attribution: the same as finetune explain's, and it splits the EHR modality's value
+    assert got["ehr_groups"]["groups"] == want["ehr_groups"]["groups"]
+    assert got["ehr_groups"]["total"] == pytest.approx(got["shapley"]["ehr"], abs=1e-4)
     assert client.get("/api/info").json()["task"] == want["task"]
     assert client.get(f"/api/case/{study}?k=4").json()["explanation"]["shapley"] == pytest.approx(want["shapley"])
 

@@ -172,6 +172,44 @@ function show(result, t0) {
 // ---------------------------------------------------------------------------------------------------------
 // A case and its explanation
 
+function maxAbs(values) { return Math.max(0, ...values.map((v) => Math.abs(Number(v)))); }
+
+// A signed value (logit) and its bar, red raising the risk, blue lowering it, scaled to `scale`.
+function valueCells(row, v, scale) {
+  row.appendChild(el("td", (v >= 0 ? "+" : "") + Number(v).toFixed(3)));
+  const bar = el("span", null, v >= 0 ? "bar-pos" : "bar-neg");
+  bar.style.width = (scale > 0 ? Math.round(120 * Math.abs(v) / scale) : 0) + "px";
+  const cell = el("td");
+  cell.appendChild(bar);
+  row.appendChild(cell);
+}
+
+// The EHR modality's value split over its groups (finetune.attribution): the record first, then the groups
+// ranked by |value|; a lab not measured reads "absent" (the same as removed: exactly 0).
+function renderEhrGroups(g, ehrValue) {
+  const box = el("div", null, "ehr-groups");
+  box.appendChild(el("h4", "Inside the EHR (exact Owen values over its groups, logit)"));
+  if (g.error) { box.appendChild(el("p", "Not computed: " + g.error, "muted")); return box; }
+  const rows = [{ name: "record present, nothing known", shown: "every lab not measured, demographics unknown",
+    value: g.record }].concat(g.groups || []);
+  const scale = maxAbs(rows.map((r) => r.value));
+  const table = el("table");
+  const head = el("tr");
+  ["group", "value", "contribution", ""].forEach((h) => head.appendChild(el("th", h)));
+  table.appendChild(head);
+  rows.forEach((r) => {
+    const row = el("tr", null, r.known === false ? "null-group" : null);
+    row.appendChild(el("td", r.name));
+    row.appendChild(el("td", r.shown));
+    valueCells(row, r.value, scale);
+    table.appendChild(row);
+  });
+  box.appendChild(table);
+  box.appendChild(el("p", "The rows sum to " + (g.total >= 0 ? "+" : "") + Number(g.total).toFixed(3)
+    + (ehrValue === undefined ? "" : ", the EHR modality's Shapley value") + "; " + g.removal + ".", "muted"));
+  return box;
+}
+
 function renderExplanation(x) {
   const box = el("div", null, "explanation");
   if (x.error) { box.appendChild(el("p", "No explanation: " + x.error, "muted")); return box; }
@@ -183,22 +221,17 @@ function renderExplanation(x) {
   const head = el("tr");
   ["modality", "Shapley (logit)", "", "attention"].forEach((h) => head.appendChild(el("th", h)));
   table.appendChild(head);
-  const values = Object.values(x.shapley || {});
-  const scale = Math.max(0, ...values.map(Math.abs));
+  const scale = maxAbs(Object.values(x.shapley || {}));
   Object.entries(x.shapley || {}).forEach(([m, v]) => {
     const row = el("tr");
     row.appendChild(el("td", m));
-    row.appendChild(el("td", (v >= 0 ? "+" : "") + v.toFixed(3)));
-    const bar = el("span", null, v >= 0 ? "bar-pos" : "bar-neg");
-    bar.style.width = (scale > 0 ? Math.round(120 * Math.abs(v) / scale) : 0) + "px";
-    const cell = el("td");
-    cell.appendChild(bar);
-    row.appendChild(cell);
+    valueCells(row, v, scale);
     const att = (x.attention || {})[m];
     row.appendChild(el("td", att === undefined || att === null ? "n/a" : Number(att).toFixed(3)));
     table.appendChild(row);
   });
   box.appendChild(table);
+  if (x.ehr_groups) box.appendChild(renderEhrGroups(x.ehr_groups, (x.shapley || {}).ehr));
   const cases = x.similar_cases || [];
   box.appendChild(el("p", cases.length + " similar cases of other patients; neighbour vote "
     + (x.neighbour_vote === null || x.neighbour_vote === undefined ? "n/a" : Number(x.neighbour_vote).toFixed(3))

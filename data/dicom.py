@@ -14,7 +14,11 @@ function that made MIMIC-CXR-JPG; Johnson et al. 2019, arXiv:1901.07042):
    the result is the same whenever the slope is positive (step 3 is blind to a positive affine map);
 3. min-max to 8 bits, truncating: floor((v - min) / (max - min) * 255); a constant image becomes 0;
 4. MONOCHROME1 inverted after the scaling (255 - v, OpenCV's bitwise_not): low values are white there;
-5. histogram equalisation with OpenCV's `equalizeHist` lookup table, in numpy (`equalize_hist`).
+5. histogram equalisation with OpenCV's `equalizeHist` lookup table, in numpy (`equalize_hist`);
+6. the JPEG file dcm2img wrote (`cv2.imwrite` with no parameters: OpenCV's default quality, 95; libjpeg via
+   PIL at quality 95 writes the same bytes), decoded as `data.images.open_image` decodes MIMIC-CXR-JPG's files
+   (`short_side`: at the same reduced DCT scale as `prepare` on a JPG). So a DICOM gives the pixels its
+   MIMIC-CXR-JPG file gives, JPEG artefacts included (`DicomFile.pixels()` is steps 1-5 alone).
 `transform="voi-lut"`: 1, 2, then the header's VOI LUT or window (pydicom's `apply_voi_lut`), 4 and 3 in
 the order of the Kaggle/VinDr-CXR readers (invert, then min-max), no equalisation.
 
@@ -42,11 +46,12 @@ from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
-from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError
+from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_image
 
 from radalign import RadalignError
 
 DICOM_TRANSFORMS = ("mimic", "voi-lut")
+MIMIC_JPEG_QUALITY = 95  # dcm2img's cv2.imwrite without parameters: OpenCV's default IMWRITE_JPEG_QUALITY
 XRAY_MODALITIES = ("CR", "DX")
 # The reasons a DICOM is refused beyond those every prepare source has (oversized_image, unreadable_image).
 DICOM_SKIP_REASONS = ("not_xray_modality", "unsupported_transfer_syntax", "unsupported_pixel_format",
@@ -148,12 +153,31 @@ def convert_pixels(ds, stored: np.ndarray, transform: str) -> np.ndarray:
     return equalize_hist(out)
 
 
+def mimic_jpeg(pixels: np.ndarray) -> bytes:
+    """Step 6: converted uint8 pixels [H, W] as the JPEG file MIMIC-CXR-JPG holds (quality 95)."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=MIMIC_JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def to_image(pixels: np.ndarray, transform: str, short_side: int | None = None):
+    """Converted pixels -> PIL "L": for `mimic`, through its JPEG file, decoded as `prepare` decodes a JPG
+    (`short_side`: the smallest reduced DCT scale still that large); `voi-lut` as they are."""
+    from PIL import Image
+
+    if transform != "mimic":
+        return Image.fromarray(pixels, mode="L")
+    return open_image(io.BytesIO(mimic_jpeg(pixels)), max_pixels=None, short_side=short_side)
+
+
 def dicom_to_image(ds, *, transform: str = "mimic", max_pixels: int | None = DEFAULT_MAX_PIXELS,
-                   modalities=XRAY_MODALITIES, name: str = "DICOM"):
+                   modalities=XRAY_MODALITIES, name: str = "DICOM", short_side: int | None = None):
     """The conversion: a pydicom Dataset -> (8-bit grayscale PIL image, DicomInfo). Refuses (DicomRefused)
     what `check_header` refuses; `read_dicom` is the safe way to get a Dataset from a file or an upload."""
     info = check_header(ds, max_pixels=max_pixels, modalities=modalities, name=name)
-    return _decode(ds, info, transform, name), info
+    return to_image(_decode(ds, info, transform, name), transform, short_side), info
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,10 +287,10 @@ def _study_datetime(ds) -> str | None:
     return parse_study_datetime(_text(ds, "StudyDate"), _text(ds, "StudyTime"))
 
 
-def _decode(ds, info: DicomInfo, transform: str, name: str):
-    """First frame -> converted PIL "L". A decoder failure is unreadable_image: a cut file is refused before
-    (its Pixel Data is short, or pydicom stops inside it), so what fails here is a damaged codestream."""
-    from PIL import Image
+def _decode(ds, info: DicomInfo, transform: str, name: str) -> np.ndarray:
+    """First frame -> converted uint8 [H, W] (steps 1-5). A decoder failure is unreadable_image: a cut file is
+    refused before (its Pixel Data is short, or pydicom stops inside it), so what fails here is a damaged
+    codestream."""
     from pydicom.pixels import get_decoder
 
     try:
@@ -274,7 +298,7 @@ def _decode(ds, info: DicomInfo, transform: str, name: str):
     except Exception as e:  # noqa: BLE001 - decoders raise ValueError, RuntimeError, KeyError, struct.error, ...
         raise DicomRefused("unreadable_image", f"{name}: pixel data could not be decoded ({type(e).__name__})") \
             from None
-    return Image.fromarray(convert_pixels(ds, stored, transform), mode="L")
+    return convert_pixels(ds, stored, transform)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -311,12 +335,20 @@ class DicomFile:
     def __init__(self, ds, info: DicomInfo, watch: _Watch, closer, name: str):
         self.ds, self.info, self._watch, self._closer, self.name = ds, info, watch, closer, name
 
-    def image(self, transform: str = "mimic"):
-        """The converted 8-bit grayscale PIL image (reads the deferred Pixel Data now)."""
-        img = _decode(self.ds, self.info, transform, self.name)
+    def pixels(self, transform: str = "mimic") -> np.ndarray:
+        """Steps 1-5 of `transform` (no JPEG): uint8 [H, W] (reads the deferred Pixel Data now)."""
+        out = _decode(self.ds, self.info, transform, self.name)
         if self._watch.cut:
             raise DicomRefused("truncated_dicom", f"{self.name}: the file ends inside its Pixel Data; copy it again")
-        return img
+        return out
+
+    def jpeg(self) -> bytes:
+        """This film's MIMIC-CXR-JPG file: steps 1-6 (what the generator writes beside its DICOMs)."""
+        return mimic_jpeg(self.pixels("mimic"))
+
+    def image(self, transform: str = "mimic", short_side: int | None = None):
+        """The converted 8-bit grayscale PIL image (module docstring; `short_side` as `data.images.open_image`)."""
+        return to_image(self.pixels(transform), transform, short_side)
 
     def close(self) -> None:
         if self._closer is not None:
@@ -353,10 +385,11 @@ def open_dicom(source: str | os.PathLike | bytes | BinaryIO, *, max_pixels: int 
 
 
 def read_dicom(source: str | os.PathLike | bytes | BinaryIO, *, transform: str = "mimic",
-               max_pixels: int | None = DEFAULT_MAX_PIXELS, modalities=XRAY_MODALITIES, name: str | None = None):
+               max_pixels: int | None = DEFAULT_MAX_PIXELS, modalities=XRAY_MODALITIES, name: str | None = None,
+               short_side: int | None = None):
     """(PIL "L" image, DicomInfo) of a DICOM file, bytes or file object: `open_dicom` then the conversion."""
     with open_dicom(source, max_pixels=max_pixels, modalities=modalities, name=name) as d:
-        return d.image(transform), d.info
+        return d.image(transform, short_side), d.info
 
 
 def _binary(source, name: str | None) -> tuple[Any, Any, str]:
@@ -456,7 +489,9 @@ def dicom_bytes(stored: np.ndarray, *, modality: str = "DX", photometric: str = 
         ds.RescaleSlope, ds.RescaleIntercept = f"{rescale[0]:g}", f"{rescale[1]:g}"
     ds.PixelData = stored.tobytes()
     if compression != "none":
-        ds.compress(UID(COMPRESSIONS[compression]), stored)
+        # pydicom would give a compressed copy a new random SOP Instance UID: keep the given one (the file meta
+        # says it too) so the generator writes the same files on every run.
+        ds.compress(UID(COMPRESSIONS[compression]), stored, generate_instance_uid=False)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     return buf.getvalue()
@@ -472,5 +507,6 @@ def write_dicom(path: str | os.PathLike, stored: np.ndarray, **kwargs) -> None:
 
 
 __all__ = ["read_dicom", "open_dicom", "dicom_to_image", "check_header", "convert_pixels", "equalize_hist",
-           "minmax_uint8", "dicom_bytes", "write_dicom", "DicomInfo", "DicomFile", "DicomRefused", "OversizedDicomError", "DICOM_TRANSFORMS",
-           "DICOM_SKIP_REASONS", "XRAY_MODALITIES", "WHITELIST", "TECHNICAL"]
+           "minmax_uint8", "mimic_jpeg", "to_image", "dicom_bytes", "write_dicom", "DicomInfo", "DicomFile",
+           "DicomRefused", "OversizedDicomError", "DICOM_TRANSFORMS", "MIMIC_JPEG_QUALITY", "DICOM_SKIP_REASONS",
+           "XRAY_MODALITIES", "WHITELIST", "TECHNICAL"]

@@ -363,7 +363,8 @@ def _dicom_image(rec: dict, task: dict):
                     name=rec["key"]) as d:
         if rec.get("view") is None and not view_kept(d.info.view, task["views"]):
             raise DicomRefused("filtered_view", f"{rec['key']}: ViewPosition {d.info.view!r} not in --views")
-        return shrink(d.image(task["dicom_transform"]), task["image_size"]), d.info
+        # short_side: the JPG route's reduced DCT decode of the same MIMIC-CXR-JPG bytes (data.dicom, step 6)
+        return shrink(d.image(task["dicom_transform"], task["image_size"]), task["image_size"]), d.info
 
 
 def view_kept(view: str | None, views: list[str]) -> bool:

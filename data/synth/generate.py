@@ -441,27 +441,26 @@ def _render_task(task) -> int:
     written. The drawing is the same in both modes; only the stored form differs."""
     path, spec, size, difficulty, seed, index, *dicom = task
     drawn = render_float(spec, size, difficulty, np.random.default_rng([seed, 2, index]))  # [S, S] in [0, 1]
-    written = 0
     if dicom:
-        # As MIMIC-CXR-JPG was made: the JPG is the MIMIC conversion of the DICOM's (decoded) pixels.
-        image, written = _write_dicom(dicom[0], drawn, np.random.default_rng([seed, 5, index]))
+        # As MIMIC-CXR-JPG was made: the JPG is dcm2img's file for the DICOM's (decoded) pixels.
+        jpg, written = _write_dicom(dicom[0], drawn, np.random.default_rng([seed, 5, index]))
     else:
-        image = Image.fromarray(quantize(drawn, 8), mode="L")
-    buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=95)
+        buf, written = io.BytesIO(), 0
+        Image.fromarray(quantize(drawn, 8), mode="L").save(buf, format="JPEG", quality=95)
+        jpg = buf.getvalue()
     # Temp file + rename (no fsync per image: 50k fsyncs would dominate; a crash leaves no partial JPEG).
     with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return written + len(buf.getvalue())
+        tmp.write_bytes(jpg)
+    return written + len(jpg)
 
 
-def _write_dicom(info: dict, drawn: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, int]:
+def _write_dicom(info: dict, drawn: np.ndarray, rng: np.random.Generator) -> tuple[bytes, int]:
     """One film as MIMIC-CXR's DICOM release holds it: CR or DX, 12 bits stored, MONOCHROME1 (30%, values
     inverted) or MONOCHROME2, uncompressed (50%), RLE or JPEG 2000 lossless. `rng` is the image's own
     acquisition stream ([seed, 5, index]), so the drawing's stream is the one the JPG-only mode uses.
-    Returns (the MIMIC conversion of what was written, read back through `data.dicom`, bytes written)."""
+    Returns (the MIMIC-CXR-JPG file of what was written, read back through `data.dicom`; DICOM bytes written)."""
     from pydicom.uid import generate_uid
-    from radalign.data.dicom import read_dicom, write_dicom
+    from radalign.data.dicom import open_dicom, write_dicom
 
     modality = "CR" if rng.random() < 0.5 else "DX"
     photometric = "MONOCHROME1" if rng.random() < 0.3 else "MONOCHROME2"
@@ -477,8 +476,9 @@ def _write_dicom(info: dict, drawn: np.ndarray, rng: np.random.Generator) -> tup
               "StudyDate": when.strftime("%Y%m%d"), "StudyTime": when.strftime("%H%M%S.%f")}
     write_dicom(info["path"], stored, modality=modality, photometric=photometric, compression=compression,
                 header=header, rescale=(1.0, 0.0) if modality == "DX" else None)
-    image, _ = read_dicom(info["path"], max_pixels=None)
-    return image, Path(info["path"]).stat().st_size
+    with open_dicom(info["path"], max_pixels=None) as d:
+        jpg = d.jpeg()
+    return jpg, Path(info["path"]).stat().st_size
 
 
 def _write_images(tasks: list, workers: int, progress: bool) -> int:

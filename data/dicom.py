@@ -51,6 +51,9 @@ from radalign.data.images import DEFAULT_MAX_PIXELS, OversizedImageError, open_i
 from radalign import RadalignError
 
 DICOM_TRANSFORMS = ("mimic", "voi-lut")
+# The conversion's version, recorded in prepare-dicom's options so a resume never mixes shards of two versions.
+# 2: step 6 (the JPEG write at MIMIC_JPEG_QUALITY, decoded as prepare decodes a JPG) added.
+CONVERSION_VERSION = 2
 MIMIC_JPEG_QUALITY = 95  # dcm2img's cv2.imwrite without parameters: OpenCV's default IMWRITE_JPEG_QUALITY
 XRAY_MODALITIES = ("CR", "DX")
 # The reasons a DICOM is refused beyond those every prepare source has (oversized_image, unreadable_image).
@@ -508,5 +511,5 @@ def write_dicom(path: str | os.PathLike, stored: np.ndarray, **kwargs) -> None:
 
 __all__ = ["read_dicom", "open_dicom", "dicom_to_image", "check_header", "convert_pixels", "equalize_hist",
            "minmax_uint8", "mimic_jpeg", "to_image", "dicom_bytes", "write_dicom", "DicomInfo", "DicomFile",
-           "DicomRefused", "OversizedDicomError", "DICOM_TRANSFORMS", "MIMIC_JPEG_QUALITY", "DICOM_SKIP_REASONS",
+           "DicomRefused", "OversizedDicomError", "DICOM_TRANSFORMS", "MIMIC_JPEG_QUALITY", "CONVERSION_VERSION", "DICOM_SKIP_REASONS",
            "XRAY_MODALITIES", "WHITELIST", "TECHNICAL"]

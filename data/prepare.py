@@ -124,7 +124,7 @@ class PrepareConfig:
     tables: Optional[str] = None
     """prepare-dicom, MIMIC layout: folder with mimic-cxr-2.0.0-{metadata,split,chexpert|negbio}.csv(.gz), each used when present; None: --mimic-cxr itself."""
     dicom_transform: str = "mimic"
-    """prepare-dicom: 'mimic' (modality LUT, MONOCHROME1 inverted, min-max to 8 bits, histogram equalisation, as MIMIC-CXR-JPG) or 'voi-lut' (the header's window/VOI LUT, no equalisation)."""
+    """prepare-dicom: 'mimic' (modality LUT, MONOCHROME1 inverted, min-max to 8 bits, histogram equalisation, the JPEG write at quality 95: as MIMIC-CXR-JPG) or 'voi-lut' (the header's window/VOI LUT, no equalisation)."""
     modalities: list[str] = field(default_factory=lambda: ["CR", "DX"])
     """prepare-dicom: DICOM Modality values read; others count as skipped.not_xray_modality (add DR where a site writes it)."""
 
@@ -472,6 +472,10 @@ def options_of(cfg: PrepareConfig) -> dict:
     opts = to_dict(cfg)
     for key in ("out", "workers", *(() if cfg.dicom else DICOM_OPTIONS)):
         opts.pop(key)  # JPG/PNG runs record the options they always had (and resume states made before DICOM)
+    if cfg.dicom:  # the same options may convert differently after an upgrade: a resume must not mix the two
+        from radalign.data.dicom import CONVERSION_VERSION
+
+        opts["dicom_conversion"] = CONVERSION_VERSION
     for key in ("mimic_cxr", "reports", "csv", "image_root", "tables"):
         if opts.get(key) is not None:
             opts[key] = str(Path(opts[key]).resolve())

@@ -617,7 +617,7 @@ def _missing_report_ids(both) -> set[str]:
     return {r.split(",")[1] for r in rows if not r.startswith("filtered_view")}
 
 
-def test_prepare_dicom_resumes_and_refuses_other_options(both, dicom_synth, tmp_path):
+def test_prepare_dicom_resumes_and_refuses_other_options(both, dicom_synth, tmp_path, monkeypatch):
     _, dcm = both
     shas = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dcm.rglob("*.tar")}
     cfg = json.loads((dcm / "manifest.json").read_text())["options"]
@@ -631,6 +631,12 @@ def test_prepare_dicom_resumes_and_refuses_other_options(both, dicom_synth, tmp_
                                                                    "shard_size", "jpeg_quality")},
                                             "dicom": True, "out": str(dcm), "dicom_transform": "voi-lut"}),
                 progress=False)
+    # A folder half-written by an older conversion (same options, other pixels) is refused, not mixed in.
+    monkeypatch.setattr("radalign.data.dicom.CONVERSION_VERSION", 1)
+    with pytest.raises(RadalignError, match="dicom_conversion: 2 -> 1"):
+        prepare(load_config(PrepareConfig, {**{k: cfg[k] for k in ("mimic_cxr", "reports", "tables", "image_size",
+                                                                   "shard_size", "jpeg_quality")},
+                                            "dicom": True, "out": str(dcm)}), progress=False)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from radalign.data.labels import apply_label_policy
 from radalign.finetune.models import masked_loss
 from radalign.finetune.perclass import (
@@ -377,3 +376,31 @@ def test_predict_and_eval_of_a_multilabel_run_repeat_its_numbers(ml_run, tmp_pat
         assert res["models"][name]["ci_low"] == pytest.approx(r["ci_low"], abs=1e-6)
     assert res["selection"]["best"] == m["selection"]["best"]
     assert "## Best model" in (tmp_path / "eval" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["task.kind=multiclass", "task.labels=[grade]"], "task.classes"),
+    (["task.kind=multilabel", "task.classes=[a,b]"], "task.classes: only for kind=multiclass"),
+    (["task.train_fraction=0"], "task.train_fraction: 0"),
+    (["task.train_fraction=1.5"], "task.train_fraction: 1.5"),
+    (["task.blank=positive"], "task.blank: 'positive'"),
+])
+def test_the_config_names_each_bad_task_setting(overrides, problem):
+    from radalign.finetune.config import FinetuneConfig
+
+    from radalign.config import load_config
+
+    with pytest.raises(RadalignError, match=problem.replace("[", r"\[").replace(".", r"\.")):
+        load_config(FinetuneConfig, "finetune/chexpert14", overrides, stage="finetune")
+
+
+def test_multilabel_and_multiclass_configs_are_accepted():
+    from radalign.finetune.config import FinetuneConfig
+
+    from radalign.config import load_config
+
+    assert load_config(FinetuneConfig, "finetune/chexpert14", ["task.train_fraction=0.01"],
+                       stage="finetune").task.kind == "multilabel"
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", ["task.kind=multiclass", "task.labels=[grade]",
+                                                              "task.classes=[none,mild,severe]"], stage="finetune")
+    assert cfg.validate() == []

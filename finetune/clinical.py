@@ -448,7 +448,11 @@ METRICS_SCHEMA = {
         "processes": int, "seconds": dict,
         # `finetune eval`'s sections
         "model": str, "thresholds_and_temperature_fitted_on": str, "discrimination": dict, "calibration": dict,
-        "subgroups": dict, "subgroup_x_missingness": list, "run": dict},
+        "subgroups": dict, "subgroup_x_missingness": list, "run": dict,
+        # every run: the best model on validation and its test lead (finetune.perclass.selection)
+        "selection": dict, "train_patients": dict,
+        # multilabel / multiclass runs: kind, the classes in logit order, sections not produced and why
+        "kind": str, "classes": list, "skipped": dict},
 }
 
 

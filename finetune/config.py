@@ -12,13 +12,13 @@ MODALITIES = ("image", "text", "ehr")
 # the image's absence is practised through dropout alone and its rate was chosen on validation with
 # bench/degradation.py (the runs: bench/RESULTS.md, "degradation"; docs/finetune.md, "Graceful degradation").
 DEFAULT_MODALITY_DROPOUT = {"image": 0.3, "text": 0.25, "ehr": 0.3}
-# What validation accepts. This release trains binary tasks on the frozen towers only: the recipe refuses the
-# other kinds and tower modes (finetune/config.py, finetune/recipe.py); the next finetune issue implements them.
+# What validation accepts. Every task kind trains; the towers stay frozen in this release.
 TASK_KINDS = ("binary", "multilabel", "multiclass")
 IMAGE_TOWER = ("frozen",)  # last_blocks and lora arrive with the next finetune issue (not advertised)
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
 FEWSHOT_METHODS = ("linear_probe", "prompt_init", "fusion")
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
+BLANK_POLICIES = ("exclude", "negative")
 
 
 @dataclass
@@ -53,16 +53,23 @@ class TaskConfig:
     name: str = "in_hospital_mortality"
     """Task name (the run's subfolder and the report title)."""
     kind: str = "binary"
-    """binary: one 0/1 label column. The only kind this release trains and reports (other kinds are refused; the
-    next finetune issue adds them)."""
+    """binary: one 0/1 label column (one logit). multilabel: one 0/1 column per class (a logit each, masked BCE).
+    multiclass: one column holding the class index 0..K-1 of `classes` (K logits, softmax, cross-entropy)."""
     labels: list[str] = field(default_factory=lambda: ["in_hospital_mortality"])
     """Label column(s) of the table. With `threshold_column`, the one name given to the derived label."""
+    classes: list[str] = field(default_factory=list)
+    """multiclass only: the class names, in the order of the label column's index (0, 1, ...)."""
     threshold_column: Optional[str] = None
     """Derive the binary label as `threshold_column > threshold` (e.g. los_days > 7); null stays unlabelled."""
     threshold: Optional[float] = None
     """Cut-off for `threshold_column`."""
     uncertain: str = "exclude"
     """CheXpert label -1 (uncertain): exclude (unlabelled), positive or negative."""
+    blank: str = "exclude"
+    """A blank (null) label: exclude (unlabelled) or negative (CheXpert's "not mentioned"; data.labels)."""
+    train_fraction: float = 1.0
+    """Train on this fraction of the training split's PATIENTS (all their studies), drawn with `seed`; the list
+    and its sha256 are written to RUN/train_patients.json. 1.0: every patient."""
 
 
 @dataclass
@@ -214,6 +221,17 @@ def _task_problems(t: TaskConfig) -> list[str]:
         p.append("task.threshold: threshold_column and threshold go together; set both or neither")
     if t.uncertain not in UNCERTAIN_POLICIES:
         p.append(f"task.uncertain: {t.uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
+    if t.blank not in BLANK_POLICIES:
+        p.append(f"task.blank: {t.blank!r} is not one of {', '.join(BLANK_POLICIES)}")
+    if t.kind == "multiclass" and len(t.classes) < 2:
+        p.append(f"task.classes: {list(t.classes)}; a multiclass task names its classes (at least 2), in the "
+                 "order of the label column's index, e.g. task.classes=[none,mild,severe]")
+    if t.kind != "multiclass" and t.classes:
+        p.append(f"task.classes: only for kind=multiclass (a {t.kind} task's classes are task.labels)")
+    if not 0 < t.train_fraction <= 1:
+        p.append(f"task.train_fraction: {t.train_fraction}; use a fraction in (0, 1], e.g. 0.01 for 1 %")
+    if t.threshold_column and t.kind != "binary":
+        p.append(f"task.threshold_column: derives one binary label; use kind=binary (got {t.kind})")
     return p
 
 
@@ -270,9 +288,12 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
         p.append(f"resume: {c.resume!r}; use auto, never or a checkpoint folder RUN/train/<model>/checkpoints/step-N")
     if c.stop_after < 0 or c.optim.patience < 0:
         p.append("stop_after / optim.patience: must be >= 0")
-    if c.task.kind != "binary" and not f.enabled:
-        p.append(f"task.kind: {c.task.kind!r}; the finetune recipe's reports (metrics.json, paired differences, "
-                 "evaluation) are binary for now: use one binary label per task")
+    if f.enabled and c.task.kind != "binary":
+        p.append(f"task.kind: {c.task.kind!r}; the few-shot sweep is binary (one label, k per class): use "
+                 "kind=binary, or `radalign finetune train` with task.train_fraction for a multi-label task")
+    if f.enabled and c.task.train_fraction != 1:
+        p.append(f"task.train_fraction: {c.task.train_fraction}; the few-shot sweep draws its own k per class: "
+                 "leave it at 1.0")
     if c.bootstrap < 1:
         p.append(f"bootstrap: must be >= 1 (got {c.bootstrap})")
     return p

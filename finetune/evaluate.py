@@ -29,6 +29,7 @@ import torch
 from radalign.data.shards import find_samples, split_names
 from radalign.finetune import clinical as C
 from radalign.finetune import explain as X
+from radalign.finetune import perclass as P
 from radalign.finetune.attribution import explain_ehr
 from radalign.finetune.inputs import SplitInputs, task_labels
 from radalign.finetune.predict import TrainedRun, load_run
@@ -39,8 +40,13 @@ from radalign.finetune.registry import (
     load_model,
     seed_model_name,
 )
+from radalign.finetune.report import read_class_predictions
+from radalign.finetune.tasks import class_names
 
 from radalign import RadalignError
+from radalign import report as R
+from radalign.io import atomic_write_text
+from radalign.lock import output_lock
 
 SAVED_PREDICTIONS = {"test_split": "predictions.csv", "val_split": "predictions_validate.csv"}
 
@@ -137,8 +143,8 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
     trained = load_run(checkpoint)
     cfg = trained.cfg
     if cfg.task.kind != "binary":
-        raise RadalignError(f"--run {checkpoint}: task {cfg.task.name!r} is {cfg.task.kind}; the clinical "
-                            "evaluation (calibration, thresholds, subgroups) is for binary tasks")
+        return evaluate_classes(trained, checkpoint, out=out, table=table, split=split, val_split=val_split,
+                                shards=shards, n_boot=n_boot, seed=seed, n_bins=n_bins)
     if model not in trained.models:
         raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
     split, val_split = split or cfg.data.test_split, val_split or cfg.data.val_split
@@ -171,6 +177,59 @@ def evaluate_run(checkpoint: str | os.PathLike, *, out: str | os.PathLike | None
         res["files"] = C.write_evaluation(out, res, title=f"Clinical evaluation: {cfg.task.name} ({model}, "
                                                          f"{split} split)")
     return res
+
+
+def evaluate_classes(trained: TrainedRun, checkpoint, *, out=None, table: str | None = None,
+                     split: str | None = None, val_split: str | None = None, shards: str | None = None,
+                     n_boot: int | None = None, seed: int | None = None, n_bins: int = 10) -> dict:
+    """`finetune eval` of a multilabel / multiclass run: per class and macro AUROC of every saved model with
+    patient intervals, paired macro differences, the best model on validation and its calibration per class
+    (temperature fitted on validation). Thresholds and subgroups are binary-only and said to be skipped."""
+    cfg = trained.cfg
+    split, val_split = split or cfg.data.test_split, val_split or cfg.data.val_split
+    if split == val_split:
+        raise RadalignError(f"--split {split} and --val-split {val_split}: the best model and the temperatures are "
+                            "chosen on validation; evaluate on another split")
+    classes, kind = class_names(cfg.task), cfg.task.kind
+    test = trained.inputs(split, table, shards)
+    y, probs, logits = read_class_predictions(trained.predictions(test), classes)
+    y_val, probs_val, logits_val = read_class_predictions(
+        trained.predictions(trained.inputs(val_split, table, shards)), classes)
+    kw = dict(n_boot=cfg.bootstrap if n_boot is None else n_boot, seed=cfg.seed if seed is None else seed)
+    pid = test.subjects
+    models = P.class_metrics(y, {n: probs[n] for n in C.ordered(probs)}, pid, classes, **kw)
+    left = {"late_fusion": "its stacker is fitted on validation"} \
+        if cfg.baselines.late_fusion == "stacked" and "late_fusion" in trained.models else {}
+    sel = P.selection(P.validation_scores(y_val, {n: p for n, p in probs_val.items() if n not in left}), y, probs,
+                      pid, P.macro_columns(models, classes), left_out=left, metric="macro AUROC", **kw)
+    ref = sel["best"] or next(iter(models))
+    res = {"task": cfg.task.name, "split": split, **kw, "kind": kind, "classes": classes, "models": models,
+           "paired_differences": P.macro_differences(y, probs, pid, models, classes, ref=ref, **kw),
+           "degradation": None, "model": ref, "selection": sel,
+           "calibration": P.class_calibration(y, logits[ref], y_val, logits_val[ref], kind, classes, n_bins),
+           "thresholds_and_temperature_fitted_on": "validation",
+           "skipped": {"operating point, subgroups, degradation": "binary tasks only"},
+           "run": {"checkpoint": str(checkpoint), "task": cfg.task.name, "split": split, "val_split": val_split,
+                   "n_test": len(test), "table": str(table or trained.table_path)}}
+    if out is not None:
+        res["files"] = write_class_evaluation(out, res)
+    return res
+
+
+def write_class_evaluation(out_dir, res: dict) -> dict[str, str]:
+    """metrics.json and report.md of a multilabel / multiclass evaluation, under the folder's lock."""
+    out = Path(out_dir)
+    with output_lock(out):
+        files = {"metrics": out / "metrics.json", "report": out / "report.md"}
+        C.write_metrics(files["metrics"], {k: v for k, v in res.items() if k != "files"})
+        lines = [f"# Evaluation: {R.md(res['task'])} ({R.md(res['split'])} split)", "",
+                 f"Unit of every interval: the patient ({res['n_boot']} resamples, seed {res['seed']}). "
+                 f"Task kind {R.md(res['kind'])}, classes: {R.md(', '.join(res['classes']))}.", "",
+                 *P.md_selection(res["selection"]), *C.md_models(res), *P.md_classes(res["models"], res["classes"]),
+                 *P.md_calibration(res["calibration"], res["model"]),
+                 *[f"Not in this report: {R.md(k)} ({R.md(v)})." for k, v in res["skipped"].items()]]
+        atomic_write_text(files["report"], "\n".join(lines) + "\n")
+    return {k: str(v) for k, v in files.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from radalign.data.ehr_table import (
 )
 from radalign.data.shards import manifest_sha256, split_names, split_subjects
 from radalign.finetune.features import EHRFeatures, EHRFeaturizer, label_matrix, text_present, threshold_label
+from radalign.finetune.tasks import check_class_index
 
 from radalign import RadalignError
 from radalign.io import atomic_path
@@ -171,7 +172,10 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
     """[N, C] labels of the task (TaskConfig): the label columns, or `threshold_column > threshold`."""
     if task.threshold_column:
         return threshold_label(frame, task.threshold_column, task.threshold)[:, None]
-    return label_matrix(frame, task.labels, task.kind, task.uncertain)
+    y = label_matrix(frame, task.labels, task.kind, task.uncertain, getattr(task, "blank", "exclude"))
+    if task.kind == "multiclass":
+        check_class_index(y, len(task.classes), task.labels[0], task.classes)
+    return y
 
 
 def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> dict[str, str]:

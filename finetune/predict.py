@@ -3,6 +3,7 @@
     trained = load_run("runs/demo/finetune/in_hospital_mortality")
     data = trained.inputs("test")                         # SplitInputs of a table split (cached embeddings)
     frame = trained.predictions(data)                    # subject_id, study_id, label, score:<m>, logit:<m>
+                                                         # (multilabel / multiclass: label:<c>, score:<m>:<c>, ...)
 
 Every saved model of RUN/models is loaded through finetune.registry (torch models, the gradient-boosted trees and
 the late-fusion stacker alike) and scored. Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
@@ -32,6 +33,7 @@ from radalign.finetune.inputs import (
 )
 from radalign.finetune.registry import load_models, model_logits
 from radalign.finetune.report import predictions_frame
+from radalign.finetune.tasks import task_scores
 from radalign.pretrain.export import load_encoders
 
 from radalign import RadalignError
@@ -103,11 +105,12 @@ class TrainedRun:
         return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
 
     def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
+        """[N] logits of a binary task's model; [N, K] (one column per class) for multilabel / multiclass."""
         model, meta = self.models[name]
-        return model_logits(model, meta["spec"], data, present_override)[:, 0]
+        return task_scores(model_logits(model, meta["spec"], data, present_override), self.cfg.task.kind)
 
     def predictions(self, data: SplitInputs) -> pd.DataFrame:
-        return predictions_frame(data, {name: self.logits(data, name) for name in self.models})
+        return predictions_frame(data, {name: self.logits(data, name) for name in self.models}, self.cfg.task)
 
 
 def load_run(path: str | os.PathLike) -> TrainedRun:

@@ -35,6 +35,7 @@ from radalign.finetune.registry import (
 )
 from radalign.finetune.report import save_outputs
 from radalign.finetune.session import Run, open_run
+from radalign.finetune.tasks import as_matrix, n_outputs, targets, task_scores
 from radalign.finetune.trainer import fit_torch
 
 from radalign import RadalignError
@@ -63,7 +64,7 @@ def train(run: Run) -> Scores:
     fit_late_fusion(run, scores)
     if "gbdt" in run.cfg.baselines.models and "ehr" in run.modalities:
         fit_gbdt(run, scores)
-    for name in DEGRADATION_MODELS:
+    for name in DEGRADATION_MODELS if run.cfg.task.kind == "binary" else ():  # binary only: said in report.md
         if name in scores.models:
             scores.degradation[name] = degradation_logits(scores.models[name][0], run.test, run.modalities)
     _degradation_seeds(run, scores)
@@ -74,8 +75,8 @@ def train(run: Run) -> Scores:
 def _score(run: Run, scores: Scores, name: str, model, spec: dict, info: dict) -> None:
     scores.models[name] = (model, spec)
     scores.info[name] = info
-    scores.val[name] = model_logits(model, spec, run.val)[:, 0]
-    scores.test[name] = model_logits(model, spec, run.test)[:, 0]
+    scores.val[name] = task_scores(model_logits(model, spec, run.val), run.cfg.task.kind)
+    scores.test[name] = task_scores(model_logits(model, spec, run.test), run.cfg.task.kind)
 
 
 def _save(run: Run, name: str, model, spec: dict, info: dict) -> None:
@@ -109,13 +110,15 @@ def fit_late_fusion(run: Run, scores: Scores) -> None:
         return
     spec = late_fusion_spec(run, {m: f"{m}_only" for m in unimodal})
     lf = build_model(spec)
-    lf.fit({m: scores.val[f"{m}_only"][:, None] for m in unimodal}, {m: run.val.present[m] for m in unimodal},
-           run.val.y[:, :1])
+    k = n_outputs(run.cfg.task)
+    lf.fit({m: as_matrix(scores.val[f"{m}_only"]) for m in unimodal}, {m: run.val.present[m] for m in unimodal},
+           targets(run.val.y, run.cfg.task.kind, k))
     lf.members = {m: scores.models[f"{m}_only"] for m in unimodal}
     for split, data, target in (("val", run.val, scores.val), ("test", run.test, scores.test)):
         # = model_logits(lf, spec, data), from the members' logits already computed
-        target["late_fusion"] = lf.combine({m: getattr(scores, split)[f"{m}_only"][:, None] for m in unimodal},
-                                           {m: data.present[m] for m in unimodal})[:, 0]
+        target["late_fusion"] = task_scores(lf.combine({m: as_matrix(getattr(scores, split)[f"{m}_only"])
+                                                        for m in unimodal}, {m: data.present[m] for m in unimodal}),
+                                            run.cfg.task.kind)
     info = {"mode": run.cfg.baselines.late_fusion, "of": [f"{m}_only" for m in unimodal],
             "fitted_on": run.cfg.data.val_split}
     scores.models["late_fusion"], scores.info["late_fusion"] = (lf, spec), info
@@ -125,7 +128,7 @@ def fit_late_fusion(run: Run, scores: Scores) -> None:
 def fit_gbdt(run: Run, scores: Scores) -> None:
     """Gradient-boosted trees fitted on the training split (a fixed number of iterations: no row hold-out)."""
     spec = gbdt_spec(run)
-    g = build_model(spec).fit(gbdt_inputs(run.train, spec["with_image"]), run.train.y[:, :1])
+    g = build_model(spec).fit(gbdt_inputs(run.train, spec["with_image"]), run.train.y)
     info = {"inputs": "EHR features" + (" + frozen image embedding" if spec["with_image"] else ""),
             "max_iter": spec["max_iter"], "dropped_never_measured_columns": g.dropped_columns}
     _save(run, "gbdt", g, spec, info)

@@ -29,6 +29,7 @@ from radalign.finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusi
 from radalign.finetune.fit import logits_of
 from radalign.finetune.inputs import SplitInputs
 from radalign.finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence
+from radalign.finetune.tasks import n_outputs
 from safetensors import numpy as st_numpy
 from safetensors import torch as st_torch
 from torch import nn
@@ -58,7 +59,7 @@ def model_specs(run) -> dict[str, dict]:
             "cardinalities": run.featurizer.cardinalities if run.featurizer else []}
     common = {"d_model": m.d_model, "n_layers": m.n_layers, "n_heads": m.n_heads, "dropout": m.dropout,
               "ehr_d": m.ehr_d, "ehr_blocks": m.ehr_blocks, "ehr_heads": m.ehr_heads,
-              "n_outputs": run.train.y.shape[1], "task": cfg.task.kind, "cls_sees_absent": m.cls_sees_absent,
+              "n_outputs": n_outputs(cfg.task), "task": cfg.task.kind, "cls_sees_absent": m.cls_sees_absent,
               **dims}
     rates = dict(m.modality_dropout)
     if m.modality_dropout_from_data:

@@ -36,6 +36,7 @@ from radalign.finetune.inputs import (
     task_labels,
 )
 from radalign.finetune.runspec import check_resume_folder, claim_run_dir, run_spec, write_run_spec
+from radalign.finetune.tasks import draw_patients, keep_patients, patient_list
 from radalign.finetune.trainer import Stopped
 from radalign.pretrain.export import find_export, load_encoders
 
@@ -44,6 +45,7 @@ from radalign.config import save_resolved
 from radalign.io import atomic_write_json
 from radalign.training import make_accelerator, reset_accelerate_state, run_lock
 
+TRAIN_PATIENTS = "train_patients.json"  # RUN/<this>: the patients of a task.train_fraction draw, with sha256
 Check = Callable[[FinetuneConfig, FinetuneTable], None]  # a recipe's own refusal, run before the towers load
 
 @dataclass
@@ -127,7 +129,10 @@ def label_problems(cfg: FinetuneConfig, table: FinetuneTable) -> list[str]:
     problems = []
     for s in _task_splits(cfg):
         y = task_labels(table.split(s), t)  # [N, C]
-        for name, counts in zip(names, class_counts(y)):
+        counts_all = class_counts(y)
+        if t.kind == "multilabel" and any(sum(v > 0 for v in c.values()) >= 2 for c in counts_all):
+            continue  # a one-valued class trains as it is, is left out of the macro and named in the report
+        for name, counts in zip(names, counts_all):
             if sum(v > 0 for v in counts.values()) >= 2:
                 continue
             n = sum(counts.values())
@@ -161,6 +166,7 @@ def setup(cfg: FinetuneConfig, overwrite: bool = False, checks: Sequence[Check] 
 def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Sequence[Check]) -> Run:
     run_dir = Path(cfg.run_dir)
     table = load_table(cfg.data.table)
+    drawn = draw_train_patients(cfg, table)
     check_table(cfg, table)
     for check in checks:
         check(cfg, table)
@@ -169,6 +175,8 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
                             allow=cfg.data.allow_overlap)
     spec = run_spec(cfg, table, export_config, precision=precision, processes=acc.num_processes)
     claim_run_dir(run_dir, spec, resume=cfg.resume, overwrite=overwrite, main=acc.is_main_process)
+    if drawn is not None and acc.is_main_process:
+        atomic_write_json(run_dir / TRAIN_PATIENTS, drawn)
     acc.wait_for_everyone()
     check_resume_folder(cfg.resume, run_dir)
     mods = list(cfg.data.modalities)
@@ -191,6 +199,18 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
     if cache is not None and any(cache.lost.values()):
         run.say(f"films lost on read, by shard split and reason: {cache.lost}")
     return run
+
+
+def draw_train_patients(cfg: FinetuneConfig, table: FinetuneTable) -> dict | None:
+    """task.train_fraction < 1: keep the drawn patients' studies in the table's training split (in place, before
+    any check, so the checks see what trains) and return RUN/train_patients.json's document (None at 1.0)."""
+    f, split = cfg.task.train_fraction, cfg.data.train_split
+    if f >= 1 or split not in table.splits:
+        return None
+    frame = table.splits[split]
+    ids = draw_patients(frame, f, cfg.seed)
+    table.splits[split] = keep_patients(frame, ids)
+    return patient_list(ids, frame, f, cfg.seed, split)
 
 
 def _export_config(path) -> dict:

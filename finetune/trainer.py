@@ -26,12 +26,12 @@ from radalign.finetune.inputs import SplitInputs
 from radalign.finetune.models import masked_loss
 from radalign.finetune.registry import build_model, load_model, logits_on, save_model
 from radalign.finetune.runspec import OVERWRITE_HINT, changed_keys, resume_point
+from radalign.finetune.tasks import macro_point_auroc, probabilities, targets
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from radalign import RadalignError
 from radalign.io import atomic_path, atomic_write_json
-from radalign.metrics import auroc
 from radalign.training import CheckpointManager, Meter, MetricLogger, adamw, cosine_schedule, set_rng_state
 
 NAN_HINT = "lower optim.lr or check the EHR features for extreme values"
@@ -52,11 +52,12 @@ def _dropout_u(seed: int, epoch: int, step: int, rows: int, m: int) -> torch.Ten
 
 
 def val_score(model: nn.Module, data: SplitInputs, modalities) -> float:
-    """Validation AUROC (mean over outputs), the model-selection criterion."""
+    """Validation AUROC, the model-selection criterion: the mean over the classes (one-vs-rest on the
+    probabilities: softmax for a multiclass model) that have both label values on validation."""
     logits = logits_on(model, data, modalities)
-    vals = [auroc(data.y[:, j], logits[:, j]) for j in range(data.y.shape[1])]
-    vals = [v for v in vals if not np.isnan(v)]
-    return float(np.mean(vals)) if vals else float("nan")
+    task = getattr(model, "task", "binary")
+    return macro_point_auroc(targets(data.y, task, logits.shape[1]), probabilities(logits, task))
+
 
 
 def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:

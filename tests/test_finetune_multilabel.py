@@ -1,0 +1,406 @@
+"""Multi-label and multi-class finetune tasks (issue 20, section 3): masked losses, per-class and macro AUROC with
+patient intervals, one column per class, the training-patient draw, the best-model sentence."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from radalign.data.labels import apply_label_policy
+from radalign.finetune.models import masked_loss
+from radalign.finetune.perclass import (
+    class_metrics,
+    macro_differences,
+    selection,
+    selection_sentence,
+)
+from radalign.finetune.report import predictions_frame, read_class_predictions
+from radalign.finetune.tasks import (
+    draw_patients,
+    keep_patients,
+    list_sha256,
+    patient_list,
+    probabilities,
+    targets,
+)
+from sklearn.metrics import roc_auc_score
+
+from radalign import RadalignError
+
+NAN = float("nan")
+
+
+def _bce(z: float, y: float) -> float:
+    """-[y log s(z) + (1 - y) log(1 - s(z))], by hand."""
+    s = 1 / (1 + math.exp(-z))
+    return -(y * math.log(s) + (1 - y) * math.log(1 - s))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Losses
+
+RAW = [[1, -1, NAN], [0, 1, -1], [NAN, NAN, 0]]  # CheXpert values: 1, 0, -1 uncertain, blank
+LOGITS = [[2.0, -1.0, 0.5], [0.3, 1.5, -2.0], [-0.7, 0.2, 1.0]]
+# The cells each policy keeps, as (row, column, target), worked out by hand from RAW.
+KEPT = {
+    ("exclude", "exclude"): [(0, 0, 1), (1, 0, 0), (1, 1, 1), (2, 2, 0)],
+    ("positive", "exclude"): [(0, 0, 1), (0, 1, 1), (1, 0, 0), (1, 1, 1), (1, 2, 1), (2, 2, 0)],
+    ("negative", "exclude"): [(0, 0, 1), (0, 1, 0), (1, 0, 0), (1, 1, 1), (1, 2, 0), (2, 2, 0)],
+    ("exclude", "negative"): [(0, 0, 1), (0, 2, 0), (1, 0, 0), (1, 1, 1), (2, 0, 0), (2, 1, 0), (2, 2, 0)],
+    ("positive", "negative"): [(0, 0, 1), (0, 1, 1), (0, 2, 0), (1, 0, 0), (1, 1, 1), (1, 2, 1), (2, 0, 0),
+                               (2, 1, 0), (2, 2, 0)],
+}
+
+
+@pytest.mark.parametrize("uncertain,blank", list(KEPT))
+def test_multilabel_masked_loss_equals_the_hand_worked_cells(uncertain, blank):
+    y = torch.as_tensor(apply_label_policy(np.array(RAW, float), uncertain, blank), dtype=torch.float32)
+    z = torch.tensor(LOGITS)
+    cells = [_bce(LOGITS[i][j], t) for i, j, t in KEPT[uncertain, blank]]
+    assert masked_loss(z, y, "multilabel").item() == pytest.approx(sum(cells) / len(cells), rel=1e-6)
+    assert masked_loss(z, y, "multilabel", reduction="sum").item() == pytest.approx(sum(cells), rel=1e-6)
+
+
+def test_an_excluded_cell_gets_no_gradient_and_an_unlabelled_batch_gives_zero():
+    y = torch.as_tensor(apply_label_policy(np.array(RAW, float), "exclude", "exclude"), dtype=torch.float32)
+    z = torch.tensor(LOGITS, requires_grad=True)
+    masked_loss(z, y, "multilabel").backward()
+    excluded = torch.isnan(y)
+    assert torch.all(z.grad[excluded] == 0) and torch.all(z.grad[~excluded] != 0)
+    z2 = torch.tensor(LOGITS, requires_grad=True)
+    loss = masked_loss(z2, torch.full((3, 3), NAN), "multilabel")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.all(z2.grad == 0)
+
+
+@pytest.mark.parametrize("shape", ["flat", "column"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_multiclass_loss_equals_torch_cross_entropy_on_the_labelled_rows(shape, reduction):
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(9, 4, generator=g)
+    y = torch.tensor([0, 3, NAN, 1, 2, NAN, 3, 0, 1])
+    ref = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction=reduction)(
+        z, torch.nan_to_num(y, nan=-100).long())
+    by_hand = -sum(torch.log_softmax(z[i], 0)[int(y[i])] for i in range(9) if not torch.isnan(y[i]))
+    by_hand = by_hand / 7 if reduction == "mean" else by_hand
+    labels = y if shape == "flat" else y[:, None]
+    assert masked_loss(z, labels, "multiclass", reduction=reduction).item() == pytest.approx(ref.item(), rel=1e-6)
+    assert ref.item() == pytest.approx(float(by_hand), rel=1e-5)
+
+
+def test_multiclass_targets_are_one_hot_and_a_bad_class_index_is_named():
+    t = targets(np.array([[2.0], [NAN], [0.0]]), "multiclass", 3)
+    np.testing.assert_array_equal(t[[0, 2]], [[0, 0, 1], [1, 0, 0]])
+    assert np.isnan(t[1]).all()
+    with pytest.raises(RadalignError, match=r"holds 3 .*0\.\.2"):
+        targets(np.array([0.0, 3.0]), "multiclass", 3)
+    with pytest.raises(RadalignError, match="holds 1.5"):
+        targets(np.array([1.5]), "multiclass", 3)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _multilabel_data(n_pat=60, seed=0):
+    rng = np.random.default_rng(seed)
+    per = rng.integers(1, 4, n_pat)
+    pid = np.repeat(np.arange(n_pat), per)
+    n = len(pid)
+    y = (rng.random((n, 4)) < [0.3, 0.5, 0.2, 0.4]).astype(float)
+    y[rng.random((n, 4)) < 0.2] = np.nan  # uncertain / blank: excluded
+    y[:, 3] = np.where(np.isnan(y[:, 3]), np.nan, 1.0)  # one label value only: no AUROC, not in the macro
+    p = np.clip(0.5 * np.nan_to_num(y, nan=0.5) + 0.6 * rng.random((n, 4)), 0, 1)
+    return y, p, pid
+
+
+def test_macro_auroc_is_sklearns_per_class_mean_on_the_labelled_rows():
+    y, p, pid = _multilabel_data()
+    classes = ["a", "b", "c", "d"]
+    m = class_metrics(y, {"m": p}, pid, classes, n_boot=50, seed=0)["m"]
+    ref = {}
+    for j, c in enumerate(classes[:3]):
+        ok = ~np.isnan(y[:, j])
+        ref[c] = roc_auc_score(y[ok, j], p[ok, j])
+        assert m["classes"][c]["auroc"] == pytest.approx(ref[c], abs=1e-12)
+        assert m["classes"][c]["n_excluded"] == int((~ok).sum())
+    assert m["auroc"] == pytest.approx(np.mean(list(ref.values())), abs=1e-12)
+    assert m["macro_classes"] == ["a", "b", "c"] and m["classes_without_auroc"] == ["d"]
+    assert m["classes"]["d"]["auroc"] is None
+
+
+def test_multiclass_macro_auroc_is_sklearns_one_vs_rest_macro():
+    rng = np.random.default_rng(1)
+    k = rng.integers(0, 3, 150)
+    z = rng.normal(size=(150, 3)) + 1.5 * np.eye(3)[k]
+    prob = probabilities(z, "multiclass")
+    np.testing.assert_allclose(prob.sum(1), 1.0)
+    m = class_metrics(targets(k.astype(float), "multiclass", 3), {"m": prob}, np.arange(150), ["x", "y", "z"],
+                      n_boot=20, seed=0)["m"]
+    assert m["auroc"] == pytest.approx(roc_auc_score(k, prob, multi_class="ovr", average="macro"), abs=1e-12)
+
+
+def test_per_class_and_macro_intervals_resample_patients():
+    """Every film of a patient copied 4 times: resampling patients gives the very same intervals; a resampler
+    that draws rows would treat the copies as independent and narrow them."""
+    y, p, pid = _multilabel_data(n_pat=40, seed=2)
+    q = np.clip(p + np.random.default_rng(3).normal(0, 0.2, p.shape), 0, 1)
+    classes = ["a", "b", "c", "d"]
+    rep = np.repeat(np.arange(len(pid)), 4)
+    kw = dict(n_boot=200, seed=5)
+    one = class_metrics(y, {"p": p, "q": q}, pid, classes, **kw)
+    four = class_metrics(y[rep], {"p": p[rep], "q": q[rep]}, pid[rep], classes, **kw)
+    for c in classes[:3]:
+        for key in ("ci_low", "ci_high"):
+            assert four["p"]["classes"][c][key] == pytest.approx(one["p"]["classes"][c][key], abs=1e-12)
+    for key in ("ci_low", "ci_high", "auprc_ci_low", "auprc_ci_high"):
+        assert four["p"][key] == pytest.approx(one["p"][key], abs=1e-12)
+    d1 = macro_differences(y, {"p": p, "q": q}, pid, one, classes, ref="p", **kw)["p_vs_q"]
+    d4 = macro_differences(y[rep], {"p": p[rep], "q": q[rep]}, pid[rep], four, classes, ref="p", **kw)["p_vs_q"]
+    assert (d4["ci_low"], d4["ci_high"]) == pytest.approx((d1["ci_low"], d1["ci_high"]), abs=1e-12)
+    # and the interval is a real one: wider than a row-level resampler's on the copied data
+    rows = class_metrics(y[rep], {"p": p[rep]}, np.arange(len(rep)), classes, **kw)["p"]
+    assert (four["p"]["ci_high"] - four["p"]["ci_low"]) > 1.5 * (rows["ci_high"] - rows["ci_low"])
+
+
+def test_paired_macro_difference_is_the_difference_of_the_macros():
+    y, p, pid = _multilabel_data(seed=4)
+    q = np.clip(p + np.random.default_rng(5).normal(0, 0.3, p.shape), 0, 1)
+    classes = ["a", "b", "c", "d"]
+    models = class_metrics(y, {"p": p, "q": q}, pid, classes, n_boot=50, seed=0)
+    d = macro_differences(y, {"p": p, "q": q}, pid, models, classes, ref="p", n_boot=50, seed=0)["p_vs_q"]
+    assert d["delta"] == pytest.approx(models["p"]["auroc"] - models["q"]["auroc"], abs=1e-12)
+    assert d["ci_low"] < d["delta"] < d["ci_high"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Predictions: one column per class
+
+
+class _Split:
+    def __init__(self, y, n):
+        self.y = y
+        self.subjects = np.arange(n) // 2 + 100
+        self.studies = np.arange(n) + 5000
+
+
+@pytest.mark.parametrize("kind", ["multilabel", "multiclass"])
+def test_predictions_have_one_column_per_class_and_read_back(kind, tmp_path):
+    from radalign.finetune.config import TaskConfig
+
+    rng = np.random.default_rng(0)
+    classes = ["Edema", "Pleural Effusion", "No Finding"]
+    if kind == "multilabel":
+        task = TaskConfig(name="t", kind=kind, labels=classes)
+        y = np.where(rng.random((8, 3)) < 0.2, np.nan, (rng.random((8, 3)) < 0.5).astype(float))
+    else:
+        task = TaskConfig(name="t", kind=kind, labels=["grade"], classes=classes)
+        y = np.array([[0], [2], [np.nan], [1], [1], [0], [2], [np.nan]], float)
+    logits = {"fusion": rng.normal(size=(8, 3)), "early_fusion": rng.normal(size=(8, 3))}
+    frame = predictions_frame(_Split(y, 8), logits, task)
+    for m in logits:
+        assert [c for c in frame.columns if c.startswith(f"score:{m}:")] == [f"score:{m}:{c}" for c in classes]
+    frame.to_csv(tmp_path / "p.csv", index=False)
+    back, probs, logit = read_class_predictions(pd.read_csv(tmp_path / "p.csv"), classes)
+    np.testing.assert_array_equal(np.isnan(back), np.isnan(targets(y, kind, 3)))
+    np.testing.assert_allclose(np.nan_to_num(back, nan=-1), np.nan_to_num(targets(y, kind, 3), nan=-1))
+    for m, z in logits.items():
+        np.testing.assert_allclose(logit[m], z, rtol=1e-12)
+        ref = torch.softmax(torch.tensor(z), 1) if kind == "multiclass" else torch.sigmoid(torch.tensor(z))
+        np.testing.assert_allclose(probs[m], ref.numpy(), rtol=1e-9)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The training-patient draw
+
+
+def _frame(n_pat=200, seed=0):
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(1000, 1000 + n_pat), rng.integers(1, 6, n_pat))
+    return pd.DataFrame({"subject_id": pid, "study_id": np.arange(len(pid))}).sample(frac=1, random_state=1)
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.1, 0.5])
+def test_the_draw_is_by_patient_seeded_and_its_sha256_is_the_lists(fraction):
+    frame = _frame()
+    ids = draw_patients(frame, fraction, seed=7)
+    assert len(ids) == max(1, round(fraction * 200)) and len(set(ids)) == len(ids)
+    assert ids == draw_patients(frame.sample(frac=1, random_state=9), fraction, seed=7)  # row order: no effect
+    assert ids != draw_patients(frame, fraction, seed=8)
+    kept = keep_patients(frame, ids)
+    # every study of a drawn patient, no study of another one
+    assert sorted(kept["study_id"]) == sorted(frame.loc[frame["subject_id"].astype(str).isin(ids), "study_id"])
+    assert set(kept["subject_id"].astype(str)) == set(ids)
+    doc = patient_list(ids, frame, fraction, 7, "train")
+    text = "".join(f"{i}\n" for i in doc["subject_ids"])
+    assert doc["sha256"] == hashlib.sha256(text.encode()).hexdigest() == list_sha256(ids)
+    assert (doc["n_patients"], doc["of_patients"], doc["n_studies"]) == (len(ids), 200, len(kept))
+
+
+def test_the_run_trains_on_the_drawn_patients_only(ft_cohort, tmp_path):
+    """setup() with task.train_fraction: the training split holds exactly the listed patients (all their
+    studies), validation and test stay whole, and RUN/train_patients.json's sha256 is its list's."""
+    import json
+
+    from radalign.finetune.config import FinetuneConfig
+    from radalign.finetune.inputs import load_table
+    from radalign.finetune.session import TRAIN_PATIENTS, open_run
+
+    from radalign.config import load_config
+
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", [
+        f"run_dir={tmp_path / 'run'}", f"data.table={ft_cohort['table']}", f"data.shards={ft_cohort['shards']}",
+        f"data.checkpoint={ft_cohort['export']}", f"data.cache={ft_cohort['root'] / 'cache'}", "progress=false",
+        "precision=fp32", "task.train_fraction=0.3", "seed=4"], stage="finetune")
+    table = load_table(ft_cohort["table"])
+    with open_run(cfg) as run:
+        doc = json.loads((tmp_path / "run" / TRAIN_PATIENTS).read_text())
+        assert doc["sha256"] == hashlib.sha256("".join(f"{i}\n" for i in doc["subject_ids"]).encode()).hexdigest()
+        full = table.split("train")
+        assert doc["subject_ids"] == draw_patients(full, 0.3, 4)
+        assert sorted(run.train.studies.tolist()) == sorted(
+            full.loc[full["subject_id"].astype(str).isin(doc["subject_ids"]), "study_id"].tolist())
+        assert len(run.val) == len(table.split("validate")) and len(run.test) == len(table.split("test"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The best model on validation, and whether its lead is inside the interval
+
+
+def _sel(delta, lo, hi, best="fusion", other="early_fusion"):
+    return {"best": best, "validation": {best: 0.931, other: 0.925}, "level": 0.95, "not_run": [],
+            "left_out": {}, "comparisons": {other: {"delta": delta, "ci_low": lo, "ci_high": hi,
+                                                    "zero_inside_interval": lo <= 0 <= hi}}}
+
+
+def test_the_sentence_says_inside_the_interval_for_the_issues_demo_numbers():
+    s = selection_sentence(_sel(-0.008, -0.030, 0.009))
+    assert s.startswith("Best on validation: fusion (validation AUROC 0.931).")
+    assert "lead over early_fusion is -0.008 [-0.030, +0.009]: 0 is inside the 95% interval" in s
+    assert "does not show fusion better than early_fusion" in s
+
+
+def test_the_sentence_says_outside_the_interval_above_and_below():
+    above = selection_sentence(_sel(0.050, 0.020, 0.081, other="gbdt"))
+    assert "lead over gbdt is +0.050 [+0.020, +0.081]: outside the interval (above 0)" in above
+    assert "inside" not in above
+    below = selection_sentence(_sel(-0.050, -0.081, -0.020))
+    assert "outside the interval and below 0, so early_fusion is better on test" in below
+
+
+def test_selection_chooses_on_validation_and_tests_the_lead_on_test():
+    """b is best on validation but a is far better on test: b is named best, and its lead over the
+    comparator is negative and outside the interval."""
+    rng = np.random.default_rng(0)
+    pid = np.repeat(np.arange(150), 2)
+    y = (rng.random(300) < 0.4).astype(float)[:, None]
+    good = y + rng.normal(0, 0.3, y.shape)
+    bad = rng.normal(0, 1, y.shape)
+    sel = selection({"early_fusion": 0.9, "fusion": 0.7}, y, {"early_fusion": bad, "fusion": good}, pid, [0],
+                    n_boot=200, seed=0)
+    assert sel["best"] == "early_fusion"
+    d = sel["comparisons"]["fusion"]
+    assert d["delta"] == pytest.approx(roc_auc_score(y[:, 0], bad[:, 0]) - roc_auc_score(y[:, 0], good[:, 0]))
+    assert not d["zero_inside_interval"] and d["ci_high"] < 0
+    assert "gbdt was not trained in this run" in sel["sentence"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# End to end: a multi-label run, its predictions, `finetune predict` and `finetune eval`
+
+LABELS = ["No Finding", "Cardiomegaly", "Edema", "Pleural Effusion"]
+
+
+@pytest.fixture(scope="module")
+def ml_run(ft_cohort, tmp_path_factory):
+    from radalign.finetune.config import FinetuneConfig
+    from radalign.finetune.recipe import run_finetune
+
+    from radalign.config import load_config
+
+    run_dir = tmp_path_factory.mktemp("mlrun") / "chexpert4"
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", [
+        f"run_dir={run_dir}", f"data.table={ft_cohort['table']}", f"data.shards={ft_cohort['shards']}",
+        f"data.checkpoint={ft_cohort['export']}", f"data.cache={ft_cohort['root'] / 'cache'}", "progress=false",
+        "precision=fp32", "bootstrap=100", "optim.epochs=2", "optim.batch_size=64", "model.d_model=32",
+        "model.ehr_d=16", "model.n_layers=1", "model.ehr_blocks=1", "baselines.gbdt_max_iter=10",
+        "data.modalities=[image,ehr]", f"task.labels=[{','.join(LABELS)}]",
+        "baselines.models=[image_only,ehr_only,late_fusion,early_fusion,gbdt]"], stage="finetune")
+    run_finetune(cfg)
+    return run_dir
+
+
+def test_a_multilabel_run_scores_every_model_per_class(ml_run):
+    import json
+
+    m = json.loads((ml_run / "metrics.json").read_text())
+    pred = pd.read_csv(ml_run / "predictions.csv")
+    assert m["classes"] == LABELS and m["kind"] == "multilabel"
+    assert set(m["models"]) == {"fusion", "fusion_no_dropout", "image_only", "ehr_only", "late_fusion",
+                                "early_fusion", "gbdt"}
+    y, probs, _ = read_class_predictions(pred, LABELS)
+    for name, r in m["models"].items():
+        ref = []
+        for j, c in enumerate(LABELS):
+            ok = ~np.isnan(y[:, j])
+            if len(np.unique(y[ok, j])) == 2:
+                ref.append(roc_auc_score(y[ok, j], probs[name][ok, j]))
+                assert r["classes"][c]["auroc"] == pytest.approx(ref[-1], abs=1e-9)
+        assert r["auroc"] == pytest.approx(np.mean(ref), abs=1e-9)
+    report = (ml_run / "report.md").read_text()
+    assert "## Best model" in report and m["selection"]["sentence"].split(" (")[0] in report
+    assert "## Per class (test)" in report and all(c in report for c in LABELS)
+    assert "## Calibration per class" in report and "graceful-degradation table is for binary tasks" in report
+    assert set(m["calibration"]["per_class"]) == set(LABELS)
+
+
+def test_predict_and_eval_of_a_multilabel_run_repeat_its_numbers(ml_run, tmp_path):
+    import json
+
+    from radalign.finetune.evaluate import evaluate_run
+    from radalign.finetune.predict import predict_split
+
+    saved = pd.read_csv(ml_run / "predictions.csv")
+    again = predict_split(ml_run, split="test")
+    assert list(again.columns) == list(saved.columns)
+    np.testing.assert_allclose(again.filter(like="score:").to_numpy(), saved.filter(like="score:").to_numpy(),
+                               rtol=1e-5, atol=1e-6)
+    res = evaluate_run(ml_run, out=tmp_path / "eval")
+    m = json.loads((ml_run / "metrics.json").read_text())
+    for name, r in m["models"].items():
+        assert res["models"][name]["auroc"] == pytest.approx(r["auroc"], abs=1e-6)
+        assert res["models"][name]["ci_low"] == pytest.approx(r["ci_low"], abs=1e-6)
+    assert res["selection"]["best"] == m["selection"]["best"]
+    assert "## Best model" in (tmp_path / "eval" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("overrides,problem", [
+    (["task.kind=multiclass", "task.labels=[grade]"], "task.classes"),
+    (["task.kind=multilabel", "task.classes=[a,b]"], "task.classes: only for kind=multiclass"),
+    (["task.train_fraction=0"], "task.train_fraction: 0"),
+    (["task.train_fraction=1.5"], "task.train_fraction: 1.5"),
+    (["task.blank=positive"], "task.blank: 'positive'"),
+])
+def test_the_config_names_each_bad_task_setting(overrides, problem):
+    from radalign.finetune.config import FinetuneConfig
+
+    from radalign.config import load_config
+
+    with pytest.raises(RadalignError, match=problem.replace("[", r"\[").replace(".", r"\.")):
+        load_config(FinetuneConfig, "finetune/chexpert14", overrides, stage="finetune")
+
+
+def test_multilabel_and_multiclass_configs_are_accepted():
+    from radalign.finetune.config import FinetuneConfig
+
+    from radalign.config import load_config
+
+    assert load_config(FinetuneConfig, "finetune/chexpert14", ["task.train_fraction=0.01"],
+                       stage="finetune").task.kind == "multilabel"
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", ["task.kind=multiclass", "task.labels=[grade]",
+                                                              "task.classes=[none,mild,severe]"], stage="finetune")
+    assert cfg.validate() == []

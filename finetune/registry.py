@@ -72,6 +72,10 @@ def model_specs(run) -> dict[str, dict]:
             specs[f"{mod}_only"] = {"kind": "fusion", "modalities": [mod], "modality_dropout": {}, **common}
     if "early_fusion" in cfg.baselines.models:
         specs["early_fusion"] = {"kind": "early_fusion", "modalities": run.modalities, **common}
+    if m.image_tower != "frozen":  # the image tower trains with the fusion head (finetune.tower)
+        from radalign.finetune.tower import tuned_specs
+
+        return tuned_specs(run, specs)
     return specs
 
 
@@ -102,6 +106,12 @@ def _build_fusion(spec: dict) -> FusionModel:
     return FusionModel(enc, n_outputs=spec["n_outputs"], task=spec["task"], d_model=spec["d_model"],
                        n_layers=spec["n_layers"], n_heads=spec["n_heads"], dropout=spec["dropout"],
                        modality_dropout=spec["modality_dropout"], cls_sees_absent=spec["cls_sees_absent"])
+
+
+def _build_tuned(spec: dict):
+    from radalign.finetune.tower import TunedModel, load_tuned_tower
+
+    return TunedModel(load_tuned_tower(spec["tower"]), _build_fusion(spec), spec["tower"]["export_checksum"])
 
 
 def _build_early_fusion(spec: dict) -> EarlyFusionModel:
@@ -180,6 +190,7 @@ class Kind:
 
 KINDS = {"fusion": Kind(_build_fusion, _torch_logits, True),
          "early_fusion": Kind(_build_early_fusion, _torch_logits, True),
+         "tuned_fusion": Kind(_build_tuned, _torch_logits, True),  # finetune.tower: the image tower trains too
          "gbdt": Kind(_build_gbdt, _gbdt_logits, False),
          "late_fusion": Kind(_build_late_fusion, _late_fusion_logits, False)}
 

@@ -158,7 +158,7 @@ def test_state_dict_holds_only_the_trained_weights_and_loads_back(visual):
     assert set(sd) == trained | {k for k in sd if k.startswith("head.")}
     assert not [k for k in sd if k.startswith("tower.") and ".lora_" not in k]
     with torch.no_grad():
-        for k, v in sd.items():
+        for v in sd.values():
             v.add_(0.01)  # make the loaded weights differ from a fresh build
         model.load_state_dict(sd)
     fresh = TunedModel(_lora(visual), _head(), "abc")

@@ -34,7 +34,7 @@ from safetensors import torch as st_torch
 from torch import nn
 
 from radalign import RadalignError
-from radalign.io import atomic_path, atomic_write_json
+from radalign.io import atomic_path, atomic_write_json, sha256_file
 
 MODEL_FORMAT = "radalign-finetune-model/1"
 DEGRADATION_MODELS = ("fusion", "fusion_no_dropout")  # trained with / without modality dropout
@@ -233,7 +233,8 @@ def save_model(folder: Path, name: str, model, spec: dict, info: dict) -> None:
             st_torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         else:
             st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_json(folder / f"{name}.json", {"format": MODEL_FORMAT, "name": name, "spec": spec, **info})
+    atomic_write_json(folder / f"{name}.json", {"format": MODEL_FORMAT, "name": name, "spec": spec, **info,
+                                               "weights_sha256": sha256_file(folder / f"{name}.safetensors")})
 
 
 def load_model(folder: Path, name: str) -> tuple[Any, dict]:
@@ -247,6 +248,9 @@ def load_model(folder: Path, name: str) -> tuple[Any, dict]:
     if meta.get("format") != MODEL_FORMAT:
         raise RadalignError(f"{meta_f}: format {meta.get('format')!r}, expected {MODEL_FORMAT}")
     kind = _kind(meta["spec"], str(meta_f))
+    if meta.get("weights_sha256") not in (None, sha256_file(w_f)):  # a flipped byte loads without an error
+        raise RadalignError(f"{w_f}: damaged model weights (sha256 differs from {meta_f.name}); retrain the model "
+                            f"(delete {w_f} and run `radalign finetune` again)")
     model = kind.build(meta["spec"])
     try:
         model.load_state_dict((st_torch if kind.torch else st_numpy).load_file(str(w_f)))

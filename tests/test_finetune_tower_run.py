@@ -104,7 +104,8 @@ def test_predict_round_trip_equals_the_in_memory_model(ft_cohort, lora_run):
         run.acc.end_training()
 
 
-def test_damaged_adapter_file_is_refused(lora_run, tmp_path):
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_weight_byte", "flip_a_header_byte"])
+def test_damaged_adapter_file_is_refused(lora_run, tmp_path, damage):
     import shutil
 
     from radalign.finetune.predict import load_run
@@ -112,7 +113,13 @@ def test_damaged_adapter_file_is_refused(lora_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(lora_run, copy)
     f = copy / "models" / "fusion.safetensors"
-    f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+    raw = bytearray(f.read_bytes())
+    if damage == "truncate":
+        raw = raw[: len(raw) // 2]
+    else:
+        i = len(raw) - 7 if damage == "flip_a_weight_byte" else 20
+        raw[i] ^= 0x10
+    f.write_bytes(bytes(raw))
     with pytest.raises(RadalignError, match=r"fusion.safetensors: damaged model weights"):
         load_run(copy)
 

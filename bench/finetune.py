@@ -126,7 +126,8 @@ def tower_cfg(args, mode: str):
                 f"task.labels=[{args.label}]", "data.modalities=[image]", "baselines.models=[]",
                 "baselines.fusion_without_dropout=false", f"model.image_tower={mode}", "model.tune_blocks=2",
                 "model.lora_rank=8", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch}",
-                "optim.patience=0", f"data.cache={Path(args.out) / 'cache'}")
+                "optim.patience=0", f"data.cache={Path(args.out) / 'cache'}",
+                f"data.allow_overlap={str(args.allow_overlap).lower()}")
 
 
 def one_tower(args) -> dict:
@@ -204,6 +205,8 @@ def main() -> int:
     ap.add_argument("--label", default="Pneumothorax", help="--towers: the CheXpert label column")
     ap.add_argument("--epochs", type=int, default=3, help="--towers: training epochs of every mode")
     ap.add_argument("--out", default="bench-towers", help="--towers: folder for the three runs")
+    ap.add_argument("--allow-overlap", action="store_true",
+                    help="--towers: data.allow_overlap=true (a copied demo whose export names the shards elsewhere)")
     args = ap.parse_args()
     if args.one_tower:
         import json

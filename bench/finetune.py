@@ -5,6 +5,14 @@ on 2 CPU cores). Both measured in this run, on this CPU.
     .venv/bin/python bench/finetune.py [--table runs/demo/ehr/finetune --shards runs/demo/shards \
         --checkpoint runs/demo/pretrain] [--steps 20] [--batch 256]
 
+`--towers`: instead, the tower adaptation comparison (issue 20): the frozen towers' head vs the last 2 blocks
+vs LoRA r=8 (model.image_tower=frozen|last_blocks|lora), image only, on one CheXpert label (--label) with every
+labelled training study (k=all), the same epochs and batch for all three, each recipe run in its own process:
+test AUROC with its patient-bootstrap interval and the paired difference to frozen, training samples per CPU
+second (user+sys; setup, i.e. embedding or film decoding, reported apart), trainable parameters, peak RSS.
+
+    .venv/bin/python bench/finetune.py --towers --label Pneumothorax --epochs 3 --out bench-towers
+
 Needs a demo (`make demo`) or any link-ehr table with its shards and a pretrained export.
 """
 
@@ -103,6 +111,86 @@ def fewshot_sweep(args, out: Path) -> tuple[float, dict]:
     return t.seconds, doc
 
 
+TOWERS = ("frozen", "last_blocks", "lora")
+
+
+def _cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def tower_cfg(args, mode: str):
+    return _cfg(args, Path(args.out) / mode, "fewshot.enabled=false", f"task.name=towers_{mode}",
+                f"task.labels=[{args.label}]", "data.modalities=[image]", "baselines.models=[]",
+                "baselines.fusion_without_dropout=false", f"model.image_tower={mode}", "model.tune_blocks=2",
+                "model.lora_rank=8", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch}",
+                "optim.patience=0", f"data.cache={Path(args.out) / 'cache'}",
+                f"data.allow_overlap={str(args.allow_overlap).lower()}")
+
+
+def one_tower(args) -> dict:
+    """One mode's recipe run in this process: setup, train (timed in CPU seconds), save; the numbers as JSON."""
+    import json
+
+    from radalign.finetune.recipe import train
+    from radalign.finetune.report import save_outputs
+    from radalign.finetune.session import open_run
+    from radalign.finetune.tower import trainable_count
+
+    cfg = tower_cfg(args, args.one_tower)
+    c0 = _cpu()
+    with open_run(cfg, overwrite=True) as run:
+        c1 = _cpu()
+        scores = train(run)
+        c2 = _cpu()
+        save_outputs(run, scores)
+        info = scores.info["fusion"]
+        labelled = int((~np.isnan(run.train.y)).any(1).sum())
+        model = scores.models["fusion"][0]
+    m = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["models"]["fusion"]
+    return {"mode": args.one_tower, "auroc": m["auroc"], "ci": [m["ci_low"], m["ci_high"]],
+            "trainable": trainable_count(model), "epochs": info["epochs_run"], "steps": info["steps"],
+            "samples": labelled * info["epochs_run"], "train_cpu_s": c2 - c1, "setup_cpu_s": c1 - c0,
+            "best_val_auroc": info["best_val_auroc"]}
+
+
+def towers(args) -> int:
+    """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
+    import json
+
+    import pandas as pd
+
+    from bench.common import run_measured, table
+    from radalign.metrics import paired_difference
+
+    rows, res = [], {}
+    for mode in TOWERS:
+        child = run_measured([sys.executable, __file__, "--one-tower", mode, *sys.argv[1:]])
+        if child.returncode:
+            print(child.output[-3000:])
+            return child.returncode
+        res[mode] = {**json.loads((Path(args.out) / f"bench-{mode}.json").read_text()), "rss": child.peak_rss_mb}
+    pred = {m: pd.read_csv(Path(args.out) / m / "predictions.csv").dropna(subset=["label"]) for m in TOWERS}
+    base = pred["frozen"]
+    for mode in TOWERS:
+        r = res[mode]
+        p = pred[mode]
+        assert p["study_id"].tolist() == base["study_id"].tolist()
+        d = paired_difference("auroc", p["label"].to_numpy(), p["score:fusion"].to_numpy(),
+                              base["score:fusion"].to_numpy(), p["subject_id"].to_numpy(), n_boot=1000)
+        diff = "-" if mode == "frozen" else f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+        rows.append([mode, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff, r["trainable"],
+                     f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}",
+                     f"{r['best_val_auroc']:.3f}"])
+    print(f"{args.label}, image only, k=all ({res['frozen']['samples'] // res['frozen']['epochs']} labelled training "
+          f"studies), {args.epochs} epochs, batch {args.batch}, test AUROC [95% CI, patients resampled]:")
+    print(table(["image tower", "test AUROC", "minus frozen (paired)", "trainable params",
+                 "train samples/CPU-s", "setup CPU-s", "peak RSS MiB", "best val AUROC"], rows))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--table", default="runs/demo/ehr/finetune")
@@ -112,7 +200,22 @@ def main() -> int:
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--towers", action="store_true", help="the tower adaptation comparison (see above)")
+    ap.add_argument("--one-tower", choices=TOWERS, help=argparse.SUPPRESS)
+    ap.add_argument("--label", default="Pneumothorax", help="--towers: the CheXpert label column")
+    ap.add_argument("--epochs", type=int, default=3, help="--towers: training epochs of every mode")
+    ap.add_argument("--out", default="bench-towers", help="--towers: folder for the three runs")
+    ap.add_argument("--allow-overlap", action="store_true",
+                    help="--towers: data.allow_overlap=true (a copied demo whose export names the shards elsewhere)")
     args = ap.parse_args()
+    if args.one_tower:
+        import json
+
+        doc = one_tower(args)
+        (Path(args.out) / f"bench-{args.one_tower}.json").write_text(json.dumps(doc))
+        return 0
+    if args.towers:
+        return towers(args)
     from radalign.finetune.session import setup
 
     from radalign.training import reset_accelerate_state

@@ -14,7 +14,8 @@ MODALITIES = ("image", "text", "ehr")
 DEFAULT_MODALITY_DROPOUT = {"image": 0.3, "text": 0.25, "ehr": 0.3}
 # What validation accepts. Every task kind trains; the towers stay frozen in this release.
 TASK_KINDS = ("binary", "multilabel", "multiclass")
-IMAGE_TOWER = ("frozen",)  # last_blocks and lora arrive with the next finetune issue (not advertised)
+IMAGE_TOWER = ("frozen", "last_blocks", "lora")  # the tuned modes: finetune.tower
+LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # = finetune.tower.LORA_TARGETS
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
 FEWSHOT_METHODS = ("linear_probe", "prompt_init", "fusion")
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
@@ -95,12 +96,20 @@ class ModelConfig:
     cls_sees_absent: bool = True
     """The fusion [CLS] may attend to an absent modality's mask token (absence as information)."""
     image_tower: str = "frozen"
-    """frozen: the towers stay fixed and their embeddings are cached. The only mode of this release (training
-    tower blocks or LoRA adapters comes with the next finetune issue; other values are refused)."""
-    unfreeze_blocks: int = 0
-    """Reserved for training the tower's last blocks (next finetune issue); unused with image_tower=frozen."""
+    """frozen: the towers stay fixed and their embeddings are cached. last_blocks: the image tower's last
+    `tune_blocks` blocks, final norm and projection train with the head; lora: LoRA adapters (peft) on the image
+    tower's attention and MLP projections train with the head. Both train end to end from the films (no embedding
+    cache) and save only the trained weights beside the export's checksum (docs/finetune.md, "Tower
+    adaptation"); baselines that read the frozen image embedding are not trained in such a run."""
+    tune_blocks: int = 2
+    """last_blocks: how many of the image tower's last transformer blocks train (1 .. the tower's depth)."""
     lora_rank: int = 8
-    """Reserved for LoRA adapters on the tower (next finetune issue); unused with image_tower=frozen."""
+    """lora: rank r of each adapter (r * (in + out) parameters per targeted Linear)."""
+    lora_alpha: float = 16.0
+    """lora: the adapters' scale numerator (the update is lora_alpha / lora_rank * B A x)."""
+    lora_targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """lora: the Linear layers of every ViT block that get an adapter, any of attn.in_proj (q, k, v),
+    attn.out_proj, mlp.c_fc, mlp.c_proj (why these: finetune/tower.py)."""
 
 
 @dataclass
@@ -248,14 +257,29 @@ def _model_problems(m: ModelConfig, d: DataConfig) -> list[str]:
             p.append(f"model.modality_dropout.{k}: unknown modality; use {', '.join(MODALITIES)}")
         elif not 0 <= r < 1:
             p.append(f"model.modality_dropout.{k}: {r} must be in [0, 1)")
-    if m.image_tower not in IMAGE_TOWER:
-        p.append(f"model.image_tower: {m.image_tower!r}; this release trains on the frozen towers' cached "
-                 f"embeddings only: use {', '.join(IMAGE_TOWER)}")
+    p += _tower_problems(m, d)
     if d.image_patch_tokens:
         p.append("data.image_patch_tokens: true is not in this release (the fusion head takes the pooled "
                  "embedding); use data.image_patch_tokens=false")
     if m.n_layers < 1 or m.ehr_blocks < 1:
         p.append("model.n_layers / model.ehr_blocks: must be >= 1")
+    return p
+
+
+def _tower_problems(m: ModelConfig, d: DataConfig) -> list[str]:
+    p = []
+    if m.image_tower not in IMAGE_TOWER:
+        p.append(f"model.image_tower: {m.image_tower!r} is not one of {', '.join(IMAGE_TOWER)}")
+    elif m.image_tower != "frozen" and "image" not in d.modalities:
+        p.append(f"model.image_tower: {m.image_tower} tunes the image tower, but data.modalities "
+                 f"{list(d.modalities)} has no image; add image or use model.image_tower=frozen")
+    if m.tune_blocks < 1:
+        p.append(f"model.tune_blocks: {m.tune_blocks} must be >= 1")
+    if m.lora_rank < 1 or m.lora_alpha <= 0:
+        p.append(f"model.lora_rank / model.lora_alpha: {m.lora_rank} / {m.lora_alpha}; rank >= 1 and alpha > 0")
+    bad = [t for t in m.lora_targets if t not in LORA_TARGETS]
+    if bad or not m.lora_targets:
+        p.append(f"model.lora_targets: {list(m.lora_targets)}; use a non-empty subset of {', '.join(LORA_TARGETS)}")
     return p
 
 
@@ -294,6 +318,9 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
     if f.enabled and c.task.train_fraction != 1:
         p.append(f"task.train_fraction: {c.task.train_fraction}; the few-shot sweep draws its own k per class: "
                  "leave it at 1.0")
+    if f.enabled and c.model.image_tower != "frozen":
+        p.append(f"model.image_tower: {c.model.image_tower}; the few-shot sweep fits heads on the frozen towers' "
+                 "cached embeddings: use model.image_tower=frozen with fewshot.enabled")
     if c.bootstrap < 1:
         p.append(f"bootstrap: must be >= 1 (got {c.bootstrap})")
     return p

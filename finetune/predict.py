@@ -102,7 +102,18 @@ class TrainedRun:
         if self.encoders is not None:
             folder = self.cfg.data.cache or self.path / "cache"
             cache = EmbeddingCache(self.encoders, shards or self.shards, folder, progress=self.cfg.progress)
+        if self.cfg.model.image_tower != "frozen":  # the tuned tower scores films (finetune.films)
+            from radalign.finetune.films import film_inputs, load_films
+
+            store = load_films(shards or self.shards, self.export_config(), [frame], progress=self.cfg.progress)
+            return film_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer,
+                               store=store)
         return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
+
+    def export_config(self) -> dict:
+        from radalign.pretrain.export import find_export
+
+        return json.loads((find_export(self.cfg.data.checkpoint) / "config.json").read_text())
 
     def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
         """[N] logits of a binary task's model; [N, K] (one column per class) for multilabel / multiclass."""

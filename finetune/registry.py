@@ -35,7 +35,7 @@ from safetensors import torch as st_torch
 from torch import nn
 
 from radalign import RadalignError
-from radalign.io import atomic_path, atomic_write_json
+from radalign.io import atomic_path, atomic_write_json, sha256_file
 
 MODEL_FORMAT = "radalign-finetune-model/1"
 DEGRADATION_MODELS = ("fusion", "fusion_no_dropout")  # trained with / without modality dropout
@@ -73,6 +73,10 @@ def model_specs(run) -> dict[str, dict]:
             specs[f"{mod}_only"] = {"kind": "fusion", "modalities": [mod], "modality_dropout": {}, **common}
     if "early_fusion" in cfg.baselines.models:
         specs["early_fusion"] = {"kind": "early_fusion", "modalities": run.modalities, **common}
+    if m.image_tower != "frozen":  # the image tower trains with the fusion head (finetune.tower)
+        from radalign.finetune.tower import tuned_specs
+
+        return tuned_specs(run, specs)
     return specs
 
 
@@ -103,6 +107,12 @@ def _build_fusion(spec: dict) -> FusionModel:
     return FusionModel(enc, n_outputs=spec["n_outputs"], task=spec["task"], d_model=spec["d_model"],
                        n_layers=spec["n_layers"], n_heads=spec["n_heads"], dropout=spec["dropout"],
                        modality_dropout=spec["modality_dropout"], cls_sees_absent=spec["cls_sees_absent"])
+
+
+def _build_tuned(spec: dict):
+    from radalign.finetune.tower import TunedModel, load_tuned_tower
+
+    return TunedModel(load_tuned_tower(spec["tower"]), _build_fusion(spec), spec["tower"]["export_checksum"])
 
 
 def _build_early_fusion(spec: dict) -> EarlyFusionModel:
@@ -181,6 +191,7 @@ class Kind:
 
 KINDS = {"fusion": Kind(_build_fusion, _torch_logits, True),
          "early_fusion": Kind(_build_early_fusion, _torch_logits, True),
+         "tuned_fusion": Kind(_build_tuned, _torch_logits, True),  # finetune.tower: the image tower trains too
          "gbdt": Kind(_build_gbdt, _gbdt_logits, False),
          "late_fusion": Kind(_build_late_fusion, _late_fusion_logits, False)}
 
@@ -223,7 +234,8 @@ def save_model(folder: Path, name: str, model, spec: dict, info: dict) -> None:
             st_torch.save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
         else:
             st_numpy.save_file({k: np.ascontiguousarray(v) for k, v in model.state_dict().items()}, str(tmp))
-    atomic_write_json(folder / f"{name}.json", {"format": MODEL_FORMAT, "name": name, "spec": spec, **info})
+    atomic_write_json(folder / f"{name}.json", {"format": MODEL_FORMAT, "name": name, "spec": spec, **info,
+                                               "weights_sha256": sha256_file(folder / f"{name}.safetensors")})
 
 
 def load_model(folder: Path, name: str) -> tuple[Any, dict]:
@@ -237,6 +249,9 @@ def load_model(folder: Path, name: str) -> tuple[Any, dict]:
     if meta.get("format") != MODEL_FORMAT:
         raise RadalignError(f"{meta_f}: format {meta.get('format')!r}, expected {MODEL_FORMAT}")
     kind = _kind(meta["spec"], str(meta_f))
+    if meta.get("weights_sha256") not in (None, sha256_file(w_f)):  # a flipped byte loads without an error
+        raise RadalignError(f"{w_f}: damaged model weights (sha256 differs from {meta_f.name}); retrain the model "
+                            f"(delete {w_f} and run `radalign finetune` again)")
     model = kind.build(meta["spec"])
     try:
         model.load_state_dict((st_torch if kind.torch else st_numpy).load_file(str(w_f)))

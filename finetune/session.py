@@ -6,7 +6,8 @@
 
 setup: what can refuse refuses first (the table's columns, splits and labelled classes, a recipe's own checks,
 the pretraining overlap, the run folder against its run_spec.json), then the towers embed every split once into
-the cache (finetune.inputs) and the EHR scaling is fitted on the training split.
+the cache (finetune.inputs) and the EHR scaling is fitted on the training split. When the image tower trains
+(model.image_tower=last_blocks|lora) the films are decoded into memory instead (finetune.films; no image cache).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 from radalign.finetune.config import FinetuneConfig
 from radalign.finetune.features import EHRFeaturizer
+from radalign.finetune.films import FilmStore, film_inputs, load_films
 from radalign.finetune.inputs import (
     EmbeddingCache,
     FinetuneTable,
@@ -180,7 +182,9 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
     acc.wait_for_everyone()
     check_resume_folder(cfg.resume, run_dir)
     mods = list(cfg.data.modalities)
-    encoders = load_encoders(cfg.data.checkpoint, device=acc.device) if {"image", "text"} & set(mods) else None
+    tuned = cfg.model.image_tower != "frozen"  # the image tower trains: films, not cached embeddings
+    cached = {"text"} if tuned else {"image", "text"}
+    encoders = load_encoders(cfg.data.checkpoint, device=acc.device) if cached & set(mods) else None
     featurizer = None
     if "ehr" in mods:
         features = cfg.data.features or table.features
@@ -189,15 +193,21 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
                            num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process) \
         if encoders is not None else None
     data = {}
+    splits = (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)
+    store = _films(cfg, export_config, table, splits, acc) if tuned else None
     with acc.main_process_first():  # the main process embeds and caches; the others read the cache
-        for s in (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split):
-            data[s] = split_inputs(s, table.split(s), cfg.task, mods, cache=cache, featurizer=featurizer)
+        for s in splits:
+            data[s] = split_inputs(s, table.split(s), cfg.task, mods, cache=cache, featurizer=featurizer) \
+                if store is None else film_inputs(s, table.split(s), cfg.task, mods, cache=cache,
+                                                  featurizer=featurizer, store=store)
     run = Run(cfg, run_dir, acc, precision, table, export_config, featurizer, data, mods, spec, overlap, encoders)
     for s, d in data.items():
         run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, "
                 f"{int(np.nansum(d.y[:, 0]))} positive; present {d.counts['present']}")
     if cache is not None and any(cache.lost.values()):
         run.say(f"films lost on read, by shard split and reason: {cache.lost}")
+    if store is not None and any(store.lost.values()):
+        run.say(f"films lost on read, by shard split and reason: {store.lost}")
     return run
 
 
@@ -211,6 +221,23 @@ def draw_train_patients(cfg: FinetuneConfig, table: FinetuneTable) -> dict | Non
     ids = draw_patients(frame, f, cfg.seed)
     table.splits[split] = keep_patients(frame, ids)
     return patient_list(ids, frame, f, cfg.seed, split)
+
+
+def _films(cfg: FinetuneConfig, export_config: dict, table: FinetuneTable, splits, acc) -> FilmStore:
+    """The films of every study of the run's splits, decoded once by each process (finetune.films)."""
+    store = load_films(cfg.data.shards, export_config, [table.split(s) for s in splits],
+                       num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process)
+    skipped = [n for n in ("fusion_no_dropout", "image_only", "early_fusion") if n in _wanted(cfg)]
+    if skipped and acc.is_main_process:
+        print(f"model.image_tower={cfg.model.image_tower}: the tower trains with the fusion head; not trained in this "
+              f"run (they read the frozen image embedding): {', '.join(skipped)}. Compare with a "
+              "model.image_tower=frozen run (bench/finetune.py does)", flush=True)
+    return store
+
+
+def _wanted(cfg: FinetuneConfig) -> list[str]:
+    mixed = cfg.baselines.fusion_without_dropout and len(cfg.data.modalities) > 1
+    return [*cfg.baselines.models, *(["fusion_no_dropout"] if mixed else [])]
 
 
 def _export_config(path) -> dict:

@@ -330,14 +330,24 @@ def test_config_lists_every_problem_in_one_error():
 
 
 @pytest.mark.parametrize("tower", ["last_blocks", "lora"])
-def test_options_of_the_next_release_are_refused_by_the_config_not_offered(tower):
-    """Unimplemented options are refused in the one config error (before any work) and never listed as a fix."""
+def test_patch_tokens_are_refused_by_the_config_and_tuned_towers_accepted(tower):
+    """data.image_patch_tokens is refused in the one config error (before any work); the tuned tower modes
+    pass the check (finetune.tower; tests/test_finetune_tower_run.py trains them) unless their options are bad."""
     with pytest.raises(RadalignError) as e:
         load_config(FinetuneConfig, "finetune/in_hospital_mortality",
                     [f"model.image_tower={tower}", "data.image_patch_tokens=true"], stage="finetune")
     msg = str(e.value)
-    assert f"model.image_tower: {tower!r}" in msg and "use frozen" in msg and "data.image_patch_tokens" in msg
-    assert "lora" not in msg.replace(repr(tower), "") and "last_blocks" not in msg.replace(repr(tower), "")
+    assert "data.image_patch_tokens" in msg and "model.image_tower" not in msg
+    cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [f"model.image_tower={tower}"],
+                      stage="finetune")
+    assert cfg.model.image_tower == tower and cfg.model.tune_blocks == 2 and cfg.model.lora_rank == 8
+    with pytest.raises(RadalignError) as e:
+        load_config(FinetuneConfig, "finetune/in_hospital_mortality",
+                    [f"model.image_tower={tower}", "data.modalities=[ehr]", "model.lora_targets=[attn]",
+                     "model.tune_blocks=0", "model.lora_rank=0"], stage="finetune")
+    for key in ("model.image_tower: " + tower, "has no image", "model.lora_targets: ['attn']",
+                "model.tune_blocks: 0", "model.lora_rank / model.lora_alpha: 0"):
+        assert key in str(e.value), (key, str(e.value))
 
 
 def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, capsys):

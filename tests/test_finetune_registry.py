@@ -67,6 +67,8 @@ def _fitted(kind: str, data: SplitInputs, folder: Path, mode: str = "stacked"):
         spec = {"kind": "gbdt", "task": "binary", "max_iter": 25, "learning_rate": 0.1, "seed": 0,
                 "with_image": True, "modalities": ["ehr", "image"]}
         return registry.build_model(spec).fit(registry.gbdt_inputs(data, True), data.y), spec
+    if kind == "tuned_fusion":
+        return _tuned(data, folder)
     assert kind == "late_fusion", f"no round-trip case for registered kind {kind!r}: add one"
     members = {}
     for m in ("image", "ehr"):
@@ -83,9 +85,36 @@ def _fitted(kind: str, data: SplitInputs, folder: Path, mode: str = "stacked"):
     return lf, spec
 
 
+def _as_films(data: SplitInputs, seed: int) -> SplitInputs:
+    """The split with one random 64 px film per study that has an image (finetune.films.FilmInputs)."""
+    from radalign.finetune.films import FilmInputs, FilmStore, split_transform
+
+    g = torch.Generator().manual_seed(seed)
+    ids = [[f"{seed}-{i}"] if p else [] for i, p in enumerate(data.present["image"])]
+    films = {k[0]: torch.randint(0, 256, (1, 64, 64), dtype=torch.uint8, generator=g) for k in ids if k}
+    store = FilmStore(films, split_transform({"image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3})[1])
+    return FilmInputs(data.name, data.frame, data.y, None, data.text, data.ehr, data.present, films=ids, store=store)
+
+
+def _tuned(data: SplitInputs, folder: Path):
+    """A LoRA-tuned nano tower (an export written to `folder`) behind the fusion head (finetune.tower)."""
+    from radalign.pretrain.export import export_encoders, load_encoders
+    from radalign.pretrain.models import build_model, get_model_config
+
+    cfg = get_model_config(str(REPO / "tests" / "assets" / "nano.json"))
+    torch.manual_seed(0)
+    export = export_encoders(build_model(cfg), cfg, folder / "export")
+    tower = {"mode": "lora", "lora_rank": 2, "lora_alpha": 4.0, "lora_targets": ["attn.in_proj", "mlp.c_fc"],
+             "export": str(export), "export_checksum": load_encoders(export).checksum}
+    spec = {**_torch_spec("tuned_fusion", ["image", "ehr"]), "image_dim": 64, "tower": tower}
+    return _trained_torch(spec, data), spec
+
+
 @pytest.mark.parametrize("kind", sorted(registry.KINDS))
 def test_every_registered_kind_round_trips_with_identical_logits(kind, tmp_path):
     data, other = _split(), _split(seed=5)
+    if kind == "tuned_fusion":  # the image tower trains: it reads films, not cached embeddings
+        data, other = _as_films(data, 0), _as_films(other, 5)
     model, spec = _fitted(kind, data, tmp_path)
     before = registry.model_logits(model, spec, other)  # [N, 1]
     assert before.shape == (len(other), 1) and np.isfinite(before).all()

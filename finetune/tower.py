@@ -1,0 +1,226 @@
+"""The image tower trained with the fusion head: `model.image_tower=last_blocks|lora` (issue 20 §2).
+
+    tower = tune_tower(encoders.model.visual, {"mode": "lora", "lora_rank": 8, ...})   # in place
+    model = TunedModel(tower, head, export_checksum=encoders.checksum)
+    out = model(batch)          # batch["pixels"] [F, C, H, W] films, batch["film_owner"] [F] row of each film
+    model.state_dict()          # the trainable weights only (head + adapters / unfrozen blocks), never the export's
+
+`last_blocks`: every weight of the export stays frozen except the last `tune_blocks` transformer blocks, the
+final LayerNorm (`ln_post`, which only acts on their output) and the projection `proj`.
+
+`lora` (Hu et al. 2021) through `peft` on the attention and MLP projections of every block. Why these targets and
+not peft's own `nn.MultiheadAttention` support: open_clip's blocks hold a `torch.nn.MultiheadAttention`, whose
+q/k/v projection `in_proj_weight` is a bare Parameter (no `nn.Linear` to wrap) and whose `out_proj`, although an
+`nn.Linear`, is never *called* (`F.multi_head_attention_forward` reads `out_proj.weight` directly), so a LoRA
+wrapper on `out_proj` alone is silently ignored. peft's `lora.MultiheadAttention` works around that by adding the
+adapter's delta into the frozen weights before every forward and subtracting it after: (W + dW) - dW is not W in
+floating point, so the "frozen" export weights drift a rounding error per step, and the saved adapter applied to
+the export would not give the model that was trained. Instead each block's attention is swapped (before peft) for
+`LinearAttention`, the same computation with `in_proj` and `out_proj` as called `nn.Linear`s holding the export's
+very tensors; peft then wraps them (and the MLP's `c_fc` / `c_proj`, which are called `nn.Linear`s already) with
+its plain `lora.Linear`, which adds `scale * B(A(x))` beside the untouched base weight. LoRA parameters per
+targeted Linear: r * (in + out) (A: r x in, B: out x r); B starts at zero, so the untrained model is the export.
+
+The head is the fusion model of finetune.models; a study's image token is the mean of its films' L2-normalised
+tower embeddings, normalised again, as the frozen path computes it (finetune.inputs.study_images). This module
+never imports accelerate or deepspeed (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radalign import RadalignError
+
+TUNE_MODES = ("last_blocks", "lora")
+LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # inside each transformer block
+TUNED_KIND = "tuned_fusion"
+
+
+class LinearAttention(nn.Module):
+    """Self-attention as nn.MultiheadAttention computes it, with q/k/v (`in_proj`, [3D, D]) and `out_proj` as
+    called nn.Linear layers (so LoRA can wrap them); the weights are the given attention's tensors, not copies."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not mha._qkv_same_embed_dim or mha.bias_k is not None or mha.add_zero_attn:
+            raise RadalignError("image tower: an attention layer with separate q/k/v sizes or bias_k/zero_attn; "
+                                "model.image_tower=lora supports open_clip ViT blocks only (use last_blocks)")
+        d = mha.embed_dim
+        self.heads, self.batch_first, self.dropout = mha.num_heads, mha.batch_first, mha.dropout
+        self.in_proj = nn.Linear(d, 3 * d, bias=mha.in_proj_bias is not None)
+        self.in_proj.weight = mha.in_proj_weight
+        if mha.in_proj_bias is not None:
+            self.in_proj.bias = mha.in_proj_bias
+        self.out_proj = mha.out_proj
+
+    def forward(self, query, key=None, value=None, need_weights: bool = False, attn_mask=None):
+        if (key is not None and key is not query) or (value is not None and value is not query):
+            raise RadalignError("LinearAttention: self-attention only (query, key and value the same tensor)")
+        x = query if self.batch_first else query.transpose(0, 1)  # [B, L, D]
+        b, n, d = x.shape
+        q, k, v = self.in_proj(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, h, L, d/h]
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask  # nn.MultiheadAttention: True = blocked; SDPA: True = attend
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        o = self.out_proj(o.transpose(1, 2).reshape(b, n, d))  # [B, L, D]
+        return (o if self.batch_first else o.transpose(0, 1)), None
+
+
+def _blocks(visual: nn.Module) -> nn.ModuleList:
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None:
+        raise RadalignError(f"image tower: {type(visual).__name__} is not an open_clip VisionTransformer "
+                            "(no transformer.resblocks); model.image_tower=last_blocks|lora need one "
+                            "(use model.image_tower=frozen)")
+    return blocks
+
+
+def _unfreeze_last(visual: nn.Module, n: int) -> None:
+    blocks = _blocks(visual)
+    if not 1 <= n <= len(blocks):
+        raise RadalignError(f"model.tune_blocks: {n}; the export's image tower has {len(blocks)} blocks: use 1 to "
+                            f"{len(blocks)}")
+    for block in list(blocks)[len(blocks) - n:]:
+        block.requires_grad_(True)
+    for name in ("ln_post", "proj"):
+        part = getattr(visual, name, None)
+        if isinstance(part, nn.Parameter):
+            part.requires_grad_(True)
+        elif isinstance(part, nn.Module):
+            part.requires_grad_(True)
+
+
+def _add_lora(visual: nn.Module, rank: int, alpha: float, targets) -> nn.Module:
+    from peft import LoraConfig, inject_adapter_in_model
+
+    bad = sorted(set(targets) - set(LORA_TARGETS))
+    if bad or not targets:
+        raise RadalignError(f"model.lora_targets: {list(targets)}; use a non-empty subset of {', '.join(LORA_TARGETS)}")
+    for block in _blocks(visual):
+        if isinstance(block.attn, nn.MultiheadAttention):
+            block.attn = LinearAttention(block.attn)
+    # A regex over the full module names: exactly the named Linear layers of the ViT blocks, nothing else.
+    pattern = r"transformer\.resblocks\.\d+\.(" + "|".join(t.replace(".", r"\.") for t in targets) + ")"
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none", target_modules=pattern)
+    return inject_adapter_in_model(cfg, visual)  # freezes nothing itself; the caller froze the tower first
+
+
+def tune_tower(visual: nn.Module, tower: Mapping) -> nn.Module:
+    """`visual` (the export's open_clip image tower) made trainable as `tower["mode"]` asks, in place: every
+    export weight frozen, then the last blocks unfrozen (last_blocks) or LoRA adapters added (lora)."""
+    visual.requires_grad_(False)
+    mode = tower["mode"]
+    if mode == "last_blocks":
+        _unfreeze_last(visual, int(tower["tune_blocks"]))
+    elif mode == "lora":
+        visual = _add_lora(visual, int(tower["lora_rank"]), float(tower["lora_alpha"]), list(tower["lora_targets"]))
+    else:
+        raise RadalignError(f"model.image_tower: {mode!r} is not one of {', '.join(TUNE_MODES)}")
+    return visual
+
+
+def export_view(visual: nn.Module) -> dict[str, torch.Tensor]:
+    """The tower's weights under the export's names (image_encoder.safetensors), adapters left out: what a
+    frozen-weights check compares with the export file."""
+    out = {}
+    for name, t in visual.state_dict().items():
+        if ".lora_" in name:
+            continue
+        name = name.replace(".base_layer.", ".")
+        name = name.replace("attn.in_proj.weight", "attn.in_proj_weight").replace("attn.in_proj.bias",
+                                                                                 "attn.in_proj_bias")
+        out[name] = t
+    return out
+
+
+class TunedModel(nn.Module):
+    """The image tower (partly trainable) in front of a fusion head; see the module docstring.
+
+    state_dict() holds only what trains (head, adapters or unfrozen blocks): the export's frozen weights are
+    left out, and load_state_dict() accepts that subset (the export supplies the rest)."""
+
+    def __init__(self, tower: nn.Module, head: nn.Module, export_checksum: str):
+        super().__init__()
+        self.tower, self.head, self.export_checksum = tower, head, export_checksum
+        self.modalities = head.modalities
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        self.frozen_keys = frozenset(k for k in super().state_dict() if k not in trainable)
+        self.register_state_dict_post_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_allow_frozen_missing)
+
+    def image_tokens(self, batch: Mapping, rows: int) -> torch.Tensor:
+        """[rows, D]: each study's films through the tower, averaged and L2-normalised (zeros without films)."""
+        pixels, owner = batch.get("pixels"), batch.get("film_owner")
+        if pixels is None or owner is None:
+            raise RadalignError("this model trains the image tower: it scores films, not cached embeddings; give "
+                                "it inputs from finetune.films (finetune predict/eval do for a tuned run)")
+        d = self.head.encoders["image"].d_in
+        out = torch.zeros(rows, d, device=pixels.device)
+        if len(pixels):
+            emb = F.normalize(self.tower(pixels).float(), dim=-1)  # [F, D]
+            out = out.index_add(0, owner.to(pixels.device), emb)  # [rows, D]: sum per study
+        return F.normalize(out, dim=-1)  # normalise(mean) == normalise(sum); zero rows stay zero
+
+    def forward(self, batch: Mapping, present_override=None):
+        if "image" in self.modalities:
+            rows = len(next(iter(batch["present"].values())))
+            batch = {**batch, "image": self.image_tokens(batch, rows)}
+        if present_override is not None:
+            return self.head(batch, present_override=present_override)
+        return self.head(batch)
+
+
+def _drop_frozen(module: TunedModel, state: dict, prefix: str, local_metadata) -> None:
+    for k in module.frozen_keys:
+        state.pop(prefix + k, None)
+
+
+def _allow_frozen_missing(module: TunedModel, incompatible) -> None:
+    keep = [k for k in incompatible.missing_keys if not any(k == f or k.endswith("." + f) for f in module.frozen_keys)]
+    incompatible.missing_keys[:] = keep
+
+
+def trainable_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def tower_spec(cfg, export_config: Mapping, export_path: str) -> dict:
+    """The `tower` part of a tuned model's spec (finetune.registry): the mode, its options and the export it tunes
+    (the checksum is checked whenever the model is built again)."""
+    m = cfg.model
+    out = {"mode": m.image_tower, "export": str(export_path), "export_checksum": export_config.get("checksum")}
+    if m.image_tower == "last_blocks":
+        out["tune_blocks"] = m.tune_blocks
+    else:
+        out.update(lora_rank=m.lora_rank, lora_alpha=m.lora_alpha, lora_targets=list(m.lora_targets))
+    return out
+
+
+def load_tuned_tower(tower: Mapping, device="cpu") -> nn.Module:
+    """The export's image tower, made trainable per `tower`; refused when the export is not the one trained on."""
+    from radalign.pretrain.export import load_encoders
+
+    enc = load_encoders(tower["export"], device=device)
+    if enc.checksum != tower["export_checksum"]:
+        raise RadalignError(f"{tower['export']}: export checksum {enc.checksum[:12]}..., but the tuned model was "
+                            f"trained on export {str(tower['export_checksum'])[:12]}...; its adapter / block weights "
+                            "only fit that export. Point data.checkpoint at the export the run was trained with "
+                            "(or train again on this one)")
+    return tune_tower(enc.model.visual, tower)
+
+
+def tuned_specs(run, specs: Mapping[str, dict]) -> dict[str, dict]:
+    """A run's model specs (finetune.registry.model_specs) when its image tower trains: the fusion model becomes
+    the tuned kind; the models that read the frozen image embedding (fusion_no_dropout, image_only,
+    early_fusion) are left out, the text / EHR baselines stay."""
+    from radalign.pretrain.export import find_export
+
+    fusion = {**specs["fusion"], "kind": TUNED_KIND, "image_dim": int(run.export_config["embed_dim"]),
+              "tower": tower_spec(run.cfg, run.export_config, str(find_export(run.cfg.data.checkpoint).resolve()))}
+    return {"fusion": fusion, **{n: s for n, s in specs.items() if "image" not in s["modalities"]}}

@@ -1,0 +1,185 @@
+"""finetune.tower on the nano tower (random init, CPU): which parameters LoRA and last_blocks train (counted by
+hand), that the export's weights stay bit-identical through training, that the swapped attention computes what
+open_clip's does, and that the state dict holds the trained weights only."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from radalign.finetune.tower import LORA_TARGETS, TunedModel, export_view, trainable_count, tune_tower
+from torch import nn
+
+from radalign import RadalignError
+
+WIDTH, LAYERS = 64, 2  # tests/assets/nano.json: vision width 64, 2 blocks, mlp 4 x width
+# (in, out) of each targeted Linear of a block, read off open_clip's ResidualAttentionBlock by hand
+SHAPES = {"attn.in_proj": (WIDTH, 3 * WIDTH), "attn.out_proj": (WIDTH, WIDTH), "mlp.c_fc": (WIDTH, 4 * WIDTH),
+          "mlp.c_proj": (4 * WIDTH, WIDTH)}
+
+
+@pytest.fixture(scope="module")
+def visual(nano_model_cfg):
+    from radalign.pretrain.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(nano_model_cfg).visual.eval()
+
+
+def _lora(visual, rank=4, alpha=8.0, targets=LORA_TARGETS):
+    torch.manual_seed(1)
+    return tune_tower(copy.deepcopy(visual), {"mode": "lora", "lora_rank": rank, "lora_alpha": alpha,
+                                              "lora_targets": list(targets)})
+
+
+def _images(n=6, seed=2):
+    return torch.randn(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rank", [1, 4, 8])
+@pytest.mark.parametrize("targets", [LORA_TARGETS, ("attn.in_proj",), ("attn.out_proj", "mlp.c_proj"),
+                                     ("mlp.c_fc",)])
+def test_lora_rank_r_trains_exactly_r_in_plus_out_per_targeted_linear(visual, rank, targets):
+    tower = _lora(visual, rank, targets=targets)
+    expected = LAYERS * sum(rank * (SHAPES[t][0] + SHAPES[t][1]) for t in targets)
+    assert trainable_count(tower) == expected
+    names = [n for n, p in tower.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names)
+    assert len(names) == 2 * LAYERS * len(targets)
+
+
+def test_untrained_lora_tower_is_the_export_tower(visual):
+    """B starts at zero: the swapped attention (q/k/v and out as called Linears) gives open_clip's output."""
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(_lora(visual)(x), visual(x), atol=1e-5, rtol=1e-5)
+
+
+def _merged_reference(visual, tower, scale: float) -> nn.Module:
+    """The export tower with every adapter's scale * B @ A added into its weights by hand (open_clip's own
+    forward, nn.MultiheadAttention's in_proj_weight and out_proj): what the adapters must compute."""
+    ref = copy.deepcopy(visual)
+    lora = dict(tower.named_parameters())
+    names = {"attn.in_proj": "attn.in_proj_weight", "attn.out_proj": "attn.out_proj.weight",
+             "mlp.c_fc": "mlp.c_fc.weight", "mlp.c_proj": "mlp.c_proj.weight"}
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for i in range(LAYERS):
+            for t, w in names.items():
+                a = lora[f"transformer.resblocks.{i}.{t}.lora_A.default.weight"]  # [r, in]
+                b = lora[f"transformer.resblocks.{i}.{t}.lora_B.default.weight"]  # [out, r]
+                params[f"transformer.resblocks.{i}.{w}"] += scale * b @ a
+    return ref
+
+
+@pytest.mark.parametrize("rank,alpha", [(4, 8.0), (2, 1.0)])
+def test_lora_adapters_act_on_attention_and_mlp_as_merged_weights_would(visual, rank, alpha):
+    """Every adapter reaches the output (an adapter on a Linear whose forward is never called, such as
+    nn.MultiheadAttention's out_proj, would not) with the scale alpha / r."""
+    tower = _lora(visual, rank, alpha)
+    with torch.no_grad():
+        for n, p in tower.named_parameters():
+            if ".lora_B." in n:
+                p.normal_(0, 0.05)
+    x = _images()
+    with torch.no_grad():
+        got, want = tower(x), _merged_reference(visual, tower, alpha / rank)(x)
+        assert (got - visual(x)).abs().max() > 1e-2  # the adapters change the output
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def _train(tower, steps=3):
+    head = nn.Linear(64, 1)
+    params = [p for p in [*tower.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    tower.train()
+    for s in range(steps):
+        loss = head(tower(_images(8, seed=10 + s))).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return tower
+
+
+def test_lora_training_leaves_every_export_weight_bit_identical(visual):
+    before = {k: v.clone() for k, v in visual.state_dict().items()}
+    tower = _train(_lora(visual))
+    after = export_view(tower)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    for n, p in tower.named_parameters():
+        if ".lora_B." in n:
+            assert p.abs().sum() > 0, n  # every adapter trained
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_last_blocks_trains_only_the_last_n_blocks_the_final_norm_and_the_projection(visual, n):
+    tower = tune_tower(copy.deepcopy(visual), {"mode": "last_blocks", "tune_blocks": n})
+    before = {k: v.clone() for k, v in tower.state_dict().items()}
+    _train(tower)
+    tuned = tuple(f"transformer.resblocks.{i}." for i in range(LAYERS - n, LAYERS)) + ("ln_post.", "proj")
+    expected = sum(p.numel() for k, p in visual.named_parameters() if k.startswith(tuned))
+    assert trainable_count(tower) == expected
+    for k, v in tower.state_dict().items():
+        if k.startswith(tuned):
+            if not k.endswith("in_proj_bias"):  # q/k biases may not move much, the weights must
+                assert not torch.equal(v, before[k]), f"{k} did not train"
+        else:
+            assert torch.equal(v, before[k]), f"{k} changed but is frozen"
+
+
+def test_bad_options_are_refused_with_the_fix(visual):
+    with pytest.raises(RadalignError, match=r"model.tune_blocks: 3; .* 2 blocks: use 1 to 2"):
+        tune_tower(copy.deepcopy(visual), {"mode": "last_blocks", "tune_blocks": 3})
+    with pytest.raises(RadalignError, match=r"model.lora_targets: \['attn.qkv'\]"):
+        _lora(visual, targets=("attn.qkv",))
+
+
+def _head():
+    from radalign.finetune.models import FusionModel, build_encoders
+
+    torch.manual_seed(3)
+    return FusionModel(build_encoders(16, image_dim=64), n_outputs=1, d_model=16, n_heads=2, n_layers=1,
+                       modality_dropout={})
+
+
+def _batch(rows=4, seed=4):
+    owner = torch.tensor([0, 0, 1, 3])  # row 2 has no film
+    present = torch.tensor([True, True, False, True])
+    return {"pixels": _images(len(owner), seed), "film_owner": owner, "present": {"image": present[:rows]}}
+
+
+def test_state_dict_holds_only_the_trained_weights_and_loads_back(visual):
+    model = TunedModel(_lora(visual), _head(), "abc")
+    sd = model.state_dict()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(sd) == trained | {k for k in sd if k.startswith("head.")}
+    assert not [k for k in sd if k.startswith("tower.") and ".lora_" not in k]
+    with torch.no_grad():
+        for v in sd.values():
+            v.add_(0.01)  # make the loaded weights differ from a fresh build
+        model.load_state_dict(sd)
+    fresh = TunedModel(_lora(visual), _head(), "abc")
+    fresh.load_state_dict(model.state_dict())  # strict: the export's weights are not asked for
+    model.eval(), fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(model(_batch()).logits, fresh(_batch()).logits)
+    with pytest.raises(RuntimeError, match="head.head.weight"):
+        fresh.load_state_dict({k: v for k, v in sd.items() if k != "head.head.weight"})
+
+
+def test_study_token_is_the_normalised_mean_of_its_films(visual):
+    import torch.nn.functional as F
+
+    model = TunedModel(_lora(visual), _head(), "abc").eval()
+    b = _batch()
+    with torch.no_grad():
+        emb = F.normalize(visual(b["pixels"]), dim=-1)  # untrained adapters: the export's embedding
+        tokens = model.image_tokens(b, 4)
+    want = torch.stack([F.normalize(emb[:2].mean(0), dim=0), F.normalize(emb[2], dim=0), torch.zeros(64),
+                        F.normalize(emb[3], dim=0)])
+    torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(RadalignError, match="scores films, not cached embeddings"):
+        model({"image": torch.zeros(4, 64), "present": {"image": torch.ones(4, dtype=torch.bool)}})

@@ -195,3 +195,25 @@ def test_two_processes_train_the_same_lora_model_as_one(ft_cohort, tmp_path):
             x, y = torch.cat([x[:d], x[2 * d:]]), torch.cat([y[:d], y[2 * d:]])
         torch.testing.assert_close(x, y, atol=2e-5, rtol=1e-4, msg=k)
     assert json.loads((tmp_path / "two" / "models" / "fusion.json").read_text())["processes"] == 2
+
+
+def test_a_multilabel_task_with_a_lora_tower(ft_cohort, tmp_path):
+    """The two new axes together: one logit per class from a tuned tower, predict repeating the run's scores."""
+    from radalign.finetune.predict import predict_split
+
+    labels = ["Cardiomegaly", "Edema", "Pleural Effusion"]
+    run_dir = tmp_path / "ml"
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", _overrides(ft_cohort, run_dir) + [
+        "model.image_tower=lora", "optim.epochs=1", "model.ehr_d=16", f"task.labels=[{','.join(labels)}]"],
+        stage="finetune")
+    from radalign.finetune.recipe import run_finetune
+
+    run_finetune(cfg)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["classes"] == labels and set(m["models"]) == {"fusion"}
+    assert set(m["models"]["fusion"]["classes"]) == set(labels)
+    saved = pd.read_csv(run_dir / "predictions.csv")
+    assert [c for c in saved.columns if c.startswith("score:")] == [f"score:fusion:{c}" for c in labels]
+    again = predict_split(run_dir, split="test")
+    np.testing.assert_allclose(again.filter(like="score:").to_numpy(), saved.filter(like="score:").to_numpy(),
+                               rtol=1e-5, atol=1e-6)

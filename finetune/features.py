@@ -223,17 +223,18 @@ class EHRFeaturizer:
 
 
 def label_matrix(table: pd.DataFrame, columns: Sequence[str], kind: str = "binary",
-                 uncertain: str = "exclude") -> np.ndarray:
+                 uncertain: str = "exclude", blank: str = "exclude") -> np.ndarray:
     """[N, C] float labels, NaN = excluded from the loss and the metric.
 
     binary / multilabel: 1/0 per column (CheXpert -1 = uncertain: 'exclude' -> NaN, 'positive' -> 1,
-    'negative' -> 0; null -> NaN). multiclass: one column holding the class index (float, NaN = unlabelled).
+    'negative' -> 0; null = blank: 'exclude' -> NaN, 'negative' -> 0). multiclass: one column holding the class
+    index (float, NaN = unlabelled).
     """
     require_columns(list(table.columns), list(columns), "task labels")
     y = np.stack([_numeric(table[c]) for c in columns], axis=1) if len(columns) else np.zeros((len(table), 0))
     if kind == "multiclass":
         return y.astype(np.float64)
-    y = apply_label_policy(y, uncertain, blank="exclude")  # the one policy (data.labels); null stays NaN
+    y = apply_label_policy(y, uncertain, blank)  # the one policy (data.labels)
     bad = np.isfinite(y) & (y != 0) & (y != 1)
     if bad.any():
         j = int(np.argwhere(bad)[0, 1])

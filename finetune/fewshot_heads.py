@@ -240,6 +240,14 @@ def _path_scores(x, y, w0, lams) -> Callable:
     return scores
 
 
+def one_blas_thread():
+    """A context with one BLAS thread. The heads solve [D+1, D+1] systems thousands of times: threads do not
+    pay there, and OpenBLAS's spin-waiting threads on shared, busy cores cost 10-30x the CPU time."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Heads
 
@@ -265,7 +273,8 @@ class FewshotHead:
         self.w_, self.b_ = init.head()
         self.pull_, self.info_, self.folds_ = 1.0, {"n": len(y)}, []
         if len(y):
-            self._fit(x, y, groups, init, seed)
+            with one_blas_thread():
+                self._fit(x, y, groups, init, seed)
         return self
 
     def _fit(self, x, y, groups, init: ZeroShotInit, seed: int) -> None:
@@ -300,8 +309,9 @@ class AnchoredLogistic(FewshotHead):
     """Patients per class below which no cross-validation runs (lam0 is used): smaller folds are noise."""
     repeats: int = 3
     """Independent grouped 5-fold splits whose held-out AUROCs are pooled (1 above `one_repeat_above`)."""
-    one_repeat_above: int = 256
-    """Patients per class from which one split is enough (and three would be slow)."""
+    one_repeat_above: int = 128
+    """Patients per class from which one split is enough: each held-out fold then has >= 25 patients per class
+    (and three splits would triple the cost of the largest fits)."""
     max_folds: int = 5
     """Folds per split (fewer when a class has fewer patients)."""
 
@@ -546,6 +556,11 @@ class TipAdapterF(FewshotHead):
 
 HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, AnchoredLogistic, AnchoredCV,
                                                              WiseInterpolation, ClapHead, LPPlusPlus, TipAdapterF)}
+
+
+def anchored_head(lam0: float = 4.0) -> AnchoredLogistic:
+    """The chosen head with prior weight lam0; the cross-validation may pick any default weaker prior below it."""
+    return AnchoredLogistic(lam0=lam0, lams=[v for v in AnchoredLogistic().lams if v < lam0])
 
 
 def make_head(name: str, **options) -> FewshotHead:

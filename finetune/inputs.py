@@ -171,7 +171,7 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
     """[N, C] labels of the task (TaskConfig): the label columns, or `threshold_column > threshold`."""
     if task.threshold_column:
         return threshold_label(frame, task.threshold_column, task.threshold)[:, None]
-    return label_matrix(frame, task.labels, task.kind, task.uncertain)
+    return label_matrix(frame, task.labels, task.kind, task.uncertain, task.blank)
 
 
 def model_columns(modalities: Sequence[str], features: Sequence[str] | None) -> dict[str, str]:

@@ -35,17 +35,15 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from radalign.finetune.fewshot_heads import FewshotHead, ZeroShotInit, one_blas_thread
+from radalign.finetune.fewshot_heads import prompt_init as prompt_init  # re-exported: it lives with the heads
 
 from radalign import RadalignError
 from radalign import report as R
 from radalign.io import atomic_write_json
-
-if TYPE_CHECKING:
-    from radalign.finetune.fewshot_heads import FewshotHead, ZeroShotInit
 
 FORMAT = "radalign-fewshot-draw/1"
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
@@ -166,15 +164,6 @@ def linear_probe_method(x_pool: np.ndarray, x_eval: np.ndarray, C: float = 1.0) 
     return fit
 
 
-def prompt_init(t_pos: np.ndarray, t_neg: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
-    """The zero-shot binary classifier as a logistic head on L2-normalised image embeddings:
-    softmax([s cos(x, t+), s cos(x, t-)])[0] = sigmoid(x . s (t+ - t-)), so w0 = s (t+ - t-), b0 = 0."""
-    t_pos = np.asarray(t_pos, np.float64)
-    t_neg = np.asarray(t_neg, np.float64)
-    t_pos, t_neg = t_pos / np.linalg.norm(t_pos), t_neg / np.linalg.norm(t_neg)
-    return float(scale) * (t_pos - t_neg), 0.0
-
-
 def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval: np.ndarray, groups: Sequence,
                 init: ZeroShotInit) -> Method:
     """A few-shot head (finetune.fewshot_heads) fitted on the drawn rows with their patients as its inner
@@ -248,7 +237,6 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
               ks: Sequence = DEFAULT_KS, seeds: Iterable[int] = range(5), exclude_patients: Iterable = (),
               zero_shot_auroc: float | None = None, method_name: str = "method", progress: bool = False) -> SweepResult:
     """Every (k, seed): draw from the pool, fit, score the evaluation rows, AUROC (radalign.metrics.auroc)."""
-    from radalign.finetune.fewshot_heads import one_blas_thread
     from tqdm import tqdm
 
     from radalign.metrics import auroc

@@ -7,7 +7,7 @@
 
 The chosen head, `AnchoredLogistic` (docs/fewshot-head.md), is the zero-shot-initialised linear probe of CLAP
 (Silva-Rodriguez et al., CVPR 2024) written as a MAP estimate: a logistic regression whose Gaussian prior sits
-at the zero-shot head w0 = s (t+ - t-) (finetune.fewshot.prompt_init),
+at the zero-shot head w0 = s (t+ - t-) (prompt_init),
 
     argmin_{w,b}  sum_i BCE(x_i w + b, y_i) + lam/2 |w - w0|^2          (b unpenalised)
 
@@ -67,9 +67,7 @@ class ZeroShotInit:
     """The export's logit scale s, as zero-shot classification applies it (zeroshot.classifier.logit_scale_of)."""
 
     def head(self) -> tuple[np.ndarray, float]:
-        """(w0 [D], b0): the zero-shot logit is x w0 + b0 (finetune.fewshot.prompt_init)."""
-        from radalign.finetune.fewshot import prompt_init
-
+        """(w0 [D], b0): the zero-shot logit is x w0 + b0 (prompt_init)."""
         p = np.asarray(self.prototypes, np.float64)
         return prompt_init(p[0], p[1], self.logit_scale)
 
@@ -77,6 +75,15 @@ class ZeroShotInit:
         """[m] the zero-shot logit of L2-normalised embeddings x [m, D]."""
         w0, b0 = self.head()
         return np.asarray(x, np.float64) @ w0 + b0
+
+
+def prompt_init(t_pos: np.ndarray, t_neg: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """The zero-shot binary classifier as a logistic head on L2-normalised image embeddings:
+    softmax([s cos(x, t+), s cos(x, t-)])[0] = sigmoid(x . s (t+ - t-)), so w0 = s (t+ - t-), b0 = 0."""
+    t_pos = np.asarray(t_pos, np.float64)
+    t_neg = np.asarray(t_neg, np.float64)
+    t_pos, t_neg = t_pos / np.linalg.norm(t_pos), t_neg / np.linalg.norm(t_neg)
+    return float(scale) * (t_pos - t_neg), 0.0
 
 
 def check_inputs(x, y, groups, init: ZeroShotInit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

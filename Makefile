@@ -63,11 +63,11 @@ DEMO_RUN := $(shell date +%s.%N)
 STEP     = tools/demo-step $(DEMO)/times.tsv $(DEMO_RUN)
 
 demo: $(STAMP) $(DEMO)/retrieval/example.html $(DEMO)/retrieval/classify/metrics.json $(DEMO)/ehr/manifest.json \
-		$(IHM)/explain.html $(FT)/fewshot_pleural_effusion/fewshot.json
+		$(IHM)/explain.html $(FT)/fewshot_pneumothorax/fewshot.json
 	@echo; echo "== demo complete: $(DEMO)/"
 	$(BIN)/radalign data info $(DEMO)/shards
 	@$(BIN)/radalign summary $(DEMO)
-	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pleural_effusion/report.md"
+	@echo "finetune: $(IHM)/report.md, $(IHM)/eval/report.md, $(IHM)/explain.html, $(FT)/fewshot_pneumothorax/report.md"
 	@echo "similar-case lookup page: $(BIN)/radalign retrieval serve --index-dir $(DEMO)/retrieval/index --finetune-run $(IHM)  (then open http://127.0.0.1:8765/)"
 	@echo; echo "== wall time per step (seconds):"; $(STEP) --total
 
@@ -127,9 +127,9 @@ $(IHM)/explain.html: $(IHM)/eval/metrics.json $(DEMO)/retrieval/index/manifest.j
 	$(STEP) 'finetune explain (html)' $(BIN)/radalign finetune explain --run $(IHM) \
 		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format html --out $(IHM)/explain.html
 
-$(FT)/fewshot_pleural_effusion/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
-	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune fewshot --config finetune/fewshot_chexpert \
-		run_dir=$(FT)/fewshot_pleural_effusion $(FT_DATA)
+$(FT)/fewshot_pneumothorax/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
+	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune fewshot --config finetune/fewshot_pneumothorax \
+		run_dir=$(FT)/fewshot_pneumothorax $(FT_DATA)
 
 # --- mutate (owner: H6 mutation; not in CI) -------------------------------------------------------------
 # Mutation testing with mutmut 3 of the modules whose bugs change numbers (tools/mutate.py has the module ->

@@ -1,13 +1,17 @@
-"""Few-shot heads (finetune/fewshot_heads.py) against zero-shot, the linear probe and today's prompt_init:
-learning curves on a demo run's cached image embeddings, read-only.
+"""Few-shot heads (finetune/fewshot_heads.py) against zero-shot and the linear probe: learning curves on a demo
+run's cached image embeddings, read-only.
 
     .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --out bench/out/fewshot_heads
     .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --eval validate --heads anchored --lam0 1 4 16
+    .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --heads anchored --blank negative
 
-For each finding: labels per the few-shot recipe's CheXpert policy (binary, uncertain excluded), k positives and
-k negatives drawn by patient from the training split with finetune.fewshot's draw (validation and test patients
-excluded), `--seeds` draws per k, every method fitted on the same draws and scored on `--eval` (AUROC per study;
-mean and 95% t-interval over draws, finetune.fewshot.summarise). Writes OUT/fewshot_heads[-EVAL].json,
+For each finding: labels per the few-shot recipe's CheXpert policy (binary, uncertain excluded, blank per
+`--blank`: exclude = unlabelled, negative = as zero-shot evaluation counts it), k positives and k negatives drawn
+by patient from the training split with finetune.fewshot's draw (validation and test patients excluded),
+`--seeds` draws per k, every method fitted on the same draws and scored on `--eval` (AUROC per study; mean and
+95% t-interval over draws, finetune.fewshot.summarise). The methods are the recipe's own (head_method,
+linear_probe_method, the recipe's zero_shot_init): on the same draws `radalign finetune fewshot` gives the same
+numbers (tests/test_fewshot_recipe.py). Writes OUT/fewshot_heads[-EVAL].json,
 OUT/fewshot_heads[-EVAL].png (one panel per finding) and prints the table and the target check: the chosen head's
 mean at every k >= max(zero-shot, probe) - 0.005. Never gates CI.
 """
@@ -27,7 +31,7 @@ from radalign.data.embed import CACHE_ENV
 
 FINDINGS = ("Pneumothorax", "Lung Lesion", "Support Devices", "Pleural Effusion")
 KS = ("1", "2", "4", "8", "16", "32", "64", "128", "all")
-BASELINES = ("zero_shot", "linear_probe", "prompt_init")
+BASELINES = ("zero_shot", "linear_probe")
 TOLERANCE = 0.005
 
 
@@ -39,7 +43,7 @@ def cpu_model() -> str:
         return platform.processor() or "unknown"
 
 
-def load_inputs(run: Path, cache_dir: Path, eval_split: str):
+def load_inputs(run: Path, cache_dir: Path, eval_split: str, findings=FINDINGS, blank: str = "exclude"):
     """(encoders, {finding: (pool SplitInputs, eval SplitInputs, excluded patients)}) from the demo run."""
     from radalign.finetune.config import TaskConfig
     from radalign.finetune.inputs import EmbeddingCache, load_table, split_inputs
@@ -50,47 +54,29 @@ def load_inputs(run: Path, cache_dir: Path, eval_split: str):
     cache = EmbeddingCache(enc, run / "shards", cache_dir, progress=False)
     exclude = {str(p) for s in ("validate", "test") for p in table.split(s)["subject_id"]}
     out = {}
-    for f in FINDINGS:
-        task = TaskConfig(name=f, kind="binary", labels=[f], uncertain="exclude")
+    for f in findings:
+        task = TaskConfig(name=f, kind="binary", labels=[f], uncertain="exclude", blank=blank)
         pool = split_inputs("train", table.split("train"), task, ["image"], cache=cache, featurizer=None)
         ev = split_inputs(eval_split, table.split(eval_split), task, ["image"], cache=cache, featurizer=None)
         out[f] = (pool, ev, exclude)
     return enc, out
 
 
-def zero_shot_init(enc, finding: str):
-    from radalign.finetune.fewshot_heads import ZeroShotInit
-    from radalign.zeroshot.classifier import logit_scale_of, text_weights
-    from radalign.zeroshot.prompts import load_prompt_set
-
-    tw = text_weights(enc, load_prompt_set("chexpert14").subset([finding]))
-    return ZeroShotInit(np.stack([tw.positive[0].numpy(), tw.negative[0].numpy()]), logit_scale_of(enc))
-
-
 def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
-    """{name: Method(rows, y, seed) -> eval scores} over the same draws."""
-    from radalign.finetune.fewshot import linear_probe_method, prompt_init_method
-    from radalign.finetune.fewshot_heads import AnchoredLogistic, make_head
+    """{name: Method(rows, y, seed) -> eval scores} over the same draws (the few-shot recipe's own methods)."""
+    from radalign.finetune.fewshot import head_method, linear_probe_method
+    from radalign.finetune.fewshot_heads import anchored_head, make_head
 
-    x_pool = np.asarray(pool.image, np.float64)
-    x_ev = np.asarray(ev.image, np.float64)
-    w0, b0 = init.head()
-    out = {"zero_shot": lambda rows, y, seed: x_ev @ w0 + b0,
-           "linear_probe": linear_probe_method(x_pool, x_ev),
-           "prompt_init": prompt_init_method(x_pool, x_ev, w0, b0, l2=1.0)}
-    groups = pool.subjects
-
-    def head_method(name, opts):
-        def fit(rows, y, seed):
-            return make_head(name, **opts).fit(x_pool[rows], y, groups[rows], init, seed=seed).predict_logit(x_ev)
-        return fit
+    def head(make):
+        return head_method(make, pool.image, ev.image, pool.subjects, init)
+    out = {"zero_shot": head(lambda: make_head("zero_shot")), "linear_probe": linear_probe_method(pool.image, ev.image)}
     for name in heads:
-        if name == "anchored" and options.get("lam0"):
-            for lam0 in options["lam0"]:
-                lams = [v for v in AnchoredLogistic().lams if v < lam0]  # the alternatives must be weaker
-                out[f"anchored_lam0={lam0:g}"] = head_method(name, {"lam0": lam0, "lams": lams})
+        if name == "anchored":
+            for lam0 in options.get("lam0") or [None]:
+                out[name if lam0 is None else f"anchored_lam0={lam0:g}"] = head(
+                    lambda lam0=lam0: anchored_head() if lam0 is None else anchored_head(lam0))
         else:
-            out[name] = head_method(name, {})
+            out[name] = head(lambda name=name: make_head(name))
     return out
 
 
@@ -117,8 +103,9 @@ def drawable(ks, y, patients, ids, seeds, exclude) -> tuple[list, dict]:
 
 def sweep_finding(enc, pool, ev, exclude, finding, heads, options, ks, seeds) -> dict:
     from radalign.finetune.fewshot import run_sweep
+    from radalign.finetune.fewshot_recipe import zero_shot_init
 
-    init = zero_shot_init(enc, finding)
+    init = zero_shot_init(enc, finding, "chexpert14")
     y_pool, y_ev = pool.y[:, 0], ev.y[:, 0]
     ks, skipped = drawable(ks, y_pool, pool.subjects, pool.studies, seeds, exclude)
     classes = {s: sorted(int(c) for c in np.unique(v[~np.isnan(v)])) for s, v in (("pool", y_pool), ("eval", y_ev))}
@@ -218,16 +205,18 @@ def main(argv=None) -> dict:
     p.add_argument("--heads", nargs="+", default=["anchored", "anchored_cv", "wise", "clap", "lppp", "tip_f"])
     p.add_argument("--lam0", nargs="+", type=float, default=None, help="anchored head: sweep its lam0")
     p.add_argument("--chosen", default="anchored", help="the head checked against the target")
+    p.add_argument("--blank", default="exclude", choices=("exclude", "negative"),
+                   help="a blank CheXpert label: unlabelled (exclude) or negative (as zero-shot evaluation)")
     a = p.parse_args(argv)
     ks = [k if k == "all" else int(k) for k in a.ks]
     a.out.mkdir(parents=True, exist_ok=True)
     # the run is read-only: image embeddings are cached under OUT, not in the export's embeddings/ folder
     os.environ.setdefault(CACHE_ENV, str(a.out.parent / "embed-cache"))
-    enc, data = load_inputs(a.run, a.out / "cache", a.eval)
-    doc = {"eval_split": a.eval, "unit": "study (AUROC); draws by patient", "ks": a.ks, "seeds": a.seeds,
+    enc, data = load_inputs(a.run, a.out / "cache", a.eval, a.findings, a.blank)
+    doc = {"eval_split": a.eval, "blank": a.blank, "unit": "study (AUROC); draws by patient", "ks": a.ks, "seeds": a.seeds,
            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "chosen": a.chosen,
            "tolerance": TOLERANCE, "findings": {}}
-    tag = "" if a.eval == "test" else f"-{a.eval}"
+    tag = ("" if a.eval == "test" else f"-{a.eval}") + ("" if a.blank == "exclude" else f"-blank_{a.blank}")
     for f in a.findings:
         pool, ev, exclude = data[f]
         doc["findings"][f] = sweep_finding(enc, pool, ev, exclude, f, a.heads, {"lam0": a.lam0}, ks,

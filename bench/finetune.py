@@ -104,7 +104,7 @@ def fewshot_sweep(args, out: Path) -> tuple[float, dict]:
 
     run = setup(_cfg(args, out, "fewshot.enabled=true", "fewshot.label=Pleural Effusion", "task.labels=[Pleural Effusion]",
                      "data.modalities=[image]", "fewshot.ks=[1,2,4,8,16,32]", "fewshot.seeds=5",
-                     "fewshot.methods=[prompt_init,linear_probe]"), checks=[check_ks])
+                     "fewshot.methods=[anchored,linear_probe]"), checks=[check_ks])
     with Timer() as t:
         doc = run_fewshot(run)
     run.acc.end_training()

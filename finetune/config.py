@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 MODALITIES = ("image", "text", "ehr")
 # Training-time drop rates. Text and EHR follow the absence mix of MIMIC-CXR studies; every study has a film, so
@@ -17,9 +17,9 @@ TASK_KINDS = ("binary", "multilabel", "multiclass")
 IMAGE_TOWER = ("frozen", "last_blocks", "lora")  # the tuned modes: finetune.tower
 LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # = finetune.tower.LORA_TARGETS
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
-FEWSHOT_METHODS = ("linear_probe", "prompt_init", "fusion")
+FEWSHOT_METHODS = ("anchored", "linear_probe", "fusion")
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
-BLANK_POLICIES = ("exclude", "negative")
+BLANK_POLICIES = ("exclude", "negative")  # data.labels.BLANK_POLICIES
 
 
 @dataclass
@@ -67,7 +67,9 @@ class TaskConfig:
     uncertain: str = "exclude"
     """CheXpert label -1 (uncertain): exclude (unlabelled), positive or negative."""
     blank: str = "exclude"
-    """A blank (null) label: exclude (unlabelled) or negative (CheXpert's "not mentioned"; data.labels)."""
+    """A blank label column (CheXpert: finding not mentioned): exclude (unlabelled) or negative, as zero-shot
+    evaluation counts it (data.labels.apply_label_policy). Label columns only (a threshold label's null is no
+    measurement and stays unlabelled)."""
     train_fraction: float = 1.0
     """Train on this fraction of the training split's PATIENTS (all their studies), drawn with `seed`; the list
     and its sha256 are written to RUN/train_patients.json. 1.0: every patient."""
@@ -148,6 +150,10 @@ class BaselinesConfig:
 
 @dataclass
 class FewshotConfig:
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "l2": "removed with the prompt_init method (its fixed pull never left zero-shot); the anchored head's "
+              "pull is fewshot.lam0 / (lam0 + n), chosen per k (docs/fewshot-head.md): drop fewshot.l2"}
+    """Keys of the previous release, each refused with its fix (radalign.config)."""
     enabled: bool = False
     """The config is a few-shot sweep (`radalign finetune fewshot` sets it; its checks apply)."""
     label: str = ""
@@ -156,12 +162,14 @@ class FewshotConfig:
     """Examples per class; integers or 'all'."""
     seeds: int = 5
     """Draws per k (seeds 0..seeds-1); at least 5."""
-    methods: list[str] = field(default_factory=lambda: ["prompt_init", "linear_probe"])
-    """linear_probe (frozen embeddings), prompt_init (head initialised from the zero-shot prompts), fusion."""
+    methods: list[str] = field(default_factory=lambda: ["anchored", "linear_probe"])
+    """anchored (the zero-shot-anchored head, finetune.fewshot_heads; k=0 is zero-shot), linear_probe (L2
+    logistic regression on the frozen image embedding), fusion (the fusion head on every modality)."""
     prompts: str = "chexpert14"
-    """Prompt set (configs/zeroshot/) that gives the prompt_init head and the k=0 point."""
-    l2: float = 1.0
-    """prompt_init: strength of the L2 pull toward the zero-shot head."""
+    """Prompt set (configs/zeroshot/) that gives the zero-shot row and the anchored head's start."""
+    lam0: float = 4.0
+    """anchored: the zero-shot prior's weight in examples; its share of the fit is lam0 / (lam0 + n) unless the
+    cross-validation inside the shots picks a weaker prior (docs/fewshot-head.md)."""
     probe_C: float = 1.0
     """linear_probe: inverse L2 strength (sklearn C)."""
     steps: int = 100
@@ -232,6 +240,9 @@ def _task_problems(t: TaskConfig) -> list[str]:
         p.append(f"task.uncertain: {t.uncertain!r} is not one of {', '.join(UNCERTAIN_POLICIES)}")
     if t.blank not in BLANK_POLICIES:
         p.append(f"task.blank: {t.blank!r} is not one of {', '.join(BLANK_POLICIES)}")
+    elif t.blank != "exclude" and (t.threshold_column or t.kind == "multiclass"):
+        p.append(f"task.blank: {t.blank!r} applies to binary/multilabel label columns; a threshold label's or a "
+                 "class index's null is no measurement: use task.blank=exclude")
     if t.kind == "multiclass" and len(t.classes) < 2:
         p.append(f"task.classes: {list(t.classes)}; a multiclass task names its classes (at least 2), in the "
                  "order of the label column's index, e.g. task.classes=[none,mild,severe]")
@@ -298,9 +309,15 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
             p.append(f"fewshot.ks: {k!r} is neither a positive integer nor 'all'")
     if f.seeds < 5:
         p.append(f"fewshot.seeds: {f.seeds}; the protocol needs at least 5 draws per k")
-    bad = [x for x in f.methods if x not in FEWSHOT_METHODS]
+    if "prompt_init" in f.methods:
+        p.append("fewshot.methods: 'prompt_init' was removed (its fixed l2 pull never left zero-shot); 'anchored' "
+                 "replaces it (starts at zero-shot, pull shrinks with k): write fewshot.methods=[anchored,"
+                 "linear_probe]")
+    bad = [x for x in f.methods if x not in FEWSHOT_METHODS and x != "prompt_init"]
     if bad:
         p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
+    if not f.lam0 > 0:
+        p.append(f"fewshot.lam0: {f.lam0}; the anchored prior's weight must be > 0 (default 4)")
     if f.enabled and not f.label:
         p.append("fewshot.label: the few-shot task needs a binary label column (e.g. Pleural Effusion)")
     elif f.enabled and list(c.task.labels) != [f.label]:

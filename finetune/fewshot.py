@@ -2,25 +2,28 @@
 
     draw = draw_k_per_class(y, patients, ids, k=4, seed=0, exclude_patients=val_and_test_patients)
     write_draw(out / "draws" / "k4-seed0.json", draw)        # ids, seed, sha256 of the sorted ids
-    res = run_sweep(prompt_init_method(x, w0, b0), y, patients, ids, eval_y=y_test, eval_patients=p_test,
-                    ks=(1, 2, 4, 8, 16, 32), seeds=range(5), zero_shot_auroc=zs)
-    write_sweep(out, res)                                     # fewshot.json, draws/, learning_curve.png
+    anchored = head_method(lambda: anchored_head(), x_pool, x_test, patients, init)   # finetune.fewshot_heads
+    res = run_sweep(anchored, y, patients, ids, eval_y=y_test, ks=(0, 1, 2, 4, "all"), seeds=range(5),
+                    zero_shot_auroc=zs)
+    write_sweep(out, res)                                     # fewshot-<method>.json, draws/, learning_curve.png
 
 The protocol (docs/finetune.md):
 - a draw takes, for each class (rarest first), k distinct PATIENTS that have an example of it, then one of that
   patient's examples of the class; a patient enters a draw once. Every film of the other patients stays out.
-  "all" takes every labelled row. Patients of validation or test (`exclude_patients`) are never drawn.
+  "all" takes every labelled row; k = 0 takes none (a head that starts at zero-shot scores zero-shot there).
+  Patients of validation or test (`exclude_patients`) are never drawn.
 - the seed fixes the draw: `numpy.random.default_rng(seed)` over rows sorted by id, so the same table and seed
   give the same subset anywhere; the JSON carries the ids and the sha256 of their sorted, newline-joined list.
-- validation: none. Each method is a fixed recipe (fixed steps and regularisation, no early stopping), so no
-  k-sized validation set is needed and the validation split is never touched.
+- validation: none. Each method is a fixed recipe or chooses its own hyper-parameter inside the shots (the
+  anchored head's pull, by patient-grouped cross-validation), so the validation split is never touched.
 - a class with fewer than k patients is an error naming the class and how many there are.
-- methods: `linear_probe_method` (L2 logistic regression on frozen embeddings), `prompt_init_method`
-  (a logistic head initialised from the zero-shot prompt embeddings, w0 = scale (t_pos - t_neg), b0 = 0, so k=0
-  IS the zero-shot classifier; trained with a strong L2 pull toward (w0, b0) so a few examples move it little),
-  `model_method` (any torch model on the cached inputs, e.g. the fusion head, fixed steps).
+- methods: `head_method` (a head of finetune.fewshot_heads: `anchored`, the zero-shot-anchored MAP probe whose
+  pull toward the prompt classifier shrinks with k, and `zero_shot`, the prompt classifier itself),
+  `linear_probe_method` (L2 logistic regression on frozen embeddings), `model_method` (any torch model on the
+  cached inputs, e.g. the fusion head, fixed steps).
 - summary per k over draws: mean, sample standard deviation, min/max and a t-interval of the mean over draws
-  (the spread due to which examples were drawn; the unit is the draw).
+  (the spread due to which examples were drawn; the unit is the draw), and the mean pull toward zero-shot of a
+  head that reports one.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from radalign.finetune.fewshot_heads import FewshotHead, ZeroShotInit, one_blas_thread
+from radalign.finetune.fewshot_heads import prompt_init as prompt_init  # re-exported: it lives with the heads
 
 from radalign import RadalignError
 from radalign import report as R
@@ -43,6 +48,7 @@ from radalign.io import atomic_write_json
 FORMAT = "radalign-fewshot-draw/1"
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 ALL = "all"
+VALIDATION = "none: fixed recipes, or choices made inside the shots (grouped cross-validation); no early stopping"
 
 
 @dataclass
@@ -85,8 +91,10 @@ def draw_k_per_class(y: Sequence[float], patients: Sequence, ids: Sequence, k: i
     if k == ALL:
         rows = list(ok)
         return _finish(k, seed, rows, y, pat, sid)
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise RadalignError(f"few-shot k: {k!r}; use a positive integer or 'all'")
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 0:
+        raise RadalignError(f"few-shot k: {k!r}; use a positive integer, 0 (no shots) or 'all'")
+    if k == 0:
+        return _finish(0, seed, [], y, pat, sid)
     rng = np.random.default_rng(seed)
     classes = sorted(np.unique(y[ok]))
     per_class = {c: sorted(set(pat[ok][y[ok] == c])) for c in classes}
@@ -142,7 +150,8 @@ def read_draw(path: str | os.PathLike) -> FewshotDraw:
 # ----------------------------------------------------------------------------------------------------------
 # Methods: fit(rows of the pool drawn, seed) -> scores on the evaluation rows.
 
-Method = Callable[[np.ndarray, np.ndarray, int], np.ndarray]  # (train rows, their labels, seed) -> eval scores
+# (train rows, their labels, seed) -> eval scores [m], or (eval scores, {what the fit chose: pull, lam})
+Method = Callable[[np.ndarray, np.ndarray, int], "np.ndarray | tuple[np.ndarray, dict]"]
 
 
 def linear_probe_method(x_pool: np.ndarray, x_eval: np.ndarray, C: float = 1.0) -> Method:
@@ -155,43 +164,24 @@ def linear_probe_method(x_pool: np.ndarray, x_eval: np.ndarray, C: float = 1.0) 
     return fit
 
 
-def prompt_init(t_pos: np.ndarray, t_neg: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
-    """The zero-shot binary classifier as a logistic head on L2-normalised image embeddings:
-    softmax([s cos(x, t+), s cos(x, t-)])[0] = sigmoid(x . s (t+ - t-)), so w0 = s (t+ - t-), b0 = 0."""
-    t_pos = np.asarray(t_pos, np.float64)
-    t_neg = np.asarray(t_neg, np.float64)
-    t_pos, t_neg = t_pos / np.linalg.norm(t_pos), t_neg / np.linalg.norm(t_neg)
-    return float(scale) * (t_pos - t_neg), 0.0
+def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval: np.ndarray, groups: Sequence,
+                init: ZeroShotInit) -> Method:
+    """A few-shot head (finetune.fewshot_heads) fitted on the drawn rows with their patients as its inner
+    cross-validation's groups; returns (scores on x_eval, {"pull": the zero-shot prior's share, "lam"}).
+    No rows (k = 0): the zero-shot logit, exactly."""
+    x_pool = np.asarray(x_pool, np.float64)
+    x_eval = np.asarray(x_eval, np.float64)
+    groups = np.asarray([str(g) for g in groups])
 
-
-def fit_anchored_logistic(x: np.ndarray, y: np.ndarray, w0: np.ndarray, b0: float, *, l2: float = 1.0,
-                          max_iter: int = 100) -> tuple[np.ndarray, float]:
-    """argmin mean BCE(x w + b, y) + l2 (|w - w0|^2 + (b - b0)^2) / 2, by L-BFGS (float64, deterministic).
-    Strong l2 keeps a head fitted on a handful of examples near the zero-shot one."""
-    xt = torch.as_tensor(np.asarray(x, np.float64))
-    yt = torch.as_tensor(np.asarray(y, np.float64))
-    w0t = torch.as_tensor(np.asarray(w0, np.float64))
-    w = w0t.clone().requires_grad_(True)
-    b = torch.tensor(float(b0), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=max_iter, line_search_fn="strong_wolfe", tolerance_grad=1e-9)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(xt @ w + b, yt)
-        loss = loss + 0.5 * l2 * (((w - w0t) ** 2).sum() + (b - b0) ** 2)
-        loss.backward()
-        return loss
-    opt.step(closure)
-    return w.detach().numpy(), float(b.detach())
-
-
-def prompt_init_method(x_pool: np.ndarray, x_eval: np.ndarray, w0: np.ndarray, b0: float = 0.0, *,
-                       l2: float = 1.0) -> Method:
-    """Head initialised at the zero-shot classifier and pulled toward it (k=0: exactly zero-shot)."""
     def fit(rows, y, seed):
-        w, b = fit_anchored_logistic(x_pool[rows], y, w0, b0, l2=l2) if len(rows) else (w0, b0)
-        return np.asarray(x_eval, np.float64) @ w + b
+        head = make_head().fit(x_pool[rows], y, groups[rows], init, seed=seed)
+        lam = head.info_.get("lam")
+        return head.predict_logit(x_eval), {"pull": _finite(head.pull_), "lam": _finite(lam)}
     return fit
+
+
+def _finite(v) -> float | None:
+    return float(v) if v is not None and np.isfinite(v) else None
 
 
 def model_method(make_model: Callable[[int], torch.nn.Module], pool_batch, eval_batch, *, task: str = "binary",
@@ -261,13 +251,24 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
     for k, seed in tqdm([(k, s) for k in ks for s in seeds], desc=f"few-shot {method_name}", disable=not progress):
         d = draw_k_per_class(y, patients, ids, k, seed, exclude_patients=exclude_patients)
         rows = np.asarray(d.rows, int)
-        scores = np.asarray(method(rows, y[rows], seed), np.float64)
-        a = auroc(eval_y[keep].astype(int), scores[keep])
+        with one_blas_thread():  # small fits: BLAS threads only spin (finetune.fewshot_heads)
+            out = method(rows, y[rows], seed)
+        scores, chosen = out if isinstance(out, tuple) else (out, {})
+        a = auroc(eval_y[keep].astype(int), np.asarray(scores, np.float64)[keep])
         per_draw.append({"k": k, "seed": seed, "auroc": None if np.isnan(a) else a, "sha256": d.sha256,
-                         "n": len(rows)})
+                         "n": len(rows), **chosen})
         draws.append(d)
-    summary = {str(k): summarise([r["auroc"] for r in per_draw if r["k"] == k]) for k in ks}
+    summary = {str(k): _summary_of_k([r for r in per_draw if r["k"] == k]) for k in ks}
     return SweepResult(method_name, list(ks), seeds, per_draw, summary, zero_shot_auroc, draws)
+
+
+def _summary_of_k(rows: list[dict]) -> dict:
+    """summarise() of the draws' AUROCs, plus the mean pull toward zero-shot where the method reports one."""
+    out = summarise([r["auroc"] for r in rows])
+    pulls = [r["pull"] for r in rows if r.get("pull") is not None]
+    if pulls:
+        out["pull"] = float(np.mean(pulls))
+    return out
 
 
 def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
@@ -277,7 +278,7 @@ def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
         write_draw(out / "draws" / f"{res.method}-k{d.k}-seed{d.seed}.json", d)
     doc = {"method": res.method, "ks": res.ks, "seeds": res.seeds, "zero_shot_auroc": res.zero_shot_auroc,
            "summary": res.summary, "per_draw": res.per_draw, "metric": "auroc on the evaluation split",
-           "validation": "none: fixed recipe, no early stopping"}
+           "validation": VALIDATION}
     atomic_write_json(out / f"fewshot-{res.method}.json", doc)
     plot_learning_curve([res], out / f"learning_curve-{res.method}.png")
     return doc
@@ -285,10 +286,12 @@ def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
 
 def plot_learning_curve(results: Sequence[SweepResult], path: str | os.PathLike) -> None:
     """AUROC mean over draws (error bars: the t-interval) against k (numeric k in order, then "all"), zero-shot
-    at k=0."""
-    ks = [k for k in results[0].ks if k != ALL] + ([ALL] if ALL in results[0].ks else [])
+    at k=0 (the zero_shot method and every k = 0 point are that baseline, not series)."""
+    every = list(dict.fromkeys(k for r in results for k in r.ks if k != 0))  # k = 0 is the zero-shot baseline
+    ks = [k for k in every if k != ALL] + ([ALL] if ALL in every else [])
     series = {res.method: [(k, s["mean"], s["ci_low"], s["ci_high"]) for k in res.ks
-                           if (s := res.summary[str(k)])["mean"] is not None] for res in results}
+                           if k != 0 and (s := res.summary[str(k)])["mean"] is not None]
+              for res in results if res.method != "zero_shot"}  # a flat line: the baseline draws it
     zs = next((r.zero_shot_auroc for r in results if r.zero_shot_auroc is not None), None)
     R.learning_curve_plot(path, series, ticks=ks, xlabel="k labelled examples per class (drawn by patient)",
                           ylabel="AUROC (mean over draws, 95% t-interval)",

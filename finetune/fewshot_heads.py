@@ -7,7 +7,7 @@
 
 The chosen head, `AnchoredLogistic` (docs/fewshot-head.md), is the zero-shot-initialised linear probe of CLAP
 (Silva-Rodriguez et al., CVPR 2024) written as a MAP estimate: a logistic regression whose Gaussian prior sits
-at the zero-shot head w0 = s (t+ - t-) (finetune.fewshot.prompt_init),
+at the zero-shot head w0 = s (t+ - t-) (prompt_init),
 
     argmin_{w,b}  sum_i BCE(x_i w + b, y_i) + lam/2 |w - w0|^2          (b unpenalised)
 
@@ -43,6 +43,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+# scipy's BLAS loads with the module, so one_blas_thread() limits it too
+from scipy.linalg import cho_factor, cho_solve
+from scipy.linalg.blas import dsyrk
+
 from radalign import RadalignError
 
 INF = math.inf
@@ -63,9 +67,7 @@ class ZeroShotInit:
     """The export's logit scale s, as zero-shot classification applies it (zeroshot.classifier.logit_scale_of)."""
 
     def head(self) -> tuple[np.ndarray, float]:
-        """(w0 [D], b0): the zero-shot logit is x w0 + b0 (finetune.fewshot.prompt_init)."""
-        from radalign.finetune.fewshot import prompt_init
-
+        """(w0 [D], b0): the zero-shot logit is x w0 + b0 (prompt_init)."""
         p = np.asarray(self.prototypes, np.float64)
         return prompt_init(p[0], p[1], self.logit_scale)
 
@@ -73,6 +75,15 @@ class ZeroShotInit:
         """[m] the zero-shot logit of L2-normalised embeddings x [m, D]."""
         w0, b0 = self.head()
         return np.asarray(x, np.float64) @ w0 + b0
+
+
+def prompt_init(t_pos: np.ndarray, t_neg: np.ndarray, scale: float) -> tuple[np.ndarray, float]:
+    """The zero-shot binary classifier as a logistic head on L2-normalised image embeddings:
+    softmax([s cos(x, t+), s cos(x, t-)])[0] = sigmoid(x . s (t+ - t-)), so w0 = s (t+ - t-), b0 = 0."""
+    t_pos = np.asarray(t_pos, np.float64)
+    t_neg = np.asarray(t_neg, np.float64)
+    t_pos, t_neg = t_pos / np.linalg.norm(t_pos), t_neg / np.linalg.norm(t_neg)
+    return float(scale) * (t_pos - t_neg), 0.0
 
 
 def check_inputs(x, y, groups, init: ZeroShotInit) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -181,6 +192,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -z))
 
 
+def _gram(a: np.ndarray) -> np.ndarray:
+    """a.T @ a [P, P] by a symmetric rank-k update (BLAS syrk: half the multiplications of a matrix product)."""
+    upper = dsyrk(1.0, np.asarray(a, np.float64).T, trans=0, lower=0)  # a.T is Fortran-ordered: no copy
+    return np.triu(upper) + np.triu(upper, 1).T
+
+
+def _spd_solve(h: np.ndarray, g: np.ndarray) -> np.ndarray:
+    """h^-1 g for a symmetric positive definite h (the prior makes the Hessian so): Cholesky."""
+    return cho_solve(cho_factor(h, check_finite=False), g, check_finite=False)
+
+
 def map_newton(xa: np.ndarray, y: np.ndarray, centre: np.ndarray, prec: np.ndarray, *,
                start: np.ndarray | None = None, max_iter: int = 100, tol: float = 1e-14) -> np.ndarray:
     """argmin_t sum_i BCE(xa_i t, y_i) + 1/2 sum_j prec_j (t_j - centre_j)^2.
@@ -196,8 +218,7 @@ def map_newton(xa: np.ndarray, y: np.ndarray, centre: np.ndarray, prec: np.ndarr
     for _ in range(max_iter):
         p = _sigmoid(xa @ theta)
         g = xa.T @ (p - y) + prec * (theta - centre)
-        h = (xa * (p * (1 - p))[:, None]).T @ xa + np.diag(prec)  # [P, P]
-        step = np.linalg.solve(h, g)
+        step = _spd_solve(_gram(xa * np.sqrt(p * (1 - p))[:, None]) + np.diag(prec), g)  # Hessian [P, P] \ g
         dec = float(g @ step)  # squared Newton decrement
         if dec / 2 < tol:  # absolute: the distance to the optimum is about sqrt(dec / smallest eigenvalue)
             break
@@ -240,6 +261,14 @@ def _path_scores(x, y, w0, lams) -> Callable:
     return scores
 
 
+def one_blas_thread():
+    """A context with one BLAS thread. The heads solve [D+1, D+1] systems thousands of times: threads do not
+    pay there, and OpenBLAS's spin-waiting threads on shared, busy cores cost 10-30x the CPU time."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(limits=1, user_api="blas")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Heads
 
@@ -265,7 +294,8 @@ class FewshotHead:
         self.w_, self.b_ = init.head()
         self.pull_, self.info_, self.folds_ = 1.0, {"n": len(y)}, []
         if len(y):
-            self._fit(x, y, groups, init, seed)
+            with one_blas_thread():
+                self._fit(x, y, groups, init, seed)
         return self
 
     def _fit(self, x, y, groups, init: ZeroShotInit, seed: int) -> None:
@@ -546,6 +576,11 @@ class TipAdapterF(FewshotHead):
 
 HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, AnchoredLogistic, AnchoredCV,
                                                              WiseInterpolation, ClapHead, LPPlusPlus, TipAdapterF)}
+
+
+def anchored_head(lam0: float = 4.0) -> AnchoredLogistic:
+    """The chosen head with prior weight lam0; the cross-validation may pick any default weaker prior below it."""
+    return AnchoredLogistic(lam0=lam0, lams=[v for v in AnchoredLogistic().lams if v < lam0])
 
 
 def make_head(name: str, **options) -> FewshotHead:

@@ -172,7 +172,7 @@ def task_labels(frame: pd.DataFrame, task) -> np.ndarray:
     """[N, C] labels of the task (TaskConfig): the label columns, or `threshold_column > threshold`."""
     if task.threshold_column:
         return threshold_label(frame, task.threshold_column, task.threshold)[:, None]
-    y = label_matrix(frame, task.labels, task.kind, task.uncertain, getattr(task, "blank", "exclude"))
+    y = label_matrix(frame, task.labels, task.kind, task.uncertain, task.blank)
     if task.kind == "multiclass":
         check_class_index(y, len(task.classes), task.labels[0], task.classes)
     return y

@@ -141,13 +141,18 @@ def format_help(cls: type) -> str:
 
 
 def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=lambda key: "") -> None:
-    """Unknown keys (with the closest valid name) at every nesting level; `where(key)` names the source."""
+    """Unknown keys (with the closest valid name) at every nesting level; `where(key)` names the source. A key a
+    dataclass lists in its `REMOVED_KEYS` ClassVar ({key: why and the fix}) is refused with that text instead."""
     if not isinstance(data, (dict, DictConfig)):
         return
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    removed = getattr(cls, "REMOVED_KEYS", {})
     for key in data:
         full = f"{prefix}{key}"
+        if key in removed:
+            problems.append(f"{full}: {removed[key]}{where(full)}")
+            continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             fix = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys here: {', '.join(names)}"

@@ -1,5 +1,5 @@
-"""Few-shot protocol: draws by patient, seeded, disjoint from validation/test, written with sha256; the
-prompt-initialised head is exactly zero-shot at k=0."""
+"""Few-shot protocol: draws by patient, seeded, disjoint from validation/test, written with sha256; a head that
+starts at the zero-shot classifier (finetune.fewshot_heads through head_method) is exactly zero-shot at k=0."""
 
 from __future__ import annotations
 
@@ -12,14 +12,15 @@ import torch
 from radalign.finetune.fewshot import (
     check_disjoint,
     draw_k_per_class,
+    head_method,
     prompt_init,
-    prompt_init_method,
     read_draw,
     run_sweep,
     summarise,
     write_draw,
     write_sweep,
 )
+from radalign.finetune.fewshot_heads import ZeroShotInit, anchored_head, make_head
 
 from radalign import RadalignError
 
@@ -78,11 +79,12 @@ def test_prompt_head_at_k0_is_zero_shot():
     x = rng.normal(size=(20, 8))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     tp, tn = rng.normal(size=8), rng.normal(size=8)
-    w0, b0 = prompt_init(tp, tn, 50.0)
-    s = prompt_init_method(x, x, w0, b0)(np.array([], int), np.array([]), 0)
-    norm = lambda v: torch.tensor(v / np.linalg.norm(v))[None].float()  # noqa: E731
-    ref = binary_probs(torch.tensor(x).float(), norm(tp), norm(tn), 50.0)[:, 0].numpy()
-    assert np.allclose(1 / (1 + np.exp(-s)), ref, atol=1e-5)
+    init = ZeroShotInit(np.stack([tp, tn]), 50.0)
+    for make in (anchored_head, lambda: make_head("zero_shot")):
+        s, chosen = head_method(make, x, x, [f"p{i}" for i in range(20)], init)(np.array([], int), np.array([]), 0)
+        norm = lambda v: torch.tensor(v / np.linalg.norm(v))[None].double()  # noqa: E731
+        ref = binary_probs(torch.tensor(x), norm(tp), norm(tn), 50.0)[:, 0].numpy()
+        assert np.allclose(1 / (1 + np.exp(-s)), ref, atol=1e-12) and chosen["pull"] == 1.0
 
 
 def test_summary_and_sweep(tmp_path):
@@ -106,12 +108,16 @@ def test_summary_and_sweep(tmp_path):
     ev = slice(300, 400)
     with pytest.raises(RadalignError, match="at least 5"):
         run_sweep(lambda r, yy, s: x[ev] @ w0, y[:300], pats[:300], ids[:300], eval_y=y[ev], seeds=range(3))
-    res = run_sweep(prompt_init_method(x[:300], x[ev], w0, b0, l2=1.0), y[:300], pats[:300], ids[:300],
-                    eval_y=y[ev], ks=(1, 2, 4), seeds=range(5), method_name="prompt_init")
-    assert [r["k"] for r in res.per_draw] == [1] * 5 + [2] * 5 + [4] * 5
+    init = ZeroShotInit(np.stack([d + 0.3 * rng.normal(size=16), -d + 0.3 * rng.normal(size=16)]), 10.0)
+    res = run_sweep(head_method(anchored_head, x[:300], x[ev], pats[:300], init), y[:300], pats[:300], ids[:300],
+                    eval_y=y[ev], ks=(0, 1, 2, 4), seeds=range(5), method_name="anchored")
+    assert [r["k"] for r in res.per_draw] == [0] * 5 + [1] * 5 + [2] * 5 + [4] * 5
+    # the pull the head chose, per draw and as the mean per k: lam0 / (lam0 + 2k) below 8 patients per class
+    assert [r["pull"] for r in res.per_draw[::5]] == pytest.approx([1.0, 4 / 6, 4 / 8, 4 / 12])
+    assert res.summary["2"]["pull"] == pytest.approx(0.5) and res.per_draw[0]["n"] == 0
     write_sweep(tmp_path, res)
-    assert (tmp_path / "learning_curve-prompt_init.png").read_bytes()[:4] == b"\x89PNG"
-    assert len(list((tmp_path / "draws").glob("*.json"))) == 15
+    assert (tmp_path / "learning_curve-anchored.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(list((tmp_path / "draws").glob("*.json"))) == 20
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def test_excluded_patients_are_never_drawn_whatever_k():
     check_disjoint(d, validate=["0"], test=[1, 2])  # excluded ones: no overlap, no error
 
 
-@pytest.mark.parametrize("k", [0, -1, "3", 2.5, None])
+@pytest.mark.parametrize("k", [-1, "3", 2.5, None, True])
 def test_bad_k_is_refused(k):
     y, pats, ids = _pool()
     with pytest.raises(RadalignError, match="few-shot k"):
@@ -293,35 +299,11 @@ def test_prompt_init_hand_worked():
     assert w0 == pytest.approx([6.0, -2.0]) and b0 == 0.0
 
 
-def _anchored_reference(x, y, w0, b0, l2):
-    """The documented objective minimised by scipy BFGS (numpy gradient): mean BCE + l2/2 |(w, b) - (w0, b0)|^2."""
-    from scipy.optimize import minimize
-
-    def f(theta):
-        w, b = theta[:-1], theta[-1]
-        z = x @ w + b
-        p = 1 / (1 + np.exp(-z))
-        loss = np.mean(np.logaddexp(0, z) - y * z) + 0.5 * l2 * (np.sum((w - w0) ** 2) + (b - b0) ** 2)
-        g = np.r_[x.T @ (p - y) / len(y) + l2 * (w - w0), np.mean(p - y) + l2 * (b - b0)]
-        return loss, g
-
-    r = minimize(f, np.r_[w0, b0], jac=True, method="BFGS", options={"gtol": 1e-10})
-    return r.x[:-1], r.x[-1]
-
-
-@pytest.mark.parametrize("l2,b0", [(1.0, 0.0), (0.05, 0.3)])
-def test_anchored_logistic_matches_scipy(l2, b0):
-    from radalign.finetune.fewshot import fit_anchored_logistic
-
-    rng = np.random.default_rng(1)
-    x = rng.normal(size=(12, 4))
-    y = np.array([0, 1] * 6, float)
-    w0 = rng.normal(size=4)
-    w, b = fit_anchored_logistic(x, y, w0, b0, l2=l2)
-    rw, rb = _anchored_reference(x, y, w0, b0, l2)
-    assert w == pytest.approx(rw, abs=1e-5) and b == pytest.approx(rb, abs=1e-5)
-    s = prompt_init_method(x, x[:3], w0, b0, l2=l2)(np.arange(12), y, 0)
-    assert s == pytest.approx(x[:3] @ rw + rb, abs=1e-4)
+def test_k0_draws_nothing_whatever_the_seed():
+    y, pats, ids = _pool()
+    for seed in range(3):
+        d = draw_k_per_class(y, pats, ids, 0, seed=seed, exclude_patients=["p0"])
+        assert (d.k, d.ids, d.rows, d.classes) == (0, [], [], {}) and d.sha256 == hashlib.sha256(b"").hexdigest()
 
 
 def test_linear_probe_is_sklearn_logistic_regression_with_its_C():

@@ -306,7 +306,7 @@ def test_fewshot_sweep_writes_draws_by_patient_and_is_deterministic(cohort, tmp_
 
     a, b = sweep(tmp_path / "a"), sweep(tmp_path / "b")
     assert a["methods"] == b["methods"]
-    draws = sorted((tmp_path / "a" / "draws").glob("prompt_init-k1-seed*.json"))
+    draws = sorted((tmp_path / "a" / "draws").glob("anchored-k1-seed*.json"))
     assert len(draws) == 5
     test_patients = set(pd.read_parquet(cohort["table"].parent / "ehr.parquet").query("split != 'train'")
                         ["subject_id"].astype(str))

@@ -402,5 +402,6 @@ def test_multilabel_and_multiclass_configs_are_accepted():
     assert load_config(FinetuneConfig, "finetune/chexpert14", ["task.train_fraction=0.01"],
                        stage="finetune").task.kind == "multilabel"
     cfg = load_config(FinetuneConfig, "finetune/chexpert14", ["task.kind=multiclass", "task.labels=[grade]",
-                                                              "task.classes=[none,mild,severe]"], stage="finetune")
+                                                              "task.classes=[none,mild,severe]",
+                                                              "task.blank=exclude"], stage="finetune")
     assert cfg.validate() == []

@@ -345,7 +345,7 @@ def trained_run(labs=("creatinine", "lactate")):
     return SimpleNamespace(featurizer=SimpleNamespace(features=FEATURES, numeric=["age"])), list(labs)
 
 
-@pytest.mark.parametrize("seed,limit,row", [(30, 4, {}), (31, 3, {"text": False}), (32, 5, {"cat": (1, 2, 2, 3, 1)})])
+@pytest.mark.parametrize("seed,limit,row", [(30, 4, {}), (31, 3, {"text": False}), (32, 5, {"cat": (2, 3, 1, 1, 2)})])
 def test_a_coarsened_fusion_model_case_sums_to_the_ehr_value_and_equals_the_brute_force(monkeypatch, seed, limit,
                                                                                        row):
     """More known groups than MAX_GROUPS (lowered to keep it cheap) on the real FusionModel, through explain_ehr
@@ -380,7 +380,7 @@ def test_a_merged_player_of_a_model_additive_in_its_groups_gets_their_sum(monkey
     """LinearFusion has no interaction between groups: a merged set's value is the sum of its groups' closed-form
     values (coefficient x (value - unknown)), and the record is unchanged by the coarsening."""
     monkeypatch.setattr(A, "MAX_GROUPS", 3)
-    cat = (1, 2, 2, 3, 1)
+    cat = (2, 3, 1, 1, 2)
     net, batch = LinearFusion(), one_row(measured=(True, False, True, True), cat=cat, seed=12)
     lin, e = net.encoders["ehr"], batch["ehr"]
     trained, labs = trained_run()

@@ -30,7 +30,16 @@ the model ignores gets 0; for a model linear in the groups, phi_g is its coeffic
 An absent lab or an unknown demographic is the same as its removed state: a null player, 0 exactly, so it is
 left out of the enumeration (shown as "absent"/"unknown" with value 0). What the absence of labs contributes is
 in `record`: the record with every lab not measured and every demographic unknown, against no record. Cost:
-2^(m-1) x 2^n forward passes for n known groups, batched; above MAX_GROUPS known groups it is refused.
+2^(m-1) x 2^n forward passes for n players, batched.
+
+Coarsening. Above MAX_GROUPS known groups the players become sets of groups that enter (and are removed)
+together, merged in this order, each step only while there are more than MAX_GROUPS players (`COARSENING`):
+the categorical demographics as "demographics", the vital signs as "vital signs", the labs as "labs", age into
+"demographics". The formulas above hold unchanged with n = the number of players (a partition of the known
+groups, the record still first): still exact, still summing to the EHR modality's value. A merged player's value
+is the Owen value of the game in which its groups move together, not the sum of their values in the finer game.
+Refused (TooManyGroups) only when even the coarsest partition (demographics with age, vital signs, labs: up to 3
+players) has more than MAX_GROUPS players, i.e. MAX_GROUPS set below 3.
 """
 
 from __future__ import annotations
@@ -47,10 +56,10 @@ from radalign import RadalignError
 
 
 class TooManyGroups(RadalignError):
-    """More known EHR groups than MAX_GROUPS: the exact attribution is refused (the explanation says why)."""
+    """More players than MAX_GROUPS even after every coarsening step: refused (the explanation says why)."""
 
 
-MAX_GROUPS = 16  # 2^16 x 2^(m-1) forward passes of the fusion model (batched)
+MAX_GROUPS = 16  # players: 2^16 x 2^(m-1) forward passes of the fusion model (batched)
 CHUNK = 4096  # rows per forward pass
 EHR = "ehr"
 # How a demographic column reads (MIMIC-IV's `gender` is the recorded sex).
@@ -73,14 +82,18 @@ class EHRGroup:
     """its column in the input's `measured`/`values` (lab), `num` (numeric) or `cat` (categorical)"""
     shown: str = ""
     """its value for this study as a clinician reads it ("1.3 (8.5 h before the film)", "F", "absent")"""
+    vital: bool = False
+    """a vital sign (icu/chartevents) rather than a lab (hosp/labevents): read only by the coarsening"""
 
 
 def ehr_groups(features: Sequence[str], numeric: Sequence[str], categorical: Sequence[str],
-               row: Mapping | None = None) -> list[EHRGroup]:
+               row: Mapping | None = None, vitals: Sequence[str] = ()) -> list[EHRGroup]:
     """The EHR encoder's groups, in its token order: each lab feature, each numeric and each categorical
-    demographic; `row` (a finetune-table row) gives the values shown."""
+    demographic; `row` (a finetune-table row) gives the values shown; `vitals`: the features that are vital
+    signs."""
     row = row or {}
-    groups = [EHRGroup(f, "lab", i, _lab_shown(row.get(f), row.get(f"{f}_hours"))) for i, f in enumerate(features)]
+    groups = [EHRGroup(f, "lab", i, _lab_shown(row.get(f), row.get(f"{f}_hours")), vital=f in set(vitals))
+              for i, f in enumerate(features)]
     groups += [EHRGroup(DEMOGRAPHIC_NAMES.get(c, c), "numeric", i, _shown(row.get(c)))
                for i, c in enumerate(numeric)]
     groups += [EHRGroup(DEMOGRAPHIC_NAMES.get(c, c), "categorical", i, _shown(row.get(c)))
@@ -142,6 +155,80 @@ def remove_groups(ehr: Mapping[str, torch.Tensor], groups: Sequence[EHRGroup], k
         else:
             out["cat"][drop, g.index] = 0
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The players: the known groups, or a coarser partition of them
+
+
+@dataclass(frozen=True)
+class Player:
+    """One player of the EHR union: a known group, or several known groups that enter and leave together."""
+
+    name: str
+    """the group's name, or the merged set's ("demographics", "vital signs", "labs")"""
+    members: tuple[EHRGroup, ...]
+    """the groups it holds (in token order); one for an unmerged group"""
+
+    @property
+    def merged(self) -> bool:
+        return len(self.members) > 1
+
+    @property
+    def kind(self) -> str:
+        return "merged" if self.merged else self.members[0].kind
+
+    @property
+    def shown(self) -> str:
+        """A merged player reads as its members and their values ("sex F; race WHITE; ...")."""
+        return "; ".join(f"{g.name} {g.shown}" for g in self.members) if self.merged else self.members[0].shown
+
+
+def singletons(groups: Sequence[EHRGroup]) -> list[Player]:
+    return [Player(g.name, (g,)) for g in groups]
+
+
+# (name of the merged player, what the step merges, which groups belong): applied in this order, each only while
+# the players outnumber MAX_GROUPS; a step merges every current player whose groups all belong (two or more).
+COARSENING: tuple[tuple[str, str, Callable[[EHRGroup], bool]], ...] = (
+    ("demographics", "the categorical demographics", lambda g: g.kind == "categorical"),
+    ("vital signs", "the vital signs", lambda g: g.kind == "lab" and g.vital),
+    ("labs", "the labs", lambda g: g.kind == "lab" and not g.vital),
+    ("demographics", "age with the demographics", lambda g: g.kind in ("numeric", "categorical")),
+)
+
+
+def _merge(players: list[Player], name: str, belongs: Callable[[EHRGroup], bool]) -> tuple[list[Player], int]:
+    """(players with those wholly inside the family merged as one, at the first one's place; groups merged)."""
+    inside = [p for p in players if all(belongs(g) for g in p.members)]
+    if len(inside) < 2:
+        return players, 0
+    merged = Player(name, tuple(g for p in inside for g in p.members))
+    out = [merged if p is inside[0] else p for p in players if p is inside[0] or p not in inside]
+    return out, len(merged.members)
+
+
+def partition(known: Sequence[EHRGroup], n_others: int) -> tuple[list[Player], str | None]:
+    """(players, why and how the partition was coarsened, or None): the known groups as players, merged by
+    `COARSENING` until at most MAX_GROUPS remain; TooManyGroups when even the coarsest partition has more."""
+    players, steps = singletons(known), []
+    for name, what, belongs in COARSENING:
+        if len(players) <= MAX_GROUPS:
+            break
+        players, n_merged = _merge(players, name, belongs)
+        if n_merged:
+            steps.append(f"{what} ({n_merged} groups) as one player, {name!r}")
+    if len(players) > MAX_GROUPS:
+        raise TooManyGroups(
+            f"{len(known)} EHR groups are known for this study and even the coarsest partition ("
+            f"{', '.join(p.name for p in players)}) has {len(players)} players, above MAX_GROUPS = {MAX_GROUPS} "
+            f"(2^{len(players)} x 2^{n_others} forward passes); set finetune.attribution.MAX_GROUPS to at least "
+            f"{len(players)} (16 is the default), or read the modality Shapley values alone")
+    if not steps:
+        return players, None
+    return players, (f"{len(known)} EHR groups are known, more than the exact limit of {MAX_GROUPS} players "
+                     f"(2^players coalitions), so groups enter together: {'; '.join(steps)}; {len(players)} "
+                     "players, still exact")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -238,27 +325,30 @@ def _with_cached_ehr(net: torch.nn.Module, tokens: torch.Tensor) -> torch.nn.Mod
     return clone
 
 
-def ehr_tokens(net: torch.nn.Module, batch: Mapping, groups: Sequence[EHRGroup], chunk: int = CHUNK) -> torch.Tensor:
-    """[2^n, T, d] the fusion model's EHR token(s) for every coalition of the n groups (bit j = group j)."""
-    t_all = np.arange(1 << len(groups))
+def ehr_tokens(net: torch.nn.Module, batch: Mapping, players: Sequence[Player], chunk: int = CHUNK) -> torch.Tensor:
+    """[2^n, T, d] the fusion model's EHR token(s) for every coalition of the n players (bit j = player j; a
+    player's groups are kept or removed together)."""
+    groups = [g for p in players for g in p.members]
+    owner = torch.as_tensor(np.repeat(np.arange(len(players)), [len(p.members) for p in players]), dtype=torch.long)
+    t_all = np.arange(1 << len(players))
     out = []
     with torch.no_grad():
         for start in range(0, len(t_all), chunk):
-            t = t_all[start:start + chunk]
-            out.append(net.encoders[EHR](remove_groups(batch[EHR], groups, _bits(t, len(groups)))))
+            keep = _bits(t_all[start:start + chunk], len(players))[:, owner]  # [N, groups] from [N, players]
+            out.append(net.encoders[EHR](remove_groups(batch[EHR], groups, keep)))
     return torch.cat(out)
 
 
-def coalition_table(net: torch.nn.Module, batch: Mapping, modalities: Sequence[str], groups: Sequence[EHRGroup],
+def coalition_table(net: torch.nn.Module, batch: Mapping, modalities: Sequence[str], players: Sequence[Player],
                     others: Sequence[str], chunk: int = CHUNK) -> tuple[np.ndarray, np.ndarray]:
     """(v [2^o, 2^n], masked [2^o]) for a one-row batch: the fusion model run on every coalition, `chunk` rows
-    per forward pass. others: the other modalities present (order = bit order); groups: the players. The EHR
-    tokenizer (most of the cost) runs once per EHR coalition, 2^n times, whatever o."""
+    per forward pass. others: the other modalities present (order = bit order); players: the EHR's n players.
+    The EHR tokenizer (most of the cost) runs once per EHR coalition, 2^n times, whatever o."""
     mods = list(modalities)
-    o, n = len(others), len(groups)
+    o, n = len(others), len(players)
     r_all, t_all = coalition_rows(o, n)
     col = {m: mods.index(m) for m in [*others, EHR]}
-    cached = _with_cached_ehr(net, ehr_tokens(net, batch, groups, chunk))
+    cached = _with_cached_ehr(net, ehr_tokens(net, batch, players, chunk))
     v = np.empty(len(r_all))
     for start in range(0, len(r_all), chunk):
         r, t = r_all[start:start + chunk], t_all[start:start + chunk]
@@ -285,15 +375,19 @@ def _override(r: np.ndarray, others: Sequence[str], col: Mapping[str, int], n_mo
 
 @dataclass
 class GroupValue:
-    """One EHR group's share of the EHR modality's Shapley value (logit)."""
+    """One player's share of the EHR modality's Shapley value (logit): a group, or a merged set of groups."""
 
     name: str
     kind: str
+    """the group's kind, or "merged" for a set of groups that moved together"""
     shown: str
-    """its value for the study ("absent" for a lab not measured, "unknown" for a demographic)"""
+    """its value for the study ("absent" for a lab not measured, "unknown" for a demographic; a merged player's
+    members and their values, "sex F; race WHITE; ...")"""
     value: float
     known: bool
     """False: absent/unknown, the same as removed, so its value is exactly 0"""
+    members: list[str] = field(default_factory=list)
+    """a merged player's group names (empty for a single group)"""
 
 
 @dataclass
@@ -312,32 +406,32 @@ class EHRAttribution:
     """rows the fusion model was run on: every coalition of (other modalities, known groups), and the masked ones"""
     others: list[str] = field(default_factory=list)
     """the other modalities present (the unions besides the EHR)"""
+    coarsened: str | None = None
+    """why and how known groups were merged into set-players (more known groups than MAX_GROUPS); None: each
+    known group is its own player"""
 
     def to_dict(self) -> dict:
         return {"method": "Owen value (EHR groups inside the EHR modality; the record enters first)",
                 "space": "logit", "removal": self.removal, "total": self.total, "record": self.record,
-                "groups": [{"name": g.name, "kind": g.kind, "shown": g.shown, "value": g.value, "known": g.known}
-                           for g in self.groups],
-                "forward_passes": self.forward_passes}
+                "groups": [{"name": g.name, "kind": g.kind, "shown": g.shown, "value": g.value, "known": g.known,
+                            "members": g.members} for g in self.groups],
+                "coarsened": self.coarsened, "forward_passes": self.forward_passes}
 
 
-def attribute(table: Callable[[list[EHRGroup], list[str]], tuple[np.ndarray, np.ndarray]],
+def attribute(table: Callable[[list[Player], list[str]], tuple[np.ndarray, np.ndarray]],
               groups: Sequence[EHRGroup], known: Sequence[bool], others: Sequence[str]) -> EHRAttribution:
-    """EHRAttribution from `table(players, others) -> (v, masked)` over the known groups (the players)."""
-    players = [g for g, k in zip(groups, known) if k]
-    if len(players) > MAX_GROUPS:
-        raise TooManyGroups(f"{len(players)} EHR groups are known for this study ({', '.join(g.name for g in players)})"
-                            f"; exact attribution runs 2^{len(players)} x 2^{len(others)} forward passes and is "
-                            f"limited to {MAX_GROUPS} groups; explain a study with fewer known groups, or "
-                            "read the modality Shapley values alone")
+    """EHRAttribution from `table(players, others) -> (v, masked)` over the players: the known groups, merged
+    into sets (`partition`) when there are more than MAX_GROUPS."""
+    players, coarsened = partition([g for g, k in zip(groups, known) if k], len(others))
     v, masked = table(players, list(others))
     phi, record = group_values(v, masked)
-    value = dict(zip([g.name for g in players], phi.tolist()))
-    rows = [GroupValue(g.name, g.kind, g.shown if k else ("absent" if g.kind == "lab" else "unknown"),
-                       value.get(g.name, 0.0), k) for g, k in zip(groups, known)]
+    rows = [GroupValue(p.name, p.kind, p.shown, float(x), True, [g.name for g in p.members] if p.merged else [])
+            for p, x in zip(players, phi)]
+    rows += [GroupValue(g.name, g.kind, "absent" if g.kind == "lab" else "unknown", 0.0, False)
+             for g, k in zip(groups, known) if not k]
     rows.sort(key=lambda g: (not g.known, -abs(g.value)))
     return EHRAttribution(rows, record, record + float(phi.sum()), forward_passes=v.size + masked.size,
-                          others=list(others))
+                          others=list(others), coarsened=coarsened)
 
 
 def ehr_attribution(net: torch.nn.Module, batch: Mapping, modalities: Sequence[str],
@@ -357,21 +451,24 @@ def ehr_attribution(net: torch.nn.Module, batch: Mapping, modalities: Sequence[s
 
 
 def explain_ehr(trained, net: torch.nn.Module, batch: Mapping, modalities: Sequence[str],
-                row: Mapping) -> EHRAttribution | str | None:
-    """`finetune explain`'s EHR attribution for one study of a run (`row`: its finetune-table row); the reason
-    as text when it is refused (more than MAX_GROUPS known groups), None when there is no EHR to split."""
+                row: Mapping, labs: Sequence[str] | None = None) -> EHRAttribution | str | None:
+    """`finetune explain`'s EHR attribution for one study of a run (`row`: its finetune-table row; `labs`: the
+    run's lab features, the others are vital signs, None: all labs); the reason as text when it is refused (even
+    the coarsest partition above MAX_GROUPS players), None when there is no EHR to split."""
     from radalign.finetune.features import CATEGORICAL
 
     fz = trained.featurizer
     if fz is None:
         return None
-    groups = ehr_groups(fz.features, fz.numeric, list(CATEGORICAL), row)
+    vitals = [f for f in fz.features if f not in set(labs)] if labs is not None else []
+    groups = ehr_groups(fz.features, fz.numeric, list(CATEGORICAL), row, vitals=vitals)
     try:
         return ehr_attribution(net, batch, modalities, groups)
     except TooManyGroups as e:
         return str(e)
 
 
-__all__ = ["TooManyGroups", "explain_ehr", "MAX_GROUPS", "EHRGroup", "ehr_groups", "known_groups", "remove_groups", "shapley_weights",
+__all__ = ["TooManyGroups", "explain_ehr", "MAX_GROUPS", "EHRGroup", "ehr_groups", "known_groups", "remove_groups",
+           "Player", "singletons", "COARSENING", "partition", "shapley_weights",
            "group_values", "coalition_rows", "ehr_tokens", "coalition_table", "GroupValue", "EHRAttribution", "attribute",
            "ehr_attribution"]

@@ -390,7 +390,7 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
                      task=trained.cfg.task.name, neighbours=neighbours, k=k,
                      thumbnail=study_thumbnail(trained, data, row, shards) if thumbnail else None,
                      indication=_text(fr.get("indication")),
-                     ehr=explain_ehr(trained, net, batch, mods, fr.to_dict()))
+                     ehr=explain_ehr(trained, net, batch, mods, fr.to_dict(), labs=lab_features(trained, table)))
     if expl.similar is not None:
         expl.similar.skipped["same_patient"] += int(filtered.get("same_patient", 0))
     return expl

@@ -303,12 +303,16 @@ def _ehr_sum(expl: Explanation) -> str:
             f"{att.forward_passes} coalitions evaluated")
 
 
+def _coarsened(att: EHRAttribution) -> str:
+    return f"Partition coarsened: {att.coarsened}."
+
+
 def _md_ehr(expl: Explanation) -> list[str]:
     if expl.ehr is None:
         return [f"## {EHR_TITLE}", "", f"Not computed: {R.md(expl.ehr_note)}.", ""] if expl.ehr_note else []
     rows = [[R.md(name), R.md(shown), R.num(v, signed=True)] for name, shown, v in _ehr_rows(expl.ehr)]
     return [f"## {EHR_TITLE}", "", *R.md_table(["group", "value", "contribution"], rows), "",
-            f"{R.md(_ehr_sum(expl))}.", ""]
+            f"{R.md(_ehr_sum(expl))}.", "", *([f"{R.md(_coarsened(expl.ehr))}", ""] if expl.ehr.coarsened else [])]
 
 
 def _html_ehr(expl: Explanation) -> list[str]:
@@ -323,6 +327,8 @@ def _html_ehr(expl: Explanation) -> list[str]:
     parts += [f"<tr><td>{e(name)}</td><td>{e(shown)}</td><td>{v:+.3f}</td><td>{_bar(v, scale)}</td></tr>"
               for name, shown, v in rows]
     parts.append(f"</table><p class='muted'>{e(_ehr_sum(expl))}.</p>")
+    if expl.ehr.coarsened:
+        parts.append(f"<p class='muted'>{e(_coarsened(expl.ehr))}</p>")
     return parts
 
 

@@ -9,6 +9,7 @@ brute-force tests are in test_explain.py); a hand-made linear model whose values
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -71,13 +72,13 @@ def random_game(items, seed, ignored=()):
 
 
 def table_of(game):
-    """attribute()'s coalition table for a game on names: v[r, t] = game(others in r + record + groups in t),
-    masked[r] = game(others in r) (bit j of r / t = others[j] / players[j])."""
+    """attribute()'s coalition table for a game on names: v[r, t] = game(others in r + record + the groups of the
+    players in t), masked[r] = game(others in r) (bit j of r / t = others[j] / players[j])."""
     def table(players, others):
-        names = [g.name for g in players]
+        sets = [frozenset(g.name for g in p.members) for p in players]
         pick = lambda bits, xs: frozenset(x for j, x in enumerate(xs) if bits >> j & 1)  # noqa: E731
-        v = np.array([[game(pick(r, others) | {RECORD} | pick(t, names)) for t in range(1 << len(names))]
-                      for r in range(1 << len(others))])
+        v = np.array([[game(pick(r, others) | {RECORD} | frozenset().union(*pick(t, sets)))
+                       for t in range(1 << len(sets))] for r in range(1 << len(others))])
         return v, np.array([game(pick(r, others)) for r in range(1 << len(others))])
     return table
 
@@ -86,12 +87,16 @@ def groups_named(names):
     return [A.EHRGroup(n, "lab", i, f"{i}.5") for i, n in enumerate(names)]
 
 
-def modality_value(game, others) -> float:
+def modality_value_of(game, others, groups) -> float:
     """The EHR modality's Shapley value in the modality game (EHR kept = record and every group known)."""
     def f(kept):
-        return game(frozenset(kept - {"ehr"}) | ({RECORD, *GROUPS} if "ehr" in kept else set()))
+        return game(frozenset(kept - {"ehr"}) | ({RECORD, *groups} if "ehr" in kept else set()))
     mods = [*others, "ehr"]
     return ex.shapley_values(ex.subset_values(f, mods), mods)["ehr"]
+
+
+def modality_value(game, others) -> float:
+    return modality_value_of(game, others, GROUPS)
 
 
 GROUPS = ["age", "sex", "creatinine", "lactate"]
@@ -151,14 +156,97 @@ def test_unknown_groups_are_left_out_ranked_last_and_read_absent_or_unknown():
     assert att.forward_passes == 4 + 1
 
 
-def test_too_many_known_groups_is_refused_before_any_forward_pass(monkeypatch):
-    monkeypatch.setattr(A, "MAX_GROUPS", 3)
+# ----------------------------------------------------------------------------------------------------------
+# More known groups than MAX_GROUPS: a coarser partition (set-players), still exact
+
+CATS = [A.DEMOGRAPHIC_NAMES.get(c, c) for c in CATEGORICAL]  # sex, race, insurance, marital status, language
+
+
+def all_groups(labs=("creatinine", "lactate", "sodium"), vitals=("heart_rate", "spo2")):
+    """Labs, vitals, age and the 5 categorical demographics, as ehr_groups makes them (token order)."""
+    return A.ehr_groups([*labs, *vitals], ["age"], list(CATEGORICAL), vitals=vitals)
+
+
+# the documented order, by hand: demographics, vital signs, labs, then age joins the demographics
+FINEST = ["creatinine", "lactate", "sodium", "heart_rate", "spo2", "age", *CATS]
+STEP1 = ["creatinine", "lactate", "sodium", "heart_rate", "spo2", "age", ("demographics", CATS)]
+STEP2 = ["creatinine", "lactate", "sodium", ("vital signs", ["heart_rate", "spo2"]), "age", ("demographics", CATS)]
+STEP3 = [("labs", ["creatinine", "lactate", "sodium"]), ("vital signs", ["heart_rate", "spo2"]), "age",
+         ("demographics", CATS)]
+STEP4 = [("labs", ["creatinine", "lactate", "sodium"]), ("vital signs", ["heart_rate", "spo2"]),
+         ("demographics", ["age", *CATS])]
+
+
+def _players(players):
+    return [p.name if not p.merged else (p.name, [g.name for g in p.members]) for p in players]
+
+
+@pytest.mark.parametrize("limit,want,steps", [(11, FINEST, 0), (10, STEP1, 1), (7, STEP1, 1), (6, STEP2, 2),
+                                              (5, STEP3, 3), (4, STEP3, 3), (3, STEP4, 4)])
+def test_partition_merges_in_the_documented_order_only_while_above_the_limit(monkeypatch, limit, want, steps):
+    monkeypatch.setattr(A, "MAX_GROUPS", limit)
+    players, why = A.partition(all_groups(), 1)
+    assert _players(players) == want
+    assert [g.name for p in players for g in p.members] == FINEST  # a partition: every group once, in order
+    if steps:
+        assert why.startswith(f"11 EHR groups are known, more than the exact limit of {limit} players")
+        assert why.count(" as one player, ") == steps and why.endswith(f"{len(want)} players, still exact")
+    else:
+        assert why is None
+
+
+def test_a_family_with_one_known_group_keeps_its_name(monkeypatch):
+    monkeypatch.setattr(A, "MAX_GROUPS", 4)
+    players, why = A.partition(all_groups(labs=("creatinine", "lactate"), vitals=("heart_rate",)), 0)
+    assert _players(players) == [("labs", ["creatinine", "lactate"]), "heart_rate", "age", ("demographics", CATS)]
+    assert "the vital signs" not in why and "the labs (2 groups) as one player, 'labs'" in why
+
+
+def test_refused_only_when_even_the_coarsest_partition_is_above_the_limit(monkeypatch):
+    monkeypatch.setattr(A, "MAX_GROUPS", 2)
     called = []
-    with pytest.raises(A.TooManyGroups, match=r"4 EHR groups are known .*age, sex, creatinine, lactate.*"
-                                              r"2\^4 x 2\^1 forward passes.*limited to 3"):
-        A.attribute(lambda p, o: called.append(1), groups_named(GROUPS), [True] * 4, ["image"])
+    groups = all_groups()
+    with pytest.raises(A.TooManyGroups, match=r"11 EHR groups are known .*coarsest partition \(labs, vital signs, "
+                                              r"demographics\) has 3 players, above MAX_GROUPS = 2 \(2\^3 x 2\^1 "
+                                              r"forward passes\); set finetune.attribution.MAX_GROUPS to at least 3"):
+        A.attribute(lambda p, o: called.append(1), groups, [True] * len(groups), ["image"])
     assert not called
-    A.attribute(table_of(random_game([RECORD, *GROUPS], 0)), groups_named(GROUPS), [True, True, True, False], [])
+    # labs and vitals known, age and demographics unknown: 2 players fit
+    att = A.attribute(table_of(random_game([RECORD, *FINEST], 0)), groups, [True] * 5 + [False] * 6, [])
+    assert sorted(g.name for g in att.groups if g.known) == ["labs", "vital signs"]
+    assert [(g.name, g.value) for g in att.groups if not g.known] == [("age", 0.0)] + [(c, 0.0) for c in CATS]
+
+
+def set_player_owen(game, players, others):
+    """The Owen value by its definition over set-players: each player (a set of group names) enters whole."""
+    members = {p.name: frozenset(g.name for g in p.members) for p in players}
+
+    @functools.cache
+    def value(s):  # a set of player names (and others, RECORD) -> the game on group names
+        return game(frozenset(x for x in s if x not in members).union(*(members[x] for x in s if x in members)))
+    return brute_force_owen(value, [[o] for o in others] + [[RECORD, *members]], first={len(others): RECORD})
+
+
+@pytest.mark.parametrize("seed,limit,others", [(20, 6, ["image", "text"]), (21, 4, ["image"]), (22, 3, []),
+                                               (23, 5, ["text"])])
+def test_set_player_values_equal_the_brute_force_where_each_merged_set_moves_together(monkeypatch, seed, limit,
+                                                                                      others):
+    monkeypatch.setattr(A, "MAX_GROUPS", limit)
+    groups = all_groups()
+    game = random_game([*others, RECORD, *FINEST], seed)
+    att = A.attribute(table_of(game), groups, [True] * len(groups), others)
+    players, _ = A.partition(groups, len(others))
+    assert any(p.merged for p in players) and len(players) <= limit
+    want = set_player_owen(game, players, others)
+    assert {g.name: g.value for g in att.groups} == pytest.approx({p.name: want[p.name] for p in players}, abs=1e-9)
+    assert att.record == pytest.approx(want[RECORD], abs=1e-9)
+    assert att.total == pytest.approx(modality_value_of(game, others, FINEST), abs=1e-9)  # still the EHR's value
+    merged = next(g for g in att.groups if g.members)
+    assert merged.kind == "merged" and merged.shown.startswith(f"{merged.members[0]} ")
+    # not the sum of its groups' values in the finer game (interactions): the merged value is its own
+    monkeypatch.setattr(A, "MAX_GROUPS", 16)
+    fine = {g.name: g.value for g in A.attribute(table_of(game), groups, [True] * len(groups), others).groups}
+    assert merged.value != pytest.approx(sum(fine[m] for m in merged.members), abs=1e-3)
 
 
 def test_coalition_table_shape_is_checked():
@@ -247,6 +335,65 @@ def test_fusion_model_values_equal_the_brute_force_over_orderings():
     assert {p: got[p] for p in players} == pytest.approx({p: want[p] for p in players}, abs=2e-5)
     assert att.record == pytest.approx(want[RECORD], abs=2e-5)
     assert all(got[g.name] == 0.0 for g in groups if g.name not in players)
+
+
+FEATURES = ["creatinine", "lactate", "heart_rate", "spo2"]  # the 4 feature slots of fusion(), 2 of them vitals
+
+
+def trained_run(labs=("creatinine", "lactate")):
+    """What explain_ehr reads of a run: its featurizer's features and numeric demographics."""
+    return SimpleNamespace(featurizer=SimpleNamespace(features=FEATURES, numeric=["age"])), list(labs)
+
+
+@pytest.mark.parametrize("seed,limit,row", [(30, 4, {}), (31, 3, {"text": False}), (32, 5, {"cat": (2, 3, 1, 1, 2)})])
+def test_a_coarsened_fusion_model_case_sums_to_the_ehr_value_and_equals_the_brute_force(monkeypatch, seed, limit,
+                                                                                       row):
+    """More known groups than MAX_GROUPS (lowered to keep it cheap) on the real FusionModel, through explain_ehr
+    (the run's labs: the other features are vital signs); every coalition its own forward pass in the brute
+    force, each merged set of groups kept or shown unknown together."""
+    monkeypatch.setattr(A, "MAX_GROUPS", limit)
+    net, batch = fusion(seed), one_row(measured=(True,) * 4, seed=seed, **row)
+    trained, labs = trained_run()
+    att = A.explain_ehr(trained, net, batch, list(net.modalities), {"gender": "F", "race": EVIL}, labs=labs)
+    assert att.coarsened and att.total == pytest.approx(model_shapley(net, batch)["ehr"], abs=2e-5)
+    assert att.total == pytest.approx(att.record + sum(g.value for g in att.groups), abs=1e-9)
+    groups = A.ehr_groups(FEATURES, ["age"], list(CATEGORICAL), vitals=["heart_rate", "spo2"])
+    known = [g for g, k in zip(groups, A.known_groups(groups, batch["ehr"])) if k]
+    members = {g.name: g.members or [g.name] for g in att.groups if g.known}
+    assert len(members) <= limit < len(known) and sorted(sum(members.values(), [])) == sorted(g.name for g in known)
+    assert members.get("vital signs", ["heart_rate", "spo2"]) == ["heart_rate", "spo2"]
+    others = att.others
+
+    @functools.cache
+    def game(s):  # player names -> the fusion logit with their groups known
+        kept = set(others) & s | ({"ehr"} if RECORD in s else set())
+        names = set().union(*(members[p] for p in s if p in members))
+        with torch.no_grad():
+            return float(net(_unknown(batch, names, groups), present_override=frozenset(kept)).logits[0, 0])
+    want = brute_force_owen(game, [[o] for o in others] + [[RECORD, *members]], first={len(others): RECORD})
+    assert {g.name: g.value for g in att.groups if g.known} == pytest.approx({p: want[p] for p in members}, abs=2e-5)
+    assert att.record == pytest.approx(want[RECORD], abs=2e-5)
+    assert att.forward_passes == (1 << len(others)) * ((1 << len(members)) + 1)
+
+
+def test_a_merged_player_of_a_model_additive_in_its_groups_gets_their_sum(monkeypatch):
+    """LinearFusion has no interaction between groups: a merged set's value is the sum of its groups' closed-form
+    values (coefficient x (value - unknown)), and the record is unchanged by the coarsening."""
+    monkeypatch.setattr(A, "MAX_GROUPS", 3)
+    cat = (2, 3, 1, 1, 2)
+    net, batch = LinearFusion(), one_row(measured=(True, False, True, True), cat=cat, seed=12)
+    lin, e = net.encoders["ehr"], batch["ehr"]
+    trained, labs = trained_run()
+    att = A.explain_ehr(trained, net, batch, list(net.modalities), {}, labs=labs)
+    got = {g.name: (g.value, g.members) for g in att.groups if g.known}
+    x = e["values"][0].tolist()
+    lab = [float(lin.beta[j]) * (x[j] - float(lin.u[j])) for j in range(4)]
+    demo = lin.gamma * (float(e["num"][0, 0]) - lin.u_age) + sum(float(d[c] - d[0]) for d, c in zip(lin.delta, cat))
+    assert got == {"creatinine": (pytest.approx(lab[0], abs=1e-6), []),  # lactate absent: labs is one group
+                   "vital signs": (pytest.approx(lab[2] + lab[3], abs=1e-6), ["heart_rate", "spo2"]),
+                   "demographics": (pytest.approx(demo, abs=1e-6), ["age", *CATS])}
+    all_unknown = lin.r + float(lin.beta @ lin.u) + lin.gamma * lin.u_age + sum(float(d[0]) for d in lin.delta)
+    assert att.record == pytest.approx(all_unknown, abs=1e-6)
 
 
 def test_a_lab_the_encoder_cannot_see_gets_zero():
@@ -419,6 +566,37 @@ def test_markdown_shows_the_groups_escaped():
     assert shown[EVIL][0] == f"{EVIL} (2.0 h before the film)" and rows[-1][1:] == ["absent", "+0.000"]
 
 
+def _coarsened_explained():
+    groups = [A.EHRGroup("sodium", "lab", 0, "140"), A.EHRGroup("age", "numeric", 0, "77"),
+              A.EHRGroup("sex", "categorical", 0, "F"), A.EHRGroup("race", "categorical", 1, EVIL),
+              A.EHRGroup(EVIL, "categorical", 2, "Medicare")]
+    game = random_game(["image", RECORD, *(g.name for g in groups)], 13)
+    return _explained(A.attribute(table_of(game), groups, [True] * 5, ["image"]))
+
+
+def test_merged_rows_list_their_members_escaped_in_json_html_and_markdown(monkeypatch):
+    monkeypatch.setattr(A, "MAX_GROUPS", 3)
+    expl, att = _coarsened_explained()
+    value = {g.name: g.value for g in att.groups}
+    members = f"sex F; race {EVIL}; {EVIL} Medicare"
+    d = json.loads(ex.to_json(expl))["ehr_groups"]
+    row = next(g for g in d["groups"] if g["name"] == "demographics")
+    assert row["members"] == ["sex", "race", EVIL] and row["kind"] == "merged" and row["shown"] == members
+    assert d["coarsened"].startswith("5 EHR groups are known, more than the exact limit of 3 players")
+    note = f"Partition coarsened: {d['coarsened']}."
+    for page in (ex.to_html(expl), markdown.markdown(ex.to_markdown(expl), extensions=["tables"])):
+        p = _Tags()
+        p.feed(page)
+        assert "script" not in [t for t, _ in p.tags]
+        rows = {r[0]: r[1:] for r in p.rows if r and r[0] in {"demographics", "sodium", "age"}}
+        assert rows["demographics"][:2] == [members, f"{value['demographics']:+.3f}"] and len(rows) == 3
+        assert note in "".join(p.text)
+    monkeypatch.setattr(A, "MAX_GROUPS", 16)
+    expl, _ = _coarsened_explained()
+    assert "Partition coarsened" not in ex.to_html(expl) + ex.to_markdown(expl)
+    assert json.loads(ex.to_json(expl))["ehr_groups"]["coarsened"] is None
+
+
 def test_a_refused_attribution_says_why_everywhere():
     expl, _ = _explained(ehr="19 EHR groups are known <b>")
     assert json.loads(ex.to_json(expl))["ehr_groups"] == {"error": "19 EHR groups are known <b>"}
@@ -430,7 +608,7 @@ def test_a_refused_attribution_says_why_everywhere():
 
 def test_chunked_table_equals_one_pass_and_the_model_is_left_untouched():
     net, batch = fusion(3), one_row(seed=3)
-    groups = [g for g, k in zip(model_groups(), A.known_groups(model_groups(), batch["ehr"])) if k]
+    groups = A.singletons([g for g, k in zip(model_groups(), A.known_groups(model_groups(), batch["ehr"])) if k])
     tokenizer = net.encoders["ehr"]
     v1, m1 = A.coalition_table(net, batch, list(net.modalities), groups, ["image", "text"])
     v7, m7 = A.coalition_table(net, batch, list(net.modalities), groups, ["image", "text"], chunk=7)

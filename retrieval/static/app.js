@@ -185,7 +185,8 @@ function valueCells(row, v, scale) {
 }
 
 // The EHR modality's value split over its groups (finetune.attribution): the record first, then the groups
-// ranked by |value|; a lab not measured reads "absent" (the same as removed: exactly 0).
+// ranked by |value|; a lab not measured reads "absent" (the same as removed: exactly 0); a merged player's
+// value cell lists its members ("sex F; race WHITE; ...").
 function renderEhrGroups(g, ehrValue) {
   const box = el("div", null, "ehr-groups");
   box.appendChild(el("h4", "Inside the EHR (exact Owen values over its groups, logit)"));
@@ -207,6 +208,8 @@ function renderEhrGroups(g, ehrValue) {
   box.appendChild(table);
   box.appendChild(el("p", "The rows sum to " + (g.total >= 0 ? "+" : "") + Number(g.total).toFixed(3)
     + (ehrValue === undefined ? "" : ", the EHR modality's Shapley value") + "; " + g.removal + ".", "muted"));
+  // more known groups than the exact limit: a merged row ("demographics") is a set of groups moving together
+  if (g.coarsened) box.appendChild(el("p", "Partition coarsened: " + g.coarsened + ".", "muted coarsened"));
   return box;
 }
 

@@ -16,6 +16,7 @@ from tests.test_serve_browser import browser  # noqa: F401 - the module's Chromi
 EHR_GROUPS = {
     "method": "Owen value (EHR groups inside the EHR modality; the record enters first)", "space": "logit",
     "removal": "a removed group is shown as unknown", "total": 1.75, "record": -0.5, "forward_passes": 36,
+    "coarsened": f"17 known groups > 16; merged {SCRIPT}",
     "groups": [{"name": "lactate", "kind": "lab", "shown": "3.5 (8.5 h before the film)", "value": 1.5, "known": True},
                {"name": SCRIPT, "kind": "numeric", "shown": IMG_ONERROR, "value": 0.75, "known": True},
                {"name": "creatinine", "kind": "lab", "shown": "absent", "value": 0.0, "known": False}]}
@@ -60,6 +61,7 @@ def test_page_shows_the_ehr_groups_as_text(browser, panel):  # noqa: F811 - the 
         assert widths == ["40px", "120px", "60px", "0px"]  # bars scaled to the largest |value|
         note = page.text_content(".ehr-groups p")
         assert note.startswith("The rows sum to +1.750, the EHR modality's Shapley value")
+        assert page.text_content(".ehr-groups .coarsened") == f"Partition coarsened: 17 known groups > 16; merged {SCRIPT}."
         assert page.evaluate("window.__pwned === undefined")
         assert page.eval_on_selector_all("img[src='x'], .ehr-groups script", "e => e.length") == 0
         page.close()

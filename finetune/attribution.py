@@ -53,6 +53,7 @@ import numpy as np
 import torch
 
 from radalign import RadalignError
+from radalign.report import finite_or_none
 
 
 class TooManyGroups(RadalignError):
@@ -101,23 +102,15 @@ def ehr_groups(features: Sequence[str], numeric: Sequence[str], categorical: Seq
     return groups
 
 
-def _finite(v) -> float | None:
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
-
-
 def _shown(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)) or not str(v).strip():
         return "unknown"
-    x = _finite(v)
+    x = finite_or_none(v)
     return f"{x:g}" if x is not None and not isinstance(v, str) else str(v)
 
 
 def _lab_shown(value, hours) -> str:
-    x, h = _finite(value), _finite(hours)
+    x, h = finite_or_none(value), finite_or_none(hours)
     if x is None:
         return "absent"
     return f"{x:g}" + (f" ({h:.1f} h before the film)" if h is not None else "")

@@ -319,7 +319,7 @@ def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: Spli
     for n in res.neighbours:
         outcome = outcomes.get(str(n["study_id"]))
         if outcome is None and isinstance(n.get("outcomes"), Mapping):
-            outcome = _number(n["outcomes"].get(label))
+            outcome = R.finite_or_none(n["outcomes"].get(label))
         cases.append({"study_id": n["study_id"], "subject_id": n["subject_id"], "similarity": n["similarity"],
                       "labels": list(n["labels"]), "outcome": None if outcome is None else int(outcome),
                       "thumbnail": n.get("thumbnail")})
@@ -347,14 +347,6 @@ def study_thumbnail(trained: TrainedRun, data: SplitInputs, row: int, shards: st
         if sample is not None:  # a corrupt film is skipped, as the loader skips it
             return data_uri(thumbnail_jpeg(sample["image"], enc.config["mean"], enc.config["std"], size))
     return None
-
-
-def _number(v) -> float | None:
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None
-    return None if np.isnan(v) else v
 
 
 def _text(v) -> str | None:

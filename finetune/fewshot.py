@@ -176,12 +176,8 @@ def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval
     def fit(rows, y, seed):
         head = make_head().fit(x_pool[rows], y, groups[rows], init, seed=seed)
         lam = head.info_.get("lam")
-        return head.predict_logit(x_eval), {"pull": _finite(head.pull_), "lam": _finite(lam)}
+        return head.predict_logit(x_eval), {"pull": R.finite_or_none(head.pull_), "lam": R.finite_or_none(lam)}
     return fit
-
-
-def _finite(v) -> float | None:
-    return float(v) if v is not None and np.isfinite(v) else None
 
 
 def model_method(make_model: Callable[[int], torch.nn.Module], pool_batch, eval_batch, *, task: str = "binary",

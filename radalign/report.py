@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import html
 import io
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -61,6 +62,15 @@ def html_text(text) -> str:
 
 # ----------------------------------------------------------------------------------------------------------
 # Numbers
+
+
+def finite_or_none(v) -> float | None:
+    """`v` as a float, or None when it is missing, not a number ("___", "n/a") or not finite (NaN, inf)."""
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
 
 
 def _missing(x) -> bool:
@@ -302,6 +312,6 @@ def predictions_frame(keys: list[str], scores: np.ndarray, labels: np.ndarray, n
     return df
 
 
-__all__ = ["predictions_frame", "NONE", "Md", "md", "html_text", "num", "ci", "ci_of", "delta_of", "md_table", "CSS", "html_page",
+__all__ = ["predictions_frame", "finite_or_none", "NONE", "Md", "md", "html_text", "num", "ci", "ci_of", "delta_of", "md_table", "CSS", "html_page",
            "html_img", "pyplot", "save_png", "roc_plot", "reliability_plot", "interval_plot",
            "learning_curve_plot", "metrics_format", "write_metrics", "check_schema"]

@@ -175,3 +175,13 @@ def test_check_schema_lists_every_problem():
         R.check_schema({"b": 3, "c": "x", "zz": 1}, schema, what="doc")
     msg = str(e.value)
     assert msg.startswith("doc: missing 'a'; 'b' is int") and msg.endswith("; unknown key 'zz'")
+
+
+@pytest.mark.parametrize("value,expected", [
+    (1, 1.0), ("2.5", 2.5), (np.float32(0.25), 0.25), (-0.0, 0.0), ("1e3", 1000.0),
+    (None, None), ("___", None), ("", None), ("n/a", None), (float("nan"), None), (np.nan, None),
+    (float("inf"), None), ("-inf", None), (np.float64("inf"), None), ([1], None)])
+def test_finite_or_none(value, expected):
+    """One reading of "a number or nothing" (EHR values shown, outcomes, few-shot pulls): MIMIC's "___", blanks,
+    NaN and inf are nothing."""
+    assert R.finite_or_none(value) == expected and (expected is None or isinstance(R.finite_or_none(value), float))

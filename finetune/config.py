@@ -24,6 +24,11 @@ BLANK_POLICIES = ("exclude", "negative")  # data.labels.BLANK_POLICIES
 
 @dataclass
 class DataConfig:
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "image_patch_tokens": "patch tokens into the fusion head are not built (the head takes the tower's pooled "
+                              "embedding; a tuned tower is model.image_tower=last_blocks|lora): drop "
+                              "data.image_patch_tokens"}
+    """Keys of the previous release, each refused with its fix (radalign.config)."""
     table: str = "runs/demo/ehr/finetune"
     """The finetune table: the `finetune/` DatasetDict folder written by `radalign data link-ehr`."""
     shards: str = "runs/demo/shards"
@@ -42,9 +47,6 @@ class DataConfig:
     """Split for model selection, thresholds, temperature and the late-fusion stacker (never test)."""
     test_split: str = "test"
     """Split the reported metrics come from."""
-    image_patch_tokens: bool = False
-    """Must stay false in this release: the fusion head takes the tower's pooled embedding (patch tokens come with
-    the next finetune issue; true is refused)."""
     allow_overlap: bool = False
     """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
 
@@ -269,9 +271,6 @@ def _model_problems(m: ModelConfig, d: DataConfig) -> list[str]:
         elif not 0 <= r < 1:
             p.append(f"model.modality_dropout.{k}: {r} must be in [0, 1)")
     p += _tower_problems(m, d)
-    if d.image_patch_tokens:
-        p.append("data.image_patch_tokens: true is not in this release (the fusion head takes the pooled "
-                 "embedding); use data.image_patch_tokens=false")
     if m.n_layers < 1 or m.ehr_blocks < 1:
         p.append("model.n_layers / model.ehr_blocks: must be >= 1")
     return p

@@ -140,9 +140,12 @@ def format_help(cls: type) -> str:
 # Loading and validation.
 
 
-def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=lambda key: "") -> None:
+def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=lambda key: "",
+                retired: set[str] | None = None) -> None:
     """Unknown keys (with the closest valid name) at every nesting level; `where(key)` names the source. A key a
-    dataclass lists in its `REMOVED_KEYS` ClassVar ({key: why and the fix}) is refused with that text instead."""
+    dataclass lists in its `REMOVED_KEYS` ClassVar ({key: why and the fix}) is refused with that text instead,
+    unless it is off (false or null): a saved run's config.yaml holds the old default, which asked for nothing,
+    so it is left out (its full name goes to `retired`) and the run still loads."""
     if not isinstance(data, (dict, DictConfig)):
         return
     hints = typing.get_type_hints(cls)
@@ -151,7 +154,11 @@ def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=la
     for key in data:
         full = f"{prefix}{key}"
         if key in removed:
-            problems.append(f"{full}: {removed[key]}{where(full)}")
+            if data[key] is None or data[key] is False:
+                if retired is not None:
+                    retired.add(full)
+            else:
+                problems.append(f"{full}: {removed[key]}{where(full)}")
             continue
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
@@ -160,7 +167,7 @@ def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=la
             continue
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub):
-            _check_keys(sub, data[key], full + ".", problems, where)
+            _check_keys(sub, data[key], full + ".", problems, where, retired)
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -240,14 +247,17 @@ def load_config(cls: type[T], source: str | os.PathLike | dict | None = None,
     layers = _layers(source, overrides, stage, flags)
     label = " + ".join(layer.label for layer in layers) or "config"
     problems: list[str] = []
+    retired: set[str] = set()
     for layer in layers:
-        _check_keys(cls, layer.data, "", problems, layer.where)
+        _check_keys(cls, layer.data, "", problems, layer.where, retired)
 
     unknown = {p.split(":", 1)[0] for p in problems}
     merged = OmegaConf.structured(cls)
     bad: set[str] = set()
     for layer in layers:
         for key, value in _flatten(layer.data):
+            if key in retired:
+                continue
             try:
                 OmegaConf.update(merged, key, value, merge=True)
             except OmegaConfBaseException as e:

@@ -337,7 +337,9 @@ def test_patch_tokens_are_refused_by_the_config_and_tuned_towers_accepted(tower)
         load_config(FinetuneConfig, "finetune/in_hospital_mortality",
                     [f"model.image_tower={tower}", "data.image_patch_tokens=true"], stage="finetune")
     msg = str(e.value)
-    assert "data.image_patch_tokens" in msg and "model.image_tower" not in msg
+    assert "data.image_patch_tokens: patch tokens into the fusion head are not built" in msg
+    assert "drop data.image_patch_tokens" in msg and "model.image_tower:" not in msg
+    assert "image_patch_tokens" not in FinetuneConfig.__dataclass_fields__["data"].default_factory().__dict__
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [f"model.image_tower={tower}"],
                       stage="finetune")
     assert cfg.model.image_tower == tower and cfg.model.tune_blocks == 2 and cfg.model.lora_rank == 8
@@ -368,3 +370,18 @@ def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, ca
     for a, b in zip(old["rows"], new["rows"]):
         for m in old["models"]:
             assert a[m]["over_seeds"]["auroc"] == pytest.approx(b[m]["over_seeds"]["auroc"], abs=1e-9)
+
+
+def test_a_saved_config_with_the_retired_patch_token_key_still_loads(tmp_path):
+    """Runs saved before the key went hold `image_patch_tokens: false` in config.yaml: `finetune predict/eval`
+    still load them (an off value asked for nothing); the same key switched on is refused, from the file too."""
+    from radalign.config import to_yaml
+
+    cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
+    text = to_yaml(cfg).replace("data:\n", "data:\n  image_patch_tokens: false\n", 1)
+    assert "image_patch_tokens: false" in text
+    (tmp_path / "old.yaml").write_text(text)
+    assert load_config(FinetuneConfig, tmp_path / "old.yaml", [], stage="finetune") == cfg
+    (tmp_path / "on.yaml").write_text(text.replace("image_patch_tokens: false", "image_patch_tokens: true"))
+    with pytest.raises(RadalignError, match="drop data.image_patch_tokens"):
+        load_config(FinetuneConfig, tmp_path / "on.yaml", [], stage="finetune")

@@ -99,10 +99,9 @@ $(DEMO)/retrieval/index/manifest.json: $(DEMO)/zeroshot/metrics.json
 $(DEMO)/retrieval/example.html: $(DEMO)/retrieval/index/manifest.json
 	$(STEP) 'retrieval eval' $(BIN)/radalign retrieval eval --index-dir $(DEMO)/retrieval/index --shards $(DEMO)/shards \
 		--split test --out $(DEMO)/retrieval
-	$(STEP) 'retrieval search (html)' $(BIN)/radalign retrieval search --index-dir $(DEMO)/retrieval/index \
-		--example-from $(DEMO)/shards --split test --k 5 --format html --out $(DEMO)/retrieval/example.html
-	$(STEP) 'retrieval search (markdown)' $(BIN)/radalign retrieval search --index-dir $(DEMO)/retrieval/index \
-		--example-from $(DEMO)/shards --split test --k 5 --format markdown --out $(DEMO)/retrieval/example.md
+	$(STEP) 'retrieval search' $(BIN)/radalign retrieval search --index-dir $(DEMO)/retrieval/index \
+		--example-from $(DEMO)/shards --split test --k 5 --out $(DEMO)/retrieval/example.html \
+		--out $(DEMO)/retrieval/example.md
 
 # The index as a classifier (k-NN vote, temperature fitted on validate) beside prompt zero-shot, paired.
 $(DEMO)/retrieval/classify/metrics.json: $(DEMO)/retrieval/index/manifest.json
@@ -120,12 +119,8 @@ $(IHM)/eval/metrics.json: $(IHM)/metrics.json
 # The explained study: the test study with the highest fusion risk (any other id works the same way).
 $(IHM)/explain.html: $(IHM)/eval/metrics.json $(DEMO)/retrieval/index/manifest.json
 	$(eval STUDY := $(shell $(BIN)/python -c "import pandas as p; d=p.read_csv('$(IHM)/predictions.csv'); print(d.loc[d['score:fusion'].idxmax(), 'study_id'])"))
-	$(STEP) 'finetune explain (json)' $(BIN)/radalign finetune explain --run $(IHM) \
-		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format json --out $(IHM)/explain.json
-	$(STEP) 'finetune explain (markdown)' $(BIN)/radalign finetune explain --run $(IHM) \
-		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format markdown --out $(IHM)/explain.md
-	$(STEP) 'finetune explain (html)' $(BIN)/radalign finetune explain --run $(IHM) \
-		--study-id $(STUDY) --index-dir $(DEMO)/retrieval/index --format html --out $(IHM)/explain.html
+	$(STEP) 'finetune explain' $(BIN)/radalign finetune explain --run $(IHM) --study-id $(STUDY) \
+		--index-dir $(DEMO)/retrieval/index --out $(IHM)/explain.json --out $(IHM)/explain.md --out $(IHM)/explain.html
 
 $(FT)/fewshot_pneumothorax/fewshot.json: $(DEMO)/ehr/manifest.json $(DEMO)/pretrain/export/config.json
 	$(STEP) 'finetune few-shot' $(BIN)/radalign finetune fewshot --config finetune/fewshot_pneumothorax \

@@ -4,13 +4,13 @@ finetune.predict and finetune.evaluate)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 from radalign.cli import add_config_args, config_from_args, old_spelling, print_config
+from radalign.config import OUTPUT_FORMATS, output_problems, output_targets
 
 THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
-EXPLAIN_FORMATS = ("json", "markdown", "html")
 # Old spellings, one release: the run folder was --checkpoint (a pretrain run elsewhere), the table --data.
 OLD_RUN_FLAGS = {"--checkpoint": "--run", "--data": "--table"}
 
@@ -21,8 +21,9 @@ EVAL_EXAMPLES = """examples:
 """
 EXPLAIN_EXAMPLES = """examples:
   radalign finetune explain --run runs/demo/finetune/in_hospital_mortality --study-id 50000123 \\
-      --index-dir runs/demo/retrieval/index --format html --out explain.html
+      --index-dir runs/demo/retrieval/index --out explain.html
   radalign finetune explain --run RUN --study-id 50000123 --format json
+  radalign finetune explain --run RUN --study-id 50000123 --out x.json --out x.md --out x.html   # one run, 3 files
 """
 
 
@@ -106,16 +107,14 @@ class ExplainConfig(_TrainedRun):
     """Retrieval index built with the run's encoders (`radalign retrieval build`), for similar cases."""
     k: int = 5
     """Similar cases to show."""
-    format: str = "json"
-    """Output format: json, markdown or html."""
-    out: Optional[str] = None
-    """File to write (None: print)."""
+    format: Optional[str] = None
+    """Output format: json, markdown or html (None: each `out` file's suffix, .json .md .html; json when printed)."""
+    out: list[str] = field(default_factory=list)
+    """File(s) to write, repeatable (`--out x.json --out x.html`: one explanation, several formats); none: print."""
 
     def validate(self) -> list[str]:
         p = super().validate() + ([] if self.study_id else ["study_id: none given; pass --study-id ID"])
-        if self.format not in EXPLAIN_FORMATS:
-            p.append(f"format: {self.format!r} is not one of {', '.join(EXPLAIN_FORMATS)}")
-        return p
+        return p + output_problems(self.format, self.out)
 
 
 def register_eval(verbs) -> None:
@@ -145,7 +144,7 @@ def register_eval(verbs) -> None:
                                       "statement of what was used and, with --index-dir, the k most similar cases "
                                       "of other patients and their neighbour vote.",
                           epilog=EXPLAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _run_args(ex, ExplainConfig, format={"choices": EXPLAIN_FORMATS}, out={"metavar": "FILE"})
+    _run_args(ex, ExplainConfig, format={"choices": OUTPUT_FORMATS}, out={"metavar": "FILE"})
     old_spelling(ex, {"--index": "--index-dir"})
     ex.set_defaults(func=_explain)
 
@@ -199,11 +198,14 @@ def _explain(args) -> int:
     cfg = config_from_args(ExplainConfig, args, stage="finetune")
     if args.print_config:
         return print_config(cfg)
+    targets = output_targets(cfg.format, cfg.out)
     expl = explain_study(cfg.run, cfg.study_id, index=cfg.index_dir, k=cfg.k, split=cfg.split,
-                         table=cfg.table, shards=cfg.shards, model=cfg.model, thumbnail=cfg.format == "html")
-    text = write(expl, cfg.format, cfg.out)
-    if cfg.out:
-        print(f"study {expl.study_id}: probability {expl.probability:.3f} -> {cfg.out}")
-    else:
-        print(text, end="")
+                         table=cfg.table, shards=cfg.shards, model=cfg.model,
+                         thumbnail=any(fmt == "html" for fmt, _ in targets))
+    for fmt, out in targets:  # one explanation, written in every format asked for
+        text = write(expl, fmt, out)
+        if out:
+            print(f"study {expl.study_id}: probability {expl.probability:.3f} -> {out}")
+        else:
+            print(text, end="")
     return 0

@@ -35,12 +35,13 @@ import numpy as np
 
 from radalign import RadalignError
 from radalign import report as R
+from radalign.config import OUTPUT_FORMATS
 from radalign.io import atomic_write_text
 
 if TYPE_CHECKING:
     from radalign.finetune.attribution import EHRAttribution
 
-FORMATS = ("json", "markdown", "html")
+FORMATS = OUTPUT_FORMATS  # one list of report formats: radalign.config
 MAX_MODALITIES = 5
 
 # How a modality reads in the `used` sentence ("image, labs (...) and indication; no report").

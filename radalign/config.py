@@ -308,7 +308,41 @@ def save_resolved(cfg: Any, run_dir: str | os.PathLike, name: str = "config.yaml
     return path
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Report outputs (`--format`, `--out`): one computation written in several formats, each file's from its suffix.
+
+OUTPUT_FORMATS = ("json", "markdown", "html")
+_SUFFIX_FORMAT = {".json": "json", ".md": "markdown", ".markdown": "markdown", ".html": "html", ".htm": "html"}
+
+
+def output_problems(fmt: str | None, outs: typing.Sequence[str], key: str = "out") -> list[str]:
+    """Config problems of a `format` / `out` pair (`out` a list: repeatable `--out`); [] when fine."""
+    p: list[str] = []
+    if fmt is not None and fmt not in OUTPUT_FORMATS:
+        p.append(f"format: {fmt!r} is not one of {', '.join(OUTPUT_FORMATS)}")
+    if fmt is not None and len(outs) > 1:
+        p.append(f"format: {fmt!r} given with {len(outs)} {key} files; drop it (each file's format comes from its "
+                 f"suffix: {', '.join(_SUFFIX_FORMAT)})")
+    if fmt is None:
+        p += [f"{key}: {o!r} has no report suffix ({', '.join(_SUFFIX_FORMAT)}); rename it or pass --format"
+              for o in outs if Path(o).suffix.lower() not in _SUFFIX_FORMAT]
+    dup = sorted({o for o in outs if list(outs).count(o) > 1})
+    if dup:
+        p.append(f"{key}: {', '.join(dup)} named more than once; name each file once")
+    return p
+
+
+def output_targets(fmt: str | None, outs: typing.Sequence[str]) -> list[tuple[str, str | None]]:
+    """(format, file) per output of a valid pair; no file: [(format or json, None)], i.e. print."""
+    if not outs:
+        return [(fmt or "json", None)]
+    if fmt is not None:
+        return [(fmt, outs[0])]
+    return [(_SUFFIX_FORMAT[Path(o).suffix.lower()], o) for o in outs]
+
+
 __all__ = [
     "ConfigError", "load_config", "save_resolved", "to_yaml", "to_dict", "field_docs", "describe",
     "format_help", "resolve_config_path", "available_configs", "configs_root", "ListConfig",
+    "OUTPUT_FORMATS", "output_problems", "output_targets",
 ]

@@ -39,9 +39,9 @@ EXAMPLES = """examples:
   radalign retrieval build ... --modality both --index-type auto --memory-budget 8G --recall-target 0.95
   radalign retrieval search --index-dir runs/demo/retrieval/index --image chest.jpg --k 5
   radalign retrieval search --index-dir IDX --text "large left pleural effusion" --format markdown
-  radalign retrieval search --index-dir IDX --study-id 50000123 --format html --out case.html
-  radalign retrieval search --index-dir IDX --example-from runs/demo/shards --split test --format html \\
-      --out ex.html
+  radalign retrieval search --index-dir IDX --study-id 50000123 --out case.html
+  radalign retrieval search --index-dir IDX --example-from runs/demo/shards --split test \\
+      --out ex.html --out ex.md
   radalign retrieval eval --index-dir IDX --shards runs/demo/shards --split test --out runs/demo/retrieval
   radalign retrieval classify --index-dir IDX --shards runs/demo/shards --split test --prompts chexpert14 \\
       --out runs/demo/retrieval/classify
@@ -131,6 +131,7 @@ def _search(args) -> int:
     from radalign.retrieval.render import write
     from radalign.retrieval.search import Retriever, query_from_shards
 
+    from radalign.config import output_targets
     from radalign.log import rprint
 
     cfg = config_from_args(SearchConfig, args, stage="retrieval")
@@ -145,11 +146,12 @@ def _search(args) -> int:
         res = r.search(vector=vec, query_info=info, **common)
     else:  # Retriever.search refuses anything but exactly one of image, text, study id
         res = r.search(image=cfg.image, text=cfg.text, study_id=cfg.study_id, **common)
-    text = write(res, cfg.format, cfg.out)
-    if cfg.out:
-        rprint(f"wrote {cfg.out} ({len(res.neighbours)} cases)")
-    else:
-        print(text)
+    for fmt, out in output_targets(cfg.format, cfg.out):
+        text = write(res, fmt, out)
+        if out:
+            rprint(f"wrote {out} ({len(res.neighbours)} cases)")
+        else:
+            print(text)
     return 0
 
 

@@ -7,15 +7,17 @@ defaults that the library also uses are written out here and tests/test_retrieva
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
+
+from radalign.config import OUTPUT_FORMATS, output_problems
 
 # retrieval.classify's DEFAULT_K and DEFAULT_TEMPERATURE; retrieval.index's DEFAULT_FLAT_MAX.
 DEFAULT_K, DEFAULT_TEMPERATURE, DEFAULT_FLAT_MAX = 20, 0.07, 1_000_000
 MODALITIES = ("image", "both")
 INDEX_TYPES = ("auto", "flat", "hnsw", "ivf-flat", "ivf-pq")
 TARGETS = ("image", "report")
-FORMATS = ("json", "markdown", "html")
+FORMATS = OUTPUT_FORMATS
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
 BLANK_POLICIES = ("exclude", "negative")
 
@@ -102,10 +104,10 @@ class SearchConfig:
     """Leave out the query's own patient (None: on for study queries)."""
     dedup: bool = True
     """One image per study in the results (False: list several images of one study)."""
-    format: str = "json"
-    """Output format: json, markdown or html."""
-    out: Optional[str] = None
-    """File to write the output to (None: print it)."""
+    format: Optional[str] = None
+    """Output format: json, markdown or html (None: each `out` file's suffix, .json .md .html; json when printed)."""
+    out: list[str] = field(default_factory=list)
+    """File(s) to write, repeatable (`--out case.html --out case.md`: one search, several formats); none: print."""
     export: Optional[str] = None
     """Encoders (None: the export recorded in the index; must be the same weights)."""
     device: str = "cpu"
@@ -119,10 +121,9 @@ class SearchConfig:
             p.append("text: give one query, --image or --text, not both")
         if self.example_from and (self.image or self.text is not None):
             p.append("example_from: picks a study query; do not combine it with --image or --text")
-        for key, value, choices in (("target", self.target, TARGETS), ("format", self.format, FORMATS)):
-            if value not in choices:
-                p.append(f"{key}: {value!r} is not one of {', '.join(choices)}")
-        return p
+        if self.target not in TARGETS:
+            p.append(f"target: {self.target!r} is not one of {', '.join(TARGETS)}")
+        return p + output_problems(self.format, self.out)
 
 
 @dataclass

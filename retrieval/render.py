@@ -9,9 +9,10 @@ from radalign.retrieval.search import SearchResult
 
 from radalign import RadalignError
 from radalign import report as R
+from radalign.config import OUTPUT_FORMATS
 from radalign.io import atomic_write_text
 
-FORMATS = ("json", "markdown", "html")
+FORMATS = OUTPUT_FORMATS  # one list of report formats: radalign.config
 
 
 def _query_title(q: dict) -> str:

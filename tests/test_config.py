@@ -170,3 +170,28 @@ def test_every_model_config_validates(path):
     from radalign.pretrain.models import get_model_config, validate_model_config
 
     assert validate_model_config(get_model_config(str(path))) == []
+
+
+def test_report_outputs_take_each_files_format_from_its_suffix():
+    from radalign.config import output_problems, output_targets
+
+    outs = ["a/x.json", "x.MD", "x.markdown", "y.html", "y.htm"]
+    assert output_problems(None, outs) == []
+    assert output_targets(None, outs) == [("json", "a/x.json"), ("markdown", "x.MD"), ("markdown", "x.markdown"),
+                                          ("html", "y.html"), ("html", "y.htm")]
+    assert output_targets("markdown", ["notes.txt"]) == [("markdown", "notes.txt")]  # --format names it
+    assert output_targets(None, []) == [("json", None)] and output_targets("html", []) == [("html", None)]
+    assert output_problems("markdown", ["notes.txt"]) == []
+
+
+def test_report_output_problems_name_the_value_and_the_fix():
+    from radalign.config import output_problems
+
+    (p,) = output_problems("pdf", ["x.pdf"])
+    assert "'pdf'" in p and "json, markdown, html" in p
+    (p,) = output_problems("html", ["a.html", "b.md"])
+    assert p.startswith("format:") and "2 out files" in p and "drop it" in p
+    (p,) = output_problems(None, ["a.html", "notes.txt"])
+    assert "'notes.txt'" in p and "--format" in p
+    (p,) = output_problems(None, ["a.html", "b.md", "a.html"])
+    assert "a.html" in p and "once" in p

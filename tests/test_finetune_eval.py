@@ -273,6 +273,19 @@ def test_explain_html_and_markdown_escape_free_text(run, planted, tmp_path):
     assert "<script" not in md and "&lt;script&gt;" in md
 
 
+def test_explain_writes_every_format_asked_from_one_explanation(run, index, tmp_path):
+    """--out x.json --out x.md --out x.html: the files one call per format writes, byte for byte."""
+    _, data = _test_inputs(run)
+    common = ["finetune", "explain", "--run", run, "--study-id", data.studies[0], "--index-dir", index, "--k", 3]
+    outs = [tmp_path / "x.json", tmp_path / "x.md", tmp_path / "x.html"]
+    assert _cli(*common, *[a for f in outs for a in ("--out", f)]) == 0
+    for f, fmt in zip(outs, ("json", "markdown", "html")):
+        sep = tmp_path / f"sep{f.suffix}"
+        assert _cli(*common, "--format", fmt, "--out", sep) == 0
+        assert f.read_bytes() == sep.read_bytes(), f
+    assert "data:image/jpeg;base64," in outs[2].read_text()  # the html file still gets its thumbnail
+
+
 def test_explain_with_an_index_lists_other_patients_and_their_vote(run, cohort, index, tmp_path):
     from radalign.data.ehr_table import load_table
     from radalign.finetune.inputs import task_labels

@@ -61,6 +61,20 @@ def test_example_html_is_self_contained(index_dir, synth_shards, tmp_path):
     assert "similar cases" in md.read_text() and "| 3 |" in md.read_text()
 
 
+def test_one_search_writes_each_format_of_its_out_suffixes(index_dir, synth_shards, tmp_path):
+    """--out repeated: one search, each file in its suffix's format, byte-identical to one call per format."""
+    common = ["retrieval", "search", "--index-dir", str(index_dir), "--example-from", str(synth_shards),
+              "--split", "test", "--k", "3"]
+    one = [tmp_path / "one.html", tmp_path / "one.md", tmp_path / "one.json"]
+    assert main(common + [a for f in one for a in ("--out", str(f))]) == 0
+    for f, fmt in zip(one, ("html", "markdown", "json")):
+        sep = tmp_path / f"sep{f.suffix}"
+        assert main(common + ["--format", fmt, "--out", str(sep)]) == 0
+        assert f.read_bytes() == sep.read_bytes(), f
+    assert main(common + ["--format", "html", "--out", str(one[0]), "--out", str(one[1])]) == 2  # which format?
+    assert main(common + ["--out", str(tmp_path / "case.txt")]) == 2  # no suffix to go by, no --format
+
+
 def _test_split(shards, enc):
     """Independent of data.loader / data.embed: (metas, image embeddings [N, D], texts) read straight from
     the tar files, decoded with PIL, embedded with the export."""

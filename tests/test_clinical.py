@@ -420,7 +420,9 @@ def test_degradation_table_over_seeds_against_sklearn():
         else:
             assert "mean_drop_difference" not in r
     text = "\n".join(C.md_degradation(deg))
-    assert "Over 3 training seeds" in text and "drop difference" in text
+    assert "Over 3 training seeds" in text and "drop difference" in text and "One training seed" not in text
+    one = "\n".join(C.md_degradation(C.degradation_table(y, pid, runs[0], n_boot=5)))
+    assert "One training seed" in one and "Over " not in one  # a single run's table says it is one
     broken = {m: [*v[:2], {"all": y}] for m, v in seeds.items()}
     with pytest.raises(RadalignError, match="each seed"):
         C.degradation_table(y, pid, runs[0], seeds=broken, n_boot=5)

@@ -445,7 +445,7 @@ METRICS_SCHEMA = {
         "level": _NUM,
         # the training run's sections
         "metric_note": str, "data": dict, "training": dict, "overlap": dict, "precision": str,
-        "processes": int, "seconds": dict,
+        "processes": int, "seconds": dict, "not_trained": dict,  # {model: why} (finetune.report.not_trained)
         # `finetune eval`'s sections
         "model": str, "thresholds_and_temperature_fitted_on": str, "discrimination": dict, "calibration": dict,
         "subgroups": dict, "subgroup_x_missingness": list, "run": dict,

@@ -50,8 +50,9 @@ def seed_model_name(name: str, seed: int) -> str:
 # Specs: a JSON dict per model (saved beside its weights, so `finetune predict` rebuilds it)
 
 
-def model_specs(run) -> dict[str, dict]:
-    """The torch models of a run (fusion, fusion_no_dropout, <modality>_only, early_fusion), by name."""
+def model_specs(run, *, tuned: bool = True) -> dict[str, dict]:
+    """The torch models of a run (fusion, fusion_no_dropout, <modality>_only, early_fusion), by name; tuned=False:
+    as if the image tower were frozen (what finetune.tower.left_out compares against)."""
     cfg, m = run.cfg, run.cfg.model
     dims = {"image_dim": run.train.image.shape[1] if run.train.image is not None else 0,
             "text_dim": run.train.text.shape[1] if run.train.text is not None else 0,
@@ -73,7 +74,7 @@ def model_specs(run) -> dict[str, dict]:
             specs[f"{mod}_only"] = {"kind": "fusion", "modalities": [mod], "modality_dropout": {}, **common}
     if "early_fusion" in cfg.baselines.models:
         specs["early_fusion"] = {"kind": "early_fusion", "modalities": run.modalities, **common}
-    if m.image_tower != "frozen":  # the image tower trains with the fusion head (finetune.tower)
+    if tuned and m.image_tower != "frozen":  # the image tower trains with the fusion head (finetune.tower)
         from radalign.finetune.tower import tuned_specs
 
         return tuned_specs(run, specs)

@@ -138,9 +138,16 @@ def build_metrics(run, scores) -> dict:
         "degradation": deg,
         "selection": selection(_val_aurocs(run, scores), y[:, None], {k: v[:, None] for k, v in s.items()}, pid,
                                [0], left_out=_left_out(run), **kw),
-        "training": scores.info, "overlap": run.overlap, "precision": run.precision,
+        "training": scores.info, "not_trained": not_trained(run), "overlap": run.overlap, "precision": run.precision,
         "processes": run.acc.num_processes, "seconds": run.seconds, **_train_patients(run),
     }
+
+
+def not_trained(run) -> dict[str, str]:
+    """{model: why} for the configured models this run does not train (a tuned tower: finetune.tower.left_out)."""
+    from radalign.finetune.tower import left_out
+
+    return left_out(run)
 
 
 def _left_out(run) -> dict[str, str]:
@@ -192,7 +199,7 @@ def build_class_metrics(run, scores) -> dict:
         "paired_differences": macro_differences(y, probs, pid, models, classes, ref="fusion", **kw),
         "degradation": None, "skipped": {"degradation": "the graceful-degradation table is for binary tasks"},
         "selection": sel, "calibration": cal, "model": "fusion",
-        "training": scores.info, "overlap": run.overlap, "precision": run.precision,
+        "training": scores.info, "not_trained": not_trained(run), "overlap": run.overlap, "precision": run.precision,
         "processes": run.acc.num_processes, "seconds": run.seconds,
         **_train_patients(run),
     }
@@ -216,6 +223,8 @@ def format_report(m: Mapping) -> str:
     lines += _md_task(m)
     lines += md_selection(m.get("selection"))
     lines += md_models(m)
+    lines += [f"Not trained: {R.md(k)} ({R.md(v)})." for k, v in (m.get("not_trained") or {}).items()]
+    lines += [""] if m.get("not_trained") else []
     if m.get("classes"):
         lines += md_classes(m["models"], m["classes"])
         lines += md_calibration(m.get("calibration"), (m.get("selection") or {}).get("best") or "fusion")

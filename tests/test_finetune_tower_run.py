@@ -166,9 +166,15 @@ def test_last_blocks_saves_the_last_blocks_and_the_projection_only(ft_cohort, tm
 
 def test_with_ehr_fusion(ft_cohort, tmp_path):
     run = _run(ft_cohort, tmp_path / "ehr", "model.image_tower=lora", "data.modalities=[image, ehr]",
-               "baselines.models=[ehr_only]", "optim.epochs=1")
+               "baselines.models=[ehr_only, image_only, early_fusion]", "baselines.fusion_without_dropout=true",
+               "optim.epochs=1")
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["models"]) == {"fusion", "ehr_only"}
+    # the three asked-for models that read the frozen embedding are counted with their reason, never silent
+    assert set(m["not_trained"]) == {"fusion_no_dropout", "image_only", "early_fusion"}
+    assert all("model.image_tower=lora" in why for why in m["not_trained"].values())
+    report = (run / "report.md").read_text()
+    assert all(f"Not trained: {n.replace('_', chr(92) + '_')}" in report for n in m["not_trained"])
     assert json.loads((run / "models" / "fusion.json").read_text())["spec"]["modalities"] == ["image", "ehr"]
 
 

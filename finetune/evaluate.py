@@ -363,9 +363,11 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
     trained = checkpoint if isinstance(checkpoint, TrainedRun) else load_run(checkpoint)
     if model not in trained.models:
         raise RadalignError(f"--model {model!r}: the run has {', '.join(sorted(trained.models))}")
+    from radalign.finetune.tower import TUNED_KIND
+
     net, meta = trained.models[model]
-    if meta["spec"]["kind"] != "fusion":
-        fusion = sorted(n for n, (_, m) in trained.models.items() if m["spec"]["kind"] == "fusion")
+    if meta["spec"]["kind"] not in ("fusion", TUNED_KIND):
+        fusion = sorted(n for n, (_, m) in trained.models.items() if m["spec"]["kind"] in ("fusion", TUNED_KIND))
         raise RadalignError(f"--model {model}: a {meta['spec']['kind']} model has no modality tokens to explain "
                             f"(Shapley values over masked modalities, attention); use one of {', '.join(fusion)}")
     mods = list(meta["spec"]["modalities"])
@@ -373,6 +375,9 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
     data = trained.inputs(split, table, shards)
     batch = data.batch([row], mods)
     net.eval()
+    if meta["spec"]["kind"] == TUNED_KIND:  # its tower's image token once, then its head as in a frozen run (the
+        with torch.no_grad():               # coalitions repeat the row; the films belong to row 0 only)
+            batch, net = {**batch, "image": net.image_tokens(batch, 1)}, net.head
     fr = data.frame.iloc[row]
     neighbours, filtered = (None, {})
     if index is not None:

@@ -223,3 +223,23 @@ def test_a_multilabel_task_with_a_lora_tower(ft_cohort, tmp_path):
     again = predict_split(run_dir, split="test")
     np.testing.assert_allclose(again.filter(like="score:").to_numpy(), saved.filter(like="score:").to_numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_eval_and_explain_of_a_tuned_run(ft_cohort, lora_run, tmp_path):
+    """`finetune eval` scores the tuned model as the run did (same AUROC on the same test split); `finetune
+    explain` explains one of its studies with the probability its predictions.csv holds."""
+    from radalign.cli import main
+
+    out = tmp_path / "eval"
+    assert main(["finetune", "eval", "--run", str(lora_run), "--split", "test", "--out", str(out),
+                 "--bootstrap", "20"]) == 0
+    ev = json.loads((out / "metrics.json").read_text())
+    run_m = json.loads((lora_run / "metrics.json").read_text())
+    assert ev["discrimination"]["metrics"]["auroc"]["value"] == pytest.approx(run_m["models"]["fusion"]["auroc"])
+    pred = pd.read_csv(lora_run / "predictions.csv", dtype={"study_id": str})
+    row = pred.iloc[0]
+    ex = tmp_path / "x.json"
+    assert main(["finetune", "explain", "--run", str(lora_run), "--study-id", row["study_id"], "--out", str(ex)]) == 0
+    out = json.loads(ex.read_text())["output"]
+    assert out["full"] == pytest.approx(row["logit:fusion"], abs=1e-4)  # what predictions.csv holds for it
+    assert out["probability"] == pytest.approx(row["score:fusion"], abs=1e-5)

@@ -38,7 +38,14 @@ from radalign.finetune.inputs import (
     task_labels,
 )
 from radalign.finetune.runspec import check_resume_folder, claim_run_dir, run_spec, write_run_spec
-from radalign.finetune.tasks import draw_patients, keep_patients, patient_list
+from radalign.finetune.tasks import (
+    class_names,
+    draw_patients,
+    keep_patients,
+    n_outputs,
+    patient_list,
+    targets,
+)
 from radalign.finetune.trainer import Stopped
 from radalign.pretrain.export import find_export, load_encoders
 
@@ -202,13 +209,21 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
                                                   featurizer=featurizer, store=store)
     run = Run(cfg, run_dir, acc, precision, table, export_config, featurizer, data, mods, spec, overlap, encoders)
     for s, d in data.items():
-        run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, "
-                f"{int(np.nansum(d.y[:, 0]))} positive; present {d.counts['present']}")
+        run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, {positives_text(d.y, cfg.task)}; "
+                f"present {d.counts['present']}")
     if cache is not None and any(cache.lost.values()):
         run.say(f"films lost on read, by shard split and reason: {cache.lost}")
     if store is not None and any(store.lost.values()):
         run.say(f"films lost on read, by shard split and reason: {store.lost}")
     return run
+
+
+def positives_text(y: np.ndarray, task) -> str:
+    """"12 positive" (binary); "positives per class: A 3, B 0" (multilabel: label 1; multiclass: that class)."""
+    per = np.nansum(targets(y, task.kind, n_outputs(task)), axis=0).astype(int)  # [K]
+    if task.kind == "binary":
+        return f"{per[0]} positive"
+    return "positives per class: " + ", ".join(f"{c} {n}" for c, n in zip(class_names(task), per))
 
 
 def draw_train_patients(cfg: FinetuneConfig, table: FinetuneTable) -> dict | None:

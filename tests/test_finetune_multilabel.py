@@ -405,3 +405,20 @@ def test_multilabel_and_multiclass_configs_are_accepted():
                                                               "task.classes=[none,mild,severe]",
                                                               "task.blank=exclude"], stage="finetune")
     assert cfg.validate() == []
+
+
+def test_the_setup_log_counts_positives_per_class_of_every_task_kind():
+    from types import SimpleNamespace as NS
+
+    from radalign.finetune.session import positives_text
+
+    nan = np.nan
+    binary = NS(kind="binary", labels=["dead"], classes=[])
+    assert positives_text(np.array([[1.0], [0.0], [nan], [1.0]]), binary) == "2 positive"
+    multilabel = NS(kind="multilabel", labels=["A", "B", "C"], classes=[])
+    y = np.array([[1, 0, nan], [1, 1, 0], [nan, nan, nan], [0, 1, 1]], float)
+    assert positives_text(y, multilabel) == "positives per class: A 2, B 2, C 1"
+    multiclass = NS(kind="multiclass", labels=["ward"], classes=["icu", "ward", "home"])
+    # class indices, not a count of the first column (the old log summed the indices: 2 + 0 + 2 + 1 = 5)
+    assert positives_text(np.array([[2.0], [0.0], [nan], [2.0], [1.0]]), multiclass) == \
+        "positives per class: icu 1, ward 1, home 2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -422,3 +423,55 @@ def test_the_setup_log_counts_positives_per_class_of_every_task_kind():
     # class indices, not a count of the first column (the old log summed the indices: 2 + 0 + 2 + 1 = 5)
     assert positives_text(np.array([[2.0], [0.0], [nan], [2.0], [1.0]]), multiclass) == \
         "positives per class: icu 1, ward 1, home 2"
+
+
+def test_a_multiclass_run_on_a_class_index_column_end_to_end(ft_cohort, tmp_path):
+    """A table column of class indices (length of stay: short / medium / long; NaN without an admission): the run's
+    per-class AUROCs are sklearn's one-vs-rest on its predictions.csv, the macro is sklearn's ovr macro, and
+    `finetune predict` repeats the scores."""
+    import json
+    import shutil
+
+    import datasets
+    from radalign.data.ehr_table import load_table
+    from radalign.finetune.config import FinetuneConfig
+    from radalign.finetune.predict import predict_split
+    from radalign.finetune.recipe import run_finetune
+
+    from radalign.config import load_config
+
+    classes = ["short", "medium", "long"]
+    table = tmp_path / "ehr" / "finetune"
+    grades = {}
+    for name, f in load_table(ft_cohort["table"]).splits.items():
+        grades[name] = np.where(f["los_days"].isna(), np.nan, np.digitize(f["los_days"], [3.0, 7.0]))
+    datasets.DatasetDict({n: datasets.Dataset.from_pandas(f.assign(stay=grades[n]), preserve_index=False)
+                          for n, f in load_table(ft_cohort["table"]).splits.items()}).save_to_disk(str(table))
+    shutil.copy(Path(ft_cohort["table"]).parent / "manifest.json", table.parent / "manifest.json")
+    run_dir = tmp_path / "run"
+    cfg = load_config(FinetuneConfig, "finetune/chexpert14", [
+        f"run_dir={run_dir}", f"data.table={table}", f"data.shards={ft_cohort['shards']}",
+        f"data.checkpoint={ft_cohort['export']}", f"data.cache={ft_cohort['root'] / 'cache'}", "progress=false",
+        "precision=fp32", "bootstrap=50", "optim.epochs=2", "optim.batch_size=64", "model.d_model=32",
+        "model.ehr_d=16", "model.n_layers=1", "model.ehr_blocks=1", "baselines.gbdt_max_iter=10",
+        "data.modalities=[image,ehr]", "task.name=stay", "task.kind=multiclass", "task.labels=[stay]", "task.blank=exclude",
+        f"task.classes=[{','.join(classes)}]", "baselines.models=[gbdt]", "baselines.fusion_without_dropout=false"],
+        stage="finetune")
+    run_finetune(cfg)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    pred = pd.read_csv(run_dir / "predictions.csv")
+    assert m["kind"] == "multiclass" and m["classes"] == classes
+    y, probs, _ = read_class_predictions(pred, classes)
+    idx = grades["test"]
+    ok = ~np.isnan(idx)
+    np.testing.assert_array_equal(y[ok].argmax(1), idx[ok])  # the class index became its one-hot row
+    assert np.isnan(y[~ok]).all()
+    for name, r in m["models"].items():
+        p = probs[name][ok]
+        np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)  # softmax over the classes
+        for j, c in enumerate(classes):
+            assert r["classes"][c]["auroc"] == pytest.approx(roc_auc_score(idx[ok] == j, p[:, j]), abs=1e-9)
+        assert r["auroc"] == pytest.approx(roc_auc_score(idx[ok].astype(int), p, multi_class="ovr"), abs=1e-9)
+    again = predict_split(run_dir, split="test")
+    np.testing.assert_allclose(again.filter(like="score:").to_numpy(), pred.filter(like="score:").to_numpy(),
+                               rtol=1e-5, atol=1e-6)

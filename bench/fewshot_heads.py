@@ -194,6 +194,9 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(findings), figsize=(4.2 * len(findings), 3.8), squeeze=False)
     for ax, f in zip(axes[0], findings):
         ks = doc["findings"][f]["ks"]
+        if not ks:  # e.g. no explicit negative under this label policy: say so rather than draw an empty frame
+            ax.text(0.5, 0.5, "no binary task\nunder this label policy", ha="center", va="center",
+                    transform=ax.transAxes)
         xs = np.arange(len(ks))
         for name, m in doc["findings"][f]["methods"].items():
             s = [m["summary"][str(k)] for k in ks]

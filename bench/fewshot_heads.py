@@ -11,7 +11,8 @@ by patient from the training split with finetune.fewshot's draw (validation and 
 `--seeds` draws per k, every method fitted on the same draws and scored on `--eval` (AUROC per study; mean and
 95% t-interval over draws, finetune.fewshot.summarise). The methods are the recipe's own (head_method,
 linear_probe_method, the recipe's zero_shot_init): on the same draws `radalign finetune fewshot` gives the same
-numbers (tests/test_fewshot_recipe.py). Writes OUT/fewshot_heads[-EVAL].json,
+numbers (tests/test_fewshot_recipe.py). Every seed draws the same rows at k = all: the methods that are functions
+of their rows (SEED_FREE) fit them once and reuse the fit, counted in the JSON's "fits". Writes OUT/fewshot_heads[-EVAL].json,
 OUT/fewshot_heads[-EVAL].png (one panel per finding) and prints the table and the target check: the chosen head's
 mean at every k >= max(zero-shot, probe) - 0.005. Never gates CI.
 """
@@ -80,6 +81,25 @@ def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     return out
 
 
+SEED_FREE = ("zero_shot", "linear_probe", "anchored")  # functions of their rows: the draw's seed changes nothing
+
+
+def reuse_same_rows(method):
+    """(method, counts): a draw whose rows an earlier draw already fitted (every seed at k = all) reuses that fit.
+    Only for SEED_FREE methods, where a second fit would give the same numbers."""
+    seen, counts = {}, {"fitted": 0, "reused": 0}
+
+    def fit(rows, y, seed):
+        key = np.asarray(rows, np.int64).tobytes()
+        if key not in seen:
+            counts["fitted"] += 1
+            seen[key] = method(rows, y, seed)
+        else:
+            counts["reused"] += 1
+        return seen[key]
+    return fit, counts
+
+
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -113,17 +133,20 @@ def sweep_finding(enc, pool, ev, exclude, finding, heads, options, ks, seeds) ->
         ks, skipped = [], {"every k": f"labelled classes {classes}: a binary few-shot curve needs both in both"}
     doc = {"eval_rows": int((~np.isnan(y_ev)).sum()), "eval_positives": int(np.nansum(y_ev)),
            "pool_labelled": int((~np.isnan(y_pool)).sum()), "pool_positives": int(np.nansum(y_pool)),
-           "ks": [str(k) for k in ks], "ks_not_drawable": skipped, "methods": {}, "cpu_seconds": {}}
+           "ks": [str(k) for k in ks], "ks_not_drawable": skipped, "methods": {}, "cpu_seconds": {}, "fits": {}}
     if not ks:
         print(f"  {finding}: skipped ({skipped})", flush=True)
         return doc
     for name, method in methods(pool, ev, init, heads, options).items():
+        if name.split("_lam0=")[0] in SEED_FREE:
+            method, doc["fits"][name] = reuse_same_rows(method)
         t0 = time.process_time()
         res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_ev, ks=ks, seeds=seeds,
                         exclude_patients=exclude, method_name=name)
         doc["cpu_seconds"][name] = round(time.process_time() - t0, 2)
         doc["methods"][name] = {"summary": res.summary, "per_draw": res.per_draw}
-        print(f"  {finding} {name} ({doc['cpu_seconds'][name]} CPU s): " + " ".join(f"{k}:{_fmt(res.summary[str(k)]['mean'])}" for k in ks), flush=True)
+        fits = doc["fits"].get(name, {})
+        print(f"  {finding} {name} ({doc['cpu_seconds'][name]} CPU s, {fits.get('reused', 0)} fits reused): " + " ".join(f"{k}:{_fmt(res.summary[str(k)]['mean'])}" for k in ks), flush=True)
     return doc
 
 
@@ -171,6 +194,9 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(findings), figsize=(4.2 * len(findings), 3.8), squeeze=False)
     for ax, f in zip(axes[0], findings):
         ks = doc["findings"][f]["ks"]
+        if not ks:  # e.g. no explicit negative under this label policy: say so rather than draw an empty frame
+            ax.text(0.5, 0.5, "no binary task\nunder this label policy", ha="center", va="center",
+                    transform=ax.transAxes)
         xs = np.arange(len(ks))
         for name, m in doc["findings"][f]["methods"].items():
             s = [m["summary"][str(k)] for k in ks]

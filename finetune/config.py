@@ -170,8 +170,8 @@ class FewshotConfig:
     prompts: str = "chexpert14"
     """Prompt set (configs/zeroshot/) that gives the zero-shot row and the anchored head's start."""
     lam0: float = 4.0
-    """anchored: the zero-shot prior's weight in examples; its share of the fit is lam0 / (lam0 + n) unless the
-    cross-validation inside the shots picks a weaker prior (docs/fewshot-head.md)."""
+    """anchored: scale of the prior weights (in examples) its cross-validation inside the shots chooses from:
+    inf (the zero-shot head) and lam0 x 4^j, j = 3 .. -4; the pull is lam / (lam + n) (docs/fewshot-head.md)."""
     probe_C: float = 1.0
     """linear_probe: inverse L2 strength (sklearn C)."""
     steps: int = 100

@@ -11,14 +11,16 @@ at the zero-shot head w0 = s (t+ - t-) (prompt_init),
 
     argmin_{w,b}  sum_i BCE(x_i w + b, y_i) + lam/2 |w - w0|^2          (b unpenalised)
 
-The loss is a SUM over the shots, so the prior is worth `lam` examples and its share, pull = lam / (lam + n),
-shrinks as k grows in closed form (lam0 = 4 by default). Once every class has `min_patients_cv` patients,
-patient-grouped, class-stratified cross-validation inside the shots may lower lam (weaker pull), but only when
-the held-out AUROC gain over lam0 exceeds `se_mult` standard errors: the shots come from the split the towers
-were pretrained on, so in-sample gains are optimistic and a small one is noise. No validation or test row
-is read. lam0, se_mult and min_patients_cv are fixed defaults, not tuned on any split; lam0 = 4 was checked
-against 1 and 16 on the demo's validation split afterwards (bench/fewshot_heads.py --eval validate --lam0 1 4 16,
-docs/fewshot-head.md): within 0.011 AUROC of the best at every k, no value best everywhere.
+The loss is a SUM over the shots, so the prior is worth `lam` examples and its share is pull = lam / (lam + n).
+lam is chosen inside the shots, never on validation or test rows: once every class has `min_patients_cv` (8)
+patients, patient-grouped, class-stratified 5-fold cross-validation (3 repeats) scores a grid from the zero-shot
+head itself (lam = inf, pull 1) through lam0 x 4^j (256 .. 1/64 with lam0 = 4) to a near-unregularised probe, and
+the one-standard-error rule takes the strongest pull whose paired held-out AUROC deficit to the best is within
+one standard error, corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots
+come from the split the towers were pretrained on and small folds are noisy, so a weaker prior must show a clear
+gain. Below 8 patients per class no fold can show one, and the head is the zero-shot head (pull 1). The rule was
+chosen among the rules compared on the demo's validation split (docs/fewshot-head.md); its constants are the
+textbook ones (one SE; 8 patients per class kept from the rule before it).
 
 The candidates it was compared with (bench/fewshot_heads.py), each adapted to one binary label:
 - `AnchoredCV`: the same MAP head with lam in {inf, 4096 .. 1/64} picked by the one-standard-error rule alone.
@@ -176,12 +178,36 @@ def one_se_choice(a: np.ndarray) -> int:
     return int(np.flatnonzero(mean >= mean[best] - (se[best] if np.isfinite(se[best]) else 0.0))[0])
 
 
-def gain_over_default(a: np.ndarray, se_mult: float) -> int:
-    """Grid point 0 (the default) unless the best one beats it by more than se_mult x the larger SE."""
-    mean, se = _mean_se(a)
+def corrected_one_se_choice(a: np.ndarray, n_folds: int, se_mult: float = 1.0) -> int:
+    """The one-standard-error rule toward the prior on paired, corrected standard errors.
+
+    a [J, G]: held-out AUROC of J folds (R repeats of n_folds-fold splits) x G grid points, ordered from the
+    strongest pull. The first grid point g whose mean deficit to the best, d_j = a[j, best] - a[j, g] paired over
+    folds, is at most se_mult x sd(d) sqrt(1/J + 1/(n_folds - 1)): the variance of a mean over repeated K-fold
+    estimates, corrected for their overlapping training sets (Nadeau & Bengio 2003; Bouckaert & Frank 2004); the
+    naive sd/sqrt(J) counts repeats as new data and lets noise pull the head off its prior. Folds holding one class
+    (NaN) are left out; below 2 usable folds, grid point 0."""
+    a = a[~np.isnan(a).any(1)] if a.size else a
+    if len(a) < 2 or n_folds < 2:
+        return 0
+    mean = a.mean(0)
     best = int(np.argmax(mean))
-    margin = se_mult * max(se[best], se[0])
-    return best if mean[best] - mean[0] > margin else 0
+    for g in range(a.shape[1]):
+        d = a[:, best] - a[:, g]  # [J] paired deficit of g
+        if d.mean() <= se_mult * d.std(ddof=1) * math.sqrt(1 / len(d) + 1 / (n_folds - 1)):
+            return g
+    return best
+
+
+def shots_seed(x: np.ndarray, y: np.ndarray, groups: np.ndarray) -> int:
+    """A fold seed from the shots themselves (their embeddings, labels and patients): a head seeded by it is a
+    function of its shots alone, so the same rows drawn under another seed need no second fit."""
+    import hashlib
+
+    h = hashlib.sha256(np.ascontiguousarray(x, np.float64).tobytes())
+    h.update(np.ascontiguousarray(y, np.float64).tobytes())
+    h.update("\n".join(map(str, groups)).encode())
+    return int.from_bytes(h.digest()[:4], "little")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -316,42 +342,51 @@ class ZeroShotHead(FewshotHead):
 
 @dataclass
 class AnchoredLogistic(FewshotHead):
-    """MAP logistic regression with its prior at the zero-shot head: pull lam0 / (lam0 + n), lowered by grouped
-    cross-validation only when the shots show a clear held-out gain (the chosen head)."""
+    """MAP logistic regression with its prior at the zero-shot head; the prior's weight lam chosen inside the shots
+    by patient-grouped cross-validation over a grid from the zero-shot head itself (lam = inf, pull 1) to a
+    near-unregularised probe, with the one-standard-error rule toward the prior (the chosen head)."""
 
     name = "anchored"
     lam0: float = 4.0
-    """Default prior strength, in examples: the pull is lam0 / (lam0 + n) unless the cross-validation lowers it."""
-    lams: Sequence[float] = field(default_factory=lambda: [2.0 ** e for e in range(1, -7, -1)])
-    """Weaker priors the cross-validation may choose instead of lam0 (all below lam0)."""
-    se_mult: float = 2.5
-    """A weaker prior is taken only if its mean held-out AUROC beats lam0's by more than se_mult standard errors."""
+    """Scale of the grid of finite prior weights (in examples): lam0 x 4^j for j = 3 .. -4 (64 lam0 .. lam0/256)."""
+    lams: Sequence[float] | None = None
+    """The finite prior weights tried beside inf (the zero-shot head); None: the lam0 grid above."""
+    se_mult: float = 1.0
+    """A weaker prior is taken only when the strongest one's mean held-out AUROC is more than se_mult corrected
+    standard errors of the paired difference below the best (1: the one-standard-error rule)."""
     min_patients_cv: int = 8
-    """Patients per class below which no cross-validation runs (lam0 is used): smaller folds are noise."""
+    """Patients per class below which no cross-validation runs and the head is the zero-shot head (pull 1)."""
     repeats: int = 3
-    """Independent grouped 5-fold splits whose held-out AUROCs are pooled (1 above `one_repeat_above`)."""
+    """Independent grouped K-fold splits whose held-out AUROCs are pooled (1 from `one_repeat_above`)."""
     one_repeat_above: int = 256
     """Patients per class from which one split is enough (and three would be slow)."""
     max_folds: int = 5
     """Folds per split (fewer when a class has fewer patients)."""
 
+    def grid(self) -> list[float]:
+        """Prior weights from the strongest pull: inf (the zero-shot head), then the finite ones, decreasing."""
+        lams = [self.lam0 * 4.0 ** j for j in range(3, -5, -1)] if self.lams is None else list(self.lams)
+        bad = [v for v in [self.lam0, *lams] if not (0 < v < INF)]
+        if bad:
+            raise RadalignError(f"anchored head: prior weight {bad[0]!r}; lam0 and lams must be finite and > 0 "
+                                "(inf, the zero-shot head, is always in the grid)")
+        return [INF, *sorted(set(lams), reverse=True)]
+
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
-        for lam in self.lams:
-            if not 0 < lam < self.lam0:
-                raise RadalignError(f"anchored head: lams holds {lam!r}; every alternative must lie in (0, lam0="
-                                    f"{self.lam0})")
-        grid = [self.lam0, *sorted(self.lams, reverse=True)]
-        lam, npc = self.lam0, patients_per_class(y, groups)
+        grid, npc = self.grid(), patients_per_class(y, groups)
+        lam = INF
         if npc >= self.min_patients_cv:
             repeats = 1 if npc >= self.one_repeat_above else self.repeats
-            self.folds_ = repeated_folds(y, groups, seed, repeats, self.max_folds)
+            # seeded by the shots, not the draw: the same shots (every seed at k=all) give the same head
+            self.folds_ = repeated_folds(y, groups, shots_seed(x, y, groups), repeats, self.max_folds)
             a = held_out_aurocs(self.folds_, y, _path_scores(x, y, w0, grid))
-            lam = grid[gain_over_default(a, self.se_mult)]
+            lam = grid[corrected_one_se_choice(a, len(self.folds_) // repeats, self.se_mult)]
             self.info_["cv_auroc"] = dict(zip(map(str, grid), _mean_se(a)[0].tolist()))
-        theta = fit_anchored(x, y, w0, lam)
-        self.w_, self.b_ = theta[:-1], float(theta[-1])
-        self.pull_ = lam / (lam + len(y))
+        if not math.isinf(lam):
+            theta = fit_anchored(x, y, w0, lam)
+            self.w_, self.b_ = theta[:-1], float(theta[-1])
+            self.pull_ = lam / (lam + len(y))
         self.info_.update(lam=lam, patients_per_class=npc)
 
 
@@ -579,8 +614,8 @@ HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, Anchore
 
 
 def anchored_head(lam0: float = 4.0) -> AnchoredLogistic:
-    """The chosen head with prior weight lam0; the cross-validation may pick any default weaker prior below it."""
-    return AnchoredLogistic(lam0=lam0, lams=[v for v in AnchoredLogistic().lams if v < lam0])
+    """The chosen head, its grid of finite prior weights scaled by lam0 (fewshot.lam0)."""
+    return AnchoredLogistic(lam0=lam0)
 
 
 def make_head(name: str, **options) -> FewshotHead:

@@ -13,8 +13,9 @@ from radalign.finetune.fewshot_heads import (
     HEADS,
     AnchoredLogistic,
     ZeroShotInit,
+    anchored_head,
+    corrected_one_se_choice,
     fit_anchored,
-    gain_over_default,
     grouped_folds,
     make_head,
     map_newton,
@@ -95,24 +96,33 @@ def test_refit_with_no_shots_forgets_the_previous_fit(name):
 # The pull shrinks as k grows
 
 
-def test_anchored_pull_is_lam0_over_lam0_plus_n_and_shrinks_with_k():
+def test_anchored_is_zero_shot_below_8_patients_per_class_and_pull_is_lam_over_lam_plus_n():
     x, y, g = _problem(4000, seed=2)
+    xt = _problem(50, seed=20)[0]
     init = _init()
-    pulls = []
-    for k in (1, 2, 4, 8, 16, 32, 64, 128, 256):
+    for k in (1, 2, 4, 7, 8, 16, 64):
         xs, ys, gs = _balanced_k(x, y, g, k, seed=k)
         head = AnchoredLogistic().fit(xs, ys, gs, init, seed=0)
         lam = head.info_["lam"]
-        assert 0 < lam <= 4.0
-        assert head.pull_ == pytest.approx(lam / (lam + 2 * k), rel=1e-12)
-        assert head.pull_ <= 4.0 / (4.0 + 2 * k) + 1e-15  # the CV may only weaken the prior: the bound shrinks
-        if k < 8:  # fewer than min_patients_cv patients per class: lam0, no CV
-            assert lam == 4.0 and head.folds_ == []
-        no_cv = AnchoredLogistic(min_patients_cv=10**9).fit(xs, ys, gs, init, seed=0)
-        assert no_cv.folds_ == [] and no_cv.pull_ == pytest.approx(4.0 / (4.0 + 2 * k), rel=1e-12)
-        pulls.append(no_cv.pull_)
-    assert all(a > b for a, b in zip(pulls, pulls[1:])), pulls
-    assert pulls[0] > 0.6 and pulls[-1] < 0.01
+        if k < 8:  # no cross-validation: the zero-shot head itself, exactly
+            assert (lam, head.pull_, head.folds_) == (math.inf, 1.0, [])
+            np.testing.assert_array_equal(head.predict_logit(xt), init.logit(xt))
+        else:
+            assert len(head.folds_) == 15  # 3 repeats x 5 grouped folds
+            expect = 1.0 if math.isinf(lam) else lam / (lam + 2 * k)
+            assert head.pull_ == pytest.approx(expect, rel=1e-12)
+
+
+def test_anchored_pull_shrinks_with_k_in_expectation():
+    """The zero-shot direction is wrong (axis 2, the planted one is axes 0-1): the mean pull over draws falls
+    (weakly) as k grows, from 1 (no shots can show a gain) to almost nothing once the shots outweigh the prior."""
+    x, y, g = _problem(6000, seed=3, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    means = [np.mean([AnchoredLogistic().fit(*_balanced_k(x, y, g, k, seed=s), init).pull_ for s in range(4)])
+             for k in (1, 4, 8, 32, 128, 512)]
+    assert means[0] == means[1] == 1.0
+    assert all(a >= b for a, b in zip(means, means[1:])), means
+    assert means[-1] < 0.01, means
 
 
 @pytest.mark.parametrize("name", ["anchored_cv", "wise"])
@@ -130,7 +140,7 @@ def test_anchored_weights_move_from_w0_toward_the_data_as_k_grows():
     init = _init()
     w0, _ = init.head()
     dist = [np.linalg.norm(AnchoredLogistic().fit(*_balanced_k(x, y, g, k), init).w_ - w0) for k in (1, 4, 1000)]
-    assert dist[0] < dist[1] < dist[2]
+    assert dist[0] == dist[1] == 0.0 < dist[2]  # below 8 patients per class the head stays at w0
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -225,29 +235,113 @@ def test_one_se_choice_takes_the_strongest_pull_within_one_se_of_the_best():
     assert one_se_choice(a[:, [0, 2]]) == 1  # nothing within one SE but the best itself
 
 
-def test_gain_over_default_needs_more_than_se_mult_standard_errors():
-    a = np.array([[0.70, 0.74], [0.71, 0.76], [0.69, 0.75]])
-    mean, se = a.mean(0), a.std(0, ddof=1) / math.sqrt(3)
-    gain_in_se = (mean[1] - mean[0]) / max(se)
-    assert gain_over_default(a, gain_in_se - 0.01) == 1
-    assert gain_over_default(a, gain_in_se + 0.01) == 0
+def _corrected_by_hand(a, n_folds, se_mult=1.0):
+    """The rule written out with explicit loops: paired deficits, sd with ddof 1, Nadeau-Bengio factor."""
+    a = [row for row in a.tolist() if not any(math.isnan(v) for v in row)]
+    j = len(a)
+    means = [sum(row[g] for row in a) / j for g in range(len(a[0]))]
+    best = means.index(max(means))
+    for g in range(len(means)):
+        d = [row[best] - row[g] for row in a]
+        md = sum(d) / j
+        sd = math.sqrt(sum((v - md) ** 2 for v in d) / (j - 1))
+        if md <= se_mult * sd * math.sqrt(1 / j + 1 / (n_folds - 1)):
+            return g
+    return best
 
 
-def test_nan_folds_are_left_out_of_the_choice():
-    a = np.array([[0.70, 0.74], [np.nan, np.nan], [0.71, 0.76], [0.69, 0.75]])
-    assert gain_over_default(a, 2.0) == gain_over_default(a[[0, 2, 3]], 2.0) == 1
+def test_corrected_one_se_rule_on_a_hand_worked_table():
+    # 6 folds (2 repeats x 3 folds) x grid [inf, 4, 1/4]: grid 2 is best (mean 0.75); grid 1 trails it by
+    # d = [.05, .02, .06, .01, .04, .02], mean 0.0333, sd 0.0197, corrected SE 0.0197 sqrt(1/6 + 1/2) = 0.0161:
+    # 0.0333 > 0.0161, so grid 1 is out; grid 0 trails by more. The naive SE (0.0197 / sqrt 6 = 0.0080) would
+    # also reject; with se_mult 2.5 the corrected margin 0.0402 keeps grid 1, the naive 0.0201 would not.
+    a = np.array([[0.60, 0.70, 0.75], [0.62, 0.74, 0.76], [0.58, 0.68, 0.74],
+                  [0.61, 0.73, 0.74], [0.59, 0.71, 0.75], [0.63, 0.74, 0.76]])
+    d = a[:, 2] - a[:, 1]
+    assert d.std(ddof=1) * math.sqrt(1 / 6 + 1 / 2) == pytest.approx(0.0161, abs=1e-4)
+    assert corrected_one_se_choice(a, 3) == _corrected_by_hand(a, 3) == 2
+    assert corrected_one_se_choice(a, 3, se_mult=2.5) == _corrected_by_hand(a, 3, 2.5) == 1
+    assert corrected_one_se_choice(a, 3, se_mult=100.0) == 0  # a huge margin: the prior whatever the folds
+    naive = d.mean() <= 2.5 * d.std(ddof=1) / math.sqrt(6)
+    assert not naive  # the uncorrected rule would leave grid 1 here
 
 
-def test_anchored_keeps_lam0_when_the_shots_show_no_clear_gain():
-    """The zero-shot direction is the planted one: a weaker prior cannot gain, lam0 stays."""
+@pytest.mark.parametrize("seed", range(6))
+def test_corrected_one_se_rule_matches_the_hand_loop_on_random_tables(seed):
+    rng = np.random.default_rng(seed)
+    n_folds = int(rng.integers(2, 6))
+    a = np.clip(0.7 + 0.08 * rng.normal(size=(3 * n_folds, 7)) + np.linspace(0, 0.05, 7), 0, 1)
+    a[rng.integers(len(a))] = np.nan  # a fold that held one class
+    assert corrected_one_se_choice(a, n_folds) == _corrected_by_hand(a, n_folds)
+
+
+def test_corrected_one_se_rule_keeps_the_prior_without_two_usable_folds():
+    assert corrected_one_se_choice(np.array([[0.5, 0.9]]), 5) == 0
+    assert corrected_one_se_choice(np.array([[0.5, 0.9], [np.nan, np.nan]]), 5) == 0
+    assert corrected_one_se_choice(np.zeros((0, 3)), 5) == 0
+    tied = np.array([[0.7, 0.7, 0.7], [0.8, 0.8, 0.8]])
+    assert corrected_one_se_choice(tied, 2) == 0  # equal everywhere: the strongest pull
+
+
+def test_anchored_keeps_the_zero_shot_head_when_the_shots_show_no_clear_gain():
+    """The zero-shot direction is the planted one: a weaker prior cannot gain clearly, the prior (inf) stays."""
     w_true = np.r_[6.0, 3.0, np.zeros(D - 2)]
     x, y, g = _problem(4000, seed=13, w_true=w_true)
     init = _init(pos_dir=_unit_rows(w_true[None])[0])
-    head = AnchoredLogistic().fit(*_balanced_k(x, y, g, 32), init, seed=0)
-    assert head.folds_ and head.info_["lam"] == 4.0
-    greedy = AnchoredLogistic(se_mult=-math.inf).fit(*_balanced_k(x, y, g, 32), init, seed=0)  # best mean wins
+    shots = _balanced_k(x, y, g, 32)
+    head = AnchoredLogistic().fit(*shots, init, seed=0)
+    assert head.folds_ and head.info_["lam"] == math.inf and head.pull_ == 1.0
+    np.testing.assert_array_equal(head.predict_logit(x), init.logit(x))
+    greedy = AnchoredLogistic(se_mult=0.0).fit(*shots, init, seed=0)  # no margin: the best mean wins
     cv = greedy.info_["cv_auroc"]
-    assert str(greedy.info_["lam"]) == max(cv, key=cv.get)
+    assert greedy.info_["lam"] == float(max(cv, key=cv.get))
+
+
+def _scipy_anchored(x, y, w0, lam):
+    """argmin sum BCE(x w + b) + lam/2 |w - w0|^2 by scipy's BFGS (inf: w0 with b = 0, the zero-shot head)."""
+    if math.isinf(lam):
+        return np.r_[w0, 0.0]
+
+    def f(t):
+        z = x @ t[:-1] + t[-1]
+        return np.sum(np.logaddexp(0, z) - y * z) + lam / 2 * np.sum((t[:-1] - w0) ** 2)
+    return minimize(f, np.r_[w0, 0.0], method="BFGS", options={"gtol": 1e-9}).x
+
+
+def test_anchored_choice_is_an_independent_grouped_cross_validation():
+    """Re-derive the chosen lam from the head's own folds with scipy fits, sklearn's AUROC and the hand rule."""
+    x, y, g = _problem(3000, seed=21, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    init = _init()
+    w0, _ = init.head()
+    xs, ys, gs = _balanced_k(x, y, g, 12, seed=1)
+    head = AnchoredLogistic(lam0=1.0).fit(xs, ys, gs, init, seed=0)
+    grid = [math.inf] + [4.0 ** j for j in range(3, -5, -1)]
+    table = []
+    for tr, te in head.folds_:
+        assert not set(gs[tr]) & set(gs[te])
+        fits = [_scipy_anchored(xs[tr], ys[tr], w0, lam) for lam in grid]
+        table.append([roc_auc_score(ys[te], xs[te] @ t[:-1] + t[-1]) for t in fits])
+    want = grid[_corrected_by_hand(np.array(table), 5)]
+    assert head.info_["lam"] == want
+    np.testing.assert_allclose(list(head.info_["cv_auroc"].values()), np.mean(table, 0), atol=1e-6)
+
+
+def test_anchored_head_is_a_function_of_its_shots_not_the_seed():
+    """Every seed draws the same rows at k = all: the head must be the same, so a sweep can fit it once."""
+    x, y, g = _problem(400, seed=22)
+    init = _init()
+    a = AnchoredLogistic().fit(x, y, g, init, seed=0)
+    b = AnchoredLogistic().fit(x, y, g, init, seed=7)
+    np.testing.assert_array_equal(a.predict_logit(x), b.predict_logit(x))
+    assert all(np.array_equal(fa[1], fb[1]) for fa, fb in zip(a.folds_, b.folds_))
+    other = AnchoredLogistic().fit(x[:-1], y[:-1], g[:-1], init, seed=0)  # other shots: other folds
+    assert any(not np.array_equal(fa[1], fb[1]) for fa, fb in zip(a.folds_, other.folds_))
+
+
+def test_lam0_scales_the_grid_and_inf_is_always_first():
+    assert AnchoredLogistic().grid() == [math.inf, 256.0, 64.0, 16.0, 4.0, 1.0, 0.25, 0.0625, 0.015625]
+    assert anchored_head(1.0).grid() == [math.inf] + [4.0 ** j for j in range(3, -5, -1)]
+    assert AnchoredLogistic(lams=[0.5, 8.0, 0.5]).grid() == [math.inf, 8.0, 0.5]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,5 +420,38 @@ def test_unknown_head_predict_before_fit_and_bad_grid_are_refused():
     with pytest.raises(RadalignError, match="predict_logit before fit"):
         make_head("anchored").predict_logit(np.zeros((2, D)))
     x, y, g = _problem(200, seed=17)
-    with pytest.raises(RadalignError, match=r"lams holds 8\.0.*\(0, lam0=4\.0\)"):
-        AnchoredLogistic(lams=[8.0]).fit(x, y, g, _init())
+    for bad in ([0.0], [math.inf], [-1.0]):
+        with pytest.raises(RadalignError, match=rf"prior weight {bad[0]!r}; lam0 and lams must be finite and > 0"):
+            AnchoredLogistic(lams=bad).fit(x, y, g, _init())
+    with pytest.raises(RadalignError, match=r"prior weight 0\.0"):
+        AnchoredLogistic(lam0=0.0).fit(x, y, g, _init())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The bench fits the rows every seed draws at k = all once
+
+
+def test_bench_reuses_a_fit_only_for_the_same_rows():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from bench.fewshot_heads import SEED_FREE, reuse_same_rows
+
+    calls = []
+
+    def method(rows, y, seed):
+        calls.append((tuple(rows), seed))
+        return np.asarray(rows, float) * 10 + seed
+
+    fit, counts = reuse_same_rows(method)
+    same = np.array([3, 1, 2])
+    first = fit(same, None, 0)
+    assert fit(same.copy(), None, 4) is first  # the same rows under another seed: no second fit
+    assert list(fit(np.array([3, 1, 4]), None, 0)) == [30, 10, 40]  # same length, other rows: fitted
+    assert list(fit(np.array([1, 3, 2]), None, 1)) == [11, 31, 21]  # same rows, other order: fitted
+    assert counts == {"fitted": 3, "reused": 1} and len(calls) == 3
+    x, y, groups = _multi_row_problem()
+    for name in set(SEED_FREE) & set(HEADS):  # reuse is only sound where the seed changes nothing
+        a = make_head(name).fit(x, y, groups, _init(), seed=0).predict_logit(x)
+        np.testing.assert_array_equal(a, make_head(name).fit(x, y, groups, _init(), seed=9).predict_logit(x))

@@ -43,10 +43,10 @@ class DataConfig:
     test_split: str = "test"
     """Split the reported metrics come from."""
     image_patch_tokens: bool = False
-    """The fusion heads (fusion, fusion_no_dropout, image_only, the few-shot fusion) attend over the frozen image
-    tower's last-layer patch tokens (each projected, plus a learned position embedding) instead of its one pooled
-    embedding; cached beside the pooled ones. Early fusion and the trees keep the pooled embedding. Frozen tower
-    only (model.image_tower=frozen)."""
+    """The fusion heads (fusion, fusion_no_dropout, image_only) attend over the frozen image tower's last-layer
+    patch tokens (each projected, plus a learned position embedding) instead of its one pooled embedding; cached
+    beside the pooled ones. Early fusion and the trees keep the pooled embedding. Frozen tower only
+    (model.image_tower=frozen)."""
     allow_overlap: bool = False
     """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
 

@@ -122,6 +122,8 @@ def test_modality_dropout_drops_all_patch_tokens_together():
     assert torch.equal(trained.present[:, 0], keep)
     assert torch.allclose(trained.logits, masked.logits, atol=1e-6)
     assert not torch.allclose(trained.logits[[1, 4]], model(batch).logits[[1, 4]], atol=1e-6)
+    no_image = model(_no_image(batch)).logits  # every patch slot the mask token
+    assert torch.allclose(trained.logits[[1, 4]], no_image[[1, 4]], atol=1e-6)
 
 
 def test_a_patch_model_refuses_the_pooled_embedding_alone():

@@ -210,17 +210,26 @@ def _paired(args, modes, base: str) -> dict:
     return out
 
 
+def _compare(args, flag: str, modes, base: str) -> dict | int:
+    """Each mode's run in a child process: {mode: (its numbers, "AUROC [CI]", paired difference to `base`)}, or
+    the failed child's returncode."""
+    res = _children(args, flag, modes)
+    if isinstance(res, int):
+        return res
+    diff = _paired(args, modes, base)
+    return {m: (r, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff[m]) for m, r in res.items()}
+
+
 def patch_tokens(args) -> int:
     """Pooled vs patch tokens, each in a child process, then the table and the paired difference."""
     from bench.common import table
 
-    res = _children(args, "--one-patch", PATCH_MODES)
+    res = _compare(args, "--one-patch", PATCH_MODES, "pooled")
     if isinstance(res, int):
         return res
-    diff = _paired(args, PATCH_MODES, "pooled")
-    rows = [[mode, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff[mode], r["trainable"],
-             r["epochs"], f"{r['train_cpu_s'] / r['epochs']:.1f}", f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}",
-             f"{r['best_val_auroc']:.3f}"] for mode, r in res.items()]
+    rows = [[mode, auroc, diff, r["trainable"], r["epochs"], f"{r['train_cpu_s'] / r['epochs']:.1f}",
+             f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}", f"{r['best_val_auroc']:.3f}"]
+            for mode, (r, auroc, diff) in res.items()]
     print(f"{args.config}, fusion head, every modality, test AUROC [95% CI, patients resampled]:")
     print(table(["image input", "test AUROC", "minus pooled (paired)", "trainable params", "epochs",
                  "train CPU-s/epoch", "setup CPU-s", "peak RSS MiB", "best val AUROC"], rows))
@@ -231,14 +240,13 @@ def towers(args) -> int:
     """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
     from bench.common import table
 
-    res = _children(args, "--one-tower", TOWERS)
+    res = _compare(args, "--one-tower", TOWERS, "frozen")
     if isinstance(res, int):
         return res
-    diff = _paired(args, TOWERS, "frozen")
-    rows = [[mode, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff[mode], r["trainable"],
-             f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}",
-             f"{r['best_val_auroc']:.3f}"] for mode, r in res.items()]
-    print(f"{args.label}, image only, k=all ({res['frozen']['samples'] // res['frozen']['epochs']} labelled training "
+    rows = [[mode, auroc, diff, r["trainable"], f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}",
+             f"{r['rss']:.0f}", f"{r['best_val_auroc']:.3f}"] for mode, (r, auroc, diff) in res.items()]
+    frozen = res["frozen"][0]
+    print(f"{args.label}, image only, k=all ({frozen['samples'] // frozen['epochs']} labelled training "
           f"studies), {args.epochs} epochs, batch {args.batch}, test AUROC [95% CI, patients resampled]:")
     print(table(["image tower", "test AUROC", "minus frozen (paired)", "trainable params",
                  "train samples/CPU-s", "setup CPU-s", "peak RSS MiB", "best val AUROC"], rows))

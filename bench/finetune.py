@@ -13,6 +13,13 @@ second (user+sys; setup, i.e. embedding or film decoding, reported apart), train
 
     .venv/bin/python bench/finetune.py --towers --label Pneumothorax --epochs 3 --out bench-towers
 
+`--patch-tokens`: instead, the fusion head on the pooled image embedding vs on the tower's patch tokens
+(data.image_patch_tokens=false|true, issue 20 §2) on the config's task (in-hospital mortality by default), every
+modality, the same seed and schedule, each run in its own process: test AUROC with its interval, the paired
+difference (patients resampled), training CPU seconds per epoch, setup CPU seconds (embedding), peak RSS.
+
+    .venv/bin/python bench/finetune.py --patch-tokens --out bench-patch
+
 Needs a demo (`make demo`) or any link-ehr table with its shards and a pretrained export.
 """
 
@@ -132,6 +139,11 @@ def tower_cfg(args, mode: str):
 
 def one_tower(args) -> dict:
     """One mode's recipe run in this process: setup, train (timed in CPU seconds), save; the numbers as JSON."""
+    return {"mode": args.one_tower, **_one_run(tower_cfg(args, args.one_tower))}
+
+
+def _one_run(cfg) -> dict:
+    """The recipe of `cfg` in this process (setup, train timed in CPU seconds, save): the fusion model's numbers."""
     import json
 
     from radalign.finetune.recipe import train
@@ -139,7 +151,6 @@ def one_tower(args) -> dict:
     from radalign.finetune.session import open_run
     from radalign.finetune.tower import trainable_count
 
-    cfg = tower_cfg(args, args.one_tower)
     c0 = _cpu()
     with open_run(cfg, overwrite=True) as run:
         c1 = _cpu()
@@ -150,41 +161,92 @@ def one_tower(args) -> dict:
         labelled = int((~np.isnan(run.train.y)).any(1).sum())
         model = scores.models["fusion"][0]
     m = json.loads((Path(cfg.run_dir) / "metrics.json").read_text())["models"]["fusion"]
-    return {"mode": args.one_tower, "auroc": m["auroc"], "ci": [m["ci_low"], m["ci_high"]],
+    return {"auroc": m["auroc"], "ci": [m["ci_low"], m["ci_high"]],
             "trainable": trainable_count(model), "epochs": info["epochs_run"], "steps": info["steps"],
             "samples": labelled * info["epochs_run"], "train_cpu_s": c2 - c1, "setup_cpu_s": c1 - c0,
             "best_val_auroc": info["best_val_auroc"]}
 
 
-def towers(args) -> int:
-    """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
+PATCH_MODES = ("pooled", "patches")
+
+
+def patch_cfg(args, mode: str):
+    return _cfg(args, Path(args.out) / mode, "fewshot.enabled=false", "baselines.models=[]",
+                "baselines.fusion_without_dropout=false", "baselines.degradation_seeds=1",
+                f"data.image_patch_tokens={str(mode == 'patches').lower()}", f"data.cache={Path(args.out) / 'cache'}",
+                f"data.allow_overlap={str(args.allow_overlap).lower()}", *args.set)
+
+
+def _children(args, flag: str, modes) -> dict | int:
+    """Each mode's run in a child process (its own peak RSS): {mode: its JSON + rss}, or the failed returncode."""
     import json
 
-    import pandas as pd
+    from bench.common import run_measured
 
-    from bench.common import run_measured, table
-    from radalign.metrics import paired_difference
-
-    rows, res = [], {}
-    for mode in TOWERS:
-        child = run_measured([sys.executable, __file__, "--one-tower", mode, *sys.argv[1:]])
+    res = {}
+    for mode in modes:
+        child = run_measured([sys.executable, __file__, flag, mode, *sys.argv[1:]])
         if child.returncode:
             print(child.output[-3000:])
             return child.returncode
         res[mode] = {**json.loads((Path(args.out) / f"bench-{mode}.json").read_text()), "rss": child.peak_rss_mb}
-    pred = {m: pd.read_csv(Path(args.out) / m / "predictions.csv").dropna(subset=["label"]) for m in TOWERS}
-    base = pred["frozen"]
-    for mode in TOWERS:
-        r = res[mode]
-        p = pred[mode]
-        assert p["study_id"].tolist() == base["study_id"].tolist()
+    return res
+
+
+def _paired(args, modes, base: str) -> dict:
+    """{mode: "+d [lo, hi]"} test AUROC of each mode's fusion minus `base`'s, patients resampled."""
+    import pandas as pd
+
+    from radalign.metrics import paired_difference
+
+    pred = {m: pd.read_csv(Path(args.out) / m / "predictions.csv").dropna(subset=["label"]) for m in modes}
+    out = {}
+    for mode in modes:
+        p, b = pred[mode], pred[base]
+        assert p["study_id"].tolist() == b["study_id"].tolist()
         d = paired_difference("auroc", p["label"].to_numpy(), p["score:fusion"].to_numpy(),
-                              base["score:fusion"].to_numpy(), p["subject_id"].to_numpy(), n_boot=1000)
-        diff = "-" if mode == "frozen" else f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-        rows.append([mode, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff, r["trainable"],
-                     f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}",
-                     f"{r['best_val_auroc']:.3f}"])
-    print(f"{args.label}, image only, k=all ({res['frozen']['samples'] // res['frozen']['epochs']} labelled training "
+                              b["score:fusion"].to_numpy(), p["subject_id"].to_numpy(), n_boot=1000)
+        out[mode] = "-" if mode == base else f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    return out
+
+
+def _compare(args, flag: str, modes, base: str) -> dict | int:
+    """Each mode's run in a child process: {mode: (its numbers, "AUROC [CI]", paired difference to `base`)}, or
+    the failed child's returncode."""
+    res = _children(args, flag, modes)
+    if isinstance(res, int):
+        return res
+    diff = _paired(args, modes, base)
+    return {m: (r, f"{r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]", diff[m]) for m, r in res.items()}
+
+
+def patch_tokens(args) -> int:
+    """Pooled vs patch tokens, each in a child process, then the table and the paired difference."""
+    from bench.common import table
+
+    res = _compare(args, "--one-patch", PATCH_MODES, "pooled")
+    if isinstance(res, int):
+        return res
+    rows = [[mode, auroc, diff, r["trainable"], r["epochs"], f"{r['train_cpu_s'] / r['epochs']:.1f}",
+             f"{r['setup_cpu_s']:.0f}", f"{r['rss']:.0f}", f"{r['best_val_auroc']:.3f}"]
+            for mode, (r, auroc, diff) in res.items()]
+    print(f"{args.config}, fusion head, every modality, test AUROC [95% CI, patients resampled]:")
+    print(table(["image input", "test AUROC", "minus pooled (paired)", "trainable params", "epochs",
+                 "train CPU-s/epoch", "setup CPU-s", "peak RSS MiB", "best val AUROC"], rows))
+    return 0
+
+
+def towers(args) -> int:
+    """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
+    from bench.common import table
+
+    res = _compare(args, "--one-tower", TOWERS, "frozen")
+    if isinstance(res, int):
+        return res
+    rows = [[mode, auroc, diff, r["trainable"], f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}",
+             f"{r['rss']:.0f}", f"{r['best_val_auroc']:.3f}"] for mode, (r, auroc, diff) in res.items()]
+    frozen = res["frozen"][0]
+    print(f"{args.label}, image only, k=all ({frozen['samples'] // frozen['epochs']} labelled training "
           f"studies), {args.epochs} epochs, batch {args.batch}, test AUROC [95% CI, patients resampled]:")
     print(table(["image tower", "test AUROC", "minus frozen (paired)", "trainable params",
                  "train samples/CPU-s", "setup CPU-s", "peak RSS MiB", "best val AUROC"], rows))
@@ -205,17 +267,23 @@ def main() -> int:
     ap.add_argument("--label", default="Pneumothorax", help="--towers: the CheXpert label column")
     ap.add_argument("--epochs", type=int, default=3, help="--towers: training epochs of every mode")
     ap.add_argument("--out", default="bench-towers", help="--towers: folder for the three runs")
+    ap.add_argument("--patch-tokens", action="store_true", help="pooled vs patch-token fusion head (see above)")
+    ap.add_argument("--one-patch", choices=PATCH_MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--set", nargs="*", default=[], help="--patch-tokens: extra key=value config overrides")
     ap.add_argument("--allow-overlap", action="store_true",
                     help="--towers: data.allow_overlap=true (a copied demo whose export names the shards elsewhere)")
     args = ap.parse_args()
-    if args.one_tower:
+    if args.one_tower or args.one_patch:
         import json
 
-        doc = one_tower(args)
-        (Path(args.out) / f"bench-{args.one_tower}.json").write_text(json.dumps(doc))
+        mode = args.one_tower or args.one_patch
+        doc = one_tower(args) if args.one_tower else {"mode": mode, **_one_run(patch_cfg(args, mode))}
+        (Path(args.out) / f"bench-{mode}.json").write_text(json.dumps(doc))
         return 0
     if args.towers:
         return towers(args)
+    if args.patch_tokens:
+        return patch_tokens(args)
     from radalign.finetune.session import setup
 
     from radalign.training import reset_accelerate_state

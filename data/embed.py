@@ -67,7 +67,7 @@ _NOT_SAMPLE_REASONS = ("bad_shard", "incomplete_batch", "rank_balance")
 class EmbeddedSplit:
     """The result of one pass: rows in loader order (the same on every run)."""
 
-    image: np.ndarray  # [N, D] float32, L2-normalised
+    image: np.ndarray  # [N, D] float32, L2-normalised ([N, P, W] for a per-token output, each token normalised)
     keys: list[str]
     meta: list[dict]
     texts: list[str]
@@ -211,25 +211,29 @@ class EmbedCache:
     """The export's checksum (sha256 over its weight files): entries of other weights are never read."""
     compute: str = "cpu-fp32"
     """Device and precision the encoder ran in: another device or precision gives other numbers."""
+    output: str = "pooled"
+    """What the encoder callable returns per image: "pooled" ([D], the embedding) or another name for another
+    output (finetune's "patch_tokens", [P, W]); part of the key, so the outputs never serve each other."""
 
     @classmethod
-    def for_encoders(cls, encoders, *, enabled: bool = True) -> EmbedCache | None:
+    def for_encoders(cls, encoders, *, enabled: bool = True, output: str = "pooled") -> EmbedCache | None:
         """The cache of an export's encoders (`pretrain.export.Encoders`: `.folder`, `.checksum`, `.device`);
         None when turned off (`enabled=False`, RADALIGN_EMBED_CACHE=off) or when the encoders have no folder."""
         folder = getattr(encoders, "folder", None)
         device = getattr(encoders, "device", None)
-        return cls.at(folder, encoders.checksum, f"{getattr(device, 'type', 'cpu')}-fp32", enabled=enabled)
+        return cls.at(folder, encoders.checksum, f"{getattr(device, 'type', 'cpu')}-fp32", enabled=enabled,
+                      output=output)
 
     @classmethod
     def at(cls, export_folder: str | os.PathLike | None, checksum: str, compute: str = "cpu-fp32", *,
-           enabled: bool = True) -> EmbedCache | None:
+           enabled: bool = True, output: str = "pooled") -> EmbedCache | None:
         """The cache of the export in `export_folder` (checksum from its config.json); None when turned off."""
         env = os.environ.get(CACHE_ENV, "").strip()
         if not enabled or env.lower() in _OFF:
             return None
         if env:
-            return cls(Path(env), checksum, compute)
-        return cls(Path(export_folder) / CACHE_DIR, checksum, compute) if export_folder else None
+            return cls(Path(env), checksum, compute, output)
+        return cls(Path(export_folder) / CACHE_DIR, checksum, compute, output) if export_folder else None
 
 
 def _transform_id(transform) -> str | None:
@@ -290,6 +294,8 @@ class CacheEntry:
             return None
         key = {"format": CACHE_FORMAT, "encoder": cache.encoder, "compute": cache.compute, "split": split,
                "transform": tf, "shards": shards}
+        if cache.output != "pooled":  # pooled entries keep the key they had before outputs were named
+            key["output"] = cache.output
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         safe = re.sub(r"[^A-Za-z0-9_.-]", "_", split)
         return cls(cache, key, f"{safe}-{cache.encoder[:12]}-{digest}", str(Path(root).resolve()))
@@ -407,7 +413,8 @@ def embed_split(encode_images: Callable[[torch.Tensor], torch.Tensor], shards_ro
                 progress: bool = False, cache: EmbedCache | None = None) -> EmbeddedSplit:
     """Embed this rank's share of `shards_root/<split>` (every sample once across ranks, in a fixed order).
 
-    encode_images: [B, C, H, W] float tensor -> [B, D] tensor (on any device; moved to CPU here).
+    encode_images: [B, C, H, W] float tensor -> [B, D] tensor (on any device; moved to CPU here), or [B, P, W]
+    per-token outputs (each token L2-normalised; name the output in the cache: `EmbedCache.output`).
     max_samples: stop after this many samples (on this rank). thumbnail_size: make JPEG thumbnails (longest
     side in pixels) in the loader workers. cache: reuse / keep the result (`EmbedCache`, module docstring;
     only one-process passes are cached, and a pass cut short by max_samples is not stored).

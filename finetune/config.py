@@ -24,11 +24,6 @@ BLANK_POLICIES = ("exclude", "negative")  # data.labels.BLANK_POLICIES
 
 @dataclass
 class DataConfig:
-    REMOVED_KEYS: ClassVar[dict[str, str]] = {
-        "image_patch_tokens": "patch tokens into the fusion head are not built (the head takes the tower's pooled "
-                              "embedding; a tuned tower is model.image_tower=last_blocks|lora): drop "
-                              "data.image_patch_tokens"}
-    """Keys of the previous release, each refused with its fix (radalign.config)."""
     table: str = "runs/demo/ehr/finetune"
     """The finetune table: the `finetune/` DatasetDict folder written by `radalign data link-ehr`."""
     shards: str = "runs/demo/shards"
@@ -47,6 +42,11 @@ class DataConfig:
     """Split for model selection, thresholds, temperature and the late-fusion stacker (never test)."""
     test_split: str = "test"
     """Split the reported metrics come from."""
+    image_patch_tokens: bool = False
+    """The fusion heads (fusion, fusion_no_dropout, image_only) attend over the frozen image tower's last-layer
+    patch tokens (each projected, plus a learned position embedding) instead of its one pooled embedding; cached
+    beside the pooled ones. Early fusion and the trees keep the pooled embedding. Frozen tower only
+    (model.image_tower=frozen)."""
     allow_overlap: bool = False
     """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
 
@@ -283,6 +283,14 @@ def _tower_problems(m: ModelConfig, d: DataConfig) -> list[str]:
     elif m.image_tower != "frozen" and "image" not in d.modalities:
         p.append(f"model.image_tower: {m.image_tower} tunes the image tower, but data.modalities "
                  f"{list(d.modalities)} has no image; add image or use model.image_tower=frozen")
+    if d.image_patch_tokens and "image" not in d.modalities:
+        p.append(f"data.image_patch_tokens: true, but data.modalities {list(d.modalities)} has no image; add "
+                 "image or use data.image_patch_tokens=false")
+    elif d.image_patch_tokens and m.image_tower != "frozen":
+        p.append(f"data.image_patch_tokens: true with model.image_tower={m.image_tower}: patch tokens are cached "
+                 "from the frozen tower, and a tuned tower changes them every step (no cache; its head takes the "
+                 "pooled embedding). Use model.image_tower=frozen with patch tokens, or "
+                 "data.image_patch_tokens=false with the tuned tower")
     if m.tune_blocks < 1:
         p.append(f"model.tune_blocks: {m.tune_blocks} must be >= 1")
     if m.lora_rank < 1 or m.lora_alpha <= 0:

@@ -5,7 +5,10 @@
     data = task_inputs(cfg, table, cache, featurizer)      # {split: SplitInputs} (tensors, labels, presence)
 
 Image token of a study: the mean of its frontal films' image embeddings (L2-normalised again); a study whose
-films were all lost on read has no image (absent, counted). Text token: the text tower on the order's
+films were all lost on read has no image (absent, counted). With data.image_patch_tokens also its patch tokens
+(`SplitInputs.patches`, [N, P, W]): the frozen ViT's last-layer tokens (after ln_post, class token left out),
+each L2-normalised, averaged position by position over the study's films and normalised again; cached in the
+export's embedding cache as its own entry (output "patch_tokens"; float32, P x W x 4 bytes per film). Text token: the text tower on the order's
 indication (written before the film: no leak); no indication = text absent. EHR: finetune.features.
 
 Embeddings are cached on disk as safetensors + JSON keyed by the export's checksum, so a second run (another
@@ -50,31 +53,43 @@ def _key(*parts: str) -> str:
 
 class EmbeddingCache:
     """Image embeddings per dicom_id (one pass per shard split, through the export's embedding cache
-    `data.embed.EmbedCache`, shared with zeroshot and retrieval) and text embeddings per distinct text (cached in
-    `folder`, the run's cache/ by default)."""
+    `data.embed.EmbedCache`, shared with zeroshot and retrieval), with `patch_tokens` also the image tower's
+    last-layer patch tokens per dicom_id (a second entry of that cache, output "patch_tokens"), and text
+    embeddings per distinct text (cached in `folder`, the run's cache/ by default)."""
 
     def __init__(self, encoders, shards: str | os.PathLike, folder: str | os.PathLike, *, batch_size: int = 64,
-                 num_workers: int = 0, progress: bool = True):
+                 num_workers: int = 0, progress: bool = True, patch_tokens: bool = False):
         self.enc, self.shards, self.folder = encoders, Path(shards), Path(folder)
         self.batch_size, self.num_workers, self.progress = batch_size, num_workers, progress
+        self.patch_tokens = patch_tokens
         self.lost: dict[str, dict[str, int]] = {}  # shard split -> {reason: samples}
         self._images: dict[str, dict[str, np.ndarray]] = {}
+        self._patches: dict[str, dict[str, np.ndarray]] = {}
 
     def _file(self, kind: str, name: str) -> Path:
         return self.folder / f"{kind}-{self.enc.checksum[:12]}-{name}"
 
+    def _pass(self, split: str, encode, output: str):
+        from radalign.data.embed import EmbedCache, embed_split
+
+        emb = embed_split(encode, self.shards, split, self.enc.image_transform(), batch_size=self.batch_size,
+                          num_workers=self.num_workers, progress=self.progress,
+                          cache=EmbedCache.for_encoders(self.enc, output=output))
+        log.info("image %s, %s split: %s", output, split, emb.summary())
+        self.lost[split] = dict(emb.lost)
+        return dict(zip(emb.keys, emb.image))
+
     def images(self, split: str) -> dict[str, np.ndarray]:
         """{dicom_id: [D] float32} for every sample of shards/<split> (embedded once per export and split)."""
         if split not in self._images:
-            from radalign.data.embed import EmbedCache, embed_split
-
-            emb = embed_split(self.enc.encode_images, self.shards, split, self.enc.image_transform(),
-                              batch_size=self.batch_size, num_workers=self.num_workers, progress=self.progress,
-                              cache=EmbedCache.for_encoders(self.enc))
-            log.info("image embeddings, %s split: %s", split, emb.summary())
-            self.lost[split] = dict(emb.lost)
-            self._images[split] = dict(zip(emb.keys, emb.image))
+            self._images[split] = self._pass(split, self.enc.encode_images, "pooled")
         return self._images[split]
+
+    def patches(self, split: str) -> dict[str, np.ndarray]:
+        """{dicom_id: [P, W] float32}: the tower's last-layer patch tokens, each L2-normalised (cached)."""
+        if split not in self._patches:
+            self._patches[split] = self._pass(split, lambda x: encode_patch_tokens(self.enc, x), "patch_tokens")
+        return self._patches[split]
 
     def texts(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
         """([N, D] float32 embeddings, zeros where absent; [N] bool present) for the given texts."""
@@ -106,17 +121,43 @@ class EmbeddingCache:
         return out, present
 
 
-def study_images(dicom_ids: Sequence, lookup: Mapping[str, np.ndarray], dim: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """([N, D] mean frontal embedding per study, [N] bool present, films missing from the shards)."""
-    out = np.zeros((len(dicom_ids), dim), np.float32)
+@torch.no_grad()
+def encode_patch_tokens(encoders, images: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, P, W]: the frozen image tower's last-layer patch tokens (open_clip ViT: after
+    `ln_post`, before the projection, which only the pooled token goes through; the class token left out)."""
+    visual = encoders.model.visual
+    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+        raise RadalignError(f"data.image_patch_tokens: the export's image tower ({type(visual).__name__}) is not an "
+                            "open_clip VisionTransformer without attention pooling, so it has no patch tokens to "
+                            "give; use data.image_patch_tokens=false")
+    was = visual.output_tokens
+    visual.output_tokens = True  # forward returns (pooled, tokens); a plain attribute in eager mode
+    try:
+        _, tokens = visual(images.to(encoders.device))
+    finally:
+        visual.output_tokens = was
+    return tokens.float()
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    """L2-normalise the last axis (zero vectors stay zero)."""
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-12)
+
+
+def study_images(dicom_ids: Sequence, lookup: Mapping[str, np.ndarray],
+                 shape: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray, int]:
+    """([N, *shape] mean frontal embedding per study, normalised again along its last axis; [N] bool present;
+    films missing from the shards). shape: D (pooled embeddings) or (P, W) (patch tokens: averaged position by
+    position over the study's films, each token normalised again)."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    out = np.zeros((len(dicom_ids), *shape), np.float32)
     present = np.zeros(len(dicom_ids), bool)
     missing = 0
     for i, ids in enumerate(dicom_ids):
         vecs = [lookup[str(d)] for d in (list(ids) if ids is not None else []) if str(d) in lookup]
         missing += len(list(ids) if ids is not None else []) - len(vecs)
         if vecs:
-            v = np.mean(vecs, axis=0)
-            out[i] = v / max(float(np.linalg.norm(v)), 1e-12)
+            out[i] = _unit(np.mean(vecs, axis=0))
             present[i] = True
     return out, present, missing
 
@@ -137,6 +178,7 @@ class SplitInputs:
     ehr: EHRFeatures | None
     present: dict[str, np.ndarray]  # modality -> [N] bool
     counts: dict = field(default_factory=dict)
+    patches: np.ndarray | None = None  # [N, P, W] the image tower's patch tokens (data.image_patch_tokens)
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -151,13 +193,15 @@ class SplitInputs:
 
     def batch(self, rows=None, modalities: Sequence[str] | None = None) -> dict:
         """The model input dict for `rows` (all when None), restricted to `modalities`."""
-        from radalign.finetune.models import ehr_tensors
+        from radalign.finetune.models import PATCH_KEY, ehr_tensors
 
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
         mods = list(modalities or self.present)
         out: dict = {"present": {m: torch.as_tensor(self.present[m][rows]) for m in mods if m in self.present}}
         if "image" in mods and self.image is not None:
             out["image"] = torch.as_tensor(self.image[rows])
+        if "image" in mods and self.patches is not None:
+            out[PATCH_KEY] = torch.as_tensor(self.patches[rows])  # [B, P, W]
         if "text" in mods and self.text is not None:
             out["text"] = torch.as_tensor(self.text[rows])
         if "ehr" in mods and self.ehr is not None:
@@ -217,14 +261,13 @@ def split_inputs(name: str, frame: pd.DataFrame, task, modalities: Sequence[str]
     frame = frame.reset_index(drop=True)
     y = task_labels(frame, task)
     counts: dict = {"rows": len(frame), "labelled": int((~np.isnan(y)).any(axis=1).sum())}
-    image = text = ehr = None
+    image = text = ehr = patches = None
     present: dict[str, np.ndarray] = {}
     if "image" in modalities:
-        lookup: dict[str, np.ndarray] = {}
-        for shard_split in _shard_splits(cache):
-            lookup.update(cache.images(shard_split))
         image, present["image"], counts["films_not_embedded"] = study_images(
-            frame["dicom_ids"].tolist(), lookup, cache.enc.embed_dim)
+            frame["dicom_ids"].tolist(), _lookup(cache, cache.images), cache.enc.embed_dim)
+        if cache.patch_tokens:
+            patches = _study_patches(frame, cache, present["image"])
     if "text" in modalities:
         text, present["text"] = cache.texts(frame["indication"].tolist())
     if "ehr" in modalities:
@@ -232,7 +275,27 @@ def split_inputs(name: str, frame: pd.DataFrame, task, modalities: Sequence[str]
         present["ehr"] = ehr.present
         counts["ehr_cells_missing"] = {k: v for k, v in ehr.counts.items() if v}
     counts["present"] = {m: int(p.sum()) for m, p in present.items()}
-    return SplitInputs(name, frame, y, image, text, ehr, present, counts)
+    return SplitInputs(name, frame, y, image, text, ehr, present, counts, patches)
+
+
+def _lookup(cache: EmbeddingCache, per_split) -> dict[str, np.ndarray]:
+    """{dicom_id: what `per_split(shard split)` gives} over every shard split."""
+    lookup: dict[str, np.ndarray] = {}
+    for shard_split in _shard_splits(cache):
+        lookup.update(per_split(shard_split))
+    return lookup
+
+
+def _study_patches(frame: pd.DataFrame, cache: EmbeddingCache, present: np.ndarray) -> np.ndarray:
+    """[N, P, W] patch tokens per study (the pooled pass and this one read the same films)."""
+    lookup = _lookup(cache, cache.patches)
+    shape = next(iter(lookup.values())).shape if lookup else (0, 0)
+    patches, has, _ = study_images(frame["dicom_ids"].tolist(), lookup, shape)
+    if not np.array_equal(has, present):  # a film read in one pass and lost in the other (a shard changed)
+        raise RadalignError(f"{cache.shards}: {int((has != present).sum())} studies have an image embedding but "
+                            "no patch tokens or the reverse; the shards changed between the two passes. Run again "
+                            "(both passes are redone from the current shards)")
+    return patches
 
 
 def _shard_splits(cache: EmbeddingCache) -> list[str]:

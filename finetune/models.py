@@ -6,8 +6,9 @@
     out = model(batch, present_override={"text": torch.zeros(B, dtype=torch.bool)})   # mask any subset
     loss = masked_loss(out.logits, labels, "binary")                                  # NaN labels ignored
 
-Batch: {"image": [B, D] or [B, P, D] cached image-tower embeddings (P patch tokens), "text": [B, D] cached
-text-tower embedding of the indication, "ehr": ehr_tensors(EHRFeatures), "present": {modality: [B] bool},
+Batch: {"image": [B, D] cached image-tower embedding, "image_patches": [B, P, W] the tower's last-layer patch
+tokens (read instead of "image" by a model built with `image_patches=(P, W)`: data.image_patch_tokens; each
+token projected plus a learned position embedding), "text": [B, D] cached text-tower embedding of the indication, "ehr": ehr_tensors(EHRFeatures), "present": {modality: [B] bool},
 optionally "dropout_u": [B, M] uniforms for modality dropout (else torch.rand)}.
 A modality missing from the batch is absent for every row.
 
@@ -22,11 +23,11 @@ and hours paths are ours, since the package has none.
 
 Fusion: [CLS] + every modality's tokens, each plus its modality-type embedding, through pre-norm transformer
 layers. An absent modality (no data, dropped in training, or masked by `present_override`) is replaced by that
-modality's learned mask token BEFORE its encoder output is used, its input is zeroed before encoding (NaN-safe),
-and an attention mask stops the other modality tokens from attending to it. The [CLS] query still sees the mask
-token (absence is information: outpatients have no labs) unless `cls_sees_absent=False`. Either way the absent
-modality's input never reaches the output. Attention weights returned: the [CLS] query's last-layer attention,
-averaged over heads, summed over each modality's tokens.
+modality's learned mask token BEFORE its encoder output is used (all P patch tokens of an absent image), its input
+is zeroed before encoding (NaN-safe), and an attention mask stops the other modality tokens from attending to it.
+The [CLS] query still sees the mask token (absence is information: outpatients have no labs) unless
+`cls_sees_absent=False`. Either way the absent modality's input never reaches the output. Attention weights
+returned: the [CLS] query's last-layer attention, averaged over heads, summed over each modality's tokens.
 
 Modality dropout (training mode only): each present modality is dropped independently with its own rate.
 
@@ -48,6 +49,7 @@ from torch import nn
 from radalign import RadalignError
 
 MODALITIES = ("image", "text", "ehr")
+PATCH_KEY = "image_patches"  # the batch entry of the image tower's patch tokens [B, P, W] (finetune.inputs)
 TASKS = ("binary", "multilabel", "multiclass")
 
 
@@ -115,13 +117,18 @@ class EHREncoder(nn.Module):
 
 
 class EmbeddingTokens(nn.Module):
-    """Cached tower embedding(s) [B, D] or [B, P, D] -> [B, T, d_model] (LayerNorm + linear projection)."""
+    """Cached tower embedding(s) [B, D] or [B, P, D] -> [B, T, d_model] (LayerNorm + linear projection).
 
-    def __init__(self, d_in: int, d_model: int, n_tokens: int = 1):
+    With several tokens (P > 1: the image tower's patch tokens) each also gets a learned position embedding, so
+    the head knows where a patch sits (a patch's content alone does not say); `input_key` is the batch entry it
+    reads ("image_patches" for patch tokens, else the modality's name)."""
+
+    def __init__(self, d_in: int, d_model: int, n_tokens: int = 1, input_key: str | None = None):
         super().__init__()
-        self.d_in, self.n_tokens = d_in, n_tokens
+        self.d_in, self.n_tokens, self.input_key = d_in, n_tokens, input_key
         self.norm = nn.LayerNorm(d_in)
         self.proj = nn.Linear(d_in, d_model)
+        self.pos = _uniform((n_tokens, d_model), d_model) if n_tokens > 1 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
@@ -130,7 +137,8 @@ class EmbeddingTokens(nn.Module):
             raise RadalignError(f"modality input has shape {tuple(x.shape)}; this model expects "
                                 f"[B, {self.n_tokens}, {self.d_in}] (or [B, {self.d_in}] for one token): the "
                                 "cached embeddings come from another encoder or patch setting than the model's")
-        return self.proj(self.norm(x.float()))
+        t = self.proj(self.norm(x.float()))  # [B, T, d_model]
+        return t if self.pos is None else t + self.pos
 
 
 class EHRTokens(nn.Module):
@@ -148,11 +156,15 @@ class EHRTokens(nn.Module):
 
 
 def build_encoders(d_model: int = 128, *, image_dim: int | None = None, text_dim: int | None = None,
-                   ehr: EHREncoder | None = None, image_tokens: int = 1) -> dict[str, nn.Module]:
-    """The modality tokenizers for the inputs given (image / text cached embeddings, the EHR encoder)."""
+                   ehr: EHREncoder | None = None, image_patches: Sequence[int] | None = None) -> dict[str, nn.Module]:
+    """The modality tokenizers for the inputs given (image / text cached embeddings, the EHR encoder).
+    image_patches: (P, W) to read the image tower's P patch tokens of width W (batch["image_patches"]) instead
+    of the pooled embedding (batch["image"], image_dim)."""
     enc: dict[str, nn.Module] = {}
-    if image_dim:
-        enc["image"] = EmbeddingTokens(image_dim, d_model, image_tokens)
+    if image_dim and image_patches:
+        enc["image"] = EmbeddingTokens(int(image_patches[1]), d_model, int(image_patches[0]), PATCH_KEY)
+    elif image_dim:
+        enc["image"] = EmbeddingTokens(image_dim, d_model)
     if text_dim:
         enc["text"] = EmbeddingTokens(text_dim, d_model)
     if ehr is not None:
@@ -214,6 +226,7 @@ class FusionModel(nn.Module):
         self.modalities = tuple(encoders)
         self.encoders = nn.ModuleDict(dict(encoders))
         self.n_tokens = {m: int(getattr(e, "n_tokens", 1)) for m, e in encoders.items()}
+        self.input_keys = {m: getattr(e, "input_key", None) or m for m, e in encoders.items()}
         n = len(self.modalities)
         self.cls = _uniform((d_model,), d_model)
         self.type_emb = _uniform((n, d_model), d_model)
@@ -231,9 +244,19 @@ class FusionModel(nn.Module):
 
     # -- presence -------------------------------------------------------------------------------------------
 
+    def _input(self, batch: Mapping, m: str):
+        """Modality m's input in the batch (None: absent for every row). A patch-token model given only the
+        pooled image embedding is refused: reading that as "no image" would silently drop every film."""
+        key = self.input_keys[m]
+        if key != m and batch.get(key) is None and batch.get(m) is not None:
+            raise RadalignError(f"this model reads the image tower's patch tokens (batch[{key!r}], "
+                                "data.image_patch_tokens=true) but the batch holds only the pooled image embedding: "
+                                "build the inputs with the run's config (finetune.predict.load_run does)")
+        return batch.get(key)
+
     def _batch_size(self, batch: Mapping) -> int:
         for m in self.modalities:
-            x = batch.get(m)
+            x = self._input(batch, m)
             if x is not None:
                 return int((x["cat"] if isinstance(x, Mapping) else x).shape[0])
         raise RadalignError(f"batch has none of the model's modalities ({', '.join(self.modalities)})")
@@ -244,7 +267,7 @@ class FusionModel(nn.Module):
         given = batch.get("present")
         cols = []
         for j, m in enumerate(self.modalities):
-            if batch.get(m) is None:
+            if self._input(batch, m) is None:
                 col = torch.zeros(b, dtype=torch.bool)
             elif given is None:
                 col = torch.ones(b, dtype=torch.bool)
@@ -293,10 +316,11 @@ class FusionModel(nn.Module):
             keep = present[:, j]
             t_m = self.n_tokens[m]
             mask_tok = self.mask_token[j].expand(b, t_m, -1)
-            if batch.get(m) is None or not bool(keep.any()):
-                t = mask_tok
+            x_m = self._input(batch, m)
+            if x_m is None or not bool(keep.any()):
+                t = mask_tok  # every token of the modality: P patch tokens are absent (or dropped) together
             else:
-                t = self.encoders[m](_blank(batch[m], keep))  # [B, T_m, d]
+                t = self.encoders[m](_blank(x_m, keep))  # [B, T_m, d]
                 t = torch.where(keep[:, None, None], t, mask_tok)
             tokens.append(t + self.type_emb[j])
             owner += [j] * t_m

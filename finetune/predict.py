@@ -101,7 +101,8 @@ class TrainedRun:
         cache = None
         if self.encoders is not None:
             folder = self.cfg.data.cache or self.path / "cache"
-            cache = EmbeddingCache(self.encoders, shards or self.shards, folder, progress=self.cfg.progress)
+            cache = EmbeddingCache(self.encoders, shards or self.shards, folder, progress=self.cfg.progress,
+                                   patch_tokens=self.cfg.data.image_patch_tokens)
         if self.cfg.model.image_tower != "frozen":  # the tuned tower scores films (finetune.films)
             from radalign.finetune.films import film_inputs, load_films
 

@@ -74,6 +74,10 @@ def model_specs(run, *, tuned: bool = True) -> dict[str, dict]:
             specs[f"{mod}_only"] = {"kind": "fusion", "modalities": [mod], "modality_dropout": {}, **common}
     if "early_fusion" in cfg.baselines.models:
         specs["early_fusion"] = {"kind": "early_fusion", "modalities": run.modalities, **common}
+    if run.train.patches is not None:  # data.image_patch_tokens: the fusion heads read the patch tokens
+        for spec in specs.values():
+            if spec["kind"] == "fusion" and "image" in spec["modalities"]:
+                spec["image_patches"] = list(run.train.patches.shape[1:])  # [P, W]
     if tuned and m.image_tower != "frozen":  # the image tower trains with the fusion head (finetune.tower)
         from radalign.finetune.tower import tuned_specs
 
@@ -104,7 +108,8 @@ def _build_fusion(spec: dict) -> FusionModel:
     ehr = EHREncoder(spec["n_features"], spec["cardinalities"], d=spec["ehr_d"], n_blocks=spec["ehr_blocks"],
                      n_heads=spec["ehr_heads"], dropout=spec["dropout"]) if "ehr" in mods else None
     enc = build_encoders(spec["d_model"], image_dim=spec["image_dim"] if "image" in mods else None,
-                         text_dim=spec["text_dim"] if "text" in mods else None, ehr=ehr)
+                         text_dim=spec["text_dim"] if "text" in mods else None, ehr=ehr,
+                         image_patches=spec.get("image_patches"))
     return FusionModel(enc, n_outputs=spec["n_outputs"], task=spec["task"], d_model=spec["d_model"],
                        n_layers=spec["n_layers"], n_heads=spec["n_heads"], dropout=spec["dropout"],
                        modality_dropout=spec["modality_dropout"], cls_sees_absent=spec["cls_sees_absent"])

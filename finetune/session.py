@@ -197,7 +197,8 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
         features = cfg.data.features or table.features
         featurizer = EHRFeaturizer.fit(table.split(cfg.data.train_split), features)
     cache = EmbeddingCache(encoders, cfg.data.shards, cfg.data.cache or run_dir / "cache",
-                           num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process) \
+                           num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process,
+                           patch_tokens=cfg.data.image_patch_tokens) \
         if encoders is not None else None
     data = {}
     splits = (cfg.data.train_split, cfg.data.val_split, cfg.data.test_split)

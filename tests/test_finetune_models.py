@@ -284,7 +284,7 @@ def test_unknown_age_routes_through_its_embedding():
 def _batch(b=6, seed=0, patches=1):
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(b, 10, generator=g) if patches == 1 else torch.randn(b, patches, 10, generator=g)
-    return {"image": image, "text": torch.randn(b, 8, generator=g), "ehr": _ehr(b, 3, seed),
+    return {"image" if patches == 1 else "image_patches": image, "text": torch.randn(b, 8, generator=g), "ehr": _ehr(b, 3, seed),
             "present": {"image": torch.ones(b, dtype=torch.bool),
                         "text": torch.tensor([True, False] * (b // 2)),
                         "ehr": torch.tensor([True, True, False] * (b // 3))}}
@@ -292,7 +292,7 @@ def _batch(b=6, seed=0, patches=1):
 
 def _model(task="binary", n_outputs=1, patches=1, **kw):
     torch.manual_seed(0)
-    enc = build_encoders(32, image_dim=10, text_dim=8, ehr=_encoder(), image_tokens=patches)
+    enc = build_encoders(32, image_dim=10, text_dim=8, ehr=_encoder(), image_patches=(patches, 10) if patches > 1 else None)
     return FusionModel(enc, n_outputs=n_outputs, task=task, d_model=32, n_heads=4, dropout=0.0, **kw).eval()
 
 
@@ -375,7 +375,7 @@ def test_forward_backward_each_task_with_patch_tokens(task, n_out):
     model = _model(task=task, n_outputs=n_out, patches=5).train()
     model.dropout_rates.zero_()  # every present modality reaches the model
     batch = _batch(patches=5)
-    batch["image"].requires_grad_(True)
+    batch["image_patches"].requires_grad_(True)
     out = model(batch)
     assert out.logits.shape == (6, n_out) and out.attention.shape == (6, 3)
     y = torch.tensor([0.0, 1, 2, 3, float("nan"), 1])[:, None] if task == "multiclass" else \
@@ -395,16 +395,18 @@ def test_forward_backward_each_task_with_patch_tokens(task, n_out):
     loss.backward()
     for name in ("encoders.image.proj.weight", "encoders.ehr.encoder.value.weight", "head.weight", "mask_token"):
         assert torch.isfinite(dict(model.named_parameters())[name].grad).all()
-    g = batch["image"].grad  # [B, 5, D]: every patch token of a labelled row reaches the loss
+    g = batch["image_patches"].grad  # [B, 5, D]: every patch token of a labelled row reaches the loss
     labelled = ~torch.isnan(y).all(1)
     assert (g[labelled].abs().sum(-1) > 0).all() and (g[~labelled] == 0).all()
     model.eval()
-    moved = {**batch, "image": batch["image"].detach().clone()}
-    moved["image"][:, 4] = torch.randn(6, 10, generator=torch.Generator().manual_seed(9))  # the last patch alone
+    moved = {**batch, "image_patches": batch["image_patches"].detach().clone()}
+    moved["image_patches"][:, 4] = torch.randn(6, 10, generator=torch.Generator().manual_seed(9))  # the last patch alone
     # (a constant shift would vanish in the token LayerNorm) changes the logits
     assert not torch.allclose(model(moved).logits, model(batch).logits)
     with pytest.raises(RadalignError, match="expects"):
-        model({"image": torch.randn(6, 10)})  # one token given, model built for 5 patch tokens
+        model({"image_patches": torch.randn(6, 10)})  # one token given, model built for 5 patch tokens
+    with pytest.raises(RadalignError, match="patch tokens"):
+        model({"image": torch.randn(6, 10)})  # the pooled embedding only: refused, not read as "no image"
 
 
 def test_modality_dropout_draw_boundaries():

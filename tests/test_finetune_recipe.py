@@ -330,16 +330,9 @@ def test_config_lists_every_problem_in_one_error():
 
 
 @pytest.mark.parametrize("tower", ["last_blocks", "lora"])
-def test_patch_tokens_are_refused_by_the_config_and_tuned_towers_accepted(tower):
-    """data.image_patch_tokens is refused in the one config error (before any work); the tuned tower modes
-    pass the check (finetune.tower; tests/test_finetune_tower_run.py trains them) unless their options are bad."""
-    with pytest.raises(RadalignError) as e:
-        load_config(FinetuneConfig, "finetune/in_hospital_mortality",
-                    [f"model.image_tower={tower}", "data.image_patch_tokens=true"], stage="finetune")
-    msg = str(e.value)
-    assert "data.image_patch_tokens: patch tokens into the fusion head are not built" in msg
-    assert "drop data.image_patch_tokens" in msg and "model.image_tower:" not in msg
-    assert "image_patch_tokens" not in FinetuneConfig.__dataclass_fields__["data"].default_factory().__dict__
+def test_tuned_towers_pass_the_config_check_unless_their_options_are_bad(tower):
+    """The tuned tower modes pass the check (finetune.tower; tests/test_finetune_tower_run.py trains them) unless
+    their options are bad (with patch tokens: tests/test_patch_tokens.py)."""
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [f"model.image_tower={tower}"],
                       stage="finetune")
     assert cfg.model.image_tower == tower and cfg.model.tune_blocks == 2 and cfg.model.lora_rank == 8
@@ -370,18 +363,3 @@ def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, ca
     for a, b in zip(old["rows"], new["rows"]):
         for m in old["models"]:
             assert a[m]["over_seeds"]["auroc"] == pytest.approx(b[m]["over_seeds"]["auroc"], abs=1e-9)
-
-
-def test_a_saved_config_with_the_retired_patch_token_key_still_loads(tmp_path):
-    """Runs saved before the key went hold `image_patch_tokens: false` in config.yaml: `finetune predict/eval`
-    still load them (an off value asked for nothing); the same key switched on is refused, from the file too."""
-    from radalign.config import to_yaml
-
-    cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
-    text = to_yaml(cfg).replace("data:\n", "data:\n  image_patch_tokens: false\n", 1)
-    assert "image_patch_tokens: false" in text
-    (tmp_path / "old.yaml").write_text(text)
-    assert load_config(FinetuneConfig, tmp_path / "old.yaml", [], stage="finetune") == cfg
-    (tmp_path / "on.yaml").write_text(text.replace("image_patch_tokens: false", "image_patch_tokens: true"))
-    with pytest.raises(RadalignError, match="drop data.image_patch_tokens"):
-        load_config(FinetuneConfig, tmp_path / "on.yaml", [], stage="finetune")

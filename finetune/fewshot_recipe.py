@@ -8,13 +8,17 @@ written with its sha256.
 Methods: `anchored` (finetune.fewshot_heads.AnchoredLogistic, CLAP's zero-shot-initialised linear probe as a MAP
 fit: its prior sits at the zero-shot prompt classifier with weight fewshot.lam0 examples, so k=0 IS zero-shot and
 the pull lam / (lam + n) shrinks with k; the cross-validation inside the shots may weaken it), `linear_probe`
-(L2 logistic regression on the same frozen image embedding) and `fusion` (the fusion head on every modality,
-fixed steps). The zero-shot row is the prompt classifier on the test split. No validation set is used: the curve
-is scored on the test split. bench/fewshot_heads.py runs the same methods (head_method, linear_probe_method)
-over the same draws.
+(L2 logistic regression on the same frozen image embedding) and any registry model fitted on the shots alone
+(finetune.registry.fewshot_method: `fusion`, `early_fusion`, `image_only`, `text_only`, `ehr_only` with fixed
+steps, `gbdt` with its fixed iterations). The zero-shot row is the prompt classifier on the test split; a label
+without prompts (fewshot.prompts empty, or a label the prompt set lacks: in-hospital mortality) has none, which
+the JSON, the report, the summary line and the curve say with the reason (the config check refuses `anchored`
+there). No validation set is used: the curve is scored on the test split. bench/fewshot_heads.py runs the same
+methods (head_method, linear_probe_method) over the same draws.
 
 Writes RUN/fewshot.json (every method's summary and per-draw AUROCs with the anchored head's pull, the zero-shot
-point), RUN/draws/, RUN/learning_curve.png and RUN/report.md.
+point or why there is none, every skipped (method, k, seed) with its reason and the counts by reason),
+RUN/draws/, RUN/learning_curve.png and RUN/report.md.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from radalign.finetune.config import FinetuneConfig
 from radalign.finetune.fewshot import UNSCORED, SkipDraw, run_sweep
 
 from radalign import RadalignError
-from radalign.config import ConfigError, load_config
+from radalign.config import ConfigError, configs_root, load_config
 
 KS = [1, 2, "all"]
 SEEDS = 5
@@ -341,3 +341,9 @@ def test_the_recipe_counts_every_skipped_method_k_and_seed():
     assert got["total"] == 3 and got["by_reason"] == {"r1": 2, "r2": 1}
     assert {(d["method"], d["k"], d["seed"]) for d in got["draws"]} == {("gbdt", 1, 0), ("gbdt", 1, 2),
                                                                         ("fusion", 4, 3)}
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (configs_root() / "finetune").glob("*.yaml")))
+def test_every_finetune_yaml_loads_and_validates(name):
+    cfg = load_config(FinetuneConfig, f"finetune/{name}", stage="finetune")
+    assert cfg.validate() == []

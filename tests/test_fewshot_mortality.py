@@ -324,6 +324,8 @@ def test_skipped_draws_are_counted_by_reason_and_left_out_of_the_mean():
     assert s2["n_skipped"] == 2 and s2["skipped_by_reason"] == {"no drawn row has the EHR": 2}
     kept = [_auroc(eval_y, eval_y + np.random.default_rng(s).normal(size=30)) for s in (0, 2)]
     assert s1["n_draws"] == 2 and s1["mean"] == pytest.approx(np.mean(kept))
+    for s in (s1, s2):  # a skipped draw is counted once, as skipped, never also as an unscored draw
+        assert s["n_draws"] + s["n_skipped"] == 5 and s["n_unscored"] == 0
     one_class = run_sweep(method, y, pats, ids, eval_y=np.ones(30), ks=(1,), seeds=range(5))
     assert one_class.summary["1"]["skipped_by_reason"] == {UNSCORED: 2, "no drawn row has the EHR": 2,
                                                            "too few rows": 1}

@@ -43,14 +43,11 @@ def swept(ft_cohort, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs(swept, tmp_path_factory):
-    """The run's train and test inputs, set up by the session in another folder (the same table, export, cache)."""
-    from dataclasses import replace
-
+def inputs(ft_cohort, tmp_path_factory):
+    """The sweep's train and test inputs, set up by the session in another folder (the same table, export, cache)."""
     from radalign.finetune.session import open_run
 
-    cfg, _, _ = swept
-    with open_run(replace(cfg, run_dir=str(tmp_path_factory.mktemp("fsmort-inputs") / "run"))) as run:
+    with open_run(_cfg(ft_cohort, tmp_path_factory.mktemp("fsmort-inputs") / "run")) as run:
         return run
 
 

@@ -184,7 +184,8 @@ class FewshotConfig:
     probe_C: float = 1.0
     """linear_probe: inverse L2 strength (sklearn C)."""
     steps: int = 100
-    """fusion: fixed training steps (no early stopping, no validation set)."""
+    """Torch methods (fusion, early_fusion, <modality>_only): fixed AdamW steps on the draw, in minibatches of
+    optim.batch_size rows when it is larger (no early stopping, no validation set)."""
 
 
 @dataclass

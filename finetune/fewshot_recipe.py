@@ -126,7 +126,8 @@ def _methods(run, pool, test) -> tuple[dict, np.ndarray | None]:
             out[name] = (linear_probe_method(pool.image, test.image, C=f.probe_C), ks)
         else:
             out[name] = (fewshot_method(specs[name], pool, test, steps=f.steps, lr=run.cfg.optim.lr,
-                                        weight_decay=run.cfg.optim.weight_decay), ks)
+                                        weight_decay=run.cfg.optim.weight_decay,
+                                        batch_size=run.cfg.optim.batch_size), ks)
     return out, zs
 
 

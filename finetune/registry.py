@@ -279,12 +279,14 @@ FEWSHOT_KINDS = ("fusion", "early_fusion", "gbdt")  # late_fusion fits its stack
 
 
 def fewshot_method(spec: dict, pool: SplitInputs, evaluate: SplitInputs, *, steps: int, lr: float,
-                   weight_decay: float) -> Callable[[np.ndarray, np.ndarray, int], np.ndarray]:
+                   weight_decay: float, batch_size: int | None = None) -> Callable[[np.ndarray, np.ndarray, int],
+                                                                                   np.ndarray]:
     """fit(rows of `pool`, their labels [n], seed) -> the model's logits [m] on `evaluate` (model_logits, as
     `finetune predict` scores it). The model sees the drawn rows only: a torch kind is built after
-    torch.manual_seed(seed) and trained `steps` full-batch AdamW steps (finetune.fit.fit_model: no validation,
-    no early stopping); gbdt fits its fixed iterations (build_model(spec).fit) on the drawn rows' EHR (+ image)
-    matrix. Binary tasks (the few-shot protocol draws k per class of one label)."""
+    torch.manual_seed(seed) and trained `steps` AdamW steps (finetune.fit.fit_model: no validation, no early
+    stopping) on the whole draw, or on seeded minibatches of `batch_size` rows when the draw is larger (so a
+    k=all fit costs what a k=batch_size/2 one does); gbdt fits its fixed iterations (build_model(spec).fit) on
+    the drawn rows' EHR (+ image) matrix. Binary tasks (the few-shot protocol draws k per class of one label)."""
     if spec.get("kind") not in FEWSHOT_KINDS:
         raise RadalignError(f"few-shot method: model kind {spec.get('kind')!r} cannot be fitted on a draw; use one "
                             f"of {', '.join(FEWSHOT_KINDS)} (late_fusion fits on validation, tuned_fusion on films)")
@@ -301,6 +303,6 @@ def fewshot_method(spec: dict, pool: SplitInputs, evaluate: SplitInputs, *, step
         torch.manual_seed(seed)
         model = build_model(spec)
         fit_model(model, take_rows(batch, torch.as_tensor(rows)), torch.as_tensor(y, dtype=torch.float32)[:, None],
-                  task=spec["task"], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
+                  task=spec["task"], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, batch_size=batch_size)
         return model_logits(model, spec, evaluate)[:, 0]
     return fit_torch

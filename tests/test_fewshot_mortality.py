@@ -22,6 +22,7 @@ KS = [1, 2, "all"]
 SEEDS = 5
 METHODS = ["fusion", "ehr_only", "gbdt", "early_fusion"]
 STEPS = 6
+BATCH = 16  # optim.batch_size: a k=all draw trains on seeded minibatches, a k <= 8 draw on all its rows
 
 
 def _cfg(cohort, run_dir, *over) -> FinetuneConfig:
@@ -29,7 +30,8 @@ def _cfg(cohort, run_dir, *over) -> FinetuneConfig:
         f"run_dir={run_dir}", f"data.table={cohort['table']}", f"data.shards={cohort['shards']}",
         f"data.checkpoint={cohort['export']}", f"data.cache={cohort['root'] / 'cache'}", "progress=false",
         "precision=fp32", f"fewshot.ks=[{','.join(map(str, KS))}]", f"fewshot.methods=[{','.join(METHODS)}]",
-        f"fewshot.steps={STEPS}", *over], stage="finetune")
+        f"fewshot.steps={STEPS}", f"optim.batch_size={BATCH}", "baselines.gbdt_max_iter=30", *over],
+        stage="finetune")
 
 
 @pytest.fixture(scope="module")
@@ -83,18 +85,21 @@ def _sklearn_trees_logit(spec, pool, test, rows) -> np.ndarray:
     return clf.decision_function(xt[:, keep])
 
 
-def _hand_trained_logit(spec, pool, test, rows, seed, lr, wd) -> np.ndarray:
-    """The registry model trained by a hand-written loop: full batch, AdamW, BCE on the drawn rows."""
+def _hand_trained_logit(spec, pool, test, rows, seed, lr, wd, batch_size=BATCH) -> np.ndarray:
+    """The registry model trained by a hand-written loop: AdamW, BCE on the drawn rows, all of them per step or
+    `batch_size` of them drawn without replacement by a generator seeded with the draw's seed."""
     from radalign.finetune.registry import build_model
 
     torch.manual_seed(seed)
     model = build_model(spec)
     torch.manual_seed(seed)  # dropout's draws start from the seed, as in every trainer of the repo
+    gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(list(model.parameters()), lr=lr, weight_decay=wd)
-    batch = pool.batch(rows, spec["modalities"])
-    y = torch.as_tensor(pool.y[rows], dtype=torch.float32)
     model.train()
     for _ in range(STEPS):
+        sub = rows[torch.randperm(len(rows), generator=gen)[:batch_size].numpy()] if len(rows) > batch_size else rows
+        batch = pool.batch(sub, spec["modalities"])
+        y = torch.as_tensor(pool.y[sub], dtype=torch.float32)
         out = model(batch)
         loss = torch.nn.functional.binary_cross_entropy_with_logits(getattr(out, "logits", out), y)
         opt.zero_grad()
@@ -118,12 +123,14 @@ def test_gbdt_method_scores_as_sklearn_trees_fitted_on_the_drawn_rows(swept, inp
     assert got["auroc"] == pytest.approx(want, abs=1e-12) and got["n"] == len(rows)
 
 
-@pytest.mark.parametrize("method,k,seed", [("ehr_only", 2, 4), ("fusion", 1, 2), ("early_fusion", "all", 0)])
+@pytest.mark.parametrize("method,k,seed", [("ehr_only", 2, 4), ("fusion", 1, 2), ("early_fusion", "all", 0),
+                                           ("fusion", "all", 3)])
 def test_torch_method_scores_as_the_model_trained_by_hand_on_the_drawn_rows(swept, inputs, method, k, seed):
     from radalign.finetune.fewshot_recipe import registry_specs
 
     cfg, out, doc = swept
     rows = _drawn_rows(out, method, k, seed, inputs.train)
+    assert k != "all" or len(rows) > BATCH  # k=all trains on minibatches, the others on the whole draw
     spec = registry_specs(inputs, [method])[method]
     want = _hand_trained_logit(spec, inputs.train, inputs.test, rows, seed, cfg.optim.lr, cfg.optim.weight_decay)
     got = next(r for r in doc["methods"][method]["per_draw"] if r["k"] == k and r["seed"] == seed)
@@ -138,7 +145,7 @@ def test_registry_method_logits_equal_the_direct_fit_and_differ_by_seed(inputs):
     pool, test = inputs.train, inputs.test
     rows = np.flatnonzero(~np.isnan(pool.y[:, 0]))[:40]
     spec = registry_specs(inputs, ["ehr_only"])["ehr_only"]
-    fit = fewshot_method(spec, pool, test, steps=STEPS, lr=1e-3, weight_decay=1e-2)
+    fit = fewshot_method(spec, pool, test, steps=STEPS, lr=1e-3, weight_decay=1e-2, batch_size=BATCH)
     got = fit(rows, pool.y[rows, 0], 7)
     assert np.allclose(got, _hand_trained_logit(spec, pool, test, rows, 7, 1e-3, 1e-2), atol=1e-5)
     assert not np.allclose(got, fit(rows, pool.y[rows, 0], 8), atol=1e-5)

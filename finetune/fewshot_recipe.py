@@ -246,10 +246,10 @@ def format_report(doc: dict) -> str:
         if pull:
             lines += ["pull: the zero-shot prior's share of the fit, lam / (lam + n), mean over draws (1 = zero-shot).",
                       ""]
-        rows = [[str(k), R.ci_of(s, "mean"), s["n_draws"], s["n_skipped"]] + ([R.num(s.get("pull"))] if pull else [])
-                for k, s in m["summary"].items()]
-        lines += R.md_table(["k", "mean AUROC [95% interval over draws]", "draws", "skipped"]
-                            + (["pull"] if pull else []), rows)
+        rows = [[str(k), R.ci_of(s, "mean"), s["n_draws"]] + ([R.num(s.get("pull"))] if pull else [])
+                + [s["n_skipped"]] for k, s in m["summary"].items()]
+        lines += R.md_table(["k", "mean AUROC [95% interval over draws]", "draws"] + (["pull"] if pull else [])
+                            + ["skipped"], rows)
         lines.append("")
     lines.append("![learning curve](learning_curve.png)")
     return "\n".join(lines) + "\n"

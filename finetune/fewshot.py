@@ -38,6 +38,7 @@ import math
 import os
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,7 +263,7 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
         rows = np.asarray(d.rows, int)
         row = {"k": k, "seed": seed, "auroc": None, "sha256": d.sha256, "n": len(rows)}
         try:
-            with one_blas_thread():  # small fits: BLAS threads only spin (finetune.fewshot_heads)
+            with one_thread():
                 out = method(rows, y[rows], seed)
         except SkipDraw as e:
             per_draw.append({**row, "skipped": str(e)})
@@ -275,6 +276,20 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
         draws.append(d)
     summary = {str(k): _summary_of_k([r for r in per_draw if r["k"] == k]) for k in ks}
     return SweepResult(method_name, list(ks), seeds, per_draw, summary, zero_shot_auroc, draws, no_zero_shot)
+
+
+@contextmanager
+def one_thread():
+    """One BLAS thread (finetune.fewshot_heads.one_blas_thread) and one torch thread for a draw's fit: the fits
+    are small (k rows per class, minibatches of optim.batch_size), and on shared, busy cores the threads of
+    either pool spend their time spin-waiting at each op's barrier, not computing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with one_blas_thread():
+            yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _summary_of_k(rows: list[dict]) -> dict:

@@ -354,12 +354,15 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
 
 
 def _fewshot_method_problems(c: FinetuneConfig) -> list[str]:
-    """Each few-shot method's inputs: its modality in data.modalities, and anchored's prompts for the label."""
+    """Each few-shot method's inputs (a sweep's: fewshot.enabled): its modality in data.modalities, and
+    anchored's prompts for the label."""
     f, mods = c.fewshot, c.data.modalities
+    if not f.enabled:
+        return []
     need = {"anchored": "image", "linear_probe": "image", **FEWSHOT_REGISTRY_METHODS}
     p = [f"fewshot.methods: {m} reads the {need[m]} modality, which data.modalities {list(mods)} lacks; add "
          f"{need[m]} to data.modalities or drop {m}" for m in f.methods if need.get(m) and need[m] not in mods]
-    if f.enabled and "anchored" in f.methods:
+    if "anchored" in f.methods:
         why = prompt_free_reason(f.label, f.prompts)
         if why:
             p.append(f"fewshot.methods: anchored starts at the zero-shot prompt classifier, but {why}; drop "

@@ -353,3 +353,14 @@ def test_the_recipe_counts_every_skipped_method_k_and_seed():
 def test_every_finetune_yaml_loads_and_validates(name):
     cfg = load_config(FinetuneConfig, f"finetune/{name}", stage="finetune")
     assert cfg.validate() == []
+
+
+def test_a_training_config_is_not_held_to_the_fewshot_methods():
+    """fewshot.methods defaults to [anchored, linear_probe] in every config; only a sweep (fewshot.enabled) needs
+    their image modality and prompts."""
+    cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", ["data.modalities=[ehr]"], stage="finetune")
+    assert cfg.data.modalities == ["ehr"] and not cfg.fewshot.enabled
+    with pytest.raises(ConfigError, match="anchored reads the image modality"):
+        load_config(FinetuneConfig, "finetune/in_hospital_mortality",
+                    ["data.modalities=[ehr]", "fewshot.enabled=true", "fewshot.label=in_hospital_mortality",
+                     "fewshot.prompts=chexpert14"], stage="finetune")

@@ -17,7 +17,11 @@ TASK_KINDS = ("binary", "multilabel", "multiclass")
 IMAGE_TOWER = ("frozen", "last_blocks", "lora")  # the tuned modes: finetune.tower
 LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # = finetune.tower.LORA_TARGETS
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
-FEWSHOT_METHODS = ("anchored", "linear_probe", "fusion")
+# Few-shot methods: the prompt-anchored head and the probe (image embedding), and registry models fitted on the shots
+# (finetune.registry.fewshot_method); each registry method's modality (None: every modality of the run).
+FEWSHOT_REGISTRY_METHODS = {"fusion": None, "early_fusion": None, "image_only": "image", "text_only": "text",
+                            "ehr_only": "ehr", "gbdt": "ehr"}
+FEWSHOT_METHODS = ("anchored", "linear_probe", *FEWSHOT_REGISTRY_METHODS)
 UNCERTAIN_POLICIES = ("exclude", "positive", "negative")
 BLANK_POLICIES = ("exclude", "negative")  # data.labels.BLANK_POLICIES
 
@@ -159,23 +163,29 @@ class FewshotConfig:
     enabled: bool = False
     """The config is a few-shot sweep (`radalign finetune fewshot` sets it; its checks apply)."""
     label: str = ""
-    """Binary label column of the few-shot task (e.g. a CheXpert label)."""
+    """Binary label column of the few-shot task (a CheXpert label, or a clinical one such as
+    in_hospital_mortality, which has no prompt: no anchored method and no zero-shot point)."""
     ks: list[str] = field(default_factory=lambda: ["1", "2", "4", "8", "16", "32"])
     """Examples per class; integers or 'all'."""
     seeds: int = 5
     """Draws per k (seeds 0..seeds-1); at least 5."""
     methods: list[str] = field(default_factory=lambda: ["anchored", "linear_probe"])
-    """anchored (the zero-shot-anchored head, finetune.fewshot_heads; k=0 is zero-shot), linear_probe (L2
-    logistic regression on the frozen image embedding), fusion (the fusion head on every modality)."""
+    """anchored (the zero-shot-anchored head, finetune.fewshot_heads; k=0 is zero-shot; needs the label's
+    prompts), linear_probe (L2 logistic regression on the frozen image embedding), and any registry model fitted
+    on the shots alone (finetune.registry.fewshot_method): fusion (every modality), early_fusion, image_only,
+    text_only, ehr_only (the fusion model on one modality), gbdt (gradient-boosted trees on the EHR features and
+    the frozen image embedding)."""
     prompts: str = "chexpert14"
-    """Prompt set (configs/zeroshot/) that gives the zero-shot row and the anchored head's start."""
+    """Prompt set (configs/zeroshot/) that gives the zero-shot row and the anchored head's start; empty: the task
+    has no prompt (no zero-shot point, anchored refused)."""
     lam0: float = 4.0
     """anchored: scale of the prior weights (in examples) its cross-validation inside the shots chooses from:
     inf (the zero-shot head) and lam0 x 4^j, j = 3 .. -4; the pull is lam / (lam + n) (docs/fewshot-head.md)."""
     probe_C: float = 1.0
     """linear_probe: inverse L2 strength (sklearn C)."""
     steps: int = 100
-    """fusion: fixed training steps (no early stopping, no validation set)."""
+    """Torch methods (fusion, early_fusion, <modality>_only): fixed AdamW steps on the draw, in minibatches of
+    optim.batch_size rows when it is larger (no early stopping, no validation set)."""
 
 
 @dataclass
@@ -323,6 +333,7 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
     bad = [x for x in f.methods if x not in FEWSHOT_METHODS and x != "prompt_init"]
     if bad:
         p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
+    p += _fewshot_method_problems(c)
     if not f.lam0 > 0:
         p.append(f"fewshot.lam0: {f.lam0}; the anchored prior's weight must be > 0 (default 4)")
     if f.enabled and not f.label:
@@ -348,6 +359,44 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
     if c.bootstrap < 1:
         p.append(f"bootstrap: must be >= 1 (got {c.bootstrap})")
     return p
+
+
+def _fewshot_method_problems(c: FinetuneConfig) -> list[str]:
+    """Each few-shot method's inputs (a sweep's: fewshot.enabled): its modality in data.modalities, and
+    anchored's prompts for the label."""
+    f, mods = c.fewshot, c.data.modalities
+    if not f.enabled:
+        return []
+    need = {"anchored": "image", "linear_probe": "image", **FEWSHOT_REGISTRY_METHODS}
+    p = [f"fewshot.methods: {m} reads the {need[m]} modality, which data.modalities {list(mods)} lacks; add "
+         f"{need[m]} to data.modalities or drop {m}" for m in f.methods if need.get(m) and need[m] not in mods]
+    if "anchored" in f.methods:
+        why = prompt_free_reason(f.label, f.prompts)
+        if why:
+            p.append(f"fewshot.methods: anchored starts at the zero-shot prompt classifier, but {why}; drop "
+                     "anchored (e.g. fewshot.methods=[fusion,ehr_only,gbdt]) or set fewshot.prompts to a prompt "
+                     f"set with prompts for {f.label!r}")
+    return p
+
+
+def prompt_free_reason(label: str, prompts: str) -> str | None:
+    """Why `label` has no zero-shot classifier under prompt set `prompts` (None: it has one)."""
+    from radalign.pretrain.prompts import load_prompt_set
+
+    from radalign.config import ConfigError
+
+    if not prompts:
+        return f"the task {label!r} has no prompt (fewshot.prompts is empty)"
+    try:
+        ps = load_prompt_set(prompts)
+    except ConfigError as e:
+        return f"fewshot.prompts {prompts!r} does not load ({e.problems[0]})"
+    if label not in ps.class_names:
+        return (f"the task {label!r} has no prompt in prompt set {prompts!r} (its classes: "
+                f"{', '.join(ps.class_names)})")
+    if ps.mode != "binary":
+        return f"prompt set {prompts!r} is {ps.mode}, not binary (a positive and a negative prompt per class)"
+    return None
 
 
 def fewshot_ks(cfg: FewshotConfig) -> list:

@@ -20,7 +20,11 @@ The protocol (docs/finetune.md):
 - methods: `head_method` (a head of finetune.fewshot_heads: `anchored`, the zero-shot-anchored MAP probe whose
   pull toward the prompt classifier shrinks with k, and `zero_shot`, the prompt classifier itself),
   `linear_probe_method` (L2 logistic regression on frozen embeddings), `model_method` (any torch model on the
-  cached inputs, e.g. the fusion head, fixed steps).
+  cached inputs, fixed steps) and finetune.registry.fewshot_method (any registry model: fusion, ehr_only,
+  early_fusion, gbdt, ...).
+- a method that cannot fit a draw raises `SkipDraw(reason)`; a draw whose AUROC is undefined is skipped too
+  (UNSCORED). Each skipped (k, seed) stays in per_draw with its reason, out of the summary's draws, and is
+  counted by reason (`skipped_by_reason`).
 - summary per k over draws: mean, sample standard deviation, min/max and a t-interval of the mean over draws
   (the spread due to which examples were drawn; the unit is the draw), and the mean pull toward zero-shot of a
   head that reports one.
@@ -32,7 +36,9 @@ import hashlib
 import json
 import math
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +55,11 @@ FORMAT = "radalign-fewshot-draw/1"
 DEFAULT_KS = (1, 2, 4, 8, 16, 32)
 ALL = "all"
 VALIDATION = "none: fixed recipes, or choices made inside the shots (grouped cross-validation); no early stopping"
+UNSCORED = "unscored: the evaluation rows hold one class (AUROC undefined)"
+
+
+class SkipDraw(RadalignError):
+    """A method cannot fit this draw; the message is the reason counted in fewshot.json, and the sweep goes on."""
 
 
 @dataclass
@@ -227,12 +238,15 @@ class SweepResult:
     summary: dict  # str(k) -> summarise()
     zero_shot_auroc: float | None
     draws: list[FewshotDraw] = field(repr=False, default_factory=list)
+    no_zero_shot: str | None = None  # why the curve has no zero-shot point (a task without prompts)
 
 
 def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Sequence, *, eval_y: np.ndarray,
               ks: Sequence = DEFAULT_KS, seeds: Iterable[int] = range(5), exclude_patients: Iterable = (),
-              zero_shot_auroc: float | None = None, method_name: str = "method", progress: bool = False) -> SweepResult:
-    """Every (k, seed): draw from the pool, fit, score the evaluation rows, AUROC (radalign.metrics.auroc)."""
+              zero_shot_auroc: float | None = None, method_name: str = "method", progress: bool = False,
+              no_zero_shot: str | None = None) -> SweepResult:
+    """Every (k, seed): draw from the pool, fit, score the evaluation rows, AUROC (radalign.metrics.auroc).
+    `no_zero_shot`: why there is no zero-shot point (the curve and the JSON say it)."""
     from tqdm import tqdm
 
     from radalign.metrics import auroc
@@ -247,24 +261,54 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
     for k, seed in tqdm([(k, s) for k in ks for s in seeds], desc=f"few-shot {method_name}", disable=not progress):
         d = draw_k_per_class(y, patients, ids, k, seed, exclude_patients=exclude_patients)
         rows = np.asarray(d.rows, int)
-        with one_blas_thread():  # small fits: BLAS threads only spin (finetune.fewshot_heads)
-            out = method(rows, y[rows], seed)
+        row = {"k": k, "seed": seed, "auroc": None, "sha256": d.sha256, "n": len(rows)}
+        try:
+            with one_thread():
+                out = method(rows, y[rows], seed)
+        except SkipDraw as e:
+            per_draw.append({**row, "skipped": str(e)})
+            draws.append(d)
+            continue
         scores, chosen = out if isinstance(out, tuple) else (out, {})
         a = auroc(eval_y[keep].astype(int), np.asarray(scores, np.float64)[keep])
-        per_draw.append({"k": k, "seed": seed, "auroc": None if np.isnan(a) else a, "sha256": d.sha256,
-                         "n": len(rows), **chosen})
+        per_draw.append({**row, "auroc": None if np.isnan(a) else a, **chosen,
+                         **({"skipped": UNSCORED} if np.isnan(a) else {})})
         draws.append(d)
     summary = {str(k): _summary_of_k([r for r in per_draw if r["k"] == k]) for k in ks}
-    return SweepResult(method_name, list(ks), seeds, per_draw, summary, zero_shot_auroc, draws)
+    return SweepResult(method_name, list(ks), seeds, per_draw, summary, zero_shot_auroc, draws, no_zero_shot)
+
+
+@contextmanager
+def one_thread():
+    """One BLAS thread (finetune.fewshot_heads.one_blas_thread) and one torch thread for a draw's fit: the fits
+    are small (k rows per class, minibatches of optim.batch_size), and on shared, busy cores the threads of
+    either pool spend their time spin-waiting at each op's barrier, not computing."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with one_blas_thread():
+            yield
+    finally:
+        torch.set_num_threads(n)
 
 
 def _summary_of_k(rows: list[dict]) -> dict:
-    """summarise() of the draws' AUROCs, plus the mean pull toward zero-shot where the method reports one."""
-    out = summarise([r["auroc"] for r in rows])
+    """summarise() of the scored draws' AUROCs, the skipped ones counted by reason, plus the mean pull toward
+    zero-shot where the method reports one."""
+    out = summarise([r["auroc"] for r in rows if "skipped" not in r])
+    out["n_skipped"] = sum("skipped" in r for r in rows)
+    out["skipped_by_reason"] = skipped_by_reason(rows)
     pulls = [r["pull"] for r in rows if r.get("pull") is not None]
     if pulls:
         out["pull"] = float(np.mean(pulls))
     return out
+
+
+def skipped_by_reason(per_draw: Iterable[dict]) -> dict[str, int]:
+    """{reason: skipped draws}, most frequent first."""
+    from collections import Counter
+
+    return dict(Counter(r["skipped"] for r in per_draw if "skipped" in r).most_common())
 
 
 def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
@@ -273,7 +317,7 @@ def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
     for d in res.draws:
         write_draw(out / "draws" / f"{res.method}-k{d.k}-seed{d.seed}.json", d)
     doc = {"method": res.method, "ks": res.ks, "seeds": res.seeds, "zero_shot_auroc": res.zero_shot_auroc,
-           "summary": res.summary, "per_draw": res.per_draw, "metric": "auroc on the evaluation split",
+           "no_zero_shot": res.no_zero_shot, "summary": res.summary, "per_draw": res.per_draw, "metric": "auroc on the evaluation split",
            "validation": VALIDATION}
     atomic_write_json(out / f"fewshot-{res.method}.json", doc)
     plot_learning_curve([res], out / f"learning_curve-{res.method}.png")
@@ -282,14 +326,19 @@ def write_sweep(out: str | os.PathLike, res: SweepResult) -> dict:
 
 def plot_learning_curve(results: Sequence[SweepResult], path: str | os.PathLike) -> None:
     """AUROC mean over draws (error bars: the t-interval) against k (numeric k in order, then "all"), zero-shot
-    at k=0 (the zero_shot method and every k = 0 point are that baseline, not series)."""
+    at k=0 (the zero_shot method and every k = 0 point are that baseline, not series); without one, the x label
+    says why (a result's `no_zero_shot`)."""
     every = list(dict.fromkeys(k for r in results for k in r.ks if k != 0))  # k = 0 is the zero-shot baseline
     ks = [k for k in every if k != ALL] + ([ALL] if ALL in every else [])
     series = {res.method: [(k, s["mean"], s["ci_low"], s["ci_high"]) for k in res.ks
                            if k != 0 and (s := res.summary[str(k)])["mean"] is not None]
               for res in results if res.method != "zero_shot"}  # a flat line: the baseline draws it
     zs = next((r.zero_shot_auroc for r in results if r.zero_shot_auroc is not None), None)
-    R.learning_curve_plot(path, series, ticks=ks, xlabel="k labelled examples per class (drawn by patient)",
+    why = next((r.no_zero_shot for r in results if r.no_zero_shot), None)
+    xlabel = "k labelled examples per class (drawn by patient)"
+    if zs is None and why:
+        xlabel += "\n" + "\n".join(textwrap.wrap(why, 80))
+    R.learning_curve_plot(path, series, ticks=ks, xlabel=xlabel,
                           ylabel="AUROC (mean over draws, 95% t-interval)",
                           baseline=None if zs is None else ("zero-shot (k=0)", zs))
 

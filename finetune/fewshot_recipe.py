@@ -8,35 +8,45 @@ written with its sha256.
 Methods: `anchored` (finetune.fewshot_heads.AnchoredLogistic, CLAP's zero-shot-initialised linear probe as a MAP
 fit: its prior sits at the zero-shot prompt classifier with weight fewshot.lam0 examples, so k=0 IS zero-shot and
 the pull lam / (lam + n) shrinks with k; the cross-validation inside the shots may weaken it), `linear_probe`
-(L2 logistic regression on the same frozen image embedding) and `fusion` (the fusion head on every modality,
-fixed steps). The zero-shot row is the prompt classifier on the test split. No validation set is used: the curve
-is scored on the test split. bench/fewshot_heads.py runs the same methods (head_method, linear_probe_method)
-over the same draws.
+(L2 logistic regression on the same frozen image embedding) and any registry model fitted on the shots alone
+(finetune.registry.fewshot_method: `fusion`, `early_fusion`, `image_only`, `text_only`, `ehr_only` with fixed
+steps, `gbdt` with its fixed iterations). The zero-shot row is the prompt classifier on the test split; a label
+without prompts (fewshot.prompts empty, or a label the prompt set lacks: in-hospital mortality) has none, which
+the JSON, the report, the summary line and the curve say with the reason (the config check refuses `anchored`
+there). No validation set is used: the curve is scored on the test split. bench/fewshot_heads.py runs the same
+methods (head_method, linear_probe_method) over the same draws.
 
 Writes RUN/fewshot.json (every method's summary and per-draw AUROCs with the anchored head's pull, the zero-shot
-point), RUN/draws/, RUN/learning_curve.png and RUN/report.md.
+point or why there is none, every skipped (method, k, seed) with its reason and the counts by reason),
+RUN/draws/, RUN/learning_curve.png and RUN/report.md.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
-from radalign.finetune.config import FinetuneConfig, fewshot_ks
+from radalign.finetune.config import (
+    BASELINES,
+    FEWSHOT_REGISTRY_METHODS,
+    FinetuneConfig,
+    fewshot_ks,
+    prompt_free_reason,
+)
 from radalign.finetune.fewshot import (
     VALIDATION,
     draw_k_per_class,
     head_method,
     linear_probe_method,
-    model_method,
     plot_learning_curve,
     run_sweep,
+    skipped_by_reason,
     write_sweep,
 )
 from radalign.finetune.fewshot_heads import ZeroShotInit, anchored_head
 from radalign.finetune.inputs import task_labels
-from radalign.finetune.registry import build_model, model_specs
+from radalign.finetune.registry import fewshot_method, gbdt_spec, model_specs
 from radalign.finetune.session import open_run
 from radalign.pretrain.classifier import logit_scale_of, text_weights
 from radalign.pretrain.prompts import load_prompt_set
@@ -48,6 +58,8 @@ from radalign.metrics import auroc
 
 METRICS_STAGE = "fewshot"  # RUN/fewshot.json format: radalign-fewshot-metrics/1
 UNIT = "study (AUROC); draws by patient"
+FITTED_ON = ("the drawn rows only (labels and features); the EHR scaling (median/IQR, no labels) and the cached "
+             "frozen-tower embeddings come from the whole training split, as in `finetune train`")
 
 
 def zero_shot_init(encoders, label: str, prompts: str) -> ZeroShotInit:
@@ -93,30 +105,48 @@ def check_ks(cfg, table) -> None:
 
 
 def _methods(run, pool, test) -> tuple[dict, np.ndarray | None]:
-    """({name: (Method, ks)}, the zero-shot logits on the test split or None without the anchored head)."""
+    """({name: (Method, ks)} in fewshot.methods' order, the zero-shot logits on the test split or None when the
+    label has no prompt)."""
     f = run.cfg.fewshot
     ks = fewshot_ks(f)
-    out, zs = {}, None
+    out, zs, init = {}, None, None
     needs_image = {"anchored", "linear_probe"} & set(f.methods)
     if needs_image and run.train.image is None:
         raise RadalignError("fewshot: anchored and linear_probe use the image embedding; add image to "
                             "data.modalities")
-    if "anchored" in f.methods:
+    if prompt_free_reason(f.label, f.prompts) is None and run.train.image is not None:
         init = zero_shot_init(run.encoders, f.label, f.prompts)
         zs = init.logit(test.image)  # [m]
-        out["anchored"] = (head_method(lambda: anchored_head(f.lam0), pool.image, test.image, pool.subjects, init),
-                           [0, *ks])  # k = 0: no shots, the zero-shot head itself
-    if "linear_probe" in f.methods:
-        out["linear_probe"] = (linear_probe_method(pool.image, test.image, C=f.probe_C), ks)
-    if "fusion" in f.methods:
-        spec = model_specs(run)["fusion"]
-
-        def make(seed):
-            torch.manual_seed(seed)
-            return build_model(spec)
-        out["fusion"] = (model_method(make, pool.batch(), test.batch(), task="binary", steps=f.steps,
-                                      lr=run.cfg.optim.lr, weight_decay=run.cfg.optim.weight_decay), ks)
+    specs = registry_specs(run, [m for m in f.methods if m in FEWSHOT_REGISTRY_METHODS])
+    for name in f.methods:
+        if name == "anchored":  # the config check refuses it for a label without prompts (init is None)
+            out[name] = (head_method(lambda: anchored_head(f.lam0), pool.image, test.image, pool.subjects, init),
+                         [0, *ks])  # k = 0: no shots, the zero-shot head itself
+        elif name == "linear_probe":
+            out[name] = (linear_probe_method(pool.image, test.image, C=f.probe_C), ks)
+        else:
+            out[name] = (fewshot_method(specs[name], pool, test, steps=f.steps, lr=run.cfg.optim.lr,
+                                        weight_decay=run.cfg.optim.weight_decay,
+                                        batch_size=run.cfg.optim.batch_size), ks)
     return out, zs
+
+
+def registry_specs(run, names) -> dict[str, dict]:
+    """The registry's spec of each named few-shot method (finetune.registry.model_specs and gbdt_spec, as the
+    training recipe builds them), whatever baselines.models says: the few-shot methods are fewshot.methods."""
+    cfg = replace(run.cfg, baselines=replace(run.cfg.baselines, models=list(BASELINES),
+                                             fusion_without_dropout=False))
+    specs = {**model_specs(replace(run, cfg=cfg)), "gbdt": gbdt_spec(run)}
+    return {n: specs[n] for n in names}
+
+
+def no_zero_shot_reason(cfg) -> str | None:
+    """Why the curve has no zero-shot point (None: it has one)."""
+    why = prompt_free_reason(cfg.fewshot.label, cfg.fewshot.prompts)
+    if why is None and "image" not in cfg.data.modalities:
+        why = "the run has no image modality (the prompt classifier scores the image embedding)"
+    return None if why is None else (f"no zero-shot point: {why}, and a zero-shot classifier is a label's text "
+                                     "prompts against the image embedding")
 
 
 def run_fewshot(run) -> dict:
@@ -130,16 +160,19 @@ def run_fewshot(run) -> dict:
     zs = None if zs_scores is None else auroc(y_test[keep].astype(int), zs_scores[keep])
     results = []
     exclude = set(map(str, run.val.subjects)) | set(map(str, test.subjects))
+    why = no_zero_shot_reason(cfg)
     for name, (method, ks) in methods.items():
         res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_test, ks=ks,
                         seeds=range(f.seeds), exclude_patients=exclude, zero_shot_auroc=zs, method_name=name,
-                        progress=cfg.progress)
+                        progress=cfg.progress, no_zero_shot=why)
         write_sweep(run.run_dir, res)
         results.append(res)
     plot_learning_curve(results, run.run_dir / "learning_curve.png")
     doc = {"task": cfg.task.name, "label": f.label, "eval_split": cfg.data.test_split, "zero_shot_auroc": zs,
-           "prompts": f.prompts, "label_policy": {"uncertain": cfg.task.uncertain, "blank": cfg.task.blank},
+           "no_zero_shot": why, "prompts": f.prompts,
+           "label_policy": {"uncertain": cfg.task.uncertain, "blank": cfg.task.blank},
            "eval_rows": int(keep.sum()), "eval_positives": int(np.nansum(y_test)), "validation": VALIDATION,
+           "fitted_on": FITTED_ON, "skipped": _skipped(results),
            "methods": {r.method: {"ks": [str(k) for k in r.ks], "summary": r.summary, "per_draw": r.per_draw}
                        for r in results}}
     doc = R.write_metrics(run.run_dir / "fewshot.json", doc, stage=METRICS_STAGE, unit=UNIT)
@@ -148,16 +181,26 @@ def run_fewshot(run) -> dict:
     return doc
 
 
+def _skipped(results) -> dict:
+    """Every skipped (method, k, seed) with its reason, and the counts by reason (over all methods)."""
+    draws = [{"method": r.method, "k": d["k"], "seed": d["seed"], "reason": d["skipped"]}
+             for r in results for d in r.per_draw if "skipped" in d]
+    return {"total": len(draws), "by_reason": skipped_by_reason([{"skipped": d["reason"]} for d in draws]),
+            "draws": draws}
+
+
 def summary_line(doc: dict, seeds: int) -> str:
     """The curve in one line: per k, zero-shot / each method's mean test AUROC over the draws."""
     methods = doc["methods"]
     ks = list(dict.fromkeys(k for m in methods.values() for k in m["ks"] if k != "0"))
-    cols = ["zero-shot", *methods]
-    cells = [f"{k}: " + "/".join([R.num(doc["zero_shot_auroc"])] +
-                                 [R.num(m["summary"][k]["mean"]) if k in m["summary"] else "-"
-                                  for m in methods.values()]) for k in ks]
+    zs = [] if doc.get("no_zero_shot") else [R.num(doc["zero_shot_auroc"])]
+    cols = ["zero-shot"][:len(zs)] + list(methods)
+    cells = [f"{k}: " + "/".join(zs + [R.num(m["summary"][k]["mean"]) if k in m["summary"] else "-"
+                                       for m in methods.values()]) for k in ks]
+    tail = f" ({doc['no_zero_shot']})" if doc.get("no_zero_shot") else ""
+    skipped = f"; {doc['skipped']['total']} draw(s) skipped" if doc.get("skipped", {}).get("total") else ""
     return (f"few-shot {doc['label']} ({doc['eval_split']} AUROC, mean of {seeds} draws; k: {' / '.join(cols)}): "
-            + ", ".join(cells))
+            + ", ".join(cells) + skipped + tail)
 
 
 def run_fewshot_recipe(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
@@ -173,6 +216,19 @@ def run_fewshot_recipe(cfg: FinetuneConfig, overwrite: bool = False) -> Path:
     return Path(cfg.run_dir)
 
 
+def _zero_shot_sentence(doc: dict) -> str:
+    if doc.get("no_zero_shot"):
+        return f"There is {R.md(doc['no_zero_shot'])}."
+    return f"Zero-shot (k=0, prompts {R.md(doc['prompts'])}): {R.num(doc['zero_shot_auroc'])}."
+
+
+def _skipped_lines(skipped: dict) -> list[str]:
+    if not skipped["total"]:
+        return ["Skipped draws: none.", ""]
+    return [f"Skipped draws: {skipped['total']} (method, k, seed in fewshot.json), by reason:", "",
+            *R.md_table(["reason", "draws"], [[R.md(r), n] for r, n in skipped["by_reason"].items()]), ""]
+
+
 def format_report(doc: dict) -> str:
     """RUN/report.md of a few-shot sweep: one section per method, k against the mean AUROC and its interval (and
     the anchored head's mean pull toward zero-shot)."""
@@ -182,8 +238,8 @@ def format_report(doc: dict) -> str:
              f"{doc['eval_positives']} positive; labels: uncertain {R.md(pol['uncertain'])}, blank "
              f"{R.md(pol['blank'])}), mean over seeded draws with a 95% t-interval over draws. "
              "Draws are k studies per class from distinct training patients; every draw's study list and "
-             f"sha256 is in draws/. Zero-shot (k=0, prompts {R.md(doc['prompts'])}): "
-             f"{R.num(doc['zero_shot_auroc'])}. Validation: {R.md(doc['validation'])}.", ""]
+             f"sha256 is in draws/. {_zero_shot_sentence(doc)} Validation: {R.md(doc['validation'])}. Fitted on: "
+             f"{R.md(doc['fitted_on'])}.", "", *_skipped_lines(doc["skipped"])]
     for method, m in doc["methods"].items():
         pull = any("pull" in s for s in m["summary"].values())
         lines += [f"## {R.md(method)}", ""]
@@ -191,9 +247,9 @@ def format_report(doc: dict) -> str:
             lines += ["pull: the zero-shot prior's share of the fit, lam / (lam + n), mean over draws (1 = zero-shot).",
                       ""]
         rows = [[str(k), R.ci_of(s, "mean"), s["n_draws"]] + ([R.num(s.get("pull"))] if pull else [])
-                for k, s in m["summary"].items()]
-        lines += R.md_table(["k", "mean AUROC [95% interval over draws]", "draws"] + (["pull"] if pull else []),
-                            rows)
+                + [s["n_skipped"]] for k, s in m["summary"].items()]
+        lines += R.md_table(["k", "mean AUROC [95% interval over draws]", "draws"] + (["pull"] if pull else [])
+                            + ["skipped"], rows)
         lines.append("")
     lines.append("![learning curve](learning_curve.png)")
     return "\n".join(lines) + "\n"

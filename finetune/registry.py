@@ -12,7 +12,8 @@ finetune.trainer; the others: their `fit`), `state_dict()` / `load_state_dict()`
 `model_logits` scores a split. The non-torch kinds: `gbdt` (sklearn's trees exported to arrays,
 finetune.baselines.ArrayTrees) and `late_fusion` (the stacker's weights; its members, the unimodal models, are
 loaded from the same folder by name). The recipe, `finetune predict`/`eval`/`explain`, few-shot and bench all
-take models from here, never from the training recipe.
+take models from here, never from the training recipe; `fewshot_method(spec, pool, test, ...)` makes any
+kind fitted on cached inputs a few-shot method (finetune.fewshot).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from radalign.finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix
-from radalign.finetune.fit import logits_of
+from radalign.finetune.fit import fit_model, logits_of, take_rows
 from radalign.finetune.inputs import SplitInputs
 from radalign.finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence
 from radalign.finetune.tasks import n_outputs
@@ -274,3 +275,40 @@ def load_model(folder: Path, name: str) -> tuple[Any, dict]:
 def load_models(folder: Path) -> dict[str, tuple[Any, dict]]:
     """{name: (model, meta)} of every finished model in `folder` (RUN/models)."""
     return {n: load_model(folder, n) for n in sorted(p.stem for p in Path(folder).glob("*.json"))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A registry model as a few-shot method (finetune.fewshot.Method)
+
+FEWSHOT_KINDS = ("fusion", "early_fusion", "gbdt")  # late_fusion fits its stacker on validation; tuned_fusion
+# trains the image tower from films, not from the cached inputs a draw indexes
+
+
+def fewshot_method(spec: dict, pool: SplitInputs, evaluate: SplitInputs, *, steps: int, lr: float,
+                   weight_decay: float, batch_size: int | None = None) -> Callable[[np.ndarray, np.ndarray, int],
+                                                                                   np.ndarray]:
+    """fit(rows of `pool`, their labels [n], seed) -> the model's logits [m] on `evaluate` (model_logits, as
+    `finetune predict` scores it). The model sees the drawn rows only: a torch kind is built after
+    torch.manual_seed(seed) and trained `steps` AdamW steps (finetune.fit.fit_model: no validation, no early
+    stopping) on the whole draw, or on seeded minibatches of `batch_size` rows when the draw is larger (so a
+    k=all fit costs what a k=batch_size/2 one does); gbdt fits its fixed iterations (build_model(spec).fit) on
+    the drawn rows' EHR (+ image) matrix. Binary tasks (the few-shot protocol draws k per class of one label)."""
+    if spec.get("kind") not in FEWSHOT_KINDS:
+        raise RadalignError(f"few-shot method: model kind {spec.get('kind')!r} cannot be fitted on a draw; use one "
+                            f"of {', '.join(FEWSHOT_KINDS)} (late_fusion fits on validation, tuned_fusion on films)")
+    if spec["kind"] == "gbdt":
+        x, categorical = gbdt_inputs(pool, spec["with_image"])  # [N, F], [F]
+
+        def fit_gbdt(rows, y, seed):
+            model = build_model(spec).fit((x[rows], categorical), np.asarray(y, np.float64)[:, None])
+            return model_logits(model, spec, evaluate)[:, 0]
+        return fit_gbdt
+    batch = pool.batch(None, spec["modalities"])
+
+    def fit_torch(rows, y, seed):
+        torch.manual_seed(seed)
+        model = build_model(spec)
+        fit_model(model, take_rows(batch, torch.as_tensor(rows)), torch.as_tensor(y, dtype=torch.float32)[:, None],
+                  task=spec["task"], steps=steps, lr=lr, weight_decay=weight_decay, seed=seed, batch_size=batch_size)
+        return model_logits(model, spec, evaluate)[:, 0]
+    return fit_torch

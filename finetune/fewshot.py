@@ -172,6 +172,7 @@ def linear_probe_method(x_pool: np.ndarray, x_eval: np.ndarray, C: float = 1.0) 
     def fit(rows, y, seed):
         clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit(x_pool[rows], y.astype(int))
         return clf.decision_function(x_eval)
+    fit.seed_free = True  # lbfgs ignores random_state: the same rows give the same probe (run_sweep reuses it)
     return fit
 
 
@@ -188,6 +189,7 @@ def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval
         head = make_head().fit(x_pool[rows], y, groups[rows], init, seed=seed)
         lam = head.info_.get("lam")
         return head.predict_logit(x_eval), {"pull": R.finite_or_none(head.pull_), "lam": R.finite_or_none(lam)}
+    fit.seed_free = make_head().seed_free  # a head of its shots alone: run_sweep reuses its fit on the same rows
     return fit
 
 
@@ -258,17 +260,24 @@ def run_sweep(method: Method, y: Sequence[float], patients: Sequence, ids: Seque
     eval_y = np.asarray(eval_y, np.float64)
     keep = ~np.isnan(eval_y)
     per_draw, draws = [], []
+    fits: dict[bytes, object] = {}  # a seed-free method's output per distinct draw: every seed draws all at k=all
     for k, seed in tqdm([(k, s) for k in ks for s in seeds], desc=f"few-shot {method_name}", disable=not progress):
         d = draw_k_per_class(y, patients, ids, k, seed, exclude_patients=exclude_patients)
         rows = np.asarray(d.rows, int)
         row = {"k": k, "seed": seed, "auroc": None, "sha256": d.sha256, "n": len(rows)}
-        try:
-            with one_thread():
-                out = method(rows, y[rows], seed)
-        except SkipDraw as e:
-            per_draw.append({**row, "skipped": str(e)})
-            draws.append(d)
-            continue
+        key = rows.tobytes() if getattr(method, "seed_free", False) else None
+        if key in fits:
+            out, row["reused"] = fits[key], True  # same rows, same fit: not fitted again
+        else:
+            try:
+                with one_thread():
+                    out = method(rows, y[rows], seed)
+            except SkipDraw as e:
+                per_draw.append({**row, "skipped": str(e)})
+                draws.append(d)
+                continue
+            if key is not None:
+                fits[key] = out
         scores, chosen = out if isinstance(out, tuple) else (out, {})
         a = auroc(eval_y[keep].astype(int), np.asarray(scores, np.float64)[keep])
         per_draw.append({**row, "auroc": None if np.isnan(a) else a, **chosen,
@@ -297,6 +306,7 @@ def _summary_of_k(rows: list[dict]) -> dict:
     zero-shot where the method reports one."""
     out = summarise([r["auroc"] for r in rows if "skipped" not in r])
     out["n_skipped"] = sum("skipped" in r for r in rows)
+    out["n_reused"] = sum(bool(r.get("reused")) for r in rows)  # draws scored with an earlier identical draw's fit
     out["skipped_by_reason"] = skipped_by_reason(rows)
     pulls = [r["pull"] for r in rows if r.get("pull") is not None]
     if pulls:

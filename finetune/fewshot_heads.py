@@ -304,6 +304,7 @@ class FewshotHead:
     """Base: fit(x, y, groups, init, seed) -> self; predict_logit(x) -> [m] float64; pull_ in [0, 1]."""
 
     name = "head"
+    seed_free = False  # True: fit() ignores `seed` (a function of the shots alone; few-shot sweeps reuse it)
     w_: np.ndarray | None = field(default=None, repr=False)
     """[D] fitted weights (the head's logit is x w_ + b_); None before fit."""
     b_: float = 0.0
@@ -338,6 +339,7 @@ class ZeroShotHead(FewshotHead):
     """The prompt classifier itself (the shots are ignored): the k=0 point of every curve."""
 
     name = "zero_shot"
+    seed_free = True
 
 
 @dataclass
@@ -347,6 +349,7 @@ class AnchoredLogistic(FewshotHead):
     near-unregularised probe, with the one-standard-error rule toward the prior (the chosen head)."""
 
     name = "anchored"
+    seed_free = True  # its folds are seeded by the shots (shots_seed), never by `seed`
     lam0: float = 4.0
     """Scale of the grid of finite prior weights (in examples): lam0 x 4^j for j = 3 .. -4 (64 lam0 .. lam0/256)."""
     lams: Sequence[float] | None = None

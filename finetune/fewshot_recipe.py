@@ -6,8 +6,10 @@ written with its sha256.
         run_fewshot(run)                             # every method over every (k, draw); fewshot.json, report.md
 
 Methods: `anchored` (finetune.fewshot_heads.AnchoredLogistic, CLAP's zero-shot-initialised linear probe as a MAP
-fit: its prior sits at the zero-shot prompt classifier with weight fewshot.lam0 examples, so k=0 IS zero-shot and
-the pull lam / (lam + n) shrinks with k; the cross-validation inside the shots may weaken it), `linear_probe`
+fit with its prior at the zero-shot prompt classifier: below 8 patients per class it IS the zero-shot head; from
+there patient-grouped cross-validation inside the shots picks the prior's weight from a grid scaled by
+fewshot.lam0, the strongest pull within one corrected standard error of the best; seeded by the shots, so the
+rows every seed draws at k=all are fitted once and reused, counted as n_reused), `linear_probe`
 (L2 logistic regression on the same frozen image embedding) and any registry model fitted on the shots alone
 (finetune.registry.fewshot_method: `fusion`, `early_fusion`, `image_only`, `text_only`, `ehr_only` with fixed
 steps, `gbdt` with its fixed iterations). The zero-shot row is the prompt classifier on the test split; a label

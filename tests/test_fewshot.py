@@ -13,6 +13,7 @@ from radalign.finetune.fewshot import (
     check_disjoint,
     draw_k_per_class,
     head_method,
+    linear_probe_method,
     prompt_init,
     read_draw,
     run_sweep,
@@ -345,3 +346,51 @@ def test_model_method_trains_with_its_steps_rate_and_seed():
     assert np.array_equal(got, predict_logits(ref, ev)[:, 0])
     untrained = predict_logits(make(2), ev)[:, 0]
     assert not np.allclose(got, untrained)
+
+
+def _sweep_pool(n=300, seed=0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n + 100) < 0.4).astype(float)
+    d = np.zeros(16)
+    d[0] = 1
+    x = rng.normal(size=(n + 100, 16)) * 0.5 + y[:, None] * d
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    pats = np.array([f"p{i // 2}" for i in range(n + 100)])  # two studies per patient: k=all still draws one each
+    ids = np.array([f"s{i}" for i in range(n + 100)])
+    init = ZeroShotInit(np.stack([d + 0.3 * rng.normal(size=16), -d + 0.3 * rng.normal(size=16)]), 10.0)
+    return x, y, pats, ids, init
+
+
+def test_a_seed_free_method_is_fitted_once_per_distinct_draw_and_reused():
+    x, y, pats, ids, _ = _sweep_pool()
+    calls = []
+
+    def method(rows, yy, seed):
+        calls.append(rows.tobytes())
+        return x[300:] @ x[rows].T @ (2 * yy - 1)
+
+    marked = lambda rows, yy, seed: method(rows, yy, seed)  # noqa: E731
+    marked.seed_free = True
+    kw = dict(eval_y=y[300:], ks=(2, "all"), seeds=range(5))
+    a = run_sweep(marked, y[:300], pats[:300], ids[:300], **kw)
+    distinct = {np.asarray(d.rows, int).tobytes() for d in a.draws}
+    assert len(calls) == len(distinct) == 6  # five different k=2 draws, one k=all draw shared by the five seeds
+    assert [bool(r.get("reused")) for r in a.per_draw] == [False] * 6 + [True] * 4
+    assert a.summary["all"]["n_reused"] == 4 and a.summary["2"]["n_reused"] == 0
+    calls.clear()
+    b = run_sweep(method, y[:300], pats[:300], ids[:300], **kw)  # not marked: every draw fitted
+    assert len(calls) == 10 and [r["auroc"] for r in b.per_draw] == [r["auroc"] for r in a.per_draw]
+
+
+def test_the_anchored_head_and_the_probe_are_seed_free_so_reuse_changes_no_number():
+    """What makes the reuse exact: the heads marked seed-free give the same numbers when every draw is fitted."""
+    x, y, pats, ids, init = _sweep_pool()
+    for make in (head_method(anchored_head, x[:300], x[300:], pats[:300], init), linear_probe_method(x[:300], x[300:])):
+        assert make.seed_free
+        refit = lambda rows, yy, seed, m=make: m(rows, yy, seed)  # noqa: E731 (unmarked: fitted every time)
+        kw = dict(eval_y=y[300:], ks=(16, "all"), seeds=range(5))
+        a = run_sweep(make, y[:300], pats[:300], ids[:300], **kw)
+        b = run_sweep(refit, y[:300], pats[:300], ids[:300], **kw)
+        assert a.summary["all"]["n_reused"] == 4
+        assert [r["auroc"] for r in a.per_draw] == [r["auroc"] for r in b.per_draw]
+        assert [r.get("pull") for r in a.per_draw] == [r.get("pull") for r in b.per_draw]

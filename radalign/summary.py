@@ -44,12 +44,22 @@ def _finetune(m: dict, task: str) -> list[str]:
     lines = [f"{TASK_NAMES.get(task, task.replace('_', ' '))}, test AUROC [95% CI over patients]: {models}",
              f"fusion minus each: {diffs}"]
     d = m.get("degradation")
-    if d:
+    if d and d.get("n_seeds"):
         rows = "; ".join(f"{r['removed']} removed {r['with_dropout']['over_seeds']['drop_mean']:+.3f} / "
                          f"{r['without_dropout']['over_seeds']['drop_mean']:+.3f}" for r in d["rows"] if r["removed"])
         lines.append(f"graceful degradation, mean AUROC drop over {int(d['n_seeds'])} training seeds, with / without "
                      f"modality dropout: {rows}")
+    elif d:  # one training seed (baselines.degradation_seeds=1): the reported pair's drops, with their intervals
+        rows = "; ".join(f"{r['removed']} removed {_drop(r['with_dropout'])} / {_drop(r['without_dropout'])}"
+                         for r in d["rows"] if r["removed"])
+        lines.append(f"graceful degradation, AUROC drop [95% CI over patients] of one training seed, with / without "
+                     f"modality dropout: {rows}")
     return lines
+
+
+def _drop(r: dict) -> str:
+    d = r["drop"]
+    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
 
 
 def _sections(root: Path) -> list[tuple[Path, Callable[[dict], list[str]]]]:

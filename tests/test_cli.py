@@ -196,6 +196,22 @@ def test_summary_prints_what_the_makefile_one_liners_printed(tmp_path, summary_l
     assert "paired difference +0.021 [-0.000, +0.000] over 57 patients" in r.stdout
 
 
+def test_summary_of_a_one_seed_degradation_table_gives_its_drops_with_intervals(tmp_path, capsys):
+    """baselines.degradation_seeds=1 (the demo): no over_seeds, no n_seeds; the drop of the one pair instead."""
+    _tiny_run(tmp_path)
+    f = tmp_path / "finetune" / "in_hospital_mortality" / "metrics.json"
+    m = json.loads(f.read_text())
+    drop = lambda v, lo, hi: {"drop": {"delta": v, "ci_low": lo, "ci_high": hi}}  # noqa: E731
+    m["degradation"] = {"rows": [{"removed": None, "with_dropout": {}, "without_dropout": {}},
+                                 {"removed": "image", "with_dropout": drop(0.0566, 0.0225, 0.1099),
+                                  "without_dropout": drop(-0.0004, -0.03, 0.02)}]}
+    f.write_text(json.dumps(m))
+    assert main(["summary", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert ("graceful degradation, AUROC drop [95% CI over patients] of one training seed, with / without modality "
+            "dropout: image removed +0.057 [+0.022, +0.110] / -0.000 [-0.030, +0.020]") in out
+
+
 def test_summary_names_what_is_missing_and_fails_on_an_empty_folder(tmp_path, capsys):
     _tiny_run(tmp_path)
     (tmp_path / "retrieval" / "classify" / "metrics.json").unlink()

@@ -53,7 +53,7 @@ def seed_model_name(name: str, seed: int) -> str:
 
 def model_specs(run, *, tuned: bool = True) -> dict[str, dict]:
     """The torch models of a run (fusion, fusion_no_dropout, <modality>_only, early_fusion), by name; tuned=False:
-    as if the image tower were frozen (what finetune.tower.left_out compares against)."""
+    as if the image tower were frozen (what not_trained compares against)."""
     cfg, m = run.cfg, run.cfg.model
     dims = {"image_dim": run.train.image.shape[1] if run.train.image is not None else 0,
             "text_dim": run.train.text.shape[1] if run.train.text is not None else 0,
@@ -84,6 +84,18 @@ def model_specs(run, *, tuned: bool = True) -> dict[str, dict]:
 
         return tuned_specs(run, specs)
     return specs
+
+
+def not_trained(run) -> dict[str, str]:
+    """{model: why} for the configured models a tuned-tower run does not train (metrics.json `not_trained`)."""
+    from radalign.finetune.tower import tuned_specs
+
+    if run.cfg.model.image_tower == "frozen":
+        return {}
+    frozen = model_specs(run, tuned=False)
+    why = (f"reads the frozen image embedding, and model.image_tower={run.cfg.model.image_tower} tunes the tower; "
+           "train it in a run with model.image_tower=frozen to compare")
+    return {n: why for n in frozen if n not in tuned_specs(run, frozen)}
 
 
 def gbdt_spec(run) -> dict:

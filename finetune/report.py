@@ -44,6 +44,7 @@ from radalign.finetune.perclass import (
     selection,
     validation_scores,
 )
+from radalign.finetune.registry import not_trained
 from radalign.finetune.session import TRAIN_PATIENTS
 from radalign.finetune.tasks import as_matrix, class_names, n_outputs, probabilities, targets
 
@@ -141,13 +142,6 @@ def build_metrics(run, scores) -> dict:
         "training": scores.info, "not_trained": not_trained(run), "overlap": run.overlap, "precision": run.precision,
         "processes": run.acc.num_processes, "seconds": run.seconds, **_train_patients(run),
     }
-
-
-def not_trained(run) -> dict[str, str]:
-    """{model: why} for the configured models this run does not train (a tuned tower: finetune.tower.left_out)."""
-    from radalign.finetune.tower import left_out
-
-    return left_out(run)
 
 
 def _left_out(run) -> dict[str, str]:

@@ -215,18 +215,6 @@ def load_tuned_tower(tower: Mapping, device="cpu") -> nn.Module:
     return tune_tower(enc.model.visual, tower)
 
 
-def left_out(run) -> dict[str, str]:
-    """{model: why} for the configured models a tuned-tower run does not train (metrics.json `not_trained`)."""
-    from radalign.finetune.registry import model_specs
-
-    if run.cfg.model.image_tower == "frozen":
-        return {}
-    frozen = model_specs(run, tuned=False)
-    why = (f"reads the frozen image embedding, and model.image_tower={run.cfg.model.image_tower} tunes the tower; "
-           "train it in a run with model.image_tower=frozen to compare")
-    return {n: why for n in frozen if n not in tuned_specs(run, frozen)}
-
-
 def tuned_specs(run, specs: Mapping[str, dict]) -> dict[str, dict]:
     """A run's model specs (finetune.registry.model_specs) when its image tower trains: the fusion model becomes
     the tuned kind; the models that read the frozen image embedding (fusion_no_dropout, image_only,

@@ -110,19 +110,23 @@ def _weights(run_dir: Path, name: str = "fusion") -> dict:
     return load_file(str(run_dir / "models" / f"{name}.safetensors"))
 
 
-def test_resume_after_stop_is_exact(cohort, tmp_path):
+@pytest.mark.parametrize("patches", [False, True])  # True: the fusion head reads the patch tokens
+def test_resume_after_stop_is_exact(cohort, tmp_path, patches):
     from radalign.finetune.recipe import run_finetune
 
     only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=3",
-            "optim.batch_size=32"]
+            "optim.batch_size=32", f"data.image_patch_tokens={str(patches).lower()}"]
     run_finetune(_cfg(cohort, tmp_path / "a", *only))
     run_finetune(_cfg(cohort, tmp_path / "b", *only, "stop_after=5"))  # inside the first epoch
     assert not (tmp_path / "b" / "models" / "fusion.json").exists()
     run_finetune(_cfg(cohort, tmp_path / "b", *only))
     a, b = _weights(tmp_path / "a"), _weights(tmp_path / "b")
-    assert a.keys() == b.keys()
+    assert a.keys() == b.keys() and ("encoders.image.pos" in a) == patches
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    if patches:  # the key shaped the model: flipping it is refused naming it
+        with pytest.raises(RadalignError, match=r"data.image_patch_tokens: True -> False"):
+            run_finetune(_cfg(cohort, tmp_path / "b", *only[:-1], "data.image_patch_tokens=false"))
     # a finished model is reused, not retrained, on a third call
     before = (tmp_path / "b" / "models" / "fusion.safetensors").stat().st_mtime_ns
     run_finetune(_cfg(cohort, tmp_path / "b", *only))

@@ -311,21 +311,3 @@ def test_predict_eval_and_explain_repeat_the_run(patch_run):
     expl = explain_study(patch_run, saved["study_id"].iloc[row])
     assert expl.full == pytest.approx(saved["logit:fusion"].iloc[row], abs=1e-5)
     assert sum(expl.shapley.values()) == pytest.approx(expl.full - expl.empty, abs=1e-6)
-
-
-def test_resume_after_stop_is_exact_with_patch_tokens(cohort, tmp_path):
-    from radalign.finetune.recipe import run_finetune
-
-    only = ["baselines.models=[]", "baselines.fusion_without_dropout=false", "optim.epochs=3",
-            "optim.batch_size=32"]
-    run_finetune(_cfg(cohort, tmp_path / "a", *only))
-    run_finetune(_cfg(cohort, tmp_path / "b", *only, "stop_after=5"))  # inside the first epoch
-    assert not (tmp_path / "b" / "models" / "fusion.json").exists()
-    run_finetune(_cfg(cohort, tmp_path / "b", *only))
-    a = load_file(str(tmp_path / "a" / "models" / "fusion.safetensors"))
-    b = load_file(str(tmp_path / "b" / "models" / "fusion.safetensors"))
-    assert a.keys() == b.keys() and "encoders.image.pos" in a
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    with pytest.raises(RadalignError, match=r"data.image_patch_tokens: True -> False"):
-        run_finetune(_cfg(cohort, tmp_path / "b", *only, "data.image_patch_tokens=false"))

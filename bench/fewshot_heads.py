@@ -11,8 +11,8 @@ by patient from the training split with finetune.fewshot's draw (validation and 
 `--seeds` draws per k, every method fitted on the same draws and scored on `--eval` (AUROC per study; mean and
 95% t-interval over draws, finetune.fewshot.summarise). The methods are the recipe's own (head_method,
 linear_probe_method, the recipe's zero_shot_init): on the same draws `radalign finetune fewshot` gives the same
-numbers (tests/test_fewshot_recipe.py). Every seed draws the same rows at k = all: the methods that are functions
-of their rows (SEED_FREE) fit them once and reuse the fit, counted in the JSON's "fits". Writes OUT/fewshot_heads[-EVAL].json,
+numbers (tests/test_fewshot_recipe.py). Every seed draws the same rows at k = all: run_sweep fits a seed-free
+method once and reuses the fit (counted per k as n_reused, summed in the JSON's "fits"). Writes OUT/fewshot_heads[-EVAL].json,
 OUT/fewshot_heads[-EVAL].png (one panel per finding) and prints the table and the target check: the chosen head's
 mean at every k >= max(zero-shot, probe) - 0.005. Never gates CI.
 """
@@ -81,25 +81,6 @@ def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     return out
 
 
-SEED_FREE = ("zero_shot", "linear_probe", "anchored")  # functions of their rows: the draw's seed changes nothing
-
-
-def reuse_same_rows(method):
-    """(method, counts): a draw whose rows an earlier draw already fitted (every seed at k = all) reuses that fit.
-    Only for SEED_FREE methods, where a second fit would give the same numbers."""
-    seen, counts = {}, {"fitted": 0, "reused": 0}
-
-    def fit(rows, y, seed):
-        key = np.asarray(rows, np.int64).tobytes()
-        if key not in seen:
-            counts["fitted"] += 1
-            seen[key] = method(rows, y, seed)
-        else:
-            counts["reused"] += 1
-        return seen[key]
-    return fit, counts
-
-
 def _fmt(v) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
@@ -138,14 +119,13 @@ def sweep_finding(enc, pool, ev, exclude, finding, heads, options, ks, seeds) ->
         print(f"  {finding}: skipped ({skipped})", flush=True)
         return doc
     for name, method in methods(pool, ev, init, heads, options).items():
-        if name.split("_lam0=")[0] in SEED_FREE:
-            method, doc["fits"][name] = reuse_same_rows(method)
         t0 = time.process_time()
         res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_ev, ks=ks, seeds=seeds,
                         exclude_patients=exclude, method_name=name)
         doc["cpu_seconds"][name] = round(time.process_time() - t0, 2)
         doc["methods"][name] = {"summary": res.summary, "per_draw": res.per_draw}
-        fits = doc["fits"].get(name, {})
+        fits = doc["fits"][name] = {"reused": sum(bool(r.get("reused")) for r in res.per_draw),
+                                    "fitted": sum(not r.get("reused") and "skipped" not in r for r in res.per_draw)}
         print(f"  {finding} {name} ({doc['cpu_seconds'][name]} CPU s, {fits.get('reused', 0)} fits reused): " + " ".join(f"{k}:{_fmt(res.summary[str(k)]['mean'])}" for k in ks), flush=True)
     return doc
 

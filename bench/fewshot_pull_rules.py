@@ -7,7 +7,8 @@ own grouped cross-validation table inside the shots (the folds AnchoredLogistic 
 grid: inf = the zero-shot head, 256 .. 1/64), the validation AUROC of the full-shot fit at every grid point, and
 the linear probe's. Each rule maps the table (and the shots' size) to one grid point; a rule misses a cell (finding,
 policy, k) when its mean validation AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is
-scored. Lung Lesion's validation split has 9 positives and 8 (exclude) labelled negatives: counted apart, not judged.
+scored. Lung Lesion's validation split has too few labelled studies to judge (docs/fewshot-head.md): counted
+apart, not judged.
 Writes OUT/pull_rules.json; prints the table of docs/fewshot-head.md. Never gates CI.
 """
 

@@ -583,9 +583,9 @@ def md_degradation(deg: Mapping) -> list[str]:
 
 def md_degradation_seeds(deg: Mapping) -> list[str]:
     names, n = deg["models"], deg.get("n_seeds")
-    if not n:  # said, because one training run's drops move by a few AUROC points from seed to seed
-        return ["One training seed (baselines.degradation_seeds=1): a single run's drops differ from seed to seed "
-                "by about as much as dropout's effect; raise it, or run bench/degradation.py (5 seeds)."]
+    if not n:  # said, because one training run's drops also vary with the training seed
+        return ["One training seed (baselines.degradation_seeds=1): a single run's drops also vary with the "
+                "training seed; raise it, or run bench/degradation.py (5 seeds)."]
     rows = []
     for row in deg["rows"]:
         cells = [row["removed"] or "nothing"]

@@ -15,7 +15,7 @@ DEFAULT_MODALITY_DROPOUT = {"image": 0.3, "text": 0.25, "ehr": 0.3}
 # What validation accepts. Every task kind trains; the towers stay frozen in this release.
 TASK_KINDS = ("binary", "multilabel", "multiclass")
 IMAGE_TOWER = ("frozen", "last_blocks", "lora")  # the tuned modes: finetune.tower
-LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # = finetune.tower.LORA_TARGETS
+LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # LoRA-able Linears of a ViT block
 BASELINES = ("image_only", "ehr_only", "text_only", "late_fusion", "early_fusion", "gbdt")
 # Few-shot methods: the prompt-anchored head and the probe (image embedding), and registry models fitted on the shots
 # (finetune.registry.fewshot_method); each registry method's modality (None: every modality of the run).
@@ -326,12 +326,12 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
             p.append(f"fewshot.ks: {k!r} is neither a positive integer nor 'all'")
     if f.seeds < 5:
         p.append(f"fewshot.seeds: {f.seeds}; the protocol needs at least 5 draws per k")
-    if "prompt_init" in f.methods:
+    if f.enabled and "prompt_init" in f.methods:  # a training run's saved config may still list it: it asks nothing
         p.append("fewshot.methods: 'prompt_init' was removed (its fixed l2 pull never left zero-shot); 'anchored' "
                  "replaces it (starts at zero-shot, pull shrinks with k): write fewshot.methods=[anchored,"
                  "linear_probe]")
     bad = [x for x in f.methods if x not in FEWSHOT_METHODS and x != "prompt_init"]
-    if bad:
+    if f.enabled and bad:
         p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
     p += _fewshot_method_problems(c)
     if not f.lam0 > 0:

@@ -300,8 +300,7 @@ def _ehr_sum(expl: Explanation) -> str:
     text = f"The rows sum to {att.total:+.3f}"
     ehr = expl.shapley.get("ehr")
     text += f", the EHR modality's Shapley value ({ehr:+.3f})" if ehr is not None else ""
-    return (text + f"; a removed group is shown as unknown (a lab as not measured), the record enters first; "
-            f"{att.forward_passes} coalitions evaluated")
+    return text + f"; {att.removal}; {att.forward_passes} coalitions evaluated"  # the serve page's wording too
 
 
 def _coarsened(att: EHRAttribution) -> str:

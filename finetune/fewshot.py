@@ -19,9 +19,8 @@ The protocol (docs/finetune.md):
 - a class with fewer than k patients is an error naming the class and how many there are.
 - methods: `head_method` (a head of finetune.fewshot_heads: `anchored`, the zero-shot-anchored MAP probe whose
   pull toward the prompt classifier shrinks with k, and `zero_shot`, the prompt classifier itself),
-  `linear_probe_method` (L2 logistic regression on frozen embeddings), `model_method` (any torch model on the
-  cached inputs, fixed steps) and finetune.registry.fewshot_method (any registry model: fusion, ehr_only,
-  early_fusion, gbdt, ...).
+  `linear_probe_method` (L2 logistic regression on frozen embeddings) and finetune.registry.fewshot_method (any
+  registry model: fusion, ehr_only, early_fusion, gbdt, ...).
 - a method that cannot fit a draw raises `SkipDraw(reason)`; a draw whose AUROC is undefined is skipped too
   (UNSCORED). Each skipped (k, seed) stays in per_draw with its reason, out of the summary's draws, and is
   counted by reason (`skipped_by_reason`).
@@ -190,19 +189,6 @@ def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval
         lam = head.info_.get("lam")
         return head.predict_logit(x_eval), {"pull": R.finite_or_none(head.pull_), "lam": R.finite_or_none(lam)}
     fit.seed_free = make_head().seed_free  # a head of its shots alone: run_sweep reuses its fit on the same rows
-    return fit
-
-
-def model_method(make_model: Callable[[int], torch.nn.Module], pool_batch, eval_batch, *, task: str = "binary",
-                 steps: int = 100, lr: float = 1e-3, weight_decay: float = 1e-2) -> Method:
-    """Any torch model on cached inputs (the fusion head, a baseline): fixed steps, no early stopping."""
-    from radalign.finetune.fit import fit_model, predict_logits, take_rows
-
-    def fit(rows, y, seed):
-        model = make_model(seed)
-        fit_model(model, take_rows(pool_batch, torch.as_tensor(rows)), torch.as_tensor(y, dtype=torch.float32)[:, None],
-                  task=task, steps=steps, lr=lr, weight_decay=weight_decay, seed=seed)
-        return predict_logits(model, eval_batch)[:, 0]
     return fit
 
 

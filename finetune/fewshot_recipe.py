@@ -67,14 +67,10 @@ FITTED_ON = ("the drawn rows only (labels and features); the EHR scaling (median
 def zero_shot_init(encoders, label: str, prompts: str) -> ZeroShotInit:
     """The zero-shot binary classifier of `label` under the export's prompts (set `prompts`): the positive and
     negative text prototypes [2, D] and the export's logit scale."""
-    ps = load_prompt_set(prompts)
-    if label not in ps.class_names:
-        raise RadalignError(f"fewshot.label {label!r} has no prompts in prompt set {prompts!r} (classes: "
-                            f"{', '.join(ps.class_names)}); drop anchored from fewshot.methods or add prompts")
-    if ps.mode != "binary":
-        raise RadalignError(f"prompt set {prompts!r} is {ps.mode}; the anchored head needs positive and negative "
-                            "prompts (a binary prompt set)")
-    tw = text_weights(encoders, ps.subset([label]))
+    why = prompt_free_reason(label, prompts)  # the config check's own reason
+    if why is not None:
+        raise RadalignError(f"{why}: drop anchored from fewshot.methods or add prompts")
+    tw = text_weights(encoders, load_prompt_set(prompts).subset([label]))
     return ZeroShotInit(np.stack([tw.positive[0].numpy(), tw.negative[0].numpy()]), logit_scale_of(encoders))
 
 
@@ -106,17 +102,13 @@ def check_ks(cfg, table) -> None:
                             "(fewer when patients have examples of both classes), or use k=all")
 
 
-def _methods(run, pool, test) -> tuple[dict, np.ndarray | None]:
-    """({name: (Method, ks)} in fewshot.methods' order, the zero-shot logits on the test split or None when the
-    label has no prompt)."""
+def _methods(run, pool, test, no_zero_shot: str | None) -> tuple[dict, np.ndarray | None]:
+    """({name: (Method, ks)} in fewshot.methods' order, the zero-shot logits on the test split or None when there
+    is no zero-shot point (`no_zero_shot`: why; the config check refuses image methods without the image)."""
     f = run.cfg.fewshot
     ks = fewshot_ks(f)
     out, zs, init = {}, None, None
-    needs_image = {"anchored", "linear_probe"} & set(f.methods)
-    if needs_image and run.train.image is None:
-        raise RadalignError("fewshot: anchored and linear_probe use the image embedding; add image to "
-                            "data.modalities")
-    if prompt_free_reason(f.label, f.prompts) is None and run.train.image is not None:
+    if no_zero_shot is None:
         init = zero_shot_init(run.encoders, f.label, f.prompts)
         zs = init.logit(test.image)  # [m]
     specs = registry_specs(run, [m for m in f.methods if m in FEWSHOT_REGISTRY_METHODS])
@@ -157,12 +149,12 @@ def run_fewshot(run) -> dict:
     cfg, f = run.cfg, run.cfg.fewshot
     pool, test = run.train, run.test
     y_pool, y_test = pool.y[:, 0], test.y[:, 0]
-    methods, zs_scores = _methods(run, pool, test)
+    why = no_zero_shot_reason(cfg)
+    methods, zs_scores = _methods(run, pool, test, why)
     keep = ~np.isnan(y_test)
     zs = None if zs_scores is None else auroc(y_test[keep].astype(int), zs_scores[keep])
     results = []
     exclude = set(map(str, run.val.subjects)) | set(map(str, test.subjects))
-    why = no_zero_shot_reason(cfg)
     for name, (method, ks) in methods.items():
         res = run_sweep(method, y_pool, pool.subjects, pool.studies, eval_y=y_test, ks=ks,
                         seeds=range(f.seeds), exclude_patients=exclude, zero_shot_auroc=zs, method_name=name,

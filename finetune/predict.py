@@ -131,7 +131,7 @@ def load_run(path: str | os.PathLike) -> TrainedRun:
     if not cfg_file.is_file() or not models_dir.is_dir():
         raise RadalignError(f"--run {path}: not a finetune run (expected config.yaml and models/). Pass "
                             "the run_dir of `radalign finetune`")
-    cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune")
+    cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune", saved=True)
     fz_doc = json.loads((path / "featurizer.json").read_text()) if (path / "featurizer.json").is_file() else {}
     featurizer = EHRFeaturizer.from_dict(fz_doc) if fz_doc.get("format") else None
     models = load_models(models_dir)

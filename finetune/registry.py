@@ -314,6 +314,7 @@ def fewshot_method(spec: dict, pool: SplitInputs, evaluate: SplitInputs, *, step
         def fit_gbdt(rows, y, seed):
             model = build_model(spec).fit((x[rows], categorical), np.asarray(y, np.float64)[:, None])
             return model_logits(model, spec, evaluate)[:, 0]
+        fit_gbdt.seed_free = True  # its trees use spec["seed"], not the draw's: run_sweep fits k=all once
         return fit_gbdt
     batch = pool.batch(None, spec["modalities"])
 

@@ -37,6 +37,7 @@ from radalign.finetune.inputs import (
     split_inputs,
     task_labels,
 )
+from radalign.finetune.registry import not_trained
 from radalign.finetune.runspec import check_resume_folder, claim_run_dir, run_spec, write_run_spec
 from radalign.finetune.tasks import (
     class_names,
@@ -212,6 +213,8 @@ def _setup(cfg: FinetuneConfig, acc, precision: str, overwrite: bool, checks: Se
     for s, d in data.items():
         run.say(f"{s}: {len(d)} studies, {d.counts['labelled']} labelled, {positives_text(d.y, cfg.task)}; "
                 f"present {d.counts['present']}")
+    for name, why in not_trained(run).items():  # the same reasons metrics.json records
+        run.say(f"{name}: not trained in this run ({why})")
     if cache is not None and any(cache.lost.values()):
         run.say(f"films lost on read, by shard split and reason: {cache.lost}")
     if store is not None and any(store.lost.values()):
@@ -241,19 +244,8 @@ def draw_train_patients(cfg: FinetuneConfig, table: FinetuneTable) -> dict | Non
 
 def _films(cfg: FinetuneConfig, export_config: dict, table: FinetuneTable, splits, acc) -> FilmStore:
     """The films of every study of the run's splits, decoded once by each process (finetune.films)."""
-    store = load_films(cfg.data.shards, export_config, [table.split(s) for s in splits],
-                       num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process)
-    skipped = [n for n in ("fusion_no_dropout", "image_only", "early_fusion") if n in _wanted(cfg)]
-    if skipped and acc.is_main_process:
-        print(f"model.image_tower={cfg.model.image_tower}: the tower trains with the fusion head; not trained in this "
-              f"run (they read the frozen image embedding): {', '.join(skipped)}. Compare with a "
-              "model.image_tower=frozen run (bench/finetune.py does)", flush=True)
-    return store
-
-
-def _wanted(cfg: FinetuneConfig) -> list[str]:
-    mixed = cfg.baselines.fusion_without_dropout and len(cfg.data.modalities) > 1
-    return [*cfg.baselines.models, *(["fusion_no_dropout"] if mixed else [])]
+    return load_films(cfg.data.shards, export_config, [table.split(s) for s in splits],
+                      num_workers=cfg.num_workers, progress=cfg.progress and acc.is_main_process)
 
 
 def _export_config(path) -> dict:

@@ -32,12 +32,12 @@ from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
+from radalign.finetune.config import LORA_TARGETS  # the LoRA-able Linears of a block: one list
 from torch import nn
 
 from radalign import RadalignError
 
 TUNE_MODES = ("last_blocks", "lora")
-LORA_TARGETS = ("attn.in_proj", "attn.out_proj", "mlp.c_fc", "mlp.c_proj")  # inside each transformer block
 TUNED_KIND = "tuned_fusion"
 
 
@@ -210,8 +210,8 @@ def load_tuned_tower(tower: Mapping, device="cpu") -> nn.Module:
     if enc.checksum != tower["export_checksum"]:
         raise RadalignError(f"{tower['export']}: export checksum {enc.checksum[:12]}..., but the tuned model was "
                             f"trained on export {str(tower['export_checksum'])[:12]}...; its adapter / block weights "
-                            "only fit that export. Point data.checkpoint at the export the run was trained with "
-                            "(or train again on this one)")
+                            "only fit that export. Restore that export at the path the run recorded (spec.tower.export in "
+                            "RUN/models/fusion.json), or train again on this one")
     return tune_tower(enc.model.visual, tower)
 
 

@@ -141,11 +141,12 @@ def format_help(cls: type) -> str:
 
 
 def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=lambda key: "",
-                retired: set[str] | None = None) -> None:
+                retired: set[str] | None = None, saved: bool = False) -> None:
     """Unknown keys (with the closest valid name) at every nesting level; `where(key)` names the source. A key a
     dataclass lists in its `REMOVED_KEYS` ClassVar ({key: why and the fix}) is refused with that text instead,
-    unless it is off (false or null): a saved run's config.yaml holds the old default, which asked for nothing,
-    so it is left out (its full name goes to `retired`) and the run still loads."""
+    unless it is off (false or null) or the config is a saved run's (`saved`: its config.yaml records every
+    field, old defaults included, and describes what ran): then it is left out (its full name goes to
+    `retired`) and the run still loads."""
     if not isinstance(data, (dict, DictConfig)):
         return
     hints = typing.get_type_hints(cls)
@@ -154,7 +155,7 @@ def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=la
     for key in data:
         full = f"{prefix}{key}"
         if key in removed:
-            if data[key] is None or data[key] is False:
+            if saved or data[key] is None or data[key] is False:
                 if retired is not None:
                     retired.add(full)
             else:
@@ -167,7 +168,7 @@ def _check_keys(cls: type, data: Any, prefix: str, problems: list[str], where=la
             continue
         sub = hints.get(key)
         if dataclasses.is_dataclass(sub):
-            _check_keys(sub, data[key], full + ".", problems, where, retired)
+            _check_keys(sub, data[key], full + ".", problems, where, retired, saved)
 
 
 def _flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
@@ -235,21 +236,22 @@ def _layers(source, overrides, stage, flags=None) -> list[_Layer]:
 
 def load_config(cls: type[T], source: str | os.PathLike | dict | None = None,
                 overrides: list[str] | tuple[str, ...] = (), stage: str | None = None,
-                flags: dict[str, tuple[Any, str]] | None = None) -> T:
+                flags: dict[str, tuple[Any, str]] | None = None, saved: bool = False) -> T:
     """Build `cls` from a YAML file/name (or dict), then command-line `flags`, then `key=value` overrides;
     validate everything. `flags` maps a top-level key to (value, the flag as typed), e.g.
     `{"shards": ("runs/demo/shards", "--shards runs/demo/shards")}` (radalign.cli.config_from_args builds it).
 
     Raises one ConfigError listing every problem at once: unknown keys, wrong types, missing values and failed
     `validate()` rules. Each unknown key or bad value names its source: the YAML file, or the override as typed
-    on the command line.
+    on the command line. `saved`: the config.yaml of a finished run (retired keys are left out whatever their
+    value, see _check_keys).
     """
     layers = _layers(source, overrides, stage, flags)
     label = " + ".join(layer.label for layer in layers) or "config"
     problems: list[str] = []
     retired: set[str] = set()
     for layer in layers:
-        _check_keys(cls, layer.data, "", problems, layer.where, retired)
+        _check_keys(cls, layer.data, "", problems, layer.where, retired, saved)
 
     unknown = {p.split(":", 1)[0] for p in problems}
     merged = OmegaConf.structured(cls)

@@ -58,8 +58,9 @@ def _finetune(m: dict, task: str) -> list[str]:
 
 
 def _drop(r: dict) -> str:
-    d = r["drop"]
-    return f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
+    from radalign.report import ci_of  # the report kit's interval text ("–" where a bound is undefined)
+
+    return str(ci_of(r.get("drop"), "delta", signed=True))
 
 
 def _sections(root: Path) -> list[tuple[Path, Callable[[dict], list[str]]]]:

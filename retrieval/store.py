@@ -15,7 +15,6 @@ so opening a 10^6-row case base costs no RAM until columns are touched; Parquet 
 from __future__ import annotations
 
 import base64
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -210,10 +209,6 @@ def _check_files(path: Path, manifest: dict) -> None:
 
 def now_iso() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def finite_or_none(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
 
 __all__ = ["FORMAT", "MANIFEST", "METADATA", "MODALITIES", "STRING_COLUMNS", "IndexStore", "write_index_dir",

@@ -320,34 +320,6 @@ def test_linear_probe_is_sklearn_logistic_regression_with_its_C():
     assert got == pytest.approx(ref.decision_function(xe), abs=1e-4)
 
 
-def test_model_method_trains_with_its_steps_rate_and_seed():
-    from radalign.finetune.fewshot import model_method
-    from radalign.finetune.fit import fit_model, predict_logits, take_rows
-
-    class Head(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lin = torch.nn.Linear(3, 1)
-
-        def forward(self, batch):
-            return self.lin(batch["x"])
-
-    def make(seed):
-        torch.manual_seed(seed)
-        return Head()
-
-    g = torch.Generator().manual_seed(0)
-    pool, ev = {"x": torch.randn(10, 3, generator=g)}, {"x": torch.randn(4, 3, generator=g)}
-    rows, y = np.array([1, 4, 6, 8]), np.array([0.0, 1.0, 1.0, 0.0])
-    got = model_method(make, pool, ev, steps=7, lr=0.05, weight_decay=0.1)(rows, y, 2)
-    ref = make(2)
-    fit_model(ref, take_rows(pool, torch.as_tensor(rows)), torch.tensor(y, dtype=torch.float32)[:, None],
-              task="binary", steps=7, lr=0.05, weight_decay=0.1, seed=2)
-    assert np.array_equal(got, predict_logits(ref, ev)[:, 0])
-    untrained = predict_logits(make(2), ev)[:, 0]
-    assert not np.allclose(got, untrained)
-
-
 def _sweep_pool(n=300, seed=0):
     rng = np.random.default_rng(seed)
     y = (rng.random(n + 100) < 0.4).astype(float)

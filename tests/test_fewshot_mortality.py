@@ -121,6 +121,10 @@ def test_gbdt_method_scores_as_sklearn_trees_fitted_on_the_drawn_rows(swept, inp
                                                             inputs.train, inputs.test, rows))
     got = next(r for r in doc["methods"]["gbdt"]["per_draw"] if r["k"] == k and r["seed"] == seed)
     assert got["auroc"] == pytest.approx(want, abs=1e-12) and got["n"] == len(rows)
+    # the trees ignore the draw's seed: k=all is fitted once and reused (seed 1 above: a reused fit, still equal to
+    # sklearn's own fit); torch methods are seeded by the draw and refitted
+    assert doc["methods"]["gbdt"]["summary"]["all"]["n_reused"] == 4
+    assert doc["methods"]["fusion"]["summary"]["all"]["n_reused"] == 0
 
 
 @pytest.mark.parametrize("method,k,seed", [("ehr_only", 2, 4), ("fusion", 1, 2), ("early_fusion", "all", 0),

@@ -210,3 +210,8 @@ def test_the_new_defaults_load():
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.lam0=0"], stage="finetune")
     with pytest.raises(RadalignError, match=r"fewshot.methods: unknown \['wise'\]"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.methods=[wise]"], stage="finetune")
+
+
+def test_a_sweep_with_a_tuned_tower_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"model.image_tower: lora; the few-shot sweep fits heads.*image_tower=frozen"):
+        load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["model.image_tower=lora"], stage="finetune")

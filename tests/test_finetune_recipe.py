@@ -367,3 +367,26 @@ def test_rerun_reuses_the_degradation_seed_models(cohort, full_run, tmp_path, ca
     for a, b in zip(old["rows"], new["rows"]):
         for m in old["models"]:
             assert a[m]["over_seeds"]["auroc"] == pytest.approx(b[m]["over_seeds"]["auroc"], abs=1e-9)
+
+
+def test_a_run_saved_by_the_previous_release_still_loads(full_run, tmp_path):
+    """Its config.yaml records every field, so also the retired fewshot.l2 (default 1.0) and the old default
+    methods [prompt_init, linear_probe] of a sweep it never ran: load_run leaves them out and predicts as before;
+    the same file as a config someone writes is refused, naming the key."""
+    import shutil
+
+    import yaml
+    from radalign.finetune.predict import load_run, predict_split
+
+    old = tmp_path / "old_run"
+    shutil.copytree(full_run, old, ignore=shutil.ignore_patterns("*.lock", "lock"))
+    doc = yaml.safe_load((old / "config.yaml").read_text())
+    doc["fewshot"].update(l2=1.0, methods=["prompt_init", "linear_probe"])
+    (old / "config.yaml").write_text(yaml.safe_dump(doc))
+    got, want = load_run(old).cfg, load_run(full_run).cfg
+    assert got.fewshot.methods == ["prompt_init", "linear_probe"]  # kept as recorded: a training run ignores it
+    got.fewshot.methods = want.fewshot.methods
+    assert got == want
+    pd.testing.assert_frame_equal(predict_split(old, split="test"), predict_split(full_run, split="test"))
+    with pytest.raises(RadalignError, match="fewshot.l2: removed"):
+        load_config(FinetuneConfig, str(old / "config.yaml"), [], stage="finetune")

@@ -135,7 +135,7 @@ def test_another_export_is_refused_naming_both_checksums(ft_cohort, lora_run, tm
     meta = json.loads(meta_f.read_text())
     meta["spec"]["tower"]["export"] = str(ft_cohort["other_export"])
     meta_f.write_text(json.dumps(meta))
-    with pytest.raises(RadalignError, match=r"trained on export .*Point data.checkpoint at the export"):
+    with pytest.raises(RadalignError, match=r"trained on export .*Restore that export at the path the run recorded \(spec.tower.export"):
         load_run(copy)
 
 

@@ -129,8 +129,8 @@ def median_or_nan(values: list[float]) -> float:
 
 
 class TreeSampler:
-    """Samples, every `interval` s while a trainer runs: (time, CPU seconds of its whole process tree, number of
-    log windows written so far).
+    """Samples, every `interval` s while a trainer runs: (time, CPU seconds of its whole process tree, CPU seconds
+    of the trainer process alone, number of log windows written so far).
 
     CPU time is what makes the comparison hold on a shared machine: wall-clock throughput drops when other jobs
     take the cores, CPU seconds per sample much less. The tree's CPU = the trainer's own + that of its reaped
@@ -141,7 +141,7 @@ class TreeSampler:
 
     def __init__(self, count_windows: Callable[[], int], interval: float = 0.1):
         self.count_windows, self.interval = count_windows, interval
-        self.samples: list[tuple[float, float, int]] = []  # (perf_counter, tree CPU s, windows)
+        self.samples: list[tuple[float, float, float, int]] = []  # (perf_counter, tree CPU s, own CPU s, windows)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -154,39 +154,41 @@ class TreeSampler:
         self._thread.join()
 
     @staticmethod
-    def _tree_cpu() -> float:
+    def _tree_cpu() -> tuple[float, float]:
+        """(tree CPU s, the trainer's own CPU s)."""
         import psutil
 
-        total = 0.0
+        total = own = 0.0
         for trainer in psutil.Process().children():  # run_measured's child: the trainer
             try:
                 t = trainer.cpu_times()
+                own += t.user + t.system
                 total += t.user + t.system + t.children_user + t.children_system
                 for proc in trainer.children(recursive=True):
                     t = proc.cpu_times()
                     total += t.user + t.system
             except psutil.Error:  # exited between listing and reading: a dip, see the class docstring
                 pass
-        return total
+        return total, own
 
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 windows = self.count_windows()
             except (OSError, ValueError):  # log not there yet, or a line half-written
-                windows = self.samples[-1][2] if self.samples else 0
-            self.samples.append((time.perf_counter(), self._tree_cpu(), windows))
+                windows = self.samples[-1][3] if self.samples else 0
+            self.samples.append((time.perf_counter(), *self._tree_cpu(), windows))
             self._stop.wait(self.interval)
 
 
-def at_window(samples: list[tuple[float, float, int]], n: int) -> tuple[float, float] | None:
-    """(time, tree CPU s) when the n-th log window (1-based) first appeared in `TreeSampler.samples`; None if
-    it never did. CPU is the running maximum (see TreeSampler)."""
-    peak = 0.0
-    for t, cpu, windows in samples:
-        peak = max(peak, cpu)
+def at_window(samples: list[tuple[float, float, float, int]], n: int) -> tuple[float, float, float] | None:
+    """(time, tree CPU s, trainer's own CPU s) when the n-th log window (1-based) first appeared in
+    `TreeSampler.samples`; None if it never did. CPU is the running maximum (see TreeSampler)."""
+    peak = peak_own = 0.0
+    for t, cpu, own, windows in samples:
+        peak, peak_own = max(peak, cpu), max(peak_own, own)
         if windows >= n:
-            return t, peak
+            return t, peak, peak_own
     return None
 @dataclass
 class Side:
@@ -197,7 +199,7 @@ class Side:
     windows: list[Window] = field(default_factory=list)
     skip: int = 0
     batch: int = 0
-    samples: list[tuple[float, float, int]] = field(default_factory=list, repr=False)
+    samples: list[tuple[float, float, float, int]] = field(default_factory=list, repr=False)
     load: float = 0.0  # 1-minute load average of the machine when the run started
 
     @property
@@ -212,21 +214,30 @@ class Side:
     def data_wait(self) -> float:
         return median_or_nan([w.data_wait for w in steady(self.windows, self.skip) if w.data_wait is not None])
 
-    def span(self) -> tuple[int, float, float] | None:
-        """(steps, wall s, tree CPU s) from the end of the first window ending at or after `skip` to the end of
-        the last window; None without a steady-state window or sampler data."""
+    def span(self) -> tuple[int, float, float, float] | None:
+        """(steps, wall s, tree CPU s, trainer's own CPU s) from the end of the first window ending at or after
+        `skip` to the end of the last window; None without a steady-state window or sampler data."""
         first = next((i for i, w in enumerate(self.windows) if w.last >= self.skip), None)
         if first is None or first == len(self.windows) - 1:
             return None
         a, b = at_window(self.samples, first + 1), at_window(self.samples, len(self.windows))
         if a is None or b is None or b[0] <= a[0]:
             return None
-        return self.windows[-1].last - self.windows[first].last, b[0] - a[0], b[1] - a[1]
+        return self.windows[-1].last - self.windows[first].last, b[0] - a[0], b[1] - a[1], b[2] - a[2]
 
     @property
     def samples_per_cpu_s(self) -> float:
         sp = self.span()
         return sp[0] * self.batch / sp[2] if sp and sp[2] > 0 else float("nan")
+
+    def cpu_ms_per_sample(self) -> tuple[float, float]:
+        """(trainer process, DataLoader workers) CPU milliseconds per sample over the steady span: where the CPU
+        goes, the model's step or the input pipeline."""
+        sp = self.span()
+        if not sp or not sp[0]:
+            return float("nan"), float("nan")
+        n = sp[0] * self.batch
+        return 1000 * sp[3] / n, 1000 * (sp[2] - sp[3]) / n
 
     @property
     def cores_used(self) -> float:
@@ -371,12 +382,14 @@ def report_rows(sides: list[Side]) -> list[list[object]]:
     for s in sides:
         rows.append([s.name, "ok" if s.ok else f"FAILED (exit {s.run.returncode})", f"{s.load:.1f}",
                      len(steady(s.windows, s.skip)), _fmt(s.samples_per_s, ".1f"), _fmt(s.samples_per_cpu_s, ".1f"),
+                     *(_fmt(ms, ".1f") for ms in s.cpu_ms_per_sample()),
                      _fmt(s.cores_used, ".2f"), _fmt(s.data_wait, ".0%"), f"{s.run.peak_rss_mb:,.0f}",
                      f"{s.run.peak_tree_rss_mb:,.0f}", f"{s.run.seconds:.0f}"])
     return rows
 
 
-HEADERS = ["trainer", "status", "load", "windows", "samples/s", "samples/CPU-s", "cores", "data wait",
+HEADERS = ["trainer", "status", "load", "windows", "samples/s", "samples/CPU-s", "trainer CPU-ms/sample",
+           "workers CPU-ms/sample", "cores", "data wait",
            "peak RSS trainer MiB", "peak RSS tree MiB", "wall s"]
 LEGEND = """\
 load: 1-min load average when the run started (2 = both cores busy before it began)
@@ -384,6 +397,8 @@ windows: steady-state log windows (starting after the warm-up steps)
 samples/s: median over those windows of wall-clock throughput
 samples/CPU-s: samples per CPU second of the whole process tree (trainer + DataLoader workers) over the same
   steps: the figure that holds when other jobs share the machine
+trainer / workers CPU-ms/sample: that CPU time split between the training process (model step, logging) and
+  its DataLoader workers (decode, augmentation, tokenization)
 cores: CPU seconds / wall seconds of the tree over those steps (the share of the machine the run got)
 data wait: median fraction of the window the training loop waited for a batch
 peak RSS trainer: exact kernel peak of the training process; tree: trainer + workers summed, sampled every

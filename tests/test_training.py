@@ -969,18 +969,27 @@ def test_metric_rows_without_a_step_are_kept_and_the_move_is_logged(tmp_path, tr
                                             "that was not resumed; moved to metrics.superseded.jsonl")]
 
 
-# A training step in miniature: many activation-sized buffers allocated, then all freed; minor page faults per
-# repeat after the first (memory touched afresh = memory the allocator had handed back to the OS).
+# A training step in miniature, on glibc's malloc itself: two activation-sized buffers allocated, written, freed
+# (the newest first, so the heap's top grows as in a backward pass); minor page faults per repeated step after the
+# heap has settled (memory touched afresh = memory the allocator had handed back to the OS).
 _STEP_FAULTS = """
-import platform, resource, sys
-import torch
+import ctypes, resource, sys
 if sys.argv[1] == "keep":
     from radalign.training import keep_freed_memory
     print(keep_freed_memory(), file=sys.stderr)
+elif sys.argv[1] == "accelerator":  # what every training process starts with
+    from radalign.training import make_accelerator
+    make_accelerator("fp32")
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
+SIZE = 64 << 20  # above glibc's largest dynamic mmap threshold (32 MiB)
 def step():
-    bufs = [torch.ones(1 << 24) for _ in range(2)]  # 2 x 64 MiB: above glibc's largest dynamic mmap threshold
-    del bufs
-for _ in range(4):  # the heap grows over the first steps (small allocations in between pin freed blocks)
+    bufs = [libc.malloc(SIZE) for _ in range(2)]
+    for p in bufs:
+        ctypes.memset(p, 1, SIZE)
+    for p in reversed(bufs):
+        libc.free(p)
+for _ in range(4):  # the heap settles over the first steps
     step()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
@@ -1002,11 +1011,13 @@ def _step_faults(mode: str, env: dict | None = None) -> float:
 @pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's malloc only")
 def test_keep_freed_memory_stops_refaulting_each_step():
     """With glibc's defaults a buffer above 32 MiB is mapped on allocation and unmapped on free, so every step
-    faults its pages in again (2 x 64 MiB = 32,768 pages of 4 KiB); with keep_freed_memory the second step
-    reuses the first step's memory."""
+    faults its pages in again (2 x 64 MiB = 32,768 pages of 4 KiB); with only the mmap threshold raised, the freed
+    heap top is trimmed and faults the same; with keep_freed_memory the next step reuses the memory."""
     default, kept = _step_faults("default"), _step_faults("keep")
     assert default > 30_000, default   # the case exists: 128 MiB of fresh pages per step
     assert kept < 7_000, kept          # reused (measured 0; one more heap growth in five steps would be 6,554)
+    assert _step_faults("accelerator") < 7_000  # a training process gets it from make_accelerator
+    assert _step_faults("default", {"MALLOC_MMAP_THRESHOLD_": str(256 << 20)}) > 30_000  # why the trim threshold
     # A user's own setting wins: nothing is changed, so the defaults' faults come back.
     assert _step_faults("keep", {"MALLOC_ARENA_MAX": "4"}) > 30_000
 

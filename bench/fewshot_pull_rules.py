@@ -32,28 +32,17 @@ UNJUDGED = ("Lung Lesion",)  # too few labelled validation studies to rank rules
 
 def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
     """The head's cross-validation table [folds, G] and the eval AUROC [G] of the full fits, plus the probe's."""
-    from radalign.finetune.fewshot_heads import (
-        AnchoredLogistic,
-        _path_scores,
-        anchored_path,
-        held_out_aurocs,
-        patients_per_class,
-        repeated_folds,
-        shots_seed,
-    )
+    from radalign.finetune.fewshot_heads import AnchoredLogistic, anchored_path, patients_per_class
     from sklearn.linear_model import LogisticRegression
 
     from radalign.metrics import auroc
 
     head = AnchoredLogistic()
     grid, (w0, _) = head.grid(), init.head()
-    npc = patients_per_class(y, groups)
-    repeats = 1 if npc >= head.one_repeat_above else head.repeats
-    folds = repeated_folds(y, groups, shots_seed(x, y, groups), repeats, head.max_folds) if npc >= 2 else []
-    table = held_out_aurocs(folds, y, _path_scores(x, y, w0, grid)) if folds else np.zeros((0, len(grid)))
+    table, n_folds = head.cv_table(x, y, groups, w0)  # the head's own folds and table, from 2 patients per class
     full = [auroc(y_eval, x_eval @ t[:-1] + t[-1]) for t in anchored_path(x, y, w0, grid)]
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y.astype(int)).decision_function(x_eval)
-    return {"table": table.tolist(), "n_folds": len(folds) // repeats if folds else 0, "npc": npc,
+    return {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
             "full": full, "probe": auroc(y_eval, probe)}
 
 

@@ -375,16 +375,24 @@ class AnchoredLogistic(FewshotHead):
                                 "(inf, the zero-shot head, is always in the grid)")
         return [INF, *sorted(set(lams), reverse=True)]
 
+    def cv_table(self, x, y, groups, w0) -> tuple[np.ndarray, int]:
+        """Held-out AUROCs [folds, grid] of the grid's fits inside the shots, and the folds per split (K); sets
+        `folds_`. Folds are seeded by the shots, not the draw: the same shots (every seed at k=all) give the same
+        table. Empty when a class has fewer than 2 patients (no grouped fold exists)."""
+        npc = patients_per_class(y, groups)
+        repeats = 1 if npc >= self.one_repeat_above else self.repeats
+        self.folds_ = repeated_folds(y, groups, shots_seed(x, y, groups), repeats, self.max_folds) if npc >= 2 else []
+        if not self.folds_:
+            return np.zeros((0, len(self.grid()))), 0
+        return held_out_aurocs(self.folds_, y, _path_scores(x, y, w0, self.grid())), len(self.folds_) // repeats
+
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
         grid, npc = self.grid(), patients_per_class(y, groups)
         lam = INF
         if npc >= self.min_patients_cv:
-            repeats = 1 if npc >= self.one_repeat_above else self.repeats
-            # seeded by the shots, not the draw: the same shots (every seed at k=all) give the same head
-            self.folds_ = repeated_folds(y, groups, shots_seed(x, y, groups), repeats, self.max_folds)
-            a = held_out_aurocs(self.folds_, y, _path_scores(x, y, w0, grid))
-            lam = grid[corrected_one_se_choice(a, len(self.folds_) // repeats, self.se_mult)]
+            a, n_folds = self.cv_table(x, y, groups, w0)
+            lam = grid[corrected_one_se_choice(a, n_folds, self.se_mult)]
             self.info_["cv_auroc"] = dict(zip(map(str, grid), _mean_se(a)[0].tolist()))
         if not math.isinf(lam):
             theta = fit_anchored(x, y, w0, lam)

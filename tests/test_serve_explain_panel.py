@@ -139,8 +139,9 @@ def _refusal() -> str:
 @pytest.fixture
 def refusals(tmp_path_factory, monkeypatch):
     """The app with finetune's StudyExplainer: study 0 refused, study 1 without EHR, study 2 not explainable."""
-    from radalign import RadalignError
     from radalign.finetune import serve_explain as S
+
+    from radalign import RadalignError
 
     base = build_case_base(tmp_path_factory.mktemp("refusals"))
     studies = sorted(set(base["cols"]["study_id"]))[:3]

@@ -195,12 +195,20 @@ class GBDTBaseline:
     """One HistGradientBoostingClassifier per output (binary / multilabel) or one multi-class model."""
 
     def __init__(self, task: str = "binary", *, max_iter: int = 200, learning_rate: float = 0.05,
-                 max_leaf_nodes: int = 15, l2_regularization: float = 1.0, seed: int = 0):
+                 max_leaf_nodes: int = 15, l2_regularization: float = 1.0, min_samples_leaf: int = 20,
+                 seed: int = 0):
         if task not in TASKS:
             raise RadalignError(f"task: {task!r} is not one of {', '.join(TASKS)}")
         self.task, self.seed = task, seed
         self.params = dict(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=max_leaf_nodes,
-                           l2_regularization=l2_regularization, early_stopping=False, random_state=seed)
+                           l2_regularization=l2_regularization, min_samples_leaf=min_samples_leaf,
+                           early_stopping=False, random_state=seed)
+
+    @property
+    def min_rows(self) -> int:
+        """Fewer labelled rows than this and no tree can split (each side of a split needs min_samples_leaf):
+        every tree is one leaf, and every row gets the same score."""
+        return 2 * self.params["min_samples_leaf"]
         self.models: list = []
         self.unlabelled: list[int] = []  # rows left out per output (NaN label), counted
 

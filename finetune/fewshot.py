@@ -21,7 +21,8 @@ The protocol (docs/finetune.md):
   pull toward the prompt classifier shrinks with k, and `zero_shot`, the prompt classifier itself),
   `linear_probe_method` (L2 logistic regression on frozen embeddings) and finetune.registry.fewshot_method (any
   registry model: fusion, ehr_only, early_fusion, gbdt, ...).
-- a method that cannot fit a draw raises `SkipDraw(reason)`; a draw whose AUROC is undefined is skipped too
+- a method that cannot fit a draw raises `SkipDraw(reason)` (gbdt on fewer rows than a tree needs to split:
+  finetune.registry.fewshot_method); a draw whose AUROC is undefined is skipped too
   (UNSCORED). Each skipped (k, seed) stays in per_draw with its reason, out of the summary's draws, and is
   counted by reason (`skipped_by_reason`).
 - summary per k over draws: mean, sample standard deviation, min/max and a t-interval of the mean over draws

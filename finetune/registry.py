@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from radalign.finetune.baselines import EarlyFusionModel, GBDTBaseline, LateFusion, gbdt_matrix
+from radalign.finetune.fewshot import SkipDraw
 from radalign.finetune.fit import fit_model, logits_of, take_rows
 from radalign.finetune.inputs import SplitInputs
 from radalign.finetune.models import EHREncoder, FusionModel, build_encoders, dropout_rates_from_presence
@@ -304,14 +305,19 @@ def fewshot_method(spec: dict, pool: SplitInputs, evaluate: SplitInputs, *, step
     torch.manual_seed(seed) and trained `steps` AdamW steps (finetune.fit.fit_model: no validation, no early
     stopping) on the whole draw, or on seeded minibatches of `batch_size` rows when the draw is larger (so a
     k=all fit costs what a k=batch_size/2 one does); gbdt fits its fixed iterations (build_model(spec).fit) on
-    the drawn rows' EHR (+ image) matrix. Binary tasks (the few-shot protocol draws k per class of one label)."""
+    the drawn rows' EHR (+ image) matrix, and skips (fewshot.SkipDraw) a draw of fewer rows than a tree needs to
+    split. Binary tasks (the few-shot protocol draws k per class of one label)."""
     if spec.get("kind") not in FEWSHOT_KINDS:
         raise RadalignError(f"few-shot method: model kind {spec.get('kind')!r} cannot be fitted on a draw; use one "
                             f"of {', '.join(FEWSHOT_KINDS)} (late_fusion fits on validation, tuned_fusion on films)")
     if spec["kind"] == "gbdt":
         x, categorical = gbdt_inputs(pool, spec["with_image"])  # [N, F], [F]
+        least = build_model(spec).min_rows
 
         def fit_gbdt(rows, y, seed):
+            if len(rows) < least:  # one-leaf trees: the same score for every study, an AUROC of 0.5 by construction
+                raise SkipDraw(f"gbdt: fewer than {least} drawn rows; no tree can split (sklearn's min_samples_leaf "
+                               f"{least // 2} on each side), so every study would get the same score")
             model = build_model(spec).fit((x[rows], categorical), np.asarray(y, np.float64)[:, None])
             return model_logits(model, spec, evaluate)[:, 0]
         fit_gbdt.seed_free = True  # its trees use spec["seed"], not the draw's: run_sweep fits k=all once

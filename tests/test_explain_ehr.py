@@ -494,6 +494,53 @@ def test_groups_read_as_the_table_row():
         A.known_groups([A.EHRGroup("x", "lab", 4)], one_row()["ehr"])
 
 
+def _two_rows() -> dict:
+    """Row 0 by hand (row 1 flips every flag: only row 0 counts). A measured lab whose value is 0.0 is known; an
+    unknown age whose slot holds a stale 71.0 is not; category 0 is unknown whatever the others hold."""
+    return {"values": torch.tensor([[0.0, 2.5, -1.0, 0.0], [1.0, 0.0, 0.0, 3.0]]),
+            "hours": torch.tensor([[0.0, 3.0, 1.0, 0.0], [1.0, 0.0, 0.0, 2.0]]),
+            "measured": torch.tensor([[True, False, True, False], [False, True, False, True]]),
+            "num": torch.tensor([[71.0], [0.0]]), "num_known": torch.tensor([[False], [True]]),
+            "cat": torch.tensor([[2, 0, 1, 0, 3], [0, 2, 0, 1, 0]])}
+
+
+# the hand-worked table of row 0: (group, known)
+KNOWN_ROW0 = [("creatinine", True), ("lactate", False), ("sodium", True), ("troponin_t", False), ("age", False),
+              ("sex", True), ("race", False), ("insurance", True), ("marital status", False), ("language", True)]
+
+
+def test_known_groups_read_row_0_by_kind():
+    groups = model_groups()
+    assert [(g.name, k) for g, k in zip(groups, A.known_groups(groups, _two_rows()))] == KNOWN_ROW0
+    ehr = _two_rows()
+    ehr["num_known"][0, 0], ehr["num"][0, 0] = True, 0.0  # an age known to be 0 is known
+    assert A.known_groups([g for g in groups if g.kind == "numeric"], ehr) == [True]
+
+
+@pytest.mark.parametrize("group,key", [
+    (A.EHRGroup("lactate", "lab", 4), "measured"),  # one past the 4 lab columns
+    (A.EHRGroup("weight", "numeric", 1), "num_known"),  # the model has one numeric demographic
+    (A.EHRGroup("ethnicity", "categorical", 5), "cat"),  # five categorical columns
+    (A.EHRGroup("creatinine", "lab", 9), "measured"),
+])
+def test_a_group_beyond_the_models_ehr_columns_is_refused_naming_it_and_the_fix(group, key):
+    with pytest.raises(A.RadalignError) as e:
+        A.known_groups([*model_groups(), group], _two_rows())
+    assert str(e.value) == (f"EHR group {group.name!r} ({group.kind} #{group.index}): the model's EHR input has no "
+                            f"{key!r} column {group.index}; the groups must come from the run's featurizer")
+
+
+@pytest.mark.parametrize("kind,key", [("lab", "measured"), ("numeric", "num_known"), ("categorical", "cat")])
+def test_a_group_whose_input_key_is_absent_is_refused(kind, key):
+    ehr = {k: v for k, v in _two_rows().items() if k != key}
+    group = next(g for g in model_groups() if g.kind == kind)
+    with pytest.raises(A.RadalignError, match=rf"EHR group {group.name!r} \({kind} #0\): the model's EHR input has "
+                       rf"no '{key}' column 0; the groups must come from the run's featurizer"):
+        A.known_groups(model_groups(), ehr)
+    others = [g for g in model_groups() if g.kind != kind]  # the other kinds never read the missing key
+    assert A.known_groups(others, ehr) == [k for (n, k), g in zip(KNOWN_ROW0, model_groups()) if g.kind != kind]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # In `finetune explain`: JSON, Markdown, HTML
 

@@ -111,7 +111,7 @@ def _hand_trained_logit(spec, pool, test, rows, seed, lr, wd, batch_size=BATCH) 
     return getattr(out, "logits", out)[:, 0].numpy()
 
 
-@pytest.mark.parametrize("k,seed", [(1, 0), (2, 3), ("all", 1)])
+@pytest.mark.parametrize("k,seed", [("all", 1), ("all", 4)])
 def test_gbdt_method_scores_as_sklearn_trees_fitted_on_the_drawn_rows(swept, inputs, k, seed):
     from radalign.finetune.fewshot_recipe import registry_specs
 
@@ -120,7 +120,7 @@ def test_gbdt_method_scores_as_sklearn_trees_fitted_on_the_drawn_rows(swept, inp
     want = _auroc(inputs.test.y[:, 0], _sklearn_trees_logit(registry_specs(inputs, ["gbdt"])["gbdt"],
                                                             inputs.train, inputs.test, rows))
     got = next(r for r in doc["methods"]["gbdt"]["per_draw"] if r["k"] == k and r["seed"] == seed)
-    assert got["auroc"] == pytest.approx(want, abs=1e-12) and got["n"] == len(rows)
+    assert got["auroc"] == pytest.approx(want, abs=1e-12) and got["n"] == len(rows) and "skipped" not in got
     # the trees ignore the draw's seed: k=all is fitted once and reused (seed 1 above: a reused fit, still equal to
     # sklearn's own fit); torch methods are seeded by the draw and refitted
     assert doc["methods"]["gbdt"]["summary"]["all"]["n_reused"] == 4
@@ -156,6 +156,57 @@ def test_registry_method_logits_equal_the_direct_fit_and_differ_by_seed(inputs):
     g = registry_specs(inputs, ["gbdt"])["gbdt"]
     assert np.allclose(fewshot_method(g, pool, test, steps=1, lr=1, weight_decay=0)(rows, pool.y[rows, 0], 0),
                        _sklearn_trees_logit(g, pool, test, rows), atol=1e-9)
+
+
+GBDT_SKIP = ("gbdt: fewer than 40 drawn rows; no tree can split (sklearn's min_samples_leaf 20 on each side), so "
+             "every study would get the same score")
+
+
+def test_gbdt_draws_too_small_for_a_split_are_skipped_and_counted_by_reason(swept, inputs):
+    """k=1 and k=2 draw 2 and 4 rows: sklearn's trees (min_samples_leaf 20) cannot split them, so the fitted trees
+    score every test study the same (checked here with sklearn) and the AUROC would be 0.5 by construction. Those
+    draws are skipped with the reason, counted by reason in fewshot.json and report.md; k=all is scored."""
+    from radalign.finetune.fewshot_recipe import registry_specs
+
+    _, out, doc = swept
+    spec = registry_specs(inputs, ["gbdt"])["gbdt"]
+    for k in (1, 2):
+        rows = _drawn_rows(out, "gbdt", k, 0, inputs.train)
+        assert len(rows) == 2 * k and np.ptp(_sklearn_trees_logit(spec, inputs.train, inputs.test, rows)) == 0
+        s = doc["methods"]["gbdt"]["summary"][str(k)]
+        assert s["n_skipped"] == SEEDS and s["skipped_by_reason"] == {GBDT_SKIP: SEEDS}
+        assert s["n_draws"] == 0 and s["mean"] is None and s["n_unscored"] == 0
+        for r in (r for r in doc["methods"]["gbdt"]["per_draw"] if r["k"] == k):
+            assert r["skipped"] == GBDT_SKIP and r["auroc"] is None and r["n"] == 2 * k and r["sha256"]
+    assert doc["methods"]["gbdt"]["summary"]["all"]["n_skipped"] == 0
+    assert doc["skipped"]["total"] == 2 * SEEDS and doc["skipped"]["by_reason"] == {GBDT_SKIP: 2 * SEEDS}
+    assert sorted((d["method"], d["k"], d["seed"]) for d in doc["skipped"]["draws"]) == sorted(
+        ("gbdt", k, s) for k in (1, 2) for s in range(SEEDS))
+    report = (out / "report.md").read_text()
+    assert f"Skipped draws: {2 * SEEDS} (method, k, seed in fewshot.json), by reason:" in report
+    escaped = GBDT_SKIP.replace("_", "\\_")  # as Markdown shows it
+    assert f"| {escaped} | {2 * SEEDS} |" in report
+    gbdt = report.split("## gbdt", 1)[1]
+    assert f"| 1 | – | 0 | {SEEDS} |" in gbdt and f"| 2 | – | 0 | {SEEDS} |" in gbdt
+
+
+def test_gbdt_fits_from_the_rows_two_leaves_need(inputs):
+    """39 labelled rows: every sklearn tree is one leaf (all test scores equal), skipped; 40: fitted as sklearn."""
+    from radalign.finetune.fewshot import SkipDraw
+    from radalign.finetune.fewshot_recipe import registry_specs
+    from radalign.finetune.registry import fewshot_method
+
+    pool, test = inputs.train, inputs.test
+    labelled = np.flatnonzero(~np.isnan(pool.y[:, 0]))
+    rows = np.concatenate([labelled[pool.y[labelled, 0] == 1][:10], labelled[pool.y[labelled, 0] == 0][:30]])
+    spec = registry_specs(inputs, ["gbdt"])["gbdt"]
+    fit = fewshot_method(spec, pool, test, steps=1, lr=1, weight_decay=0)
+    assert np.ptp(_sklearn_trees_logit(spec, pool, test, rows[:39])) == 0  # the recipe cannot split 39 rows
+    with pytest.raises(SkipDraw) as e:
+        fit(rows[:39], pool.y[rows[:39], 0], 0)
+    assert str(e.value) == GBDT_SKIP
+    want = _sklearn_trees_logit(spec, pool, test, rows)
+    assert np.ptp(want) > 0 and np.allclose(fit(rows, pool.y[rows, 0], 0), want, atol=1e-9)
 
 
 def test_registry_kinds_that_cannot_fit_a_draw_are_refused(inputs):
@@ -220,13 +271,15 @@ def test_curve_json_has_every_k_and_method_with_its_draws(swept):
         s = doc["methods"][m]["summary"]
         assert list(s) == [str(k) for k in KS] and "0" not in s
         for k in KS:
+            if m == "gbdt" and k != "all":  # too few rows for a tree to split: skipped (the test above)
+                continue
             aus = [r["auroc"] for r in doc["methods"][m]["per_draw"] if r["k"] == k]
             assert len(aus) == SEEDS and s[str(k)]["n_draws"] == SEEDS and s[str(k)]["n_skipped"] == 0
             assert s[str(k)]["mean"] == pytest.approx(np.mean(aus), abs=1e-12)
             assert s[str(k)]["unit"] == "draw" and s[str(k)]["ci_low"] <= s[str(k)]["mean"] <= s[str(k)]["ci_high"]
         assert (out / f"learning_curve-{m}.png").stat().st_size > 1000
     assert (out / "learning_curve.png").stat().st_size > 1000
-    assert doc["skipped"] == {"total": 0, "by_reason": {}, "draws": []}
+    assert doc["skipped"]["by_reason"] == {GBDT_SKIP: 2 * SEEDS}  # the gbdt draws of k=1 and 2, no other
     assert doc["unit"].startswith("study")
 
 

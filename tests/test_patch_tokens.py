@@ -213,6 +213,49 @@ def test_patch_tokens_are_cached_and_averaged_per_study(cohort, tmp_path, monkey
     assert b[PATCH_KEY].shape == (2, 16, 64) and b["image"].shape == (2, 64)
 
 
+def _drop_films(per_split: dict[str, dict], films) -> None:
+    """Take `films` out of a cache pass's {shard split: {dicom_id: ...}} (as if the shards lost them)."""
+    for lookup in per_split.values():
+        for f in films:
+            lookup.pop(str(f), None)
+
+
+# (pass that loses the first study's films, pass that loses the second's): patch tokens only, pooled only, one each
+LOST_IN = [("_patches", "_patches"), ("_images", "_images"), ("_patches", "_images")]
+
+
+@pytest.mark.parametrize("first,second", LOST_IN)
+def test_a_film_read_in_one_pass_and_lost_in_the_other_is_refused(cohort, tmp_path, monkeypatch, first, second):
+    """The pooled pass and the patch pass read the shards separately; a study with an image embedding but no
+    patch tokens (or the reverse) means the shards changed in between: refused, naming the shards folder and the
+    number of such studies (counted by hand here), through split_inputs on a real cache whose lookups lack films."""
+    import radalign.finetune.inputs as I
+    from radalign.pretrain.export import load_encoders
+
+    monkeypatch.setenv("RADALIGN_EMBED_CACHE", str(tmp_path / "embeddings"))
+    enc = load_encoders(cohort["export"])
+    frame = I.load_table(cohort["table"]).split("test")
+    task = load_config(FinetuneConfig, "finetune/long_stay", [], stage="finetune").task
+    cache = I.EmbeddingCache(enc, cohort["shards"], tmp_path / "ft", progress=False, patch_tokens=True)
+    whole = I.split_inputs("test", frame, task, ["image"], cache=cache, featurizer=None)  # both passes agree
+    with_image = np.flatnonzero(whole.present["image"])
+    assert whole.patches[with_image].any(axis=(1, 2)).all() and len(with_image) >= 2
+    studies = [frame["dicom_ids"].iloc[i] for i in with_image[:2]]
+    _drop_films(getattr(cache, first), studies[0])
+    _drop_films(getattr(cache, second), studies[1])
+    with pytest.raises(RadalignError) as e:
+        I.split_inputs("test", frame, task, ["image"], cache=cache, featurizer=None)
+    msg = str(e.value)
+    assert msg.startswith(f"{cohort['shards']}: 2 studies have an image embedding but no patch tokens or the reverse")
+    assert "the shards changed between the two passes" in msg and "Run again" in msg
+    # one study lost in both passes is absent in both: no image, no patch tokens, nothing refused
+    _drop_films(cache._images if first == "_patches" else cache._patches, studies[0])
+    _drop_films(cache._images if second == "_patches" else cache._patches, studies[1])
+    again = I.split_inputs("test", frame, task, ["image"], cache=cache, featurizer=None)
+    assert not again.present["image"][with_image[:2]].any() and not again.patches[with_image[:2]].any()
+    assert again.present["image"].sum() == whole.present["image"].sum() - 2
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Config
 

@@ -426,3 +426,28 @@ def test_degradation_runs_the_tower_once_per_film_and_scores_as_the_full_forward
     table = C.degradation_table(test.y[:, 0].astype(np.float64), test.subjects, {"fusion": want}, n_boot=20,
                                 seed=trained.cfg.seed)
     assert json.dumps(res["degradation"], sort_keys=True) == json.dumps(table, sort_keys=True)
+
+
+def test_study_tokens_are_computed_by_the_tower_asked_for(lora_run):
+    """A split holding one tower's tokens is reused by that tower only: another tower (an extra degradation
+    seed's) runs over the films again and gets what it gets from the films alone."""
+    import dataclasses
+
+    from radalign.finetune.predict import load_run
+    from radalign.finetune.registry import load_model
+    from radalign.finetune.tower import study_tokens
+
+    trained = load_run(lora_run)
+    data = trained.inputs("test")
+    own = trained.models["fusion"][0]
+    assert data.tokens_of is own.tower and study_tokens(own, data) is data
+    other, _ = load_model(lora_run / "models", "fusion")
+    with torch.no_grad():
+        for n, p in other.tower.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    theirs = study_tokens(other, data)
+    assert theirs.tokens_of is other.tower and not np.allclose(theirs.image, data.image, atol=1e-3)
+    films_only = dataclasses.replace(data, image=None, tokens_of=None)
+    np.testing.assert_array_equal(theirs.image, study_tokens(other, films_only).image)
+    np.testing.assert_array_equal(data.image, study_tokens(own, films_only).image)

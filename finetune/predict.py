@@ -8,7 +8,9 @@
 Every saved model of RUN/models is loaded through finetune.registry (torch models, the gradient-boosted trees and
 the late-fusion stacker alike) and scored. Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
 run was trained with (refused otherwise, naming the difference); the towers must be the export the run used
-(its checksum is in every cached embedding's name and checked here).
+(its checksum is in every cached embedding's name and checked here). A tuned image tower's export is found by
+the run's current data.checkpoint first, then by the path recorded at training (finetune.tower.find_tuned_export),
+so a run moved with its export still predicts.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@
     model = TunedModel(tower, head, export_checksum=encoders.checksum)
     out = model(batch)          # batch["pixels"] [F, C, H, W] films, batch["film_owner"] [F] row of each film
     model.state_dict()          # the trainable weights only (head + adapters / unfrozen blocks), never the export's
+    data = study_tokens(model, film_inputs)   # the tower once per film: `image` = study tokens, the head scores them
+    find_tuned_export(spec["tower"], checkpoint=cfg.data.checkpoint)   # the export trained on (checksum decides)
 
 `last_blocks`: every weight of the export stays frozen except the last `tune_blocks` transformer blocks, the
 final LayerNorm (`ln_post`, which only acts on their output) and the projection `proj`.

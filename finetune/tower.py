@@ -250,8 +250,8 @@ def find_tuned_export(tower: Mapping, checkpoint=None) -> Path:
         got = _checksum_at(path)
         if got is not None and got == want:
             return find_export(path)
-        found.append(f"{where} {path} holds " + (f"export {got[:12]}..." if got else "no export"))
-    raise RadalignError(f"the tuned model was trained on export {str(want)[:12]}... and its adapter / block weights "
+        found.append(f"{where} {path} holds " + (f"export {got[:16]}" if got else "no export"))
+    raise RadalignError(f"the tuned model was trained on export {str(want)[:16]} and its adapter / block weights "
                         f"fit that export only, but {' and '.join(found)}. Fix: copy that export beside the run and "
                         "point data.checkpoint in RUN/config.yaml at it (the export whose config.json has checksum "
                         f"{want}), or train again on this one")

@@ -33,7 +33,7 @@ import multiprocessing as mp
 import random
 import re
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -60,8 +60,9 @@ log = get_logger("radalign.data.loader")
 REQUIRED_MEMBERS = ("jpg", "txt", "json")
 # Samples of a shard that never came out of its tar, checked against the manifest count of that shard.
 SHARD_REASONS = ("truncated_shard", "unreadable_shard", "checksum_mismatch")
-# Left out on purpose by the training loader (read fine, but not in a batch); not in `loader.lost`.
-BOOKKEEPING_REASONS = ("incomplete_batch", "rank_balance")
+# Left out on purpose (read fine, but not in a batch): by the training loader, or not among the eval loader's
+# `keys` (never decoded); not in `loader.lost`.
+BOOKKEEPING_REASONS = ("incomplete_batch", "rank_balance", "not_selected")
 # Every reason a sample can be skipped for; `loader.skipped` counts these. `bad_shard` (a failing shard,
 # counted once, not per sample) appears only for shards without a manifest; `unaccounted` only if the
 # per-pass check against the manifest finds samples no other reason explains (it should never).
@@ -289,6 +290,20 @@ class _EvalSamples(wds.PipelineStage):
                 yield sample
 
 
+class _Select:
+    """Only the raw samples whose key is in `keys` go on to be decoded; the others are counted (`not_selected`)."""
+
+    def __init__(self, keys: frozenset[str], skiplog: _SkipLog):
+        self.keys, self.skiplog = keys, skiplog
+
+    def __call__(self, src):
+        for sample in src:
+            if sample.get("__key__") in self.keys:
+                yield sample
+            else:
+                self.skiplog.counts["not_selected"] += 1  # counted, not logged: one line per film would flood
+
+
 class _Decode:
     """Raw sample -> decoded dict, or None (skipped and recorded) when a member is missing or corrupt."""
 
@@ -399,6 +414,7 @@ class Loader:
         self.num_batches, self.batch_size, self.readers = num_batches, batch_size, readers
         self.expected = expected  # eval: samples this rank should read per pass (manifest); None: unknown
         self.delivered = 0        # samples yielded in the current (or last) pass
+        self.not_selected = 0     # eval with `keys`: samples of the pass read past, never decoded
         self.skipped: Counter = Counter()
         self.lost: Counter = Counter()
         self._logged: set[tuple[str, str]] = set()
@@ -422,11 +438,12 @@ class Loader:
         if self._started and not self._epoch_set:
             self._epoch.set(self._epoch.get() + 1)  # a new pass must not repeat the previous order
         self._started, self._epoch_set = True, False
-        self.lost, self.delivered = Counter(), 0
+        self.lost, self.delivered, self.not_selected = Counter(), 0, 0
         done = 0
         for batch in self._loader:
             self.skipped.update(batch["skipped"])
             self.lost.update({r: n for r, n in batch["skipped"].items() if r not in BOOKKEEPING_REASONS})
+            self.not_selected += batch["skipped"].get("not_selected", 0)
             for reason, key in batch.pop("skipped_keys"):
                 if (reason, key) not in self._logged:  # a resampled corrupt sample comes back; log it once
                     self._logged.add((reason, key))
@@ -448,7 +465,7 @@ class Loader:
         """End of a full eval pass: every manifest sample was delivered or counted lost; else `unaccounted`."""
         if self.expected is None:
             return
-        missing = self.expected - self.delivered - sum(self.lost.values())
+        missing = self.expected - self.delivered - self.not_selected - sum(self.lost.values())
         if missing > 0:
             log.warning("%d of %d samples neither read nor counted as skipped; counted as unaccounted",
                         missing, self.expected)
@@ -569,7 +586,8 @@ def make_train_loader(shards: Sequence[str], *, batch_size: int, transform: Call
 
 def make_eval_loader(shards: Sequence[str], *, batch_size: int, transform: Callable, num_workers: int = 0,
                      rank: int | None = None, world_size: int | None = None,
-                     pin_memory: bool = False, verify: bool = False) -> Loader:
+                     pin_memory: bool = False, verify: bool = False,
+                     keys: Collection[str] | None = None) -> Loader:
     """Batches `{"image": [B,C,H,W], "text": list[str], "key", "meta": list[dict], "place", "skipped"}`.
 
     Every sample exactly once across all ranks and workers, in the same order on every run: no shuffle, no
@@ -581,15 +599,18 @@ def make_eval_loader(shards: Sequence[str], *, batch_size: int, transform: Calla
 
     After a full pass, `loader.lost` holds every manifest sample of this rank that is not in a batch, by
     reason (checked: `loader.delivered + sum(loader.lost.values()) == loader.expected`). `verify=True`
-    checks each shard's sha256 against the manifest before reading it.
+    checks each shard's sha256 against the manifest before reading it. `keys`: decode only the samples with
+    these keys (the others are read past, never decoded, and counted `not_selected`, not lost).
     """
     urls = _check_shards(shards)
     _check_batch_and_workers(batch_size, num_workers)
     rank, world_size = dist_info(rank, world_size)
     skiplog = _SkipLog()
     info = _shard_info(urls, verify)
+    select = [] if keys is None else [_Select(frozenset(map(str, keys)), skiplog)]
     pipeline = wds.DataPipeline(
         _EvalSamples(urls, rank=rank, world_size=world_size, reader=_ShardReader(info, skiplog, verify)),
+        *select,
         wds.map(_Decode(transform, skiplog, train=False)),
         wds.batched(batch_size, collation_fn=_Collate(skiplog, None, train=False), partial=True),
         _Finish(skiplog, batch_size, drop_last=False),

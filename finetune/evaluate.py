@@ -104,7 +104,7 @@ def degradation_seed_scores(trained: TrainedRun, data: SplitInputs, main: dict |
         for seed in range(trained.cfg.seed + 1, trained.cfg.seed + trained.cfg.baselines.degradation_seeds):
             if not (folder / f"{seed_model_name(name, seed)}.json").is_file():
                 break
-            model, meta = load_model(folder, seed_model_name(name, seed))
+            model, meta = load_model(folder, seed_model_name(name, seed), checkpoint=trained.export)
             runs.append(degradation_logits(model, data, meta["spec"]["modalities"]))
         out[name] = runs
     n = min(len(r) for r in out.values())
@@ -308,6 +308,10 @@ def similar_neighbours(index: str | os.PathLike, trained: TrainedRun, data: Spli
     retr = Retriever.load(index)
     check_index_encoder(retr.store, trained)
     retr.encoders = trained.encoders
+    if getattr(data, "tokens_of", None) is not None:  # finetune.films.FilmInputs of a tuned tower
+        raise RadalignError(f"study {data.studies[row]}: the run's image tower was tuned, so its image token is not "
+                            "in the space of the index (built with the frozen export); explain it without "
+                            "--index-dir")
     if data.image is None or not data.present.get("image", np.zeros(len(data), bool))[row]:
         raise RadalignError(f"study {data.studies[row]}: no film embedded, so no image to search the index "
                             "with; explain it without --index-dir")
@@ -371,13 +375,14 @@ def explain_study(checkpoint: str | os.PathLike | TrainedRun, study_id, *, index
         raise RadalignError(f"--model {model}: a {meta['spec']['kind']} model has no modality tokens to explain "
                             f"(Shapley values over masked modalities, attention); use one of {', '.join(fusion)}")
     mods = list(meta["spec"]["modalities"])
-    split, row = find_study(trained, study_id, table=table, split=split)
-    data = trained.inputs(split, table, shards)
-    batch = data.batch([row], mods)
+    split, at = find_study(trained, study_id, table=table, split=split)
+    data, row = trained.inputs(split, table, shards, rows=[at]), 0  # that study only (a tuned run: its films only)
     net.eval()
-    if meta["spec"]["kind"] == TUNED_KIND:  # its tower's image token once, then its head as in a frozen run (the
-        with torch.no_grad():               # coalitions repeat the row; the films belong to row 0 only)
-            batch, net = {**batch, "image": net.image_tokens(batch, 1)}, net.head
+    if meta["spec"]["kind"] == TUNED_KIND:  # its tower's image token once, then its head as in a frozen run
+        from radalign.finetune.tower import study_tokens
+
+        data, net = study_tokens(net, data), net.head
+    batch = data.batch([row], mods)
     fr = data.frame.iloc[row]
     neighbours, filtered = (None, {})
     if index is not None:

@@ -14,7 +14,7 @@ inputs come from finetune.inputs as in a frozen run.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,8 @@ class FilmStore:
     @classmethod
     def load(cls, shards: str | Path, export_config: Mapping, wanted: set[str], *, num_workers: int = 0,
              progress: bool = False) -> FilmStore:
-        """Every wanted film of every shard split, decoded once (films of other studies are skipped)."""
+        """Every wanted film of every shard split, decoded once; the films of other studies are read past in the
+        tars, never decoded (make_eval_loader's `keys`)."""
         from radalign.data.loader import make_eval_loader, shard_paths
         from radalign.data.shards import split_names
 
@@ -60,11 +61,10 @@ class FilmStore:
         lost = {}
         for split in split_names(shards):
             loader = make_eval_loader(shard_paths(shards, split), batch_size=256, transform=load,
-                                      num_workers=num_workers, rank=0, world_size=1)
+                                      num_workers=num_workers, rank=0, world_size=1, keys=wanted)
             for b in _progress(loader, f"films {split}", progress):
                 for key, img in zip(b["key"], b["image"]):
-                    if key in wanted:
-                        films[key] = img.clone()  # [1, S, S] uint8
+                    films[key] = img.clone()  # [1, S, S] uint8
             lost[split] = {k: v for k, v in dict(loader.lost).items() if v}
         log.info("films decoded: %d of %d wanted", len(films), len(wanted))
         return cls(films, per_batch, lost)
@@ -89,24 +89,36 @@ def _progress(it, desc: str, on: bool):
 
 @dataclass
 class FilmInputs(SplitInputs):
-    """A split's inputs whose image modality is films (through the trained tower), not cached embeddings."""
+    """A split's inputs whose image modality is films (through the trained tower), not cached embeddings; once a
+    tuned model's tower has run over them (`with_tokens`, finetune.tower.study_tokens), `image` holds its study
+    tokens [N, D] and `batch()` gives those, as a frozen run's embeddings (the films stay for another tower)."""
 
     films: list = field(default_factory=list)  # [N] lists of the dicom_ids found in the store
     store: FilmStore | None = None
+    tokens_of: Any = None  # the tower whose study tokens `image` holds (None: `image` is not computed)
 
     def batch(self, rows=None, modalities: Sequence[str] | None = None) -> dict:
         rows = np.arange(len(self)) if rows is None else np.asarray(rows)
         mods = list(modalities or self.present)
+        if self.tokens_of is not None:
+            return super().batch(rows, mods)
         out = super().batch(rows, [m for m in mods if m != "image"])
         if "image" in mods:
-            keys, owner = [], []
-            for i, r in enumerate(rows):
-                keys += self.films[r]
-                owner += [i] * len(self.films[r])
-            out["pixels"] = self.store.pixels(keys)  # [F, C, S, S]
-            out["film_owner"] = torch.as_tensor(owner, dtype=torch.long)  # [F]
+            out.update(self.film_batch(rows))
             out["present"]["image"] = torch.as_tensor(self.present["image"][rows])
         return out
+
+    def film_batch(self, rows) -> dict:
+        """{"pixels": [F, C, S, S], "film_owner": [F]} of the films of `rows` (the position in `rows` of each)."""
+        keys, owner = [], []
+        for i, r in enumerate(rows):
+            keys += self.films[r]
+            owner += [i] * len(self.films[r])
+        return {"pixels": self.store.pixels(keys), "film_owner": torch.as_tensor(owner, dtype=torch.long)}
+
+    def with_tokens(self, tokens: np.ndarray, tower) -> FilmInputs:
+        """This split with `image` = `tokens` [N, D], the study tokens of `tower`."""
+        return replace(self, image=tokens, tokens_of=tower)
 
 
 def wanted_films(frames: Sequence) -> set[str]:

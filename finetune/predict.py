@@ -8,7 +8,9 @@
 Every saved model of RUN/models is loaded through finetune.registry (torch models, the gradient-boosted trees and
 the late-fusion stacker alike) and scored. Only safetensors and JSON are read from the run folder. The EHR feature list of the data must be the one the
 run was trained with (refused otherwise, naming the difference); the towers must be the export the run used
-(its checksum is in every cached embedding's name and checked here).
+(its checksum is in every cached embedding's name and checked here). A tuned image tower's export is found by
+the run's current data.checkpoint first, then by the path recorded at training (finetune.tower.find_tuned_export),
+so a run moved with its export still predicts.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from radalign.finetune.inputs import (
 from radalign.finetune.registry import load_models, model_logits
 from radalign.finetune.report import predictions_frame
 from radalign.finetune.tasks import task_scores
+from radalign.finetune.tower import TUNED_KIND, find_tuned_export, study_tokens
 from radalign.pretrain.export import load_encoders
 
 from radalign import RadalignError
@@ -49,6 +52,7 @@ class TrainedRun:
     table_path: str
     shards: str
     encoders: object = None
+    export: str | None = None  # the export folder the towers come from (data.checkpoint, or a tuned tower's own)
     _tables: dict = field(default_factory=dict)
 
     @property
@@ -90,10 +94,16 @@ class TrainedRun:
             raise RadalignError(f"{t.path} (split {split!r}) lacks column(s) {', '.join(lacking)}. Fix: use a "
                                 "table written by `radalign data link-ehr` with the run's feature list" + fill + fix)
 
-    def inputs(self, split: str, table: str | None = None, shards: str | None = None) -> SplitInputs:
+    def inputs(self, split: str, table: str | None = None, shards: str | None = None,
+               rows=None) -> SplitInputs:
+        """The split's inputs (only its `rows`, positions in the table split, when given). A tuned tower's run:
+        only those studies' films are decoded, and the tower runs once per film here (finetune.tower.study_tokens);
+        every model and condition then scores the split from its study tokens."""
         self.check_columns(split, table)
         t = self.table(table)
         frame = t.split(split)
+        if rows is not None:
+            frame = frame.iloc[np.asarray(rows, dtype=int)].reset_index(drop=True)
         task = self.cfg.task
         wanted = [task.threshold_column] if task.threshold_column else list(task.labels)
         if any(c not in frame.columns for c in wanted):  # new studies without outcomes: scored, unlabelled
@@ -107,14 +117,20 @@ class TrainedRun:
             from radalign.finetune.films import film_inputs, load_films
 
             store = load_films(shards or self.shards, self.export_config(), [frame], progress=self.cfg.progress)
-            return film_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer,
+            data = film_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer,
                                store=store)
+            tuned = self.tuned_model()
+            return data if tuned is None or "image" not in self.modalities else study_tokens(tuned, data)
         return split_inputs(split, frame, task, self.modalities, cache=cache, featurizer=self.featurizer)
 
     def export_config(self) -> dict:
         from radalign.pretrain.export import find_export
 
-        return json.loads((find_export(self.cfg.data.checkpoint) / "config.json").read_text())
+        return json.loads((find_export(self.export or self.cfg.data.checkpoint) / "config.json").read_text())
+
+    def tuned_model(self):
+        """The run's model whose image tower trained (finetune.tower.TunedModel), or None."""
+        return next((m for m, meta in self.models.values() if meta["spec"]["kind"] == TUNED_KIND), None)
 
     def logits(self, data: SplitInputs, name: str, present_override=None) -> np.ndarray:
         """[N] logits of a binary task's model; [N, K] (one column per class) for multilabel / multiclass."""
@@ -134,14 +150,24 @@ def load_run(path: str | os.PathLike) -> TrainedRun:
     cfg = load_config(FinetuneConfig, cfg_file, [], stage="finetune", saved=True)
     fz_doc = json.loads((path / "featurizer.json").read_text()) if (path / "featurizer.json").is_file() else {}
     featurizer = EHRFeaturizer.from_dict(fz_doc) if fz_doc.get("format") else None
-    models = load_models(models_dir)
+    models = load_models(models_dir, checkpoint=cfg.data.checkpoint)  # a moved tuned export: found there
     if not models:
         raise RadalignError(f"{models_dir}: no finished model; the run was interrupted before the first model "
                             "finished (run `radalign finetune` again with the same run_dir to resume)")
+    export = run_export(cfg, models)
     encoders = None
     if {"image", "text"} & set(cfg.data.modalities):
-        encoders = load_encoders(cfg.data.checkpoint)
-    return TrainedRun(path, cfg, featurizer, models, cfg.data.table, cfg.data.shards, encoders)
+        encoders = load_encoders(export)
+    return TrainedRun(path, cfg, featurizer, models, cfg.data.table, cfg.data.shards, encoders, str(export))
+
+
+def run_export(cfg: FinetuneConfig, models: Mapping) -> Path | str:
+    """Where the run's towers come from: the export its tuned tower was trained on when it has one (the run's
+    data.checkpoint first, else the recorded path: finetune.tower.find_tuned_export), else data.checkpoint."""
+    for _, meta in models.values():
+        if meta["spec"]["kind"] == TUNED_KIND:
+            return find_tuned_export(meta["spec"]["tower"], cfg.data.checkpoint)
+    return cfg.data.checkpoint
 
 
 def predict_split(run: str | os.PathLike, *, table: str | None = None, split: str = "test",

@@ -129,10 +129,12 @@ def _build_fusion(spec: dict) -> FusionModel:
                        modality_dropout=spec["modality_dropout"], cls_sees_absent=spec["cls_sees_absent"])
 
 
-def _build_tuned(spec: dict):
+def _build_tuned(spec: dict, checkpoint=None):
+    """checkpoint: where to look for the export first (the run's data.checkpoint; finetune.tower.find_tuned_export)."""
     from radalign.finetune.tower import TunedModel, load_tuned_tower
 
-    return TunedModel(load_tuned_tower(spec["tower"]), _build_fusion(spec), spec["tower"]["export_checksum"])
+    tower = load_tuned_tower(spec["tower"], checkpoint=checkpoint)
+    return TunedModel(tower, _build_fusion(spec), spec["tower"]["export_checksum"])
 
 
 def _build_early_fusion(spec: dict) -> EarlyFusionModel:
@@ -181,6 +183,14 @@ def _torch_logits(model, spec: dict, data: SplitInputs, present_override=None) -
     return logits_on(model, data, spec["modalities"], present_override)
 
 
+def _tuned_logits(model, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
+    """The head on the tower's study tokens of the split (finetune.tower.study_tokens: computed once per film,
+    or taken from `data` when it holds this tower's tokens already)."""
+    from radalign.finetune.tower import study_tokens
+
+    return logits_on(model.head, study_tokens(model, data), spec["modalities"], present_override)
+
+
 def _gbdt_logits(model: GBDTBaseline, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
     _no_override(spec, present_override)
     return model.predict_logits(gbdt_inputs(data, spec["with_image"]))
@@ -211,7 +221,7 @@ class Kind:
 
 KINDS = {"fusion": Kind(_build_fusion, _torch_logits, True),
          "early_fusion": Kind(_build_early_fusion, _torch_logits, True),
-         "tuned_fusion": Kind(_build_tuned, _torch_logits, True),  # finetune.tower: the image tower trains too
+         "tuned_fusion": Kind(_build_tuned, _tuned_logits, True),  # finetune.tower: the image tower trains too
          "gbdt": Kind(_build_gbdt, _gbdt_logits, False),
          "late_fusion": Kind(_build_late_fusion, _late_fusion_logits, False)}
 
@@ -224,9 +234,11 @@ def _kind(spec: Mapping, where: str = "spec") -> Kind:
     return KINDS[kind]
 
 
-def build_model(spec: dict):
-    """An untrained model of `spec` (torch kinds: initialised from torch's current RNG state)."""
-    return _kind(spec).build(spec)
+def build_model(spec: dict, *, checkpoint=None):
+    """An untrained model of `spec` (torch kinds: initialised from torch's current RNG state). checkpoint: the
+    run's data.checkpoint, where a tuned_fusion model looks for its export before the path its spec recorded."""
+    kind = _kind(spec)
+    return _build_tuned(spec, checkpoint) if spec["kind"] == "tuned_fusion" else kind.build(spec)
 
 
 def model_logits(model, spec: dict, data: SplitInputs, present_override=None) -> np.ndarray:
@@ -235,7 +247,12 @@ def model_logits(model, spec: dict, data: SplitInputs, present_override=None) ->
 
 
 def degradation_logits(model: nn.Module, data: SplitInputs, modalities) -> dict[str, np.ndarray]:
-    """Test logits with every modality, then with each one removed (masked) at test time."""
+    """Test logits with every modality, then with each one removed (masked) at test time. A tuned model's tower
+    runs once per film for all of them (finetune.tower.study_tokens), then its head once per condition."""
+    from radalign.finetune.tower import TunedModel, study_tokens
+
+    if isinstance(model, TunedModel):
+        model, data = model.head, study_tokens(model, data)
     out = {"all": logits_on(model, data, modalities)[:, 0]}
     for m in modalities:
         out[m] = logits_on(model, data, modalities, present_override={m: False})[:, 0]
@@ -258,8 +275,8 @@ def save_model(folder: Path, name: str, model, spec: dict, info: dict) -> None:
                                                "weights_sha256": sha256_file(folder / f"{name}.safetensors")})
 
 
-def load_model(folder: Path, name: str) -> tuple[Any, dict]:
-    """A finished model (weights + spec) from RUN/models; never a pickle."""
+def load_model(folder: Path, name: str, *, checkpoint=None) -> tuple[Any, dict]:
+    """A finished model (weights + spec) from RUN/models; never a pickle. checkpoint: as build_model's."""
     folder = Path(folder)
     meta_f, w_f = folder / f"{name}.json", folder / f"{name}.safetensors"
     if not meta_f.is_file() or not w_f.is_file():
@@ -272,7 +289,7 @@ def load_model(folder: Path, name: str) -> tuple[Any, dict]:
     if meta.get("weights_sha256") not in (None, sha256_file(w_f)):  # a flipped byte loads without an error
         raise RadalignError(f"{w_f}: damaged model weights (sha256 differs from {meta_f.name}); retrain the model "
                             f"(delete {w_f} and run `radalign finetune` again)")
-    model = kind.build(meta["spec"])
+    model = build_model(meta["spec"], checkpoint=checkpoint)
     try:
         model.load_state_dict((st_torch if kind.torch else st_numpy).load_file(str(w_f)))
     except Exception as e:  # safetensors raises its own error type on a truncated file
@@ -280,14 +297,14 @@ def load_model(folder: Path, name: str) -> tuple[Any, dict]:
                             f"(delete {w_f} and run `radalign finetune` again)") from None
     if meta["spec"]["kind"] == "late_fusion":
         for m, member in meta["spec"]["of"].items():
-            net, member_meta = load_model(folder, member)
+            net, member_meta = load_model(folder, member, checkpoint=checkpoint)
             model.members[m] = (net, member_meta["spec"])
     return (model.eval() if kind.torch else model), meta
 
 
-def load_models(folder: Path) -> dict[str, tuple[Any, dict]]:
-    """{name: (model, meta)} of every finished model in `folder` (RUN/models)."""
-    return {n: load_model(folder, n) for n in sorted(p.stem for p in Path(folder).glob("*.json"))}
+def load_models(folder: Path, *, checkpoint=None) -> dict[str, tuple[Any, dict]]:
+    """{name: (model, meta)} of every finished model in `folder` (RUN/models); checkpoint: as build_model's."""
+    return {n: load_model(folder, n, checkpoint=checkpoint) for n in sorted(p.stem for p in Path(folder).glob("*.json"))}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
     model = TunedModel(tower, head, export_checksum=encoders.checksum)
     out = model(batch)          # batch["pixels"] [F, C, H, W] films, batch["film_owner"] [F] row of each film
     model.state_dict()          # the trainable weights only (head + adapters / unfrozen blocks), never the export's
+    data = study_tokens(model, film_inputs)   # the tower once per film: `image` = study tokens, the head scores them
+    find_tuned_export(spec["tower"], checkpoint=cfg.data.checkpoint)   # the export trained on (checksum decides)
 
 `last_blocks`: every weight of the export stays frozen except the last `tune_blocks` transformer blocks, the
 final LayerNorm (`ln_post`, which only acts on their output) and the projection `proj`.
@@ -29,7 +31,9 @@ never imports accelerate or deepspeed (docs/architecture.md).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from radalign.finetune.config import LORA_TARGETS  # the LoRA-able Linears of a block: one list
@@ -176,6 +180,24 @@ class TunedModel(nn.Module):
         return self.head(batch)
 
 
+@torch.no_grad()
+def study_tokens(model: TunedModel, data, batch_size: int = 2048):
+    """`data` (finetune.films.FilmInputs) with `image` = the model's study tokens [N, D]: the tower runs once per
+    film, and every score of the split (predictions, each degradation condition, explain's coalitions) then runs
+    the head only, as on a frozen run's embeddings. A split already holding this tower's tokens is returned as is.
+    Rows are batched as registry.logits_on batches them, so the tokens are the ones a full forward computes."""
+    if getattr(data, "tokens_of", None) is model.tower:
+        return data
+    was = model.training
+    model.eval()
+    out = [model.image_tokens(data.film_batch(np.arange(i, min(i + batch_size, len(data)))),
+                              min(batch_size, len(data) - i)).float().cpu().numpy()
+           for i in range(0, len(data), batch_size)]  # [n, D] each
+    model.train(was)
+    d = model.head.encoders["image"].d_in
+    return data.with_tokens(np.concatenate(out) if out else np.zeros((0, d), np.float32), model.tower)
+
+
 def _drop_frozen(module: TunedModel, state: dict, prefix: str, local_metadata) -> None:
     for k in module.frozen_keys:
         state.pop(prefix + k, None)
@@ -192,7 +214,7 @@ def trainable_count(model: nn.Module) -> int:
 
 def tower_spec(cfg, export_config: Mapping, export_path: str) -> dict:
     """The `tower` part of a tuned model's spec (finetune.registry): the mode, its options and the export it tunes
-    (the checksum is checked whenever the model is built again)."""
+    (the checksum is checked whenever the model is built again; the path is where it was when first trained)."""
     m = cfg.model
     out = {"mode": m.image_tower, "export": str(export_path), "export_checksum": export_config.get("checksum")}
     if m.image_tower == "last_blocks":
@@ -202,17 +224,61 @@ def tower_spec(cfg, export_config: Mapping, export_path: str) -> dict:
     return out
 
 
-def load_tuned_tower(tower: Mapping, device="cpu") -> nn.Module:
-    """The export's image tower, made trainable per `tower`; refused when the export is not the one trained on."""
+def _checksum_at(path) -> str | None:
+    """The checksum in the config.json of the export at `path` (a run or export folder); None: no export there."""
+    import json
+
+    from radalign.pretrain.export import find_export
+
+    try:
+        return json.loads((find_export(path) / "config.json").read_text()).get("checksum")
+    except (RadalignError, OSError, ValueError):
+        return None
+
+
+def find_tuned_export(tower: Mapping, checkpoint=None) -> Path:
+    """The export folder a tuned tower was trained on: the run's current `data.checkpoint` when its checksum is
+    `tower["export_checksum"]` (a run and its export copied or moved together), else the path recorded at
+    training (`tower["export"]`); neither: one error naming both paths, the checksums found and the fix."""
+    from radalign.pretrain.export import find_export
+
+    want, found = tower["export_checksum"], []
+    for where, path in (("the run's data.checkpoint", checkpoint), ("the path recorded at training "
+                                                                    "(spec.tower.export)", tower.get("export"))):
+        if path is None:
+            continue
+        got = _checksum_at(path)
+        if got is not None and got == want:
+            return find_export(path)
+        found.append(f"{where} {path} holds " + (f"export {got[:16]}" if got else "no export"))
+    raise RadalignError(f"the tuned model was trained on export {str(want)[:16]} and its adapter / block weights "
+                        f"fit that export only, but {' and '.join(found)}. Fix: copy that export beside the run and "
+                        "point data.checkpoint in RUN/config.yaml at it (the export whose config.json has checksum "
+                        f"{want}), or train again on this one")
+
+
+def load_tuned_tower(tower: Mapping, device="cpu", checkpoint=None) -> nn.Module:
+    """The export's image tower (found by find_tuned_export), made trainable per `tower`."""
     from radalign.pretrain.export import load_encoders
 
-    enc = load_encoders(tower["export"], device=device)
-    if enc.checksum != tower["export_checksum"]:
-        raise RadalignError(f"{tower['export']}: export checksum {enc.checksum[:12]}..., but the tuned model was "
-                            f"trained on export {str(tower['export_checksum'])[:12]}...; its adapter / block weights "
-                            "only fit that export. Restore that export at the path the run recorded (spec.tower.export in "
-                            "RUN/models/fusion.json), or train again on this one")
+    enc = load_encoders(find_tuned_export(tower, checkpoint), device=device)  # verifies the weights' checksum
     return tune_tower(enc.model.visual, tower)
+
+
+def recorded_export(run_dir, checksum: str | None) -> str | None:
+    """The export path a run folder's tuned model (finished, or its checkpoints) recorded for export `checksum`:
+    a run whose export moved keeps its recorded spec, so its finished model is reused, not "changed"."""
+    import json
+
+    for f in (Path(run_dir) / "models" / "fusion.json", Path(run_dir) / "train" / "fusion" / "spec.json"):
+        try:
+            doc = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        tower = (doc.get("spec", doc) if isinstance(doc, dict) else {}).get("tower") or {}
+        if tower.get("export_checksum") == checksum and tower.get("export"):
+            return str(tower["export"])
+    return None
 
 
 def tuned_specs(run, specs: Mapping[str, dict]) -> dict[str, dict]:
@@ -221,6 +287,8 @@ def tuned_specs(run, specs: Mapping[str, dict]) -> dict[str, dict]:
     early_fusion) are left out, the text / EHR baselines stay."""
     from radalign.pretrain.export import find_export
 
+    checksum = run.export_config.get("checksum")
+    export = recorded_export(run.run_dir, checksum) or str(find_export(run.cfg.data.checkpoint).resolve())
     fusion = {**specs["fusion"], "kind": TUNED_KIND, "image_dim": int(run.export_config["embed_dim"]),
-              "tower": tower_spec(run.cfg, run.export_config, str(find_export(run.cfg.data.checkpoint).resolve()))}
+              "tower": tower_spec(run.cfg, run.export_config, export)}
     return {"fusion": fusion, **{n: s for n, s in specs.items() if "image" not in s["modalities"]}}

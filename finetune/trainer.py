@@ -115,7 +115,7 @@ def fit_torch(run, name: str, spec: dict, models_dir: Path | None = None) -> tup
     seed = int(spec.get("seed", cfg.seed))
     models_dir = models_dir or run.run_dir / "models"
     if (models_dir / f"{name}.json").is_file():  # RUN/run_spec.json matched the config (finetune.runspec)
-        model, meta = load_model(models_dir, name)
+        model, meta = load_model(models_dir, name, checkpoint=cfg.data.checkpoint)  # a moved export: found there
         diff = changed_keys(meta["spec"], json.loads(json.dumps(spec)))
         if diff:
             raise RadalignError(f"{models_dir / name}.json: a {name} model of another spec (changed: "
@@ -123,7 +123,7 @@ def fit_torch(run, name: str, spec: dict, models_dir: Path | None = None) -> tup
         run.say(f"{name}: finished earlier (best validation AUROC {_fmt(meta['best_val_auroc'])}); reused")
         return model, meta
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = build_model(spec, checkpoint=cfg.data.checkpoint)
     work = run.run_dir / "train" / name
     opt = adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     world, rank = acc.num_processes, acc.process_index

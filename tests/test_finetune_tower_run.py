@@ -124,21 +124,6 @@ def test_damaged_adapter_file_is_refused(lora_run, tmp_path, damage):
         load_run(copy)
 
 
-def test_another_export_is_refused_naming_both_checksums(ft_cohort, lora_run, tmp_path):
-    import shutil
-
-    from radalign.finetune.predict import load_run
-
-    copy = tmp_path / "run"
-    shutil.copytree(lora_run, copy)
-    meta_f = copy / "models" / "fusion.json"
-    meta = json.loads(meta_f.read_text())
-    meta["spec"]["tower"]["export"] = str(ft_cohort["other_export"])
-    meta_f.write_text(json.dumps(meta))
-    with pytest.raises(RadalignError, match=r"trained on export .*Restore that export at the path the run recorded \(spec.tower.export"):
-        load_run(copy)
-
-
 @pytest.mark.parametrize("mode", ["lora", "last_blocks"])
 def test_resume_after_a_stop_is_exact(ft_cohort, tmp_path, mode):
     extra = [f"model.image_tower={mode}", "model.tune_blocks=1", "optim.batch_size=32"]
@@ -164,10 +149,17 @@ def test_last_blocks_saves_the_last_blocks_and_the_projection_only(ft_cohort, tm
     assert "tower.proj" in tower and "tower.ln_post.weight" in tower
 
 
-def test_with_ehr_fusion(ft_cohort, tmp_path):
-    run = _run(ft_cohort, tmp_path / "ehr", "model.image_tower=lora", "data.modalities=[image, ehr]",
-               "baselines.models=[ehr_only, image_only, early_fusion]", "baselines.fusion_without_dropout=true",
-               "optim.epochs=1")
+@pytest.fixture(scope="module")
+def lora_ehr_run(ft_cohort, tmp_path_factory):
+    """A tuned run with image and EHR (so the degradation table masks each in turn) and the frozen-embedding
+    baselines asked for (a tuned run leaves them out, with the reason)."""
+    return _run(ft_cohort, tmp_path_factory.mktemp("tower") / "ehr", "model.image_tower=lora",
+                "data.modalities=[image, ehr]", "baselines.models=[ehr_only, image_only, early_fusion]",
+                "baselines.fusion_without_dropout=true", "optim.epochs=1")
+
+
+def test_with_ehr_fusion(lora_ehr_run):
+    run = lora_ehr_run
     m = json.loads((run / "metrics.json").read_text())
     assert set(m["models"]) == {"fusion", "ehr_only"}
     # the three asked-for models that read the frozen embedding are counted with their reason, never silent
@@ -243,3 +235,219 @@ def test_eval_and_explain_of_a_tuned_run(ft_cohort, lora_run, tmp_path):
     out = json.loads(ex.read_text())["output"]
     assert out["full"] == pytest.approx(row["logit:fusion"], abs=1e-4)  # what predictions.csv holds for it
     assert out["probability"] == pytest.approx(row["score:fusion"], abs=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A run and its export moved together (issue 20 §2): found by the run's data.checkpoint, checksum first
+
+
+def _set_checkpoint(run_dir: Path, old, new) -> None:
+    """RUN/config.yaml's data.checkpoint from `old` to `new` (what a user edits after moving the export)."""
+    f = run_dir / "config.yaml"
+    text = f.read_text()
+    assert f"checkpoint: {old}\n" in text
+    f.write_text(text.replace(f"checkpoint: {old}\n", f"checkpoint: {new}\n"))
+
+
+def test_a_moved_run_and_export_predict_exactly_as_before(ft_cohort, tmp_path, monkeypatch):
+    """Trained in a/ with data.checkpoint relative to it; a/ moved to b/ (the recorded export path is gone):
+    predict equals the original's predictions exactly, from b/ as the working folder or with config.yaml naming
+    the export's new place; `radalign finetune` again in b/ reuses the finished model (its spec unchanged)."""
+    import shutil
+
+    from radalign.finetune.predict import predict_split
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(ft_cohort["export"], a / "export")
+    monkeypatch.chdir(a)
+    extra = ["model.image_tower=lora", "optim.epochs=1", "data.checkpoint=export"]
+    _run(ft_cohort, "run", *extra)
+    before = {s: predict_split(a / "run", split=s) for s in ("test", "validate")}
+    recorded = json.loads((a / "run" / "models" / "fusion.json").read_text())["spec"]
+    assert recorded["tower"]["export"] == str((a / "export").resolve())
+    shutil.copytree(a, b)
+    shutil.rmtree(a)
+    monkeypatch.chdir(b)
+    for s in before:
+        pd.testing.assert_frame_equal(predict_split("run", split=s), before[s])
+    weights = (b / "run" / "models" / "fusion.safetensors").read_bytes()
+    _run(ft_cohort, "run", *extra)  # reused: no "changed" refusal, nothing retrained
+    assert (b / "run" / "models" / "fusion.safetensors").read_bytes() == weights
+    assert json.loads((b / "run" / "models" / "fusion.json").read_text())["spec"] == recorded
+    monkeypatch.chdir(tmp_path)
+    _set_checkpoint(b / "run", "export", b / "export")
+    pd.testing.assert_frame_equal(predict_split(b / "run", split="test"), before["test"])
+
+
+def test_a_stale_data_checkpoint_falls_back_to_the_recorded_export(ft_cohort, lora_run, tmp_path):
+    import shutil
+
+    from radalign.finetune.predict import load_run, predict_split
+
+    copy = tmp_path / "run"
+    shutil.copytree(lora_run, copy)
+    _set_checkpoint(copy, ft_cohort["export"], tmp_path / "nowhere")
+    assert Path(load_run(copy).export) == Path(ft_cohort["export"])
+    pd.testing.assert_frame_equal(predict_split(copy, split="test"), predict_split(lora_run, split="test"))
+
+
+@pytest.mark.parametrize("recorded", ["deleted", "another_export"])
+def test_a_wrong_export_is_refused_naming_both_paths_and_checksums(ft_cohort, lora_run, tmp_path, recorded):
+    import shutil
+
+    from radalign.finetune.predict import load_run
+    from radalign.pretrain.export import load_encoders
+
+    want, other = load_encoders(ft_cohort["export"]).checksum, load_encoders(ft_cohort["other_export"]).checksum
+    copy, gone = tmp_path / "run", tmp_path / "old" / "export"
+    shutil.copytree(lora_run, copy)
+    if recorded == "another_export":
+        shutil.copytree(ft_cohort["other_export"], gone)
+    meta_f = copy / "models" / "fusion.json"
+    meta = json.loads(meta_f.read_text())
+    meta["spec"]["tower"]["export"] = str(gone)
+    meta_f.write_text(json.dumps(meta))
+    _set_checkpoint(copy, ft_cohort["export"], ft_cohort["other_export"])
+    with pytest.raises(RadalignError) as e:
+        load_run(copy)
+    msg = str(e.value)
+    at_recorded = f"{gone} holds " + (f"export {other[:12]}" if recorded == "another_export" else "no export")
+    assert f"trained on export {want[:12]}" in msg and f"{ft_cohort['other_export']} holds export {other[:12]}" in msg
+    assert at_recorded in msg and "Fix: copy that export beside the run and point data.checkpoint" in msg
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Decode only the films asked for; the tower once per film (issue 20 §2)
+
+
+def _decodes(monkeypatch) -> list:
+    """Counts the JPEG decodes of the shard loader (the work a film costs before the tower)."""
+    import radalign.data.loader as loader
+
+    calls, real = [], loader._decode_gray
+    monkeypatch.setattr(loader, "_decode_gray", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
+def _films_of(cohort, split: str, rows=None) -> set[str]:
+    """The dicom_ids of the table split's studies (`rows` of it) that the shards hold: from the table and a
+    metadata scan of the shards, not from finetune.films."""
+    from radalign.data.shards import scan_split, split_names
+    from radalign.finetune.inputs import load_table
+
+    frame = load_table(cohort["table"]).split(split)
+    frame = frame if rows is None else frame.iloc[rows]
+    listed = {str(d) for ids in frame["dicom_ids"] if ids is not None for d in ids}
+    held = {s.key for sp in split_names(cohort["shards"]) for s in scan_split(cohort["shards"], sp)}
+    return listed & held
+
+
+def test_film_store_decodes_only_the_wanted_films(ft_cohort, monkeypatch):
+    from radalign.data.loader import make_eval_loader, shard_paths
+    from radalign.finetune.films import FilmStore, split_transform
+
+    cfg = json.loads((Path(ft_cohort["export"]) / "config.json").read_text())
+    everything = FilmStore.load(ft_cohort["shards"], cfg, _films_of(ft_cohort, "test") | _films_of(ft_cohort, "train"))
+    wanted = set(sorted(_films_of(ft_cohort, "test"))[::5])
+    calls = _decodes(monkeypatch)
+    store = FilmStore.load(ft_cohort["shards"], cfg, wanted)
+    assert set(store.films) == wanted and len(calls) == len(wanted)
+    assert all(torch.equal(store.films[k], everything.films[k]) for k in wanted)
+    assert all(lost == {} for lost in store.lost.values())  # read past, not lost (no "unaccounted")
+    loader = make_eval_loader(shard_paths(ft_cohort["shards"], "test"), batch_size=16,
+                              transform=split_transform(cfg)[0], rank=0, world_size=1, keys=wanted)
+    got = [k for b in loader for k in b["key"]]
+    assert sorted(got) == sorted(k for k in wanted if k in set(got)) and loader.lost == {}
+    assert loader.delivered == len(got) and loader.delivered + loader.not_selected == loader.expected
+
+
+def test_predicting_three_studies_decodes_their_films_only(ft_cohort, lora_run, monkeypatch):
+    from radalign.finetune.predict import load_run
+
+    trained = load_run(lora_run)
+    full = trained.predictions(trained.inputs("test"))
+    calls = _decodes(monkeypatch)
+    rows = [0, 5, 9]
+    data = trained.inputs("test", rows=rows)
+    films = _films_of(ft_cohort, "test", rows)
+    assert films and set(data.store.films) == films and len(calls) == len(films)
+    three = trained.predictions(data)
+    assert three["study_id"].tolist() == full["study_id"].iloc[rows].tolist()
+    np.testing.assert_allclose(three["logit:fusion"], full["logit:fusion"].iloc[rows], atol=1e-5)
+    calls.clear()
+    trained.inputs("test")  # a whole split: its own studies' films, not the other splits'
+    assert len(calls) == len(_films_of(ft_cohort, "test")) < len(_films_of(ft_cohort, "train"))
+
+
+def test_explain_decodes_the_studys_films_only(ft_cohort, lora_run, monkeypatch):
+    from radalign.finetune.evaluate import explain_study
+    from radalign.finetune.inputs import load_table
+
+    frame = load_table(ft_cohort["table"]).split("test")
+    row = next(i for i, ids in enumerate(frame["dicom_ids"]) if ids is not None and len(ids) > 1)
+    calls = _decodes(monkeypatch)
+    explain_study(lora_run, frame["study_id"].iloc[row], split="test")
+    assert len(calls) == len(_films_of(ft_cohort, "test", [row])) > 1
+
+
+def test_degradation_runs_the_tower_once_per_film_and_scores_as_the_full_forward(ft_cohort, lora_ehr_run,
+                                                                                 tmp_path, monkeypatch):
+    """`finetune eval` of a tuned run: the tower sees each test and validation film once (predictions and
+    every degradation condition from those tokens); the degradation logits equal the full model's forward per
+    condition (films through the tower each time, as before), bit for bit."""
+    import dataclasses
+
+    from radalign.finetune import clinical as C
+    from radalign.finetune.evaluate import degradation_scores, evaluate_run
+    from radalign.finetune.predict import load_run
+    from radalign.finetune.registry import logits_on
+    from radalign.finetune.tower import TunedModel
+
+    films, real = [], TunedModel.image_tokens
+    monkeypatch.setattr(TunedModel, "image_tokens", lambda self, b, rows: films.append(len(b["pixels"])) or
+                        real(self, b, rows))
+    res = evaluate_run(lora_ehr_run, out=tmp_path / "eval", n_boot=20)
+    assert sum(films) == len(_films_of(ft_cohort, "test")) + len(_films_of(ft_cohort, "validate"))
+    assert [r["removed"] for r in res["degradation"]["rows"]] == [None, "image", "ehr"]
+    trained = load_run(lora_ehr_run)
+    model, meta = trained.models["fusion"]
+    test = trained.inputs("test")
+    films.clear()
+    got = degradation_scores(trained, test)["fusion"]
+    assert films == []  # the split's tokens are there already
+    as_films = dataclasses.replace(test, image=None, tokens_of=None)  # the forward from films, every condition
+    mods = meta["spec"]["modalities"]
+    want = {"all": logits_on(model, as_films, mods)[:, 0],
+            **{m: logits_on(model, as_films, mods, present_override={m: False})[:, 0] for m in mods}}
+    assert got.keys() == want.keys() == {"all", "image", "ehr"}
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+    assert sum(films) == 3 * len(_films_of(ft_cohort, "test"))  # what the old path cost: once per condition
+    table = C.degradation_table(test.y[:, 0].astype(np.float64), test.subjects, {"fusion": want}, n_boot=20,
+                                seed=trained.cfg.seed)
+    assert json.dumps(res["degradation"], sort_keys=True) == json.dumps(table, sort_keys=True)
+
+
+def test_study_tokens_are_computed_by_the_tower_asked_for(lora_run):
+    """A split holding one tower's tokens is reused by that tower only: another tower (an extra degradation
+    seed's) runs over the films again and gets what it gets from the films alone."""
+    import dataclasses
+
+    from radalign.finetune.predict import load_run
+    from radalign.finetune.registry import load_model
+    from radalign.finetune.tower import study_tokens
+
+    trained = load_run(lora_run)
+    data = trained.inputs("test")
+    own = trained.models["fusion"][0]
+    assert data.tokens_of is own.tower and study_tokens(own, data) is data
+    other, _ = load_model(lora_run / "models", "fusion")
+    with torch.no_grad():
+        for n, p in other.tower.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.05)
+    theirs = study_tokens(other, data)
+    assert theirs.tokens_of is other.tower and not np.allclose(theirs.image, data.image, atol=1e-3)
+    films_only = dataclasses.replace(data, image=None, tokens_of=None)
+    np.testing.assert_array_equal(theirs.image, study_tokens(other, films_only).image)
+    np.testing.assert_array_equal(data.image, study_tokens(own, films_only).image)

@@ -51,6 +51,7 @@ class Scores:
     degradation_seeds: dict = field(default_factory=dict)  # {model: [{condition: test logits}] per training seed}
     info: dict = field(default_factory=dict)
     models: dict = field(default_factory=dict)  # {name: (model, spec)} of the trained models
+    test_inputs: dict = field(default_factory=dict)  # {name: the test split it was scored on (see _own_inputs)}
 
 
 def train(run: Run) -> Scores:
@@ -66,17 +67,26 @@ def train(run: Run) -> Scores:
         fit_gbdt(run, scores)
     for name in DEGRADATION_MODELS if run.cfg.task.kind == "binary" else ():  # binary only: said in report.md
         if name in scores.models:
-            scores.degradation[name] = degradation_logits(scores.models[name][0], run.test, run.modalities)
+            test = scores.test_inputs.get(name, run.test)
+            scores.degradation[name] = degradation_logits(scores.models[name][0], test, run.modalities)
     _degradation_seeds(run, scores)
     run.seconds["train"] = round(time.perf_counter() - t0, 2)
     return scores
 
 
 def _score(run: Run, scores: Scores, name: str, model, spec: dict, info: dict) -> None:
-    scores.models[name] = (model, spec)
-    scores.info[name] = info
-    scores.val[name] = task_scores(model_logits(model, spec, run.val), run.cfg.task.kind)
-    scores.test[name] = task_scores(model_logits(model, spec, run.test), run.cfg.task.kind)
+    val, test = _own_inputs(model, run.val), _own_inputs(model, run.test)
+    scores.models[name], scores.info[name], scores.test_inputs[name] = (model, spec), info, test
+    scores.val[name] = task_scores(model_logits(model, spec, val), run.cfg.task.kind)
+    scores.test[name] = task_scores(model_logits(model, spec, test), run.cfg.task.kind)
+
+
+def _own_inputs(model, data):
+    """A tuned model's split with its study tokens (finetune.tower.study_tokens): its tower runs once per film for
+    the scores and every degradation condition after them; any other model's split as it is."""
+    from radalign.finetune.tower import TunedModel, study_tokens
+
+    return study_tokens(model, data) if isinstance(model, TunedModel) else data
 
 
 def _save(run: Run, name: str, model, spec: dict, info: dict) -> None:

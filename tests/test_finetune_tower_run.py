@@ -451,3 +451,26 @@ def test_study_tokens_are_computed_by_the_tower_asked_for(lora_run):
     films_only = dataclasses.replace(data, image=None, tokens_of=None)
     np.testing.assert_array_equal(theirs.image, study_tokens(other, films_only).image)
     np.testing.assert_array_equal(data.image, study_tokens(own, films_only).image)
+
+
+def test_training_scores_and_degradation_run_the_tower_once_per_film(ft_cohort, lora_ehr_run, tmp_path,
+                                                                     monkeypatch):
+    """The recipe's own scoring of a tuned run (validation, test, then every degradation condition on test) runs
+    the tower once per validation and test film: a rerun of the finished run (models reused) counts them, and
+    writes the same metrics and degradation table as the first run."""
+    import shutil
+
+    from radalign.finetune.tower import TunedModel
+
+    run_dir = tmp_path / "copy"
+    shutil.copytree(lora_ehr_run, run_dir)
+    films, real = [], TunedModel.image_tokens
+    monkeypatch.setattr(TunedModel, "image_tokens", lambda self, b, rows: films.append(len(b["pixels"])) or
+                        real(self, b, rows))
+    _run(ft_cohort, run_dir, "model.image_tower=lora", "data.modalities=[image, ehr]",
+         "baselines.models=[ehr_only, image_only, early_fusion]", "baselines.fusion_without_dropout=true",
+         "optim.epochs=1")
+    assert sum(films) == len(_films_of(ft_cohort, "test")) + len(_films_of(ft_cohort, "validate"))
+    first, again = (json.loads((d / "metrics.json").read_text()) for d in (lora_ehr_run, run_dir))
+    for key in ("models", "degradation"):
+        assert json.dumps(again[key], sort_keys=True) == json.dumps(first[key], sort_keys=True), key

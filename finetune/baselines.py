@@ -203,14 +203,14 @@ class GBDTBaseline:
         self.params = dict(max_iter=max_iter, learning_rate=learning_rate, max_leaf_nodes=max_leaf_nodes,
                            l2_regularization=l2_regularization, min_samples_leaf=min_samples_leaf,
                            early_stopping=False, random_state=seed)
+        self.models: list = []
+        self.unlabelled: list[int] = []  # rows left out per output (NaN label), counted
 
     @property
     def min_rows(self) -> int:
         """Fewer labelled rows than this and no tree can split (each side of a split needs min_samples_leaf):
         every tree is one leaf, and every row gets the same score."""
         return 2 * self.params["min_samples_leaf"]
-        self.models: list = []
-        self.unlabelled: list[int] = []  # rows left out per output (NaN label), counted
 
     def _new(self, categorical: np.ndarray):
         from sklearn.ensemble import HistGradientBoostingClassifier

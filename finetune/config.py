@@ -47,10 +47,11 @@ class DataConfig:
     test_split: str = "test"
     """Split the reported metrics come from."""
     image_patch_tokens: bool = False
-    """The fusion heads (fusion, fusion_no_dropout, image_only) attend over the frozen image tower's last-layer
-    patch tokens (each projected, plus a learned position embedding) instead of its one pooled embedding; cached
-    beside the pooled ones. Early fusion and the trees keep the pooled embedding. Frozen tower only
-    (model.image_tower=frozen)."""
+    """The fusion heads (fusion, fusion_no_dropout, image_only) attend over the image tower's last-layer patch
+    tokens (each projected, plus a learned position embedding) instead of its one pooled embedding. Frozen tower:
+    cached beside the pooled ones; early fusion and the trees keep the pooled embedding. Tuned tower
+    (model.image_tower=last_blocks|lora): the tower's patch tokens of each step, so it trains through them (its
+    projection, which only the pooled token goes through, stays frozen)."""
     allow_overlap: bool = False
     """Allow evaluation patients that were in the pretraining run's training shards (refused by default)."""
 
@@ -124,6 +125,10 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 1.0e-3
     """AdamW learning rate of the fusion head (and baselines)."""
+    tower_lr: Optional[float] = None
+    """With model.image_tower=last_blocks|lora: the learning rate of the image tower's trained weights (the
+    adapters or the unfrozen blocks); None: optim.lr, as the head. Pretrained weights usually want a smaller
+    step than a fresh head; choose it on validation (it follows the same warm-up and cosine schedule)."""
     weight_decay: float = 1.0e-2
     """AdamW weight decay."""
     epochs: int = 30
@@ -220,7 +225,7 @@ class FinetuneConfig:
     fewshot: FewshotConfig = field(default_factory=FewshotConfig)
 
     def validate(self) -> list[str]:
-        return (_data_problems(self.data) + _task_problems(self.task) + _model_problems(self.model, self.data)
+        return (_data_problems(self.data) + _task_problems(self.task) + _model_problems(self.model, self.data, self.optim)
                 + _other_problems(self))
 
 
@@ -267,7 +272,7 @@ def _task_problems(t: TaskConfig) -> list[str]:
     return p
 
 
-def _model_problems(m: ModelConfig, d: DataConfig) -> list[str]:
+def _model_problems(m: ModelConfig, d: DataConfig, o: OptimConfig) -> list[str]:
     p = []
     if m.d_model < 1 or m.n_heads < 1 or m.d_model % m.n_heads:
         p.append(f"model.d_model: {m.d_model} must be a positive multiple of model.n_heads ({m.n_heads})")
@@ -280,13 +285,13 @@ def _model_problems(m: ModelConfig, d: DataConfig) -> list[str]:
             p.append(f"model.modality_dropout.{k}: unknown modality; use {', '.join(MODALITIES)}")
         elif not 0 <= r < 1:
             p.append(f"model.modality_dropout.{k}: {r} must be in [0, 1)")
-    p += _tower_problems(m, d)
+    p += _tower_problems(m, d, o)
     if m.n_layers < 1 or m.ehr_blocks < 1:
         p.append("model.n_layers / model.ehr_blocks: must be >= 1")
     return p
 
 
-def _tower_problems(m: ModelConfig, d: DataConfig) -> list[str]:
+def _tower_problems(m: ModelConfig, d: DataConfig, o: OptimConfig) -> list[str]:
     p = []
     if m.image_tower not in IMAGE_TOWER:
         p.append(f"model.image_tower: {m.image_tower!r} is not one of {', '.join(IMAGE_TOWER)}")
@@ -296,11 +301,10 @@ def _tower_problems(m: ModelConfig, d: DataConfig) -> list[str]:
     if d.image_patch_tokens and "image" not in d.modalities:
         p.append(f"data.image_patch_tokens: true, but data.modalities {list(d.modalities)} has no image; add "
                  "image or use data.image_patch_tokens=false")
-    elif d.image_patch_tokens and m.image_tower != "frozen":
-        p.append(f"data.image_patch_tokens: true with model.image_tower={m.image_tower}: patch tokens are cached "
-                 "from the frozen tower, and a tuned tower changes them every step (no cache; its head takes the "
-                 "pooled embedding). Use model.image_tower=frozen with patch tokens, or "
-                 "data.image_patch_tokens=false with the tuned tower")
+    if o.tower_lr is not None and (o.tower_lr <= 0 or m.image_tower == "frozen"):
+        p.append(f"optim.tower_lr: {o.tower_lr}; " + ("it must be > 0" if o.tower_lr <= 0 else
+                 "model.image_tower=frozen trains no tower weights: remove it, or tune the tower "
+                 "(model.image_tower=last_blocks|lora)"))
     if m.tune_blocks < 1:
         p.append(f"model.tune_blocks: {m.tune_blocks} must be >= 1")
     if m.lora_rank < 1 or m.lora_alpha <= 0:

@@ -91,7 +91,8 @@ def _progress(it, desc: str, on: bool):
 class FilmInputs(SplitInputs):
     """A split's inputs whose image modality is films (through the trained tower), not cached embeddings; once a
     tuned model's tower has run over them (`with_tokens`, finetune.tower.study_tokens), `image` holds its study
-    tokens [N, D] and `batch()` gives those, as a frozen run's embeddings (the films stay for another tower)."""
+    tokens [N, D] (and `patches` its patch tokens [N, P, W] with data.image_patch_tokens) and `batch()` gives
+    those, as a frozen run's cached inputs (the films stay for another tower)."""
 
     films: list = field(default_factory=list)  # [N] lists of the dicom_ids found in the store
     store: FilmStore | None = None
@@ -116,9 +117,10 @@ class FilmInputs(SplitInputs):
             owner += [i] * len(self.films[r])
         return {"pixels": self.store.pixels(keys), "film_owner": torch.as_tensor(owner, dtype=torch.long)}
 
-    def with_tokens(self, tokens: np.ndarray, tower) -> FilmInputs:
-        """This split with `image` = `tokens` [N, D], the study tokens of `tower`."""
-        return replace(self, image=tokens, tokens_of=tower)
+    def with_tokens(self, tokens: np.ndarray, tower, patches: np.ndarray | None = None) -> FilmInputs:
+        """This split with `image` = `tokens` [N, D], the study tokens of `tower` (and `patches` [N, P, W], its
+        patch tokens per study, for a head that reads them)."""
+        return replace(self, image=tokens, patches=patches, tokens_of=tower)
 
 
 def wanted_films(frames: Sequence) -> set[str]:

@@ -121,15 +121,21 @@ class EmbeddingCache:
         return out, present
 
 
+def check_patch_tower(visual) -> None:
+    """Refuse an image tower without patch tokens to give (data.image_patch_tokens): not an open_clip ViT, or one
+    whose attention pooling replaces them. Frozen (encode_patch_tokens) and tuned (finetune.tower) alike."""
+    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+        raise RadalignError(f"data.image_patch_tokens: the export's image tower ({type(visual).__name__}) is not an "
+                            "open_clip VisionTransformer without attention pooling, so it has no patch tokens to "
+                            "give; use data.image_patch_tokens=false")
+
+
 @torch.no_grad()
 def encode_patch_tokens(encoders, images: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, P, W]: the frozen image tower's last-layer patch tokens (open_clip ViT: after
     `ln_post`, before the projection, which only the pooled token goes through; the class token left out)."""
     visual = encoders.model.visual
-    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
-        raise RadalignError(f"data.image_patch_tokens: the export's image tower ({type(visual).__name__}) is not an "
-                            "open_clip VisionTransformer without attention pooling, so it has no patch tokens to "
-                            "give; use data.image_patch_tokens=false")
+    check_patch_tower(visual)
     was = visual.output_tokens
     visual.output_tokens = True  # forward returns (pooled, tokens); a plain attribute in eager mode
     try:

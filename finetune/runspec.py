@@ -64,6 +64,8 @@ def run_spec(cfg, table, export_config: Mapping, *, precision: str, processes: i
         for p in parents:
             node = node[p]
         node.pop(last)
+    if spec["optim"]["tower_lr"] is None:  # unset (optim.lr for the tower too): as runs recorded before the key
+        spec["optim"].pop("tower_lr")
     if not cfg.fewshot.enabled:
         spec["fewshot"] = {"enabled": False}  # the sweep's options shape nothing in a full training run
     d = spec["data"]

@@ -24,8 +24,11 @@ its plain `lora.Linear`, which adds `scale * B(A(x))` beside the untouched base 
 targeted Linear: r * (in + out) (A: r x in, B: out x r); B starts at zero, so the untrained model is the export.
 
 The head is the fusion model of finetune.models; a study's image token is the mean of its films' L2-normalised
-tower embeddings, normalised again, as the frozen path computes it (finetune.inputs.study_images). This module
-never imports accelerate or deepspeed (docs/architecture.md).
+tower embeddings, normalised again, as the frozen path computes it (finetune.inputs.study_images). With
+`data.image_patch_tokens` the head reads the tower's last-layer patch tokens instead (`batch["image_patches"]`,
+[rows, P, W]: the same forward with open_clip's `output_tokens`, each token normalised, averaged position by
+position over the study's films and normalised again, as the frozen patch cache does), so the adapters train
+through every patch. This module never imports accelerate or deepspeed (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from radalign.finetune.config import LORA_TARGETS  # the LoRA-able Linears of a block: one list
+from radalign.finetune.inputs import check_patch_tower
+from radalign.finetune.models import PATCH_KEY
 from torch import nn
 
 from radalign import RadalignError
@@ -85,14 +90,14 @@ def _blocks(visual: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-def _unfreeze_last(visual: nn.Module, n: int) -> None:
+def _unfreeze_last(visual: nn.Module, n: int, projection: bool = True) -> None:
     blocks = _blocks(visual)
     if not 1 <= n <= len(blocks):
         raise RadalignError(f"model.tune_blocks: {n}; the export's image tower has {len(blocks)} blocks: use 1 to "
                             f"{len(blocks)}")
     for block in list(blocks)[len(blocks) - n:]:
         block.requires_grad_(True)
-    for name in ("ln_post", "proj"):
+    for name in ("ln_post", "proj") if projection else ("ln_post",):  # patch tokens never reach proj
         part = getattr(visual, name, None)
         if isinstance(part, nn.Parameter):
             part.requires_grad_(True)
@@ -117,11 +122,12 @@ def _add_lora(visual: nn.Module, rank: int, alpha: float, targets) -> nn.Module:
 
 def tune_tower(visual: nn.Module, tower: Mapping) -> nn.Module:
     """`visual` (the export's open_clip image tower) made trainable as `tower["mode"]` asks, in place: every
-    export weight frozen, then the last blocks unfrozen (last_blocks) or LoRA adapters added (lora)."""
+    export weight frozen, then the last blocks unfrozen (last_blocks; the projection too unless the head reads
+    the patch tokens, `tower["patch_tokens"]`) or LoRA adapters added (lora)."""
     visual.requires_grad_(False)
     mode = tower["mode"]
     if mode == "last_blocks":
-        _unfreeze_last(visual, int(tower["tune_blocks"]))
+        _unfreeze_last(visual, int(tower["tune_blocks"]), projection=not tower.get("patch_tokens", False))
     elif mode == "lora":
         visual = _add_lora(visual, int(tower["lora_rank"]), float(tower["lora_alpha"]), list(tower["lora_targets"]))
     else:
@@ -153,28 +159,57 @@ class TunedModel(nn.Module):
         super().__init__()
         self.tower, self.head, self.export_checksum = tower, head, export_checksum
         self.modalities = head.modalities
+        # the head's image tokenizer reads the patch tokens (data.image_patch_tokens) or the pooled embedding
+        self.reads_patches = "image" in head.modalities and \
+            getattr(head.encoders["image"], "input_key", None) == PATCH_KEY
+        if self.reads_patches:
+            check_patch_tower(tower)
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         self.frozen_keys = frozenset(k for k in super().state_dict() if k not in trainable)
         self.register_state_dict_post_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_allow_frozen_missing)
 
-    def image_tokens(self, batch: Mapping, rows: int) -> torch.Tensor:
-        """[rows, D]: each study's films through the tower, averaged and L2-normalised (zeros without films)."""
+    def _films(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """{"image": [F, D] pooled, + PATCH_KEY: [F, P, W] patch tokens when the head reads them}: one forward."""
+        if not self.reads_patches:
+            return {"image": self.tower(pixels)}
+        was = self.tower.output_tokens
+        self.tower.output_tokens = True  # forward returns (pooled, tokens); a plain attribute in eager mode
+        try:
+            pooled, tokens = self.tower(pixels)
+        finally:
+            self.tower.output_tokens = was
+        return {"image": pooled, PATCH_KEY: tokens}
+
+    def image_tokens(self, batch: Mapping, rows: int) -> dict[str, torch.Tensor]:
+        """{"image": [rows, D], and PATCH_KEY: [rows, P, W] when the head reads patch tokens}: each study's films
+        through the tower, each film's vector (each patch token) L2-normalised, summed per study and normalised
+        again (zeros without films)."""
         pixels, owner = batch.get("pixels"), batch.get("film_owner")
         if pixels is None or owner is None:
             raise RadalignError("this model trains the image tower: it scores films, not cached embeddings; give "
                                 "it inputs from finetune.films (finetune predict/eval do for a tuned run)")
-        d = self.head.encoders["image"].d_in
-        out = torch.zeros(rows, d, device=pixels.device)
-        if len(pixels):
-            emb = F.normalize(self.tower(pixels).float(), dim=-1)  # [F, D]
-            out = out.index_add(0, owner.to(pixels.device), emb)  # [rows, D]: sum per study
-        return F.normalize(out, dim=-1)  # normalise(mean) == normalise(sum); zero rows stay zero
+        if not len(pixels):
+            return {k: torch.zeros(rows, *shape) for k, shape in self.token_shapes().items()}
+        out = {}
+        for key, emb in self._films(pixels).items():
+            emb = F.normalize(emb.float(), dim=-1)  # [F, D] or [F, P, W]
+            total = torch.zeros(rows, *emb.shape[1:], device=pixels.device)
+            out[key] = F.normalize(total.index_add(0, owner.to(pixels.device), emb), dim=-1)  # sum per study
+        return out  # normalise(mean) == normalise(sum); zero rows stay zero
+
+    def token_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of one study's entries of image_tokens (no rows)."""
+        image = self.head.encoders["image"]
+        shapes = {"image": (self.tower.output_dim,)}
+        if self.reads_patches:
+            shapes[PATCH_KEY] = (image.n_tokens, image.d_in)
+        return shapes
 
     def forward(self, batch: Mapping, present_override=None):
         if "image" in self.modalities:
             rows = len(next(iter(batch["present"].values())))
-            batch = {**batch, "image": self.image_tokens(batch, rows)}
+            batch = {**batch, **self.image_tokens(batch, rows)}
         if present_override is not None:
             return self.head(batch, present_override=present_override)
         return self.head(batch)
@@ -190,12 +225,12 @@ def study_tokens(model: TunedModel, data, batch_size: int = 2048):
         return data
     was = model.training
     model.eval()
-    out = [model.image_tokens(data.film_batch(np.arange(i, min(i + batch_size, len(data)))),
-                              min(batch_size, len(data) - i)).float().cpu().numpy()
-           for i in range(0, len(data), batch_size)]  # [n, D] each
+    parts = [model.image_tokens(data.film_batch(np.arange(i, min(i + batch_size, len(data)))),
+                                min(batch_size, len(data) - i)) for i in range(0, len(data), batch_size)]
     model.train(was)
-    d = model.head.encoders["image"].d_in
-    return data.with_tokens(np.concatenate(out) if out else np.zeros((0, d), np.float32), model.tower)
+    tokens = {k: np.concatenate([p[k].float().cpu().numpy() for p in parts]) if parts else
+              np.zeros((0, *shape), np.float32) for k, shape in model.token_shapes().items()}
+    return data.with_tokens(tokens["image"], model.tower, patches=tokens.get(PATCH_KEY))
 
 
 def _drop_frozen(module: TunedModel, state: dict, prefix: str, local_metadata) -> None:
@@ -217,6 +252,8 @@ def tower_spec(cfg, export_config: Mapping, export_path: str) -> dict:
     (the checksum is checked whenever the model is built again; the path is where it was when first trained)."""
     m = cfg.model
     out = {"mode": m.image_tower, "export": str(export_path), "export_checksum": export_config.get("checksum")}
+    if cfg.data.image_patch_tokens:  # only then: a pooled run's spec stays what earlier releases recorded
+        out["patch_tokens"] = True
     if m.image_tower == "last_blocks":
         out["tune_blocks"] = m.tune_blocks
     else:
@@ -265,6 +302,20 @@ def load_tuned_tower(tower: Mapping, device="cpu", checkpoint=None) -> nn.Module
     return tune_tower(enc.model.visual, tower)
 
 
+def patch_geometry(export_config: Mapping) -> list[int]:
+    """[P, W] of the export's ViT patch tokens (P = the patch grid's cells, W = the width), from its model
+    config: a tuned run has no patch cache to read the shape from."""
+    v = (export_config.get("model_cfg") or {}).get("vision_cfg") or {}
+    if "patch_size" not in v or "timm_model_name" in v or v.get("attentional_pool"):
+        raise RadalignError(f"data.image_patch_tokens: the export's image tower ({export_config.get('model_name')})"
+                            " is not an open_clip VisionTransformer without attention pooling, so it has no patch "
+                            "tokens to give; use data.image_patch_tokens=false")
+    size, patch = v["image_size"], v["patch_size"]
+    size = size if isinstance(size, (list, tuple)) else (size, size)
+    patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
+    return [(int(size[0]) // int(patch[0])) * (int(size[1]) // int(patch[1])), int(v["width"])]
+
+
 def recorded_export(run_dir, checksum: str | None) -> str | None:
     """The export path a run folder's tuned model (finished, or its checkpoints) recorded for export `checksum`:
     a run whose export moved keeps its recorded spec, so its finished model is reused, not "changed"."""
@@ -291,4 +342,6 @@ def tuned_specs(run, specs: Mapping[str, dict]) -> dict[str, dict]:
     export = recorded_export(run.run_dir, checksum) or str(find_export(run.cfg.data.checkpoint).resolve())
     fusion = {**specs["fusion"], "kind": TUNED_KIND, "image_dim": int(run.export_config["embed_dim"]),
               "tower": tower_spec(run.cfg, run.export_config, export)}
+    if run.cfg.data.image_patch_tokens:
+        fusion["image_patches"] = patch_geometry(run.export_config)
     return {"fusion": fusion, **{n: s for n, s in specs.items() if "image" not in s["modalities"]}}

@@ -107,6 +107,12 @@ def _check_train_spec(work: Path, spec: dict, main: bool) -> None:
         atomic_write_json(path, spec)
 
 
+def tower_lr(cfg, spec: dict) -> dict[str, float] | None:
+    """{"tower.": optim.tower_lr} for a model whose image tower trains (finetune.tower.TunedModel names its
+    tower's parameters tower.*), else None: every parameter at optim.lr."""
+    return {"tower.": cfg.optim.tower_lr} if cfg.optim.tower_lr is not None and "tower" in spec else None
+
+
 def fit_torch(run, name: str, spec: dict, models_dir: Path | None = None) -> tuple[nn.Module, dict]:
     """Train one model (or reuse it when `models_dir`, default RUN/models, holds it); returns the
     best-on-validation model. spec["seed"], when given, replaces the run's seed (initialisation, epoch order,
@@ -125,7 +131,7 @@ def fit_torch(run, name: str, spec: dict, models_dir: Path | None = None) -> tup
     torch.manual_seed(seed)
     model = build_model(spec, checkpoint=cfg.data.checkpoint)
     work = run.run_dir / "train" / name
-    opt = adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    opt = adamw(model, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, lr_of=tower_lr(cfg, spec))
     world, rank = acc.num_processes, acc.process_index
     global_batch = cfg.optim.batch_size * world
     # Rows without any label add nothing to the loss, only compute: an epoch is a pass over the labelled rows.

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from radalign.finetune.tower import LORA_TARGETS, TunedModel, export_view, trainable_count, tune_tower
 from torch import nn
 
@@ -177,9 +179,87 @@ def test_study_token_is_the_normalised_mean_of_its_films(visual):
     b = _batch()
     with torch.no_grad():
         emb = F.normalize(visual(b["pixels"]), dim=-1)  # untrained adapters: the export's embedding
-        tokens = model.image_tokens(b, 4)
+        tokens = model.image_tokens(b, 4)["image"]
     want = torch.stack([F.normalize(emb[:2].mean(0), dim=0), F.normalize(emb[2], dim=0), torch.zeros(64),
                         F.normalize(emb[3], dim=0)])
     torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(RadalignError, match="scores films, not cached embeddings"):
         model({"image": torch.zeros(4, 64), "present": {"image": torch.ones(4, dtype=torch.bool)}})
+
+
+# data.image_patch_tokens with a tuned tower: the head reads the tower's patch tokens of every step
+
+PATCHES = (64 // 16) ** 2  # the nano tower: 64 px images, 16 px patches
+
+
+def _patch_head():
+    from radalign.finetune.models import FusionModel, build_encoders
+
+    torch.manual_seed(3)
+    return FusionModel(build_encoders(16, image_dim=64, image_patches=(PATCHES, WIDTH)), n_outputs=1, d_model=16,
+                       n_heads=2, n_layers=1, modality_dropout={})
+
+
+def _frozen_patch_inputs(visual, b) -> tuple[np.ndarray, np.ndarray]:
+    """The frozen path's study inputs of the batch's films, by its own functions: encode_patch_tokens, each
+    film's vector / token normalised (as data.embed stores them), then finetune.inputs.study_images per study."""
+    from types import SimpleNamespace
+
+    from radalign.finetune.inputs import encode_patch_tokens, study_images
+
+    enc = SimpleNamespace(model=SimpleNamespace(visual=visual), device="cpu")
+    with torch.no_grad():
+        tokens = F.normalize(encode_patch_tokens(enc, b["pixels"]), dim=-1).numpy()  # [F, P, W]
+        pooled = F.normalize(visual(b["pixels"]), dim=-1).numpy()  # [F, D]
+    films = [[f"f{i}" for i in range(len(b["film_owner"])) if b["film_owner"][i] == r] for r in range(4)]
+    pooled, _, _ = study_images(films, {f"f{i}": v for i, v in enumerate(pooled)}, 64)
+    tokens, _, _ = study_images(films, {f"f{i}": v for i, v in enumerate(tokens)}, (PATCHES, WIDTH))
+    return pooled, tokens
+
+
+def test_an_untrained_lora_tower_gives_the_frozen_paths_patch_tokens_and_the_head_reads_them(visual):
+    from radalign.finetune.models import PATCH_KEY
+
+    model = TunedModel(_lora(visual), _patch_head(), "abc").eval()
+    assert model.reads_patches
+    b = _batch()
+    with torch.no_grad():
+        got = model.image_tokens(b, 4)
+        logits = model(b).logits
+    pooled, tokens = _frozen_patch_inputs(visual, b)
+    assert got[PATCH_KEY].shape == (4, PATCHES, WIDTH) and not got[PATCH_KEY][2].any()  # row 2: no film
+    np.testing.assert_allclose(got[PATCH_KEY].numpy(), tokens, atol=1e-5)
+    np.testing.assert_allclose(got["image"].numpy(), pooled, atol=1e-5)
+    frozen = {"image": torch.as_tensor(pooled), PATCH_KEY: torch.as_tensor(tokens), "present": b["present"]}
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model.head(frozen).logits, atol=1e-5, rtol=1e-5)
+        shuffled = model.head({**frozen, PATCH_KEY: frozen[PATCH_KEY].flip(1)}).logits
+    assert not torch.allclose(logits[[0, 1, 3]], shuffled[[0, 1, 3]], atol=1e-4)  # it reads the patches
+    assert model.tower.output_tokens is False  # put back after each forward
+
+
+def test_with_patch_tokens_the_lora_adapters_train_through_the_patches(visual):
+    model = TunedModel(_lora(visual), _patch_head(), "abc").train()
+    model(_batch()).logits.sum().backward()
+    grads = {n: p.grad for n, p in model.tower.named_parameters() if ".lora_B." in n}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_last_blocks_with_patch_tokens_leaves_the_projection_frozen(visual):
+    """The projection acts on the pooled token only: with patch tokens it would train nothing."""
+    tower = tune_tower(copy.deepcopy(visual), {"mode": "last_blocks", "tune_blocks": 1, "patch_tokens": True})
+    names = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert "proj" not in names and "ln_post.weight" in names
+    assert names == {n for n, _ in tower.named_parameters() if n.startswith(("transformer.resblocks.1.", "ln_post."))}
+    pooled = tune_tower(copy.deepcopy(visual), {"mode": "last_blocks", "tune_blocks": 1})
+    assert {n for n, p in pooled.named_parameters() if p.requires_grad} == names | {"proj"}
+
+
+def test_a_tower_without_patch_tokens_is_refused_for_a_patch_head(visual):
+    class Pooled(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :64]
+
+    with pytest.raises(RadalignError, match="data.image_patch_tokens: the export's image tower .Pooled. is not an "
+                                            "open_clip VisionTransformer"):
+        TunedModel(Pooled(), _patch_head(), "abc")

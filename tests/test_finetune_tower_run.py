@@ -124,9 +124,10 @@ def test_damaged_adapter_file_is_refused(lora_run, tmp_path, damage):
         load_run(copy)
 
 
-@pytest.mark.parametrize("mode", ["lora", "last_blocks"])
+@pytest.mark.parametrize("mode", ["lora", "last_blocks", "lora+patches"])
 def test_resume_after_a_stop_is_exact(ft_cohort, tmp_path, mode):
-    extra = [f"model.image_tower={mode}", "model.tune_blocks=1", "optim.batch_size=32"]
+    extra = [f"model.image_tower={mode.split('+')[0]}", "model.tune_blocks=1", "optim.batch_size=32",
+             f"data.image_patch_tokens={'+patches' in mode}"]
     _run(ft_cohort, tmp_path / "a", *extra)
     _run(ft_cohort, tmp_path / "b", *extra, "stop_after=3")  # inside the first epoch
     assert not (tmp_path / "b" / "models" / "fusion.json").exists()
@@ -147,6 +148,61 @@ def test_last_blocks_saves_the_last_blocks_and_the_projection_only(ft_cohort, tm
     assert tower and all(k.startswith(("tower.transformer.resblocks.1.", "tower.ln_post.")) or k == "tower.proj"
                          for k in tower)
     assert "tower.proj" in tower and "tower.ln_post.weight" in tower
+
+
+@pytest.fixture(scope="module")
+def lora_patch_run(ft_cohort, tmp_path_factory):
+    return _run(ft_cohort, tmp_path_factory.mktemp("tower") / "patch", "model.image_tower=lora",
+                "data.image_patch_tokens=true", "optim.epochs=1")
+
+
+def test_a_lora_run_with_patch_tokens_trains_the_adapters_through_them(ft_cohort, lora_patch_run):
+    from radalign.finetune.predict import predict_split
+
+    spec = json.loads((lora_patch_run / "models" / "fusion.json").read_text())["spec"]
+    assert spec["kind"] == "tuned_fusion" and spec["tower"]["patch_tokens"] is True
+    assert spec["image_patches"] == [(64 // 16) ** 2, WIDTH]  # the nano ViT's patch grid and width
+    w = _weights(lora_patch_run)
+    assert w["head.encoders.image.pos"].shape == (16, 16) and w["head.encoders.image.norm.weight"].shape == (WIDTH,)
+    tower = [k for k in w if k.startswith("tower.")]
+    assert tower and all(".lora_A." in k or ".lora_B." in k for k in tower)
+    trained_b = [k for k in tower if ".lora_B." in k and w[k].abs().sum() > 0]  # B starts at zero
+    assert len(trained_b) == 4 * LAYERS  # every adapter of every block moved
+    assert not (lora_patch_run / "cache").exists() or not list((lora_patch_run / "cache").glob("image*"))
+    frame, ref = predict_split(lora_patch_run), pd.read_csv(lora_patch_run / "predictions.csv")
+    assert frame["study_id"].astype(str).tolist() == ref["study_id"].astype(str).tolist()
+    np.testing.assert_allclose(frame["logit:fusion"].to_numpy(), ref["logit:fusion"].to_numpy(), atol=1e-5)
+
+
+def test_last_blocks_with_patch_tokens_saves_no_projection(ft_cohort, tmp_path):
+    run = _run(ft_cohort, tmp_path / "lbp", "model.image_tower=last_blocks", "model.tune_blocks=1",
+               "data.image_patch_tokens=true", "optim.epochs=1")
+    tower = {k for k in _weights(run) if k.startswith("tower.")}
+    assert tower and all(k.startswith(("tower.transformer.resblocks.1.", "tower.ln_post.")) for k in tower)
+
+
+def test_tower_lr_steps_the_adapters_at_their_own_rate(ft_cohort, lora_run, tmp_path):
+    """optim.tower_lr: the adapters move about tower_lr per step (AdamW), the head at optim.lr: at 1e-9 the
+    adapters stay at zero to 1e-6 while the head trains as in a run without it."""
+    from radalign.finetune.runspec import read_run_spec
+
+    slow = _run(ft_cohort, tmp_path / "slow", "model.image_tower=lora", "optim.tower_lr=1e-9")
+    w, ref = _weights(slow), _weights(lora_run)  # lora_run: the same config without tower_lr (lr 3e-3)
+    b = [k for k in w if ".lora_B." in k]
+    assert b and max(float(w[k].abs().max()) for k in b) < 1e-6
+    assert max(float(ref[k].abs().max()) for k in b) > 1e-3
+    assert read_run_spec(slow)["optim"]["tower_lr"] == 1e-9
+    assert "tower_lr" not in read_run_spec(lora_run)["optim"]  # unset: recorded as runs before the key were
+    with pytest.raises(RadalignError, match="changed: optim.tower_lr: 1e-09 -> 1e-05"):
+        _run(ft_cohort, tmp_path / "slow", "model.image_tower=lora", "optim.tower_lr=1e-5")
+
+
+@pytest.mark.parametrize("extra,msg", [(["optim.tower_lr=0"], "optim.tower_lr: 0.0; it must be > 0"),
+                                       (["model.image_tower=frozen", "optim.tower_lr=1e-4"],
+                                        "model.image_tower=frozen trains no tower weights")])
+def test_a_bad_tower_lr_is_refused_with_the_fix(ft_cohort, tmp_path, extra, msg):
+    with pytest.raises(RadalignError, match=msg):
+        _cfg(ft_cohort, tmp_path / "x", "model.image_tower=lora", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -217,10 +273,14 @@ def test_a_multilabel_task_with_a_lora_tower(ft_cohort, tmp_path):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_eval_and_explain_of_a_tuned_run(ft_cohort, lora_run, tmp_path):
+@pytest.mark.parametrize("which", ["lora_run", "lora_patch_run"])
+def test_eval_and_explain_of_a_tuned_run(ft_cohort, which, tmp_path, request):
     """`finetune eval` scores the tuned model as the run did (same AUROC on the same test split); `finetune
-    explain` explains one of its studies with the probability its predictions.csv holds."""
+    explain` explains one of its studies with the probability its predictions.csv holds (pooled and patch
+    tokens alike)."""
     from radalign.cli import main
+
+    lora_run = request.getfixturevalue(which)
 
     out = tmp_path / "eval"
     assert main(["finetune", "eval", "--run", str(lora_run), "--split", "test", "--out", str(out),

@@ -260,7 +260,7 @@ def test_a_film_read_in_one_pass_and_lost_in_the_other_is_refused(cohort, tmp_pa
 # Config
 
 
-def test_config_key_loads_old_files_and_refuses_a_tuned_tower_or_no_image(tmp_path):
+def test_config_key_loads_old_files_takes_a_tuned_tower_and_refuses_no_image(tmp_path):
     from radalign.config import to_yaml
 
     cfg = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [], stage="finetune")
@@ -273,14 +273,10 @@ def test_config_key_loads_old_files_and_refuses_a_tuned_tower_or_no_image(tmp_pa
     assert load_config(FinetuneConfig, tmp_path / "older.yaml", [], stage="finetune") == cfg
     on = load_config(FinetuneConfig, tmp_path / "old.yaml", ["data.image_patch_tokens=true"], stage="finetune")
     assert on.data.image_patch_tokens is True
-    for tower in ("last_blocks", "lora"):
-        with pytest.raises(RadalignError) as e:
-            load_config(FinetuneConfig, "finetune/in_hospital_mortality", [
-                f"model.image_tower={tower}", "data.image_patch_tokens=true", "model.tune_blocks=0"],
-                stage="finetune")
-        msg = str(e.value)  # one error, every problem
-        assert f"data.image_patch_tokens: true with model.image_tower={tower}" in msg and "model.tune_blocks: 0" in msg
-        assert "Use model.image_tower=frozen with patch tokens" in msg
+    for tower in ("last_blocks", "lora"):  # the tuned tower gives its patch tokens (finetune.tower)
+        tuned = load_config(FinetuneConfig, "finetune/in_hospital_mortality", [
+            f"model.image_tower={tower}", "data.image_patch_tokens=true"], stage="finetune")
+        assert tuned.data.image_patch_tokens and tuned.model.image_tower == tower
     with pytest.raises(RadalignError, match=r"data.image_patch_tokens: true, but data.modalities \['ehr'\]"):
         load_config(FinetuneConfig, "finetune/in_hospital_mortality",
                     ["data.image_patch_tokens=true", "data.modalities=[ehr]"], stage="finetune")
@@ -354,3 +350,34 @@ def test_predict_eval_and_explain_repeat_the_run(patch_run):
     expl = explain_study(patch_run, saved["study_id"].iloc[row])
     assert expl.full == pytest.approx(saved["logit:fusion"].iloc[row], abs=1e-5)
     assert sum(expl.shapley.values()) == pytest.approx(expl.full - expl.empty, abs=1e-6)
+
+
+def test_the_frozen_runs_head_behind_an_untrained_lora_tower_scores_as_the_frozen_run(cohort, patch_run):
+    """The tuned path's patch tokens (films through the tower every time, finetune.tower) are the frozen path's
+    cached ones: the frozen run's trained head behind the export's tower with zero-update LoRA adapters gives
+    the frozen run's logits."""
+    from radalign.finetune.films import film_inputs, load_films
+    from radalign.finetune.inputs import EmbeddingCache
+    from radalign.finetune.predict import load_run
+    from radalign.finetune.registry import logits_on
+    from radalign.finetune.tower import TunedModel, study_tokens, tune_tower
+    from radalign.pretrain.export import load_encoders
+
+    trained = load_run(patch_run)
+    head, meta = trained.models["fusion"]
+    mods = meta["spec"]["modalities"]
+    frozen = trained.inputs("test")
+    enc = load_encoders(cohort["export"])
+    tower = tune_tower(enc.model.visual, {"mode": "lora", "lora_rank": 2, "lora_alpha": 4.0,
+                                          "lora_targets": ["attn.in_proj", "mlp.c_fc"]})
+    model = TunedModel(tower, head, enc.checksum).eval()
+    frame = trained.table().split("test")
+    store = load_films(cohort["shards"], trained.export_config(), [frame])
+    texts = EmbeddingCache(trained.encoders, cohort["shards"], trained.cfg.data.cache, progress=False)
+    films = film_inputs("test", frame, trained.cfg.task, mods, cache=texts, featurizer=trained.featurizer,
+                        store=store)
+    tuned = study_tokens(model, films)
+    np.testing.assert_allclose(tuned.patches, frozen.patches, atol=2e-5)
+    np.testing.assert_array_equal(tuned.present["image"], frozen.present["image"])
+    np.testing.assert_allclose(logits_on(head, tuned, mods), logits_on(head, frozen, mods), atol=1e-4)
+    np.testing.assert_allclose(logits_on(model, films, mods), logits_on(head, frozen, mods), atol=1e-4)

@@ -664,6 +664,24 @@ def test_weight_decay_groups_on_a_hand_built_module():
                         "logit_bias"}  # frozen.* in neither group
 
 
+def test_lr_by_prefix_puts_those_parameters_in_their_own_groups_with_the_decay_rule_kept():
+    from radalign.training import adamw
+
+    model = _HandBuilt()
+    opt = adamw(model, lr=1e-3, weight_decay=0.2, lr_of={"proj.": 5e-5, "ln": 7e-4})
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = {(g["lr"], g["weight_decay"]): {names[id(p)] for p in g["params"]} for g in opt.param_groups}
+    assert got == {
+        (1e-3, 0.2): {"emb.weight", "conv.weight", "debias.weight"},
+        (1e-3, 0.0): {"cls", "conv.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "rms.weight", "rel_bias",
+                      "attn_in_proj_bias", "logit_scale", "logit_bias"},
+        (5e-5, 0.2): {"proj.weight"}, (5e-5, 0.0): {"proj.bias"},
+        (7e-4, 0.0): {"ln2d.weight", "ln2d.bias"}}  # no decayed parameter under "ln": that group is left out
+    plain = adamw(model, lr=1e-3, weight_decay=0.2)  # no lr_of: the two groups as ever (old checkpoints resume)
+    assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups] == [(1e-3, 0.2, 4),
+                                                                                          (1e-3, 0.0, 14)]
+
+
 def _expected_no_decay(name: str) -> bool:
     """Written by hand from the towers' parameter lists: norms are the ln_* (open_clip) and LayerNorm (BERT)
     modules; biases end in bias; the logit scale/bias; the 1-D class embedding."""

@@ -6,12 +6,14 @@ on 2 CPU cores). Both measured in this run, on this CPU.
         --checkpoint runs/demo/pretrain] [--steps 20] [--batch 256]
 
 `--towers`: instead, the tower adaptation comparison (issue 20): the frozen towers' head vs the last 2 blocks
-vs LoRA r=8 (model.image_tower=frozen|last_blocks|lora), image only, on one CheXpert label (--label) with every
+vs LoRA r=8 (model.image_tower=frozen|last_blocks|lora) vs LoRA with the head on the tower's patch tokens
+(lora_patches: data.image_patch_tokens=true), image only, on one CheXpert label (--label) with every
 labelled training study (k=all), the same epochs and batch for all three, each recipe run in its own process:
 test AUROC with its patient-bootstrap interval and the paired difference to frozen, training samples per CPU
 second (user+sys; setup, i.e. embedding or film decoding, reported apart), trainable parameters, peak RSS.
 
-    .venv/bin/python bench/finetune.py --towers --label Pneumothorax --epochs 3 --out bench-towers
+    .venv/bin/python bench/finetune.py --towers --label Pneumothorax --epochs 3 --out bench-towers \
+        [--modes frozen lora lora_patches]
 
 `--patch-tokens`: instead, the fusion head on the pooled image embedding vs on the tower's patch tokens
 (data.image_patch_tokens=false|true, issue 20 §2) on the config's task (in-hospital mortality by default), every
@@ -118,7 +120,7 @@ def fewshot_sweep(args, out: Path) -> tuple[float, dict]:
     return t.seconds, doc
 
 
-TOWERS = ("frozen", "last_blocks", "lora")
+TOWERS = ("frozen", "last_blocks", "lora", "lora_patches")  # lora_patches: LoRA, the head on its patch tokens
 
 
 def _cpu() -> float:
@@ -131,7 +133,8 @@ def _cpu() -> float:
 def tower_cfg(args, mode: str):
     return _cfg(args, Path(args.out) / mode, "fewshot.enabled=false", f"task.name=towers_{mode}",
                 f"task.labels=[{args.label}]", "data.modalities=[image]", "baselines.models=[]",
-                "baselines.fusion_without_dropout=false", f"model.image_tower={mode}", "model.tune_blocks=2",
+                "baselines.fusion_without_dropout=false", f"model.image_tower={mode.split('_patches')[0]}",
+                f"data.image_patch_tokens={str(mode.endswith('_patches')).lower()}", "model.tune_blocks=2",
                 "model.lora_rank=8", f"optim.epochs={args.epochs}", f"optim.batch_size={args.batch}",
                 "optim.patience=0", f"data.cache={Path(args.out) / 'cache'}",
                 f"data.allow_overlap={str(args.allow_overlap).lower()}")
@@ -240,7 +243,8 @@ def towers(args) -> int:
     """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
     from bench.common import table
 
-    res = _compare(args, "--one-tower", TOWERS, "frozen")
+    modes = ["frozen", *[m for m in args.modes if m != "frozen"]] if args.modes else TOWERS
+    res = _compare(args, "--one-tower", modes, "frozen")
     if isinstance(res, int):
         return res
     rows = [[mode, auroc, diff, r["trainable"], f"{r['samples'] / r['train_cpu_s']:.1f}", f"{r['setup_cpu_s']:.0f}",
@@ -264,6 +268,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--towers", action="store_true", help="the tower adaptation comparison (see above)")
     ap.add_argument("--one-tower", choices=TOWERS, help=argparse.SUPPRESS)
+    ap.add_argument("--modes", nargs="*", choices=TOWERS, help="--towers: only these (frozen always: the base)")
     ap.add_argument("--label", default="Pneumothorax", help="--towers: the CheXpert label column")
     ap.add_argument("--epochs", type=int, default=3, help="--towers: training epochs of every mode")
     ap.add_argument("--out", default="bench-towers", help="--towers: folder for the three runs")

@@ -190,7 +190,7 @@ class TunedModel(nn.Module):
             raise RadalignError("this model trains the image tower: it scores films, not cached embeddings; give "
                                 "it inputs from finetune.films (finetune predict/eval do for a tuned run)")
         if not len(pixels):
-            return {k: torch.zeros(rows, *shape) for k, shape in self.token_shapes().items()}
+            return {k: torch.zeros(rows, *shape, device=pixels.device) for k, shape in self.token_shapes().items()}
         out = {}
         for key, emb in self._films(pixels).items():
             emb = F.normalize(emb.float(), dim=-1)  # [F, D] or [F, P, W]
@@ -201,10 +201,9 @@ class TunedModel(nn.Module):
     def token_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of one study's entries of image_tokens (no rows)."""
         image = self.head.encoders["image"]
-        shapes = {"image": (self.tower.output_dim,)}
-        if self.reads_patches:
-            shapes[PATCH_KEY] = (image.n_tokens, image.d_in)
-        return shapes
+        if not self.reads_patches:
+            return {"image": (image.d_in,)}
+        return {"image": (self.tower.output_dim,), PATCH_KEY: (image.n_tokens, image.d_in)}  # an open_clip ViT
 
     def forward(self, batch: Mapping, present_override=None):
         if "image" in self.modalities:

@@ -623,3 +623,42 @@ def test_bad_grid_error_says_inf_is_always_in_it():
     with pytest.raises(RadalignError, match=r"must be finite and > 0 \(inf, the zero-shot head, is always in the "
                                             r"grid\)"):
         AnchoredLogistic(lams=[0.0]).grid()
+
+
+def _one_se_by_hand(a):
+    """Plain one-SE rule with loops: per column the mean and sd/sqrt(n) over the folds that are not NaN."""
+    cols = [[v for v in col if not math.isnan(v)] for col in a.T.tolist()]
+    means = [sum(c) / len(c) for c in cols]
+    ses = [math.sqrt(sum((v - m) ** 2 for v in c) / (len(c) - 1) / len(c)) if len(c) > 1 else 0.0
+           for c, m in zip(cols, means)]
+    best = means.index(max(means))
+    return next(g for g, m in enumerate(means) if m >= means[best] - ses[best])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_se_choice_matches_the_hand_loop_on_random_tables(seed):
+    rng = np.random.default_rng(100 + seed)
+    n_folds = 2 + seed % 4  # 2 folds included: the SE's n - 1 is 1 there
+    a = np.clip(0.7 + 0.05 * rng.normal(size=(n_folds, 6)) + np.linspace(0, 0.06, 6), 0, 1)
+    if n_folds > 2:
+        a[0, 1] = np.nan  # a fold that held one class, in one column
+    assert one_se_choice(a) == _one_se_by_hand(a)
+
+
+def test_a_label_column_is_the_same_as_flat_labels():
+    x, y, g = _problem(150, seed=30)
+    init = _init()
+    flat = AnchoredLogistic().fit(x, y, g, init)
+    column = AnchoredLogistic().fit(x, y[:, None], g, init)
+    np.testing.assert_array_equal(column.predict_logit(x), flat.predict_logit(x))
+
+
+def test_input_errors_name_the_row_and_the_fix():
+    init = _init()
+    x, y, g = _problem(10, seed=16)
+    bad = y.copy()
+    bad[3] = 0.5
+    with pytest.raises(RadalignError, match=r"y holds 0\.5 in row 3"):
+        make_head("anchored").fit(x, bad, g, init)
+    with pytest.raises(RadalignError, match="pass one label and one patient id per row"):
+        make_head("anchored").fit(x, y, g[:9], init)

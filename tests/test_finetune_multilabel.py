@@ -706,13 +706,20 @@ def test_report_lines_of_the_per_class_table_and_the_selection():
     assert "| class | fusion | gbdt | positives | negatives |" in lines
     assert "| Edema | 0.812 [0.700, 0.900] | 0.750 [0.700, 0.900] | 12 | 30 |" in lines
     assert "| Mass | – | – | 5 | 0 |" in lines
-    assert "Not scored (one label value on test): Mass." in lines and "3 of 100 resamples dropped" in lines
+    assert lines[-4:] == ["Not scored (one label value on test): Mass.", "", "3 of 100 resamples dropped", ""]
     assert md_selection({"sentence": "Best on validation: fusion."}) == [
         "## Best model", "", "Best on validation: fusion.", ""]
     assert md_selection(None) == [] and md_calibration(None, "fusion") == []
     cal = {"bins": 10, "temperature": "one per class", "per_class": {"Edema": {
         "temperature": 1.5, "ece_before": 0.1, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.18}}}
-    out = md_calibration(cal, "fusion")
-    assert out[0] == "## Calibration per class (fusion, test)"
-    assert "ECE over 10 equal-mass bins" in out[2] and "(one per class)" in out[2]
-    assert "| Edema | 1.500 | 0.100 | 0.050 | 0.200 | 0.180 |" in out
+    assert md_calibration(cal, "fusion") == [
+        "## Calibration per class (fusion, test)", "",
+        "ECE over 10 equal-mass bins and Brier score, before and after temperature scaling fitted on validation "
+        "(one per class).", "",
+        "| class | T | ECE | ECE after T | Brier | Brier after T |", "|---|---|---|---|---|---|",
+        "| Edema | 1.500 | 0.100 | 0.050 | 0.200 | 0.180 |", ""]
+    one = {"fusion": {"classes": {"Edema": row}, "classes_without_auroc": [], "macro_note": ""}}
+    assert md_classes(one, ["Edema"]) == [  # one model, nothing unscored, no note: the table alone
+        "## Per class (test)", "", "AUROC [95% CI over patients] per class; the macro is the mean over the classes "
+        "with both label values.", "", "| class | fusion | positives | negatives |", "|---|---|---|---|",
+        "| Edema | 0.812 [0.700, 0.900] | 12 | 30 |", ""]

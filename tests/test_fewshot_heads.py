@@ -662,3 +662,9 @@ def test_input_errors_name_the_row_and_the_fix():
         make_head("anchored").fit(x, bad, g, init)
     with pytest.raises(RadalignError, match="pass one label and one patient id per row"):
         make_head("anchored").fit(x, y, g[:9], init)
+
+
+def test_one_se_rule_with_two_folds_uses_the_sample_sd():
+    # best column [0.80, 0.90]: mean 0.85, sd 0.0707 (ddof 1), SE 0.05; column 0 has mean 0.81 >= 0.80: taken
+    a = np.array([[0.80, 0.80], [0.82, 0.90]])
+    assert one_se_choice(a) == _one_se_by_hand(a) == 0

@@ -677,9 +677,11 @@ def test_selection_skips_models_without_a_validation_score_and_says_why_others_w
     assert no_cols["best"] == "fusion" and no_cols["comparisons"] == {}
 
 
-def test_a_zero_width_interval_at_zero_counts_as_inside():
+def test_a_zero_width_interval_at_zero_counts_as_inside_and_the_level_defaults_to_95():
     s = selection_sentence(_sel(0.0, 0.0, 0.0))
     assert "0 is inside the 95% interval" in s
+    old = {k: v for k, v in _sel(0.01, -0.02, 0.04).items() if k != "level"}  # a record written before `level`
+    assert "0 is inside the 95% interval" in selection_sentence(old)
 
 
 def test_validation_scores_are_sklearns_macro_over_classes_with_both_values():

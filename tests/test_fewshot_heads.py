@@ -559,7 +559,7 @@ def test_clap_head_is_the_minimum_of_its_objective_and_scores_unnormalised_rows_
     np.testing.assert_allclose(head.w_, want, atol=1e-4)
     np.testing.assert_allclose(head.info_["alpha"], alpha, rtol=1e-9)
     assert head.pull_ == pytest.approx(alpha.mean(), rel=1e-9)
-    scaled = x * np.arange(1, len(x) + 1)[:, None]  # rows of any length: each scored as its unit row
+    scaled = x * np.geomspace(0.01, 100, len(x))[:, None]  # rows of any length: each scored as its unit row
     np.testing.assert_allclose(head.predict_logit(scaled), _unit_rows(scaled) @ head.w_, rtol=1e-9)
 
 
@@ -615,7 +615,7 @@ def test_tip_adapter_choice_cache_and_pull_by_hand():
     a, b = grid[int(np.argmax(cv))]
     assert a > 0 and (head.info_["alpha"], head.info_["beta"]) == (a, b)
     assert head.pull_ == pytest.approx(1 / (1 + a), rel=1e-12)
-    xt = _problem(30, seed=29)[0] * 3.0  # not unit: scored as unit rows
+    xt = _problem(30, seed=29)[0] * np.geomspace(0.05, 20, 30)[:, None]  # not unit: scored as unit rows
     np.testing.assert_allclose(head.predict_logit(xt), cache(_unit_rows(xt), xu, y, a, b), rtol=1e-9)
 
 
@@ -668,3 +668,117 @@ def test_one_se_rule_with_two_folds_uses_the_sample_sd():
     # best column [0.80, 0.90]: mean 0.85, sd 0.0707 (ddof 1), SE 0.05; column 0 has mean 0.81 >= 0.80: taken
     a = np.array([[0.80, 0.80], [0.82, 0.90]])
     assert one_se_choice(a) == _one_se_by_hand(a) == 0
+
+
+def _hand_folds(y, groups, seed, n_folds):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    return [te for _, te in StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(y, y, groups)]
+
+
+def test_cv_table_follows_max_folds_repeats_and_the_two_patient_floor():
+    x, y, groups = _multi_row_problem()
+    w0 = _init().head()[0]
+    head = AnchoredLogistic(max_folds=3)
+    table, k = head.cv_table(x, y, groups, w0)
+    assert table.shape == (9, 9) and k == 3  # 3 repeats x 3 folds, 9 grid points
+    once = AnchoredLogistic(one_repeat_above=10)  # ~60 patients per class: one split is enough
+    assert once.cv_table(x, y, groups, w0)[0].shape[0] == 5 and len(once.folds_) == 5
+    two = np.array(["a", "b", "c", "d"])  # two patients per class: 2 folds per split
+    xs, ys = x[:4], np.array([1.0, 1.0, 0.0, 0.0])
+    table, k = AnchoredLogistic().cv_table(xs, ys, two, w0)
+    assert table.shape == (6, 9) and k == 2
+    table, k = AnchoredLogistic().cv_table(xs, ys, np.array(["a", "a", "c", "d"]), w0)  # one positive patient
+    assert table.shape == (0, 9) and k == 0 and head.folds_
+
+
+def test_anchored_head_is_the_scipy_fit_at_its_chosen_prior():
+    x, y, g = _problem(3000, seed=31, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    xs, ys, gs = _balanced_k(x, y, g, 40, seed=3)
+    init = _init()
+    head = AnchoredLogistic().fit(xs, ys, gs, init)
+    lam = head.info_["lam"]
+    assert math.isfinite(lam)
+    ref = _scipy_anchored(xs, ys, init.head()[0], lam)
+    np.testing.assert_allclose(head.w_, ref[:-1], atol=1e-5)
+    assert head.b_ == pytest.approx(ref[-1], abs=1e-5)
+
+
+def test_anchored_cv_choice_is_an_independent_one_se_rule_from_the_strongest_pull():
+    """lams given in any order: the grid runs from inf down, and the one-SE rule (hand loop) on scipy fits over
+    the head's folds picks the strongest pull within one SE of the best."""
+    x, y, g = _problem(3000, seed=21, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    xs, ys, gs = _balanced_k(x, y, g, 12, seed=1)
+    init = _init()
+    w0 = init.head()[0]
+    lams = [0.25, math.inf, 64.0, 4.0]
+    head = make_head("anchored_cv", lams=lams).fit(xs, ys, gs, init, seed=0)
+    grid = [math.inf, 64.0, 4.0, 0.25]
+    table = [[roc_auc_score(ys[te], xs[te] @ t[:-1] + t[-1]) for t in
+              (_scipy_anchored(xs[tr], ys[tr], w0, lam) for lam in grid)] for tr, te in head.folds_]
+    assert head.info_["lam"] == grid[_one_se_by_hand(np.array(table))]
+    one = make_head("anchored_cv").fit(*_balanced_k(x, y, g, 1), init)
+    assert one.info_["lam"] == math.inf and one.folds_ == []
+
+
+def test_wise_choice_and_probe_strength_by_hand():
+    """alpha: the one-SE rule (hand loop) over held-out AUROCs of (1 - a) u0 + a up on the head's folds, up from
+    sklearn's probe with the head's C on each training fold; the final probe uses that C too."""
+    x, y, g = _problem(400, seed=32, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    w0 = init.head()[0]
+    u0 = w0 / np.linalg.norm(w0)
+    alphas = [0.0, 0.5, 1.0]
+    head = make_head("wise", alphas=alphas, C=0.05).fit(x, y, g, init, seed=0)
+    for (_, te), want in zip(head.folds_, _hand_folds(y, g, 0, 5), strict=True):
+        np.testing.assert_array_equal(te, want)
+
+    def unit_probe(rows):
+        w = LogisticRegression(C=0.05, max_iter=5000).fit(x[rows], y[rows].astype(int)).coef_[0]
+        return w / np.linalg.norm(w)
+    table = [[roc_auc_score(y[te], x[te] @ ((1 - a) * u0 + a * unit_probe(tr))) for a in alphas]
+             for tr, te in head.folds_]
+    a = alphas[_one_se_by_hand(np.array(table))]
+    assert a > 0 and head.info_["alpha"] == a
+    want = np.linalg.norm(w0) * ((1 - a) * u0 + a * unit_probe(np.arange(len(y))))
+    np.testing.assert_allclose(head.w_, want, rtol=1e-6, atol=1e-8)
+
+
+def test_wise_with_identical_prompts_has_a_zero_head_not_nan():
+    t = np.tile(_init().prototypes[:1], (2, 1))  # t+ == t-: w0 = 0
+    x, y, g = _problem(200, seed=33)
+    head = make_head("wise", alphas=[0.0]).fit(x, y, g, ZeroShotInit(t, 10.0), seed=0)
+    np.testing.assert_array_equal(head.predict_logit(x), np.zeros(len(x)))
+
+
+@pytest.mark.parametrize("name", ["clap", "lppp", "tip_f"])
+def test_float32_prototypes_fit_as_their_float64_values(name):
+    """Exports store float32 text embeddings: the torch heads must fit them as the same numbers in float64."""
+    x, y, g = _problem(120, seed=34)
+    p32 = _init().prototypes.astype(np.float32)
+    kw = {"steps": 20} if name == "lppp" else {}
+    a = make_head(name, **kw).fit(x, y, g, ZeroShotInit(p32, 10.0), seed=0).predict_logit(x)
+    b = make_head(name, **kw).fit(x, y, g, ZeroShotInit(p32.astype(np.float64), 10.0), seed=0).predict_logit(x)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tip_adapter_folds_and_one_key_step_by_hand():
+    """Folds: sklearn's grouped split with the caller's seed and max_folds. One fine-tuning epoch: AdamW's first
+    step moves each key by -lr g/(|g| + eps) after decoupled decay (1 - lr wd), g the hand gradient of the mean
+    BCE of z_i = x_i w0 + a sum_j exp(-b (1 - x_i k_j)) s_j."""
+    x, y, g = _problem(80, seed=28, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    w0 = init.head()[0]
+    head = make_head("tip_f", epochs=1, max_folds=4).fit(x, y, g, init, seed=3)
+    for (_, te), want in zip(head.folds_, _hand_folds(y, g, 3, 4), strict=True):
+        np.testing.assert_array_equal(te, want)
+    a, b = head.info_["alpha"], head.info_["beta"]
+    assert a > 0
+    xu, s = _unit_rows(x), 2 * y - 1
+    e = np.exp(-b * (1 - xu @ xu.T))  # [n, n] keys = the shots
+    r = (1 / (1 + np.exp(-(xu @ w0 + a * e @ s))) - y) / len(y)  # dBCE/dz
+    grad = a * b * s[:, None] * ((r[:, None] * e).T @ xu)  # [n, D] d/dk_j
+    keys = xu * (1 - 1e-3 * 0.01) - 1e-3 * grad / (np.abs(grad) + 1e-8)
+    xt = _problem(30, seed=35)[0]
+    want = xt @ w0 + a * np.exp(-b * (1 - xt @ keys.T)) @ s
+    np.testing.assert_allclose(head.predict_logit(xt), want, rtol=1e-7, atol=1e-9)

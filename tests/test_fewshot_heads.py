@@ -704,11 +704,12 @@ def test_anchored_head_is_the_scipy_fit_at_its_chosen_prior():
     assert head.b_ == pytest.approx(ref[-1], abs=1e-5)
 
 
-def test_anchored_cv_choice_is_an_independent_one_se_rule_from_the_strongest_pull():
+@pytest.mark.parametrize("k", [12, 16])  # 12: the weakest pull is clearly best; 16: all four within one SE
+def test_anchored_cv_choice_is_an_independent_one_se_rule_from_the_strongest_pull(k):
     """lams given in any order: the grid runs from inf down, and the one-SE rule (hand loop) on scipy fits over
     the head's folds picks the strongest pull within one SE of the best."""
     x, y, g = _problem(3000, seed=21, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
-    xs, ys, gs = _balanced_k(x, y, g, 12, seed=1)
+    xs, ys, gs = _balanced_k(x, y, g, k, seed=1)
     init = _init()
     w0 = init.head()[0]
     lams = [0.25, math.inf, 64.0, 4.0]

@@ -783,3 +783,12 @@ def test_tip_adapter_folds_and_one_key_step_by_hand():
     xt = _problem(30, seed=35)[0]
     want = xt @ w0 + a * np.exp(-b * (1 - xt @ keys.T)) @ s
     np.testing.assert_allclose(head.predict_logit(xt), want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_integer_labels_fit_as_float_labels(name):
+    x, y, g = _problem(120, seed=36)
+    kw = {"steps": 20} if name == "lppp" else {}
+    a = make_head(name, **kw).fit(x, y.astype(np.int64), g, _init(), seed=0).predict_logit(x)
+    b = make_head(name, **kw).fit(x, y, g, _init(), seed=0).predict_logit(x)
+    np.testing.assert_array_equal(a, b)

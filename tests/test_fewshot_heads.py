@@ -21,6 +21,7 @@ from radalign.finetune.fewshot_heads import (
     make_head,
     map_newton,
     one_se_choice,
+    prompt_init,
 )
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
@@ -792,3 +793,19 @@ def test_integer_labels_fit_as_float_labels(name):
     a = make_head(name, **kw).fit(x, y.astype(np.int64), g, _init(), seed=0).predict_logit(x)
     b = make_head(name, **kw).fit(x, y, g, _init(), seed=0).predict_logit(x)
     np.testing.assert_array_equal(a, b)
+
+
+def test_prompt_init_of_float32_prototypes_is_their_float64_computation():
+    t32 = _init().prototypes.astype(np.float32) * np.float32(1.7)  # not unit: normalised in float64
+    t = t32.astype(np.float64)
+    want = 10.0 * (t[0] / math.sqrt(t[0] @ t[0]) - t[1] / math.sqrt(t[1] @ t[1]))
+    for w0, b0 in (ZeroShotInit(t32, 10.0).head(), prompt_init(t32[0], t32[1], 10.0)):
+        np.testing.assert_allclose(w0, want, rtol=0, atol=1e-14)
+        assert b0 == 0.0
+
+
+def test_an_export_of_another_width_is_named_with_both_widths_and_the_fix():
+    x, y, g = _problem(10, seed=16)
+    with pytest.raises(RadalignError, match=r"^few-shot head: init\.prototypes are 4-d but x is 8-d; use the export "
+                                            r"that embedded x$"):
+        make_head("anchored").fit(x, y, g, ZeroShotInit(np.ones((2, 4)), 10.0))

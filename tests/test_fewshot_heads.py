@@ -723,20 +723,21 @@ def test_anchored_cv_choice_is_an_independent_one_se_rule_from_the_strongest_pul
     assert one.info_["lam"] == math.inf and one.folds_ == []
 
 
-def test_wise_choice_and_probe_strength_by_hand():
+@pytest.mark.parametrize("n,C,alphas", [(400, 0.05, [0.0, 0.5, 1.0]),  # the probe alone wins
+                                         (100, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])])  # a mix within one SE
+def test_wise_choice_and_probe_strength_by_hand(n, C, alphas):
     """alpha: the one-SE rule (hand loop) over held-out AUROCs of (1 - a) u0 + a up on the head's folds, up from
     sklearn's probe with the head's C on each training fold; the final probe uses that C too."""
-    x, y, g = _problem(400, seed=32, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    x, y, g = _problem(n, seed=32, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
     init = _init()
     w0 = init.head()[0]
     u0 = w0 / np.linalg.norm(w0)
-    alphas = [0.0, 0.5, 1.0]
-    head = make_head("wise", alphas=alphas, C=0.05).fit(x, y, g, init, seed=0)
+    head = make_head("wise", alphas=alphas, C=C).fit(x, y, g, init, seed=0)
     for (_, te), want in zip(head.folds_, _hand_folds(y, g, 0, 5), strict=True):
         np.testing.assert_array_equal(te, want)
 
     def unit_probe(rows):
-        w = LogisticRegression(C=0.05, max_iter=5000).fit(x[rows], y[rows].astype(int)).coef_[0]
+        w = LogisticRegression(C=C, max_iter=5000).fit(x[rows], y[rows].astype(int)).coef_[0]
         return w / np.linalg.norm(w)
     table = [[roc_auc_score(y[te], x[te] @ ((1 - a) * u0 + a * unit_probe(tr))) for a in alphas]
              for tr, te in head.folds_]

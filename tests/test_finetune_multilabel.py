@@ -280,6 +280,9 @@ def _sel(delta, lo, hi, best="fusion", other="early_fusion"):
 
 def test_the_sentence_says_inside_the_interval_for_the_issues_demo_numbers():
     s = selection_sentence(_sel(-0.008, -0.030, 0.009))
+    assert s == ("Best on validation: fusion (validation AUROC 0.931). Its test lead over early_fusion is -0.008 "
+                 "[-0.030, +0.009]: 0 is inside the 95% interval, so this run does not show fusion better than "
+                 "early_fusion.")
     assert s.startswith("Best on validation: fusion (validation AUROC 0.931).")
     assert "lead over early_fusion is -0.008 [-0.030, +0.009]: 0 is inside the 95% interval" in s
     assert "does not show fusion better than early_fusion" in s
@@ -645,9 +648,12 @@ def test_multiclass_calibration_fits_one_softmax_temperature_and_scores_one_vs_r
     t = _grid_temperature(_softmax_nll(zv[25:], kv[25:]))
     assert cal["temperature"] == "one softmax temperature" and cal["bins"] == 5
     pt = torch.softmax(torch.as_tensor(zt / cal["per_class"]["x"]["temperature"]), 1).numpy()
+    p0 = torch.softmax(torch.as_tensor(zt), 1).numpy()  # before scaling: the softmax too, not a sigmoid
     for j, c in enumerate(["x", "y", "z"]):
         r = cal["per_class"][c]
         assert r["temperature"] == pytest.approx(t, rel=3e-3)
+        assert r["ece_before"] == pytest.approx(_ece_by_hand(yt[:, j], p0[:, j], 5), abs=1e-12)
+        assert r["brier_before"] == pytest.approx(np.mean((p0[:, j] - yt[:, j]) ** 2), abs=1e-12)
         assert r["ece_after"] == pytest.approx(_ece_by_hand(yt[:, j], pt[:, j], 5), abs=1e-12)
         assert r["brier_after"] == pytest.approx(np.mean((pt[:, j] - yt[:, j]) ** 2), abs=1e-12)
 
@@ -670,6 +676,10 @@ def test_selection_skips_models_without_a_validation_score_and_says_why_others_w
     assert "0 is inside the 90% interval" in selection_sentence({**_sel(0.01, -0.02, 0.04), "level": 0.9})
     assert "early_fusion was not trained in this run" in s and "late_fusion was not a candidate: it saw the " \
         "test rows." in s
+    twin = {"fusion": probs["fusion"], "early_fusion": probs["fusion"] + rng.normal(0, 0.05, y.shape)}
+    close = selection({"fusion": 0.8, "early_fusion": 0.79}, y, twin, pid, [0], n_boot=100, seed=0)
+    d = close["comparisons"]["early_fusion"]
+    assert d["ci_low"] < 0 < d["ci_high"] and d["zero_inside_interval"] is True  # a near twin: inside
     none = selection({"fusion": None}, y, probs, pid, [0], n_boot=10, seed=0)
     assert none["best"] is None and none["comparisons"] == {}
     assert none["sentence"].startswith("No model has a validation AUROC: no best model.")

@@ -14,12 +14,14 @@ from radalign.finetune.fewshot_heads import (
     AnchoredLogistic,
     ZeroShotInit,
     anchored_head,
+    anchored_path,
     corrected_one_se_choice,
     fit_anchored,
     grouped_folds,
     make_head,
     map_newton,
     one_se_choice,
+    prompt_init,
 )
 from scipy.optimize import minimize
 from sklearn.linear_model import LogisticRegression
@@ -439,3 +441,372 @@ def test_the_heads_marked_seed_free_ignore_the_seed():
     for name in free:
         a = make_head(name).fit(x, y, groups, _init(), seed=0).predict_logit(x)
         np.testing.assert_array_equal(a, make_head(name).fit(x, y, groups, _init(), seed=9).predict_logit(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The folds, the path and the bench's candidate heads against independent computations (mutation guards)
+
+
+def _shots_seed_by_hand(x, y, groups):
+    """sha256 over the float64 bytes of x, then y, then the newline-joined patient ids; first 4 bytes little-endian."""
+    import hashlib
+
+    h = hashlib.sha256(np.asarray(x, np.float64).tobytes() + np.asarray(y, np.float64).tobytes()
+                       + "\n".join(groups).encode())
+    return int.from_bytes(h.digest()[:4], "little")
+
+
+def test_anchored_folds_are_sklearns_grouped_splits_seeded_by_the_shots():
+    """Three repeats of StratifiedGroupKFold(5, shuffle) with random_state = shots seed + 1000 r, in order."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    x, y, groups = _multi_row_problem()
+    head = AnchoredLogistic().fit(x, y, groups, _init(), seed=0)
+    base = _shots_seed_by_hand(x, y, groups)
+    want = [te for r in range(3) for _, te in StratifiedGroupKFold(5, shuffle=True, random_state=base + 1000 * r)
+            .split(x, y.astype(int), groups)]
+    assert len(head.folds_) == len(want) == 15
+    for (_, te), w in zip(head.folds_, want):
+        np.testing.assert_array_equal(te, w)
+    flipped = y.copy()
+    flipped[:2] = 1 - flipped[:2]  # other labels, same rows: another seed, other folds
+    other = AnchoredLogistic().fit(x, flipped, groups, _init(), seed=0)
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(head.folds_, other.folds_))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_anchored_cv_folds_are_sklearns_grouped_split_with_the_callers_seed(seed):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    x, y, groups = _multi_row_problem()
+    head = make_head("anchored_cv").fit(x, y, groups, _init(), seed=seed)
+    want = StratifiedGroupKFold(5, shuffle=True, random_state=seed).split(x, y.astype(int), groups)
+    for (tr, te), (wtr, wte) in zip(head.folds_, want, strict=True):
+        np.testing.assert_array_equal(te, wte)
+        np.testing.assert_array_equal(tr, wtr)
+
+
+def test_anchored_cv_head_is_the_scipy_fit_at_its_chosen_prior():
+    """Whatever lam the one-SE rule picked, the head is argmin sum BCE + lam/2 |w - w0|^2 (b unpenalised)."""
+    x, y, g = _problem(3000, seed=23, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    xs, ys, gs = _balanced_k(x, y, g, 40, seed=2)
+    init = _init()
+    head = make_head("anchored_cv").fit(xs, ys, gs, init, seed=0)
+    lam = head.info_["lam"]
+    assert math.isfinite(lam)  # the planted problem moves it off the zero-shot head
+    ref = _scipy_anchored(xs, ys, init.head()[0], lam)
+    np.testing.assert_allclose(head.w_, ref[:-1], atol=1e-5)
+    assert head.b_ == pytest.approx(ref[-1], abs=1e-5)
+    assert head.pull_ == pytest.approx(lam / (lam + len(ys)), rel=1e-12)
+
+
+def test_the_path_starts_at_the_zero_shot_head_and_follows_the_scipy_fits():
+    x, y, _ = _problem(60, seed=24)
+    w0 = _init().head()[0]
+    path = anchored_path(x, y, w0, [math.inf, 16.0, 0.5])
+    np.testing.assert_array_equal(path[0], np.r_[w0, 0.0])  # the zero-shot logit x w0 + 0, not a shifted one
+    for theta, lam in zip(path[1:], [16.0, 0.5]):
+        np.testing.assert_allclose(theta, _scipy_anchored(x, y, w0, lam), atol=1e-5)
+
+
+def test_one_se_rule_with_one_fold_takes_the_first_grid_point_that_ties_the_best():
+    assert one_se_choice(np.array([[0.7, 0.8, 0.8, 0.6]])) == 1  # SE undefined: margin 0, ties count
+    assert one_se_choice(np.array([[0.7, 0.8], [0.7, 0.8]])) == 1  # SE 0: only the tie with the best
+
+
+def test_corrected_rule_with_exactly_two_folds_can_leave_the_prior():
+    # d between grid 1 (best, mean 0.925) and grid 0 = [0.40, 0.35]: mean 0.375 > sd 0.0354 x sqrt(1/2 + 1/1)
+    a = np.array([[0.50, 0.90], [0.60, 0.95]])
+    assert corrected_one_se_choice(a, 2) == _corrected_by_hand(a, 2) == 1
+
+
+def test_wise_head_is_the_norm_scaled_mix_of_the_unit_zero_shot_and_sklearn_probe():
+    """alphas = [a] only: the head is |w0| ((1 - a) w0/|w0| + a wp/|wp|), wp sklearn's L2 probe on all shots."""
+    x, y, g = _problem(300, seed=25)
+    init = _init(scale=7.0)
+    w0 = init.head()[0]
+    wp = LogisticRegression(C=1.0, max_iter=5000).fit(x, y.astype(int)).coef_[0]
+    for a in (0.0, 0.3, 1.0):
+        head = make_head("wise", alphas=[a]).fit(x, y, g, init, seed=0)
+        want = np.linalg.norm(w0) * ((1 - a) * w0 / np.linalg.norm(w0) + a * wp / np.linalg.norm(wp))
+        np.testing.assert_allclose(head.w_, want, rtol=1e-6, atol=1e-8)
+        assert (head.b_, head.pull_, head.info_["alpha"]) == (0.0, pytest.approx(1 - a), a)
+    few = make_head("wise").fit(*_balanced_k(x, y, g, 1), init, seed=0)  # no fold: zero-shot, alpha 0
+    assert few.info_["alpha"] == 0.0 and few.pull_ == 1.0
+
+
+def _clap_by_scipy(x, y, init):
+    """CLAP's objective written in numpy, minimised by scipy: returns the class-1 minus class-0 unit prototype x s."""
+    t = _unit_rows(np.asarray(init.prototypes, np.float64)[[1, 0]])  # [2, D] class 0, 1
+    xu, s, yi = _unit_rows(x), init.logit_scale, y.astype(int)
+    p0 = np.exp(s * xu @ t.T)
+    p0 /= p0.sum(1, keepdims=True)
+    alpha = np.array([p0[yi == c, c].mean() for c in (0, 1)])
+
+    def f(flat):
+        w = flat.reshape(2, -1)
+        z = s * xu @ _unit_rows(w).T  # [n, 2]
+        ce = np.mean(np.logaddexp(z[:, 0], z[:, 1]) - z[np.arange(len(yi)), yi])
+        return ce + np.mean(alpha * ((w - t) ** 2).sum(1))
+    w = _unit_rows(minimize(f, t.ravel(), method="BFGS", options={"gtol": 1e-10}).x.reshape(2, -1))
+    return s * (w[1] - w[0]), alpha
+
+
+def test_clap_head_is_the_minimum_of_its_objective_and_scores_unnormalised_rows_as_unit_ones():
+    x, y, g = _problem(200, seed=26)
+    init = _init()
+    head = make_head("clap").fit(x, y, g, init, seed=0)
+    want, alpha = _clap_by_scipy(x, y, init)
+    np.testing.assert_allclose(head.w_, want, atol=1e-4)
+    np.testing.assert_allclose(head.info_["alpha"], alpha, rtol=1e-9)
+    assert head.pull_ == pytest.approx(alpha.mean(), rel=1e-9)
+    scaled = x * np.geomspace(0.01, 100, len(x))[:, None]  # rows of any length: each scored as its unit row
+    np.testing.assert_allclose(head.predict_logit(scaled), _unit_rows(scaled) @ head.w_, rtol=1e-9)
+
+
+def _lppp_by_hand(x, y, init, steps):
+    """LP++ as the authors' loop, with hand-written gradients of the mean cross-entropy (no autograd)."""
+    n, yi = len(y), y.astype(int)
+    t = _unit_rows(np.asarray(init.prototypes, np.float64)[[1, 0]])
+    onehot = np.eye(2)[yi]
+    text = x @ t.T  # [n, 2]
+    w, b = onehot.T @ x, np.zeros(2)
+    shots = n / 2
+    a = np.full(2, 250 / shots * ((onehot.T @ text) / onehot.sum(0)[:, None] * shots).mean())
+    lr_w = 4 * n / np.linalg.eigvalsh(x.T @ x).max()
+    lr_a = n / (4 * (text ** 2).sum(0).max())
+    vw, vb = np.zeros_like(w), np.zeros_like(b)
+    for step in range(steps):
+        z = x @ w.T + b + a * text
+        p = np.exp(z - z.max(1, keepdims=True))
+        r = (p / p.sum(1, keepdims=True) - onehot) / n  # dCE/dz [n, 2]
+        gw, gb, ga = r.T @ x, r.sum(0), (r * text).sum(0)
+        vw, vb = (gw, gb) if step == 0 else (0.9 * vw + gw, 0.9 * vb + gb)  # torch SGD momentum
+        w, b = w - lr_w * vw, b - lr_w * vb
+        if (step + 1) % 10 == 0:
+            a = a - lr_a * ga
+    return (w[1] + a[1] * t[1]) - (w[0] + a[0] * t[0]), b[1] - b[0], a
+
+
+def test_lppp_head_repeats_the_authors_loop_written_by_hand():
+    x, y, g = _problem(120, seed=27)
+    init = _init()
+    head = make_head("lppp", steps=30).fit(x, y, g, init, seed=0)
+    w, b, a = _lppp_by_hand(x, y, init, 30)
+    np.testing.assert_allclose(head.w_, w, rtol=1e-8, atol=1e-10)
+    assert head.b_ == pytest.approx(b, rel=1e-8, abs=1e-10)
+    np.testing.assert_allclose(head.info_["text_multipliers"], a, rtol=1e-8)
+    assert math.isnan(head.pull_)
+
+
+def test_tip_adapter_choice_cache_and_pull_by_hand():
+    """(a, b) maximise the mean held-out AUROC (sklearn) of the training-free cache on the head's own folds; with
+    no key fine-tuning (epochs 0) the logit is x w0 + a sum_j exp(-b (1 - x k_j)) (2 y_j - 1) on unit rows."""
+    x, y, g = _problem(80, seed=28, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    w0 = init.head()[0]
+    head = make_head("tip_f", epochs=0).fit(x, y, g, init, seed=1)
+    xu = _unit_rows(x)
+    grid = [(a, b) for a in (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0) for b in (1.0, 3.0, 5.5, 8.0)]
+
+    def cache(xq, keys, ys, a, b):
+        return xq @ w0 + a * np.exp(-b * (1 - xq @ keys.T)) @ (2 * ys - 1)
+    cv = [np.mean([roc_auc_score(y[te], cache(xu[te], xu[tr], y[tr], a, b)) for tr, te in head.folds_])
+          for a, b in grid]
+    a, b = grid[int(np.argmax(cv))]
+    assert a > 0 and (head.info_["alpha"], head.info_["beta"]) == (a, b)
+    assert head.pull_ == pytest.approx(1 / (1 + a), rel=1e-12)
+    xt = _problem(30, seed=29)[0] * np.geomspace(0.05, 20, 30)[:, None]  # not unit: scored as unit rows
+    np.testing.assert_allclose(head.predict_logit(xt), cache(_unit_rows(xt), xu, y, a, b), rtol=1e-9)
+
+
+def test_bad_grid_error_says_inf_is_always_in_it():
+    with pytest.raises(RadalignError, match=r"must be finite and > 0 \(inf, the zero-shot head, is always in the "
+                                            r"grid\)"):
+        AnchoredLogistic(lams=[0.0]).grid()
+
+
+def _one_se_by_hand(a):
+    """Plain one-SE rule with loops: per column the mean and sd/sqrt(n) over the folds that are not NaN."""
+    cols = [[v for v in col if not math.isnan(v)] for col in a.T.tolist()]
+    means = [sum(c) / len(c) for c in cols]
+    ses = [math.sqrt(sum((v - m) ** 2 for v in c) / (len(c) - 1) / len(c)) if len(c) > 1 else 0.0
+           for c, m in zip(cols, means)]
+    best = means.index(max(means))
+    return next(g for g, m in enumerate(means) if m >= means[best] - ses[best])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_one_se_choice_matches_the_hand_loop_on_random_tables(seed):
+    rng = np.random.default_rng(100 + seed)
+    n_folds = 2 + seed % 4  # 2 folds included: the SE's n - 1 is 1 there
+    a = np.clip(0.7 + 0.05 * rng.normal(size=(n_folds, 6)) + np.linspace(0, 0.06, 6), 0, 1)
+    if n_folds > 2:
+        a[0, 1] = np.nan  # a fold that held one class, in one column
+    assert one_se_choice(a) == _one_se_by_hand(a)
+
+
+def test_a_label_column_is_the_same_as_flat_labels():
+    x, y, g = _problem(150, seed=30)
+    init = _init()
+    flat = AnchoredLogistic().fit(x, y, g, init)
+    column = AnchoredLogistic().fit(x, y[:, None], g, init)
+    np.testing.assert_array_equal(column.predict_logit(x), flat.predict_logit(x))
+
+
+def test_input_errors_name_the_row_and_the_fix():
+    init = _init()
+    x, y, g = _problem(10, seed=16)
+    bad = y.copy()
+    bad[3] = 0.5
+    with pytest.raises(RadalignError, match=r"y holds 0\.5 in row 3"):
+        make_head("anchored").fit(x, bad, g, init)
+    with pytest.raises(RadalignError, match="pass one label and one patient id per row"):
+        make_head("anchored").fit(x, y, g[:9], init)
+
+
+def test_one_se_rule_with_two_folds_uses_the_sample_sd():
+    # best column [0.80, 0.90]: mean 0.85, sd 0.0707 (ddof 1), SE 0.05; column 0 has mean 0.81 >= 0.80: taken
+    a = np.array([[0.80, 0.80], [0.82, 0.90]])
+    assert one_se_choice(a) == _one_se_by_hand(a) == 0
+
+
+def _hand_folds(y, groups, seed, n_folds):
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    return [te for _, te in StratifiedGroupKFold(n_folds, shuffle=True, random_state=seed).split(y, y, groups)]
+
+
+def test_cv_table_follows_max_folds_repeats_and_the_two_patient_floor():
+    x, y, groups = _multi_row_problem()
+    w0 = _init().head()[0]
+    head = AnchoredLogistic(max_folds=3)
+    table, k = head.cv_table(x, y, groups, w0)
+    assert table.shape == (9, 9) and k == 3  # 3 repeats x 3 folds, 9 grid points
+    once = AnchoredLogistic(one_repeat_above=10)  # ~60 patients per class: one split is enough
+    assert once.cv_table(x, y, groups, w0)[0].shape[0] == 5 and len(once.folds_) == 5
+    two = np.array(["a", "b", "c", "d"])  # two patients per class: 2 folds per split
+    xs, ys = x[:4], np.array([1.0, 1.0, 0.0, 0.0])
+    table, k = AnchoredLogistic().cv_table(xs, ys, two, w0)
+    assert table.shape == (6, 9) and k == 2
+    table, k = AnchoredLogistic().cv_table(xs, ys, np.array(["a", "a", "c", "d"]), w0)  # one positive patient
+    assert table.shape == (0, 9) and k == 0
+
+
+def test_anchored_head_is_the_scipy_fit_at_its_chosen_prior():
+    x, y, g = _problem(3000, seed=31, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    xs, ys, gs = _balanced_k(x, y, g, 40, seed=3)
+    init = _init()
+    head = AnchoredLogistic().fit(xs, ys, gs, init)
+    lam = head.info_["lam"]
+    assert math.isfinite(lam)
+    ref = _scipy_anchored(xs, ys, init.head()[0], lam)
+    np.testing.assert_allclose(head.w_, ref[:-1], atol=1e-5)
+    assert head.b_ == pytest.approx(ref[-1], abs=1e-5)
+
+
+@pytest.mark.parametrize("k", [12, 16])  # 12: the weakest pull is clearly best; 16: all four within one SE
+def test_anchored_cv_choice_is_an_independent_one_se_rule_from_the_strongest_pull(k):
+    """lams given in any order: the grid runs from inf down, and the one-SE rule (hand loop) on scipy fits over
+    the head's folds picks the strongest pull within one SE of the best."""
+    x, y, g = _problem(3000, seed=21, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
+    xs, ys, gs = _balanced_k(x, y, g, k, seed=1)
+    init = _init()
+    w0 = init.head()[0]
+    lams = [0.25, math.inf, 64.0, 4.0]
+    head = make_head("anchored_cv", lams=lams).fit(xs, ys, gs, init, seed=0)
+    grid = [math.inf, 64.0, 4.0, 0.25]
+    table = [[roc_auc_score(ys[te], xs[te] @ t[:-1] + t[-1]) for t in
+              (_scipy_anchored(xs[tr], ys[tr], w0, lam) for lam in grid)] for tr, te in head.folds_]
+    assert head.info_["lam"] == grid[_one_se_by_hand(np.array(table))]
+    one = make_head("anchored_cv").fit(*_balanced_k(x, y, g, 1), init)
+    assert one.info_["lam"] == math.inf and one.folds_ == []
+
+
+@pytest.mark.parametrize("n,C,alphas", [(400, 0.05, [0.0, 0.5, 1.0]),  # the probe alone wins
+                                         (100, 1.0, [0.0, 0.2, 0.4, 0.6, 0.8, 1.0])])  # a mix within one SE
+def test_wise_choice_and_probe_strength_by_hand(n, C, alphas):
+    """alpha: the one-SE rule (hand loop) over held-out AUROCs of (1 - a) u0 + a up on the head's folds, up from
+    sklearn's probe with the head's C on each training fold; the final probe uses that C too."""
+    x, y, g = _problem(n, seed=32, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    w0 = init.head()[0]
+    u0 = w0 / np.linalg.norm(w0)
+    head = make_head("wise", alphas=alphas, C=C).fit(x, y, g, init, seed=0)
+    for (_, te), want in zip(head.folds_, _hand_folds(y, g, 0, 5), strict=True):
+        np.testing.assert_array_equal(te, want)
+
+    def unit_probe(rows):
+        w = LogisticRegression(C=C, max_iter=5000).fit(x[rows], y[rows].astype(int)).coef_[0]
+        return w / np.linalg.norm(w)
+    table = [[roc_auc_score(y[te], x[te] @ ((1 - a) * u0 + a * unit_probe(tr))) for a in alphas]
+             for tr, te in head.folds_]
+    a = alphas[_one_se_by_hand(np.array(table))]
+    assert a > 0 and head.info_["alpha"] == a
+    want = np.linalg.norm(w0) * ((1 - a) * u0 + a * unit_probe(np.arange(len(y))))
+    np.testing.assert_allclose(head.w_, want, rtol=1e-6, atol=1e-8)
+
+
+def test_wise_with_identical_prompts_has_a_zero_head_not_nan():
+    t = np.tile(_init().prototypes[:1], (2, 1))  # t+ == t-: w0 = 0
+    x, y, g = _problem(200, seed=33)
+    head = make_head("wise", alphas=[0.0]).fit(x, y, g, ZeroShotInit(t, 10.0), seed=0)
+    np.testing.assert_array_equal(head.predict_logit(x), np.zeros(len(x)))
+
+
+@pytest.mark.parametrize("name", ["clap", "lppp", "tip_f"])
+def test_float32_prototypes_fit_as_their_float64_values(name):
+    """Exports store float32 text embeddings: the torch heads must fit them as the same numbers in float64."""
+    x, y, g = _problem(120, seed=34)
+    p32 = _init().prototypes.astype(np.float32)
+    kw = {"steps": 20} if name == "lppp" else {}
+    a = make_head(name, **kw).fit(x, y, g, ZeroShotInit(p32, 10.0), seed=0).predict_logit(x)
+    b = make_head(name, **kw).fit(x, y, g, ZeroShotInit(p32.astype(np.float64), 10.0), seed=0).predict_logit(x)
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_tip_adapter_folds_and_one_key_step_by_hand():
+    """Folds: sklearn's grouped split with the caller's seed and max_folds. One fine-tuning epoch: AdamW's first
+    step moves each key by -lr g/(|g| + eps) after decoupled decay (1 - lr wd), g the hand gradient of the mean
+    BCE of z_i = x_i w0 + a sum_j exp(-b (1 - x_i k_j)) s_j."""
+    x, y, g = _problem(80, seed=28, w_true=np.r_[12.0, 6.0, np.zeros(D - 2)])
+    init = _init()
+    w0 = init.head()[0]
+    head = make_head("tip_f", epochs=1, max_folds=4).fit(x, y, g, init, seed=3)
+    for (_, te), want in zip(head.folds_, _hand_folds(y, g, 3, 4), strict=True):
+        np.testing.assert_array_equal(te, want)
+    a, b = head.info_["alpha"], head.info_["beta"]
+    assert a > 0
+    xu, s = _unit_rows(x), 2 * y - 1
+    e = np.exp(-b * (1 - xu @ xu.T))  # [n, n] keys = the shots
+    r = (1 / (1 + np.exp(-(xu @ w0 + a * e @ s))) - y) / len(y)  # dBCE/dz
+    grad = a * b * s[:, None] * ((r[:, None] * e).T @ xu)  # [n, D] d/dk_j
+    keys = xu * (1 - 1e-3 * 0.01) - 1e-3 * grad / (np.abs(grad) + 1e-8)
+    xt = _problem(30, seed=35)[0]
+    want = xt @ w0 + a * np.exp(-b * (1 - xt @ keys.T)) @ s
+    np.testing.assert_allclose(head.predict_logit(xt), want, rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_integer_labels_fit_as_float_labels(name):
+    x, y, g = _problem(120, seed=36)
+    kw = {"steps": 20} if name == "lppp" else {}
+    a = make_head(name, **kw).fit(x, y.astype(np.int64), g, _init(), seed=0).predict_logit(x)
+    b = make_head(name, **kw).fit(x, y, g, _init(), seed=0).predict_logit(x)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_prompt_init_of_float32_prototypes_is_their_float64_computation():
+    t32 = _init().prototypes.astype(np.float32) * np.float32(1.7)  # not unit: normalised in float64
+    t = t32.astype(np.float64)
+    want = 10.0 * (t[0] / math.sqrt(t[0] @ t[0]) - t[1] / math.sqrt(t[1] @ t[1]))
+    for w0, b0 in (ZeroShotInit(t32, 10.0).head(), prompt_init(t32[0], t32[1], 10.0)):
+        np.testing.assert_allclose(w0, want, rtol=0, atol=1e-14)
+        assert b0 == 0.0
+
+
+def test_an_export_of_another_width_is_named_with_both_widths_and_the_fix():
+    x, y, g = _problem(10, seed=16)
+    with pytest.raises(RadalignError, match=r"^few-shot head: init\.prototypes are 4-d but x is 8-d; use the export "
+                                            r"that embedded x$"):
+        make_head("anchored").fit(x, y, g, ZeroShotInit(np.ones((2, 4)), 10.0))

@@ -280,6 +280,9 @@ def _sel(delta, lo, hi, best="fusion", other="early_fusion"):
 
 def test_the_sentence_says_inside_the_interval_for_the_issues_demo_numbers():
     s = selection_sentence(_sel(-0.008, -0.030, 0.009))
+    assert s == ("Best on validation: fusion (validation AUROC 0.931). Its test lead over early_fusion is -0.008 "
+                 "[-0.030, +0.009]: 0 is inside the 95% interval, so this run does not show fusion better than "
+                 "early_fusion.")
     assert s.startswith("Best on validation: fusion (validation AUROC 0.931).")
     assert "lead over early_fusion is -0.008 [-0.030, +0.009]: 0 is inside the 95% interval" in s
     assert "does not show fusion better than early_fusion" in s
@@ -475,3 +478,260 @@ def test_a_multiclass_run_on_a_class_index_column_end_to_end(ft_cohort, tmp_path
     again = predict_split(run_dir, split="test")
     np.testing.assert_allclose(again.filter(like="score:").to_numpy(), pred.filter(like="score:").to_numpy(),
                                rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-class metrics, paired macro differences, calibration and the report lines against independent
+# computations (mutation guards for finetune/perclass.py)
+
+
+def _graded_data(n_pat=50, seed=11):
+    """Continuous scores (no ties) for 3 classes, 1-3 films per patient, some excluded cells."""
+    rng = np.random.default_rng(seed)
+    pid = np.repeat(np.arange(n_pat), rng.integers(1, 4, n_pat))
+    y = (rng.random((len(pid), 3)) < [0.3, 0.5, 0.4]).astype(float)
+    y[rng.random(y.shape) < 0.15] = np.nan
+    p = 1 / (1 + np.exp(-(1.2 * np.nan_to_num(y, nan=0.5) + rng.normal(size=y.shape))))
+    return y, p, pid
+
+
+def _hand_resamples(pid, n_boot, seed):
+    """Row weights of each patient resample: patients (sorted ids) drawn with replacement, P draws per resample,
+    from numpy's default_rng(seed) (radalign.metrics.patient_weights' documented draw, written out)."""
+    ids, codes = np.unique([str(p) for p in pid], return_inverse=True)
+    draws = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    return [np.bincount(d, minlength=len(ids))[codes].astype(float) for d in draws]
+
+
+def _weighted(fn, y, s, w):
+    ok = ~np.isnan(y) & (w > 0)
+    return fn(y[ok], s[ok], sample_weight=w[ok]) if len(np.unique(y[ok])) == 2 else np.nan
+
+
+def test_class_metrics_are_a_hand_patient_bootstrap_of_sklearns_auroc_and_ap():
+    """Point values, per-class and macro intervals (AUROC and AUPRC) at level 0.8 from a hand loop over patient
+    resamples with sklearn's weighted metrics and numpy's percentiles."""
+    from sklearn.metrics import average_precision_score as ap
+
+    y, p, pid = _graded_data()
+    classes, n_boot, level = ["a", "b", "c"], 60, 0.8
+    m = class_metrics(y, {"m": p}, pid, classes, n_boot=n_boot, seed=3, level=level)["m"]
+    q = [10, 90]
+    aucs = np.array([[_weighted(roc_auc_score, y[:, j], p[:, j], w) for j in range(3)]
+                     for w in _hand_resamples(pid, n_boot, 3)])  # [B, 3]
+    aps = np.array([[_weighted(ap, y[:, j], p[:, j], w) for j in range(3)] for w in _hand_resamples(pid, n_boot, 3)])
+    assert not np.isnan(aucs).any()
+    for j, c in enumerate(classes):
+        ok = ~np.isnan(y[:, j])
+        r = m["classes"][c]
+        assert r["auroc"] == pytest.approx(roc_auc_score(y[ok, j], p[ok, j]), abs=1e-12)
+        assert (r["ci_low"], r["ci_high"]) == pytest.approx(tuple(np.percentile(aucs[:, j], q)), abs=1e-12)
+        assert (r["n_pos"], r["n_neg"]) == (int((y[ok, j] == 1).sum()), int((y[ok, j] == 0).sum()))
+    assert (m["ci_low"], m["ci_high"]) == pytest.approx(tuple(np.percentile(aucs.mean(1), q)), abs=1e-12)
+    point_ap = np.mean([ap(y[~np.isnan(y[:, j]), j], p[~np.isnan(y[:, j]), j]) for j in range(3)])
+    assert m["auprc"] == pytest.approx(point_ap, abs=1e-12)
+    assert (m["auprc_ci_low"], m["auprc_ci_high"]) == pytest.approx(tuple(np.percentile(aps.mean(1), q)),
+                                                                    abs=1e-12)
+    assert m["macro_skipped_resamples"] == 0 and m["macro_note"] == ""
+
+
+def test_a_model_without_any_scorable_class_has_no_macro_auprc():
+    y = np.array([[1.0], [1.0], [np.nan], [1.0]])  # one label value: no AUROC, no macro
+    m = class_metrics(y, {"m": np.array([[0.2], [0.7], [0.5], [0.9]])}, [1, 2, 3, 4], ["only"], n_boot=10,
+                      seed=0)["m"]
+    assert (m["auroc"], m["auprc"], m["auprc_ci_low"], m["auprc_ci_high"]) == (None, None, None, None)
+    assert m["classes_without_auroc"] == ["only"]
+
+
+def test_macro_differences_pair_the_reference_with_every_other_model():
+    y, p, pid = _graded_data(seed=12)
+    rng = np.random.default_rng(13)
+    probs = {"x": np.clip(p + rng.normal(0, 0.3, p.shape), 0, 1), "ref": p,
+             "z": np.clip(p + rng.normal(0, 0.5, p.shape), 0, 1)}
+    classes = ["a", "b", "c"]
+    models = class_metrics(y, probs, pid, classes, n_boot=20, seed=0)
+    out = macro_differences(y, probs, pid, models, classes, ref="ref", n_boot=40, seed=1, level=0.8)
+    assert set(out) == {"ref_vs_x", "ref_vs_z"}  # the reference sits between them: both after it still come
+
+    def macro(s, w=None):
+        w = np.ones(len(pid)) if w is None else w
+        return np.mean([_weighted(roc_auc_score, y[:, j], s[:, j], w) for j in range(3)])
+    for name in ("x", "z"):
+        d = out[f"ref_vs_{name}"]
+        assert d["metric"] == "macro auroc"
+        assert d["delta"] == pytest.approx(macro(p) - macro(probs[name]), abs=1e-12)
+        boot = [macro(p, w) - macro(probs[name], w) for w in _hand_resamples(pid, 40, 1)]
+        assert (d["ci_low"], d["ci_high"]) == pytest.approx(tuple(np.percentile(boot, [10, 90])), abs=1e-12)
+    assert macro_differences(y, probs, pid, models, classes, ref="fusion", n_boot=10, seed=0) == {}
+
+
+_TS = np.exp(np.linspace(np.log(0.05), np.log(20.0), 4001))  # a fine log-spaced grid over the bounds
+
+
+def _grid_temperature(nll):
+    """Brute force: the T of _TS with the lowest NLL; nll(ts [G, 1, 1]) -> [G]."""
+    return _TS[int(np.argmin(nll(_TS[:, None, None])))]
+
+
+def _softmax_nll(z, k):
+    """[G] torch's mean cross-entropy of z / T for each T of the grid (z [n, C] / ts [G, 1, 1])."""
+    def nll(ts):
+        u = torch.as_tensor(z[None] / ts)  # [G, n, C]
+        ce = torch.nn.functional.cross_entropy(u.reshape(-1, u.shape[-1]), torch.as_tensor(k).repeat(len(ts)),
+                                               reduction="none")
+        return ce.reshape(len(ts), -1).mean(1).numpy()
+    return nll
+
+
+def test_softmax_temperature_is_the_brute_force_minimum_on_the_labelled_rows():
+    from radalign.finetune.perclass import softmax_temperature
+
+    rng = np.random.default_rng(14)
+    k = rng.integers(0, 3, 200)
+    z = 4.0 * (rng.normal(size=(200, 3)) + 0.8 * np.eye(3)[k])  # over-confident: T well above 1
+    idx = k.astype(float)
+    idx[:20] = np.nan
+    z[:20] = 50.0 * rng.normal(size=(20, 3))  # unlabelled rows with wild logits: must not count
+    want = _grid_temperature(_softmax_nll(z[20:], k[20:]))
+    assert 1.5 < want < 19 and softmax_temperature(idx, z) == pytest.approx(want, rel=3e-3)
+    faint = 0.01 * (np.eye(3)[k] + 0.1 * rng.random((200, 3)))  # separated but faint: the NLL falls as T -> 0
+    assert _grid_temperature(_softmax_nll(faint, k)) == pytest.approx(0.05)
+    assert softmax_temperature(k.astype(float), faint) == pytest.approx(0.05, rel=1e-3)  # the lower bound
+    assert softmax_temperature(np.full(5, np.nan), rng.normal(size=(5, 3))) == 1.0
+
+
+def _ece_by_hand(y, p, bins=10):
+    ok = ~np.isnan(y)
+    y, p = y[ok], p[ok]
+    order = np.argsort(p, kind="mergesort")
+    return sum(len(i) / len(y) * abs(y[i].mean() - p[i].mean()) for i in np.array_split(order, bins) if len(i))
+
+
+def test_multilabel_calibration_fits_one_temperature_per_class_on_validation():
+    from radalign.finetune.perclass import class_calibration
+
+    rng = np.random.default_rng(15)
+    yv = (rng.random((300, 3)) < 0.4).astype(float)
+    zv = 3.0 * (2 * yv - 1) + 2.5 * rng.normal(size=yv.shape) * [1.0, 2.0, 0.5]  # a different T per class
+    yv[:30, 1] = np.nan
+    yv[:, 2] = np.nan  # no validation label for the last class: T stays 1
+    yt = (rng.random((200, 3)) < 0.4).astype(float)
+    zt = 3.0 * (2 * yt - 1) + 2.5 * rng.normal(size=yt.shape)
+    cal = class_calibration(yt, zt, yv, zv, "multilabel", ["a", "b", "c"])
+    assert (cal["bins"], cal["binning"], cal["fitted_on"], cal["temperature"]) == (
+        10, "equal-mass", "validation", "one per class")
+    for j, c in enumerate(["a", "b"]):
+        ok = ~np.isnan(yv[:, j])
+        yj, zj = yv[ok, j], zv[ok, j]
+        t = _grid_temperature(lambda ts, yj=yj, zj=zj: np.mean(np.logaddexp(0, zj / ts) - yj * zj / ts, (1, 2)))
+        r = cal["per_class"][c]
+        assert r["temperature"] == pytest.approx(t, rel=3e-3)
+        p, pt = 1 / (1 + np.exp(-zt[:, j])), 1 / (1 + np.exp(-zt[:, j] / r["temperature"]))
+        assert r["ece_before"] == pytest.approx(_ece_by_hand(yt[:, j], p), abs=1e-12)
+        assert r["ece_after"] == pytest.approx(_ece_by_hand(yt[:, j], pt), abs=1e-12)
+        assert r["brier_before"] == pytest.approx(np.mean((p - yt[:, j]) ** 2), abs=1e-12)
+        assert r["brier_after"] == pytest.approx(np.mean((pt - yt[:, j]) ** 2), abs=1e-12)
+    assert cal["per_class"]["a"]["temperature"] != pytest.approx(cal["per_class"]["b"]["temperature"], rel=0.05)
+    assert cal["per_class"]["c"]["temperature"] == 1.0
+
+
+def test_multiclass_calibration_fits_one_softmax_temperature_and_scores_one_vs_rest():
+    from radalign.finetune.perclass import class_calibration
+
+    rng = np.random.default_rng(16)
+    kv, kt = rng.integers(0, 3, 300), rng.integers(0, 3, 150)
+    zv = 5.0 * (rng.normal(size=(300, 3)) + np.eye(3)[kv])
+    zt = 5.0 * (rng.normal(size=(150, 3)) + np.eye(3)[kt])
+    yv, yt = targets(kv.astype(float), "multiclass", 3), targets(kt.astype(float), "multiclass", 3)
+    yv[:25] = np.nan  # unlabelled validation rows
+    cal = class_calibration(yt, zt, yv, zv, "multiclass", ["x", "y", "z"], n_bins=5)
+    t = _grid_temperature(_softmax_nll(zv[25:], kv[25:]))
+    assert cal["temperature"] == "one softmax temperature" and cal["bins"] == 5
+    pt = torch.softmax(torch.as_tensor(zt / cal["per_class"]["x"]["temperature"]), 1).numpy()
+    p0 = torch.softmax(torch.as_tensor(zt), 1).numpy()  # before scaling: the softmax too, not a sigmoid
+    for j, c in enumerate(["x", "y", "z"]):
+        r = cal["per_class"][c]
+        assert r["temperature"] == pytest.approx(t, rel=3e-3)
+        assert r["ece_before"] == pytest.approx(_ece_by_hand(yt[:, j], p0[:, j], 5), abs=1e-12)
+        assert r["brier_before"] == pytest.approx(np.mean((p0[:, j] - yt[:, j]) ** 2), abs=1e-12)
+        assert r["ece_after"] == pytest.approx(_ece_by_hand(yt[:, j], pt[:, j], 5), abs=1e-12)
+        assert r["brier_after"] == pytest.approx(np.mean((pt[:, j] - yt[:, j]) ** 2), abs=1e-12)
+
+
+def test_selection_skips_models_without_a_validation_score_and_says_why_others_were_left_out():
+    rng = np.random.default_rng(17)
+    pid = np.arange(120)
+    y = (rng.random((120, 1)) < 0.5).astype(float)
+    probs = {"fusion": y + rng.normal(0, 0.5, y.shape), "gbdt": rng.normal(size=y.shape)}
+    sel = selection({"fusion": 0.8, "gbdt": None, "ehr_only": float("nan")}, y, probs, pid, [0], n_boot=50,
+                    seed=0, level=0.9, left_out={"late_fusion": "it saw the test rows"}, metric="AUPRC")
+    assert sel["best"] == "fusion" and sel["criterion"] == "validation AUPRC" and sel["level"] == 0.9
+    assert set(sel["comparisons"]) == {"gbdt"} and sel["not_run"] == ["early_fusion"]
+    assert sel["left_out"] == {"late_fusion": "it saw the test rows"}
+    assert sel["comparisons"]["gbdt"]["delta"] == pytest.approx(
+        roc_auc_score(y[:, 0], probs["fusion"][:, 0]) - roc_auc_score(y[:, 0], probs["gbdt"][:, 0]), abs=1e-12)
+    s = sel["sentence"]
+    assert s.startswith("Best on validation: fusion (validation AUPRC 0.800).")
+    assert "Its test lead over gbdt is +0." in s and "outside the interval (above 0)" in s
+    assert "0 is inside the 90% interval" in selection_sentence({**_sel(0.01, -0.02, 0.04), "level": 0.9})
+    assert "early_fusion was not trained in this run" in s and "late_fusion was not a candidate: it saw the " \
+        "test rows." in s
+    twin = {"fusion": probs["fusion"], "early_fusion": probs["fusion"] + rng.normal(0, 0.05, y.shape)}
+    close = selection({"fusion": 0.8, "early_fusion": 0.79}, y, twin, pid, [0], n_boot=100, seed=0)
+    d = close["comparisons"]["early_fusion"]
+    assert d["ci_low"] < 0 < d["ci_high"] and d["zero_inside_interval"] is True  # a near twin: inside
+    none = selection({"fusion": None}, y, probs, pid, [0], n_boot=10, seed=0)
+    assert none["best"] is None and none["comparisons"] == {}
+    assert none["sentence"].startswith("No model has a validation AUROC: no best model.")
+    no_cols = selection({"fusion": 0.8, "gbdt": 0.7}, y, probs, pid, [], n_boot=10, seed=0)
+    assert no_cols["best"] == "fusion" and no_cols["comparisons"] == {}
+
+
+def test_a_zero_width_interval_at_zero_counts_as_inside_and_the_level_defaults_to_95():
+    s = selection_sentence(_sel(0.0, 0.0, 0.0))
+    assert "0 is inside the 95% interval" in s
+    old = {k: v for k, v in _sel(0.01, -0.02, 0.04).items() if k != "level"}  # a record written before `level`
+    assert "0 is inside the 95% interval" in selection_sentence(old)
+
+
+def test_validation_scores_are_sklearns_macro_over_classes_with_both_values():
+    from radalign.finetune.perclass import validation_scores
+
+    y, p, _ = _multilabel_data(seed=18)  # class d has one label value: left out
+    got = validation_scores(y, {"m": p})
+    ok = [~np.isnan(y[:, j]) for j in range(3)]
+    each = [roc_auc_score(y[o, j], p[o, j]) for j, o in enumerate(ok)]
+    assert got["m"] == pytest.approx(np.mean(each), abs=1e-12)
+    assert validation_scores(y[:, :1], {"flat": p[:, 0]})["flat"] == pytest.approx(each[0], abs=1e-12)  # binary
+    assert validation_scores(y[:, 3:], {"m": p[:, 3:]}) == {"m": None}
+
+
+def test_report_lines_of_the_per_class_table_and_the_selection():
+    from radalign.finetune.perclass import md_calibration, md_classes, md_selection
+
+    row = {"auroc": 0.8123, "ci_low": 0.7001, "ci_high": 0.9004, "n_pos": 12, "n_neg": 30, "n_excluded": 2}
+    none = {"auroc": None, "ci_low": None, "ci_high": None, "n_pos": 5, "n_neg": 0, "n_excluded": 0}
+    models = {"fusion": {"classes": {"Edema": row, "Mass": none}, "classes_without_auroc": ["Mass"],
+                         "macro_note": "3 of 100 resamples dropped"},
+              "gbdt": {"classes": {"Edema": {**row, "auroc": 0.75}, "Mass": none}, "classes_without_auroc": ["Mass"]}}
+    lines = md_classes(models, ["Edema", "Mass"])
+    assert "| class | fusion | gbdt | positives | negatives |" in lines
+    assert "| Edema | 0.812 [0.700, 0.900] | 0.750 [0.700, 0.900] | 12 | 30 |" in lines
+    assert "| Mass | – | – | 5 | 0 |" in lines
+    assert lines[-4:] == ["Not scored (one label value on test): Mass.", "", "3 of 100 resamples dropped", ""]
+    assert md_selection({"sentence": "Best on validation: fusion."}) == [
+        "## Best model", "", "Best on validation: fusion.", ""]
+    assert md_selection(None) == [] and md_calibration(None, "fusion") == []
+    cal = {"bins": 10, "temperature": "one per class", "per_class": {"Edema": {
+        "temperature": 1.5, "ece_before": 0.1, "ece_after": 0.05, "brier_before": 0.2, "brier_after": 0.18}}}
+    assert md_calibration(cal, "fusion") == [
+        "## Calibration per class (fusion, test)", "",
+        "ECE over 10 equal-mass bins and Brier score, before and after temperature scaling fitted on validation "
+        "(one per class).", "",
+        "| class | T | ECE | ECE after T | Brier | Brier after T |", "|---|---|---|---|---|---|",
+        "| Edema | 1.500 | 0.100 | 0.050 | 0.200 | 0.180 |", ""]
+    one = {"fusion": {"classes": {"Edema": row}, "classes_without_auroc": [], "macro_note": ""}}
+    assert md_classes(one, ["Edema"]) == [  # one model, nothing unscored, no note: the table alone
+        "## Per class (test)", "", "AUROC [95% CI over patients] per class; the macro is the mean over the classes "
+        "with both label values.", "", "| class | fusion | positives | negatives |", "|---|---|---|---|",
+        "| Edema | 0.812 [0.700, 0.900] | 12 | 30 |", ""]

@@ -66,6 +66,11 @@ MODULES: dict[str, list[str]] = {
     "finetune/baselines.py": ["tests/test_finetune_models.py", "tests/test_finetune_guards.py"],
     "finetune/explain.py": ["tests/test_explain.py"],
     "finetune/recipe.py": ["tests/test_finetune_guards.py"],
+    # Wave 4 (issue 20): the few-shot head (anchored pull chosen by grouped CV, cv_table, the one-SE rule) and
+    # the multi-label per-class metrics and best-model statement. Not tests/test_fewshot_recipe.py: its module
+    # fixture runs the whole sweep (~20 s) again for every mutant.
+    "finetune/fewshot_heads.py": ["tests/test_fewshot_heads.py", "tests/test_fewshot.py"],
+    "finetune/perclass.py": ["tests/test_finetune_multilabel.py"],
 }
 # Modules nobody was rewriting when the first scores were recorded (2026-12-02).
 STABLE = ("pretrain/loss.py", "data/labels.py", "data/sections.py", "data/mimic.py", "radalign/io.py")

@@ -8,7 +8,7 @@ on 2 CPU cores). Both measured in this run, on this CPU.
 `--towers`: instead, the tower adaptation comparison (issue 20): the frozen towers' head vs the last 2 blocks
 vs LoRA r=8 (model.image_tower=frozen|last_blocks|lora) vs LoRA with the head on the tower's patch tokens
 (lora_patches: data.image_patch_tokens=true), image only, on one CheXpert label (--label) with every
-labelled training study (k=all), the same epochs and batch for all three, each recipe run in its own process:
+labelled training study (k=all), the same epochs and batch for every mode, each recipe run in its own process:
 test AUROC with its patient-bootstrap interval and the paired difference to frozen, training samples per CPU
 second (user+sys; setup, i.e. embedding or film decoding, reported apart), trainable parameters, peak RSS.
 
@@ -243,7 +243,7 @@ def towers(args) -> int:
     """Each mode in a child process (its own peak RSS), then the table and the paired differences."""
     from bench.common import table
 
-    modes = ["frozen", *[m for m in args.modes if m != "frozen"]] if args.modes else TOWERS
+    modes = list(dict.fromkeys(["frozen", *args.modes])) if args.modes else TOWERS  # once each, frozen first
     res = _compare(args, "--one-tower", modes, "frozen")
     if isinstance(res, int):
         return res
@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--modes", nargs="*", choices=TOWERS, help="--towers: only these (frozen always: the base)")
     ap.add_argument("--label", default="Pneumothorax", help="--towers: the CheXpert label column")
     ap.add_argument("--epochs", type=int, default=3, help="--towers: training epochs of every mode")
-    ap.add_argument("--out", default="bench-towers", help="--towers: folder for the three runs")
+    ap.add_argument("--out", default="bench-towers", help="--towers: folder for the runs (one per mode)")
     ap.add_argument("--patch-tokens", action="store_true", help="pooled vs patch-token fusion head (see above)")
     ap.add_argument("--one-patch", choices=PATCH_MODES, help=argparse.SUPPRESS)
     ap.add_argument("--set", nargs="*", default=[], help="--patch-tokens: extra key=value config overrides")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -301,10 +302,12 @@ def _tower_problems(m: ModelConfig, d: DataConfig, o: OptimConfig) -> list[str]:
     if d.image_patch_tokens and "image" not in d.modalities:
         p.append(f"data.image_patch_tokens: true, but data.modalities {list(d.modalities)} has no image; add "
                  "image or use data.image_patch_tokens=false")
-    if o.tower_lr is not None and (o.tower_lr <= 0 or m.image_tower == "frozen"):
-        p.append(f"optim.tower_lr: {o.tower_lr}; " + ("it must be > 0" if o.tower_lr <= 0 else
-                 "model.image_tower=frozen trains no tower weights: remove it, or tune the tower "
-                 "(model.image_tower=last_blocks|lora)"))
+    if o.tower_lr is not None and not (math.isfinite(o.tower_lr) and o.tower_lr > 0):
+        p.append(f"optim.tower_lr: {o.tower_lr}; it must be a number > 0 (e.g. optim.tower_lr=1e-4), or unset "
+                 "(optim.tower_lr=null: the tower at optim.lr)")
+    elif o.tower_lr is not None and m.image_tower == "frozen":
+        p.append(f"optim.tower_lr: {o.tower_lr}, but model.image_tower=frozen trains no tower weights: unset it "
+                 "(optim.tower_lr=null), or tune the tower (model.image_tower=last_blocks|lora)")
     if m.tune_blocks < 1:
         p.append(f"model.tune_blocks: {m.tune_blocks} must be >= 1")
     if m.lora_rank < 1 or m.lora_alpha <= 0:

@@ -4,11 +4,13 @@
     model = TunedModel(tower, head, export_checksum=encoders.checksum)
     out = model(batch)          # batch["pixels"] [F, C, H, W] films, batch["film_owner"] [F] row of each film
     model.state_dict()          # the trainable weights only (head + adapters / unfrozen blocks), never the export's
-    data = study_tokens(model, film_inputs)   # the tower once per film: `image` = study tokens, the head scores them
+    data = study_tokens(model, film_inputs)   # the tower once per film: `image` = study tokens (+ `patches`), the
+                                              # head scores them
     find_tuned_export(spec["tower"], checkpoint=cfg.data.checkpoint)   # the export trained on (checksum decides)
 
 `last_blocks`: every weight of the export stays frozen except the last `tune_blocks` transformer blocks, the
-final LayerNorm (`ln_post`, which only acts on their output) and the projection `proj`.
+final LayerNorm (`ln_post`, which only acts on their output) and the projection `proj` (not with patch tokens:
+only the pooled token goes through it).
 
 `lora` (Hu et al. 2021) through `peft` on the attention and MLP projections of every block. Why these targets and
 not peft's own `nn.MultiheadAttention` support: open_clip's blocks hold a `torch.nn.MultiheadAttention`, whose
@@ -164,6 +166,7 @@ class TunedModel(nn.Module):
             getattr(head.encoders["image"], "input_key", None) == PATCH_KEY
         if self.reads_patches:
             check_patch_tower(tower)
+            _check_patch_shape(tower, head.encoders["image"])
         trainable = {n for n, p in self.named_parameters() if p.requires_grad}
         self.frozen_keys = frozenset(k for k in super().state_dict() if k not in trainable)
         self.register_state_dict_post_hook(_drop_frozen)
@@ -216,19 +219,21 @@ class TunedModel(nn.Module):
 
 @torch.no_grad()
 def study_tokens(model: TunedModel, data, batch_size: int = 2048):
-    """`data` (finetune.films.FilmInputs) with `image` = the model's study tokens [N, D]: the tower runs once per
-    film, and every score of the split (predictions, each degradation condition, explain's coalitions) then runs
-    the head only, as on a frozen run's embeddings. A split already holding this tower's tokens is returned as is.
+    """`data` (finetune.films.FilmInputs) with `image` = the model's study tokens [N, D] (and `patches` [N, P, W]
+    for a head that reads patch tokens): the tower runs once per film, and every score of the split
+    (predictions, each degradation condition, explain's coalitions) then runs the head only, as on a frozen run's
+    embeddings. A split already holding this tower's tokens is returned as is.
     Rows are batched as registry.logits_on batches them, so the tokens are the ones a full forward computes."""
     if getattr(data, "tokens_of", None) is model.tower:
         return data
     was = model.training
     model.eval()
-    parts = [model.image_tokens(data.film_batch(np.arange(i, min(i + batch_size, len(data)))),
-                                min(batch_size, len(data) - i)) for i in range(0, len(data), batch_size)]
+    parts = [{k: v.float().cpu().numpy() for k, v in model.image_tokens(  # numpy per chunk: P x W floats a study
+        data.film_batch(np.arange(i, min(i + batch_size, len(data)))), min(batch_size, len(data) - i)).items()}
+        for i in range(0, len(data), batch_size)]
     model.train(was)
-    tokens = {k: np.concatenate([p[k].float().cpu().numpy() for p in parts]) if parts else
-              np.zeros((0, *shape), np.float32) for k, shape in model.token_shapes().items()}
+    tokens = {k: np.concatenate([p[k] for p in parts]) if parts else np.zeros((0, *shape), np.float32)
+              for k, shape in model.token_shapes().items()}
     return data.with_tokens(tokens["image"], model.tower, patches=tokens.get(PATCH_KEY))
 
 
@@ -303,16 +308,36 @@ def load_tuned_tower(tower: Mapping, device="cpu", checkpoint=None) -> nn.Module
 
 def patch_geometry(export_config: Mapping) -> list[int]:
     """[P, W] of the export's ViT patch tokens (P = the patch grid's cells, W = the width), from its model
-    config: a tuned run has no patch cache to read the shape from."""
-    v = (export_config.get("model_cfg") or {}).get("vision_cfg") or {}
-    if "patch_size" not in v or "timm_model_name" in v or v.get("attentional_pool"):
-        raise RadalignError(f"data.image_patch_tokens: the export's image tower ({export_config.get('model_name')})"
-                            " is not an open_clip VisionTransformer without attention pooling, so it has no patch "
-                            "tokens to give; use data.image_patch_tokens=false")
-    size, patch = v["image_size"], v["patch_size"]
-    size = size if isinstance(size, (list, tuple)) else (size, size)
-    patch = patch if isinstance(patch, (list, tuple)) else (patch, patch)
-    return [(int(size[0]) // int(patch[0])) * (int(size[1]) // int(patch[1])), int(v["width"])]
+    config with open_clip's defaults (CLIPVisionCfg): a tuned run has no patch cache to read the shape from.
+    TunedModel checks it against the built tower before any film is read."""
+    from open_clip.model import CLIPVisionCfg
+
+    raw = (export_config.get("model_cfg") or {}).get("vision_cfg") or {}
+    v = CLIPVisionCfg(**{k: x for k, x in raw.items() if k in CLIPVisionCfg.__dataclass_fields__})
+    why = ("it is a timm model" if v.timm_model_name else "it pools by attention" if v.attentional_pool else
+           f"its pool_type {v.pool_type!r} gives no patch tokens apart from the pooled one"
+           if v.pool_type not in ("tok", "avg") else
+           f"its patch_dropout {v.patch_dropout} drops patch tokens while the tower trains" if v.patch_dropout else
+           None)
+    if why:
+        raise RadalignError(f"data.image_patch_tokens with model.image_tower: the export's image tower "
+                            f"({export_config.get('model_name')}) has no fixed set of patch tokens to train "
+                            f"through: {why}. Use data.image_patch_tokens=false (the pooled embedding), or "
+                            "model.image_tower=frozen")
+    size = v.image_size if isinstance(v.image_size, (list, tuple)) else (v.image_size, v.image_size)
+    patch = v.patch_size if isinstance(v.patch_size, (list, tuple)) else (v.patch_size, v.patch_size)
+    return [(int(size[0]) // int(patch[0])) * (int(size[1]) // int(patch[1])), int(v.width)]
+
+
+def _check_patch_shape(tower: nn.Module, head_input: nn.Module) -> None:
+    """The built tower's patch tokens [P, W] against what the head was built to read (the spec's image_patches)."""
+    grid = getattr(tower, "grid_size", None)
+    width = getattr(getattr(tower, "transformer", None), "width", None)
+    have = (int(np.prod(grid)), int(width)) if grid is not None and width is not None else None
+    if have != (head_input.n_tokens, head_input.d_in):
+        raise RadalignError(f"data.image_patch_tokens: the tuned tower gives patch tokens {have} [P, W], the head "
+                            f"reads [{head_input.n_tokens}, {head_input.d_in}] (spec image_patches): the run's "
+                            "spec was made for another export; train the run again on this one")
 
 
 def recorded_export(run_dir, checksum: str | None) -> str | None:

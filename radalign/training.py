@@ -349,13 +349,13 @@ def _decays(name: str, p: nn.Parameter, norm_params: set[int]) -> bool:
 def param_groups(model: nn.Module, weight_decay: float, lr_of: Mapping[str, float] | None = None) -> list[dict]:
     """[{decayed params, weight_decay}, {the rest, weight_decay 0}] by `_decays`; frozen parameters left out.
     lr_of: {parameter name prefix: learning rate}: the parameters under a prefix form their own two groups with
-    that `lr` (the others take the optimizer's); the first matching prefix wins."""
+    that `lr` (the others take the optimizer's); the longest matching prefix wins."""
     norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     lr_of = dict(lr_of or {})
     groups: dict[tuple, list] = {(pre, decays): [] for pre in (None, *lr_of) for decays in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            pre = next((q for q in lr_of if name.startswith(q)), None)
+            pre = max((q for q in lr_of if name.startswith(q)), key=len, default=None)
             groups[(pre, _decays(name, p, norm_params))].append(p)
     out = []
     for (pre, decays), params in groups.items():

@@ -266,3 +266,42 @@ def test_a_tower_without_patch_tokens_is_refused_for_a_patch_head(visual):
     with pytest.raises(RadalignError, match="data.image_patch_tokens: the export's image tower .Pooled. is not an "
                                             "open_clip VisionTransformer"):
         TunedModel(Pooled(), _patch_head(), "abc")
+
+
+def _geometry(**vision):
+    from radalign.finetune.tower import patch_geometry
+
+    return patch_geometry({"model_name": "m", "model_cfg": {"vision_cfg": vision}})
+
+
+def test_patch_geometry_is_the_towers_own_with_open_clips_defaults(visual, nano_model_cfg):
+    from radalign.finetune.models import PATCH_KEY
+
+    b = _batch()
+    model = TunedModel(_lora(visual), _patch_head(), "abc").eval()
+    with torch.no_grad():
+        real = tuple(model._films(b["pixels"])[PATCH_KEY].shape[1:])  # [P, W] the tower gives
+    assert _geometry(**nano_model_cfg["vision_cfg"]) == list(real) == [PATCHES, WIDTH]
+    assert _geometry(image_size=80, patch_size=16, width=256, layers=6) == [25, 256]  # the demo's tiny-80
+    assert _geometry(layers=12) == [(224 // 16) ** 2, 768]  # open_clip's defaults: 224 px, patch 16, width 768
+    assert _geometry(image_size=[64, 96], patch_size=16, width=32) == [4 * 6, 32]
+    assert _geometry(image_size=64, patch_size=16, width=32, timm_model_name=None, pool_type="avg") == [16, 32]
+
+
+@pytest.mark.parametrize("bad,why", [({"timm_model_name": "vit_base_patch16_224"}, "it is a timm model"),
+                                     ({"attentional_pool": True}, "it pools by attention"),
+                                     ({"pool_type": "none"}, "its pool_type 'none' gives no patch tokens"),
+                                     ({"patch_dropout": 0.5}, "its patch_dropout 0.5 drops patch tokens")])
+def test_patch_geometry_refuses_a_tower_without_a_fixed_set_of_patch_tokens(bad, why):
+    with pytest.raises(RadalignError, match=f"the export's image tower .m. has no fixed set of patch tokens to train "
+                                            f"through: {why}.*Use data.image_patch_tokens=false"):
+        _geometry(image_size=64, patch_size=16, width=32, **bad)
+
+
+def test_a_head_built_for_other_patch_tokens_is_refused_before_any_film(visual):
+    from radalign.finetune.models import FusionModel, build_encoders
+
+    head = FusionModel(build_encoders(16, image_dim=64, image_patches=(9, WIDTH)), n_outputs=1, d_model=16,
+                       n_heads=2, n_layers=1, modality_dropout={})
+    with pytest.raises(RadalignError, match=r"gives patch tokens \(16, 64\) \[P, W\], the head reads \[9, 64\]"):
+        TunedModel(_lora(visual), head, "abc")

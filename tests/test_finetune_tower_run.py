@@ -49,6 +49,18 @@ def lora_run(ft_cohort, tmp_path_factory):
     return _run(ft_cohort, tmp_path_factory.mktemp("tower") / "lora", "model.image_tower=lora")
 
 
+def _no_frozen_image_pass(monkeypatch) -> None:
+    """A tuned run reads films through its own tower: any pass of the frozen tower's pooled or patch embeddings
+    (finetune.inputs.EmbeddingCache) fails the test."""
+    from radalign.finetune.inputs import EmbeddingCache
+
+    def refuse(self, split):
+        raise AssertionError(f"the frozen tower's image pass ran on split {split}")
+
+    monkeypatch.setattr(EmbeddingCache, "images", refuse)
+    monkeypatch.setattr(EmbeddingCache, "patches", refuse)
+
+
 def _weights(run_dir: Path) -> dict:
     return load_file(str(run_dir / "models" / "fusion.safetensors"))
 
@@ -66,7 +78,6 @@ def test_lora_run_saves_only_the_adapters_and_the_head_with_the_export_checksum(
     meta = json.loads((lora_run / "models" / "fusion.json").read_text())
     assert meta["spec"]["kind"] == "tuned_fusion"
     assert meta["spec"]["tower"]["export_checksum"] == load_encoders(ft_cohort["export"]).checksum
-    assert not (lora_run / "cache").exists() or not list((lora_run / "cache").glob("image*"))
     pred = pd.read_csv(lora_run / "predictions.csv")
     assert pred["score:fusion"].notna().all() and pred["label"].notna().sum() > 10
 
@@ -79,8 +90,10 @@ def test_the_export_is_untouched_by_training(ft_cohort, lora_run):
 
 
 @pytest.mark.parametrize("split,saved", [("test", "predictions.csv"), ("validate", "predictions_validate.csv")])
-def test_predict_with_the_adapters_equals_the_run_predictions(lora_run, split, saved):
+def test_predict_with_the_adapters_equals_the_run_predictions(lora_run, split, saved, monkeypatch):
     from radalign.finetune.predict import predict_split
+
+    _no_frozen_image_pass(monkeypatch)
 
     frame, ref = predict_split(lora_run, split=split), pd.read_csv(lora_run / saved)
     assert frame["study_id"].astype(str).tolist() == ref["study_id"].astype(str).tolist()
@@ -156,7 +169,7 @@ def lora_patch_run(ft_cohort, tmp_path_factory):
                 "data.image_patch_tokens=true", "optim.epochs=1")
 
 
-def test_a_lora_run_with_patch_tokens_trains_the_adapters_through_them(ft_cohort, lora_patch_run):
+def test_a_lora_run_with_patch_tokens_trains_the_adapters_through_them(ft_cohort, lora_patch_run, monkeypatch):
     from radalign.finetune.predict import predict_split
 
     spec = json.loads((lora_patch_run / "models" / "fusion.json").read_text())["spec"]
@@ -168,13 +181,14 @@ def test_a_lora_run_with_patch_tokens_trains_the_adapters_through_them(ft_cohort
     assert tower and all(".lora_A." in k or ".lora_B." in k for k in tower)
     trained_b = [k for k in tower if ".lora_B." in k and w[k].abs().sum() > 0]  # B starts at zero
     assert len(trained_b) == 4 * LAYERS  # every adapter of every block moved
-    assert not (lora_patch_run / "cache").exists() or not list((lora_patch_run / "cache").glob("image*"))
+    _no_frozen_image_pass(monkeypatch)  # the patch tokens come from the tuned tower, not the frozen cache
     frame, ref = predict_split(lora_patch_run), pd.read_csv(lora_patch_run / "predictions.csv")
     assert frame["study_id"].astype(str).tolist() == ref["study_id"].astype(str).tolist()
     np.testing.assert_allclose(frame["logit:fusion"].to_numpy(), ref["logit:fusion"].to_numpy(), atol=1e-5)
 
 
-def test_last_blocks_with_patch_tokens_saves_no_projection(ft_cohort, tmp_path):
+def test_last_blocks_with_patch_tokens_saves_no_projection(ft_cohort, tmp_path, monkeypatch):
+    _no_frozen_image_pass(monkeypatch)  # training too reads the films through the tuned tower only
     run = _run(ft_cohort, tmp_path / "lbp", "model.image_tower=last_blocks", "model.tune_blocks=1",
                "data.image_patch_tokens=true", "optim.epochs=1")
     tower = {k for k in _weights(run) if k.startswith("tower.")}
@@ -191,13 +205,22 @@ def test_tower_lr_steps_the_adapters_at_their_own_rate(ft_cohort, lora_run, tmp_
     b = [k for k in w if ".lora_B." in k]
     assert b and max(float(w[k].abs().max()) for k in b) < 1e-6
     assert max(float(ref[k].abs().max()) for k in b) > 1e-3
+    from radalign.finetune.registry import build_model
+
+    spec = json.loads((slow / "models" / "fusion.json").read_text())["spec"]
+    torch.manual_seed(0)  # the run's seed: the model as it was before its first step
+    init = {k: v for k, v in build_model(spec, checkpoint=ft_cohort["export"]).state_dict().items()
+            if k.startswith("head.")}
+    moved = max(float((w[k] - init[k]).abs().max()) for k in init)
+    assert moved > 1e-3  # ... while the head trained at optim.lr
     assert read_run_spec(slow)["optim"]["tower_lr"] == 1e-9
     assert "tower_lr" not in read_run_spec(lora_run)["optim"]  # unset: recorded as runs before the key were
     with pytest.raises(RadalignError, match="changed: optim.tower_lr: 1e-09 -> 1e-05"):
         _run(ft_cohort, tmp_path / "slow", "model.image_tower=lora", "optim.tower_lr=1e-5")
 
 
-@pytest.mark.parametrize("extra,msg", [(["optim.tower_lr=0"], "optim.tower_lr: 0.0; it must be > 0"),
+@pytest.mark.parametrize("extra,msg", [(["optim.tower_lr=0"], r"optim.tower_lr: 0.0; it must be a number > 0"),
+                                       (["optim.tower_lr=nan"], r"optim.tower_lr: nan; it must be a number > 0"),
                                        (["model.image_tower=frozen", "optim.tower_lr=1e-4"],
                                         "model.image_tower=frozen trains no tower weights")])
 def test_a_bad_tower_lr_is_refused_with_the_fix(ft_cohort, tmp_path, extra, msg):

@@ -677,6 +677,9 @@ def test_lr_by_prefix_puts_those_parameters_in_their_own_groups_with_the_decay_r
                       "attn_in_proj_bias", "logit_scale", "logit_bias"},
         (5e-5, 0.2): {"proj.weight"}, (5e-5, 0.0): {"proj.bias"},
         (7e-4, 0.0): {"ln2d.weight", "ln2d.bias"}}  # no decayed parameter under "ln": that group is left out
+    nested = adamw(model, lr=1e-3, weight_decay=0.2, lr_of={"proj": 5e-5, "proj.bias": 1e-6})  # longest wins
+    got = {g["lr"]: {names[id(p)] for p in g["params"]} for g in nested.param_groups if g["lr"] != 1e-3}
+    assert got == {5e-5: {"proj.weight"}, 1e-6: {"proj.bias"}}
     plain = adamw(model, lr=1e-3, weight_decay=0.2)  # no lr_of: the two groups as ever (old checkpoints resume)
     assert [(g["lr"], g["weight_decay"], len(g["params"])) for g in plain.param_groups] == [(1e-3, 0.2, 4),
                                                                                           (1e-3, 0.0, 14)]

@@ -33,6 +33,9 @@ class StudyExplainer:
         self.trained = load_run(run)
         self.index_dir = index_dir
         self.task = self.trained.cfg.task.name
+        # A tuned tower's image token is not in the index's space (built with the frozen export): its studies are
+        # explained without the run's neighbour vote; the service's own search of the film still shows cases.
+        self.tuned = self.trained.tuned_model() is not None
         self._studies = {str(s) for frame in self.trained.table().splits.values() for s in frame["study_id"]}
         self._cache: OrderedDict[tuple[str, int], dict] = OrderedDict()
 
@@ -51,10 +54,14 @@ class StudyExplainer:
 
     def _explain(self, study_id: str, k: int) -> dict:
         try:
-            expl = explain_study(self.trained, study_id, index=self.index_dir, k=k)
+            expl = explain_study(self.trained, study_id, index=None if self.tuned else self.index_dir, k=k)
         except RadalignError as e:  # e.g. a study whose film was not embedded: say why on the page
             return {"study_id": study_id, "task": self.task, "error": str(e)}
-        return json.loads(to_json(expl))  # exactly `finetune explain --format json` (numpy ids as text)
+        out = json.loads(to_json(expl))  # exactly `finetune explain --format json` (numpy ids as text)
+        if self.tuned:
+            out["similar_note"] = ("no neighbour vote: the run's image tower was tuned, so its image token is not "
+                                   "in the space of the index (built with the frozen export)")
+        return out
 
     def demographics(self) -> dict[str, dict]:
         """study_id -> sex (MIMIC-IV `gender`) and age band (`finetune eval`'s bands) from the run's table."""

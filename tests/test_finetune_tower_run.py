@@ -323,6 +323,18 @@ def test_eval_and_explain_of_a_tuned_run(ft_cohort, which, tmp_path, request):
     assert out["probability"] == pytest.approx(row["score:fusion"], abs=1e-5)
 
 
+def test_the_serve_explainer_explains_a_tuned_runs_study_without_the_index(lora_run, tmp_path):
+    """`retrieval serve --finetune-run` of a tuned run: the explanation (the run's probability), no neighbour vote
+    from the frozen index and the reason, rather than the index search's refusal."""
+    from radalign.finetune.serve_explain import StudyExplainer
+
+    pred = pd.read_csv(lora_run / "predictions.csv", dtype={"study_id": str})
+    out = StudyExplainer(lora_run, tmp_path / "an-index").explain(pred["study_id"][0], k=3)
+    assert "error" not in out and out["similar_cases"] == []
+    assert out["output"]["probability"] == pytest.approx(pred["score:fusion"][0], abs=1e-5)
+    assert "image tower was tuned" in out["similar_note"]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # A run and its export moved together (issue 20 §2): found by the run's data.checkpoint, checksum first
 

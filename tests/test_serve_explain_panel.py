@@ -82,7 +82,7 @@ def test_study_explainer_computes_each_study_once_and_keeps_the_latest(monkeypat
     monkeypatch.setattr(S, "to_json", lambda e: S.json.dumps(e.d))
     monkeypatch.setattr(S, "CACHED", 2)
     ex = object.__new__(S.StudyExplainer)  # no run to load: the explanations are stubbed
-    ex.trained, ex.index_dir, ex.task = None, None, "t"
+    ex.trained, ex.index_dir, ex.task, ex.tuned = None, None, "t", False
     ex._studies, ex._cache = {"1", "2", "3"}, S.OrderedDict()
     first = ex.explain("1", 5)
     first["ehr_groups"]["total"] = 99.0  # the caller's copy
@@ -154,7 +154,7 @@ def refusals(tmp_path_factory, monkeypatch):
         return made[study_id]
     monkeypatch.setattr(S, "explain_study", explain_study)
     explainer = object.__new__(S.StudyExplainer)  # no trained run to load: explain_study above stands for it
-    explainer.trained, explainer.index_dir, explainer.task = None, base["dir"], "toy_task"
+    explainer.trained, explainer.index_dir, explainer.task, explainer.tuned = None, base["dir"], "toy_task", False
     explainer._studies, explainer._cache = set(studies), S.OrderedDict()
     explainer.demographics = lambda: {}
     app = create_app(base["dir"], encoders=base["enc"], explainer=explainer,
@@ -209,4 +209,29 @@ def test_page_shows_the_refusal_as_text(browser, refusals):  # noqa: F811 - the 
                 assert boxes == [] and explanation == f"No explanation: study {broken}: its film was not embedded {SCRIPT}"
         assert page.evaluate("window.__pwned === undefined")
         assert page.eval_on_selector_all(".explanation script, .explanation img", "e => e.length") == 0
+        page.close()
+
+
+class TunedExplainer(FakeExplainer):  # a tuned run's explanation: no neighbour vote, and why (serve_explain)
+    def explain(self, study_id, k):
+        return {**super().explain(study_id, k), "similar_cases": [], "neighbour_vote": None,
+                "similar_note": f"no neighbour vote: the run's image tower was tuned {SCRIPT}"}
+
+
+def test_page_says_why_a_tuned_run_has_no_neighbour_vote(browser, tmp_path_factory):  # noqa: F811
+    base = build_case_base(tmp_path_factory.mktemp("tuned"))
+    study = base["cols"]["study_id"][0]
+    app = create_app(base["dir"], encoders=base["enc"], explainer=TunedExplainer(sorted(set(base["cols"]["study_id"]))),
+                     config=ServeConfig(audit_log=None, max_k=40))
+    with running(app) as url:
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']")
+        page.fill("#study-input", study)
+        page.click("#study-go")
+        page.wait_for_selector("body[data-answers='1']", state="attached", timeout=60_000)
+        assert page.text_content(".explanation .similar-note") == \
+            f"no neighbour vote: the run's image tower was tuned {SCRIPT}"
+        assert page.evaluate("window.__pwned === undefined")
+        assert page.eval_on_selector_all(".explanation script", "e => e.length") == 0
         page.close()

@@ -239,6 +239,7 @@ function renderExplanation(x) {
   box.appendChild(el("p", cases.length + " similar cases of other patients; neighbour vote "
     + (x.neighbour_vote === null || x.neighbour_vote === undefined ? "n/a" : Number(x.neighbour_vote).toFixed(3))
     + " beside the model's " + Number(out.probability).toFixed(3)));
+  if (x.similar_note) box.appendChild(el("p", x.similar_note, "similar-note"));  // why there is no vote
   if (cases.length) {
     const t = el("table", null, "similar");
     const h = el("tr");

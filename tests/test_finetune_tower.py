@@ -183,7 +183,8 @@ def test_study_token_is_the_normalised_mean_of_its_films(visual):
     want = torch.stack([F.normalize(emb[:2].mean(0), dim=0), F.normalize(emb[2], dim=0), torch.zeros(64),
                         F.normalize(emb[3], dim=0)])
     torch.testing.assert_close(tokens, want, atol=1e-5, rtol=1e-5)
-    with pytest.raises(RadalignError, match="scores films, not cached embeddings"):
+    with pytest.raises(RadalignError, match=r"scores films, not cached embeddings; give it inputs from "
+                                            r"finetune.films \(finetune predict/eval do for a tuned run\)"):
         model({"image": torch.zeros(4, 64), "present": {"image": torch.ones(4, dtype=torch.bool)}})
 
 
@@ -285,6 +286,7 @@ def test_patch_geometry_is_the_towers_own_with_open_clips_defaults(visual, nano_
     assert _geometry(image_size=80, patch_size=16, width=256, layers=6) == [25, 256]  # the demo's tiny-80
     assert _geometry(layers=12) == [(224 // 16) ** 2, 768]  # open_clip's defaults: 224 px, patch 16, width 768
     assert _geometry(image_size=[64, 96], patch_size=16, width=32) == [4 * 6, 32]
+    assert _geometry(image_size=[64, 96], patch_size=[16, 32], width=32) == [4 * 3, 32]  # rectangular patches
     assert _geometry(image_size=64, patch_size=16, width=32, timm_model_name=None, pool_type="avg") == [16, 32]
 
 
@@ -305,3 +307,67 @@ def test_a_head_built_for_other_patch_tokens_is_refused_before_any_film(visual):
                        n_heads=2, n_layers=1, modality_dropout={})
     with pytest.raises(RadalignError, match=r"gives patch tokens \(16, 64\) \[P, W\], the head reads \[9, 64\]"):
         TunedModel(_lora(visual), head, "abc")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_linear_attention_computes_what_multihead_attention_does(batch_first, mask):
+    """Both layouts and both mask kinds (nn.MultiheadAttention: a True bool entry blocks; a float one is added)."""
+    from radalign.finetune.tower import LinearAttention
+
+    torch.manual_seed(5)
+    mha = nn.MultiheadAttention(16, 4, batch_first=batch_first).eval()
+    x = torch.randn(3, 5, 16) if batch_first else torch.randn(5, 3, 16)  # [B, L, D] or [L, B, D]
+    m = None
+    if mask == "bool":
+        m = torch.triu(torch.ones(5, 5, dtype=torch.bool), diagonal=1)  # causal: True = blocked
+    elif mask == "float":
+        m = torch.randn(5, 5)
+    with torch.no_grad():
+        want = mha(x, x, x, need_weights=False, attn_mask=m)[0]
+        got, weights = LinearAttention(mha)(x, attn_mask=m)
+    assert weights is None and got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_linear_attention_refusals_name_the_way_out():
+    from radalign.finetune.tower import LinearAttention
+
+    with pytest.raises(RadalignError, match=r"^image tower: an attention layer with separate q/k/v sizes or "
+                                            r"bias_k/zero_attn; model.image_tower=lora supports open_clip ViT blocks "
+                                            r"only \(use last_blocks\)$"):
+        LinearAttention(nn.MultiheadAttention(16, 4, kdim=8, vdim=8))
+    att = LinearAttention(nn.MultiheadAttention(16, 4, batch_first=True))
+    x = torch.randn(2, 3, 16)
+    with pytest.raises(RadalignError, match=r"^LinearAttention: self-attention only \(query, key and value the same "
+                                            r"tensor\)$"):
+        att(x, x.clone())
+    with pytest.raises(RadalignError, match=r"is not an open_clip VisionTransformer \(no transformer.resblocks\); "
+                                            r"model.image_tower=last_blocks\|lora need one \(use "
+                                            r"model.image_tower=frozen\)"):
+        tune_tower(nn.Linear(2, 2), {"mode": "last_blocks", "tune_blocks": 1})
+
+
+def test_present_override_reaches_the_head(visual):
+    model = TunedModel(_lora(visual), _head(), "abc").eval()
+    b = _batch()
+    off = {"image": torch.zeros(4, dtype=torch.bool)}
+    with torch.no_grad():
+        tokens = model.image_tokens(b, 4)
+        got = model(b, present_override=off).logits
+        want = model.head({**b, **tokens}, present_override=off).logits
+        plain = model(b).logits
+    torch.testing.assert_close(got, want)
+    assert not torch.allclose(got[[0, 1, 3]], plain[[0, 1, 3]], atol=1e-5)  # the image masked for every row
+
+
+def test_a_wrapped_tuned_model_saves_and_loads_its_trained_weights_only(visual):
+    """Inside another module (a wrapper's prefix on every key), the export's frozen weights are still left out
+    of the state dict and not asked for when it loads back."""
+    outer = nn.ModuleDict({"m": TunedModel(_lora(visual), _head(), "abc")})
+    sd = outer.state_dict()
+    assert sd and all(k.startswith("m.") for k in sd)
+    assert {k[2:] for k in sd} == {n for n, p in outer["m"].named_parameters() if p.requires_grad}
+    fresh = nn.ModuleDict({"m": TunedModel(_lora(visual), _head(), "abc")})
+    fresh.load_state_dict(sd)  # strict
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in sd.items())

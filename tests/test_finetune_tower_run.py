@@ -137,10 +137,11 @@ def test_damaged_adapter_file_is_refused(lora_run, tmp_path, damage):
         load_run(copy)
 
 
-@pytest.mark.parametrize("mode", ["lora", "last_blocks", "lora+patches"])
+@pytest.mark.parametrize("mode", ["lora", "last_blocks", "lora+patches", "lora+tower_lr"])
 def test_resume_after_a_stop_is_exact(ft_cohort, tmp_path, mode):
+    """Also with the tower's own learning rate: the optimizer's four groups (and their rates) come back."""
     extra = [f"model.image_tower={mode.split('+')[0]}", "model.tune_blocks=1", "optim.batch_size=32",
-             f"data.image_patch_tokens={'+patches' in mode}"]
+             f"data.image_patch_tokens={'+patches' in mode}"] + (["optim.tower_lr=3e-4"] if "tower_lr" in mode else [])
     _run(ft_cohort, tmp_path / "a", *extra)
     _run(ft_cohort, tmp_path / "b", *extra, "stop_after=3")  # inside the first epoch
     assert not (tmp_path / "b" / "models" / "fusion.json").exists()

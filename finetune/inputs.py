@@ -130,19 +130,23 @@ def check_patch_tower(visual) -> None:
                             "give; use data.image_patch_tokens=false")
 
 
+def pooled_and_patches(visual, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, C, H, W] -> (pooled [B, D], patch tokens [B, P, W]): one forward of an open_clip ViT, the pair its
+    `forward` returns with `output_tokens` set (the last layer's tokens after `ln_post`, unless the tower norms after
+    pooling, before the projection, which only the pooled token goes through; the class token left out). Through
+    the public `forward_intermediates`, so the shared module's `output_tokens` flag is never toggled: a threaded
+    server may run the same tower for another request meanwhile."""
+    out = visual.forward_intermediates(pixels, indices=1, output_fmt="NLC",
+                                       normalize_intermediates=not getattr(visual, "final_ln_after_pool", False))
+    return out["image_features"], out["image_intermediates"][-1]
+
+
 @torch.no_grad()
 def encode_patch_tokens(encoders, images: torch.Tensor) -> torch.Tensor:
-    """[B, C, H, W] -> [B, P, W]: the frozen image tower's last-layer patch tokens (open_clip ViT: after
-    `ln_post`, before the projection, which only the pooled token goes through; the class token left out)."""
+    """[B, C, H, W] -> [B, P, W]: the frozen image tower's last-layer patch tokens (pooled_and_patches)."""
     visual = encoders.model.visual
     check_patch_tower(visual)
-    was = visual.output_tokens
-    visual.output_tokens = True  # forward returns (pooled, tokens); a plain attribute in eager mode
-    try:
-        _, tokens = visual(images.to(encoders.device))
-    finally:
-        visual.output_tokens = was
-    return tokens.float()
+    return pooled_and_patches(visual, images.to(encoders.device))[1].float()
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

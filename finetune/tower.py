@@ -42,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from radalign.finetune.config import LORA_TARGETS  # the LoRA-able Linears of a block: one list
-from radalign.finetune.inputs import check_patch_tower
+from radalign.finetune.inputs import check_patch_tower, pooled_and_patches
 from radalign.finetune.models import PATCH_KEY
 from torch import nn
 
@@ -176,12 +176,7 @@ class TunedModel(nn.Module):
         """{"image": [F, D] pooled, + PATCH_KEY: [F, P, W] patch tokens when the head reads them}: one forward."""
         if not self.reads_patches:
             return {"image": self.tower(pixels)}
-        was = self.tower.output_tokens
-        self.tower.output_tokens = True  # forward returns (pooled, tokens); a plain attribute in eager mode
-        try:
-            pooled, tokens = self.tower(pixels)
-        finally:
-            self.tower.output_tokens = was
+        pooled, tokens = pooled_and_patches(self.tower, pixels)
         return {"image": pooled, PATCH_KEY: tokens}
 
     def image_tokens(self, batch: Mapping, rows: int) -> dict[str, torch.Tensor]:

@@ -236,7 +236,7 @@ def test_an_untrained_lora_tower_gives_the_frozen_paths_patch_tokens_and_the_hea
         torch.testing.assert_close(logits, model.head(frozen).logits, atol=1e-5, rtol=1e-5)
         shuffled = model.head({**frozen, PATCH_KEY: frozen[PATCH_KEY].flip(1)}).logits
     assert not torch.allclose(logits[[0, 1, 3]], shuffled[[0, 1, 3]], atol=1e-4)  # it reads the patches
-    assert model.tower.output_tokens is False  # put back after each forward
+    assert model.tower.output_tokens is False  # never toggled (inputs.pooled_and_patches)
     none = model.image_tokens({"pixels": torch.zeros(0, 3, 64, 64), "film_owner": torch.zeros(0, dtype=torch.long)}, 3)
     assert {k: tuple(v.shape) for k, v in none.items()} == {"image": (3, 64), PATCH_KEY: (3, PATCHES, WIDTH)}
     assert not any(v.any() for v in none.values())  # no film in the batch: every study absent

@@ -163,7 +163,33 @@ def test_patch_tokens_are_the_towers_last_layer(cohort):
     pooled, ref = _tokens_by_hand(enc.model.visual, x)
     assert tokens.shape == (3, (64 // 16) ** 2, 64) and torch.allclose(tokens, ref, atol=1e-5)
     assert torch.allclose(F.normalize(pooled, dim=-1), enc.encode_images(x), atol=1e-5)  # the same forward
-    assert enc.model.visual.output_tokens is False  # put back
+
+
+@pytest.mark.parametrize("kw", [{}, {"pool_type": "avg"}, {"final_ln_after_pool": True}])
+def test_pooled_and_patches_is_open_clips_forward_with_output_tokens(kw):
+    """The helper (forward_intermediates, no flag toggled) against open_clip's own forward with output_tokens set,
+    for each pooling the patch path accepts, while the tower trains (gradient reaches the same weights)."""
+    from open_clip.transformer import VisionTransformer
+    from radalign.finetune.inputs import pooled_and_patches
+
+    torch.manual_seed(0)
+    vit = VisionTransformer(image_size=32, patch_size=8, width=32, layers=2, heads=2, mlp_ratio=2.0,
+                            output_dim=16, **kw)
+    x = torch.randn(2, 3, 32, 32)
+    pooled, tokens = pooled_and_patches(vit, x)
+    assert vit.output_tokens is False  # never toggled: a concurrent plain forward still gets one tensor
+    vit.output_tokens = True
+    ref_pooled, ref_tokens = vit(x)
+    assert tokens.shape == (2, 16, 32)
+    torch.testing.assert_close(pooled, ref_pooled)
+    torch.testing.assert_close(tokens, ref_tokens)
+    (pooled.sum() + tokens.square().sum()).backward()
+    grads = {n: p.grad.clone() for n, p in vit.named_parameters() if p.grad is not None}
+    vit.zero_grad()
+    (ref_pooled.sum() + ref_tokens.square().sum()).backward()
+    assert grads.keys() == {n for n, p in vit.named_parameters() if p.grad is not None}
+    for n, g in grads.items():
+        torch.testing.assert_close(g, dict(vit.named_parameters())[n].grad, msg=n)
 
 
 def test_patch_tokens_are_cached_and_averaged_per_study(cohort, tmp_path, monkeypatch):

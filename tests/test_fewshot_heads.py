@@ -447,12 +447,11 @@ def test_the_heads_marked_seed_free_ignore_the_seed():
 # The folds, the path and the bench's candidate heads against independent computations (mutation guards)
 
 
-def _shots_seed_by_hand(x, y, groups):
-    """sha256 over the float64 bytes of x, then y, then the newline-joined patient ids; first 4 bytes little-endian."""
+def _shots_seed_by_hand(y, groups):
+    """sha256 over the float64 bytes of y, then the newline-joined patient ids; first 4 bytes little-endian."""
     import hashlib
 
-    h = hashlib.sha256(np.asarray(x, np.float64).tobytes() + np.asarray(y, np.float64).tobytes()
-                       + "\n".join(groups).encode())
+    h = hashlib.sha256(np.asarray(y, np.float64).tobytes() + "\n".join(groups).encode())
     return int.from_bytes(h.digest()[:4], "little")
 
 
@@ -462,7 +461,7 @@ def test_anchored_folds_are_sklearns_grouped_splits_seeded_by_the_shots():
 
     x, y, groups = _multi_row_problem()
     head = AnchoredLogistic().fit(x, y, groups, _init(), seed=0)
-    base = _shots_seed_by_hand(x, y, groups)
+    base = _shots_seed_by_hand(y, groups)
     want = [te for r in range(3) for _, te in StratifiedGroupKFold(5, shuffle=True, random_state=base + 1000 * r)
             .split(x, y.astype(int), groups)]
     assert len(head.folds_) == len(want) == 15
@@ -472,6 +471,20 @@ def test_anchored_folds_are_sklearns_grouped_splits_seeded_by_the_shots():
     flipped[:2] = 1 - flipped[:2]  # other labels, same rows: another seed, other folds
     other = AnchoredLogistic().fit(x, flipped, groups, _init(), seed=0)
     assert any(not np.array_equal(a[1], b[1]) for a, b in zip(head.folds_, other.folds_))
+
+
+def test_anchored_head_ignores_last_bit_noise_in_the_embeddings():
+    """Two embedding passes of the same films differ in the last bits (thread count, instruction set): the same
+    folds, the same chosen prior. The seed digested the embeddings' bytes before, and this noise moved the choice
+    at k = 8 on 3 of 20 demo draws."""
+    x, y, groups = _multi_row_problem()
+    noisy = x * (1 + 1e-7 * np.random.default_rng(3).standard_normal(x.shape))  # float32 rounding's size
+    a = AnchoredLogistic().fit(x, y, groups, _init(), seed=0)
+    b = AnchoredLogistic().fit(noisy, y, groups, _init(), seed=0)
+    for (_, ta), (_, tb) in zip(a.folds_, b.folds_, strict=True):
+        np.testing.assert_array_equal(ta, tb)
+    assert a.info_["lam"] == b.info_["lam"]
+    np.testing.assert_allclose(a.predict_logit(x), b.predict_logit(x), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", [0, 5])

@@ -2,13 +2,14 @@
 
     .venv/bin/python bench/fewshot_pull_rules.py --run /work/fsdata --out bench/out/pull_rules
 
-Per finding, label policy (blank = exclude, negative), k and draw (finetune.fewshot's draws, 5 seeds): the head's
+Per finding, label policy (blank = exclude, negative), k and draw (finetune.fewshot's draws, --seeds, 5 by default): the head's
 own grouped cross-validation table inside the shots (the folds AnchoredLogistic uses, every prior weight of its
 grid: inf = the zero-shot head, 256 .. 1/64), the validation AUROC of the full-shot fit at every grid point, and
-the linear probe's, and for the draws where the shipped rule leaves the prior, its nested cross-validation gain over
-zero-shot (nested_gains: two rules keep its choice only on a positive gain). Each rule maps the table (and the shots' size) to one grid point; a rule misses a cell (finding,
-policy, k) when its mean validation AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is
-scored. Lung Lesion's validation split has too few labelled studies to judge (docs/fewshot-head.md): counted
+the linear probe's, and for the draws where the plain rule leaves the prior, its nested cross-validation gains over
+zero-shot (AnchoredLogistic.nested_gains; two rules keep its choice only on a positive mean gain, or one above its
+standard error: the latter is AnchoredLogistic(nested=True)). Each rule maps the table (and the shots' size) to one
+grid point; a rule misses a cell (finding, policy, k) when its mean validation AUROC over draws is below
+max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's validation split has too few labelled studies to judge (docs/fewshot-head.md): counted
 apart, not judged.
 Writes OUT/pull_rules.json; prints the table of docs/fewshot-head.md. Never gates CI.
 """
@@ -46,7 +47,7 @@ def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
     chosen = _chosen(table, n_folds, patients_per_class(y, groups))
     return {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
             "full": full, "probe": auroc(y_eval, probe),
-            "nested": nested_gains(x, y, groups, w0, grid) if chosen else []}
+            "nested": head.nested_gains(x, y, groups, w0).tolist() if chosen else []}
 
 
 def _chosen(table, n_folds, npc) -> int:
@@ -54,32 +55,6 @@ def _chosen(table, n_folds, npc) -> int:
     from radalign.finetune.fewshot_heads import AnchoredLogistic, corrected_one_se_choice
 
     return 0 if npc < AnchoredLogistic.min_patients_cv or not len(table) else corrected_one_se_choice(table, n_folds)
-
-
-def nested_gains(x, y, groups, w0, grid) -> list[float]:
-    """Nested cross-validation of the whole rule (Varma & Simon 2006; Cawley & Talbot 2010): per outer grouped fold,
-    the rule run on the outer training part alone (its own inner folds and choice), refitted there, minus the
-    zero-shot head, in held-out AUROC. Corrects the inner table's winner's curse: the best of 9 noisy means."""
-    from radalign.finetune.fewshot_heads import (
-        AnchoredLogistic,
-        fit_anchored,
-        grouped_folds,
-        patients_per_class,
-        shots_seed,
-    )
-
-    from radalign.metrics import auroc
-
-    head, out = AnchoredLogistic(), []
-    for tr, te in grouped_folds(y, groups, shots_seed(y, groups) + 7, head.max_folds):
-        if len(np.unique(y[te])) < 2:
-            continue
-        table, n_folds = head.cv_table(x[tr], y[tr], groups[tr], w0)
-        c = _chosen(table, n_folds, patients_per_class(y[tr], groups[tr]))
-        zero = auroc(y[te].astype(int), x[te] @ w0)
-        t = fit_anchored(x[tr], y[tr], w0, grid[c]) if c else None
-        out.append(0.0 if t is None else auroc(y[te].astype(int), x[te] @ t[:-1] + t[-1]) - zero)
-    return out
 
 
 def _nested_check(r, se: bool) -> int:

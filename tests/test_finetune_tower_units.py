@@ -391,3 +391,16 @@ def test_tuned_specs_with_patch_tokens_records_the_patch_geometry(tmp_path, nano
     assert fusion["image_patches"] == [(64 // 16) ** 2, 64]  # nano: 64 px, patch 16, width 64
     assert fusion["tower"]["patch_tokens"] is True and fusion["tower"]["tune_blocks"] == 3
     assert "image_patches" not in tuned_specs(_run(tmp_path / "pooled"), _specs())["fusion"]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tune_tower: a mode it does not know is refused, naming the modes it knows.
+
+
+@pytest.mark.parametrize("mode", ["frozen", "LoRA", "last-blocks"])
+def test_tune_tower_refuses_an_unknown_mode_naming_the_known_ones(mode):
+    from radalign.finetune.tower import tune_tower
+
+    with pytest.raises(RadalignError) as e:
+        tune_tower(torch.nn.Linear(2, 2), {"mode": mode})
+    assert str(e.value) == f"model.image_tower: {mode!r} is not one of last_blocks, lora"

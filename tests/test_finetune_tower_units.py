@@ -70,13 +70,30 @@ def _bad_place(tmp_path: Path, kind: str) -> Path:
         (p / "config.json").write_bytes(b'{"format": "\xff\xfe"}')
     elif kind == "no_checksum":
         _fake_export(p, None)
+    elif kind.startswith("json_"):  # valid JSON, not an object: another tool's config.json
+        (p / "config.json").write_text({"json_list": '["radalign-export/1"]', "json_null": "null",
+                                        "json_str": '"radalign-export/1"'}[kind])
     return p
 
 
 @pytest.mark.parametrize("kind", ["missing", "too_long", "empty_folder", "other_format", "corrupt_json",
-                                  "not_utf8", "no_checksum"])
+                                  "not_utf8", "no_checksum", "json_list", "json_null", "json_str"])
 def test_checksum_at_is_none_wherever_no_export_can_be_read(tmp_path, kind):
     assert _checksum_at(_bad_place(tmp_path, kind)) is None
+
+
+@pytest.mark.parametrize("kind,why", [("json_list", "not a radalign export or run folder"),
+                                      ("json_null", "not a radalign export or run folder"),
+                                      ("corrupt_json", "corrupt export config"),
+                                      ("not_utf8", "corrupt export config")])
+def test_find_export_refuses_a_config_json_it_cannot_read_with_its_own_error(tmp_path, kind, why):
+    """pretrain.export.find_export, which the lookup calls: a RadalignError naming the folder, not a crash."""
+    from radalign.pretrain.export import find_export
+
+    p = _bad_place(tmp_path, kind)
+    with pytest.raises(RadalignError, match=why) as e:
+        find_export(p)
+    assert str(p) in str(e.value)
 
 
 # ----------------------------------------------------------------------------------------------------------

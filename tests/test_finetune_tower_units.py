@@ -421,3 +421,111 @@ def test_tune_tower_refuses_an_unknown_mode_naming_the_known_ones(mode):
     with pytest.raises(RadalignError) as e:
         tune_tower(torch.nn.Linear(2, 2), {"mode": mode})
     assert str(e.value) == f"model.image_tower: {mode!r} is not one of last_blocks, lora"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# TunedModel and LinearAttention edge cases (survivors of a 250-mutant sample of finetune/tower.py).
+
+
+@pytest.fixture(scope="module")
+def nano_visual(nano_model_cfg):
+    from radalign.pretrain.models import build_model
+
+    torch.manual_seed(0)
+    return build_model(nano_model_cfg).visual.eval()
+
+
+def _tuned(visual, patches: bool = False):
+    import copy
+
+    from radalign.finetune.models import FusionModel, build_encoders
+    from radalign.finetune.tower import TunedModel, tune_tower
+
+    torch.manual_seed(3)
+    head = FusionModel(build_encoders(16, image_dim=64, image_patches=(16, 64) if patches else None), n_outputs=1,
+                       d_model=16, n_heads=2, n_layers=1, modality_dropout={})
+    tower = tune_tower(copy.deepcopy(visual), {"mode": "last_blocks", "tune_blocks": 1, "patch_tokens": patches})
+    return TunedModel(tower, head, "abc").eval()
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_a_batch_without_films_gives_zero_tokens_under_the_heads_keys(nano_visual, patches):
+    from radalign.finetune.models import PATCH_KEY
+
+    empty = {"pixels": torch.zeros(0, 3, 64, 64), "film_owner": torch.zeros(0, dtype=torch.long)}
+    got = _tuned(nano_visual, patches).image_tokens(empty, 3)
+    want = {"image": (3, 64), **({PATCH_KEY: (3, 16, 64)} if patches else {})}  # nano: 64-d, 16 patches x 64
+    assert {k: tuple(v.shape) for k, v in got.items()} == want
+    assert all(not v.any() for v in got.values())
+
+
+@pytest.mark.parametrize("patches", [False, True])
+def test_study_tokens_are_made_on_the_films_device(nano_visual, patches):
+    """The meta device stands in for an accelerator: per-study sums built on the CPU would not mix with it."""
+    model = _tuned(nano_visual, patches).to("meta")
+    batch = {"pixels": torch.zeros(4, 3, 64, 64, device="meta"), "film_owner": torch.tensor([0, 0, 1, 3],
+                                                                                              device="meta")}
+    got = model.image_tokens(batch, 4)
+    assert got and {v.device.type for v in got.values()} == {"meta"}
+    empty = {"pixels": torch.zeros(0, 3, 64, 64, device="meta"), "film_owner": torch.zeros(0, dtype=torch.long)}
+    assert {v.device.type for v in model.image_tokens(empty, 2).values()} == {"meta"}  # no films: zeros there too
+
+
+@pytest.mark.parametrize("drop", ["pixels", "film_owner"])
+def test_image_tokens_refuse_a_batch_missing_either_film_entry(nano_visual, drop):
+    batch = {"pixels": torch.zeros(2, 3, 64, 64), "film_owner": torch.tensor([0, 1])}
+    del batch[drop]
+    with pytest.raises(RadalignError, match=r"^this model trains the image tower: it scores films, not cached "
+                                            r"embeddings; give it inputs from finetune.films"):
+        _tuned(nano_visual).image_tokens(batch, 2)
+
+
+class _NotAViT(torch.nn.Module):
+    """Passes check_patch_tower (it has output_tokens, no attention pooling) but lacks a ViT's geometry."""
+
+    output_tokens = False
+
+    def __init__(self, grid: bool):
+        super().__init__()
+        if grid:
+            self.grid_size = (4, 4)
+        self.proj = torch.nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("grid", [False, True], ids=["no_grid_size", "no_transformer_width"])
+def test_a_patch_head_on_a_tower_without_patch_geometry_is_refused_with_the_fix(nano_visual, grid):
+    from radalign.finetune.models import FusionModel, build_encoders
+    from radalign.finetune.tower import TunedModel
+
+    head = FusionModel(build_encoders(16, image_dim=64, image_patches=(16, 64)), n_outputs=1, d_model=16,
+                       n_heads=2, n_layers=1, modality_dropout={})
+    with pytest.raises(RadalignError) as e:
+        TunedModel(_NotAViT(grid), head, "abc")
+    assert str(e.value) == ("data.image_patch_tokens: the tuned tower gives patch tokens None [P, W], the head reads "
+                            "[16, 64] (spec image_patches): the run's spec was made for another export; train the "
+                            "run again on this one")
+
+
+@pytest.mark.parametrize("kw", [{"add_bias_kv": True}, {"add_zero_attn": True},
+                                {"add_bias_kv": True, "add_zero_attn": True}, {"kdim": 8, "vdim": 8}])
+def test_linear_attention_refuses_each_attention_it_cannot_compute(kw):
+    from radalign.finetune.tower import LinearAttention
+
+    with pytest.raises(RadalignError, match="model.image_tower=lora supports open_clip ViT blocks only"):
+        LinearAttention(torch.nn.MultiheadAttention(16, 4, **kw))
+
+
+def test_linear_attention_drops_attention_weights_while_training_only():
+    """nn.MultiheadAttention's dropout acts on the attention weights in training, never in eval."""
+    from radalign.finetune.tower import LinearAttention
+
+    torch.manual_seed(6)
+    att = LinearAttention(torch.nn.MultiheadAttention(16, 4, dropout=0.5, batch_first=True))
+    x = torch.randn(2, 6, 16)
+    with torch.no_grad():
+        att.eval()
+        ev = att(x)[0]
+        torch.testing.assert_close(att(x)[0], ev)  # deterministic in eval
+        att.train()
+        tr1, tr2 = att(x)[0], att(x)[0]
+    assert (tr1 - ev).abs().max() > 1e-3 and (tr1 - tr2).abs().max() > 1e-3

@@ -138,10 +138,10 @@ def find_export(path: str | os.PathLike, what: str = "--checkpoint") -> Path:
         cfg = cand / "config.json"
         if cfg.is_file():
             try:
-                fmt = json.loads(cfg.read_text()).get("format")
-            except json.JSONDecodeError as e:
+                doc = json.loads(cfg.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise RadalignError(f"{cfg}: corrupt export config ({e}); re-export the run") from None
-            if fmt == FORMAT:
+            if isinstance(doc, dict) and doc.get("format") == FORMAT:  # another tool's config.json: not ours
                 return cand
     raise RadalignError(
         f"{what} {path}: not a radalign export or run folder (looked for {path}/config.json and "

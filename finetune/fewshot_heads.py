@@ -104,6 +104,9 @@ def check_inputs(x, y, groups, init: ZeroShotInit) -> tuple[np.ndarray, np.ndarr
         problems.append(f"x has a non-finite value in row {int(np.argwhere(~np.isfinite(x))[0, 0])}; drop it")
     if protos.ndim != 2 or protos.shape[0] != 2:
         problems.append(f"init.prototypes has shape {protos.shape}; pass [2, D] (positive row, negative row)")
+    elif not np.isfinite(protos).all():
+        problems.append("init.prototypes hold a non-finite value (a NaN text embedding?); re-embed the prompts "
+                        "with the export")
     elif x.ndim == 2 and protos.shape[1] != x.shape[1]:
         problems.append(f"init.prototypes are {protos.shape[1]}-d but x is {x.shape[1]}-d; use the export that "
                         "embedded x")
@@ -551,8 +554,8 @@ class ClapHead(FewshotHead):
 
 @dataclass
 class LPPlusPlus(FewshotHead):
-    """LP++: logits_c = x w_c + b_c + a_c (x t_c); w starts at the class sums of the shots, a at 250/k times
-    the mean class-centroid text logit; `steps` full-batch steps of size 4n / lambda_max(X'X) for (w, b)
+    """LP++: logits_c = x w_c + b_c + a_c (x t_c); w starts at the class sums of the shots, a at 250 times
+    the mean class-centroid text logit (the authors' 250/k x mean(centroid x k): k cancels); `steps` full-batch steps of size 4n / lambda_max(X'X) for (w, b)
     (momentum 0.9) and n / (4 max_c sum_i (x_i t_c)^2) for a (every 10 steps), as the authors' code."""
 
     name = "lppp"
@@ -561,7 +564,6 @@ class LPPlusPlus(FewshotHead):
 
     def _fit(self, x, y, groups, init, seed) -> None:
         n = len(y)
-        shots = n / 2  # per class (balanced draws)
         xt = torch.as_tensor(x)
         yt = torch.as_tensor(y.astype(np.int64))
         t = torch.as_tensor(_rows_unit(np.asarray(init.prototypes, np.float64)[[1, 0]]))  # [2, D]
@@ -570,7 +572,7 @@ class LPPlusPlus(FewshotHead):
         w = (onehot.T @ xt).requires_grad_(True)  # [2, D] class sums
         b = torch.zeros(2, dtype=torch.float64, requires_grad=True)
         centroid_text = (onehot.T @ text) / onehot.sum(0)[:, None]  # [2, 2]
-        a = torch.full((2,), float(250 / shots * (centroid_text * shots).mean()), dtype=torch.float64,
+        a = torch.full((2,), float(250 * centroid_text.mean()), dtype=torch.float64,
                        requires_grad=True)
         lr_w = 4 * n / float(np.linalg.eigvalsh(x.T @ x).max())
         lr_a = n / (4 * float((text ** 2).sum(0).max()))

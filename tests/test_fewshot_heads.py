@@ -414,6 +414,11 @@ def test_bad_inputs_are_refused_in_one_error():
     xn[4, 1] = np.nan
     with pytest.raises(RadalignError, match="non-finite value in row 4"):
         make_head("anchored").fit(xn, y, g, init)
+    protos = init.prototypes.copy()
+    protos[0, 2] = np.nan  # a NaN text embedding gave all-NaN weights, silently
+    for name in HEADS:
+        with pytest.raises(RadalignError, match="prototypes hold a non-finite value"):
+            make_head(name).fit(x, y, g, ZeroShotInit(protos, init.logit_scale))
 
 
 def test_unknown_head_predict_before_fit_and_bad_grid_are_refused():

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -369,7 +369,7 @@ class AnchoredLogistic(FewshotHead):
     """Patients per class from which one split is enough (and three would be slow)."""
     max_folds: int = 5
     """Folds per split (fewer when a class has fewer patients)."""
-    nested: bool = False
+    nested: bool = True
     """Keep a weaker prior than zero-shot only when the rule itself, run again inside each outer grouped fold of
     the shots (nested cross-validation: its own inner folds and choice, refitted there), beats the zero-shot head on
     the held-out patients by more than one standard error (`nested_gains`). The inner table's best of its grid's
@@ -408,11 +408,11 @@ class AnchoredLogistic(FewshotHead):
         Outer folds: one grouped split seeded by the shots (shots_seed + 7, apart from the inner ones)."""
         from radalign.metrics import auroc
 
-        out = []
+        out, inner = [], replace(self, nested=False, info_={}, folds_=[])  # this head keeps its own folds_
         for tr, te in grouped_folds(y, groups, shots_seed(y, groups) + 7, self.max_folds):
             if len(np.unique(y[te])) < 2:
                 continue
-            lam, _ = self.choose(x[tr], y[tr], groups[tr], w0)
+            lam, _ = inner.choose(x[tr], y[tr], groups[tr], w0)
             if math.isinf(lam):
                 out.append(0.0)
                 continue
@@ -424,6 +424,7 @@ class AnchoredLogistic(FewshotHead):
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
         lam, a = self.choose(x, y, groups, w0)
+        self.info_["cv_lam"] = lam  # the one-SE rule's choice, before the nested check
         if len(a):
             self.info_["cv_auroc"] = dict(zip(map(str, self.grid()), _mean_se(a)[0].tolist()))
         if self.nested and not math.isinf(lam):

@@ -388,3 +388,31 @@ def test_max_logit_scale_is_the_cap():
     assert capped(img, txt, torch.tensor(80.0, dtype=torch.float64)).item() == pytest.approx(at_30.item(), abs=1e-12)
     at_20 = ContrastiveLoss(false_negatives=False)(img, txt, torch.tensor(20.0, dtype=torch.float64))
     assert capped(img, txt, torch.tensor(20.0, dtype=torch.float64)).item() == pytest.approx(at_20.item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data/sections.py
+
+
+def test_crlf_is_one_line_break_before_a_header_that_follows_a_header():
+    from radalign.data.sections import parse_report
+
+    # The reference's quirk, worked by hand: the FINDINGS header's `:\s` eats the newline, so the IMPRESSION
+    # header right below it has no leading newline left and becomes findings text. A "\r\n" must be one
+    # line break: turned into "\n\n" (or "\r" alone first), the second header would be found.
+    text = "                 FINAL REPORT\n EXAMINATION:  CHEST\n \n FINDINGS:\n IMPRESSION:  No effusion.\n"
+    want = {"findings": "IMPRESSION: No effusion.", "impression": None, "last_paragraph": None,
+            "indication": None}
+    for eol in ("\n", "\r\n", "\r"):
+        assert parse_report(text.replace("\n", eol)) == want, repr(eol)
+
+
+def test_the_next_header_is_looked_for_after_the_first_newline_only():
+    from radalign.data.sections import section_text
+
+    # "XX\nXX" later in the text must not move the search start past the IMPRESSION header.
+    text = "\n FINDINGS: lung XX\n IMPRESSION: clear XX\nXX end"
+    sections, names, starts = section_text(text)
+    assert names == ["preamble", "findings", "impression"]
+    assert sections == ["\n ", "lung XX", "clear XX\nXX end"]  # the preamble ends where the name starts
+    assert starts == [0, 12, 33]

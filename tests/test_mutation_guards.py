@@ -416,3 +416,110 @@ def test_the_next_header_is_looked_for_after_the_first_newline_only():
     assert names == ["preamble", "findings", "impression"]
     assert sections == ["\n ", "lung XX", "clear XX\nXX end"]  # the preamble ends where the name starts
     assert starts == [0, 12, 33]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data/mimic.py: the encoding error, ids and the release's error messages.
+
+_CP1252_CSV = "a,b\n1,x\n2,Cardiomégalie\n".encode("cp1252")  # é is the one byte 0xE9, on line 3
+_EXCEL_FIX = "pass --encoding cp1252 (the file decodes as cp1252, as Excel on Windows writes)"
+
+
+def _zip_one(data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("t.csv", data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,pack", [
+    ("t.csv", lambda b: b), ("t.csv.gz", gzip.compress), ("t.CSV.GZ", gzip.compress),
+    ("t.csv.bz2", lambda b: __import__("bz2").compress(b)), ("t.csv.xz", lambda b: __import__("lzma").compress(b)),
+    ("t.csv.zip", _zip_one)])
+def test_a_cp1252_csv_read_as_utf8_names_the_byte_its_line_and_the_fix(tmp_path, name, pack):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / name
+    f.write_bytes(pack(_CP1252_CSV))  # pandas unpacks each of these by its suffix; the message must too
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(f, ["a"])
+    assert str(e.value) == f"{f}: not utf-8 text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+    assert list(read_csv_checked(f, ["a"], encoding="cp1252")["b"]) == ["x", "Cardiomégalie"]
+
+
+def test_the_encoding_error_names_the_first_bad_byte_after_good_multibyte_text(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / "t.csv"
+    # Lines 1-3 are valid UTF-8 (é is 2 bytes there); 0x81 on line 4 is undefined in cp1252: only latin-1 reads it.
+    f.write_bytes("a\né\nx\n".encode() + b"y\x81\n")
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(f, ["a"])
+    assert str(e.value) == f"{f}: not utf-8 text (byte b'\\x81' on line 4); pass --encoding latin-1 (the file decodes as latin-1)"
+    # The user's own --encoding is never offered back: cp1252 fails on 0x81, latin-1 is what works.
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(f, ["a"], encoding="cp1252")
+    assert str(e.value) == (f"{f}: not cp1252 text (byte b'\\x81' on line 4); pass --encoding latin-1 "
+                            "(the file decodes as latin-1)")
+    g = tmp_path / "g.csv"
+    g.write_bytes(_CP1252_CSV)
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(g, ["a"], encoding="ascii")
+    assert str(e.value) == f"{g}: not ascii text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+
+
+@pytest.mark.parametrize("bad", ["p10000032", "", "10000032.5", "inf"])
+def test_a_non_integer_subject_id_names_the_file_column_and_value(tmp_path, bad):
+    from radalign.data.mimic import mimic_records
+
+    mimic, reports = _tiny_release(tmp_path)
+    meta = mimic / "mimic-cxr-2.0.0-metadata.csv.gz"
+    with gzip.open(meta, "rt", encoding="utf-8") as f:
+        text = f.read()
+    _write_gz(meta, text.replace("d3,11000011,", f"d3,{bad},"))
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, reports, views=["all"])
+    assert str(e.value) == (f"{meta}: column 'subject_id' holds {bad!r}; expected integer MIMIC ids. "
+                            "Is this the right file?")
+
+
+def test_a_float_spelled_integer_id_is_an_id(tmp_path):
+    from radalign.data.mimic import read_labels
+
+    mimic, _ = _tiny_release(tmp_path)
+    path = mimic / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    _write_gz(path, text.replace(",51000001,", ",51000001.0,"))  # as pandas writes an int column holding NaN
+    labels = read_labels(mimic)[0]
+    assert list(labels.index) == [50414267, 51000001] and labels.index.name == "study_id"
+    _write_gz(path, text.replace(",51000001,", ",s51000001,"))
+    with pytest.raises(RadalignError) as e:
+        read_labels(mimic)
+    assert str(e.value) == (f"{path}: column 'study_id' holds 's51000001'; expected integer MIMIC ids. "
+                            "Is this the right file?")
+
+
+def test_release_errors_name_what_is_missing_or_wrong(tmp_path):
+    from radalign.data.mimic import mimic_records
+
+    mimic, reports = _tiny_release(tmp_path)
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, tmp_path / "nope", views=["all"])
+    assert str(e.value) == (f"{tmp_path / 'nope'}: no files/ folder with p10/, p11/, ... inside. Expected the "
+                            "MIMIC-CXR reports (mimic-cxr-reports) folder as unpacked from PhysioNet.")
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    text = split.read_text()
+    split.write_text(text.replace(",train\n", ",bogus\n", 1).replace("Valid", "dev"))
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, reports, views=["all"])
+    assert str(e.value) == f"{split}: column 'split' has value(s) 'bogus', 'dev'; expected train, validate, test"
+    split.unlink()
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, reports, views=["all"])
+    assert str(e.value) == (f"{mimic / 'mimic-cxr-2.0.0-split.csv.gz'}: not found (nor mimic-cxr-2.0.0-split.csv). "
+                            "Expected the MIMIC-CXR-JPG split file there; --mimic-cxr must be the folder holding "
+                            "the CSVs and files/.")

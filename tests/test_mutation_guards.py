@@ -472,17 +472,19 @@ def test_the_encoding_error_names_the_first_bad_byte_after_good_multibyte_text(t
 
 
 @pytest.mark.parametrize("bad", ["p10000032", "", "10000032.5", "inf"])
-def test_a_non_integer_subject_id_names_the_file_column_and_value(tmp_path, bad):
+@pytest.mark.parametrize("column,cell", [("subject_id", "d3,11000011,"), ("study_id", ",51000001,")])
+def test_a_non_integer_id_in_the_metadata_names_the_file_column_and_value(tmp_path, bad, column, cell):
     from radalign.data.mimic import mimic_records
 
     mimic, reports = _tiny_release(tmp_path)
     meta = mimic / "mimic-cxr-2.0.0-metadata.csv.gz"
     with gzip.open(meta, "rt", encoding="utf-8") as f:
         text = f.read()
-    _write_gz(meta, text.replace("d3,11000011,", f"d3,{bad},"))
+    assert text.count(cell) == 1
+    _write_gz(meta, text.replace(cell, cell.replace(cell.strip(",").split(",")[-1], bad)))
     with pytest.raises(RadalignError) as e:
         mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == (f"{meta}: column 'subject_id' holds {bad!r}; expected integer MIMIC ids. "
+    assert str(e.value) == (f"{meta}: column {column!r} holds {bad!r}; expected integer MIMIC ids. "
                             "Is this the right file?")
 
 
@@ -523,3 +525,37 @@ def test_release_errors_name_what_is_missing_or_wrong(tmp_path):
     assert str(e.value) == (f"{mimic / 'mimic-cxr-2.0.0-split.csv.gz'}: not found (nor mimic-cxr-2.0.0-split.csv). "
                             "Expected the MIMIC-CXR-JPG split file there; --mimic-cxr must be the folder holding "
                             "the CSVs and files/.")
+
+
+def test_release_folder_errors_name_the_folder_expected(tmp_path):
+    from radalign.data.mimic import mimic_records
+
+    mimic, reports = _tiny_release(tmp_path)
+    with pytest.raises(RadalignError) as e:
+        mimic_records(tmp_path / "nope", reports, views=["all"])
+    assert str(e.value) == f"--mimic-cxr {tmp_path / 'nope'}: not a folder (expected the MIMIC-CXR-JPG root)"
+    (mimic / "files").rename(tmp_path / "elsewhere")
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, reports, views=["all"])
+    assert str(e.value) == (f"{mimic}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR-JPG "
+                            "folder as unpacked from PhysioNet.")
+    (tmp_path / "elsewhere").rename(mimic / "files")
+    (mimic / "mimic-cxr-2.0.0-metadata.csv.gz").unlink()
+    with pytest.raises(RadalignError) as e:
+        mimic_records(mimic, reports, views=["all"])
+    assert str(e.value) == (f"{mimic / 'mimic-cxr-2.0.0-metadata.csv.gz'}: not found (nor "
+                            "mimic-cxr-2.0.0-metadata.csv). Expected the MIMIC-CXR-JPG metadata file there; "
+                            "--mimic-cxr must be the folder holding the CSVs and files/.")
+
+
+def test_read_csv_checked_messages_without_what_or_hints(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(tmp_path / "nope.csv", ["a"])
+    assert str(e.value) == f"{tmp_path / 'nope.csv'}: not found"  # no "(expected the ...)" without `what`
+    f = tmp_path / "m.csv"
+    f.write_text("x,y\n1,2\n")
+    with pytest.raises(RadalignError) as e:
+        read_csv_checked(f, ["dicom_id", "split"])  # nothing close to either: no "did you mean"
+    assert str(e.value) == f"{f}: missing column(s) 'dicom_id', 'split'; expected dicom_id, split; found x, y"

@@ -6,9 +6,11 @@ the function under test. Grouped by the module whose mutants they kill.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import math
 from pathlib import Path
 
@@ -423,6 +425,15 @@ def test_the_next_header_is_looked_for_after_the_first_newline_only():
 
 _CP1252_CSV = "a,b\n1,x\n2,Cardiomégalie\n".encode("cp1252")  # é is the one byte 0xE9, on line 3
 _EXCEL_FIX = "pass --encoding cp1252 (the file decodes as cp1252, as Excel on Windows writes)"
+_ID_HINT = "expected integer MIMIC ids. Is this the right file?"
+_RELEASE_HINT = "--mimic-cxr must be the folder holding the CSVs and files/."
+
+
+def _error(fn, *args, **kwargs) -> str:
+    """The message of the RadalignError that `fn(*args, **kwargs)` raises."""
+    with pytest.raises(RadalignError) as e:
+        fn(*args, **kwargs)
+    return str(e.value)
 
 
 def _zip_one(data: bytes) -> bytes:
@@ -437,16 +448,14 @@ def _zip_one(data: bytes) -> bytes:
 
 @pytest.mark.parametrize("name,pack", [
     ("t.csv", lambda b: b), ("t.csv.gz", gzip.compress), ("t.CSV.GZ", gzip.compress),
-    ("t.csv.bz2", lambda b: __import__("bz2").compress(b)), ("t.csv.xz", lambda b: __import__("lzma").compress(b)),
-    ("t.csv.zip", _zip_one)])
+    ("t.csv.bz2", bz2.compress), ("t.csv.xz", lzma.compress), ("t.csv.zip", _zip_one)])
 def test_a_cp1252_csv_read_as_utf8_names_the_byte_its_line_and_the_fix(tmp_path, name, pack):
     from radalign.data.mimic import read_csv_checked
 
     f = tmp_path / name
     f.write_bytes(pack(_CP1252_CSV))  # pandas unpacks each of these by its suffix; the message must too
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(f, ["a"])
-    assert str(e.value) == f"{f}: not utf-8 text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+    want = f"{f}: not utf-8 text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+    assert _error(read_csv_checked, f, ["a"]) == want
     assert list(read_csv_checked(f, ["a"], encoding="cp1252")["b"]) == ["x", "Cardiomégalie"]
 
 
@@ -454,21 +463,17 @@ def test_the_encoding_error_names_the_first_bad_byte_after_good_multibyte_text(t
     from radalign.data.mimic import read_csv_checked
 
     f = tmp_path / "t.csv"
-    # Lines 1-3 are valid UTF-8 (é is 2 bytes there); 0x81 on line 4 is undefined in cp1252: only latin-1 reads it.
+    # Lines 1-3 are valid UTF-8 (é is 2 bytes there); 0x81 on line 4 is undefined in cp1252: only latin-1
+    # reads it.
     f.write_bytes("a\né\nx\n".encode() + b"y\x81\n")
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(f, ["a"])
-    assert str(e.value) == f"{f}: not utf-8 text (byte b'\\x81' on line 4); pass --encoding latin-1 (the file decodes as latin-1)"
+    latin1 = "(byte b'\\x81' on line 4); pass --encoding latin-1 (the file decodes as latin-1)"
+    assert _error(read_csv_checked, f, ["a"]) == f"{f}: not utf-8 text {latin1}"
     # The user's own --encoding is never offered back: cp1252 fails on 0x81, latin-1 is what works.
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(f, ["a"], encoding="cp1252")
-    assert str(e.value) == (f"{f}: not cp1252 text (byte b'\\x81' on line 4); pass --encoding latin-1 "
-                            "(the file decodes as latin-1)")
+    assert _error(read_csv_checked, f, ["a"], encoding="cp1252") == f"{f}: not cp1252 text {latin1}"
     g = tmp_path / "g.csv"
     g.write_bytes(_CP1252_CSV)
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(g, ["a"], encoding="ascii")
-    assert str(e.value) == f"{g}: not ascii text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+    assert (_error(read_csv_checked, g, ["a"], encoding="ascii")
+            == f"{g}: not ascii text (byte b'\\xe9' on line 3); {_EXCEL_FIX}")
 
 
 @pytest.mark.parametrize("bad", ["p10000032", "", "10000032.5", "inf"])
@@ -482,10 +487,8 @@ def test_a_non_integer_id_in_the_metadata_names_the_file_column_and_value(tmp_pa
         text = f.read()
     assert text.count(cell) == 1
     _write_gz(meta, text.replace(cell, cell.replace(cell.strip(",").split(",")[-1], bad)))
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == (f"{meta}: column {column!r} holds {bad!r}; expected integer MIMIC ids. "
-                            "Is this the right file?")
+    assert (_error(mimic_records, mimic, reports, views=["all"])
+            == f"{meta}: column {column!r} holds {bad!r}; {_ID_HINT}")
 
 
 def test_a_float_spelled_integer_id_is_an_id(tmp_path):
@@ -499,63 +502,44 @@ def test_a_float_spelled_integer_id_is_an_id(tmp_path):
     labels = read_labels(mimic)[0]
     assert list(labels.index) == [50414267, 51000001] and labels.index.name == "study_id"
     _write_gz(path, text.replace(",51000001,", ",s51000001,"))
-    with pytest.raises(RadalignError) as e:
-        read_labels(mimic)
-    assert str(e.value) == (f"{path}: column 'study_id' holds 's51000001'; expected integer MIMIC ids. "
-                            "Is this the right file?")
+    assert _error(read_labels, mimic) == f"{path}: column 'study_id' holds 's51000001'; {_ID_HINT}"
 
 
 def test_release_errors_name_what_is_missing_or_wrong(tmp_path):
     from radalign.data.mimic import mimic_records
 
     mimic, reports = _tiny_release(tmp_path)
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, tmp_path / "nope", views=["all"])
-    assert str(e.value) == (f"{tmp_path / 'nope'}: no files/ folder with p10/, p11/, ... inside. Expected the "
-                            "MIMIC-CXR reports (mimic-cxr-reports) folder as unpacked from PhysioNet.")
-    split = mimic / "mimic-cxr-2.0.0-split.csv"
-    text = split.read_text()
-    split.write_text(text.replace(",train\n", ",bogus\n", 1).replace("Valid", "dev"))
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == f"{split}: column 'split' has value(s) 'bogus', 'dev'; expected train, validate, test"
-    split.unlink()
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == (f"{mimic / 'mimic-cxr-2.0.0-split.csv.gz'}: not found (nor mimic-cxr-2.0.0-split.csv). "
-                            "Expected the MIMIC-CXR-JPG split file there; --mimic-cxr must be the folder holding "
-                            "the CSVs and files/.")
-
-
-def test_release_folder_errors_name_the_folder_expected(tmp_path):
-    from radalign.data.mimic import mimic_records
-
-    mimic, reports = _tiny_release(tmp_path)
-    with pytest.raises(RadalignError) as e:
-        mimic_records(tmp_path / "nope", reports, views=["all"])
-    assert str(e.value) == f"--mimic-cxr {tmp_path / 'nope'}: not a folder (expected the MIMIC-CXR-JPG root)"
+    nope = tmp_path / "nope"
+    assert (_error(mimic_records, nope, reports, views=["all"])
+            == f"--mimic-cxr {nope}: not a folder (expected the MIMIC-CXR-JPG root)")
+    assert _error(mimic_records, mimic, nope, views=["all"]) == (
+        f"{nope}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR reports "
+        "(mimic-cxr-reports) folder as unpacked from PhysioNet.")
     (mimic / "files").rename(tmp_path / "elsewhere")
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == (f"{mimic}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR-JPG "
-                            "folder as unpacked from PhysioNet.")
+    assert _error(mimic_records, mimic, reports, views=["all"]) == (
+        f"{mimic}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR-JPG folder as "
+        "unpacked from PhysioNet.")
     (tmp_path / "elsewhere").rename(mimic / "files")
-    (mimic / "mimic-cxr-2.0.0-metadata.csv.gz").unlink()
-    with pytest.raises(RadalignError) as e:
-        mimic_records(mimic, reports, views=["all"])
-    assert str(e.value) == (f"{mimic / 'mimic-cxr-2.0.0-metadata.csv.gz'}: not found (nor "
-                            "mimic-cxr-2.0.0-metadata.csv). Expected the MIMIC-CXR-JPG metadata file there; "
-                            "--mimic-cxr must be the folder holding the CSVs and files/.")
+
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    split.write_text(split.read_text().replace(",train\n", ",bogus\n", 1).replace("Valid", "dev"))
+    assert (_error(mimic_records, mimic, reports, views=["all"])
+            == f"{split}: column 'split' has value(s) 'bogus', 'dev'; expected train, validate, test")
+    for stem, what in (("split", "split"), ("metadata", "metadata")):
+        for f in mimic.glob(f"mimic-cxr-2.0.0-{stem}.csv*"):
+            f.unlink()
+        assert _error(mimic_records, mimic, reports, views=["all"]) == (
+            f"{mimic / f'mimic-cxr-2.0.0-{stem}.csv.gz'}: not found (nor mimic-cxr-2.0.0-{stem}.csv). "
+            f"Expected the MIMIC-CXR-JPG {what} file there; {_RELEASE_HINT}")
 
 
 def test_read_csv_checked_messages_without_what_or_hints(tmp_path):
     from radalign.data.mimic import read_csv_checked
 
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(tmp_path / "nope.csv", ["a"])
-    assert str(e.value) == f"{tmp_path / 'nope.csv'}: not found"  # no "(expected the ...)" without `what`
+    nope = tmp_path / "nope.csv"
+    assert _error(read_csv_checked, nope, ["a"]) == f"{nope}: not found"  # no "(expected the ...)": no `what`
     f = tmp_path / "m.csv"
     f.write_text("x,y\n1,2\n")
-    with pytest.raises(RadalignError) as e:
-        read_csv_checked(f, ["dicom_id", "split"])  # nothing close to either: no "did you mean"
-    assert str(e.value) == f"{f}: missing column(s) 'dicom_id', 'split'; expected dicom_id, split; found x, y"
+    # nothing close to either name: no "did you mean" and no empty "()"
+    assert (_error(read_csv_checked, f, ["dicom_id", "split"])
+            == f"{f}: missing column(s) 'dicom_id', 'split'; expected dicom_id, split; found x, y")

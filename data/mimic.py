@@ -79,7 +79,9 @@ def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str 
 
 
 def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> str:
-    """Where the bytes stop being `encoding`, and the first of cp1252 / latin-1 that reads the whole file."""
+    """Where the bytes stop being `encoding`, and the first of cp1252 / latin-1 that reads the whole file.
+
+    `e` (pandas' error) names the byte only when the bytes read again decode: the file changed in between."""
     raw = _decompressed(path)
     try:
         raw.decode(encoding)
@@ -87,13 +89,10 @@ def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> str:
     except UnicodeDecodeError as exact:
         line = raw[:exact.start].count(b"\n") + 1
         where = f"byte {raw[exact.start:exact.start + 1]!r} on line {line}"
-    works = next((enc for enc in ("cp1252", "latin-1") if enc != encoding and _decodes(raw, enc)), None)
-    if works is None:
-        fix = "pass --encoding NAME with the encoding it was written in"
-    else:
-        excel = ", as Excel on Windows writes" if works == "cp1252" else ""
-        fix = f"pass --encoding {works} (the file decodes as {works}{excel})"
-    return f"{path}: not {encoding} text ({where}); {fix}"
+    # latin-1 maps every byte to a character, so it always decodes (and is never the encoding that failed).
+    works = "cp1252" if encoding != "cp1252" and _decodes(raw, "cp1252") else "latin-1"
+    excel = ", as Excel on Windows writes" if works == "cp1252" else ""
+    return f"{path}: not {encoding} text ({where}); pass --encoding {works} (the file decodes as {works}{excel})"
 
 
 def _decompressed(path: Path) -> bytes:

@@ -63,6 +63,8 @@ DATETIMES = [
     (("21800506", "86000"), None),  # minute 60
     (("21800506", "80560"), None),  # second 60
     (("21800506", "1234567"), None),  # 7 digits
+    (("21800506", "1234059"), None),  # 7 digits that would split into a valid 12:34:059
+    (("21800506", "0123045.5"), None),
     (("21800506", "12.3.4"), None),
     (("21800506", "-5"), None),
     (("21800506", ".5"), None),  # no whole seconds
@@ -543,3 +545,58 @@ def test_read_csv_checked_messages_without_what_or_hints(tmp_path):
     # nothing close to either name: no "did you mean" and no empty "()"
     assert (_error(read_csv_checked, f, ["dicom_id", "split"])
             == f"{f}: missing column(s) 'dicom_id', 'split'; expected dicom_id, split; found x, y")
+
+
+def test_the_encoding_error_falls_back_to_pandas_byte_when_the_file_changed(tmp_path):
+    from radalign.data.mimic import _encoding_error
+
+    f = tmp_path / "t.csv"
+    f.write_text("a\n1\n")  # rewritten after pandas failed on it: it decodes now
+    e = UnicodeDecodeError("utf-8", b"a\n\xe9x\n", 2, 3, "invalid continuation byte")
+    assert _encoding_error(f, "utf-8", e) == f"{f}: not utf-8 text (byte b'\\xe9'); {_EXCEL_FIX}"
+
+
+def test_release_choices_and_caps(tmp_path):
+    from radalign.data.mimic import mimic_records, read_labels
+
+    mimic, reports = _tiny_release(tmp_path)
+    negbio = mimic / "mimic-cxr-2.0.0-negbio.csv.gz"
+    assert _error(read_labels, mimic, "negbio") == (
+        f"{negbio}: not found (nor mimic-cxr-2.0.0-negbio.csv). Expected the MIMIC-CXR-JPG negbio labels "
+        f"file there; {_RELEASE_HINT}")
+    cells = ",".join("1.0" if name == "Edema" else "" for name in LABELS14)
+    _write_gz(negbio, "subject_id,study_id," + ",".join(LABELS14) + f"\n10000032,50414267,{cells}\n")
+    frame, _, _ = mimic_records(mimic, reports, views=["all"], labels="negbio")
+    got = frame.set_index("key")
+    assert got.loc["d1", "Edema"] == 1.0 and math.isnan(got.loc["d1", "Cardiomegaly"])  # chexpert says -1 / 1
+
+    meta = mimic / "mimic-cxr-2.0.0-metadata.csv.gz"
+    with gzip.open(meta, "rt", encoding="utf-8") as f:
+        text = f.read()
+    _write_gz(meta, text.replace("d3,11000011,51000001,ap,", "d3,11000011,51000001,,"))
+    frame, _, _ = mimic_records(mimic, reports, views=["all"])
+    assert pd.isna(frame.set_index("key").loc["d3", "view"])  # a blank ViewPosition is null, not ""
+
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    rows = "".join(f"d{i},1,1,{name}\n" for i, name in enumerate(("f", "e", "d", "c", "b", "a"), 1))
+    split.write_text("dicom_id,study_id,subject_id,split\n" + rows)
+    assert _error(mimic_records, mimic, reports, views=["all"]) == (  # sorted, the first five only
+        f"{split}: column 'split' has value(s) 'a', 'b', 'c', 'd', 'e'; expected train, validate, test")
+
+
+def test_read_csv_checked_unreadable_files_and_several_hints(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / "t.csv.gz"
+    f.write_text("a,b\n1,2\n")  # not gzip
+    assert _error(read_csv_checked, f, ["a"]) == f"{f}: not a readable CSV (Not a gzipped file (b'a,'))"
+    g = tmp_path / "r.csv"
+    g.write_text("a,b\n1,2\n3,4,5\n")  # a ragged row
+    message = _error(read_csv_checked, g, ["a"])  # pandas' own words after the file's name
+    assert message.startswith(f"{g}: not a readable CSV (")
+    assert "Expected 2 fields in line 3, saw 3" in message
+    h = tmp_path / "h.csv"
+    h.write_text("dicomid,Split\n1,2\n")
+    assert _error(read_csv_checked, h, ["dicom_id", "split"]) == (
+        f"{h}: missing column(s) 'dicom_id', 'split' ('dicom_id' -> did you mean 'dicomid'?; "
+        "'split' -> did you mean 'Split'?); expected dicom_id, split; found dicomid, Split")

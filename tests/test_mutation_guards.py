@@ -554,6 +554,10 @@ def test_the_encoding_error_falls_back_to_pandas_byte_when_the_file_changed(tmp_
     f.write_text("a\n1\n")  # rewritten after pandas failed on it: it decodes now
     e = UnicodeDecodeError("utf-8", b"a\n\xe9x\n", 2, 3, "invalid continuation byte")
     assert _encoding_error(f, "utf-8", e) == f"{f}: not utf-8 text (byte b'\\xe9'); {_EXCEL_FIX}"
+    # the encoding that failed is never the advice, even though the changed file now decodes as cp1252
+    e = UnicodeDecodeError("cp1252", b"\x81", 0, 1, "character maps to <undefined>")
+    assert (_encoding_error(f, "cp1252", e)
+            == f"{f}: not cp1252 text (byte b'\\x81'); pass --encoding latin-1 (the file decodes as latin-1)")
 
 
 def test_release_choices_and_caps(tmp_path):

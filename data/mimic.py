@@ -79,25 +79,37 @@ def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str 
 
 
 def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> str:
-    """Where the bytes stop being `encoding`, and the first of cp1252 / latin-1 that reads the whole file."""
-    import gzip
+    """Where the bytes stop being `encoding`, and the first of cp1252 / latin-1 that reads the whole file.
 
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    `e` (pandas' error) names the byte only when the bytes read again decode: the file changed in between."""
+    raw = _decompressed(path)
     try:
         raw.decode(encoding)
         where = f"byte {e.object[e.start:e.start + 1]!r}"
     except UnicodeDecodeError as exact:
         line = raw[:exact.start].count(b"\n") + 1
         where = f"byte {raw[exact.start:exact.start + 1]!r} on line {line}"
-    works = next((enc for enc in ("cp1252", "latin-1") if enc != encoding and _decodes(raw, enc)), None)
-    if works is None:
-        fix = "pass --encoding NAME with the encoding it was written in"
-    else:
-        excel = ", as Excel on Windows writes" if works == "cp1252" else ""
-        fix = f"pass --encoding {works} (the file decodes as {works}{excel})"
-    return f"{path}: not {encoding} text ({where}); {fix}"
+    # latin-1 maps every byte to a character, so it always decodes (and is never the encoding that failed).
+    works = "cp1252" if encoding != "cp1252" and _decodes(raw, "cp1252") else "latin-1"
+    excel = ", as Excel on Windows writes" if works == "cp1252" else ""
+    return f"{path}: not {encoding} text ({where}); pass --encoding {works} (the file decodes as {works}{excel})"
+
+
+def _decompressed(path: Path) -> bytes:
+    """The bytes pandas decoded: unpacked as its `compression="infer"` does for .gz, .bz2, .xz and .zip (a
+    suffix in any case), so the byte and line named are the CSV's, not the archive's."""
+    import bz2
+    import gzip
+    import lzma
+    import zipfile
+
+    suffix = path.suffix.lower()
+    if suffix == ".zip":
+        with zipfile.ZipFile(path) as z:  # pandas reads a zip holding one file
+            return z.read(z.namelist()[0])
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)
+    with opener(path, "rb") as f:
+        return f.read()
 
 
 def _decodes(raw: bytes, encoding: str) -> bool:
@@ -223,8 +235,9 @@ def read_labels(mimic_dir: str | os.PathLike, which: str = "chexpert") -> tuple[
 
 def _int_ids(values: pd.Series, path: Path, column: str) -> pd.Index:
     ids = pd.to_numeric(values, errors="coerce")
-    if ids.isna().any():
-        bad = values[ids.isna()].iloc[0]
+    wrong = ids.isna() | (ids % 1 != 0)  # "50414267.5" is no id (astype would cut it to 50414267)
+    if wrong.any():
+        bad = values[wrong].iloc[0]
         raise RadalignError(f"{path}: column {column!r} holds {bad!r}; expected integer MIMIC ids. "
                             f"Is this the right file?")
     return pd.Index(ids.astype("int64"), name=column)

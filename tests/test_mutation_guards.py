@@ -6,9 +6,11 @@ the function under test. Grouped by the module whose mutants they kill.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
 import json
+import lzma
 import math
 from pathlib import Path
 
@@ -61,6 +63,8 @@ DATETIMES = [
     (("21800506", "86000"), None),  # minute 60
     (("21800506", "80560"), None),  # second 60
     (("21800506", "1234567"), None),  # 7 digits
+    (("21800506", "1234059"), None),  # 7 digits that would split into a valid 12:34:059
+    (("21800506", "0123045.5"), None),
     (("21800506", "12.3.4"), None),
     (("21800506", "-5"), None),
     (("21800506", ".5"), None),  # no whole seconds
@@ -388,3 +392,215 @@ def test_max_logit_scale_is_the_cap():
     assert capped(img, txt, torch.tensor(80.0, dtype=torch.float64)).item() == pytest.approx(at_30.item(), abs=1e-12)
     at_20 = ContrastiveLoss(false_negatives=False)(img, txt, torch.tensor(20.0, dtype=torch.float64))
     assert capped(img, txt, torch.tensor(20.0, dtype=torch.float64)).item() == pytest.approx(at_20.item(), abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data/sections.py
+
+
+def test_crlf_is_one_line_break_before_a_header_that_follows_a_header():
+    from radalign.data.sections import parse_report
+
+    # The reference's quirk, worked by hand: the FINDINGS header's `:\s` eats the newline, so the IMPRESSION
+    # header right below it has no leading newline left and becomes findings text. A "\r\n" must be one
+    # line break: turned into "\n\n" (or "\r" alone first), the second header would be found.
+    text = "                 FINAL REPORT\n EXAMINATION:  CHEST\n \n FINDINGS:\n IMPRESSION:  No effusion.\n"
+    want = {"findings": "IMPRESSION: No effusion.", "impression": None, "last_paragraph": None,
+            "indication": None}
+    for eol in ("\n", "\r\n", "\r"):
+        assert parse_report(text.replace("\n", eol)) == want, repr(eol)
+
+
+def test_the_next_header_is_looked_for_after_the_first_newline_only():
+    from radalign.data.sections import section_text
+
+    # "XX\nXX" later in the text must not move the search start past the IMPRESSION header.
+    text = "\n FINDINGS: lung XX\n IMPRESSION: clear XX\nXX end"
+    sections, names, starts = section_text(text)
+    assert names == ["preamble", "findings", "impression"]
+    assert sections == ["\n ", "lung XX", "clear XX\nXX end"]  # the preamble ends where the name starts
+    assert starts == [0, 12, 33]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# data/mimic.py: the encoding error, ids and the release's error messages.
+
+_CP1252_CSV = "a,b\n1,x\n2,Cardiomégalie\n".encode("cp1252")  # é is the one byte 0xE9, on line 3
+_EXCEL_FIX = "pass --encoding cp1252 (the file decodes as cp1252, as Excel on Windows writes)"
+_ID_HINT = "expected integer MIMIC ids. Is this the right file?"
+_RELEASE_HINT = "--mimic-cxr must be the folder holding the CSVs and files/."
+
+
+def _error(fn, *args, **kwargs) -> str:
+    """The message of the RadalignError that `fn(*args, **kwargs)` raises."""
+    with pytest.raises(RadalignError) as e:
+        fn(*args, **kwargs)
+    return str(e.value)
+
+
+def _zip_one(data: bytes) -> bytes:
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("t.csv", data)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("name,pack", [
+    ("t.csv", lambda b: b), ("t.csv.gz", gzip.compress), ("t.CSV.GZ", gzip.compress),
+    ("t.csv.bz2", bz2.compress), ("t.csv.xz", lzma.compress), ("t.csv.zip", _zip_one)])
+def test_a_cp1252_csv_read_as_utf8_names_the_byte_its_line_and_the_fix(tmp_path, name, pack):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / name
+    f.write_bytes(pack(_CP1252_CSV))  # pandas unpacks each of these by its suffix; the message must too
+    want = f"{f}: not utf-8 text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
+    assert _error(read_csv_checked, f, ["a"]) == want
+    assert list(read_csv_checked(f, ["a"], encoding="cp1252")["b"]) == ["x", "Cardiomégalie"]
+
+
+def test_the_encoding_error_names_the_first_bad_byte_after_good_multibyte_text(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / "t.csv"
+    # Lines 1-3 are valid UTF-8 (é is 2 bytes there); 0x81 on line 4 is undefined in cp1252: only latin-1
+    # reads it.
+    f.write_bytes("a\né\nx\n".encode() + b"y\x81\n")
+    latin1 = "(byte b'\\x81' on line 4); pass --encoding latin-1 (the file decodes as latin-1)"
+    assert _error(read_csv_checked, f, ["a"]) == f"{f}: not utf-8 text {latin1}"
+    # The user's own --encoding is never offered back: cp1252 fails on 0x81, latin-1 is what works.
+    assert _error(read_csv_checked, f, ["a"], encoding="cp1252") == f"{f}: not cp1252 text {latin1}"
+    g = tmp_path / "g.csv"
+    g.write_bytes(_CP1252_CSV)
+    assert (_error(read_csv_checked, g, ["a"], encoding="ascii")
+            == f"{g}: not ascii text (byte b'\\xe9' on line 3); {_EXCEL_FIX}")
+
+
+@pytest.mark.parametrize("bad", ["p10000032", "", "10000032.5", "inf"])
+@pytest.mark.parametrize("column,cell", [("subject_id", "d3,11000011,"), ("study_id", ",51000001,")])
+def test_a_non_integer_id_in_the_metadata_names_the_file_column_and_value(tmp_path, bad, column, cell):
+    from radalign.data.mimic import mimic_records
+
+    mimic, reports = _tiny_release(tmp_path)
+    meta = mimic / "mimic-cxr-2.0.0-metadata.csv.gz"
+    with gzip.open(meta, "rt", encoding="utf-8") as f:
+        text = f.read()
+    assert text.count(cell) == 1
+    _write_gz(meta, text.replace(cell, cell.replace(cell.strip(",").split(",")[-1], bad)))
+    assert (_error(mimic_records, mimic, reports, views=["all"])
+            == f"{meta}: column {column!r} holds {bad!r}; {_ID_HINT}")
+
+
+def test_a_float_spelled_integer_id_is_an_id(tmp_path):
+    from radalign.data.mimic import read_labels
+
+    mimic, _ = _tiny_release(tmp_path)
+    path = mimic / "mimic-cxr-2.0.0-chexpert.csv.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    _write_gz(path, text.replace(",51000001,", ",51000001.0,"))  # as pandas writes an int column holding NaN
+    labels = read_labels(mimic)[0]
+    assert list(labels.index) == [50414267, 51000001] and labels.index.name == "study_id"
+    _write_gz(path, text.replace(",51000001,", ",s51000001,"))
+    assert _error(read_labels, mimic) == f"{path}: column 'study_id' holds 's51000001'; {_ID_HINT}"
+
+
+def test_release_errors_name_what_is_missing_or_wrong(tmp_path):
+    from radalign.data.mimic import mimic_records
+
+    mimic, reports = _tiny_release(tmp_path)
+    nope = tmp_path / "nope"
+    assert (_error(mimic_records, nope, reports, views=["all"])
+            == f"--mimic-cxr {nope}: not a folder (expected the MIMIC-CXR-JPG root)")
+    assert _error(mimic_records, mimic, nope, views=["all"]) == (
+        f"{nope}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR reports "
+        "(mimic-cxr-reports) folder as unpacked from PhysioNet.")
+    (mimic / "files").rename(tmp_path / "elsewhere")
+    assert _error(mimic_records, mimic, reports, views=["all"]) == (
+        f"{mimic}: no files/ folder with p10/, p11/, ... inside. Expected the MIMIC-CXR-JPG folder as "
+        "unpacked from PhysioNet.")
+    (tmp_path / "elsewhere").rename(mimic / "files")
+
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    split.write_text(split.read_text().replace(",train\n", ",bogus\n", 1).replace("Valid", "dev"))
+    assert (_error(mimic_records, mimic, reports, views=["all"])
+            == f"{split}: column 'split' has value(s) 'bogus', 'dev'; expected train, validate, test")
+    for stem, what in (("split", "split"), ("metadata", "metadata")):
+        for f in mimic.glob(f"mimic-cxr-2.0.0-{stem}.csv*"):
+            f.unlink()
+        assert _error(mimic_records, mimic, reports, views=["all"]) == (
+            f"{mimic / f'mimic-cxr-2.0.0-{stem}.csv.gz'}: not found (nor mimic-cxr-2.0.0-{stem}.csv). "
+            f"Expected the MIMIC-CXR-JPG {what} file there; {_RELEASE_HINT}")
+
+
+def test_read_csv_checked_messages_without_what_or_hints(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    nope = tmp_path / "nope.csv"
+    assert _error(read_csv_checked, nope, ["a"]) == f"{nope}: not found"  # no "(expected the ...)": no `what`
+    f = tmp_path / "m.csv"
+    f.write_text("x,y\n1,2\n")
+    # nothing close to either name: no "did you mean" and no empty "()"
+    assert (_error(read_csv_checked, f, ["dicom_id", "split"])
+            == f"{f}: missing column(s) 'dicom_id', 'split'; expected dicom_id, split; found x, y")
+
+
+def test_the_encoding_error_falls_back_to_pandas_byte_when_the_file_changed(tmp_path):
+    from radalign.data.mimic import _encoding_error
+
+    f = tmp_path / "t.csv"
+    f.write_text("a\n1\n")  # rewritten after pandas failed on it: it decodes now
+    e = UnicodeDecodeError("utf-8", b"a\n\xe9x\n", 2, 3, "invalid continuation byte")
+    assert _encoding_error(f, "utf-8", e) == f"{f}: not utf-8 text (byte b'\\xe9'); {_EXCEL_FIX}"
+    # the encoding that failed is never the advice, even though the changed file now decodes as cp1252
+    e = UnicodeDecodeError("cp1252", b"\x81", 0, 1, "character maps to <undefined>")
+    assert (_encoding_error(f, "cp1252", e)
+            == f"{f}: not cp1252 text (byte b'\\x81'); pass --encoding latin-1 (the file decodes as latin-1)")
+
+
+def test_release_choices_and_caps(tmp_path):
+    from radalign.data.mimic import mimic_records, read_labels
+
+    mimic, reports = _tiny_release(tmp_path)
+    negbio = mimic / "mimic-cxr-2.0.0-negbio.csv.gz"
+    assert _error(read_labels, mimic, "negbio") == (
+        f"{negbio}: not found (nor mimic-cxr-2.0.0-negbio.csv). Expected the MIMIC-CXR-JPG negbio labels "
+        f"file there; {_RELEASE_HINT}")
+    cells = ",".join("1.0" if name == "Edema" else "" for name in LABELS14)
+    _write_gz(negbio, "subject_id,study_id," + ",".join(LABELS14) + f"\n10000032,50414267,{cells}\n")
+    frame, _, _ = mimic_records(mimic, reports, views=["all"], labels="negbio")
+    got = frame.set_index("key")
+    assert got.loc["d1", "Edema"] == 1.0 and math.isnan(got.loc["d1", "Cardiomegaly"])  # chexpert says -1 / 1
+
+    meta = mimic / "mimic-cxr-2.0.0-metadata.csv.gz"
+    with gzip.open(meta, "rt", encoding="utf-8") as f:
+        text = f.read()
+    _write_gz(meta, text.replace("d3,11000011,51000001,ap,", "d3,11000011,51000001,,"))
+    frame, _, _ = mimic_records(mimic, reports, views=["all"])
+    assert pd.isna(frame.set_index("key").loc["d3", "view"])  # a blank ViewPosition is null, not ""
+
+    split = mimic / "mimic-cxr-2.0.0-split.csv"
+    rows = "".join(f"d{i},1,1,{name}\n" for i, name in enumerate(("f", "e", "d", "c", "b", "a"), 1))
+    split.write_text("dicom_id,study_id,subject_id,split\n" + rows)
+    assert _error(mimic_records, mimic, reports, views=["all"]) == (  # sorted, the first five only
+        f"{split}: column 'split' has value(s) 'a', 'b', 'c', 'd', 'e'; expected train, validate, test")
+
+
+def test_read_csv_checked_unreadable_files_and_several_hints(tmp_path):
+    from radalign.data.mimic import read_csv_checked
+
+    f = tmp_path / "t.csv.gz"
+    f.write_text("a,b\n1,2\n")  # not gzip
+    assert _error(read_csv_checked, f, ["a"]) == f"{f}: not a readable CSV (Not a gzipped file (b'a,'))"
+    g = tmp_path / "r.csv"
+    g.write_text("a,b\n1,2\n3,4,5\n")  # a ragged row
+    message = _error(read_csv_checked, g, ["a"])  # pandas' own words after the file's name
+    assert message.startswith(f"{g}: not a readable CSV (")
+    assert "Expected 2 fields in line 3, saw 3" in message
+    h = tmp_path / "h.csv"
+    h.write_text("dicomid,Split\n1,2\n")
+    assert _error(read_csv_checked, h, ["dicom_id", "split"]) == (
+        f"{h}: missing column(s) 'dicom_id', 'split' ('dicom_id' -> did you mean 'dicomid'?; "
+        "'split' -> did you mean 'Split'?); expected dicom_id, split; found dicomid, Split")

@@ -51,14 +51,15 @@ def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
 
 
 def _chosen(table, n_folds, npc) -> int:
-    """The shipped rule's grid index (AnchoredLogistic: paired one-SE, corrected SE, from 8 patients per class)."""
+    """The plain rule's grid index (paired one-SE, corrected SE, from 8 patients per class; AnchoredLogistic's choice
+    before its nested check)."""
     from radalign.finetune.fewshot_heads import AnchoredLogistic, corrected_one_se_choice
 
     return 0 if npc < AnchoredLogistic.min_patients_cv or not len(table) else corrected_one_se_choice(table, n_folds)
 
 
 def _nested_check(r, se: bool) -> int:
-    """The shipped rule's choice, kept only when its nested gain over zero-shot is > 0 (or > its naive SE)."""
+    """The plain rule's choice, kept only when its nested gain over zero-shot is > 0 (or > its SE: the shipped head)."""
     c, d = _chosen(np.asarray(r["table"], np.float64), r["n_folds"], r["npc"]), np.asarray(r["nested"])
     if not c or len(d) < 2:
         return 0
@@ -101,12 +102,13 @@ def rules() -> dict:
         "paired one-SE, naive SE, from 8": from_npc(8, lambda r: _naive_paired_one_se(table(r), r["n_folds"])),
         "paired one-SE, corrected SE, from 2": from_npc(2, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
         "paired one-SE, corrected SE, from 4": from_npc(4, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
-        "**paired one-SE, corrected SE, from 8 (chosen)**":
+        "paired one-SE, corrected SE, from 8 (the plain rule)":
             from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
         "paired two-SE, corrected SE, from 8":
             from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"], 2.0)),
-        "chosen, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested_check(r, se=False),
-        "chosen, kept only on a nested-CV gain over zero-shot > 1 naive SE": lambda r: _nested_check(r, se=True),
+        "the plain rule, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested_check(r, se=False),
+        "**the plain rule, kept only on a nested-CV gain over zero-shot > 1 SE (chosen)**":
+            lambda r: _nested_check(r, se=True),
     }
 
 

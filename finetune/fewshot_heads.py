@@ -18,9 +18,12 @@ head itself (lam = inf, pull 1) through lam0 x 4^j (256 .. 1/64 with lam0 = 4) t
 the one-standard-error rule takes the strongest pull whose paired held-out AUROC deficit to the best is within
 one standard error, corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots
 come from the split the towers were pretrained on and small folds are noisy, so a weaker prior must show a clear
-gain. Below 8 patients per class no fold can show one, and the head is the zero-shot head (pull 1). The rule was
-chosen among the rules compared on the demo's validation split (docs/fewshot-head.md); its constants are the
-textbook ones (one SE; 8 patients per class kept from the rule before it).
+gain. Below 8 patients per class no fold can show one, and the head is the zero-shot head (pull 1). A weaker prior
+is then kept only if the rule itself, rerun inside each outer grouped fold (nested cross-validation), beats the
+zero-shot head on the held-out patients by more than one standard error: the best of the grid's noisy means is
+optimistic (Cawley & Talbot, JMLR 2010). The rule was chosen among the rules compared on the demo's validation
+split (docs/fewshot-head.md); its constants are the textbook ones (one SE; 8 patients per class kept from the rule
+before it).
 
 The candidates it was compared with (bench/fewshot_heads.py), each adapted to one binary label:
 - `AnchoredCV`: the same MAP head with lam in {inf, 4096 .. 1/64} picked by the one-standard-error rule alone.

@@ -8,7 +8,8 @@ written with its sha256.
 Methods: `anchored` (finetune.fewshot_heads.AnchoredLogistic, CLAP's zero-shot-initialised linear probe as a MAP
 fit with its prior at the zero-shot prompt classifier: below 8 patients per class it IS the zero-shot head; from
 there patient-grouped cross-validation inside the shots picks the prior's weight from a grid scaled by
-fewshot.lam0, the strongest pull within one corrected standard error of the best; seeded by the shots, so the
+fewshot.lam0, the strongest pull within one corrected standard error of the best, kept only if a nested
+cross-validation of that choice beats zero-shot by one standard error; seeded by the shots, so the
 rows every seed draws at k=all are fitted once and reused, counted as n_reused), `linear_probe`
 (L2 logistic regression on the same frozen image embedding) and any registry model fitted on the shots alone
 (finetune.registry.fewshot_method: `fusion`, `early_fusion`, `image_only`, `text_only`, `ehr_only` with fixed

@@ -106,3 +106,24 @@ def test_nested_check_is_zero_shot_exactly_below_the_cross_validation(k):
     probe = np.random.default_rng(0).normal(size=(5, D))
     np.testing.assert_array_equal(head.predict_logit(probe), init.logit(probe))
     assert head.pull_ == 1.0
+
+
+def test_the_pull_rules_benchs_chosen_rule_is_the_head():
+    """bench/fewshot_pull_rules.py scores rules from stored tables; its chosen row must be what the head does."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import fewshot_pull_rules as P
+
+    chosen = next(rule for name, rule in P.rules().items() if "(chosen)" in name)
+    plain = next(rule for name, rule in P.rules().items() if "(the plain rule)" in name)
+    init, seen = _init(), set()
+    for k, amp, seed in [(12, 2.0, s) for s in range(6)] + [(64, 9.0, 0), (4, 9.0, 0)]:
+        x, y, g = _shots(k, seed, np.r_[0.0, amp, 0.5 * amp, np.zeros(D - 3)] if k != 12 else np.r_[amp, np.zeros(D - 1)])
+        record = P.draw_tables(x, y, g, init, x, y.astype(int))
+        head = AnchoredLogistic().fit(x, y, g, init)
+        grid = head.grid()
+        assert grid[chosen(record)] == head.info_["lam"] and grid[plain(record)] == head.info_["cv_lam"]
+        seen.add((math.isinf(head.info_["cv_lam"]), math.isinf(head.info_["lam"])))
+    assert {(False, True), (False, False), (True, True)} <= seen  # undone, kept, never left: every branch ran

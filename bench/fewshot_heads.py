@@ -1,9 +1,9 @@
 """Few-shot heads (finetune/fewshot_heads.py) against zero-shot and the linear probe: learning curves on a demo
 run's cached image embeddings, read-only.
 
-    .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --out bench/out/fewshot_heads
-    .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --eval validate --heads anchored --lam0 1 4 16
-    .venv/bin/python bench/fewshot_heads.py --run /work/fsdata --heads anchored --blank negative
+    .venv/bin/python bench/fewshot_heads.py --run runs/demo --out bench/out/fewshot_heads
+    .venv/bin/python bench/fewshot_heads.py --run runs/demo --eval validate --heads anchored --lam0 1 4 16
+    .venv/bin/python bench/fewshot_heads.py --run runs/demo --heads anchored --blank negative
 
 For each finding: labels per the few-shot recipe's CheXpert policy (binary, uncertain excluded, blank per
 `--blank`: exclude = unlabelled, negative = as zero-shot evaluation counts it), k positives and k negatives drawn

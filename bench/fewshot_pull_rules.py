@@ -1,6 +1,6 @@
 """How the anchored few-shot head chooses its pull: candidate rules compared on the demo's VALIDATION split.
 
-    .venv/bin/python bench/fewshot_pull_rules.py --run /work/fsdata --out bench/out/pull_rules
+    .venv/bin/python bench/fewshot_pull_rules.py --run runs/demo --out bench/out/pull_rules --seeds 20
 
 Per finding, label policy (blank = exclude, negative), k and draw (finetune.fewshot's draws, --seeds, 5 by default): the head's
 own grouped cross-validation table inside the shots (the folds AnchoredLogistic uses, every prior weight of its

@@ -122,7 +122,8 @@ def make_copy(work: Path) -> None:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     files = _git("ls-files", "--cached", "--others", "--exclude-standard").splitlines()
-    keep = [f for f in files if f.split("/", 1)[0] in (*PACKAGES, "tests") or f in ("setup.cfg", "pyproject.toml")]
+    keep = [f for f in files if f.split("/", 1)[0] in (*PACKAGES, "tests", "bench")  # tests import bench scripts
+            or f in ("setup.cfg", "pyproject.toml")]
     for rel in keep:
         src = ROOT / rel
         if not src.is_file():
@@ -140,7 +141,7 @@ def installed_path(rel: str) -> str:
 def mutmut_config(module: str, tests: list[str]) -> str:
     """mutmut mutates the installed-shape copy of `module` (radalign/...), which is what the tests import."""
     lines = ["", "[tool.mutmut]", 'source_paths = ["radalign"]', f"only_mutate = [{json.dumps(installed_path(module))}]",
-             f"also_copy = {json.dumps([p for p in STAGE_FOLDERS])}",
+             f"also_copy = {json.dumps([*STAGE_FOLDERS, 'bench'])}",
              f"pytest_add_cli_args_test_selection = {json.dumps(tests)}",
              'pytest_add_cli_args = ["-x", "-q"]', "use_git_change_detection = false", ""]
     return "\n".join(lines)

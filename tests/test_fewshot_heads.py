@@ -417,7 +417,8 @@ def test_bad_inputs_are_refused_in_one_error():
     protos = init.prototypes.copy()
     protos[0, 2] = np.nan  # a NaN text embedding gave all-NaN weights, silently
     for name in HEADS:
-        with pytest.raises(RadalignError, match="prototypes hold a non-finite value"):
+        with pytest.raises(RadalignError, match=r"^few-shot head: init\.prototypes hold a non-finite value \(a NaN "
+                                                r"text embedding\?\); re-embed the prompts with the export$"):
             make_head(name).fit(x, y, g, ZeroShotInit(protos, init.logit_scale))
 
 
@@ -828,3 +829,11 @@ def test_an_export_of_another_width_is_named_with_both_widths_and_the_fix():
     with pytest.raises(RadalignError, match=r"^few-shot head: init\.prototypes are 4-d but x is 8-d; use the export "
                                             r"that embedded x$"):
         make_head("anchored").fit(x, y, g, ZeroShotInit(np.ones((2, 4)), 10.0))
+
+
+def test_unit_scales_every_nonzero_vector_to_norm_one():
+    from radalign.finetune.fewshot_heads import _unit
+
+    np.testing.assert_allclose(_unit(np.array([0.3, 0.4])), [0.6, 0.8])  # a norm below 1 is scaled up too
+    np.testing.assert_allclose(_unit(np.array([3.0, 4.0])), [0.6, 0.8])
+    np.testing.assert_array_equal(_unit(np.zeros(3)), np.zeros(3))

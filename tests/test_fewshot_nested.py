@@ -127,3 +127,15 @@ def test_the_pull_rules_benchs_chosen_rule_is_the_head():
         assert grid[chosen(record)] == head.info_["lam"] and grid[plain(record)] == head.info_["cv_lam"]
         seen.add((math.isinf(head.info_["cv_lam"]), math.isinf(head.info_["lam"])))
     assert {(False, True), (False, False), (True, True)} <= seen  # undone, kept, never left: every branch ran
+
+
+@pytest.mark.parametrize("gains, kept", [([0.2, 0.3], True), ([0.2], False), ([0.3, -0.2], False)])
+def test_the_check_keeps_the_prior_on_a_mean_gain_above_its_se_from_two_outer_folds(monkeypatch, gains, kept):
+    """Two usable outer folds are enough (mean 0.25 > SE 0.035); one is not; a mean under its SE is not."""
+    x, y, g = _shots(64, 0, np.r_[0.0, 9.0, 6.0, np.zeros(D - 3)])
+    plain = AnchoredLogistic(nested=False).fit(x, y, g, _init())
+    assert not math.isinf(plain.info_["lam"])
+    monkeypatch.setattr(AnchoredLogistic, "nested_gains", lambda self, *a: np.asarray(gains))
+    head = AnchoredLogistic().fit(x, y, g, _init())
+    assert head.info_["lam"] == (plain.info_["lam"] if kept else math.inf)
+    assert head.info_["nested_gain"]["folds"] == len(gains)

@@ -2,15 +2,15 @@
 
     .venv/bin/python bench/fewshot_pull_rules.py --run runs/demo --out bench/out/pull_rules --seeds 20
 
-Per finding, label policy (blank = exclude, negative), k and draw (finetune.fewshot's draws, --seeds, 5 by default): the head's
-own grouped cross-validation table inside the shots (the folds AnchoredLogistic uses, every prior weight of its
-grid: inf = the zero-shot head, 256 .. 1/64), the validation AUROC of the full-shot fit at every grid point, and
-the linear probe's, and for the draws where the plain rule leaves the prior, its nested cross-validation gains over
-zero-shot (AnchoredLogistic.nested_gains; two rules keep its choice only on a positive mean gain, or one above its
-standard error: the latter is AnchoredLogistic(nested=True)). Each rule maps the table (and the shots' size) to one
-grid point; a rule misses a cell (finding, policy, k) when its mean validation AUROC over draws is below
-max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's validation split has too few labelled studies to judge (docs/fewshot-head.md): counted
-apart, not judged.
+Per finding, label policy (blank = exclude, negative), k and draw (finetune.fewshot's draws; --seeds, 5 by
+default): the head's own grouped cross-validation table inside the shots (the folds AnchoredLogistic uses, every
+prior weight of its grid: inf = the zero-shot head, 256 .. 1/64), the validation AUROC of the full-shot fit at
+every grid point, the linear probe's, and, for the draws where the plain rule leaves the prior, its nested
+cross-validation gains over zero-shot (AnchoredLogistic.nested_gains; two rules keep its choice only on a positive
+mean gain, or on one above its standard error: the latter is AnchoredLogistic as shipped). Each rule maps the
+table (and the shots' size) to one grid point; a rule misses a cell (finding, policy, k) when its mean validation
+AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's validation split has
+too few labelled studies to judge (docs/fewshot-head.md): counted apart, not judged.
 Writes OUT/pull_rules.json; prints the table of docs/fewshot-head.md. Never gates CI.
 """
 
@@ -44,23 +44,25 @@ def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
     table, n_folds = head.cv_table(x, y, groups, w0)  # the head's own folds and table, from 2 patients per class
     full = [auroc(y_eval, x_eval @ t[:-1] + t[-1]) for t in anchored_path(x, y, w0, grid)]
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y.astype(int)).decision_function(x_eval)
-    chosen = _chosen(table, n_folds, patients_per_class(y, groups))
-    return {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
-            "full": full, "probe": auroc(y_eval, probe),
-            "nested": head.nested_gains(x, y, groups, w0).tolist() if chosen else []}
+    r = {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
+         "full": full, "probe": auroc(y_eval, probe)}
+    r["nested"] = head.nested_gains(x, y, groups, w0).tolist() if _plain(r) else []
+    return r
 
 
-def _chosen(table, n_folds, npc) -> int:
-    """The plain rule's grid index (paired one-SE, corrected SE, from 8 patients per class; AnchoredLogistic's choice
-    before its nested check)."""
+def _plain(r) -> int:
+    """The plain rule's grid index (paired one-SE, corrected SE, from 8 patients per class: AnchoredLogistic's
+    choice before its nested check)."""
     from radalign.finetune.fewshot_heads import AnchoredLogistic, corrected_one_se_choice
 
-    return 0 if npc < AnchoredLogistic.min_patients_cv or not len(table) else corrected_one_se_choice(table, n_folds)
+    if r["npc"] < AnchoredLogistic.min_patients_cv or not len(r["table"]):
+        return 0
+    return corrected_one_se_choice(np.asarray(r["table"], np.float64), r["n_folds"])
 
 
 def _nested_check(r, se: bool) -> int:
     """The plain rule's choice, kept only when its nested gain over zero-shot is > 0 (or > its SE: the shipped head)."""
-    c, d = _chosen(np.asarray(r["table"], np.float64), r["n_folds"], r["npc"]), np.asarray(r["nested"])
+    c, d = _plain(r), np.asarray(r["nested"])
     if not c or len(d) < 2:
         return 0
     return c if d.mean() > (d.std(ddof=1) / math.sqrt(len(d)) if se else 0.0) else 0
@@ -102,8 +104,7 @@ def rules() -> dict:
         "paired one-SE, naive SE, from 8": from_npc(8, lambda r: _naive_paired_one_se(table(r), r["n_folds"])),
         "paired one-SE, corrected SE, from 2": from_npc(2, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
         "paired one-SE, corrected SE, from 4": from_npc(4, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
-        "paired one-SE, corrected SE, from 8 (the plain rule)":
-            from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"])),
+        "paired one-SE, corrected SE, from 8 (the plain rule)": _plain,
         "paired two-SE, corrected SE, from 8":
             from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"], 2.0)),
         "the plain rule, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested_check(r, se=False),

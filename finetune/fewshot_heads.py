@@ -558,9 +558,10 @@ class ClapHead(FewshotHead):
 
 @dataclass
 class LPPlusPlus(FewshotHead):
-    """LP++: logits_c = x w_c + b_c + a_c (x t_c); w starts at the class sums of the shots, a at 250 times
-    the mean class-centroid text logit (the authors' 250/k x mean(centroid x k): k cancels); `steps` full-batch steps of size 4n / lambda_max(X'X) for (w, b)
-    (momentum 0.9) and n / (4 max_c sum_i (x_i t_c)^2) for a (every 10 steps), as the authors' code."""
+    """LP++: logits_c = x w_c + b_c + a_c (x t_c); w starts at the class sums of the shots, a at 250 times the
+    mean class-centroid text logit (the authors' 250/k x mean(centroid x k): k cancels); `steps` full-batch steps
+    of size 4n / lambda_max(X'X) for (w, b) (momentum 0.9) and n / (4 max_c sum_i (x_i t_c)^2) for a (every 10
+    steps), as the authors' code."""
 
     name = "lppp"
     steps: int = 300

@@ -124,7 +124,7 @@ class EmbeddingCache:
 def check_patch_tower(visual) -> None:
     """Refuse an image tower without patch tokens to give (data.image_patch_tokens): not an open_clip ViT, or one
     whose attention pooling replaces them. Frozen (encode_patch_tokens) and tuned (finetune.tower) alike."""
-    if not hasattr(visual, "output_tokens") or getattr(visual, "attn_pool", None) is not None:
+    if not hasattr(visual, "forward_intermediates") or getattr(visual, "attn_pool", None) is not None:
         raise RadalignError(f"data.image_patch_tokens: the export's image tower ({type(visual).__name__}) is not an "
                             "open_clip VisionTransformer without attention pooling, so it has no patch tokens to "
                             "give; use data.image_patch_tokens=false")

@@ -481,9 +481,10 @@ def test_image_tokens_refuse_a_batch_missing_either_film_entry(nano_visual, drop
 
 
 class _NotAViT(torch.nn.Module):
-    """Passes check_patch_tower (it has output_tokens, no attention pooling) but lacks a ViT's geometry."""
+    """Passes check_patch_tower (it has forward_intermediates, no attention pooling) but lacks a ViT's geometry."""
 
-    output_tokens = False
+    def forward_intermediates(self, x, **kw):
+        raise AssertionError("never reached: the geometry check refuses first")
 
     def __init__(self, grid: bool):
         super().__init__()

@@ -407,3 +407,16 @@ def test_the_frozen_runs_head_behind_an_untrained_lora_tower_scores_as_the_froze
     np.testing.assert_array_equal(tuned.present["image"], frozen.present["image"])
     np.testing.assert_allclose(logits_on(head, tuned, mods), logits_on(head, frozen, mods), atol=1e-4)
     np.testing.assert_allclose(logits_on(model, films, mods), logits_on(head, frozen, mods), atol=1e-4)
+
+
+def test_a_tower_without_patch_tokens_is_refused_with_the_fix():
+    """Not an open_clip ViT (no forward_intermediates), or one pooling by attention: one error naming the fix."""
+    from radalign.finetune.inputs import check_patch_tower
+
+    from radalign import RadalignError
+
+    attn = torch.nn.Module()
+    attn.forward_intermediates, attn.attn_pool = (lambda x, **kw: None), torch.nn.Identity()
+    for visual in (torch.nn.Linear(2, 2), attn):
+        with pytest.raises(RadalignError, match=r"has no patch tokens to give; use data.image_patch_tokens=false"):
+            check_patch_tower(visual)

@@ -6,11 +6,12 @@ Per finding, label policy (blank = exclude, negative), k and draw (finetune.fews
 default): the head's own grouped cross-validation table inside the shots (the folds AnchoredLogistic uses, every
 prior weight of its grid: inf = the zero-shot head, 256 .. 1/64), the validation AUROC of the full-shot fit at
 every grid point, the linear probe's, and, for the draws where the plain rule leaves the prior, its nested
-cross-validation gains over zero-shot (AnchoredLogistic.nested_gains; two rules keep its choice only on a positive
-mean gain, or on one above its standard error: the latter is AnchoredLogistic as shipped). Each rule maps the
+cross-validation gains over zero-shot (AnchoredLogistic.nested_gains, over one outer split and over three: rules
+keep its choice only on a positive mean gain, or on one above its standard error; three splits and a positive
+mean is AnchoredLogistic as shipped). Each rule maps the
 table (and the shots' size) to one grid point; a rule misses a cell (finding, policy, k) when its mean validation
-AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's validation split has
-too few labelled studies to judge (docs/fewshot-head.md): counted apart, not judged.
+AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's and Fracture's
+validation splits have too few positives to judge (docs/fewshot-head.md): counted apart, not judged.
 Writes OUT/pull_rules.json; prints the table of docs/fewshot-head.md. Never gates CI.
 """
 
@@ -21,6 +22,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fewshot_heads as B  # noqa: E402
 
 TOLERANCE = 0.005
-UNJUDGED = ("Lung Lesion",)  # too few labelled validation studies to rank rules by
+UNJUDGED = ("Lung Lesion", "Fracture")  # too few labelled validation studies to rank rules by
+FINDINGS = (*B.FINDINGS, "Atelectasis", "Consolidation", "Fracture")
 
 
 def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
@@ -46,7 +49,10 @@ def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y.astype(int)).decision_function(x_eval)
     r = {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
          "full": full, "probe": auroc(y_eval, probe)}
-    r["nested"] = head.nested_gains(x, y, groups, w0).tolist() if _plain(r) else []
+    leaves = _plain(r)
+    r["nested"] = replace(head, nested_repeats=1).nested_gains(x, y, groups, w0).tolist() if leaves else []
+    r["nested3"] = replace(head, nested_repeats=3).nested_gains(x, y, groups, w0).tolist() if leaves else []
+    r["outer_k"] = min(head.max_folds, r["npc"])  # outer folds per split
     return r
 
 
@@ -61,11 +67,22 @@ def _plain(r) -> int:
 
 
 def _nested_check(r, se: bool) -> int:
-    """The plain rule's choice, kept only when its nested gain over zero-shot is > 0 (or > its SE: the shipped head)."""
+    """The plain rule's choice, kept only when its nested gain over one outer split is > 0 (or > its SE: the head
+    until 2026-12-06)."""
     c, d = _plain(r), np.asarray(r["nested"])
     if not c or len(d) < 2:
         return 0
     return c if d.mean() > (d.std(ddof=1) / math.sqrt(len(d)) if se else 0.0) else 0
+
+
+def _nested3(r, corrected: bool) -> int:
+    """The plain rule's choice, kept only when its nested gain over 3 outer splits is > 0 (the shipped head) or >
+    its corrected SE, sd sqrt(1/J + 1/(K - 1)) as in step 3."""
+    c, d = _plain(r), np.asarray(r.get("nested3", []))
+    if not c or len(d) < 2:
+        return 0
+    margin = d.std(ddof=1) * math.sqrt(1 / len(d) + 1 / (r["outer_k"] - 1)) if corrected else 0.0
+    return c if d.mean() > margin else 0
 
 
 def _naive_gain(a, se_mult):
@@ -108,8 +125,12 @@ def rules() -> dict:
         "paired two-SE, corrected SE, from 8":
             from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"], 2.0)),
         "the plain rule, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested_check(r, se=False),
-        "**the plain rule, kept only on a nested-CV gain over zero-shot > 1 SE (chosen)**":
+        "the plain rule, kept only on a nested-CV gain over zero-shot > 1 SE (chosen until 2026-12-06)":
             lambda r: _nested_check(r, se=True),
+        "**the plain rule, kept only on a nested gain > 0 over 3 outer splits (chosen)**":
+            lambda r: _nested3(r, corrected=False),
+        "the plain rule, kept only on a nested gain > 1 corrected SE over 3 outer splits":
+            lambda r: _nested3(r, corrected=True),
     }
 
 
@@ -147,7 +168,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", type=Path, default=Path("runs/demo"), help="the demo folder (read-only)")
     p.add_argument("--out", type=Path, default=Path("bench/out/pull_rules"))
-    p.add_argument("--findings", nargs="+", default=list(B.FINDINGS))
+    p.add_argument("--findings", nargs="+", default=list(FINDINGS))
     p.add_argument("--seeds", type=int, default=5)
     a = p.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -182,7 +203,7 @@ def main(argv=None) -> dict:
            "date": time.strftime("%Y-%m-%d", time.gmtime()), "rules": result, "draws": records}
     atomic_write_json(a.out / "pull_rules.json", doc)
     print("| rule | judged cells missed | worst | sum of shortfalls | mean gap over judged cells | "
-          "Lung Lesion cells missed |")
+          "unjudged cells missed (Lung Lesion, Fracture) |")
     print("|---|---|---|---|---|---|")
     for r in result:
         m = list(r["misses"].values())

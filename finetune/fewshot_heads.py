@@ -19,11 +19,11 @@ the one-standard-error rule takes the strongest pull whose paired held-out AUROC
 one standard error, corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots
 come from the split the towers were pretrained on and small folds are noisy, so a weaker prior must show a clear
 gain. Below 8 patients per class no fold can show one, and the head is the zero-shot head (pull 1). A weaker prior
-is then kept only if the rule itself, rerun inside each outer grouped fold (nested cross-validation), beats the
-zero-shot head on the held-out patients by more than one standard error: the best of the grid's noisy means is
+is then kept only if the rule itself, rerun inside each outer grouped fold (nested cross-validation, three outer
+splits), beats the zero-shot head on the held-out patients on average: the best of the grid's noisy means is
 optimistic (Cawley & Talbot, JMLR 2010). The rule was chosen among the rules compared on the demo's validation
 split (docs/fewshot-head.md); its constants are the textbook ones (one SE; 8 patients per class kept from the rule
-before it).
+before it; three splits as step 2's repeats).
 
 The candidates it was compared with (bench/fewshot_heads.py), each adapted to one binary label:
 - `AnchoredCV`: the same MAP head with lam in {inf, 4096 .. 1/64} picked by the one-standard-error rule alone.
@@ -375,8 +375,12 @@ class AnchoredLogistic(FewshotHead):
     nested: bool = True
     """Keep a weaker prior than zero-shot only when the rule itself, run again inside each outer grouped fold of
     the shots (nested cross-validation: its own inner folds and choice, refitted there), beats the zero-shot head on
-    the held-out patients by more than one standard error (`nested_gains`). The inner table's best of its grid's
-    noisy means is optimistic (Varma & Simon 2006; Cawley & Talbot, JMLR 2010); about 5x the fits where it runs."""
+    the held-out patients (`nested_gains`). The inner table's best of its grid's noisy means is optimistic
+    (Varma & Simon 2006; Cawley & Talbot, JMLR 2010); about 5 x nested_repeats x the fits where it runs."""
+    nested_repeats: int = 3
+    """Independent outer grouped splits of the nested check (seeds shots_seed + 7, + 1007, ...), pooled."""
+    nested_se_mult: float = 0.0
+    """The nested gains' mean must exceed nested_se_mult naive standard errors (0: a positive mean)."""
 
     def grid(self) -> list[float]:
         """Prior weights from the strongest pull: inf (the zero-shot head), then the finite ones, decreasing."""
@@ -408,11 +412,13 @@ class AnchoredLogistic(FewshotHead):
     def nested_gains(self, x, y, groups, w0) -> np.ndarray:
         """[outer folds] held-out AUROC of the rule run and refitted on each outer fold's training part alone,
         minus the zero-shot head's (0 where the rule keeps zero-shot there); folds holding one class left out.
-        Outer folds: one grouped split seeded by the shots (shots_seed + 7, apart from the inner ones)."""
+        Outer folds: `nested_repeats` grouped splits seeded by the shots (shots_seed + 7, apart from the inner ones)."""
         from radalign.metrics import auroc
 
+        if not (isinstance(self.nested_repeats, int) and self.nested_repeats >= 1):
+            raise RadalignError(f"anchored head: nested_repeats {self.nested_repeats!r}; use an integer >= 1")
         out, inner = [], replace(self, nested=False, info_={}, folds_=[])  # this head keeps its own folds_
-        for tr, te in grouped_folds(y, groups, shots_seed(y, groups) + 7, self.max_folds):
+        for tr, te in repeated_folds(y, groups, shots_seed(y, groups) + 7, self.nested_repeats, self.max_folds):
             if len(np.unique(y[te])) < 2:
                 continue
             lam, _ = inner.choose(x[tr], y[tr], groups[tr], w0)
@@ -434,7 +440,7 @@ class AnchoredLogistic(FewshotHead):
             d = self.nested_gains(x, y, groups, w0)
             se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.inf
             self.info_["nested_gain"] = {"mean": float(d.mean()) if len(d) else None, "se": se, "folds": len(d)}
-            if not (len(d) > 1 and d.mean() > se):
+            if not (len(d) > 1 and d.mean() > self.nested_se_mult * se):
                 lam = INF  # the rule's gain over zero-shot does not survive its own selection
         if not math.isinf(lam):
             theta = fit_anchored(x, y, w0, lam)

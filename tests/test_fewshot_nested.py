@@ -42,23 +42,25 @@ def _seed_by_hand(y, groups):
     return int.from_bytes(h.digest()[:4], "little")
 
 
-def test_nested_gains_are_the_rule_rerun_on_each_outer_training_part():
-    """Outer folds: one StratifiedGroupKFold(5, shuffle) seeded shots seed + 7; per fold the rule's own choice
-    on the training part, refitted there, minus zero-shot, in sklearn's held-out AUROC."""
+@pytest.mark.parametrize("repeats", [1, 2])
+def test_nested_gains_are_the_rule_rerun_on_each_outer_training_part(repeats):
+    """Outer folds: `nested_repeats` StratifiedGroupKFold(5, shuffle) splits seeded shots seed + 7, + 1007, ...;
+    per fold the rule's own choice on the training part, refitted there, minus zero-shot, in sklearn's AUROC."""
     x, y, g = _shots(24, 1, np.r_[2.0, 8.0, np.zeros(D - 2)])
-    head, w0 = AnchoredLogistic(nested=False), _init().head()[0]
+    head, w0 = AnchoredLogistic(nested=False, nested_repeats=repeats), _init().head()[0]
     want = []
-    cv = StratifiedGroupKFold(5, shuffle=True, random_state=_seed_by_hand(y, g) + 7)
-    for tr, te in cv.split(x, y.astype(int), g):
-        lam, _ = head.choose(x[tr], y[tr], g[tr], w0)
-        zero = roc_auc_score(y[te], x[te] @ w0)
-        if math.isinf(lam):
-            want.append(0.0)
-            continue
-        t = fit_anchored(x[tr], y[tr], w0, lam)
-        want.append(roc_auc_score(y[te], x[te] @ t[:-1] + t[-1]) - zero)
+    for r in range(repeats):
+        cv = StratifiedGroupKFold(5, shuffle=True, random_state=_seed_by_hand(y, g) + 7 + 1000 * r)
+        for tr, te in cv.split(x, y.astype(int), g):
+            lam, _ = head.choose(x[tr], y[tr], g[tr], w0)
+            zero = roc_auc_score(y[te], x[te] @ w0)
+            if math.isinf(lam):
+                want.append(0.0)
+                continue
+            t = fit_anchored(x[tr], y[tr], w0, lam)
+            want.append(roc_auc_score(y[te], x[te] @ t[:-1] + t[-1]) - zero)
     got = head.nested_gains(x, y, g, w0)
-    assert len(got) == 5 and any(v != 0 for v in want)
+    assert len(got) == 5 * repeats and any(v != 0 for v in want)
     np.testing.assert_allclose(got, want, atol=1e-12)
 
 
@@ -90,7 +92,7 @@ def test_with_a_real_gain_the_nested_check_keeps_the_weaker_prior():
         assert not math.isinf(plain.info_["lam"])
         assert nested.info_["lam"] == plain.info_["lam"]
         info = nested.info_["nested_gain"]
-        assert info["folds"] == 5 and info["mean"] > info["se"] > 0
+        assert info["folds"] == 15 and info["mean"] > info["se"] > 0
         np.testing.assert_array_equal(nested.predict_logit(x), plain.predict_logit(x))
 
 
@@ -119,7 +121,7 @@ def test_the_pull_rules_benchs_chosen_rule_is_the_head():
     chosen = next(rule for name, rule in P.rules().items() if "(chosen)" in name)
     plain = next(rule for name, rule in P.rules().items() if "(the plain rule)" in name)
     init, seen = _init(), set()
-    for k, amp, seed in [(12, 2.0, s) for s in range(6)] + [(64, 9.0, 0), (4, 9.0, 0)]:
+    for k, amp, seed in [(12, 2.0, s) for s in range(12)] + [(64, 9.0, 0), (4, 9.0, 0)]:
         x, y, g = _shots(k, seed, np.r_[0.0, amp, 0.5 * amp, np.zeros(D - 3)] if k != 12 else np.r_[amp, np.zeros(D - 1)])
         record = P.draw_tables(x, y, g, init, x, y.astype(int))
         head = AnchoredLogistic().fit(x, y, g, init)
@@ -129,13 +131,25 @@ def test_the_pull_rules_benchs_chosen_rule_is_the_head():
     assert {(False, True), (False, False), (True, True)} <= seen  # undone, kept, never left: every branch ran
 
 
-@pytest.mark.parametrize("gains, kept", [([0.2, 0.3], True), ([0.2], False), ([0.3, -0.2], False)])
-def test_the_check_keeps_the_prior_on_a_mean_gain_above_its_se_from_two_outer_folds(monkeypatch, gains, kept):
-    """Two usable outer folds are enough (mean 0.25 > SE 0.035); one is not; a mean under its SE is not."""
+@pytest.mark.parametrize("gains, kept, se_mult", [([0.2, 0.3], True, 0.0), ([0.2], False, 0.0),
+                                                  ([0.3, -0.2], True, 0.0), ([0.3, -0.4], False, 0.0),
+                                                  ([0.0, 0.0], False, 0.0), ([0.3, -0.2], False, 1.0)])
+def test_the_check_keeps_the_prior_on_a_positive_mean_gain_from_two_outer_folds(monkeypatch, gains, kept, se_mult):
+    """Two usable outer folds are enough; one is not; the mean must be > 0 (> nested_se_mult naive SEs: 0.05 is
+    under its SE 0.25)."""
     x, y, g = _shots(64, 0, np.r_[0.0, 9.0, 6.0, np.zeros(D - 3)])
     plain = AnchoredLogistic(nested=False).fit(x, y, g, _init())
     assert not math.isinf(plain.info_["lam"])
     monkeypatch.setattr(AnchoredLogistic, "nested_gains", lambda self, *a: np.asarray(gains))
-    head = AnchoredLogistic().fit(x, y, g, _init())
+    head = AnchoredLogistic(nested_se_mult=se_mult).fit(x, y, g, _init())
     assert head.info_["lam"] == (plain.info_["lam"] if kept else math.inf)
     assert head.info_["nested_gain"]["folds"] == len(gains)
+
+
+@pytest.mark.parametrize("repeats", [0, 1.5])
+def test_nested_repeats_below_one_is_refused_naming_the_value(repeats):
+    from radalign import RadalignError
+
+    x, y, g = _shots(12, 0, np.r_[2.0, np.zeros(D - 1)])
+    with pytest.raises(RadalignError, match=rf"nested_repeats {repeats!r}; use an integer >= 1"):
+        AnchoredLogistic(nested_repeats=repeats).nested_gains(x, y, g, _init().head()[0])

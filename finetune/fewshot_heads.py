@@ -417,6 +417,9 @@ class AnchoredLogistic(FewshotHead):
 
         if not (isinstance(self.nested_repeats, int) and self.nested_repeats >= 1):
             raise RadalignError(f"anchored head: nested_repeats {self.nested_repeats!r}; use an integer >= 1")
+        if not (isinstance(self.nested_se_mult, (int, float)) and 0 <= self.nested_se_mult < INF):
+            raise RadalignError(f"anchored head: nested_se_mult {self.nested_se_mult!r}; use a finite number >= 0 "
+                                "(0: keep the weaker prior on a positive mean gain)")
         out, inner = [], replace(self, nested=False, info_={}, folds_=[])  # this head keeps its own folds_
         for tr, te in repeated_folds(y, groups, shots_seed(y, groups) + 7, self.nested_repeats, self.max_folds):
             if len(np.unique(y[te])) < 2:

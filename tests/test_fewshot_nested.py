@@ -153,3 +153,12 @@ def test_nested_repeats_below_one_is_refused_naming_the_value(repeats):
     x, y, g = _shots(12, 0, np.r_[2.0, np.zeros(D - 1)])
     with pytest.raises(RadalignError, match=rf"nested_repeats {repeats!r}; use an integer >= 1"):
         AnchoredLogistic(nested_repeats=repeats).nested_gains(x, y, g, _init().head()[0])
+
+
+@pytest.mark.parametrize("mult", [-1.0, float("nan"), float("inf")])
+def test_nested_se_mult_that_is_negative_or_not_finite_is_refused(mult):
+    from radalign import RadalignError
+
+    x, y, g = _shots(12, 0, np.r_[2.0, np.zeros(D - 1)])
+    with pytest.raises(RadalignError, match="nested_se_mult .*; use a finite number >= 0"):
+        AnchoredLogistic(nested_se_mult=mult).nested_gains(x, y, g, _init().head()[0])

@@ -65,7 +65,7 @@ def read_csv_checked(path: str | os.PathLike, columns: Iterable[str], what: str 
         df = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], encoding=encoding or "utf-8")
     except UnicodeDecodeError as e:
         raise RadalignError(_encoding_error(path, encoding or "utf-8", e)) from None
-    except (OSError, ValueError, EOFError, pd.errors.ParserError) as e:
+    except (OSError, ValueError, EOFError, ImportError, pd.errors.ParserError) as e:  # ImportError: .zst
         raise RadalignError(f"{path}: not a readable CSV ({e})") from None
     missing = [c for c in columns if c not in df.columns]
     if missing:
@@ -96,20 +96,12 @@ def _encoding_error(path: Path, encoding: str, e: UnicodeDecodeError) -> str:
 
 
 def _decompressed(path: Path) -> bytes:
-    """The bytes pandas decoded: unpacked as its `compression="infer"` does for .gz, .bz2, .xz and .zip (a
-    suffix in any case), so the byte and line named are the CSV's, not the archive's."""
-    import bz2
-    import gzip
-    import lzma
-    import zipfile
+    """The bytes pandas decoded, unpacked by pandas' own `compression="infer"` (.gz, .bz2, .xz, .zip, .tar and
+    .tar.*, .zst; a suffix in any case), so the byte and line named are the CSV's, not the archive's."""
+    from pandas.io.common import get_handle
 
-    suffix = path.suffix.lower()
-    if suffix == ".zip":
-        with zipfile.ZipFile(path) as z:  # pandas reads a zip holding one file
-            return z.read(z.namelist()[0])
-    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}.get(suffix, open)
-    with opener(path, "rb") as f:
-        return f.read()
+    with get_handle(path, "rb", compression="infer", is_text=False) as h:
+        return h.handle.read()
 
 
 def _decodes(raw: bytes, encoding: str) -> bool:

@@ -448,9 +448,24 @@ def _zip_one(data: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _tar_one(mode: str):
+    def pack(data: bytes) -> bytes:
+        import io
+        import tarfile
+
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode=mode) as t:
+            info = tarfile.TarInfo("t.csv")
+            info.size, info.uname = len(data), "lab\nuser"  # a newline in the header: the line named is the CSV's
+            t.addfile(info, io.BytesIO(data))
+        return buf.getvalue()
+    return pack
+
+
 @pytest.mark.parametrize("name,pack", [
     ("t.csv", lambda b: b), ("t.csv.gz", gzip.compress), ("t.CSV.GZ", gzip.compress),
-    ("t.csv.bz2", bz2.compress), ("t.csv.xz", lzma.compress), ("t.csv.zip", _zip_one)])
+    ("t.csv.bz2", bz2.compress), ("t.csv.xz", lzma.compress), ("t.csv.zip", _zip_one),
+    ("t.csv.tar", _tar_one("w")), ("t.csv.tar.gz", _tar_one("w:gz")), ("t.csv.tar.xz", _tar_one("w:xz"))])
 def test_a_cp1252_csv_read_as_utf8_names_the_byte_its_line_and_the_fix(tmp_path, name, pack):
     from radalign.data.mimic import read_csv_checked
 
@@ -459,6 +474,26 @@ def test_a_cp1252_csv_read_as_utf8_names_the_byte_its_line_and_the_fix(tmp_path,
     want = f"{f}: not utf-8 text (byte b'\\xe9' on line 3); {_EXCEL_FIX}"
     assert _error(read_csv_checked, f, ["a"]) == want
     assert list(read_csv_checked(f, ["a"], encoding="cp1252")["b"]) == ["x", "Cardiomégalie"]
+
+
+def test_a_zst_csv_without_zstandard_names_the_package(tmp_path, monkeypatch):
+    """pandas reads .zst through the optional `zstandard`; without it the error names the file and the package."""
+    import builtins
+
+    from radalign.data.mimic import read_csv_checked
+
+    real_import = builtins.__import__
+
+    def no_zstandard(name, *args, **kwargs):
+        if name == "zstandard":
+            raise ImportError("No module named 'zstandard'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_zstandard)
+    f = tmp_path / "t.csv.zst"
+    f.write_bytes(b"\x28\xb5\x2f\xfd" + b"\0" * 8)
+    msg = _error(read_csv_checked, f, ["a"])
+    assert msg.startswith(f"{f}: not a readable CSV (") and "zstandard" in msg
 
 
 def test_the_encoding_error_names_the_first_bad_byte_after_good_multibyte_text(tmp_path):

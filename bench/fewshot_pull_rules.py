@@ -8,7 +8,8 @@ prior weight of its grid: inf = the zero-shot head, 256 .. 1/64), the validation
 every grid point, the linear probe's, and, for the draws where the plain rule leaves the prior, its nested
 cross-validation gains over zero-shot (AnchoredLogistic.nested_gains, over one outer split and over three: rules
 keep its choice only on a positive mean gain, or on one above its standard error; three splits and a positive
-mean is AnchoredLogistic as shipped). Each rule maps the
+mean was AnchoredLogistic until session 10; the same with the probe as the table's last column, a candidate of
+the rule, is the head as shipped). Each rule maps the
 table (and the shots' size) to one grid point; a rule misses a cell (finding, policy, k) when its mean validation
 AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's and Fracture's
 validation splits have too few positives to judge (docs/fewshot-head.md): counted apart, not judged.
@@ -36,53 +37,53 @@ FINDINGS = (*B.FINDINGS, "Atelectasis", "Consolidation", "Fracture")
 
 
 def draw_tables(x, y, groups, init, x_eval, y_eval) -> dict:
-    """The head's cross-validation table [folds, G] and the eval AUROC [G] of the full fits, plus the probe's."""
-    from radalign.finetune.fewshot_heads import AnchoredLogistic, anchored_path, patients_per_class
+    """The head's cross-validation table [folds, G + 1] (the grid, then the probe as a candidate) and the eval
+    AUROC [G + 1] of the full fits, the probe's (sklearn), and the nested gains of the rules that leave zero-shot."""
+    from radalign.finetune.fewshot_heads import AnchoredLogistic, patients_per_class
     from sklearn.linear_model import LogisticRegression
 
     from radalign.metrics import auroc
 
-    head = AnchoredLogistic()
-    grid, (w0, _) = head.grid(), init.head()
+    head = AnchoredLogistic(probe_lam=1.0)  # the probe as the last column: the shipped rules read the columns before
+    w0, _ = init.head()
     table, n_folds = head.cv_table(x, y, groups, w0)  # the head's own folds and table, from 2 patients per class
-    full = [auroc(y_eval, x_eval @ t[:-1] + t[-1]) for t in anchored_path(x, y, w0, grid)]
+    full = [auroc(y_eval, x_eval @ t[:-1] + t[-1])
+            for t in (head.fit_candidate(x, y, w0, i) for i in range(len(head.candidates(w0))))]
     probe = LogisticRegression(C=1.0, max_iter=2000).fit(x, y.astype(int)).decision_function(x_eval)
     r = {"table": table.tolist(), "n_folds": n_folds, "npc": patients_per_class(y, groups),
-         "full": full, "probe": auroc(y_eval, probe)}
-    leaves = _plain(r)
-    r["nested"] = replace(head, nested_repeats=1).nested_gains(x, y, groups, w0).tolist() if leaves else []
-    r["nested3"] = replace(head, nested_repeats=3).nested_gains(x, y, groups, w0).tolist() if leaves else []
-    r["outer_k"] = min(head.max_folds, r["npc"])  # outer folds per split
+         "full": full, "probe": auroc(y_eval, probe), "outer_k": min(head.max_folds, patients_per_class(y, groups))}
+    shipped = replace(head, probe_lam=None)
+    for key, rule, h, repeats in (("nested", _plain, shipped, 1), ("nested3", _plain, shipped, 3),
+                                  ("nested3_probe", _plain_probe, head, 3)):
+        r[key] = replace(h, nested_repeats=repeats).nested_gains(x, y, groups, w0).tolist() if rule(r) else []
     return r
 
 
-def _plain(r) -> int:
-    """The plain rule's grid index (paired one-SE, corrected SE, from 8 patients per class: AnchoredLogistic's
-    choice before its nested check)."""
+def _plain(r, probe: bool = False) -> int:
+    """The plain rule's column (paired one-SE, corrected SE, from 8 patients per class: AnchoredLogistic's
+    choice before its nested check) over the grid, or over the grid and the probe (its last column)."""
     from radalign.finetune.fewshot_heads import AnchoredLogistic, corrected_one_se_choice
 
     if r["npc"] < AnchoredLogistic.min_patients_cv or not len(r["table"]):
         return 0
-    return corrected_one_se_choice(np.asarray(r["table"], np.float64), r["n_folds"])
+    table = np.asarray(r["table"], np.float64)
+    return corrected_one_se_choice(table if probe else table[:, :-1], r["n_folds"])
 
 
-def _nested_check(r, se: bool) -> int:
-    """The plain rule's choice, kept only when its nested gain over one outer split is > 0 (or > its SE: the head
-    until 2026-12-06)."""
-    c, d = _plain(r), np.asarray(r["nested"])
+def _plain_probe(r) -> int:
+    return _plain(r, probe=True)
+
+
+def _nested(r, choice, key: str, margin: str) -> int:
+    """choice(r), kept only when its nested gains r[key] have a mean above `margin`: "zero", "se" (the naive
+    SE sd / sqrt(J)) or "corrected" (sd sqrt(1/J + 1/(K - 1)), K outer folds per split, as in step 3)."""
+    c, d = choice(r), np.asarray(r.get(key, []))
     if not c or len(d) < 2:
         return 0
-    return c if d.mean() > (d.std(ddof=1) / math.sqrt(len(d)) if se else 0.0) else 0
-
-
-def _nested3(r, corrected: bool) -> int:
-    """The plain rule's choice, kept only when its nested gain over 3 outer splits is > 0 (the shipped head) or >
-    its corrected SE, sd sqrt(1/J + 1/(K - 1)) as in step 3."""
-    c, d = _plain(r), np.asarray(r.get("nested3", []))
-    if not c or len(d) < 2:
-        return 0
-    margin = d.std(ddof=1) * math.sqrt(1 / len(d) + 1 / (r["outer_k"] - 1)) if corrected else 0.0
-    return c if d.mean() > margin else 0
+    sd = d.std(ddof=1)
+    m = {"zero": 0.0, "se": sd / math.sqrt(len(d)),
+         "corrected": sd * math.sqrt(1 / len(d) + 1 / (r["outer_k"] - 1))}[margin]
+    return c if d.mean() > m else 0
 
 
 def _naive_gain(a, se_mult):
@@ -106,8 +107,8 @@ def rules() -> dict:
     """name -> rule(draw record) -> grid index (0 = inf, 4 = lam 4, the previous default)."""
     from radalign.finetune.fewshot_heads import corrected_one_se_choice, one_se_choice
 
-    def table(r):
-        return np.asarray(r["table"], np.float64)
+    def table(r):  # the grid's columns (the last one is the probe, a candidate of its own rule only)
+        return np.asarray(r["table"], np.float64)[:, :-1]
 
     def from_npc(m, rule, below=0):
         return lambda r: below if r["npc"] < m or not len(r["table"]) else rule(r)
@@ -124,13 +125,16 @@ def rules() -> dict:
         "paired one-SE, corrected SE, from 8 (the plain rule)": _plain,
         "paired two-SE, corrected SE, from 8":
             from_npc(8, lambda r: corrected_one_se_choice(table(r), r["n_folds"], 2.0)),
-        "the plain rule, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested_check(r, se=False),
+        "the plain rule, kept only on a nested-CV gain over zero-shot > 0": lambda r: _nested(r, _plain, "nested", "zero"),
         "the plain rule, kept only on a nested-CV gain over zero-shot > 1 SE (chosen until 2026-12-06)":
-            lambda r: _nested_check(r, se=True),
-        "**the plain rule, kept only on a nested gain > 0 over 3 outer splits (chosen)**":
-            lambda r: _nested3(r, corrected=False),
+            lambda r: _nested(r, _plain, "nested", "se"),
+        "the plain rule, kept only on a nested gain > 0 over 3 outer splits (chosen until 2026-12-06, session 10)":
+            lambda r: _nested(r, _plain, "nested3", "zero"),
         "the plain rule, kept only on a nested gain > 1 corrected SE over 3 outer splits":
-            lambda r: _nested3(r, corrected=True),
+            lambda r: _nested(r, _plain, "nested3", "corrected"),
+        "**the same with the linear probe as the grid's weakest point (nested gain > 0 over 3 outer splits; "
+        "chosen)**":
+            lambda r: _nested(r, _plain_probe, "nested3_probe", "zero"),
     }
 
 

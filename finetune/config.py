@@ -188,7 +188,8 @@ class FewshotConfig:
     """anchored: scale of the prior weights (in examples) its cross-validation inside the shots chooses from:
     inf (the zero-shot head) and lam0 x 4^j, j = 3 .. -4; the pull is lam / (lam + n) (docs/fewshot-head.md)."""
     probe_C: float = 1.0
-    """linear_probe: inverse L2 strength (sklearn C)."""
+    """linear_probe: inverse L2 strength (sklearn C); anchored tries the same probe (prior weight 1 / probe_C, at
+    0) as its weakest candidate."""
     steps: int = 100
     """Torch methods (fusion, early_fusion, <modality>_only): fixed AdamW steps on the draw, in minibatches of
     optim.batch_size rows when it is larger (no early stopping, no validation set)."""
@@ -341,6 +342,8 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
     if f.enabled and bad:
         p.append(f"fewshot.methods: unknown {bad}; use {', '.join(FEWSHOT_METHODS)}")
     p += _fewshot_method_problems(c)
+    if not f.probe_C > 0:
+        p.append(f"fewshot.probe_C: {f.probe_C}; the linear probe's inverse L2 strength must be > 0 (default 1)")
     if not f.lam0 > 0:
         p.append(f"fewshot.lam0: {f.lam0}; the anchored prior's weight must be > 0 (default 4)")
     if f.enabled and not f.label:

@@ -187,8 +187,11 @@ def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval
 
     def fit(rows, y, seed):
         head = make_head().fit(x_pool[rows], y, groups[rows], init, seed=seed)
-        lam = head.info_.get("lam")
-        return head.predict_logit(x_eval), {"pull": R.finite_or_none(head.pull_), "lam": R.finite_or_none(lam)}
+        lam, chosen = head.info_.get("lam"), {"pull": R.finite_or_none(head.pull_)}
+        chosen["lam"] = R.finite_or_none(lam)
+        if "prior" in head.info_:  # the anchored head: its prior's centre, zero_shot or zero (the linear probe)
+            chosen["prior"] = head.info_["prior"]
+        return head.predict_logit(x_eval), chosen
     fit.seed_free = make_head().seed_free  # a head of its shots alone: run_sweep reuses its fit on the same rows
     return fit
 

@@ -14,14 +14,15 @@ at the zero-shot head w0 = s (t+ - t-) (prompt_init),
 The loss is a SUM over the shots, so the prior is worth `lam` examples and its share is pull = lam / (lam + n).
 lam is chosen inside the shots, never on validation or test rows: once every class has `min_patients_cv` (8)
 patients, patient-grouped, class-stratified 5-fold cross-validation (3 repeats) scores a grid from the zero-shot
-head itself (lam = inf, pull 1) through lam0 x 4^j (256 .. 1/64 with lam0 = 4) to a near-unregularised probe, and
-the one-standard-error rule takes the strongest pull whose paired held-out AUROC deficit to the best is within
-one standard error, corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots
-come from the split the towers were pretrained on and small folds are noisy, so a weaker prior must show a clear
-gain. Below 8 patients per class no fold can show one, and the head is the zero-shot head (pull 1). A weaker prior
-is then kept only if the rule itself, rerun inside each outer grouped fold (nested cross-validation, three outer
-splits), beats the zero-shot head on the held-out patients on average: the best of the grid's noisy means is
-optimistic (Cawley & Talbot, JMLR 2010). The rule was chosen among the rules compared on the demo's validation
+head itself (lam = inf, pull 1) through lam0 x 4^j (256 .. 1/64 with lam0 = 4) to a near-unregularised probe, then
+the plain L2 linear probe itself (prior at 0, weight 1 / fewshot.probe_C; pull 0), and the one-standard-error
+rule takes the strongest pull whose paired held-out AUROC deficit to the best is within one standard error,
+corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots come from the split the
+towers were pretrained on and small folds are noisy, so a weaker prior must show a clear gain. Below 8 patients
+per class no fold can show one, and the head is the zero-shot head (pull 1). A weaker prior is then kept only if
+the rule itself, rerun inside each outer grouped fold (nested cross-validation, three outer splits), beats the
+zero-shot head on the held-out patients on average: the best of the grid's noisy means is optimistic (Cawley &
+Talbot, JMLR 2010). The rule was chosen among the rules compared on the demo's validation
 split (docs/fewshot-head.md); its constants are the textbook ones (one SE; 8 patients per class kept from the rule
 before it; three splits as step 2's repeats).
 
@@ -381,6 +382,10 @@ class AnchoredLogistic(FewshotHead):
     """Independent outer grouped splits of the nested check (seeds shots_seed + 7, + 1007, ...), pooled."""
     nested_se_mult: float = 0.0
     """The nested gains' mean must exceed nested_se_mult naive standard errors (0: a positive mean)."""
+    probe_lam: float | None = 1.0
+    """Also try the plain linear probe (its prior at 0, not at zero-shot, of weight probe_lam: sklearn's
+    LogisticRegression(C = 1 / probe_lam), the recipe's `linear_probe` at fewshot.probe_C = 1 / probe_lam) as the
+    grid's weakest point; None: the grid toward zero-shot only (the rule until 2026-12-06, session 10)."""
 
     def grid(self) -> list[float]:
         """Prior weights from the strongest pull: inf (the zero-shot head), then the finite ones, decreasing."""
@@ -391,6 +396,17 @@ class AnchoredLogistic(FewshotHead):
                                 "(inf, the zero-shot head, is always in the grid)")
         return [INF, *sorted(set(lams), reverse=True)]
 
+    def candidates(self, w0) -> list[tuple[float, np.ndarray]]:
+        """(prior weight, prior centre) per column of the table: the grid toward w0 (inf: the zero-shot head), then
+        the linear probe (centre 0) when probe_lam is set."""
+        out = [(lam, np.asarray(w0, np.float64)) for lam in self.grid()]
+        if self.probe_lam is not None:
+            if not (isinstance(self.probe_lam, (int, float)) and 0 < self.probe_lam < INF):
+                raise RadalignError(f"anchored head: probe_lam {self.probe_lam!r}; use a finite number > 0 "
+                                    "(1 / fewshot.probe_C) or None (no probe in the grid)")
+            out.append((float(self.probe_lam), np.zeros_like(out[0][1])))
+        return out
+
     def cv_table(self, x, y, groups, w0) -> tuple[np.ndarray, int]:
         """Held-out AUROCs [folds, grid] of the grid's fits inside the shots, and the folds per split (K); sets
         `folds_`. Folds are seeded by the shots, not the draw: the same shots (every seed at k=all) give the same
@@ -399,15 +415,30 @@ class AnchoredLogistic(FewshotHead):
         repeats = 1 if npc >= self.one_repeat_above else self.repeats
         self.folds_ = repeated_folds(y, groups, shots_seed(y, groups), repeats, self.max_folds) if npc >= 2 else []
         if not self.folds_:
-            return np.zeros((0, len(self.grid()))), 0
-        return held_out_aurocs(self.folds_, y, _path_scores(x, y, w0, self.grid())), len(self.folds_) // repeats
+            return np.zeros((0, len(self.candidates(w0)))), 0
+        return held_out_aurocs(self.folds_, y, self._scores(x, y, w0)), len(self.folds_) // repeats
 
-    def choose(self, x, y, groups, w0) -> tuple[float, np.ndarray]:
-        """(the rule's prior weight, its cross-validation table [folds, grid]; empty below min_patients_cv)."""
+    def _scores(self, x, y, w0) -> Callable:
+        """scores(train rows, held-out rows) -> [candidates, |held-out|]: the grid's path, then the probe."""
+        path, extra = _path_scores(x, y, w0, self.grid()), self.candidates(w0)[len(self.grid()):]
+
+        def scores(tr, te):
+            return [*path(tr, te), *(x[te] @ t[:-1] + t[-1] for t in
+                                     (fit_anchored(x[tr], y[tr], c, lam) for lam, c in extra))]
+        return scores
+
+    def choose(self, x, y, groups, w0) -> tuple[int, np.ndarray]:
+        """(the rule's column of `candidates` (0: the zero-shot head), its cross-validation table [folds,
+        candidates]; empty below min_patients_cv)."""
         if patients_per_class(y, groups) < self.min_patients_cv:
-            return INF, np.zeros((0, len(self.grid())))
+            return 0, np.zeros((0, len(self.candidates(w0))))
         a, n_folds = self.cv_table(x, y, groups, w0)
-        return self.grid()[corrected_one_se_choice(a, n_folds, self.se_mult)], a
+        return corrected_one_se_choice(a, n_folds, self.se_mult), a
+
+    def fit_candidate(self, x, y, w0, i: int) -> np.ndarray:
+        """(w, b) [D + 1] of column i of `candidates` fitted on (x, y); column 0 is the zero-shot head."""
+        lam, centre = self.candidates(w0)[i]
+        return np.r_[w0, 0.0] if math.isinf(lam) else fit_anchored(x, y, centre, lam)
 
     def nested_gains(self, x, y, groups, w0) -> np.ndarray:
         """[outer folds] held-out AUROC of the rule run and refitted on each outer fold's training part alone,
@@ -424,32 +455,35 @@ class AnchoredLogistic(FewshotHead):
         for tr, te in repeated_folds(y, groups, shots_seed(y, groups) + 7, self.nested_repeats, self.max_folds):
             if len(np.unique(y[te])) < 2:
                 continue
-            lam, _ = inner.choose(x[tr], y[tr], groups[tr], w0)
-            if math.isinf(lam):
+            i, _ = inner.choose(x[tr], y[tr], groups[tr], w0)
+            if i == 0:
                 out.append(0.0)
                 continue
-            theta = fit_anchored(x[tr], y[tr], w0, lam)
+            theta = inner.fit_candidate(x[tr], y[tr], w0, i)
             yt = y[te].astype(int)
             out.append(auroc(yt, x[te] @ theta[:-1] + theta[-1]) - auroc(yt, x[te] @ w0))
         return np.asarray(out, np.float64)
 
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
-        lam, a = self.choose(x, y, groups, w0)
-        self.info_["cv_lam"] = lam  # the one-SE rule's choice, before the nested check
+        i, a = self.choose(x, y, groups, w0)
+        names = [*map(str, self.grid()), *(["probe"] if self.probe_lam is not None else [])]
+        self.info_["cv_lam"] = self.candidates(w0)[i][0]  # the one-SE rule's choice, before the nested check
         if len(a):
-            self.info_["cv_auroc"] = dict(zip(map(str, self.grid()), _mean_se(a)[0].tolist()))
-        if self.nested and not math.isinf(lam):
+            self.info_["cv_auroc"] = dict(zip(names, _mean_se(a)[0].tolist()))
+        if self.nested and i:
             d = self.nested_gains(x, y, groups, w0)
             se = d.std(ddof=1) / math.sqrt(len(d)) if len(d) > 1 else math.inf
             self.info_["nested_gain"] = {"mean": float(d.mean()) if len(d) else None, "se": se, "folds": len(d)}
             if not (len(d) > 1 and d.mean() > self.nested_se_mult * se):
-                lam = INF  # the rule's gain over zero-shot does not survive its own selection
-        if not math.isinf(lam):
-            theta = fit_anchored(x, y, w0, lam)
+                i = 0  # the rule's gain over zero-shot does not survive its own selection
+        lam = self.candidates(w0)[i][0]
+        if i:
+            theta = self.fit_candidate(x, y, w0, i)
             self.w_, self.b_ = theta[:-1], float(theta[-1])
-            self.pull_ = lam / (lam + len(y))
-        self.info_.update(lam=lam, patients_per_class=patients_per_class(y, groups))
+            self.pull_ = lam / (lam + len(y)) if i < len(self.grid()) else 0.0  # the probe: no pull to zero-shot
+        self.info_.update(lam=lam, prior="zero_shot" if i < len(self.grid()) else "zero",
+                          patients_per_class=patients_per_class(y, groups))
 
 
 @dataclass
@@ -675,9 +709,10 @@ HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, Anchore
                                                              WiseInterpolation, ClapHead, LPPlusPlus, TipAdapterF)}
 
 
-def anchored_head(lam0: float = 4.0) -> AnchoredLogistic:
-    """The chosen head, its grid of finite prior weights scaled by lam0 (fewshot.lam0)."""
-    return AnchoredLogistic(lam0=lam0)
+def anchored_head(lam0: float = 4.0, probe_C: float = 1.0) -> AnchoredLogistic:
+    """The chosen head, its grid of finite prior weights scaled by lam0 (fewshot.lam0), its probe candidate the
+    recipe's linear probe (fewshot.probe_C)."""
+    return AnchoredLogistic(lam0=lam0, probe_lam=1.0 / probe_C)
 
 
 def make_head(name: str, **options) -> FewshotHead:

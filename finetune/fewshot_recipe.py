@@ -115,8 +115,8 @@ def _methods(run, pool, test, no_zero_shot: str | None) -> tuple[dict, np.ndarra
     specs = registry_specs(run, [m for m in f.methods if m in FEWSHOT_REGISTRY_METHODS])
     for name in f.methods:
         if name == "anchored":  # the config check refuses it for a label without prompts (init is None)
-            out[name] = (head_method(lambda: anchored_head(f.lam0), pool.image, test.image, pool.subjects, init),
-                         [0, *ks])  # k = 0: no shots, the zero-shot head itself
+            head = head_method(lambda: anchored_head(f.lam0, f.probe_C), pool.image, test.image, pool.subjects, init)
+            out[name] = (head, [0, *ks])  # k = 0: no shots, the zero-shot head itself
         elif name == "linear_probe":
             out[name] = (linear_probe_method(pool.image, test.image, C=f.probe_C), ks)
         else:

@@ -318,12 +318,13 @@ def test_anchored_choice_is_an_independent_grouped_cross_validation():
     xs, ys, gs = _balanced_k(x, y, g, 12, seed=1)
     head = AnchoredLogistic(lam0=1.0).fit(xs, ys, gs, init, seed=0)
     grid = [math.inf] + [4.0 ** j for j in range(3, -5, -1)]
+    cols = [(lam, w0) for lam in grid] + [(1.0, np.zeros_like(w0))]  # then the probe: prior 1 at 0 (probe_C = 1)
     table = []
     for tr, te in head.folds_:
         assert not set(gs[tr]) & set(gs[te])
-        fits = [_scipy_anchored(xs[tr], ys[tr], w0, lam) for lam in grid]
+        fits = [_scipy_anchored(xs[tr], ys[tr], centre, lam) for lam, centre in cols]
         table.append([roc_auc_score(ys[te], xs[te] @ t[:-1] + t[-1]) for t in fits])
-    want = grid[_corrected_by_hand(np.array(table), 5)]
+    want = cols[_corrected_by_hand(np.array(table), 5)][0]
     assert head.info_["cv_lam"] == want  # the rule's choice; the nested check (tests/test_fewshot_nested.py) may undo it
     np.testing.assert_allclose(list(head.info_["cv_auroc"].values()), np.mean(table, 0), atol=1e-6)
 
@@ -701,15 +702,15 @@ def test_cv_table_follows_max_folds_repeats_and_the_two_patient_floor():
     w0 = _init().head()[0]
     head = AnchoredLogistic(max_folds=3)
     table, k = head.cv_table(x, y, groups, w0)
-    assert table.shape == (9, 9) and k == 3  # 3 repeats x 3 folds, 9 grid points
+    assert table.shape == (9, 10) and k == 3  # 3 repeats x 3 folds, 9 grid points and the probe
     once = AnchoredLogistic(one_repeat_above=10)  # ~60 patients per class: one split is enough
     assert once.cv_table(x, y, groups, w0)[0].shape[0] == 5 and len(once.folds_) == 5
     two = np.array(["a", "b", "c", "d"])  # two patients per class: 2 folds per split
     xs, ys = x[:4], np.array([1.0, 1.0, 0.0, 0.0])
     table, k = AnchoredLogistic().cv_table(xs, ys, two, w0)
-    assert table.shape == (6, 9) and k == 2
+    assert table.shape == (6, 10) and k == 2
     table, k = AnchoredLogistic().cv_table(xs, ys, np.array(["a", "a", "c", "d"]), w0)  # one positive patient
-    assert table.shape == (0, 9) and k == 0
+    assert table.shape == (0, 10) and k == 0
 
 
 def test_anchored_head_is_the_scipy_fit_at_its_chosen_prior():

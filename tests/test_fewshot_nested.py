@@ -52,12 +52,12 @@ def test_nested_gains_are_the_rule_rerun_on_each_outer_training_part(repeats):
     for r in range(repeats):
         cv = StratifiedGroupKFold(5, shuffle=True, random_state=_seed_by_hand(y, g) + 7 + 1000 * r)
         for tr, te in cv.split(x, y.astype(int), g):
-            lam, _ = head.choose(x[tr], y[tr], g[tr], w0)
+            i, _ = head.choose(x[tr], y[tr], g[tr], w0)
             zero = roc_auc_score(y[te], x[te] @ w0)
-            if math.isinf(lam):
+            if i == 0:
                 want.append(0.0)
                 continue
-            t = fit_anchored(x[tr], y[tr], w0, lam)
+            t = fit_anchored(x[tr], y[tr], w0, head.grid()[i])
             want.append(roc_auc_score(y[te], x[te] @ t[:-1] + t[-1]) - zero)
     got = head.nested_gains(x, y, g, w0)
     assert len(got) == 5 * repeats and any(v != 0 for v in want)
@@ -110,23 +110,29 @@ def test_nested_check_is_zero_shot_exactly_below_the_cross_validation(k):
     assert head.pull_ == 1.0
 
 
-def test_the_pull_rules_benchs_chosen_rule_is_the_head():
-    """bench/fewshot_pull_rules.py scores rules from stored tables; its chosen row must be what the head does."""
+@pytest.mark.parametrize("rule_name, options", [("; chosen)", {}),
+                                               ("(chosen until 2026-12-06, session 10)", {"probe_lam": None})])
+def test_the_pull_rules_benchs_rules_are_the_head(rule_name, options):
+    """bench/fewshot_pull_rules.py scores rules from stored tables; its chosen row, and the probe-candidate row,
+    must be what the head does with those options."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import fewshot_pull_rules as P
 
-    chosen = next(rule for name, rule in P.rules().items() if "(chosen)" in name)
+    rule = next(rule for name, rule in P.rules().items() if rule_name in name)
     plain = next(rule for name, rule in P.rules().items() if "(the plain rule)" in name)
     init, seen = _init(), set()
     for k, amp, seed in [(12, 2.0, s) for s in range(12)] + [(64, 9.0, 0), (4, 9.0, 0)]:
         x, y, g = _shots(k, seed, np.r_[0.0, amp, 0.5 * amp, np.zeros(D - 3)] if k != 12 else np.r_[amp, np.zeros(D - 1)])
         record = P.draw_tables(x, y, g, init, x, y.astype(int))
-        head = AnchoredLogistic().fit(x, y, g, init)
-        grid = head.grid()
-        assert grid[chosen(record)] == head.info_["lam"] and grid[plain(record)] == head.info_["cv_lam"]
+        head = AnchoredLogistic(**options).fit(x, y, g, init)
+        cands = head.candidates(init.head()[0])
+        i = rule(record)
+        assert (cands[i][0], i >= len(head.grid())) == (head.info_["lam"], head.info_["prior"] == "zero")
+        if not options:
+            assert cands[plain(record)][0] == head.info_["cv_lam"]
         seen.add((math.isinf(head.info_["cv_lam"]), math.isinf(head.info_["lam"])))
     assert {(False, True), (False, False), (True, True)} <= seen  # undone, kept, never left: every branch ran
 

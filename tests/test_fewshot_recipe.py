@@ -86,9 +86,11 @@ def test_anchored_pull_shrinks_with_k_in_the_output(swept):
         if r["k"] == 0 or (r["k"] != "all" and r["k"] < 8):  # no shots, or too few to cross-validate: zero-shot
             assert (r["pull"], r["lam"]) == (1.0, None)
         elif r["lam"] is None:  # the cross-validation kept the zero-shot head
-            assert r["pull"] == 1.0
+            assert r["pull"] == 1.0 and r.get("prior", "zero_shot") == "zero_shot"
+        elif r["prior"] == "zero":  # the linear probe itself, its prior weight 1 / fewshot.probe_C
+            assert (r["pull"], r["lam"]) == (0.0, 1.0)
         else:  # the prior is worth lam examples among n shots
-            assert r["pull"] == pytest.approx(r["lam"] / (r["lam"] + n), rel=1e-12)
+            assert r["prior"] == "zero_shot" and r["pull"] == pytest.approx(r["lam"] / (r["lam"] + n), rel=1e-12)
     report = (out / "report.md").read_text()
     assert "## anchored" in report and "| draws | pull |" in report
     assert f"| 1 | {s['1']['mean']:.3f}" in report and f"| {s['1']['pull']:.3f} |" in report
@@ -208,6 +210,8 @@ def test_the_new_defaults_load():
     assert cfg.fewshot.label == "Pneumothorax" and cfg.fewshot.ks[-1] == "all"
     with pytest.raises(ConfigError, match=r"fewshot\.lam0: 0\.0"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.lam0=0"], stage="finetune")
+    with pytest.raises(ConfigError, match=r"fewshot\.probe_C: 0\.0; .* must be > 0"):
+        load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.probe_C=0"], stage="finetune")
     with pytest.raises(RadalignError, match=r"fewshot.methods: unknown \['wise'\]"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.methods=[wise]"], stage="finetune")
 

@@ -187,8 +187,7 @@ def head_method(make_head: Callable[[], FewshotHead], x_pool: np.ndarray, x_eval
 
     def fit(rows, y, seed):
         head = make_head().fit(x_pool[rows], y, groups[rows], init, seed=seed)
-        lam, chosen = head.info_.get("lam"), {"pull": R.finite_or_none(head.pull_)}
-        chosen["lam"] = R.finite_or_none(lam)
+        chosen = {"pull": R.finite_or_none(head.pull_), "lam": R.finite_or_none(head.info_.get("lam"))}
         if "prior" in head.info_:  # the anchored head: its prior's centre, zero_shot or zero (the linear probe)
             chosen["prior"] = head.info_["prior"]
         return head.predict_logit(x_eval), chosen

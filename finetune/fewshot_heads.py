@@ -467,9 +467,10 @@ class AnchoredLogistic(FewshotHead):
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
         i, a = self.choose(x, y, groups, w0)
-        names = [*map(str, self.grid()), *(["probe"] if self.probe_lam is not None else [])]
-        self.info_["cv_lam"] = self.candidates(w0)[i][0]  # the one-SE rule's choice, before the nested check
+        cands, n_grid = self.candidates(w0), len(self.grid())
+        self.info_["cv_lam"] = cands[i][0]  # the one-SE rule's choice, before the nested check
         if len(a):
+            names = [str(lam) if j < n_grid else "probe" for j, (lam, _) in enumerate(cands)]
             self.info_["cv_auroc"] = dict(zip(names, _mean_se(a)[0].tolist()))
         if self.nested and i:
             d = self.nested_gains(x, y, groups, w0)
@@ -477,12 +478,12 @@ class AnchoredLogistic(FewshotHead):
             self.info_["nested_gain"] = {"mean": float(d.mean()) if len(d) else None, "se": se, "folds": len(d)}
             if not (len(d) > 1 and d.mean() > self.nested_se_mult * se):
                 i = 0  # the rule's gain over zero-shot does not survive its own selection
-        lam = self.candidates(w0)[i][0]
+        lam = cands[i][0]
         if i:
             theta = self.fit_candidate(x, y, w0, i)
             self.w_, self.b_ = theta[:-1], float(theta[-1])
-            self.pull_ = lam / (lam + len(y)) if i < len(self.grid()) else 0.0  # the probe: no pull to zero-shot
-        self.info_.update(lam=lam, prior="zero_shot" if i < len(self.grid()) else "zero",
+            self.pull_ = lam / (lam + len(y)) if i < n_grid else 0.0  # the probe: no pull to zero-shot
+        self.info_.update(lam=lam, prior="zero_shot" if i < n_grid else "zero",
                           patients_per_class=patients_per_class(y, groups))
 
 

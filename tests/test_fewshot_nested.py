@@ -57,7 +57,8 @@ def test_nested_gains_are_the_rule_rerun_on_each_outer_training_part(repeats):
             if i == 0:
                 want.append(0.0)
                 continue
-            t = fit_anchored(x[tr], y[tr], w0, head.grid()[i])
+            lam, centre = head.candidates(w0)[i]  # a grid point toward w0, or the probe (toward 0)
+            t = fit_anchored(x[tr], y[tr], centre, lam)
             want.append(roc_auc_score(y[te], x[te] @ t[:-1] + t[-1]) - zero)
     got = head.nested_gains(x, y, g, w0)
     assert len(got) == 5 * repeats and any(v != 0 for v in want)

@@ -1,6 +1,6 @@
-"""The anchored head's optional probe candidate (AnchoredLogistic.probe_lam): the plain L2 linear probe, its prior
-at 0, as the grid's weakest column. Its fit against sklearn; what the head records when the rule takes it; the
-default grid unchanged by the option's code; bad values refused."""
+"""The anchored head's probe candidate (AnchoredLogistic.probe_lam, on by default): the plain L2 linear probe, its
+prior at 0, as the grid's weakest column. Its fit against sklearn; what the head records when the rule takes it;
+the grid's columns unchanged by it (probe_lam=None: session 9's head); bad values refused."""
 
 from __future__ import annotations
 

@@ -70,7 +70,7 @@ MODULES: dict[str, list[str]] = {
     # the multi-label per-class metrics and best-model statement. Not tests/test_fewshot_recipe.py: its module
     # fixture runs the whole sweep (~20 s) again for every mutant.
     "finetune/fewshot_heads.py": ["tests/test_fewshot_heads.py", "tests/test_fewshot_nested.py",
-                                  "tests/test_fewshot.py"],
+                                  "tests/test_fewshot.py", "tests/test_fewshot_folds.py"],
     "finetune/perclass.py": ["tests/test_finetune_multilabel.py"],
     # tower_units: the export lookup and the recorded spec on fake exports; not the run-level tests (tower_run):
     # each trains a run, too slow per mutant.

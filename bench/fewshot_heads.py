@@ -71,11 +71,12 @@ def methods(pool, ev, init, heads: list[str], options: dict) -> dict:
     def head(make):
         return head_method(make, pool.image, ev.image, pool.subjects, init)
     out = {"zero_shot": head(lambda: make_head("zero_shot")), "linear_probe": linear_probe_method(pool.image, ev.image)}
+    least = {} if options.get("min_patients_adapt") is None else {"min_patients_adapt": options["min_patients_adapt"]}
     for name in heads:
         if name == "anchored":
             for lam0 in options.get("lam0") or [None]:
                 out[name if lam0 is None else f"anchored_lam0={lam0:g}"] = head(
-                    lambda lam0=lam0: anchored_head() if lam0 is None else anchored_head(lam0))
+                    lambda lam0=lam0: anchored_head(**least) if lam0 is None else anchored_head(lam0, **least))
         else:
             out[name] = head(lambda name=name: make_head(name))
     return out
@@ -210,6 +211,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--heads", nargs="+", default=["anchored", "anchored_cv", "wise", "clap", "lppp", "tip_f"])
     p.add_argument("--lam0", nargs="+", type=float, default=None, help="anchored head: sweep its lam0")
+    p.add_argument("--min-patients-adapt", type=int, default=None,
+                   help="anchored head: patients per class from which it may leave zero-shot (default: the head's)")
     p.add_argument("--chosen", default="anchored", help="the head checked against the target")
     p.add_argument("--blank", default="exclude", choices=("exclude", "negative"),
                    help="a blank CheXpert label: unlabelled (exclude) or negative (as zero-shot evaluation)")
@@ -225,7 +228,8 @@ def main(argv=None) -> dict:
     tag = ("" if a.eval == "test" else f"-{a.eval}") + ("" if a.blank == "exclude" else f"-blank_{a.blank}")
     for f in a.findings:
         pool, ev, exclude = data[f]
-        doc["findings"][f] = sweep_finding(enc, pool, ev, exclude, f, a.heads, {"lam0": a.lam0}, ks,
+        doc["findings"][f] = sweep_finding(enc, pool, ev, exclude, f, a.heads, {"lam0": a.lam0, "min_patients_adapt": a.min_patients_adapt},
+                                           ks,
                                            range(a.seeds))
         doc["target"] = {h: target_check(doc, h, a.ks) for h in
                          sorted({n for d in doc["findings"].values() for n in d["methods"]} - set(BASELINES))}

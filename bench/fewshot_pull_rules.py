@@ -9,7 +9,8 @@ every grid point, the linear probe's, and, for the draws where the plain rule le
 cross-validation gains over zero-shot (AnchoredLogistic.nested_gains, over one outer split and over three: rules
 keep its choice only on a positive mean gain, or on one above its standard error; three splits and a positive
 mean was AnchoredLogistic until session 10; the same with the probe as the table's last column, a candidate of
-the rule, is the head as shipped). Each rule maps the
+the rule, until session 11; that rule held to 64 patients per class before it leaves zero-shot is the head as
+shipped). Each rule maps the
 table (and the shots' size) to one grid point; a rule misses a cell (finding, policy, k) when its mean validation
 AUROC over draws is below max(zero-shot, probe) - 0.005. No test row is scored. Lung Lesion's and Fracture's
 validation splits have too few positives to judge (docs/fewshot-head.md): counted apart, not judged.
@@ -132,10 +133,18 @@ def rules() -> dict:
             lambda r: _nested(r, _plain, "nested3", "zero"),
         "the plain rule, kept only on a nested gain > 1 corrected SE over 3 outer splits":
             lambda r: _nested(r, _plain, "nested3", "corrected"),
-        "**the same with the linear probe as the grid's weakest point (nested gain > 0 over 3 outer splits; "
-        "chosen)**":
+        "the same with the linear probe as the grid's weakest point (nested gain > 0 over 3 outer splits; "
+        "chosen until 2026-12-06, session 11)":
             lambda r: _nested(r, _plain_probe, "nested3_probe", "zero"),
+        **{f"the same, leaving zero-shot only from {n} patients per class": _from_patients(n) for n in (16, 32)},
+        "**the same, leaving zero-shot only from 64 patients per class (chosen)**": _from_patients(64),
     }
+
+
+def _from_patients(least: int):
+    """The session-10 head held to `least` patients per class (AnchoredLogistic.min_patients_adapt): zero-shot
+    below, without a table; the nested check's inner rules keep the plain rule's 8."""
+    return lambda r: _nested(r, _plain_probe, "nested3_probe", "zero") if r["npc"] >= least else 0
 
 
 def score(records: dict) -> list[dict]:

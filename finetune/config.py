@@ -190,6 +190,10 @@ class FewshotConfig:
     probe_C: float = 1.0
     """linear_probe: inverse L2 strength (sklearn C); anchored tries the same probe (prior weight 1 / probe_C, at
     0) as its weakest candidate."""
+    min_patients_adapt: int = 64
+    """anchored: patients per class from which the head may leave the zero-shot head; below it the head is
+    zero-shot, with no cross-validation (folds of a dozen patients per class cannot tell a gain from noise;
+    chosen on the demo's validation split, docs/fewshot-head.md). 8: the rule until 2026-12-06, session 11."""
     steps: int = 100
     """Torch methods (fusion, early_fusion, <modality>_only): fixed AdamW steps on the draw, in minibatches of
     optim.batch_size rows when it is larger (no early stopping, no validation set)."""
@@ -344,6 +348,9 @@ def _other_problems(c: FinetuneConfig) -> list[str]:
     p += _fewshot_method_problems(c)
     if not f.probe_C > 0:
         p.append(f"fewshot.probe_C: {f.probe_C}; the linear probe's inverse L2 strength must be > 0 (default 1)")
+    if not (isinstance(f.min_patients_adapt, int) and f.min_patients_adapt >= 0):
+        p.append(f"fewshot.min_patients_adapt: {f.min_patients_adapt!r}; use an integer >= 0 (patients per class "
+                 "from which the anchored head may leave zero-shot; default 64)")
     if not f.lam0 > 0:
         p.append(f"fewshot.lam0: {f.lam0}; the anchored prior's weight must be > 0 (default 4)")
     if f.enabled and not f.label:

@@ -12,19 +12,19 @@ at the zero-shot head w0 = s (t+ - t-) (prompt_init),
     argmin_{w,b}  sum_i BCE(x_i w + b, y_i) + lam/2 |w - w0|^2          (b unpenalised)
 
 The loss is a SUM over the shots, so the prior is worth `lam` examples and its share is pull = lam / (lam + n).
-lam is chosen inside the shots, never on validation or test rows: once every class has `min_patients_cv` (8)
-patients, patient-grouped, class-stratified 5-fold cross-validation (3 repeats) scores a grid from the zero-shot
+lam is chosen inside the shots, never on validation or test rows. Below `min_patients_adapt` (64) patients per
+class the head is the zero-shot head (pull 1): folds of a dozen patients per class are too noisy to show a gain.
+From there, patient-grouped, class-stratified 5-fold cross-validation (3 repeats) scores a grid from the zero-shot
 head itself (lam = inf, pull 1) through lam0 x 4^j (256 .. 1/64 with lam0 = 4) to a near-unregularised probe, then
 the plain L2 linear probe itself (prior at 0, weight 1 / fewshot.probe_C; pull 0), and the one-standard-error
 rule takes the strongest pull whose paired held-out AUROC deficit to the best is within one standard error,
-corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): the shots come from the split the
-towers were pretrained on and small folds are noisy, so a weaker prior must show a clear gain. Below 8 patients
-per class no fold can show one, and the head is the zero-shot head (pull 1). A weaker prior is then kept only if
+corrected for the overlap of repeated cross-validation (Nadeau & Bengio 2003): small folds are noisy, so a
+weaker prior must show a clear gain. A weaker prior is then kept only if
 the rule itself, rerun inside each outer grouped fold (nested cross-validation, three outer splits), beats the
 zero-shot head on the held-out patients on average: the best of the grid's noisy means is optimistic (Cawley &
 Talbot, JMLR 2010). The rule was chosen among the rules compared on the demo's validation
-split (docs/fewshot-head.md); its constants are the textbook ones (one SE; 8 patients per class kept from the rule
-before it; three splits as step 2's repeats).
+split (docs/fewshot-head.md); its constants are the textbook ones (one SE; three splits as step 2's repeats) and
+the patients per class from which it runs (64, of 8 .. 64 compared; the inner rules' 8 kept from the rule before).
 
 The candidates it was compared with (bench/fewshot_heads.py), each adapted to one binary label:
 - `AnchoredCV`: the same MAP head with lam in {inf, 4096 .. 1/64} picked by the one-standard-error rule alone.
@@ -404,7 +404,14 @@ class AnchoredLogistic(FewshotHead):
     """A weaker prior is taken only when the strongest one's mean held-out AUROC is more than se_mult corrected
     standard errors of the paired difference below the best (1: the one-standard-error rule)."""
     min_patients_cv: int = 8
-    """Patients per class below which no cross-validation runs and the head is the zero-shot head (pull 1)."""
+    """Patients per class below which the rule (`choose`) runs no cross-validation and picks the zero-shot head;
+    the nested check's inner rules, on four fifths of the shots, use it too."""
+    min_patients_adapt: int = 64
+    """Patients per class below which the head is the zero-shot head (pull 1), with no cross-validation at all:
+    held-out folds of a dozen patients per class cannot tell a gain of a few hundredths from noise (Varoquaux,
+    "Cross-validation failure: small sample sizes lead to large error bars", NeuroImage 2018), and on the demo's
+    validation split the rule misses fewer cells held to 64 than to 8 (docs/fewshot-head.md). 8 (=
+    min_patients_cv) is the rule until session 11."""
     repeats: int = 3
     """Independent grouped K-fold splits whose held-out AUROCs are pooled (1 from `one_repeat_above`)."""
     one_repeat_above: int = 256
@@ -504,8 +511,14 @@ class AnchoredLogistic(FewshotHead):
 
     def _fit(self, x, y, groups, init, seed) -> None:
         w0, _ = init.head()
-        i, a = self.choose(x, y, groups, w0)
-        cands, n_grid = self.candidates(w0), len(self.grid())
+        cands, n_grid, npc = self.candidates(w0), len(self.grid()), patients_per_class(y, groups)
+        if not (isinstance(self.min_patients_adapt, int) and self.min_patients_adapt >= 0):
+            raise RadalignError(f"anchored head: min_patients_adapt {self.min_patients_adapt!r}; use an integer "
+                                ">= 0 (patients per class below which the head stays zero-shot)")
+        if npc < self.min_patients_adapt:  # too few patients to tell a gain from noise: no table, no fit
+            i, a = 0, np.zeros((0, len(cands)))
+        else:
+            i, a = self.choose(x, y, groups, w0)
         self.info_["cv_lam"] = cands[i][0]  # the one-SE rule's choice, before the nested check
         if len(a):
             names = [str(lam) if j < n_grid else "probe" for j, (lam, _) in enumerate(cands)]
@@ -521,8 +534,7 @@ class AnchoredLogistic(FewshotHead):
             theta = self.fit_candidate(x, y, w0, i)
             self.w_, self.b_ = theta[:-1], float(theta[-1])
             self.pull_ = lam / (lam + len(y)) if i < n_grid else 0.0  # the probe: no pull to zero-shot
-        self.info_.update(lam=lam, prior="zero_shot" if i < n_grid else "zero",
-                          patients_per_class=patients_per_class(y, groups))
+        self.info_.update(lam=lam, prior="zero_shot" if i < n_grid else "zero", patients_per_class=npc)
 
 
 @dataclass
@@ -748,10 +760,10 @@ HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, Anchore
                                                              WiseInterpolation, ClapHead, LPPlusPlus, TipAdapterF)}
 
 
-def anchored_head(lam0: float = 4.0, probe_C: float = 1.0) -> AnchoredLogistic:
+def anchored_head(lam0: float = 4.0, probe_C: float = 1.0, min_patients_adapt: int = 64) -> AnchoredLogistic:
     """The chosen head, its grid of finite prior weights scaled by lam0 (fewshot.lam0), its probe candidate the
     recipe's linear probe (fewshot.probe_C)."""
-    return AnchoredLogistic(lam0=lam0, probe_lam=1.0 / probe_C)
+    return AnchoredLogistic(lam0=lam0, probe_lam=1.0 / probe_C, min_patients_adapt=min_patients_adapt)
 
 
 def make_head(name: str, **options) -> FewshotHead:

@@ -47,7 +47,7 @@ from radalign.finetune.fewshot import (
     skipped_by_reason,
     write_sweep,
 )
-from radalign.finetune.fewshot_heads import ZeroShotInit, anchored_head
+from radalign.finetune.fewshot_heads import ZeroShotInit, anchored_head, patients_per_class
 from radalign.finetune.inputs import task_labels
 from radalign.finetune.registry import fewshot_method, gbdt_spec, model_specs
 from radalign.finetune.session import open_run
@@ -115,7 +115,7 @@ def _methods(run, pool, test, no_zero_shot: str | None) -> tuple[dict, np.ndarra
     specs = registry_specs(run, [m for m in f.methods if m in FEWSHOT_REGISTRY_METHODS])
     for name in f.methods:
         if name == "anchored":  # the config check refuses it for a label without prompts (init is None)
-            head = head_method(lambda: anchored_head(f.lam0, f.probe_C), pool.image, test.image, pool.subjects, init)
+            head = head_method(lambda: anchored_head(f.lam0, f.probe_C, f.min_patients_adapt), pool.image, test.image, pool.subjects, init)
             out[name] = (head, [0, *ks])  # k = 0: no shots, the zero-shot head itself
         elif name == "linear_probe":
             out[name] = (linear_probe_method(pool.image, test.image, C=f.probe_C), ks)
@@ -167,13 +167,37 @@ def run_fewshot(run) -> dict:
            "no_zero_shot": why, "prompts": f.prompts,
            "label_policy": {"uncertain": cfg.task.uncertain, "blank": cfg.task.blank},
            "eval_rows": int(keep.sum()), "eval_positives": int(np.nansum(y_test)), "validation": VALIDATION,
-           "fitted_on": FITTED_ON, "skipped": _skipped(results),
+           "fitted_on": FITTED_ON, "skipped": _skipped(results), **_anchored_floor(f, y_pool, pool.subjects, methods),
            "methods": {r.method: {"ks": [str(k) for k in r.ks], "summary": r.summary, "per_draw": r.per_draw}
                        for r in results}}
     doc = R.write_metrics(run.run_dir / "fewshot.json", doc, stage=METRICS_STAGE, unit=UNIT)
     atomic_write_text(run.run_dir / "report.md", format_report(doc))
     run.say(summary_line(doc, f.seeds))
+    if floor_note(doc):
+        run.say(floor_note(doc))
     return doc
+
+
+def _anchored_floor(f, y_pool, subjects, methods) -> dict:
+    """{"anchored_floor": the head's min_patients_adapt and the patients of the pool's rarer class} when the
+    anchored head runs: a pool below the floor keeps the head zero-shot at every k, k = all included."""
+    if "anchored" not in methods:
+        return {}
+    labelled = ~np.isnan(y_pool)
+    return {"anchored_floor": {"min_patients_adapt": f.min_patients_adapt,
+                               "pool_patients_per_class": patients_per_class(y_pool[labelled],
+                                                                             np.asarray(subjects)[labelled])}}
+
+
+def floor_note(doc: dict) -> str | None:
+    """One sentence when the pool's rarer class has fewer patients than the anchored head's floor, else None."""
+    fl = doc.get("anchored_floor")
+    if not fl or fl["pool_patients_per_class"] >= fl["min_patients_adapt"]:
+        return None
+    return (f"anchored: the training pool holds {fl['pool_patients_per_class']} patients of its rarer class, fewer "
+            f"than fewshot.min_patients_adapt ({fl['min_patients_adapt']}), so the head is the zero-shot head at "
+            "every k, all included; where zero-shot is weak, compare linear_probe, or lower the floor (8 was the "
+            "rule until 2026-12-06; docs/fewshot-head.md)")
 
 
 def _skipped(results) -> dict:
@@ -235,6 +259,8 @@ def format_report(doc: dict) -> str:
              "Draws are k studies per class from distinct training patients; every draw's study list and "
              f"sha256 is in draws/. {_zero_shot_sentence(doc)} Validation: {R.md(doc['validation'])}. Fitted on: "
              f"{R.md(doc['fitted_on'])}.", "", *_skipped_lines(doc["skipped"])]
+    if floor_note(doc):
+        lines += [R.md(floor_note(doc)) + ".", ""]
     for method, m in doc["methods"].items():
         pull = any("pull" in s for s in m["summary"].values())
         lines += [f"## {R.md(method)}", ""]

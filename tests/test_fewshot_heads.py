@@ -98,15 +98,19 @@ def test_refit_with_no_shots_forgets_the_previous_fit(name):
 # The pull shrinks as k grows
 
 
-def test_anchored_is_zero_shot_below_8_patients_per_class_and_pull_is_lam_over_lam_plus_n():
+@pytest.mark.parametrize("least", [None, 8])  # None: the default, 64 patients per class; 8: the rule until session 11
+def test_anchored_is_zero_shot_below_its_least_patients_per_class_and_pull_is_lam_over_lam_plus_n(least):
     x, y, g = _problem(4000, seed=2)
     xt = _problem(50, seed=20)[0]
     init = _init()
-    for k in (1, 2, 4, 7, 8, 16, 64):
+    options = {} if least is None else {"min_patients_adapt": least}
+    least = AnchoredLogistic(**options).min_patients_adapt
+    assert least == (64 if not options else 8)
+    for k in (1, 2, 4, 7, 8, 16, 63, 64):
         xs, ys, gs = _balanced_k(x, y, g, k, seed=k)
-        head = AnchoredLogistic().fit(xs, ys, gs, init, seed=0)
+        head = AnchoredLogistic(**options).fit(xs, ys, gs, init, seed=0)
         lam = head.info_["lam"]
-        if k < 8:  # no cross-validation: the zero-shot head itself, exactly
+        if k < least:  # no cross-validation: the zero-shot head itself, exactly
             assert (lam, head.pull_, head.folds_) == (math.inf, 1.0, [])
             np.testing.assert_array_equal(head.predict_logit(xt), init.logit(xt))
         else:
@@ -291,10 +295,10 @@ def test_anchored_keeps_the_zero_shot_head_when_the_shots_show_no_clear_gain():
     x, y, g = _problem(4000, seed=13, w_true=w_true)
     init = _init(pos_dir=_unit_rows(w_true[None])[0])
     shots = _balanced_k(x, y, g, 32)
-    head = AnchoredLogistic().fit(*shots, init, seed=0)
+    head = AnchoredLogistic(min_patients_adapt=8).fit(*shots, init, seed=0)  # 32 per class: the rule runs
     assert head.folds_ and head.info_["lam"] == math.inf and head.pull_ == 1.0
     np.testing.assert_array_equal(head.predict_logit(x), init.logit(x))
-    greedy = AnchoredLogistic(se_mult=0.0).fit(*shots, init, seed=0)  # no margin: the best mean wins
+    greedy = AnchoredLogistic(se_mult=0.0, min_patients_adapt=8).fit(*shots, init, seed=0)  # no margin: the best mean wins
     cv = greedy.info_["cv_auroc"]
     assert greedy.info_["lam"] == float(max(cv, key=cv.get))
 
@@ -316,7 +320,7 @@ def test_anchored_choice_is_an_independent_grouped_cross_validation():
     init = _init()
     w0, _ = init.head()
     xs, ys, gs = _balanced_k(x, y, g, 12, seed=1)
-    head = AnchoredLogistic(lam0=1.0).fit(xs, ys, gs, init, seed=0)
+    head = AnchoredLogistic(lam0=1.0, min_patients_adapt=8).fit(xs, ys, gs, init, seed=0)
     grid = [math.inf] + [4.0 ** j for j in range(3, -5, -1)]
     cols = [(lam, w0) for lam in grid] + [(1.0, np.zeros_like(w0))]  # then the probe: prior 1 at 0 (probe_C = 1)
     table = []
@@ -434,6 +438,9 @@ def test_unknown_head_predict_before_fit_and_bad_grid_are_refused():
             AnchoredLogistic(lams=bad).fit(x, y, g, _init())
     with pytest.raises(RadalignError, match=r"prior weight 0\.0"):
         AnchoredLogistic(lam0=0.0).fit(x, y, g, _init())
+    for bad in (-1, 2.5, "8"):
+        with pytest.raises(RadalignError, match=rf"min_patients_adapt {bad!r}; use an integer >= 0"):
+            AnchoredLogistic(min_patients_adapt=bad).fit(x, y, g, _init())
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -717,7 +724,7 @@ def test_anchored_head_is_the_scipy_fit_at_its_chosen_prior():
     x, y, g = _problem(3000, seed=31, w_true=np.r_[8.0, 4.0, np.zeros(D - 2)], noise=1.5)
     xs, ys, gs = _balanced_k(x, y, g, 40, seed=3)
     init = _init()
-    head = AnchoredLogistic().fit(xs, ys, gs, init)
+    head = AnchoredLogistic(min_patients_adapt=8).fit(xs, ys, gs, init)
     lam = head.info_["lam"]
     assert math.isfinite(lam)
     ref = _scipy_anchored(xs, ys, init.head()[0], lam)

@@ -71,9 +71,9 @@ def test_without_signal_beyond_zero_shot_the_nested_check_keeps_zero_shot():
     w = np.r_[2.0, np.zeros(D - 1)]
     left = kept = 0
     for seed in range(12):
-        x, y, g = _shots(12, seed, w)
-        plain = AnchoredLogistic(nested=False).fit(x, y, g, _init())
-        nested = AnchoredLogistic(nested=True).fit(x, y, g, _init())
+        x, y, g = _shots(12, seed, w)  # 12 patients per class: the rule runs from 8 (the default waits for 64)
+        plain = AnchoredLogistic(nested=False, min_patients_adapt=8).fit(x, y, g, _init())
+        nested = AnchoredLogistic(nested=True, min_patients_adapt=8).fit(x, y, g, _init())
         left += not math.isinf(plain.info_["lam"])
         kept += not math.isinf(nested.info_["lam"])
         if math.isinf(plain.info_["lam"]):
@@ -111,8 +111,10 @@ def test_nested_check_is_zero_shot_exactly_below_the_cross_validation(k):
     assert head.pull_ == 1.0
 
 
-@pytest.mark.parametrize("rule_name, options", [("; chosen)", {}),
-                                               ("(chosen until 2026-12-06, session 10)", {"probe_lam": None})])
+@pytest.mark.parametrize("rule_name, options", [
+    ("(chosen)", {}),
+    ("; chosen until 2026-12-06, session 11)", {"min_patients_adapt": 8}),
+    ("(chosen until 2026-12-06, session 10)", {"probe_lam": None, "min_patients_adapt": 8})])
 def test_the_pull_rules_benchs_rules_are_the_head(rule_name, options):
     """bench/fewshot_pull_rules.py scores rules from stored tables; its chosen row, and the probe-candidate row,
     must be what the head does with those options."""
@@ -132,10 +134,13 @@ def test_the_pull_rules_benchs_rules_are_the_head(rule_name, options):
         cands = head.candidates(init.head()[0])
         i = rule(record)
         assert (cands[i][0], i >= len(head.grid())) == (head.info_["lam"], head.info_["prior"] == "zero")
-        if not options:
+        if "probe_lam" not in options and record["npc"] >= head.min_patients_adapt:  # the rule ran
             assert cands[plain(record)][0] == head.info_["cv_lam"]
         seen.add((math.isinf(head.info_["cv_lam"]), math.isinf(head.info_["lam"])))
-    assert {(False, True), (False, False), (True, True)} <= seen  # undone, kept, never left: every branch ran
+    if options:  # undone, kept, never left: every branch ran
+        assert {(False, True), (False, False), (True, True)} <= seen
+    else:  # the default waits for 64 patients per class: zero-shot without a table at 12 and 4, kept at 64
+        assert {(False, False), (True, True)} == seen and head.min_patients_adapt == 64
 
 
 @pytest.mark.parametrize("gains, kept, se_mult", [([0.2, 0.3], True, 0.0), ([0.2], False, 0.0),

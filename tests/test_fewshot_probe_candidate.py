@@ -43,7 +43,7 @@ def test_when_the_rule_takes_the_probe_the_head_is_the_probe_with_no_pull(monkey
     'zero'; the nested check then compares it with zero-shot as it does any other column."""
     x, y, g = _shots(16, 0, np.r_[0.0, 9.0, np.zeros(D - 2)])
     init = _init()
-    head = AnchoredLogistic(probe_lam=1.0, nested=False)
+    head = AnchoredLogistic(probe_lam=1.0, nested=False, min_patients_adapt=8)  # 16 per class: the rule runs
     n_cols = len(head.candidates(init.head()[0]))
     table = np.full((15, n_cols), 0.5) + np.random.default_rng(0).normal(0, 0.01, (15, n_cols))
     table[:, -1] = 0.95
@@ -54,7 +54,7 @@ def test_when_the_rule_takes_the_probe_the_head_is_the_probe_with_no_pull(monkey
     assert (head.pull_, head.info_["prior"], head.info_["lam"], head.info_["cv_lam"]) == (0.0, "zero", 1.0, 1.0)
     assert set(head.info_["cv_auroc"]) == {*map(str, head.grid()), "probe"}
     monkeypatch.setattr(AnchoredLogistic, "nested_gains", lambda self, *a: np.array([-0.1, -0.2]))
-    undone = AnchoredLogistic(probe_lam=1.0).fit(x, y, g, init)
+    undone = AnchoredLogistic(probe_lam=1.0, min_patients_adapt=8).fit(x, y, g, init)
     assert (undone.pull_, undone.info_["prior"], undone.info_["lam"]) == (1.0, "zero_shot", math.inf)
     np.testing.assert_array_equal(undone.predict_logit(x), init.logit(x))
 
@@ -71,4 +71,5 @@ def test_the_recipes_head_takes_its_probe_from_probe_C():
     from radalign.finetune.fewshot_heads import anchored_head
 
     assert anchored_head().probe_lam == 1.0 and anchored_head(4.0, 0.25).probe_lam == 4.0
+    assert anchored_head().min_patients_adapt == 64 and anchored_head(4.0, 1.0, 8).min_patients_adapt == 8
     assert AnchoredLogistic(probe_lam=None).candidates(_init().head()[0])[-1][0] == 1 / 64  # the grid's weakest

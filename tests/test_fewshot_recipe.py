@@ -37,7 +37,8 @@ def swept(ft_cohort, tmp_path_factory):
     from radalign.finetune.fewshot_recipe import run_fewshot_recipe
 
     out = tmp_path_factory.mktemp("fewshot") / "run"
-    run_fewshot_recipe(_cfg(ft_cohort, out, "task.blank=negative"))
+    # the cohort is small (no k here reaches 64 patients per class): the rule runs from 8, as until session 11
+    run_fewshot_recipe(_cfg(ft_cohort, out, "task.blank=negative", "fewshot.min_patients_adapt=8"))
     return out, json.loads((out / "fewshot.json").read_text())
 
 
@@ -103,7 +104,7 @@ def test_recipe_and_bench_agree_on_the_same_draws(swept, ft_cohort, tmp_path):
     _, doc = swept
     enc, data = bench.load_inputs(ft_cohort["root"], ft_cohort["root"] / "cache", "test", [LABEL], "negative")
     pool, ev, exclude = data[LABEL]
-    got = bench.sweep_finding(enc, pool, ev, exclude, LABEL, ["anchored"], {}, KS, range(5))
+    got = bench.sweep_finding(enc, pool, ev, exclude, LABEL, ["anchored"], {"min_patients_adapt": 8}, KS, range(5))
     for method in ("anchored", "linear_probe"):
         ours = {(str(r["k"]), r["seed"]): r for r in doc["methods"][method]["per_draw"] if r["k"] != 0}
         theirs = {(str(r["k"]), r["seed"]): r for r in got["methods"][method]["per_draw"]}
@@ -212,6 +213,12 @@ def test_the_new_defaults_load():
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.lam0=0"], stage="finetune")
     with pytest.raises(ConfigError, match=r"fewshot\.probe_C: 0\.0; .* must be > 0"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.probe_C=0"], stage="finetune")
+    assert cfg.fewshot.min_patients_adapt == 64
+    assert load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.min_patients_adapt=8"],
+                       stage="finetune").fewshot.min_patients_adapt == 8
+    with pytest.raises(ConfigError, match=r"fewshot\.min_patients_adapt: -1; use an integer >= 0"):
+        load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.min_patients_adapt=-1"],
+                    stage="finetune")
     with pytest.raises(RadalignError, match=r"fewshot.methods: unknown \['wise'\]"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.methods=[wise]"], stage="finetune")
 
@@ -219,3 +226,26 @@ def test_the_new_defaults_load():
 def test_a_sweep_with_a_tuned_tower_is_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"model.image_tower: lora; the few-shot sweep fits heads.*image_tower=frozen"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["model.image_tower=lora"], stage="finetune")
+
+
+def test_a_pool_below_the_floor_keeps_anchored_zero_shot_and_says_so(swept, ft_cohort, tmp_path):
+    """The default floor (64 patients per class) on a cohort whose pool holds fewer: the head is zero-shot at
+    every k, all included, and fewshot.json and report.md say why; the swept run (floor 8) says nothing."""
+    from radalign.finetune.fewshot_recipe import run_fewshot_recipe
+
+    out = tmp_path / "run"
+    run_fewshot_recipe(_cfg(ft_cohort, out, "task.blank=negative", "fewshot.ks=[1,all]"))
+    doc = json.loads((out / "fewshot.json").read_text())
+    swept_dir, swept_doc = swept
+    floor = doc["anchored_floor"]
+    assert floor == {"min_patients_adapt": 64,
+                     "pool_patients_per_class": swept_doc["anchored_floor"]["pool_patients_per_class"]}
+    assert 8 <= floor["pool_patients_per_class"] < 64  # the swept run's floor of 8 adapts on the same pool
+    for k, s in doc["methods"]["anchored"]["summary"].items():
+        assert (s["mean"], s["pull"]) == (doc["zero_shot_auroc"], 1.0), k
+    note = f"holds {floor['pool_patients_per_class']} patients of its rarer class, fewer than fewshot.min_patients_adapt (64)"
+    from radalign import report as R
+
+    assert R.md(note) in (out / "report.md").read_text()  # escaped, as every text of the report
+    assert swept_doc["anchored_floor"]["min_patients_adapt"] == 8
+    assert R.md("min_patients_adapt") not in (swept_dir / "report.md").read_text()

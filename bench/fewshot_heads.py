@@ -224,6 +224,7 @@ def main(argv=None) -> dict:
     enc, data = load_inputs(a.run, a.out / "cache", a.eval, a.findings, a.blank)
     doc = {"eval_split": a.eval, "blank": a.blank, "unit": "study (AUROC); draws by patient", "ks": a.ks, "seeds": a.seeds,
            "cpu": cpu_model(), "date": time.strftime("%Y-%m-%d", time.gmtime()), "chosen": a.chosen,
+           "min_patients_adapt": a.min_patients_adapt,  # None: the head's default (AnchoredLogistic)
            "tolerance": TOLERANCE, "findings": {}}
     tag = ("" if a.eval == "test" else f"-{a.eval}") + ("" if a.blank == "exclude" else f"-blank_{a.blank}")
     for f in a.findings:

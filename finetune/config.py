@@ -193,7 +193,8 @@ class FewshotConfig:
     min_patients_adapt: int = 64
     """anchored: patients per class from which the head may leave the zero-shot head; below it the head is
     zero-shot, with no cross-validation (folds of a dozen patients per class cannot tell a gain from noise;
-    chosen on the demo's validation split, docs/fewshot-head.md). 8: the rule until 2026-12-06, session 11."""
+    chosen on the demo's validation split, docs/fewshot-head.md). 8: the rule until 2026-12-06, session 11; below 8
+    the rule's own floor (8 patients per class, no fold can show a gain) still keeps the head zero-shot."""
     steps: int = 100
     """Torch methods (fusion, early_fusion, <modality>_only): fixed AdamW steps on the draw, in minibatches of
     optim.batch_size rows when it is larger (no early stopping, no validation set)."""

@@ -6,8 +6,8 @@ written with its sha256.
         run_fewshot(run)                             # every method over every (k, draw); fewshot.json, report.md
 
 Methods: `anchored` (finetune.fewshot_heads.AnchoredLogistic, CLAP's zero-shot-initialised linear probe as a MAP
-fit with its prior at the zero-shot prompt classifier: below 8 patients per class it IS the zero-shot head; from
-there patient-grouped cross-validation inside the shots picks the prior's weight from a grid scaled by
+fit with its prior at the zero-shot prompt classifier: below fewshot.min_patients_adapt (64) patients per class it
+IS the zero-shot head; from there patient-grouped cross-validation inside the shots picks the prior's weight from a grid scaled by
 fewshot.lam0, the strongest pull within one corrected standard error of the best, kept only if a nested
 cross-validation of that choice beats zero-shot by one standard error; seeded by the shots, so the
 rows every seed draws at k=all are fitted once and reused, counted as n_reused), `linear_probe`
@@ -167,7 +167,8 @@ def run_fewshot(run) -> dict:
            "no_zero_shot": why, "prompts": f.prompts,
            "label_policy": {"uncertain": cfg.task.uncertain, "blank": cfg.task.blank},
            "eval_rows": int(keep.sum()), "eval_positives": int(np.nansum(y_test)), "validation": VALIDATION,
-           "fitted_on": FITTED_ON, "skipped": _skipped(results), **_anchored_floor(f, y_pool, pool.subjects, methods),
+           "fitted_on": FITTED_ON, "skipped": _skipped(results),
+           **_anchored_floor(f, y_pool, pool.subjects, exclude, methods),
            "methods": {r.method: {"ks": [str(k) for k in r.ks], "summary": r.summary, "per_draw": r.per_draw}
                        for r in results}}
     doc = R.write_metrics(run.run_dir / "fewshot.json", doc, stage=METRICS_STAGE, unit=UNIT)
@@ -178,15 +179,16 @@ def run_fewshot(run) -> dict:
     return doc
 
 
-def _anchored_floor(f, y_pool, subjects, methods) -> dict:
-    """{"anchored_floor": the head's min_patients_adapt and the patients of the pool's rarer class} when the
-    anchored head runs: a pool below the floor keeps the head zero-shot at every k, k = all included."""
+def _anchored_floor(f, y_pool, subjects, exclude, methods) -> dict:
+    """{"anchored_floor": the head's min_patients_adapt and the patients of the drawable pool's rarer class
+    (labelled, validation and test patients excluded, as the draws exclude them)} when the anchored head runs: a
+    pool below the floor keeps the head zero-shot at every k, k = all included."""
     if "anchored" not in methods:
         return {}
-    labelled = ~np.isnan(y_pool)
+    subjects = np.asarray(subjects).astype(str)
+    keep = ~np.isnan(y_pool) & ~np.isin(subjects, sorted(exclude))
     return {"anchored_floor": {"min_patients_adapt": f.min_patients_adapt,
-                               "pool_patients_per_class": patients_per_class(y_pool[labelled],
-                                                                             np.asarray(subjects)[labelled])}}
+                               "pool_patients_per_class": patients_per_class(y_pool[keep], subjects[keep])}}
 
 
 def floor_note(doc: dict) -> str | None:

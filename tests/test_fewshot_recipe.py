@@ -249,3 +249,20 @@ def test_a_pool_below_the_floor_keeps_anchored_zero_shot_and_says_so(swept, ft_c
     assert R.md(note) in (out / "report.md").read_text()  # escaped, as every text of the report
     assert swept_doc["anchored_floor"]["min_patients_adapt"] == 8
     assert R.md("min_patients_adapt") not in (swept_dir / "report.md").read_text()
+
+
+def test_the_floor_counts_the_drawable_pool_only():
+    """Unlabelled rows and validation/test patients are never drawn, so they do not count toward the floor."""
+    from types import SimpleNamespace
+
+    from radalign.finetune.fewshot_recipe import _anchored_floor, floor_note
+
+    y = np.array([1, 1, 1, 0, 0, 0, np.nan, 1])
+    subjects = np.array([1, 2, 3, 4, 5, 6, 7, 8])  # ids as the table holds them; exclude holds strings
+    f = SimpleNamespace(min_patients_adapt=3)
+    got = _anchored_floor(f, y, subjects, {"8"}, {"anchored": None})["anchored_floor"]
+    assert got == {"min_patients_adapt": 3, "pool_patients_per_class": 3}
+    assert floor_note({"anchored_floor": got}) is None
+    low = _anchored_floor(f, y, subjects, {"3", "8"}, {"anchored": None})["anchored_floor"]
+    assert low["pool_patients_per_class"] == 2 and "holds 2 patients" in floor_note({"anchored_floor": low})
+    assert _anchored_floor(f, y, subjects, set(), {"linear_probe": None}) == {}

@@ -229,9 +229,8 @@ def main(argv=None) -> dict:
     tag = ("" if a.eval == "test" else f"-{a.eval}") + ("" if a.blank == "exclude" else f"-blank_{a.blank}")
     for f in a.findings:
         pool, ev, exclude = data[f]
-        doc["findings"][f] = sweep_finding(enc, pool, ev, exclude, f, a.heads, {"lam0": a.lam0, "min_patients_adapt": a.min_patients_adapt},
-                                           ks,
-                                           range(a.seeds))
+        options = {"lam0": a.lam0, "min_patients_adapt": a.min_patients_adapt}
+        doc["findings"][f] = sweep_finding(enc, pool, ev, exclude, f, a.heads, options, ks, range(a.seeds))
         doc["target"] = {h: target_check(doc, h, a.ks) for h in
                          sorted({n for d in doc["findings"].values() for n in d["methods"]} - set(BASELINES))}
         atomic_write_json(a.out / f"fewshot_heads{tag}.json", doc)  # after each finding: a partial run is kept

@@ -760,9 +760,10 @@ HEADS: dict[str, type[FewshotHead]] = {h.name: h for h in (ZeroShotHead, Anchore
                                                              WiseInterpolation, ClapHead, LPPlusPlus, TipAdapterF)}
 
 
-def anchored_head(lam0: float = 4.0, probe_C: float = 1.0, min_patients_adapt: int = 64) -> AnchoredLogistic:
+def anchored_head(lam0: float = 4.0, probe_C: float = 1.0,
+                  min_patients_adapt: int = AnchoredLogistic.min_patients_adapt) -> AnchoredLogistic:
     """The chosen head, its grid of finite prior weights scaled by lam0 (fewshot.lam0), its probe candidate the
-    recipe's linear probe (fewshot.probe_C)."""
+    recipe's linear probe (fewshot.probe_C), its floor fewshot.min_patients_adapt."""
     return AnchoredLogistic(lam0=lam0, probe_lam=1.0 / probe_C, min_patients_adapt=min_patients_adapt)
 
 

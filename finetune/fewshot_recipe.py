@@ -174,8 +174,9 @@ def run_fewshot(run) -> dict:
     doc = R.write_metrics(run.run_dir / "fewshot.json", doc, stage=METRICS_STAGE, unit=UNIT)
     atomic_write_text(run.run_dir / "report.md", format_report(doc))
     run.say(summary_line(doc, f.seeds))
-    if floor_note(doc):
-        run.say(floor_note(doc))
+    note = floor_note(doc)
+    if note:
+        run.say(note)
     return doc
 
 
@@ -261,8 +262,9 @@ def format_report(doc: dict) -> str:
              "Draws are k studies per class from distinct training patients; every draw's study list and "
              f"sha256 is in draws/. {_zero_shot_sentence(doc)} Validation: {R.md(doc['validation'])}. Fitted on: "
              f"{R.md(doc['fitted_on'])}.", "", *_skipped_lines(doc["skipped"])]
-    if floor_note(doc):
-        lines += [R.md(floor_note(doc)) + ".", ""]
+    note = floor_note(doc)
+    if note:
+        lines += [R.md(note) + ".", ""]
     for method, m in doc["methods"].items():
         pull = any("pull" in s for s in m["summary"].values())
         lines += [f"## {R.md(method)}", ""]

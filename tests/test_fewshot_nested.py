@@ -140,7 +140,7 @@ def test_the_pull_rules_benchs_rules_are_the_head(rule_name, options):
     if options:  # undone, kept, never left: every branch ran
         assert {(False, True), (False, False), (True, True)} <= seen
     else:  # the default waits for 64 patients per class: zero-shot without a table at 12 and 4, kept at 64
-        assert {(False, False), (True, True)} == seen and head.min_patients_adapt == 64
+        assert {(False, False), (True, True)} == seen and head.min_patients_adapt == P.FLOOR == 64
 
 
 @pytest.mark.parametrize("gains, kept, se_mult", [([0.2, 0.3], True, 0.0), ([0.2], False, 0.0),

@@ -213,7 +213,9 @@ def test_the_new_defaults_load():
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.lam0=0"], stage="finetune")
     with pytest.raises(ConfigError, match=r"fewshot\.probe_C: 0\.0; .* must be > 0"):
         load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.probe_C=0"], stage="finetune")
-    assert cfg.fewshot.min_patients_adapt == 64
+    from radalign.finetune.fewshot_heads import AnchoredLogistic
+
+    assert cfg.fewshot.min_patients_adapt == AnchoredLogistic.min_patients_adapt == 64  # one default, two places
     assert load_config(FinetuneConfig, "finetune/fewshot_pneumothorax", ["fewshot.min_patients_adapt=8"],
                        stage="finetune").fewshot.min_patients_adapt == 8
     with pytest.raises(ConfigError, match=r"fewshot\.min_patients_adapt: -1; use an integer >= 0"):
